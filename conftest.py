@@ -1,0 +1,29 @@
+"""Fixtures shared by every test layer.
+
+``kafka`` starts one real single-node broker for the whole session (on free loopback ports, in a
+temporary folder), so integration tests talk to Kafka exactly as the services do.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from scanwatch.kafka_local import LocalKafka, free_port
+
+ROOT = Path(__file__).resolve().parent
+KAFKA_LIBS = Path(os.environ.get("SCANWATCH_VAR", ROOT / "var")) / "kafka" / "libs"
+
+
+@pytest.fixture(scope="session")
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
+    """A running broker with scanwatch's topics created; stopped at the end of the session."""
+    broker = LocalKafka(
+        tmp_path_factory.mktemp("kafka"), KAFKA_LIBS, port=free_port(), controller_port=free_port()
+    )
+    broker.start()
+    yield broker
+    broker.stop()

@@ -1,0 +1,41 @@
+"""Deterministic FHIR logical ids and identifiers.
+
+Every write the pipeline makes is keyed on one of these, so that redelivery, retries and
+re-scoring overwrite instead of duplicating (DESIGN §2, "idempotent effects").
+"""
+
+from __future__ import annotations
+
+import uuid
+
+#: Fixed namespace for scanwatch's UUIDv5 identifiers. Never change it: ids would change.
+NAMESPACE = uuid.UUID("6f0f8a4e-5b0c-5d55-9a57-5ca2a7c4a7e1")
+
+#: ``identifier.system`` values (NamingSystems) of the resources scanwatch writes.
+OBSERVATION_ID_SYSTEM = "urn:scanwatch:observation"
+DEVICE_ID_SYSTEM = "urn:scanwatch:model"
+DICOM_UID_SYSTEM = "urn:dicom:uid"
+
+
+def _v5(*parts: str) -> str:
+    return str(uuid.uuid5(NAMESPACE, "|".join(parts)))
+
+
+def observation_id(study_uid: str, model_name: str, model_version: int) -> str:
+    """One Observation per (study, model name, model version): UUIDv5 of the three."""
+    return _v5("Observation", study_uid, model_name, str(model_version))
+
+
+def imaging_study_id(study_uid: str) -> str:
+    """The ImagingStudy of a StudyInstanceUID."""
+    return _v5("ImagingStudy", study_uid)
+
+
+def patient_id(issuer: str | None, patient_id: str) -> str:
+    """The Patient of a DICOM (IssuerOfPatientID, PatientID) pair."""
+    return _v5("Patient", issuer or "", patient_id)
+
+
+def device_id(model_name: str, model_version: int) -> str:
+    """The Device that stands for one model version."""
+    return _v5("Device", model_name, str(model_version))

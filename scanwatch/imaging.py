@@ -1,0 +1,68 @@
+"""Image preprocessing shared by training and the inference worker.
+
+One function turns a stored MR slice into the model's input, so that what the model saw in
+training is exactly what it sees in production. Numpy and scipy only: the worker must not need
+TensorFlow to prepare images.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+#: Percentiles used for robust intensity normalisation (ignore a few hot or dead pixels).
+LOW_PERCENTILE = 0.5
+HIGH_PERCENTILE = 99.5
+
+
+def to_modality_values(stored: np.ndarray, slope: float = 1.0, intercept: float = 0.0) -> np.ndarray:
+    """Apply Rescale Slope and Rescale Intercept (PS3.3 C.11.1.1.2) to stored pixel values."""
+    return stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+
+
+def normalise_intensity(values: np.ndarray) -> np.ndarray:
+    """Map the robust intensity range of a slice to [0, 255] (float32).
+
+    The range is taken from the foreground (values above the slice minimum) so that a mostly
+    empty slice does not flatten the anatomy; a constant slice becomes all zeros.
+    """
+    values = values.astype(np.float32, copy=False)
+    foreground = values[values > values.min()]
+    if foreground.size == 0:
+        return np.zeros_like(values)
+    low, high = np.percentile(foreground, [LOW_PERCENTILE, HIGH_PERCENTILE])
+    if high <= low:
+        high = low + 1.0
+    return (np.clip((values - low) / (high - low), 0.0, 1.0) * 255.0).astype(np.float32)
+
+
+def square_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """Zero-pad a 2-D image to a centred square, then resize it bilinearly to ``size``²."""
+    rows, cols = image.shape
+    side = max(rows, cols)
+    padded = np.zeros((side, side), dtype=np.float32)
+    top, left = (side - rows) // 2, (side - cols) // 2
+    padded[top : top + rows, left : left + cols] = image
+    if side == size:
+        return padded
+    zoomed = ndimage.zoom(padded, size / side, order=1, mode="nearest", grid_mode=True)
+    # zoom can be off by one pixel from rounding; crop or pad to the exact size.
+    out = np.zeros((size, size), dtype=np.float32)
+    r, c = min(size, zoomed.shape[0]), min(size, zoomed.shape[1])
+    out[:r, :c] = zoomed[:r, :c]
+    return out
+
+
+def preprocess_slice(
+    stored: np.ndarray, size: int, slope: float = 1.0, intercept: float = 0.0
+) -> np.ndarray:
+    """A stored 2-D MR slice → model input: float32 ``(size, size, 3)`` with values in [0, 255].
+
+    Steps: Rescale Slope/Intercept, robust normalisation, square pad + bilinear resize, grey to
+    three channels (EfficientNet's stem expects RGB and does its own scaling).
+    """
+    if stored.ndim != 2:
+        raise ValueError(f"expected a 2-D slice, got shape {stored.shape}")
+    image = normalise_intensity(to_modality_values(stored, slope, intercept))
+    image = square_resize(image, size)
+    return np.repeat(image[:, :, None], 3, axis=2)

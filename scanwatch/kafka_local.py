@@ -1,0 +1,243 @@
+"""A single-node Kafka (KRaft broker + controller) on loopback, for development and tests.
+
+Apache Kafka's jars come from Maven Central (``kafka/pom.xml``, fetched by
+``scripts/bootstrap.sh``); the broker runs with ``java -cp``. :class:`LocalKafka` formats the
+storage once, starts the broker, waits until it answers metadata requests, creates the topics and
+stops it cleanly. Production runs a real cluster (``docker-compose.yml``).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+from schemas.topics import TOPICS, TopicSpec
+
+log = logging.getLogger(__name__)
+
+_SERVER_PROPERTIES = """\
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:{controller_port}
+listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+log.dirs={data}
+num.partitions=4
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=4
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+min.insync.replicas=1
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=true
+log.flush.interval.messages=9223372036854775807
+"""
+
+_LOG4J = """\
+log4j.rootLogger=WARN, file
+log4j.appender.file=org.apache.log4j.FileAppender
+log4j.appender.file.File={log}
+log4j.appender.file.layout=org.apache.log4j.PatternLayout
+log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n
+log4j.logger.kafka=INFO
+log4j.logger.org.apache.kafka=WARN
+"""
+
+
+class KafkaError(RuntimeError):
+    """The local broker could not be started or reached."""
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalKafka:
+    """One KRaft broker+controller whose state lives under ``home``.
+
+    ``libs`` is the folder of jars fetched from Maven Central. The broker survives the Python
+    process unless :meth:`stop` is called; :meth:`start` on a running broker is a no-op.
+    """
+
+    def __init__(
+        self,
+        home: Path,
+        libs: Path,
+        port: int = 9092,
+        controller_port: int | None = None,
+        heap: str = "512m",
+    ) -> None:
+        self.home = Path(home)
+        self.libs = Path(libs)
+        self.port = port
+        self.controller_port = controller_port or port + 1
+        self.heap = heap
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def _pid_file(self) -> Path:
+        return self.home / "kafka.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.home / "server.log"
+
+    def _java(self, main_class: str, *args: str) -> list[str]:
+        if not any(self.libs.glob("kafka_2.13-*.jar")):
+            raise KafkaError(f"no Kafka jars in {self.libs}; run scripts/bootstrap.sh")
+        return [
+            "java",
+            f"-Xmx{self.heap}",
+            "-XX:+UseG1GC",
+            "-Djava.awt.headless=true",
+            f"-Dlog4j.configuration=file:{self.home / 'log4j.properties'}",
+            "-cp",
+            f"{self.libs}/*",
+            main_class,
+            *args,
+        ]
+
+    def _write_config(self) -> Path:
+        self.home.mkdir(parents=True, exist_ok=True)
+        props = self.home / "server.properties"
+        props.write_text(
+            _SERVER_PROPERTIES.format(
+                port=self.port, controller_port=self.controller_port, data=self.home / "data"
+            )
+        )
+        (self.home / "log4j.properties").write_text(_LOG4J.format(log=self.log_file))
+        return props
+
+    def pid(self) -> int | None:
+        """PID of the running broker started from ``home``, or None."""
+        try:
+            pid = int(self._pid_file.read_text())
+            os.kill(pid, 0)
+        except (FileNotFoundError, ValueError, ProcessLookupError):
+            return None
+        return pid
+
+    def start(self, timeout: float = 90.0, topics: Iterable[TopicSpec] = TOPICS) -> None:
+        """Format storage if new, start the broker, wait for it, create ``topics``."""
+        if self.pid() is None:
+            props = self._write_config()
+            if not (self.home / "data" / "meta.properties").exists():
+                cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+                subprocess.run(
+                    self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)),
+                    check=True,
+                    capture_output=True,
+                )
+            with open(self.home / "stdout.log", "ab") as out:
+                proc = subprocess.Popen(
+                    self._java("kafka.Kafka", str(props)),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # not killed with the terminal's process group
+                )
+            self._pid_file.write_text(str(proc.pid))
+            log.info("kafka starting", extra={"pid": proc.pid, "port": self.port})
+        self.wait_ready(timeout)
+        self.ensure_topics(topics)
+
+    def wait_ready(self, timeout: float = 90.0) -> None:
+        """Block until the broker answers a metadata request, or raise :class:`KafkaError`."""
+        from kafka import KafkaAdminClient
+
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.pid() is None:
+                raise KafkaError(f"broker exited; see {self.log_file} and {self.home/'stdout.log'}")
+            try:
+                admin = KafkaAdminClient(
+                    bootstrap_servers=self.bootstrap_servers, request_timeout_ms=3000
+                )
+                try:
+                    admin.list_topics()
+                    return
+                finally:
+                    admin.close()
+            except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
+                last = exc
+                time.sleep(0.25)
+        raise KafkaError(f"broker not ready after {timeout}s: {last}")
+
+    def ensure_topics(self, topics: Iterable[TopicSpec]) -> None:
+        """Create the topics that do not exist yet (existing ones are left as they are)."""
+        from kafka import KafkaAdminClient
+        from kafka.admin import NewTopic
+        from kafka.errors import TopicAlreadyExistsError
+
+        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
+        try:
+            existing = set(admin.list_topics())
+            new = [
+                NewTopic(
+                    t.name,
+                    num_partitions=t.partitions,
+                    replication_factor=1,
+                    topic_configs={"retention.ms": str(t.retention_ms)},
+                )
+                for t in topics
+                if t.name not in existing
+            ]
+            if new:
+                try:
+                    admin.create_topics(new)
+                except TopicAlreadyExistsError:
+                    pass
+        finally:
+            admin.close()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the broker (SIGTERM, then SIGKILL after ``timeout``)."""
+        pid = self.pid()
+        if pid is None:
+            return
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            _reap(pid)
+            time.sleep(0.1)
+        else:
+            os.kill(pid, signal.SIGKILL)
+            _reap(pid)
+        self._pid_file.unlink(missing_ok=True)
+
+    def kill(self) -> None:
+        """SIGKILL the broker (fault injection)."""
+        pid = self.pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            _reap(pid)
+            self._pid_file.unlink(missing_ok=True)
+
+
+def _reap(pid: int) -> None:
+    """Collect a child's exit status, so that a stopped child does not linger as a zombie."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass

@@ -1,0 +1,65 @@
+"""The serving signature every scanwatch model exports and the worker checks.
+
+Written down once here; ``training`` exports it, ``services/model_server`` serves it and the
+worker refuses to start when ``GetModelMetadata`` disagrees with it.
+
+Models describe themselves: besides the probabilities they return their class names and their
+operating threshold, per image, so that a worker talking to a remote TensorFlow Serving needs no
+side channel to know what the numbers mean. Every output has the batch dimension first, as TF
+Serving's server-side batching requires.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+SIGNATURE_NAME = "serving_default"
+#: The class whose probability means "nothing abnormal"; anomaly score = 1 - p(normal).
+NORMAL_CLASS = "normal"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor in the signature: ``-1`` marks a free dimension."""
+
+    name: str
+    dtype: str  # TensorFlow dtype name: "float32", "string"
+    shape: tuple[int, ...]
+
+
+#: Images after :func:`scanwatch.preprocess.preprocess_slice`: float32 RGB in [0, 255], square.
+#: Height and width are free here (EfficientNet B0..B7 differ) and read from the model metadata.
+INPUT = TensorSpec("images", "float32", (-1, -1, -1, 3))
+OUTPUTS = (
+    TensorSpec("probabilities", "float32", (-1, -1)),
+    TensorSpec("class_names", "string", (-1, -1)),
+    TensorSpec("threshold", "float32", (-1,)),
+)
+
+
+def check(inputs: dict[str, TensorSpec], outputs: dict[str, TensorSpec]) -> list[str]:
+    """Compare a served signature with the contract; return the differences (empty if equal).
+
+    ``inputs``/``outputs`` map tensor alias to what the server reports. Fixed sizes where the
+    contract has ``-1`` are allowed (a served model fixes its image size); the reverse is not.
+    """
+    problems: list[str] = []
+    for kind, expected, actual in (("input", (INPUT,), inputs), ("output", OUTPUTS, outputs)):
+        expected_names = {t.name for t in expected}
+        if set(actual) != expected_names:
+            problems.append(f"{kind} names {sorted(actual)} != {sorted(expected_names)}")
+            continue
+        for spec in expected:
+            got = actual[spec.name]
+            if got.dtype != spec.dtype:
+                problems.append(f"{kind} {spec.name}: dtype {got.dtype} != {spec.dtype}")
+            if len(got.shape) != len(spec.shape):
+                problems.append(f"{kind} {spec.name}: rank {len(got.shape)} != {len(spec.shape)}")
+                continue
+            for axis, (g, e) in enumerate(zip(got.shape, spec.shape, strict=True)):
+                if e != -1 and g != e:
+                    problems.append(f"{kind} {spec.name}: dim {axis} is {g}, expected {e}")
+    image = inputs.get(INPUT.name)
+    if image is not None and len(image.shape) == 4 and image.shape[1] != image.shape[2]:
+        problems.append(f"input {INPUT.name}: images must be square, got {image.shape[1:3]}")
+    return problems

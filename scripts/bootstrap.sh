@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Installs everything scanwatch needs on a fresh machine, and nothing that is already there:
+# Debian packages, the Python environment (.venv, from requirements.lock), Kafka's jars
+# (Maven Central, kafka/pom.xml) and the default model. Safe to run any number of times.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VAR=${SCANWATCH_VAR:-$ROOT/var}
+mkdir -p "$VAR"
+
+log() { printf '[bootstrap] %s\n' "$*" >&2; }
+
+# --- Debian packages -------------------------------------------------------------------------
+# dcmtk: real DICOM peers (storescu/echoscu) for the tests and the sample sender.
+APT_PACKAGES=(dcmtk openjdk-17-jre-headless maven)
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+# A JDK from elsewhere (the machine's own) is as good as Debian's JRE.
+if command -v java >/dev/null; then missing=("${missing[@]/openjdk-17-jre-headless}"); fi
+if command -v mvn >/dev/null; then missing=("${missing[@]/maven}"); fi
+read -r -a missing <<<"${missing[*]:-}"
+if ((${#missing[@]})); then
+  log "installing Debian packages: ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# --- Python environment ----------------------------------------------------------------------
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+if ! "$PYTHON" -m uv --version >/dev/null 2>&1; then
+  log "installing uv"
+  "$PYTHON" -m pip install --quiet --disable-pip-version-check uv
+fi
+UV=("$PYTHON" -m uv)
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv"
+  "${UV[@]}" venv --quiet --python "$PYTHON" .venv
+fi
+lock_hash=$(cat requirements.lock pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ "$(cat .venv/.scanwatch-lock 2>/dev/null)" != "$lock_hash" ]; then
+  log "syncing .venv with requirements.lock"
+  "${UV[@]}" pip sync --quiet --python .venv/bin/python requirements.lock
+  "${UV[@]}" pip install --quiet --python .venv/bin/python --no-deps -e .
+  echo "$lock_hash" > .venv/.scanwatch-lock
+fi
+
+# --- Kafka jars ------------------------------------------------------------------------------
+KAFKA_LIBS=$VAR/kafka/libs
+pom_hash=$(sha256sum kafka/pom.xml | cut -d' ' -f1)
+if [ "$(cat "$KAFKA_LIBS/.pom-hash" 2>/dev/null)" != "$pom_hash" ]; then
+  log "fetching Kafka jars from Maven Central"
+  rm -rf "$KAFKA_LIBS"
+  mvn -q -B -f kafka/pom.xml dependency:copy-dependencies \
+    -DoutputDirectory="$KAFKA_LIBS" -DincludeScope=runtime
+  echo "$pom_hash" > "$KAFKA_LIBS/.pom-hash"
+fi
+
+# --- Default model ---------------------------------------------------------------------------
+.venv/bin/python -m training.default_model --repository "$VAR/models"
+
+log "ready"
