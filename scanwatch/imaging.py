@@ -15,7 +15,9 @@ LOW_PERCENTILE = 0.5
 HIGH_PERCENTILE = 99.5
 
 
-def to_modality_values(stored: np.ndarray, slope: float = 1.0, intercept: float = 0.0) -> np.ndarray:
+def to_modality_values(
+    stored: np.ndarray, slope: float = 1.0, intercept: float = 0.0
+) -> np.ndarray:
     """Apply Rescale Slope and Rescale Intercept (PS3.3 C.11.1.1.2) to stored pixel values."""
     return stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
 

@@ -1,6 +1,6 @@
 """A single-node Kafka (KRaft broker + controller) on loopback, for development and tests.
 
-Apache Kafka's jars come from Maven Central (``kafka/pom.xml``, fetched by
+Apache Kafka's jars come from Maven Central (``java/kafka/pom.xml``, fetched by
 ``scripts/bootstrap.sh``); the broker runs with ``java -cp``. :class:`LocalKafka` formats the
 storage once, starts the broker, waits until it answers metadata requests, creates the topics and
 stops it cleanly. Production runs a real cluster (``docker-compose.yml``).
@@ -136,12 +136,17 @@ class LocalKafka:
 
     def start(self, timeout: float = 90.0, topics: Iterable[TopicSpec] = TOPICS) -> None:
         """Format storage if new, start the broker, wait for it, create ``topics``."""
+        props = self.home / "server.properties"
+        if self.pid() is not None and f":{self.port}," not in props.read_text():
+            self.stop()  # running from this home, but on other ports: restart with ours
         if self.pid() is None:
             props = self._write_config()
             if not (self.home / "data" / "meta.properties").exists():
                 cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
                 subprocess.run(
-                    self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)),
+                    self._java(
+                        "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)
+                    ),
                     check=True,
                     capture_output=True,
                 )
@@ -165,7 +170,9 @@ class LocalKafka:
         last: Exception | None = None
         while time.monotonic() < deadline:
             if self.pid() is None:
-                raise KafkaError(f"broker exited; see {self.log_file} and {self.home/'stdout.log'}")
+                raise KafkaError(
+                    f"broker exited; see {self.log_file} and {self.home / 'stdout.log'}"
+                )
             try:
                 admin = KafkaAdminClient(
                     bootstrap_servers=self.bootstrap_servers, request_timeout_ms=3000

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything scanwatch needs on a fresh machine, and nothing that is already there:
 # Debian packages, the Python environment (.venv, from requirements.lock), Kafka's jars
-# (Maven Central, kafka/pom.xml) and the default model. Safe to run any number of times.
+# (Maven Central, java/kafka/pom.xml) and the default model. Safe to run any number of times.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -50,11 +50,11 @@ fi
 
 # --- Kafka jars ------------------------------------------------------------------------------
 KAFKA_LIBS=$VAR/kafka/libs
-pom_hash=$(sha256sum kafka/pom.xml | cut -d' ' -f1)
+pom_hash=$(sha256sum java/kafka/pom.xml | cut -d' ' -f1)
 if [ "$(cat "$KAFKA_LIBS/.pom-hash" 2>/dev/null)" != "$pom_hash" ]; then
   log "fetching Kafka jars from Maven Central"
   rm -rf "$KAFKA_LIBS"
-  mvn -q -B -f kafka/pom.xml dependency:copy-dependencies \
+  mvn -q -B -f java/kafka/pom.xml dependency:copy-dependencies \
     -DoutputDirectory="$KAFKA_LIBS" -DincludeScope=runtime
   echo "$pom_hash" > "$KAFKA_LIBS/.pom-hash"
 fi

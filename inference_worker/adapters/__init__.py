@@ -1,0 +1,1 @@
+"""Transports of the worker: the FHIR API over HTTP."""

@@ -1,0 +1,73 @@
+"""Settings of the inference worker, read from ``SCANWATCH_WORKER_*`` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the worker needs to know; validated at start-up."""
+
+    model_config = SettingsConfigDict(env_prefix="SCANWATCH_WORKER_")
+
+    kafka_bootstrap_servers: str = Field(
+        "127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port…]."
+    )
+    app_id: str = Field(
+        "scanwatch-inference-worker",
+        description="Faust app id: its consumer group and the prefix of its internal topics.",
+    )
+    store: str = Field(
+        "memory://",
+        description="Faust table store. memory:// rebuilds tables from their changelog on start.",
+    )
+    data_dir: Path = Field(Path("var/worker"), description="Faust's data directory.")
+    web_host: str = Field("127.0.0.1", description="Interface of the worker's /healthz web page.")
+    web_port: int = Field(6066, ge=1, le=65535, description="Port of the worker's /healthz page.")
+    quiet_period_s: float = Field(
+        5.0, gt=0, description="A study is ready when no instance arrived for this many seconds."
+    )
+    check_interval_s: float = Field(
+        0.25, gt=0, description="How often studies are checked for the end of their quiet period."
+    )
+    model_server: str = Field(
+        "127.0.0.1:8500",
+        description="host:port of the TensorFlow Serving gRPC API (TF Serving or model_server).",
+    )
+    model_name: str = Field("brain-mri-anomaly", min_length=1, description="Model to ask for.")
+    model_version: int | None = Field(
+        None, ge=1, description="Model version to pin; unset means the server's latest."
+    )
+    predict_timeout_s: float = Field(60.0, gt=0, description="Deadline of one Predict call.")
+    batch_size: int = Field(16, ge=1, le=512, description="Images per Predict call.")
+    max_slices: int = Field(
+        16, ge=1, description="At most this many slices of the chosen series are scored."
+    )
+    max_message_bytes: int = Field(
+        256 * 1024 * 1024, ge=4 * 1024 * 1024, description="gRPC message size limit, both ways."
+    )
+    retries: int = Field(
+        5, ge=0, description="Retries of a transient failure (model server, FHIR API) per study."
+    )
+    fhir_base_url: str = Field(
+        "http://127.0.0.1:8080/fhir", description="Base URL of the FHIR API the results go to."
+    )
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        allowed = ("DEBUG", "INFO", "WARNING", "ERROR")
+        if value.upper() not in allowed:
+            raise ValueError(f"log_level must be one of {', '.join(allowed)}, not {value!r}")
+        return value.upper()
+
+    @field_validator("fhir_base_url")
+    @classmethod
+    def _base(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"fhir_base_url must be an http(s) URL, not {value!r}")
+        return value.rstrip("/")

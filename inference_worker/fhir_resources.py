@@ -1,0 +1,411 @@
+"""FHIR R4 resources for one scored study (DESIGN §6): Patient, Device, ImagingStudy, Observation.
+
+Pure functions, no I/O. Every builder returns a JSON-ready dict that has been validated by the
+``fhir.resources.R4B`` model of its type and is in that model's canonical form, so a resource
+built twice from the same :class:`ScoredStudy` is byte-for-byte the same (the FHIR API then
+stores no new version). Logical ids come from :mod:`scanwatch.ids`, which makes every write an
+idempotent ``PUT``.
+
+The resources carry PHI (patient name, birth date): they go to the FHIR store only, never to
+logs or events.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
+from typing import Any
+from urllib.parse import quote
+
+from fhir.resources.R4B import get_fhir_model_class
+
+from scanwatch import ids
+from schemas.model_signature import NORMAL_CLASS
+
+# --- Code systems and codes (the project's own ones live here and nowhere else) --------------
+
+#: Local CodeSystem of scanwatch's AI observation codes (the score and per-class probabilities).
+CODE_SYSTEM = "urn:scanwatch:codesystem:mri-ai"
+#: Local CodeSystem of the classes a model predicts (the class names of its signature).
+CLASS_SYSTEM = "urn:scanwatch:codesystem:mri-ai-class"
+#: ``Observation.code`` of the study-level anomaly score.
+ANOMALY_SCORE_CODE = "anomaly-score"
+ANOMALY_SCORE_DISPLAY = "MRI AI anomaly score"
+#: Prefix of the component code carrying one class probability: ``p-<class name>``.
+PROBABILITY_CODE_PREFIX = "p-"
+#: ``Patient.identifier.system`` for a PatientID without IssuerOfPatientID; with an issuer the
+#: system is ``<this>:<issuer, percent-encoded>``.
+PATIENT_ID_SYSTEM = "urn:scanwatch:patient-id"
+#: ``identifier.system`` of DICOM AccessionNumber values.
+ACCESSION_SYSTEM = "urn:scanwatch:accession"
+
+DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
+FINDING_CODE = "121071"  # DCM "Finding"
+UCUM_SYSTEM = "http://unitsofmeasure.org"
+UCUM_UNITY = "1"
+SECURITY_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
+AI_ASSERTED = "AIAST"
+CATEGORY_SYSTEM = "http://terminology.hl7.org/CodeSystem/observation-category"
+CATEGORY_IMAGING = "imaging"
+INTERPRETATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+ABNORMAL = "A"
+NORMAL = "N"
+V2_0203_SYSTEM = "http://terminology.hl7.org/CodeSystem/v2-0203"
+ACCESSION_TYPE = "ACSN"
+MEDICAL_RECORD_TYPE = "MR"
+AI_DEVICE_TYPE_SYSTEM = "http://hl7.org/fhir/uv/aitransparency/CodeSystem/AIdeviceTypeCS"
+AI_DEVICE_TYPE = "Artificial-Intelligence"
+
+OBSERVATION_STATUS = "preliminary"  # AI output, not reviewed by a clinician
+IMAGING_STUDY_STATUS = "available"
+DEVICE_STATUS = "active"
+
+#: DICOM PatientSex (PS3.3 C.7.1.1) → FHIR administrative gender.
+GENDER = {"M": "male", "F": "female", "O": "other"}
+
+
+# --- Input -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScoredSeries:
+    """The series that was scored (DICOM keywords verbatim)."""
+
+    SeriesInstanceUID: str
+    Modality: str
+    NumberOfSeriesRelatedInstances: int
+    SeriesDescription: str | None = None
+    SeriesNumber: int | None = None
+
+
+@dataclass(frozen=True)
+class ScoredStudy:
+    """Everything the FHIR resources of one (study, model version) are built from.
+
+    ``probabilities`` are study-level and in the order of ``class_names``, which must contain
+    :data:`schemas.model_signature.NORMAL_CLASS`. Naive datetimes (DICOM dates and times have
+    no zone unless TimezoneOffsetFromUTC is present) are read in ``timezone``; ``issued`` must
+    be timezone-aware. An empty ``PatientID`` (DICOM type 2) yields a Patient of this study
+    alone, never one shared by every study without an id.
+    """
+
+    PatientID: str
+    StudyInstanceUID: str
+    series: ScoredSeries
+    NumberOfStudyRelatedSeries: int
+    NumberOfStudyRelatedInstances: int
+    model_name: str
+    model_version: int
+    class_names: tuple[str, ...]
+    probabilities: tuple[float, ...]
+    threshold: float
+    issued: datetime
+    acquired: datetime | None = None
+    started: datetime | None = None
+    timezone: tzinfo = UTC
+    IssuerOfPatientID: str | None = None
+    PatientName: str | None = None
+    PatientSex: str | None = None
+    PatientBirthDate: date | None = None
+    AccessionNumber: str | None = None
+    StudyDescription: str | None = None
+
+    def __post_init__(self) -> None:
+        # Accept any sequence (lists, numpy arrays) but keep the frozen value hashable.
+        object.__setattr__(self, "class_names", tuple(str(c) for c in self.class_names))
+        object.__setattr__(self, "probabilities", tuple(float(p) for p in self.probabilities))
+        if len(self.class_names) != len(self.probabilities):
+            raise ValueError("class_names and probabilities differ in length")
+        if NORMAL_CLASS not in self.class_names:
+            raise ValueError(f"class_names {self.class_names} lack the {NORMAL_CLASS!r} class")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold {self.threshold} is outside [0, 1]")
+        if self.model_version < 1:
+            raise ValueError(f"model_version must be >= 1, not {self.model_version}")
+        if self.issued.tzinfo is None:
+            raise ValueError("issued must be timezone-aware")
+
+    @property
+    def anomaly_score(self) -> float:
+        """1 − p(normal), clamped to [0, 1] against rounding."""
+        p_normal = self.probabilities[self.class_names.index(NORMAL_CLASS)]
+        return min(max(1.0 - p_normal, 0.0), 1.0)
+
+    @property
+    def predicted_class(self) -> str:
+        """The class with the highest study-level probability."""
+        best = max(range(len(self.probabilities)), key=self.probabilities.__getitem__)
+        return self.class_names[best]
+
+    @property
+    def is_abnormal(self) -> bool:
+        """Above the operating threshold. ``referenceRange.high`` is inclusive, so a score
+        equal to the threshold is still normal."""
+        return self.anomaly_score > self.threshold
+
+
+def dicom_timezone(offset: str | None, default: tzinfo = UTC) -> tzinfo:
+    """TimezoneOffsetFromUTC (``"+0100"``, ``"-0500"``) as a tzinfo; ``default`` when absent
+    or malformed."""
+    match = re.fullmatch(r"([+-])(\d{2})(\d{2})", (offset or "").strip())
+    if match is None:
+        return default
+    sign = 1 if match[1] == "+" else -1
+    return timezone(sign * timedelta(hours=int(match[2]), minutes=int(match[3])))
+
+
+# --- Builders --------------------------------------------------------------------------------
+
+
+def resources_for(study: ScoredStudy) -> list[dict[str, Any]]:
+    """All resources of a scored study, referenced ones first: Patient, Device, ImagingStudy,
+    Observation."""
+    return [patient(study), device(study), imaging_study(study), observation(study)]
+
+
+def patient(study: ScoredStudy) -> dict[str, Any]:
+    """A minimal Patient from the DICOM patient module."""
+    resource: dict[str, Any] = {"resourceType": "Patient", "id": patient_logical_id(study)}
+    if study.PatientID.strip():
+        resource["identifier"] = [
+            {
+                "type": _concept(V2_0203_SYSTEM, MEDICAL_RECORD_TYPE, "Medical record number"),
+                "system": patient_identifier_system(study.IssuerOfPatientID),
+                "value": study.PatientID.strip(),
+            }
+        ]
+    if study.PatientName and (name := human_name(study.PatientName)):
+        resource["name"] = [name]
+    if study.PatientSex:
+        resource["gender"] = GENDER.get(study.PatientSex.strip().upper(), "unknown")
+    if study.PatientBirthDate:
+        resource["birthDate"] = study.PatientBirthDate.isoformat()
+    return _validated(resource)
+
+
+def device(study: ScoredStudy) -> dict[str, Any]:
+    """The Device that stands for the model version (name, version, classes, threshold)."""
+    resource = {
+        "resourceType": "Device",
+        "id": ids.device_id(study.model_name, study.model_version),
+        "identifier": [
+            {"system": ids.DEVICE_ID_SYSTEM, "value": f"{study.model_name}|{study.model_version}"}
+        ],
+        "status": DEVICE_STATUS,
+        "deviceName": [{"name": study.model_name, "type": "model-name"}],
+        "modelNumber": study.model_name,
+        "type": {
+            "coding": [{"system": AI_DEVICE_TYPE_SYSTEM, "code": AI_DEVICE_TYPE}],
+            "text": "AI software: MRI image classifier",
+        },
+        "version": [{"type": {"text": "model"}, "value": str(study.model_version)}],
+        "property": [
+            {
+                "type": {"text": "operating-threshold"},
+                "valueQuantity": [_quantity(study.threshold)],
+            },
+            {
+                "type": {"text": "output-classes"},
+                "valueCode": [
+                    {"coding": [{"system": CLASS_SYSTEM, "code": name}], "text": name}
+                    for name in study.class_names
+                ],
+            },
+        ],
+    }
+    return _validated(resource)
+
+
+def imaging_study(study: ScoredStudy) -> dict[str, Any]:
+    """The ImagingStudy, listing the scored series."""
+    series = study.series
+    modality = {"system": DCM_SYSTEM, "code": series.Modality}
+    series_entry: dict[str, Any] = {
+        "uid": series.SeriesInstanceUID,
+        "modality": modality,
+        "numberOfInstances": series.NumberOfSeriesRelatedInstances,
+    }
+    if series.SeriesNumber is not None:
+        series_entry["number"] = series.SeriesNumber
+    if series.SeriesDescription:
+        series_entry["description"] = series.SeriesDescription
+    resource: dict[str, Any] = {
+        "resourceType": "ImagingStudy",
+        "id": ids.imaging_study_id(study.StudyInstanceUID),
+        "identifier": [
+            {"system": ids.DICOM_UID_SYSTEM, "value": f"urn:oid:{study.StudyInstanceUID}"}
+        ],
+        "status": IMAGING_STUDY_STATUS,
+        "modality": [modality],
+        "subject": {"reference": f"Patient/{patient_logical_id(study)}"},
+        "numberOfSeries": study.NumberOfStudyRelatedSeries,
+        "numberOfInstances": study.NumberOfStudyRelatedInstances,
+        "series": [series_entry],
+    }
+    if study.AccessionNumber:
+        resource["identifier"].append(_accession(study.AccessionNumber))
+    if study.started is not None:
+        resource["started"] = _fhir_datetime(study.started, study.timezone)
+    if study.StudyDescription:
+        resource["description"] = study.StudyDescription
+    return _validated(resource)
+
+
+def observation(study: ScoredStudy) -> dict[str, Any]:
+    """The AI result: anomaly score, interpretation against the threshold, predicted class and
+    one component per class probability."""
+    obs_id = ids.observation_id(study.StudyInstanceUID, study.model_name, study.model_version)
+    imaging_ref = {"reference": f"ImagingStudy/{ids.imaging_study_id(study.StudyInstanceUID)}"}
+    model_label = f"{study.model_name} v{study.model_version}"
+    abnormal = study.is_abnormal
+    predicted = study.predicted_class
+    resource: dict[str, Any] = {
+        "resourceType": "Observation",
+        "id": obs_id,
+        "meta": {
+            "security": [
+                {
+                    "system": SECURITY_SYSTEM,
+                    "code": AI_ASSERTED,
+                    "display": "Artificial Intelligence asserted",
+                }
+            ]
+        },
+        "identifier": [{"system": ids.OBSERVATION_ID_SYSTEM, "value": obs_id}],
+        "partOf": [imaging_ref],
+        "status": OBSERVATION_STATUS,
+        "category": [_concept(CATEGORY_SYSTEM, CATEGORY_IMAGING, "Imaging")],
+        "code": {
+            **_concept(CODE_SYSTEM, ANOMALY_SCORE_CODE, ANOMALY_SCORE_DISPLAY),
+            "text": "AI anomaly score (MRI)",
+        },
+        "subject": {"reference": f"Patient/{patient_logical_id(study)}"},
+        "issued": _fhir_datetime(study.issued, study.timezone),
+        "valueQuantity": _quantity(study.anomaly_score),
+        "interpretation": [
+            {
+                **_concept(
+                    INTERPRETATION_SYSTEM,
+                    ABNORMAL if abnormal else NORMAL,
+                    "Abnormal" if abnormal else "Normal",
+                ),
+                "text": "Above model operating threshold"
+                if abnormal
+                else "At or below model operating threshold",
+            }
+        ],
+        "note": [
+            {
+                "text": f"AI-generated by model {model_label}; not reviewed by a clinician. "
+                "Not for standalone diagnosis."
+            }
+        ],
+        "device": {
+            "reference": f"Device/{ids.device_id(study.model_name, study.model_version)}",
+            "display": model_label,
+        },
+        "referenceRange": [
+            {
+                "high": _quantity(study.threshold),
+                "text": f"Model operating threshold {study.threshold:g}",
+            }
+        ],
+        "derivedFrom": [imaging_ref],
+        "component": [
+            {
+                "code": {
+                    **_concept(DCM_SYSTEM, FINDING_CODE, "Finding"),
+                    "text": "Predicted class",
+                },
+                "valueCodeableConcept": {**_concept(CLASS_SYSTEM, predicted), "text": predicted},
+            },
+            *(
+                {
+                    "code": _concept(
+                        CODE_SYSTEM,
+                        f"{PROBABILITY_CODE_PREFIX}{name}",
+                        f"Model probability: {name}",
+                    ),
+                    "valueQuantity": _quantity(p),
+                }
+                for name, p in zip(study.class_names, study.probabilities, strict=True)
+            ),
+        ],
+    }
+    if study.AccessionNumber:
+        resource["basedOn"] = [{"identifier": _accession(study.AccessionNumber)}]
+    effective = study.acquired or study.started
+    if effective is not None:
+        resource["effectiveDateTime"] = _fhir_datetime(effective, study.timezone)
+    return _validated(resource)
+
+
+# --- Helpers ---------------------------------------------------------------------------------
+
+
+def patient_logical_id(study: ScoredStudy) -> str:
+    """The Patient id: from (IssuerOfPatientID, PatientID), or from the study when PatientID
+    is empty (so unidentified patients are never merged into one)."""
+    if study.PatientID.strip():
+        return ids.patient_id(study.IssuerOfPatientID, study.PatientID.strip())
+    return ids.patient_id(f"{PATIENT_ID_SYSTEM}:none", study.StudyInstanceUID)
+
+
+def patient_identifier_system(issuer: str | None) -> str:
+    """``Patient.identifier.system`` for an IssuerOfPatientID (or none)."""
+    if issuer and issuer.strip():
+        return f"{PATIENT_ID_SYSTEM}:{quote(issuer.strip(), safe='')}"
+    return PATIENT_ID_SYSTEM
+
+
+def human_name(person_name: str) -> dict[str, Any] | None:
+    """A DICOM PN (``Family^Given^Middle^Prefix^Suffix``, alphabetic group) as a HumanName."""
+    alphabetic = person_name.split("=")[0]
+    parts = [p.strip() for p in alphabetic.split("^")] + [""] * 5
+    family, given, middle, prefix, suffix = parts[:5]
+    name: dict[str, Any] = {}
+    if family:
+        name["family"] = family
+    if given_names := [g for g in (given, middle) if g]:
+        name["given"] = given_names
+    if prefix:
+        name["prefix"] = [prefix]
+    if suffix:
+        name["suffix"] = [suffix]
+    if name:
+        name["text"] = " ".join(p for p in (prefix, given, middle, family, suffix) if p)
+    return name or None
+
+
+def _concept(system: str, code: str, display: str | None = None) -> dict[str, Any]:
+    coding: dict[str, Any] = {"system": system, "code": code}
+    if display:
+        coding["display"] = display
+    return {"coding": [coding]}
+
+
+def _quantity(value: float) -> dict[str, Any]:
+    return {"value": float(value), "unit": "probability", "system": UCUM_SYSTEM, "code": UCUM_UNITY}
+
+
+def _accession(accession: str) -> dict[str, Any]:
+    return {
+        "type": _concept(V2_0203_SYSTEM, ACCESSION_TYPE),
+        "system": ACCESSION_SYSTEM,
+        "value": accession,
+    }
+
+
+def _fhir_datetime(value: datetime, tz: tzinfo) -> str:
+    """FHIR dateTime/instant: a time needs a zone, so naive DICOM times get ``tz``."""
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=tz)
+    return value.isoformat(timespec="milliseconds" if value.microsecond else "seconds")
+
+
+def _validated(resource: dict[str, Any]) -> dict[str, Any]:
+    """Validate with the R4B model and return its canonical JSON form."""
+    model = get_fhir_model_class(resource["resourceType"]).model_validate(resource)
+    return json.loads(model.model_dump_json())

@@ -1,0 +1,207 @@
+"""Client of the TensorFlow Serving gRPC API (``PredictionService``).
+
+The worker only speaks this API, so it cannot tell TensorFlow Serving from
+``services/model_server``. On start-up it reads ``GetModelMetadata`` and refuses to run when the
+served signature differs from the contract in :mod:`schemas.model_signature`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+from google.protobuf.wrappers_pb2 import Int64Value
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    model_pb2,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
+
+from schemas import model_signature
+from schemas.model_signature import SIGNATURE_NAME, TensorSpec
+
+log = logging.getLogger(__name__)
+
+_DTYPE_NAMES = {types_pb2.DT_FLOAT: "float32", types_pb2.DT_STRING: "string"}
+
+#: gRPC codes worth retrying: the server is down, restarting, overloaded or slow.
+TRANSIENT_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+    }
+)
+
+
+class SignatureMismatch(RuntimeError):
+    """The served model does not have the contract's signature: fatal for the worker."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Model outputs for a batch of images, and which model version produced them."""
+
+    probabilities: np.ndarray  # (n, classes) float32
+    class_names: list[str]
+    threshold: float
+    model_name: str
+    model_version: int
+
+
+def float_tensor(array: np.ndarray) -> tensor_pb2.TensorProto:
+    """A float32 numpy array as a ``TensorProto`` (packed ``tensor_content``)."""
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    shape = tensor_shape_pb2.TensorShapeProto(
+        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=s) for s in array.shape]
+    )
+    return tensor_pb2.TensorProto(
+        dtype=types_pb2.DT_FLOAT, tensor_shape=shape, tensor_content=array.tobytes()
+    )
+
+
+def to_numpy(tensor: tensor_pb2.TensorProto) -> np.ndarray:
+    """A float or string ``TensorProto`` as a numpy array."""
+    shape = tuple(d.size for d in tensor.tensor_shape.dim)
+    if tensor.dtype == types_pb2.DT_FLOAT:
+        if tensor.tensor_content:
+            return np.frombuffer(tensor.tensor_content, dtype=np.float32).reshape(shape)
+        values = np.array(tensor.float_val, dtype=np.float32)
+        return np.broadcast_to(values, shape) if values.size == 1 else values.reshape(shape)
+    if tensor.dtype == types_pb2.DT_STRING:
+        values = np.array([v.decode() for v in tensor.string_val], dtype=object)
+        return np.broadcast_to(values, shape) if values.size == 1 else values.reshape(shape)
+    raise ValueError(f"unsupported tensor dtype {tensor.dtype}")
+
+
+def _specs(tensors) -> dict[str, TensorSpec]:  # noqa: ANN001 - protobuf map
+    return {
+        alias: TensorSpec(
+            alias,
+            _DTYPE_NAMES.get(info.dtype, f"dtype-{info.dtype}"),
+            tuple(-1 if info.tensor_shape.unknown_rank else d.size for d in info.tensor_shape.dim),
+        )
+        for alias, info in tensors.items()
+    }
+
+
+class ModelClient:
+    """Async Predict client for one model (by name, optionally pinned to a version)."""
+
+    def __init__(
+        self,
+        target: str,
+        model_name: str,
+        model_version: int | None = None,
+        timeout_s: float = 60.0,
+        batch_size: int = 16,
+        max_message_bytes: int = 256 * 1024 * 1024,
+    ) -> None:
+        self.target = target
+        self.model_name = model_name
+        self.model_version = model_version
+        self.timeout_s = timeout_s
+        self.batch_size = batch_size
+        self._options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        self._channel: grpc.aio.Channel | None = None
+        self.image_size: int | None = None
+
+    def _stub(self) -> prediction_service_pb2_grpc.PredictionServiceStub:
+        # The channel binds to the running event loop, so it is made on first use, not in __init__.
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
+        return prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+
+    def _spec(self) -> model_pb2.ModelSpec:
+        spec = model_pb2.ModelSpec(name=self.model_name, signature_name=SIGNATURE_NAME)
+        if self.model_version is not None:
+            spec.version.CopyFrom(Int64Value(value=self.model_version))
+        return spec
+
+    async def check_signature(self) -> int:
+        """Read ``GetModelMetadata``, compare with the contract, return the image size.
+
+        Raises :class:`SignatureMismatch` when the served signature breaks the contract.
+        """
+        request = get_model_metadata_pb2.GetModelMetadataRequest(
+            model_spec=self._spec(), metadata_field=["signature_def"]
+        )
+        response = await self._stub().GetModelMetadata(request, timeout=self.timeout_s)
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        response.metadata["signature_def"].Unpack(signatures)
+        if SIGNATURE_NAME not in signatures.signature_def:
+            raise SignatureMismatch(f"model {self.model_name} has no {SIGNATURE_NAME} signature")
+        signature = signatures.signature_def[SIGNATURE_NAME]
+        inputs, outputs = _specs(signature.inputs), _specs(signature.outputs)
+        problems = model_signature.check(inputs, outputs)
+        if problems:
+            raise SignatureMismatch(f"model {self.model_name}: " + "; ".join(problems))
+        size = inputs[model_signature.INPUT.name].shape[1]
+        if size <= 0:
+            raise SignatureMismatch(f"model {self.model_name} does not fix its image size")
+        self.image_size = size
+        log.info(
+            "model signature checked",
+            extra={
+                "model": self.model_name,
+                "version": response.model_spec.version.value,
+                "image_size": size,
+            },
+        )
+        return size
+
+    async def predict(self, images: np.ndarray) -> Prediction:
+        """Score ``images`` (n, size, size, 3) in batches of ``batch_size``.
+
+        All batches must come from the same model version; if the server switched versions in
+        the middle, the whole set is scored again so that one result never mixes versions.
+        """
+        for _ in range(3):
+            parts = [
+                await self._predict_batch(images[i : i + self.batch_size])
+                for i in range(0, len(images), self.batch_size)
+            ]
+            if len({p.model_version for p in parts}) == 1:
+                first = parts[0]
+                return Prediction(
+                    probabilities=np.concatenate([p.probabilities for p in parts]),
+                    class_names=first.class_names,
+                    threshold=first.threshold,
+                    model_name=first.model_name,
+                    model_version=first.model_version,
+                )
+            log.info("model version changed during a study; scoring it again")
+        raise grpc.aio.AioRpcError(
+            grpc.StatusCode.ABORTED,
+            grpc.aio.Metadata(),
+            grpc.aio.Metadata(),
+            details="model version kept changing during scoring",
+        )
+
+    async def _predict_batch(self, batch: np.ndarray) -> Prediction:
+        request = predict_pb2.PredictRequest(model_spec=self._spec())
+        request.inputs[model_signature.INPUT.name].CopyFrom(float_tensor(batch))
+        response = await self._stub().Predict(request, timeout=self.timeout_s)
+        probabilities = to_numpy(response.outputs["probabilities"])
+        class_names = to_numpy(response.outputs["class_names"])
+        threshold = to_numpy(response.outputs["threshold"])
+        return Prediction(
+            probabilities=np.array(probabilities, dtype=np.float32),
+            class_names=[str(c) for c in class_names[0]],
+            threshold=float(threshold[0]),
+            model_name=response.model_spec.name or self.model_name,
+            model_version=int(response.model_spec.version.value),
+        )
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None

@@ -1,0 +1,3 @@
+from scanwatch.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,309 @@
+"""The whole system on one machine, on embedded defaults: the development stack.
+
+Starts a local Kafka, the model server, the FHIR API, the inference worker and the DICOM
+listener as child processes, waits until each answers its health check, restarts any that dies
+(the worker exits on purpose on fatal errors, so that a supervisor restarts it), and stops
+everything on SIGINT/SIGTERM. ``scanwatch run`` and the end-to-end tests both use it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from scanwatch.kafka_local import LocalKafka
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "brain-mri-anomaly"
+
+
+@dataclass
+class Ports:
+    """Where each service listens on loopback."""
+
+    kafka: int = 9092
+    kafka_controller: int = 9093
+    dicom: int = 11112
+    fhir: int = 8080
+    model_server: int = 8500
+    worker_web: int = 6066
+    listener_metrics: int = 9111
+
+
+@dataclass
+class StackConfig:
+    """What the stack runs with. ``var`` holds every piece of state (Kafka log, file store,
+    FHIR database, model repository, service logs)."""
+
+    var: Path
+    ports: Ports = field(default_factory=Ports)
+    ae_title: str = "SCANWATCH"
+    quiet_period_s: float = 5.0
+    model_name: str = DEFAULT_MODEL
+    models: Path | None = None  # model repository; default var/models
+    kafka_libs: Path | None = None  # default var/kafka/libs
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def model_repository(self) -> Path:
+        return self.models or self.var / "models"
+
+    @property
+    def fhir_base(self) -> str:
+        return f"http://127.0.0.1:{self.ports.fhir}/fhir"
+
+
+@dataclass
+class Service:
+    """One child process of the stack and how to tell it is healthy."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    healthy: Callable[[], bool]
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+
+
+class StackError(RuntimeError):
+    """A service did not become healthy."""
+
+
+class Stack:
+    """Runs and supervises the services of :class:`StackConfig`."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.logs = config.var / "logs"
+        self.kafka = LocalKafka(
+            config.var / "kafka" / "broker",
+            config.kafka_libs or config.var / "kafka" / "libs",
+            port=config.ports.kafka,
+            controller_port=config.ports.kafka_controller,
+        )
+        self.services = self._services()
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
+
+    def _services(self) -> list[Service]:
+        c, p = self.config, self.config.ports
+        py = sys.executable
+        base = {
+            **os.environ,
+            "TF_CPP_MIN_LOG_LEVEL": "2",  # TensorFlow's C++ start-up chatter is not our log
+            "PYTHONUNBUFFERED": "1",
+            **c.extra_env,
+        }
+        kafka = self.kafka.bootstrap_servers
+        return [
+            Service(
+                "model-server",
+                [py, "-m", "services.model_server"],
+                {
+                    **base,
+                    "SCANWATCH_MODEL_SERVER_MODEL_BASE_PATH": str(c.model_repository),
+                    "SCANWATCH_MODEL_SERVER_MODEL_NAME": c.model_name,
+                    "SCANWATCH_MODEL_SERVER_PORT": str(p.model_server),
+                },
+                lambda: _model_available(f"127.0.0.1:{p.model_server}", c.model_name),
+            ),
+            Service(
+                "fhir-api",
+                [py, "-m", "services.fhir_api"],
+                {
+                    **base,
+                    "SCANWATCH_FHIR_DATABASE_URL": f"sqlite:///{c.var / 'fhir.db'}",
+                    "SCANWATCH_FHIR_PORT": str(p.fhir),
+                },
+                lambda: _http_ok(f"http://127.0.0.1:{p.fhir}/healthz"),
+            ),
+            Service(
+                "inference-worker",
+                [py, "-m", "inference_worker"],
+                {
+                    **base,
+                    "SCANWATCH_WORKER_KAFKA_BOOTSTRAP_SERVERS": kafka,
+                    "SCANWATCH_WORKER_DATA_DIR": str(c.var / "worker"),
+                    "SCANWATCH_WORKER_WEB_PORT": str(p.worker_web),
+                    "SCANWATCH_WORKER_QUIET_PERIOD_S": str(c.quiet_period_s),
+                    "SCANWATCH_WORKER_MODEL_SERVER": f"127.0.0.1:{p.model_server}",
+                    "SCANWATCH_WORKER_MODEL_NAME": c.model_name,
+                    "SCANWATCH_WORKER_FHIR_BASE_URL": c.fhir_base,
+                },
+                lambda: _http_ok(f"http://127.0.0.1:{p.worker_web}/healthz"),
+            ),
+            Service(
+                "dicom-listener",
+                [py, "-m", "dicom_listener"],
+                {
+                    **base,
+                    "SCANWATCH_LISTENER_AE_TITLE": c.ae_title,
+                    "SCANWATCH_LISTENER_PORT": str(p.dicom),
+                    "SCANWATCH_LISTENER_STORAGE_DIR": str(c.var / "store"),
+                    "SCANWATCH_LISTENER_KAFKA_BOOTSTRAP_SERVERS": kafka,
+                    "SCANWATCH_LISTENER_METRICS_PORT": str(p.listener_metrics),
+                },
+                lambda: _c_echo("127.0.0.1", p.dicom, c.ae_title),
+            ),
+        ]
+
+    def service(self, name: str) -> Service:
+        return next(s for s in self.services if s.name == name)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self, timeout: float = 180.0) -> None:
+        """Start Kafka and every service; return when all are healthy."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.kafka.start()
+        for service in self.services:
+            self._spawn(service)
+        deadline = time.monotonic() + timeout
+        for service in self.services:
+            self.wait_healthy(service, deadline - time.monotonic())
+        self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
+        self._supervisor.start()
+
+    def _spawn(self, service: Service) -> None:
+        out = open(self.logs / f"{service.name}.log", "ab")  # noqa: SIM115 - owned by the child
+        service.process = subprocess.Popen(
+            service.argv,
+            env=service.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        out.close()
+        log.info("started", extra={"service": service.name, "pid": service.process.pid})
+
+    def wait_healthy(self, service: Service, timeout: float) -> None:
+        deadline = time.monotonic() + max(timeout, 1.0)
+        while time.monotonic() < deadline:
+            if service.process is not None and service.process.poll() is not None:
+                raise StackError(
+                    f"{service.name} exited with {service.process.returncode}; "
+                    f"see {self.logs / (service.name + '.log')}"
+                )
+            if service.healthy():
+                return
+            time.sleep(0.2)
+        raise StackError(f"{service.name} not healthy in time; see {self.logs}")
+
+    def _supervise(self) -> None:
+        """Restart services that exit (with a growing pause), until the stack stops."""
+        while not self._stopping.wait(0.5):
+            for service in self.services:
+                proc = service.process
+                if proc is None or proc.poll() is None or self._stopping.is_set():
+                    continue
+                service.restarts += 1
+                pause = min(2.0 ** min(service.restarts, 5), 30.0)
+                log.warning(
+                    "service exited; restarting",
+                    extra={"service": service.name, "code": proc.returncode, "pause_s": pause},
+                )
+                if self._stopping.wait(pause):
+                    return
+                self._spawn(service)
+
+    def kill(self, name: str) -> None:
+        """SIGKILL one service (fault injection); the supervisor restarts it."""
+        proc = self.service(name).process
+        if proc is not None:
+            proc.kill()
+
+    def stop(self) -> None:
+        """Stop the services (SIGTERM, then SIGKILL) and the broker."""
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=5)
+        for service in reversed(self.services):
+            if service.process is not None and service.process.poll() is None:
+                service.process.send_signal(signal.SIGTERM)
+        for service in reversed(self.services):
+            if service.process is None:
+                continue
+            try:
+                service.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                service.process.kill()
+                service.process.wait()
+        self.kafka.stop()
+
+    def banner(self, patient_id: str = "SW-DEMO-0001") -> str:
+        """Where to send DICOM and where to read results, with ready-to-paste commands."""
+        c, p = self.config, self.config.ports
+        return "\n".join(
+            [
+                "scanwatch is running.",
+                f"  DICOM (C-ECHO, C-STORE): host 127.0.0.1  port {p.dicom}  AE title {c.ae_title}",
+                f"  FHIR R4 API:             {c.fhir_base}",
+                f"  Kafka:                   {self.kafka.bootstrap_servers}",
+                f"  TF Serving gRPC API:     127.0.0.1:{p.model_server}  model {c.model_name}",
+                f"  logs:                    {self.logs}/",
+                "",
+                "Send the bundled sample MR study (patient " + patient_id + "):",
+                f"  .venv/bin/scanwatch send-sample --port {p.dicom} --ae-title {c.ae_title}",
+                "or send your own files with dcmtk:",
+                f"  TCP_NODELAY=1 storescu -aec {c.ae_title} +sd +r 127.0.0.1 {p.dicom} <folder>",
+                f"then, after the quiet period ({c.quiet_period_s:g} s) and scoring:",
+                f"  curl -s '{c.fhir_base}/Observation?patient=<Patient id>'",
+                "  (send-sample prints the exact curl line for its patient)",
+                "",
+                "Ctrl-C stops everything.",
+            ]
+        )
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _c_echo(host: str, port: int, ae_title: str) -> bool:
+    from pynetdicom import AE
+
+    ae = AE(ae_title="SCANWATCH-HC")
+    ae.add_requested_context("1.2.840.10008.1.1")  # Verification SOP Class
+    ae.acse_timeout = ae.network_timeout = 3
+    assoc = ae.associate(host, port, ae_title=ae_title)
+    if not assoc.is_established:
+        return False
+    try:
+        status = assoc.send_c_echo()
+        return bool(status) and status.Status == 0x0000
+    finally:
+        assoc.release()
+
+
+def _model_available(target: str, model_name: str) -> bool:
+    import grpc
+    from tensorflow_serving.apis import (
+        get_model_status_pb2,
+        model_pb2,
+        model_service_pb2_grpc,
+    )
+
+    with grpc.insecure_channel(target) as channel:
+        stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        request = get_model_status_pb2.GetModelStatusRequest(
+            model_spec=model_pb2.ModelSpec(name=model_name)
+        )
+        try:
+            response = stub.GetModelStatus(request, timeout=3)
+        except grpc.RpcError:
+            return False
+    available = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+    return any(v.state == available for v in response.model_version_status)

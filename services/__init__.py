@@ -1,0 +1,1 @@
+"""Network services of scanwatch: the FHIR API and the local model server."""
