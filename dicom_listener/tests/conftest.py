@@ -1,0 +1,35 @@
+"""Fixtures for the listener's tests: a small real MR series and a Part 10 splitter."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from scanwatch.sample import build_mr_study
+
+#: (0002,0000) File Meta Information Group Length, explicit VR little endian, UL.
+_GROUP_LENGTH_HEADER = b"\x02\x00\x00\x00UL\x04\x00"
+
+
+def split_part10(data: bytes) -> tuple[bytes, bytes]:
+    """(preamble + file meta, dataset) of a Part 10 file, split where the file meta ends."""
+    assert data[128:132] == b"DICM", "not a Part 10 file"
+    assert data[132:140] == _GROUP_LENGTH_HEADER, "file meta does not start with group length"
+    (group_length,) = struct.unpack("<I", data[140:144])
+    end = 144 + group_length
+    return data[:end], data[end:]
+
+
+@pytest.fixture(scope="session")
+def mr_series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Six slices of the MNI152 sample series (explicit VR little endian Part 10 files)."""
+    return build_mr_study(tmp_path_factory.mktemp("mr"), patient_id="SW-TEST-LISTENER", n_slices=6)
+
+
+@pytest.fixture(scope="session")
+def dataset_bytes() -> Callable[[bytes], bytes]:
+    """The dataset part of a Part 10 file's bytes (what travels in a C-STORE)."""
+    return lambda data: split_part10(data)[1]

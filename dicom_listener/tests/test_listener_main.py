@@ -1,0 +1,90 @@
+"""Settings validation and the service's entry point, run as the process a supervisor starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from dicom_listener.__main__ import main
+from dicom_listener.config import Settings
+from scanwatch.kafka_local import free_port
+from scanwatch.peers import echoscu
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_settings_come_from_prefixed_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("SCANWATCH_LISTENER_AE_TITLE", " PACS_IN ")
+    monkeypatch.setenv("SCANWATCH_LISTENER_PORT", "104")
+    monkeypatch.setenv("SCANWATCH_LISTENER_STORAGE_DIR", str(tmp_path))
+    monkeypatch.setenv("SCANWATCH_LISTENER_LOG_LEVEL", "debug")
+    settings = Settings()
+    assert (settings.ae_title, settings.port, settings.storage_dir) == ("PACS_IN", 104, tmp_path)
+    assert settings.log_level == "DEBUG"
+    assert (settings.kafka_bootstrap_servers, settings.metrics_port) == ("127.0.0.1:9092", 9111)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("ae_title", "A_TITLE_THAT_IS_TOO_LONG", "1 to 16 characters"),
+        ("ae_title", "BACK\\SLASH", "without backslash"),
+        ("kafka_bootstrap_servers", "localhost", "host:port"),
+        ("log_level", "LOUD", "one of DEBUG, INFO"),
+        ("kafka_timeout_s", 0, "greater than 0"),
+    ],
+)
+def test_invalid_settings_are_refused_with_a_clear_message(
+    field: str, value: object, message: str
+) -> None:
+    with pytest.raises(ValidationError, match=message):
+        Settings(**{field: value})  # type: ignore[arg-type]
+
+
+def test_main_exits_2_on_invalid_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SCANWATCH_LISTENER_PORT", "70000")
+    assert main([]) == 2
+
+
+def test_service_answers_echo_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "SCANWATCH_LISTENER_PORT": str(port),
+        "SCANWATCH_LISTENER_STORAGE_DIR": str(tmp_path / "store"),
+        "SCANWATCH_LISTENER_METRICS_PORT": "0",
+        "SCANWATCH_LISTENER_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{free_port()}",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dicom_listener"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not echoscu("127.0.0.1", port, "SCANWATCH", timeout=1):
+            assert proc.poll() is None, proc.communicate()[1]
+            assert time.monotonic() < deadline, "listener did not answer C-ECHO in time"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, stderr
+    messages = [json.loads(line)["msg"] for line in stderr.splitlines() if line.startswith("{")]
+    assert "listening" in messages and "stopped" in messages
