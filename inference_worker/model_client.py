@@ -13,7 +13,6 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 from google.protobuf.wrappers_pb2 import Int64Value
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
     model_pb2,
@@ -21,12 +20,12 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from scanwatch import tensors
 from schemas import model_signature
-from schemas.model_signature import SIGNATURE_NAME, TensorSpec
+from schemas.model_signature import SIGNATURE_NAME
 
 log = logging.getLogger(__name__)
 
-_DTYPE_NAMES = {types_pb2.DT_FLOAT: "float32", types_pb2.DT_STRING: "string"}
 
 #: gRPC codes worth retrying: the server is down, restarting, overloaded or slow.
 TRANSIENT_CODES = frozenset(
@@ -52,42 +51,6 @@ class Prediction:
     threshold: float
     model_name: str
     model_version: int
-
-
-def float_tensor(array: np.ndarray) -> tensor_pb2.TensorProto:
-    """A float32 numpy array as a ``TensorProto`` (packed ``tensor_content``)."""
-    array = np.ascontiguousarray(array, dtype=np.float32)
-    shape = tensor_shape_pb2.TensorShapeProto(
-        dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=s) for s in array.shape]
-    )
-    return tensor_pb2.TensorProto(
-        dtype=types_pb2.DT_FLOAT, tensor_shape=shape, tensor_content=array.tobytes()
-    )
-
-
-def to_numpy(tensor: tensor_pb2.TensorProto) -> np.ndarray:
-    """A float or string ``TensorProto`` as a numpy array."""
-    shape = tuple(d.size for d in tensor.tensor_shape.dim)
-    if tensor.dtype == types_pb2.DT_FLOAT:
-        if tensor.tensor_content:
-            return np.frombuffer(tensor.tensor_content, dtype=np.float32).reshape(shape)
-        values = np.array(tensor.float_val, dtype=np.float32)
-        return np.broadcast_to(values, shape) if values.size == 1 else values.reshape(shape)
-    if tensor.dtype == types_pb2.DT_STRING:
-        values = np.array([v.decode() for v in tensor.string_val], dtype=object)
-        return np.broadcast_to(values, shape) if values.size == 1 else values.reshape(shape)
-    raise ValueError(f"unsupported tensor dtype {tensor.dtype}")
-
-
-def _specs(tensors) -> dict[str, TensorSpec]:  # noqa: ANN001 - protobuf map
-    return {
-        alias: TensorSpec(
-            alias,
-            _DTYPE_NAMES.get(info.dtype, f"dtype-{info.dtype}"),
-            tuple(-1 if info.tensor_shape.unknown_rank else d.size for d in info.tensor_shape.dim),
-        )
-        for alias, info in tensors.items()
-    }
 
 
 class ModelClient:
@@ -140,7 +103,7 @@ class ModelClient:
         if SIGNATURE_NAME not in signatures.signature_def:
             raise SignatureMismatch(f"model {self.model_name} has no {SIGNATURE_NAME} signature")
         signature = signatures.signature_def[SIGNATURE_NAME]
-        inputs, outputs = _specs(signature.inputs), _specs(signature.outputs)
+        inputs, outputs = tensors.signature_specs(signature)
         problems = model_signature.check(inputs, outputs)
         if problems:
             raise SignatureMismatch(f"model {self.model_name}: " + "; ".join(problems))
@@ -188,14 +151,16 @@ class ModelClient:
 
     async def _predict_batch(self, batch: np.ndarray) -> Prediction:
         request = predict_pb2.PredictRequest(model_spec=self._spec())
-        request.inputs[model_signature.INPUT.name].CopyFrom(float_tensor(batch))
+        request.inputs[model_signature.INPUT.name].CopyFrom(
+            tensors.to_tensor_proto(np.asarray(batch, dtype=np.float32))
+        )
         response = await self._stub().Predict(request, timeout=self.timeout_s)
-        probabilities = to_numpy(response.outputs["probabilities"])
-        class_names = to_numpy(response.outputs["class_names"])
-        threshold = to_numpy(response.outputs["threshold"])
+        probabilities = tensors.to_ndarray(response.outputs["probabilities"])
+        class_names = tensors.to_ndarray(response.outputs["class_names"])
+        threshold = tensors.to_ndarray(response.outputs["threshold"])
         return Prediction(
             probabilities=np.array(probabilities, dtype=np.float32),
-            class_names=[str(c) for c in class_names[0]],
+            class_names=[c.decode() if isinstance(c, bytes) else str(c) for c in class_names[0]],
             threshold=float(threshold[0]),
             model_name=response.model_spec.name or self.model_name,
             model_version=int(response.model_spec.version.value),

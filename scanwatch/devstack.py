@@ -22,6 +22,7 @@ from pathlib import Path
 import httpx
 
 from scanwatch.kafka_local import LocalKafka
+from scanwatch.peers import echoscu
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class Stack:
                     "SCANWATCH_LISTENER_KAFKA_BOOTSTRAP_SERVERS": kafka,
                     "SCANWATCH_LISTENER_METRICS_PORT": str(p.listener_metrics),
                 },
-                lambda: _c_echo("127.0.0.1", p.dicom, c.ae_title),
+                lambda: echoscu("127.0.0.1", p.dicom, c.ae_title, timeout=3.0),
             ),
         ]
 
@@ -270,22 +271,6 @@ def _http_ok(url: str) -> bool:
         return httpx.get(url, timeout=2.0).status_code == 200
     except httpx.HTTPError:
         return False
-
-
-def _c_echo(host: str, port: int, ae_title: str) -> bool:
-    from pynetdicom import AE
-
-    ae = AE(ae_title="SCANWATCH-HC")
-    ae.add_requested_context("1.2.840.10008.1.1")  # Verification SOP Class
-    ae.acse_timeout = ae.network_timeout = 3
-    assoc = ae.associate(host, port, ae_title=ae_title)
-    if not assoc.is_established:
-        return False
-    try:
-        status = assoc.send_c_echo()
-        return bool(status) and status.Status == 0x0000
-    finally:
-        assoc.release()
 
 
 def _model_available(target: str, model_name: str) -> bool:

@@ -10,10 +10,17 @@ STUDY = "1.2.826.0.1.3680043.8.498.7"
 
 def received(n: int, sha: str = "ab") -> InstanceReceivedV1:
     return InstanceReceivedV1(
-        StudyInstanceUID=STUDY, SeriesInstanceUID=STUDY + ".1", SOPInstanceUID=f"{STUDY}.1.{n}",
-        SOPClassUID="1.2.840.10008.5.1.4.1.1.4", TransferSyntaxUID="1.2.840.10008.1.2.1",
-        Modality="MR", storage_uri=f"file:///s/{n}.dcm", size_bytes=1, sha256=sha * 32,
-        calling_ae_title="A", called_ae_title="SCANWATCH",
+        StudyInstanceUID=STUDY,
+        SeriesInstanceUID=STUDY + ".1",
+        SOPInstanceUID=f"{STUDY}.1.{n}",
+        SOPClassUID="1.2.840.10008.5.1.4.1.1.4",
+        TransferSyntaxUID="1.2.840.10008.1.2.1",
+        Modality="MR",
+        storage_uri=f"file:///s/{n}.dcm",
+        size_bytes=1,
+        sha256=sha * 32,
+        calling_ae_title="A",
+        called_ae_title="SCANWATCH",
     )
 
 

@@ -12,10 +12,10 @@ import pytest
 from inference_worker.model_client import Prediction
 from inference_worker.scoring import Scorer
 from inference_worker.series import UnusableStudy, evenly_spaced, select_series
-from schemas import InstanceRef, StudyReadyV1
 from scanwatch import ids
 from scanwatch.imaging import preprocess_slice
 from scanwatch.sample import build_mr_study
+from schemas import InstanceRef, StudyReadyV1
 
 CLASSES = ["normal", "mass", "bleed", "infarct"]
 
@@ -26,8 +26,10 @@ def refs_for(files: list[Path]) -> list[InstanceRef]:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         refs.append(
             InstanceRef(
-                SeriesInstanceUID=ds.SeriesInstanceUID, SOPInstanceUID=ds.SOPInstanceUID,
-                SOPClassUID=ds.SOPClassUID, storage_uri=path.resolve().as_uri(),
+                SeriesInstanceUID=ds.SeriesInstanceUID,
+                SOPInstanceUID=ds.SOPInstanceUID,
+                SOPClassUID=ds.SOPClassUID,
+                storage_uri=path.resolve().as_uri(),
                 sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
             )
         )
@@ -102,8 +104,10 @@ def test_missing_file_is_unusable(tmp_path, study):
 def ready_for(study) -> StudyReadyV1:
     refs = refs_for(study)
     return StudyReadyV1(
-        StudyInstanceUID=pydicom.dcmread(study[0]).StudyInstanceUID, instances=refs,
-        first_received_at="2026-01-01T00:00:00Z", last_received_at="2026-01-01T00:00:01Z",
+        StudyInstanceUID=pydicom.dcmread(study[0]).StudyInstanceUID,
+        instances=refs,
+        first_received_at="2026-01-01T00:00:00Z",
+        last_received_at="2026-01-01T00:00:01Z",
         quiet_period_s=1,
     )
 
@@ -120,15 +124,20 @@ def test_score_writes_fhir_and_returns_a_consistent_result(study):
     ready = ready_for(study)
     ready, model, writer, result = asyncio.run(_score(ready))
     assert [r["resourceType"] for r in writer.resources] == [
-        "Patient", "Device", "ImagingStudy", "Observation",
+        "Patient",
+        "Device",
+        "ImagingStudy",
+        "Observation",
     ]
     assert model.seen[0].shape == (6, 32, 32, 3)
     assert result.predicted_class == "mass"
     assert result.anomaly_score == pytest.approx(0.9)
     assert result.model_version == 3 and result.slice_count == 6
     obs = writer.resources[-1]
-    assert obs["id"] == result.observation_id == ids.observation_id(
-        ready.StudyInstanceUID, "fake-model", 3
+    assert (
+        obs["id"]
+        == result.observation_id
+        == ids.observation_id(ready.StudyInstanceUID, "fake-model", 3)
     )
     assert obs["subject"]["reference"] == f"Patient/{ids.patient_id(None, 'P-UNIT')}"
     # Same ready event again: byte-identical resources, so the FHIR store adds no version.

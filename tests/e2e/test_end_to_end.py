@@ -56,7 +56,9 @@ def wait_for(condition, timeout: float, interval: float = 0.2):
     pytest.fail(f"condition not met within {timeout}s")
 
 
-def test_storescu_study_becomes_a_queryable_observation(stack: Stack, tmp_path: Path, record_property):
+def test_storescu_study_becomes_a_queryable_observation(
+    stack: Stack, tmp_path: Path, record_property
+):
     files = build_mr_study(tmp_path / "study", patient_id="SW-E2E-0001", n_slices=20)
     study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
     port = stack.config.ports.dicom

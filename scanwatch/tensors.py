@@ -1,0 +1,77 @@
+"""NumPy ↔ TensorProto conversions for TF Serving requests and responses.
+
+Used by the model server and by its clients (the inference worker), so that both sides encode
+tensors the same way as TensorFlow Serving and its Python client do.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2
+from tensorflow.core.protobuf import meta_graph_pb2
+
+from schemas.model_signature import TensorSpec
+
+#: ``TensorProto`` value fields by NumPy dtype, as ``Tensor::AsProtoField`` fills them.
+_FIELDS = {
+    np.dtype(np.float32): "float_val",
+    np.dtype(np.float64): "double_val",
+    np.dtype(np.int32): "int_val",
+    np.dtype(np.int64): "int64_val",
+    np.dtype(np.bool_): "bool_val",
+}
+
+
+def to_tensor_proto(array: np.ndarray, *, as_field: bool = False) -> tensor_pb2.TensorProto:
+    """Encode an array: packed ``tensor_content`` by default (fast, what clients send).
+
+    ``as_field=True`` fills the typed value field (``float_val``, ``string_val``...) instead, which
+    is how TensorFlow Serving encodes Predict outputs by default; strings always use
+    ``string_val``.
+    """
+    array = np.asarray(array)
+    field = _FIELDS.get(array.dtype)
+    if not as_field or field is None:
+        return tf.make_tensor_proto(array)
+    proto = tensor_pb2.TensorProto(
+        dtype=tf.dtypes.as_dtype(array.dtype).as_datatype_enum,
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=n) for n in array.shape]
+        ),
+    )
+    getattr(proto, field).extend(array.ravel().tolist())
+    return proto
+
+
+def to_ndarray(proto: tensor_pb2.TensorProto) -> np.ndarray:
+    """Decode a TensorProto (either encoding). Strings come back as an object array of bytes."""
+    return tf.make_ndarray(proto)
+
+
+def dtype_name(proto: tensor_pb2.TensorProto) -> str:
+    """TensorFlow's name for a TensorProto's dtype (``"float32"``, ``"string"``...)."""
+    try:
+        return tf.dtypes.as_dtype(proto.dtype).name
+    except TypeError:
+        return f"invalid dtype {proto.dtype}"
+
+
+def shape_of(proto: tensor_pb2.TensorProto) -> tuple[int, ...]:
+    """The declared shape of a TensorProto."""
+    return tuple(d.size for d in proto.tensor_shape.dim)
+
+
+def tensor_spec(alias: str, info: meta_graph_pb2.TensorInfo) -> TensorSpec:
+    """A SignatureDef TensorInfo as a contract :class:`TensorSpec` (unknown rank → shape ``()``)."""
+    shape = () if info.tensor_shape.unknown_rank else tuple(d.size for d in info.tensor_shape.dim)
+    return TensorSpec(alias, tf.dtypes.as_dtype(info.dtype).name, shape)
+
+
+def signature_specs(
+    signature: meta_graph_pb2.SignatureDef,
+) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
+    """``(inputs, outputs)`` of one SignatureDef as alias → :class:`TensorSpec`."""
+    inputs = {alias: tensor_spec(alias, info) for alias, info in signature.inputs.items()}
+    outputs = {alias: tensor_spec(alias, info) for alias, info in signature.outputs.items()}
+    return inputs, outputs

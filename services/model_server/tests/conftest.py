@@ -1,0 +1,95 @@
+"""Fixtures of the model server tests: one small published model, servers on free ports."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+MODEL_NAME = "brain-mri-anomaly"
+CLASS_NAMES = ("normal", "mass", "bleed", "infarct")
+IMAGE_SIZE = 32  # EfficientNet's smallest input: the tests exercise serving, not accuracy
+
+
+def wait_until(
+    condition: Callable[[], Any], timeout_s: float = 60.0, what: str = "condition"
+) -> Any:
+    """Poll ``condition`` until it returns something truthy; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def wait_for() -> Callable[..., Any]:
+    return wait_until
+
+
+@pytest.fixture(scope="session")
+def classifier() -> Any:
+    """An untrained EfficientNetB0 classifier at 32² (built once: construction takes seconds)."""
+    from training.model import build_classifier
+
+    return build_classifier(CLASS_NAMES, image_size=IMAGE_SIZE, seed=0)
+
+
+@pytest.fixture(scope="session")
+def published_model(tmp_path_factory: pytest.TempPathFactory, classifier: Any) -> Path:
+    """Version 1 of ``classifier`` (threshold 0.5) in a repository; returns the version folder.
+
+    Exported once per session; tests that change a repository copy this folder into their own.
+    """
+    from training.export import export_saved_model
+
+    repository = tmp_path_factory.mktemp("models")
+    return export_saved_model(classifier, CLASS_NAMES, 0.5, repository, MODEL_NAME, version=1)
+
+
+@pytest.fixture()
+def serve() -> Iterator[Callable[..., Any]]:
+    """Start model servers in-process on free ports; every one is stopped after the test."""
+    from services.model_server.app import ModelServer, create_server
+    from services.model_server.config import Settings
+
+    servers: list[ModelServer] = []
+
+    def start(repository: Path, engine: Any = None, **settings: Any) -> ModelServer:
+        config = Settings(
+            model_base_path=repository,
+            model_name=MODEL_NAME,
+            port=0,
+            poll_interval_s=0.1,
+            **settings,
+        )
+        server = create_server(config, engine)
+        server.start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop(grace_s=1.0)
+
+
+@pytest.fixture()
+def channel_to() -> Iterator[Callable[[str], grpc.Channel]]:
+    """Open insecure channels (closed after the test)."""
+    channels: list[grpc.Channel] = []
+
+    def open_channel(address: str) -> grpc.Channel:
+        channel = grpc.insecure_channel(address)
+        channels.append(channel)
+        return channel
+
+    yield open_channel
+    for channel in channels:
+        channel.close()

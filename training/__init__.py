@@ -1,0 +1,1 @@
+"""Model building, export and publishing for scanwatch (training jobs arrive in a later issue)."""

@@ -1,0 +1,107 @@
+"""The article's classifier: an EfficientNet base, a ReLU dense layer, dropout and a softmax.
+
+Input is what :func:`scanwatch.imaging.preprocess_slice` produces: float32 RGB in [0, 255]
+(Keras' EfficientNet rescales and normalises internally, so no scaling happens here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import keras
+
+#: EfficientNet variants by name; B0 is the article's default.
+VARIANTS: dict[str, Callable[..., keras.Model]] = {
+    "B0": keras.applications.EfficientNetB0,
+    "B1": keras.applications.EfficientNetB1,
+    "B2": keras.applications.EfficientNetB2,
+    "B3": keras.applications.EfficientNetB3,
+    "B4": keras.applications.EfficientNetB4,
+    "B5": keras.applications.EfficientNetB5,
+    "B6": keras.applications.EfficientNetB6,
+    "B7": keras.applications.EfficientNetB7,
+}
+#: Keras' EfficientNet refuses smaller inputs when ``include_top=False``.
+MIN_IMAGE_SIZE = 32
+IMAGENET = "imagenet"
+#: Name of the EfficientNet sub-model inside the classifier (fine-tuning unfreezes its top).
+BASE_LAYER = "efficientnet"
+INPUT_NAME = "images"
+OUTPUT_LAYER = "probabilities"
+
+
+def normalise_variant(variant: str) -> str:
+    """``"b3"``, ``"B3"`` or ``"EfficientNetB3"`` → ``"B3"``; anything else is a ValueError."""
+    key = variant.strip().upper().removeprefix("EFFICIENTNET")
+    if key not in VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}, not {variant!r}")
+    return key
+
+
+def _check_arguments(
+    class_names: Sequence[str],
+    image_size: int,
+    weights: str | None,
+    dense_units: int,
+    dropout: float,
+) -> None:
+    if isinstance(class_names, str):
+        raise TypeError("class_names must be a sequence of names, not a single string")
+    names = list(class_names)
+    if len(names) < 2:
+        raise ValueError(f"a classifier needs at least 2 classes, got {names}")
+    if any(not isinstance(n, str) or not n.strip() for n in names):
+        raise ValueError(f"class names must be non-empty strings, got {names}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"class names must be unique, got {names}")
+    if not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be an integer >= {MIN_IMAGE_SIZE}, got {image_size!r}")
+    if weights not in (None, IMAGENET) and not Path(weights).is_file():
+        raise ValueError(
+            f"weights must be None (from scratch), {IMAGENET!r} or an existing weights file, "
+            f"got {weights!r}"
+        )
+    if not isinstance(dense_units, int) or dense_units < 1:
+        raise ValueError(f"dense_units must be a positive integer, got {dense_units!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+
+
+def build_classifier(
+    class_names: Sequence[str],
+    image_size: int = 224,
+    variant: str = "B0",
+    weights: str | None = None,
+    dense_units: int = 256,
+    dropout: float = 0.3,
+    seed: int = 0,
+) -> keras.Model:
+    """EfficientNet (``include_top=False``, average pooling) → Dense(ReLU) → Dropout → softmax.
+
+    ``weights``: ``None`` trains from scratch, ``"imagenet"`` loads Keras' ImageNet weights
+    (downloaded or from the Keras cache), or a path to a local weights file for the base.
+    ``seed`` seeds Python, NumPy and TensorFlow (``keras.utils.set_random_seed``) so that the same
+    arguments give the same initial weights.
+    """
+    _check_arguments(class_names, image_size, weights, dense_units, dropout)
+    key = normalise_variant(variant)
+    keras.utils.set_random_seed(seed)
+    shape = (image_size, image_size, 3)
+    try:
+        base = VARIANTS[key](
+            include_top=False, weights=weights, input_shape=shape, pooling="avg", name=BASE_LAYER
+        )
+    except Exception as error:  # download failure, corrupt or mismatched weights file
+        if weights is None:
+            raise
+        raise RuntimeError(
+            f"could not load {weights!r} weights for EfficientNet{key} ({error}); "
+            "pass weights=None to train from scratch or a local weights file"
+        ) from error
+    inputs = keras.Input(shape=shape, dtype="float32", name=INPUT_NAME)
+    features = base(inputs)
+    hidden = keras.layers.Dense(dense_units, activation="relu", name="head_dense")(features)
+    hidden = keras.layers.Dropout(dropout, seed=seed, name="head_dropout")(hidden)
+    outputs = keras.layers.Dense(len(class_names), activation="softmax", name=OUTPUT_LAYER)(hidden)
+    return keras.Model(inputs, outputs, name=f"scanwatch_efficientnet{key.lower()}")
