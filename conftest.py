@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# TensorFlow's C++ start-up chatter (CUDA probing, CPU features) is noise in test output.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 from scanwatch.kafka_local import LocalKafka, free_port
 
 ROOT = Path(__file__).resolve().parent

@@ -60,6 +60,6 @@ if [ "$(cat "$KAFKA_LIBS/.pom-hash" 2>/dev/null)" != "$pom_hash" ]; then
 fi
 
 # --- Default model ---------------------------------------------------------------------------
-.venv/bin/python -m training.default_model --repository "$VAR/models"
+TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python -m training.default_model --repository "$VAR/models"
 
 log "ready"
