@@ -12,7 +12,7 @@ from pathlib import Path
 
 from scanwatch import ids
 from scanwatch.devstack import Stack, StackConfig, StackError
-from scanwatch.kafka_local import LocalKafka
+from scanwatch.kafka_local import LocalKafka, ensure_topics
 from scanwatch.logs import configure_logging
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,6 +77,12 @@ def cmd_kafka(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_topics(args: argparse.Namespace) -> int:
+    created = ensure_topics(args.bootstrap_servers)
+    sys.stdout.write(f"created {len(created)} topic(s): {', '.join(created) or '-'}\n")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="scanwatch", description=__doc__)
     p.add_argument("--var", help="state folder (default: $SCANWATCH_VAR or ./var)")
@@ -99,6 +105,10 @@ def parser() -> argparse.ArgumentParser:
     kafka.add_argument("action", choices=["start", "stop", "status"])
     kafka.add_argument("--port", type=int, default=9092)
     kafka.set_defaults(func=cmd_kafka)
+
+    topics = sub.add_parser("topics", help="create scanwatch's topics on an existing cluster")
+    topics.add_argument("--bootstrap-servers", required=True, help="host:port[,host:port]")
+    topics.set_defaults(func=cmd_topics)
     return p
 
 

@@ -189,30 +189,7 @@ class LocalKafka:
 
     def ensure_topics(self, topics: Iterable[TopicSpec]) -> None:
         """Create the topics that do not exist yet (existing ones are left as they are)."""
-        from kafka import KafkaAdminClient
-        from kafka.admin import NewTopic
-        from kafka.errors import TopicAlreadyExistsError
-
-        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap_servers)
-        try:
-            existing = set(admin.list_topics())
-            new = [
-                NewTopic(
-                    t.name,
-                    num_partitions=t.partitions,
-                    replication_factor=1,
-                    topic_configs={"retention.ms": str(t.retention_ms)},
-                )
-                for t in topics
-                if t.name not in existing
-            ]
-            if new:
-                try:
-                    admin.create_topics(new)
-                except TopicAlreadyExistsError:
-                    pass
-        finally:
-            admin.close()
+        ensure_topics(self.bootstrap_servers, topics)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the broker (SIGTERM, then SIGKILL after ``timeout``)."""
@@ -248,3 +225,36 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
     except ChildProcessError:
         pass
+
+
+def ensure_topics(bootstrap_servers: str, topics: Iterable[TopicSpec] = TOPICS) -> list[str]:
+    """Create on any cluster the topics that do not exist yet; return the names created.
+
+    Replication factor is the smaller of 3 and the number of brokers.
+    """
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
+    try:
+        existing = set(admin.list_topics())
+        replicas = max(1, min(3, len(admin.describe_cluster().get("brokers", [])) or 1))
+        new = [
+            NewTopic(
+                t.name,
+                num_partitions=t.partitions,
+                replication_factor=replicas,
+                topic_configs={"retention.ms": str(t.retention_ms)},
+            )
+            for t in topics
+            if t.name not in existing
+        ]
+        if new:
+            try:
+                admin.create_topics(new)
+            except TopicAlreadyExistsError:
+                pass  # created meanwhile by another process: that is what we wanted
+        return [t.name for t in new]
+    finally:
+        admin.close()
