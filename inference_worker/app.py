@@ -6,7 +6,12 @@ Flow (DESIGN §2)::
         timer: quiet period over --> dicom.study.ready.v1 --score--> FHIR + inference.result.v1
 
 Every study-keyed topic has the same partition count, so a study's instance events, its ready
-event and its table entry all live on the same partition number.
+event and its table entry all live on the same partition number, owned by one worker at a time.
+
+Errors are classified (STYLE habit 7): an unusable message or study goes to ``<topic>.dlq`` with
+the reason; a transient failure (model server or FHIR API down) is retried with backoff and then
+parked in the table, to be announced again later; anything else crashes the worker, so that its
+supervisor restarts it and the uncommitted message is redelivered.
 """
 
 from __future__ import annotations
@@ -16,12 +21,23 @@ import time
 
 import faust
 import mode
+from aiokafka.partitioner import DefaultPartitioner
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from inference_worker.adapters.fhir_writer import FhirWriter
-from inference_worker.assembly import add_instance, is_ready, mark_announced, ready_event
+from inference_worker.assembly import (
+    add_instance,
+    is_ready,
+    mark_announced,
+    park,
+    ready_event,
+)
+from inference_worker.circuit import CircuitBreaker
 from inference_worker.config import Settings
+from inference_worker.metrics import WorkerMetrics
 from inference_worker.model_client import ModelClient, SignatureMismatch
+from inference_worker.retry import is_transient
 from inference_worker.scoring import Scorer
 from inference_worker.series import UnusableStudy
 from schemas import (
@@ -40,7 +56,34 @@ def _broker_url(servers: str) -> str:
     return ";".join(f"kafka://{s.strip()}" for s in servers.split(",") if s.strip())
 
 
-def create_app(settings: Settings, scorer: Scorer | None = None) -> faust.App:
+def default_scorer(settings: Settings, metrics: WorkerMetrics) -> Scorer:
+    """The production scorer: the TF Serving gRPC API and the FHIR API named in ``settings``."""
+    breaker = CircuitBreaker(
+        settings.breaker_failures, settings.breaker_reset_s, on_state=metrics.circuit_state.set
+    )
+    model = ModelClient(
+        settings.model_server,
+        settings.model_name,
+        settings.model_version,
+        timeout_s=settings.predict_timeout_s,
+        batch_size=settings.batch_size,
+        max_message_bytes=settings.max_message_bytes,
+        model_label=settings.model_label,
+        breaker=breaker,
+        on_batch=metrics.batch_size.observe,
+    )
+    return Scorer(
+        model,
+        FhirWriter(settings.fhir_base_url),
+        max_slices=settings.max_slices,
+        retries=settings.retries,
+        metrics=metrics,
+    )
+
+
+def create_app(
+    settings: Settings, scorer: Scorer | None = None, metrics: WorkerMetrics | None = None
+) -> faust.App:
     """Build the worker. ``scorer`` is injectable for tests; by default it talks to the model
     server and the FHIR API named in ``settings``. Nothing connects until the app starts."""
     app = faust.App(
@@ -58,20 +101,8 @@ def create_app(settings: Settings, scorer: Scorer | None = None) -> faust.App:
         # the uncommitted message is redelivered), not leave a half-running worker behind.
         agent_supervisor=mode.CrashingSupervisor,
     )
-    if scorer is None:
-        scorer = Scorer(
-            ModelClient(
-                settings.model_server,
-                settings.model_name,
-                settings.model_version,
-                timeout_s=settings.predict_timeout_s,
-                batch_size=settings.batch_size,
-                max_message_bytes=settings.max_message_bytes,
-            ),
-            FhirWriter(settings.fhir_base_url),
-            max_slices=settings.max_slices,
-            retries=settings.retries,
-        )
+    metrics = metrics or (scorer.metrics if scorer is not None else WorkerMetrics())
+    scorer = scorer or default_scorer(settings, metrics)
 
     raw = {"key_serializer": "raw", "value_serializer": "raw"}
     instances_topic = app.topic(InstanceReceivedV1.SCHEMA, **raw)
@@ -80,15 +111,27 @@ def create_app(settings: Settings, scorer: Scorer | None = None) -> faust.App:
     studies = app.Table(
         "study-assembly",
         partitions=STUDY_PARTITIONS,
-        schema=faust.Schema(key_serializer="raw", value_serializer="json"),
+        key_type=bytes,  # raw StudyInstanceUID bytes; Faust derives the changelog codec from it
     )
+    partitioner = DefaultPartitioner()
+    all_partitions = list(range(STUDY_PARTITIONS))
     # Ready events sent but not yet seen back by ``score`` (which records them in the table):
     # stops the timer from announcing the same study twice meanwhile. Lost on restart, which
     # only means a study may be announced again — scoring is idempotent.
     announcing: dict[bytes, int] = {}
 
+    def owned_here(key: bytes) -> bool:
+        """Whether this worker actively owns the study's partition (not a standby copy)."""
+        partition = partitioner(key, all_partitions, all_partitions)
+        actives = app.assignor.assigned_actives()
+        return any(
+            tp.partition == partition and tp.topic == instances_topic.get_topic_name()
+            for tp in actives
+        )
+
     async def dead_letter(event: faust.EventT, reason: str, error_class: str) -> None:
         message = event.message
+        metrics.dead_letters.labels(message.topic, error_class).inc()
         log.error(
             "dead-lettered",
             extra={"topic": message.topic, "offset": message.offset, "reason": reason},
@@ -104,6 +147,17 @@ def create_app(settings: Settings, scorer: Scorer | None = None) -> faust.App:
         )
         await app.topic(dlq(message.topic), **raw).send(key=message.key, value=letter.to_bytes())
 
+    @app.task
+    async def check_model_on_start() -> None:
+        """Refuse to run against a model whose signature breaks the contract."""
+        try:
+            await scorer.model.check_signature()
+        except SignatureMismatch as exc:
+            log.critical("served model breaks the signature contract", extra={"error": str(exc)})
+            await app.crash(exc)
+        except Exception as exc:  # noqa: BLE001 - not reachable yet: checked again when scoring
+            log.warning("model server not checked at start", extra={"error": str(exc)})
+
     @app.agent(instances_topic)
     async def assemble(stream: faust.StreamT) -> None:
         async for event in stream.events():
@@ -116,15 +170,18 @@ def create_app(settings: Settings, scorer: Scorer | None = None) -> faust.App:
             studies[key] = add_instance(studies.get(key), received, time.time())
 
     @app.timer(interval=settings.check_interval_s)
-    async def release_quiet_studies() -> None:
+    async def release_ready_studies() -> None:
         now = time.time()
         for key, state in list(studies.items()):
-            if state is None or not is_ready(state, now, settings.quiet_period_s):
+            if state is None:
+                continue
+            quiet = settings.quiet_period_for(state.get("source"))
+            if not is_ready(state, now, quiet, settings.max_wait_s) or not owned_here(key):
                 continue
             count = len(state["instances"])
             if announcing.get(key, 0) >= count:
                 continue
-            ready = ready_event(key.decode(), state, settings.quiet_period_s)
+            ready = ready_event(key.decode(), state, quiet)
             await ready_topic.send(key=key, value=ready.to_bytes())
             announcing[key] = count
             log.info("study ready", extra={"StudyInstanceUID": key.decode(), "instances": count})
@@ -138,8 +195,12 @@ def create_app(settings: Settings, scorer: Scorer | None = None) -> faust.App:
                 await dead_letter(event, f"invalid {StudyReadyV1.SCHEMA}: {exc}", "unusable")
                 continue
             key = ready.StudyInstanceUID.encode()
+            now = time.time()
             if (state := studies.get(key)) is not None:
-                studies[key] = mark_announced(state, len(ready.instances))
+                studies[key] = mark_announced(state, len(ready.instances), now)
+                metrics.stage_seconds.labels("assembly_wait").observe(
+                    now - state["first_received_at"]
+                )
             announcing.pop(key, None)
             try:
                 result = await scorer.score(ready)
@@ -149,10 +210,32 @@ def create_app(settings: Settings, scorer: Scorer | None = None) -> faust.App:
             except SignatureMismatch:
                 log.critical("served model breaks the signature contract; stopping")
                 raise
+            except Exception as exc:
+                if not is_transient(exc) or (state := studies.get(key)) is None:
+                    raise
+                # Retries exhausted on a transient failure: park the study; the timer
+                # announces it again when the parking time is over. Never dropped.
+                studies[key] = park(state, time.time() + settings.park_s)
+                metrics.parked.inc()
+                log.warning(
+                    "study parked",
+                    extra={
+                        "StudyInstanceUID": ready.StudyInstanceUID,
+                        "retry_in_s": settings.park_s,
+                        "error": str(exc),
+                    },
+                )
+                continue
             await results_topic.send(key=key, value=result.to_bytes())
 
     @app.page("/healthz")
     async def healthz(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
         return web.json({"status": "ok", "model_image_size": scorer.model.image_size})
+
+    @app.page("/metrics")
+    async def prometheus(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
+        return web.bytes(
+            generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )
 
     return app

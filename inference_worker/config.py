@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -30,6 +30,23 @@ class Settings(BaseSettings):
     quiet_period_s: float = Field(
         5.0, gt=0, description="A study is ready when no instance arrived for this many seconds."
     )
+    quiet_period_by_source: dict[str, float] = Field(
+        default_factory=dict,
+        description='Quiet period per calling AE title (JSON, e.g. {"MR1": 10}); others use '
+        "quiet_period_s.",
+    )
+    max_wait_s: float = Field(
+        600.0,
+        gt=0,
+        description="A study that keeps receiving instances is scored anyway this long after its "
+        "first (or last scored) instance.",
+    )
+    park_s: float = Field(
+        60.0,
+        gt=0,
+        description="A study whose scoring failed transiently beyond the retries is tried again "
+        "after this many seconds (parked, never dropped).",
+    )
     check_interval_s: float = Field(
         0.25, gt=0, description="How often studies are checked for the end of their quiet period."
     )
@@ -40,6 +57,16 @@ class Settings(BaseSettings):
     model_name: str = Field("brain-mri-anomaly", min_length=1, description="Model to ask for.")
     model_version: int | None = Field(
         None, ge=1, description="Model version to pin; unset means the server's latest."
+    )
+    model_label: str | None = Field(
+        None,
+        description="Version label to ask for (e.g. stable, canary); exclusive with model_version.",
+    )
+    breaker_failures: int = Field(
+        5, ge=1, description="Consecutive model server failures that open the circuit breaker."
+    )
+    breaker_reset_s: float = Field(
+        30.0, gt=0, description="Seconds an open circuit waits before a trial call."
     )
     predict_timeout_s: float = Field(60.0, gt=0, description="Deadline of one Predict call.")
     batch_size: int = Field(16, ge=1, le=512, description="Images per Predict call.")
@@ -64,6 +91,16 @@ class Settings(BaseSettings):
         if value.upper() not in allowed:
             raise ValueError(f"log_level must be one of {', '.join(allowed)}, not {value!r}")
         return value.upper()
+
+    @model_validator(mode="after")
+    def _one_model_selector(self) -> Settings:
+        if self.model_version is not None and self.model_label is not None:
+            raise ValueError("set model_version or model_label, not both")
+        return self
+
+    def quiet_period_for(self, source: str | None) -> float:
+        """The quiet period of studies sent by ``source`` (a calling AE title)."""
+        return self.quiet_period_by_source.get(source or "", self.quiet_period_s)
 
     @field_validator("fhir_base_url")
     @classmethod

@@ -8,10 +8,12 @@ served signature differs from the contract in :mod:`schemas.model_signature`.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from google.protobuf.message import Message
 from google.protobuf.wrappers_pb2 import Int64Value
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
@@ -20,6 +22,7 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 
+from inference_worker.circuit import CircuitBreaker
 from scanwatch import tensors
 from schemas import model_signature
 from schemas.model_signature import SIGNATURE_NAME
@@ -64,10 +67,18 @@ class ModelClient:
         timeout_s: float = 60.0,
         batch_size: int = 16,
         max_message_bytes: int = 256 * 1024 * 1024,
+        model_label: str | None = None,
+        breaker: CircuitBreaker | None = None,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
+        if model_version is not None and model_label is not None:
+            raise ValueError("pin a model version or a version label, not both")
         self.target = target
         self.model_name = model_name
         self.model_version = model_version
+        self.model_label = model_label
+        self.breaker = breaker or CircuitBreaker()
+        self._on_batch = on_batch or (lambda size: None)
         self.timeout_s = timeout_s
         self.batch_size = batch_size
         self._options = [
@@ -87,7 +98,21 @@ class ModelClient:
         spec = model_pb2.ModelSpec(name=self.model_name, signature_name=SIGNATURE_NAME)
         if self.model_version is not None:
             spec.version.CopyFrom(Int64Value(value=self.model_version))
+        elif self.model_label is not None:
+            spec.version_label = self.model_label
         return spec
+
+    async def _call(self, method: str, request: Message) -> Message:
+        """One RPC through the circuit breaker, with the client's deadline."""
+        self.breaker.before_call()
+        try:
+            response = await getattr(self._stub(), method)(request, timeout=self.timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in TRANSIENT_CODES:
+                self.breaker.failure()
+            raise
+        self.breaker.success()
+        return response
 
     async def check_signature(self) -> int:
         """Read ``GetModelMetadata``, compare with the contract, return the image size.
@@ -97,7 +122,7 @@ class ModelClient:
         request = get_model_metadata_pb2.GetModelMetadataRequest(
             model_spec=self._spec(), metadata_field=["signature_def"]
         )
-        response = await self._stub().GetModelMetadata(request, timeout=self.timeout_s)
+        response = await self._call("GetModelMetadata", request)
         signatures = get_model_metadata_pb2.SignatureDefMap()
         response.metadata["signature_def"].Unpack(signatures)
         if SIGNATURE_NAME not in signatures.signature_def:
@@ -154,7 +179,8 @@ class ModelClient:
         request.inputs[model_signature.INPUT.name].CopyFrom(
             tensors.to_tensor_proto(np.asarray(batch, dtype=np.float32))
         )
-        response = await self._stub().Predict(request, timeout=self.timeout_s)
+        self._on_batch(len(batch))
+        response = await self._call("Predict", request)
         probabilities = tensors.to_ndarray(response.outputs["probabilities"])
         class_names = tensors.to_ndarray(response.outputs["class_names"])
         threshold = tensors.to_ndarray(response.outputs["threshold"])

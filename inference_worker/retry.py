@@ -10,6 +10,7 @@ from typing import TypeVar
 import grpc
 import httpx
 
+from inference_worker.circuit import CircuitOpen
 from inference_worker.model_client import TRANSIENT_CODES
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ async def with_retries(
 
 def is_transient(exc: BaseException) -> bool:
     """Failures that may go away by themselves: model server or FHIR API down or slow."""
+    if isinstance(exc, CircuitOpen):
+        return True
     if isinstance(exc, grpc.aio.AioRpcError):
         return exc.code() in TRANSIENT_CODES
     if isinstance(exc, httpx.TransportError):

@@ -17,6 +17,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from inference_worker import fhir_resources
+from inference_worker.metrics import WorkerMetrics
 from inference_worker.model_client import ModelClient, Prediction
 from inference_worker.retry import with_retries
 from inference_worker.series import SelectedSeries, select_series
@@ -43,12 +44,18 @@ class Scorer:
     """Scores studies with one model client and writes results with one resource writer."""
 
     def __init__(
-        self, model: ModelClient, writer: ResourceWriter, max_slices: int, retries: int
+        self,
+        model: ModelClient,
+        writer: ResourceWriter,
+        max_slices: int,
+        retries: int,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.model = model
         self.writer = writer
         self.max_slices = max_slices
         self.retries = retries
+        self.metrics = metrics or WorkerMetrics()
 
     async def score(self, ready: StudyReadyV1) -> InferenceResultV1:
         """Score a study and write its FHIR resources; return the result event."""
@@ -89,6 +96,11 @@ class Scorer:
                 ready.StudyInstanceUID, prediction.model_name, prediction.model_version
             ),
         )
+        stages = self.metrics.stage_seconds
+        stages.labels("preprocess").observe(prepared - started)
+        stages.labels("predict").observe(predicted - prepared)
+        stages.labels("fhir_write").observe(time.monotonic() - predicted)
+        self.metrics.studies_scored.labels(result.model_name, str(result.model_version)).inc()
         log.info(
             "study scored",
             extra={

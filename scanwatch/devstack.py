@@ -38,7 +38,7 @@ class Ports:
     dicom: int = 11112
     fhir: int = 8080
     model_server: int = 8500
-    worker_web: int = 6066
+    worker_web: int = 6066  # first worker; further workers use the next ports
     listener_metrics: int = 9111
 
 
@@ -51,6 +51,7 @@ class StackConfig:
     ports: Ports = field(default_factory=Ports)
     ae_title: str = "SCANWATCH"
     quiet_period_s: float = 5.0
+    workers: int = 1  # inference worker processes (worker n's web port: worker_web + n - 1)
     model_name: str = DEFAULT_MODEL
     models: Path | None = None  # model repository; default var/models
     kafka_libs: Path | None = None  # default var/kafka/libs
@@ -117,7 +118,7 @@ class Stack:
                     "SCANWATCH_MODEL_SERVER_MODEL_NAME": c.model_name,
                     "SCANWATCH_MODEL_SERVER_PORT": str(p.model_server),
                 },
-                lambda: _model_available(f"127.0.0.1:{p.model_server}", c.model_name),
+                lambda: model_available(f"127.0.0.1:{p.model_server}", c.model_name),
             ),
             Service(
                 "fhir-api",
@@ -129,21 +130,7 @@ class Stack:
                 },
                 lambda: _http_ok(f"http://127.0.0.1:{p.fhir}/healthz"),
             ),
-            Service(
-                "inference-worker",
-                [py, "-m", "inference_worker"],
-                {
-                    **base,
-                    "SCANWATCH_WORKER_KAFKA_BOOTSTRAP_SERVERS": kafka,
-                    "SCANWATCH_WORKER_DATA_DIR": str(c.var / "worker"),
-                    "SCANWATCH_WORKER_WEB_PORT": str(p.worker_web),
-                    "SCANWATCH_WORKER_QUIET_PERIOD_S": str(c.quiet_period_s),
-                    "SCANWATCH_WORKER_MODEL_SERVER": f"127.0.0.1:{p.model_server}",
-                    "SCANWATCH_WORKER_MODEL_NAME": c.model_name,
-                    "SCANWATCH_WORKER_FHIR_BASE_URL": c.fhir_base,
-                },
-                lambda: _http_ok(f"http://127.0.0.1:{p.worker_web}/healthz"),
-            ),
+            *(self._worker(n, base) for n in range(1, c.workers + 1)),
             Service(
                 "dicom-listener",
                 [py, "-m", "dicom_listener"],
@@ -158,6 +145,27 @@ class Stack:
                 lambda: echoscu("127.0.0.1", p.dicom, c.ae_title, timeout=3.0),
             ),
         ]
+
+    def _worker(self, n: int, base: dict[str, str]) -> Service:
+        """Worker ``n`` (1-based): all workers share one Faust app id, so they split the
+        partitions between them; each has its own data folder and web port."""
+        c, p = self.config, self.config.ports
+        web = p.worker_web + n - 1
+        return Service(
+            "inference-worker" if c.workers == 1 else f"inference-worker-{n}",
+            [sys.executable, "-m", "inference_worker"],
+            {
+                **base,
+                "SCANWATCH_WORKER_KAFKA_BOOTSTRAP_SERVERS": self.kafka.bootstrap_servers,
+                "SCANWATCH_WORKER_DATA_DIR": str(c.var / f"worker-{n}"),
+                "SCANWATCH_WORKER_WEB_PORT": str(web),
+                "SCANWATCH_WORKER_QUIET_PERIOD_S": str(c.quiet_period_s),
+                "SCANWATCH_WORKER_MODEL_SERVER": f"127.0.0.1:{p.model_server}",
+                "SCANWATCH_WORKER_MODEL_NAME": c.model_name,
+                "SCANWATCH_WORKER_FHIR_BASE_URL": c.fhir_base,
+            },
+            lambda: _http_ok(f"http://127.0.0.1:{web}/healthz"),
+        )
 
     def service(self, name: str) -> Service:
         return next(s for s in self.services if s.name == name)
@@ -273,7 +281,7 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def _model_available(target: str, model_name: str) -> bool:
+def model_available(target: str, model_name: str) -> bool:
     import grpc
     from tensorflow_serving.apis import (
         get_model_status_pb2,

@@ -12,7 +12,9 @@ log() { printf '[bootstrap] %s\n' "$*" >&2; }
 
 # --- Debian packages -------------------------------------------------------------------------
 # dcmtk: real DICOM peers (storescu/echoscu) for the tests and the sample sender.
-APT_PACKAGES=(dcmtk openjdk-17-jre-headless maven)
+# postgresql: the FHIR store's production database; the tests start throwaway clusters with its
+# initdb/pg_ctl (no system cluster is started).
+APT_PACKAGES=(dcmtk postgresql openjdk-17-jre-headless maven)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -48,16 +50,21 @@ if [ "$(cat .venv/.scanwatch-lock 2>/dev/null)" != "$lock_hash" ]; then
   echo "$lock_hash" > .venv/.scanwatch-lock
 fi
 
-# --- Kafka jars ------------------------------------------------------------------------------
-KAFKA_LIBS=$VAR/kafka/libs
-pom_hash=$(sha256sum java/kafka/pom.xml | cut -d' ' -f1)
-if [ "$(cat "$KAFKA_LIBS/.pom-hash" 2>/dev/null)" != "$pom_hash" ]; then
-  log "fetching Kafka jars from Maven Central"
-  rm -rf "$KAFKA_LIBS"
-  mvn -q -B -f java/kafka/pom.xml dependency:copy-dependencies \
-    -DoutputDirectory="$KAFKA_LIBS" -DincludeScope=runtime
-  echo "$pom_hash" > "$KAFKA_LIBS/.pom-hash"
-fi
+# --- Java jars from Maven Central -------------------------------------------------------------
+# java/<name>/pom.xml -> $VAR/<name>/libs, fetched again only when the pom changes.
+#   kafka:          the broker run by scanwatch/kafka_local.py
+#   fhir-validator: HAPI FHIR's instance validator, run offline by the FHIR API's tests
+for name in kafka fhir-validator; do
+  libs=$VAR/$name/libs
+  pom_hash=$(sha256sum "java/$name/pom.xml" | cut -d' ' -f1)
+  if [ "$(cat "$libs/.pom-hash" 2>/dev/null)" != "$pom_hash" ]; then
+    log "fetching $name jars from Maven Central"
+    rm -rf "$libs"
+    mvn -q -B -f "java/$name/pom.xml" dependency:copy-dependencies \
+      -DoutputDirectory="$libs" -DincludeScope=runtime
+    echo "$pom_hash" > "$libs/.pom-hash"
+  fi
+done
 
 # --- Default model ---------------------------------------------------------------------------
 TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python -m training.default_model --repository "$VAR/models"

@@ -1,14 +1,18 @@
-"""Study assembly: de-duplication, quiet period, announcements."""
+"""Study assembly: de-duplication, quiet period, maximum wait, parking, announcements."""
 
 from __future__ import annotations
 
-from inference_worker.assembly import add_instance, is_ready, mark_announced, ready_event
+import json
+
+from inference_worker.assembly import add_instance, is_ready, mark_announced, park, ready_event
+from inference_worker.config import Settings
 from schemas import InstanceReceivedV1
 
 STUDY = "1.2.826.0.1.3680043.8.498.7"
+QUIET, MAX_WAIT = 5.0, 60.0
 
 
-def received(n: int, sha: str = "ab") -> InstanceReceivedV1:
+def received(n: int, source: str = "MR1") -> InstanceReceivedV1:
     return InstanceReceivedV1(
         StudyInstanceUID=STUDY,
         SeriesInstanceUID=STUDY + ".1",
@@ -18,17 +22,21 @@ def received(n: int, sha: str = "ab") -> InstanceReceivedV1:
         Modality="MR",
         storage_uri=f"file:///s/{n}.dcm",
         size_bytes=1,
-        sha256=sha * 32,
-        calling_ae_title="A",
+        sha256="ab" * 32,
+        calling_ae_title=source,
         called_ae_title="SCANWATCH",
     )
+
+
+def ready(state, now):
+    return is_ready(state, now, QUIET, MAX_WAIT)
 
 
 def test_study_is_ready_only_after_the_quiet_period():
     state = add_instance(None, received(1), now=100.0)
     state = add_instance(state, received(2), now=101.0)
-    assert not is_ready(state, now=105.9, quiet_period_s=5)
-    assert is_ready(state, now=106.0, quiet_period_s=5)
+    assert not ready(state, now=105.9)
+    assert ready(state, now=106.0)
 
 
 def test_redelivered_instance_neither_duplicates_nor_extends_the_quiet_period():
@@ -40,17 +48,49 @@ def test_redelivered_instance_neither_duplicates_nor_extends_the_quiet_period():
 
 def test_announced_study_waits_for_new_instances():
     state = add_instance(add_instance(None, received(1), 0.0), received(2), 0.0)
-    event = ready_event(STUDY, state, quiet_period_s=5)
+    event = ready_event(STUDY, state, quiet_period_s=QUIET)
     assert {i.SOPInstanceUID for i in event.instances} == {f"{STUDY}.1.1", f"{STUDY}.1.2"}
-    state = mark_announced(state, len(event.instances))
-    assert not is_ready(state, now=100.0, quiet_period_s=5)
+    state = mark_announced(state, len(event.instances), now=10.0)
+    assert not ready(state, now=100.0)
     state = add_instance(state, received(3), now=100.0)  # a late instance
-    assert is_ready(state, now=105.0, quiet_period_s=5)
-    assert len(ready_event(STUDY, state, 5).instances) == 3
+    assert ready(state, now=105.0)
+    assert len(ready_event(STUDY, state, QUIET).instances) == 3
 
 
-def test_state_is_json_serialisable():
-    import json
+def test_a_study_that_never_goes_quiet_is_scored_after_the_maximum_wait():
+    state = None
+    for n in range(70):  # one instance a second, for longer than the maximum wait
+        state = add_instance(state, received(n), now=float(n))
+        if ready(state, now=float(n)):
+            break
+    assert n == MAX_WAIT
+    # Once taken up, the clock restarts from the announcement, not from the first instance.
+    state = mark_announced(state, len(state["instances"]), now=float(n))
+    state = add_instance(state, received(100), now=float(n + 1))
+    assert not ready(state, now=float(n + 2))
+    assert ready(state, now=float(n) + MAX_WAIT)
 
+
+def test_parked_study_is_announced_again_after_parking():
+    state = add_instance(None, received(1), 0.0)
+    state = mark_announced(state, 1, now=10.0)
+    state = park(state, until=100.0)
+    assert not ready(state, now=99.0)
+    assert ready(state, now=100.0)
+    # Taking it up again clears the parking.
+    assert mark_announced(state, 1, 100.0)["parked_until"] == 0.0
+
+
+def test_quiet_period_per_source():
+    settings = Settings(quiet_period_s=5, quiet_period_by_source={"SLOW-PACS": 30})
+    assert settings.quiet_period_for("SLOW-PACS") == 30
+    assert settings.quiet_period_for("MR1") == 5
+    state = add_instance(None, received(1, source="SLOW-PACS"), 0.0)
+    assert state["source"] == "SLOW-PACS"
+
+
+def test_state_is_json_serialisable_and_old_states_still_work():
     state = add_instance(None, received(1), 0.0)
     assert json.loads(json.dumps(state)) == state
+    old = {k: v for k, v in state.items() if k not in ("source",)}  # written before "source"
+    assert ready(old, now=QUIET)

@@ -1,22 +1,29 @@
-"""``scanwatch-fhir-api``: serve the FHIR API with uvicorn (settings from SCANWATCH_FHIR_*)."""
+"""``scanwatch-fhir-api``: serve the FHIR API with uvicorn (settings from SCANWATCH_FHIR_*),
+or administer it: ``migrate``, ``register-client``, ``list-clients``, ``issue-token``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import sys
+from datetime import timedelta
 
 import uvicorn
 from pydantic import ValidationError
 
 from scanwatch.logs import configure_logging
-from services.fhir_api.app import create_app
+from services.fhir_api import auth, migrate
+from services.fhir_api.app import create_app, token_service
 from services.fhir_api.config import Settings
+from services.fhir_api.store import make_engine
 
 SERVICE = "fhir-api"
 log = logging.getLogger(__name__)
+COMMANDS = ("serve", "migrate", "register-client", "list-clients", "issue-token")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="scanwatch-fhir-api",
         description="FHIR R4 API over scanwatch's results store. Settings come from "
@@ -25,7 +32,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", help="interface to listen on (SCANWATCH_FHIR_HOST)")
     parser.add_argument("--port", type=int, help="port to listen on (SCANWATCH_FHIR_PORT)")
     parser.add_argument("--database-url", help="store URL (SCANWATCH_FHIR_DATABASE_URL)")
-    args = parser.parse_args(argv)
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("serve", help="run the API (the default)")
+    commands.add_parser("migrate", help="upgrade the database schema to the latest revision")
+    register = commands.add_parser(
+        "register-client", help="register a client for the token endpoint; prints its secret"
+    )
+    register.add_argument("client_id")
+    register.add_argument(
+        "--scope", required=True, help="space-separated scopes, e.g. 'system/*.read'"
+    )
+    register.add_argument("--patient", help="Patient id that patient/ scopes are bound to")
+    register.add_argument("--description")
+    commands.add_parser("list-clients", help="list registered clients (no secrets)")
+    issue = commands.add_parser(
+        "issue-token", help="issue an access token directly (no client needed); prints it"
+    )
+    issue.add_argument("--subject", required=True, help="who the token is for (sub claim)")
+    issue.add_argument("--scope", required=True)
+    issue.add_argument("--patient", help="Patient id for patient/ scopes")
+    issue.add_argument("--lifetime-s", type=int, default=900)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     overrides = {
         key: value
         for key, value in (
@@ -42,14 +73,60 @@ def main(argv: list[str] | None = None) -> int:
         log.error("invalid settings", extra={"errors": exc.errors(include_url=False)})
         return 2
     configure_logging(SERVICE, settings.log_level)
-    log.info("starting", extra={"host": settings.host, "port": settings.port})
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_config=None,  # keep scanwatch's JSON logging
-        access_log=False,  # request paths carry patient ids; metrics count requests instead
-    )
+    command = args.command or "serve"
+    if command == "serve":
+        log.info("starting", extra={"host": settings.host, "port": settings.port})
+        uvicorn.run(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            log_config=None,  # keep scanwatch's JSON logging
+            access_log=False,  # request paths carry patient ids; metrics count requests instead
+        )
+        return 0
+    if command == "issue-token":
+        try:
+            scopes = auth.parse_scopes(args.scope)
+        except ValueError as exc:
+            log.error("invalid scope", extra={"error": str(exc)})
+            return 2
+        if any(s.context == "patient" for s in scopes) and not args.patient:
+            log.error("patient/ scopes need --patient")
+            return 2
+        token, _ttl = token_service(settings).issue(
+            args.subject, scopes, args.patient, timedelta(seconds=args.lifetime_s)
+        )
+        sys.stdout.write(token + "\n")
+        return 0
+    engine = make_engine(settings.database_url)
+    try:
+        migrate.upgrade(engine)
+        if command == "register-client":
+            try:
+                secret = auth.register_client(
+                    engine, args.client_id, args.scope, args.patient, args.description
+                )
+            except ValueError as exc:
+                log.error("cannot register the client", extra={"error": str(exc)})
+                return 2
+            sys.stdout.write(
+                json.dumps({"client_id": args.client_id, "client_secret": secret}) + "\n"
+            )
+        elif command == "list-clients":
+            for client in auth.list_clients(engine):
+                sys.stdout.write(
+                    json.dumps(
+                        {
+                            "client_id": client.client_id,
+                            "scopes": client.scopes,
+                            "patient": client.patient,
+                            "active": client.active,
+                        }
+                    )
+                    + "\n"
+                )
+    finally:
+        engine.dispose()
     return 0
 
 

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,10 +23,14 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.fhir_api import auth, migrate
+from services.fhir_api.auth import AuthError, TokenService
 from services.fhir_api.config import Settings
 from services.fhir_api.errors import (
     EXCEPTION,
+    FORBIDDEN,
     INVALID,
+    LOGIN,
     NOT_FOUND,
     NOT_SUPPORTED,
     TRANSIENT,
@@ -35,22 +39,59 @@ from services.fhir_api.errors import (
     operation_outcome,
 )
 from services.fhir_api.routes import build_router
-from services.fhir_api.store import ResourceStore, make_engine
+from services.fhir_api.store import ResourceStore, Stored, make_engine
+from services.fhir_api.subscriptions import SubscriptionManager, check_subscription
 
 log = logging.getLogger(__name__)
+
+
+def token_service(settings: Settings) -> TokenService:
+    """The token issuer/verifier of these settings (the CLI uses the same one)."""
+    key = auth.load_signing_key(settings.jwt_secret, settings.jwt_key_file)
+    return TokenService(key, timedelta(seconds=settings.token_lifetime_s))
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """Build the API over ``settings.database_url`` (or an injected ``engine``)."""
     engine = engine if engine is not None else make_engine(settings.database_url)
     store = ResourceStore(engine)
+    tokens = token_service(settings) if settings.auth_mode == "required" else None
+    registry = CollectorRegistry()
+    deliveries = Counter(
+        "fhir_subscription_notifications",
+        "Subscription notification attempts by outcome (delivered, retried, failed)",
+        ["outcome"],
+        registry=registry,
+    )
+    subscriptions = SubscriptionManager(
+        store,
+        settings.subscription_max_attempts,
+        settings.subscription_backoff_s,
+        settings.subscription_timeout_s,
+        deliveries,
+    )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        store.create_schema()
+        if settings.migrate_on_start:
+            migrate.upgrade(engine)
+        for client_id, secret, scopes in settings.bootstrap_client_entries():
+            auth.register_client(engine, client_id, scopes, secret=secret)
+        if tokens is None:
+            log.warning("authorization is off: development on loopback only")
+        await subscriptions.start()
         log.info("FHIR API ready", extra={"database": engine.url.get_backend_name()})
         yield
+        await subscriptions.stop()
         engine.dispose()
+
+    def prepare(resource: dict) -> dict:
+        if resource["resourceType"] == "Subscription":
+            return check_subscription(resource)
+        return resource
+
+    def on_write(stored: Stored) -> None:
+        subscriptions.resource_written(stored)
 
     app = FastAPI(
         title="scanwatch FHIR API",
@@ -60,10 +101,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         openapi_url=None,
     )
     app.state.store = store
+    app.state.tokens = tokens
+    app.state.subscriptions = subscriptions
     started = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-    app.include_router(build_router(store, settings, started))
+    app.include_router(build_router(store, settings, started, tokens, on_write, prepare))
     _install_error_handlers(app)
-    _install_metrics(app)
+    _install_metrics(app, registry)
 
     @app.get("/healthz")
     def healthz() -> Response:
@@ -83,6 +126,14 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(FhirError)
     async def fhir_error(_request: Request, exc: FhirError) -> Response:
         return exc.response()
+
+    @app.exception_handler(AuthError)
+    async def auth_error(_request: Request, exc: AuthError) -> Response:
+        return FhirJSONResponse(
+            operation_outcome(exc.message, FORBIDDEN if exc.status == 403 else LOGIN),
+            status_code=exc.status,
+            headers={"WWW-Authenticate": exc.www_authenticate},
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
@@ -118,9 +169,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
 
 
-def _install_metrics(app: FastAPI) -> None:
+def _install_metrics(app: FastAPI, registry: CollectorRegistry) -> None:
     """Request counts and latencies by route template (never by id), at ``/metrics``."""
-    registry = CollectorRegistry()
     requests = Counter(
         "fhir_api_requests",
         "HTTP requests answered",

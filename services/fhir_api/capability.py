@@ -1,24 +1,32 @@
-"""The CapabilityStatement: exactly what this server implements, nothing more."""
+"""The CapabilityStatement and SMART discovery document: exactly what this server implements,
+generated from the same tables the search code uses."""
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from services.fhir_api.store import SUPPORTED_TYPES
+from services.fhir_api.config import Settings
+from services.fhir_api.search import INCLUDES, REVINCLUDES, SEARCH_PARAMS, SORT_KEYS
 
 #: FHIR version on the wire (R4); resources are validated with the R4B models, whose
 #: structures the resources written here share with R4.
 FHIR_VERSION = "4.0.1"
 SOFTWARE_NAME = "scanwatch FHIR API"
-
-#: Search parameters implemented per resource type: (name, type, documentation).
-SEARCH_PARAMS: dict[str, tuple[tuple[str, str, str], ...]] = {
-    "Observation": (
-        ("patient", "reference", "Patient id or Patient/<id>; comma-separated values are OR."),
-        ("subject", "reference", "<Type>/<id> (a bare id means Patient/<id>)."),
-    ),
-}
+#: Interactions every supported type has.
+INTERACTIONS = (
+    "read",
+    "vread",
+    "update",
+    "create",
+    "delete",
+    "history-instance",
+    "history-type",
+    "search-type",
+)
+TOKEN_PATH = "/auth/token"
+SMART_EXTENSION = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
+SMART_SERVICE = "http://terminology.hl7.org/CodeSystem/restful-security-service"
 
 
 def _software_version() -> str:
@@ -28,53 +36,89 @@ def _software_version() -> str:
         return "0.0.0"
 
 
+def token_url(base_url: str) -> str:
+    """The token endpoint for a FHIR base URL (``.../fhir`` → ``.../auth/token``)."""
+    root = base_url[: -len("/fhir")] if base_url.endswith("/fhir") else base_url
+    return f"{root}{TOKEN_PATH}"
+
+
 def _resource(resource_type: str, max_count: int) -> dict[str, Any]:
-    interactions = ["read", "update"]
     entry: dict[str, Any] = {
         "type": resource_type,
-        "versioning": "versioned",  # versionId and ETag kept; If-Match not yet supported
-        "readHistory": False,
+        "interaction": [{"code": code} for code in INTERACTIONS],
+        "versioning": "versioned-update",
+        "readHistory": True,
         "updateCreate": True,
-        "conditionalCreate": False,
+        "conditionalCreate": True,
         "conditionalRead": "not-match",
         "conditionalUpdate": False,
         "conditionalDelete": "not-supported",
+        "searchParam": [
+            {"name": p.name, "type": p.kind, "documentation": p.doc}
+            for p in SEARCH_PARAMS[resource_type]
+        ],
+        "documentation": (
+            f"_sort by {', '.join(sorted(SORT_KEYS[resource_type]))} ('-' for descending, "
+            f"several keys comma-separated); _count up to {max_count}; paging with _offset "
+            "(next/previous links); _total=none|estimate|accurate. Unknown parameters, "
+            "modifiers and prefixes answer 400."
+        ),
     }
-    if params := SEARCH_PARAMS.get(resource_type):
-        interactions.append("search-type")
-        entry["searchParam"] = [
-            {"name": name, "type": kind, "documentation": doc} for name, kind, doc in params
-        ]
-        entry["documentation"] = (
-            f"Search results are newest first (by lastUpdated); _count is honoured up to "
-            f"{max_count}; no paging links yet. Other search parameters answer 501, unknown "
-            "ones 400."
-        )
-    entry["interaction"] = [{"code": code} for code in interactions]
+    if includes := [k for k, (source, _) in INCLUDES.items() if source == resource_type]:
+        entry["searchInclude"] = includes
+    if resource_type in ("Observation", "DiagnosticReport", "ImagingStudy", "Device", "Patient"):
+        entry["searchRevInclude"] = list(REVINCLUDES)
     return entry
 
 
-def capability_statement(base_url: str, date: str, max_count: int) -> dict[str, Any]:
+def capability_statement(
+    base_url: str, date: str, settings: Settings, auth_required: bool
+) -> dict[str, Any]:
     """The server's CapabilityStatement (kind ``instance``) for ``base_url``."""
+    rest: dict[str, Any] = {
+        "mode": "server",
+        "resource": [_resource(t, settings.max_count) for t in settings.resource_types],
+    }
+    if auth_required:
+        rest["security"] = {
+            "extension": [
+                {
+                    "url": SMART_EXTENSION,
+                    "extension": [{"url": "token", "valueUri": token_url(base_url)}],
+                }
+            ],
+            "service": [{"coding": [{"system": SMART_SERVICE, "code": "SMART-on-FHIR"}]}],
+            "description": "Bearer JWT access tokens with SMART scopes (system/*.read, "
+            "patient/Observation.read, system/*.write) from the client-credentials token "
+            "endpoint; only /metadata is public.",
+        }
+    else:
+        rest["documentation"] = "Authorization is off (development on loopback only)."
     return {
         "resourceType": "CapabilityStatement",
         "status": "active",
         "date": date,
         "kind": "instance",
         "software": {"name": SOFTWARE_NAME, "version": _software_version()},
-        "implementation": {
-            "description": "scanwatch AI results store (walking skeleton)",
-            "url": base_url,
-        },
+        "implementation": {"description": "scanwatch AI results store", "url": base_url},
         "fhirVersion": FHIR_VERSION,
         "format": ["json"],
-        "rest": [
-            {
-                "mode": "server",
-                "documentation": "No authentication yet: run on loopback or behind an "
-                "authenticating proxy. Not implemented interactions answer 501 with an "
-                "OperationOutcome.",
-                "resource": [_resource(t, max_count) for t in SUPPORTED_TYPES],
-            }
+        "rest": [rest],
+    }
+
+
+def smart_configuration(base_url: str) -> dict[str, Any]:
+    """``.well-known/smart-configuration`` for backend services."""
+    return {
+        "token_endpoint": token_url(base_url),
+        "grant_types_supported": ["client_credentials"],
+        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "scopes_supported": [
+            "system/*.read",
+            "system/*.write",
+            "system/Observation.read",
+            "patient/Observation.read",
+            "patient/*.read",
         ],
+        "capabilities": ["client-confidential-symmetric", "permission-patient"],
     }

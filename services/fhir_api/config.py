@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import ipaddress
+from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DATABASE_SCHEMES = ("sqlite", "postgresql")
+AUTH_MODES = ("required", "off")
+#: Resource types served (the pipeline's, plus Subscription for notifications).
+RESOURCE_TYPES = (
+    "Patient",
+    "Device",
+    "ImagingStudy",
+    "Observation",
+    "DiagnosticReport",
+    "Provenance",
+    "Subscription",
+)
 
 
 def is_loopback(host: str) -> bool:
@@ -40,10 +52,51 @@ class Settings(BaseSettings):
     )
     default_count: int = Field(20, ge=1, description="Search page size when _count is absent.")
     max_count: int = Field(200, ge=1, description="Largest _count honoured; larger is capped.")
-    allow_remote_without_auth: bool = Field(
-        False,
-        description="Allow listening on a non-loopback interface although this skeleton has no "
-        "authentication yet (the store holds PHI). Only behind an authenticating proxy.",
+    auth_mode: str = Field(
+        "off",
+        description="'required': every /fhir route except metadata needs a bearer token with "
+        "SMART scopes; 'off': no tokens (development only; refused unless the API listens on "
+        "loopback).",
+    )
+    jwt_secret: str | None = Field(
+        None,
+        description="HS256 key (at least 32 characters) that signs and verifies access tokens; "
+        "unset means the key in jwt_key_file, created on first start.",
+        repr=False,
+    )
+    jwt_key_file: Path = Field(
+        Path("var/fhir-jwt.key"),
+        description="File holding the token signing key when jwt_secret is unset (mode 0600).",
+    )
+    token_lifetime_s: int = Field(
+        900, ge=30, le=86400, description="Lifetime of the access tokens the server issues."
+    )
+    bootstrap_clients: str | None = Field(
+        None,
+        description="Clients registered at start-up, ';'-separated 'client_id:secret:scope "
+        "scope...' entries (e.g. the worker: 'scanwatch-worker:<secret>:system/*.write "
+        "system/*.read'). Lets a dev stack hand its services credentials without the CLI.",
+        repr=False,
+    )
+    migrate_on_start: bool = Field(
+        True,
+        description="Run the Alembic migrations (upgrade to head) when the API starts; turn "
+        "off where migrations are run as a separate step (`scanwatch-fhir-api migrate`).",
+    )
+    subscription_max_attempts: int = Field(
+        5, ge=1, le=20, description="Delivery attempts per notification before giving up."
+    )
+    subscription_backoff_s: float = Field(
+        0.5,
+        gt=0,
+        le=60,
+        description="Wait before the second delivery attempt; doubled for each further one.",
+    )
+    subscription_timeout_s: float = Field(
+        5.0, gt=0, le=60, description="HTTP timeout of one notification delivery."
+    )
+    audit_reads: bool = Field(
+        True, description="Record every read, vread, search and history in audit_event."
     )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
 
@@ -79,10 +132,35 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"default_count ({self.default_count}) must not exceed max_count ({self.max_count})"
             )
-        if not is_loopback(self.host) and not self.allow_remote_without_auth:
+        if not is_loopback(self.host) and self.auth_mode != "required":
             raise ValueError(
-                f"host {self.host!r} is not loopback and the API has no authentication yet; "
-                "set SCANWATCH_FHIR_ALLOW_REMOTE_WITHOUT_AUTH=true only behind an "
-                "authenticating proxy"
+                f"host {self.host!r} is not loopback: set SCANWATCH_FHIR_AUTH_MODE=required "
+                "(the store holds PHI)"
             )
+        if self.jwt_secret is not None and len(self.jwt_secret.encode()) < 32:
+            raise ValueError("jwt_secret must have at least 32 characters")
+        self.bootstrap_client_entries()  # raises on a malformed entry
         return self
+
+    @field_validator("auth_mode")
+    @classmethod
+    def _auth_mode(cls, value: str) -> str:
+        if value not in AUTH_MODES:
+            raise ValueError(f"auth_mode must be one of {', '.join(AUTH_MODES)}, not {value!r}")
+        return value
+
+    @property
+    def resource_types(self) -> tuple[str, ...]:
+        return RESOURCE_TYPES
+
+    def bootstrap_client_entries(self) -> list[tuple[str, str, str]]:
+        """(client_id, secret, scopes) of :attr:`bootstrap_clients`."""
+        entries = []
+        for item in (self.bootstrap_clients or "").split(";"):
+            if not item.strip():
+                continue
+            parts = item.strip().split(":", 2)
+            if len(parts) != 3 or not all(parts):
+                raise ValueError("bootstrap_clients entries are 'client_id:secret:scopes'")
+            entries.append((parts[0], parts[1], parts[2]))
+        return entries

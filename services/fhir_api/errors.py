@@ -18,6 +18,11 @@ NOT_SUPPORTED = "not-supported"
 EXCEPTION = "exception"
 TRANSIENT = "transient"
 PROCESSING = "processing"
+CONFLICT = "conflict"
+DELETED = "deleted"
+LOGIN = "login"
+FORBIDDEN = "forbidden"
+TOO_LONG = "too-long"
 
 
 class FhirJSONResponse(Response):

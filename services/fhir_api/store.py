@@ -1,18 +1,25 @@
-"""The resource store: every version of every resource, plus the columns searches need.
+"""The resource store: every version of every resource, plus the index rows searches need.
 
 One row per resource version (``resource_version``); exactly one row per resource is current
-(a partial unique index enforces it). Search columns are filled on write from the resource:
-``subject_ref`` (Observation.subject as ``Type/id``) and ``resource_identifier`` rows (the
-current version's ``identifier`` system|value pairs, for conditional writes later).
+(a partial unique index enforces it). Search values are extracted on write from the current
+version only:
 
-The schema is created with ``SQLModel.metadata.create_all`` for this skeleton; Alembic
-migrations take over with the FHIR issue.
+- columns of ``resource_version``: ``subject_ref`` (``subject`` as ``Type/id``) and
+  ``effective_start``/``effective_end`` (the ``[start, end)`` UTC range of
+  ``effective[x]``), so the hot Observation searches (by patient, by date) need no join;
+- ``search_token`` rows: token parameters (``identifier``, ``code``, ``category``,
+  ``status``) as system|code;
+- ``search_reference`` rows: reference parameters other than the subject
+  (``Provenance.target``), for ``target=`` and ``_revinclude=Provenance:target``.
+
+Alembic owns the schema (``services/fhir_api/migrations``); the table models here must match
+the latest migration, which a test checks.
 
 Concurrency: on SQLite, write transactions start with ``BEGIN IMMEDIATE`` (the database write
 lock is taken before the current version is read, and a second writer waits up to the busy
 timeout instead of failing); reads stay deferred and, in WAL mode, never wait for writers. On
-PostgreSQL the current row is read ``FOR UPDATE`` and a lost create race (unique violation) is
-retried.
+PostgreSQL writers of one resource take a transaction-scoped advisory lock first, and a lost
+race (unique violation) is retried.
 """
 
 from __future__ import annotations
@@ -20,20 +27,42 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import DateTime, Index, Text, UniqueConstraint, event, func, text
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    Text,
+    UniqueConstraint,
+    event,
+    text,
+)
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Field, Session, SQLModel, col, create_engine, delete, select
+from sqlalchemy.sql import ColumnElement
+from sqlmodel import Field, Session, SQLModel, col, create_engine, delete, func, select
+
+from services.fhir_api.fhirdates import fhir_range
 
 log = logging.getLogger(__name__)
 
 #: Resource types this server stores.
-SUPPORTED_TYPES = ("Patient", "Device", "ImagingStudy", "Observation")
+SUPPORTED_TYPES = (
+    "Patient",
+    "Device",
+    "ImagingStudy",
+    "Observation",
+    "DiagnosticReport",
+    "Provenance",
+    "Subscription",
+)
 #: Seconds a SQLite writer waits for the write lock before giving up.
 SQLITE_BUSY_TIMEOUT_S = 30.0
 #: Attempts of one write when a concurrent writer wins a race (PostgreSQL).
@@ -41,6 +70,12 @@ WRITE_ATTEMPTS = 3
 _WRITE_OPTION = "scanwatch_write"
 _CURRENT = text("is_current")
 _TYPE_RE = re.compile(r"^[A-Z][A-Za-z]+$")
+#: FHIR ``id`` datatype.
+ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
+#: Types whose ``subject`` is indexed for ``patient=``/``subject=``.
+SUBJECT_TYPES = ("Observation", "ImagingStudy", "DiagnosticReport")
+#: Types whose ``effective[x]`` is indexed for ``date=``.
+EFFECTIVE_TYPES = ("Observation", "DiagnosticReport")
 
 
 class ResourceVersion(SQLModel, table=True):
@@ -58,15 +93,32 @@ class ResourceVersion(SQLModel, table=True):
             postgresql_where=_CURRENT,
         ),
         Index(
-            "ix_resource_version_subject",
+            "ix_resource_version_subject_effective",
             "subject_ref",
+            "effective_start",
+            sqlite_where=_CURRENT,
+            postgresql_where=_CURRENT,
+        ),
+        Index(
+            "ix_resource_version_type_updated",
+            "resource_type",
             "last_updated",
             sqlite_where=_CURRENT,
             postgresql_where=_CURRENT,
         ),
+        Index(
+            "ix_resource_version_type_effective",
+            "resource_type",
+            "effective_end",
+            sqlite_where=_CURRENT,
+            postgresql_where=_CURRENT,
+        ),
+        Index("ix_resource_version_history", "resource_type", "last_updated"),
     )
 
-    pk: int | None = Field(default=None, primary_key=True)
+    pk: int | None = Field(
+        default=None, primary_key=True, sa_type=BigInteger().with_variant(Integer, "sqlite")
+    )
     resource_type: str = Field(max_length=64)
     resource_id: str = Field(max_length=64)
     version_id: int
@@ -74,23 +126,48 @@ class ResourceVersion(SQLModel, table=True):
     is_current: bool
     deleted: bool = False
     subject_ref: str | None = Field(default=None, max_length=200)
+    effective_start: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
+    effective_end: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
     content: str = Field(sa_type=Text)
 
 
-class ResourceIdentifier(SQLModel, table=True):
-    """An ``identifier`` (system|value) of the current version of a resource."""
+class SearchToken(SQLModel, table=True):
+    """A token search value (system|code) of the current version of a resource."""
 
-    __tablename__ = "resource_identifier"
-    __table_args__ = (
-        Index("ix_resource_identifier_token", "resource_type", "system", "value"),
-        Index("ix_resource_identifier_resource", "resource_type", "resource_id"),
+    __tablename__ = "search_token"
+    __table_args__ = (Index("ix_search_token_value", "resource_type", "param", "code", "system"),)
+
+    pk: int | None = Field(
+        default=None, primary_key=True, sa_type=BigInteger().with_variant(Integer, "sqlite")
     )
-
-    pk: int | None = Field(default=None, primary_key=True)
+    resource_pk: int = Field(
+        sa_type=BigInteger().with_variant(Integer, "sqlite"),
+        sa_column_args=[ForeignKey("resource_version.pk", ondelete="CASCADE")],
+        index=True,
+    )
     resource_type: str = Field(max_length=64)
-    resource_id: str = Field(max_length=64)
+    param: str = Field(max_length=64)
     system: str | None = Field(default=None, max_length=500)
-    value: str = Field(max_length=500)
+    code: str = Field(max_length=500)
+
+
+class SearchReference(SQLModel, table=True):
+    """A reference search value (``Type/id``) of the current version of a resource."""
+
+    __tablename__ = "search_reference"
+    __table_args__ = (Index("ix_search_reference_target", "resource_type", "param", "target"),)
+
+    pk: int | None = Field(
+        default=None, primary_key=True, sa_type=BigInteger().with_variant(Integer, "sqlite")
+    )
+    resource_pk: int = Field(
+        sa_type=BigInteger().with_variant(Integer, "sqlite"),
+        sa_column_args=[ForeignKey("resource_version.pk", ondelete="CASCADE")],
+        index=True,
+    )
+    resource_type: str = Field(max_length=64)
+    param: str = Field(max_length=64)
+    target: str = Field(max_length=200)
 
 
 @dataclass(frozen=True)
@@ -101,11 +178,16 @@ class Stored:
     resource_id: str
     version_id: int
     last_updated: str  # meta.lastUpdated, FHIR instant
-    content: str  # JSON text
+    content: str  # JSON text; empty for a deletion
+    deleted: bool = False
 
     @property
     def etag(self) -> str:
         return f'W/"{self.version_id}"'
+
+    @property
+    def key(self) -> str:
+        return f"{self.resource_type}/{self.resource_id}"
 
     def resource(self) -> dict[str, Any]:
         return json.loads(self.content)
@@ -120,16 +202,25 @@ class WriteResult:
     changed: bool
 
 
-def make_engine(database_url: str) -> Engine:
+class VersionConflict(Exception):
+    """``If-Match`` named a version that is not the current one."""
+
+    def __init__(self, current: int | None) -> None:
+        super().__init__(f"current version is {current}")
+        self.current = current
+
+
+def make_engine(database_url: str, **kwargs: Any) -> Engine:
     """An engine for the store; SQLite gets WAL, a busy timeout and immediate write locks."""
     url = make_url(database_url)
     if url.get_backend_name() != "sqlite":
-        return create_engine(database_url, pool_pre_ping=True)
+        return create_engine(database_url, pool_pre_ping=True, **kwargs)
     if url.database and url.database != ":memory:":
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
         database_url,
         connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S},
+        **kwargs,
     )
 
     @event.listens_for(engine, "connect")
@@ -140,6 +231,7 @@ def make_engine(database_url: str) -> Engine:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
         cursor.execute("PRAGMA synchronous=FULL")  # a 2xx answer means the write is on disk
+        cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
     @event.listens_for(engine, "begin")
@@ -173,20 +265,88 @@ def without_server_meta(resource: dict[str, Any]) -> dict[str, Any]:
 _SERVER_META = ("versionId", "lastUpdated")
 
 
-def _instant(moment: datetime) -> str:
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+def instant(moment: datetime) -> str:
+    """A FHIR instant (UTC, milliseconds)."""
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _with_meta(resource: dict[str, Any], version_id: int, moment: datetime) -> dict[str, Any]:
-    meta = {"versionId": str(version_id), "lastUpdated": _instant(moment)}
+    meta = {"versionId": str(version_id), "lastUpdated": instant(moment)}
     meta.update(resource.get("meta") or {})
     head = {"resourceType": resource["resourceType"], "id": resource["id"], "meta": meta}
     return head | {k: v for k, v in resource.items() if k not in head}
 
 
-def _stored(row: ResourceVersion) -> Stored:
-    last_updated = json.loads(row.content).get("meta", {}).get("lastUpdated", "")
-    return Stored(row.resource_type, row.resource_id, row.version_id, last_updated, row.content)
+def _aware(moment: datetime) -> datetime:
+    # SQLite returns naive datetimes (stored as UTC); PostgreSQL returns aware ones.
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def to_stored(row: ResourceVersion) -> Stored:
+    return Stored(
+        row.resource_type,
+        row.resource_id,
+        row.version_id,
+        instant(_aware(row.last_updated)),
+        row.content,
+        row.deleted,
+    )
+
+
+# --- Search value extraction ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SearchValues:
+    """What one resource contributes to the search indexes."""
+
+    subject_ref: str | None
+    effective: tuple[datetime, datetime] | None
+    tokens: tuple[tuple[str, str | None, str], ...]  # (param, system, code)
+    references: tuple[tuple[str, str], ...]  # (param, Type/id)
+
+
+def _codings(concepts: Iterable[dict[str, Any]]) -> Iterable[tuple[str | None, str]]:
+    for concept in concepts:
+        for coding in concept.get("coding") or []:
+            if coding.get("code"):
+                yield coding.get("system"), coding["code"]
+
+
+def search_values(resource: dict[str, Any]) -> SearchValues:
+    """The search values of a (valid) resource."""
+    resource_type = resource["resourceType"]
+    tokens: list[tuple[str, str | None, str]] = [
+        ("identifier", identifier.get("system"), identifier["value"])
+        for identifier in resource.get("identifier") or []
+        if identifier.get("value")
+    ]
+    if isinstance(resource.get("status"), str):
+        tokens.append(("status", None, resource["status"]))
+    if resource_type in ("Observation", "DiagnosticReport"):
+        tokens += [("code", s, c) for s, c in _codings([resource.get("code") or {}])]
+        tokens += [("category", s, c) for s, c in _codings(resource.get("category") or [])]
+    subject_ref = None
+    if resource_type in SUBJECT_TYPES:
+        reference = (resource.get("subject") or {}).get("reference")
+        subject_ref = reference_key(reference) if reference else None
+    effective = None
+    if resource_type in EFFECTIVE_TYPES:
+        if value := resource.get("effectiveDateTime") or resource.get("effectiveInstant"):
+            effective = fhir_range(value)
+        elif period := resource.get("effectivePeriod"):
+            start = fhir_range(period["start"])[0] if period.get("start") else datetime.min
+            end = fhir_range(period["end"])[1] if period.get("end") else datetime.max
+            effective = (start.replace(tzinfo=UTC), end.replace(tzinfo=UTC))
+    references: list[tuple[str, str]] = []
+    if resource_type == "Provenance":
+        for target in resource.get("target") or []:
+            if target.get("reference") and (key := reference_key(target["reference"])):
+                references.append(("target", key))
+    return SearchValues(subject_ref, effective, tuple(dict.fromkeys(tokens)), tuple(references))
+
+
+# --- The store -------------------------------------------------------------------------------
 
 
 class ResourceStore:
@@ -196,111 +356,270 @@ class ResourceStore:
         self.engine = engine
         self._write_engine = engine.execution_options(**{_WRITE_OPTION: True})
 
-    def create_schema(self) -> None:
-        SQLModel.metadata.create_all(
-            self.engine, tables=[ResourceVersion.__table__, ResourceIdentifier.__table__]
-        )
+    @property
+    def backend(self) -> str:
+        return self.engine.url.get_backend_name()
 
     def ping(self) -> None:
         """Raises when the database does not answer."""
         with Session(self.engine) as session:
             session.exec(select(1)).one()
 
+    # --- reads ----------------------------------------------------------------------------
+
     def read(self, resource_type: str, resource_id: str) -> Stored | None:
-        """The current version, or None when absent (or deleted)."""
+        """The current version (a deletion is returned with ``deleted`` set), or None."""
         with Session(self.engine) as session:
             row = session.exec(self._current(resource_type, resource_id)).first()
-        return None if row is None or row.deleted else _stored(row)
+        return None if row is None else to_stored(row)
 
-    def put(self, resource: dict[str, Any]) -> WriteResult:
+    def vread(self, resource_type: str, resource_id: str, version_id: int) -> Stored | None:
+        with Session(self.engine) as session:
+            row = session.exec(
+                select(ResourceVersion).where(
+                    col(ResourceVersion.resource_type) == resource_type,
+                    col(ResourceVersion.resource_id) == resource_id,
+                    col(ResourceVersion.version_id) == version_id,
+                )
+            ).first()
+        return None if row is None else to_stored(row)
+
+    def history(
+        self,
+        resource_type: str,
+        resource_id: str | None,
+        since: datetime | None,
+        count: int,
+        offset: int,
+    ) -> tuple[int, list[Stored]]:
+        """Versions of one resource (or of every resource of a type), newest first."""
+        where: list[Any] = [col(ResourceVersion.resource_type) == resource_type]
+        if resource_id is not None:
+            where.append(col(ResourceVersion.resource_id) == resource_id)
+        if since is not None:
+            where.append(col(ResourceVersion.last_updated) >= since)
+        with Session(self.engine) as session:
+            total = session.exec(
+                select(func.count()).select_from(ResourceVersion).where(*where)
+            ).one()
+            rows = session.exec(
+                select(ResourceVersion)
+                .where(*where)
+                .order_by(col(ResourceVersion.last_updated).desc(), col(ResourceVersion.pk).desc())
+                .offset(offset)
+                .limit(count)
+            ).all()
+        return total, [to_stored(row) for row in rows]
+
+    def search(
+        self,
+        resource_type: str,
+        where: Sequence[ColumnElement[bool]],
+        order_by: Sequence[Any],
+        count: int,
+        offset: int,
+        total_limit: int | None,
+    ) -> tuple[int | None, list[Stored]]:
+        """Current, not deleted resources of a type matching every ``where`` clause.
+
+        Returns (total, one page). The total is counted up to ``total_limit`` matches
+        (None: exactly) and is None when there are more.
+        """
+        matches = select(ResourceVersion.pk).where(*self.current_of(resource_type), *where)
+        with Session(self.engine) as session:
+            if total_limit == 0:
+                total: int | None = None
+            elif total_limit is None:
+                total = session.exec(select(func.count()).select_from(matches.subquery())).one()
+            else:
+                bounded = session.exec(
+                    select(func.count()).select_from(matches.limit(total_limit + 1).subquery())
+                ).one()
+                total = bounded if bounded <= total_limit else None
+            rows = (
+                session.exec(
+                    select(ResourceVersion)
+                    .where(*self.current_of(resource_type), *where)
+                    .order_by(*order_by, col(ResourceVersion.pk).desc())
+                    .offset(offset)
+                    .limit(count)
+                ).all()
+                if count
+                else []
+            )
+        return total, [to_stored(row) for row in rows]
+
+    def read_many(self, keys: Iterable[str]) -> list[Stored]:
+        """Current, not deleted resources named ``Type/id`` (absent ones skipped)."""
+        found: list[Stored] = []
+        by_type: dict[str, set[str]] = {}
+        for key in keys:
+            resource_type, _, resource_id = key.partition("/")
+            by_type.setdefault(resource_type, set()).add(resource_id)
+        with Session(self.engine) as session:
+            for resource_type, resource_ids in sorted(by_type.items()):
+                rows = session.exec(
+                    select(ResourceVersion)
+                    .where(
+                        *self.current_of(resource_type),
+                        col(ResourceVersion.resource_id).in_(sorted(resource_ids)),
+                    )
+                    .order_by(col(ResourceVersion.resource_id))
+                ).all()
+                found += [to_stored(row) for row in rows]
+        return found
+
+    def referencing(self, resource_type: str, param: str, targets: Iterable[str]) -> list[Stored]:
+        """Current resources of ``resource_type`` whose ``param`` references one of ``targets``."""
+        targets = sorted(set(targets))
+        if not targets:
+            return []
+        with Session(self.engine) as session:
+            rows = session.exec(
+                select(ResourceVersion)
+                .where(
+                    *self.current_of(resource_type),
+                    col(ResourceVersion.pk).in_(
+                        select(SearchReference.resource_pk).where(
+                            col(SearchReference.resource_type) == resource_type,
+                            col(SearchReference.param) == param,
+                            col(SearchReference.target).in_(targets),
+                        )
+                    ),
+                )
+                .order_by(col(ResourceVersion.resource_id))
+            ).all()
+        return [to_stored(row) for row in rows]
+
+    # --- writes ---------------------------------------------------------------------------
+
+    def put(self, resource: dict[str, Any], if_match: int | None = None) -> WriteResult:
         """Create or update: a new version unless the current one has the same content.
 
         ``resource`` is a validated resource without server meta; ``resourceType`` and ``id``
-        name the resource.
+        name the resource. ``if_match`` (a version id) makes the write conditional: raises
+        :class:`VersionConflict` when it is not the current version.
         """
+        return self._retrying(lambda: self._put_once(resource, if_match))
+
+    def delete(self, resource_type: str, resource_id: str) -> Stored | None:
+        """Mark a resource deleted (a new version); None when it never existed."""
+        return self._retrying(lambda: self._delete_once(resource_type, resource_id))
+
+    def _retrying(self, write: Any) -> Any:
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             try:
-                return self._put_once(resource)
+                return write()
             except IntegrityError:
                 # A concurrent writer created or updated the same resource first: read again.
                 if attempt == WRITE_ATTEMPTS:
                     raise
-                log.info(
-                    "write race, retrying",
-                    extra={"resourceType": resource["resourceType"], "id": resource["id"]},
-                )
+                log.info("write race, retrying")
         raise AssertionError("unreachable")
 
-    def _put_once(self, resource: dict[str, Any]) -> WriteResult:
+    def _put_once(self, resource: dict[str, Any], if_match: int | None) -> WriteResult:
         resource_type, resource_id = resource["resourceType"], resource["id"]
+        values = search_values(resource)
         with Session(self._write_engine) as session:
+            self._lock(session, resource_type, resource_id)
             current = session.exec(
                 self._current(resource_type, resource_id).with_for_update()
             ).first()
+            if if_match is not None and (
+                current is None or current.deleted or current.version_id != if_match
+            ):
+                raise VersionConflict(None if current is None else current.version_id)
             if current is not None and not current.deleted:
                 if without_server_meta(json.loads(current.content)) == resource:
-                    return WriteResult(_stored(current), created=False, changed=False)
+                    return WriteResult(to_stored(current), created=False, changed=False)
             version_id = 1 if current is None else current.version_id + 1
+            created = current is None or current.deleted
             now = datetime.now(UTC)
-            if current is not None:
-                current.is_current = False
-                session.add(current)
-                session.flush()  # before the insert, or the "one current" index objects
             row = ResourceVersion(
                 resource_type=resource_type,
                 resource_id=resource_id,
                 version_id=version_id,
                 last_updated=now,
                 is_current=True,
-                subject_ref=_subject_ref(resource),
+                subject_ref=values.subject_ref,
+                effective_start=values.effective[0] if values.effective else None,
+                effective_end=values.effective[1] if values.effective else None,
                 content=json.dumps(_with_meta(resource, version_id, now), separators=(",", ":")),
             )
-            session.add(row)
-            session.exec(
-                delete(ResourceIdentifier).where(
-                    col(ResourceIdentifier.resource_type) == resource_type,
-                    col(ResourceIdentifier.resource_id) == resource_id,
+            self._replace_current(session, current, row)
+            session.add_all(
+                SearchToken(
+                    resource_pk=row.pk, resource_type=resource_type, param=p, system=s, code=c
                 )
+                for p, s, c in values.tokens
             )
             session.add_all(
-                ResourceIdentifier(
-                    resource_type=resource_type,
-                    resource_id=resource_id,
-                    system=identifier.get("system"),
-                    value=identifier["value"],
-                )
-                for identifier in resource.get("identifier", [])
-                if identifier.get("value")
+                SearchReference(resource_pk=row.pk, resource_type=resource_type, param=p, target=t)
+                for p, t in values.references
             )
             session.commit()
             session.refresh(row)
-            stored = _stored(row)
+            stored = to_stored(row)
         log.info(
             "resource stored",
             extra={"resourceType": resource_type, "id": resource_id, "versionId": version_id},
         )
-        return WriteResult(stored, created=current is None, changed=True)
+        return WriteResult(stored, created=created, changed=True)
 
-    def search_observations(
-        self, subject_refs: list[str] | None, count: int
-    ) -> tuple[int, list[Stored]]:
-        """Current Observations whose subject is one of ``subject_refs`` (``Type/id``; None: any
-        subject), newest first: (total matches, the first ``count``)."""
-        matches = select(ResourceVersion).where(
-            col(ResourceVersion.resource_type) == "Observation",
+    def _delete_once(self, resource_type: str, resource_id: str) -> Stored | None:
+        with Session(self._write_engine) as session:
+            self._lock(session, resource_type, resource_id)
+            current = session.exec(
+                self._current(resource_type, resource_id).with_for_update()
+            ).first()
+            if current is None:
+                return None
+            if current.deleted:
+                return to_stored(current)
+            row = ResourceVersion(
+                resource_type=resource_type,
+                resource_id=resource_id,
+                version_id=current.version_id + 1,
+                last_updated=datetime.now(UTC),
+                is_current=True,
+                deleted=True,
+                content="",
+            )
+            self._replace_current(session, current, row)
+            session.commit()
+            session.refresh(row)
+            log.info("resource deleted", extra={"resourceType": resource_type, "id": resource_id})
+            return to_stored(row)
+
+    def _lock(self, session: Session, resource_type: str, resource_id: str) -> None:
+        """Serialize writers of one resource. PostgreSQL: a transaction-scoped advisory lock
+        (``FOR UPDATE`` alone does not: a waiter re-checks ``is_current`` on the row the winner
+        just retired, finds nothing and tries to create). SQLite: ``BEGIN IMMEDIATE``."""
+        if self.backend == "postgresql":
+            session.exec(
+                select(func.pg_advisory_xact_lock(func.hashtext(f"{resource_type}/{resource_id}")))
+            ).one()
+
+    @staticmethod
+    def _replace_current(
+        session: Session, current: ResourceVersion | None, row: ResourceVersion
+    ) -> None:
+        if current is not None:
+            for table in (SearchToken, SearchReference):
+                session.exec(delete(table).where(col(table.resource_pk) == current.pk))
+            current.is_current = False
+            session.add(current)
+            session.flush()  # before the insert, or the "one current" index objects
+        session.add(row)
+        session.flush()  # assigns row.pk for the index rows
+
+    @staticmethod
+    def current_of(resource_type: str) -> list[Any]:
+        return [
+            col(ResourceVersion.resource_type) == resource_type,
             _CURRENT,
             col(ResourceVersion.deleted).is_(False),
-        )
-        if subject_refs is not None:
-            matches = matches.where(col(ResourceVersion.subject_ref).in_(subject_refs))
-        with Session(self.engine) as session:
-            total = session.exec(select(func.count()).select_from(matches.subquery())).one()
-            rows = session.exec(
-                matches.order_by(
-                    col(ResourceVersion.last_updated).desc(), col(ResourceVersion.pk).desc()
-                ).limit(count)
-            ).all()
-        return total, [_stored(row) for row in rows]
+        ]
 
     @staticmethod
     def _current(resource_type: str, resource_id: str) -> Any:
@@ -309,10 +628,3 @@ class ResourceStore:
             col(ResourceVersion.resource_id) == resource_id,
             _CURRENT,
         )
-
-
-def _subject_ref(resource: dict[str, Any]) -> str | None:
-    if resource["resourceType"] != "Observation":
-        return None
-    reference = (resource.get("subject") or {}).get("reference")
-    return reference_key(reference) if reference else None

@@ -7,6 +7,8 @@ its own process by the same :class:`scanwatch.devstack.Stack` that ``scanwatch r
 
 from __future__ import annotations
 
+import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,12 +30,29 @@ MODELS = ROOT / "var" / "models"
 QUIET_PERIOD_S = 2.0
 
 
+WORKERS = 2  # two worker processes share the partitions, as in a scaled-out deployment
+
+
+def free_port_pair() -> int:
+    """A port p such that p and p + 1 are both free (the two workers' web ports)."""
+    while True:
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     ports = Ports(**{name: free_port() for name in Ports.__dataclass_fields__})
+    ports.worker_web = free_port_pair()
     config = StackConfig(
         var=tmp_path_factory.mktemp("stack"),
         ports=ports,
+        workers=WORKERS,
         quiet_period_s=QUIET_PERIOD_S,
         models=MODELS,
         kafka_libs=KAFKA_LIBS,
@@ -100,3 +119,49 @@ def test_storescu_study_becomes_a_queryable_observation(
     assert study["numberOfInstances"] == len(files)
     stored = list((stack.config.var / "store").rglob("*.dcm"))
     assert len(stored) == len(files)
+
+
+def observations_of(stack: Stack, patient_id: str) -> dict:
+    patient = ids.patient_id(None, patient_id)
+    return httpx.get(f"{stack.config.fhir_base}/Observation", params={"patient": patient}).json()
+
+
+def test_concurrent_studies_each_get_exactly_one_observation(stack: Stack, tmp_path: Path):
+    patients = [f"SW-E2E-CONC-{n}" for n in range(4)]
+    studies = {
+        p: build_mr_study(tmp_path / p, patient_id=p, n_slices=8, seed=n)
+        for n, p in enumerate(patients)
+    }
+    senders = [
+        threading.Thread(
+            target=storescu,
+            args=(files, "127.0.0.1", stack.config.ports.dicom),
+            kwargs={"called_ae": stack.config.ae_title},
+        )
+        for files in studies.values()
+    ]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join()
+
+    for patient in patients:
+        bundle = wait_for(lambda p=patient: observations_of(stack, p).get("total"), timeout=180)
+        assert bundle == 1, f"{patient}: {bundle} Observations"
+    # Each study was scored by exactly one of the two workers: no rewrite of any Observation.
+    for patient in patients:
+        [entry] = observations_of(stack, patient)["entry"]
+        assert entry["resource"]["meta"]["versionId"] == "1"
+
+
+def test_study_survives_a_worker_kill_9(stack: Stack, tmp_path: Path):
+    files = build_mr_study(tmp_path / "killed", patient_id="SW-E2E-KILL", n_slices=8, seed=9)
+    storescu(files, "127.0.0.1", stack.config.ports.dicom, called_ae=stack.config.ae_title)
+    # Inside the quiet period: the study is assembled in the workers' table but not scored.
+    workers = [s for s in stack.services if s.name.startswith("inference-worker")]
+    restarts = [w.restarts for w in workers]
+    for worker in workers:
+        stack.kill(worker.name)
+    wait_for(lambda: all(w.restarts > r for w, r in zip(workers, restarts, strict=True)), 60)
+
+    assert wait_for(lambda: observations_of(stack, "SW-E2E-KILL").get("total"), 240) == 1

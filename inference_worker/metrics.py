@@ -1,0 +1,54 @@
+"""Prometheus metrics of the inference worker, served on its web port at ``/metrics``."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+#: Circuit breaker states as the gauge reports them.
+CIRCUIT_CLOSED, CIRCUIT_HALF_OPEN, CIRCUIT_OPEN = 0, 1, 2
+
+_STAGE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class WorkerMetrics:
+    """One registry per worker app, so that tests can build several apps in one process."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.studies_scored = Counter(
+            "scanwatch_worker_studies_scored_total",
+            "Studies scored and written to FHIR.",
+            ["model_name", "model_version"],
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "scanwatch_worker_stage_seconds",
+            "Seconds per stage: assembly_wait (first instance to scoring), preprocess, predict, "
+            "fhir_write.",
+            ["stage"],
+            buckets=_STAGE_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "scanwatch_worker_predict_batch_size",
+            "Images per Predict call.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
+        self.dead_letters = Counter(
+            "scanwatch_worker_dead_letters_total",
+            "Messages sent to a dead-letter topic.",
+            ["topic", "error_class"],
+            registry=r,
+        )
+        self.parked = Counter(
+            "scanwatch_worker_studies_parked_total",
+            "Studies parked after transient failures outlasted the retries.",
+            registry=r,
+        )
+        self.circuit_state = Gauge(
+            "scanwatch_worker_model_circuit_state",
+            "Model server circuit breaker: 0 closed, 1 half-open, 2 open.",
+            registry=r,
+        )

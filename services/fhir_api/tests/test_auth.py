@@ -1,0 +1,226 @@
+"""Authorization: every route needs a valid token with the right scope; patient-bound tokens
+never see another patient; the token endpoint and the CLI; the audit trail."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from datetime import timedelta
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlmodel import Session, select
+
+from inference_worker.fhir_resources import resources_for
+from scanwatch import ids
+from services.fhir_api.auth import AuditEvent
+from services.fhir_api.config import Settings
+from services.fhir_api.tests.test_search import scored, write
+
+HEADERS = {"Content-Type": "application/fhir+json"}
+
+
+def _routes(observation: dict) -> list[tuple[str, str, str]]:
+    """(method, path, scope that allows it) of every FHIR route."""
+    oid = observation["id"]
+    return [
+        ("GET", "/fhir/Observation", "system/Observation.read"),
+        ("GET", f"/fhir/Observation/{oid}", "system/Observation.read"),
+        ("GET", f"/fhir/Observation/{oid}/_history", "system/Observation.read"),
+        ("GET", f"/fhir/Observation/{oid}/_history/1", "system/Observation.read"),
+        ("GET", "/fhir/Observation/_history", "system/Observation.read"),
+        ("PUT", f"/fhir/Observation/{oid}", "system/Observation.write"),
+        ("POST", "/fhir/Observation", "system/Observation.write"),
+        ("DELETE", f"/fhir/Observation/{oid}", "system/Observation.write"),
+        ("PATCH", f"/fhir/Observation/{oid}", "system/*.*"),
+    ]
+
+
+def call(client: TestClient, method: str, path: str, token: str | None, body: dict) -> int:
+    headers = dict(HEADERS)
+    headers["Authorization"] = f"Bearer {token}" if token else ""
+    if token is None:
+        headers.pop("Authorization")
+    return client.request(
+        method, path, headers=headers, json=body if method in ("PUT", "POST") else None
+    ).status_code
+
+
+def test_every_route_refuses_missing_expired_and_wrong_scope_tokens(
+    client: TestClient, issue: Callable[..., str]
+) -> None:
+    observation = write(client, scored("7.1"))
+    client.headers.pop("Authorization")
+    expired = issue("system/*.read system/*.write", lifetime=timedelta(seconds=-120))
+    forged = issue("system/*.read").rsplit(".", 1)[0] + ".AAAA"
+    wrong = issue("system/Device.read system/Device.write")
+    fhir_paths = {path for path in client.app.openapi()["paths"] if path.startswith("/fhir")}
+    public = {"/fhir/metadata", "/fhir/.well-known/smart-configuration"}
+    covered = {
+        "/fhir/{resource_type}",
+        "/fhir/{resource_type}/{resource_id}",
+        "/fhir/{resource_type}/{resource_id}/_history",
+        "/fhir/{resource_type}/{resource_id}/_history/{version_id}",
+        "/fhir/{resource_type}/_history",
+        "/fhir",
+        "/fhir/{path}",
+    }
+    assert fhir_paths - public <= covered, fhir_paths - public - covered
+    for method, path, _scope in _routes(observation):
+        for token, status in ((None, 401), (expired, 401), (forged, 401), ("junk", 401)):
+            assert call(client, method, path, token, observation) == status, (method, path, token)
+        response = client.request(method, path, headers={"Authorization": "Basic abc"})
+        assert response.status_code == 401
+        assert response.headers["WWW-Authenticate"].startswith("Bearer")
+        if method != "PATCH":
+            assert call(client, method, path, wrong, observation) == 403, (method, path)
+    assert client.get("/fhir/metadata").status_code == 200
+
+
+def test_read_scope_cannot_write_and_write_scope_cannot_read(
+    client: TestClient, issue: Callable[..., str]
+) -> None:
+    observation = write(client, scored("7.2"))
+    path = f"/fhir/Observation/{observation['id']}"
+    reader = issue("system/*.read")
+    writer = issue("system/*.write")
+    assert call(client, "GET", path, reader, observation) == 200
+    assert call(client, "PUT", path, reader, observation) == 403
+    assert call(client, "PUT", path, writer, observation) == 200
+    assert call(client, "GET", path, writer, observation) == 403
+
+
+def test_patient_token_sees_only_its_patient(client: TestClient, issue: Callable[..., str]) -> None:
+    mine = write(client, scored("8.1", "ME"))
+    theirs = write(client, scored("8.2", "THEM"))
+    me = ids.patient_id("HOSP", "ME")
+    them = ids.patient_id("HOSP", "THEM")
+    token = issue("patient/Observation.read", patient=me)
+    headers = {"Authorization": f"Bearer {token}"}
+    found = client.get("/fhir/Observation", headers=headers).json()
+    assert [e["resource"]["id"] for e in found["entry"]] == [mine["id"]]
+    assert "entry" not in client.get(f"/fhir/Observation?patient={them}", headers=headers).json()
+    assert client.get(f"/fhir/Observation/{mine['id']}", headers=headers).status_code == 200
+    for path in (
+        f"/fhir/Observation/{theirs['id']}",
+        f"/fhir/Observation/{theirs['id']}/_history",
+        f"/fhir/Observation/{theirs['id']}/_history/1",
+        "/fhir/Observation/_history",
+        "/fhir/Observation?_include=Observation:device",
+        f"/fhir/Patient/{me}",
+        "/fhir/Device",
+    ):
+        assert client.get(path, headers=headers).status_code == 403, path
+    put = client.put(f"/fhir/Observation/{mine['id']}", json=mine, headers=headers | HEADERS)
+    assert put.status_code == 403
+    unbound = issue("patient/Observation.read")  # no patient claim: grants nothing
+    assert (
+        client.get("/fhir/Observation", headers={"Authorization": f"Bearer {unbound}"}).status_code
+        == 403
+    )
+
+
+def test_token_endpoint_client_credentials(settings: Settings, client: TestClient) -> None:
+    from services.fhir_api import auth
+
+    engine = client.app.state.store.engine
+    secret = auth.register_client(engine, "ehr-1", "system/*.read")
+    basic = base64.b64encode(f"ehr-1:{secret}".encode()).decode()
+    answer = client.post(
+        "/auth/token",
+        content="grant_type=client_credentials&scope=system/Observation.read",
+        headers={
+            "Authorization": f"Basic {basic}",
+            "Content-Type": "application/x-www-form-urlencoded",
+        },
+    )
+    assert answer.status_code == 200, answer.text
+    token = answer.json()
+    assert token["token_type"] == "bearer" and token["scope"] == "system/Observation.read"
+    bearer = {"Authorization": f"Bearer {token['access_token']}"}
+    assert client.get("/fhir/Observation", headers=bearer).status_code == 200
+    assert client.get("/fhir/Device", headers=bearer).status_code == 403
+    form = "application/x-www-form-urlencoded"
+    for body, status, error in (
+        ("grant_type=password", 400, "unsupported_grant_type"),
+        ("grant_type=client_credentials", 401, "invalid_client"),
+        ("grant_type=client_credentials&client_id=ehr-1&client_secret=no", 401, "invalid_client"),
+        (
+            f"grant_type=client_credentials&client_id=ehr-1&client_secret={secret}"
+            "&scope=system/*.write",
+            400,
+            "invalid_scope",
+        ),
+    ):
+        response = client.post(
+            "/auth/token", content=body, headers={"Content-Type": form, "Authorization": ""}
+        )
+        assert response.status_code == status and response.json()["error"] == error, body
+    patient_secret = auth.register_client(engine, "portal-1", "patient/Observation.read", "p-1")
+    response = client.post(
+        "/auth/token",
+        content=f"grant_type=client_credentials&client_id=portal-1&client_secret={patient_secret}",
+        headers={"Content-Type": form, "Authorization": ""},
+    )
+    assert response.json()["patient"] == "p-1"
+    with pytest.raises(ValueError, match="patient"):
+        auth.register_client(engine, "portal-2", "patient/Observation.read")
+    smart = client.get("/fhir/.well-known/smart-configuration").json()
+    assert smart["token_endpoint"] == "http://testserver/auth/token"
+
+
+def test_reads_are_audited_without_phi(client: TestClient) -> None:
+    observation = write(client, scored("9.1", "AUDITED"))
+    client.get(f"/fhir/Observation/{observation['id']}")
+    client.get("/fhir/Observation?identifier=urn:mrn|SECRET-MRN&_count=5")
+    with Session(client.app.state.store.engine) as session:
+        events = session.exec(select(AuditEvent).order_by(AuditEvent.pk)).all()
+    assert [(e.interaction, e.resource_type, e.status) for e in events] == [
+        ("read", "Observation", 200),
+        ("search-type", "Observation", 200),
+    ]
+    assert events[0].resource_id == observation["id"] and events[0].client_id == "test-client"
+    assert events[1].parameters == "_count,identifier"
+    dumped = json.dumps([e.model_dump(mode="json") for e in events])
+    assert "SECRET-MRN" not in dumped and "AUDITED" not in dumped
+
+
+def test_cli_registers_clients_and_issues_tokens(
+    settings: Settings,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    client: TestClient,
+) -> None:
+    import services.fhir_api.__main__ as entry
+
+    monkeypatch.setattr(entry, "configure_logging", lambda *_args: None)
+    monkeypatch.setenv("SCANWATCH_FHIR_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("SCANWATCH_FHIR_JWT_SECRET", settings.jwt_secret or "")
+    monkeypatch.setenv("SCANWATCH_FHIR_AUTH_MODE", "required")
+    assert entry.main(["register-client", "ehr-cli", "--scope", "system/*.read"]) == 0
+    registered = json.loads(capsys.readouterr().out)
+    assert registered["client_id"] == "ehr-cli" and len(registered["client_secret"]) > 30
+    assert entry.main(["list-clients"]) == 0
+    assert "ehr-cli" in capsys.readouterr().out
+    assert (
+        entry.main(
+            [
+                "issue-token",
+                "--subject",
+                "chatbot",
+                "--scope",
+                "patient/Observation.read",
+                "--patient",
+                "p-9",
+            ]
+        )
+        == 0
+    )
+    token = capsys.readouterr().out.strip()
+    grant = client.app.state.tokens.verify(token)
+    assert grant.patient == "p-9" and grant.client_id == "chatbot"
+    assert entry.main(["issue-token", "--subject", "x", "--scope", "patient/Observation.read"]) == 2
+    assert entry.main(["register-client", "bad id!", "--scope", "system/*.read"]) == 2
+    observation = resources_for(scored("9.2"))[-1]
+    assert observation["resourceType"] == "Observation"
