@@ -74,7 +74,12 @@ def default_scorer(settings: Settings, metrics: WorkerMetrics) -> Scorer:
     )
     return Scorer(
         model,
-        FhirWriter(settings.fhir_base_url),
+        FhirWriter(
+            settings.fhir_base_url,
+            client_id=settings.fhir_client_id,
+            client_secret=settings.fhir_client_secret,
+            token_url=settings.fhir_token_url,
+        ),
         max_slices=settings.max_slices,
         retries=settings.retries,
         metrics=metrics,

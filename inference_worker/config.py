@@ -82,6 +82,17 @@ class Settings(BaseSettings):
     fhir_base_url: str = Field(
         "http://127.0.0.1:8080/fhir", description="Base URL of the FHIR API the results go to."
     )
+    fhir_client_id: str | None = Field(
+        None,
+        description="Client id registered with the FHIR API (scopes system/*.write); unset when "
+        "the API runs without tokens (development).",
+    )
+    fhir_client_secret: str | None = Field(
+        None, description="Secret of fhir_client_id.", repr=False
+    )
+    fhir_token_url: str | None = Field(
+        None, description="OAuth token endpoint; default: <fhir_base_url without /fhir>/auth/token."
+    )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
 
     @field_validator("log_level")
@@ -96,6 +107,8 @@ class Settings(BaseSettings):
     def _one_model_selector(self) -> Settings:
         if self.model_version is not None and self.model_label is not None:
             raise ValueError("set model_version or model_label, not both")
+        if (self.fhir_client_id is None) != (self.fhir_client_secret is None):
+            raise ValueError("set both fhir_client_id and fhir_client_secret, or neither")
         return self
 
     def quiet_period_for(self, source: str | None) -> float:

@@ -2,32 +2,84 @@
 
 Ids are deterministic (:mod:`scanwatch.ids`), so a repeated write replaces instead of
 duplicating: that is what makes redelivery harmless.
+
+When the FHIR API requires tokens, the writer is a registered backend client: it gets a bearer
+token with the OAuth 2.0 client-credentials grant (HTTP Basic client authentication), keeps it
+until shortly before it expires, and fetches a new one once if the API answers 401.
 """
 
 from __future__ import annotations
 
+import time
+
 import httpx
 
 FHIR_JSON = "application/fhir+json"
+#: Renew a token this many seconds before the server says it expires.
+TOKEN_MARGIN_S = 30.0
+
+
+def token_url_for(base_url: str) -> str:
+    """The API's token endpoint: ``https://host/fhir`` → ``https://host/auth/token``."""
+    base = base_url.rstrip("/")
+    return (base[: -len("/fhir")] if base.endswith("/fhir") else base) + "/auth/token"
 
 
 class FhirWriter:
     """Async writer for one FHIR base URL."""
 
-    def __init__(self, base_url: str, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        timeout_s: float = 10.0,
+        client_id: str | None = None,
+        client_secret: str | None = None,
+        token_url: str | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if (client_id is None) != (client_secret is None):
+            raise ValueError("give both client_id and client_secret, or neither")
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
+        self._credentials = (client_id, client_secret) if client_id else None
+        self.token_url = token_url or token_url_for(self.base_url)
+        self._transport = transport
         self._client: httpx.AsyncClient | None = None
+        self._token: str | None = None
+        self._token_expires = 0.0
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:  # bound to the running loop, so made on first use
-            self._client = httpx.AsyncClient(timeout=self.timeout_s, headers={"Accept": FHIR_JSON})
+            self._client = httpx.AsyncClient(
+                timeout=self.timeout_s, headers={"Accept": FHIR_JSON}, transport=self._transport
+            )
         return self._client
+
+    async def _authorization(self, renew: bool = False) -> dict[str, str]:
+        if self._credentials is None:
+            return {}
+        if renew or self._token is None or time.monotonic() >= self._token_expires:
+            response = await self._http().post(
+                self.token_url,
+                data={"grant_type": "client_credentials"},
+                auth=self._credentials,
+            )
+            response.raise_for_status()
+            answer = response.json()
+            self._token = answer["access_token"]
+            lifetime = float(answer.get("expires_in", 300))
+            self._token_expires = time.monotonic() + max(lifetime - TOKEN_MARGIN_S, 1.0)
+        return {"Authorization": f"Bearer {self._token}"}
 
     async def put(self, resource: dict) -> None:
         """Create or update one resource; raises ``httpx.HTTPStatusError`` on a non-2xx answer."""
         url = f"{self.base_url}/{resource['resourceType']}/{resource['id']}"
-        response = await self._http().put(url, json=resource, headers={"Content-Type": FHIR_JSON})
+        headers = {"Content-Type": FHIR_JSON, **await self._authorization()}
+        response = await self._http().put(url, json=resource, headers=headers)
+        if response.status_code == 401 and self._credentials is not None:
+            # The token was revoked or the server's key rotated: one fresh token, one retry.
+            headers.update(await self._authorization(renew=True))
+            response = await self._http().put(url, json=resource, headers=headers)
         response.raise_for_status()
 
     async def put_all(self, resources: list[dict]) -> None:

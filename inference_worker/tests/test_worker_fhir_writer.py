@@ -1,0 +1,117 @@
+"""The worker's FHIR writer against the real FHIR API with tokens required."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+import uvicorn
+
+from inference_worker.adapters.fhir_writer import FhirWriter, token_url_for
+from inference_worker.fhir_resources import ScoredSeries, ScoredStudy, resources_for
+from scanwatch.kafka_local import free_port
+from services.fhir_api.app import create_app
+from services.fhir_api.config import Settings
+
+CLIENT, SECRET = "scanwatch-worker", "worker-secret-for-tests"
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory) -> Iterator[str]:
+    port = free_port()
+    settings = Settings(
+        database_url=f"sqlite:///{tmp_path_factory.mktemp('fhir') / 'fhir.db'}",
+        port=port,
+        auth_mode="required",
+        jwt_secret="k" * 40,
+        bootstrap_clients=f"{CLIENT}:{SECRET}:system/*.write system/*.read",
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "FHIR API did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/fhir"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def study() -> ScoredStudy:
+    return ScoredStudy(
+        PatientID="P-AUTH",
+        StudyInstanceUID="1.2.826.0.1.3680043.8.498.55",
+        series=ScoredSeries("1.2.826.0.1.3680043.8.498.55.1", "MR", 8),
+        NumberOfStudyRelatedSeries=1,
+        NumberOfStudyRelatedInstances=8,
+        model_name="m",
+        model_version=1,
+        class_names=("normal", "mass"),
+        probabilities=(0.3, 0.7),
+        threshold=0.5,
+        issued=datetime(2026, 1, 1, tzinfo=UTC),
+    )
+
+
+def test_token_url_is_beside_the_fhir_base():
+    assert token_url_for("https://h/fhir/") == "https://h/auth/token"
+
+
+def test_writer_gets_a_token_and_writes(api):
+    resources = resources_for(study())
+    writer = FhirWriter(api, client_id=CLIENT, client_secret=SECRET)
+
+    async def run():
+        try:
+            await writer.put_all(resources)
+            await writer.put_all(resources)  # idempotent, and the cached token is reused
+        finally:
+            await writer.close()
+
+    asyncio.run(run())
+    observation = resources[-1]
+    # Without a token the API refuses; with the writer's token the Observation is there.
+    url = f"{api}/Observation/{observation['id']}"
+    assert httpx.get(url).status_code == 401
+    token = httpx.post(
+        token_url_for(api), data={"grant_type": "client_credentials"}, auth=(CLIENT, SECRET)
+    ).json()["access_token"]
+    stored = httpx.get(url, headers={"Authorization": f"Bearer {token}"})
+    assert stored.status_code == 200
+    assert stored.json()["meta"]["versionId"] == "1"  # the second write changed nothing
+
+
+def test_wrong_secret_is_refused(api):
+    writer = FhirWriter(api, client_id=CLIENT, client_secret="wrong")
+
+    async def run():
+        try:
+            await writer.put(resources_for(study())[0])
+        finally:
+            await writer.close()
+
+    with pytest.raises(httpx.HTTPStatusError) as caught:
+        asyncio.run(run())
+    assert caught.value.response.status_code == 401
+
+
+def test_without_credentials_writes_are_refused(api):
+    writer = FhirWriter(api)
+
+    async def run():
+        try:
+            await writer.put(resources_for(study())[0])
+        finally:
+            await writer.close()
+
+    with pytest.raises(httpx.HTTPStatusError) as caught:
+        asyncio.run(run())
+    assert caught.value.response.status_code == 401
