@@ -76,6 +76,7 @@ class Service:
     healthy: Callable[[], bool]
     process: subprocess.Popen | None = None
     restarts: int = 0
+    held: bool = False  # stopped on purpose: the supervisor leaves it down
 
 
 class StackError(RuntimeError):
@@ -213,7 +214,7 @@ class Stack:
         while not self._stopping.wait(0.5):
             for service in self.services:
                 proc = service.process
-                if proc is None or proc.poll() is None or self._stopping.is_set():
+                if proc is None or proc.poll() is None or service.held or self._stopping.is_set():
                     continue
                 service.restarts += 1
                 pause = min(2.0 ** min(service.restarts, 5), 30.0)
@@ -230,6 +231,21 @@ class Stack:
         proc = self.service(name).process
         if proc is not None:
             proc.kill()
+
+    def hold(self, name: str) -> None:
+        """Stop one service and keep it down (an outage) until :meth:`release`."""
+        service = self.service(name)
+        service.held = True
+        if service.process is not None and service.process.poll() is None:
+            service.process.terminate()
+            service.process.wait(timeout=30)
+
+    def release(self, name: str, timeout: float = 120.0) -> None:
+        """Start a held service again and wait until it is healthy."""
+        service = self.service(name)
+        self._spawn(service)
+        service.held = False
+        self.wait_healthy(service, timeout)
 
     def stop(self) -> None:
         """Stop the services (SIGTERM, then SIGKILL) and the broker."""

@@ -54,6 +54,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         ports=ports,
         workers=WORKERS,
         quiet_period_s=QUIET_PERIOD_S,
+        # Short retry and parking times, so that an outage test parks a study within seconds.
+        extra_env={
+            "SCANWATCH_WORKER_RETRIES": "2",
+            "SCANWATCH_WORKER_PARK_S": "3",
+            "SCANWATCH_WORKER_BREAKER_RESET_S": "2",
+        },
         models=MODELS,
         kafka_libs=KAFKA_LIBS,
     )
@@ -106,9 +112,7 @@ def test_storescu_study_becomes_a_queryable_observation(
     assert obs["identifier"][0]["value"] == obs["id"]
     assert obs["device"]["reference"] == f"Device/{ids.device_id(model_name, 1)}"
 
-    probabilities = [
-        c["valueQuantity"]["value"] for c in obs["component"] if "valueQuantity" in c
-    ]
+    probabilities = [c["valueQuantity"]["value"] for c in obs["component"] if "valueQuantity" in c]
     assert len(probabilities) == 4  # normal, mass, bleed, infarct
     assert sum(probabilities) == pytest.approx(1.0, abs=1e-3)
     assert obs["valueQuantity"]["value"] == pytest.approx(1 - probabilities[0], abs=1e-3)
@@ -165,3 +169,86 @@ def test_study_survives_a_worker_kill_9(stack: Stack, tmp_path: Path):
     wait_for(lambda: all(w.restarts > r for w, r in zip(workers, restarts, strict=True)), 60)
 
     assert wait_for(lambda: observations_of(stack, "SW-E2E-KILL").get("total"), 240) == 1
+
+
+def test_late_instances_amend_the_observation(stack: Stack, tmp_path: Path):
+    files = build_mr_study(tmp_path / "late", patient_id="SW-E2E-LATE", n_slices=10, seed=3)
+    study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    send = lambda batch: storescu(  # noqa: E731
+        batch, "127.0.0.1", stack.config.ports.dicom, called_ae=stack.config.ae_title
+    )
+    send(files[:6])
+    wait_for(lambda: observations_of(stack, "SW-E2E-LATE").get("total"), 180)
+    send(files[6:])  # arrives after the study was scored
+
+    def amended():
+        bundle = observations_of(stack, "SW-E2E-LATE")
+        entry = bundle["entry"][0]["resource"]
+        return bundle if entry["meta"]["versionId"] == "2" else None
+
+    bundle = wait_for(amended, 180)
+    assert bundle["total"] == 1  # the same Observation, amended: not a second one
+    fhir = stack.config.fhir_base
+    imaging = httpx.get(f"{fhir}/ImagingStudy/{ids.imaging_study_id(study_uid)}").json()
+    assert imaging["numberOfInstances"] == len(files)
+
+
+def worker_metric(stack: Stack, name: str) -> float:
+    total = 0.0
+    for n in range(WORKERS):
+        text = httpx.get(f"http://127.0.0.1:{stack.config.ports.worker_web + n}/metrics").text
+        total += sum(
+            float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
+        )
+    return total
+
+
+def test_model_server_outage_parks_the_study_and_loses_nothing(stack: Stack, tmp_path: Path):
+    files = build_mr_study(tmp_path / "outage", patient_id="SW-E2E-OUTAGE", n_slices=8, seed=5)
+    parked_before = worker_metric(stack, "scanwatch_worker_studies_parked_total")
+    stack.hold("model-server")
+    try:
+        storescu(files, "127.0.0.1", stack.config.ports.dicom, called_ae=stack.config.ae_title)
+        wait_for(
+            lambda: worker_metric(stack, "scanwatch_worker_studies_parked_total") > parked_before,
+            120,
+        )
+        assert not observations_of(stack, "SW-E2E-OUTAGE").get("total")
+    finally:
+        stack.release("model-server")
+    assert wait_for(lambda: observations_of(stack, "SW-E2E-OUTAGE").get("total"), 180) == 1
+
+
+def test_unusable_study_goes_to_the_dead_letter_topic(stack: Stack, tmp_path: Path):
+    from kafka import KafkaConsumer
+
+    from schemas import DeadLetterV1, StudyReadyV1, dlq
+
+    [path] = build_mr_study(tmp_path / "bad", patient_id="SW-E2E-BAD", n_slices=1, seed=7)
+    ds = pydicom.dcmread(path)
+    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 2]  # half the pixels: undecodable
+    ds.save_as(path)
+    study_uid = ds.StudyInstanceUID
+    storescu([path], "127.0.0.1", stack.config.ports.dicom, called_ae=stack.config.ae_title)
+
+    consumer = KafkaConsumer(
+        dlq(StudyReadyV1.SCHEMA),
+        bootstrap_servers=stack.kafka.bootstrap_servers,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=1000,
+    )
+    try:
+
+        def letter():
+            for message in consumer:
+                if message.key == study_uid.encode():
+                    return DeadLetterV1.from_bytes(message.value)
+            return None
+
+        dead = wait_for(letter, 120)
+    finally:
+        consumer.close()
+    assert dead.error_class == "unusable"
+    assert "cannot decode pixels" in dead.reason
+    assert StudyReadyV1.from_bytes(dead.payload).StudyInstanceUID == study_uid
+    assert not observations_of(stack, "SW-E2E-BAD").get("total")
