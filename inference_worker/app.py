@@ -83,6 +83,7 @@ def default_scorer(settings: Settings, metrics: WorkerMetrics) -> Scorer:
         max_slices=settings.max_slices,
         retries=settings.retries,
         metrics=metrics,
+        rules=settings.selection_rules(),
     )
 
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from inference_worker.series import ORIENTATIONS, SelectionRules
 
 
 class Settings(BaseSettings):
@@ -73,6 +76,15 @@ class Settings(BaseSettings):
     max_slices: int = Field(
         16, ge=1, description="At most this many slices of the chosen series are scored."
     )
+    series_description_pattern: str | None = Field(
+        None,
+        description="Regular expression (case-insensitive); an MR series whose "
+        "SeriesDescription matches is preferred, e.g. 'T2|FLAIR'.",
+    )
+    min_slices: int = Field(1, ge=1, description="MR series with fewer images are not scored.")
+    orientation: str = Field(
+        "any", description="Series orientation to score: any, axial, coronal or sagittal."
+    )
     max_message_bytes: int = Field(
         256 * 1024 * 1024, ge=4 * 1024 * 1024, description="gRPC message size limit, both ways."
     )
@@ -114,6 +126,27 @@ class Settings(BaseSettings):
     def quiet_period_for(self, source: str | None) -> float:
         """The quiet period of studies sent by ``source`` (a calling AE title)."""
         return self.quiet_period_by_source.get(source or "", self.quiet_period_s)
+
+    def selection_rules(self) -> SelectionRules:
+        """The series selection rules these settings describe (validated)."""
+        return SelectionRules(self.series_description_pattern, self.min_slices, self.orientation)
+
+    @field_validator("orientation")
+    @classmethod
+    def _orientation(cls, value: str) -> str:
+        if value not in ORIENTATIONS:
+            raise ValueError(f"orientation must be one of {', '.join(ORIENTATIONS)}, not {value!r}")
+        return value
+
+    @field_validator("series_description_pattern")
+    @classmethod
+    def _pattern(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"series_description_pattern is not a valid regex: {exc}") from exc
+        return value
 
     @field_validator("fhir_base_url")
     @classmethod

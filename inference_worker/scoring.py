@@ -20,7 +20,7 @@ from inference_worker import fhir_resources
 from inference_worker.metrics import WorkerMetrics
 from inference_worker.model_client import ModelClient, Prediction
 from inference_worker.retry import with_retries
-from inference_worker.series import SelectedSeries, select_series
+from inference_worker.series import SelectedSeries, SelectionRules, select_series
 from scanwatch import ids
 from schemas import InferenceResultV1, StudyReadyV1
 from schemas.model_signature import NORMAL_CLASS
@@ -50,8 +50,10 @@ class Scorer:
         max_slices: int,
         retries: int,
         metrics: WorkerMetrics | None = None,
+        rules: SelectionRules | None = None,
     ) -> None:
         self.model = model
+        self.rules = rules or SelectionRules()
         self.writer = writer
         self.max_slices = max_slices
         self.retries = retries
@@ -65,7 +67,12 @@ class Scorer:
         assert self.model.image_size is not None
         # Reading DICOM and resizing is CPU and disk work: keep it off the event loop.
         selected = await asyncio.get_running_loop().run_in_executor(
-            None, select_series, list(ready.instances), self.model.image_size, self.max_slices
+            None,
+            select_series,
+            list(ready.instances),
+            self.model.image_size,
+            self.max_slices,
+            self.rules,
         )
         prepared = time.monotonic()
         prediction = await with_retries(

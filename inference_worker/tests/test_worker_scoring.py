@@ -143,3 +143,93 @@ def test_score_writes_fhir_and_returns_a_consistent_result(study):
     # Same ready event again: byte-identical resources, so the FHIR store adds no version.
     _, _, again, _ = asyncio.run(_score(ready))
     assert again.resources == writer.resources
+
+
+def enhanced_mr(study: list[Path], path: Path, reverse_frames: bool = True) -> Path:
+    """One Enhanced MR Image Storage instance holding ``study``'s slices as frames, with
+    positions and rescale in the functional groups (frames stored in reverse order)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    slices = [pydicom.dcmread(p) for p in study]
+    if reverse_frames:
+        slices = slices[::-1]
+    first = slices[0]
+    ds = Dataset()
+    for keyword in (
+        "PatientID",
+        "PatientName",
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyTime",
+        "Rows",
+        "Columns",
+        "BitsAllocated",
+        "BitsStored",
+        "HighBit",
+        "PixelRepresentation",
+        "SamplesPerPixel",
+        "PhotometricInterpretation",
+    ):
+        setattr(ds, keyword, getattr(first, keyword))
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"
+    ds.SOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "MR"
+    ds.NumberOfFrames = len(slices)
+    orientation = Dataset()
+    orientation.ImageOrientationPatient = list(first.ImageOrientationPatient)
+    transform = Dataset()
+    transform.RescaleSlope, transform.RescaleIntercept = 2, -100  # differs from the slices'
+    shared = Dataset()
+    shared.PlaneOrientationSequence = Sequence([orientation])
+    shared.PixelValueTransformationSequence = Sequence([transform])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    per_frame = []
+    for s in slices:
+        position = Dataset()
+        position.ImagePositionPatient = list(s.ImagePositionPatient)
+        item = Dataset()
+        item.PlanePositionSequence = Sequence([position])
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+    ds.PixelData = b"".join(s.PixelData for s in slices)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_enhanced_mr_frames_are_ordered_and_rescaled_per_functional_groups(study, tmp_path):
+    path = enhanced_mr(study, tmp_path / "enhanced.dcm")
+    selected = select_series(refs_for([path]), image_size=32, max_slices=3)
+    assert selected.images.shape == (3, 32, 32, 3)
+    # Frames were stored top to bottom; the first image scored is still the lowest slice.
+    datasets = sorted((pydicom.dcmread(p) for p in study), key=lambda d: d.ImagePositionPatient[2])
+    expected = preprocess_slice(datasets[0].pixel_array, 32, 2.0, -100.0)
+    np.testing.assert_array_equal(selected.images[0], expected)
+
+
+def test_selection_rules_prefer_the_described_series(study, tmp_path):
+    from inference_worker.series import SelectionRules
+
+    other = []
+    for n, source in enumerate(study[:5]):  # a shorter series described as FLAIR
+        ds = pydicom.dcmread(source)
+        ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.99"
+        ds.SOPInstanceUID = f"1.2.826.0.1.3680043.8.498.99.{n}"
+        ds.SeriesDescription = "AX FLAIR"
+        ds.save_as(tmp_path / f"flair{n}.dcm")
+        other.append(tmp_path / f"flair{n}.dcm")
+    refs = refs_for(study + other)
+    longest = select_series(refs, 32, 4)
+    assert longest.SeriesInstanceUID != pydicom.dcmread(other[0]).SeriesInstanceUID
+    flair = select_series(refs, 32, 4, SelectionRules(description_pattern="flair"))
+    assert flair.SeriesInstanceUID == pydicom.dcmread(other[0]).SeriesInstanceUID
+    with pytest.raises(UnusableStudy, match="selection rules"):
+        select_series(refs, 32, 4, SelectionRules(orientation="sagittal"))
+    with pytest.raises(UnusableStudy, match="selection rules"):
+        select_series(refs, 32, 4, SelectionRules(min_slices=50))
