@@ -1,0 +1,176 @@
+"""Pipeline throughput vs the bare model (issue 4, DESIGN §8 "inference").
+
+In one run on one machine:
+
+(a) bare model: the default SavedModel called in-process on the very images the worker scores
+    (16 per study, preprocessed by ``scanwatch.imaging``), in batches of ``--batch``;
+(b) pipeline: the same studies' ``dicom.instance.received.v1`` events published to Kafka at once;
+    the worker assembles them, preprocesses, calls the model server over gRPC with the same batch
+    size and writes FHIR. Timed from the end of the quiet period to the last Observation
+    queryable.
+
+Bar: (b) ≥ 0.9 × (a).
+
+    .venv/bin/python bench/pipeline_throughput.py --studies 12 --slices 38
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pydicom
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from inference_worker.series import select_series  # noqa: E402
+from scanwatch import ids  # noqa: E402
+from scanwatch.devstack import DEFAULT_MODEL, Ports, Stack, StackConfig  # noqa: E402
+from scanwatch.kafka_local import free_port  # noqa: E402
+from scanwatch.sample import build_mr_study  # noqa: E402
+from schemas import InstanceReceivedV1  # noqa: E402
+
+MODELS = ROOT / "var" / "models"
+
+
+def instance_events(files: list[Path]) -> list[InstanceReceivedV1]:
+    events = []
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        data = path.read_bytes()
+        events.append(
+            InstanceReceivedV1(
+                StudyInstanceUID=ds.StudyInstanceUID,
+                SeriesInstanceUID=ds.SeriesInstanceUID,
+                SOPInstanceUID=ds.SOPInstanceUID,
+                SOPClassUID=ds.SOPClassUID,
+                TransferSyntaxUID=ds.file_meta.TransferSyntaxUID,
+                Modality="MR",
+                storage_uri=path.resolve().as_uri(),
+                size_bytes=len(data),
+                sha256=hashlib.sha256(data).hexdigest(),
+                calling_ae_title="BENCH",
+                called_ae_title="SCANWATCH",
+            )
+        )
+    return events
+
+
+def bare_images_per_s(studies: list[list[InstanceReceivedV1]], batch: int, slices: int) -> float:
+    import numpy as np
+    import tensorflow as tf
+
+    version = max(int(p.name) for p in (MODELS / DEFAULT_MODEL).iterdir() if p.name.isdigit())
+    model = tf.saved_model.load(str(MODELS / DEFAULT_MODEL / str(version)))
+    infer = model.signatures["serving_default"]
+    size = int(infer.structured_input_signature[1]["images"].shape[1])
+    images = [select_series([e.ref() for e in events], size, slices).images for events in studies]
+    infer(images=tf.constant(images[0][:batch]))  # warm-up, as the server does at load
+    start = time.perf_counter()
+    count = 0
+    for study in images:
+        for i in range(0, len(study), batch):
+            infer(images=tf.constant(np.ascontiguousarray(study[i : i + batch])))
+            count += len(study[i : i + batch])
+    return count / (time.perf_counter() - start)
+
+
+def pipeline_images_per_s(
+    studies: list[list[InstanceReceivedV1]], batch: int, slices: int, var: Path, quiet: float
+) -> float:
+    from kafka import KafkaProducer
+
+    config = StackConfig(
+        var=var,
+        ports=Ports(**{name: free_port() for name in Ports.__dataclass_fields__}),
+        quiet_period_s=quiet,
+        models=MODELS,
+        kafka_libs=ROOT / "var" / "kafka" / "libs",
+        extra_env={
+            "SCANWATCH_WORKER_BATCH_SIZE": str(batch),
+            "SCANWATCH_WORKER_MAX_SLICES": str(slices),
+        },
+    )
+    stack = Stack(config)
+    stack.start()
+    try:
+        producer = KafkaProducer(bootstrap_servers=stack.kafka.bootstrap_servers, acks="all")
+        for events in studies:
+            for event in events:
+                producer.send(
+                    event.SCHEMA, key=event.StudyInstanceUID.encode(), value=event.to_bytes()
+                )
+        producer.flush()
+        producer.close()
+        start = time.monotonic() + quiet  # no study can be announced before its quiet period
+        pending = {events[0].StudyInstanceUID for events in studies}
+        url = f"{config.fhir_base}/Observation"
+        model_version = 1
+        while pending:
+            for uid in list(pending):
+                obs_id = ids.observation_id(uid, DEFAULT_MODEL, model_version)
+                if httpx.get(f"{url}/{obs_id}").status_code == 200:
+                    pending.discard(uid)
+            if time.monotonic() - start > 900:
+                raise SystemExit(f"{len(pending)} studies not scored after 900 s")
+            time.sleep(0.05)
+        elapsed = time.monotonic() - start
+    finally:
+        stack.stop()
+    stages = [
+        entry
+        for line in (var / "logs" / "inference-worker.log").read_text().splitlines()
+        if line.startswith("{") and (entry := json.loads(line)).get("msg") == "study scored"
+    ]
+    for stage in ("preprocess_s", "predict_s", "write_s"):
+        values = sorted(e[stage] for e in stages)
+        sys.stderr.write(f"worker {stage}: median {values[len(values) // 2]:.3f} s\n")
+    return len(studies) * slices / elapsed
+
+
+def main() -> int:
+    args = argparse.ArgumentParser(description=__doc__)
+    args.add_argument("--studies", type=int, default=12)
+    args.add_argument("--slices", type=int, default=38, help="slices per sample study")
+    args.add_argument("--scored", type=int, default=16, help="slices scored per study")
+    args.add_argument("--batch", type=int, default=16)
+    args.add_argument("--quiet-period", type=float, default=1.0)
+    opts = args.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        studies = [
+            instance_events(
+                build_mr_study(
+                    tmp_path / f"s{n}", patient_id=f"SW-TP-{n:03d}", n_slices=opts.slices, seed=n
+                )
+            )
+            for n in range(opts.studies)
+        ]
+        bare = bare_images_per_s(studies, opts.batch, opts.scored)
+        pipeline = pipeline_images_per_s(
+            studies, opts.batch, opts.scored, tmp_path / "stack", opts.quiet_period
+        )
+    report = {
+        "studies": opts.studies,
+        "images_scored": opts.studies * opts.scored,
+        "batch": opts.batch,
+        "engine": "tensorflow",
+        "bare_images_per_s": round(bare, 2),
+        "pipeline_images_per_s": round(pipeline, 2),
+        "ratio": round(pipeline / bare, 3),
+    }
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
