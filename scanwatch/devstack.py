@@ -38,6 +38,7 @@ class Ports:
     dicom: int = 11112
     fhir: int = 8080
     model_server: int = 8500
+    model_server_metrics: int = 9112
     worker_web: int = 6066  # first worker; further workers use the next ports
     listener_metrics: int = 9111
 
@@ -118,6 +119,7 @@ class Stack:
                     "SCANWATCH_MODEL_SERVER_MODEL_BASE_PATH": str(c.model_repository),
                     "SCANWATCH_MODEL_SERVER_MODEL_NAME": c.model_name,
                     "SCANWATCH_MODEL_SERVER_PORT": str(p.model_server),
+                    "SCANWATCH_MODEL_SERVER_METRICS_PORT": str(p.model_server_metrics),
                 },
                 lambda: model_available(f"127.0.0.1:{p.model_server}", c.model_name),
             ),

@@ -38,6 +38,7 @@ def server(tmp_path_factory) -> Iterator[str]:
         "SCANWATCH_MODEL_SERVER_MODEL_BASE_PATH": str(repository),
         "SCANWATCH_MODEL_SERVER_MODEL_NAME": MODEL,
         "SCANWATCH_MODEL_SERVER_PORT": str(port),
+        "SCANWATCH_MODEL_SERVER_METRICS_PORT": "0",
     }
     proc = subprocess.Popen([sys.executable, "-m", "services.model_server"], env=env)
     target = f"127.0.0.1:{port}"

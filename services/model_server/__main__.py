@@ -31,6 +31,20 @@ def _parse(argv: list[str] | None) -> dict[str, Any]:
     parser.add_argument("--host", help="listen interface")
     parser.add_argument("--port", type=int, help="gRPC port")
     parser.add_argument("--poll-interval-s", type=float, help="repository polling interval")
+    parser.add_argument(
+        "--model-config-file", type=Path, help="TF Serving model config (model_config_list)"
+    )
+    parser.add_argument("--engine", choices=("tensorflow", "openvino"), help="inference engine")
+    parser.add_argument(
+        "--enable-batching",
+        action="store_const",
+        const=True,
+        help="merge concurrent Predict calls (server-side batching)",
+    )
+    parser.add_argument(
+        "--batching-parameters-file", type=Path, help="TF Serving batching parameters file"
+    )
+    parser.add_argument("--metrics-port", type=int, help="Prometheus /metrics port (0: off)")
     parser.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
     return {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None}
 

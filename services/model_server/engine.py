@@ -1,7 +1,8 @@
 """Inference engines: what loads a SavedModel version and runs its signatures.
 
 The server core only sees :class:`Engine` and :class:`Servable`, so another runtime (OpenVINO)
-can serve the same repository. Inputs arrive already checked against the SignatureDef.
+can serve the same repository (:mod:`services.model_server.openvino_engine`). Inputs arrive
+already checked against the SignatureDef.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class Engine(Protocol):
     name: str
 
     def load(self, path: Path) -> Servable:
-        """Load (and warm up) the SavedModel in ``path``; raise on any failure."""
+        """Load the SavedModel in ``path``; raise on any failure (the manager warms it up)."""
         ...
 
 
@@ -78,20 +79,6 @@ class TensorFlowServable:
             raise InvalidArgument(f"{type(error).__name__}: {error}") from error
         return {name: results[name].numpy() for name in output_names}
 
-    def warm_up(self) -> None:
-        """Run each signature once on zeros so the first real request is not the slow one."""
-        for name, function in self._functions.items():
-            specs = function.structured_input_signature[1]
-            if not all(spec.shape[1:].is_fully_defined() for spec in specs.values()):
-                continue
-            function(
-                **{
-                    alias: tf.zeros((1, *spec.shape[1:]), spec.dtype)
-                    for alias, spec in specs.items()
-                }
-            )
-            logger.debug("warmed up signature", extra={"signature_name": name})
-
 
 class TensorFlowEngine:
     """Runs SavedModels on TensorFlow, like TensorFlow Serving itself."""
@@ -99,6 +86,4 @@ class TensorFlowEngine:
     name = "tensorflow"
 
     def load(self, path: Path) -> TensorFlowServable:
-        servable = TensorFlowServable(path)
-        servable.warm_up()
-        return servable
+        return TensorFlowServable(path)

@@ -8,6 +8,7 @@ Serving does and answers with the resolved model spec. Every failure becomes a g
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import NoReturn, Protocol, TypeVar
 
@@ -31,6 +32,7 @@ from scanwatch.tensors import tensor_spec
 from schemas.model_signature import SIGNATURE_NAME
 from services.model_server.errors import InvalidArgument, NotFound, ServingError
 from services.model_server.manager import ModelManager, describe_request
+from services.model_server.metrics import UNKNOWN_MODEL, Metrics
 
 logger = logging.getLogger(__name__)
 
@@ -39,17 +41,32 @@ SIGNATURE_DEF_FIELD = "signature_def"
 T = TypeVar("T")
 
 
-def answer(context: grpc.ServicerContext, method: str, call: Callable[[], T]) -> T:
+def answer(
+    context: grpc.ServicerContext,
+    method: str,
+    call: Callable[[], T],
+    metrics: Metrics | None = None,
+    model_name: str = UNKNOWN_MODEL,
+) -> T:
     """Run a handler body; turn every failure into the gRPC status TF Serving would send."""
+    started = time.perf_counter()
+    code = grpc.StatusCode.OK
     try:
-        return call()
-    except ServingError as error:
-        code, details = error.code, str(error)
-        logger.info("request refused", extra={"method": method, "code": code.name, "why": details})
-    except Exception as error:  # a bug: answer INTERNAL rather than grpc's opaque UNKNOWN
-        logger.exception("request failed", extra={"method": method})
-        code, details = grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}"
-    abort(context, code, details)
+        try:
+            return call()
+        except ServingError as error:
+            code, details = error.code, str(error)
+            logger.info(
+                "request refused", extra={"method": method, "code": code.name, "why": details}
+            )
+        except Exception as error:  # a bug: answer INTERNAL rather than grpc's opaque UNKNOWN
+            logger.exception("request failed", extra={"method": method})
+            code, details = grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}"
+        abort(context, code, details)
+    finally:
+        if metrics is not None:
+            metrics.requests.labels(method, model_name, code.name).inc()
+            metrics.latency.labels(method, model_name).observe(time.perf_counter() - started)
 
 
 def abort(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> NoReturn:
@@ -75,8 +92,25 @@ class _Request(Protocol):
 class Models:
     """The served models by name."""
 
-    def __init__(self, managers: Mapping[str, ModelManager]) -> None:
+    def __init__(
+        self, managers: Mapping[str, ModelManager], metrics: Metrics | None = None
+    ) -> None:
         self._managers = dict(managers)
+        self.metrics = metrics
+
+    def replace(self, managers: Mapping[str, ModelManager]) -> None:
+        """Serve these models from now on (a reloaded model config); one atomic swap."""
+        self._managers = dict(managers)
+
+    def label(self, request: _Request) -> str:
+        """The model name for metrics: only served names, so label values stay bounded."""
+        name = request.model_spec.name
+        return name if name in self._managers else UNKNOWN_MODEL
+
+    def answer(
+        self, context: grpc.ServicerContext, method: str, request: _Request, call: Callable[[], T]
+    ) -> T:
+        return answer(context, method, call, self.metrics, self.label(request))
 
     def for_request(self, request: _Request) -> tuple[model_pb2.ModelSpec, ModelManager]:
         """The request's ModelSpec and the manager of its model (NOT_FOUND for unknown names)."""
@@ -168,12 +202,14 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
     def Predict(  # noqa: N802 - gRPC method name
         self, request: predict_pb2.PredictRequest, context: grpc.ServicerContext
     ) -> predict_pb2.PredictResponse:
-        return answer(context, "Predict", lambda: self._predict(request))
+        return self.models.answer(context, "Predict", request, lambda: self._predict(request))
 
     def GetModelMetadata(  # noqa: N802 - gRPC method name
         self, request: get_model_metadata_pb2.GetModelMetadataRequest, context: grpc.ServicerContext
     ) -> get_model_metadata_pb2.GetModelMetadataResponse:
-        return answer(context, "GetModelMetadata", lambda: self._metadata(request))
+        return self.models.answer(
+            context, "GetModelMetadata", request, lambda: self._metadata(request)
+        )
 
     def _predict(self, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
         spec, manager = self.models.for_request(request)
@@ -190,6 +226,9 @@ class PredictionServicer(prediction_service_pb2_grpc.PredictionServiceServicer):
         )
         for name in output_names:
             response.outputs[name].CopyFrom(tensors.to_tensor_proto(outputs[name], as_field=True))
+        if self.models.metrics is not None:
+            images = len(next(iter(inputs.values())))
+            self.models.metrics.images.labels(manager.name, str(loaded.version)).inc(images)
         logger.debug(
             "predicted",
             extra={
@@ -233,7 +272,7 @@ class ModelServicer(model_service_pb2_grpc.ModelServiceServicer):
     def GetModelStatus(  # noqa: N802 - gRPC method name
         self, request: get_model_status_pb2.GetModelStatusRequest, context: grpc.ServicerContext
     ) -> get_model_status_pb2.GetModelStatusResponse:
-        return answer(context, "GetModelStatus", lambda: self._status(request))
+        return self.models.answer(context, "GetModelStatus", request, lambda: self._status(request))
 
     def _status(
         self, request: get_model_status_pb2.GetModelStatusRequest

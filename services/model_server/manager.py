@@ -1,29 +1,37 @@
-"""Versions of one model: discovery, loading, switching, unloading and request resolution.
+"""Versions of one model: discovery, loading, warm-up, unloading and request resolution.
 
-Version policy is TF Serving's default, "latest": the highest servable version under the model
-folder is loaded, traffic moves to it once it is ready, then the previous version is unloaded.
-A version that fails to load is skipped (the next lower one is served) until its
-``saved_model.pb`` changes. Folders that are not integers or lack ``saved_model.pb`` are ignored,
-which is what makes publishing by rename safe.
+The version policy (TF Serving's: latest N — 1 by default —, all, or specific versions) picks
+which versions found in the base path should be served. New versions go START → LOADING (load +
+warm-up) → AVAILABLE; only then are versions the policy no longer wants taken out of service
+(UNLOADING → END), so that traffic always has a version to go to. A version that fails to load
+ends in END with its error and is skipped (the policy chooses again without it, so "latest"
+falls back to the next lower version) until its ``saved_model.pb`` changes. Folders that are
+not integers or lack ``saved_model.pb`` are ignored, which is what makes publishing by rename safe.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from tensorflow_serving.apis import get_model_status_pb2, model_pb2
 
+from services.model_server.batching import BatchingServable
 from services.model_server.engine import Engine, Servable
 from services.model_server.errors import InvalidArgument, NotFound, Unavailable
+from services.model_server.metrics import Metrics
+from services.model_server.model_config import BatchingParameters, VersionPolicy
+from services.model_server.warmup import warm_up
 from training.repository import SAVED_MODEL_FILE, published_versions
 
 logger = logging.getLogger(__name__)
 
 State = get_model_status_pb2.ModelVersionStatus.State
+START = State.Value("START")
 LOADING = State.Value("LOADING")
 AVAILABLE = State.Value("AVAILABLE")
 UNLOADING = State.Value("UNLOADING")
@@ -64,14 +72,23 @@ class ModelManager:
         model_dir: Path,
         engine: Engine,
         version_labels: dict[str, int] | None = None,
+        policy: VersionPolicy | None = None,
+        *,
+        batching: BatchingParameters | None = None,
+        warm_up_versions: bool = True,
+        metrics: Metrics | None = None,
     ) -> None:
         self.name = name
         self.model_dir = model_dir
         self.engine = engine
         self.version_labels = dict(version_labels or {})
+        self.policy = policy or VersionPolicy()
+        self.batching = batching
+        self.warm_up_versions = warm_up_versions
+        self.metrics = metrics or Metrics()
         self._lock = threading.Lock()  # guards _loaded and _statuses
         self._poll_lock = threading.Lock()  # one poll at a time
-        self._loaded: Loaded | None = None
+        self._loaded: dict[int, Loaded] = {}
         self._statuses: dict[int, VersionStatus] = {}
         self._failed: dict[int, int] = {}  # version → saved_model.pb mtime when its load failed
         self._missing_logged = False
@@ -92,14 +109,17 @@ class ModelManager:
     def resolve(self, spec: model_pb2.ModelSpec) -> Loaded:
         """The loaded version that should answer a request with this ModelSpec."""
         requested = self.requested_version(spec)
-        loaded = self._loaded
-        if loaded is None:
+        with self._lock:
+            loaded = dict(self._loaded)
+        if not loaded:
             raise Unavailable(f"Model {self.name} has no version loaded yet")
-        if requested is not None and requested != loaded.version:
+        if requested is None:
+            return loaded[max(loaded)]
+        if requested not in loaded:
             raise NotFound(
                 f"Servable not found for request: {describe_request(self.name, requested)}"
             )
-        return loaded
+        return loaded[requested]
 
     def statuses(self, spec: model_pb2.ModelSpec) -> list[tuple[int, VersionStatus]]:
         """Version states for GetModelStatus, newest first (all versions, or the one asked for)."""
@@ -116,31 +136,42 @@ class ModelManager:
 
     @property
     def loaded_version(self) -> int | None:
-        loaded = self._loaded
-        return None if loaded is None else loaded.version
+        """The version answering "latest" requests (the highest loaded), if any."""
+        with self._lock:
+            return max(self._loaded, default=None)
+
+    @property
+    def loaded_versions(self) -> list[int]:
+        """Every loaded version, ascending."""
+        with self._lock:
+            return sorted(self._loaded)
+
+    def reconfigure(self, policy: VersionPolicy, version_labels: dict[str, int]) -> None:
+        """New policy (applied at the next poll) and labels (at once), from a reloaded config."""
+        self.policy = policy
+        self.version_labels = dict(version_labels)
 
     # -- polling ----------------------------------------------------------------------------
 
     def poll(self) -> None:
-        """Scan the model folder once and converge on the highest servable version."""
+        """Scan the model folder once and converge on the versions the policy wants."""
         with self._poll_lock:
             present = published_versions(self.model_dir)
             self._log_missing(present)
-            current = self.loaded_version
-            for version in sorted(present, reverse=True):
-                if version == current:
-                    return  # already serving the best loadable version
-                if self._failed_before(version):
-                    continue
-                if self._load_and_switch(version):
-                    return
-            if current is not None:
-                # Its folder is gone and nothing present could replace it.
-                logger.warning(
-                    "loaded version removed from the repository",
-                    extra={"model_name": self.name, "model_version": current},
-                )
-                self._switch(None)
+            while True:
+                aspired = self.policy.choose([v for v in present if not self._failed_before(v)])
+                with self._lock:
+                    to_load = sorted(aspired - set(self._loaded), reverse=True)
+                    for version in to_load:
+                        self._statuses[version] = VersionStatus(START)
+                loaded_all = all([self._load(version) for version in to_load])
+                if loaded_all:
+                    break
+                # A failure leaves the candidates: choose again (latest falls back to the next).
+            with self._lock:
+                to_unload = sorted(set(self._loaded) - aspired)
+            for version in to_unload:
+                self._unload(version, gone=version not in present)
 
     def run_polling(self, stop: threading.Event, interval_s: float) -> None:
         """Poll until ``stop`` is set; a failing poll is logged and retried next interval."""
@@ -153,6 +184,12 @@ class ModelManager:
                 )
             if stop.wait(interval_s):
                 return
+
+    def close(self) -> None:
+        """Unload every version (server shutdown)."""
+        with self._poll_lock:
+            for version in self.loaded_versions:
+                self._unload(version, gone=False)
 
     def _log_missing(self, present: list[int]) -> None:
         if present:
@@ -177,40 +214,60 @@ class ModelManager:
         with self._lock:
             self._statuses[version] = status
 
-    def _load_and_switch(self, version: int) -> bool:
+    def _warm_up_sizes(self) -> list[int]:
+        return [1, *(self.batching.allowed_batch_sizes if self.batching else ())]
+
+    def _load(self, version: int) -> bool:
+        """Load and warm up ``version``, then make it AVAILABLE; False if that failed."""
         extra = {"model_name": self.name, "model_version": version, "engine": self.engine.name}
         logger.info("loading model version", extra=extra)
         self._set_status(version, VersionStatus(LOADING))
         mtime = self._mtime(version)
+        path = self.model_dir / str(version)
+        started = time.monotonic()
         try:
-            servable = self.engine.load(self.model_dir / str(version))
+            servable = self.engine.load(path)
+            runs = warm_up(servable, path, self._warm_up_sizes()) if self.warm_up_versions else 0
         except Exception as error:
             logger.exception("loading model version failed", extra=extra)
             self._failed[version] = mtime
             self._set_status(
                 version, VersionStatus(END, UNKNOWN, f"{type(error).__name__}: {error}")
             )
+            self.metrics.loads.labels(self.name, "failed").inc()
             return False
         self._failed.pop(version, None)
-        self._switch(Loaded(version, servable))
-        logger.info("serving model version", extra=extra)
+        if self.batching is not None:
+            batch_sizes = self.metrics.batch_size.labels(self.name)
+            servable = BatchingServable(
+                servable,
+                self.batching,
+                observe_batch=batch_sizes.observe,
+                name=f"batch-{self.name}-{version}",
+            )
+        with self._lock:
+            self._loaded[version] = Loaded(version, servable)
+            self._statuses[version] = VersionStatus(AVAILABLE)
+        self.metrics.loads.labels(self.name, "ok").inc()
+        self.metrics.load_seconds.labels(self.name).observe(time.monotonic() - started)
+        self.metrics.available.labels(self.name, str(version), self.engine.name).set(1)
+        logger.info("serving model version", extra={**extra, "warm_up_runs": runs})
         return True
 
-    def _switch(self, new: Loaded | None) -> None:
-        """Route traffic to ``new``, then unload the previous version.
+    def _unload(self, version: int, *, gone: bool) -> None:
+        """Take ``version`` out of service, then release it.
 
-        Requests already running on the old servable keep their reference and finish; it is
-        freed when the last of them returns.
+        Requests already running on it keep their reference and finish (a batching wrapper
+        drains its queue first); the servable is freed when the last of them returns.
         """
+        extra = {"model_name": self.name, "model_version": version}
+        if gone:
+            logger.warning("loaded version removed from the repository", extra=extra)
         with self._lock:
-            old, self._loaded = self._loaded, new
-            if new is not None:
-                self._statuses[new.version] = VersionStatus(AVAILABLE)
-            if old is not None:
-                self._statuses[old.version] = VersionStatus(UNLOADING)
-        if old is not None:
-            self._set_status(old.version, VersionStatus(END))
-            logger.info(
-                "unloaded model version",
-                extra={"model_name": self.name, "model_version": old.version},
-            )
+            loaded = self._loaded.pop(version)
+            self._statuses[version] = VersionStatus(UNLOADING)
+        self.metrics.available.remove(self.name, str(version), self.engine.name)
+        if isinstance(loaded.servable, BatchingServable):
+            loaded.servable.close()
+        self._set_status(version, VersionStatus(END))
+        logger.info("unloaded model version", extra=extra)

@@ -62,15 +62,13 @@ def serve() -> Iterator[Callable[..., Any]]:
 
     servers: list[ModelServer] = []
 
-    def start(repository: Path, engine: Any = None, **settings: Any) -> ModelServer:
-        config = Settings(
-            model_base_path=repository,
-            model_name=MODEL_NAME,
-            port=0,
-            poll_interval_s=0.1,
-            **settings,
+    def start(repository: Path, instance: Any = None, **settings: Any) -> ModelServer:
+        """A server on ``repository``; ``instance`` is an engine object (default: settings')."""
+        single = ({} if "model_config_file" in settings else {"model_base_path": repository}) | (
+            {} if "model_config_file" in settings else {"model_name": MODEL_NAME}
         )
-        server = create_server(config, engine)
+        config = Settings(port=0, poll_interval_s=0.1, **{"metrics_port": 0, **single, **settings})
+        server = create_server(config, instance)
         server.start()
         servers.append(server)
         return server

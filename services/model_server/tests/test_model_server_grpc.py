@@ -112,6 +112,7 @@ def server(published_model: Path, wait_for: Callable[..., Any]) -> Iterator[Mode
         port=0,
         poll_interval_s=0.1,
         version_labels={"stable": 1, "canary": 2},
+        metrics_port=0,
     )
     server = create_server(settings)
     server.start()

@@ -75,6 +75,7 @@ def test_serves_until_sigterm(published_model: Path, wait_for: Callable[..., Any
         "SCANWATCH_MODEL_SERVER_MODEL_BASE_PATH": str(published_model.parent.parent),
         "SCANWATCH_MODEL_SERVER_MODEL_NAME": published_model.parent.name,
         "SCANWATCH_MODEL_SERVER_POLL_INTERVAL_S": "0.2",
+        "SCANWATCH_MODEL_SERVER_METRICS_PORT": str(free_port()),
         "TF_CPP_MIN_LOG_LEVEL": "2",
     }
     process = _run(["--port", str(port)], env)
