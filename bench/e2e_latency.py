@@ -58,7 +58,9 @@ def main() -> int:
         try:
             for n in range(opts.studies):
                 patient = f"SW-BENCH-{n:04d}"
-                files = build_mr_study(var / "in" / patient, patient_id=patient, n_slices=opts.slices)
+                files = build_mr_study(
+                    var / "in" / patient, patient_id=patient, n_slices=opts.slices
+                )
                 storescu(files, "127.0.0.1", config.ports.dicom, called_ae=config.ae_title)
                 sent = time.monotonic()
                 url = f"{config.fhir_base}/Observation"

@@ -65,27 +65,46 @@ def instance_events(files: list[Path]) -> list[InstanceReceivedV1]:
     return events
 
 
-def bare_images_per_s(studies: list[list[InstanceReceivedV1]], batch: int, slices: int) -> float:
+def engine_for(name: str, cache: Path):
+    """The model server's own engine class, so that "bare" runs exactly what the server runs."""
+    if name == "openvino":
+        from services.model_server.openvino_engine import OpenVINOEngine
+
+        return OpenVINOEngine(cache)
+    from services.model_server.engine import TensorFlowEngine
+
+    return TensorFlowEngine()
+
+
+def bare_images_per_s(
+    studies: list[list[InstanceReceivedV1]], batch: int, slices: int, engine_name: str, cache: Path
+) -> float:
     import numpy as np
-    import tensorflow as tf
 
     version = max(int(p.name) for p in (MODELS / DEFAULT_MODEL).iterdir() if p.name.isdigit())
-    model = tf.saved_model.load(str(MODELS / DEFAULT_MODEL / str(version)))
-    infer = model.signatures["serving_default"]
-    size = int(infer.structured_input_signature[1]["images"].shape[1])
+    servable = engine_for(engine_name, cache).load(MODELS / DEFAULT_MODEL / str(version))
+    signature = servable.signature_defs["serving_default"]
+    size = signature.inputs["images"].tensor_shape.dim[1].size
     images = [select_series([e.ref() for e in events], size, slices).images for events in studies]
-    infer(images=tf.constant(images[0][:batch]))  # warm-up, as the server does at load
+    outputs = ["probabilities", "class_names", "threshold"]
+    servable.run("serving_default", {"images": images[0][:batch]}, outputs)  # warm-up
     start = time.perf_counter()
     count = 0
     for study in images:
         for i in range(0, len(study), batch):
-            infer(images=tf.constant(np.ascontiguousarray(study[i : i + batch])))
-            count += len(study[i : i + batch])
+            chunk = np.ascontiguousarray(study[i : i + batch])
+            servable.run("serving_default", {"images": chunk}, outputs)
+            count += len(chunk)
     return count / (time.perf_counter() - start)
 
 
 def pipeline_images_per_s(
-    studies: list[list[InstanceReceivedV1]], batch: int, slices: int, var: Path, quiet: float
+    studies: list[list[InstanceReceivedV1]],
+    batch: int,
+    slices: int,
+    var: Path,
+    quiet: float,
+    engine_name: str,
 ) -> float:
     from kafka import KafkaProducer
 
@@ -93,6 +112,7 @@ def pipeline_images_per_s(
         var=var,
         ports=Ports(**{name: free_port() for name in Ports.__dataclass_fields__}),
         quiet_period_s=quiet,
+        model_engine=engine_name,
         models=MODELS,
         kafka_libs=ROOT / "var" / "kafka" / "libs",
         extra_env={
@@ -144,6 +164,7 @@ def main() -> int:
     args.add_argument("--scored", type=int, default=16, help="slices scored per study")
     args.add_argument("--batch", type=int, default=16)
     args.add_argument("--quiet-period", type=float, default=1.0)
+    args.add_argument("--engine", choices=["tensorflow", "openvino"], default="tensorflow")
     opts = args.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -155,15 +176,16 @@ def main() -> int:
             )
             for n in range(opts.studies)
         ]
-        bare = bare_images_per_s(studies, opts.batch, opts.scored)
+        cache = ROOT / "var" / "cache" / "openvino"
+        bare = bare_images_per_s(studies, opts.batch, opts.scored, opts.engine, cache)
         pipeline = pipeline_images_per_s(
-            studies, opts.batch, opts.scored, tmp_path / "stack", opts.quiet_period
+            studies, opts.batch, opts.scored, tmp_path / "stack", opts.quiet_period, opts.engine
         )
     report = {
         "studies": opts.studies,
         "images_scored": opts.studies * opts.scored,
         "batch": opts.batch,
-        "engine": "tensorflow",
+        "engine": opts.engine,
         "bare_images_per_s": round(bare, 2),
         "pipeline_images_per_s": round(pipeline, 2),
         "ratio": round(pipeline / bare, 3),

@@ -1,24 +1,115 @@
 """``scanwatch-listener`` / ``python -m dicom_listener``: serve until SIGTERM or SIGINT.
 
 Configuration comes from ``SCANWATCH_LISTENER_*`` environment variables (see
-:class:`dicom_listener.config.Settings`).
+:class:`dicom_listener.config.Settings`). With ``workers`` > 1 this process is the primary
+(HTTP server) and starts ``workers - 1`` worker processes that share the DICOM port, plus the
+publisher process (``publisher_process``); it restarts a child that dies and stops them all on
+exit.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import fcntl
 import logging
+import os
 import signal
+import subprocess
+import sys
 import threading
 
 from pydantic import ValidationError
 
+from dicom_listener.adapters.outbox import Outbox
+from dicom_listener.adapters.publisher import KafkaSink, OutboxRelay
 from dicom_listener.app import create_app
 from dicom_listener.config import Settings
+from dicom_listener.metrics import ListenerMetrics
 from scanwatch.logs import configure_logging
 
 SERVICE = "dicom-listener"
+#: Seconds between checks that every worker process is alive.
+SUPERVISE_INTERVAL_S = 1.0
+#: How often the publisher process looks for new events (commits in other processes cannot
+#: wake it).
+PUBLISHER_POLL_S = 0.02
+#: Longest final drain when the publisher process stops.
+PUBLISHER_STOP_S = 5.0
+#: Pause between attempts to take the publisher lock from another publisher.
+LOCK_RETRY_S = 0.2
+#: prctl option: signal sent to this process when its parent dies (linux/prctl.h).
+PR_SET_PDEATHSIG = 1
+#: Seconds a worker gets to finish its associations on stop.
+WORKER_STOP_S = 15.0
 log = logging.getLogger("dicom_listener")
+
+
+def _spawn(role: str, port: int) -> subprocess.Popen[bytes]:
+    """A child process of this listener: ``--worker`` or ``--publisher``."""
+    env = {**os.environ, "SCANWATCH_LISTENER_PORT": str(port)}
+    argv = [sys.executable, "-m", "dicom_listener", role, "--parent", str(os.getpid())]
+    return subprocess.Popen(argv, env=env)
+
+
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGKILL this child when its parent dies (``kill -9`` of the
+    listener), so that no orphaned publisher or worker outlives it. Safe: a worker's
+    unanswered C-STOREs were never acknowledged, and a publisher's undeleted events are sent
+    again by the next one."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the parent-check loops still apply
+        pass
+
+
+def _orphaned(parent: int) -> bool:
+    """True once the process that started this child is gone (it was killed with -9)."""
+    return os.getppid() != parent
+
+
+def run_publisher(settings: Settings, stop: threading.Event, parent: int) -> int:
+    """The publisher process: drain the outbox to Kafka until ``stop`` or the parent dies.
+
+    An exclusive lock on ``<outbox>.publisher.lock`` makes sure that one publisher at a time
+    drains the outbox (a restarted listener's publisher waits for an orphaned one to exit).
+    """
+    lock_path = f"{settings.resolved_outbox_path}.publisher.lock"
+    settings.resolved_outbox_path.parent.mkdir(parents=True, exist_ok=True)
+    lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    while True:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if stop.wait(LOCK_RETRY_S) or _orphaned(parent):
+                os.close(lock_fd)
+                return 0
+    relay = OutboxRelay(
+        Outbox(settings.resolved_outbox_path),
+        KafkaSink(settings.kafka_bootstrap_servers, settings.kafka_timeout_s),
+        ListenerMetrics(),
+        batch_size=settings.publish_batch_size,
+        retry_max_s=settings.publish_retry_max_s,
+        idle_poll_s=PUBLISHER_POLL_S,
+        linger_s=settings.publish_linger_s,
+    )
+    relay.start()
+    log.info("publisher running", extra={"outbox": str(settings.resolved_outbox_path)})
+    while not stop.wait(SUPERVISE_INTERVAL_S) and not _orphaned(parent):
+        pass
+    # A final drain, bounded: whatever is left stays in the outbox for the next publisher,
+    # so a Kafka client stuck in close() must not keep this process (and its lock) alive.
+    stopper = threading.Thread(target=relay.stop, name="publisher-stop", daemon=True)
+    stopper.start()
+    stopper.join(PUBLISHER_STOP_S)
+    os.close(lock_fd)
+    if stopper.is_alive():
+        log.warning("publisher did not stop in time; exiting, events stay in the outbox")
+        logging.shutdown()
+        os._exit(0)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +118,15 @@ def main(argv: list[str] | None = None) -> int:
         description="DICOM Storage SCP for MR: stores instances, announces them on Kafka. "
         "Configured by SCANWATCH_LISTENER_* environment variables.",
     )
-    parser.parse_args(argv)
+    role = parser.add_mutually_exclusive_group()
+    role.add_argument(
+        "--worker", action="store_true", help="internal: run as a secondary worker process"
+    )
+    role.add_argument(
+        "--publisher", action="store_true", help="internal: run as the publisher process"
+    )
+    parser.add_argument("--parent", type=int, help="internal: pid of the primary process")
+    args = parser.parse_args(argv)
 
     try:
         settings = Settings()
@@ -37,11 +136,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(SERVICE, settings.log_level)
 
-    app = create_app(settings)
+    # Given by the primary: a child that reads getppid() itself may already see init's pid
+    # when the primary was killed while the child was starting.
+    parent = args.parent or os.getppid()
+    if args.worker or args.publisher:
+        _die_with_parent()
+        if _orphaned(parent):
+            return 0
     stop = threading.Event()
     previous = {
         sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)
     }
+    if args.publisher:
+        try:
+            return run_publisher(settings, stop, parent)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    separate_publisher = settings.publisher_process and not args.worker
+    app = create_app(settings, primary=not args.worker, run_relay=not separate_publisher)
+    workers: list[subprocess.Popen[bytes]] = []
     try:
         try:
             app.start()
@@ -49,9 +164,36 @@ def main(argv: list[str] | None = None) -> int:
             log.error("cannot listen on %s:%s: %s", settings.host, settings.port, exc)
             app.stop(grace_s=0)
             return 1
-        stop.wait()
+        roles: list[str] = []
+        if not args.worker:
+            roles = ["--worker"] * (settings.workers - 1)
+            if separate_publisher:
+                roles.append("--publisher")
+        workers = [_spawn(role, app.port) for role in roles]
+        if separate_publisher:
+            publisher = len(workers) - 1
+            app.health.publisher_alive = lambda: workers[publisher].poll() is None
+            app.health.kafka_state = lambda: "see the publisher process's log"
+        while not stop.wait(SUPERVISE_INTERVAL_S):
+            if args.worker and _orphaned(parent):
+                break
+            for i, worker in enumerate(workers):
+                if worker.poll() is not None:
+                    log.error(
+                        "child process exited, restarting",
+                        extra={"role": roles[i], "rc": worker.returncode},
+                    )
+                    workers[i] = _spawn(roles[i], app.port)
         log.info("stopping")
+        for worker in workers:
+            worker.send_signal(signal.SIGTERM)
         app.stop()
+        for worker in workers:
+            try:
+                worker.wait(timeout=WORKER_STOP_S)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

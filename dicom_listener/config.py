@@ -2,22 +2,64 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: Value of ``sop_classes`` that accepts every Storage SOP Class pynetdicom knows.
+ALL_STORAGE = "ALL_STORAGE"
+#: Default accepted Storage SOP Classes (keywords, PS3.6 Annex A): the pipeline scores MR.
+MR_STORAGE_CLASSES = (
+    "MRImageStorage",
+    "EnhancedMRImageStorage",
+    "EnhancedMRColorImageStorage",
+    "MRSpectroscopyStorage",
+    "LegacyConvertedEnhancedMRImageStorage",
+)
+MiB = 1024 * 1024
+
+
+def _split(value: object) -> object:
+    """A comma-separated environment value as a list (a list is kept as it is)."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def _check_ae_title(value: str, what: str) -> str:
+    # PS3.5 §6.2: AE is 1-16 characters of the default repertoire, no backslash, and
+    # leading/trailing spaces are not significant.
+    title = value.strip()
+    if not 1 <= len(title) <= 16:
+        raise ValueError(f"{what} must be 1 to 16 characters, got {value!r}")
+    if "\\" in title or not all(" " <= c <= "~" for c in title):
+        raise ValueError(f"{what} must be printable ASCII without backslash, got {value!r}")
+    return title
 
 
 class Settings(BaseSettings):
-    """Everything the listener needs to start; every field can be set from the environment."""
+    """Everything the listener needs to start; every field can be set from the environment.
+
+    List fields take a comma-separated value in the environment, e.g.
+    ``SCANWATCH_LISTENER_ALLOWED_CALLING_AES=CT1,MR1@10.0.0.0/24``.
+    """
 
     model_config = SettingsConfigDict(env_prefix="SCANWATCH_LISTENER_", extra="ignore")
 
     ae_title: str = Field(
         default="SCANWATCH",
-        description="AE title of this SCP; associations addressed to another title are rejected.",
+        description="AE title of this SCP; associations addressed to another title are rejected "
+        "(A-ASSOCIATE-RJ, called AE title not recognised).",
+    )
+    allowed_calling_aes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Calling AE titles allowed to associate, each optionally bound to a source "
+        "address or network: 'CT1', 'MR1@10.1.2.3', 'PACS@10.0.0.0/24'. Empty: any calling AE "
+        "(development only). Others are rejected (calling AE title not recognised).",
     )
     host: str = Field(default="127.0.0.1", description="Address the DICOM and metrics ports bind.")
     port: int = Field(
@@ -25,7 +67,36 @@ class Settings(BaseSettings):
     )
     storage_dir: Path = Field(
         default=Path("var/store"),
-        description="Root of the file store: <StudyInstanceUID>/<SeriesInstanceUID>/<SOP>.dcm.",
+        description="Root of the file store: <StudyInstanceUID>/<SeriesInstanceUID>/<SOP>.dcm "
+        "(later versions of an instance: <SOP>.v<N>.dcm).",
+    )
+    outbox_path: Path | None = Field(
+        default=None,
+        description="SQLite (WAL) file of the durable event outbox and the instance index "
+        "(default: <storage_dir>/.scanwatch/outbox.sqlite3). Keep it on the store's disk.",
+    )
+    quarantine_dir: Path | None = Field(
+        default=None,
+        description="Where refused undecodable or incomplete instances are copied for "
+        "inspection (default: <storage_dir>/.quarantine).",
+    )
+    sop_classes: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(MR_STORAGE_CLASSES),
+        description="Accepted Storage SOP Classes, as keywords (MRImageStorage) or UIDs; "
+        f"'{ALL_STORAGE}' accepts every storage class. Others are refused at association "
+        "negotiation (abstract syntax not supported).",
+    )
+    min_free_disk_bytes: int = Field(
+        default=512 * MiB,
+        ge=0,
+        description="Free-space watermark of the store's disk: below it every C-STORE is "
+        "answered Out of Resources (0xA702) until space returns.",
+    )
+    outbox_max_events: int = Field(
+        default=100_000,
+        ge=1,
+        description="Undelivered events at which C-STOREs are answered Out of Resources "
+        "(0xA703) until the publisher has drained the outbox below it.",
     )
     kafka_bootstrap_servers: str = Field(
         default="127.0.0.1:9092", description="Kafka bootstrap servers, comma-separated host:port."
@@ -34,7 +105,34 @@ class Settings(BaseSettings):
         default=10.0,
         gt=0,
         le=300,
-        description="Longest wait for Kafka to acknowledge one event before the C-STORE fails.",
+        description="Longest wait for Kafka (connect, acknowledgement of one batch) before the "
+        "publisher retries; the events stay in the outbox meanwhile.",
+    )
+    publish_batch_size: int = Field(
+        default=500, ge=1, le=10_000, description="Most events the publisher sends per batch."
+    )
+    publish_linger_s: float = Field(
+        default=0.02,
+        ge=0,
+        le=5,
+        description="Pause after new events before the publisher sends them, so that one Kafka "
+        "request carries several (adds at most this much to an event's delivery time).",
+    )
+    publish_retry_max_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="Longest pause between the publisher's retries while Kafka is unreachable.",
+    )
+    tls_cert_file: Path | None = Field(
+        default=None,
+        description="PEM certificate chain of this SCP: when set (with tls_key_file) the DICOM "
+        "port speaks DICOM TLS (PS3.15 B.1) only.",
+    )
+    tls_key_file: Path | None = Field(default=None, description="PEM private key of the SCP.")
+    tls_ca_file: Path | None = Field(
+        default=None,
+        description="PEM CA bundle: when set, senders must present a certificate it signed.",
     )
     max_pdu_size: int = Field(
         default=262_144,
@@ -42,22 +140,73 @@ class Settings(BaseSettings):
         description="Largest P-DATA PDU this SCP accepts, in bytes (0: no limit). Larger PDUs "
         "mean fewer round trips per instance.",
     )
+    max_associations: int = Field(
+        default=32, ge=1, le=1000, description="Simultaneous associations before rejecting."
+    )
+    publisher_process: bool = Field(
+        default=True,
+        description="Run the Kafka publisher in its own process (the service entry point "
+        "starts and supervises it). The Kafka client's Python code then does not compete "
+        "with the C-STOREs for the interpreter lock; false: a thread of the primary process.",
+    )
+    workers: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="DICOM server processes sharing the port (SO_REUSEPORT): one interpreter "
+        "is limited by its GIL, so several associations scale with processes. The first process "
+        "also runs the publisher and the HTTP server; /metrics shows its own counters.",
+    )
     metrics_port: int = Field(
-        default=9111, ge=0, le=65535, description="Prometheus metrics port (0: no metrics server)."
+        default=9111,
+        ge=0,
+        le=65535,
+        description="HTTP port of /metrics (Prometheus) and /healthz (0: no HTTP server).",
     )
     log_level: str = Field(default="INFO", description=f"One of {', '.join(LOG_LEVELS)}.")
 
     @field_validator("ae_title")
     @classmethod
     def _ae_title(cls, value: str) -> str:
-        # PS3.5 §6.2: AE is 1-16 characters of the default repertoire, no backslash, and
-        # leading/trailing spaces are not significant.
-        title = value.strip()
-        if not 1 <= len(title) <= 16:
-            raise ValueError(f"ae_title must be 1 to 16 characters, got {value!r}")
-        if "\\" in title or not all(" " <= c <= "~" for c in title):
-            raise ValueError(f"ae_title must be printable ASCII without backslash, got {value!r}")
-        return title
+        return _check_ae_title(value, "ae_title")
+
+    @field_validator("allowed_calling_aes", mode="before")
+    @classmethod
+    def _split_allowed(cls, value: object) -> object:
+        return _split(value)
+
+    @field_validator("allowed_calling_aes")
+    @classmethod
+    def _allowed(cls, value: list[str]) -> list[str]:
+        entries = []
+        for entry in value:
+            title, _, address = entry.partition("@")
+            title = _check_ae_title(title, "allowed_calling_aes entry")
+            if address:
+                try:
+                    ipaddress.ip_network(address.strip(), strict=False)
+                except ValueError:
+                    raise ValueError(
+                        f"allowed_calling_aes entry {entry!r}: {address!r} is not an IP "
+                        "address or network (e.g. 10.0.0.5 or 10.0.0.0/24)"
+                    ) from None
+                entries.append(f"{title}@{address.strip()}")
+            else:
+                entries.append(title)
+        return entries
+
+    @field_validator("sop_classes", mode="before")
+    @classmethod
+    def _split_classes(cls, value: object) -> object:
+        return _split(value)
+
+    @field_validator("sop_classes")
+    @classmethod
+    def _classes(cls, value: list[str]) -> list[str]:
+        from dicom_listener.sop_classes import resolve_storage_classes
+
+        resolve_storage_classes(value)  # raises ValueError naming the unknown entries
+        return value
 
     @field_validator("kafka_bootstrap_servers")
     @classmethod
@@ -77,3 +226,22 @@ class Settings(BaseSettings):
         if level not in LOG_LEVELS:
             raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
         return level
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if self.tls_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError("tls_ca_file needs tls_cert_file and tls_key_file")
+        for path in (self.tls_cert_file, self.tls_key_file, self.tls_ca_file):
+            if path is not None and not path.is_file():
+                raise ValueError(f"TLS file {path} does not exist")
+        return self
+
+    @property
+    def resolved_outbox_path(self) -> Path:
+        return self.outbox_path or self.storage_dir / ".scanwatch" / "outbox.sqlite3"
+
+    @property
+    def resolved_quarantine_dir(self) -> Path:
+        return self.quarantine_dir or self.storage_dir / ".quarantine"

@@ -1,23 +1,38 @@
 """DIMSE handlers: plain functions of a pynetdicom ``event`` (STYLE habit 1).
 
-The C-STORE handler reads the identifying UIDs, stores the instance exactly as received,
-publishes ``dicom.instance.received.v1`` and only then answers success (PS3.4 Annex B). Any
-failure becomes a failure status with an Error Comment; no exception escapes to pynetdicom.
+The C-STORE handler admits the request (free disk, outbox room), reads the identifying UIDs,
+streams the instance to disk exactly as received, and records the instance and its
+``dicom.instance.received.v1`` event in the durable outbox in one transaction; only then does
+it answer success (PS3.4 Annex B). Kafka is reached by the outbox relay, not here, so a broker
+outage never fails a C-STORE. Any failure becomes a failure status with an Error Comment; no
+exception escapes to pynetdicom.
+
+Duplicates: the same SOPInstanceUID with the same bytes is answered success and produces no
+event; with other bytes it is stored as a new version (``<SOP>.v<N>.dcm``) and its event
+carries Kafka headers ``scanwatch-instance-version`` and ``scanwatch-supersedes-sha256``.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import NamedTuple
+from pathlib import Path
+from typing import BinaryIO, NamedTuple
 
+import pydicom
 from pydantic import TypeAdapter, ValidationError
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pynetdicom.events import Event
 
-from dicom_listener.adapters.filestore import InstanceStore
-from dicom_listener.adapters.publisher import EventPublisher
+from dicom_listener.adapters.filestore import InstanceStore, Quarantine, read_chunks
+from dicom_listener.adapters.outbox import Outbox, OutboxTransaction
 from dicom_listener.metrics import ListenerMetrics
 from schemas.events import UID, InstanceReceivedV1
 
@@ -29,12 +44,18 @@ log = logging.getLogger(__name__)
 SUCCESS = 0x0000
 #: Refused: Out of Resources - the instance could not be written to the store. Retry later.
 OUT_OF_RESOURCES_STORAGE = 0xA700
-#: Refused: Out of Resources - Kafka did not acknowledge the event in time. Retry later.
-OUT_OF_RESOURCES_PUBLISH = 0xA701
+#: Refused: Out of Resources - the event could not be recorded in the outbox. Retry later.
+OUT_OF_RESOURCES_OUTBOX_WRITE = 0xA701
+#: Refused: Out of Resources - the store's disk is below its free-space watermark.
+OUT_OF_RESOURCES_DISK_LOW = 0xA702
+#: Refused: Out of Resources - the outbox holds too many undelivered events (Kafka is behind).
+OUT_OF_RESOURCES_OUTBOX_FULL = 0xA703
 #: Error: Data Set does not match SOP Class - SOPClassUID differs from the negotiated class.
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 #: Error: Cannot understand - the dataset could not be decoded (pynetdicom's meaning of 0xC210).
 CANNOT_UNDERSTAND_UNDECODABLE = 0xC210
+#: Error: Cannot understand - the dataset ends inside an element (truncated).
+CANNOT_UNDERSTAND_TRUNCATED = 0xC212
 #: Error: Cannot understand - a required UID is missing or empty.
 CANNOT_UNDERSTAND_MISSING_UID = 0xC220
 #: Error: Cannot understand - a required UID is not a valid UID (PS3.5 §9.1).
@@ -42,12 +63,53 @@ CANNOT_UNDERSTAND_INVALID_UID = 0xC221
 #: Error: Cannot understand - SOPInstanceUID differs from the request's AffectedSOPInstanceUID.
 CANNOT_UNDERSTAND_INSTANCE_MISMATCH = 0xC222
 
+#: Kafka header carrying the version (2, 3 ...) of an instance re-sent with other bytes.
+HEADER_INSTANCE_VERSION = "scanwatch-instance-version"
+#: Kafka header carrying the SHA-256 of the version a new version supersedes.
+HEADER_SUPERSEDES_SHA256 = "scanwatch-supersedes-sha256"
+
 #: Attributes every stored instance must carry (type 1 in every composite IOD).
 REQUIRED_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
 #: Error Comment (0000,0902) is LO: at most 64 characters.
 _ERROR_COMMENT_MAX = 64
+#: Element values larger than this are not read while identifying an instance (pixel data
+#: stays on disk: memory use does not grow with the instance).
+_DEFER_BYTES = 4096
+_UNDEFINED_LENGTH = 0xFFFFFFFF
 
 _uid_adapter: TypeAdapter[str] = TypeAdapter(UID)
+
+
+class Admission:
+    """Back-pressure: refuses C-STOREs while the disk is low or the outbox is too deep.
+
+    Checked on every request, so the listener recovers on its own when space returns or the
+    publisher catches up.
+    """
+
+    def __init__(self, storage_dir: Path, min_free_bytes: int, outbox: Outbox, max_events: int):
+        self.storage_dir = Path(storage_dir)
+        self.min_free_bytes = min_free_bytes
+        self.outbox = outbox
+        self.max_events = max_events
+
+    def free_bytes(self) -> int:
+        folder = self.storage_dir.resolve()
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        return shutil.disk_usage(folder).free
+
+    def refusal(self) -> _Refused | None:
+        """Why a C-STORE must be refused now, or None."""
+        if self.min_free_bytes and self.free_bytes() < self.min_free_bytes:
+            return _Refused(
+                OUT_OF_RESOURCES_DISK_LOW, "disk_low", "storage below free-space watermark"
+            )
+        if self.outbox.depth() >= self.max_events:
+            return _Refused(
+                OUT_OF_RESOURCES_OUTBOX_FULL, "outbox_full", "event outbox full; Kafka behind"
+            )
+        return None
 
 
 @dataclass(frozen=True)
@@ -55,8 +117,10 @@ class StoreContext:
     """What the C-STORE handler needs, handed over by the app factory."""
 
     store: InstanceStore
-    publisher: EventPublisher
+    outbox: Outbox
     metrics: ListenerMetrics
+    quarantine: Quarantine
+    admission: Admission
 
 
 class _Identity(NamedTuple):
@@ -68,9 +132,10 @@ class _Identity(NamedTuple):
 
 
 class _Refused(Exception):
-    def __init__(self, status: int, reason: str, comment: str) -> None:
+    def __init__(self, status: int, reason: str, comment: str, quarantine: bool = False) -> None:
         super().__init__(comment)
         self.status, self.reason, self.comment = status, reason, comment
+        self.quarantine = quarantine
 
 
 def status(code: int, comment: str | None = None) -> Dataset:
@@ -86,33 +151,70 @@ def _text(value: object) -> str:
     return "" if value is None else str(value).strip()
 
 
-def _identify(event: Event) -> _Identity:
-    """Read the UIDs the store and the event need, and check them against the request."""
+@contextmanager
+def _received(event: Event) -> Iterator[BinaryIO]:
+    """The received instance as a Part 10 stream: the file pynetdicom streamed to disk
+    (``STORE_RECV_CHUNKED_DATASET``), or the in-memory bytes otherwise."""
     try:
-        ds = event.dataset
+        path = event.dataset_path
+    except AttributeError:
+        path = None
+    if path is not None:
+        with open(path, "rb") as fp:
+            yield fp
+    else:
+        yield io.BytesIO(event.encoded_dataset(include_meta=True))
+
+
+def _bad(status_code: int, reason: str, comment: str) -> _Refused:
+    return _Refused(status_code, reason, comment, quarantine=True)
+
+
+def _check_complete(ds: Dataset, size: int) -> None:
+    """Raise when an element's declared length runs past the end of the received bytes."""
+    for elem in ds._dict.values():  # raw elements: value_tell and length as read
+        if (
+            isinstance(elem, RawDataElement)
+            and elem.length != _UNDEFINED_LENGTH
+            and elem.value_tell is not None
+            and elem.value_tell + elem.length > size
+        ):
+            raise _bad(CANNOT_UNDERSTAND_TRUNCATED, "truncated", "dataset is truncated")
+
+
+def _identify(fp: BinaryIO, event: Event) -> _Identity:
+    """Read the UIDs the store and the event need, and check them against the request."""
+    size = fp.seek(0, io.SEEK_END)
+    fp.seek(0)
+    try:
+        ds = pydicom.dcmread(fp, defer_size=_DEFER_BYTES)
+        if ds.file_meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+            _check_complete(ds, size)
         values = {keyword: _text(ds.get(keyword)) for keyword in REQUIRED_UIDS}
         modality = _text(ds.get("Modality"))
+    except _Refused:
+        raise
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on bad input
-        raise _Refused(
+        raise _bad(
             CANNOT_UNDERSTAND_UNDECODABLE, "undecodable", "dataset could not be decoded"
         ) from exc
     for keyword, value in values.items():
         if not value:
-            raise _Refused(CANNOT_UNDERSTAND_MISSING_UID, "missing_uid", f"{keyword} missing")
+            raise _bad(CANNOT_UNDERSTAND_MISSING_UID, "missing_uid", f"{keyword} missing")
         try:
             _uid_adapter.validate_python(value)
         except ValidationError:
-            raise _Refused(
+            raise _bad(
                 CANNOT_UNDERSTAND_INVALID_UID, "invalid_uid", f"{keyword} is not a valid UID"
             ) from None
     if values["SOPClassUID"] != str(event.context.abstract_syntax):
-        raise _Refused(
+        raise _bad(
             DATASET_DOES_NOT_MATCH_SOP_CLASS,
             "sop_class_mismatch",
             "SOPClassUID differs from the negotiated SOP Class",
         )
     if values["SOPInstanceUID"] != _text(event.request.AffectedSOPInstanceUID):
-        raise _Refused(
+        raise _bad(
             CANNOT_UNDERSTAND_INSTANCE_MISMATCH,
             "sop_instance_mismatch",
             "SOPInstanceUID differs from AffectedSOPInstanceUID",
@@ -121,38 +223,69 @@ def _identify(event: Event) -> _Identity:
     return _Identity(**values, Modality=modality if 0 < len(modality) <= 16 else None)
 
 
-def handle_store(event: Event, ctx: StoreContext) -> Dataset:
-    """EVT_C_STORE: store durably, publish, and only then answer success."""
-    uids: dict[str, str] = {"AffectedSOPInstanceUID": _text(event.request.AffectedSOPInstanceUID)}
-    try:
-        ident = _identify(event)
-    except _Refused as refused:
-        ctx.metrics.refused.labels(refused.reason).inc()
-        log.warning("C-STORE refused: %s", refused.comment, extra=uids | {"reason": refused.reason})
-        return status(refused.status, refused.comment)
-    uids = {
-        "StudyInstanceUID": ident.StudyInstanceUID,
-        "SeriesInstanceUID": ident.SeriesInstanceUID,
-        "SOPInstanceUID": ident.SOPInstanceUID,
+def _refuse(event: Event, ctx: StoreContext, refused: _Refused, fp: BinaryIO | None) -> Dataset:
+    ctx.metrics.refused.labels(refused.reason).inc()
+    extra: dict[str, object] = {
+        "AffectedSOPInstanceUID": _text(event.request.AffectedSOPInstanceUID),
+        "reason": refused.reason,
+        "status": f"0x{refused.status:04X}",
+        "calling_ae_title": _calling_ae(event),
     }
+    if refused.quarantine and fp is not None:
+        try:
+            fp.seek(0)
+            extra["quarantined_as"] = ctx.quarantine.keep(refused.reason, read_chunks(fp)).name
+            ctx.metrics.quarantined.inc()
+        except OSError as exc:
+            extra["quarantine_error"] = repr(exc)
+    log.warning("C-STORE refused: %s", refused.comment, extra=extra)
+    return status(refused.status, refused.comment)
 
-    started = time.perf_counter()
-    try:
-        stored = ctx.store.put(
-            ident.StudyInstanceUID,
-            ident.SeriesInstanceUID,
-            ident.SOPInstanceUID,
-            event.encoded_dataset(include_meta=True),
-        )
-    except Exception as exc:  # noqa: BLE001 - any failure to store is a refusal, never success
-        ctx.metrics.refused.labels("storage_failed").inc()
-        log.error("C-STORE failed: instance not stored: %r", exc, extra=uids)
-        return status(OUT_OF_RESOURCES_STORAGE, "instance could not be stored")
-    finally:
-        ctx.metrics.store_seconds.observe(time.perf_counter() - started)
 
+def _calling_ae(event: Event) -> str:
+    return _text(event.assoc.requestor.ae_title)
+
+
+def handle_store(event: Event, ctx: StoreContext) -> Dataset:
+    """EVT_C_STORE: admit, store durably, record the event, and only then answer success."""
+    refusal = ctx.admission.refusal()
+    if refusal is not None:
+        return _refuse(event, ctx, refusal, None)
     started = time.perf_counter()
-    try:
+    with _received(event) as fp:
+        try:
+            ident = _identify(fp, event)
+        except _Refused as refused:
+            return _refuse(event, ctx, refused, fp)
+        uids = {
+            "StudyInstanceUID": ident.StudyInstanceUID,
+            "SeriesInstanceUID": ident.SeriesInstanceUID,
+            "SOPInstanceUID": ident.SOPInstanceUID,
+        }
+        fp.seek(0)
+        try:
+            staged = ctx.store.stage(
+                ident.StudyInstanceUID,
+                ident.SeriesInstanceUID,
+                ident.SOPInstanceUID,
+                read_chunks(fp),
+            )
+        except Exception as exc:  # noqa: BLE001 - any failure to store is a refusal
+            ctx.metrics.refused.labels("storage_failed").inc()
+            log.error("C-STORE failed: instance not stored: %r", exc, extra=uids)
+            return status(OUT_OF_RESOURCES_STORAGE, "instance could not be stored")
+
+    def record(tx: OutboxTransaction) -> str:
+        """Inside the (group) transaction: duplicate, new version or new instance."""
+        known = tx.known(ident.SOPInstanceUID)
+        if known is not None and known.sha256 == staged.sha256:
+            return "duplicate"
+        version = known.version + 1 if known else 1
+        committed = ctx.store.commit(staged, version, fsync_folder=False)
+        # A file renamed into place whose event is not committed was never acknowledged:
+        # remove it so that nothing is half-stored (the sender retries).
+        tx.on_rollback(lambda: committed.path.unlink(missing_ok=True))
+        tx.fsync_folder_before_commit(staged.folder)
         received = InstanceReceivedV1(
             StudyInstanceUID=ident.StudyInstanceUID,
             SeriesInstanceUID=ident.SeriesInstanceUID,
@@ -160,26 +293,55 @@ def handle_store(event: Event, ctx: StoreContext) -> Dataset:
             SOPClassUID=ident.SOPClassUID,
             TransferSyntaxUID=str(event.context.transfer_syntax),
             Modality=ident.Modality,
-            storage_uri=stored.uri,
-            size_bytes=stored.size_bytes,
-            sha256=stored.sha256,
-            calling_ae_title=event.assoc.requestor.ae_title,
-            called_ae_title=event.assoc.acceptor.ae_title,
+            storage_uri=committed.uri,
+            size_bytes=committed.size_bytes,
+            sha256=committed.sha256,
+            calling_ae_title=_calling_ae(event),
+            called_ae_title=_text(event.assoc.acceptor.ae_title),
         )
-        ctx.publisher.publish(received, key=ident.StudyInstanceUID)
-    except Exception as exc:  # noqa: BLE001 - not acknowledged means not successful
-        ctx.metrics.refused.labels("publish_failed").inc()
-        log.error("C-STORE failed: event not acknowledged: %s", exc, extra=uids)
-        return status(OUT_OF_RESOURCES_PUBLISH, "event not acknowledged by Kafka")
-    finally:
-        ctx.metrics.publish_seconds.observe(time.perf_counter() - started)
+        headers: list[tuple[str, bytes]] = []
+        if known is not None:
+            headers = [
+                (HEADER_INSTANCE_VERSION, str(version).encode()),
+                (HEADER_SUPERSEDES_SHA256, known.sha256.encode()),
+            ]
+        tx.record(
+            ident.SOPInstanceUID,
+            committed.sha256,
+            version,
+            committed.uri,
+            topic=received.SCHEMA,
+            key=ident.StudyInstanceUID.encode(),
+            value=received.to_bytes(),
+            headers=headers,
+        )
+        return "new_version" if known is not None else "stored"
 
+    try:
+        outcome = ctx.outbox.submit(record)
+    except Exception as exc:  # noqa: BLE001 - not recorded means not successful
+        ctx.store.discard(staged)
+        ctx.metrics.refused.labels("outbox_failed").inc()
+        log.error("C-STORE failed: event not recorded: %r", exc, extra=uids)
+        return status(OUT_OF_RESOURCES_OUTBOX_WRITE, "event could not be recorded")
+    finally:
+        ctx.metrics.store_seconds.observe(time.perf_counter() - started)
+
+    if outcome == "duplicate":
+        ctx.store.discard(staged)
+        ctx.metrics.duplicates.inc()
+    elif outcome == "new_version":
+        ctx.metrics.new_versions.inc()
     ctx.metrics.received.inc()
-    ctx.metrics.received_bytes.inc(stored.size_bytes)
+    ctx.metrics.received_bytes.inc(staged.size_bytes)
     log.info(
         "instance received",
         extra=uids
-        | {"size_bytes": stored.size_bytes, "calling_ae_title": received.calling_ae_title},
+        | {
+            "outcome": outcome,
+            "size_bytes": staged.size_bytes,
+            "calling_ae_title": _calling_ae(event),
+        },
     )
     return status(SUCCESS)
 

@@ -16,6 +16,7 @@ supervisor restarts it and the uncommitted message is redelivered.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -192,7 +193,13 @@ def create_app(
             announcing[key] = count
             log.info("study ready", extra={"StudyInstanceUID": key.decode(), "instances": count})
 
-    @app.agent(ready_topic, concurrency=1)
+    # With several scoring actors, two ready events of one study must not be scored at once: a
+    # slower, older one could overwrite the newer result. A FIFO lock per study keeps them in
+    # the order they were taken from the stream.
+    study_locks: dict[bytes, asyncio.Lock] = {}
+    lock_users: dict[bytes, int] = {}
+
+    @app.agent(ready_topic, concurrency=settings.scoring_concurrency)
     async def score(stream: faust.StreamT) -> None:
         async for event in stream.events():
             try:
@@ -201,38 +208,52 @@ def create_app(
                 await dead_letter(event, f"invalid {StudyReadyV1.SCHEMA}: {exc}", "unusable")
                 continue
             key = ready.StudyInstanceUID.encode()
-            now = time.time()
-            if (state := studies.get(key)) is not None:
-                studies[key] = mark_announced(state, len(ready.instances), now)
-                metrics.stage_seconds.labels("assembly_wait").observe(
-                    now - state["first_received_at"]
-                )
-            announcing.pop(key, None)
+            lock = study_locks.setdefault(key, asyncio.Lock())
+            lock_users[key] = lock_users.get(key, 0) + 1
             try:
-                result = await scorer.score(ready)
-            except UnusableStudy as exc:
-                await dead_letter(event, str(exc), "unusable")
-                continue
-            except SignatureMismatch:
-                log.critical("served model breaks the signature contract; stopping")
+                async with lock:
+                    await score_one(event, ready, key)
+            finally:
+                lock_users[key] -= 1
+                if not lock_users[key]:  # nobody else holds or waits for it
+                    del lock_users[key], study_locks[key]
+
+    async def score_one(event: faust.EventT, ready: StudyReadyV1, key: bytes) -> None:
+        now = time.time()
+        state = studies.get(key)
+        if state is not None and state["announced"] > len(ready.instances):
+            # A newer ready event of this study (more instances) was scored already.
+            log.info("superseded ready event skipped", extra={"StudyInstanceUID": key.decode()})
+            return
+        if state is not None:
+            studies[key] = mark_announced(state, len(ready.instances))
+            metrics.stage_seconds.labels("assembly_wait").observe(now - state["first_received_at"])
+        announcing.pop(key, None)
+        try:
+            result = await scorer.score(ready)
+        except UnusableStudy as exc:
+            await dead_letter(event, str(exc), "unusable")
+            return
+        except SignatureMismatch:
+            log.critical("served model breaks the signature contract; stopping")
+            raise
+        except Exception as exc:
+            if not is_transient(exc) or (state := studies.get(key)) is None:
                 raise
-            except Exception as exc:
-                if not is_transient(exc) or (state := studies.get(key)) is None:
-                    raise
-                # Retries exhausted on a transient failure: park the study; the timer
-                # announces it again when the parking time is over. Never dropped.
-                studies[key] = park(state, time.time() + settings.park_s)
-                metrics.parked.inc()
-                log.warning(
-                    "study parked",
-                    extra={
-                        "StudyInstanceUID": ready.StudyInstanceUID,
-                        "retry_in_s": settings.park_s,
-                        "error": str(exc),
-                    },
-                )
-                continue
-            await results_topic.send(key=key, value=result.to_bytes())
+            # Retries exhausted on a transient failure: park the study; the timer announces it
+            # again when the parking time is over. Never dropped.
+            studies[key] = park(state, time.time() + settings.park_s)
+            metrics.parked.inc()
+            log.warning(
+                "study parked",
+                extra={
+                    "StudyInstanceUID": ready.StudyInstanceUID,
+                    "retry_in_s": settings.park_s,
+                    "error": str(exc),
+                },
+            )
+            return
+        await results_topic.send(key=key, value=result.to_bytes())
 
     @app.page("/healthz")
     async def healthz(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:

@@ -2,8 +2,8 @@
 
 Plain functions over a JSON-able state dict (it lives in a Faust table, whose changelog makes it
 survive restarts). A study is ready when it has instances that were not yet announced and either
-no new instance arrived for the quiet period of its source, or the maximum wait since its first
-(or last announced) instance has passed. A parked study (model server unreachable for longer
+no new instance arrived for the quiet period of its source, or the maximum wait since the oldest
+instance not yet announced has passed. A parked study (model server unreachable for longer
 than the retries) becomes ready again when its parking time is over.
 """
 
@@ -23,13 +23,17 @@ class StudyState(TypedDict):
     last_received_at: float
     announced: int  # number of instances in the last ready event scored
     source: NotRequired[str]  # calling AE title of the first instance
-    announced_at: NotRequired[float]  # when the last ready event was taken up for scoring
+    pending_since: NotRequired[float]  # arrival of the oldest instance not yet announced
     parked_until: NotRequired[float]  # scoring failed transiently: not before this time
 
 
 def add_instance(state: StudyState | None, event: InstanceReceivedV1, now: float) -> StudyState:
-    """Record an instance; a redelivered or re-sent instance (same SOPInstanceUID) is a no-op
-    except for keeping its latest storage reference."""
+    """Record an instance.
+
+    A redelivered or re-sent instance (same SOPInstanceUID, same sha256) changes nothing. A new
+    version of an instance (same SOPInstanceUID, other bytes: the listener keeps both) replaces
+    the reference and makes the whole study due for scoring again.
+    """
     if state is None:
         state = StudyState(
             instances={},
@@ -38,16 +42,16 @@ def add_instance(state: StudyState | None, event: InstanceReceivedV1, now: float
             announced=0,
             source=event.calling_ae_title,
         )
-    instances = dict(state["instances"])
-    known = event.SOPInstanceUID in instances
-    instances[event.SOPInstanceUID] = event.ref().model_dump(mode="json")
-    return StudyState(
-        **{
-            **state,
-            "instances": instances,
-            "last_received_at": state["last_received_at"] if known else now,
-        }
-    )
+    previous = state["instances"].get(event.SOPInstanceUID)
+    if previous is not None and previous["sha256"] == event.sha256:
+        return state
+    instances = {**state["instances"], event.SOPInstanceUID: event.ref().model_dump(mode="json")}
+    changes: dict = {"instances": instances, "last_received_at": now}
+    if len(state["instances"]) <= state["announced"]:
+        changes["pending_since"] = now  # the first change since the last announcement
+    if previous is not None:
+        changes["announced"] = 0  # same count, other content: announce the study again
+    return StudyState(**{**state, **changes})
 
 
 def is_ready(state: StudyState, now: float, quiet_period_s: float, max_wait_s: float) -> bool:
@@ -56,7 +60,7 @@ def is_ready(state: StudyState, now: float, quiet_period_s: float, max_wait_s: f
         return False
     if now - state["last_received_at"] >= quiet_period_s:
         return True
-    waiting_since = max(state["first_received_at"], state.get("announced_at", 0.0))
+    waiting_since = state.get("pending_since", state["first_received_at"])
     return now - waiting_since >= max_wait_s
 
 
@@ -71,16 +75,9 @@ def ready_event(study_uid: str, state: StudyState, quiet_period_s: float) -> Stu
     )
 
 
-def mark_announced(state: StudyState, count: int, now: float) -> StudyState:
+def mark_announced(state: StudyState, count: int) -> StudyState:
     """Remember that a ready event with ``count`` instances was taken up for scoring."""
-    return StudyState(
-        **{
-            **state,
-            "announced": max(state["announced"], count),
-            "announced_at": now,
-            "parked_until": 0.0,
-        }
-    )
+    return StudyState(**{**state, "announced": max(state["announced"], count), "parked_until": 0.0})
 
 
 def park(state: StudyState, until: float) -> StudyState:

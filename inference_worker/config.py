@@ -85,6 +85,13 @@ class Settings(BaseSettings):
     orientation: str = Field(
         "any", description="Series orientation to score: any, axial, coronal or sagittal."
     )
+    scoring_concurrency: int = Field(
+        2,
+        ge=1,
+        le=16,
+        description="Studies scored at once per worker: while one waits for Predict, the next "
+        "is read and preprocessed, so the model server is not idle between studies.",
+    )
     max_message_bytes: int = Field(
         256 * 1024 * 1024, ge=4 * 1024 * 1024, description="gRPC message size limit, both ways."
     )

@@ -54,6 +54,7 @@ class StackConfig:
     quiet_period_s: float = 5.0
     workers: int = 1  # inference worker processes (worker n's web port: worker_web + n - 1)
     model_name: str = DEFAULT_MODEL
+    model_engine: str = "tensorflow"  # or "openvino": the model server's engine
     models: Path | None = None  # model repository; default var/models
     kafka_libs: Path | None = None  # default var/kafka/libs
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -120,6 +121,8 @@ class Stack:
                     "SCANWATCH_MODEL_SERVER_MODEL_NAME": c.model_name,
                     "SCANWATCH_MODEL_SERVER_PORT": str(p.model_server),
                     "SCANWATCH_MODEL_SERVER_METRICS_PORT": str(p.model_server_metrics),
+                    "SCANWATCH_MODEL_SERVER_ENGINE": c.model_engine,
+                    "SCANWATCH_MODEL_SERVER_OPENVINO_CACHE_DIR": str(c.var / "cache" / "openvino"),
                 },
                 lambda: model_available(f"127.0.0.1:{p.model_server}", c.model_name),
             ),

@@ -74,6 +74,7 @@ def _storescu_argv(
     calling_ae: str,
     timeout: float,
     verbose: bool,
+    extra: Sequence[str] = (),
 ) -> list[str]:
     return [
         STORESCU,
@@ -83,6 +84,7 @@ def _storescu_argv(
         "-aet",
         calling_ae,
         *_timeouts(timeout),
+        *extra,
         *scan,
         host,
         str(port),
@@ -122,11 +124,13 @@ def storescu(
     called_ae: str = DEFAULT_CALLED_AE,
     calling_ae: str = DEFAULT_CALLING_AE,
     timeout: float = DEFAULT_TIMEOUT_S,
+    extra_args: Sequence[str] = (),
 ) -> subprocess.CompletedProcess[str]:
     """Send ``files`` with dcmtk ``storescu``; raise :class:`PeerError` unless all succeed.
 
     ``files`` is a list of Part 10 files (sent in as few associations as the command line
-    allows) or a folder (scanned recursively with ``+sd +r``). storescu stops at the first
+    allows) or a folder (scanned recursively with ``+sd +r``). ``extra_args`` go to storescu
+    before the peer's address (e.g. ``tls_args(...)`` for DICOM TLS). storescu stops at the first
     C-STORE that does not succeed and exits non-zero; the error names the status it got.
     ``timeout`` bounds each network step (connect, association, each response). Returns the
     last storescu run.
@@ -136,7 +140,9 @@ def storescu(
         raise PeerError("no files to send")
     results: list[subprocess.CompletedProcess[str]] = []
     for group in groups:
-        argv = _storescu_argv(group, scan, host, port, called_ae, calling_ae, timeout, True)
+        argv = _storescu_argv(
+            group, scan, host, port, called_ae, calling_ae, timeout, True, extra_args
+        )
         try:
             result = subprocess.run(
                 argv, env=dcmtk_env(), capture_output=True, text=True, check=False
@@ -161,9 +167,20 @@ def echoscu(
     called_ae: str = DEFAULT_CALLED_AE,
     calling_ae: str = "ECHOSCU",
     timeout: float = 5.0,
+    extra_args: Sequence[str] = (),
 ) -> bool:
     """True when the peer accepts an association and answers C-ECHO with success."""
-    argv = [ECHOSCU, "-aec", called_ae, "-aet", calling_ae, *_timeouts(timeout), host, str(port)]
+    argv = [
+        ECHOSCU,
+        "-aec",
+        called_ae,
+        "-aet",
+        calling_ae,
+        *_timeouts(timeout),
+        *extra_args,
+        host,
+        str(port),
+    ]
     try:
         result = subprocess.run(
             argv, env=dcmtk_env(), capture_output=True, text=True, timeout=timeout * 4
@@ -171,3 +188,10 @@ def echoscu(
     except (FileNotFoundError, subprocess.TimeoutExpired):
         return False
     return result.returncode == 0
+
+
+def tls_args(key_file: Path | None, cert_file: Path | None, ca_file: Path) -> list[str]:
+    """dcmtk options for DICOM TLS: our key and certificate (None: anonymous TLS, no client
+    certificate) and the CA that must have signed the peer's certificate."""
+    own = ["+tls", str(key_file), str(cert_file)] if key_file and cert_file else ["+tla"]
+    return [*own, "+cf", str(ca_file), "-rc"]

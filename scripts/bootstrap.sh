@@ -12,9 +12,11 @@ log() { printf '[bootstrap] %s\n' "$*" >&2; }
 
 # --- Debian packages -------------------------------------------------------------------------
 # dcmtk: real DICOM peers (storescu/echoscu) for the tests and the sample sender.
+# orthanc: a real PACS, the listener's peer in tests and in the ingest benchmark.
+# openssl: test certificates for DICOM TLS.
 # postgresql: the FHIR store's production database; the tests start throwaway clusters with its
 # initdb/pg_ctl (no system cluster is started).
-APT_PACKAGES=(dcmtk postgresql openjdk-17-jre-headless maven)
+APT_PACKAGES=(dcmtk orthanc openssl postgresql openjdk-17-jre-headless maven)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

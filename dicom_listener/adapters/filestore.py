@@ -1,9 +1,14 @@
-"""The filesystem instance store: durable, atomic writes of Part 10 files.
+"""The filesystem instance store: durable, atomic writes of Part 10 files, streamed.
 
-Layout: ``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``. A write goes to
-a hidden temporary name in the final folder, is fsync'd, renamed over the final name and the
-folder is fsync'd, so that after :meth:`FileStore.put` returns the file survives a power cut and
-a reader never sees a partial file. Writing the same instance again replaces it atomically.
+Layout: ``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``; a later version
+of the same instance with other content is kept beside it as ``<SOPInstanceUID>.v<N>.dcm``
+(UIDs hold only digits and dots, so the names cannot collide).
+
+Writing is two steps so that the caller can decide, between them, whether the bytes are new:
+:meth:`FileStore.stage` streams the bytes to a hidden temporary file in the final folder,
+hashing them on the way, and fsyncs it; :meth:`FileStore.commit` renames it to its final name
+and fsyncs the folder. After ``commit`` returns the file survives a power cut, and a reader
+never sees a partial file. Memory use is one chunk, whatever the size of the instance.
 """
 
 from __future__ import annotations
@@ -12,13 +17,30 @@ import hashlib
 import os
 import re
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 #: A DICOM UID (PS3.5 §9.1). Checked again here because UIDs become path components.
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _UID_MAX = 64
+#: Bytes copied per read when streaming an instance to disk.
+CHUNK_BYTES = 1024 * 1024
+#: Name prefix of temporary files (hidden; removed by :meth:`FileStore.sweep_temporaries`).
+_TMP_PREFIX = "."
+
+
+@dataclass(frozen=True)
+class StagedInstance:
+    """Bytes written and fsync'd under a temporary name, not yet visible."""
+
+    tmp: Path
+    folder: Path
+    sop_uid: str
+    sha256: str
+    size_bytes: int
 
 
 @dataclass(frozen=True)
@@ -34,8 +56,21 @@ class StoredInstance:
 class InstanceStore(Protocol):
     """Where the listener puts received instances (a folder here; an object store later)."""
 
-    def put(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoredInstance:
-        """Store ``data`` durably; return only once it would survive a crash, else raise."""
+    def stage(
+        self, study_uid: str, series_uid: str, sop_uid: str, chunks: Iterable[bytes]
+    ) -> StagedInstance:
+        """Write ``chunks`` durably under a temporary name; raise ``OSError`` when it cannot."""
+        ...
+
+    def commit(
+        self, staged: StagedInstance, version: int, fsync_folder: bool = True
+    ) -> StoredInstance:
+        """Make the staged bytes the instance's ``version``; durable once this returns, or
+        once the caller fsync'd ``staged.folder`` when ``fsync_folder`` is False."""
+        ...
+
+    def discard(self, staged: StagedInstance) -> None:
+        """Drop staged bytes that are not needed (a duplicate, a failure)."""
         ...
 
 
@@ -52,18 +87,42 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def read_chunks(fp: BinaryIO, size: int = CHUNK_BYTES) -> Iterable[bytes]:
+    """The rest of ``fp`` in chunks of at most ``size`` bytes."""
+    while chunk := fp.read(size):
+        yield chunk
+
+
+def instance_file_name(sop_uid: str, version: int) -> str:
+    """``<SOP>.dcm`` for the first version, ``<SOP>.v<N>.dcm`` for later ones."""
+    return f"{sop_uid}.dcm" if version <= 1 else f"{sop_uid}.v{version}.dcm"
+
+
 class FileStore:
     """Stores Part 10 files under ``root`` (created on first use)."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
 
-    def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
-        """The final path of an instance; raises ``ValueError`` on a malformed UID."""
+    def folder_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """The folder of an instance; raises ``ValueError`` on a malformed UID."""
         _check_uid("StudyInstanceUID", study_uid)
         _check_uid("SeriesInstanceUID", series_uid)
         _check_uid("SOPInstanceUID", sop_uid)
-        return self.root / study_uid / series_uid / f"{sop_uid}.dcm"
+        return self.root / study_uid / series_uid
+
+    def path_for(self, study_uid: str, series_uid: str, sop_uid: str, version: int = 1) -> Path:
+        """The final path of one version of an instance."""
+        return self.folder_for(study_uid, series_uid, sop_uid) / instance_file_name(
+            sop_uid, version
+        )
 
     def _ensure_dir(self, folder: Path) -> None:
         """Create ``folder`` and missing parents, fsync'ing each parent whose entries changed."""
@@ -76,29 +135,81 @@ class FileStore:
             return
         _fsync_dir(folder.parent)
 
-    def put(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoredInstance:
-        """Write ``data`` durably as the instance's file; raises ``OSError`` when it cannot."""
-        final = self.path_for(study_uid, series_uid, sop_uid)
-        self._ensure_dir(final.parent)
-        tmp = final.with_name(f".{sop_uid}.{uuid.uuid4().hex}.tmp")
+    def stage(
+        self, study_uid: str, series_uid: str, sop_uid: str, chunks: Iterable[bytes]
+    ) -> StagedInstance:
+        folder = self.folder_for(study_uid, series_uid, sop_uid)
+        self._ensure_dir(folder)
+        tmp = folder / f"{_TMP_PREFIX}{sop_uid}.{uuid.uuid4().hex}.tmp"
+        digest = hashlib.sha256()
+        size = 0
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                for chunk in chunks:
+                    digest.update(chunk)
+                    size += len(chunk)
+                    _write_all(fd, chunk)
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(final.parent)
+        return StagedInstance(tmp, folder, sop_uid, digest.hexdigest(), size)
+
+    def commit(
+        self, staged: StagedInstance, version: int, fsync_folder: bool = True
+    ) -> StoredInstance:
+        final = staged.folder / instance_file_name(staged.sop_uid, version)
+        try:
+            os.replace(staged.tmp, final)
+        except BaseException:
+            staged.tmp.unlink(missing_ok=True)
+            raise
+        if fsync_folder:
+            _fsync_dir(staged.folder)
         return StoredInstance(
-            path=final,
-            uri=final.as_uri(),
-            sha256=hashlib.sha256(data).hexdigest(),
-            size_bytes=len(data),
+            path=final, uri=final.as_uri(), sha256=staged.sha256, size_bytes=staged.size_bytes
         )
+
+    def discard(self, staged: StagedInstance) -> None:
+        staged.tmp.unlink(missing_ok=True)
+
+    def sweep_temporaries(self) -> int:
+        """Remove temporary files a killed process left behind; return how many.
+
+        Only safe at start-up, before associations are served: a temporary file belongs to a
+        C-STORE that was never answered with success, so its sender will send it again.
+        """
+        if not self.root.is_dir():
+            return 0
+        count = 0
+        for tmp in self.root.glob(f"*/*/{_TMP_PREFIX}*.tmp"):
+            tmp.unlink(missing_ok=True)
+            count += 1
+        return count
+
+
+class Quarantine:
+    """Keeps a copy of refused input for inspection: ``<dir>/<UTC time>-<reason>-<id>.dcm``.
+
+    Names hold no UIDs or other identifiers from the (untrusted) dataset.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder).resolve()
+
+    def keep(self, reason: str, chunks: Iterable[bytes]) -> Path:
+        """Write ``chunks`` under a new name; return it. Raises ``OSError`` when it cannot."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+        path = self.folder / f"{stamp}-{reason}-{uuid.uuid4().hex[:12]}.dcm"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            for chunk in chunks:
+                _write_all(fd, chunk)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return path

@@ -1,43 +1,57 @@
-"""Publishing events: the port the handler uses and its Kafka adapter.
+"""Publishing events: the outbox relay and its Kafka adapter.
 
-:meth:`EventPublisher.publish` returns only once the event is durable on the bus and raises
-otherwise, so that the caller can tell the sender the truth.
+:class:`OutboxRelay` is a thread that drains the durable outbox to Kafka, oldest event first,
+and deletes events only once Kafka acknowledged them (``acks=all``). While Kafka is unreachable
+it retries with a growing pause (up to ``retry_max_s``); the events wait on disk meanwhile, and
+C-STOREs keep succeeding. Delivery is at least once: an event whose acknowledgement was lost is
+sent again (consumers are idempotent, DESIGN §2).
+
+Order per study: events of one study share a key, hence a partition; the producer keeps one
+request in flight per connection and the relay resends from the first unacknowledged event, so
+a study's events reach the partition in the order their C-STOREs succeeded.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import TYPE_CHECKING, Protocol
 
-from schemas.events import Event
+from dicom_listener.adapters.outbox import Outbox, OutboxEvent
+from dicom_listener.metrics import ListenerMetrics
 
 if TYPE_CHECKING:
     from kafka import KafkaProducer
 
+log = logging.getLogger(__name__)
+
+#: First pause after a failed batch; it doubles up to ``retry_max_s``.
+RETRY_MIN_S = 0.2
+
 
 class PublishError(RuntimeError):
-    """The event was not acknowledged; it may or may not reach the bus later."""
+    """Some events of a batch were not acknowledged; they stay in the outbox."""
 
 
-class EventPublisher(Protocol):
-    """Sends one event to the topic named by its ``SCHEMA`` and waits for the acknowledgement."""
+class EventSink(Protocol):
+    """Sends a batch of events and says which leading part of it was acknowledged."""
 
-    def publish(self, event: Event, key: str) -> None:
-        """Return once the event is acknowledged; raise :class:`PublishError` otherwise."""
+    def send_batch(self, events: list[OutboxEvent]) -> int:
+        """Send ``events`` in order; return how many, from the first, were acknowledged.
+        Raise :class:`PublishError` (after acknowledging none) when the broker is unreachable."""
         ...
 
     def close(self) -> None:
-        """Flush what is pending and release connections."""
+        """Release connections."""
         ...
 
 
-class KafkaEventPublisher:
-    """kafka-python producer with ``acks="all"``, waiting for each event's acknowledgement.
+class KafkaSink:
+    """kafka-python producer with ``acks="all"``, idempotence and one request in flight.
 
-    The producer is created on the first :meth:`publish`, not in ``__init__``: the listener
-    starts (and answers C-ECHO) while Kafka is still down, and C-STOREs fail with a DICOM
-    status until Kafka answers. Every Kafka wait is bounded by ``timeout_s`` in total.
+    The producer is created on the first batch, not in ``__init__``: the listener starts (and
+    stores instances) while Kafka is still down. Each Kafka wait is bounded by ``timeout_s``.
     """
 
     def __init__(
@@ -50,41 +64,164 @@ class KafkaEventPublisher:
         self.timeout_s = timeout_s
         self.client_id = client_id
         self._producer: KafkaProducer | None = None
-        self._lock = threading.Lock()
 
     def _get_producer(self) -> KafkaProducer:
-        with self._lock:
-            if self._producer is None:
-                from kafka import KafkaProducer
+        if self._producer is None:
+            from kafka import KafkaProducer
 
-                timeout_ms = max(1, int(self.timeout_s * 1000))
-                self._producer = KafkaProducer(
-                    bootstrap_servers=self.bootstrap_servers.split(","),
-                    client_id=self.client_id,
-                    acks="all",
-                    enable_idempotence=True,
-                    linger_ms=0,
-                    bootstrap_timeout_ms=timeout_ms,
-                    max_block_ms=timeout_ms,
-                    request_timeout_ms=timeout_ms,
-                    # An event not acknowledged in time has already failed its C-STORE; the
-                    # sender retries, so stop retrying it here soon after.
-                    delivery_timeout_ms=timeout_ms + 1000,
-                )
-            return self._producer
+            timeout_ms = max(1, int(self.timeout_s * 1000))
+            self._producer = KafkaProducer(
+                bootstrap_servers=self.bootstrap_servers.split(","),
+                client_id=self.client_id,
+                acks="all",
+                enable_idempotence=True,
+                max_in_flight_requests_per_connection=1,
+                linger_ms=2,
+                bootstrap_timeout_ms=timeout_ms,
+                max_block_ms=timeout_ms,
+                request_timeout_ms=timeout_ms,
+                delivery_timeout_ms=timeout_ms + 1000,
+            )
+        return self._producer
 
-    def publish(self, event: Event, key: str) -> None:
-        deadline = time.monotonic() + self.timeout_s
+    def send_batch(self, events: list[OutboxEvent]) -> int:
+        deadline = time.monotonic() + self.timeout_s + 1
         try:
             producer = self._get_producer()
-            future = producer.send(event.SCHEMA, value=event.to_bytes(), key=key.encode())
-            future.get(timeout=max(0.001, deadline - time.monotonic()))
+            futures = [
+                producer.send(e.topic, value=e.value, key=e.key, headers=e.headers or None)
+                for e in events
+            ]
+            producer.flush(timeout=max(0.001, deadline - time.monotonic()))
         except Exception as exc:  # noqa: BLE001 - any failure means "not acknowledged"
-            name = type(exc).__name__
-            raise PublishError(str(exc) if name in str(exc) else f"{name}: {exc}") from exc
+            self._reset()
+            raise PublishError(f"{type(exc).__name__}: {exc}") from exc
+        acked = 0
+        for future in futures:
+            if not future.is_done or future.failed():
+                break
+            acked += 1
+        if acked < len(events):
+            failure = futures[acked].exception if futures[acked].is_done else "timed out"
+            self._reset()
+            if acked == 0:
+                raise PublishError(f"not acknowledged: {failure}")
+        return acked
+
+    def _reset(self) -> None:
+        """Drop the producer after a failure, so that the next batch starts clean."""
+        if self._producer is not None:
+            try:
+                self._producer.close(timeout=0)
+            except Exception:  # noqa: BLE001 - closing a broken producer may fail too
+                pass
+            self._producer = None
 
     def close(self) -> None:
-        with self._lock:
-            if self._producer is not None:
-                self._producer.close(timeout=self.timeout_s)
-                self._producer = None
+        if self._producer is not None:
+            self._producer.close(timeout=self.timeout_s)
+            self._producer = None
+
+
+class OutboxRelay:
+    """The publisher thread: outbox → sink, oldest first, forgetting only what was acked."""
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        sink: EventSink,
+        metrics: ListenerMetrics,
+        batch_size: int = 500,
+        retry_max_s: float = 5.0,
+        idle_poll_s: float = 1.0,
+        linger_s: float = 0.0,
+    ) -> None:
+        self.outbox = outbox
+        self.sink = sink
+        self.metrics = metrics
+        self.batch_size = batch_size
+        self.retry_max_s = retry_max_s
+        self.idle_poll_s = idle_poll_s
+        self.linger_s = linger_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        #: Set while the last batch failed (for /healthz; not a health failure).
+        self.last_error: str | None = None
+
+    def wake(self) -> None:
+        """New events are committed: send them now instead of at the next poll."""
+        self._wake.set()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="outbox-relay", daemon=True)
+        self._thread.start()
+
+    def drain_once(self) -> int:
+        """Send one batch; return how many events were delivered. Raises PublishError."""
+        events = self.outbox.pending(self.batch_size)
+        if not events:
+            return 0
+        started = time.perf_counter()
+        try:
+            acked = self.sink.send_batch(events)
+        finally:
+            self.metrics.publish_seconds.observe(time.perf_counter() - started)
+        delivered = events[:acked]
+        self.outbox.delivered([e.seq for e in delivered])
+        now = time.time()
+        for event in delivered:
+            self.metrics.event_delivery_seconds.observe(max(0.0, now - event.created_at))
+        self.metrics.events_published.inc(len(delivered))
+        if acked < len(events):
+            raise PublishError(f"{len(events) - acked} of {len(events)} events not acknowledged")
+        return acked
+
+    def _run(self) -> None:
+        pause = RETRY_MIN_S
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                sent = self.drain_once()
+            except Exception as exc:  # noqa: BLE001 - keep retrying; events stay on disk
+                if self.last_error is None:
+                    log.warning("Kafka unavailable, events kept in the outbox: %s", exc)
+                self.last_error = str(exc)
+                self.metrics.publish_failures.inc()
+                self._stop.wait(pause)
+                pause = min(pause * 2, self.retry_max_s)
+                continue
+            if self.last_error is not None:
+                log.info("Kafka reachable again, draining the outbox")
+                self.last_error = None
+            pause = RETRY_MIN_S
+            if sent < self.batch_size:
+                # Caught up: sleep until a commit wakes us (or poll, for other processes),
+                # then linger a moment so that the next batch carries several events.
+                if self._wake.wait(self.idle_poll_s) and self.linger_s:
+                    self._stop.wait(self.linger_s)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop after the current batch (a final drain is attempted if Kafka is up)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            # While Kafka is unreachable the thread may sit in a connect attempt: do not wait
+            # for it (it is a daemon; the events are safe in the outbox).
+            self._thread.join(timeout=timeout_s if self.last_error is None else 0.5)
+            if self._thread.is_alive():
+                log.warning("publisher still busy at stop; events stay in the outbox")
+                return
+            self._thread = None
+        try:
+            if self.last_error is None:
+                while self.drain_once():
+                    pass
+        except Exception as exc:  # noqa: BLE001 - what is left stays in the outbox
+            log.warning("events left in the outbox at stop: %s", exc)
+        self.sink.close()
+        self.outbox.close()

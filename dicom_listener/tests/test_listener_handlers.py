@@ -1,10 +1,11 @@
-"""Unit tests of the C-STORE handler with real pynetdicom events, a real file store and a fake
-publisher (no network)."""
+"""Unit tests of the C-STORE handler with real pynetdicom events, a real file store and a real
+SQLite outbox (no network)."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,51 +23,46 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
 
-from dicom_listener.adapters.filestore import FileStore, StoredInstance
-from dicom_listener.adapters.publisher import PublishError
+from dicom_listener.adapters.filestore import FileStore, Quarantine, StagedInstance
+from dicom_listener.adapters.outbox import Outbox, OutboxEvent
 from dicom_listener.handlers import (
     CANNOT_UNDERSTAND_INSTANCE_MISMATCH,
     CANNOT_UNDERSTAND_INVALID_UID,
     CANNOT_UNDERSTAND_MISSING_UID,
+    CANNOT_UNDERSTAND_TRUNCATED,
     CANNOT_UNDERSTAND_UNDECODABLE,
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
-    OUT_OF_RESOURCES_PUBLISH,
+    HEADER_INSTANCE_VERSION,
+    HEADER_SUPERSEDES_SHA256,
+    OUT_OF_RESOURCES_DISK_LOW,
+    OUT_OF_RESOURCES_OUTBOX_FULL,
+    OUT_OF_RESOURCES_OUTBOX_WRITE,
     OUT_OF_RESOURCES_STORAGE,
     SUCCESS,
+    Admission,
     StoreContext,
     handle_echo,
     handle_store,
 )
 from dicom_listener.metrics import ListenerMetrics
-from schemas.events import Event as SchemaEvent
 from schemas.events import InstanceReceivedV1
 
 CALLING_AE = "MODALITY1"
 CALLED_AE = "SCANWATCH"
 
 
-class FakePublisher:
-    """Records what it is asked to publish; raises ``error`` instead when given one."""
-
-    def __init__(self, error: Exception | None = None) -> None:
-        self.error = error
-        self.published: list[tuple[SchemaEvent, str]] = []
-        self.closed = False
-
-    def publish(self, event: SchemaEvent, key: str) -> None:
-        if self.error is not None:
-            raise self.error
-        self.published.append((event, key))
-
-    def close(self) -> None:
-        self.closed = True
-
-
-class BrokenStore:
+class BrokenStore(FileStore):
     """A store whose disk is full."""
 
-    def put(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> StoredInstance:
+    def stage(self, study_uid, series_uid, sop_uid, chunks) -> StagedInstance:  # type: ignore[no-untyped-def]
         raise OSError(28, "No space left on device")
+
+
+class BrokenOutbox(Outbox):
+    """An outbox whose database cannot be written (its commit fails)."""
+
+    def submit(self, work):  # type: ignore[no-untyped-def]
+        raise OSError(5, "I/O error")
 
 
 def store_event(
@@ -114,12 +110,25 @@ def wire(mr_series: list[Path], dataset_bytes: Callable[[bytes], bytes]) -> byte
     return dataset_bytes(mr_series[0].read_bytes())
 
 
-def context(tmp_path: Path, publisher: FakePublisher, store: object = None) -> StoreContext:
+def context(
+    tmp_path: Path,
+    store: FileStore | None = None,
+    outbox: Outbox | None = None,
+    min_free_bytes: int = 0,
+    max_events: int = 1000,
+) -> StoreContext:
+    outbox = outbox or Outbox(tmp_path / "outbox.sqlite3")
     return StoreContext(
-        store=store or FileStore(tmp_path / "store"),  # type: ignore[arg-type]
-        publisher=publisher,
+        store=store or FileStore(tmp_path / "store"),
+        outbox=outbox,
         metrics=ListenerMetrics(),
+        quarantine=Quarantine(tmp_path / "quarantine"),
+        admission=Admission(tmp_path, min_free_bytes, outbox, max_events),
     )
+
+
+def events(ctx: StoreContext) -> list[OutboxEvent]:
+    return ctx.outbox.pending(1000)
 
 
 def refused(ctx: StoreContext, reason: str) -> float:
@@ -133,14 +142,13 @@ def stored_files(root: Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
 
 
-def test_success_stores_byte_exact_file_and_publishes_matching_event(
+def test_success_stores_byte_exact_file_and_records_matching_event(
     tmp_path: Path,
     instance: pydicom.Dataset,
     wire: bytes,
     dataset_bytes: Callable[[bytes], bytes],
 ) -> None:
-    publisher = FakePublisher()
-    ctx = context(tmp_path, publisher)
+    ctx = context(tmp_path)
     event = store_event(wire, instance.SOPInstanceUID)
 
     rsp = handle_store(event, ctx)
@@ -157,9 +165,11 @@ def test_success_stores_byte_exact_file_and_publishes_matching_event(
     assert meta.MediaStorageSOPInstanceUID == instance.SOPInstanceUID
     assert stored_files(tmp_path / "store") == [path], "no temporary file may remain"
 
-    [(published, key)] = publisher.published
-    assert isinstance(published, InstanceReceivedV1)
-    assert key == instance.StudyInstanceUID
+    [outboxed] = events(ctx)
+    assert outboxed.topic == InstanceReceivedV1.SCHEMA
+    assert outboxed.key == instance.StudyInstanceUID.encode()
+    assert outboxed.headers == []
+    published = InstanceReceivedV1.from_bytes(outboxed.value)
     assert published.StudyInstanceUID == instance.StudyInstanceUID
     assert published.SeriesInstanceUID == instance.SeriesInstanceUID
     assert published.SOPInstanceUID == instance.SOPInstanceUID
@@ -173,45 +183,81 @@ def test_success_stores_byte_exact_file_and_publishes_matching_event(
     registry = ctx.metrics.registry
     assert registry.get_sample_value("scanwatch_listener_instances_received_total") == 1
     assert registry.get_sample_value("scanwatch_listener_received_bytes_total") == len(data)
-    assert registry.get_sample_value("scanwatch_listener_publish_seconds_count") == 1
+    assert registry.get_sample_value("scanwatch_listener_store_seconds_count") == 1
 
 
-def test_duplicate_send_replaces_the_file_and_publishes_again(
+def test_event_survives_reopening_the_outbox(
     tmp_path: Path, instance: pydicom.Dataset, wire: bytes
 ) -> None:
-    publisher = FakePublisher()
-    ctx = context(tmp_path, publisher)
+    ctx = context(tmp_path)
+    assert handle_store(store_event(wire, instance.SOPInstanceUID), ctx).Status == SUCCESS
+    ctx.outbox.close()
+    [event] = Outbox(tmp_path / "outbox.sqlite3").pending(10)
+    assert InstanceReceivedV1.from_bytes(event.value).SOPInstanceUID == instance.SOPInstanceUID
+
+
+def test_duplicate_send_with_same_bytes_records_no_second_event(
+    tmp_path: Path, instance: pydicom.Dataset, wire: bytes
+) -> None:
+    ctx = context(tmp_path)
     for _ in range(2):
         assert handle_store(store_event(wire, instance.SOPInstanceUID), ctx).Status == SUCCESS
     assert len(stored_files(tmp_path / "store")) == 1
-    first, second = (event for event, _ in publisher.published)
-    assert first.sha256 == second.sha256 and first.event_id != second.event_id
+    assert len(events(ctx)) == 1
+    assert (
+        ctx.metrics.registry.get_sample_value("scanwatch_listener_instances_duplicate_total") == 1
+    )
 
 
-def test_publish_failure_is_a_failure_status_not_success(
+def test_same_instance_with_other_bytes_is_kept_as_a_flagged_new_version(
+    tmp_path: Path, instance: pydicom.Dataset, encode: Callable[[pydicom.Dataset], bytes]
+) -> None:
+    ctx = context(tmp_path)
+    first = encode(instance)
+    instance.SeriesDescription = "T1 AX corrected"
+    second = encode(instance)
+    assert handle_store(store_event(first, instance.SOPInstanceUID), ctx).Status == SUCCESS
+    assert handle_store(store_event(second, instance.SOPInstanceUID), ctx).Status == SUCCESS
+    assert handle_store(store_event(second, instance.SOPInstanceUID), ctx).Status == SUCCESS
+
+    folder = tmp_path / "store" / instance.StudyInstanceUID / instance.SeriesInstanceUID
+    v1, v2 = folder / f"{instance.SOPInstanceUID}.dcm", folder / f"{instance.SOPInstanceUID}.v2.dcm"
+    assert stored_files(tmp_path / "store") == sorted([v1, v2])
+    assert pydicom.dcmread(v2).SeriesDescription == "T1 AX corrected"
+    assert pydicom.dcmread(v1).SeriesDescription == "T1 AX"
+    old, new = events(ctx)
+    assert old.headers == []
+    assert dict(new.headers) == {
+        HEADER_INSTANCE_VERSION: b"2",
+        HEADER_SUPERSEDES_SHA256: hashlib.sha256(v1.read_bytes()).hexdigest().encode(),
+    }
+    event = InstanceReceivedV1.from_bytes(new.value)
+    assert event.storage_uri == v2.resolve().as_uri()
+    assert event.sha256 == hashlib.sha256(v2.read_bytes()).hexdigest()
+
+
+def test_outbox_failure_is_a_failure_status_and_nothing_stays_stored(
     tmp_path: Path, instance: pydicom.Dataset, wire: bytes
 ) -> None:
-    publisher = FakePublisher(error=PublishError("KafkaTimeoutError: no ack"))
-    ctx = context(tmp_path, publisher)
+    ctx = context(tmp_path, outbox=BrokenOutbox(tmp_path / "outbox.sqlite3"))
 
     rsp = handle_store(store_event(wire, instance.SOPInstanceUID), ctx)
 
-    assert rsp.Status == OUT_OF_RESOURCES_PUBLISH
-    assert "Kafka" in rsp.ErrorComment
-    assert refused(ctx, "publish_failed") == 1
+    assert rsp.Status == OUT_OF_RESOURCES_OUTBOX_WRITE
+    assert refused(ctx, "outbox_failed") == 1
+    assert stored_files(tmp_path / "store") == []
     assert ctx.metrics.registry.get_sample_value("scanwatch_listener_instances_received_total") == 0
 
 
-def test_storage_failure_is_a_failure_status_and_nothing_is_published(
+def test_storage_failure_is_a_failure_status_and_nothing_is_recorded(
     tmp_path: Path, instance: pydicom.Dataset, wire: bytes
 ) -> None:
-    publisher = FakePublisher()
-    ctx = context(tmp_path, publisher, store=BrokenStore())
+    ctx = context(tmp_path, store=BrokenStore(tmp_path / "store"))
 
     rsp = handle_store(store_event(wire, instance.SOPInstanceUID), ctx)
 
     assert rsp.Status == OUT_OF_RESOURCES_STORAGE
-    assert publisher.published == []
+    assert events(ctx) == []
     assert refused(ctx, "storage_failed") == 1
 
 
@@ -220,33 +266,72 @@ def test_unwritable_storage_dir_is_a_failure_status(
 ) -> None:
     not_a_dir = tmp_path / "store"
     not_a_dir.write_bytes(b"")  # a file where the store's root folder should be
-    publisher = FakePublisher()
-    ctx = StoreContext(FileStore(not_a_dir), publisher, ListenerMetrics())
+    ctx = context(tmp_path, store=FileStore(not_a_dir))
 
     rsp = handle_store(store_event(wire, instance.SOPInstanceUID), ctx)
 
     assert rsp.Status == OUT_OF_RESOURCES_STORAGE
-    assert publisher.published == []
+    assert events(ctx) == []
+
+
+def test_disk_below_watermark_is_out_of_resources_and_recovers(
+    tmp_path: Path, instance: pydicom.Dataset, wire: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx = context(tmp_path, min_free_bytes=10**9)
+    free = {"bytes": 10**6}
+    monkeypatch.setattr(ctx.admission, "free_bytes", lambda: free["bytes"])
+
+    rsp = handle_store(store_event(wire, instance.SOPInstanceUID), ctx)
+    assert rsp.Status == OUT_OF_RESOURCES_DISK_LOW
+    assert stored_files(tmp_path / "store") == [] and events(ctx) == []
+    assert refused(ctx, "disk_low") == 1
+
+    free["bytes"] = 10**10  # space came back
+    assert handle_store(store_event(wire, instance.SOPInstanceUID), ctx).Status == SUCCESS
+
+
+def test_full_outbox_is_out_of_resources_until_it_drains(
+    tmp_path: Path, mr_series: list[Path], dataset_bytes: Callable[[bytes], bytes]
+) -> None:
+    ctx = context(tmp_path, max_events=2)
+    sops = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in mr_series[:3]]
+    wires = [dataset_bytes(p.read_bytes()) for p in mr_series[:3]]
+    assert [
+        handle_store(store_event(w, u), ctx).Status for w, u in zip(wires, sops, strict=True)
+    ] == [
+        SUCCESS,
+        SUCCESS,
+        OUT_OF_RESOURCES_OUTBOX_FULL,
+    ]
+    ctx.outbox.delivered([e.seq for e in events(ctx)])  # the publisher caught up
+    assert handle_store(store_event(wires[2], sops[2]), ctx).Status == SUCCESS
+
+
+def quarantined(tmp_path: Path) -> list[Path]:
+    return stored_files(tmp_path / "quarantine")
 
 
 @pytest.mark.parametrize("keyword", ["StudyInstanceUID", "SeriesInstanceUID", "SOPClassUID"])
-def test_missing_uid_is_refused_with_named_status(
+def test_missing_uid_is_refused_with_named_status_and_quarantined(
     tmp_path: Path,
     instance: pydicom.Dataset,
     encode: Callable[[pydicom.Dataset], bytes],
     keyword: str,
 ) -> None:
     del instance[keyword]
-    publisher = FakePublisher()
-    ctx = context(tmp_path, publisher)
+    ctx = context(tmp_path)
+    event = store_event(encode(instance), instance.SOPInstanceUID)
 
-    rsp = handle_store(store_event(encode(instance), instance.SOPInstanceUID), ctx)
+    rsp = handle_store(event, ctx)
 
     assert rsp.Status == CANNOT_UNDERSTAND_MISSING_UID
     assert keyword in rsp.ErrorComment
-    assert publisher.published == []
+    assert events(ctx) == []
     assert stored_files(tmp_path / "store") == []
     assert refused(ctx, "missing_uid") == 1
+    [copy] = quarantined(tmp_path)
+    assert "missing_uid" in copy.name
+    assert copy.read_bytes() == event.encoded_dataset(include_meta=True)
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
@@ -254,39 +339,39 @@ def test_uid_that_would_escape_the_store_is_refused(
     tmp_path: Path, instance: pydicom.Dataset, encode: Callable[[pydicom.Dataset], bytes]
 ) -> None:
     instance.StudyInstanceUID = "../../escaped"
-    publisher = FakePublisher()
-    ctx = context(tmp_path, publisher)
+    ctx = context(tmp_path)
 
     rsp = handle_store(store_event(encode(instance), instance.SOPInstanceUID), ctx)
 
     assert rsp.Status == CANNOT_UNDERSTAND_INVALID_UID
-    assert stored_files(tmp_path) == []
-    assert publisher.published == []
+    assert stored_files(tmp_path / "store") == []
+    assert not (tmp_path / "escaped").exists()
+    assert events(ctx) == []
+    assert len(quarantined(tmp_path)) == 1
 
 
 def test_sop_class_differing_from_negotiated_one_is_refused(
     tmp_path: Path, instance: pydicom.Dataset, wire: bytes
 ) -> None:
-    publisher = FakePublisher()
-    ctx = context(tmp_path, publisher)
+    ctx = context(tmp_path)
     event = store_event(wire, instance.SOPInstanceUID, sop_class_uid=EnhancedMRImageStorage)
 
     rsp = handle_store(event, ctx)
 
     assert rsp.Status == DATASET_DOES_NOT_MATCH_SOP_CLASS
-    assert publisher.published == []
+    assert events(ctx) == []
     assert stored_files(tmp_path / "store") == []
+    assert "sop_class_mismatch" in quarantined(tmp_path)[0].name
 
 
 def test_sop_instance_differing_from_affected_one_is_refused(tmp_path: Path, wire: bytes) -> None:
-    ctx = context(tmp_path, FakePublisher())
+    ctx = context(tmp_path)
     rsp = handle_store(store_event(wire, "1.2.3.4"), ctx)
     assert rsp.Status == CANNOT_UNDERSTAND_INSTANCE_MISMATCH
 
 
 def test_undecodable_dataset_is_refused(tmp_path: Path) -> None:
-    publisher = FakePublisher()
-    ctx = context(tmp_path, publisher)
+    ctx = context(tmp_path)
     event = store_event(
         b"not deflated data" * 4, "1.2.3.4", transfer_syntax=DeflatedExplicitVRLittleEndian
     )
@@ -294,8 +379,27 @@ def test_undecodable_dataset_is_refused(tmp_path: Path) -> None:
     rsp = handle_store(event, ctx)
 
     assert rsp.Status == CANNOT_UNDERSTAND_UNDECODABLE
-    assert publisher.published == []
+    assert events(ctx) == []
     assert refused(ctx, "undecodable") == 1
+    assert len(quarantined(tmp_path)) == 1
+
+
+@pytest.mark.parametrize("cut", [1000, 40_000, 91_000])
+def test_truncated_dataset_is_refused_and_quarantined(
+    tmp_path: Path,
+    instance: pydicom.Dataset,
+    wire: bytes,
+    caplog: pytest.LogCaptureFixture,
+    cut: int,
+) -> None:
+    ctx = context(tmp_path)
+    rsp = handle_store(store_event(wire[:-cut], instance.SOPInstanceUID), ctx)
+    assert rsp.Status == CANNOT_UNDERSTAND_TRUNCATED
+    assert stored_files(tmp_path / "store") == [] and events(ctx) == []
+    assert len(quarantined(tmp_path)) == 1
+    [record] = [r for r in caplog.records if r.getMessage().startswith("C-STORE refused")]
+    assert record.reason == "truncated"  # type: ignore[attr-defined]
+    assert str(instance.PatientName) not in caplog.text
 
 
 def test_echo_succeeds() -> None:
@@ -305,5 +409,36 @@ def test_echo_succeeds() -> None:
 def test_filestore_rejects_malformed_uids(tmp_path: Path) -> None:
     store = FileStore(tmp_path)
     with pytest.raises(ValueError, match="SeriesInstanceUID"):
-        store.put("1.2", "1.2/../..", "1.3", b"x")
+        store.stage("1.2", "1.2/../..", "1.3", [b"x"])
     assert stored_files(tmp_path) == []
+
+
+def test_sweep_removes_only_temporary_files(tmp_path: Path) -> None:
+    store = FileStore(tmp_path)
+    staged = store.stage("1.2", "1.2.3", "1.2.3.4", [b"abc"])
+    kept = store.commit(store.stage("1.2", "1.2.3", "1.2.3.5", [b"def"]), 1)
+    assert store.sweep_temporaries() == 1
+    assert not staged.tmp.exists() and kept.path.read_bytes() == b"def"
+
+
+def test_group_commit_isolates_a_failing_request(tmp_path: Path) -> None:
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    undone: list[str] = []
+
+    def good(tx):  # type: ignore[no-untyped-def]
+        tx.record("1.2.3", "a" * 64, 1, "file:///x", topic="t", key=b"k", value=b"v")
+        return "ok"
+
+    def bad(tx):  # type: ignore[no-untyped-def]
+        tx.record("1.2.4", "b" * 64, 1, "file:///y", topic="t", key=b"k", value=b"w")
+        tx.on_rollback(lambda: undone.append("1.2.4"))
+        raise ValueError("broken instance")
+
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(outbox.submit, work) for work in (bad, good, bad, good)]
+    assert futures[1].result() == "ok"
+    with pytest.raises(ValueError, match="broken"):
+        futures[0].result()
+    assert [e.value for e in outbox.pending(10)] == [b"v", b"v"]
+    assert undone == ["1.2.4", "1.2.4"]
+    outbox.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,11 +12,11 @@ import pytest
 
 from dicom_listener.app import ListenerApp, create_app
 from dicom_listener.config import Settings
-from kafka import KafkaConsumer
+from dicom_listener.handlers import HEADER_INSTANCE_VERSION
+from dicom_listener.tests.helpers import TcpGate, received_events, sop_uid, wait_for
 from scanwatch.kafka_local import LocalKafka, free_port
-from scanwatch.peers import PeerError, echoscu, storescu
+from scanwatch.peers import echoscu, storescu
 from scanwatch.sample import build_mr_study
-from schemas.events import InstanceReceivedV1
 
 pytestmark = pytest.mark.integration
 
@@ -31,6 +30,7 @@ def start_listener(tmp_path: Path, **overrides: object) -> ListenerApp:
         "port": 0,
         "storage_dir": tmp_path / "store",
         "metrics_port": 0,
+        "min_free_disk_bytes": 0,
     }
     settings = Settings(**(values | overrides))  # type: ignore[arg-type]
     app = create_app(settings)
@@ -49,29 +49,12 @@ def listener(kafka: LocalKafka, tmp_path_factory: pytest.TempPathFactory) -> Ite
     app.stop()
 
 
-def received_events(
-    kafka: LocalKafka, study_uid: str, expected: int, timeout: float = 20.0
-) -> list[tuple[bytes, InstanceReceivedV1]]:
-    """Events of ``study_uid`` on the topic, polled until ``expected`` arrived or time is up."""
-    consumer = KafkaConsumer(
-        InstanceReceivedV1.SCHEMA,
-        bootstrap_servers=kafka.bootstrap_servers,
-        group_id=None,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
+def new_study(tmp_path: Path, n_slices: int = 8) -> tuple[list[Path], str, str]:
+    files = build_mr_study(
+        tmp_path / "sent", patient_id=f"SW-IT-{uuid.uuid4().hex[:8]}", n_slices=n_slices
     )
-    found: list[tuple[bytes, InstanceReceivedV1]] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while len(found) < expected and time.monotonic() < deadline:
-            for records in consumer.poll(timeout_ms=500).values():
-                for record in records:
-                    event = InstanceReceivedV1.from_bytes(record.value)
-                    if event.StudyInstanceUID == study_uid:
-                        found.append((record.key, event))
-    finally:
-        consumer.close()
-    return found
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    return files, first.StudyInstanceUID, first.SeriesInstanceUID
 
 
 def test_storescu_series_is_stored_byte_identical_and_announced(
@@ -80,67 +63,100 @@ def test_storescu_series_is_stored_byte_identical_and_announced(
     tmp_path: Path,
     dataset_bytes: Callable[[bytes], bytes],
 ) -> None:
-    files = build_mr_study(
-        tmp_path / "sent", patient_id=f"SW-IT-{uuid.uuid4().hex[:8]}", n_slices=8
-    )
-    first = pydicom.dcmread(files[0], stop_before_pixels=True)
-    study_uid, series_uid = first.StudyInstanceUID, first.SeriesInstanceUID
+    files, study_uid, series_uid = new_study(tmp_path)
 
     storescu(files, "127.0.0.1", listener.port, called_ae=AE_TITLE, calling_ae="IT-SCANNER")
 
     series_dir = listener.settings.storage_dir / study_uid / series_uid
     by_sop: dict[str, Path] = {}
     for sent in files:
-        sop_uid = pydicom.dcmread(sent, stop_before_pixels=True).SOPInstanceUID
-        stored = series_dir / f"{sop_uid}.dcm"
+        stored = series_dir / f"{sop_uid(sent)}.dcm"
         assert dataset_bytes(stored.read_bytes()) == dataset_bytes(sent.read_bytes())
-        by_sop[sop_uid] = stored
+        by_sop[sop_uid(sent)] = stored
     assert sorted(p.name for p in series_dir.iterdir()) == sorted(p.name for p in by_sop.values())
 
-    events = received_events(kafka, study_uid, expected=len(files))
+    events = received_events(kafka.bootstrap_servers, {study_uid}, expected=len(files))
     assert len(events) == len(files)
-    assert {key for key, _ in events} == {study_uid.encode()}
-    assert {event.SOPInstanceUID for _, event in events} == set(by_sop)
-    for _, event in events:
+    assert {key for key, _, _ in events} == {study_uid.encode()}
+    # In order per study: the events follow the order storescu sent the files in.
+    assert [event.SOPInstanceUID for _, event, _ in events] == [sop_uid(f) for f in files]
+    for _, event, _ in events:
         assert event.storage_uri == by_sop[event.SOPInstanceUID].resolve().as_uri()
         assert event.size_bytes == by_sop[event.SOPInstanceUID].stat().st_size
         assert (event.calling_ae_title, event.called_ae_title) == ("IT-SCANNER", AE_TITLE)
 
-    metrics = httpx.get(f"http://127.0.0.1:{listener.settings.metrics_port}/metrics").text
-    assert f"scanwatch_listener_instances_received_total {float(len(files))}" in metrics
+    base = f"http://127.0.0.1:{listener.http_port}"
+    metrics = httpx.get(f"{base}/metrics").text
+    assert "scanwatch_listener_outbox_depth" in metrics
+    assert "scanwatch_listener_event_delivery_seconds_count" in metrics
+    wait_for(lambda: listener.context.outbox.depth() == 0, 10, "outbox drained")
+    health = httpx.get(f"{base}/healthz")
+    assert health.status_code == 200 and health.json()["kafka"] == "ok"
 
 
-def test_storescu_folder_is_scanned_recursively(
-    listener: ListenerApp, mr_series: list[Path]
+def test_resent_study_gives_no_second_event_and_a_changed_instance_a_flagged_one(
+    listener: ListenerApp, kafka: LocalKafka, tmp_path: Path
 ) -> None:
-    storescu(mr_series[0].parent, "127.0.0.1", listener.port, called_ae=AE_TITLE)
-    for sent in mr_series:
-        ds = pydicom.dcmread(sent, stop_before_pixels=True)
-        stored = listener.settings.storage_dir / ds.StudyInstanceUID / ds.SeriesInstanceUID
-        assert (stored / f"{ds.SOPInstanceUID}.dcm").is_file()
+    files, study_uid, _ = new_study(tmp_path, n_slices=3)
+    storescu(files, "127.0.0.1", listener.port, called_ae=AE_TITLE)
+    storescu(files, "127.0.0.1", listener.port, called_ae=AE_TITLE)  # harmless duplicate send
+    changed = pydicom.dcmread(files[0])
+    changed.SeriesDescription = "T1 AX (corrected)"
+    changed.save_as(files[0])
+    storescu(files[:1], "127.0.0.1", listener.port, called_ae=AE_TITLE)
+
+    events = received_events(kafka.bootstrap_servers, {study_uid}, expected=4)
+    assert len(events) == 4, [e.SOPInstanceUID for _, e, _ in events]
+    *originals, (_, version2, headers) = events
+    assert all(HEADER_INSTANCE_VERSION not in h for _, _, h in originals)
+    assert version2.SOPInstanceUID == sop_uid(files[0])
+    assert headers[HEADER_INSTANCE_VERSION] == b"2"
+    assert version2.storage_uri.endswith(".v2.dcm")
+
+
+def test_folder_is_scanned_recursively(listener: ListenerApp, tmp_path: Path) -> None:
+    files, study_uid, series_uid = new_study(tmp_path, n_slices=2)
+    storescu(files[0].parent, "127.0.0.1", listener.port, called_ae=AE_TITLE)
+    for sent in files:
+        stored = listener.settings.storage_dir / study_uid / series_uid
+        assert (stored / f"{sop_uid(sent)}.dcm").is_file()
 
 
 def test_echoscu_answers_only_to_our_ae_title(listener: ListenerApp) -> None:
     assert echoscu("127.0.0.1", listener.port, called_ae=AE_TITLE)
     assert not echoscu("127.0.0.1", listener.port, called_ae="SOMEONE-ELSE")
+    rejected = listener.metrics.registry.get_sample_value(
+        "scanwatch_listener_associations_rejected_total", {"reason": "called_ae_not_recognized"}
+    )
+    assert rejected == 1
 
 
-def test_unreachable_kafka_gives_the_sender_a_failure_status(
-    tmp_path: Path, mr_series: list[Path]
+def test_kafka_unreachable_stores_succeed_and_events_follow_when_it_returns(
+    kafka: LocalKafka, tmp_path: Path, dataset_bytes: Callable[[bytes], bytes]
 ) -> None:
+    gate = TcpGate(free_port(), ("127.0.0.1", kafka.port))  # closed: nothing listens there
     app = start_listener(
-        tmp_path, kafka_bootstrap_servers=f"127.0.0.1:{free_port()}", kafka_timeout_s=1.0
+        tmp_path,
+        kafka_bootstrap_servers=f"127.0.0.1:{gate.port}",
+        kafka_timeout_s=1.0,
+        publish_retry_max_s=0.5,
     )
     try:
-        with pytest.raises(PeerError, match="OutOfResources"):
-            storescu(mr_series[:1], "127.0.0.1", app.port, called_ae=AE_TITLE)
-        refused = app.metrics.registry.get_sample_value(
-            "scanwatch_listener_instances_refused_total", {"reason": "publish_failed"}
-        )
-        assert refused == 1
-        received = app.metrics.registry.get_sample_value(
-            "scanwatch_listener_instances_received_total"
-        )
-        assert received == 0
+        files, study_uid, series_uid = new_study(tmp_path, n_slices=5)
+        storescu(files, "127.0.0.1", app.port, called_ae=AE_TITLE)  # raises unless all succeed
+
+        folder = app.settings.storage_dir / study_uid / series_uid
+        for sent in files:
+            stored = (folder / f"{sop_uid(sent)}.dcm").read_bytes()
+            assert dataset_bytes(stored) == dataset_bytes(sent.read_bytes())
+        assert app.context.outbox.depth() == len(files)
+        wait_for(lambda: app.relay.last_error is not None, 10, "the relay to notice Kafka down")
+        assert app.health.run()[0], "Kafka down must not make the listener unhealthy"
+
+        gate.open()
+        events = received_events(kafka.bootstrap_servers, {study_uid}, expected=len(files))
+        assert [e.SOPInstanceUID for _, e, _ in events] == [sop_uid(f) for f in files]
+        wait_for(lambda: app.context.outbox.depth() == 0, 10, "outbox drained")
     finally:
         app.stop()
+        gate.close()

@@ -12,7 +12,7 @@ STUDY = "1.2.826.0.1.3680043.8.498.7"
 QUIET, MAX_WAIT = 5.0, 60.0
 
 
-def received(n: int, source: str = "MR1") -> InstanceReceivedV1:
+def received(n: int, source: str = "MR1", sha: str = "ab") -> InstanceReceivedV1:
     return InstanceReceivedV1(
         StudyInstanceUID=STUDY,
         SeriesInstanceUID=STUDY + ".1",
@@ -22,7 +22,7 @@ def received(n: int, source: str = "MR1") -> InstanceReceivedV1:
         Modality="MR",
         storage_uri=f"file:///s/{n}.dcm",
         size_bytes=1,
-        sha256="ab" * 32,
+        sha256=sha * 32,
         calling_ae_title=source,
         called_ae_title="SCANWATCH",
     )
@@ -46,11 +46,22 @@ def test_redelivered_instance_neither_duplicates_nor_extends_the_quiet_period():
     assert state["last_received_at"] == 100.0
 
 
+def test_new_version_of_an_instance_makes_the_study_due_again():
+    state = add_instance(None, received(1), now=0.0)
+    state = mark_announced(state, 1)
+    assert not ready(state, now=100.0)
+    state = add_instance(state, received(1, sha="cd"), now=100.0)  # same SOP, other bytes
+    assert len(state["instances"]) == 1
+    assert state["instances"][f"{STUDY}.1.1"]["sha256"] == "cd" * 32
+    assert not ready(state, now=104.0)  # a new quiet period started
+    assert ready(state, now=105.0)
+
+
 def test_announced_study_waits_for_new_instances():
     state = add_instance(add_instance(None, received(1), 0.0), received(2), 0.0)
     event = ready_event(STUDY, state, quiet_period_s=QUIET)
     assert {i.SOPInstanceUID for i in event.instances} == {f"{STUDY}.1.1", f"{STUDY}.1.2"}
-    state = mark_announced(state, len(event.instances), now=10.0)
+    state = mark_announced(state, len(event.instances))
     assert not ready(state, now=100.0)
     state = add_instance(state, received(3), now=100.0)  # a late instance
     assert ready(state, now=105.0)
@@ -65,7 +76,7 @@ def test_a_study_that_never_goes_quiet_is_scored_after_the_maximum_wait():
             break
     assert n == MAX_WAIT
     # Once taken up, the clock restarts from the announcement, not from the first instance.
-    state = mark_announced(state, len(state["instances"]), now=float(n))
+    state = mark_announced(state, len(state["instances"]))
     state = add_instance(state, received(100), now=float(n + 1))
     assert not ready(state, now=float(n + 2))
     assert ready(state, now=float(n) + MAX_WAIT)
@@ -73,12 +84,12 @@ def test_a_study_that_never_goes_quiet_is_scored_after_the_maximum_wait():
 
 def test_parked_study_is_announced_again_after_parking():
     state = add_instance(None, received(1), 0.0)
-    state = mark_announced(state, 1, now=10.0)
+    state = mark_announced(state, 1)
     state = park(state, until=100.0)
     assert not ready(state, now=99.0)
     assert ready(state, now=100.0)
     # Taking it up again clears the parking.
-    assert mark_announced(state, 1, 100.0)["parked_until"] == 0.0
+    assert mark_announced(state, 1)["parked_until"] == 0.0
 
 
 def test_quiet_period_per_source():

@@ -1,0 +1,235 @@
+"""Ingest benchmark: C-STORE throughput of the scanwatch listener against real peers.
+
+Sends the same corpus (10 MR studies × 38 slices of 197×233 16-bit pixels, built from the
+MNI152 volume by ``scanwatch.sample``) with dcmtk ``storescu`` (``TCP_NODELAY=1``) to:
+
+* ``scanwatch``: ``python -m dicom_listener`` (every instance fsync'd, its event committed to the
+  SQLite outbox before success; the clock stops when Kafka acknowledged every event),
+* Orthanc (Debian package, default configuration, SQLite index),
+* dcmtk ``storescp`` (``--fork`` so that associations run in parallel),
+* pynetdicom's ``storescp`` app,
+
+with 1 and with 4 concurrent associations (the files split evenly), each run against a fresh
+storage folder. Prints a Markdown table (instances/s and MB/s of Part 10 bytes sent).
+
+    .venv/bin/python bench/ingest_bench.py [--repeat 2] [--studies 10] [--slices 38]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scanwatch.kafka_local import LocalKafka, free_port  # noqa: E402
+from scanwatch.orthanc import LocalOrthanc  # noqa: E402
+from scanwatch.peers import dcmtk_env, echoscu  # noqa: E402
+from scanwatch.sample import build_mr_study  # noqa: E402
+
+AE = "BENCH"
+KAFKA_LIBS = Path(os.environ.get("SCANWATCH_VAR", ROOT / "var")) / "kafka" / "libs"
+
+
+@dataclass
+class Result:
+    target: str
+    associations: int
+    seconds: float
+    instances: int
+    megabytes: float
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.02)
+
+
+def send(files: list[Path], port: int, associations: int) -> float:
+    """storescu with ``associations`` parallel processes; seconds until all finished."""
+    groups = [files[i::associations] for i in range(associations)]
+    started = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            ["storescu", "-aec", AE, "127.0.0.1", str(port), *map(str, group)],
+            env=dcmtk_env(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for group in groups
+    ]
+    for proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"storescu failed: {err.decode()[-500:]}")
+    return time.perf_counter() - started
+
+
+@contextmanager
+def process(argv: list[str], env: dict[str, str] | None = None) -> Iterator[subprocess.Popen]:
+    proc = subprocess.Popen(
+        argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def received(metrics_port: int) -> float:
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    match = re.search(r"^scanwatch_listener_instances_received_total (\S+)$", text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+def outbox_depth(metrics_port: int) -> int:
+    return int(
+        httpx.get(f"http://127.0.0.1:{metrics_port}/healthz", timeout=5).json()["outbox_depth"]
+    )
+
+
+def run_scanwatch(files: list[Path], n: int, work: Path, kafka: LocalKafka) -> float:
+    port, metrics = free_port(), free_port()
+    env = {
+        **os.environ,
+        "SCANWATCH_LISTENER_AE_TITLE": AE,
+        "SCANWATCH_LISTENER_PORT": str(port),
+        "SCANWATCH_LISTENER_STORAGE_DIR": str(work),
+        "SCANWATCH_LISTENER_METRICS_PORT": str(metrics),
+        "SCANWATCH_LISTENER_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+        "SCANWATCH_LISTENER_LOG_LEVEL": "WARNING",
+    }
+    with process([sys.executable, "-m", "dicom_listener"], env):
+        wait_until(lambda: echoscu("127.0.0.1", port, AE, timeout=1), 30, "listener up")
+        wait_until(lambda: received(metrics) >= 0, 10, "metrics up")
+        started = time.perf_counter()
+        send(files, port, n)
+        # Every instance answered success, and every event acknowledged by Kafka (the
+        # publisher deletes an event from the outbox only after Kafka's acknowledgement).
+        assert received(metrics) == len(files)
+        wait_until(lambda: outbox_depth(metrics) == 0, 120, "events on Kafka")
+        return time.perf_counter() - started
+
+
+def run_orthanc(files: list[Path], n: int, work: Path) -> float:
+    orthanc = LocalOrthanc(work, http_port=free_port(), dicom_port=free_port(), aet=AE)
+    orthanc.start()
+    try:
+        return send(files, orthanc.dicom_port, n)
+    finally:
+        orthanc.stop()
+
+
+def run_storescp(files: list[Path], n: int, work: Path) -> float:
+    port = free_port()
+    work.mkdir(parents=True, exist_ok=True)
+    argv = ["storescp", "--fork", "-aet", AE, "-od", str(work), str(port)]
+    with process(argv, dcmtk_env()):
+        wait_until(lambda: echoscu("127.0.0.1", port, AE, timeout=1), 30, "storescp up")
+        return send(files, port, n)
+
+
+def run_pynetdicom(files: list[Path], n: int, work: Path) -> float:
+    port = free_port()
+    work.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-m", "pynetdicom", "storescp", "-aet", AE, "-od", str(work), str(port)]
+    with process(argv):
+        wait_until(lambda: echoscu("127.0.0.1", port, AE, timeout=1), 30, "pynetdicom up")
+        return send(files, port, n)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--studies", type=int, default=10)
+    parser.add_argument("--slices", type=int, default=38)
+    parser.add_argument("--repeat", type=int, default=2, help="runs per cell (median reported)")
+    parser.add_argument(
+        "--targets", default="scanwatch,orthanc,storescp,pynetdicom", help="comma-separated"
+    )
+    parser.add_argument("--associations", default="1,4", help="comma-separated")
+    args = parser.parse_args(argv)
+
+    root = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
+    try:
+        files = [
+            f
+            for s in range(args.studies)
+            for f in build_mr_study(
+                root / "corpus" / f"{s:02d}", patient_id=f"SW-BENCH-{s:02d}", n_slices=args.slices
+            )
+        ]
+        megabytes = sum(f.stat().st_size for f in files) / 1e6
+        kafka = LocalKafka(
+            root / "kafka", KAFKA_LIBS, port=free_port(), controller_port=free_port()
+        )
+        targets = args.targets.split(",")
+        if "scanwatch" in targets:
+            kafka.start()
+        runners: dict[str, Callable[[list[Path], int, Path], float]] = {
+            "scanwatch": lambda f, n, w: run_scanwatch(f, n, w, kafka),
+            "orthanc": run_orthanc,
+            "storescp": run_storescp,
+            "pynetdicom": run_pynetdicom,
+        }
+        results: list[Result] = []
+        run_id = 0
+        for n in [int(a) for a in args.associations.split(",")]:
+            for target in targets:
+                times = []
+                for _ in range(args.repeat):
+                    run_id += 1
+                    work = root / "runs" / f"{run_id:03d}-{target}"
+                    times.append(runners[target](files, n, work))
+                    shutil.rmtree(work, ignore_errors=True)
+                seconds = statistics.median(times)
+                results.append(Result(target, n, seconds, len(files), megabytes))
+                print(  # noqa: T201 - progress of a command-line benchmark
+                    f"{target:>10} x{n}: {len(files) / seconds:7.1f} inst/s "
+                    f"{megabytes / seconds:6.1f} MB/s  runs {[round(t, 2) for t in times]}",
+                    file=sys.stderr,
+                )
+        kafka.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    print(  # noqa: T201
+        f"\ncorpus: {len(files)} instances, {megabytes:.1f} MB; machine: {platform.node()}, "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}; median of {args.repeat}\n"
+    )
+    print("| target | associations | seconds | instances/s | MB/s |")  # noqa: T201
+    print("| --- | ---: | ---: | ---: | ---: |")  # noqa: T201
+    for r in results:
+        print(  # noqa: T201
+            f"| {r.target} | {r.associations} | {r.seconds:.2f} | "
+            f"{r.instances / r.seconds:.1f} | {r.megabytes / r.seconds:.1f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,346 @@
+"""The durable outbox and instance index, in one SQLite database (WAL, ``synchronous=FULL``).
+
+The C-STORE handler records an instance and its event in one transaction
+(:meth:`Outbox.record`): when that commit returns, both are on disk, so success can be answered
+whether or not Kafka is up. The publisher (:mod:`dicom_listener.adapters.publisher`) reads the
+events in sequence order, sends them, and deletes them once Kafka acknowledged them.
+
+``instances`` remembers the SHA-256 and version of every SOPInstanceUID stored, which is how a
+duplicate send (same bytes: no second event) is told from a new version (other bytes).
+Several listener processes may share one database: SQLite serialises the writers.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+#: Most C-STOREs committed together in one group commit.
+GROUP_COMMIT_MAX = 64
+
+#: How long a writer waits for another process's transaction before failing.
+BUSY_TIMEOUT_MS = 30_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    SOPInstanceUID TEXT PRIMARY KEY,
+    sha256 TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    storage_uri TEXT NOT NULL,
+    stored_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    key BLOB NOT NULL,
+    value BLOB NOT NULL,
+    headers TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class KnownInstance:
+    """What the index holds about an instance already stored."""
+
+    sha256: str
+    version: int
+    storage_uri: str
+
+
+@dataclass(frozen=True)
+class OutboxEvent:
+    """One event waiting for Kafka's acknowledgement."""
+
+    seq: int
+    topic: str
+    key: bytes
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    created_at: float
+
+
+class OutboxTransaction:
+    """The handler's view of one write transaction: look up, then record.
+
+    In a group commit, folders registered with :meth:`fsync_folder_before_commit` are fsync'd
+    once each before the commit, and :meth:`on_rollback` callbacks run when the commit fails.
+    """
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+        self.folders: set[Path] = set()
+        self.undo: list[Callable[[], None]] = []
+
+    def fsync_folder_before_commit(self, folder: Path) -> None:
+        self.folders.add(folder)
+
+    def on_rollback(self, callback: Callable[[], None]) -> None:
+        self.undo.append(callback)
+
+    def known(self, sop_uid: str) -> KnownInstance | None:
+        row = self._conn.execute(
+            "SELECT sha256, version, storage_uri FROM instances WHERE SOPInstanceUID = ?",
+            (sop_uid,),
+        ).fetchone()
+        return KnownInstance(*row) if row else None
+
+    def record(
+        self,
+        sop_uid: str,
+        sha256: str,
+        version: int,
+        storage_uri: str,
+        *,
+        topic: str,
+        key: bytes,
+        value: bytes,
+        headers: list[tuple[str, bytes]] | None = None,
+    ) -> None:
+        now = time.time()
+        self._conn.execute(
+            "INSERT INTO instances (SOPInstanceUID, sha256, version, storage_uri, stored_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (SOPInstanceUID) DO UPDATE SET "
+            "sha256 = excluded.sha256, version = excluded.version, "
+            "storage_uri = excluded.storage_uri, stored_at = excluded.stored_at",
+            (sop_uid, sha256, version, storage_uri, now),
+        )
+        encoded = json.dumps([[k, v.decode("latin-1")] for k, v in headers or []])
+        self._conn.execute(
+            "INSERT INTO outbox (topic, key, value, headers, created_at) VALUES (?, ?, ?, ?, ?)",
+            (topic, key, value, encoded, now),
+        )
+
+
+@dataclass
+class _Request:
+    work: Callable[[OutboxTransaction], Any]
+    future: Future[Any] = field(default_factory=Future)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Outbox:
+    """The database file; thread-safe (one connection per thread).
+
+    :meth:`submit` is the C-STORE path: the work of all C-STOREs waiting at one moment runs in
+    one transaction (each in its own savepoint) and is committed once, so concurrent
+    associations share the fsyncs instead of queueing on SQLite's write lock.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._local = threading.local()
+        self._listeners: list[Callable[[], None]] = []
+        self._requests: queue.SimpleQueue[_Request] = queue.SimpleQueue()
+        self._leader = threading.Lock()
+        self._lock_fd: int | None = None
+
+    @contextmanager
+    def _write_lock(self) -> Iterator[None]:
+        """An exclusive lock on ``<outbox>.lock`` around each write transaction.
+
+        SQLite's own busy handler waits with growing sleeps (1, 2, 5 ... 100 ms) when another
+        process holds the write lock; ``flock`` wakes the next writer as soon as the lock is
+        free, which is what keeps several worker processes from stalling each other.
+        """
+        if self._lock_fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+            # FULL: every commit fsyncs the WAL, so a committed event survives a power cut.
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            conn.executescript(_SCHEMA)
+            self._local.conn = conn
+        return conn
+
+    def open(self) -> None:
+        """Create the database if needed (fails early on an unusable path)."""
+        self._connect()
+
+    def on_commit(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after each committed :meth:`transaction` (wakes the publisher)."""
+        self._listeners.append(listener)
+
+    @contextmanager
+    def transaction(self) -> Iterator[OutboxTransaction]:
+        """An immediate (write-locked) transaction, committed durably on normal exit."""
+        conn = self._connect()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield OutboxTransaction(conn)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        for listener in self._listeners:
+            listener()
+
+    def submit(self, work: Callable[[OutboxTransaction], T]) -> T:
+        """Run ``work`` in a (group) write transaction; return its result once committed
+        durably. Raises what ``work`` raised (its savepoint is rolled back) or the commit's
+        error.
+
+        Group commit without a thread hand-off: the caller that gets the leader lock commits
+        every request waiting at that moment (its own included) in one transaction; the
+        others find theirs done when they get the lock, or lead the next batch.
+        """
+        request = _Request(work)
+        self._requests.put(request)
+        while not request.future.done():
+            with self._leader:
+                if request.future.done():
+                    break
+                batch: list[_Request] = []
+                while len(batch) < GROUP_COMMIT_MAX:
+                    try:
+                        batch.append(self._requests.get_nowait())
+                    except queue.Empty:
+                        break
+                if batch:
+                    self._commit_batch(batch)
+        return request.future.result()
+
+    def _commit_batch(self, batch: list[_Request]) -> None:
+        results: list[tuple[_Request, Any, BaseException | None]] = []
+        tx: OutboxTransaction | None = None
+        try:
+            conn = self._connect()
+            tx = OutboxTransaction(conn)
+            with self._write_lock():
+                self._run_batch(conn, tx, batch, results)
+        except BaseException as exc:  # noqa: BLE001 - nothing of the batch is committed
+            for callback in tx.undo if tx is not None else []:
+                try:
+                    callback()
+                except OSError:
+                    pass
+            for request in batch:
+                request.future.set_exception(exc)
+            return
+        for listener in self._listeners:
+            listener()
+        for request, result, error in results:
+            if error is None:
+                request.future.set_result(result)
+            else:
+                request.future.set_exception(error)
+
+    def _run_batch(
+        self,
+        conn: sqlite3.Connection,
+        tx: OutboxTransaction,
+        batch: list[_Request],
+        results: list[tuple[_Request, Any, BaseException | None]],
+    ) -> None:
+        """One transaction, a savepoint per request, folders fsync'd, one commit."""
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for request in batch:
+                conn.execute("SAVEPOINT cstore")
+                undo_mark = len(tx.undo)
+                try:
+                    result = request.work(tx)
+                except Exception as exc:  # noqa: BLE001 - handed to that request's caller
+                    conn.execute("ROLLBACK TO cstore")
+                    for callback in tx.undo[undo_mark:]:
+                        callback()
+                    del tx.undo[undo_mark:]
+                    results.append((request, None, exc))
+                else:
+                    results.append((request, result, None))
+                conn.execute("RELEASE cstore")
+            for folder in tx.folders:
+                _fsync_dir(folder)
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def pending(self, limit: int) -> list[OutboxEvent]:
+        """The oldest ``limit`` undelivered events, in sequence order."""
+        rows = (
+            self._connect()
+            .execute(
+                "SELECT seq, topic, key, value, headers, created_at FROM outbox "
+                "ORDER BY seq LIMIT ?",
+                (limit,),
+            )
+            .fetchall()
+        )
+        return [
+            OutboxEvent(
+                seq,
+                topic,
+                bytes(key),
+                bytes(value),
+                [(k, v.encode("latin-1")) for k, v in json.loads(headers)],
+                created_at,
+            )
+            for seq, topic, key, value, headers, created_at in rows
+        ]
+
+    def delivered(self, seqs: list[int]) -> None:
+        """Forget events Kafka acknowledged."""
+        if not seqs:
+            return
+        conn = self._connect()
+        # Without an fsync: a delete lost in a power cut only sends its event again (delivery
+        # is at least once), and a short lock keeps the C-STORE commits from waiting on it.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        with self._write_lock():
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        conn.execute("PRAGMA synchronous=FULL")
+
+    def depth(self) -> int:
+        """Number of undelivered events (an upper bound, read from the rowid index in
+        O(log n): events are delivered oldest first, so the pending ones are nearly contiguous)."""
+        row = self._connect().execute("SELECT max(seq) - min(seq) + 1 FROM outbox").fetchone()
+        return int(row[0] or 0)
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None

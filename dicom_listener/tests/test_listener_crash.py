@@ -1,0 +1,138 @@
+"""kill -9 in the middle of a transfer: every instance storescu saw succeed is on disk after a
+restart, and its event reaches Kafka."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from dicom_listener.tests.helpers import received_events, sop_uid, wait_for
+from scanwatch.kafka_local import LocalKafka, free_port
+from scanwatch.peers import dcmtk_env, echoscu
+from scanwatch.sample import build_mr_study
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+#: Successful C-STOREs to see before the listener is killed.
+KILL_AFTER = 6
+
+
+def spawn_listener(env: dict[str, str], port: int) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dicom_listener"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    wait_for(
+        lambda: proc.poll() is not None or echoscu("127.0.0.1", port, "SCANWATCH", timeout=1),
+        30,
+        "the listener to answer C-ECHO",
+    )
+    assert proc.poll() is None, "listener exited"
+    return proc
+
+
+def test_kill_9_mid_transfer_loses_no_acknowledged_instance(
+    kafka: LocalKafka, tmp_path: Path, dataset_bytes: Callable[[bytes], bytes]
+) -> None:
+    files = build_mr_study(
+        tmp_path / "sent", patient_id=f"SW-K9-{uuid.uuid4().hex[:8]}", n_slices=38
+    )
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    study_uid, series_uid = first.StudyInstanceUID, first.SeriesInstanceUID
+    port = free_port()
+    env = {
+        **os.environ,
+        "SCANWATCH_LISTENER_PORT": str(port),
+        "SCANWATCH_LISTENER_STORAGE_DIR": str(tmp_path / "store"),
+        "SCANWATCH_LISTENER_METRICS_PORT": "0",
+        "SCANWATCH_LISTENER_MIN_FREE_DISK_BYTES": "0",
+        "SCANWATCH_LISTENER_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+    }
+    listener = spawn_listener(env, port)
+    sender = subprocess.Popen(
+        ["storescu", "-v", "-aec", "SCANWATCH", "127.0.0.1", str(port), *map(str, files)],
+        env=dcmtk_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    acknowledged: list[Path] = []
+    current: Path | None = None
+    try:
+        assert sender.stdout is not None
+        for line in sender.stdout:
+            if "Sending file: " in line:
+                current = Path(line.split("Sending file: ", 1)[1].strip())
+            elif "Received Store Response (Success)" in line and current is not None:
+                acknowledged.append(current)
+                if len(acknowledged) == KILL_AFTER:
+                    listener.send_signal(signal.SIGKILL)
+                    listener.wait()
+        sender.wait(timeout=30)
+    finally:
+        for proc in (sender, listener):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert sender.returncode != 0, "storescu should have seen the listener die"
+    assert KILL_AFTER <= len(acknowledged) < len(files)
+
+    restarted = spawn_listener(env, port)
+    try:
+        folder = tmp_path / "store" / study_uid / series_uid
+        for sent in acknowledged:
+            stored = folder / f"{sop_uid(sent)}.dcm"
+            assert dataset_bytes(stored.read_bytes()) == dataset_bytes(sent.read_bytes())
+        assert not list(folder.glob(".*.tmp")), "temporary files are swept at start"
+        events = received_events(kafka.bootstrap_servers, {study_uid}, expected=len(acknowledged))
+        assert {sop_uid(f) for f in acknowledged} <= {e.SOPInstanceUID for _, e, _ in events}
+    finally:
+        restarted.send_signal(signal.SIGTERM)
+        restarted.wait(timeout=30)
+
+
+def test_worker_processes_share_the_port_and_one_outbox(kafka: LocalKafka, tmp_path: Path) -> None:
+    studies = [
+        build_mr_study(tmp_path / f"s{n}", patient_id=f"SW-WK-{uuid.uuid4().hex[:8]}", n_slices=6)
+        for n in range(4)
+    ]
+    port = free_port()
+    env = {
+        **os.environ,
+        "SCANWATCH_LISTENER_PORT": str(port),
+        "SCANWATCH_LISTENER_WORKERS": "2",
+        "SCANWATCH_LISTENER_STORAGE_DIR": str(tmp_path / "store"),
+        "SCANWATCH_LISTENER_METRICS_PORT": "0",
+        "SCANWATCH_LISTENER_MIN_FREE_DISK_BYTES": "0",
+        "SCANWATCH_LISTENER_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+    }
+    listener = spawn_listener(env, port)
+    try:
+        senders = [
+            subprocess.Popen(
+                ["storescu", "-aec", "SCANWATCH", "127.0.0.1", str(port), *map(str, files)],
+                env=dcmtk_env(),
+            )
+            for files in studies
+        ]
+        assert [s.wait(timeout=60) for s in senders] == [0] * len(studies)
+        uids = {pydicom.dcmread(f[0], stop_before_pixels=True).StudyInstanceUID for f in studies}
+        events = received_events(kafka.bootstrap_servers, uids, expected=6 * len(studies))
+        assert len(events) == 6 * len(studies)
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        listener.wait(timeout=30)
+    assert listener.returncode == 0
