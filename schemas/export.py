@@ -11,7 +11,8 @@ import json
 import sys
 from pathlib import Path
 
-from schemas.events import EVENT_TYPES, Event
+from schemas import EVENT_TYPES
+from schemas.events import Event
 
 SNAPSHOTS = Path(__file__).resolve().parent / "jsonschema"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from schemas.events import InferenceResultV1, InstanceReceivedV1, StudyReadyV1
+from schemas.training_events import ModelPublishedV1, TrainingJobRequestedV1, TrainingJobStatusV1
 
 #: Partitions per topic. Study-keyed topics share it so that they stay co-partitioned.
 STUDY_PARTITIONS = 4
@@ -25,12 +26,19 @@ def dlq(topic: str) -> str:
     return f"{topic}.dlq"
 
 
-_MAIN = [InstanceReceivedV1.SCHEMA, StudyReadyV1.SCHEMA, InferenceResultV1.SCHEMA]
+_STUDY_KEYED = [InstanceReceivedV1.SCHEMA, StudyReadyV1.SCHEMA, InferenceResultV1.SCHEMA]
+# Training traffic is small; one partition keeps a job's status events and the publications in
+# order for every consumer.
+_TRAINING = [TrainingJobRequestedV1.SCHEMA, TrainingJobStatusV1.SCHEMA, ModelPublishedV1.SCHEMA]
 
 #: Every topic scanwatch uses: each event topic and its ``.dlq`` twin (longer retention, so that
 #: an operator has time to look at what failed).
 TOPICS: tuple[TopicSpec, ...] = tuple(
     spec
-    for name in _MAIN
-    for spec in (TopicSpec(name), TopicSpec(dlq(name), partitions=1, retention_ms=4 * WEEK_MS))
+    for name, partitions in [(n, STUDY_PARTITIONS) for n in _STUDY_KEYED]
+    + [(n, 1) for n in _TRAINING]
+    for spec in (
+        TopicSpec(name, partitions=partitions),
+        TopicSpec(dlq(name), partitions=1, retention_ms=4 * WEEK_MS),
+    )
 )

@@ -1,1 +1,5 @@
-"""Model building, export and publishing for scanwatch (training jobs arrive in a later issue)."""
+"""Training service: datasets, the article's EfficientNet training, evaluation, export, registry.
+
+Entry points: ``python -m training`` (:mod:`training.cli`) and the Kafka training worker
+(:mod:`training.worker`). See ``training/README.md``.
+"""

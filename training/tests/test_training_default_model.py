@@ -1,4 +1,4 @@
-"""``python -m training.default_model``: publish an untrained version 1 once, then do nothing."""
+"""``python -m training.default_model``: publish version 1 once (shipped or untrained)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,21 @@ import logging
 from collections.abc import Iterator
 from pathlib import Path
 
+import keras
 import pytest
 import tensorflow as tf
 
 from schemas import model_signature
-from training.default_model import CLASS_NAMES, main
+from training.default_model import (
+    CLASS_NAMES,
+    SHIPPED,
+    SHIPPED_MODEL,
+    SHIPPED_REPORT,
+    main,
+    shipped_available,
+)
+from training.export import export_saved_model, read_signature
+from training.registry import SERVING, Registry
 from training.repository import published_versions
 
 
@@ -26,8 +36,8 @@ def restore_logging() -> Iterator[None]:
 
 
 @pytest.mark.usefixtures("restore_logging")
-def test_publishes_version_1_once(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
-    args = ["--repository", str(tmp_path), "--name", "brain", "--image-size", "32"]
+def test_untrained_version_1_once(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    args = ["--repository", str(tmp_path), "--name", "brain", "--untrained", "--image-size", "32"]
     assert main(args) == 0
     version_1 = tmp_path / "brain" / "1"
     assert published_versions(tmp_path / "brain") == [1]
@@ -37,6 +47,7 @@ def test_publishes_version_1_once(tmp_path: Path, capfd: pytest.CaptureFixture[s
     outputs = serve(images=tf.fill((2, 32, 32, 3), 128.0))
     assert outputs["class_names"].numpy().tolist() == [[c.encode() for c in CLASS_NAMES]] * 2
     assert outputs["threshold"].numpy().tolist() == [0.5, 0.5]
+    assert Registry(tmp_path).get("brain", 1).status == SERVING
     capfd.readouterr()
 
     assert main(args) == 0
@@ -44,3 +55,37 @@ def test_publishes_version_1_once(tmp_path: Path, capfd: pytest.CaptureFixture[s
     assert (version_1 / "saved_model.pb").stat().st_mtime_ns == modified
     logged = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line[:1] == "{"]
     assert "model already has a version; nothing to do" in [entry["msg"] for entry in logged]
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_shipped_model_is_copied_and_registered(tmp_path: Path) -> None:
+    source = tmp_path / "shipped"
+    inputs = keras.Input((32, 32, 3), name="images")
+    model = keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(
+        keras.layers.GlobalAveragePooling2D()(inputs)))
+    exported = export_saved_model(model, CLASS_NAMES, 0.5, tmp_path / "export", "m")
+    source.mkdir()
+    exported.rename(source / SHIPPED_MODEL)
+    report = {"macro_f1": 0.97, "accuracy": 0.97, "weighted_avg": {"f1-score": 0.97},
+              "class_names": list(CLASS_NAMES), "dataset_fingerprint": "c" * 64,
+              "anomaly": {"threshold": 0.5}}
+    (source / SHIPPED_REPORT).write_text(json.dumps(report))
+
+    repository = tmp_path / "models"
+    assert main(["--repository", str(repository), "--source", str(source)]) == 0
+    served = repository / "brain-mri-anomaly" / "1"
+    assert (served / "saved_model.pb").read_bytes() == \
+        (source / SHIPPED_MODEL / "saved_model.pb").read_bytes()
+    record = Registry(repository).get("brain-mri-anomaly", 1)
+    assert (record.status, record.macro_f1, record.dataset_fingerprint) == (
+        SERVING, 0.97, "c" * 64)
+
+
+def test_the_repository_ships_a_trained_default_model() -> None:
+    assert shipped_available(), f"no SavedModel in {SHIPPED / SHIPPED_MODEL}"
+    report = json.loads((SHIPPED / SHIPPED_REPORT).read_text())
+    assert report["class_names"] == list(CLASS_NAMES)
+    per_class = [report["per_class"][c]["f1-score"] for c in CLASS_NAMES]
+    assert report["macro_f1"] == pytest.approx(sum(per_class) / len(per_class))
+    inputs, outputs = read_signature(SHIPPED / SHIPPED_MODEL)
+    assert model_signature.check(inputs, outputs) == []

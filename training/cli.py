@@ -1,0 +1,325 @@
+"""``python -m training`` (``scanwatch-train``): train, evaluate, manage versions, run the worker.
+
+Settings come from ``SCANWATCH_TRAIN_*`` (see :mod:`training.config`); flags override them.
+Exit status: 0 done, 1 the job or transition was refused or failed, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from scanwatch.logs import configure_logging
+
+logger = logging.getLogger(__name__)
+
+DATASET_KINDS = ("benchmark", "folder", "ham10000", "dicom")
+
+
+class BarProgress:
+    """Rich progress bars: one for epochs, one for the steps of the current epoch."""
+
+    def __init__(self, console: Any) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bars = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+            console=console, transient=False,
+        )
+        self.epoch_task: Any = None
+        self.step_task: Any = None
+        self.steps = 0
+
+    def __enter__(self) -> BarProgress:
+        self.bars.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bars.__exit__(*exc)
+
+    def dataset(self, done: int, total: int) -> None:
+        if getattr(self, "_data_task", None) is None:
+            self._data_task = self.bars.add_task("dataset", total=total, info="")
+        self.bars.update(self._data_task, completed=done)
+
+    def on_start(self, start_epoch: int, epochs: int, steps_per_epoch: int) -> None:
+        self.steps = steps_per_epoch
+        self.epoch_task = self.bars.add_task("epochs", total=epochs, completed=start_epoch,
+                                             info="")
+        self.step_task = self.bars.add_task("  steps", total=steps_per_epoch, info="")
+
+    def on_batch(self, step: int) -> None:
+        self.bars.update(self.step_task, completed=step)
+
+    def on_epoch(self, epoch: int, phase: str, metrics: dict[str, float]) -> None:
+        info = (f"{phase} loss {metrics['loss']:.3f} val_loss {metrics['val_loss']:.3f} "
+                f"val_macro_f1 {metrics['val_macro_f1']:.3f} lr {metrics['learning_rate']:.2g}")
+        self.bars.update(self.epoch_task, completed=epoch, info=info)
+        self.bars.reset(self.step_task, total=self.steps)
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from training.config import TrainSettings
+
+    overrides = {
+        key: value for key, value in {
+            "repository": getattr(args, "repository", None),
+            "model_name": getattr(args, "name", None),
+            "epochs": getattr(args, "epochs", None),
+            "variant": getattr(args, "variant", None),
+            "batch_size": getattr(args, "batch_size", None),
+            "seed": getattr(args, "seed", None),
+            "weights": getattr(args, "weights", None),
+            "runs_dir": getattr(args, "runs_dir", None),
+            "fine_tune_after": getattr(args, "fine_tune_after", None),
+        }.items() if value is not None
+    }
+    return TrainSettings(**overrides)
+
+
+def _dataset_spec(args: argparse.Namespace) -> Any:
+    from schemas.training_events import DatasetSpec
+
+    return DatasetSpec(kind=args.dataset, path=str(args.path) if args.path else None,
+                       preset=args.preset, image_size=args.image_size)
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.events import publisher_for
+    from training.lifecycle import load_dataset, run_job
+
+    settings = _settings(args)
+    spec = _dataset_spec(args)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    run_dir = Path(args.run_dir or settings.runs_dir / f"{settings.model_name}-{stamp}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    events = publisher_for(settings.kafka_bootstrap_servers)
+    console = _console()
+    try:
+        with BarProgress(console) as bars:
+            data, path = load_dataset(spec, settings, run_dir, args.normal_class,
+                                      args.labels_csv, progress=bars.dataset)
+            outcome = run_job(data, path, settings, run_dir, events=events, progress=bars,
+                              promote_if_better=not args.no_promote)
+    finally:
+        events.close()
+    _print_outcome(outcome)
+    return 0
+
+
+def _print_outcome(outcome: Any) -> None:
+    from training.evaluate import markdown
+
+    sys.stdout.write(markdown(outcome.report, f"{outcome.model_name} version {outcome.version}"))
+    sys.stdout.write(f"\nrun folder: {outcome.run_dir}\n")
+    if outcome.promoted:
+        sys.stdout.write(f"promoted: version {outcome.version} is now served "
+                         f"(was {outcome.previous_version})\n")
+    elif outcome.reason:
+        sys.stdout.write(f"not promoted: {outcome.reason}\n")
+    else:
+        sys.stdout.write(f"candidate: `python -m training models promote {outcome.version}`\n")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a published version (or a run's best weights) on a dataset's test split."""
+    from training.evaluate import evaluate_probabilities, markdown, write_report
+    from training.lifecycle import load_dataset, predict_saved_model
+    from training.registry import Registry
+
+    settings = _settings(args)
+    registry = Registry(settings.repository)
+    name = settings.model_name
+    version = args.version or (registry.served_versions(name) or [None])[-1]
+    if version is None:
+        sys.stderr.write(f"{name} has no served version; pass --version\n")
+        return 1
+    location = registry.location(name, version)
+    if location is None:
+        sys.stderr.write(f"{name} version {version} has no SavedModel\n")
+        return 1
+    out = Path(args.out or settings.runs_dir / f"evaluate-{name}-{version}")
+    out.mkdir(parents=True, exist_ok=True)
+    data, _ = load_dataset(_dataset_spec(args), settings, out, args.normal_class, args.labels_csv)
+    probabilities = predict_saved_model(location, data.test.images)
+    record_threshold = None
+    try:
+        record_threshold = registry.get(name, version).threshold
+    except LookupError:
+        pass
+    threshold = record_threshold if record_threshold is not None else settings.threshold
+    report = evaluate_probabilities(probabilities, data.test.labels, data.class_names, threshold)
+    write_report(report, out, probabilities=probabilities, labels=data.test.labels,
+                 title=f"{name} version {version}",
+                 extra={"model_name": name, "model_version": version,
+                        "dataset_fingerprint": data.fingerprint()})
+    sys.stdout.write(markdown(report, f"{name} version {version}"))
+    sys.stdout.write(f"\nreport: {out}\n")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from training.events import publisher_for
+    from training.lifecycle import promote, rollback
+    from training.registry import LifecycleError, PromotionRefused, Registry
+
+    settings = _settings(args)
+    registry = Registry(settings.repository)
+    name = settings.model_name
+    if args.models_command == "list":
+        served = registry.served_versions(name)
+        rows = registry.versions(name)
+        if args.json:
+            sys.stdout.write(json.dumps([r.__dict__ for r in rows], indent=2) + "\n")
+            return 0
+        from rich.table import Table
+
+        table = Table(title=f"{name} ({settings.repository})")
+        for column in ("version", "status", "served", "macro-F1", "dataset", "created", "note"):
+            table.add_column(column)
+        for r in rows:
+            table.add_row(
+                str(r.version), r.status, "◀" if served and r.version == served[-1] else "",
+                "" if r.macro_f1 is None else f"{r.macro_f1:.4f}",
+                (r.dataset_fingerprint or "")[:12], r.created, r.note or "",
+            )
+        from rich.console import Console
+
+        Console().print(table)
+        return 0
+    events = publisher_for(settings.kafka_bootstrap_servers)
+    try:
+        if args.models_command == "promote":
+            previous = promote(registry, name, args.version, events, force=args.force)
+            sys.stdout.write(f"{name} version {args.version} is served (was {previous})\n")
+        else:
+            withdrawn, served = rollback(registry, name, events, args.to)
+            sys.stdout.write(f"{name}: version {withdrawn} withdrawn, version {served} served\n")
+    except (PromotionRefused, LifecycleError, LookupError) as error:
+        sys.stderr.write(f"{error}\n")
+        return 1
+    finally:
+        events.close()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from training.events import KafkaEvents
+    from training.worker import TrainingWorker
+
+    settings = _settings(args)
+    if not settings.kafka_bootstrap_servers:
+        sys.stderr.write("set SCANWATCH_TRAIN_KAFKA_BOOTSTRAP_SERVERS for the worker\n")
+        return 2
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    events = KafkaEvents(settings.kafka_bootstrap_servers)
+    try:
+        TrainingWorker(settings, events).run(stop)
+    finally:
+        events.close()
+    return 0
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repository", type=Path, help="model repository (default var/models)")
+    parser.add_argument("--name", help="model name (default brain-mri-anomaly)")
+
+
+def _add_dataset(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", choices=DATASET_KINDS, default="benchmark",
+                        help="dataset layout (default: the bundled benchmark)")
+    parser.add_argument("--path", type=Path, help="dataset root (not for benchmark)")
+    parser.add_argument("--preset", choices=("default", "large", "tiny"), default="default",
+                        help="benchmark size (default: default)")
+    parser.add_argument("--image-size", type=int, help="input size (benchmark: 128, tiny: 64)")
+    parser.add_argument("--normal-class", help="the label meaning normal (notumor, nv...)")
+    parser.add_argument("--labels-csv", type=Path,
+                        help="dicom: labels CSV (default <path>/labels.csv)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scanwatch-train", description=__doc__.split("\n")[0])
+    parser.add_argument("--log-level", default=os.environ.get("SCANWATCH_TRAIN_LOG_LEVEL",
+                                                              "WARNING"),
+                        help="DEBUG, INFO, WARNING or ERROR (default WARNING: bars only)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train, evaluate, export and (if better) promote")
+    _add_common(train)
+    _add_dataset(train)
+    train.add_argument("--run-dir", type=Path, help="run folder (an unfinished one resumes)")
+    train.add_argument("--runs-dir", type=Path, help="where new run folders go")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--fine-tune-after", type=int, help="epochs before fine-tuning (5)")
+    train.add_argument("--variant", help="EfficientNet B0..B7 (default B0)")
+    train.add_argument("--weights", help="'imagenet' or a weights file (default: from scratch)")
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--seed", type=int)
+    train.add_argument("--no-promote", action="store_true", help="leave it a candidate")
+    train.set_defaults(handler=cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a version on a dataset's test split")
+    _add_common(evaluate)
+    _add_dataset(evaluate)
+    evaluate.add_argument("--version", type=int, help="default: the served version")
+    evaluate.add_argument("--out", type=Path, help="report folder")
+    evaluate.set_defaults(handler=cmd_evaluate)
+
+    models = commands.add_parser("models", help="list, promote or roll back versions")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    listing = models_commands.add_parser("list", help="the registry")
+    _add_common(listing)
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    promote = models_commands.add_parser("promote", help="serve a candidate if not worse")
+    _add_common(promote)
+    promote.add_argument("version", type=int)
+    promote.add_argument("--force", action="store_true", help="skip the macro-F1 comparison")
+    rollback = models_commands.add_parser("rollback", help="serve an older version again")
+    _add_common(rollback)
+    rollback.add_argument("--to", type=int, help="version to serve (default: the previous)")
+    models.set_defaults(handler=cmd_models)
+
+    worker = commands.add_parser("worker", help="run training jobs requested over Kafka")
+    _add_common(worker)
+    worker.set_defaults(handler=cmd_worker)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = build_parser().parse_args(argv)
+    configure_logging("training", args.log_level)
+    try:
+        return int(args.handler(args))
+    except ValidationError as error:
+        sys.stderr.write(f"invalid settings: {error}\n")
+        return 2
+    except ValueError as error:  # DatasetError, RunMismatch, bad values
+        sys.stderr.write(f"{type(error).__name__}: {error}\n")
+        return 1

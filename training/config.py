@@ -1,0 +1,139 @@
+"""Settings of training runs and of the training worker (``SCANWATCH_TRAIN_*``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from training.model import IMAGENET, VARIANTS, normalise_variant
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+#: Fine-tuning defaults (see the fields): a pretrained base changes little, a new one more.
+SCRATCH_LR_FACTOR = 0.5
+PRETRAINED_LR_FACTOR = 0.1
+SCRATCH_TOP_FRACTION = 1.0
+PRETRAINED_TOP_FRACTION = 0.3
+
+
+class TrainSettings(BaseSettings):
+    """How a model is trained (the article's method), where runs and models go."""
+
+    model_config = SettingsConfigDict(env_prefix="SCANWATCH_TRAIN_", protected_namespaces=())
+
+    # -- model ------------------------------------------------------------------------------
+    variant: str = Field("B0", description=f"EfficientNet variant: {', '.join(VARIANTS)}.")
+    weights: str | None = Field(
+        None,
+        description=f"Base weights: unset trains from scratch, {IMAGENET!r} loads Keras' ImageNet "
+        "weights (needs a network or the Keras cache), or a path to a local weights file.",
+    )
+    dense_units: int = Field(256, ge=1, description="Units of the ReLU dense layer of the head.")
+    dropout: float = Field(0.3, ge=0, lt=1, description="Dropout before the softmax.")
+    # -- optimisation -----------------------------------------------------------------------
+    epochs: int = Field(30, ge=1, description="Most epochs (early stopping may end sooner).")
+    batch_size: int = Field(32, ge=1, description="Images per training step.")
+    learning_rate: float = Field(1e-3, gt=0, description="Adam's learning rate before fine-tuning.")
+    fine_tune_after: int = Field(
+        5, ge=0, description="Epochs before fine-tuning starts (the article: after five)."
+    )
+    fine_tune_learning_rate_factor: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Fine-tuning learning rate = current learning rate × this factor; unset: "
+        f"{SCRATCH_LR_FACTOR} from scratch, {PRETRAINED_LR_FACTOR} with pretrained weights.",
+    )
+    fine_tune_top_fraction: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="Share of the base's layers, from the top, trainable while fine-tuning "
+        "(BatchNormalization layers stay frozen); unset: all of them from scratch (there are "
+        f"no pretrained features to protect), {PRETRAINED_TOP_FRACTION} with pretrained weights.",
+    )
+    plateau_patience: int = Field(
+        3, ge=1, description="Epochs without validation-loss improvement before the LR drops."
+    )
+    plateau_factor: float = Field(0.5, gt=0, lt=1, description="LR multiplier on a plateau.")
+    min_learning_rate: float = Field(1e-6, gt=0, description="The LR never drops below this.")
+    early_stopping_patience: int = Field(
+        7, ge=1, description="Epochs without validation-loss improvement before training stops."
+    )
+    balance: bool = Field(
+        True, description="Oversample minority classes with augmented copies to the largest."
+    )
+    random_flip: bool = Field(True, description="Random left-right flips while training.")
+    augment: bool = Field(
+        True, description="Random small rotations, shifts and zooms while training."
+    )
+    seed: int = Field(0, description="Seeds weights, shuffling, augmentation and splits.")
+    threshold: float = Field(
+        0.5, ge=0, le=1, description="Operating threshold on the anomaly score (1 - p(normal))."
+    )
+    # -- where things go --------------------------------------------------------------------
+    model_name: str = Field("brain-mri-anomaly", description="Model name (its repository folder).")
+    repository: Path = Field(
+        Path("var/models"), description="Model repository (TF Serving layout) to publish into."
+    )
+    runs_dir: Path = Field(
+        Path("var/training/runs"),
+        description="Run folders: checkpoints, state, history, evaluation report.",
+    )
+    cache_dir: Path = Field(
+        Path("var/training/cache"), description="Where built datasets are cached (.npz)."
+    )
+    kafka_bootstrap_servers: str | None = Field(
+        None,
+        description="Kafka for model.published.v1 and training job events; unset: no events.",
+    )
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
+
+    @property
+    def fine_tune_factor(self) -> float:
+        """The fine-tuning learning-rate factor in effect."""
+        if self.fine_tune_learning_rate_factor is not None:
+            return self.fine_tune_learning_rate_factor
+        return SCRATCH_LR_FACTOR if self.weights is None else PRETRAINED_LR_FACTOR
+
+    @property
+    def fine_tune_fraction(self) -> float:
+        """The share of the base trainable while fine-tuning, in effect."""
+        if self.fine_tune_top_fraction is not None:
+            return self.fine_tune_top_fraction
+        return SCRATCH_TOP_FRACTION if self.weights is None else PRETRAINED_TOP_FRACTION
+
+    @field_validator("variant")
+    @classmethod
+    def _variant(cls, value: str) -> str:
+        return normalise_variant(value)
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: str | None) -> str | None:
+        if value in (None, "", "none", "None"):
+            return None
+        if value != IMAGENET and not Path(value).is_file():
+            raise ValueError(f"weights must be unset, {IMAGENET!r} or an existing file: {value!r}")
+        return value
+
+    @field_validator("model_name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not value or value in (".", "..") or "/" in value or value.startswith("."):
+            raise ValueError(f"model_name must be a plain folder name, not {value!r}")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, not {value!r}")
+        return value.upper()
+
+    @model_validator(mode="after")
+    def _phases(self) -> TrainSettings:
+        if self.min_learning_rate > self.learning_rate:
+            raise ValueError("min_learning_rate must not exceed learning_rate")
+        return self

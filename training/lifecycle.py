@@ -1,0 +1,242 @@
+"""A training job from data to served model: train, evaluate, export, register, promote.
+
+Used by the CLI (``python -m training train``) and by the training worker, so both follow the
+same rules:
+
+1. a version number is reserved in the registry before anything is written (two jobs never
+   write the same version);
+2. the model is trained in its run folder (resumable), evaluated on the held-out test split
+   (report: JSON, Markdown, PNG plots), exported with the contract signature into the staging
+   area, and registered as a candidate with its dataset fingerprint and metrics;
+3. it is promoted (moved into the served folder) only if its held-out macro-F1 is at least the
+   served version's *on the same held-out set*: when the served version was measured on other
+   data, it is re-evaluated on the candidate's test split first;
+4. every change of the served version announces ``model.published.v1``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from schemas.training_events import DatasetSpec, ModelPublishedV1
+from training.config import TrainSettings
+from training.dataset import LabelledImages
+from training.evaluate import evaluate_probabilities, write_report
+from training.events import EventPublisher, NoEvents
+from training.pipeline import inference_stream
+from training.registry import PromotionRefused, Registry
+from training.train import Progress, train
+
+logger = logging.getLogger(__name__)
+
+EVALUATION_DIR = "evaluation"
+DATASET_COPY = "dataset.npz"
+#: Default input size per dataset kind (the benchmark's is its config's).
+DEFAULT_IMAGE_SIZE = 128
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """What a job produced."""
+
+    model_name: str
+    version: int
+    report: dict[str, Any]
+    promoted: bool
+    previous_version: int | None
+    reason: str | None
+    run_dir: Path
+
+
+def load_dataset(spec: DatasetSpec, settings: TrainSettings, run_dir: Path,
+                 normal_class: str | None = None, labels_csv: Path | None = None,
+                 progress: Callable[[int, int], None] | None = None,
+                 ) -> tuple[LabelledImages, Path]:
+    """Build or load the dataset a job names; return it and an ``.npz`` holding it."""
+    from training import benchmark, loaders
+
+    size = spec.image_size or DEFAULT_IMAGE_SIZE
+    if spec.kind == "benchmark":
+        config = benchmark.PRESETS[spec.preset]
+        if spec.image_size is not None:
+            config = benchmark.BenchmarkConfig(**{**config.__dict__, "image_size": size})
+        data = benchmark.load_or_build(config, settings.cache_dir, progress)
+        return data, benchmark.cache_path(config, settings.cache_dir)
+    root = Path(spec.path or "")
+    if spec.kind == "folder":
+        data = loaders.load_class_folders(root, size, settings.seed, normal_class)
+    elif spec.kind == "ham10000":
+        data = loaders.load_ham10000(root, size, settings.seed,
+                                     normal_class=normal_class or loaders.HAM_NORMAL)
+    else:
+        data = loaders.load_dicom(root, labels_csv or root / "labels.csv", size, settings.seed,
+                                  normal_class)
+    copy = Path(run_dir) / DATASET_COPY
+    data.save(copy)
+    return data, copy
+
+
+def predict_keras(model: Any, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    return np.asarray(model.predict(inference_stream(images, batch_size), verbose=0))
+
+
+def predict_saved_model(path: Path, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Probabilities of a published SavedModel through its serving signature.
+
+    Images are resized to the model's input size when it differs (a served model of another
+    size is compared on the same images, resampled).
+    """
+    import tensorflow as tf
+
+    from schemas.model_signature import SIGNATURE_NAME
+
+    serve = tf.saved_model.load(str(path)).signatures[SIGNATURE_NAME]
+    size = serve.structured_input_signature[1]["images"].shape[1]
+    out = []
+    for batch in inference_stream(images, batch_size):
+        if size is not None and batch.shape[1] != size:
+            batch = tf.image.resize(batch, (size, size))
+        out.append(serve(images=tf.cast(batch, tf.float32))["probabilities"].numpy())
+    return np.concatenate(out)
+
+
+def serving_baseline(registry: Registry, name: str, data: LabelledImages,
+                     fingerprint: str, threshold: float) -> float | None:
+    """The served version's macro-F1 on this candidate's held-out set (None: nothing served)."""
+    served = registry.served_versions(name)
+    if not served:
+        return None
+    try:
+        record = registry.get(name, served[-1])
+    except LookupError:
+        record = None
+    if record is not None and record.dataset_fingerprint == fingerprint \
+            and record.macro_f1 is not None:
+        return record.macro_f1
+    if record is not None and record.class_names and \
+            list(record.class_names) != list(data.class_names):
+        logger.info("served model has other classes; it scores 0 on this data",
+                    extra={"model_version": served[-1]})
+        return 0.0
+    probabilities = predict_saved_model(registry.model_dir(name) / str(served[-1]),
+                                        data.test.images)
+    if probabilities.shape[1] != len(data.class_names):
+        return 0.0
+    report = evaluate_probabilities(probabilities, data.test.labels, data.class_names, threshold)
+    logger.info("served version re-evaluated on the candidate's held-out set",
+                extra={"model_version": served[-1], "macro_f1": report["macro_f1"]})
+    return float(report["macro_f1"])
+
+
+def announce(events: EventPublisher, registry: Registry, name: str, version: int,
+             action: str, previous: int | None, job_id: Any = None) -> None:
+    record = registry.get(name, version)
+    events.send(
+        ModelPublishedV1(
+            model_name=name, model_version=version, action=action, previous_version=previous,
+            storage_uri=(registry.model_dir(name) / str(version)).resolve().as_uri(),
+            dataset_fingerprint=record.dataset_fingerprint, macro_f1=record.macro_f1,
+            class_names=record.class_names or ["normal", "abnormal"],
+            threshold=record.threshold if record.threshold is not None else 0.5,
+            job_id=job_id,
+        ),
+        key=name,
+    )
+
+
+def promote(registry: Registry, name: str, version: int, events: EventPublisher,
+            force: bool = False, job_id: Any = None) -> int | None:
+    """Promote a registered version (with the held-out comparison); announce it when done."""
+    record = registry.get(name, version)
+    baseline = None
+    if not force and record.dataset_path and Path(record.dataset_path).is_file():
+        data = LabelledImages.load(Path(record.dataset_path))
+        if data.fingerprint() == record.dataset_fingerprint:
+            baseline = serving_baseline(registry, name, data, record.dataset_fingerprint or "",
+                                        record.threshold or 0.5)
+    previous = registry.promote(name, version, serving_macro_f1=baseline, force=force)
+    announce(events, registry, name, version, "promoted", previous, job_id)
+    logger.info("version promoted", extra={"model_name": name, "model_version": version,
+                                           "previous_version": previous})
+    return previous
+
+
+def rollback(registry: Registry, name: str, events: EventPublisher,
+             to_version: int | None = None) -> tuple[int, int]:
+    withdrawn, served = registry.rollback(name, to_version)
+    announce(events, registry, name, served, "rolled-back", withdrawn)
+    logger.info("rolled back", extra={"model_name": name, "withdrawn_version": withdrawn,
+                                      "model_version": served})
+    return withdrawn, served
+
+
+def run_job(
+    data: LabelledImages, dataset_path: Path, settings: TrainSettings, run_dir: Path,
+    *, registry: Registry | None = None, events: EventPublisher | None = None,
+    progress: Progress | None = None, promote_if_better: bool = True, job_id: Any = None,
+    on_reserved: Callable[[int], None] | None = None,
+) -> JobOutcome:
+    """Train → evaluate → export to staging → register → (promote). See the module docstring."""
+    from training.export import export_saved_model
+
+    registry = registry or Registry(settings.repository)
+    events = events or NoEvents()
+    name = settings.model_name
+    run_dir = Path(run_dir)
+    version = registry.reserve(name, job_id=str(job_id) if job_id else None,
+                               run_dir=str(run_dir))
+    if on_reserved is not None:
+        on_reserved(version)
+    try:
+        result = train(data, settings, run_dir, progress)
+        probabilities = predict_keras(result.model, data.test.images, settings.batch_size)
+        report = evaluate_probabilities(probabilities, data.test.labels, data.class_names,
+                                        settings.threshold)
+        write_report(
+            report, run_dir / EVALUATION_DIR, probabilities=probabilities,
+            labels=data.test.labels, history=result.state.history,
+            title=f"{name} version {version} — held-out test split",
+            extra={"model_name": name, "model_version": version,
+                   "dataset_fingerprint": result.dataset_fingerprint,
+                   "dataset": data.summary(), "best_epoch": result.state.best_epoch,
+                   "epochs_run": result.state.epoch},
+        )
+        export_saved_model(result.model, data.class_names, settings.threshold,
+                           registry.repository / ".staging", name, version=version)
+        registry.record_candidate(
+            name, version, dataset_fingerprint=result.dataset_fingerprint,
+            metrics=flat_metrics(report), class_names=list(data.class_names),
+            threshold=settings.threshold, dataset_path=str(Path(dataset_path).resolve()),
+        )
+    except BaseException as error:
+        registry.mark_failed(name, version, f"{type(error).__name__}: {error}")
+        raise
+    promoted, previous, reason = False, None, None
+    if promote_if_better:
+        try:
+            previous = promote(registry, name, version, events, job_id=job_id)
+            promoted = True
+        except PromotionRefused as refusal:
+            reason = str(refusal)
+            logger.warning("candidate not promoted", extra={"reason": reason})
+    return JobOutcome(name, version, report, promoted, previous, reason, run_dir)
+
+
+def flat_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """The numbers an event or a registry row carries (macro/weighted F1, accuracy, AUC...)."""
+    flat = {
+        "macro_f1": report["macro_f1"],
+        "weighted_f1": report["weighted_avg"]["f1-score"],
+        "accuracy": report["accuracy"],
+    }
+    if report["roc_auc"]["macro"] is not None:
+        flat["roc_auc_macro"] = report["roc_auc"]["macro"]
+    for name, row in report["per_class"].items():
+        flat[f"f1_{name}"] = row["f1-score"]
+    return {k: float(v) for k, v in flat.items()}

@@ -1,0 +1,116 @@
+"""Class balancing with augmented images and the tf.data input pipeline.
+
+Balancing happens once, in memory, before training: each minority class is topped up to the
+size of the largest with augmented copies of its own images (flip, small rotation and shift,
+intensity scaling), so the network sees every class equally often without exact duplicates.
+The training stream is then ``from_tensor_slices → cache → shuffle → batch → map → prefetch``,
+built so that the accelerator (here: the CPU cores running the model) never waits for data.
+"""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+from scipy import ndimage
+
+from training.dataset import Split
+
+#: Augmentation ranges for the balancing copies.
+MAX_ROTATION_DEG = 10.0
+MAX_SHIFT_SHARE = 0.05
+MAX_ZOOM_SHARE = 0.1
+INTENSITY_RANGE = (0.9, 1.1)
+PIXEL_MAX = 255.0
+
+
+def augment_image(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A plausible variant of one model-input image ``(H, W, C)`` in [0, 255]."""
+    out = image[:, ::-1] if rng.random() < 0.5 else image
+    out = ndimage.rotate(
+        out, rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG), axes=(0, 1), reshape=False,
+        order=1, mode="constant",
+    )
+    shift = rng.uniform(-MAX_SHIFT_SHARE, MAX_SHIFT_SHARE, 2) * image.shape[0]
+    out = ndimage.shift(out, (*shift, 0), order=1, mode="constant")
+    out = out * rng.uniform(*INTENSITY_RANGE)
+    return np.clip(out, 0, PIXEL_MAX).astype(np.float32)
+
+
+def balance_with_augmentation(split: Split, n_classes: int, seed: int) -> tuple[Split, list[int]]:
+    """Top up every class to the largest class's count with augmented copies.
+
+    Returns the balanced split and the number of copies added per class. Copies keep the group
+    of the image they came from.
+    """
+    counts = split.counts(n_classes)
+    target = max(counts)
+    rng = np.random.default_rng(seed)
+    added = [0] * n_classes
+    images, labels, groups = [split.images], [split.labels], [split.groups]
+    for label, count in enumerate(counts):
+        if count == 0 or count == target:
+            continue
+        sources = rng.choice(np.flatnonzero(split.labels == label), target - count, replace=True)
+        images.append(np.stack([augment_image(split.images[i], rng) for i in sources]))
+        labels.append(np.full(len(sources), label, dtype=split.labels.dtype))
+        groups.append(split.groups[sources])
+        added[label] = len(sources)
+    balanced = Split(np.concatenate(images), np.concatenate(labels), np.concatenate(groups))
+    return balanced, added
+
+
+def _to_rgb(images: tf.Tensor) -> tf.Tensor:
+    """Grey ``(B, H, W, 1)`` → ``(B, H, W, 3)`` as preprocess_slice repeats it; RGB unchanged."""
+    if images.shape[-1] == 1:
+        return tf.repeat(images, 3, axis=-1)
+    return images
+
+
+def _geometric_augmenter(seed: int) -> keras.Sequential:
+    """Small random rotation, shift and zoom per image (batched, on the fly)."""
+    return keras.Sequential([
+        keras.layers.RandomRotation(MAX_ROTATION_DEG / 360.0, fill_mode="constant", seed=seed),
+        keras.layers.RandomTranslation(MAX_SHIFT_SHARE, MAX_SHIFT_SHARE, fill_mode="constant",
+                                       seed=seed + 1),
+        keras.layers.RandomZoom(MAX_ZOOM_SHARE, fill_mode="constant", seed=seed + 2),
+    ])
+
+
+def training_stream(
+    split: Split, n_classes: int, batch_size: int, seed: int, random_flip: bool,
+    augment: bool = False,
+) -> tf.data.Dataset:
+    """Shuffled, batched ``(images, one-hot labels)`` batches, one epoch per iteration.
+
+    ``random_flip`` mirrors half the images; ``augment`` also rotates, shifts and zooms each
+    image slightly (new draws every epoch), which a model trained from scratch on a few
+    thousand images needs against overfitting.
+    """
+    one_hot = np.eye(n_classes, dtype=np.float32)[split.labels]
+    data = tf.data.Dataset.from_tensor_slices((split.images, one_hot)).cache()
+    data = data.shuffle(len(split), seed=seed, reshuffle_each_iteration=True)
+    data = data.batch(batch_size)
+    augmenter = _geometric_augmenter(seed) if augment else None
+
+    def prepare(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        images = _to_rgb(images)
+        if random_flip:
+            flip = tf.random.uniform([tf.shape(images)[0], 1, 1, 1], seed=seed) < 0.5
+            images = tf.where(flip, tf.reverse(images, axis=[2]), images)
+        if augmenter is not None:
+            images = tf.clip_by_value(augmenter(images, training=True), 0.0, PIXEL_MAX)
+        return images, labels
+
+    return data.map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def inference_stream(images: np.ndarray, batch_size: int) -> tf.data.Dataset:
+    """Batches of model inputs in order (evaluation and validation)."""
+    data = tf.data.Dataset.from_tensor_slices(images).batch(batch_size).cache()
+    return data.map(_to_rgb, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+def to_rgb(images: np.ndarray) -> np.ndarray:
+    """NumPy twin of the pipeline's channel expansion."""
+    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images

@@ -1,0 +1,393 @@
+"""The model registry: one SQLite table beside the model repository, and the lifecycle rules.
+
+``<repository>/registry.sqlite`` has one row per (model name, version): status, dataset
+fingerprint, held-out metrics, creation time, where the version lives. The repository folders
+stay the truth for serving (TensorFlow Serving serves the highest version folder of
+``<repository>/<name>/``); the registry records why each version is where it is.
+
+Lifecycle of a version:
+
+``reserved`` (a job took the number) → ``candidate`` (exported into
+``<repository>/.staging/<name>/<version>/``, not visible to servers) → ``serving`` (renamed into
+``<repository>/<name>/<version>/``; being the highest, servers pick it up) → ``superseded``
+(a newer version is served; the folder stays, ready for a rollback) or ``rolled-back`` (withdrawn
+to ``<repository>/.retired/<name>/<version>/``). A candidate that is worse than the served
+version becomes ``rejected``; a job that fails leaves its number ``failed``. Numbers are never
+reused: two jobs never write the same version.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from training.repository import SAVED_MODEL_FILE, version_folders
+
+REGISTRY_FILE = "registry.sqlite"
+STAGING = ".staging"
+RETIRED = ".retired"
+
+RESERVED, CANDIDATE, SERVING = "reserved", "candidate", "serving"
+SUPERSEDED, ROLLED_BACK, REJECTED, FAILED = "superseded", "rolled-back", "rejected", "failed"
+STATUSES = (RESERVED, CANDIDATE, SERVING, SUPERSEDED, ROLLED_BACK, REJECTED, FAILED)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS model_versions (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL CHECK (version >= 1),
+    status TEXT NOT NULL,
+    dataset_fingerprint TEXT,
+    macro_f1 REAL,
+    metrics TEXT NOT NULL DEFAULT '{}',
+    class_names TEXT NOT NULL DEFAULT '[]',
+    threshold REAL,
+    created TEXT NOT NULL,
+    updated TEXT NOT NULL,
+    job_id TEXT,
+    run_dir TEXT,
+    dataset_path TEXT,
+    note TEXT,
+    PRIMARY KEY (name, version)
+)
+"""
+
+
+class PromotionRefused(RuntimeError):
+    """The candidate's held-out macro-F1 is below the served version's."""
+
+
+class LifecycleError(RuntimeError):
+    """The requested transition does not apply to the version's current state."""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One registry row."""
+
+    name: str
+    version: int
+    status: str
+    dataset_fingerprint: str | None
+    macro_f1: float | None
+    metrics: dict[str, Any]
+    class_names: list[str]
+    threshold: float | None
+    created: str
+    updated: str
+    job_id: str | None
+    run_dir: str | None
+    dataset_path: str | None
+    note: str | None
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Registry:
+    """The registry of one model repository. Cheap to create; every call opens its connection."""
+
+    def __init__(self, repository: Path) -> None:
+        self.repository = Path(repository)
+        self.path = self.repository / REGISTRY_FILE
+
+    # -- storage ------------------------------------------------------------------------------
+
+    @contextmanager
+    def _connect(self, write: bool = False) -> Iterator[sqlite3.Connection]:
+        self.repository.mkdir(parents=True, exist_ok=True)
+        connection = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        connection.row_factory = sqlite3.Row
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute(_SCHEMA)
+            if write:
+                # Taken before reading, so two writers never decide on the same snapshot.
+                connection.execute("BEGIN IMMEDIATE")
+            yield connection
+            if write:
+                connection.execute("COMMIT")
+        except BaseException:
+            if connection.in_transaction:
+                connection.execute("ROLLBACK")
+            raise
+        finally:
+            connection.close()
+
+    @staticmethod
+    def _row(row: sqlite3.Row) -> ModelVersion:
+        values = dict(row)
+        values["metrics"] = json.loads(values["metrics"])
+        values["class_names"] = json.loads(values["class_names"])
+        return ModelVersion(**values)
+
+    def versions(self, name: str) -> list[ModelVersion]:
+        """Every registered version of ``name``, ascending."""
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT * FROM model_versions WHERE name = ? ORDER BY version", (name,)
+            ).fetchall()
+        return [self._row(r) for r in rows]
+
+    def get(self, name: str, version: int) -> ModelVersion:
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT * FROM model_versions WHERE name = ? AND version = ?", (name, version)
+            ).fetchone()
+        if row is None:
+            raise LookupError(f"{name} version {version} is not in the registry")
+        return self._row(row)
+
+    def serving(self, name: str) -> ModelVersion | None:
+        """The registered version that servers answer with (the highest served folder)."""
+        served = self.served_versions(name)
+        if not served:
+            return None
+        try:
+            return self.get(name, served[-1])
+        except LookupError:
+            return None
+
+    # -- folders ------------------------------------------------------------------------------
+
+    def model_dir(self, name: str) -> Path:
+        return self.repository / name
+
+    def staging_dir(self, name: str, version: int | None = None) -> Path:
+        folder = self.repository / STAGING / name
+        return folder if version is None else folder / str(version)
+
+    def retired_dir(self, name: str, version: int | None = None) -> Path:
+        folder = self.repository / RETIRED / name
+        return folder if version is None else folder / str(version)
+
+    def served_versions(self, name: str) -> list[int]:
+        """Versions in the served folder holding a SavedModel, ascending."""
+        folders = version_folders(self.model_dir(name))
+        return sorted(v for v, p in folders.items() if (p / SAVED_MODEL_FILE).is_file())
+
+    def location(self, name: str, version: int) -> Path | None:
+        for folder in (self.model_dir(name), self.staging_dir(name), self.retired_dir(name)):
+            candidate = folder / str(version)
+            if (candidate / SAVED_MODEL_FILE).is_file():
+                return candidate
+        return None
+
+    # -- transitions --------------------------------------------------------------------------
+
+    def job_version(self, name: str, job_id: str) -> ModelVersion | None:
+        """The version a job reserved, if it did."""
+        with self._connect() as db:
+            row = db.execute(
+                "SELECT * FROM model_versions WHERE name = ? AND job_id = ? ORDER BY version DESC",
+                (name, job_id),
+            ).fetchone()
+        return None if row is None else self._row(row)
+
+    def reserve(self, name: str, job_id: str | None = None, run_dir: str | None = None) -> int:
+        """Take the next version number for ``name`` (never one used before, by row or folder).
+
+        A job that reserved a number and did not finish (same ``job_id``) gets it back.
+        """
+        with self._connect(write=True) as db:
+            if job_id is not None:
+                earlier = db.execute(
+                    "SELECT version FROM model_versions WHERE name = ? AND job_id = ? "
+                    "AND status = ?", (name, job_id, RESERVED),
+                ).fetchone()
+                if earlier is not None:  # the same job, resumed: keep its number
+                    return int(earlier["version"])
+            highest_row = db.execute(
+                "SELECT MAX(version) FROM model_versions WHERE name = ?", (name,)
+            ).fetchone()[0] or 0
+            highest_folder = max(
+                (max(version_folders(folder), default=0) for folder in (
+                    self.model_dir(name), self.staging_dir(name), self.retired_dir(name))),
+                default=0,
+            )
+            version = max(highest_row, highest_folder) + 1
+            now = _now()
+            db.execute(
+                "INSERT INTO model_versions (name, version, status, created, updated, job_id, "
+                "run_dir) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (name, version, RESERVED, now, now, job_id, run_dir),
+            )
+        return version
+
+    def record_candidate(
+        self, name: str, version: int, *, dataset_fingerprint: str, metrics: dict[str, Any],
+        class_names: list[str], threshold: float, dataset_path: str | None = None,
+    ) -> None:
+        """A reserved version was exported into staging with its held-out metrics."""
+        self._update(
+            name, version, {RESERVED}, CANDIDATE, dataset_fingerprint=dataset_fingerprint,
+            macro_f1=float(metrics["macro_f1"]), metrics=json.dumps(metrics),
+            class_names=json.dumps(list(class_names)), threshold=threshold,
+            dataset_path=dataset_path,
+        )
+
+    def mark_failed(self, name: str, version: int, reason: str) -> None:
+        self._update(name, version, {RESERVED, CANDIDATE}, FAILED, note=reason[:2000])
+
+    def register_existing(
+        self, name: str, version: int, *, status: str, dataset_fingerprint: str | None,
+        metrics: dict[str, Any], class_names: list[str], threshold: float,
+        note: str | None = None,
+    ) -> None:
+        """Record a version that was put into the repository without a job (the default model)."""
+        now = _now()
+        with self._connect(write=True) as db:
+            db.execute(
+                "INSERT OR IGNORE INTO model_versions (name, version, status, dataset_fingerprint,"
+                " macro_f1, metrics, class_names, threshold, created, updated, note) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (name, version, status, dataset_fingerprint,
+                 metrics.get("macro_f1"), json.dumps(metrics), json.dumps(class_names),
+                 threshold, now, now, note),
+            )
+
+    def _update(self, name: str, version: int, allowed: set[str], status: str, **fields: Any
+                ) -> None:
+        with self._connect(write=True) as db:
+            row = db.execute(
+                "SELECT status FROM model_versions WHERE name = ? AND version = ?",
+                (name, version),
+            ).fetchone()
+            if row is None:
+                raise LookupError(f"{name} version {version} is not in the registry")
+            if row["status"] not in allowed:
+                raise LifecycleError(
+                    f"{name} version {version} is {row['status']}, not {' or '.join(allowed)}"
+                )
+            assignments = {"status": status, "updated": _now(), **fields}
+            db.execute(
+                f"UPDATE model_versions SET {', '.join(f'{k} = ?' for k in assignments)} "
+                "WHERE name = ? AND version = ?",
+                (*assignments.values(), name, version),
+            )
+
+    def _set_status(self, db: sqlite3.Connection, name: str, version: int, status: str,
+                    note: str | None = None) -> None:
+        db.execute(
+            "UPDATE model_versions SET status = ?, updated = ?, note = COALESCE(?, note) "
+            "WHERE name = ? AND version = ?",
+            (status, _now(), note, name, version),
+        )
+
+    def promote(
+        self, name: str, version: int, *, serving_macro_f1: float | None = None,
+        force: bool = False,
+    ) -> int | None:
+        """Serve ``version`` if its macro-F1 is at least the served version's; return the previous.
+
+        ``serving_macro_f1`` is the served version's macro-F1 on the candidate's held-out set
+        (the caller evaluates it when the two were measured on different data); by default the
+        served version's recorded macro-F1 is used. ``force`` skips the comparison (an operator's
+        explicit decision). Raises :class:`PromotionRefused` (the candidate becomes ``rejected``)
+        when it is worse.
+        """
+        refused: PromotionRefused | None = None
+        with self._connect(write=True) as db:
+            row = db.execute(
+                "SELECT * FROM model_versions WHERE name = ? AND version = ?", (name, version)
+            ).fetchone()
+            if row is None:
+                raise LookupError(f"{name} version {version} is not in the registry")
+            candidate = self._row(row)
+            if candidate.status not in (CANDIDATE, ROLLED_BACK, REJECTED):
+                raise LifecycleError(
+                    f"{name} version {version} is {candidate.status}; only a candidate, rejected"
+                    " or rolled-back version can be promoted"
+                )
+            served = self.served_versions(name)
+            previous = served[-1] if served else None
+            if previous is not None and previous > version:
+                raise LifecycleError(
+                    f"version {previous} is served and newer than {version}: roll back to "
+                    f"{version} instead"
+                )
+            if not force and previous is not None:
+                baseline = serving_macro_f1
+                if baseline is None:
+                    current = db.execute(
+                        "SELECT macro_f1 FROM model_versions WHERE name = ? AND version = ?",
+                        (name, previous),
+                    ).fetchone()
+                    baseline = current["macro_f1"] if current is not None else None
+                if baseline is not None and (candidate.macro_f1 or 0.0) < baseline:
+                    self._set_status(db, name, version, REJECTED,
+                                     f"macro-F1 {candidate.macro_f1 or 0.0:.4f} < served "
+                                     f"{baseline:.4f}")
+                    refused = PromotionRefused(
+                        f"{name} version {version}: held-out macro-F1 "
+                        f"{candidate.macro_f1 or 0.0:.4f} is below version {previous}'s "
+                        f"{baseline:.4f}; not promoted"
+                    )
+            if refused is None:
+                self._serve(db, name, version, previous)
+        if refused is not None:
+            raise refused
+        return previous
+
+    def _serve(self, db: sqlite3.Connection, name: str, version: int, previous: int | None
+               ) -> None:
+        source = self.location(name, version)
+        if source is None:
+            raise LifecycleError(f"{name} version {version} has no SavedModel on disk")
+        target = self.model_dir(name) / str(version)
+        if source != target:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.rename(source, target)  # atomic: servers see the whole version at once
+            _fsync_dir(target.parent)
+        self._set_status(db, name, version, SERVING)
+        if previous is not None and previous != version:
+            self._set_status(db, name, previous, SUPERSEDED)
+
+    def rollback(self, name: str, to_version: int | None = None) -> tuple[int, int]:
+        """Serve an older version again: withdraw every served version above it.
+
+        ``to_version`` defaults to the served version just below the current one. Returns
+        ``(withdrawn current version, version now served)``. Withdrawn folders move to
+        ``<repository>/.retired/<name>/`` (kept, so they can be promoted again).
+        """
+        with self._connect(write=True) as db:
+            served = self.served_versions(name)
+            if not served:
+                raise LifecycleError(f"{name} has no served version to roll back from")
+            current = served[-1]
+            if to_version is None:
+                if len(served) < 2:
+                    raise LifecycleError(f"{name} has no older served version than {current}")
+                to_version = served[-2]
+            if to_version >= current:
+                raise LifecycleError(f"version {to_version} is not older than {current}")
+            if to_version not in served:
+                source = self.location(name, to_version)
+                if source is None:
+                    raise LifecycleError(f"{name} version {to_version} has no SavedModel on disk")
+                os.rename(source, self.model_dir(name) / str(to_version))
+            retired = self.retired_dir(name)
+            retired.mkdir(parents=True, exist_ok=True)
+            for version in [v for v in served if v > to_version]:
+                os.rename(self.model_dir(name) / str(version), retired / str(version))
+                self._set_status(db, name, version, ROLLED_BACK,
+                                 f"rolled back to version {to_version}")
+            _fsync_dir(self.model_dir(name))
+            _fsync_dir(retired)
+            self._set_status(db, name, to_version, SERVING)
+        return current, to_version

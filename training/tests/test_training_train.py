@@ -1,0 +1,135 @@
+"""Training phases, the plateau and stopping rules, checkpoints and resuming a run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from training import train as train_module
+from training.benchmark import TINY, build_benchmark
+from training.config import TrainSettings
+from training.dataset import LabelledImages
+from training.model import BASE_LAYER, build_classifier
+from training.train import (
+    BEST_WEIGHTS,
+    FINE_TUNE,
+    INITIAL,
+    LAST_WEIGHTS,
+    STATE_FILE,
+    RunMismatch,
+    RunState,
+    set_phase,
+    train,
+)
+
+SMALL = replace(TINY, image_size=32, train_subjects=3, val_subjects=1, test_subjects=1,
+                slices_per_subject=4)
+
+
+@pytest.fixture(scope="module")
+def data() -> LabelledImages:
+    return build_benchmark(SMALL)
+
+
+def fast_settings(tmp_path: Path, **fields: object) -> TrainSettings:
+    values = {"epochs": 2, "fine_tune_after": 1, "batch_size": 8, "dense_units": 8,
+              "runs_dir": tmp_path / "runs", "repository": tmp_path / "models", **fields}
+    return TrainSettings(**values)
+
+
+def trainable_flags(model: keras.Model) -> list[tuple[str, bool]]:
+    return [(type(layer).__name__, layer.trainable) for layer in model.get_layer(BASE_LAYER).layers]
+
+
+def test_phases_from_scratch_and_pretrained(tmp_path: Path) -> None:
+    model = build_classifier(("normal", "mass"), image_size=32, dense_units=8)
+    scratch = fast_settings(tmp_path)
+    set_phase(model, INITIAL, scratch)
+    assert all(trainable for _, trainable in trainable_flags(model))
+
+    set_phase(model, FINE_TUNE, scratch)
+    flags = trainable_flags(model)
+    assert all(not t for kind, t in flags if kind == "BatchNormalization")
+    assert all(t for kind, t in flags if kind == "Conv2D")
+
+    pretrained = fast_settings(tmp_path, weights="imagenet")  # only the phase rule is read here
+    set_phase(model, INITIAL, pretrained)
+    assert not model.get_layer(BASE_LAYER).trainable
+    assert model.get_layer("head_dense").trainable
+
+    set_phase(model, FINE_TUNE, pretrained)
+    flags = trainable_flags(model)
+    cut = round(len(flags) * (1 - pretrained.fine_tune_fraction))
+    assert not any(t for _, t in flags[:cut])
+    assert any(t for _, t in flags[cut:])
+    assert all(not t for kind, t in flags[cut:] if kind == "BatchNormalization")
+    assert pretrained.fine_tune_factor == 0.1 and scratch.fine_tune_factor == 0.5
+
+
+class ScriptedValidation:
+    """Replaces validation_metrics with a scripted sequence of validation losses."""
+
+    def __init__(self, losses: list[float]) -> None:
+        self.losses = iter(losses)
+
+    def __call__(self, probabilities: np.ndarray, labels: np.ndarray, n: int) -> dict:
+        return {"val_loss": next(self.losses), "val_accuracy": 0.5, "val_macro_f1": 0.5}
+
+
+def test_plateau_lowers_the_rate_and_patience_stops(
+    tmp_path: Path, data: LabelledImages, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = fast_settings(tmp_path, plateau_patience=2, early_stopping_patience=4,
+                             plateau_factor=0.5, learning_rate=1e-3)
+    state = RunState(learning_rate=1e-3)
+    model = build_classifier(data.class_names, image_size=32, dense_units=8)
+    train_module.compile_for(model, 1e-3)
+    monkeypatch.setattr(train_module, "validation_metrics",
+                        ScriptedValidation([1.0, 0.9, 0.95, 0.95, 0.95, 0.95]))
+    callback = train_module._EpochEnd(data, settings, state, tmp_path, train_module.NoProgress())
+    callback.set_model(model)
+    rates = []
+    for epoch in range(6):
+        callback.on_epoch_begin(epoch)
+        callback.on_epoch_end(epoch, {"loss": 1.0, "accuracy": 0.5})
+        rates.append(state.learning_rate)
+        if model.stop_training:
+            break
+    # Improvements at epochs 1-2; two flat epochs halve the rate; four flat epochs stop.
+    assert rates == [1e-3, 1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4]
+    assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(2.5e-4)
+    assert state.stopped_early and model.stop_training and state.epoch == 6
+    assert (tmp_path / LAST_WEIGHTS).is_file() and (tmp_path / BEST_WEIGHTS).is_file()
+    assert json.loads((tmp_path / STATE_FILE).read_text())["epoch"] == 6
+
+
+def test_a_run_resumes_where_it_stopped(tmp_path: Path, data: LabelledImages) -> None:
+    run_dir = tmp_path / "run"
+    first = train(data, fast_settings(tmp_path, epochs=1), run_dir)
+    assert first.state.epoch == 1 and first.state.phase == INITIAL
+    before = json.loads((run_dir / STATE_FILE).read_text())["history"]
+
+    # Same data and settings, more epochs: continues from epoch 1, into fine-tuning.
+    state = RunState.load(run_dir)
+    state.finished = False
+    state.save(run_dir)
+    second = train(data, fast_settings(tmp_path, epochs=2), run_dir)
+    assert second.state.epoch == 2 and second.state.phase == FINE_TUNE
+    history = second.state.history
+    assert [h["epoch"] for h in history] == [1, 2] and history[0] == before[0]
+    assert history[1]["phase"] == FINE_TUNE
+    assert history[1]["learning_rate"] == pytest.approx(history[0]["learning_rate"] * 0.5)
+    probabilities = second.model.predict(np.repeat(data.test.images, 3, axis=-1), verbose=0)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+
+    # The run folder is not reused for other data or other settings.
+    other = build_benchmark(replace(SMALL, seed=SMALL.seed + 1))
+    with pytest.raises(RunMismatch, match="other data"):
+        train(other, fast_settings(tmp_path, epochs=2), run_dir)
+    with pytest.raises(RunMismatch, match="learning_rate"):
+        train(data, fast_settings(tmp_path, epochs=2, learning_rate=0.01), run_dir)

@@ -1,0 +1,158 @@
+"""The training worker: status events per job, failures reported, versions never shared."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import keras
+import pytest
+
+from schemas.events import DeadLetterV1
+from schemas.training_events import DatasetSpec, TrainingJobRequestedV1, TrainingJobStatusV1
+from training.config import TrainSettings
+from training.events import KafkaEvents, MemoryEvents
+from training.export import export_saved_model
+from training.lifecycle import JobOutcome
+from training.registry import Registry
+from training.worker import JobReporter, TrainingWorker
+
+CLASSES = ["normal", "mass"]
+
+
+def fake_runner(request: TrainingJobRequestedV1, settings: TrainSettings,
+                reporter: JobReporter, registry: Registry) -> JobOutcome:
+    """What the real runner does to the repository, without training: reserve, 2 epochs, export."""
+    version = registry.reserve(settings.model_name, job_id=str(request.job_id))
+    reporter.version = version
+    reporter.on_start(0, 2, 10)
+    for epoch in (1, 2):
+        reporter.on_epoch(epoch, "initial", {"loss": 1.0 / epoch, "val_macro_f1": 0.5})
+    inputs = keras.Input((32, 32, 3), name="images")
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(
+        keras.layers.GlobalAveragePooling2D()(inputs)))
+    export_saved_model(model, CLASSES, 0.5, registry.repository / ".staging",
+                       settings.model_name, version=version)
+    registry.record_candidate(settings.model_name, version, dataset_fingerprint="b" * 64,
+                              metrics={"macro_f1": 0.8}, class_names=CLASSES, threshold=0.5)
+    report = {"macro_f1": 0.8, "weighted_avg": {"f1-score": 0.8}, "accuracy": 0.8,
+              "roc_auc": {"macro": 0.9}, "per_class": {c: {"f1-score": 0.8} for c in CLASSES}}
+    return JobOutcome(settings.model_name, version, report, False, None, None,
+                      settings.runs_dir / str(request.job_id))
+
+
+def failing_runner(*args: object) -> JobOutcome:
+    raise RuntimeError("dataset folder is empty")
+
+
+def request(**fields: object) -> TrainingJobRequestedV1:
+    return TrainingJobRequestedV1(
+        model_name="brain", dataset=DatasetSpec(kind="benchmark", preset="tiny"), **fields)
+
+
+def settings(tmp_path: Path, **fields: object) -> TrainSettings:
+    return TrainSettings(repository=tmp_path / "models", runs_dir=tmp_path / "runs", **fields)
+
+
+def statuses(events: MemoryEvents) -> list[TrainingJobStatusV1]:
+    return [e for _, _, e in events.sent if isinstance(e, TrainingJobStatusV1)]
+
+
+def test_a_job_reports_queued_running_and_succeeded(tmp_path: Path) -> None:
+    events = MemoryEvents()
+    job = request()
+    TrainingWorker(settings(tmp_path), events, runner=fake_runner).handle(
+        job.to_bytes(), topic=job.SCHEMA)
+    seen = statuses(events)
+    assert [s.status for s in seen] == ["queued", "running", "running", "running", "succeeded"]
+    assert [s.epoch for s in seen[1:4]] == [0, 1, 2]
+    assert seen[2].metrics["loss"] == 1.0 and seen[2].epochs == 2
+    assert seen[-1].model_version == 1 and seen[-1].metrics["macro_f1"] == 0.8
+    assert seen[-1].promoted is False
+    assert all(s.job_id == job.job_id for s in seen)
+    assert {key for _, key, _ in events.sent} == {str(job.job_id)}
+
+
+def test_a_failed_job_says_why(tmp_path: Path) -> None:
+    events = MemoryEvents()
+    job = request()
+    TrainingWorker(settings(tmp_path), events, runner=failing_runner).handle(
+        job.to_bytes(), topic=job.SCHEMA)
+    *_, last = statuses(events)
+    assert last.status == "failed" and "dataset folder is empty" in (last.reason or "")
+
+
+def test_a_redelivered_finished_job_is_not_trained_again(tmp_path: Path) -> None:
+    events = MemoryEvents()
+    worker = TrainingWorker(settings(tmp_path), events, runner=fake_runner)
+    job = request()
+    worker.handle(job.to_bytes(), topic=job.SCHEMA)
+    worker.runner = failing_runner  # would fail if it ran again
+    events.sent.clear()
+    worker.handle(job.to_bytes(), topic=job.SCHEMA)
+    [only] = statuses(events)
+    assert only.status == "succeeded" and only.model_version == 1
+
+
+def test_an_unusable_request_goes_to_the_dead_letter_topic(tmp_path: Path) -> None:
+    events = MemoryEvents()
+    TrainingWorker(settings(tmp_path), events, runner=fake_runner).handle(
+        b'{"model_name": "brain"}', topic=TrainingJobRequestedV1.SCHEMA, partition=0, offset=7)
+    [(topic, _, event)] = events.sent
+    assert topic == "training.job.requested.v1.dlq"
+    assert isinstance(event, DeadLetterV1) and event.source_offset == 7
+    assert "dataset" in event.reason
+
+
+def test_request_overrides_reach_the_settings(tmp_path: Path) -> None:
+    from training.worker import settings_for
+
+    job = request(epochs=3, variant="b2", seed=9)
+    chosen = settings_for(job, settings(tmp_path))
+    assert (chosen.epochs, chosen.variant, chosen.seed, chosen.model_name) == (3, "B2", 9, "brain")
+
+
+@pytest.mark.integration
+def test_two_jobs_over_kafka_get_two_versions(kafka, tmp_path: Path) -> None:
+    from kafka import KafkaConsumer, KafkaProducer
+
+    group = f"test-{uuid.uuid4().hex}"
+    base = settings(tmp_path, kafka_bootstrap_servers=kafka.bootstrap_servers)
+    events = KafkaEvents(kafka.bootstrap_servers)
+    worker = TrainingWorker(base, events, runner=fake_runner, group_id=group)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    jobs = [request(), request()]
+    producer = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers, acks="all")
+    for job in jobs:
+        producer.send(job.SCHEMA, value=job.to_bytes(), key=str(job.job_id).encode()).get(30)
+    producer.close()
+
+    consumer = KafkaConsumer(
+        TrainingJobStatusV1.SCHEMA, bootstrap_servers=kafka.bootstrap_servers,
+        group_id=f"{group}-reader", auto_offset_reset="earliest", consumer_timeout_ms=1000)
+    wanted = {job.job_id for job in jobs}
+    final: dict[uuid.UUID, TrainingJobStatusV1] = {}
+    seen: dict[uuid.UUID, list[str]] = {job_id: [] for job_id in wanted}
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and set(final) != wanted:
+            for message in consumer:
+                status = TrainingJobStatusV1.from_bytes(message.value)
+                if status.job_id in wanted:
+                    seen[status.job_id].append(status.status)
+                    if status.status in ("succeeded", "failed"):
+                        final[status.job_id] = status
+    finally:
+        consumer.close()
+        stop.set()
+        thread.join(timeout=30)
+        events.close()
+    assert set(final) == wanted, seen
+    assert all(s.status == "succeeded" for s in final.values())
+    assert sorted(s.model_version for s in final.values()) == [1, 2]
+    assert all(steps[0] == "queued" and "running" in steps for steps in seen.values())
+    assert sorted(v.version for v in Registry(base.repository).versions("brain")) == [1, 2]

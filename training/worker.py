@@ -1,0 +1,166 @@
+"""The training worker: runs ``training.job.requested.v1`` jobs and reports their status.
+
+One job at a time (training uses every core). For each request the worker emits
+``training.job.status.v1`` events keyed by ``job_id``: ``queued`` when it takes the request,
+``running`` when the version is reserved and after every epoch, then ``succeeded`` (held-out
+metrics, version, whether it was promoted) or ``failed`` (the reason). The offset is committed
+after the final status, so a worker killed mid-job gets the request again: the job's run folder
+(``<runs_dir>/<job_id>``) and its reserved version are reused and training resumes; a job that
+already finished only has its final status sent again. A request that cannot be parsed goes to
+``training.job.requested.v1.dlq`` with the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from schemas.events import DeadLetterV1
+from schemas.topics import dlq
+from schemas.training_events import TrainingJobRequestedV1, TrainingJobStatusV1
+from training.config import TrainSettings
+from training.events import EventPublisher
+from training.lifecycle import JobOutcome, flat_metrics, load_dataset, run_job
+from training.registry import CANDIDATE, FAILED, REJECTED, RESERVED, Registry
+
+logger = logging.getLogger(__name__)
+
+GROUP_ID = "scanwatch-training"
+POLL_TIMEOUT_MS = 500
+
+
+class JobReporter:
+    """Turns a job's progress into status events."""
+
+    def __init__(self, events: EventPublisher, request: TrainingJobRequestedV1) -> None:
+        self.events, self.request = events, request
+        self.version: int | None = None
+        self.epochs: int | None = None
+
+    def status(self, status: str, **fields: Any) -> None:
+        event = TrainingJobStatusV1(
+            job_id=self.request.job_id, model_name=self.request.model_name, status=status,
+            model_version=fields.pop("model_version", self.version), epochs=self.epochs, **fields,
+        )
+        self.events.send(event, key=str(self.request.job_id))
+
+    # -- training.train.Progress ------------------------------------------------------------
+    def on_start(self, start_epoch: int, epochs: int, steps_per_epoch: int) -> None:
+        self.epochs = epochs
+        self.status("running", epoch=start_epoch)
+
+    def on_batch(self, step: int) -> None:
+        pass
+
+    def on_epoch(self, epoch: int, phase: str, metrics: dict[str, float]) -> None:
+        self.status("running", epoch=epoch, metrics=metrics)
+
+
+#: Runs one job: (request, settings, reporter) → outcome. Replaceable in tests.
+JobRunner = Callable[[TrainingJobRequestedV1, TrainSettings, JobReporter, Registry], JobOutcome]
+
+
+def settings_for(request: TrainingJobRequestedV1, base: TrainSettings) -> TrainSettings:
+    overrides = {
+        key: value for key, value in (
+            ("variant", request.variant), ("epochs", request.epochs),
+            ("batch_size", request.batch_size), ("seed", request.seed),
+        ) if value is not None
+    }
+    values = {**base.model_dump(), **overrides, "model_name": request.model_name}
+    return TrainSettings(**values)
+
+
+def run_requested_job(request: TrainingJobRequestedV1, settings: TrainSettings,
+                      reporter: JobReporter, registry: Registry) -> JobOutcome:
+    """The real runner: load the dataset, then :func:`training.lifecycle.run_job`."""
+    run_dir = settings.runs_dir / str(request.job_id)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data, path = load_dataset(request.dataset, settings, run_dir)
+
+    def reserved(version: int) -> None:
+        reporter.version = version
+
+    return run_job(
+        data, path, settings, run_dir, registry=registry, events=reporter.events,
+        progress=reporter, promote_if_better=request.promote, job_id=request.job_id,
+        on_reserved=reserved,
+    )
+
+
+@dataclass
+class TrainingWorker:
+    """Consumes job requests from Kafka and runs them one by one."""
+
+    settings: TrainSettings
+    events: EventPublisher
+    runner: JobRunner = run_requested_job
+    group_id: str = GROUP_ID
+
+    def handle(self, raw: bytes, *, topic: str, partition: int | None = None,
+               offset: int | None = None) -> None:
+        """One message: parse, run, report. Never raises for a bad message or a failed job."""
+        try:
+            request = TrainingJobRequestedV1.from_bytes(raw)
+        except ValidationError as error:
+            logger.warning("unusable training job request", extra={"offset": offset})
+            self.events.send(
+                DeadLetterV1(source_topic=topic, source_partition=partition,
+                             source_offset=offset, reason=str(error)[:2000],
+                             error_class="unusable", payload=raw.decode("utf-8", "replace")),
+                key=f"{topic}:{partition}:{offset}", topic=dlq(topic),
+            )
+            return
+        reporter = JobReporter(self.events, request)
+        registry = Registry(self.settings.repository)
+        earlier = registry.job_version(request.model_name, str(request.job_id))
+        if earlier is not None and earlier.status not in (RESERVED, FAILED):
+            # Redelivered after it finished: say again how it ended, do not train twice.
+            reporter.version = earlier.version
+            reporter.status("succeeded", metrics=earlier.metrics,
+                            promoted=earlier.status not in (CANDIDATE, REJECTED),
+                            reason=earlier.note)
+            return
+        reporter.status("queued")
+        try:
+            settings = settings_for(request, self.settings)
+            outcome = self.runner(request, settings, reporter, registry)
+        except Exception as error:  # noqa: BLE001 - a failed job is reported, the worker goes on
+            logger.exception("training job failed", extra={"job_id": str(request.job_id)})
+            reporter.status("failed", reason=f"{type(error).__name__}: {error}"[:2000])
+            return
+        reporter.status(
+            "succeeded", model_version=outcome.version,
+            metrics=flat_metrics(outcome.report),
+            promoted=outcome.promoted, reason=outcome.reason,
+        )
+
+    def run(self, stop: threading.Event) -> None:
+        """Consume until ``stop`` is set; commit each request's offset after its final status."""
+        from kafka import KafkaConsumer
+
+        if not self.settings.kafka_bootstrap_servers:
+            raise ValueError("SCANWATCH_TRAIN_KAFKA_BOOTSTRAP_SERVERS must be set for the worker")
+        consumer = KafkaConsumer(
+            TrainingJobRequestedV1.SCHEMA,
+            bootstrap_servers=self.settings.kafka_bootstrap_servers.split(","),
+            group_id=self.group_id, enable_auto_commit=False, auto_offset_reset="earliest",
+            # A job can train for a long time between polls.
+            max_poll_records=1, max_poll_interval_ms=24 * 3600 * 1000,
+        )
+        logger.info("training worker consuming", extra={"topic": TrainingJobRequestedV1.SCHEMA})
+        try:
+            while not stop.is_set():
+                batches = consumer.poll(timeout_ms=POLL_TIMEOUT_MS)
+                for records in batches.values():
+                    for record in records:
+                        self.handle(record.value, topic=record.topic,
+                                    partition=record.partition, offset=record.offset)
+                        consumer.commit()
+        finally:
+            consumer.close()
