@@ -9,7 +9,8 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+from scanwatch.logs import LOG_LEVELS, LogLevel
+
 #: Value of ``sop_classes`` that accepts every Storage SOP Class pynetdicom knows.
 ALL_STORAGE = "ALL_STORAGE"
 #: Default accepted Storage SOP Classes (keywords, PS3.6 Annex A): the pipeline scores MR.
@@ -163,7 +164,7 @@ class Settings(BaseSettings):
         le=65535,
         description="HTTP port of /metrics (Prometheus) and /healthz (0: no HTTP server).",
     )
-    log_level: str = Field(default="INFO", description=f"One of {', '.join(LOG_LEVELS)}.")
+    log_level: LogLevel = Field(default="INFO", description=f"One of {', '.join(LOG_LEVELS)}.")
 
     @field_validator("ae_title")
     @classmethod
@@ -218,14 +219,6 @@ class Settings(BaseSettings):
                 f"kafka_bootstrap_servers must be host:port[,host:port...], got {value!r}"
             )
         return ",".join(servers)
-
-    @field_validator("log_level")
-    @classmethod
-    def _log_level(cls, value: str) -> str:
-        level = value.upper()
-        if level not in LOG_LEVELS:
-            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {value!r}")
-        return level
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:

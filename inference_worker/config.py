@@ -9,6 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from inference_worker.series import ORIENTATIONS, SelectionRules
+from scanwatch.logs import LogLevel
 
 
 class Settings(BaseSettings):
@@ -112,15 +113,7 @@ class Settings(BaseSettings):
     fhir_token_url: str | None = Field(
         None, description="OAuth token endpoint; default: <fhir_base_url without /fhir>/auth/token."
     )
-    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
-
-    @field_validator("log_level")
-    @classmethod
-    def _level(cls, value: str) -> str:
-        allowed = ("DEBUG", "INFO", "WARNING", "ERROR")
-        if value.upper() not in allowed:
-            raise ValueError(f"log_level must be one of {', '.join(allowed)}, not {value!r}")
-        return value.upper()
+    log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
 
     @model_validator(mode="after")
     def _one_model_selector(self) -> Settings:

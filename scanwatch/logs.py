@@ -10,6 +10,9 @@ import json
 import logging
 import sys
 from datetime import UTC, datetime
+from typing import Annotated
+
+from pydantic import AfterValidator
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
@@ -46,3 +49,18 @@ def configure_logging(service: str, level: str = "INFO") -> None:
     # Libraries that chat at INFO about every connection.
     for noisy in ("kafka", "aiokafka", "pynetdicom", "httpx", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+#: Log levels a service's ``log_level`` setting accepts.
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def _log_level(value: str) -> str:
+    level = value.upper()
+    if level not in LOG_LEVELS:
+        raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, not {value!r}")
+    return level
+
+
+#: The type of every service's ``log_level`` setting: one of :data:`LOG_LEVELS`, upper-cased.
+LogLevel = Annotated[str, AfterValidator(_log_level)]

@@ -7,9 +7,9 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from scanwatch.logs import LogLevel
 from training.model import IMAGENET, VARIANTS, normalise_variant
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 #: Fine-tuning defaults (see the fields): a pretrained base changes little, a new one more.
 SCRATCH_LR_FACTOR = 0.5
 PRETRAINED_LR_FACTOR = 0.1
@@ -88,7 +88,7 @@ class TrainSettings(BaseSettings):
         None,
         description="Kafka for model.published.v1 and training job events; unset: no events.",
     )
-    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
 
     @property
     def fine_tune_factor(self) -> float:
@@ -124,13 +124,6 @@ class TrainSettings(BaseSettings):
         if not value or value in (".", "..") or "/" in value or value.startswith("."):
             raise ValueError(f"model_name must be a plain folder name, not {value!r}")
         return value
-
-    @field_validator("log_level")
-    @classmethod
-    def _level(cls, value: str) -> str:
-        if value.upper() not in LOG_LEVELS:
-            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, not {value!r}")
-        return value.upper()
 
     @model_validator(mode="after")
     def _phases(self) -> TrainSettings:

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from scanwatch.logs import LogLevel
 from services.model_server.model_config import (
     BatchingParameters,
     ConfigError,
@@ -17,7 +18,6 @@ from services.model_server.model_config import (
     read_model_config,
 )
 
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 MIB = 1024 * 1024
 #: Settings that describe the single model of the shortcut; a model config file replaces them.
 SINGLE_MODEL_FIELDS = ("model_base_path", "model_name", "version_labels")
@@ -119,7 +119,7 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         9112, ge=0, le=65535, description="Prometheus /metrics port on host; 0 turns it off."
     )
-    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
+    log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
 
     @field_validator("model_name")
     @classmethod
@@ -136,13 +136,6 @@ class Settings(BaseSettings):
         if bad:
             raise ValueError(f"version_labels need non-empty labels and versions >= 0: {bad}")
         return value
-
-    @field_validator("log_level")
-    @classmethod
-    def _level(cls, value: str) -> str:
-        if value.upper() not in LOG_LEVELS:
-            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, not {value!r}")
-        return value.upper()
 
     @model_validator(mode="after")
     def _files(self) -> Settings:
