@@ -59,6 +59,15 @@ class KafkaError(RuntimeError):
     """The local broker could not be started or reached."""
 
 
+def new_cluster_id() -> str:
+    """A random KRaft cluster id: a UUID in URL-safe base64, as ``kafka-storage random-uuid``
+    makes it. Like Kafka's, it never starts with '-', which the tool would read as an option."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on right now."""
     with socket.socket() as s:
@@ -142,14 +151,16 @@ class LocalKafka:
         if self.pid() is None:
             props = self._write_config()
             if not (self.home / "data" / "meta.properties").exists():
-                cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-                subprocess.run(
+                cluster_id = new_cluster_id()
+                formatted = subprocess.run(
                     self._java(
                         "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)
                     ),
-                    check=True,
                     capture_output=True,
+                    text=True,
                 )
+                if formatted.returncode != 0:
+                    raise KafkaError(f"formatting KRaft storage failed: {formatted.stderr[-2000:]}")
             with open(self.home / "stdout.log", "ab") as out:
                 proc = subprocess.Popen(
                     self._java("kafka.Kafka", str(props)),
