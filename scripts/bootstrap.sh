@@ -16,7 +16,7 @@ log() { printf '[bootstrap] %s\n' "$*" >&2; }
 # openssl: test certificates for DICOM TLS.
 # postgresql: the FHIR store's production database; the tests start throwaway clusters with its
 # initdb/pg_ctl (no system cluster is started).
-APT_PACKAGES=(dcmtk orthanc openssl postgresql openjdk-17-jre-headless maven)
+APT_PACKAGES=(dcmtk orthanc openssl postgresql openjdk-17-jre-headless maven npm)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -24,6 +24,7 @@ done
 # A JDK from elsewhere (the machine's own) is as good as Debian's JRE.
 if command -v java >/dev/null; then missing=("${missing[@]/openjdk-17-jre-headless}"); fi
 if command -v mvn >/dev/null; then missing=("${missing[@]/maven}"); fi
+if command -v npm >/dev/null; then missing=("${missing[@]/npm}"); fi
 read -r -a missing <<<"${missing[*]:-}"
 if ((${#missing[@]})); then
   log "installing Debian packages: ${missing[*]}"
@@ -67,6 +68,17 @@ for name in kafka fhir-validator; do
     echo "$pom_hash" > "$libs/.pom-hash"
   fi
 done
+
+# --- HL7 terminology for the FHIR validator ---------------------------------------------------
+# R4 (2019) predates codes the pipeline's resources use (v3-ObservationValue#AIAST); HL7's
+# terminology release is a FHIR package that the npm registry also serves.
+THO_PACKAGE=hl7.terminology.r4@7.0.1
+packages=$VAR/fhir-validator/packages
+if [ ! -f "$packages/${THO_PACKAGE/@/-}.tgz" ]; then
+  log "fetching $THO_PACKAGE"
+  mkdir -p "$packages"
+  (cd "$packages" && npm pack --silent "$THO_PACKAGE" >/dev/null)
+fi
 
 # --- Default model ---------------------------------------------------------------------------
 TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python -m training.default_model --repository "$VAR/models"
