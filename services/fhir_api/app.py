@@ -38,11 +38,14 @@ from services.fhir_api.errors import (
     FhirJSONResponse,
     operation_outcome,
 )
+from services.fhir_api.openapi import openapi_document
 from services.fhir_api.routes import build_router
 from services.fhir_api.store import ResourceStore, Stored, make_engine
 from services.fhir_api.subscriptions import SubscriptionManager, check_subscription
 
 log = logging.getLogger(__name__)
+#: Where the OpenAPI document of the FHIR routes is served (no token needed).
+OPENAPI_PATH = "/openapi.json"
 
 
 def token_service(settings: Settings) -> TokenService:
@@ -98,8 +101,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
-        openapi_url=None,
+        openapi_url=OPENAPI_PATH,
     )
+    document = openapi_document(app.title, app.version)
+    app.openapi = lambda: document  # type: ignore[method-assign]
     app.state.store = store
     app.state.tokens = tokens
     app.state.subscriptions = subscriptions
