@@ -10,9 +10,9 @@ run: setup
 test: setup
 	.venv/bin/python -m pytest
 
-# Unit tests only (no broker, no services).
+# Everything but the end-to-end tests (which start the whole stack).
 test-fast: setup
-	.venv/bin/python -m pytest -m "not integration and not e2e"
+	.venv/bin/python -m pytest -m "not e2e"
 
 lint: setup
 	.venv/bin/python -m ruff check .
