@@ -1,5 +1,5 @@
 # One task runner; CI calls these targets unchanged. Both targets install what is missing first.
-.PHONY: setup run test test-fast lint schemas bench
+.PHONY: setup run test test-fast lint schemas
 
 setup:
 	scripts/bootstrap.sh
