@@ -82,7 +82,7 @@ class Scorer:
         probabilities = aggregate(prediction)
         study = scored_study(ready, selected, prediction, probabilities)
         await with_retries(
-            lambda: self.writer.put_all(fhir_resources.resources_for(study)),
+            lambda: self.writer.put_all(fhir_resources.all_resources_for(study)),
             self.retries,
             "FHIR write",
         )

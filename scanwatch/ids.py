@@ -13,6 +13,7 @@ NAMESPACE = uuid.UUID("6f0f8a4e-5b0c-5d55-9a57-5ca2a7c4a7e1")
 
 #: ``identifier.system`` values (NamingSystems) of the resources scanwatch writes.
 OBSERVATION_ID_SYSTEM = "urn:scanwatch:observation"
+REPORT_ID_SYSTEM = "urn:scanwatch:diagnostic-report"
 DEVICE_ID_SYSTEM = "urn:scanwatch:model"
 DICOM_UID_SYSTEM = "urn:dicom:uid"
 
@@ -39,3 +40,13 @@ def patient_id(issuer: str | None, patient_id: str) -> str:
 def device_id(model_name: str, model_version: int) -> str:
     """The Device that stands for one model version."""
     return _v5("Device", model_name, str(model_version))
+
+
+def diagnostic_report_id(study_uid: str, model_name: str, model_version: int) -> str:
+    """The DiagnosticReport that presents one Observation (same key as the Observation)."""
+    return _v5("DiagnosticReport", study_uid, model_name, str(model_version))
+
+
+def provenance_id(study_uid: str, model_name: str, model_version: int) -> str:
+    """The Provenance of one AI result (same key as the Observation)."""
+    return _v5("Provenance", study_uid, model_name, str(model_version))

@@ -229,3 +229,28 @@ def test_dicom_timezone() -> None:
     assert fr.dicom_timezone("-0500").utcoffset(None) == timedelta(hours=-5)
     assert fr.dicom_timezone(None) is UTC
     assert fr.dicom_timezone("bogus") is UTC
+
+
+def test_report_and_provenance_point_at_the_result():
+    study = make_study()
+    *core, report, prov = fr.all_resources_for(study)
+    assert core == fr.resources_for(study)
+    obs, imaging, device = core[3], core[2], core[1]
+    assert report["resourceType"] == "DiagnosticReport"
+    assert report["status"] == "preliminary"
+    assert report["result"] == [{"reference": f"Observation/{obs['id']}"}]
+    assert report["imagingStudy"] == [{"reference": f"ImagingStudy/{imaging['id']}"}]
+    assert report["subject"] == obs["subject"]
+    assert report["meta"]["security"][0]["code"] == "AIAST"
+    assert "not reviewed" in report["conclusion"]
+    assert prov["resourceType"] == "Provenance"
+    assert {t["reference"] for t in prov["target"]} == {
+        f"Observation/{obs['id']}",
+        f"DiagnosticReport/{report['id']}",
+    }
+    assert prov["agent"][0]["who"]["reference"] == f"Device/{device['id']}"
+    assert prov["entity"][0]["what"]["reference"] == f"ImagingStudy/{imaging['id']}"
+    assert prov["recorded"] == obs["issued"]
+    # Deterministic: the same study gives the same ids (idempotent PUTs).
+    again = fr.all_resources_for(make_study())
+    assert [r["id"] for r in again[-2:]] == [report["id"], prov["id"]]

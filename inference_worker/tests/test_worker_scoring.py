@@ -128,12 +128,14 @@ def test_score_writes_fhir_and_returns_a_consistent_result(study):
         "Device",
         "ImagingStudy",
         "Observation",
+        "DiagnosticReport",
+        "Provenance",
     ]
     assert model.seen[0].shape == (6, 32, 32, 3)
     assert result.predicted_class == "mass"
     assert result.anomaly_score == pytest.approx(0.9)
     assert result.model_version == 3 and result.slice_count == 6
-    obs = writer.resources[-1]
+    obs = writer.resources[3]
     assert (
         obs["id"]
         == result.observation_id

@@ -16,7 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from inference_worker.fhir_resources import ScoredSeries, ScoredStudy, resources_for
+from inference_worker.fhir_resources import (
+    ScoredSeries,
+    ScoredStudy,
+    all_resources_for,
+    resources_for,
+)
 
 ROOT = Path(__file__).resolve().parents[3]
 VALIDATOR = ROOT / "java" / "fhir-validator" / "Validate.java"
@@ -103,7 +108,7 @@ def _validate(resources: list[dict], folder: Path) -> dict[str, list[tuple[str, 
 
 @pytest.fixture(scope="module")
 def validation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[tuple[str, str, str]]]:
-    resources = [r for study in _studies() for r in resources_for(study)]
+    resources = [r for study in _studies() for r in all_resources_for(study)]
     return _validate(resources, tmp_path_factory.mktemp("hapi"))
 
 
@@ -125,6 +130,8 @@ def test_pipeline_resources_have_no_errors(validation: dict) -> None:
         "Device.json",
         "ImagingStudy.json",
         "Observation.json",
+        "DiagnosticReport.json",
+        "Provenance.json",
     }
     assert {name: _errors(issues) for name, issues in validation.items()} == {
         name: [] for name in validation
