@@ -5,22 +5,13 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
 from kafka import KafkaConsumer
 
+from scanwatch.testing import wait_for  # noqa: F401 - re-exported for the listener tests
 from schemas.events import InstanceReceivedV1
-
-
-def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
-    """Poll ``condition`` until it is truthy; fail with ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def received_events(

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from dicom_listener.__main__ import main
 from dicom_listener.config import Settings
 from scanwatch.kafka_local import free_port
 from scanwatch.peers import echoscu
+from scanwatch.testing import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -74,11 +74,12 @@ def test_service_answers_echo_and_stops_cleanly_on_sigterm(tmp_path: Path) -> No
         text=True,
     )
     try:
-        deadline = time.monotonic() + 30
-        while not echoscu("127.0.0.1", port, "SCANWATCH", timeout=1):
+
+        def answers() -> bool:
             assert proc.poll() is None, proc.communicate()[1]
-            assert time.monotonic() < deadline, "listener did not answer C-ECHO in time"
-            time.sleep(0.1)
+            return echoscu("127.0.0.1", port, "SCANWATCH", timeout=1)
+
+        wait_for(answers, 30, "the listener to answer C-ECHO")
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=20)
     finally:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -15,6 +14,7 @@ import uvicorn
 from inference_worker.adapters.fhir_writer import FhirWriter, token_url_for
 from inference_worker.fhir_resources import ScoredSeries, ScoredStudy, resources_for
 from scanwatch.kafka_local import free_port
+from scanwatch.testing import wait_for
 from services.fhir_api.app import create_app
 from services.fhir_api.config import Settings
 
@@ -36,10 +36,12 @@ def api(tmp_path_factory) -> Iterator[str]:
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "FHIR API did not start"
-        time.sleep(0.05)
+
+    def started() -> bool:
+        assert thread.is_alive(), "FHIR API exited at start-up"
+        return server.started
+
+    wait_for(started, 30, "the FHIR API to start")
     yield f"http://127.0.0.1:{port}/fhir"
     server.should_exit = True
     thread.join(timeout=10)

@@ -6,7 +6,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 
 import grpc
@@ -18,6 +17,7 @@ from inference_worker.circuit import CircuitBreaker, CircuitOpen
 from inference_worker.model_client import ModelClient, SignatureMismatch
 from scanwatch.devstack import model_available
 from scanwatch.kafka_local import free_port
+from scanwatch.testing import wait_for
 
 MODEL = "brain-mri-anomaly"
 CLASSES = ("normal", "mass", "bleed", "infarct")
@@ -43,11 +43,12 @@ def server(tmp_path_factory) -> Iterator[str]:
     proc = subprocess.Popen([sys.executable, "-m", "services.model_server"], env=env)
     target = f"127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while not model_available(target, MODEL):
+
+        def available() -> bool:
             assert proc.poll() is None, "model server exited"
-            assert time.monotonic() < deadline, "model server not available in time"
-            time.sleep(0.2)
+            return model_available(target, MODEL)
+
+        wait_for(available, 120, "the model server to serve the model")
         yield target
     finally:
         proc.terminate()

@@ -23,6 +23,7 @@ from scanwatch.devstack import Ports, Stack, StackConfig
 from scanwatch.kafka_local import free_port
 from scanwatch.peers import storescu
 from scanwatch.sample import build_mr_study
+from scanwatch.testing import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -69,16 +70,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield running
     finally:
         running.stop()
-
-
-def wait_for(condition, timeout: float, interval: float = 0.2):
-    """Poll ``condition`` until it returns something truthy; return it, or fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if result := condition():
-            return result
-        time.sleep(interval)
-    pytest.fail(f"condition not met within {timeout}s")
 
 
 def test_storescu_study_becomes_a_queryable_observation(

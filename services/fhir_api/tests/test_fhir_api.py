@@ -298,8 +298,8 @@ def test_main_refuses_invalid_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert entry.main(["--port", "70000"]) == 2
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)  # a SQLite setting
 def test_sqlite_runs_in_wal_mode(client: TestClient) -> None:
-    if client.app.state.store.backend != "sqlite":
-        pytest.skip("SQLite only")
+    assert client.app.state.store.backend == "sqlite"
     with client.app.state.store.engine.connect() as connection:
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"

@@ -6,7 +6,6 @@ links to the end and reads one result back."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -21,6 +20,7 @@ from sqlalchemy.engine import Engine
 
 from inference_worker.fhir_resources import ScoredSeries, ScoredStudy, resources_for
 from scanwatch.kafka_local import free_port
+from scanwatch.testing import wait_for
 from services.fhir_api import auth
 from services.fhir_api.app import create_app
 from services.fhir_api.config import Settings
@@ -39,11 +39,12 @@ def live_api(settings: Settings) -> Iterator[tuple[str, Engine]]:
     )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + STARTUP_DEADLINE_S
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
+
+    def started() -> bool:
         assert thread.is_alive(), "uvicorn exited at start-up"
-        time.sleep(0.02)
+        return server.started
+
+    wait_for(started, STARTUP_DEADLINE_S, "uvicorn to start", interval=0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
     try:
         yield f"http://127.0.0.1:{port}", app.state.store.engine

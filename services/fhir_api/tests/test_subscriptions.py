@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from scanwatch.kafka_local import free_port
+from scanwatch.testing import wait_for as wait
 from services.fhir_api.tests.test_search import scored, write
 
 HEADERS = {"Content-Type": "application/fhir+json"}
@@ -50,12 +51,7 @@ def receiver() -> Iterator[Receiver]:
 
 
 def wait_for(condition: Callable[[], object], deadline_s: float = DEADLINE_S) -> object:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if result := condition():
-            return result
-        time.sleep(0.02)
-    raise AssertionError("condition not met before the deadline")
+    return wait(condition, deadline_s, "delivery", interval=0.02)
 
 
 def subscription(endpoint: str, criteria: str, payload: bool = True) -> dict:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+
+from scanwatch.testing import wait_for
 
 MODEL_NAME = "brain-mri-anomaly"
 CLASS_NAMES = ("normal", "mass", "bleed", "infarct")
@@ -19,18 +20,11 @@ def wait_until(
     condition: Callable[[], Any], timeout_s: float = 60.0, what: str = "condition"
 ) -> Any:
     """Poll ``condition`` until it returns something truthy; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.05)
+    return wait_for(condition, timeout_s, what)
 
 
-@pytest.fixture(scope="session")
-def wait_for() -> Callable[..., Any]:
+@pytest.fixture(scope="session", name="wait_for")
+def wait_for_fixture() -> Callable[..., Any]:
     return wait_until
 
 
