@@ -42,6 +42,7 @@ from scanwatch.kafka_local import LocalKafka, free_port  # noqa: E402
 from scanwatch.orthanc import LocalOrthanc  # noqa: E402
 from scanwatch.peers import dcmtk_env, echoscu  # noqa: E402
 from scanwatch.sample import build_mr_study  # noqa: E402
+from scanwatch.testing import wait_for  # noqa: E402
 
 AE = "BENCH"
 KAFKA_LIBS = Path(os.environ.get("SCANWATCH_VAR", ROOT / "var")) / "kafka" / "libs"
@@ -54,14 +55,6 @@ class Result:
     seconds: float
     instances: int
     megabytes: float
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.02)
 
 
 def send(files: list[Path], port: int, associations: int) -> float:
@@ -125,14 +118,14 @@ def run_scanwatch(files: list[Path], n: int, work: Path, kafka: LocalKafka) -> f
         "SCANWATCH_LISTENER_LOG_LEVEL": "WARNING",
     }
     with process([sys.executable, "-m", "dicom_listener"], env):
-        wait_until(lambda: echoscu("127.0.0.1", port, AE, timeout=1), 30, "listener up")
-        wait_until(lambda: received(metrics) >= 0, 10, "metrics up")
+        wait_for(lambda: echoscu("127.0.0.1", port, AE, timeout=1), 30, "listener up")
+        wait_for(lambda: received(metrics) >= 0, 10, "metrics up")
         started = time.perf_counter()
         send(files, port, n)
         # Every instance answered success, and every event acknowledged by Kafka (the
         # publisher deletes an event from the outbox only after Kafka's acknowledgement).
         assert received(metrics) == len(files)
-        wait_until(lambda: outbox_depth(metrics) == 0, 120, "events on Kafka")
+        wait_for(lambda: outbox_depth(metrics) == 0, 120, "events on Kafka")
         return time.perf_counter() - started
 
 
@@ -150,7 +143,7 @@ def run_storescp(files: list[Path], n: int, work: Path) -> float:
     work.mkdir(parents=True, exist_ok=True)
     argv = ["storescp", "--fork", "-aet", AE, "-od", str(work), str(port)]
     with process(argv, dcmtk_env()):
-        wait_until(lambda: echoscu("127.0.0.1", port, AE, timeout=1), 30, "storescp up")
+        wait_for(lambda: echoscu("127.0.0.1", port, AE, timeout=1), 30, "storescp up")
         return send(files, port, n)
 
 
@@ -159,7 +152,7 @@ def run_pynetdicom(files: list[Path], n: int, work: Path) -> float:
     work.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "pynetdicom", "storescp", "-aet", AE, "-od", str(work), str(port)]
     with process(argv):
-        wait_until(lambda: echoscu("127.0.0.1", port, AE, timeout=1), 30, "pynetdicom up")
+        wait_for(lambda: echoscu("127.0.0.1", port, AE, timeout=1), 30, "pynetdicom up")
         return send(files, port, n)
 
 

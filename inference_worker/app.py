@@ -127,14 +127,10 @@ def create_app(
     # only means a study may be announced again — scoring is idempotent.
     announcing: dict[bytes, int] = {}
 
-    def owned_here(key: bytes) -> bool:
-        """Whether this worker actively owns the study's partition (not a standby copy)."""
-        partition = partitioner(key, all_partitions, all_partitions)
-        actives = app.assignor.assigned_actives()
-        return any(
-            tp.partition == partition and tp.topic == instances_topic.get_topic_name()
-            for tp in actives
-        )
+    def owned_partitions() -> set[int]:
+        """Partitions of the study-keyed topics this worker actively owns (not standby copies)."""
+        topic = instances_topic.get_topic_name()
+        return {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic}
 
     async def dead_letter(event: faust.EventT, reason: str, error_class: str) -> None:
         message = event.message
@@ -179,11 +175,14 @@ def create_app(
     @app.timer(interval=settings.check_interval_s)
     async def release_ready_studies() -> None:
         now = time.time()
+        owned = owned_partitions()
         for key, state in list(studies.items()):
             if state is None:
                 continue
             quiet = settings.quiet_period_for(state.get("source"))
-            if not is_ready(state, now, quiet, settings.max_wait_s) or not owned_here(key):
+            if not is_ready(state, now, quiet, settings.max_wait_s):
+                continue
+            if partitioner(key, all_partitions, all_partitions) not in owned:
                 continue
             count = len(state["instances"])
             if announcing.get(key, 0) >= count:
