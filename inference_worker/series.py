@@ -9,7 +9,6 @@ functional groups and then to the top-level attributes.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -23,8 +22,6 @@ from pydicom.dataset import Dataset
 
 from scanwatch.imaging import preprocess_slice
 from schemas import InstanceRef
-
-log = logging.getLogger(__name__)
 
 ORIENTATIONS = ("any", "axial", "coronal", "sagittal")
 # Patient axis (LPS) that the slice normal points along, per orientation.

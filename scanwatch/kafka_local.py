@@ -221,14 +221,6 @@ class LocalKafka:
             _reap(pid)
         self._pid_file.unlink(missing_ok=True)
 
-    def kill(self) -> None:
-        """SIGKILL the broker (fault injection)."""
-        pid = self.pid()
-        if pid is not None:
-            os.kill(pid, signal.SIGKILL)
-            _reap(pid)
-            self._pid_file.unlink(missing_ok=True)
-
 
 def _reap(pid: int) -> None:
     """Collect a child's exit status, so that a stopped child does not linger as a zombie."""
