@@ -23,7 +23,6 @@ from pydantic import ValidationError
 
 from dicom_listener.adapters.outbox import Outbox
 from dicom_listener.adapters.publisher import KafkaSink, OutboxRelay
-from dicom_listener.app import create_app
 from dicom_listener.config import Settings
 from dicom_listener.metrics import ListenerMetrics
 from scanwatch.logs import configure_logging
@@ -155,25 +154,32 @@ def main(argv: list[str] | None = None) -> int:
                 signal.signal(sig, handler)
 
     separate_publisher = settings.publisher_process and not args.worker
-    app = create_app(settings, primary=not args.worker, run_relay=not separate_publisher)
+    roles: list[str] = []
     workers: list[subprocess.Popen[bytes]] = []
+    if separate_publisher:  # first: it starts draining while this process gets ready
+        roles.append("--publisher")
+        workers.append(_spawn("--publisher", settings.port))
+    # Imported here: the publisher process does without pydicom and the DICOM server.
+    from dicom_listener.app import create_app
+
+    app = create_app(settings, primary=not args.worker, run_relay=not separate_publisher)
+    if separate_publisher:
+        app.health.publisher_alive = lambda: workers[0].poll() is None
+        app.health.kafka_state = lambda: "see the publisher process's log"
     try:
         try:
             app.start()
         except OSError as exc:
             log.error("cannot listen on %s:%s: %s", settings.host, settings.port, exc)
             app.stop(grace_s=0)
+            for worker in workers:
+                worker.kill()
+                worker.wait()
             return 1
-        roles: list[str] = []
         if not args.worker:
-            roles = ["--worker"] * (settings.workers - 1)
-            if separate_publisher:
-                roles.append("--publisher")
-        workers = [_spawn(role, app.port) for role in roles]
-        if separate_publisher:
-            publisher = len(workers) - 1
-            app.health.publisher_alive = lambda: workers[publisher].poll() is None
-            app.health.kafka_state = lambda: "see the publisher process's log"
+            extra = ["--worker"] * (settings.workers - 1)
+            roles += extra
+            workers += [_spawn(role, app.port) for role in extra]
         while not stop.wait(SUPERVISE_INTERVAL_S):
             if args.worker and _orphaned(parent):
                 break

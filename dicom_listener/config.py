@@ -144,6 +144,12 @@ class Settings(BaseSettings):
     max_associations: int = Field(
         default=32, ge=1, le=1000, description="Simultaneous associations before rejecting."
     )
+    network_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Seconds a peer may stay silent (negotiation, TLS handshake, between PDUs) "
+        "before its association is dropped.",
+    )
     publisher_process: bool = Field(
         default=True,
         description="Run the Kafka publisher in its own process (the service entry point "

@@ -1,11 +1,12 @@
-"""DIMSE handlers: plain functions of a pynetdicom ``event`` (STYLE habit 1).
+"""The C-STORE handler: a plain function of a received instance (STYLE habit 1).
 
-The C-STORE handler admits the request (free disk, outbox room), reads the identifying UIDs,
-streams the instance to disk exactly as received, and records the instance and its
+The network side (:mod:`dicom_listener.upper_layer`) streams each dataset exactly as received
+to a fsync'd temporary Part 10 file. The handler admits the request (free disk, outbox room),
+reads the identifying UIDs, moves the file into the store, and records the instance and its
 ``dicom.instance.received.v1`` event in the durable outbox in one transaction; only then does
 it answer success (PS3.4 Annex B). Kafka is reached by the outbox relay, not here, so a broker
 outage never fails a C-STORE. Any failure becomes a failure status with an Error Comment; no
-exception escapes to pynetdicom.
+exception escapes to the association.
 
 Duplicates: the same SOPInstanceUID with the same bytes is answered success and produces no
 event; with other bytes it is stored as a new version (``<SOP>.v<N>.dcm``) and its event
@@ -18,8 +19,6 @@ import io
 import logging
 import shutil
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -29,19 +28,17 @@ from pydantic import TypeAdapter, ValidationError
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian
-from pynetdicom.events import Event
 
 from dicom_listener.adapters.filestore import InstanceStore, Quarantine, read_chunks
 from dicom_listener.adapters.outbox import Outbox, OutboxTransaction
 from dicom_listener.metrics import ListenerMetrics
+from dicom_listener.upper_layer import SUCCESS, ReceivedInstance, Status
 from schemas.events import UID, InstanceReceivedV1
 
 log = logging.getLogger(__name__)
 
 # C-STORE response statuses (PS3.4 B.2.3 and PS3.7 C). The codes inside a range are this
 # listener's own, so that a sender's log says which check failed.
-#: Success.
-SUCCESS = 0x0000
 #: Refused: Out of Resources - the instance could not be written to the store. Retry later.
 OUT_OF_RESOURCES_STORAGE = 0xA700
 #: Refused: Out of Resources - the event could not be recorded in the outbox. Retry later.
@@ -52,7 +49,7 @@ OUT_OF_RESOURCES_DISK_LOW = 0xA702
 OUT_OF_RESOURCES_OUTBOX_FULL = 0xA703
 #: Error: Data Set does not match SOP Class - SOPClassUID differs from the negotiated class.
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-#: Error: Cannot understand - the dataset could not be decoded (pynetdicom's meaning of 0xC210).
+#: Error: Cannot understand - the dataset could not be decoded.
 CANNOT_UNDERSTAND_UNDECODABLE = 0xC210
 #: Error: Cannot understand - the dataset ends inside an element (truncated).
 CANNOT_UNDERSTAND_TRUNCATED = 0xC212
@@ -138,32 +135,13 @@ class _Refused(Exception):
         self.quarantine = quarantine
 
 
-def status(code: int, comment: str | None = None) -> Dataset:
-    """A C-STORE response status dataset, with an Error Comment when one is given."""
-    ds = Dataset()
-    ds.Status = code
-    if comment:
-        ds.ErrorComment = comment[:_ERROR_COMMENT_MAX]
-    return ds
+def status(code: int, comment: str | None = None) -> Status:
+    """A C-STORE response status, with an Error Comment (LO: 64 characters) when given."""
+    return Status(code, comment[:_ERROR_COMMENT_MAX] if comment else None)
 
 
 def _text(value: object) -> str:
     return "" if value is None else str(value).strip()
-
-
-@contextmanager
-def _received(event: Event) -> Iterator[BinaryIO]:
-    """The received instance as a Part 10 stream: the file pynetdicom streamed to disk
-    (``STORE_RECV_CHUNKED_DATASET``), or the in-memory bytes otherwise."""
-    try:
-        path = event.dataset_path
-    except AttributeError:
-        path = None
-    if path is not None:
-        with open(path, "rb") as fp:
-            yield fp
-    else:
-        yield io.BytesIO(event.encoded_dataset(include_meta=True))
 
 
 def _bad(status_code: int, reason: str, comment: str) -> _Refused:
@@ -182,7 +160,7 @@ def _check_complete(ds: Dataset, size: int) -> None:
             raise _bad(CANNOT_UNDERSTAND_TRUNCATED, "truncated", "dataset is truncated")
 
 
-def _identify(fp: BinaryIO, event: Event) -> _Identity:
+def _identify(fp: BinaryIO, received: ReceivedInstance) -> _Identity:
     """Read the UIDs the store and the event need, and check them against the request."""
     size = fp.seek(0, io.SEEK_END)
     fp.seek(0)
@@ -207,13 +185,13 @@ def _identify(fp: BinaryIO, event: Event) -> _Identity:
             raise _bad(
                 CANNOT_UNDERSTAND_INVALID_UID, "invalid_uid", f"{keyword} is not a valid UID"
             ) from None
-    if values["SOPClassUID"] != str(event.context.abstract_syntax):
+    if values["SOPClassUID"] != received.sop_class_uid:
         raise _bad(
             DATASET_DOES_NOT_MATCH_SOP_CLASS,
             "sop_class_mismatch",
             "SOPClassUID differs from the negotiated SOP Class",
         )
-    if values["SOPInstanceUID"] != _text(event.request.AffectedSOPInstanceUID):
+    if values["SOPInstanceUID"] != received.affected_sop_instance_uid:
         raise _bad(
             CANNOT_UNDERSTAND_INSTANCE_MISMATCH,
             "sop_instance_mismatch",
@@ -223,18 +201,18 @@ def _identify(fp: BinaryIO, event: Event) -> _Identity:
     return _Identity(**values, Modality=modality if 0 < len(modality) <= 16 else None)
 
 
-def _refuse(event: Event, ctx: StoreContext, refused: _Refused, fp: BinaryIO | None) -> Dataset:
+def _refuse(received: ReceivedInstance, ctx: StoreContext, refused: _Refused) -> Status:
     ctx.metrics.refused.labels(refused.reason).inc()
     extra: dict[str, object] = {
-        "AffectedSOPInstanceUID": _text(event.request.AffectedSOPInstanceUID),
+        "AffectedSOPInstanceUID": received.affected_sop_instance_uid,
         "reason": refused.reason,
         "status": f"0x{refused.status:04X}",
-        "calling_ae_title": _calling_ae(event),
+        "calling_ae_title": received.calling_ae_title,
     }
-    if refused.quarantine and fp is not None:
+    if refused.quarantine:
         try:
-            fp.seek(0)
-            extra["quarantined_as"] = ctx.quarantine.keep(refused.reason, read_chunks(fp)).name
+            with open(received.path, "rb") as fp:
+                extra["quarantined_as"] = ctx.quarantine.keep(refused.reason, read_chunks(fp)).name
             ctx.metrics.quarantined.inc()
         except OSError as exc:
             extra["quarantine_error"] = repr(exc)
@@ -242,38 +220,46 @@ def _refuse(event: Event, ctx: StoreContext, refused: _Refused, fp: BinaryIO | N
     return status(refused.status, refused.comment)
 
 
-def _calling_ae(event: Event) -> str:
-    return _text(event.assoc.requestor.ae_title)
+def _storage_failed(exc: BaseException, uids: dict[str, str], ctx: StoreContext) -> Status:
+    ctx.metrics.refused.labels("storage_failed").inc()
+    log.error("C-STORE failed: instance not stored: %r", exc, extra=uids)
+    return status(OUT_OF_RESOURCES_STORAGE, "instance could not be stored")
 
 
-def handle_store(event: Event, ctx: StoreContext) -> Dataset:
-    """EVT_C_STORE: admit, store durably, record the event, and only then answer success."""
+def handle_store(received: ReceivedInstance, ctx: StoreContext) -> Status:
+    """Admit, store durably, record the event, and only then answer success.
+
+    ``received.path`` is moved into the store when the instance is kept; the caller removes
+    it in every other case.
+    """
+    if received.write_error is not None:
+        uids = {"AffectedSOPInstanceUID": received.affected_sop_instance_uid}
+        return _storage_failed(received.write_error, uids, ctx)
     refusal = ctx.admission.refusal()
     if refusal is not None:
-        return _refuse(event, ctx, refusal, None)
+        return _refuse(received, ctx, refusal)
     started = time.perf_counter()
-    with _received(event) as fp:
-        try:
-            ident = _identify(fp, event)
-        except _Refused as refused:
-            return _refuse(event, ctx, refused, fp)
-        uids = {
-            "StudyInstanceUID": ident.StudyInstanceUID,
-            "SeriesInstanceUID": ident.SeriesInstanceUID,
-            "SOPInstanceUID": ident.SOPInstanceUID,
-        }
-        fp.seek(0)
-        try:
-            staged = ctx.store.stage(
-                ident.StudyInstanceUID,
-                ident.SeriesInstanceUID,
-                ident.SOPInstanceUID,
-                read_chunks(fp),
-            )
-        except Exception as exc:  # noqa: BLE001 - any failure to store is a refusal
-            ctx.metrics.refused.labels("storage_failed").inc()
-            log.error("C-STORE failed: instance not stored: %r", exc, extra=uids)
-            return status(OUT_OF_RESOURCES_STORAGE, "instance could not be stored")
+    try:
+        with open(received.path, "rb") as fp:
+            ident = _identify(fp, received)
+    except _Refused as refused:
+        return _refuse(received, ctx, refused)
+    uids = {
+        "StudyInstanceUID": ident.StudyInstanceUID,
+        "SeriesInstanceUID": ident.SeriesInstanceUID,
+        "SOPInstanceUID": ident.SOPInstanceUID,
+    }
+    try:
+        staged = ctx.store.adopt(
+            received.path,
+            ident.StudyInstanceUID,
+            ident.SeriesInstanceUID,
+            ident.SOPInstanceUID,
+            received.sha256,
+            received.size_bytes,
+        )
+    except Exception as exc:  # noqa: BLE001 - any failure to store is a refusal
+        return _storage_failed(exc, uids, ctx)
 
     def record(tx: OutboxTransaction) -> str:
         """Inside the (group) transaction: duplicate, new version or new instance."""
@@ -286,18 +272,18 @@ def handle_store(event: Event, ctx: StoreContext) -> Dataset:
         # remove it so that nothing is half-stored (the sender retries).
         tx.on_rollback(lambda: committed.path.unlink(missing_ok=True))
         tx.fsync_folder_before_commit(staged.folder)
-        received = InstanceReceivedV1(
+        event = InstanceReceivedV1(
             StudyInstanceUID=ident.StudyInstanceUID,
             SeriesInstanceUID=ident.SeriesInstanceUID,
             SOPInstanceUID=ident.SOPInstanceUID,
             SOPClassUID=ident.SOPClassUID,
-            TransferSyntaxUID=str(event.context.transfer_syntax),
+            TransferSyntaxUID=received.transfer_syntax,
             Modality=ident.Modality,
             storage_uri=committed.uri,
             size_bytes=committed.size_bytes,
             sha256=committed.sha256,
-            calling_ae_title=_calling_ae(event),
-            called_ae_title=_text(event.assoc.acceptor.ae_title),
+            calling_ae_title=received.calling_ae_title,
+            called_ae_title=received.called_ae_title,
         )
         headers: list[tuple[str, bytes]] = []
         if known is not None:
@@ -310,9 +296,9 @@ def handle_store(event: Event, ctx: StoreContext) -> Dataset:
             committed.sha256,
             version,
             committed.uri,
-            topic=received.SCHEMA,
+            topic=event.SCHEMA,
             key=ident.StudyInstanceUID.encode(),
-            value=received.to_bytes(),
+            value=event.to_bytes(),
             headers=headers,
         )
         return "new_version" if known is not None else "stored"
@@ -340,12 +326,7 @@ def handle_store(event: Event, ctx: StoreContext) -> Dataset:
         | {
             "outcome": outcome,
             "size_bytes": staged.size_bytes,
-            "calling_ae_title": _calling_ae(event),
+            "calling_ae_title": received.calling_ae_title,
         },
     )
     return status(SUCCESS)
-
-
-def handle_echo(event: Event) -> int:
-    """EVT_C_ECHO: the Verification service (PS3.4 Annex A) always succeeds when we are up."""
-    return SUCCESS

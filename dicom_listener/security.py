@@ -8,26 +8,12 @@ says "calling AE title not recognised", not a network fault), and each is logged
 from __future__ import annotations
 
 import ipaddress
-import logging
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
-from pynetdicom.events import Event
-
 from dicom_listener.metrics import ListenerMetrics
-
-log = logging.getLogger(__name__)
-
-# A-ASSOCIATE-RJ fields (PS3.8 9.3.4).
-#: Result: rejected-permanent.
-REJECTED_PERMANENT = 0x01
-#: Source: DICOM UL service-user.
-SOURCE_SERVICE_USER = 0x01
-#: Diagnostic (service-user): calling-AE-title-not-recognized.
-CALLING_AE_NOT_RECOGNIZED = 0x03
-#: Diagnostic (service-user): called-AE-title-not-recognized.
-CALLED_AE_NOT_RECOGNIZED = 0x07
+from dicom_listener.upper_layer import CALLED_AE_NOT_RECOGNIZED, CALLING_AE_NOT_RECOGNIZED, Peer
 
 
 @dataclass(frozen=True)
@@ -37,7 +23,7 @@ class _Allowed:
 
 
 class AssociationPolicy:
-    """Decides on each A-ASSOCIATE-RQ before pynetdicom negotiates it (``EVT_REQUESTED``)."""
+    """Decides on each A-ASSOCIATE-RQ before its presentation contexts are negotiated."""
 
     def __init__(self, ae_title: str, allowed_calling_aes: list[str], metrics: ListenerMetrics):
         self.ae_title = ae_title.strip()
@@ -50,8 +36,9 @@ class AssociationPolicy:
         network = ipaddress.ip_network(address, strict=False) if address else None
         return _Allowed(title.strip(), network)
 
-    def check(self, called_ae: str, calling_ae: str, address: str) -> tuple[int, str] | None:
+    def check(self, peer: Peer) -> tuple[int, str] | None:
         """``(diagnostic, reason)`` when the association must be rejected, else None."""
+        called_ae, calling_ae, address = peer.called_ae_title, peer.calling_ae_title, peer.address
         if called_ae.strip() != self.ae_title:
             return CALLED_AE_NOT_RECOGNIZED, "called_ae_not_recognized"
         if not self.allowed:
@@ -70,38 +57,9 @@ class AssociationPolicy:
             "calling_ae_wrong_address" if known_title else "calling_ae_not_allowed"
         )
 
-    def handle_requested(self, event: Event) -> None:
-        """EVT_REQUESTED: reject with the reason, or let pynetdicom negotiate."""
-        assoc = event.assoc
-        primitive = assoc.requestor.primitive
-        called = _text(primitive.called_ae_title)
-        calling = _text(primitive.calling_ae_title)
-        address = str(assoc.requestor.address)
-        verdict = self.check(called, calling, address)
-        if verdict is None:
-            return
-        diagnostic, reason = verdict
+    def count_reject(self, reason: str) -> None:
+        """Count an association rejected for ``reason`` (the server logs it)."""
         self.metrics.associations_rejected.labels(reason).inc()
-        log.warning(
-            "association rejected: %s",
-            reason,
-            extra={
-                "reason": reason,
-                "calling_ae_title": calling,
-                "called_ae_title": called,
-                "peer_address": address,
-            },
-        )
-        assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, diagnostic)
-        # As pynetdicom does after its own rejects: wait until the DUL has sent the PDU and
-        # returned to idle, or the socket is closed before the sender reads the reason.
-        assoc.kill()
-
-
-def _text(value: object) -> str:
-    if isinstance(value, bytes):
-        value = value.decode("ascii", "replace")
-    return "" if value is None else str(value).strip()
 
 
 def server_ssl_context(cert_file: Path, key_file: Path, ca_file: Path | None) -> ssl.SSLContext:

@@ -1,19 +1,18 @@
-"""The filesystem instance store: durable, atomic writes of Part 10 files, streamed.
+"""The filesystem instance store: durable, atomic placement of Part 10 files.
 
 Layout: ``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``; a later version
 of the same instance with other content is kept beside it as ``<SOPInstanceUID>.v<N>.dcm``
 (UIDs hold only digits and dots, so the names cannot collide).
 
-Writing is two steps so that the caller can decide, between them, whether the bytes are new:
-:meth:`FileStore.stage` streams the bytes to a hidden temporary file in the final folder,
-hashing them on the way, and fsyncs it; :meth:`FileStore.commit` renames it to its final name
-and fsyncs the folder. After ``commit`` returns the file survives a power cut, and a reader
-never sees a partial file. Memory use is one chunk, whatever the size of the instance.
+The network side streams each dataset, hashing it, to a fsync'd temporary file in
+``<root>/.incoming`` (same filesystem). Placing it is two steps so that the caller can decide,
+between them, whether the bytes are new: :meth:`FileStore.adopt` creates the instance's folder;
+:meth:`FileStore.commit` renames the file to its final name and fsyncs the folder. After
+``commit`` returns the file survives a power cut, and a reader never sees a partial file.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import uuid
@@ -28,8 +27,6 @@ _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _UID_MAX = 64
 #: Bytes copied per read when streaming an instance to disk.
 CHUNK_BYTES = 1024 * 1024
-#: Name prefix of temporary files (hidden; removed by :meth:`FileStore.sweep_temporaries`).
-_TMP_PREFIX = "."
 
 
 @dataclass(frozen=True)
@@ -56,10 +53,10 @@ class StoredInstance:
 class InstanceStore(Protocol):
     """Where the listener puts received instances (a folder here; an object store later)."""
 
-    def stage(
-        self, study_uid: str, series_uid: str, sop_uid: str, chunks: Iterable[bytes]
+    def adopt(
+        self, path: Path, study_uid: str, series_uid: str, sop_uid: str, sha256: str, size: int
     ) -> StagedInstance:
-        """Write ``chunks`` durably under a temporary name; raise ``OSError`` when it cannot."""
+        """Stage a file already written and fsync'd on the store's filesystem (no copy)."""
         ...
 
     def commit(
@@ -110,6 +107,9 @@ class FileStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root).resolve()
+        #: Where the network side streams datasets before they are identified and adopted
+        #: (same filesystem, so adopting is a rename).
+        self.incoming = self.root / ".incoming"
 
     def folder_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         """The folder of an instance; raises ``ValueError`` on a malformed UID."""
@@ -135,28 +135,12 @@ class FileStore:
             return
         _fsync_dir(folder.parent)
 
-    def stage(
-        self, study_uid: str, series_uid: str, sop_uid: str, chunks: Iterable[bytes]
+    def adopt(
+        self, path: Path, study_uid: str, series_uid: str, sop_uid: str, sha256: str, size: int
     ) -> StagedInstance:
         folder = self.folder_for(study_uid, series_uid, sop_uid)
         self._ensure_dir(folder)
-        tmp = folder / f"{_TMP_PREFIX}{sop_uid}.{uuid.uuid4().hex}.tmp"
-        digest = hashlib.sha256()
-        size = 0
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                for chunk in chunks:
-                    digest.update(chunk)
-                    size += len(chunk)
-                    _write_all(fd, chunk)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        return StagedInstance(tmp, folder, sop_uid, digest.hexdigest(), size)
+        return StagedInstance(Path(path), folder, sop_uid, sha256, size)
 
     def commit(
         self, staged: StagedInstance, version: int, fsync_folder: bool = True
@@ -185,7 +169,7 @@ class FileStore:
         if not self.root.is_dir():
             return 0
         count = 0
-        for tmp in self.root.glob(f"*/*/{_TMP_PREFIX}*.tmp"):
+        for tmp in self.incoming.glob("*.tmp"):
             tmp.unlink(missing_ok=True)
             count += 1
         return count

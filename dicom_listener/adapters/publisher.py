@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from dicom_listener.adapters.outbox import Outbox, OutboxEvent
 from dicom_listener.metrics import ListenerMetrics
+from schemas.events import InstanceReceivedV1
 
 if TYPE_CHECKING:
     from kafka import KafkaProducer
@@ -42,6 +43,11 @@ class EventSink(Protocol):
         Raise :class:`PublishError` (after acknowledging none) when the broker is unreachable."""
         ...
 
+    def connect(self) -> None:
+        """Get ready to send (connections, metadata) before the first event is waiting.
+        Raise :class:`PublishError` when the broker is unreachable."""
+        ...
+
     def close(self) -> None:
         """Release connections."""
         ...
@@ -59,10 +65,13 @@ class KafkaSink:
         bootstrap_servers: str,
         timeout_s: float,
         client_id: str = "scanwatch-dicom-listener",
+        topics: tuple[str, ...] = (InstanceReceivedV1.SCHEMA,),
     ) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.timeout_s = timeout_s
         self.client_id = client_id
+        #: Topics whose metadata :meth:`connect` fetches ahead of the first event.
+        self.topics = topics
         self._producer: KafkaProducer | None = None
 
     def _get_producer(self) -> KafkaProducer:
@@ -83,6 +92,17 @@ class KafkaSink:
                 delivery_timeout_ms=timeout_ms + 1000,
             )
         return self._producer
+
+    def connect(self) -> None:
+        """Open the producer and fetch the topics' partition metadata, which otherwise costs
+        the first batch a few hundred milliseconds while C-STOREs keep arriving."""
+        try:
+            producer = self._get_producer()
+            for topic in self.topics:
+                producer.partitions_for(topic)
+        except Exception as exc:  # noqa: BLE001 - the relay's retry loop takes over
+            self._reset()
+            raise PublishError(f"{type(exc).__name__}: {exc}") from exc
 
     def send_batch(self, events: list[OutboxEvent]) -> int:
         deadline = time.monotonic() + self.timeout_s + 1
@@ -183,6 +203,10 @@ class OutboxRelay:
 
     def _run(self) -> None:
         pause = RETRY_MIN_S
+        try:
+            self.sink.connect()
+        except PublishError as exc:
+            log.info("Kafka not reachable yet; events wait in the outbox: %s", exc)
         while not self._stop.is_set():
             self._wake.clear()
             try:

@@ -1,14 +1,15 @@
-"""Unit tests of the C-STORE handler with real pynetdicom events, a real file store and a real
-SQLite outbox (no network)."""
+"""Unit tests of the C-STORE handler with received instances as the network side hands them
+over (a temporary Part 10 file), a real file store and a real SQLite outbox (no network)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
-from types import SimpleNamespace
 
 import pydicom
 import pytest
@@ -18,10 +19,6 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     MRImageStorage,
 )
-from pynetdicom import evt
-from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.events import Event
-from pynetdicom.presentation import PresentationContext
 
 from dicom_listener.adapters.filestore import FileStore, Quarantine, StagedInstance
 from dicom_listener.adapters.outbox import Outbox, OutboxEvent
@@ -38,13 +35,12 @@ from dicom_listener.handlers import (
     OUT_OF_RESOURCES_OUTBOX_FULL,
     OUT_OF_RESOURCES_OUTBOX_WRITE,
     OUT_OF_RESOURCES_STORAGE,
-    SUCCESS,
     Admission,
     StoreContext,
-    handle_echo,
     handle_store,
 )
 from dicom_listener.metrics import ListenerMetrics
+from dicom_listener.upper_layer import SUCCESS, ReceivedInstance, file_meta_bytes
 from schemas.events import InstanceReceivedV1
 
 CALLING_AE = "MODALITY1"
@@ -54,7 +50,7 @@ CALLED_AE = "SCANWATCH"
 class BrokenStore(FileStore):
     """A store whose disk is full."""
 
-    def stage(self, study_uid, series_uid, sop_uid, chunks) -> StagedInstance:  # type: ignore[no-untyped-def]
+    def adopt(self, path, study_uid, series_uid, sop_uid, sha256, size) -> StagedInstance:  # type: ignore[no-untyped-def]
         raise OSError(28, "No space left on device")
 
 
@@ -65,27 +61,33 @@ class BrokenOutbox(Outbox):
         raise OSError(5, "I/O error")
 
 
+_names = itertools.count()
+
+
 def store_event(
     dataset: bytes,
     sop_instance_uid: str,
     sop_class_uid: str = MRImageStorage,
     transfer_syntax: str = ExplicitVRLittleEndian,
-) -> Event:
-    """A C-STORE event as pynetdicom builds it for a handler."""
-    req = C_STORE()
-    req.MessageID = 1
-    req.AffectedSOPClassUID = sop_class_uid
-    req.AffectedSOPInstanceUID = sop_instance_uid
-    req.Priority = 2
-    req.DataSet = BytesIO(dataset)
-    cx = PresentationContext()
-    cx.context_id = 1
-    cx.abstract_syntax = sop_class_uid
-    cx.transfer_syntax = [transfer_syntax]
-    assoc = SimpleNamespace(
-        requestor=SimpleNamespace(ae_title=CALLING_AE), acceptor=SimpleNamespace(ae_title=CALLED_AE)
+    *,
+    folder: Path,
+) -> ReceivedInstance:
+    """A C-STORE's dataset as the network side hands it to the handler: a Part 10 file
+    (the file meta built from the request and the context) in ``folder``."""
+    data = file_meta_bytes(sop_class_uid, sop_instance_uid, transfer_syntax) + dataset
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{next(_names)}.tmp"
+    path.write_bytes(data)
+    return ReceivedInstance(
+        path=path,
+        sha256=hashlib.sha256(data).hexdigest(),
+        size_bytes=len(data),
+        sop_class_uid=sop_class_uid,
+        transfer_syntax=transfer_syntax,
+        affected_sop_instance_uid=sop_instance_uid,
+        calling_ae_title=CALLING_AE,
+        called_ae_title=CALLED_AE,
     )
-    return Event(assoc, evt.EVT_C_STORE, {"request": req, "context": cx.as_tuple})  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -149,7 +151,7 @@ def test_success_stores_byte_exact_file_and_records_matching_event(
     dataset_bytes: Callable[[bytes], bytes],
 ) -> None:
     ctx = context(tmp_path)
-    event = store_event(wire, instance.SOPInstanceUID)
+    event = store_event(wire, instance.SOPInstanceUID, folder=tmp_path)
 
     rsp = handle_store(event, ctx)
 
@@ -158,7 +160,7 @@ def test_success_stores_byte_exact_file_and_records_matching_event(
         tmp_path / "store" / instance.StudyInstanceUID / instance.SeriesInstanceUID
     ) / f"{instance.SOPInstanceUID}.dcm"
     data = path.read_bytes()
-    assert data == event.encoded_dataset(include_meta=True)
+    assert hashlib.sha256(data).hexdigest() == event.sha256 and len(data) == event.size_bytes
     assert dataset_bytes(data) == wire
     meta = pydicom.dcmread(path).file_meta
     assert meta.TransferSyntaxUID == ExplicitVRLittleEndian
@@ -190,7 +192,10 @@ def test_event_survives_reopening_the_outbox(
     tmp_path: Path, instance: pydicom.Dataset, wire: bytes
 ) -> None:
     ctx = context(tmp_path)
-    assert handle_store(store_event(wire, instance.SOPInstanceUID), ctx).Status == SUCCESS
+    assert (
+        handle_store(store_event(wire, instance.SOPInstanceUID, folder=tmp_path), ctx).Status
+        == SUCCESS
+    )
     ctx.outbox.close()
     [event] = Outbox(tmp_path / "outbox.sqlite3").pending(10)
     assert InstanceReceivedV1.from_bytes(event.value).SOPInstanceUID == instance.SOPInstanceUID
@@ -201,7 +206,10 @@ def test_duplicate_send_with_same_bytes_records_no_second_event(
 ) -> None:
     ctx = context(tmp_path)
     for _ in range(2):
-        assert handle_store(store_event(wire, instance.SOPInstanceUID), ctx).Status == SUCCESS
+        assert (
+            handle_store(store_event(wire, instance.SOPInstanceUID, folder=tmp_path), ctx).Status
+            == SUCCESS
+        )
     assert len(stored_files(tmp_path / "store")) == 1
     assert len(events(ctx)) == 1
     assert (
@@ -216,9 +224,18 @@ def test_same_instance_with_other_bytes_is_kept_as_a_flagged_new_version(
     first = encode(instance)
     instance.SeriesDescription = "T1 AX corrected"
     second = encode(instance)
-    assert handle_store(store_event(first, instance.SOPInstanceUID), ctx).Status == SUCCESS
-    assert handle_store(store_event(second, instance.SOPInstanceUID), ctx).Status == SUCCESS
-    assert handle_store(store_event(second, instance.SOPInstanceUID), ctx).Status == SUCCESS
+    assert (
+        handle_store(store_event(first, instance.SOPInstanceUID, folder=tmp_path), ctx).Status
+        == SUCCESS
+    )
+    assert (
+        handle_store(store_event(second, instance.SOPInstanceUID, folder=tmp_path), ctx).Status
+        == SUCCESS
+    )
+    assert (
+        handle_store(store_event(second, instance.SOPInstanceUID, folder=tmp_path), ctx).Status
+        == SUCCESS
+    )
 
     folder = tmp_path / "store" / instance.StudyInstanceUID / instance.SeriesInstanceUID
     v1, v2 = folder / f"{instance.SOPInstanceUID}.dcm", folder / f"{instance.SOPInstanceUID}.v2.dcm"
@@ -241,7 +258,7 @@ def test_outbox_failure_is_a_failure_status_and_nothing_stays_stored(
 ) -> None:
     ctx = context(tmp_path, outbox=BrokenOutbox(tmp_path / "outbox.sqlite3"))
 
-    rsp = handle_store(store_event(wire, instance.SOPInstanceUID), ctx)
+    rsp = handle_store(store_event(wire, instance.SOPInstanceUID, folder=tmp_path), ctx)
 
     assert rsp.Status == OUT_OF_RESOURCES_OUTBOX_WRITE
     assert refused(ctx, "outbox_failed") == 1
@@ -254,7 +271,7 @@ def test_storage_failure_is_a_failure_status_and_nothing_is_recorded(
 ) -> None:
     ctx = context(tmp_path, store=BrokenStore(tmp_path / "store"))
 
-    rsp = handle_store(store_event(wire, instance.SOPInstanceUID), ctx)
+    rsp = handle_store(store_event(wire, instance.SOPInstanceUID, folder=tmp_path), ctx)
 
     assert rsp.Status == OUT_OF_RESOURCES_STORAGE
     assert events(ctx) == []
@@ -268,7 +285,7 @@ def test_unwritable_storage_dir_is_a_failure_status(
     not_a_dir.write_bytes(b"")  # a file where the store's root folder should be
     ctx = context(tmp_path, store=FileStore(not_a_dir))
 
-    rsp = handle_store(store_event(wire, instance.SOPInstanceUID), ctx)
+    rsp = handle_store(store_event(wire, instance.SOPInstanceUID, folder=tmp_path), ctx)
 
     assert rsp.Status == OUT_OF_RESOURCES_STORAGE
     assert events(ctx) == []
@@ -281,13 +298,16 @@ def test_disk_below_watermark_is_out_of_resources_and_recovers(
     free = {"bytes": 10**6}
     monkeypatch.setattr(ctx.admission, "free_bytes", lambda: free["bytes"])
 
-    rsp = handle_store(store_event(wire, instance.SOPInstanceUID), ctx)
+    rsp = handle_store(store_event(wire, instance.SOPInstanceUID, folder=tmp_path), ctx)
     assert rsp.Status == OUT_OF_RESOURCES_DISK_LOW
     assert stored_files(tmp_path / "store") == [] and events(ctx) == []
     assert refused(ctx, "disk_low") == 1
 
     free["bytes"] = 10**10  # space came back
-    assert handle_store(store_event(wire, instance.SOPInstanceUID), ctx).Status == SUCCESS
+    assert (
+        handle_store(store_event(wire, instance.SOPInstanceUID, folder=tmp_path), ctx).Status
+        == SUCCESS
+    )
 
 
 def test_full_outbox_is_out_of_resources_until_it_drains(
@@ -297,14 +317,15 @@ def test_full_outbox_is_out_of_resources_until_it_drains(
     sops = [pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID for p in mr_series[:3]]
     wires = [dataset_bytes(p.read_bytes()) for p in mr_series[:3]]
     assert [
-        handle_store(store_event(w, u), ctx).Status for w, u in zip(wires, sops, strict=True)
+        handle_store(store_event(w, u, folder=tmp_path), ctx).Status
+        for w, u in zip(wires, sops, strict=True)
     ] == [
         SUCCESS,
         SUCCESS,
         OUT_OF_RESOURCES_OUTBOX_FULL,
     ]
     ctx.outbox.delivered([e.seq for e in events(ctx)])  # the publisher caught up
-    assert handle_store(store_event(wires[2], sops[2]), ctx).Status == SUCCESS
+    assert handle_store(store_event(wires[2], sops[2], folder=tmp_path), ctx).Status == SUCCESS
 
 
 def quarantined(tmp_path: Path) -> list[Path]:
@@ -320,7 +341,7 @@ def test_missing_uid_is_refused_with_named_status_and_quarantined(
 ) -> None:
     del instance[keyword]
     ctx = context(tmp_path)
-    event = store_event(encode(instance), instance.SOPInstanceUID)
+    event = store_event(encode(instance), instance.SOPInstanceUID, folder=tmp_path)
 
     rsp = handle_store(event, ctx)
 
@@ -331,7 +352,7 @@ def test_missing_uid_is_refused_with_named_status_and_quarantined(
     assert refused(ctx, "missing_uid") == 1
     [copy] = quarantined(tmp_path)
     assert "missing_uid" in copy.name
-    assert copy.read_bytes() == event.encoded_dataset(include_meta=True)
+    assert copy.read_bytes() == event.path.read_bytes()
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
@@ -341,7 +362,7 @@ def test_uid_that_would_escape_the_store_is_refused(
     instance.StudyInstanceUID = "../../escaped"
     ctx = context(tmp_path)
 
-    rsp = handle_store(store_event(encode(instance), instance.SOPInstanceUID), ctx)
+    rsp = handle_store(store_event(encode(instance), instance.SOPInstanceUID, folder=tmp_path), ctx)
 
     assert rsp.Status == CANNOT_UNDERSTAND_INVALID_UID
     assert stored_files(tmp_path / "store") == []
@@ -354,7 +375,9 @@ def test_sop_class_differing_from_negotiated_one_is_refused(
     tmp_path: Path, instance: pydicom.Dataset, wire: bytes
 ) -> None:
     ctx = context(tmp_path)
-    event = store_event(wire, instance.SOPInstanceUID, sop_class_uid=EnhancedMRImageStorage)
+    event = store_event(
+        wire, instance.SOPInstanceUID, sop_class_uid=EnhancedMRImageStorage, folder=tmp_path
+    )
 
     rsp = handle_store(event, ctx)
 
@@ -366,14 +389,17 @@ def test_sop_class_differing_from_negotiated_one_is_refused(
 
 def test_sop_instance_differing_from_affected_one_is_refused(tmp_path: Path, wire: bytes) -> None:
     ctx = context(tmp_path)
-    rsp = handle_store(store_event(wire, "1.2.3.4"), ctx)
+    rsp = handle_store(store_event(wire, "1.2.3.4", folder=tmp_path), ctx)
     assert rsp.Status == CANNOT_UNDERSTAND_INSTANCE_MISMATCH
 
 
 def test_undecodable_dataset_is_refused(tmp_path: Path) -> None:
     ctx = context(tmp_path)
     event = store_event(
-        b"not deflated data" * 4, "1.2.3.4", transfer_syntax=DeflatedExplicitVRLittleEndian
+        b"not deflated data" * 4,
+        "1.2.3.4",
+        transfer_syntax=DeflatedExplicitVRLittleEndian,
+        folder=tmp_path,
     )
 
     rsp = handle_store(event, ctx)
@@ -393,7 +419,7 @@ def test_truncated_dataset_is_refused_and_quarantined(
     cut: int,
 ) -> None:
     ctx = context(tmp_path)
-    rsp = handle_store(store_event(wire[:-cut], instance.SOPInstanceUID), ctx)
+    rsp = handle_store(store_event(wire[:-cut], instance.SOPInstanceUID, folder=tmp_path), ctx)
     assert rsp.Status == CANNOT_UNDERSTAND_TRUNCATED
     assert stored_files(tmp_path / "store") == [] and events(ctx) == []
     assert len(quarantined(tmp_path)) == 1
@@ -402,23 +428,35 @@ def test_truncated_dataset_is_refused_and_quarantined(
     assert str(instance.PatientName) not in caplog.text
 
 
-def test_echo_succeeds() -> None:
-    assert handle_echo(SimpleNamespace()) == SUCCESS  # type: ignore[arg-type]
+def test_write_failure_while_receiving_is_out_of_resources(
+    tmp_path: Path, instance: pydicom.Dataset, wire: bytes
+) -> None:
+    ctx = context(tmp_path)
+    received = store_event(wire, instance.SOPInstanceUID, folder=tmp_path)
+    failed = dataclasses.replace(received, write_error=OSError(28, "No space left on device"))
+
+    assert handle_store(failed, ctx).Status == OUT_OF_RESOURCES_STORAGE
+    assert refused(ctx, "storage_failed") == 1
+    assert stored_files(tmp_path / "store") == [] and events(ctx) == []
 
 
 def test_filestore_rejects_malformed_uids(tmp_path: Path) -> None:
     store = FileStore(tmp_path)
     with pytest.raises(ValueError, match="SeriesInstanceUID"):
-        store.stage("1.2", "1.2/../..", "1.3", [b"x"])
+        store.adopt(tmp_path / "x.tmp", "1.2", "1.2/../..", "1.3", "0" * 64, 1)
     assert stored_files(tmp_path) == []
 
 
 def test_sweep_removes_only_temporary_files(tmp_path: Path) -> None:
     store = FileStore(tmp_path)
-    staged = store.stage("1.2", "1.2.3", "1.2.3.4", [b"abc"])
-    kept = store.commit(store.stage("1.2", "1.2.3", "1.2.3.5", [b"def"]), 1)
+    store.incoming.mkdir()
+    left, received = store.incoming / "a.tmp", store.incoming / "b.tmp"
+    left.write_bytes(b"abc")
+    received.write_bytes(b"def")
+    staged = store.adopt(received, "1.2", "1.2.3", "1.2.3.5", "0" * 64, 3)
+    kept = store.commit(staged, 1)
     assert store.sweep_temporaries() == 1
-    assert not staged.tmp.exists() and kept.path.read_bytes() == b"def"
+    assert not left.exists() and kept.path.read_bytes() == b"def"
 
 
 def test_group_commit_isolates_a_failing_request(tmp_path: Path) -> None:

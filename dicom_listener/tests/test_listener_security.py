@@ -14,6 +14,7 @@ from dicom_listener.app import ListenerApp
 from dicom_listener.metrics import ListenerMetrics
 from dicom_listener.security import AssociationPolicy
 from dicom_listener.tests.test_listener_integration import AE_TITLE, start_listener
+from dicom_listener.upper_layer import Peer
 from scanwatch.kafka_local import LocalKafka
 from scanwatch.peers import PeerError, echoscu, storescu, tls_args
 from scanwatch.sample import build_mr_study
@@ -30,14 +31,15 @@ def test_policy_checks_title_then_address() -> None:
     policy = AssociationPolicy(
         "SCANWATCH", ["CT1", "MR1@10.1.0.0/16", "MR1@::1"], ListenerMetrics()
     )
-    assert policy.check("SCANWATCH", "CT1", "192.168.1.1") is None
-    assert policy.check("SCANWATCH", "MR1", "10.1.2.3") is None
-    assert policy.check("SCANWATCH", "MR1", "::1") is None
-    assert policy.check("SCANWATCH", "MR1", "10.2.0.1") == (0x03, "calling_ae_wrong_address")
-    assert policy.check("SCANWATCH", "US1", "10.1.2.3") == (0x03, "calling_ae_not_allowed")
-    assert policy.check("OTHER", "CT1", "10.1.2.3") == (0x07, "called_ae_not_recognized")
+    assert policy.check(Peer("SCANWATCH", "CT1", "192.168.1.1")) is None
+    assert policy.check(Peer("SCANWATCH", "MR1", "10.1.2.3")) is None
+    assert policy.check(Peer("SCANWATCH", "MR1", "::1")) is None
+    assert policy.check(Peer("SCANWATCH", "MR1", "10.2.0.1")) == (0x03, "calling_ae_wrong_address")
+    assert policy.check(Peer("SCANWATCH", "US1", "10.1.2.3")) == (0x03, "calling_ae_not_allowed")
+    assert policy.check(Peer("OTHER", "CT1", "10.1.2.3")) == (0x07, "called_ae_not_recognized")
     assert (
-        AssociationPolicy("SCANWATCH", [], ListenerMetrics()).check("SCANWATCH", "X", "h") is None
+        AssociationPolicy("SCANWATCH", [], ListenerMetrics()).check(Peer("SCANWATCH", "X", "h"))
+        is None
     )
 
 
