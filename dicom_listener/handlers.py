@@ -21,17 +21,18 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, NamedTuple
+from typing import NamedTuple
 
 import pydicom
 from pydantic import TypeAdapter, ValidationError
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from dicom_listener.adapters.filestore import InstanceStore, Quarantine, read_chunks
 from dicom_listener.adapters.outbox import Outbox, OutboxTransaction
 from dicom_listener.metrics import ListenerMetrics
+from dicom_listener.scan import Truncated, Undecodable, scan_part10
 from dicom_listener.upper_layer import SUCCESS, ReceivedInstance, Status
 from schemas.events import UID, InstanceReceivedV1
 
@@ -75,20 +76,42 @@ _DEFER_BYTES = 4096
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 
 _uid_adapter: TypeAdapter[str] = TypeAdapter(UID)
+#: Transfer syntaxes read with pydicom; the others with the fast scan (:mod:`.scan`).
+_PYDICOM_SYNTAXES = frozenset({ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian})
+#: Keyword → tag of the values the fast scan keeps.
+_SCANNED = {
+    "StudyInstanceUID": 0x0020000D,
+    "SeriesInstanceUID": 0x0020000E,
+    "SOPInstanceUID": 0x00080018,
+    "SOPClassUID": 0x00080016,
+    "Modality": 0x00080060,
+}
+_SCANNED_TAGS = frozenset(_SCANNED.values())
 
 
 class Admission:
     """Back-pressure: refuses C-STOREs while the disk is low or the outbox is too deep.
 
-    Checked on every request, so the listener recovers on its own when space returns or the
-    publisher catches up.
+    Checked again at most every ``check_interval_s`` (a statvfs and a query cost as much as a
+    tenth of a C-STORE), so the listener recovers on its own within that interval when space
+    returns or the publisher catches up.
     """
 
-    def __init__(self, storage_dir: Path, min_free_bytes: int, outbox: Outbox, max_events: int):
+    def __init__(
+        self,
+        storage_dir: Path,
+        min_free_bytes: int,
+        outbox: Outbox,
+        max_events: int,
+        check_interval_s: float = 0.1,
+    ):
         self.storage_dir = Path(storage_dir)
         self.min_free_bytes = min_free_bytes
         self.outbox = outbox
         self.max_events = max_events
+        self.check_interval_s = check_interval_s
+        self._verdict: _Refused | None = None
+        self._next_check = 0.0
 
     def free_bytes(self) -> int:
         folder = self.storage_dir.resolve()
@@ -98,6 +121,13 @@ class Admission:
 
     def refusal(self) -> _Refused | None:
         """Why a C-STORE must be refused now, or None."""
+        now = time.monotonic()
+        if now >= self._next_check:
+            self._verdict = self._check()
+            self._next_check = now + self.check_interval_s
+        return self._verdict
+
+    def _check(self) -> _Refused | None:
         if self.min_free_bytes and self.free_bytes() < self.min_free_bytes:
             return _Refused(
                 OUT_OF_RESOURCES_DISK_LOW, "disk_low", "storage below free-space watermark"
@@ -160,22 +190,51 @@ def _check_complete(ds: Dataset, size: int) -> None:
             raise _bad(CANNOT_UNDERSTAND_TRUNCATED, "truncated", "dataset is truncated")
 
 
-def _identify(fp: BinaryIO, received: ReceivedInstance) -> _Identity:
-    """Read the UIDs the store and the event need, and check them against the request."""
-    size = fp.seek(0, io.SEEK_END)
-    fp.seek(0)
-    try:
+def _read_with_pydicom(path: Path, transfer_syntax: str) -> dict[str, str]:
+    """Big endian and deflate: pydicom reads the identifying values."""
+    with open(path, "rb") as fp:
+        size = fp.seek(0, io.SEEK_END)
+        fp.seek(0)
         ds = pydicom.dcmread(fp, defer_size=_DEFER_BYTES)
-        if ds.file_meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        if transfer_syntax != DeflatedExplicitVRLittleEndian:
             _check_complete(ds, size)
-        values = {keyword: _text(ds.get(keyword)) for keyword in REQUIRED_UIDS}
-        modality = _text(ds.get("Modality"))
+        return {keyword: _text(ds.get(keyword)) for keyword in (*REQUIRED_UIDS, "Modality")}
+
+
+def _read_values(received: ReceivedInstance) -> dict[str, str]:
+    """The identifying values of the received file; raises :class:`_Refused` when it is
+    truncated or cannot be decoded. The fast scan reads little-endian files; pydicom reads
+    big endian, deflate, and whatever the scan finds odd (pydicom is more forgiving)."""
+    try:
+        if received.transfer_syntax not in _PYDICOM_SYNTAXES:
+            try:
+                raw = scan_part10(
+                    received.path,
+                    received.transfer_syntax != ImplicitVRLittleEndian,
+                    _SCANNED_TAGS,
+                )
+            except Undecodable:
+                pass
+            else:
+                return {
+                    keyword: raw.get(tag, b"").rstrip(b"\x00 ").decode("ascii", "replace").strip()
+                    for keyword, tag in _SCANNED.items()
+                }
+        return _read_with_pydicom(received.path, received.transfer_syntax)
     except _Refused:
         raise
+    except Truncated:
+        raise _bad(CANNOT_UNDERSTAND_TRUNCATED, "truncated", "dataset is truncated") from None
     except Exception as exc:  # noqa: BLE001 - pydicom raises many types on bad input
         raise _bad(
             CANNOT_UNDERSTAND_UNDECODABLE, "undecodable", "dataset could not be decoded"
         ) from exc
+
+
+def _identify(received: ReceivedInstance) -> _Identity:
+    """Read the UIDs the store and the event need, and check them against the request."""
+    values = _read_values(received)
+    modality = values.pop("Modality")
     for keyword, value in values.items():
         if not value:
             raise _bad(CANNOT_UNDERSTAND_MISSING_UID, "missing_uid", f"{keyword} missing")
@@ -240,8 +299,7 @@ def handle_store(received: ReceivedInstance, ctx: StoreContext) -> Status:
         return _refuse(received, ctx, refusal)
     started = time.perf_counter()
     try:
-        with open(received.path, "rb") as fp:
-            ident = _identify(fp, received)
+        ident = _identify(received)
     except _Refused as refused:
         return _refuse(received, ctx, refused)
     uids = {

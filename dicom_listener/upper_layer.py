@@ -30,11 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple, NoReturn
 
-from pydicom.dataset import FileMetaDataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID
-
 from scanwatch.ids import NAMESPACE
 
 log = logging.getLogger(__name__)
@@ -329,19 +324,27 @@ def response_command(
     return encode_command(elements)
 
 
+def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One group-0002 element, explicit VR little endian (PS3.10 7.1)."""
+    if vr == b"OB":
+        return struct.pack("<HH2s2xL", 0x0002, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
 def file_meta_bytes(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
     """Preamble, ``DICM`` and File Meta Information (PS3.10 7.1) for a received dataset."""
-    meta = FileMetaDataset()
-    meta.FileMetaInformationVersion = b"\x00\x01"
-    meta.MediaStorageSOPClassUID = UID(sop_class)
-    meta.MediaStorageSOPInstanceUID = UID(sop_instance)
-    meta.TransferSyntaxUID = UID(transfer_syntax)
-    meta.ImplementationClassUID = UID(IMPLEMENTATION_CLASS_UID)
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    out = DicomBytesIO()
-    out.is_little_endian, out.is_implicit_VR = True, False
-    write_file_meta_info(out, meta, enforce_standard=True)
-    return bytes(128) + b"DICM" + out.getvalue()
+    body = b"".join(
+        (
+            _meta_element(0x0001, b"OB", b"\x00\x01"),
+            _meta_element(0x0002, b"UI", _even(sop_class.encode(), b"\x00")),
+            _meta_element(0x0003, b"UI", _even(sop_instance.encode(), b"\x00")),
+            _meta_element(0x0010, b"UI", _even(transfer_syntax.encode(), b"\x00")),
+            _meta_element(0x0012, b"UI", _even(IMPLEMENTATION_CLASS_UID.encode(), b"\x00")),
+            _meta_element(0x0013, b"SH", _even(IMPLEMENTATION_VERSION_NAME.encode(), b" ")),
+        )
+    )
+    group_length = _meta_element(0x0000, b"UL", struct.pack("<L", len(body)))
+    return bytes(128) + b"DICM" + group_length + body
 
 
 class _Incoming:

@@ -125,7 +125,7 @@ def context(
         outbox=outbox,
         metrics=ListenerMetrics(),
         quarantine=Quarantine(tmp_path / "quarantine"),
-        admission=Admission(tmp_path, min_free_bytes, outbox, max_events),
+        admission=Admission(tmp_path, min_free_bytes, outbox, max_events, check_interval_s=0),
     )
 
 

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage
 from pynetdicom import AE
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
@@ -23,6 +26,8 @@ from dicom_listener.upper_layer import (
     ABSTRACT_SYNTAX_NOT_SUPPORTED,
     ACCEPTANCE,
     C_STORE_RQ,
+    IMPLEMENTATION_CLASS_UID,
+    IMPLEMENTATION_VERSION_NAME,
     SUCCESS,
     TRANSFER_SYNTAXES_NOT_SUPPORTED,
     VERIFICATION,
@@ -33,6 +38,7 @@ from dicom_listener.upper_layer import (
     StorageServer,
     encode_associate_ac,
     encode_command,
+    file_meta_bytes,
     parse_associate_rq,
 )
 from scanwatch.testing import wait_for
@@ -267,3 +273,20 @@ def test_admission_sees_the_peer_address(tmp_path: Path, recorder: Recorder) -> 
         server.shutdown()
         server.server_close()
     assert seen == [Peer(AE_TITLE, "ECHOER", "127.0.0.1")]
+
+
+def test_file_meta_is_what_pydicom_writes() -> None:
+    """Our hand-encoded File Meta against pydicom's writer for the same values."""
+    meta = FileMetaDataset()
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.MediaStorageSOPClassUID = MRImageStorage
+    meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.1"  # odd length: padded
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, False
+    write_file_meta_info(out, meta, enforce_standard=True)
+
+    ours = file_meta_bytes(MRImageStorage, "1.2.826.0.1.3680043.8.498.1", ExplicitVRLittleEndian)
+    assert ours == bytes(128) + b"DICM" + out.getvalue()

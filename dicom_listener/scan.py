@@ -1,0 +1,129 @@
+"""A fast structural scan of a received Part 10 file: the identifying values, and whether every
+element's declared length fits in the bytes received.
+
+pydicom builds a ``Dataset`` of every element to answer the same question, which was a sixth of
+the listener's time per instance. This walks element headers only (through ``mmap``: a 500 MB
+multi-frame is not read into memory), keeps the few values asked for, and descends into
+undefined-length sequences and encapsulated pixel data to find where they end. It handles the
+little-endian transfer syntaxes (implicit and explicit VR, native and encapsulated); the
+caller uses pydicom for big endian and deflate.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from pathlib import Path
+
+#: Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+                       b"UR", b"UT", b"UV"})  # fmt: skip
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_TAG = struct.Struct("<HH")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<L")
+#: Nesting depth beyond which a dataset is called undecodable (no real IOD comes close).
+_MAX_DEPTH = 32
+
+
+class Truncated(ValueError):
+    """An element, item or sequence runs past the end of the received bytes."""
+
+
+class Undecodable(ValueError):
+    """The bytes are not a dataset in the transfer syntax they were sent with."""
+
+
+class _Walker:
+    def __init__(self, buf: mmap.mmap | bytes, explicit: bool, wanted: frozenset[int]) -> None:
+        self.buf = buf
+        self.size = len(buf)
+        self.explicit = explicit
+        self.wanted = wanted
+        self.values: dict[int, bytes] = {}
+
+    def _header(self, offset: int) -> tuple[int, bytes | None, int, int]:
+        """(tag, VR or None, value length, value offset) of the element at ``offset``."""
+        if offset + 8 > self.size:
+            raise Truncated(offset)
+        group, element = _TAG.unpack_from(self.buf, offset)
+        tag = (group << 16) | element
+        if group == 0xFFFE or not self.explicit:
+            return tag, None, _U32.unpack_from(self.buf, offset + 4)[0], offset + 8
+        vr = bytes(self.buf[offset + 4 : offset + 6])
+        if vr in _LONG_VRS:
+            if offset + 12 > self.size:
+                raise Truncated(offset)
+            return tag, vr, _U32.unpack_from(self.buf, offset + 8)[0], offset + 12
+        if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+            raise Undecodable(f"no VR at offset {offset}")
+        return tag, vr, _U16.unpack_from(self.buf, offset + 6)[0], offset + 8
+
+    def dataset(self, offset: int, depth: int, end: int | None = None) -> int:
+        """Walk elements from ``offset`` to ``end`` (or to the item delimiter when ``end`` is
+        None); return the offset after them."""
+        if depth > _MAX_DEPTH:
+            raise Undecodable("sequences nested too deeply")
+        limit = self.size if end is None else end
+        while offset < limit:
+            tag, vr, length, value = self._header(offset)
+            if tag == _ITEM_END:
+                if end is not None or depth == 0:
+                    raise Undecodable(f"item delimiter at offset {offset}")
+                return value
+            if length == _UNDEFINED:
+                if vr is not None and vr not in (b"SQ", b"UN", b"OB", b"OW"):
+                    raise Undecodable(f"undefined length for VR {vr!r}")
+                offset = self._sequence(value, depth + 1)
+                continue
+            offset = value + length
+            if offset > limit:
+                raise Truncated(value)
+            if depth == 0 and tag in self.wanted:
+                self.values[tag] = bytes(self.buf[value:offset])
+        if end is None and depth > 0:
+            raise Truncated(offset)  # an undefined-length item without its delimiter
+        return offset
+
+    def _sequence(self, offset: int, depth: int) -> int:
+        """Items until the sequence delimiter (a sequence, or encapsulated pixel data)."""
+        while True:
+            if offset + 8 > self.size:
+                raise Truncated(offset)
+            group, element = _TAG.unpack_from(self.buf, offset)
+            length = _U32.unpack_from(self.buf, offset + 4)[0]
+            tag = (group << 16) | element
+            offset += 8
+            if tag == _SEQUENCE_END:
+                return offset
+            if tag != _ITEM:
+                raise Undecodable(f"expected an item at offset {offset - 8}")
+            if length == _UNDEFINED:
+                offset = self.dataset(offset, depth)
+            else:
+                if offset + length > self.size:
+                    raise Truncated(offset)
+                offset += length
+
+
+def dataset_offset(buf: mmap.mmap | bytes) -> int:
+    """Where the dataset starts in a Part 10 file (after the preamble and File Meta)."""
+    if len(buf) < 144 or buf[128:132] != b"DICM" or buf[132:136] != b"\x02\x00\x00\x00":
+        raise Undecodable("not a Part 10 file")
+    return 144 + _U32.unpack_from(buf, 140)[0]
+
+
+def scan_part10(path: Path, explicit_vr: bool, wanted: frozenset[int]) -> dict[int, bytes]:
+    """The raw values of the ``wanted`` top-level tags of a little-endian Part 10 file.
+
+    Raises :class:`Truncated` or :class:`Undecodable`.
+    """
+    with open(path, "rb") as fp:
+        size = fp.seek(0, 2)
+        if size == 0:
+            raise Undecodable("empty file")
+        with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            walker = _Walker(buf, explicit_vr, wanted)
+            walker.dataset(dataset_offset(buf), 0)
+            return walker.values

@@ -1,0 +1,99 @@
+"""The fast structural scan against pydicom as the oracle, on pydicom's own test files."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from dicom_listener.scan import Truncated, Undecodable, scan_part10
+
+TAGS = {"SOPClassUID": 0x00080016, "SOPInstanceUID": 0x00080018, "Modality": 0x00080060,
+        "StudyInstanceUID": 0x0020000D}  # fmt: skip
+TEST_FILES = Path(pydicom.data.__file__).parent / "test_files"
+
+
+def little_endian_files() -> list[Path]:
+    """Part 10 files among pydicom's test files whose transfer syntax is little endian and not
+    deflated (what the scan handles), read in full by pydicom without complaint."""
+    found = []
+    for path in sorted(TEST_FILES.glob("*.dcm")):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(path)
+                ds.get("SOPInstanceUID")
+        except Exception:  # noqa: BLE001, S112 - not a readable file: not an oracle case
+            continue
+        ts = ds.file_meta.get("TransferSyntaxUID")
+        if ts is not None and ts.is_little_endian and not ts.is_deflated:
+            found.append(path)
+    return found
+
+
+FILES = little_endian_files()
+
+
+def test_the_corpus_has_sequences_and_encapsulated_pixel_data() -> None:
+    assert len(FILES) > 40
+    assert any(pydicom.dcmread(p).file_meta.TransferSyntaxUID.is_compressed for p in FILES)
+
+
+#: Files the scan refuses, and why: truncated ones, and encodings it leaves to pydicom (the
+#: listener falls back to pydicom on Undecodable).
+ODD = {
+    "MR_truncated.dcm": Truncated,
+    "rtplan_truncated.dcm": Truncated,
+    "SC_rgb_jpeg.dcm": Undecodable,  # says explicit VR, is implicit VR
+    "UN_sequence.dcm": Undecodable,  # an implicit VR sequence inside UN
+    "no_meta_group_length.dcm": Undecodable,  # File Meta without its group length
+}
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
+def test_values_match_pydicom(path: Path) -> None:
+    ds = pydicom.dcmread(path)
+    explicit = ds.file_meta.TransferSyntaxUID != ImplicitVRLittleEndian
+    if path.name in ODD:
+        with pytest.raises(ODD[path.name]):
+            scan_part10(path, explicit, frozenset(TAGS.values()))
+        return
+    values = scan_part10(path, explicit, frozenset(TAGS.values()))
+    for keyword, tag in TAGS.items():
+        expected = str(ds.get(keyword, "") or "").strip()
+        got = values.get(tag, b"").rstrip(b"\x00 ").decode("ascii", "replace").strip()
+        assert got == expected, keyword
+
+
+def test_every_cut_of_a_file_is_truncated_or_undecodable(tmp_path: Path) -> None:
+    """Cut an MR file (explicit VR) and a file with undefined-length sequences at many points:
+    never accepted as complete unless the cut falls between top-level elements."""
+    for name in ("MR_small.dcm", "rtplan.dcm"):
+        data = (TEST_FILES / name).read_bytes()
+        ds = pydicom.dcmread(TEST_FILES / name)
+        explicit = ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        for cut in range(len(data) - 1, 300, -max(1, len(data) // 97)):
+            path = tmp_path / f"{name}.{cut}"
+            path.write_bytes(data[:cut])
+            try:
+                scan_part10(path, explicit, frozenset())
+            except (Truncated, Undecodable):
+                continue
+            # Accepted: then the cut must leave whole top-level elements only, which pydicom
+            # reads without running out of bytes.
+            complete = pydicom.dcmread(path, force=True)
+            assert all(
+                e.value_tell + e.length <= cut
+                for e in complete._dict.values()
+                if e.length != 0xFFFFFFFF and e.value_tell is not None
+            ), (name, cut)
+
+
+def test_not_a_part10_file_is_undecodable(tmp_path: Path) -> None:
+    path = tmp_path / "x.dcm"
+    path.write_bytes(b"hello" * 100)
+    with pytest.raises(Undecodable):
+        scan_part10(path, True, frozenset())
