@@ -10,9 +10,10 @@ MNI152 volume by ``scanwatch.sample``) with dcmtk ``storescu`` (``TCP_NODELAY=1`
 * pynetdicom's ``storescp`` app,
 
 with 1 and with 4 concurrent associations (the files split evenly), each run against a fresh
-storage folder. Every target first receives a small warm-up study, untimed (for scanwatch:
-until its events are on Kafka), so that the figures are a running receiver's, not its
-start-up. Prints a Markdown table (instances/s and MB/s of Part 10 bytes sent).
+storage folder, the targets' runs interleaved so that a noisy neighbour slows all alike. Every
+target first receives a small warm-up study, untimed (for scanwatch: until its events are on
+Kafka), so that the figures are a running receiver's, not its start-up. Prints a Markdown
+table (instances/s and MB/s of Part 10 bytes sent).
 
     .venv/bin/python bench/ingest_bench.py [--repeat 2] [--studies 10] [--slices 38]
 """
@@ -202,18 +203,21 @@ def main(argv: list[str] | None = None) -> int:
         results: list[Result] = []
         run_id = 0
         for n in [int(a) for a in args.associations.split(",")]:
-            for target in targets:
-                times = []
-                for _ in range(args.repeat):
+            # Interleaved (a run of each target, then again), so that a noisy neighbour slows
+            # every target alike instead of one row.
+            times: dict[str, list[float]] = {target: [] for target in targets}
+            for _ in range(args.repeat):
+                for target in targets:
                     run_id += 1
                     work = root / "runs" / f"{run_id:03d}-{target}"
-                    times.append(runners[target](files, n, work))
+                    times[target].append(runners[target](files, n, work))
                     shutil.rmtree(work, ignore_errors=True)
-                seconds = statistics.median(times)
+            for target in targets:
+                seconds = statistics.median(times[target])
                 results.append(Result(target, n, seconds, len(files), megabytes))
                 print(  # noqa: T201 - progress of a command-line benchmark
                     f"{target:>10} x{n}: {len(files) / seconds:7.1f} inst/s "
-                    f"{megabytes / seconds:6.1f} MB/s  runs {[round(t, 2) for t in times]}",
+                    f"{megabytes / seconds:6.1f} MB/s  runs {[round(t, 2) for t in times[target]]}",
                     file=sys.stderr,
                 )
         kafka.stop()

@@ -19,11 +19,13 @@ import subprocess
 import sys
 import threading
 
+from prometheus_client import make_wsgi_app
 from pydantic import ValidationError
 
 from dicom_listener.adapters.outbox import Outbox
 from dicom_listener.adapters.publisher import KafkaSink, OutboxRelay
 from dicom_listener.config import Settings
+from dicom_listener.health import HttpServer
 from dicom_listener.metrics import ListenerMetrics
 from scanwatch.logs import configure_logging
 
@@ -85,10 +87,24 @@ def run_publisher(settings: Settings, stop: threading.Event, parent: int) -> int
             if stop.wait(LOCK_RETRY_S) or _orphaned(parent):
                 os.close(lock_fd)
                 return 0
+    metrics = ListenerMetrics()
+    http = None
+    if settings.publisher_metrics_port:
+        try:
+            http = HttpServer(
+                settings.host, settings.publisher_metrics_port, make_wsgi_app(metrics.registry)
+            )
+            http.start()
+        except OSError as exc:  # publishing matters more than its metrics
+            log.error(
+                "publisher metrics port unavailable: %s",
+                exc,
+                extra={"port": settings.publisher_metrics_port},
+            )
     relay = OutboxRelay(
         Outbox(settings.resolved_outbox_path),
         KafkaSink(settings.kafka_bootstrap_servers, settings.kafka_timeout_s),
-        ListenerMetrics(),
+        metrics,
         batch_size=settings.publish_batch_size,
         retry_max_s=settings.publish_retry_max_s,
         idle_poll_s=PUBLISHER_POLL_S,
@@ -104,6 +120,8 @@ def run_publisher(settings: Settings, stop: threading.Event, parent: int) -> int
     stopper.start()
     stopper.join(PUBLISHER_STOP_S)
     os.close(lock_fd)
+    if http is not None:
+        http.stop()
     if stopper.is_alive():
         log.warning("publisher did not stop in time; exiting, events stay in the outbox")
         logging.shutdown()

@@ -170,6 +170,13 @@ class Settings(BaseSettings):
         le=65535,
         description="HTTP port of /metrics (Prometheus) and /healthz (0: no HTTP server).",
     )
+    publisher_metrics_port: int = Field(
+        default=9113,
+        ge=0,
+        le=65535,
+        description="HTTP port of the publisher process's /metrics (Kafka publish latency, "
+        "events published, delivery time); 0: off. Used when publisher_process is on.",
+    )
     log_level: LogLevel = Field(default="INFO", description=f"One of {', '.join(LOG_LEVELS)}.")
 
     @field_validator("ae_title")

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import pydicom
 import pytest
 
@@ -104,18 +105,28 @@ def test_kill_9_mid_transfer_loses_no_acknowledged_instance(
         restarted.wait(timeout=30)
 
 
+def parse_prometheus(text: str) -> dict[str, float]:
+    """Unlabelled samples of a Prometheus text exposition, by name."""
+    return {
+        name: float(value)
+        for name, _, value in (line.partition(" ") for line in text.splitlines())
+        if name and not name.startswith("#") and "{" not in name
+    }
+
+
 def test_worker_processes_share_the_port_and_one_outbox(kafka: LocalKafka, tmp_path: Path) -> None:
     studies = [
         build_mr_study(tmp_path / f"s{n}", patient_id=f"SW-WK-{uuid.uuid4().hex[:8]}", n_slices=6)
         for n in range(4)
     ]
-    port = free_port()
+    port, publisher_metrics = free_port(), free_port()
     env = {
         **os.environ,
         "SCANWATCH_LISTENER_PORT": str(port),
         "SCANWATCH_LISTENER_WORKERS": "2",
         "SCANWATCH_LISTENER_STORAGE_DIR": str(tmp_path / "store"),
         "SCANWATCH_LISTENER_METRICS_PORT": "0",
+        "SCANWATCH_LISTENER_PUBLISHER_METRICS_PORT": str(publisher_metrics),
         "SCANWATCH_LISTENER_MIN_FREE_DISK_BYTES": "0",
         "SCANWATCH_LISTENER_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
     }
@@ -132,6 +143,12 @@ def test_worker_processes_share_the_port_and_one_outbox(kafka: LocalKafka, tmp_p
         uids = {pydicom.dcmread(f[0], stop_before_pixels=True).StudyInstanceUID for f in studies}
         events = received_events(kafka.bootstrap_servers, uids, expected=6 * len(studies))
         assert len(events) == 6 * len(studies)
+        # The publisher process exports its own metrics: Kafka publish latency among them.
+        published = parse_prometheus(
+            httpx.get(f"http://127.0.0.1:{publisher_metrics}/metrics", timeout=5).text
+        )
+        assert published["scanwatch_listener_events_published_total"] >= 6 * len(studies)
+        assert published["scanwatch_listener_publish_seconds_count"] >= 1
     finally:
         listener.send_signal(signal.SIGTERM)
         listener.wait(timeout=30)
