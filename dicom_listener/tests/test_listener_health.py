@@ -18,6 +18,7 @@ from dicom_listener.tests.test_listener_integration import AE_TITLE, start_liste
 from scanwatch.kafka_local import LocalKafka, free_port
 from scanwatch.peers import PeerError, storescu
 from scanwatch.sample import build_mr_study
+from scanwatch.testing import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -45,7 +46,15 @@ def test_disk_watermark_refuses_then_recovers_on_its_own(
         assert rsp.status_code == 503 and rsp.json()["checks"]["disk_free"] == "below watermark"
 
         app.context.admission.min_free_bytes = 1  # space came back
-        storescu(mr_series[:1], "127.0.0.1", app.port, AE_TITLE)
+
+        def stored() -> bool:
+            try:
+                storescu(mr_series[:1], "127.0.0.1", app.port, AE_TITLE)
+            except PeerError:
+                return False
+            return True
+
+        wait_for(stored, 5, "the listener to accept again (admission is re-checked)")
         assert healthz(app.http_port).status_code == 200
     finally:
         app.stop()
