@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import shutil
 import signal
 import statistics
@@ -99,12 +98,6 @@ def process(argv: list[str], env: dict[str, str] | None = None) -> Iterator[subp
                 proc.wait()
 
 
-def received(metrics_port: int) -> float:
-    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
-    match = re.search(r"^scanwatch_listener_instances_received_total (\S+)$", text, re.M)
-    return float(match.group(1)) if match else 0.0
-
-
 def outbox_depth(metrics_port: int) -> int:
     return int(
         httpx.get(f"http://127.0.0.1:{metrics_port}/healthz", timeout=5).json()["outbox_depth"]
@@ -124,14 +117,14 @@ def run_scanwatch(files: list[Path], n: int, work: Path, kafka: LocalKafka) -> f
     }
     with process([sys.executable, "-m", "dicom_listener"], env):
         wait_for(lambda: echoscu("127.0.0.1", port, AE, timeout=1), 30, "listener up")
-        wait_for(lambda: received(metrics) >= 0, 10, "metrics up")
+        wait_for(lambda: outbox_depth(metrics) >= 0, 10, "metrics up")
         send(WARMUP, port, 1)
         wait_for(lambda: outbox_depth(metrics) == 0, 120, "warm-up events on Kafka")
         started = time.perf_counter()
         send(files, port, n)
-        # Every instance answered success, and every event acknowledged by Kafka (the
-        # publisher deletes an event from the outbox only after Kafka's acknowledgement).
-        assert received(metrics) == len(WARMUP) + len(files)
+        # Every instance stored (storescu saw success for each), and every event acknowledged
+        # by Kafka (the publisher deletes an event only after Kafka's acknowledgement).
+        assert len(list(work.glob("*/*/*.dcm"))) == len(WARMUP) + len(files)
         wait_for(lambda: outbox_depth(metrics) == 0, 120, "events on Kafka")
         return time.perf_counter() - started
 

@@ -102,7 +102,6 @@ class ListenerApp:
             else None
         )
         config = ServerConfig(
-            ae_title=s.ae_title,
             contexts=presentation_contexts(s),
             incoming_dir=self.store.incoming,
             max_pdu_size=s.max_pdu_size,

@@ -151,9 +151,9 @@ StoreFn = Callable[[ReceivedInstance], Status]
 
 @dataclass
 class ServerConfig:
-    """What the server negotiates and where it puts incoming datasets."""
+    """What the server negotiates and where it puts incoming datasets (AE titles are the
+    admission function's business)."""
 
-    ae_title: str
     #: Abstract syntax → transfer syntaxes accepted for it (Verification included).
     contexts: dict[str, frozenset[str]]
     incoming_dir: Path

@@ -59,7 +59,6 @@ class Recorder:
 
 def serve(tmp_path: Path, store: Recorder, **config: object) -> Iterator[StorageServer]:
     settings = ServerConfig(
-        ae_title=AE_TITLE,
         contexts={
             VERIFICATION: frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian}),
             MRImageStorage: frozenset({ExplicitVRLittleEndian}),
@@ -257,7 +256,6 @@ def test_pdu_larger_than_advertised_is_aborted(tmp_path: Path, recorder: Recorde
 def test_admission_sees_the_peer_address(tmp_path: Path, recorder: Recorder) -> None:
     seen: list[Peer] = []
     config = ServerConfig(
-        ae_title=AE_TITLE,
         contexts={VERIFICATION: frozenset({ImplicitVRLittleEndian})},
         incoming_dir=tmp_path / "incoming",
     )
