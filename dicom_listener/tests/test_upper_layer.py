@@ -7,6 +7,7 @@ import socket
 import struct
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from io import BytesIO
 from pathlib import Path
 
@@ -57,6 +58,7 @@ class Recorder:
         return Status(SUCCESS)
 
 
+@contextmanager
 def serve(tmp_path: Path, store: Recorder, **config: object) -> Iterator[StorageServer]:
     settings = ServerConfig(
         contexts={
@@ -84,7 +86,8 @@ def recorder() -> Recorder:
 
 @pytest.fixture
 def server(tmp_path: Path, recorder: Recorder) -> Iterator[StorageServer]:
-    yield from serve(tmp_path, recorder)
+    with serve(tmp_path, recorder) as running:
+        yield running
 
 
 def scu(max_pdu: int = 16382) -> AE:
@@ -178,7 +181,7 @@ def test_transfer_syntax_not_offered_is_refused_per_context(server: StorageServe
 def test_association_limit_rejects_transiently_and_frees_the_slot(
     tmp_path: Path, recorder: Recorder
 ) -> None:
-    for server in serve(tmp_path, recorder, max_associations=1):
+    with serve(tmp_path, recorder, max_associations=1) as server:
         first = scu().associate("127.0.0.1", server.port, ae_title=AE_TITLE)
         assert first.is_established
         second = scu().associate("127.0.0.1", server.port, ae_title=AE_TITLE)
@@ -243,7 +246,7 @@ def test_connection_lost_mid_dataset_leaves_nothing_behind(
 
 
 def test_pdu_larger_than_advertised_is_aborted(tmp_path: Path, recorder: Recorder) -> None:
-    for server in serve(tmp_path, recorder, max_pdu_size=1024):
+    with serve(tmp_path, recorder, max_pdu_size=1024) as server:
         sock = _associate_raw(server.port)
         sock.sendall(_pdata(1, 0x00, bytes(4096)))
         kind, _ = struct.unpack(">BxL", sock.recv(6, socket.MSG_WAITALL))
@@ -288,3 +291,14 @@ def test_file_meta_is_what_pydicom_writes() -> None:
 
     ours = file_meta_bytes(MRImageStorage, "1.2.826.0.1.3680043.8.498.1", ExplicitVRLittleEndian)
     assert ours == bytes(128) + b"DICM" + out.getvalue()
+
+
+def test_a_silent_peer_is_dropped_after_the_network_timeout(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    with serve(tmp_path, recorder, network_timeout_s=0.3) as server:
+        sock = _associate_raw(server.port)  # associated, then says nothing
+        sock.settimeout(10)
+        assert sock.recv(16) == b"", "the listener closes the connection"
+        assert wait_for(lambda: server.active_associations == 0, timeout=5)
+        sock.close()
