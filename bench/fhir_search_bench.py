@@ -18,8 +18,9 @@ What it does (issue 5, benchmark):
    compiled by the store) and prints ``EXPLAIN (ANALYZE, BUFFERS)`` of one of each.
 
 Run: ``.venv/bin/python bench/fhir_search_bench.py`` (about 10 minutes on 2 cores);
-``--observations 20000 --patients 1000`` for a quick smoke run; ``--api-processes 2`` runs two API
-processes over the database. Results: ``bench/fhir.md``.
+``--observations 20000 --patients 1000`` for a quick smoke run; ``--workers N`` sets the API's
+worker processes (default: the API's own, one per core up to 4 on PostgreSQL);
+``--api-processes 2`` runs two separate APIs over the database. Results: ``bench/fhir.md``.
 """
 
 from __future__ import annotations
@@ -473,7 +474,7 @@ def raw_sql(
     return timings, plans
 
 
-def serve(database_url: str, port: int) -> subprocess.Popen[bytes]:
+def serve(database_url: str, port: int, workers: int | None) -> subprocess.Popen[bytes]:
     env = os.environ | {
         "SCANWATCH_FHIR_DATABASE_URL": database_url,
         "SCANWATCH_FHIR_AUTH_MODE": "off",
@@ -481,6 +482,8 @@ def serve(database_url: str, port: int) -> subprocess.Popen[bytes]:
         "SCANWATCH_FHIR_PORT": str(port),
         "SCANWATCH_FHIR_LOG_LEVEL": "WARNING",
     }
+    if workers is not None:
+        env["SCANWATCH_FHIR_WORKERS"] = str(workers)
     process = subprocess.Popen(
         [sys.executable, "-m", "services.fhir_api", "serve"],
         env=env,
@@ -513,6 +516,11 @@ def main() -> int:
         default=1,
         help="API processes over the same database; clients are spread over them",
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes of each API (SCANWATCH_FHIR_WORKERS); default: the API's own",
+    )
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -536,7 +544,7 @@ def main() -> int:
         bases = []
         for _ in range(args.api_processes):  # one after the other: the first one migrates
             port = free_port()
-            apis.append(serve(database_url, port))
+            apis.append(serve(database_url, port, args.workers))
             bases.append(f"http://127.0.0.1:{port}")
         log("warm-up")
         asyncio.run(http_load(bases, patient_ids, args.clients, 20, args.seed + 1))
@@ -558,6 +566,7 @@ def main() -> int:
             "patients": args.patients,
             "clients": args.clients,
             "api_processes": args.api_processes,
+            "workers": args.workers,
             "dataset_build_s": round(build_s, 1),
             "http": {name: summary(values) for name, values in latencies.items()},
             "http_throughput_rps": round(requests / wall, 1),
@@ -573,8 +582,12 @@ def main() -> int:
         if args.json:
             args.json.write_text(json.dumps(results | {"plans": plans}, indent=2))
     finally:
-        for api in apis:
-            api.kill()
+        for api in apis:  # SIGTERM first: the uvicorn parent stops its worker processes
+            api.terminate()
+            try:
+                api.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                api.kill()
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from datetime import timedelta
 
@@ -14,11 +15,11 @@ from pydantic import ValidationError
 
 from scanwatch.logs import configure_logging
 from services.fhir_api import auth, migrate
-from services.fhir_api.app import create_app, token_service
+from services.fhir_api import workers as workers_module
+from services.fhir_api.app import SERVICE, create_app, prepare_database, token_service
 from services.fhir_api.config import Settings
 from services.fhir_api.store import make_engine
 
-SERVICE = "fhir-api"
 log = logging.getLogger(__name__)
 COMMANDS = ("serve", "migrate", "register-client", "list-clients", "issue-token")
 
@@ -32,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", help="interface to listen on (SCANWATCH_FHIR_HOST)")
     parser.add_argument("--port", type=int, help="port to listen on (SCANWATCH_FHIR_PORT)")
     parser.add_argument("--database-url", help="store URL (SCANWATCH_FHIR_DATABASE_URL)")
+    parser.add_argument(
+        "--workers", type=int, help="HTTP worker processes of serve (SCANWATCH_FHIR_WORKERS)"
+    )
     commands = parser.add_subparsers(dest="command")
     commands.add_parser("serve", help="run the API (the default)")
     commands.add_parser("migrate", help="upgrade the database schema to the latest revision")
@@ -63,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             ("host", args.host),
             ("port", args.port),
             ("database_url", args.database_url),
+            ("workers", args.workers),
         )
         if value is not None
     }
@@ -75,15 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(SERVICE, settings.log_level)
     command = args.command or "serve"
     if command == "serve":
-        log.info("starting", extra={"host": settings.host, "port": settings.port})
-        uvicorn.run(
-            create_app(settings),
-            host=settings.host,
-            port=settings.port,
-            log_config=None,  # keep scanwatch's JSON logging
-            access_log=False,  # request paths carry patient ids; metrics count requests instead
-        )
-        return 0
+        return serve(settings, overrides)
     if command == "issue-token":
         try:
             scopes = auth.parse_scopes(args.scope)
@@ -128,6 +125,32 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         engine.dispose()
     return 0
+
+
+def serve(settings: Settings, overrides: dict[str, object]) -> int:
+    """Prepare the database once, then serve with ``settings.worker_count`` processes; the
+    exit status."""
+    engine = make_engine(settings.database_url)
+    try:
+        prepare_database(engine, settings)
+    finally:
+        engine.dispose()
+    workers = settings.worker_count
+    log.info("starting", extra={"host": settings.host, "port": settings.port, "workers": workers})
+    common: dict[str, object] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_config": None,  # keep scanwatch's JSON logging
+        "access_log": False,  # request paths carry patient ids; metrics count requests instead
+    }
+    if workers == 1:
+        uvicorn.run(create_app(settings, database_prepared=True), **common)  # type: ignore[arg-type]
+        return 0
+    # Each worker is a fresh process that reads its settings from the environment (it builds
+    # its app from an import string): hand it this command line's overrides there.
+    for name, value in overrides.items():
+        os.environ[f"SCANWATCH_FHIR_{name.upper()}"] = str(value)
+    return 0 if workers_module.supervise(settings.host, settings.port, workers, common) else 1
 
 
 if __name__ == "__main__":

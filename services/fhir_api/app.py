@@ -1,11 +1,19 @@
 """Composition root of the FHIR API: ``create_app(settings)`` wires the store, the routes, the
-error handlers and the metrics. Nothing touches the database until the app starts."""
+error handlers and the metrics. Nothing touches the database until the app starts.
+
+``prepare_database`` (migrations, bootstrap clients) runs once per start: in the app's
+start-up when it is served alone (tests, embedding), or by ``scanwatch-fhir-api serve`` before
+it starts the worker processes, each of which builds its app with :func:`worker_app`."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+import signal
+import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 
@@ -22,7 +30,9 @@ from prometheus_client import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from scanwatch.logs import configure_logging
 from services.fhir_api import auth, migrate
 from services.fhir_api.auth import AuthError, TokenService
 from services.fhir_api.config import Settings
@@ -43,6 +53,9 @@ from services.fhir_api.routes import build_router
 from services.fhir_api.store import ResourceStore, Stored, make_engine
 from services.fhir_api.subscriptions import SubscriptionManager, check_subscription
 
+SERVICE = "fhir-api"
+#: prctl(2) option: the signal this process gets when its parent dies.
+PR_SET_PDEATHSIG = 1
 log = logging.getLogger(__name__)
 #: Where the OpenAPI document of the FHIR routes is served (no token needed).
 OPENAPI_PATH = "/openapi.json"
@@ -54,8 +67,41 @@ def token_service(settings: Settings) -> TokenService:
     return TokenService(key, timedelta(seconds=settings.token_lifetime_s))
 
 
-def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
-    """Build the API over ``settings.database_url`` (or an injected ``engine``)."""
+def prepare_database(engine: Engine, settings: Settings) -> None:
+    """What must happen once before any process serves: schema migrations (unless
+    ``migrate_on_start`` is off) and the bootstrap clients."""
+    if settings.migrate_on_start:
+        migrate.upgrade(engine)
+    for client_id, secret, scopes in settings.bootstrap_client_entries():
+        auth.register_client(engine, client_id, scopes, secret=secret)
+
+
+def worker_app() -> FastAPI:
+    """The app of one ``serve`` worker process (a uvicorn factory): settings from the
+    environment, database already prepared by the parent process."""
+    settings = Settings()
+    configure_logging(SERVICE, settings.log_level)
+    _exit_with_parent()
+    return create_app(settings, database_prepared=True)
+
+
+def _exit_with_parent() -> None:
+    """Ask Linux to stop this worker when the ``serve`` process dies, even by SIGKILL (uvicorn
+    stops its workers only on a signal it can catch; orphans would keep the port)."""
+    if sys.platform != "linux":
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        log.warning(
+            "cannot tie the worker's life to its parent's", extra={"errno": ctypes.get_errno()}
+        )
+
+
+def create_app(
+    settings: Settings, engine: Engine | None = None, *, database_prepared: bool = False
+) -> FastAPI:
+    """Build the API over ``settings.database_url`` (or an injected ``engine``); its start-up
+    runs :func:`prepare_database` unless ``database_prepared``."""
     engine = engine if engine is not None else make_engine(settings.database_url)
     store = ResourceStore(engine)
     tokens = token_service(settings) if settings.auth_mode == "required" else None
@@ -72,18 +118,24 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         settings.subscription_backoff_s,
         settings.subscription_timeout_s,
         deliveries,
+        settings.subscription_poll_s,
     )
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        if settings.migrate_on_start:
-            migrate.upgrade(engine)
-        for client_id, secret, scopes in settings.bootstrap_client_entries():
-            auth.register_client(engine, client_id, scopes, secret=secret)
+        if not database_prepared:
+            prepare_database(engine, settings)
         if tokens is None:
             log.warning("authorization is off: development on loopback only")
         await subscriptions.start()
-        log.info("FHIR API ready", extra={"database": engine.url.get_backend_name()})
+        log.info(
+            "FHIR API ready",
+            extra={
+                "database": engine.url.get_backend_name(),
+                "pid": os.getpid(),
+                "notifier": subscriptions.is_notifier,
+            },
+        )
         yield
         await subscriptions.stop()
         engine.dispose()
@@ -185,18 +237,38 @@ def _install_metrics(app: FastAPI, registry: CollectorRegistry) -> None:
     latency = Histogram(
         "fhir_api_request_seconds", "Request latency", ["method", "route"], registry=registry
     )
-
-    @app.middleware("http")
-    async def measure(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        latency.labels(request.method, route).observe(time.perf_counter() - start)
-        requests.labels(request.method, route, str(response.status_code)).inc()
-        return response
+    app.add_middleware(RequestMetrics, requests=requests, latency=latency)
 
     @app.get("/metrics")
     def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+class RequestMetrics:
+    """Plain ASGI middleware that counts and times requests. (Starlette's ``BaseHTTPMiddleware``
+    costs a task group and memory streams per request: a measurable share of a search.)"""
+
+    def __init__(self, app: ASGIApp, requests: Counter, latency: Histogram) -> None:
+        self.app = app
+        self.requests = requests
+        self.latency = latency
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500  # what the client sees when the app fails before it answers
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.latency.labels(scope["method"], route).observe(time.perf_counter() - start)
+            self.requests.labels(scope["method"], route, str(status)).inc()

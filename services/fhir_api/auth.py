@@ -29,7 +29,7 @@ from typing import Any
 
 import jwt
 from sqlalchemy import DateTime, Index, Text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Field, Session, SQLModel, select
 
 log = logging.getLogger(__name__)
@@ -340,7 +340,7 @@ class AuditEvent(SQLModel, table=True):
 
 
 def record_audit(
-    engine: Engine,
+    connection: Connection,
     grant: Grant,
     interaction: str,
     resource_type: str | None,
@@ -349,18 +349,12 @@ def record_audit(
     status: int,
     returned: int,
 ) -> None:
+    """Record one read in ``audit_event`` (committed before it returns) and the audit log.
+
+    ``connection`` may be the one the read itself used (one pool checkout per request); a
+    transaction it has open for the read is ended first, so the insert starts a short write
+    transaction of its own (SQLite: never an upgrade of a read snapshot)."""
     names = ",".join(sorted(set(parameters)))[:500] or None
-    event = AuditEvent(
-        recorded=datetime.now(UTC),
-        client_id=grant.client_id,
-        token_id=grant.token_id,
-        interaction=interaction,
-        resource_type=resource_type,
-        resource_id=resource_id,
-        parameters=names,
-        status=status,
-        returned=returned,
-    )
     audit_log.info(
         "fhir read",
         extra={
@@ -373,6 +367,24 @@ def record_audit(
             "returned": returned,
         },
     )
-    with Session(engine) as session:
-        session.add(event)
-        session.commit()
+    if connection.in_transaction():
+        connection.rollback()
+    connection.execute(
+        _AUDIT_INSERT,
+        {
+            "recorded": datetime.now(UTC),
+            "client_id": grant.client_id,
+            "token_id": grant.token_id,
+            "interaction": interaction,
+            "resource_type": resource_type,
+            "resource_id": resource_id,
+            "parameters": names,
+            "status": status,
+            "returned": returned,
+        },
+    )
+    connection.commit()
+
+
+# A plain Core insert: no ORM object per read.
+_AUDIT_INSERT = AuditEvent.__table__.insert()  # type: ignore[attr-defined]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
@@ -11,6 +12,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DATABASE_SCHEMES = ("sqlite", "postgresql")
 AUTH_MODES = ("required", "off")
+#: Most worker processes started by default (one per core up to this).
+DEFAULT_MAX_WORKERS = 4
 #: Resource types served (the pipeline's, plus Subscription for notifications).
 RESOURCE_TYPES = (
     "Patient",
@@ -83,6 +86,15 @@ class Settings(BaseSettings):
         description="Run the Alembic migrations (upgrade to head) when the API starts; turn "
         "off where migrations are run as a separate step (`scanwatch-fhir-api migrate`).",
     )
+    workers: int | None = Field(
+        None,
+        ge=1,
+        le=32,
+        description="HTTP worker processes `serve` starts (each a uvicorn server on the same "
+        "port). Unset: one per CPU core, at most 4, on PostgreSQL; always 1 on SQLite (more is "
+        "refused: its one write lock gains nothing from processes). Migrations run once before "
+        "the workers start; subscription notifications are sent by exactly one of them.",
+    )
     subscription_max_attempts: int = Field(
         5, ge=1, le=20, description="Delivery attempts per notification before giving up."
     )
@@ -94,6 +106,14 @@ class Settings(BaseSettings):
     )
     subscription_timeout_s: float = Field(
         5.0, gt=0, le=60, description="HTTP timeout of one notification delivery."
+    )
+    subscription_poll_s: float = Field(
+        0.5,
+        gt=0,
+        le=60,
+        description="How often the subscription notifier looks for writes taken by other "
+        "worker processes (its own wake it at once), and how often the other processes check "
+        "whether the notifier is gone and one of them should take over.",
     )
     audit_reads: bool = Field(
         True, description="Record every read, vread, search and history in audit_event."
@@ -137,6 +157,11 @@ class Settings(BaseSettings):
                 f"host {self.host!r} is not loopback: set SCANWATCH_FHIR_AUTH_MODE=required "
                 "(the store holds PHI)"
             )
+        if self.workers is not None and self.workers > 1 and self.backend == "sqlite":
+            raise ValueError(
+                f"workers={self.workers}: a SQLite store is served by one process; "
+                "use PostgreSQL for more"
+            )
         if self.jwt_secret is not None and len(self.jwt_secret.encode()) < 32:
             raise ValueError("jwt_secret must have at least 32 characters")
         self.bootstrap_client_entries()  # raises on a malformed entry
@@ -152,6 +177,18 @@ class Settings(BaseSettings):
     @property
     def resource_types(self) -> tuple[str, ...]:
         return RESOURCE_TYPES
+
+    @property
+    def backend(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return self.database_url.split(":", 1)[0].split("+", 1)[0]
+
+    @property
+    def worker_count(self) -> int:
+        """The worker processes `serve` starts (:attr:`workers`, or its default)."""
+        if self.backend == "sqlite":
+            return 1
+        return self.workers or max(1, min(os.cpu_count() or 1, DEFAULT_MAX_WORKERS))
 
     def bootstrap_client_entries(self) -> list[tuple[str, str, str]]:
         """(client_id, secret, scopes) of :attr:`bootstrap_clients`."""

@@ -10,6 +10,16 @@ A failed delivery is retried with exponential backoff; after the last attempt th
 Subscription becomes ``status = error`` with ``error`` saying why (a new version, visible to
 the client with a read), and it receives no more notifications until a client sets it back to
 ``requested`` or ``active``. Delivery counts are in ``/metrics``.
+
+Several API processes may serve one database; exactly one of them notifies. Every write adds a
+``resource_change`` row in its own transaction (the outbox, whichever process took the write);
+the notifier is the process holding a PostgreSQL session advisory lock (tried again every
+``poll_s`` by the others, so one takes over within that time when the holder dies). It reads
+the changes in order, starts the deliveries and deletes the rows. It is woken at once by
+writes its own process takes and polls for the others'. On SQLite there is one process, which
+is always the notifier. A change is delivered at least once: a notifier that stops between
+reading a change and deleting it leaves it to its successor; retries still in progress when it
+stops are lost.
 """
 
 from __future__ import annotations
@@ -22,11 +32,13 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import httpx
-from sqlalchemy import or_
+from sqlalchemy import func, or_, select
+from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 
 from services.fhir_api.errors import INVALID, FhirError
 from services.fhir_api.search import parse_search
-from services.fhir_api.store import ResourceStore, ResourceVersion, Stored
+from services.fhir_api.store import ResourceChange, ResourceStore, ResourceVersion, Stored
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +46,10 @@ log = logging.getLogger(__name__)
 CRITERIA_TYPES = ("Observation",)
 PAYLOAD_TYPES = ("application/fhir+json", "application/json")
 REST_HOOK = "rest-hook"
+#: PostgreSQL advisory lock held by the one notifier process (any fixed 64-bit key).
+NOTIFIER_LOCK_KEY = 0x7363_616E_6E6F_7466  # "scannotf"
+#: Changes read from the outbox at a time.
+CHANGE_BATCH = 200
 
 
 @dataclass(frozen=True)
@@ -102,7 +118,8 @@ def _active(stored: Stored) -> ActiveSubscription | None:
 
 
 class SubscriptionManager:
-    """Matches written resources against active Subscriptions and delivers notifications."""
+    """Matches written resources against active Subscriptions and delivers notifications, in
+    the one process that holds the notifier lock (module docstring)."""
 
     def __init__(
         self,
@@ -111,28 +128,45 @@ class SubscriptionManager:
         backoff_s: float,
         timeout_s: float,
         counter: Any = None,
+        poll_s: float = 0.5,
     ) -> None:
         self.store = store
         self.max_attempts = max_attempts
         self.backoff_s = backoff_s
         self.timeout_s = timeout_s
         self.counter = counter
+        self.poll_s = poll_s
         self._subscriptions: dict[str, ActiveSubscription] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: httpx.AsyncClient | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._wake = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+        # The connection that holds the notifier lock and reads the outbox (None: not leader).
+        self._lease: Connection | None = None
+
+    @property
+    def is_notifier(self) -> bool:
+        """Whether this process is the one that delivers notifications."""
+        return self._lease is not None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._wake = asyncio.Event()
         self._client = httpx.AsyncClient(timeout=self.timeout_s)
-        await asyncio.to_thread(self.reload)
+        await asyncio.to_thread(self._try_lead)
+        self._runner = self._loop.create_task(self._run())
 
     async def stop(self) -> None:
+        if self._runner is not None:
+            self._runner.cancel()
+            await asyncio.gather(self._runner, return_exceptions=True)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._client is not None:
             await self._client.aclose()
+        await asyncio.to_thread(self._resign)
 
     def reload(self) -> None:
         _total, rows = self.store.search("Subscription", [], [ResourceVersion.pk], 10_000, 0, 0)
@@ -143,27 +177,105 @@ class SubscriptionManager:
         self._subscriptions = subscriptions
 
     def resource_written(self, stored: Stored) -> None:
-        """Called (from any thread) after every new version is stored."""
-        if self._loop is None:
+        """Called (from any thread) after every new version this process stored: the change
+        is in the outbox already; wake the notifier if it runs here."""
+        if self._loop is not None and self._lease is not None:
+            self._loop.call_soon_threadsafe(self._wake.set)
+
+    # --- leadership and the outbox ----------------------------------------------------------
+
+    def _try_lead(self) -> None:
+        """Become the notifier if no other process is (blocking; runs in a thread)."""
+        if self._lease is not None:
             return
-        if stored.resource_type == "Subscription":
-            self._loop.call_soon_threadsafe(self._spawn, self._reload_async())
+        connection = self.store.connect()
+        try:
+            if self.store.backend == "postgresql":
+                # A session lock: held while this connection lives (a dead process's is
+                # released by PostgreSQL when its connection closes).
+                locked = connection.execute(
+                    select(func.pg_try_advisory_lock(NOTIFIER_LOCK_KEY))
+                ).scalar_one()
+                if not locked:
+                    connection.close()
+                    return
+        except DBAPIError:
+            connection.invalidate()
+            connection.close()
+            raise
+        self._lease = connection
+        self.reload()
+        log.info("this process delivers subscription notifications")
+
+    def _resign(self) -> None:
+        if self._lease is None:
             return
-        if stored.deleted:
-            return
-        for subscription in list(self._subscriptions.values()):
-            if subscription.resource_type == stored.resource_type:
+        lease, self._lease = self._lease, None
+        # Close the DBAPI connection rather than return it to the pool with the lock held.
+        lease.invalidate()
+        lease.close()
+
+    async def _run(self) -> None:
+        reachable = True
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.poll_s)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                if self._lease is None:
+                    await asyncio.to_thread(self._try_lead)
+                if self._lease is not None:
+                    while await asyncio.to_thread(self._handle_changes):
+                        pass
+                reachable = True
+            except DBAPIError as exc:
+                # The database went away: whoever holds the lock next carries on (once per
+                # outage in the log, not once per poll).
+                if reachable:
+                    log.warning(
+                        "subscription notifier cannot reach the database",
+                        extra={"error": type(exc.orig).__name__},
+                    )
+                reachable = False
+                await asyncio.to_thread(self._resign)
+
+    def _handle_changes(self) -> bool:
+        """Start the deliveries of one batch of changes and forget them; whether there may be
+        more (blocking; runs in a thread)."""
+        assert self._lease is not None and self._loop is not None
+        changes = self.store.pending_changes(CHANGE_BATCH, self._lease)
+        if not changes:
+            return False
+        for change in changes:
+            if change.resource_type == "Subscription":
+                self.reload()  # in order: it applies to the changes after it
+                continue
+            subscriptions = [
+                s for s in self._subscriptions.values() if s.resource_type == change.resource_type
+            ]
+            if subscriptions:
                 self._loop.call_soon_threadsafe(
-                    self._spawn, self._notify_if_matching(subscription, stored)
+                    self._spawn, self._notify_change(subscriptions, change)
                 )
+        self.store.forget_changes([c.pk for c in changes if c.pk is not None], self._lease)
+        return len(changes) == CHANGE_BATCH
+
+    async def _notify_change(
+        self, subscriptions: list[ActiveSubscription], change: ResourceChange
+    ) -> None:
+        stored = await asyncio.to_thread(
+            self.store.vread, change.resource_type, change.resource_id, change.version_id
+        )
+        if stored is None or stored.deleted:
+            return
+        await asyncio.gather(*(self._notify_if_matching(s, stored) for s in subscriptions))
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    async def _reload_async(self) -> None:
-        await asyncio.to_thread(self.reload)
 
     def _matches(self, subscription: ActiveSubscription, stored: Stored) -> bool:
         query = parse_search(subscription.resource_type, subscription.criteria, 1, 1)
