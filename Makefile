@@ -16,6 +16,7 @@ test-fast: setup
 
 lint: setup
 	.venv/bin/python -m ruff check .
+	.venv/bin/python -m ruff format --check .
 
 schemas: setup
 	.venv/bin/python -m schemas.export

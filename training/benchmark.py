@@ -140,8 +140,12 @@ def _lesion_centre(
 
 
 def _irregular_blob(
-    rng: np.random.Generator, shape: tuple[int, int], centre: np.ndarray, radius: float,
-    aspect: float, irregularity: float,
+    rng: np.random.Generator,
+    shape: tuple[int, int],
+    centre: np.ndarray,
+    radius: float,
+    aspect: float,
+    irregularity: float,
 ) -> np.ndarray:
     """Soft mask (0..1) of an ellipse whose boundary is perturbed by smooth noise."""
     y, x = np.indices(shape, dtype=np.float64)
@@ -173,8 +177,11 @@ def plant_mass(image: np.ndarray, rng: np.random.Generator, reference: float) ->
     mask = _irregular_blob(rng, image.shape, centre, radius, rng.uniform(0.8, 1.25), 0.12)
     rim = np.clip(mask - ndimage.binary_erosion(mask > 0.5, iterations=2), 0, 1)
     rim = ndimage.gaussian_filter(rim.astype(np.float64), 0.8)
-    core = reference * rng.uniform(0.45, 0.75) * (1 + rng.uniform(0.1, 0.25) * _texture(
-        rng, image.shape, rng.uniform(1.0, 2.5)))
+    core = (
+        reference
+        * rng.uniform(0.45, 0.75)
+        * (1 + rng.uniform(0.1, 0.25) * _texture(rng, image.shape, rng.uniform(1.0, 2.5)))
+    )
     out = pushed * (1 - mask) + core * mask
     return out + rim * reference * rng.uniform(0.5, 0.9)
 
@@ -187,8 +194,8 @@ def plant_bleed(image: np.ndarray, rng: np.random.Generator, reference: float) -
     for _ in range(rng.integers(0, 3)):  # satellite blobs make the outline irregular
         satellite = centre + rng.normal(0, radius * 0.6, 2)
         mask = np.maximum(
-            mask, _irregular_blob(rng, image.shape, satellite, radius * rng.uniform(0.3, 0.6),
-                                  1.0, 0.3)
+            mask,
+            _irregular_blob(rng, image.shape, satellite, radius * rng.uniform(0.3, 0.6), 1.0, 0.3),
         )
     mask = ndimage.gaussian_filter(mask, 0.7) * tissue
     value = reference * rng.uniform(1.35, 1.75) * (1 + 0.08 * _texture(rng, image.shape, 1.5))
@@ -264,9 +271,7 @@ def render_slice(
 def _levels(volume: np.ndarray, n: int) -> list[int]:
     first, *_, last = brain_slice_indices(volume, 2)
     low, high = LEVEL_RANGE
-    return [
-        int(round(first + (last - first) * f)) for f in np.linspace(low, high, n)
-    ]
+    return [int(round(first + (last - first) * f)) for f in np.linspace(low, high, n)]
 
 
 def build_benchmark(
@@ -293,8 +298,11 @@ def build_benchmark(
         rng.shuffle(classes)
         images, labels, groups = parts[split]
         for level, label in zip(levels, classes, strict=True):
-            k = int(np.clip(level + subject["level_jitter"] + rng.integers(-2, 3), 0,
-                            volume.shape[2] - 1))
+            k = int(
+                np.clip(
+                    level + subject["level_jitter"] + rng.integers(-2, 3), 0, volume.shape[2] - 1
+                )
+            )
             stored = render_slice(volume[:, :, k], CLASS_NAMES[label], rng, subject)
             images.append(preprocess_slice(stored, config.image_size)[:, :, :1])
             labels.append(int(label))
@@ -310,8 +318,11 @@ def build_benchmark(
         )
         for name, (images, labels, groups) in parts.items()
     }
-    description = {"source": "mni152-synthetic-benchmark", "generator_version": GENERATOR_VERSION,
-                   "config": asdict(config)}
+    description = {
+        "source": "mni152-synthetic-benchmark",
+        "generator_version": GENERATOR_VERSION,
+        "config": asdict(config),
+    }
     return LabelledImages(CLASS_NAMES, description=description, **splits)
 
 
@@ -322,7 +333,8 @@ def cache_path(config: BenchmarkConfig, cache_dir: Path) -> Path:
 
 
 def load_or_build(
-    config: BenchmarkConfig, cache_dir: Path | None,
+    config: BenchmarkConfig,
+    cache_dir: Path | None,
     progress: Callable[[int, int], None] | None = None,
 ) -> LabelledImages:
     """The benchmark from ``cache_dir`` if it was built before with this config, else build it."""

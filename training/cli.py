@@ -40,9 +40,14 @@ class BarProgress:
         )
 
         self.bars = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-            console=console, transient=False,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=console,
+            transient=False,
         )
         self.epoch_task: Any = None
         self.step_task: Any = None
@@ -62,16 +67,17 @@ class BarProgress:
 
     def on_start(self, start_epoch: int, epochs: int, steps_per_epoch: int) -> None:
         self.steps = steps_per_epoch
-        self.epoch_task = self.bars.add_task("epochs", total=epochs, completed=start_epoch,
-                                             info="")
+        self.epoch_task = self.bars.add_task("epochs", total=epochs, completed=start_epoch, info="")
         self.step_task = self.bars.add_task("  steps", total=steps_per_epoch, info="")
 
     def on_batch(self, step: int) -> None:
         self.bars.update(self.step_task, completed=step)
 
     def on_epoch(self, epoch: int, phase: str, metrics: dict[str, float]) -> None:
-        info = (f"{phase} loss {metrics['loss']:.3f} val_loss {metrics['val_loss']:.3f} "
-                f"val_macro_f1 {metrics['val_macro_f1']:.3f} lr {metrics['learning_rate']:.2g}")
+        info = (
+            f"{phase} loss {metrics['loss']:.3f} val_loss {metrics['val_loss']:.3f} "
+            f"val_macro_f1 {metrics['val_macro_f1']:.3f} lr {metrics['learning_rate']:.2g}"
+        )
         self.bars.update(self.epoch_task, completed=epoch, info=info)
         self.bars.reset(self.step_task, total=self.steps)
 
@@ -80,7 +86,8 @@ def _settings(args: argparse.Namespace) -> Any:
     from training.config import TrainSettings
 
     overrides = {
-        key: value for key, value in {
+        key: value
+        for key, value in {
             "repository": getattr(args, "repository", None),
             "model_name": getattr(args, "name", None),
             "epochs": getattr(args, "epochs", None),
@@ -90,7 +97,8 @@ def _settings(args: argparse.Namespace) -> Any:
             "weights": getattr(args, "weights", None),
             "runs_dir": getattr(args, "runs_dir", None),
             "fine_tune_after": getattr(args, "fine_tune_after", None),
-        }.items() if value is not None
+        }.items()
+        if value is not None
     }
     return TrainSettings(**overrides)
 
@@ -98,8 +106,12 @@ def _settings(args: argparse.Namespace) -> Any:
 def _dataset_spec(args: argparse.Namespace) -> Any:
     from schemas.training_events import DatasetSpec
 
-    return DatasetSpec(kind=args.dataset, path=str(args.path) if args.path else None,
-                       preset=args.preset, image_size=args.image_size)
+    return DatasetSpec(
+        kind=args.dataset,
+        path=str(args.path) if args.path else None,
+        preset=args.preset,
+        image_size=args.image_size,
+    )
 
 
 def _console() -> Any:
@@ -121,10 +133,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     console = _console()
     try:
         with BarProgress(console) as bars:
-            data, path = load_dataset(spec, settings, run_dir, args.normal_class,
-                                      args.labels_csv, progress=bars.dataset)
-            outcome = run_job(data, path, settings, run_dir, events=events, progress=bars,
-                              promote_if_better=not args.no_promote)
+            data, path = load_dataset(
+                spec, settings, run_dir, args.normal_class, args.labels_csv, progress=bars.dataset
+            )
+            outcome = run_job(
+                data,
+                path,
+                settings,
+                run_dir,
+                events=events,
+                progress=bars,
+                promote_if_better=not args.no_promote,
+            )
     finally:
         events.close()
     _print_outcome(outcome)
@@ -137,8 +157,9 @@ def _print_outcome(outcome: Any) -> None:
     sys.stdout.write(markdown(outcome.report, f"{outcome.model_name} version {outcome.version}"))
     sys.stdout.write(f"\nrun folder: {outcome.run_dir}\n")
     if outcome.promoted:
-        sys.stdout.write(f"promoted: version {outcome.version} is now served "
-                         f"(was {outcome.previous_version})\n")
+        sys.stdout.write(
+            f"promoted: version {outcome.version} is now served (was {outcome.previous_version})\n"
+        )
     elif outcome.reason:
         sys.stdout.write(f"not promoted: {outcome.reason}\n")
     else:
@@ -173,10 +194,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         pass
     threshold = record_threshold if record_threshold is not None else settings.threshold
     report = evaluate_probabilities(probabilities, data.test.labels, data.class_names, threshold)
-    write_report(report, out, probabilities=probabilities, labels=data.test.labels,
-                 title=f"{name} version {version}",
-                 extra={"model_name": name, "model_version": version,
-                        "dataset_fingerprint": data.fingerprint()})
+    write_report(
+        report,
+        out,
+        probabilities=probabilities,
+        labels=data.test.labels,
+        title=f"{name} version {version}",
+        extra={
+            "model_name": name,
+            "model_version": version,
+            "dataset_fingerprint": data.fingerprint(),
+        },
+    )
     sys.stdout.write(markdown(report, f"{name} version {version}"))
     sys.stdout.write(f"\nreport: {out}\n")
     return 0
@@ -203,9 +232,13 @@ def cmd_models(args: argparse.Namespace) -> int:
             table.add_column(column)
         for r in rows:
             table.add_row(
-                str(r.version), r.status, "◀" if served and r.version == served[-1] else "",
+                str(r.version),
+                r.status,
+                "◀" if served and r.version == served[-1] else "",
                 "" if r.macro_f1 is None else f"{r.macro_f1:.4f}",
-                (r.dataset_fingerprint or "")[:12], r.created, r.note or "",
+                (r.dataset_fingerprint or "")[:12],
+                r.created,
+                r.note or "",
             )
         from rich.console import Console
 
@@ -252,22 +285,33 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_dataset(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", choices=DATASET_KINDS, default="benchmark",
-                        help="dataset layout (default: the bundled benchmark)")
+    parser.add_argument(
+        "--dataset",
+        choices=DATASET_KINDS,
+        default="benchmark",
+        help="dataset layout (default: the bundled benchmark)",
+    )
     parser.add_argument("--path", type=Path, help="dataset root (not for benchmark)")
-    parser.add_argument("--preset", choices=("default", "large", "tiny"), default="default",
-                        help="benchmark size (default: default)")
+    parser.add_argument(
+        "--preset",
+        choices=("default", "large", "tiny"),
+        default="default",
+        help="benchmark size (default: default)",
+    )
     parser.add_argument("--image-size", type=int, help="input size (benchmark: 128, tiny: 64)")
     parser.add_argument("--normal-class", help="the label meaning normal (notumor, nv...)")
-    parser.add_argument("--labels-csv", type=Path,
-                        help="dicom: labels CSV (default <path>/labels.csv)")
+    parser.add_argument(
+        "--labels-csv", type=Path, help="dicom: labels CSV (default <path>/labels.csv)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scanwatch-train", description=__doc__.split("\n")[0])
-    parser.add_argument("--log-level", default=os.environ.get("SCANWATCH_TRAIN_LOG_LEVEL",
-                                                              "WARNING"),
-                        help="DEBUG, INFO, WARNING or ERROR (default WARNING: bars only)")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("SCANWATCH_TRAIN_LOG_LEVEL", "WARNING"),
+        help="DEBUG, INFO, WARNING or ERROR (default WARNING: bars only)",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="train, evaluate, export and (if better) promote")

@@ -118,9 +118,7 @@ class LabelledImages:
     def load(cls, path: Path) -> LabelledImages:
         with np.load(Path(path), allow_pickle=False) as data:
             splits = {
-                name: Split(
-                    data[f"{name}_images"], data[f"{name}_labels"], data[f"{name}_groups"]
-                )
+                name: Split(data[f"{name}_images"], data[f"{name}_labels"], data[f"{name}_groups"])
                 for name in SPLITS
             }
             return cls(

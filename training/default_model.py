@@ -76,11 +76,18 @@ def publish_shipped(repository: Path, name: str, source: Path = SHIPPED) -> Path
         if temp.exists():
             shutil.rmtree(temp, ignore_errors=True)
     report = json.loads((source / SHIPPED_REPORT).read_text())
-    metrics = {"macro_f1": report["macro_f1"], "accuracy": report["accuracy"],
-               "weighted_f1": report["weighted_avg"]["f1-score"]}
+    metrics = {
+        "macro_f1": report["macro_f1"],
+        "accuracy": report["accuracy"],
+        "weighted_f1": report["weighted_avg"]["f1-score"],
+    }
     Registry(repository).register_existing(
-        name, 1, status=SERVING, dataset_fingerprint=report.get("dataset_fingerprint"),
-        metrics=metrics, class_names=list(report["class_names"]),
+        name,
+        1,
+        status=SERVING,
+        dataset_fingerprint=report.get("dataset_fingerprint"),
+        metrics=metrics,
+        class_names=list(report["class_names"]),
         threshold=float(report.get("anomaly", {}).get("threshold", THRESHOLD)),
         note="default model shipped with scanwatch (MNI152 benchmark)",
     )
@@ -95,15 +102,25 @@ def publish_untrained(repository: Path, name: str, image_size: int) -> Path:
     model = build_classifier(CLASS_NAMES, image_size=image_size, variant=VARIANT, seed=SEED)
     path = export_saved_model(model, CLASS_NAMES, THRESHOLD, Path(repository), name, version=1)
     Registry(repository).register_existing(
-        name, 1, status=SERVING, dataset_fingerprint=None, metrics={},
-        class_names=list(CLASS_NAMES), threshold=THRESHOLD, note="untrained (fixed seed)",
+        name,
+        1,
+        status=SERVING,
+        dataset_fingerprint=None,
+        metrics={},
+        class_names=list(CLASS_NAMES),
+        threshold=THRESHOLD,
+        note="untrained (fixed seed)",
     )
     return path
 
 
 def ensure_default_model(
-    repository: Path, name: str = DEFAULT_NAME, *, untrained: bool = False,
-    image_size: int = UNTRAINED_IMAGE_SIZE, source: Path = SHIPPED,
+    repository: Path,
+    name: str = DEFAULT_NAME,
+    *,
+    untrained: bool = False,
+    image_size: int = UNTRAINED_IMAGE_SIZE,
+    source: Path = SHIPPED,
 ) -> Path:
     """Return the model's newest version folder, publishing version 1 first if there is none."""
     model_dir = Path(repository) / name
@@ -116,15 +133,20 @@ def ensure_default_model(
         return model_dir / str(versions[-1])
     if not untrained and shipped_available(source):
         path = publish_shipped(repository, name, source)
-        logger.info("published the shipped default model",
-                    extra={"model_name": name, "model_version": 1, "path": str(path)})
+        logger.info(
+            "published the shipped default model",
+            extra={"model_name": name, "model_version": 1, "path": str(path)},
+        )
         return path
     if not untrained:
-        logger.warning("no shipped default model; publishing an untrained one",
-                       extra={"source": str(source)})
+        logger.warning(
+            "no shipped default model; publishing an untrained one", extra={"source": str(source)}
+        )
     path = publish_untrained(repository, name, image_size)
-    logger.info("published untrained default model",
-                extra={"model_name": name, "model_version": 1, "path": str(path)})
+    logger.info(
+        "published untrained default model",
+        extra={"model_name": name, "model_version": 1, "path": str(path)},
+    )
     return path
 
 
@@ -134,24 +156,34 @@ def main(argv: list[str] | None = None) -> int:
         description="Publish the default model as version 1 if the model has no version.",
     )
     parser.add_argument(
-        "--repository", type=Path, default=Path("var/models"),
+        "--repository",
+        type=Path,
+        default=Path("var/models"),
         help="model repository (TF Serving layout); default var/models",
     )
     parser.add_argument("--name", default=DEFAULT_NAME, help=f"model name; default {DEFAULT_NAME}")
     parser.add_argument(
-        "--untrained", action="store_true",
+        "--untrained",
+        action="store_true",
         help="publish an untrained classifier instead of the shipped trained one (tests)",
     )
     parser.add_argument(
-        "--image-size", type=int, default=UNTRAINED_IMAGE_SIZE,
+        "--image-size",
+        type=int,
+        default=UNTRAINED_IMAGE_SIZE,
         help=f"input size of the untrained model; default {UNTRAINED_IMAGE_SIZE}",
     )
     parser.add_argument("--source", type=Path, default=SHIPPED, help=argparse.SUPPRESS)
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     args = parser.parse_args(argv)
     configure_logging("training", args.log_level)
-    ensure_default_model(args.repository, args.name, untrained=args.untrained,
-                         image_size=args.image_size, source=args.source)
+    ensure_default_model(
+        args.repository,
+        args.name,
+        untrained=args.untrained,
+        image_size=args.image_size,
+        source=args.source,
+    )
     return 0
 
 

@@ -50,7 +50,8 @@ def evaluate_probabilities(
         present = one_hot[:, index]
         auc[name] = (
             float(roc_auc_score(present, probabilities[:, index]))
-            if 0 < present.sum() < len(present) else None
+            if 0 < present.sum() < len(present)
+            else None
         )
     defined = [v for v in auc.values() if v is not None]
     result: dict[str, Any] = {
@@ -75,14 +76,18 @@ def evaluate_probabilities(
             "sensitivity": float(flagged[abnormal].mean()) if abnormal.any() else None,
             "specificity": float((~flagged[~abnormal]).mean()) if (~abnormal).any() else None,
             "roc_auc": float(roc_auc_score(abnormal, score))
-            if 0 < abnormal.sum() < len(abnormal) else None,
+            if 0 < abnormal.sum() < len(abnormal)
+            else None,
         }
     return result
 
 
 def predict_fn_metrics(
-    predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray, labels: np.ndarray,
-    class_names: Sequence[str], threshold: float,
+    predict: Callable[[np.ndarray], np.ndarray],
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    threshold: float,
 ) -> dict[str, Any]:
     """Evaluate any ``images → probabilities`` callable (a Keras model, a SavedModel)."""
     return evaluate_probabilities(predict(images), labels, class_names, threshold)
@@ -94,9 +99,14 @@ def _number(value: float | None) -> str:
 
 def markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
     """The report as a Markdown page (per-class table first)."""
-    lines = [f"# {title}", "", f"Images: {report['images']}", "",
-             "| class | precision | recall | f1-score | support | ROC AUC |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        f"# {title}",
+        "",
+        f"Images: {report['images']}",
+        "",
+        "| class | precision | recall | f1-score | support | ROC AUC |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for name in report["class_names"]:
         row = report["per_class"][name]
         auc = report["roc_auc"]["per_class"][name]
@@ -117,22 +127,32 @@ def markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
     lines += ["", summary]
     anomaly = report.get("anomaly")
     if anomaly:
-        lines += ["", f"Anomaly decision (1 − p(normal) ≥ {anomaly['threshold']}): "
-                  f"sensitivity {_number(anomaly['sensitivity'])}, "
-                  f"specificity {_number(anomaly['specificity'])}, "
-                  f"ROC AUC {_number(anomaly['roc_auc'])}"]
+        lines += [
+            "",
+            f"Anomaly decision (1 − p(normal) ≥ {anomaly['threshold']}): "
+            f"sensitivity {_number(anomaly['sensitivity'])}, "
+            f"specificity {_number(anomaly['specificity'])}, "
+            f"ROC AUC {_number(anomaly['roc_auc'])}",
+        ]
     names = report["class_names"]
-    lines += ["", "Confusion matrix (rows: true class, columns: predicted):", "",
-              "| true \\ predicted | " + " | ".join(names) + " |",
-              "| --- | " + " | ".join("---:" for _ in names) + " |"]
+    lines += [
+        "",
+        "Confusion matrix (rows: true class, columns: predicted):",
+        "",
+        "| true \\ predicted | " + " | ".join(names) + " |",
+        "| --- | " + " | ".join("---:" for _ in names) + " |",
+    ]
     for name, row in zip(names, report["confusion_matrix"], strict=True):
         lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
     return "\n".join(lines) + "\n"
 
 
 def _plots(
-    report: dict[str, Any], probabilities: np.ndarray | None, labels: np.ndarray | None,
-    history: list[dict[str, Any]] | None, out_dir: Path,
+    report: dict[str, Any],
+    probabilities: np.ndarray | None,
+    labels: np.ndarray | None,
+    history: list[dict[str, Any]] | None,
+    out_dir: Path,
 ) -> list[Path]:
     import matplotlib
 
@@ -144,11 +164,17 @@ def _plots(
     if history:
         epochs = [h["epoch"] for h in history]
         fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-        for key, axis in (("loss", left), ("val_loss", left), ("accuracy", right),
-                          ("val_accuracy", right), ("val_macro_f1", right)):
+        for key, axis in (
+            ("loss", left),
+            ("val_loss", left),
+            ("accuracy", right),
+            ("val_accuracy", right),
+            ("val_macro_f1", right),
+        ):
             axis.plot(epochs, [h.get(key) for h in history], marker=".", label=key)
         phase_change = [
-            h["epoch"] for p, h in zip(history, history[1:], strict=False)
+            h["epoch"]
+            for p, h in zip(history, history[1:], strict=False)
             if p["phase"] != h["phase"]
         ]
         for axis in (left, right):
@@ -171,8 +197,14 @@ def _plots(
     axis.set_xlabel("predicted")
     axis.set_ylabel("true")
     for (i, j), value in np.ndenumerate(matrix):
-        axis.text(j, i, str(value), ha="center", va="center",
-                  color="white" if value > matrix.max() / 2 else "black")
+        axis.text(
+            j,
+            i,
+            str(value),
+            ha="center",
+            va="center",
+            color="white" if value > matrix.max() / 2 else "black",
+        )
     fig.tight_layout()
     fig.savefig(out_dir / CONFUSION_PNG, dpi=100)
     plt.close(fig)
@@ -198,9 +230,14 @@ def _plots(
 
 
 def write_report(
-    report: dict[str, Any], out_dir: Path, *, probabilities: np.ndarray | None = None,
-    labels: np.ndarray | None = None, history: list[dict[str, Any]] | None = None,
-    title: str = "Evaluation", extra: dict[str, Any] | None = None,
+    report: dict[str, Any],
+    out_dir: Path,
+    *,
+    probabilities: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    history: list[dict[str, Any]] | None = None,
+    title: str = "Evaluation",
+    extra: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Write JSON, Markdown and PNG plots into ``out_dir``; return the files written."""
     out_dir = Path(out_dir)
@@ -210,5 +247,8 @@ def write_report(
     temp.write_text(json.dumps(document, indent=2))
     os.replace(temp, out_dir / REPORT_JSON)
     (out_dir / REPORT_MARKDOWN).write_text(markdown(report, title))
-    return [out_dir / REPORT_JSON, out_dir / REPORT_MARKDOWN,
-            *_plots(report, probabilities, labels, history, out_dir)]
+    return [
+        out_dir / REPORT_JSON,
+        out_dir / REPORT_MARKDOWN,
+        *_plots(report, probabilities, labels, history, out_dir),
+    ]

@@ -56,8 +56,12 @@ class MemoryEvents:
 class KafkaEvents:
     """kafka-python producer with ``acks="all"`` and idempotence; each send waits for its ack."""
 
-    def __init__(self, bootstrap_servers: str, client_id: str = "scanwatch-training",
-                 timeout_s: float = SEND_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        bootstrap_servers: str,
+        client_id: str = "scanwatch-training",
+        timeout_s: float = SEND_TIMEOUT_S,
+    ) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.client_id = client_id
         self.timeout_s = timeout_s
@@ -82,8 +86,14 @@ class KafkaEvents:
     def send(self, event: Event, key: str, topic: str | None = None) -> None:
         future = self._get().send(topic or event.SCHEMA, value=event.to_bytes(), key=key.encode())
         metadata = future.get(timeout=self.timeout_s + 1)
-        logger.info("event sent", extra={"schema": event.SCHEMA, "partition": metadata.partition,
-                                         "offset": metadata.offset})
+        logger.info(
+            "event sent",
+            extra={
+                "schema": event.SCHEMA,
+                "partition": metadata.partition,
+                "offset": metadata.offset,
+            },
+        )
 
     def close(self) -> None:
         if self._producer is not None:

@@ -54,10 +54,14 @@ class JobOutcome:
     run_dir: Path
 
 
-def load_dataset(spec: DatasetSpec, settings: TrainSettings, run_dir: Path,
-                 normal_class: str | None = None, labels_csv: Path | None = None,
-                 progress: Callable[[int, int], None] | None = None,
-                 ) -> tuple[LabelledImages, Path]:
+def load_dataset(
+    spec: DatasetSpec,
+    settings: TrainSettings,
+    run_dir: Path,
+    normal_class: str | None = None,
+    labels_csv: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[LabelledImages, Path]:
     """Build or load the dataset a job names; return it and an ``.npz`` holding it."""
     from training import benchmark, loaders
 
@@ -72,11 +76,13 @@ def load_dataset(spec: DatasetSpec, settings: TrainSettings, run_dir: Path,
     if spec.kind == "folder":
         data = loaders.load_class_folders(root, size, settings.seed, normal_class)
     elif spec.kind == "ham10000":
-        data = loaders.load_ham10000(root, size, settings.seed,
-                                     normal_class=normal_class or loaders.HAM_NORMAL)
+        data = loaders.load_ham10000(
+            root, size, settings.seed, normal_class=normal_class or loaders.HAM_NORMAL
+        )
     else:
-        data = loaders.load_dicom(root, labels_csv or root / "labels.csv", size, settings.seed,
-                                  normal_class)
+        data = loaders.load_dicom(
+            root, labels_csv or root / "labels.csv", size, settings.seed, normal_class
+        )
     copy = Path(run_dir) / DATASET_COPY
     data.save(copy)
     return data, copy
@@ -106,8 +112,9 @@ def predict_saved_model(path: Path, images: np.ndarray, batch_size: int = 64) ->
     return np.concatenate(out)
 
 
-def serving_baseline(registry: Registry, name: str, data: LabelledImages,
-                     fingerprint: str, threshold: float) -> float | None:
+def serving_baseline(
+    registry: Registry, name: str, data: LabelledImages, fingerprint: str, threshold: float
+) -> float | None:
     """The served version's macro-F1 on this candidate's held-out set (None: nothing served)."""
     served = registry.served_versions(name)
     if not served:
@@ -116,32 +123,54 @@ def serving_baseline(registry: Registry, name: str, data: LabelledImages,
         record = registry.get(name, served[-1])
     except LookupError:
         record = None
-    if record is not None and record.dataset_fingerprint == fingerprint \
-            and record.macro_f1 is not None:
+    if (
+        record is not None
+        and record.dataset_fingerprint == fingerprint
+        and record.macro_f1 is not None
+    ):
         return record.macro_f1
-    if record is not None and record.class_names and \
-            list(record.class_names) != list(data.class_names):
-        logger.info("served model has other classes; it scores 0 on this data",
-                    extra={"model_version": served[-1]})
+    if (
+        record is not None
+        and record.class_names
+        and list(record.class_names) != list(data.class_names)
+    ):
+        logger.info(
+            "served model has other classes; it scores 0 on this data",
+            extra={"model_version": served[-1]},
+        )
         return 0.0
-    probabilities = predict_saved_model(registry.model_dir(name) / str(served[-1]),
-                                        data.test.images)
+    probabilities = predict_saved_model(
+        registry.model_dir(name) / str(served[-1]), data.test.images
+    )
     if probabilities.shape[1] != len(data.class_names):
         return 0.0
     report = evaluate_probabilities(probabilities, data.test.labels, data.class_names, threshold)
-    logger.info("served version re-evaluated on the candidate's held-out set",
-                extra={"model_version": served[-1], "macro_f1": report["macro_f1"]})
+    logger.info(
+        "served version re-evaluated on the candidate's held-out set",
+        extra={"model_version": served[-1], "macro_f1": report["macro_f1"]},
+    )
     return float(report["macro_f1"])
 
 
-def announce(events: EventPublisher, registry: Registry, name: str, version: int,
-             action: str, previous: int | None, job_id: Any = None) -> None:
+def announce(
+    events: EventPublisher,
+    registry: Registry,
+    name: str,
+    version: int,
+    action: str,
+    previous: int | None,
+    job_id: Any = None,
+) -> None:
     record = registry.get(name, version)
     events.send(
         ModelPublishedV1(
-            model_name=name, model_version=version, action=action, previous_version=previous,
+            model_name=name,
+            model_version=version,
+            action=action,
+            previous_version=previous,
             storage_uri=(registry.model_dir(name) / str(version)).resolve().as_uri(),
-            dataset_fingerprint=record.dataset_fingerprint, macro_f1=record.macro_f1,
+            dataset_fingerprint=record.dataset_fingerprint,
+            macro_f1=record.macro_f1,
             class_names=record.class_names or ["normal", "abnormal"],
             threshold=record.threshold if record.threshold is not None else 0.5,
             job_id=job_id,
@@ -150,36 +179,55 @@ def announce(events: EventPublisher, registry: Registry, name: str, version: int
     )
 
 
-def promote(registry: Registry, name: str, version: int, events: EventPublisher,
-            force: bool = False, job_id: Any = None) -> int | None:
+def promote(
+    registry: Registry,
+    name: str,
+    version: int,
+    events: EventPublisher,
+    force: bool = False,
+    job_id: Any = None,
+) -> int | None:
     """Promote a registered version (with the held-out comparison); announce it when done."""
     record = registry.get(name, version)
     baseline = None
     if not force and record.dataset_path and Path(record.dataset_path).is_file():
         data = LabelledImages.load(Path(record.dataset_path))
         if data.fingerprint() == record.dataset_fingerprint:
-            baseline = serving_baseline(registry, name, data, record.dataset_fingerprint or "",
-                                        record.threshold or 0.5)
+            baseline = serving_baseline(
+                registry, name, data, record.dataset_fingerprint or "", record.threshold or 0.5
+            )
     previous = registry.promote(name, version, serving_macro_f1=baseline, force=force)
     announce(events, registry, name, version, "promoted", previous, job_id)
-    logger.info("version promoted", extra={"model_name": name, "model_version": version,
-                                           "previous_version": previous})
+    logger.info(
+        "version promoted",
+        extra={"model_name": name, "model_version": version, "previous_version": previous},
+    )
     return previous
 
 
-def rollback(registry: Registry, name: str, events: EventPublisher,
-             to_version: int | None = None) -> tuple[int, int]:
+def rollback(
+    registry: Registry, name: str, events: EventPublisher, to_version: int | None = None
+) -> tuple[int, int]:
     withdrawn, served = registry.rollback(name, to_version)
     announce(events, registry, name, served, "rolled-back", withdrawn)
-    logger.info("rolled back", extra={"model_name": name, "withdrawn_version": withdrawn,
-                                      "model_version": served})
+    logger.info(
+        "rolled back",
+        extra={"model_name": name, "withdrawn_version": withdrawn, "model_version": served},
+    )
     return withdrawn, served
 
 
 def run_job(
-    data: LabelledImages, dataset_path: Path, settings: TrainSettings, run_dir: Path,
-    *, registry: Registry | None = None, events: EventPublisher | None = None,
-    progress: Progress | None = None, promote_if_better: bool = True, job_id: Any = None,
+    data: LabelledImages,
+    dataset_path: Path,
+    settings: TrainSettings,
+    run_dir: Path,
+    *,
+    registry: Registry | None = None,
+    events: EventPublisher | None = None,
+    progress: Progress | None = None,
+    promote_if_better: bool = True,
+    job_id: Any = None,
     on_reserved: Callable[[int], None] | None = None,
 ) -> JobOutcome:
     """Train → evaluate → export to staging → register → (promote). See the module docstring."""
@@ -189,30 +237,47 @@ def run_job(
     events = events or NoEvents()
     name = settings.model_name
     run_dir = Path(run_dir)
-    version = registry.reserve(name, job_id=str(job_id) if job_id else None,
-                               run_dir=str(run_dir))
+    version = registry.reserve(name, job_id=str(job_id) if job_id else None, run_dir=str(run_dir))
     if on_reserved is not None:
         on_reserved(version)
     try:
         result = train(data, settings, run_dir, progress)
         probabilities = predict_keras(result.model, data.test.images, settings.batch_size)
-        report = evaluate_probabilities(probabilities, data.test.labels, data.class_names,
-                                        settings.threshold)
-        write_report(
-            report, run_dir / EVALUATION_DIR, probabilities=probabilities,
-            labels=data.test.labels, history=result.state.history,
-            title=f"{name} version {version} — held-out test split",
-            extra={"model_name": name, "model_version": version,
-                   "dataset_fingerprint": result.dataset_fingerprint,
-                   "dataset": data.summary(), "best_epoch": result.state.best_epoch,
-                   "epochs_run": result.state.epoch},
+        report = evaluate_probabilities(
+            probabilities, data.test.labels, data.class_names, settings.threshold
         )
-        export_saved_model(result.model, data.class_names, settings.threshold,
-                           registry.repository / ".staging", name, version=version)
+        write_report(
+            report,
+            run_dir / EVALUATION_DIR,
+            probabilities=probabilities,
+            labels=data.test.labels,
+            history=result.state.history,
+            title=f"{name} version {version} — held-out test split",
+            extra={
+                "model_name": name,
+                "model_version": version,
+                "dataset_fingerprint": result.dataset_fingerprint,
+                "dataset": data.summary(),
+                "best_epoch": result.state.best_epoch,
+                "epochs_run": result.state.epoch,
+            },
+        )
+        export_saved_model(
+            result.model,
+            data.class_names,
+            settings.threshold,
+            registry.repository / ".staging",
+            name,
+            version=version,
+        )
         registry.record_candidate(
-            name, version, dataset_fingerprint=result.dataset_fingerprint,
-            metrics=flat_metrics(report), class_names=list(data.class_names),
-            threshold=settings.threshold, dataset_path=str(Path(dataset_path).resolve()),
+            name,
+            version,
+            dataset_fingerprint=result.dataset_fingerprint,
+            metrics=flat_metrics(report),
+            class_names=list(data.class_names),
+            threshold=settings.threshold,
+            dataset_path=str(Path(dataset_path).resolve()),
         )
     except BaseException as error:
         registry.mark_failed(name, version, f"{type(error).__name__}: {error}")

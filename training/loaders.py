@@ -58,9 +58,7 @@ def class_order(labels: Iterable[str], normal_class: str | None) -> tuple[list[s
     rename = {label: label for label in distinct}
     if normal_class is not None:
         if normal_class not in rename:
-            raise DatasetError(
-                f"normal_class {normal_class!r} is not one of the labels {distinct}"
-            )
+            raise DatasetError(f"normal_class {normal_class!r} is not one of the labels {distinct}")
         rename[normal_class] = NORMAL_CLASS
     names = sorted(set(rename.values()))
     if NORMAL_CLASS not in names:
@@ -95,8 +93,12 @@ def _class_folders(root: Path) -> dict[str, list[Path]]:
 
 
 def load_class_folders(
-    root: Path, image_size: int, seed: int, normal_class: str | None = None,
-    colour: bool = False, val_fraction: float = VAL_FRACTION,
+    root: Path,
+    image_size: int,
+    seed: int,
+    normal_class: str | None = None,
+    colour: bool = False,
+    val_fraction: float = VAL_FRACTION,
     test_fraction: float = TEST_FRACTION,
 ) -> LabelledImages:
     """One folder per class. With ``Training/`` and ``Testing/`` sub-folders, ``Testing`` is the
@@ -132,8 +134,9 @@ def load_class_folders(
     description = {"source": "class-folders", "root": str(root), "normal_class": normal_class}
     if "all" in loaded:
         images, labels, groups = loaded["all"]
-        return from_arrays(images, labels, groups, class_names, seed, description,
-                           val_fraction, test_fraction)
+        return from_arrays(
+            images, labels, groups, class_names, seed, description, val_fraction, test_fraction
+        )
     images, labels, groups = loaded["train"]
     indices = split_by_group(groups, seed, val_fraction / (1 - test_fraction), 0.0)
     test_images, test_labels, test_groups = loaded["test"]
@@ -158,8 +161,12 @@ def _read_csv(path: Path, required: Sequence[str]) -> list[dict[str, str]]:
 
 
 def load_ham10000(
-    root: Path, image_size: int, seed: int, metadata: Path | None = None,
-    normal_class: str = HAM_NORMAL, val_fraction: float = VAL_FRACTION,
+    root: Path,
+    image_size: int,
+    seed: int,
+    metadata: Path | None = None,
+    normal_class: str = HAM_NORMAL,
+    val_fraction: float = VAL_FRACTION,
     test_fraction: float = TEST_FRACTION,
 ) -> LabelledImages:
     """HAM10000 layout: metadata CSV (``lesion_id``, ``image_id``, ``dx``) + ``<image_id>.jpg``.
@@ -179,13 +186,19 @@ def load_ham10000(
     labels = np.asarray([class_names.index(rename[r["dx"]]) for r in rows])
     groups = [r["lesion_id"] for r in rows]
     description = {"source": "ham10000", "root": str(root), "normal_class": normal_class}
-    return from_arrays(images, labels, groups, class_names, seed, description, val_fraction,
-                       test_fraction)
+    return from_arrays(
+        images, labels, groups, class_names, seed, description, val_fraction, test_fraction
+    )
 
 
 def load_dicom(
-    root: Path, labels_csv: Path, image_size: int, seed: int, normal_class: str | None = None,
-    val_fraction: float = VAL_FRACTION, test_fraction: float = TEST_FRACTION,
+    root: Path,
+    labels_csv: Path,
+    image_size: int,
+    seed: int,
+    normal_class: str | None = None,
+    val_fraction: float = VAL_FRACTION,
+    test_fraction: float = TEST_FRACTION,
 ) -> LabelledImages:
     """DICOM files under ``root`` labelled by a CSV with ``label`` and one of
     ``SOPInstanceUID`` / ``SeriesInstanceUID`` / ``StudyInstanceUID`` (the most specific
@@ -223,5 +236,13 @@ def load_dicom(
     if not images:
         raise DatasetError(f"no DICOM image under {root} matches a row of {labels_csv}")
     description = {"source": "dicom", "root": str(root), "key": key, "normal_class": normal_class}
-    return from_arrays(np.stack(images), np.asarray(labels), groups, class_names, seed,
-                       description, val_fraction, test_fraction)
+    return from_arrays(
+        np.stack(images),
+        np.asarray(labels),
+        groups,
+        class_names,
+        seed,
+        description,
+        val_fraction,
+        test_fraction,
+    )

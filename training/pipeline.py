@@ -28,8 +28,12 @@ def augment_image(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A plausible variant of one model-input image ``(H, W, C)`` in [0, 255]."""
     out = image[:, ::-1] if rng.random() < 0.5 else image
     out = ndimage.rotate(
-        out, rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG), axes=(0, 1), reshape=False,
-        order=1, mode="constant",
+        out,
+        rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG),
+        axes=(0, 1),
+        reshape=False,
+        order=1,
+        mode="constant",
     )
     shift = rng.uniform(-MAX_SHIFT_SHARE, MAX_SHIFT_SHARE, 2) * image.shape[0]
     out = ndimage.shift(out, (*shift, 0), order=1, mode="constant")
@@ -69,16 +73,23 @@ def _to_rgb(images: tf.Tensor) -> tf.Tensor:
 
 def _geometric_augmenter(seed: int) -> keras.Sequential:
     """Small random rotation, shift and zoom per image (batched, on the fly)."""
-    return keras.Sequential([
-        keras.layers.RandomRotation(MAX_ROTATION_DEG / 360.0, fill_mode="constant", seed=seed),
-        keras.layers.RandomTranslation(MAX_SHIFT_SHARE, MAX_SHIFT_SHARE, fill_mode="constant",
-                                       seed=seed + 1),
-        keras.layers.RandomZoom(MAX_ZOOM_SHARE, fill_mode="constant", seed=seed + 2),
-    ])
+    return keras.Sequential(
+        [
+            keras.layers.RandomRotation(MAX_ROTATION_DEG / 360.0, fill_mode="constant", seed=seed),
+            keras.layers.RandomTranslation(
+                MAX_SHIFT_SHARE, MAX_SHIFT_SHARE, fill_mode="constant", seed=seed + 1
+            ),
+            keras.layers.RandomZoom(MAX_ZOOM_SHARE, fill_mode="constant", seed=seed + 2),
+        ]
+    )
 
 
 def training_stream(
-    split: Split, n_classes: int, batch_size: int, seed: int, random_flip: bool,
+    split: Split,
+    n_classes: int,
+    batch_size: int,
+    seed: int,
+    random_flip: bool,
     augment: bool = False,
 ) -> tf.data.Dataset:
     """Shuffled, batched ``(images, one-hot labels)`` batches, one epoch per iteration.

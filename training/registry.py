@@ -208,16 +208,26 @@ class Registry:
             if job_id is not None:
                 earlier = db.execute(
                     "SELECT version FROM model_versions WHERE name = ? AND job_id = ? "
-                    "AND status = ?", (name, job_id, RESERVED),
+                    "AND status = ?",
+                    (name, job_id, RESERVED),
                 ).fetchone()
                 if earlier is not None:  # the same job, resumed: keep its number
                     return int(earlier["version"])
-            highest_row = db.execute(
-                "SELECT MAX(version) FROM model_versions WHERE name = ?", (name,)
-            ).fetchone()[0] or 0
+            highest_row = (
+                db.execute(
+                    "SELECT MAX(version) FROM model_versions WHERE name = ?", (name,)
+                ).fetchone()[0]
+                or 0
+            )
             highest_folder = max(
-                (max(version_folders(folder), default=0) for folder in (
-                    self.model_dir(name), self.staging_dir(name), self.retired_dir(name))),
+                (
+                    max(version_folders(folder), default=0)
+                    for folder in (
+                        self.model_dir(name),
+                        self.staging_dir(name),
+                        self.retired_dir(name),
+                    )
+                ),
                 default=0,
             )
             version = max(highest_row, highest_folder) + 1
@@ -230,14 +240,27 @@ class Registry:
         return version
 
     def record_candidate(
-        self, name: str, version: int, *, dataset_fingerprint: str, metrics: dict[str, Any],
-        class_names: list[str], threshold: float, dataset_path: str | None = None,
+        self,
+        name: str,
+        version: int,
+        *,
+        dataset_fingerprint: str,
+        metrics: dict[str, Any],
+        class_names: list[str],
+        threshold: float,
+        dataset_path: str | None = None,
     ) -> None:
         """A reserved version was exported into staging with its held-out metrics."""
         self._update(
-            name, version, {RESERVED}, CANDIDATE, dataset_fingerprint=dataset_fingerprint,
-            macro_f1=float(metrics["macro_f1"]), metrics=json.dumps(metrics),
-            class_names=json.dumps(list(class_names)), threshold=threshold,
+            name,
+            version,
+            {RESERVED},
+            CANDIDATE,
+            dataset_fingerprint=dataset_fingerprint,
+            macro_f1=float(metrics["macro_f1"]),
+            metrics=json.dumps(metrics),
+            class_names=json.dumps(list(class_names)),
+            threshold=threshold,
             dataset_path=dataset_path,
         )
 
@@ -245,8 +268,15 @@ class Registry:
         self._update(name, version, {RESERVED, CANDIDATE}, FAILED, note=reason[:2000])
 
     def register_existing(
-        self, name: str, version: int, *, status: str, dataset_fingerprint: str | None,
-        metrics: dict[str, Any], class_names: list[str], threshold: float,
+        self,
+        name: str,
+        version: int,
+        *,
+        status: str,
+        dataset_fingerprint: str | None,
+        metrics: dict[str, Any],
+        class_names: list[str],
+        threshold: float,
         note: str | None = None,
     ) -> None:
         """Record a version that was put into the repository without a job (the default model)."""
@@ -256,13 +286,24 @@ class Registry:
                 "INSERT OR IGNORE INTO model_versions (name, version, status, dataset_fingerprint,"
                 " macro_f1, metrics, class_names, threshold, created, updated, note) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, version, status, dataset_fingerprint,
-                 metrics.get("macro_f1"), json.dumps(metrics), json.dumps(class_names),
-                 threshold, now, now, note),
+                (
+                    name,
+                    version,
+                    status,
+                    dataset_fingerprint,
+                    metrics.get("macro_f1"),
+                    json.dumps(metrics),
+                    json.dumps(class_names),
+                    threshold,
+                    now,
+                    now,
+                    note,
+                ),
             )
 
-    def _update(self, name: str, version: int, allowed: set[str], status: str, **fields: Any
-                ) -> None:
+    def _update(
+        self, name: str, version: int, allowed: set[str], status: str, **fields: Any
+    ) -> None:
         with self._connect(write=True) as db:
             row = db.execute(
                 "SELECT status FROM model_versions WHERE name = ? AND version = ?",
@@ -281,8 +322,9 @@ class Registry:
                 (*assignments.values(), name, version),
             )
 
-    def _set_status(self, db: sqlite3.Connection, name: str, version: int, status: str,
-                    note: str | None = None) -> None:
+    def _set_status(
+        self, db: sqlite3.Connection, name: str, version: int, status: str, note: str | None = None
+    ) -> None:
         db.execute(
             "UPDATE model_versions SET status = ?, updated = ?, note = COALESCE(?, note) "
             "WHERE name = ? AND version = ?",
@@ -290,7 +332,11 @@ class Registry:
         )
 
     def promote(
-        self, name: str, version: int, *, serving_macro_f1: float | None = None,
+        self,
+        name: str,
+        version: int,
+        *,
+        serving_macro_f1: float | None = None,
         force: bool = False,
     ) -> int | None:
         """Serve ``version`` if its macro-F1 is at least the served version's; return the previous.
@@ -330,9 +376,13 @@ class Registry:
                     ).fetchone()
                     baseline = current["macro_f1"] if current is not None else None
                 if baseline is not None and (candidate.macro_f1 or 0.0) < baseline:
-                    self._set_status(db, name, version, REJECTED,
-                                     f"macro-F1 {candidate.macro_f1 or 0.0:.4f} < served "
-                                     f"{baseline:.4f}")
+                    self._set_status(
+                        db,
+                        name,
+                        version,
+                        REJECTED,
+                        f"macro-F1 {candidate.macro_f1 or 0.0:.4f} < served {baseline:.4f}",
+                    )
                     refused = PromotionRefused(
                         f"{name} version {version}: held-out macro-F1 "
                         f"{candidate.macro_f1 or 0.0:.4f} is below version {previous}'s "
@@ -344,8 +394,7 @@ class Registry:
             raise refused
         return previous
 
-    def _serve(self, db: sqlite3.Connection, name: str, version: int, previous: int | None
-               ) -> None:
+    def _serve(self, db: sqlite3.Connection, name: str, version: int, previous: int | None) -> None:
         source = self.location(name, version)
         if source is None:
             raise LifecycleError(f"{name} version {version} has no SavedModel on disk")
@@ -385,8 +434,9 @@ class Registry:
             retired.mkdir(parents=True, exist_ok=True)
             for version in [v for v in served if v > to_version]:
                 os.rename(self.model_dir(name) / str(version), retired / str(version))
-                self._set_status(db, name, version, ROLLED_BACK,
-                                 f"rolled back to version {to_version}")
+                self._set_status(
+                    db, name, version, ROLLED_BACK, f"rolled back to version {to_version}"
+                )
             _fsync_dir(self.model_dir(name))
             _fsync_dir(retired)
             self._set_status(db, name, to_version, SERVING)

@@ -52,8 +52,15 @@ DATASET_FILE = "dataset.json"
 LAST_WEIGHTS = "last.weights.h5"
 BEST_WEIGHTS = "best.weights.h5"
 #: Settings that may differ when a run is resumed (they do not change what is learned).
-RESUME_MAY_DIFFER = {"epochs", "repository", "runs_dir", "cache_dir", "kafka_bootstrap_servers",
-                     "log_level", "early_stopping_patience"}
+RESUME_MAY_DIFFER = {
+    "epochs",
+    "repository",
+    "runs_dir",
+    "cache_dir",
+    "kafka_bootstrap_servers",
+    "log_level",
+    "early_stopping_patience",
+}
 #: BatchNormalization momentum of a base trained from scratch. Keras' EfficientNet uses 0.99,
 #: made for long ImageNet runs: over the few hundred steps of a small dataset its moving
 #: statistics lag far behind the weights, so inference-mode outputs (validation, and everything
@@ -143,8 +150,11 @@ def _load_weights(model: keras.Model, path: Path) -> None:
 
 
 def batch_norm_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
-    return [layer for layer in model.get_layer(BASE_LAYER).layers
-            if isinstance(layer, keras.layers.BatchNormalization)]
+    return [
+        layer
+        for layer in model.get_layer(BASE_LAYER).layers
+        if isinstance(layer, keras.layers.BatchNormalization)
+    ]
 
 
 def recalibrate_batch_norm(model: keras.Model, stream: Any, batches: int) -> None:
@@ -199,8 +209,9 @@ def validation_metrics(
         "val_loss": loss,
         "val_accuracy": float(np.mean(predicted == labels)),
         "val_macro_f1": float(
-            f1_score(labels, predicted, average="macro", labels=list(range(n_classes)),
-                     zero_division=0)
+            f1_score(
+                labels, predicted, average="macro", labels=list(range(n_classes)), zero_division=0
+            )
         ),
     }
 
@@ -209,7 +220,11 @@ class _EpochEnd(keras.callbacks.Callback):
     """Validation, LR plateau, early stopping, checkpoints and state after every epoch."""
 
     def __init__(
-        self, data: LabelledImages, settings: TrainSettings, state: RunState, run_dir: Path,
+        self,
+        data: LabelledImages,
+        settings: TrainSettings,
+        state: RunState,
+        run_dir: Path,
         progress: Progress,
     ) -> None:
         super().__init__()
@@ -242,16 +257,20 @@ class _EpochEnd(keras.callbacks.Callback):
             state.plateau_wait += 1
             state.stop_wait += 1
         if state.plateau_wait >= settings.plateau_patience:
-            new_rate = max(state.learning_rate * settings.plateau_factor,
-                           settings.min_learning_rate)
+            new_rate = max(
+                state.learning_rate * settings.plateau_factor, settings.min_learning_rate
+            )
             if new_rate < state.learning_rate:
                 self.model.optimizer.learning_rate.assign(new_rate)
-                logger.info("learning rate reduced on plateau",
-                            extra={"epoch": epoch + 1, "learning_rate": new_rate})
+                logger.info(
+                    "learning rate reduced on plateau",
+                    extra={"epoch": epoch + 1, "learning_rate": new_rate},
+                )
                 state.learning_rate = new_rate
             state.plateau_wait = 0
         better = (metrics["val_macro_f1"], -metrics["val_loss"]) > (
-            state.best_macro_f1, -self._best_loss_at_best()
+            state.best_macro_f1,
+            -self._best_loss_at_best(),
         )
         if better:
             state.best_macro_f1 = metrics["val_macro_f1"]
@@ -288,10 +307,15 @@ def _prepare_run_dir(
     run_dir.mkdir(parents=True, exist_ok=True)
     if not (run_dir / STATE_FILE).is_file():
         _write_json(run_dir / SETTINGS_FILE, _settings_record(settings))
-        _write_json(run_dir / DATASET_FILE, {
-            "fingerprint": fingerprint, "class_names": list(data.class_names),
-            "summary": data.summary(), "description": data.description,
-        })
+        _write_json(
+            run_dir / DATASET_FILE,
+            {
+                "fingerprint": fingerprint,
+                "class_names": list(data.class_names),
+                "summary": data.summary(),
+                "description": data.description,
+            },
+        )
         return None
     recorded = json.loads((run_dir / DATASET_FILE).read_text())
     if recorded["fingerprint"] != fingerprint:
@@ -321,8 +345,12 @@ def train(
     n_classes = len(data.class_names)
 
     model = build_classifier(
-        data.class_names, image_size=data.image_size, variant=settings.variant,
-        weights=settings.weights, dense_units=settings.dense_units, dropout=settings.dropout,
+        data.class_names,
+        image_size=data.image_size,
+        variant=settings.variant,
+        weights=settings.weights,
+        dense_units=settings.dense_units,
+        dropout=settings.dropout,
         seed=settings.seed,
     )
     if settings.weights is None:
@@ -330,22 +358,30 @@ def train(
             layer.momentum = SCRATCH_BN_MOMENTUM
     train_split, added = (
         balance_with_augmentation(data.train, n_classes, settings.seed)
-        if settings.balance else (data.train, [0] * n_classes)
+        if settings.balance
+        else (data.train, [0] * n_classes)
     )
     if any(added):
-        logger.info("classes balanced with augmented images",
-                    extra={"added": dict(zip(data.class_names, added, strict=True))})
+        logger.info(
+            "classes balanced with augmented images",
+            extra={"added": dict(zip(data.class_names, added, strict=True))},
+        )
     stream = training_stream(
-        train_split, n_classes, settings.batch_size, settings.seed + state.epoch,
-        settings.random_flip, settings.augment,
+        train_split,
+        n_classes,
+        settings.batch_size,
+        settings.seed + state.epoch,
+        settings.random_flip,
+        settings.augment,
     )
     steps = int(np.ceil(len(train_split) / settings.batch_size))
     callback = _EpochEnd(data, settings, state, run_dir, progress)
 
     if resumed:
         if state.finished:
-            logger.info("run already finished; loading its best weights",
-                        extra={"run_dir": str(run_dir)})
+            logger.info(
+                "run already finished; loading its best weights", extra={"run_dir": str(run_dir)}
+            )
         else:
             logger.info("resuming run", extra={"run_dir": str(run_dir), "epoch": state.epoch})
     progress.on_start(state.epoch, settings.epochs, steps)
@@ -373,12 +409,18 @@ def train(
             # and EarlyStopping callbacks would be): its validation loss is compared afresh.
             state.best_val_loss = float("inf")
             state.plateau_wait = state.stop_wait = 0
-            logger.info("phase starts", extra={"phase": phase, "epoch": state.epoch,
-                                                "learning_rate": state.learning_rate})
+            logger.info(
+                "phase starts",
+                extra={"phase": phase, "epoch": state.epoch, "learning_rate": state.learning_rate},
+            )
         compile_for(model, state.learning_rate)
         model.fit(
-            stream, epochs=last, initial_epoch=max(first, state.epoch), callbacks=[callback],
-            verbose=0, shuffle=False,  # the stream shuffles itself
+            stream,
+            epochs=last,
+            initial_epoch=max(first, state.epoch),
+            callbacks=[callback],
+            verbose=0,
+            shuffle=False,  # the stream shuffles itself
         )
     if not state.finished:
         state.finished = True

@@ -44,8 +44,12 @@ class JobReporter:
 
     def status(self, status: str, **fields: Any) -> None:
         event = TrainingJobStatusV1(
-            job_id=self.request.job_id, model_name=self.request.model_name, status=status,
-            model_version=fields.pop("model_version", self.version), epochs=self.epochs, **fields,
+            job_id=self.request.job_id,
+            model_name=self.request.model_name,
+            status=status,
+            model_version=fields.pop("model_version", self.version),
+            epochs=self.epochs,
+            **fields,
         )
         self.events.send(event, key=str(self.request.job_id))
 
@@ -67,17 +71,25 @@ JobRunner = Callable[[TrainingJobRequestedV1, TrainSettings, JobReporter, Regist
 
 def settings_for(request: TrainingJobRequestedV1, base: TrainSettings) -> TrainSettings:
     overrides = {
-        key: value for key, value in (
-            ("variant", request.variant), ("epochs", request.epochs),
-            ("batch_size", request.batch_size), ("seed", request.seed),
-        ) if value is not None
+        key: value
+        for key, value in (
+            ("variant", request.variant),
+            ("epochs", request.epochs),
+            ("batch_size", request.batch_size),
+            ("seed", request.seed),
+        )
+        if value is not None
     }
     values = {**base.model_dump(), **overrides, "model_name": request.model_name}
     return TrainSettings(**values)
 
 
-def run_requested_job(request: TrainingJobRequestedV1, settings: TrainSettings,
-                      reporter: JobReporter, registry: Registry) -> JobOutcome:
+def run_requested_job(
+    request: TrainingJobRequestedV1,
+    settings: TrainSettings,
+    reporter: JobReporter,
+    registry: Registry,
+) -> JobOutcome:
     """The real runner: load the dataset, then :func:`training.lifecycle.run_job`."""
     run_dir = settings.runs_dir / str(request.job_id)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -87,8 +99,15 @@ def run_requested_job(request: TrainingJobRequestedV1, settings: TrainSettings,
         reporter.version = version
 
     return run_job(
-        data, path, settings, run_dir, registry=registry, events=reporter.events,
-        progress=reporter, promote_if_better=request.promote, job_id=request.job_id,
+        data,
+        path,
+        settings,
+        run_dir,
+        registry=registry,
+        events=reporter.events,
+        progress=reporter,
+        promote_if_better=request.promote,
+        job_id=request.job_id,
         on_reserved=reserved,
     )
 
@@ -102,18 +121,25 @@ class TrainingWorker:
     runner: JobRunner = run_requested_job
     group_id: str = GROUP_ID
 
-    def handle(self, raw: bytes, *, topic: str, partition: int | None = None,
-               offset: int | None = None) -> None:
+    def handle(
+        self, raw: bytes, *, topic: str, partition: int | None = None, offset: int | None = None
+    ) -> None:
         """One message: parse, run, report. Never raises for a bad message or a failed job."""
         try:
             request = TrainingJobRequestedV1.from_bytes(raw)
         except ValidationError as error:
             logger.warning("unusable training job request", extra={"offset": offset})
             self.events.send(
-                DeadLetterV1(source_topic=topic, source_partition=partition,
-                             source_offset=offset, reason=str(error)[:2000],
-                             error_class="unusable", payload=raw.decode("utf-8", "replace")),
-                key=f"{topic}:{partition}:{offset}", topic=dlq(topic),
+                DeadLetterV1(
+                    source_topic=topic,
+                    source_partition=partition,
+                    source_offset=offset,
+                    reason=str(error)[:2000],
+                    error_class="unusable",
+                    payload=raw.decode("utf-8", "replace"),
+                ),
+                key=f"{topic}:{partition}:{offset}",
+                topic=dlq(topic),
             )
             return
         reporter = JobReporter(self.events, request)
@@ -122,9 +148,12 @@ class TrainingWorker:
         if earlier is not None and earlier.status not in (RESERVED, FAILED):
             # Redelivered after it finished: say again how it ended, do not train twice.
             reporter.version = earlier.version
-            reporter.status("succeeded", metrics=earlier.metrics,
-                            promoted=earlier.status not in (CANDIDATE, REJECTED),
-                            reason=earlier.note)
+            reporter.status(
+                "succeeded",
+                metrics=earlier.metrics,
+                promoted=earlier.status not in (CANDIDATE, REJECTED),
+                reason=earlier.note,
+            )
             return
         reporter.status("queued")
         try:
@@ -135,9 +164,11 @@ class TrainingWorker:
             reporter.status("failed", reason=f"{type(error).__name__}: {error}"[:2000])
             return
         reporter.status(
-            "succeeded", model_version=outcome.version,
+            "succeeded",
+            model_version=outcome.version,
             metrics=flat_metrics(outcome.report),
-            promoted=outcome.promoted, reason=outcome.reason,
+            promoted=outcome.promoted,
+            reason=outcome.reason,
         )
 
     def run(self, stop: threading.Event) -> None:
@@ -149,9 +180,12 @@ class TrainingWorker:
         consumer = KafkaConsumer(
             TrainingJobRequestedV1.SCHEMA,
             bootstrap_servers=self.settings.kafka_bootstrap_servers.split(","),
-            group_id=self.group_id, enable_auto_commit=False, auto_offset_reset="earliest",
+            group_id=self.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
             # A job can train for a long time between polls.
-            max_poll_records=1, max_poll_interval_ms=24 * 3600 * 1000,
+            max_poll_records=1,
+            max_poll_interval_ms=24 * 3600 * 1000,
         )
         logger.info("training worker consuming", extra={"topic": TrainingJobRequestedV1.SCHEMA})
         try:
@@ -159,8 +193,12 @@ class TrainingWorker:
                 batches = consumer.poll(timeout_ms=POLL_TIMEOUT_MS)
                 for records in batches.values():
                     for record in records:
-                        self.handle(record.value, topic=record.topic,
-                                    partition=record.partition, offset=record.offset)
+                        self.handle(
+                            record.value,
+                            topic=record.topic,
+                            partition=record.partition,
+                            offset=record.offset,
+                        )
                         consumer.commit()
         finally:
             consumer.close()

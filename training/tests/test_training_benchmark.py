@@ -50,8 +50,11 @@ def test_classes_and_shapes(small: LabelledImages) -> None:
 def test_split_by_subject_without_leakage(small: LabelledImages) -> None:
     groups = {name: set(getattr(small, name).groups) for name in ("train", "val", "test")}
     assert len(groups["train"]) == 3 and len(groups["val"]) == 1 and len(groups["test"]) == 1
-    assert not (groups["train"] & groups["val"] or groups["train"] & groups["test"]
-                or groups["val"] & groups["test"])
+    assert not (
+        groups["train"] & groups["val"]
+        or groups["train"] & groups["test"]
+        or groups["val"] & groups["test"]
+    )
 
 
 def test_same_seed_same_pixels_other_seed_other_pixels(small: LabelledImages) -> None:
@@ -90,8 +93,11 @@ def test_cache_round_trip(tmp_path: Path, small: LabelledImages) -> None:
 
 @pytest.mark.parametrize(
     ("changes", "words"),
-    [({"test_subjects": 0}, "at least one subject"), ({"slices_per_subject": 3}, ">= 4"),
-     ({"image_size": 16}, ">= 32")],
+    [
+        ({"test_subjects": 0}, "at least one subject"),
+        ({"slices_per_subject": 3}, ">= 4"),
+        ({"image_size": 16}, ">= 32"),
+    ],
 )
 def test_bad_config_is_refused(changes: dict, words: str) -> None:
     with pytest.raises(ValueError, match=words):

@@ -28,9 +28,23 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     mp.setenv("SCANWATCH_TRAIN_CACHE_DIR", str(root / "cache"))
     mp.delenv("SCANWATCH_TRAIN_KAFKA_BOOTSTRAP_SERVERS", raising=False)
     try:
-        code = main(["train", "--preset", "tiny", "--epochs", "2", "--fine-tune-after", "1",
-                     "--batch-size", "16", "--repository", str(root / "models"),
-                     "--run-dir", str(root / "run")])
+        code = main(
+            [
+                "train",
+                "--preset",
+                "tiny",
+                "--epochs",
+                "2",
+                "--fine-tune-after",
+                "1",
+                "--batch-size",
+                "16",
+                "--repository",
+                str(root / "models"),
+                "--run-dir",
+                str(root / "run"),
+            ]
+        )
     finally:
         mp.undo()
     assert code == 0
@@ -43,8 +57,7 @@ def test_tiny_training_publishes_a_served_version_with_its_report(
     registry = Registry(trained / "models")
     assert registry.served_versions(NAME) == [1]
     record = registry.get(NAME, 1)
-    assert record.status == SERVING and record.class_names == ["normal", "mass", "bleed",
-                                                               "infarct"]
+    assert record.status == SERVING and record.class_names == ["normal", "mass", "bleed", "infarct"]
     assert 0.0 <= record.macro_f1 <= 1.0 and len(record.dataset_fingerprint) == 64
     report_dir = trained / "run" / "evaluation"
     for name in (REPORT_JSON, REPORT_MARKDOWN, CURVES_PNG, CONFUSION_PNG, ROC_PNG):
@@ -66,14 +79,26 @@ def test_models_list_promote_rollback_evaluate(
     # A second candidate (a trivial model): worse, so only a forced promotion serves it.
     version = registry.reserve(NAME)
     inputs = keras.Input((64, 64, 3), name="images")
-    model = keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(
-        keras.layers.GlobalAveragePooling2D()(inputs)))
-    export_saved_model(model, ["normal", "mass", "bleed", "infarct"], 0.5,
-                       trained / "models" / ".staging", NAME, version=version)
-    registry.record_candidate(NAME, version, dataset_fingerprint="d" * 64,
-                              metrics={"macro_f1": -0.0}, class_names=["normal", "mass",
-                                                                        "bleed", "infarct"],
-                              threshold=0.5)
+    model = keras.Model(
+        inputs,
+        keras.layers.Dense(4, activation="softmax")(keras.layers.GlobalAveragePooling2D()(inputs)),
+    )
+    export_saved_model(
+        model,
+        ["normal", "mass", "bleed", "infarct"],
+        0.5,
+        trained / "models" / ".staging",
+        NAME,
+        version=version,
+    )
+    registry.record_candidate(
+        NAME,
+        version,
+        dataset_fingerprint="d" * 64,
+        metrics={"macro_f1": -0.0},
+        class_names=["normal", "mass", "bleed", "infarct"],
+        threshold=0.5,
+    )
     capsys.readouterr()
 
     assert main(["models", "list", "--json", *repository]) == 0

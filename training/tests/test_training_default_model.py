@@ -61,24 +61,31 @@ def test_untrained_version_1_once(tmp_path: Path, capfd: pytest.CaptureFixture[s
 def test_shipped_model_is_copied_and_registered(tmp_path: Path) -> None:
     source = tmp_path / "shipped"
     inputs = keras.Input((32, 32, 3), name="images")
-    model = keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(
-        keras.layers.GlobalAveragePooling2D()(inputs)))
+    model = keras.Model(
+        inputs,
+        keras.layers.Dense(4, activation="softmax")(keras.layers.GlobalAveragePooling2D()(inputs)),
+    )
     exported = export_saved_model(model, CLASS_NAMES, 0.5, tmp_path / "export", "m")
     source.mkdir()
     exported.rename(source / SHIPPED_MODEL)
-    report = {"macro_f1": 0.97, "accuracy": 0.97, "weighted_avg": {"f1-score": 0.97},
-              "class_names": list(CLASS_NAMES), "dataset_fingerprint": "c" * 64,
-              "anomaly": {"threshold": 0.5}}
+    report = {
+        "macro_f1": 0.97,
+        "accuracy": 0.97,
+        "weighted_avg": {"f1-score": 0.97},
+        "class_names": list(CLASS_NAMES),
+        "dataset_fingerprint": "c" * 64,
+        "anomaly": {"threshold": 0.5},
+    }
     (source / SHIPPED_REPORT).write_text(json.dumps(report))
 
     repository = tmp_path / "models"
     assert main(["--repository", str(repository), "--source", str(source)]) == 0
     served = repository / "brain-mri-anomaly" / "1"
-    assert (served / "saved_model.pb").read_bytes() == \
-        (source / SHIPPED_MODEL / "saved_model.pb").read_bytes()
+    assert (served / "saved_model.pb").read_bytes() == (
+        source / SHIPPED_MODEL / "saved_model.pb"
+    ).read_bytes()
     record = Registry(repository).get("brain-mri-anomaly", 1)
-    assert (record.status, record.macro_f1, record.dataset_fingerprint) == (
-        SERVING, 0.97, "c" * 64)
+    assert (record.status, record.macro_f1, record.dataset_fingerprint) == (SERVING, 0.97, "c" * 64)
 
 
 def test_the_repository_ships_a_trained_default_model() -> None:

@@ -21,17 +21,23 @@ from training.evaluate import (
 CLASSES = ("normal", "mass", "bleed")
 LABELS = np.array([0, 0, 1, 1, 2, 2])
 # Predictions: normal right twice, one mass called bleed, bleed right twice.
-PROBABILITIES = np.array([
-    [0.8, 0.1, 0.1], [0.7, 0.2, 0.1],
-    [0.1, 0.8, 0.1], [0.1, 0.3, 0.6],
-    [0.1, 0.1, 0.8], [0.2, 0.1, 0.7],
-])
+PROBABILITIES = np.array(
+    [
+        [0.8, 0.1, 0.1],
+        [0.7, 0.2, 0.1],
+        [0.1, 0.8, 0.1],
+        [0.1, 0.3, 0.6],
+        [0.1, 0.1, 0.8],
+        [0.2, 0.1, 0.7],
+    ]
+)
 
 
 def test_per_class_table_and_averages() -> None:
     report = evaluate_probabilities(PROBABILITIES, LABELS, CLASSES, threshold=0.5)
     assert report["per_class"]["normal"] == pytest.approx(
-        {"precision": 1.0, "recall": 1.0, "f1-score": 1.0, "support": 2})
+        {"precision": 1.0, "recall": 1.0, "f1-score": 1.0, "support": 2}
+    )
     assert report["per_class"]["mass"]["recall"] == pytest.approx(0.5)
     assert report["per_class"]["mass"]["precision"] == pytest.approx(1.0)
     assert report["per_class"]["bleed"]["precision"] == pytest.approx(2 / 3)
@@ -55,12 +61,25 @@ def test_auc_is_none_for_an_absent_class() -> None:
 def test_report_files(tmp_path: Path) -> None:
     report = evaluate_probabilities(PROBABILITIES, LABELS, CLASSES, threshold=0.5)
     history = [
-        {"epoch": e, "phase": "initial" if e < 3 else "fine-tune", "loss": 1 / e,
-         "val_loss": 1.2 / e, "accuracy": 0.5, "val_accuracy": 0.5, "val_macro_f1": 0.4}
+        {
+            "epoch": e,
+            "phase": "initial" if e < 3 else "fine-tune",
+            "loss": 1 / e,
+            "val_loss": 1.2 / e,
+            "accuracy": 0.5,
+            "val_accuracy": 0.5,
+            "val_macro_f1": 0.4,
+        }
         for e in range(1, 5)
     ]
-    written = write_report(report, tmp_path, probabilities=PROBABILITIES, labels=LABELS,
-                           history=history, extra={"model_version": 3})
+    written = write_report(
+        report,
+        tmp_path,
+        probabilities=PROBABILITIES,
+        labels=LABELS,
+        history=history,
+        extra={"model_version": 3},
+    )
     names = {p.name for p in written}
     assert names == {REPORT_JSON, REPORT_MARKDOWN, CURVES_PNG, CONFUSION_PNG, ROC_PNG}
     for png in (CURVES_PNG, CONFUSION_PNG, ROC_PNG):

@@ -24,9 +24,12 @@ def test_names_are_versioned_and_carry_no_patient_fields(event_type) -> None:
 
 
 def test_job_request_round_trips() -> None:
-    job = TrainingJobRequestedV1(model_name="brain-mri-anomaly",
-                                 dataset=DatasetSpec(kind="folder", path="/data/brain"),
-                                 epochs=12, requested_by="ops")
+    job = TrainingJobRequestedV1(
+        model_name="brain-mri-anomaly",
+        dataset=DatasetSpec(kind="folder", path="/data/brain"),
+        epochs=12,
+        requested_by="ops",
+    )
     assert TrainingJobRequestedV1.from_bytes(job.to_bytes()) == job
     assert job.promote is True and isinstance(job.job_id, uuid.UUID)
 
@@ -62,13 +65,26 @@ def test_status_events_must_be_complete(fields: dict, words: str) -> None:
 
 
 def test_status_and_published_round_trip() -> None:
-    done = TrainingJobStatusV1(job_id=uuid.uuid4(), model_name="brain", status="succeeded",
-                               model_version=4, metrics={"macro_f1": 0.97}, promoted=True)
+    done = TrainingJobStatusV1(
+        job_id=uuid.uuid4(),
+        model_name="brain",
+        status="succeeded",
+        model_version=4,
+        metrics={"macro_f1": 0.97},
+        promoted=True,
+    )
     assert TrainingJobStatusV1.from_bytes(done.to_bytes()) == done
-    published = ModelPublishedV1(model_name="brain", model_version=4, action="promoted",
-                                 previous_version=3, storage_uri="file:///var/models/brain/4",
-                                 dataset_fingerprint="e" * 64, macro_f1=0.97,
-                                 class_names=["normal", "mass"], threshold=0.5)
+    published = ModelPublishedV1(
+        model_name="brain",
+        model_version=4,
+        action="promoted",
+        previous_version=3,
+        storage_uri="file:///var/models/brain/4",
+        dataset_fingerprint="e" * 64,
+        macro_f1=0.97,
+        class_names=["normal", "mass"],
+        threshold=0.5,
+    )
     assert ModelPublishedV1.from_bytes(published.to_bytes()) == published
     with pytest.raises(ValidationError):
         ModelPublishedV1.model_validate({**published.model_dump(), "dataset_fingerprint": "x"})

@@ -73,11 +73,22 @@ def test_ham10000_split_by_lesion(tmp_path: Path) -> None:
         dx = ("nv", "mel", "bkl")[lesion % 3]
         for photo in range(2):  # two photographs of each lesion
             image_id = f"ISIC_{lesion:03d}{photo}"
-            write_png(tmp_path / "HAM10000_images_part_1" / f"{image_id}.jpg", lesion * 2 + photo,
-                      colour=True)
-            rows.append({"lesion_id": f"HAM_{lesion:04d}", "image_id": image_id, "dx": dx,
-                         "dx_type": "histo", "age": "50", "sex": "male",
-                         "localization": "back"})
+            write_png(
+                tmp_path / "HAM10000_images_part_1" / f"{image_id}.jpg",
+                lesion * 2 + photo,
+                colour=True,
+            )
+            rows.append(
+                {
+                    "lesion_id": f"HAM_{lesion:04d}",
+                    "image_id": image_id,
+                    "dx": dx,
+                    "dx_type": "histo",
+                    "age": "50",
+                    "sex": "male",
+                    "localization": "back",
+                }
+            )
     with (tmp_path / "HAM10000_metadata.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -107,16 +118,23 @@ def dicom_studies(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[
         patient = f"TRAIN-{number}"
         paths = build_mr_study(root / patient, patient_id=patient, n_slices=3, seed=number)
         series = pydicom.dcmread(paths[0], stop_before_pixels=True).SeriesInstanceUID
-        rows.append({"SeriesInstanceUID": series, "label": "normal" if number % 2 else "mass",
-                     "paths": paths})
+        rows.append(
+            {
+                "SeriesInstanceUID": series,
+                "label": "normal" if number % 2 else "mass",
+                "paths": paths,
+            }
+        )
     return root, rows
 
 
 def test_dicom_series_with_labels_csv(tmp_path: Path, dicom_studies) -> None:
     root, rows = dicom_studies
     labels = tmp_path / "labels.csv"
-    labels.write_text("SeriesInstanceUID,label\n" + "".join(
-        f"{r['SeriesInstanceUID']},{r['label']}\n" for r in rows))
+    labels.write_text(
+        "SeriesInstanceUID,label\n"
+        + "".join(f"{r['SeriesInstanceUID']},{r['label']}\n" for r in rows)
+    )
     data = load_dicom(root, labels, SIZE, seed=0)
     assert data.class_names == ("normal", "mass")
     assert len(data.train) + len(data.val) + len(data.test) == 12  # 4 series x 3 slices
@@ -131,16 +149,30 @@ def test_training_and_worker_make_the_same_tensor(tmp_path: Path, dicom_studies)
     path = rows[0]["paths"][1]
     ds = pydicom.dcmread(path)
     labels = tmp_path / "labels.csv"
-    labels.write_text(f"SOPInstanceUID,label\n{ds.SOPInstanceUID},mass\n"
-                      f"{pydicom.dcmread(rows[1]['paths'][0]).SOPInstanceUID},normal\n"
-                      f"{pydicom.dcmread(rows[2]['paths'][0]).SOPInstanceUID},normal\n")
-    data = load_dicom(path.parent.parent, labels, SIZE, seed=0, )
-    every = {g: img for s in ("train", "val", "test") for g, img in
-             zip(getattr(data, s).groups, getattr(data, s).images, strict=True)}
+    labels.write_text(
+        f"SOPInstanceUID,label\n{ds.SOPInstanceUID},mass\n"
+        f"{pydicom.dcmread(rows[1]['paths'][0]).SOPInstanceUID},normal\n"
+        f"{pydicom.dcmread(rows[2]['paths'][0]).SOPInstanceUID},normal\n"
+    )
+    data = load_dicom(
+        path.parent.parent,
+        labels,
+        SIZE,
+        seed=0,
+    )
+    every = {
+        g: img
+        for s in ("train", "val", "test")
+        for g, img in zip(getattr(data, s).groups, getattr(data, s).images, strict=True)
+    }
     trained_on = every["TRAIN-0"]
-    ref = InstanceRef(SeriesInstanceUID=ds.SeriesInstanceUID, SOPInstanceUID=ds.SOPInstanceUID,
-                      SOPClassUID=ds.SOPClassUID, storage_uri=path.resolve().as_uri(),
-                      sha256="0" * 64)
+    ref = InstanceRef(
+        SeriesInstanceUID=ds.SeriesInstanceUID,
+        SOPInstanceUID=ds.SOPInstanceUID,
+        SOPClassUID=ds.SOPClassUID,
+        storage_uri=path.resolve().as_uri(),
+        sha256="0" * 64,
+    )
     served = select_series([ref], image_size=SIZE, max_slices=1).images[0]
     np.testing.assert_array_equal(np.repeat(trained_on, 3, axis=-1), served)
 

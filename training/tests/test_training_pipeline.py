@@ -20,13 +20,13 @@ def test_minority_classes_topped_up_with_augmented_copies() -> None:
     balanced, added = balance_with_augmentation(split, 3, seed=1)
     assert added == [0, 6, 9]
     assert balanced.counts(3) == [10, 10, 10]
-    copies = balanced.images[len(split):]
+    copies = balanced.images[len(split) :]
     assert copies.shape == (15, 16, 16, 1)
     assert 0 <= copies.min() and copies.max() <= 255
     originals = split.images[split.labels > 0]
     # Augmented, not duplicated: no copy equals an original image.
     assert not any(np.array_equal(c, o) for c in copies for o in originals)
-    assert set(balanced.groups[len(split):]) <= set(split.groups[split.labels > 0])
+    assert set(balanced.groups[len(split) :]) <= set(split.groups[split.labels > 0])
 
 
 def test_balanced_data_is_left_alone() -> None:
@@ -44,8 +44,9 @@ def test_training_stream_batches_rgb_one_hot() -> None:
     images, labels = batches[0]
     assert images.shape == (4, 16, 16, 3) and labels.shape == (4, 3)
     np.testing.assert_array_equal(images[..., 0], images[..., 2])
-    assert sorted(np.concatenate([b[1].numpy().argmax(1) for b in batches]).tolist()) == \
-        sorted(split.labels.tolist())
+    assert sorted(np.concatenate([b[1].numpy().argmax(1) for b in batches]).tolist()) == sorted(
+        split.labels.tolist()
+    )
     # Every image comes out as itself or its mirror image.
     pool = [split.images[i, :, :, 0] for i in range(len(split))]
     for image in batches[1][0].numpy()[..., 0]:

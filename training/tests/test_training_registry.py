@@ -39,11 +39,17 @@ def tiny_model() -> keras.Model:
 def candidate(registry: Registry, macro_f1: float, job_id: str | None = None) -> int:
     """Reserve, export into staging and register a candidate (what a training job does)."""
     version = registry.reserve(NAME, job_id=job_id)
-    export_saved_model(tiny_model(), CLASSES, 0.5, registry.repository / ".staging", NAME,
-                       version=version)
-    registry.record_candidate(NAME, version, dataset_fingerprint=FINGERPRINT,
-                              metrics={"macro_f1": macro_f1}, class_names=list(CLASSES),
-                              threshold=0.5)
+    export_saved_model(
+        tiny_model(), CLASSES, 0.5, registry.repository / ".staging", NAME, version=version
+    )
+    registry.record_candidate(
+        NAME,
+        version,
+        dataset_fingerprint=FINGERPRINT,
+        metrics={"macro_f1": macro_f1},
+        class_names=list(CLASSES),
+        threshold=0.5,
+    )
     return version
 
 
@@ -56,8 +62,12 @@ RESERVE_FIVE = (
 def test_concurrent_reservations_never_share_a_version(tmp_path: Path) -> None:
     """Three processes (as three training workers would) reserve at the same time."""
     workers = [
-        subprocess.Popen([sys.executable, "-c", RESERVE_FIVE, str(tmp_path)],
-                         stdout=subprocess.PIPE, text=True, cwd=ROOT)
+        subprocess.Popen(
+            [sys.executable, "-c", RESERVE_FIVE, str(tmp_path)],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
         for _ in range(3)
     ]
     taken = [int(v) for worker in workers for v in worker.communicate(timeout=60)[0].split()]
@@ -146,7 +156,10 @@ def test_rollback_in_one_call_and_back_again(tmp_path: Path) -> None:
     assert (tmp_path / ".retired" / NAME / str(versions[2]) / "saved_model.pb").is_file()
     last = events.sent[-1][2]
     assert (last.action, last.model_version, last.previous_version) == (
-        "rolled-back", versions[1], versions[2])
+        "rolled-back",
+        versions[1],
+        versions[2],
+    )
 
     assert rollback(registry, NAME, events, to_version=versions[0]) == (versions[1], versions[0])
     assert registry.served_versions(NAME) == versions[:1]

@@ -27,8 +27,9 @@ from training.train import (
     train,
 )
 
-SMALL = replace(TINY, image_size=32, train_subjects=3, val_subjects=1, test_subjects=1,
-                slices_per_subject=4)
+SMALL = replace(
+    TINY, image_size=32, train_subjects=3, val_subjects=1, test_subjects=1, slices_per_subject=4
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +38,15 @@ def data() -> LabelledImages:
 
 
 def fast_settings(tmp_path: Path, **fields: object) -> TrainSettings:
-    values = {"epochs": 2, "fine_tune_after": 1, "batch_size": 8, "dense_units": 8,
-              "runs_dir": tmp_path / "runs", "repository": tmp_path / "models", **fields}
+    values = {
+        "epochs": 2,
+        "fine_tune_after": 1,
+        "batch_size": 8,
+        "dense_units": 8,
+        "runs_dir": tmp_path / "runs",
+        "repository": tmp_path / "models",
+        **fields,
+    }
     return TrainSettings(**values)
 
 
@@ -84,13 +92,19 @@ class ScriptedValidation:
 def test_plateau_lowers_the_rate_and_patience_stops(
     tmp_path: Path, data: LabelledImages, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    settings = fast_settings(tmp_path, plateau_patience=2, early_stopping_patience=4,
-                             plateau_factor=0.5, learning_rate=1e-3)
+    settings = fast_settings(
+        tmp_path,
+        plateau_patience=2,
+        early_stopping_patience=4,
+        plateau_factor=0.5,
+        learning_rate=1e-3,
+    )
     state = RunState(learning_rate=1e-3)
     model = build_classifier(data.class_names, image_size=32, dense_units=8)
     train_module.compile_for(model, 1e-3)
-    monkeypatch.setattr(train_module, "validation_metrics",
-                        ScriptedValidation([1.0, 0.9, 0.95, 0.95, 0.95, 0.95]))
+    monkeypatch.setattr(
+        train_module, "validation_metrics", ScriptedValidation([1.0, 0.9, 0.95, 0.95, 0.95, 0.95])
+    )
     callback = train_module._EpochEnd(data, settings, state, tmp_path, train_module.NoProgress())
     callback.set_model(model)
     rates = []

@@ -22,8 +22,12 @@ from training.worker import JobReporter, TrainingWorker
 CLASSES = ["normal", "mass"]
 
 
-def fake_runner(request: TrainingJobRequestedV1, settings: TrainSettings,
-                reporter: JobReporter, registry: Registry) -> JobOutcome:
+def fake_runner(
+    request: TrainingJobRequestedV1,
+    settings: TrainSettings,
+    reporter: JobReporter,
+    registry: Registry,
+) -> JobOutcome:
     """What the real runner does to the repository, without training: reserve, 2 epochs, export."""
     version = registry.reserve(settings.model_name, job_id=str(request.job_id))
     reporter.version = version
@@ -31,16 +35,37 @@ def fake_runner(request: TrainingJobRequestedV1, settings: TrainSettings,
     for epoch in (1, 2):
         reporter.on_epoch(epoch, "initial", {"loss": 1.0 / epoch, "val_macro_f1": 0.5})
     inputs = keras.Input((32, 32, 3), name="images")
-    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(
-        keras.layers.GlobalAveragePooling2D()(inputs)))
-    export_saved_model(model, CLASSES, 0.5, registry.repository / ".staging",
-                       settings.model_name, version=version)
-    registry.record_candidate(settings.model_name, version, dataset_fingerprint="b" * 64,
-                              metrics={"macro_f1": 0.8}, class_names=CLASSES, threshold=0.5)
-    report = {"macro_f1": 0.8, "weighted_avg": {"f1-score": 0.8}, "accuracy": 0.8,
-              "roc_auc": {"macro": 0.9}, "per_class": {c: {"f1-score": 0.8} for c in CLASSES}}
-    return JobOutcome(settings.model_name, version, report, False, None, None,
-                      settings.runs_dir / str(request.job_id))
+    model = keras.Model(
+        inputs,
+        keras.layers.Dense(2, activation="softmax")(keras.layers.GlobalAveragePooling2D()(inputs)),
+    )
+    export_saved_model(
+        model, CLASSES, 0.5, registry.repository / ".staging", settings.model_name, version=version
+    )
+    registry.record_candidate(
+        settings.model_name,
+        version,
+        dataset_fingerprint="b" * 64,
+        metrics={"macro_f1": 0.8},
+        class_names=CLASSES,
+        threshold=0.5,
+    )
+    report = {
+        "macro_f1": 0.8,
+        "weighted_avg": {"f1-score": 0.8},
+        "accuracy": 0.8,
+        "roc_auc": {"macro": 0.9},
+        "per_class": {c: {"f1-score": 0.8} for c in CLASSES},
+    }
+    return JobOutcome(
+        settings.model_name,
+        version,
+        report,
+        False,
+        None,
+        None,
+        settings.runs_dir / str(request.job_id),
+    )
 
 
 def failing_runner(*args: object) -> JobOutcome:
@@ -49,7 +74,8 @@ def failing_runner(*args: object) -> JobOutcome:
 
 def request(**fields: object) -> TrainingJobRequestedV1:
     return TrainingJobRequestedV1(
-        model_name="brain", dataset=DatasetSpec(kind="benchmark", preset="tiny"), **fields)
+        model_name="brain", dataset=DatasetSpec(kind="benchmark", preset="tiny"), **fields
+    )
 
 
 def settings(tmp_path: Path, **fields: object) -> TrainSettings:
@@ -64,7 +90,8 @@ def test_a_job_reports_queued_running_and_succeeded(tmp_path: Path) -> None:
     events = MemoryEvents()
     job = request()
     TrainingWorker(settings(tmp_path), events, runner=fake_runner).handle(
-        job.to_bytes(), topic=job.SCHEMA)
+        job.to_bytes(), topic=job.SCHEMA
+    )
     seen = statuses(events)
     assert [s.status for s in seen] == ["queued", "running", "running", "running", "succeeded"]
     assert [s.epoch for s in seen[1:4]] == [0, 1, 2]
@@ -79,7 +106,8 @@ def test_a_failed_job_says_why(tmp_path: Path) -> None:
     events = MemoryEvents()
     job = request()
     TrainingWorker(settings(tmp_path), events, runner=failing_runner).handle(
-        job.to_bytes(), topic=job.SCHEMA)
+        job.to_bytes(), topic=job.SCHEMA
+    )
     *_, last = statuses(events)
     assert last.status == "failed" and "dataset folder is empty" in (last.reason or "")
 
@@ -99,7 +127,8 @@ def test_a_redelivered_finished_job_is_not_trained_again(tmp_path: Path) -> None
 def test_an_unusable_request_goes_to_the_dead_letter_topic(tmp_path: Path) -> None:
     events = MemoryEvents()
     TrainingWorker(settings(tmp_path), events, runner=fake_runner).handle(
-        b'{"model_name": "brain"}', topic=TrainingJobRequestedV1.SCHEMA, partition=0, offset=7)
+        b'{"model_name": "brain"}', topic=TrainingJobRequestedV1.SCHEMA, partition=0, offset=7
+    )
     [(topic, _, event)] = events.sent
     assert topic == "training.job.requested.v1.dlq"
     assert isinstance(event, DeadLetterV1) and event.source_offset == 7
@@ -132,8 +161,12 @@ def test_two_jobs_over_kafka_get_two_versions(kafka, tmp_path: Path) -> None:
     producer.close()
 
     consumer = KafkaConsumer(
-        TrainingJobStatusV1.SCHEMA, bootstrap_servers=kafka.bootstrap_servers,
-        group_id=f"{group}-reader", auto_offset_reset="earliest", consumer_timeout_ms=1000)
+        TrainingJobStatusV1.SCHEMA,
+        bootstrap_servers=kafka.bootstrap_servers,
+        group_id=f"{group}-reader",
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=1000,
+    )
     wanted = {job.job_id for job in jobs}
     final: dict[uuid.UUID, TrainingJobStatusV1] = {}
     seen: dict[uuid.UUID, list[str]] = {job_id: [] for job_id in wanted}
