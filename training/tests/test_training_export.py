@@ -83,6 +83,25 @@ def test_exported_model_computes_what_the_keras_model_computes(
     np.testing.assert_array_equal(outputs["threshold"], np.full(3, 0.35, np.float32))
 
 
+def test_a_trained_model_is_exported_without_its_optimizer(tmp_path: Path) -> None:
+    model = small_model()
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    images = np.random.default_rng(2).uniform(0, 255, (8, SIZE, SIZE, 3)).astype(np.float32)
+    model.fit(images, np.arange(8) % len(CLASSES), epochs=1, verbose=0)  # Adam has slots now
+
+    exported = export_saved_model(model, CLASSES, 0.5, tmp_path, NAME)
+
+    saved = [name for name, _ in tf.train.list_variables(str(exported / "variables" / "variables"))]
+    assert not [name for name in saved if "optimizer" in name.lower()], saved
+    serve = tf.saved_model.load(str(exported)).signatures[model_signature.SIGNATURE_NAME]
+    np.testing.assert_allclose(
+        serve(images=tf.constant(images))["probabilities"].numpy(),
+        model.predict(images, verbose=0),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
 def test_versions_count_up_and_are_never_overwritten(tmp_path: Path) -> None:
     model = small_model()
     assert export_saved_model(model, CLASSES, 0.5, tmp_path, NAME).name == "1"
