@@ -10,7 +10,6 @@ exit.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import fcntl
 import logging
 import os
@@ -28,6 +27,7 @@ from dicom_listener.config import Settings
 from dicom_listener.health import HttpServer
 from dicom_listener.metrics import ListenerMetrics
 from scanwatch.logs import configure_logging
+from scanwatch.processes import die_with_parent
 
 SERVICE = "dicom-listener"
 #: Seconds between checks that every worker process is alive.
@@ -39,8 +39,6 @@ PUBLISHER_POLL_S = 0.02
 PUBLISHER_STOP_S = 5.0
 #: Pause between attempts to take the publisher lock from another publisher.
 LOCK_RETRY_S = 0.2
-#: prctl option: signal sent to this process when its parent dies (linux/prctl.h).
-PR_SET_PDEATHSIG = 1
 #: Seconds a worker gets to finish its associations on stop.
 WORKER_STOP_S = 15.0
 log = logging.getLogger("dicom_listener")
@@ -51,18 +49,6 @@ def _spawn(role: str, port: int) -> subprocess.Popen[bytes]:
     env = {**os.environ, "SCANWATCH_LISTENER_PORT": str(port)}
     argv = [sys.executable, "-m", "dicom_listener", role, "--parent", str(os.getpid())]
     return subprocess.Popen(argv, env=env)
-
-
-def _die_with_parent() -> None:
-    """Linux: have the kernel SIGKILL this child when its parent dies (``kill -9`` of the
-    listener), so that no orphaned publisher or worker outlives it. Safe: a worker's
-    unanswered C-STOREs were never acknowledged, and a publisher's undeleted events are sent
-    again by the next one."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the parent-check loops still apply
-        pass
 
 
 def _orphaned(parent: int) -> bool:
@@ -157,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     # when the primary was killed while the child was starting.
     parent = args.parent or os.getppid()
     if args.worker or args.publisher:
-        _die_with_parent()
+        # The kernel kills this child when the listener dies (``kill -9``), so that no orphaned
+        # publisher or worker outlives it. Safe: a worker's unanswered C-STOREs were never
+        # acknowledged, and a publisher's undeleted events are sent again by the next one.
+        # Where that cannot be arranged, the parent checks below still apply.
+        die_with_parent(signal.SIGKILL)
         if _orphaned(parent):
             return 0
     stop = threading.Event()

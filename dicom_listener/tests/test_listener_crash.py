@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from dicom_listener.tests.helpers import received_events, sop_uid, wait_for
 from scanwatch.kafka_local import LocalKafka, free_port
@@ -108,9 +109,10 @@ def test_kill_9_mid_transfer_loses_no_acknowledged_instance(
 def parse_prometheus(text: str) -> dict[str, float]:
     """Unlabelled samples of a Prometheus text exposition, by name."""
     return {
-        name: float(value)
-        for name, _, value in (line.partition(" ") for line in text.splitlines())
-        if name and not name.startswith("#") and "{" not in name
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if not sample.labels
     }
 
 

@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scanwatch.logs import configure_logging
+from scanwatch.processes import die_with_parent
 from services.fhir_api import auth, migrate
 from services.fhir_api.auth import AuthError, TokenService
 from services.fhir_api.config import Settings
@@ -54,8 +55,6 @@ from services.fhir_api.store import ResourceStore, Stored, make_engine
 from services.fhir_api.subscriptions import SubscriptionManager, check_subscription
 
 SERVICE = "fhir-api"
-#: prctl(2) option: the signal this process gets when its parent dies.
-PR_SET_PDEATHSIG = 1
 log = logging.getLogger(__name__)
 #: Where the OpenAPI document of the FHIR routes is served (no token needed).
 OPENAPI_PATH = "/openapi.json"
@@ -88,10 +87,7 @@ def worker_app() -> FastAPI:
 def _exit_with_parent() -> None:
     """Ask Linux to stop this worker when the ``serve`` process dies, even by SIGKILL (uvicorn
     stops its workers only on a signal it can catch; orphans would keep the port)."""
-    if sys.platform != "linux":
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+    if sys.platform == "linux" and not die_with_parent(signal.SIGTERM):
         log.warning(
             "cannot tie the worker's life to its parent's", extra={"errno": ctypes.get_errno()}
         )
