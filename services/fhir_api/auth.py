@@ -32,6 +32,8 @@ from sqlalchemy import DateTime, Index, Text
 from sqlalchemy.engine import Connection, Engine
 from sqlmodel import Field, Session, SQLModel, select
 
+from services.fhir_api.store import for_writes
+
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("scanwatch.fhir.audit")
 
@@ -251,7 +253,7 @@ def register_client(
     if any(s.context == "patient" for s in parsed) and not patient:
         raise ValueError("patient/ scopes need the Patient id the client is bound to")
     secret = secret or secrets.token_urlsafe(32)
-    with Session(engine) as session:
+    with Session(for_writes(engine)) as session:
         client = session.get(OAuthClient, client_id) or OAuthClient(
             client_id=client_id, secret_sha256="", scopes="", created=datetime.now(UTC)
         )

@@ -275,6 +275,13 @@ def make_engine(database_url: str, **kwargs: Any) -> Engine:
     return engine
 
 
+def for_writes(engine: Engine) -> Engine:
+    """``engine`` for transactions that write: on SQLite they begin IMMEDIATE, so that a read
+    followed by a write waits for other writers instead of failing at once ("database is
+    locked": a deferred read snapshot cannot be upgraded once another writer committed)."""
+    return engine.execution_options(**{_WRITE_OPTION: True})
+
+
 def reference_key(reference: str) -> str | None:
     """``Type/id`` of a relative or absolute literal reference (a ``_history`` suffix dropped);
     None when it is not one."""
@@ -426,7 +433,7 @@ class ResourceStore:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._write_engine = engine.execution_options(**{_WRITE_OPTION: True})
+        self._write_engine = for_writes(engine)
         self._read_engine = (
             engine.execution_options(isolation_level="AUTOCOMMIT")
             if self.backend == "postgresql"
@@ -638,12 +645,13 @@ class ResourceStore:
         rows = connection.execute(
             core_select(ResourceChange.__table__).order_by(col(ResourceChange.pk)).limit(limit)  # type: ignore[attr-defined]
         ).all()
+        # End the read at once: the notifier keeps this connection for its lifetime, and an
+        # open SQLite read transaction would hold a lock that stops every writer.
+        connection.rollback()
         return [ResourceChange(**row._mapping) for row in rows]
 
     def forget_changes(self, pks: Sequence[int], connection: Connection) -> None:
         """Delete handled changes (committed before it returns)."""
-        if connection.in_transaction():
-            connection.rollback()  # SQLite: a write never upgrades a read snapshot
         connection.execute(delete(ResourceChange).where(col(ResourceChange.pk).in_(pks)))
         connection.commit()
 
