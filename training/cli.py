@@ -320,7 +320,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", type=Path, help="run folder (an unfinished one resumes)")
     train.add_argument("--runs-dir", type=Path, help="where new run folders go")
     train.add_argument("--epochs", type=int)
-    train.add_argument("--fine-tune-after", type=int, help="epochs before fine-tuning (5)")
+    train.add_argument(
+        "--fine-tune-after",
+        type=int,
+        help="epochs before fine-tuning (5 with pretrained weights, none from scratch)",
+    )
     train.add_argument("--variant", help="EfficientNet B0..B7 (default B0)")
     train.add_argument("--weights", help="'imagenet' or a weights file (default: from scratch)")
     train.add_argument("--batch-size", type=int)

@@ -14,6 +14,7 @@ from training.model import IMAGENET, VARIANTS, normalise_variant
 SCRATCH_LR_FACTOR = 0.5
 PRETRAINED_LR_FACTOR = 0.1
 SCRATCH_TOP_FRACTION = 1.0
+PRETRAINED_FINE_TUNE_AFTER = 5
 PRETRAINED_TOP_FRACTION = 0.3
 
 
@@ -32,11 +33,15 @@ class TrainSettings(BaseSettings):
     dense_units: int = Field(256, ge=1, description="Units of the ReLU dense layer of the head.")
     dropout: float = Field(0.3, ge=0, lt=1, description="Dropout before the softmax.")
     # -- optimisation -----------------------------------------------------------------------
-    epochs: int = Field(30, ge=1, description="Most epochs (early stopping may end sooner).")
+    epochs: int = Field(60, ge=1, description="Most epochs (early stopping may end sooner).")
     batch_size: int = Field(32, ge=1, description="Images per training step.")
     learning_rate: float = Field(1e-3, gt=0, description="Adam's learning rate before fine-tuning.")
-    fine_tune_after: int = Field(
-        5, ge=0, description="Epochs before fine-tuning starts (the article: after five)."
+    fine_tune_after: int | None = Field(
+        None,
+        ge=0,
+        description="Epochs before fine-tuning starts; unset: after five with pretrained weights "
+        "(the article), never from scratch (the whole base learns from the first epoch, and "
+        "freezing its BatchNorm statistics early costs accuracy).",
     )
     fine_tune_learning_rate_factor: float | None = Field(
         None,
@@ -59,7 +64,10 @@ class TrainSettings(BaseSettings):
     plateau_factor: float = Field(0.5, gt=0, lt=1, description="LR multiplier on a plateau.")
     min_learning_rate: float = Field(1e-6, gt=0, description="The LR never drops below this.")
     early_stopping_patience: int = Field(
-        7, ge=1, description="Epochs without validation-loss improvement before training stops."
+        15,
+        ge=1,
+        description="Epochs without a better validation macro-F1 before training stops (the "
+        "validation loss of a base trained from scratch swings too much to stop on).",
     )
     balance: bool = Field(
         True, description="Oversample minority classes with augmented copies to the largest."
@@ -89,6 +97,13 @@ class TrainSettings(BaseSettings):
         description="Kafka for model.published.v1 and training job events; unset: no events.",
     )
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
+
+    @property
+    def fine_tune_start(self) -> int:
+        """The epoch fine-tuning starts at (``epochs``: never)."""
+        if self.fine_tune_after is not None:
+            return min(self.fine_tune_after, self.epochs)
+        return min(PRETRAINED_FINE_TUNE_AFTER, self.epochs) if self.weights else self.epochs
 
     @property
     def fine_tune_factor(self) -> float:

@@ -12,10 +12,13 @@ Phases:
    A base trained from scratch gets its BatchNorm statistics re-estimated for the current
    weights just before they are frozen (and uses a BatchNorm momentum suited to short runs).
 
+Fine-tuning starts after five epochs with pretrained weights (the article); a base trained from
+scratch has no fine-tune phase unless ``fine_tune_after`` asks for one.
+
 Throughout: categorical cross-entropy, Adam; the learning rate drops by ``plateau_factor`` after
-``plateau_patience`` epochs without validation-loss improvement (ReduceLROnPlateau's rule);
-training stops after ``early_stopping_patience`` such epochs; the weights with the best
-validation macro-F1 are kept.
+``plateau_patience`` epochs without validation-loss improvement (ReduceLROnPlateau's rule); the
+weights with the best validation macro-F1 are kept, and training stops after
+``early_stopping_patience`` epochs without a better one.
 
 A run folder holds ``settings.json``, ``dataset.json``, ``state.json`` (epoch, phase, learning
 rate, plateau and stopping counters, history), ``last.weights.h5`` and ``best.weights.h5``,
@@ -252,10 +255,9 @@ class _EpochEnd(keras.callbacks.Callback):
         improved = metrics["val_loss"] < state.best_val_loss * (1 - MIN_DELTA)
         if improved:
             state.best_val_loss = metrics["val_loss"]
-            state.plateau_wait = state.stop_wait = 0
+            state.plateau_wait = 0
         else:
             state.plateau_wait += 1
-            state.stop_wait += 1
         if state.plateau_wait >= settings.plateau_patience:
             new_rate = max(
                 state.learning_rate * settings.plateau_factor, settings.min_learning_rate
@@ -275,7 +277,10 @@ class _EpochEnd(keras.callbacks.Callback):
         if better:
             state.best_macro_f1 = metrics["val_macro_f1"]
             state.best_epoch = epoch + 1
+            state.stop_wait = 0
             _save_weights(self.model, self.run_dir / BEST_WEIGHTS)
+        else:
+            state.stop_wait += 1
         _save_weights(self.model, self.run_dir / LAST_WEIGHTS)
         state.epoch = epoch + 1
         metrics["seconds"] = time.perf_counter() - self._started
@@ -386,7 +391,7 @@ def train(
             logger.info("resuming run", extra={"run_dir": str(run_dir), "epoch": state.epoch})
     progress.on_start(state.epoch, settings.epochs, steps)
 
-    fine_tune_from = min(settings.fine_tune_after, settings.epochs)
+    fine_tune_from = settings.fine_tune_start
     phases = ((INITIAL, 0, fine_tune_from), (FINE_TUNE, fine_tune_from, settings.epochs))
     for phase, first, last in phases:
         if state.finished or state.stopped_early or state.epoch >= last or first >= last:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import select as core_select
 from sqlalchemy.engine import Connection, Engine, Row, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DisconnectionError, IntegrityError
 from sqlalchemy.sql import ColumnElement
 from sqlmodel import Field, Session, SQLModel, col, create_engine, delete, func, select
 
@@ -238,8 +239,15 @@ class VersionConflict(Exception):
         self.current = current
 
 
-def make_engine(database_url: str, **kwargs: Any) -> Engine:
-    """An engine for the store; SQLite gets WAL, a busy timeout and immediate write locks."""
+#: Connections each API process keeps open to PostgreSQL (and as many more while busy).
+PG_POOL_SIZE = 10
+#: A pooled PostgreSQL connection idle longer than this is pinged before use (see make_engine).
+PG_PING_IDLE_S = 5.0
+
+
+def make_engine(database_url: str, ping_idle_s: float = PG_PING_IDLE_S, **kwargs: Any) -> Engine:
+    """An engine for the store; SQLite gets WAL, a busy timeout and immediate write locks;
+    PostgreSQL connections idle over ``ping_idle_s`` are checked before use."""
     url = make_url(database_url)
     if url.get_backend_name() != "sqlite":
         # psycopg prepares a statement after its 5th run; PostgreSQL then switches to a generic
@@ -247,7 +255,13 @@ def make_engine(database_url: str, **kwargs: Any) -> Engine:
         # not (the bounds decide between index walks): planning every run with the actual values
         # more than halved PostgreSQL's CPU per search (bench/fhir.md). Parsing is still saved.
         connect_args = {"options": "-c plan_cache_mode=force_custom_plan"}
-        return create_engine(database_url, pool_pre_ping=True, connect_args=connect_args, **kwargs)
+        # Connections beyond pool_size are closed when returned; a worker serving more
+        # concurrent requests than that opened (and PostgreSQL forked) a connection per
+        # request (bench/fhir.md). Ten stay open per process.
+        kwargs = {"pool_size": PG_POOL_SIZE, "max_overflow": PG_POOL_SIZE} | kwargs
+        engine = create_engine(database_url, connect_args=connect_args, **kwargs)
+        _ping_when_idle(engine, ping_idle_s)
+        return engine
     if url.database and url.database != ":memory:":
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(
@@ -273,6 +287,33 @@ def make_engine(database_url: str, **kwargs: Any) -> Engine:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def _ping_when_idle(engine: Engine, idle_s: float) -> None:
+    """Ping a pooled connection before use only when it sat idle over ``idle_s`` seconds.
+
+    ``pool_pre_ping`` pings on every checkout: a round trip per request, 10 % of the API's CPU
+    and a fifth of its searches per second under load (bench/fhir.md). Connections in steady
+    use have just proved alive; the ones that sat idle (PostgreSQL restarted, a firewall
+    dropped them) are the ones to check. A failed ping makes the pool discard the connection
+    and open a new one (SQLAlchemy's "custom pessimistic ping" recipe). A connection that dies
+    in the ``idle_s`` after its last use fails its request with 503 (the database error
+    handler) and the pool replaces it.
+    """
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_connection: Any, record: Any) -> None:
+        record.info["idle_since"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        idle_since = record.info.get("idle_since")
+        if idle_since is None or time.monotonic() - idle_since <= idle_s:
+            return
+        try:
+            engine.dialect.do_ping(dbapi_connection)
+        except engine.dialect.loaded_dbapi.Error as error:
+            raise DisconnectionError(f"idle connection is gone: {error}") from error
 
 
 def for_writes(engine: Engine) -> Engine:

@@ -79,14 +79,23 @@ def test_phases_from_scratch_and_pretrained(tmp_path: Path) -> None:
     assert pretrained.fine_tune_factor == 0.1 and scratch.fine_tune_factor == 0.5
 
 
-class ScriptedValidation:
-    """Replaces validation_metrics with a scripted sequence of validation losses."""
+def test_fine_tuning_starts_after_five_epochs_only_with_pretrained_weights(tmp_path: Path) -> None:
+    scratch = TrainSettings(epochs=60, runs_dir=tmp_path)
+    pretrained = TrainSettings(epochs=60, weights="imagenet", runs_dir=tmp_path)
+    assert scratch.fine_tune_start == 60 and pretrained.fine_tune_start == 5
+    assert TrainSettings(epochs=60, fine_tune_after=8).fine_tune_start == 8
+    assert TrainSettings(epochs=3, weights="imagenet").fine_tune_start == 3
 
-    def __init__(self, losses: list[float]) -> None:
-        self.losses = iter(losses)
+
+class ScriptedValidation:
+    """Replaces validation_metrics with scripted validation losses and macro-F1s."""
+
+    def __init__(self, losses: list[float], f1s: list[float]) -> None:
+        self.scores = iter(zip(losses, f1s, strict=True))
 
     def __call__(self, probabilities: np.ndarray, labels: np.ndarray, n: int) -> dict:
-        return {"val_loss": next(self.losses), "val_accuracy": 0.5, "val_macro_f1": 0.5}
+        loss, f1 = next(self.scores)
+        return {"val_loss": loss, "val_accuracy": 0.5, "val_macro_f1": f1}
 
 
 def test_plateau_lowers_the_rate_and_patience_stops(
@@ -102,24 +111,26 @@ def test_plateau_lowers_the_rate_and_patience_stops(
     state = RunState(learning_rate=1e-3)
     model = build_classifier(data.class_names, image_size=32, dense_units=8)
     train_module.compile_for(model, 1e-3)
-    monkeypatch.setattr(
-        train_module, "validation_metrics", ScriptedValidation([1.0, 0.9, 0.95, 0.95, 0.95, 0.95])
-    )
+    losses = [1.0, 0.9] + [0.95] * 7
+    f1s = [0.5, 0.5, 0.5, 0.6] + [0.6] * 5
+    monkeypatch.setattr(train_module, "validation_metrics", ScriptedValidation(losses, f1s))
     callback = train_module._EpochEnd(data, settings, state, tmp_path, train_module.NoProgress())
     callback.set_model(model)
     rates = []
-    for epoch in range(6):
+    for epoch in range(9):
         callback.on_epoch_begin(epoch)
         callback.on_epoch_end(epoch, {"loss": 1.0, "accuracy": 0.5})
         rates.append(state.learning_rate)
         if model.stop_training:
             break
-    # Improvements at epochs 1-2; two flat epochs halve the rate; four flat epochs stop.
-    assert rates == [1e-3, 1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4]
-    assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(2.5e-4)
-    assert state.stopped_early and model.stop_training and state.epoch == 6
+    # The loss improves at epochs 1-2, then every two flat epochs halve the rate. Macro-F1
+    # improves last at epoch 4 (the loss did not), so four epochs later training stops.
+    assert rates == [1e-3, 1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4, 1.25e-4]
+    assert float(model.optimizer.learning_rate.numpy()) == pytest.approx(1.25e-4)
+    assert state.stopped_early and model.stop_training and state.epoch == 8
+    assert state.best_epoch == 4
     assert (tmp_path / LAST_WEIGHTS).is_file() and (tmp_path / BEST_WEIGHTS).is_file()
-    assert json.loads((tmp_path / STATE_FILE).read_text())["epoch"] == 6
+    assert json.loads((tmp_path / STATE_FILE).read_text())["epoch"] == 8
 
 
 def test_a_run_resumes_where_it_stopped(tmp_path: Path, data: LabelledImages) -> None:
