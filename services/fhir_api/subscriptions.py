@@ -15,11 +15,12 @@ Several API processes may serve one database; exactly one of them notifies. Ever
 ``resource_change`` row in its own transaction (the outbox, whichever process took the write);
 the notifier is the process holding a PostgreSQL session advisory lock (tried again every
 ``poll_s`` by the others, so one takes over within that time when the holder dies). It reads
-the changes in order, starts the deliveries and deletes the rows. It is woken at once by
-writes its own process takes and polls for the others'. On SQLite there is one process, which
-is always the notifier. A change is delivered at least once: a notifier that stops between
-reading a change and deleting it leaves it to its successor; retries still in progress when it
-stops are lost.
+the changes in order and starts their deliveries; a change's row is deleted once every
+delivery it caused has ended (delivered, or the Subscription set to ``error``). It is woken at
+once by writes its own process takes and polls for the others'. On SQLite there is one
+process, which is always the notifier. A change is delivered at least once: whatever a
+notifier had not finished when it stopped, retries included, its successor (or itself, once
+restarted) delivers again.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
@@ -50,6 +52,9 @@ REST_HOOK = "rest-hook"
 NOTIFIER_LOCK_KEY = 0x7363_616E_6E6F_7466  # "scannotf"
 #: Changes read from the outbox at a time.
 CHANGE_BATCH = 200
+#: Changes whose deliveries may run at once (an endpoint that is down keeps them retrying);
+#: past this, new changes wait in the outbox.
+MAX_IN_FLIGHT = 1000
 
 
 @dataclass(frozen=True)
@@ -144,6 +149,10 @@ class SubscriptionManager:
         self._runner: asyncio.Task[None] | None = None
         # The connection that holds the notifier lock and reads the outbox (None: not leader).
         self._lease: Connection | None = None
+        # Outbox rows whose deliveries run, or ended and are not deleted yet; those that ended
+        # (deleted by the next round, on the lease connection).
+        self._in_flight: set[int] = set()
+        self._finished: deque[int] = deque()
 
     @property
     def is_notifier(self) -> bool:
@@ -240,27 +249,45 @@ class SubscriptionManager:
                     )
                 reachable = False
                 await asyncio.to_thread(self._resign)
+            except Exception:
+                # A fault here must not end notifications for the life of the process: the
+                # changes stay in the outbox and the next round tries again.
+                log.exception("subscription notifier failed; retrying")
 
     def _handle_changes(self) -> bool:
-        """Start the deliveries of one batch of changes and forget them; whether there may be
-        more (blocking; runs in a thread)."""
+        """Forget the changes whose deliveries ended, start the deliveries of the next batch
+        (forgetting at once the changes no one subscribed to); whether there may be more
+        (blocking; runs in a thread)."""
         assert self._lease is not None and self._loop is not None
-        changes = self.store.pending_changes(CHANGE_BATCH, self._lease)
-        if not changes:
-            return False
+        if finished := [self._finished.popleft() for _ in range(len(self._finished))]:
+            self.store.forget_changes(finished, self._lease)
+            self._in_flight.difference_update(finished)
+        if len(self._in_flight) >= MAX_IN_FLIGHT:
+            return False  # back-pressure: new changes wait in the outbox
+        # No cursor: SQLite reuses the keys of deleted rows, and PostgreSQL commits keys out of
+        # order. The oldest rows, as many more as are in flight, hold every new one due.
+        read = self.store.pending_changes(CHANGE_BATCH + len(self._in_flight), self._lease)
+        changes = [c for c in read if c.pk not in self._in_flight]
+        handled = []
         for change in changes:
+            assert change.pk is not None
             if change.resource_type == "Subscription":
                 self.reload()  # in order: it applies to the changes after it
+                handled.append(change.pk)
                 continue
             subscriptions = [
                 s for s in self._subscriptions.values() if s.resource_type == change.resource_type
             ]
             if subscriptions:
+                self._in_flight.add(change.pk)
                 self._loop.call_soon_threadsafe(
-                    self._spawn, self._notify_change(subscriptions, change)
+                    self._spawn, self._notify_change(subscriptions, change), change.pk
                 )
-        self.store.forget_changes([c.pk for c in changes if c.pk is not None], self._lease)
-        return len(changes) == CHANGE_BATCH
+            else:
+                handled.append(change.pk)
+        if handled:
+            self.store.forget_changes(handled, self._lease)
+        return len(changes) >= CHANGE_BATCH
 
     async def _notify_change(
         self, subscriptions: list[ActiveSubscription], change: ResourceChange
@@ -272,10 +299,25 @@ class SubscriptionManager:
             return
         await asyncio.gather(*(self._notify_if_matching(s, stored) for s in subscriptions))
 
-    def _spawn(self, coroutine: Any) -> None:
+    def _spawn(self, coroutine: Any, change_pk: int) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(lambda done: self._delivered(done, change_pk))
+
+    def _delivered(self, task: asyncio.Task[None], change_pk: int) -> None:
+        """A change's deliveries ended: its row goes with the next batch. One cancelled (the
+        notifier stops) or failed (the database went away) keeps its row for whoever notifies
+        next."""
+        self._tasks.discard(task)
+        if task.cancelled():
+            self._in_flight.discard(change_pk)
+            return
+        if (error := task.exception()) is not None:
+            log.error("notification interrupted; it is tried again", exc_info=error)
+            self._in_flight.discard(change_pk)
+            return
+        self._finished.append(change_pk)  # still in flight until its row is deleted
+        self._wake.set()
 
     def _matches(self, subscription: ActiveSubscription, stored: Stored) -> bool:
         query = parse_search(subscription.resource_type, subscription.criteria, 1, 1)

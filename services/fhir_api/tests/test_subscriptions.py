@@ -13,6 +13,8 @@ from fastapi.testclient import TestClient
 
 from scanwatch.kafka_local import free_port
 from scanwatch.testing import wait_for as wait
+from services.fhir_api.app import create_app
+from services.fhir_api.config import Settings
 from services.fhir_api.tests.test_search import scored, write
 
 HEADERS = {"Content-Type": "application/fhir+json"}
@@ -20,19 +22,23 @@ DEADLINE_S = 10.0
 
 
 class Receiver(ThreadingHTTPServer):
-    received: list[tuple[str, str, bytes, str | None]]
+    received: list[tuple[str, str, bytes, str | None]]  # the requests it accepted
+    attempts: int  # every request, accepted or not
+    status: int  # what it answers
 
 
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
     class Handler(BaseHTTPRequestHandler):
         def _record(self) -> None:
+            server: Receiver = self.server  # type: ignore[assignment]
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length)
-            self.server.received.append(  # type: ignore[attr-defined]
-                (self.command, self.path, body, self.headers.get("X-Token"))
-            )
-            self.send_response(200)
+            status = server.status
+            if status < 300:
+                server.received.append((self.command, self.path, body, self.headers.get("X-Token")))
+            server.attempts += 1
+            self.send_response(status)
             self.send_header("Content-Length", "0")
             self.end_headers()
 
@@ -42,7 +48,7 @@ def receiver() -> Iterator[Receiver]:
             pass
 
     server = Receiver(("127.0.0.1", 0), Handler)
-    server.received = []
+    server.received, server.attempts, server.status = [], 0, 200
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -106,6 +112,28 @@ def test_failed_delivery_is_retried_then_visible(client: TestClient) -> None:
     metrics = client.get("/metrics").text
     assert 'fhir_subscription_notifications_total{outcome="retried"} 2.0' in metrics
     assert 'fhir_subscription_notifications_total{outcome="failed"} 1.0' in metrics
+
+
+def test_a_notifier_stopped_while_retrying_leaves_the_delivery_to_its_successor(
+    settings: Settings, issue: Callable[..., str], receiver: Receiver
+) -> None:
+    endpoint = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
+    auth = {"Authorization": f"Bearer {issue('system/*.read system/*.write')}", **HEADERS}
+    receiver.status = 503
+    slow_retries = settings.model_copy(update={"subscription_backoff_s": 60.0})
+    with TestClient(create_app(slow_retries), headers=auth) as first:
+        first.post(
+            "/fhir/Subscription", json=subscription(endpoint, "Observation?status=preliminary")
+        )
+        observation = write(first, scored("10.3"))
+        wait_for(lambda: receiver.attempts == 1)
+    # The first process stopped during its 60 s backoff; the endpoint is back.
+    receiver.status = 200
+    with TestClient(create_app(settings), headers=auth):
+        wait_for(lambda: receiver.received)
+    assert [(r[0], r[1]) for r in receiver.received] == [
+        ("PUT", f"/hook/Observation/{observation['id']}")
+    ]
 
 
 def test_unusable_subscriptions_are_refused(client: TestClient) -> None:
