@@ -589,10 +589,13 @@ class ResourceStore:
         )
         total: int | None = None
         with self._reader(connection) as reader:
-            if count_statement is not None:
-                counted = reader.execute(count_statement).scalar_one()
-                total = counted if total_limit is None or counted <= total_limit else None
             rows = reader.execute(page_statement).all() if count else []
+            if count_statement is not None:
+                if offset == 0 and len(rows) < count:
+                    counted = len(rows)  # every match is on this page: nothing to count
+                else:
+                    counted = reader.execute(count_statement).scalar_one()
+                total = counted if total_limit is None or counted <= total_limit else None
         return total, [to_stored(row) for row in rows]
 
     def search_statements(

@@ -96,6 +96,7 @@ def test_paging_links_walk_every_result(client: TestClient) -> None:
     pages = 0
     while url:
         bundle = client.get(url).json()
+        assert bundle["total"] == 5  # counted on full pages and on the last, partial one
         seen += [e["resource"]["id"] for e in bundle.get("entry", [])]
         links = {link["relation"]: link["url"] for link in bundle["link"]}
         if pages:
@@ -103,6 +104,10 @@ def test_paging_links_walk_every_result(client: TestClient) -> None:
         url = links.get("next", "").replace("http://testserver", "")
         pages += 1
     assert pages == 3 and len(seen) == 5 and set(seen) == written
+    # One page holds every match: the total is its length, and so is _total=accurate's.
+    for total in ("estimate", "accurate"):
+        whole = client.get(f"/fhir/Observation?_sort=date&_count=10&_total={total}").json()
+        assert whole["total"] == len(whole["entry"]) == 5
     back = client.get("/fhir/Observation?_sort=date&_count=2&_offset=4").json()
     previous = {link["relation"]: link["url"] for link in back["link"]}["previous"]
     assert "_offset=2" in previous
