@@ -27,10 +27,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import logging
+import threading
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qsl
 
 import httpx
@@ -55,6 +58,23 @@ CHANGE_BATCH = 200
 #: Changes whose deliveries may run at once (an endpoint that is down keeps them retrying);
 #: past this, new changes wait in the outbox.
 MAX_IN_FLIGHT = 1000
+
+
+T = TypeVar("T")
+
+
+def _using_lease(method: Callable[..., T]) -> Callable[..., T]:
+    """Run ``method`` (blocking, in a thread) holding the manager's lease lock: the lease
+    connection is used by one thread at a time and never closed under one still using it.
+    ``stop()`` cancels the task awaiting a thread, not the thread: without the lock, it closed
+    the connection under a running outbox read (a segfault in SQLite)."""
+
+    @functools.wraps(method)
+    def locked(self: SubscriptionManager, *args: Any, **kwargs: Any) -> T:
+        with self._lease_lock:
+            return method(self, *args, **kwargs)
+
+    return locked
 
 
 @dataclass(frozen=True)
@@ -149,6 +169,8 @@ class SubscriptionManager:
         self._runner: asyncio.Task[None] | None = None
         # The connection that holds the notifier lock and reads the outbox (None: not leader).
         self._lease: Connection | None = None
+        self._lease_lock = threading.Lock()
+        self._stopping = False
         # Outbox rows whose deliveries run, or ended and are not deleted yet; those that ended
         # (deleted by the next round, on the lease connection).
         self._in_flight: set[int] = set()
@@ -167,15 +189,17 @@ class SubscriptionManager:
         self._runner = self._loop.create_task(self._run())
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._runner is not None:
             self._runner.cancel()
             await asyncio.gather(self._runner, return_exceptions=True)
+        # Waits for an outbox read still running in its thread (see _using_lease).
+        await asyncio.to_thread(self._resign)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._client is not None:
             await self._client.aclose()
-        await asyncio.to_thread(self._resign)
 
     def reload(self) -> None:
         _total, rows = self.store.search("Subscription", [], [ResourceVersion.pk], 10_000, 0, 0)
@@ -193,6 +217,7 @@ class SubscriptionManager:
 
     # --- leadership and the outbox ----------------------------------------------------------
 
+    @_using_lease
     def _try_lead(self) -> None:
         """Become the notifier if no other process is (blocking; runs in a thread)."""
         if self._lease is not None:
@@ -216,6 +241,7 @@ class SubscriptionManager:
         self.reload()
         log.info("this process delivers subscription notifications")
 
+    @_using_lease
     def _resign(self) -> None:
         if self._lease is None:
             return
@@ -254,6 +280,7 @@ class SubscriptionManager:
                 # changes stay in the outbox and the next round tries again.
                 log.exception("subscription notifier failed; retrying")
 
+    @_using_lease
     def _handle_changes(self) -> bool:
         """Forget the changes whose deliveries ended, start the deliveries of the next batch
         (forgetting at once the changes no one subscribed to); whether there may be more
@@ -300,6 +327,10 @@ class SubscriptionManager:
         await asyncio.gather(*(self._notify_if_matching(s, stored) for s in subscriptions))
 
     def _spawn(self, coroutine: Any, change_pk: int) -> None:
+        if self._stopping:  # read just before stop(): the change stays in the outbox
+            coroutine.close()
+            self._in_flight.discard(change_pk)
+            return
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(lambda done: self._delivered(done, change_pk))

@@ -147,3 +147,31 @@ def test_unusable_subscriptions_are_refused(client: TestClient) -> None:
         resource["channel"]["type"] = channel_type
         response = client.post("/fhir/Subscription", json=resource, headers=HEADERS)
         assert response.status_code == 422, (criteria, channel_type)
+
+
+def test_stop_waits_for_an_outbox_read_still_running_in_its_thread(
+    settings: Settings, issue: Callable[..., str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    auth = {"Authorization": f"Bearer {issue('system/*.read system/*.write')}", **HEADERS}
+    app = create_app(settings)
+    store, manager = app.state.store, app.state.subscriptions
+    reading, events = threading.Event(), []
+    real_read = store.pending_changes
+
+    def slow_read(*args: object) -> object:
+        reading.set()
+        time.sleep(0.3)  # stop() arrives meanwhile
+        changes = real_read(*args)
+        events.append("read done")
+        return changes
+
+    with TestClient(app, headers=auth) as client:
+        real_close = manager._lease.close
+        monkeypatch.setattr(
+            manager._lease, "close", lambda: (events.append("lease closed"), real_close())
+        )
+        monkeypatch.setattr(store, "pending_changes", slow_read)
+        write(client, scored("10.4"))
+        assert reading.wait(DEADLINE_S)
+    # Closing the lease under the read crashed the process (SQLite) before the lease lock.
+    assert events[-2:] == ["read done", "lease closed"]
