@@ -182,6 +182,7 @@ class SubscriptionManager:
         return self._lease is not None
 
     async def start(self) -> None:
+        self._stopping = False
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._client = httpx.AsyncClient(timeout=self.timeout_s)
@@ -252,11 +253,16 @@ class SubscriptionManager:
 
     async def _run(self) -> None:
         reachable = True
-        while True:
+        # Checks _stopping as well as being cancelled: Python 3.11's wait_for loses a
+        # cancellation that arrives as the event it waits for is set (a delivery that just
+        # ended), and stop() then waited for ever.
+        while not self._stopping:
             try:
                 await asyncio.wait_for(self._wake.wait(), self.poll_s)
             except TimeoutError:
                 pass
+            if self._stopping:
+                return
             self._wake.clear()
             try:
                 if self._lease is None:

@@ -3,6 +3,7 @@ loopback; failed deliveries are retried and end in a visible ``status = error``.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -175,3 +176,21 @@ def test_stop_waits_for_an_outbox_read_still_running_in_its_thread(
         assert reading.wait(DEADLINE_S)
     # Closing the lease under the read crashed the process (SQLite) before the lease lock.
     assert events[-2:] == ["read done", "lease closed"]
+
+
+def test_stop_ends_the_notifier_woken_in_the_same_instant(settings: Settings) -> None:
+    app = create_app(settings)
+    with TestClient(app):  # migrates the schema
+        pass
+    manager = app.state.subscriptions
+
+    async def scenario() -> None:
+        await manager.start()
+        await asyncio.sleep(0.2)  # the notifier waits for a wake-up
+        manager._wake.set()  # as a delivery that just ended does
+        # Python 3.11's wait_for drops a cancellation that arrives with its event set: stop()
+        # then waited for a notifier that never ended.
+        await asyncio.wait_for(manager.stop(), DEADLINE_S)
+
+    asyncio.run(scenario())
+    assert manager._runner is not None and manager._runner.done()
