@@ -83,15 +83,9 @@ class LocalPostgres:
             "UTF8",
             "--no-sync",
         )
-        self._run(
-            str(self.bin / "pg_ctl"),
-            "-D",
-            str(self.data),
-            "-w",
+        self._pg_ctl(
             "-t",
             "60",
-            "-l",
-            str(self.root / "postgres.log"),
             "-o",
             f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
             "-c synchronous_commit=off -c full_page_writes=off",
@@ -103,16 +97,19 @@ class LocalPostgres:
 
     def restart(self) -> None:
         """Stop at once (every connection is cut) and start again on the same port."""
+        self._pg_ctl("-m", "immediate", "restart")
+
+    def _pg_ctl(self, *args: str) -> None:
+        """``pg_ctl`` that waits and logs to a file (a server holding our output pipes open
+        would block ``_run``)."""
         self._run(
             str(self.bin / "pg_ctl"),
             "-D",
             str(self.data),
             "-w",
-            "-m",
-            "immediate",
-            "-l",  # as in start(): the server must not hold our output pipes open
+            "-l",
             str(self.root / "postgres.log"),
-            "restart",
+            *args,
         )
 
     def database_url(self) -> str:

@@ -161,7 +161,7 @@ def test_stop_waits_for_an_outbox_read_still_running_in_its_thread(
 
     def slow_read(*args: object) -> object:
         reading.set()
-        time.sleep(0.3)  # stop() arrives meanwhile
+        wait(lambda: manager._stopping, DEADLINE_S, "stop() to begin", interval=0.01)
         changes = real_read(*args)
         events.append("read done")
         return changes
@@ -186,7 +186,10 @@ def test_stop_ends_the_notifier_woken_in_the_same_instant(settings: Settings) ->
 
     async def scenario() -> None:
         await manager.start()
-        await asyncio.sleep(0.2)  # the notifier waits for a wake-up
+        deadline = time.monotonic() + DEADLINE_S
+        while not manager._wake._waiters:  # until the notifier waits for a wake-up
+            assert time.monotonic() < deadline, "the notifier never waited"
+            await asyncio.sleep(0.01)
         manager._wake.set()  # as a delivery that just ended does
         # Python 3.11's wait_for drops a cancellation that arrives with its event set: stop()
         # then waited for a notifier that never ended.
