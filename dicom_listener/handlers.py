@@ -1,8 +1,8 @@
 """The C-STORE handler: a plain function of a received instance (STYLE habit 1).
 
 The network side (:mod:`dicom_listener.upper_layer`) streams each dataset exactly as received
-to a fsync'd temporary Part 10 file. The handler admits the request (free disk, outbox room),
-reads the identifying UIDs, moves the file into the store, and records the instance and its
+to a temporary Part 10 file. The handler admits the request (free disk, outbox room), reads
+the identifying UIDs, fsyncs the file, moves it into the store, and records the instance and its
 ``dicom.instance.received.v1`` event in the durable outbox in one transaction; only then does
 it answer success (PS3.4 Annex B). Kafka is reached by the outbox relay, not here, so a broker
 outage never fails a C-STORE. Any failure becomes a failure status with an Error Comment; no
@@ -30,7 +30,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from dicom_listener.adapters.filestore import InstanceStore, Quarantine, read_chunks
-from dicom_listener.adapters.outbox import Outbox, OutboxTransaction
+from dicom_listener.adapters.outbox import Arrival, Outbox, OutboxTransaction
 from dicom_listener.metrics import ListenerMetrics
 from dicom_listener.scan import Truncated, Undecodable, scan_part10
 from dicom_listener.upper_layer import SUCCESS, ReceivedInstance, Status
@@ -288,8 +288,8 @@ def _storage_failed(exc: BaseException, uids: dict[str, str], ctx: StoreContext)
 def handle_store(received: ReceivedInstance, ctx: StoreContext) -> Status:
     """Admit, store durably, record the event, and only then answer success.
 
-    ``received.path`` is moved into the store when the instance is kept; the caller removes
-    it in every other case.
+    On success ``received.path`` has been moved into the store (or removed: a duplicate);
+    after any other answer the caller removes it.
     """
     if received.write_error is not None:
         uids = {"AffectedSOPInstanceUID": received.affected_sop_instance_uid}
@@ -297,6 +297,15 @@ def handle_store(received: ReceivedInstance, ctx: StoreContext) -> Status:
     refusal = ctx.admission.refusal()
     if refusal is not None:
         return _refuse(received, ctx, refusal)
+    arrival = ctx.outbox.announce()
+    try:
+        return _store(received, ctx, arrival)
+    finally:
+        arrival.withdraw()
+
+
+def _store(received: ReceivedInstance, ctx: StoreContext, arrival: Arrival) -> Status:
+    """Identify, fsync and place the file, then commit its event with ``arrival``."""
     started = time.perf_counter()
     try:
         ident = _identify(received)
@@ -362,7 +371,7 @@ def handle_store(received: ReceivedInstance, ctx: StoreContext) -> Status:
         return "new_version" if known is not None else "stored"
 
     try:
-        outcome = ctx.outbox.submit(record)
+        outcome = ctx.outbox.submit(record, arrival)
     except Exception as exc:  # noqa: BLE001 - not recorded means not successful
         ctx.store.discard(staged)
         ctx.metrics.refused.labels("outbox_failed").inc()

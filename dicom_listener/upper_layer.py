@@ -10,7 +10,7 @@ response leaves as soon as the store handler returns; nothing polls.
 Negotiation follows the standard as an SCP: a presentation context is accepted when its
 abstract syntax is supported, with the first proposed transfer syntax that is (PS3.8 9.3.3.2);
 association rejects carry their PS3.8 9.3.4 reason. The handler never sees a socket: it gets a
-:class:`ReceivedInstance` (a fsync'd Part 10 file) and returns a status.
+:class:`ReceivedInstance` (a Part 10 file, not yet fsync'd) and returns a status.
 """
 
 from __future__ import annotations
@@ -109,10 +109,12 @@ class ProtocolError(Exception):
 
 @dataclass(frozen=True)
 class ReceivedInstance:
-    """One C-STORE's dataset, received in full as a Part 10 file (fsync'd, temporary name).
+    """One C-STORE's dataset, received in full as a Part 10 file under a temporary name;
+    written, not yet fsync'd: the handler makes it durable before it answers success.
 
-    ``sop_class_uid`` and ``transfer_syntax`` are the negotiated presentation context's; the
-    handler may move ``path`` into the store, else the association removes it.
+    ``sop_class_uid`` and ``transfer_syntax`` are the negotiated presentation context's. A
+    handler that answers success has taken ``path`` (moved it into the store, or removed it);
+    after any other answer the association removes it.
     """
 
     path: Path
@@ -379,15 +381,8 @@ class _Incoming:
             self.error = exc
 
     def finish(self) -> None:
-        """Make the bytes durable (fsync) and close the file."""
-        if self.fd < 0:
-            return
-        try:
-            if self.error is None:
-                os.fsync(self.fd)
-        except OSError as exc:
-            self.error = exc
-        finally:
+        """Close the file (the store fsyncs it, while the group commit waits for it)."""
+        if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
@@ -464,7 +459,17 @@ class Association:
 
     # -- association --------------------------------------------------------------------
     def serve(self) -> None:
-        self.sock.settimeout(self.config.network_timeout_s)
+        if isinstance(self.sock, ssl.SSLSocket):
+            self.sock.settimeout(self.config.network_timeout_s)
+        else:
+            # The kernel times out each receive and send (EAGAIN, seen as BlockingIOError):
+            # a Python socket timeout would add a poll() before every recv().
+            self.sock.settimeout(None)
+            seconds = int(self.config.network_timeout_s)
+            micros = int((self.config.network_timeout_s - seconds) * 1e6)
+            timeval = struct.pack("ll", seconds, micros)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
         kind, body = self._read_pdu(_MAX_NEGOTIATION_PDU)
         if kind != A_ASSOCIATE_RQ:
             self._abort(ABORT_UNEXPECTED_PDU, f"expected A-ASSOCIATE-RQ, got PDU type {kind}")
@@ -635,6 +640,7 @@ class Association:
         request.incoming = None
         abstract_syntax, transfer_syntax = self.accepted[request.context_id]
         sop_instance = _uid(request.command.get(_AFFECTED_SOP_INSTANCE, b""))
+        status = Status(PROCESSING_FAILURE, "internal error; not stored")
         try:
             incoming.finish()
             received = ReceivedInstance(
@@ -651,9 +657,11 @@ class Association:
             status = self.store(received)
         except Exception as exc:  # noqa: BLE001 - the sender gets a status, never silence
             log.exception("C-STORE handler failed: %r", exc)
-            status = Status(PROCESSING_FAILURE, "internal error; not stored")
         finally:
-            incoming.discard()  # gone already when the handler moved it into the store
+            # On success the handler has taken the file; an unlink that finds nothing still
+            # locks .incoming against the other associations' creates.
+            if status.Status != SUCCESS:
+                incoming.discard()
         sop_class = _uid(request.command.get(_AFFECTED_SOP_CLASS, b"")) or abstract_syntax
         self._send_command(
             request.context_id,
@@ -691,7 +699,8 @@ class _Handler(socketserver.BaseRequestHandler):
                 ).serve()
         except (ProtocolError, ssl.SSLError) as exc:
             log.warning("association aborted: %s", exc, extra={"peer_address": address})
-        except (ConnectionError, TimeoutError) as exc:
+        except (ConnectionError, TimeoutError, BlockingIOError) as exc:
+            # BlockingIOError: the network timeout (SO_RCVTIMEO / SO_SNDTIMEO) passed.
             log.info("association ended: %r", exc, extra={"peer_address": address})
         finally:
             try:

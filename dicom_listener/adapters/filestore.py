@@ -4,9 +4,9 @@ Layout: ``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``; 
 of the same instance with other content is kept beside it as ``<SOPInstanceUID>.v<N>.dcm``
 (UIDs hold only digits and dots, so the names cannot collide).
 
-The network side streams each dataset, hashing it, to a fsync'd temporary file in
-``<root>/.incoming`` (same filesystem). Placing it is two steps so that the caller can decide,
-between them, whether the bytes are new: :meth:`FileStore.adopt` creates the instance's folder;
+The network side streams each dataset, hashing it, to a temporary file in ``<root>/.incoming``
+(same filesystem). Placing it is two steps so that the caller can decide, between them, whether
+the bytes are new: :meth:`FileStore.adopt` fsyncs the file and creates the instance's folder;
 :meth:`FileStore.commit` renames the file to its final name and fsyncs the folder. After
 ``commit`` returns the file survives a power cut, and a reader never sees a partial file.
 """
@@ -31,7 +31,7 @@ CHUNK_BYTES = 1024 * 1024
 
 @dataclass(frozen=True)
 class StagedInstance:
-    """Bytes written and fsync'd under a temporary name, not yet visible."""
+    """Bytes fsync'd under a temporary name, not yet visible."""
 
     tmp: Path
     folder: Path
@@ -56,7 +56,8 @@ class InstanceStore(Protocol):
     def adopt(
         self, path: Path, study_uid: str, series_uid: str, sop_uid: str, sha256: str, size: int
     ) -> StagedInstance:
-        """Stage a file already written and fsync'd on the store's filesystem (no copy)."""
+        """Stage a file already written on the store's filesystem: fsync it (no copy) and
+        create its folder."""
         ...
 
     def commit(
@@ -139,6 +140,11 @@ class FileStore:
         self, path: Path, study_uid: str, series_uid: str, sop_uid: str, sha256: str, size: int
     ) -> StagedInstance:
         folder = self.folder_for(study_uid, series_uid, sop_uid)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         self._ensure_dir(folder)
         return StagedInstance(Path(path), folder, sop_uid, sha256, size)
 

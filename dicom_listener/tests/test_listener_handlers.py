@@ -20,8 +20,9 @@ from pydicom.uid import (
     MRImageStorage,
 )
 
+from dicom_listener.adapters import outbox as outbox_module
 from dicom_listener.adapters.filestore import FileStore, Quarantine, StagedInstance
-from dicom_listener.adapters.outbox import Outbox, OutboxEvent
+from dicom_listener.adapters.outbox import Outbox, OutboxEvent, OutboxTransaction
 from dicom_listener.handlers import (
     CANNOT_UNDERSTAND_INSTANCE_MISMATCH,
     CANNOT_UNDERSTAND_INVALID_UID,
@@ -41,6 +42,7 @@ from dicom_listener.handlers import (
 )
 from dicom_listener.metrics import ListenerMetrics
 from dicom_listener.upper_layer import SUCCESS, ReceivedInstance, file_meta_bytes
+from scanwatch.testing import wait_for
 from schemas.events import InstanceReceivedV1
 
 CALLING_AE = "MODALITY1"
@@ -57,7 +59,7 @@ class BrokenStore(FileStore):
 class BrokenOutbox(Outbox):
     """An outbox whose database cannot be written (its commit fails)."""
 
-    def submit(self, work):  # type: ignore[no-untyped-def]
+    def submit(self, work, arrival=None):  # type: ignore[no-untyped-def]
         raise OSError(5, "I/O error")
 
 
@@ -479,4 +481,50 @@ def test_group_commit_isolates_a_failing_request(tmp_path: Path) -> None:
         futures[0].result()
     assert [e.value for e in outbox.pending(10)] == [b"v", b"v"]
     assert undone == ["1.2.4", "1.2.4"]
+    outbox.close()
+
+
+def _record(sop: str) -> Callable[[OutboxTransaction], str]:
+    def work(tx: OutboxTransaction) -> str:
+        tx.record(sop, "a" * 64, 1, f"file:///{sop}", topic="t", key=b"k", value=sop.encode())
+        return sop
+
+    return work
+
+
+def test_group_commit_waits_for_an_announced_cstore(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request announced before the leader commits (its file still being fsync'd) joins
+    the leader's transaction instead of paying for a commit of its own."""
+    monkeypatch.setattr(outbox_module, "GROUP_COMMIT_WAIT_S", 30.0)
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    commits: list[int] = []
+    outbox.on_commit(lambda: commits.append(len(outbox.pending(10))))
+    late = outbox.announce()
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(outbox.submit, _record("1.2.1"))
+        assert wait_for(lambda: outbox._requests.qsize() == 1, timeout=10)
+        assert not first.done(), "the leader waits for the announced request"
+        assert outbox.submit(_record("1.2.2"), late) == "1.2.2"
+        assert first.result(timeout=10) == "1.2.1"
+    assert commits == [2], "one commit carried both"
+    outbox.close()
+
+
+def test_a_withdrawn_announcement_does_not_hold_the_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A C-STORE refused after announcing itself withdraws; the next commit does not wait
+    for it (with a 30 s limit, this test would time out if it did)."""
+    monkeypatch.setattr(outbox_module, "GROUP_COMMIT_WAIT_S", 30.0)
+    outbox = Outbox(tmp_path / "outbox.sqlite3")
+    refused = outbox.announce()
+    refused.withdraw()
+    refused.withdraw()  # idempotent: counted once
+    own = outbox.announce()
+    with ThreadPoolExecutor(1) as pool:
+        result = pool.submit(outbox.submit, _record("1.2.3"), own)
+        assert result.result(timeout=10) == "1.2.3"
+    assert outbox._announced == 0
     outbox.close()

@@ -48,14 +48,18 @@ AE_TITLE = "SCANWATCH"
 
 
 class Recorder:
-    """A store function that keeps what it was handed (and the file's bytes)."""
+    """A store function that keeps what it was handed (and the file's bytes), and answers
+    ``answer``; on success it takes the file (removes it), as the real handler does."""
 
     def __init__(self) -> None:
         self.received: list[tuple[ReceivedInstance, bytes]] = []
+        self.answer = Status(SUCCESS)
 
     def __call__(self, received: ReceivedInstance) -> Status:
         self.received.append((received, received.path.read_bytes()))
-        return Status(SUCCESS)
+        if self.answer.Status == SUCCESS:
+            received.path.unlink()
+        return self.answer
 
 
 @contextmanager
@@ -163,6 +167,22 @@ def test_store_and_echo_with_a_tiny_peer_pdu_fragment_the_responses(
     assert stored.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert stored.SOPInstanceUID == ds.SOPInstanceUID and stored.PixelData == ds.PixelData
     assert wait_for(lambda: not any(server.config.incoming_dir.iterdir()), timeout=5)
+
+
+def test_a_failure_answer_leaves_no_temporary_file(
+    server: StorageServer, recorder: Recorder, mr_series: list[Path]
+) -> None:
+    """The handler keeps the file only when it answers success; else the association
+    removes it, and the sender gets the handler's status."""
+    recorder.answer = Status(0xA700, "no room")
+    assoc = scu().associate("127.0.0.1", server.port, ae_title=AE_TITLE)
+    try:
+        assert assoc.send_c_store(pydicom.dcmread(mr_series[0])).Status == 0xA700
+    finally:
+        assoc.release()
+    [(received, _)] = recorder.received
+    assert not received.path.exists()
+    assert not any(server.config.incoming_dir.iterdir())
 
 
 def test_transfer_syntax_not_offered_is_refused_per_context(server: StorageServer) -> None:
