@@ -178,18 +178,27 @@ def test_stop_waits_for_an_outbox_read_still_running_in_its_thread(
     assert events[-2:] == ["read done", "lease closed"]
 
 
-def test_stop_ends_the_notifier_woken_in_the_same_instant(settings: Settings) -> None:
+def test_stop_ends_the_notifier_woken_in_the_same_instant(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     app = create_app(settings)
     with TestClient(app):  # migrates the schema
         pass
     manager = app.state.subscriptions
 
     async def scenario() -> None:
-        await manager.start()
-        deadline = time.monotonic() + DEADLINE_S
-        while not manager._wake._waiters:  # until the notifier waits for a wake-up
-            assert time.monotonic() < deadline, "the notifier never waited"
-            await asyncio.sleep(0.01)
+        await manager.start()  # the notifier task is created, not yet run
+        waiting = asyncio.Event()
+        real_wait = manager._wake.wait
+
+        async def wait_and_tell() -> bool:
+            waiting.set()
+            return await real_wait()
+
+        monkeypatch.setattr(manager._wake, "wait", wait_and_tell)
+        # Set as the notifier starts waiting for a wake-up; seen here once it waits.
+        await asyncio.wait_for(waiting.wait(), DEADLINE_S)
+        assert manager._wake._waiters, "the notifier waits for a wake-up"
         manager._wake.set()  # as a delivery that just ended does
         # Python 3.11's wait_for drops a cancellation that arrives with its event set: stop()
         # then waited for a notifier that never ended.
