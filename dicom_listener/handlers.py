@@ -29,7 +29,12 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
-from dicom_listener.adapters.filestore import InstanceStore, Quarantine, read_chunks
+from dicom_listener.adapters.filestore import (
+    InstanceStore,
+    Quarantine,
+    StagedInstance,
+    read_chunks,
+)
 from dicom_listener.adapters.outbox import Arrival, Outbox, OutboxTransaction
 from dicom_listener.metrics import ListenerMetrics
 from dicom_listener.scan import Truncated, Undecodable, scan_part10
@@ -304,6 +309,24 @@ def handle_store(received: ReceivedInstance, ctx: StoreContext) -> Status:
         arrival.withdraw()
 
 
+def _event(
+    received: ReceivedInstance, ident: _Identity, staged: StagedInstance, storage_uri: str
+) -> InstanceReceivedV1:
+    return InstanceReceivedV1(
+        StudyInstanceUID=ident.StudyInstanceUID,
+        SeriesInstanceUID=ident.SeriesInstanceUID,
+        SOPInstanceUID=ident.SOPInstanceUID,
+        SOPClassUID=ident.SOPClassUID,
+        TransferSyntaxUID=received.transfer_syntax,
+        Modality=ident.Modality,
+        storage_uri=storage_uri,
+        size_bytes=staged.size_bytes,
+        sha256=staged.sha256,
+        calling_ae_title=received.calling_ae_title,
+        called_ae_title=received.called_ae_title,
+    )
+
+
 def _store(received: ReceivedInstance, ctx: StoreContext, arrival: Arrival) -> Status:
     """Identify, fsync and place the file, then commit its event with ``arrival``."""
     started = time.perf_counter()
@@ -325,8 +348,14 @@ def _store(received: ReceivedInstance, ctx: StoreContext, arrival: Arrival) -> S
             received.sha256,
             received.size_bytes,
         )
+        # Built before the group commit, which runs one request at a time: only a new version
+        # (another storage_uri) changes it there.
+        event = _event(received, ident, staged, ctx.store.uri_for(staged, 1))
     except Exception as exc:  # noqa: BLE001 - any failure to store is a refusal
         return _storage_failed(exc, uids, ctx)
+
+    first_version = event.to_bytes()
+    key = ident.StudyInstanceUID.encode()
 
     def record(tx: OutboxTransaction) -> str:
         """Inside the (group) transaction: duplicate, new version or new instance."""
@@ -339,21 +368,9 @@ def _store(received: ReceivedInstance, ctx: StoreContext, arrival: Arrival) -> S
         # remove it so that nothing is half-stored (the sender retries).
         tx.on_rollback(lambda: committed.path.unlink(missing_ok=True))
         tx.fsync_folder_before_commit(staged.folder)
-        event = InstanceReceivedV1(
-            StudyInstanceUID=ident.StudyInstanceUID,
-            SeriesInstanceUID=ident.SeriesInstanceUID,
-            SOPInstanceUID=ident.SOPInstanceUID,
-            SOPClassUID=ident.SOPClassUID,
-            TransferSyntaxUID=received.transfer_syntax,
-            Modality=ident.Modality,
-            storage_uri=committed.uri,
-            size_bytes=committed.size_bytes,
-            sha256=committed.sha256,
-            calling_ae_title=received.calling_ae_title,
-            called_ae_title=received.called_ae_title,
-        )
-        headers: list[tuple[str, bytes]] = []
+        value, headers = first_version, []
         if known is not None:
+            value = event.model_copy(update={"storage_uri": committed.uri}).to_bytes()
             headers = [
                 (HEADER_INSTANCE_VERSION, str(version).encode()),
                 (HEADER_SUPERSEDES_SHA256, known.sha256.encode()),
@@ -364,8 +381,8 @@ def _store(received: ReceivedInstance, ctx: StoreContext, arrival: Arrival) -> S
             version,
             committed.uri,
             topic=event.SCHEMA,
-            key=ident.StudyInstanceUID.encode(),
-            value=event.to_bytes(),
+            key=key,
+            value=value,
             headers=headers,
         )
         return "new_version" if known is not None else "stored"

@@ -60,6 +60,10 @@ class InstanceStore(Protocol):
         create its folder."""
         ...
 
+    def uri_for(self, staged: StagedInstance, version: int) -> str:
+        """Where :meth:`commit` will put ``version`` of the staged bytes."""
+        ...
+
     def commit(
         self, staged: StagedInstance, version: int, fsync_folder: bool = True
     ) -> StoredInstance:
@@ -147,6 +151,9 @@ class FileStore:
             os.close(fd)
         self._ensure_dir(folder)
         return StagedInstance(Path(path), folder, sop_uid, sha256, size)
+
+    def uri_for(self, staged: StagedInstance, version: int) -> str:
+        return (staged.folder / instance_file_name(staged.sop_uid, version)).as_uri()
 
     def commit(
         self, staged: StagedInstance, version: int, fsync_folder: bool = True

@@ -121,7 +121,7 @@ class OutboxTransaction:
             "storage_uri = excluded.storage_uri, stored_at = excluded.stored_at",
             (sop_uid, sha256, version, storage_uri, now),
         )
-        encoded = json.dumps([[k, v.decode("latin-1")] for k, v in headers or []])
+        encoded = json.dumps([[k, v.decode("latin-1")] for k, v in headers]) if headers else "[]"
         self._conn.execute(
             "INSERT INTO outbox (topic, key, value, headers, created_at) VALUES (?, ?, ?, ?, ?)",
             (topic, key, value, encoded, now),
