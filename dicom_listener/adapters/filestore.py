@@ -152,13 +152,17 @@ class FileStore:
         self._ensure_dir(folder)
         return StagedInstance(Path(path), folder, sop_uid, sha256, size)
 
+    @staticmethod
+    def _final_path(staged: StagedInstance, version: int) -> Path:
+        return staged.folder / instance_file_name(staged.sop_uid, version)
+
     def uri_for(self, staged: StagedInstance, version: int) -> str:
-        return (staged.folder / instance_file_name(staged.sop_uid, version)).as_uri()
+        return self._final_path(staged, version).as_uri()
 
     def commit(
         self, staged: StagedInstance, version: int, fsync_folder: bool = True
     ) -> StoredInstance:
-        final = staged.folder / instance_file_name(staged.sop_uid, version)
+        final = self._final_path(staged, version)
         try:
             os.replace(staged.tmp, final)
         except BaseException:
