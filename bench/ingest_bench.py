@@ -102,25 +102,20 @@ def process(argv: list[str], env: dict[str, str] | None = None) -> Iterator[subp
 
 
 def warm_broker(kafka: LocalKafka, events: int = BROKER_WARM_UP_EVENTS) -> None:
-    """Produce ``events`` events the way the listener's publisher does (same topic, acks=all,
-    idempotent, batches of 15), so that the broker's JVM has compiled its produce path."""
-    from kafka import KafkaProducer
-
+    """Send ``events`` events through the listener's own Kafka sink, in batches of 15, so that
+    the broker's JVM has compiled the produce path the runs use."""
+    from dicom_listener.adapters.outbox import OutboxEvent
+    from dicom_listener.adapters.publisher import KafkaSink
     from schemas.events import InstanceReceivedV1
 
-    producer = KafkaProducer(
-        bootstrap_servers=kafka.bootstrap_servers,
-        acks="all",
-        enable_idempotence=True,
-        max_in_flight_requests_per_connection=1,
-        linger_ms=2,
-    )
-    value = bytes(700)
-    for start in range(0, events, 15):
-        for i in range(start, min(start + 15, events)):
-            producer.send(InstanceReceivedV1.SCHEMA, value=value, key=b"warm-up-%d" % (i % 10))
-        producer.flush()
-    producer.close()
+    sink = KafkaSink(kafka.bootstrap_servers, timeout_s=10)
+    batch = [
+        OutboxEvent(i, InstanceReceivedV1.SCHEMA, b"warm-up-%d" % i, bytes(700), [], 0.0)
+        for i in range(15)
+    ]
+    for _ in range(0, events, len(batch)):
+        sink.send_batch(batch)
+    sink.close()
 
 
 def undelivered(outbox: Path) -> int:
