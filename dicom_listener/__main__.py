@@ -22,7 +22,7 @@ from prometheus_client import make_wsgi_app
 from pydantic import ValidationError
 
 from dicom_listener.adapters.outbox import Outbox
-from dicom_listener.adapters.publisher import KafkaSink, OutboxRelay
+from dicom_listener.adapters.publisher import FlushSignal, KafkaSink, OutboxRelay
 from dicom_listener.config import Settings
 from dicom_listener.health import HttpServer
 from dicom_listener.metrics import ListenerMetrics
@@ -32,9 +32,6 @@ from scanwatch.processes import die_with_parent
 SERVICE = "dicom-listener"
 #: Seconds between checks that every worker process is alive.
 SUPERVISE_INTERVAL_S = 1.0
-#: How often the publisher process looks for new events (commits in other processes cannot
-#: wake it).
-PUBLISHER_POLL_S = 0.02
 #: Longest final drain when the publisher process stops.
 PUBLISHER_STOP_S = 5.0
 #: Pause between attempts to take the publisher lock from another publisher.
@@ -74,6 +71,18 @@ def run_publisher(settings: Settings, stop: threading.Event, parent: int) -> int
                 os.close(lock_fd)
                 return 0
     metrics = ListenerMetrics()
+    relay = OutboxRelay(
+        Outbox(settings.resolved_outbox_path),
+        KafkaSink(settings.kafka_bootstrap_servers, settings.kafka_timeout_s),
+        metrics,
+        batch_size=settings.publish_batch_size,
+        retry_max_s=settings.publish_retry_max_s,
+        idle_poll_s=settings.publish_poll_s,
+        linger_s=settings.publish_linger_s,
+    )
+    # Before the metrics port opens: once it answers, association ends reach this process.
+    flush_signal = FlushSignal(settings.resolved_outbox_path)
+    flush_signal.serve(relay.flush)
     http = None
     if settings.publisher_metrics_port:
         try:
@@ -87,21 +96,13 @@ def run_publisher(settings: Settings, stop: threading.Event, parent: int) -> int
                 exc,
                 extra={"port": settings.publisher_metrics_port},
             )
-    relay = OutboxRelay(
-        Outbox(settings.resolved_outbox_path),
-        KafkaSink(settings.kafka_bootstrap_servers, settings.kafka_timeout_s),
-        metrics,
-        batch_size=settings.publish_batch_size,
-        retry_max_s=settings.publish_retry_max_s,
-        idle_poll_s=PUBLISHER_POLL_S,
-        linger_s=settings.publish_linger_s,
-    )
     relay.start()
     log.info("publisher running", extra={"outbox": str(settings.resolved_outbox_path)})
     while not stop.wait(SUPERVISE_INTERVAL_S) and not _orphaned(parent):
         pass
     # A final drain, bounded: whatever is left stays in the outbox for the next publisher,
     # so a Kafka client stuck in close() must not keep this process (and its lock) alive.
+    flush_signal.close()
     stopper = threading.Thread(target=relay.stop, name="publisher-stop", daemon=True)
     stopper.start()
     stopper.join(PUBLISHER_STOP_S)

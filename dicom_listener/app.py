@@ -17,7 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_listener.adapters.filestore import FileStore, Quarantine
 from dicom_listener.adapters.outbox import Outbox
-from dicom_listener.adapters.publisher import EventSink, KafkaSink, OutboxRelay
+from dicom_listener.adapters.publisher import EventSink, FlushSignal, KafkaSink, OutboxRelay
 from dicom_listener.config import Settings
 from dicom_listener.handlers import Admission, StoreContext, handle_store
 from dicom_listener.health import HealthCheck, HttpServer, http_app
@@ -67,6 +67,8 @@ class ListenerApp:
         #: False when the relay runs in a publisher process of its own (see __main__).
         self.run_relay = primary and run_relay
         self.health = HealthCheck(settings.storage_dir, context.admission, context.outbox, relay)
+        #: Association ends, from the processes that do not run the relay to the one that does.
+        self.flush_signal = FlushSignal(settings.resolved_outbox_path)
         self._server: StorageServer | None = None
         self._server_thread: threading.Thread | None = None
         self._http: HttpServer | None = None
@@ -96,6 +98,8 @@ class ListenerApp:
                 log.info("removed unacknowledged temporary files", extra={"count": swept})
         if self.run_relay:
             self.relay.start()
+            if s.workers > 1:
+                self.flush_signal.serve(self.relay.flush)
         ssl_context = (
             server_ssl_context(s.tls_cert_file, s.tls_key_file, s.tls_ca_file)
             if s.tls_cert_file is not None and s.tls_key_file is not None
@@ -117,6 +121,7 @@ class ListenerApp:
             s.host,
             s.port,
             on_reject=self.policy.count_reject,
+            on_association_end=self.relay.flush if self.run_relay else self.flush_signal.send,
         )
         self._server = server
         self._server_thread = threading.Thread(
@@ -156,6 +161,7 @@ class ListenerApp:
         if self._http is not None:
             self._http.stop()
             self._http = None
+        self.flush_signal.close()
         if self.run_relay:
             self.relay.stop()
         else:
@@ -190,8 +196,8 @@ def create_app(
         metrics,
         batch_size=settings.publish_batch_size,
         retry_max_s=settings.publish_retry_max_s,
-        # Other processes commit events without waking this relay: poll often then.
-        idle_poll_s=0.05 if settings.workers > 1 or not run_relay else 1.0,
+        # Other processes' commits do not wake this relay: poll for them.
+        idle_poll_s=settings.publish_poll_s if settings.workers > 1 else 1.0,
         linger_s=settings.publish_linger_s,
     )
     outbox.on_commit(relay.wake)

@@ -119,6 +119,15 @@ class Settings(BaseSettings):
         description="Pause after new events before the publisher sends them, so that one Kafka "
         "request carries several (adds at most this much to an event's delivery time).",
     )
+    publish_poll_s: float = Field(
+        default=0.05,
+        gt=0,
+        le=60,
+        description="How often the publisher looks for events committed by other processes "
+        "(the publisher process, or the primary with several workers). An association that "
+        "ends signals it at once, so this bounds the delay of events only while an "
+        "association is still sending.",
+    )
     publish_retry_max_s: float = Field(
         default=5.0,
         gt=0,

@@ -707,6 +707,7 @@ class _Handler(socketserver.BaseRequestHandler):
                 sock.close()
             except OSError:
                 pass
+            server.on_association_end()
 
 
 class StorageServer(socketserver.ThreadingTCPServer):
@@ -724,11 +725,15 @@ class StorageServer(socketserver.ThreadingTCPServer):
         host: str,
         port: int,
         on_reject: Callable[[str], None] = lambda reason: None,
+        on_association_end: Callable[[], None] = lambda: None,
     ):
         self.config = config
         self.admit = admit
         self.store = store
         self.on_reject = on_reject
+        #: Called once an association is over (released, aborted or refused): its sender
+        #: has nothing more in flight, so what it stored can be published without waiting.
+        self.on_association_end = on_association_end
         self.slots = threading.BoundedSemaphore(config.max_associations)
         self._active = 0
         self._lock = threading.Lock()

@@ -13,10 +13,15 @@ a study's events reach the partition in the order their C-STOREs succeeded.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import socket
 import threading
 import time
+from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from dicom_listener.adapters.outbox import Outbox, OutboxEvent
@@ -193,13 +198,20 @@ class OutboxRelay:
         self.idle_poll_s = idle_poll_s
         self.linger_s = linger_s
         self._wake = threading.Event()
+        self._flush = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         #: Set while the last batch failed (for /healthz; not a health failure).
         self.last_error: str | None = None
 
     def wake(self) -> None:
-        """New events are committed: send them now instead of at the next poll."""
+        """New events are committed: send them after the linger instead of at the next poll."""
+        self._wake.set()
+
+    def flush(self) -> None:
+        """A sender is done (its association ended): send what is committed now, without
+        lingering for more."""
+        self._flush.set()
         self._wake.set()
 
     @property
@@ -238,6 +250,7 @@ class OutboxRelay:
             log.info("Kafka not reachable yet; events wait in the outbox: %s", exc)
         while not self._stop.is_set():
             self._wake.clear()
+            self._flush.clear()
             try:
                 sent = self.drain_once()
             except Exception as exc:  # noqa: BLE001 - keep retrying; events stay on disk
@@ -254,14 +267,15 @@ class OutboxRelay:
             pause = RETRY_MIN_S
             if sent < self.batch_size:
                 # Caught up: sleep until a commit wakes us (or poll, for other processes),
-                # then linger a moment so that the next batch carries several events.
+                # then linger a moment so that the next batch carries several events, unless
+                # a flush cuts it short.
                 if self._wake.wait(self.idle_poll_s) and self.linger_s:
-                    self._stop.wait(self.linger_s)
+                    self._flush.wait(self.linger_s)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop after the current batch (a final drain is attempted if Kafka is up)."""
         self._stop.set()
-        self._wake.set()
+        self.flush()
         if self._thread is not None:
             # While Kafka is unreachable the thread may sit in a connect attempt: do not wait
             # for it (it is a daemon; the events are safe in the outbox).
@@ -278,3 +292,70 @@ class OutboxRelay:
             log.warning("events left in the outbox at stop: %s", exc)
         self.sink.close()
         self.outbox.close()
+
+
+class FlushSignal:
+    """ "Flush now" from the DICOM server processes to the process that runs the outbox relay.
+
+    A datagram on an abstract Unix socket named after the outbox (Linux), sent when an
+    association ends (:meth:`send`); the relay's process turns each into
+    :meth:`OutboxRelay.flush` (:meth:`serve`). Without it that process finds other processes'
+    events only at its next poll. Losing a signal only delays events to that poll.
+    """
+
+    def __init__(self, outbox_path: Path) -> None:
+        digest = hashlib.sha256(os.fsencode(Path(outbox_path).resolve())).hexdigest()[:32]
+        self.address = b"\0scanwatch-outbox-flush-" + digest.encode()
+        self._out: socket.socket | None = None
+        self._in: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+
+    def send(self) -> None:
+        """Ask the relay to send now; never blocks or raises."""
+        try:
+            if self._out is None:
+                self._out = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self._out.setblocking(False)
+            self._out.sendto(b"!", self.address)
+        except OSError:  # no relay listening (starting, restarting) or its queue is full
+            pass
+
+    def serve(self, flush: Callable[[], None]) -> bool:
+        """Call ``flush`` for each signal, on a thread of its own, until :meth:`close`. False
+        when the address is taken (another relay of this outbox still runs): the caller polls."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            sock.bind(self.address)
+        except OSError as exc:
+            sock.close()
+            log.warning("flush signals unavailable, polling only: %s", exc)
+            return False
+        self._in = sock
+        self._thread = threading.Thread(
+            target=self._receive, args=(sock, flush), name="flush-signals", daemon=True
+        )
+        self._thread.start()
+        return True
+
+    @staticmethod
+    def _receive(sock: socket.socket, flush: Callable[[], None]) -> None:
+        while True:
+            try:
+                if not sock.recv(16):
+                    return
+            except OSError:
+                return
+            flush()
+
+    def close(self) -> None:
+        for sock in (self._in, self._out):
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                sock.close()
+        self._in = self._out = None
+        if self._thread is not None:
+            self._thread.join(timeout=1)
+            self._thread = None

@@ -1,5 +1,6 @@
-"""kill -9 in the middle of a transfer: every instance storescu saw succeed is on disk after a
-restart, and its event reaches Kafka."""
+"""The listener as a supervisor runs it, with its worker and publisher processes: kill -9 in
+the middle of a transfer (every instance storescu saw succeed is on disk after a restart, and
+its event reaches Kafka), workers sharing the port, the publisher told when associations end."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dicom_listener.tests.helpers import received_events, sop_uid, wait_for
 from scanwatch.kafka_local import LocalKafka, free_port
-from scanwatch.peers import dcmtk_env, echoscu
+from scanwatch.peers import dcmtk_env, echoscu, storescu
 from scanwatch.sample import build_mr_study
 
 pytestmark = pytest.mark.integration
@@ -155,3 +156,35 @@ def test_worker_processes_share_the_port_and_one_outbox(kafka: LocalKafka, tmp_p
         listener.send_signal(signal.SIGTERM)
         listener.wait(timeout=30)
     assert listener.returncode == 0
+
+
+def test_the_publisher_process_sends_a_study_as_soon_as_its_association_ends(
+    kafka: LocalKafka, tmp_path: Path
+) -> None:
+    """The publisher process looks for new events only once a minute here; the end of each
+    association signals it, so each study's events reach Kafka within seconds."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "SCANWATCH_LISTENER_PORT": str(port),
+        "SCANWATCH_LISTENER_STORAGE_DIR": str(tmp_path / "store"),
+        "SCANWATCH_LISTENER_METRICS_PORT": "0",
+        "SCANWATCH_LISTENER_PUBLISH_POLL_S": "60",
+        "SCANWATCH_LISTENER_MIN_FREE_DISK_BYTES": "0",
+        "SCANWATCH_LISTENER_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+    }
+    listener = spawn_listener(env, port)
+    try:
+        # The first study may also be found by the publisher's first look at the outbox; once
+        # it is on Kafka, the publisher waits for a signal or its next poll, a minute away.
+        for n in range(2):
+            files = build_mr_study(
+                tmp_path / f"s{n}", patient_id=f"SW-FL-{uuid.uuid4().hex[:8]}", n_slices=3
+            )
+            storescu(files, "127.0.0.1", port, called_ae="SCANWATCH")
+            study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+            events = received_events(kafka.bootstrap_servers, {study_uid}, expected=3, timeout=20)
+            assert [e.SOPInstanceUID for _, e, _ in events] == [sop_uid(f) for f in files]
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        listener.wait(timeout=30)
