@@ -214,7 +214,7 @@ def _read_values(received: ReceivedInstance) -> dict[str, str]:
         if received.transfer_syntax not in _PYDICOM_SYNTAXES:
             try:
                 raw = scan_part10(
-                    received.path,
+                    received.path if received.data is None else received.data,
                     received.transfer_syntax != ImplicitVRLittleEndian,
                     _SCANNED_TAGS,
                 )
@@ -347,6 +347,7 @@ def _store(received: ReceivedInstance, ctx: StoreContext, arrival: Arrival) -> S
             ident.SOPInstanceUID,
             received.sha256,
             received.size_bytes,
+            fd=received.fd,
         )
         # Built before the group commit, which runs one request at a time: only a new version
         # (another storage_uri) changes it there.

@@ -114,16 +114,24 @@ def dataset_offset(buf: mmap.mmap | bytes) -> int:
     return 144 + _U32.unpack_from(buf, 140)[0]
 
 
-def scan_part10(path: Path, explicit_vr: bool, wanted: frozenset[int]) -> dict[int, bytes]:
-    """The raw values of the ``wanted`` top-level tags of a little-endian Part 10 file.
+def _walk(buf: mmap.mmap | bytes, explicit_vr: bool, wanted: frozenset[int]) -> dict[int, bytes]:
+    walker = _Walker(buf, explicit_vr, wanted)
+    walker.dataset(dataset_offset(buf), 0)
+    return walker.values
+
+
+def scan_part10(
+    source: Path | bytes, explicit_vr: bool, wanted: frozenset[int]
+) -> dict[int, bytes]:
+    """The raw values of the ``wanted`` top-level tags of a little-endian Part 10 file, given
+    as its path or its bytes.
 
     Raises :class:`Truncated` or :class:`Undecodable`.
     """
-    with open(path, "rb") as fp:
-        size = fp.seek(0, 2)
-        if size == 0:
+    if not isinstance(source, Path):
+        return _walk(source, explicit_vr, wanted)
+    with open(source, "rb", buffering=0) as fp:
+        if fp.seek(0, 2) == 0:
             raise Undecodable("empty file")
         with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            walker = _Walker(buf, explicit_vr, wanted)
-            walker.dataset(dataset_offset(buf), 0)
-            return walker.values
+            return _walk(buf, explicit_vr, wanted)

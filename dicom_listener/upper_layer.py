@@ -96,6 +96,9 @@ _MAX_NEGOTIATION_PDU = 1 << 20
 _MAX_COMMAND = 1 << 16
 #: Bytes read from the socket per call while a dataset streams to disk.
 _CHUNK_BYTES = 1 << 18
+#: Datasets up to this size are also kept in memory while they stream to disk, so that the
+#: handler identifies them without reading the file back (at most this much per association).
+KEEP_IN_MEMORY_BYTES = 1 << 21
 _PDU_HEADER = struct.Struct(">BxL")
 _PDV_HEADER = struct.Struct(">LBB")
 _ITEM_HEADER = struct.Struct(">BxH")
@@ -128,6 +131,11 @@ class ReceivedInstance:
     #: Set when the bytes could not be written (disk full, I/O error): the rest of the
     #: dataset was read and dropped so that the association can answer with a status.
     write_error: OSError | None = None
+    #: The file's bytes, when it is at most ``KEEP_IN_MEMORY_BYTES`` long.
+    data: bytes | bytearray | None = None
+    #: The file, still open for writing (the handler fsyncs through it; the association
+    #: closes it once the handler returns), or -1.
+    fd: int = -1
 
 
 class Status(NamedTuple):
@@ -361,6 +369,7 @@ class _Incoming:
         self.digest = hashlib.sha256()
         self.size = 0
         self.error: OSError | None = None
+        self.data: bytearray | None = bytearray()
         self.fd = -1
         try:
             self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -373,6 +382,11 @@ class _Incoming:
             return
         self.digest.update(data)
         self.size += len(data)
+        if self.data is not None:
+            if self.size <= KEEP_IN_MEMORY_BYTES:
+                self.data += data
+            else:
+                self.data = None
         view = memoryview(data)
         try:
             while view:
@@ -380,16 +394,14 @@ class _Incoming:
         except OSError as exc:
             self.error = exc
 
-    def finish(self) -> None:
-        """Close the file (the store fsyncs it, while the group commit waits for it)."""
+    def close(self) -> None:
+        self.data = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
     def discard(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        self.close()
         with suppress(OSError):  # never written, or its folder is gone
             self.path.unlink(missing_ok=True)
 
@@ -642,7 +654,6 @@ class Association:
         sop_instance = _uid(request.command.get(_AFFECTED_SOP_INSTANCE, b""))
         status = Status(PROCESSING_FAILURE, "internal error; not stored")
         try:
-            incoming.finish()
             received = ReceivedInstance(
                 path=incoming.path,
                 sha256=incoming.digest.hexdigest(),
@@ -653,6 +664,8 @@ class Association:
                 calling_ae_title=self.calling,
                 called_ae_title=self.called,
                 write_error=incoming.error,
+                data=incoming.data,
+                fd=incoming.fd,
             )
             status = self.store(received)
         except Exception as exc:  # noqa: BLE001 - the sender gets a status, never silence
@@ -660,7 +673,9 @@ class Association:
         finally:
             # On success the handler has taken the file; an unlink that finds nothing still
             # locks .incoming against the other associations' creates.
-            if status.Status != SUCCESS:
+            if status.Status == SUCCESS:
+                incoming.close()
+            else:
                 incoming.discard()
         sop_class = _uid(request.command.get(_AFFECTED_SOP_CLASS, b"")) or abstract_syntax
         self._send_command(

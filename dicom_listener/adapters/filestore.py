@@ -54,10 +54,17 @@ class InstanceStore(Protocol):
     """Where the listener puts received instances (a folder here; an object store later)."""
 
     def adopt(
-        self, path: Path, study_uid: str, series_uid: str, sop_uid: str, sha256: str, size: int
+        self,
+        path: Path,
+        study_uid: str,
+        series_uid: str,
+        sop_uid: str,
+        sha256: str,
+        size: int,
+        fd: int = -1,
     ) -> StagedInstance:
-        """Stage a file already written on the store's filesystem: fsync it (no copy) and
-        create its folder."""
+        """Stage a file already written on the store's filesystem: fsync it (through ``fd``
+        when it is open; no copy) and create its folder."""
         ...
 
     def uri_for(self, staged: StagedInstance, version: int) -> str:
@@ -141,14 +148,24 @@ class FileStore:
         _fsync_dir(folder.parent)
 
     def adopt(
-        self, path: Path, study_uid: str, series_uid: str, sop_uid: str, sha256: str, size: int
+        self,
+        path: Path,
+        study_uid: str,
+        series_uid: str,
+        sop_uid: str,
+        sha256: str,
+        size: int,
+        fd: int = -1,
     ) -> StagedInstance:
         folder = self.folder_for(study_uid, series_uid, sop_uid)
-        fd = os.open(path, os.O_RDONLY)
-        try:
+        if fd >= 0:
             os.fsync(fd)
-        finally:
-            os.close(fd)
+        else:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         self._ensure_dir(folder)
         return StagedInstance(Path(path), folder, sop_uid, sha256, size)
 
