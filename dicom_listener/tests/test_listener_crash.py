@@ -29,6 +29,22 @@ ROOT = Path(__file__).resolve().parents[2]
 KILL_AFTER = 6
 
 
+def service_env(tmp_path: Path, port: int, kafka: LocalKafka, **settings: object) -> dict[str, str]:
+    """The environment of a listener service storing under ``tmp_path``; ``settings`` by
+    field name (``workers=2``)."""
+    values: dict[str, object] = {
+        "port": port,
+        "storage_dir": tmp_path / "store",
+        "metrics_port": 0,
+        "min_free_disk_bytes": 0,
+        "kafka_bootstrap_servers": kafka.bootstrap_servers,
+    }
+    return {
+        **os.environ,
+        **{f"SCANWATCH_LISTENER_{k.upper()}": str(v) for k, v in (values | settings).items()},
+    }
+
+
 def spawn_listener(env: dict[str, str], port: int) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "dicom_listener"],
@@ -56,14 +72,7 @@ def test_kill_9_mid_transfer_loses_no_acknowledged_instance(
     first = pydicom.dcmread(files[0], stop_before_pixels=True)
     study_uid, series_uid = first.StudyInstanceUID, first.SeriesInstanceUID
     port = free_port()
-    env = {
-        **os.environ,
-        "SCANWATCH_LISTENER_PORT": str(port),
-        "SCANWATCH_LISTENER_STORAGE_DIR": str(tmp_path / "store"),
-        "SCANWATCH_LISTENER_METRICS_PORT": "0",
-        "SCANWATCH_LISTENER_MIN_FREE_DISK_BYTES": "0",
-        "SCANWATCH_LISTENER_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-    }
+    env = service_env(tmp_path, port, kafka)
     listener = spawn_listener(env, port)
     sender = subprocess.Popen(
         ["storescu", "-v", "-aec", "SCANWATCH", "127.0.0.1", str(port), *map(str, files)],
@@ -123,16 +132,7 @@ def test_worker_processes_share_the_port_and_one_outbox(kafka: LocalKafka, tmp_p
         for n in range(4)
     ]
     port, publisher_metrics = free_port(), free_port()
-    env = {
-        **os.environ,
-        "SCANWATCH_LISTENER_PORT": str(port),
-        "SCANWATCH_LISTENER_WORKERS": "2",
-        "SCANWATCH_LISTENER_STORAGE_DIR": str(tmp_path / "store"),
-        "SCANWATCH_LISTENER_METRICS_PORT": "0",
-        "SCANWATCH_LISTENER_PUBLISHER_METRICS_PORT": str(publisher_metrics),
-        "SCANWATCH_LISTENER_MIN_FREE_DISK_BYTES": "0",
-        "SCANWATCH_LISTENER_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-    }
+    env = service_env(tmp_path, port, kafka, workers=2, publisher_metrics_port=publisher_metrics)
     listener = spawn_listener(env, port)
     try:
         senders = [
@@ -164,15 +164,7 @@ def test_the_publisher_process_sends_a_study_as_soon_as_its_association_ends(
     """The publisher process looks for new events only once a minute here; the end of each
     association signals it, so each study's events reach Kafka within seconds."""
     port = free_port()
-    env = {
-        **os.environ,
-        "SCANWATCH_LISTENER_PORT": str(port),
-        "SCANWATCH_LISTENER_STORAGE_DIR": str(tmp_path / "store"),
-        "SCANWATCH_LISTENER_METRICS_PORT": "0",
-        "SCANWATCH_LISTENER_PUBLISH_POLL_S": "60",
-        "SCANWATCH_LISTENER_MIN_FREE_DISK_BYTES": "0",
-        "SCANWATCH_LISTENER_KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-    }
+    env = service_env(tmp_path, port, kafka, publish_poll_s=60)
     listener = spawn_listener(env, port)
     try:
         # The first study may also be found by the publisher's first look at the outbox; once
