@@ -15,7 +15,7 @@ import pytest
 # TensorFlow's C++ start-up chatter (CUDA probing, CPU features) is noise in test output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from scanwatch.kafka_local import LocalKafka, free_port
+from devtools.kafka_local import LocalKafka, free_port
 
 ROOT = Path(__file__).resolve().parent
 KAFKA_LIBS = Path(os.environ.get("SCANWATCH_VAR", ROOT / "var")) / "kafka" / "libs"

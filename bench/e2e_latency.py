@@ -24,10 +24,10 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from devtools.kafka_local import free_port  # noqa: E402
+from devtools.peers import storescu  # noqa: E402
+from devtools.stack import Ports, Stack, StackConfig  # noqa: E402
 from scanwatch import ids  # noqa: E402
-from scanwatch.devstack import Ports, Stack, StackConfig  # noqa: E402
-from scanwatch.kafka_local import free_port  # noqa: E402
-from scanwatch.peers import storescu  # noqa: E402
 from scanwatch.sample import build_mr_study  # noqa: E402
 
 

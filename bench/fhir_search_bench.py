@@ -45,8 +45,8 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from devtools.kafka_local import free_port  # noqa: E402
 from scanwatch import ids  # noqa: E402
-from scanwatch.kafka_local import free_port  # noqa: E402
 from services.fhir_api import migrate  # noqa: E402
 from services.fhir_api.search import TOTAL_LIMIT, parse_search  # noqa: E402
 from services.fhir_api.store import (  # noqa: E402

@@ -39,11 +39,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scanwatch.kafka_local import LocalKafka, free_port  # noqa: E402
-from scanwatch.orthanc import LocalOrthanc  # noqa: E402
-from scanwatch.peers import dcmtk_env, echoscu  # noqa: E402
+from devtools.kafka_local import LocalKafka, free_port  # noqa: E402
+from devtools.orthanc import LocalOrthanc  # noqa: E402
+from devtools.peers import dcmtk_env, echoscu  # noqa: E402
+from devtools.testing import wait_for  # noqa: E402
 from scanwatch.sample import build_mr_study  # noqa: E402
-from scanwatch.testing import wait_for  # noqa: E402
 
 AE = "BENCH"
 #: A 4-slice study sent untimed to each target before its timed run (set by ``main``).

@@ -39,9 +39,9 @@ import pydicom
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from devtools.kafka_local import free_port  # noqa: E402
 from scanwatch import tensors  # noqa: E402
 from scanwatch.imaging import preprocess_slice  # noqa: E402
-from scanwatch.kafka_local import free_port  # noqa: E402
 from scanwatch.sample import build_mr_study  # noqa: E402
 from schemas.model_signature import SIGNATURE_NAME  # noqa: E402
 

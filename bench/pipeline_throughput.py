@@ -32,10 +32,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from devtools.kafka_local import free_port  # noqa: E402
+from devtools.stack import DEFAULT_MODEL, Ports, Stack, StackConfig  # noqa: E402
 from inference_worker.series import select_series  # noqa: E402
 from scanwatch import ids  # noqa: E402
-from scanwatch.devstack import DEFAULT_MODEL, Ports, Stack, StackConfig  # noqa: E402
-from scanwatch.kafka_local import free_port  # noqa: E402
 from scanwatch.sample import build_mr_study  # noqa: E402
 from schemas import InstanceReceivedV1  # noqa: E402
 

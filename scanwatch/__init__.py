@@ -1,2 +1,3 @@
-"""Code shared by the scanwatch services: logging, identifiers, image preprocessing, the local
-Kafka broker and the development stack. Services import from here instead of copying helpers."""
+"""The shared runtime kernel of the scanwatch services: logging, identifiers, image
+preprocessing, tensor conversion, child-process helpers and the synthetic sample study. Services
+import from here instead of copying helpers; development tooling lives in ``devtools``."""

@@ -10,7 +10,7 @@ from pathlib import Path
 import pydicom
 from kafka import KafkaConsumer
 
-from scanwatch.testing import wait_for  # noqa: F401 - re-exported for the listener tests
+from devtools.testing import wait_for  # noqa: F401 - re-exported for the listener tests
 from schemas.events import InstanceReceivedV1
 
 

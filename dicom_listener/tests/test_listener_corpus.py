@@ -30,13 +30,13 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from devtools.kafka_local import LocalKafka
+from devtools.peers import dcmtk_env
 from dicom_listener import handlers as h
 from dicom_listener.sop_classes import TRANSFER_SYNTAXES, all_storage_classes
 from dicom_listener.tests.conftest import split_part10
 from dicom_listener.tests.helpers import WireTap, received_events
 from dicom_listener.tests.test_listener_integration import AE_TITLE, start_listener
-from scanwatch.kafka_local import LocalKafka
-from scanwatch.peers import dcmtk_env
 
 pytestmark = pytest.mark.integration
 

@@ -17,9 +17,9 @@ import pydicom
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from devtools.kafka_local import LocalKafka, free_port
+from devtools.peers import dcmtk_env, echoscu, storescu
 from dicom_listener.tests.helpers import received_events, sop_uid, wait_for
-from scanwatch.kafka_local import LocalKafka, free_port
-from scanwatch.peers import dcmtk_env, echoscu, storescu
 from scanwatch.sample import build_mr_study
 
 pytestmark = pytest.mark.integration

@@ -20,6 +20,7 @@ from pydicom.uid import (
     MRImageStorage,
 )
 
+from devtools.testing import wait_for
 from dicom_listener.adapters import outbox as outbox_module
 from dicom_listener.adapters.filestore import FileStore, Quarantine, StagedInstance
 from dicom_listener.adapters.outbox import Outbox, OutboxEvent, OutboxTransaction
@@ -42,7 +43,6 @@ from dicom_listener.handlers import (
 )
 from dicom_listener.metrics import ListenerMetrics
 from dicom_listener.upper_layer import SUCCESS, ReceivedInstance, file_meta_bytes
-from scanwatch.testing import wait_for
 from schemas.events import InstanceReceivedV1
 
 CALLING_AE = "MODALITY1"

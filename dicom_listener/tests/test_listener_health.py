@@ -13,12 +13,12 @@ import httpx
 import pydicom
 import pytest
 
+from devtools.kafka_local import LocalKafka, free_port
+from devtools.peers import PeerError, storescu
+from devtools.testing import wait_for
 from dicom_listener.tests.helpers import received_events, sop_uid
 from dicom_listener.tests.test_listener_integration import AE_TITLE, start_listener
-from scanwatch.kafka_local import LocalKafka, free_port
-from scanwatch.peers import PeerError, storescu
 from scanwatch.sample import build_mr_study
-from scanwatch.testing import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -12,12 +12,12 @@ import pytest
 from kafka import KafkaConsumer
 from kafka.partitioner.default import murmur2
 
+from devtools.kafka_local import LocalKafka, free_port
+from devtools.peers import echoscu, storescu
 from dicom_listener.app import ListenerApp, create_app
 from dicom_listener.config import Settings
 from dicom_listener.handlers import HEADER_INSTANCE_VERSION
 from dicom_listener.tests.helpers import TcpGate, received_events, sop_uid, wait_for
-from scanwatch.kafka_local import LocalKafka, free_port
-from scanwatch.peers import echoscu, storescu
 from scanwatch.sample import build_mr_study
 from schemas.events import InstanceReceivedV1
 

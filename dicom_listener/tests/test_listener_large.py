@@ -15,10 +15,10 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import EnhancedMRImageStorage, ExplicitVRLittleEndian, generate_uid
 
+from devtools.kafka_local import free_port
+from devtools.peers import echoscu, storescu
+from devtools.testing import wait_for
 from dicom_listener.tests.conftest import split_part10
-from scanwatch.kafka_local import free_port
-from scanwatch.peers import echoscu, storescu
-from scanwatch.testing import wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from devtools.kafka_local import free_port
+from devtools.peers import echoscu
+from devtools.testing import wait_for
 from dicom_listener.__main__ import main
 from dicom_listener.config import Settings
-from scanwatch.kafka_local import free_port
-from scanwatch.peers import echoscu
-from scanwatch.testing import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 

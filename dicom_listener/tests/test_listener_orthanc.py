@@ -9,10 +9,10 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from devtools.kafka_local import LocalKafka, free_port
+from devtools.orthanc import LocalOrthanc
 from dicom_listener.tests.helpers import received_events, sop_uid
 from dicom_listener.tests.test_listener_integration import AE_TITLE, start_listener
-from scanwatch.kafka_local import LocalKafka, free_port
-from scanwatch.orthanc import LocalOrthanc
 from scanwatch.sample import build_mr_study
 
 pytestmark = pytest.mark.integration

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from scanwatch import peers
-from scanwatch.kafka_local import free_port
-from scanwatch.peers import PeerError, storescu, storescu_command_line
+from devtools import peers
+from devtools.kafka_local import free_port
+from devtools.peers import PeerError, storescu, storescu_command_line
 
 
 def test_command_line_for_a_folder_scans_it_recursively(tmp_path: Path) -> None:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from devtools.testing import wait_for
 from dicom_listener.adapters.outbox import Outbox, OutboxEvent, OutboxTransaction
 from dicom_listener.adapters.publisher import FlushSignal, OutboxRelay
 from dicom_listener.metrics import ListenerMetrics
-from scanwatch.testing import wait_for
 
 
 class RecordingSink:

@@ -23,6 +23,7 @@ from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import CTImageStorage, Verification
 
+from devtools.testing import wait_for
 from dicom_listener.upper_layer import (
     ABSTRACT_SYNTAX_NOT_SUPPORTED,
     ACCEPTANCE,
@@ -42,7 +43,6 @@ from dicom_listener.upper_layer import (
     file_meta_bytes,
     parse_associate_rq,
 )
-from scanwatch.testing import wait_for
 
 AE_TITLE = "SCANWATCH"
 

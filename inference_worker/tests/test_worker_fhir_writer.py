@@ -11,10 +11,10 @@ import httpx
 import pytest
 import uvicorn
 
+from devtools.kafka_local import free_port
+from devtools.testing import wait_for
 from inference_worker.adapters.fhir_writer import FhirWriter, token_url_for
 from inference_worker.fhir_resources import ScoredSeries, ScoredStudy, resources_for
-from scanwatch.kafka_local import free_port
-from scanwatch.testing import wait_for
 from services.fhir_api.app import create_app
 from services.fhir_api.config import Settings
 

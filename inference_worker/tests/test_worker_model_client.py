@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from tensorflow_serving.apis import get_model_metadata_pb2
 
+from devtools.kafka_local import free_port
+from devtools.stack import model_available
+from devtools.testing import wait_for
 from inference_worker.circuit import CircuitBreaker, CircuitOpen
 from inference_worker.model_client import ModelClient, SignatureMismatch
-from scanwatch.devstack import model_available
-from scanwatch.kafka_local import free_port
-from scanwatch.testing import wait_for
 
 MODEL = "brain-mri-anomaly"
 CLASSES = ("normal", "mass", "bleed", "infarct")

@@ -2,7 +2,7 @@
 
 Everything is real: the Kafka broker, the DICOM listener, the Faust worker, the model server
 running the EfficientNet SavedModel from the model repository, and the FHIR API — each started as
-its own process by the same :class:`scanwatch.devstack.Stack` that ``scanwatch run`` uses.
+its own process by the same :class:`devtools.stack.Stack` that ``scanwatch run`` uses.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import pydicom
 import pytest
 
 from conftest import KAFKA_LIBS, ROOT
+from devtools.kafka_local import free_port
+from devtools.peers import storescu
+from devtools.stack import Ports, Stack, StackConfig
+from devtools.testing import wait_for
 from scanwatch import ids
-from scanwatch.devstack import Ports, Stack, StackConfig
-from scanwatch.kafka_local import free_port
-from scanwatch.peers import storescu
 from scanwatch.sample import build_mr_study
-from scanwatch.testing import wait_for
 
 pytestmark = pytest.mark.e2e
 

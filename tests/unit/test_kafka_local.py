@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 
-from scanwatch.kafka_local import new_cluster_id
+from devtools.kafka_local import new_cluster_id
 
 
 def test_cluster_ids_never_look_like_options_and_decode_to_16_bytes():

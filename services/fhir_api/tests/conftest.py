@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from scanwatch.kafka_local import free_port
+from devtools.kafka_local import free_port
 from services.fhir_api.app import create_app
 from services.fhir_api.auth import Scope, TokenService
 from services.fhir_api.config import Settings

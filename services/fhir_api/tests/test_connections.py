@@ -12,7 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
-from scanwatch.kafka_local import free_port
+from devtools.kafka_local import free_port
 from services.fhir_api.store import make_engine
 from services.fhir_api.tests.conftest import LocalPostgres
 

@@ -18,9 +18,9 @@ from fhirclient.models.fhirsearch import FHIRSearch
 from fhirclient.models.observation import Observation
 from sqlalchemy.engine import Engine
 
+from devtools.kafka_local import free_port
+from devtools.testing import wait_for
 from inference_worker.fhir_resources import ScoredSeries, ScoredStudy, resources_for
-from scanwatch.kafka_local import free_port
-from scanwatch.testing import wait_for
 from services.fhir_api import auth
 from services.fhir_api.app import create_app
 from services.fhir_api.config import Settings

@@ -12,8 +12,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from fastapi.testclient import TestClient
 
-from scanwatch.kafka_local import free_port
-from scanwatch.testing import wait_for as wait
+from devtools.kafka_local import free_port
+from devtools.testing import wait_for as wait
 from services.fhir_api.app import create_app
 from services.fhir_api.config import Settings
 from services.fhir_api.tests.test_search import scored, write

@@ -18,8 +18,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
-from scanwatch.kafka_local import free_port
-from scanwatch.testing import wait_for
+from devtools.kafka_local import free_port
+from devtools.testing import wait_for
 from services.fhir_api.app import create_app
 from services.fhir_api.config import Settings
 from services.fhir_api.store import ResourceChange

@@ -9,7 +9,7 @@ from typing import Any
 import grpc
 import pytest
 
-from scanwatch.testing import wait_for
+from devtools.testing import wait_for
 
 MODEL_NAME = "brain-mri-anomaly"
 CLASS_NAMES = ("normal", "mass", "bleed", "infarct")

@@ -16,7 +16,7 @@ import pytest
 from pydantic import ValidationError
 from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 
-from scanwatch.kafka_local import free_port
+from devtools.kafka_local import free_port
 from services.model_server.config import Settings
 from services.model_server.manager import AVAILABLE
 

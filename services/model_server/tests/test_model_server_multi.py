@@ -14,8 +14,8 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2
 
+from devtools.kafka_local import free_port
 from scanwatch import tensors
-from scanwatch.kafka_local import free_port
 from services.model_server.manager import AVAILABLE
 
 from .test_model_server_grpc import Client, error_of, images

@@ -10,9 +10,9 @@ import sys
 import threading
 from pathlib import Path
 
+from devtools.kafka_local import LocalKafka, ensure_topics
+from devtools.stack import Stack, StackConfig, StackError
 from scanwatch import ids
-from scanwatch.devstack import Stack, StackConfig, StackError
-from scanwatch.kafka_local import LocalKafka, ensure_topics
 from scanwatch.logs import configure_logging
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +42,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_send_sample(args: argparse.Namespace) -> int:
-    from scanwatch.peers import storescu
+    from devtools.peers import storescu
     from scanwatch.sample import build_mr_study
 
     folder = _var(args.var) / "samples" / args.patient_id

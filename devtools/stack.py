@@ -21,8 +21,8 @@ from pathlib import Path
 
 import httpx
 
-from scanwatch.kafka_local import LocalKafka
-from scanwatch.peers import echoscu
+from devtools.kafka_local import LocalKafka
+from devtools.peers import echoscu
 
 log = logging.getLogger(__name__)
 

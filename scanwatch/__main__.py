@@ -1,3 +1,0 @@
-from scanwatch.cli import main
-
-raise SystemExit(main())
