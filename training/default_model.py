@@ -23,8 +23,8 @@ import uuid
 from pathlib import Path
 
 from scanwatch.logs import configure_logging
+from scanwatch.model_repository import SAVED_MODEL_FILE, TEMP_PREFIX, published_versions
 from training.registry import SERVING, Registry
-from training.repository import SAVED_MODEL_FILE, TEMP_PREFIX, published_versions
 
 logger = logging.getLogger(__name__)
 

@@ -19,10 +19,10 @@ import keras
 import tensorflow as tf
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
+from scanwatch.model_repository import SAVED_MODEL_FILE, TEMP_PREFIX, version_folders
 from scanwatch.tensors import signature_specs
 from schemas import model_signature
 from schemas.model_signature import TensorSpec
-from training.repository import SAVED_MODEL_FILE, TEMP_PREFIX, version_folders
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from training.repository import SAVED_MODEL_FILE, version_folders
+from scanwatch.model_repository import SAVED_MODEL_FILE, version_folders
 
 REGISTRY_FILE = "registry.sqlite"
 STAGING = ".staging"

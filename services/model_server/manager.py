@@ -20,13 +20,13 @@ from pathlib import Path
 import grpc
 from tensorflow_serving.apis import get_model_status_pb2, model_pb2
 
+from scanwatch.model_repository import SAVED_MODEL_FILE, published_versions
 from services.model_server.batching import BatchingServable
 from services.model_server.engine import Engine, Servable
 from services.model_server.errors import InvalidArgument, NotFound, Unavailable
 from services.model_server.metrics import Metrics
 from services.model_server.model_config import BatchingParameters, VersionPolicy
 from services.model_server.warmup import warm_up
-from training.repository import SAVED_MODEL_FILE, published_versions
 
 logger = logging.getLogger(__name__)
 

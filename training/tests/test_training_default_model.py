@@ -11,6 +11,7 @@ import keras
 import pytest
 import tensorflow as tf
 
+from scanwatch.model_repository import published_versions
 from schemas import model_signature
 from training.default_model import (
     CLASS_NAMES,
@@ -22,7 +23,6 @@ from training.default_model import (
 )
 from training.export import export_saved_model, read_signature
 from training.registry import SERVING, Registry
-from training.repository import published_versions
 
 
 @pytest.fixture()

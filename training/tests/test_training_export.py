@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from scanwatch.model_repository import TEMP_PREFIX, published_versions
 from schemas import model_signature
 from training.export import (
     SignatureMismatch,
@@ -17,7 +18,6 @@ from training.export import (
     read_signature_defs,
 )
 from training.model import build_classifier
-from training.repository import TEMP_PREFIX, published_versions
 
 CLASSES = ("normal", "mass", "bleed", "infarct")
 SIZE = 32

@@ -23,13 +23,13 @@ from tensorflow_serving.apis import (
 )
 
 from scanwatch import tensors
+from scanwatch.model_repository import TEMP_PREFIX
 from scanwatch.tensors import signature_specs
 from schemas import model_signature
 from services.model_server.app import ModelServer, create_server
 from services.model_server.config import Settings
 from services.model_server.manager import AVAILABLE, END
 from training.export import export_saved_model
-from training.repository import TEMP_PREFIX
 
 MODEL_NAME = "brain-mri-anomaly"
 CLASS_NAMES = ("normal", "mass", "bleed", "infarct")

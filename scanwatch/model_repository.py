@@ -3,6 +3,9 @@
 Versions are integer folder names; a version is servable once it holds ``saved_model.pb``.
 Anything else (hidden temporary folders of a publish in progress, stray files) is ignored by
 every reader, as TF Serving ignores it. No TensorFlow import here: listing versions is cheap.
+
+A contract between training (which publishes), the model server (which serves) and the worker
+(which names the model it asks for).
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+#: The model every service uses unless configured otherwise: its folder in the repository, the
+#: name the worker asks the model server for, and the name training publishes under.
+DEFAULT_MODEL_NAME = "brain-mri-anomaly"
 SAVED_MODEL_FILE = "saved_model.pb"
 #: Prefix of the temporary folders a publish writes into (not an integer: servers ignore it).
 TEMP_PREFIX = ".tmp-"
