@@ -35,7 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from devtools.kafka_local import free_port  # noqa: E402
 from devtools.stack import DEFAULT_MODEL, Ports, Stack, StackConfig  # noqa: E402
 from inference_worker.series import select_series  # noqa: E402
-from scanwatch import ids  # noqa: E402
+from scanwatch import ids, kafka  # noqa: E402
 from scanwatch.sample import build_mr_study  # noqa: E402
 from schemas import InstanceReceivedV1  # noqa: E402
 
@@ -106,8 +106,6 @@ def pipeline_images_per_s(
     quiet: float,
     engine_name: str,
 ) -> float:
-    from kafka import KafkaProducer
-
     config = StackConfig(
         var=var,
         ports=Ports(**{name: free_port() for name in Ports.__dataclass_fields__}),
@@ -123,14 +121,15 @@ def pipeline_images_per_s(
     stack = Stack(config)
     stack.start()
     try:
-        producer = KafkaProducer(bootstrap_servers=stack.kafka.bootstrap_servers, acks="all")
+        producer = kafka.new_producer(stack.kafka.bootstrap_servers, "bench", timeout_s=30)
         for events in studies:
             for event in events:
-                producer.send(
+                producer.produce(
                     event.SCHEMA, key=event.StudyInstanceUID.encode(), value=event.to_bytes()
                 )
-        producer.flush()
-        producer.close()
+                producer.poll(0)
+        if producer.flush(60):
+            raise SystemExit("Kafka did not acknowledge every event")
         start = time.monotonic() + quiet  # no study can be announced before its quiet period
         pending = {events[0].StudyInstanceUID for events in studies}
         url = f"{config.fhir_base}/Observation"

@@ -10,9 +10,9 @@ import sys
 import threading
 from pathlib import Path
 
-from devtools.kafka_local import LocalKafka, ensure_topics
+from devtools.kafka_local import LocalKafka
 from devtools.stack import Stack, StackConfig, StackError
-from scanwatch import ids
+from scanwatch import ids, kafka
 from scanwatch.logs import configure_logging
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,9 +78,7 @@ def cmd_kafka(args: argparse.Namespace) -> int:
 
 
 def cmd_topics(args: argparse.Namespace) -> int:
-    created = ensure_topics(args.bootstrap_servers)
-    sys.stdout.write(f"created {len(created)} topic(s): {', '.join(created) or '-'}\n")
-    return 0
+    return kafka.main(["--bootstrap-servers", args.bootstrap_servers])
 
 
 def parser() -> argparse.ArgumentParser:

@@ -16,9 +16,11 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
+from scanwatch import kafka
 from schemas.topics import TOPICS, TopicSpec
 
 log = logging.getLogger(__name__)
@@ -175,7 +177,7 @@ class LocalKafka:
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         """Block until the broker answers a metadata request, or raise :class:`KafkaError`."""
-        from kafka import KafkaAdminClient
+        from confluent_kafka.admin import AdminClient
 
         deadline = time.monotonic() + timeout
         last: Exception | None = None
@@ -185,22 +187,17 @@ class LocalKafka:
                     f"broker exited; see {self.log_file} and {self.home / 'stdout.log'}"
                 )
             try:
-                admin = KafkaAdminClient(
-                    bootstrap_servers=self.bootstrap_servers, request_timeout_ms=3000
-                )
-                try:
-                    admin.list_topics()
+                admin = AdminClient({"bootstrap.servers": self.bootstrap_servers})
+                if admin.list_topics(timeout=3).brokers:
                     return
-                finally:
-                    admin.close()
             except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
                 last = exc
-                time.sleep(0.25)
+            time.sleep(0.25)
         raise KafkaError(f"broker not ready after {timeout}s: {last}")
 
     def ensure_topics(self, topics: Iterable[TopicSpec]) -> None:
         """Create the topics that do not exist yet (existing ones are left as they are)."""
-        ensure_topics(self.bootstrap_servers, topics)
+        kafka.ensure_topics(self.bootstrap_servers, topics)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the broker (SIGTERM, then SIGKILL after ``timeout``)."""
@@ -230,34 +227,48 @@ def _reap(pid: int) -> None:
         pass
 
 
-def ensure_topics(bootstrap_servers: str, topics: Iterable[TopicSpec] = TOPICS) -> list[str]:
-    """Create on any cluster the topics that do not exist yet; return the names created.
+@dataclass(frozen=True)
+class Record:
+    """One message read back by :func:`read_topic`."""
 
-    Replication factor is the smaller of 3 and the number of brokers.
-    """
-    from kafka import KafkaAdminClient
-    from kafka.admin import NewTopic
-    from kafka.errors import TopicAlreadyExistsError
+    key: bytes | None
+    value: bytes
+    partition: int
+    headers: dict[str, bytes]
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap_servers)
+
+def read_topic(
+    bootstrap_servers: str,
+    topic: str,
+    until: Callable[[list[Record]], bool],
+    timeout: float = 30.0,
+    settle_s: float = 0.0,
+) -> list[Record]:
+    """Read ``topic`` from its start, for tests and benchmarks, until ``until(records so far)``
+    holds and then ``settle_s`` longer (so that extra messages would be seen too), or until
+    ``timeout`` seconds pass; return every record read. The caller asserts on what came."""
+    consumer = kafka.new_consumer(bootstrap_servers, f"read-{uuid.uuid4().hex}", [topic])
+    read: list[Record] = []
+    deadline = time.monotonic() + timeout
+    settled: float | None = None
     try:
-        existing = set(admin.list_topics())
-        replicas = max(1, min(3, len(admin.describe_cluster().get("brokers", [])) or 1))
-        new = [
-            NewTopic(
-                t.name,
-                num_partitions=t.partitions,
-                replication_factor=replicas,
-                topic_configs={"retention.ms": str(t.retention_ms)},
-            )
-            for t in topics
-            if t.name not in existing
-        ]
-        if new:
-            try:
-                admin.create_topics(new)
-            except TopicAlreadyExistsError:
-                pass  # created meanwhile by another process: that is what we wanted
-        return [t.name for t in new]
+        while time.monotonic() < deadline and (settled is None or time.monotonic() < settled):
+            message = consumer.poll(0.2)
+            if message is not None and message.error() is None:
+                headers = {k: v or b"" for k, v in message.headers() or []}
+                read.append(
+                    Record(message.key(), message.value() or b"", message.partition() or 0, headers)
+                )
+            if settled is None and until(read):
+                settled = time.monotonic() + settle_s
     finally:
-        admin.close()
+        consumer.close()
+    return read
+
+
+def partition_count(bootstrap_servers: str, topic: str, timeout: float = 10.0) -> int:
+    """How many partitions ``topic`` has on the cluster."""
+    from confluent_kafka.admin import AdminClient
+
+    metadata = AdminClient({"bootstrap.servers": bootstrap_servers}).list_topics(topic, timeout)
+    return len(metadata.topics[topic].partitions)

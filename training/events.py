@@ -9,12 +9,10 @@ acknowledged the event.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
+from scanwatch import kafka
 from schemas.events import Event
-
-if TYPE_CHECKING:
-    from kafka import KafkaProducer
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +52,7 @@ class MemoryEvents:
 
 
 class KafkaEvents:
-    """kafka-python producer with ``acks="all"`` and idempotence; each send waits for its ack."""
+    """scanwatch's Kafka producer (``acks=all``); each send waits for its acknowledgement."""
 
     def __init__(
         self,
@@ -62,43 +60,16 @@ class KafkaEvents:
         client_id: str = "scanwatch-training",
         timeout_s: float = SEND_TIMEOUT_S,
     ) -> None:
-        self.bootstrap_servers = bootstrap_servers
-        self.client_id = client_id
-        self.timeout_s = timeout_s
-        self._producer: KafkaProducer | None = None
-
-    def _get(self) -> KafkaProducer:
-        if self._producer is None:
-            from kafka import KafkaProducer
-
-            timeout_ms = int(self.timeout_s * 1000)
-            self._producer = KafkaProducer(
-                bootstrap_servers=self.bootstrap_servers.split(","),
-                client_id=self.client_id,
-                acks="all",
-                enable_idempotence=True,
-                max_block_ms=timeout_ms,
-                request_timeout_ms=timeout_ms,
-                delivery_timeout_ms=timeout_ms + 1000,
-            )
-        return self._producer
+        self._producer = kafka.EventProducer(bootstrap_servers, client_id, timeout_s)
 
     def send(self, event: Event, key: str, topic: str | None = None) -> None:
-        future = self._get().send(topic or event.SCHEMA, value=event.to_bytes(), key=key.encode())
-        metadata = future.get(timeout=self.timeout_s + 1)
+        partition, offset = self._producer.send_event(event, key, topic)
         logger.info(
-            "event sent",
-            extra={
-                "schema": event.SCHEMA,
-                "partition": metadata.partition,
-                "offset": metadata.offset,
-            },
+            "event sent", extra={"schema": event.SCHEMA, "partition": partition, "offset": offset}
         )
 
     def close(self) -> None:
-        if self._producer is not None:
-            self._producer.close(timeout=self.timeout_s)
-            self._producer = None
+        self._producer.close()
 
 
 def publisher_for(bootstrap_servers: str | None) -> EventPublisher:

@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from scanwatch import kafka
 from schemas.events import DeadLetterV1
 from schemas.topics import dlq
 from schemas.training_events import TrainingJobRequestedV1, TrainingJobStatusV1
@@ -31,7 +32,7 @@ from training.registry import CANDIDATE, FAILED, REJECTED, RESERVED, Registry
 logger = logging.getLogger(__name__)
 
 GROUP_ID = "scanwatch-training"
-POLL_TIMEOUT_MS = 500
+POLL_TIMEOUT_S = 0.5
 
 
 class JobReporter:
@@ -173,32 +174,30 @@ class TrainingWorker:
 
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set; commit each request's offset after its final status."""
-        from kafka import KafkaConsumer
-
         if not self.settings.kafka_bootstrap_servers:
             raise ValueError("SCANWATCH_TRAIN_KAFKA_BOOTSTRAP_SERVERS must be set for the worker")
-        consumer = KafkaConsumer(
-            TrainingJobRequestedV1.SCHEMA,
-            bootstrap_servers=self.settings.kafka_bootstrap_servers.split(","),
-            group_id=self.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            # A job can train for a long time between polls.
-            max_poll_records=1,
-            max_poll_interval_ms=24 * 3600 * 1000,
+        consumer = kafka.new_consumer(
+            self.settings.kafka_bootstrap_servers,
+            self.group_id,
+            [TrainingJobRequestedV1.SCHEMA],
+            # A job can train for a long time between polls (librdkafka's maximum, 24 h).
+            **{"max.poll.interval.ms": 24 * 3600 * 1000},
         )
         logger.info("training worker consuming", extra={"topic": TrainingJobRequestedV1.SCHEMA})
         try:
             while not stop.is_set():
-                batches = consumer.poll(timeout_ms=POLL_TIMEOUT_MS)
-                for records in batches.values():
-                    for record in records:
-                        self.handle(
-                            record.value,
-                            topic=record.topic,
-                            partition=record.partition,
-                            offset=record.offset,
-                        )
-                        consumer.commit()
+                message = consumer.poll(POLL_TIMEOUT_S)
+                if message is None:
+                    continue
+                if message.error() is not None:
+                    logger.warning("consumer error", extra={"error": str(message.error())})
+                    continue
+                self.handle(
+                    message.value() or b"",
+                    topic=message.topic() or TrainingJobRequestedV1.SCHEMA,
+                    partition=message.partition(),
+                    offset=message.offset(),
+                )
+                consumer.commit(message=message, asynchronous=False)
         finally:
             consumer.close()

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from dicom_listener.adapters.outbox import Outbox, OutboxEvent
 from dicom_listener.metrics import ListenerMetrics
+from scanwatch import kafka
 from schemas.events import InstanceReceivedV1
 
 if TYPE_CHECKING:
@@ -60,16 +61,13 @@ class EventSink(Protocol):
 
 
 class KafkaSink:
-    """librdkafka producer (``confluent-kafka``) with ``acks=all`` and one request in flight.
+    """scanwatch's librdkafka producer (:func:`scanwatch.kafka.producer_config`: ``acks=all``,
+    one request in flight, not idempotent), sending whole batches with a 2 ms linger.
 
-    librdkafka builds, sends and retries requests on its own C threads: the publisher spends a
-    third of the CPU per event that kafka-python's pure-Python producer did (bench/ingest.md).
-    Not idempotent: an idempotent librdkafka producer first needs a producer ID, and on a new
-    broker (``Coordinator load in progress``) it held events for 0.5 s idle and over 2 s
-    under load. One request in flight keeps the order; a request retried after a lost
-    acknowledgement may write an event twice, which at-least-once delivery allows anyway.
-    The producer is created on the first batch, not in ``__init__``: the listener starts (and
-    stores instances) while Kafka is still down. Each Kafka wait is bounded by ``timeout_s``.
+    One request in flight keeps the order; a request retried after a lost acknowledgement may
+    write an event twice, which at-least-once delivery allows anyway. The producer is created
+    on the first batch, not in ``__init__``: the listener starts (and stores instances) while
+    Kafka is still down. Each Kafka wait is bounded by ``timeout_s``.
     """
 
     def __init__(
@@ -88,25 +86,10 @@ class KafkaSink:
 
     def _get_producer(self) -> Producer:
         if self._producer is None:
-            from confluent_kafka import Producer
-
-            timeout_ms = max(1, int(self.timeout_s * 1000))
-            self._producer = Producer(
-                {
-                    "bootstrap.servers": self.bootstrap_servers,
-                    "client.id": self.client_id,
-                    "acks": "all",
-                    "enable.idempotence": False,
-                    "max.in.flight.requests.per.connection": 1,
-                    "linger.ms": 2,
-                    # The Java clients' (and kafka-python's) key hashing: a study's events go
-                    # to the partition any other producer of this topic would choose.
-                    "partitioner": "murmur2_random",
-                    "socket.timeout.ms": timeout_ms,
-                    # An event not acknowledged by then is reported failed (and sent again).
-                    "message.timeout.ms": timeout_ms,
-                },
-                logger=log,
+            # A study's events go to the partition any other producer of the topic would
+            # choose (scanwatch.kafka's partitioner contract).
+            self._producer = kafka.new_producer(
+                self.bootstrap_servers, self.client_id, self.timeout_s, **{"linger.ms": 2}
             )
         return self._producer
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from pathlib import Path
 
 import pydicom
-from kafka import KafkaConsumer
 
+from devtools.kafka_local import Record, read_topic
 from devtools.testing import wait_for  # noqa: F401 - re-exported for the listener tests
 from schemas.events import InstanceReceivedV1
 
@@ -22,28 +21,21 @@ def received_events(
 ) -> list[tuple[bytes, InstanceReceivedV1, dict[str, bytes]]]:
     """Events of ``study_uids`` on the topic (key, event, headers), polled until ``expected``
     arrived or time is up (then a further short poll, so extra events would be seen too)."""
-    consumer = KafkaConsumer(
+
+    def of_studies(read: list[Record]) -> list[tuple[bytes, InstanceReceivedV1, dict]]:
+        events = [
+            (r.key or b"", InstanceReceivedV1.from_bytes(r.value), r.headers) for r in read
+        ]
+        return [e for e in events if e[1].StudyInstanceUID in study_uids]
+
+    records = read_topic(
+        bootstrap_servers,
         InstanceReceivedV1.SCHEMA,
-        bootstrap_servers=bootstrap_servers,
-        group_id=None,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
+        until=lambda read: len(of_studies(read)) >= expected,
+        timeout=timeout,
+        settle_s=1.0,
     )
-    found: list[tuple[bytes, InstanceReceivedV1, dict[str, bytes]]] = []
-    deadline = time.monotonic() + timeout
-    settle: float | None = None
-    try:
-        while time.monotonic() < deadline and (settle is None or time.monotonic() < settle):
-            for records in consumer.poll(timeout_ms=300).values():
-                for record in records:
-                    event = InstanceReceivedV1.from_bytes(record.value)
-                    if event.StudyInstanceUID in study_uids:
-                        found.append((record.key, event, dict(record.headers or [])))
-            if len(found) >= expected and settle is None:
-                settle = time.monotonic() + 1.0
-    finally:
-        consumer.close()
-    return found
+    return of_studies(records)
 
 
 def sop_uid(path: Path) -> str:

@@ -9,10 +9,9 @@ from pathlib import Path
 import httpx
 import pydicom
 import pytest
-from kafka import KafkaConsumer
-from kafka.partitioner.default import murmur2
+from aiokafka.partitioner import murmur2
 
-from devtools.kafka_local import LocalKafka, free_port
+from devtools.kafka_local import LocalKafka, free_port, partition_count, read_topic
 from devtools.peers import echoscu, storescu
 from dicom_listener.app import ListenerApp, create_app
 from dicom_listener.config import Settings
@@ -100,36 +99,20 @@ def test_storescu_series_is_stored_byte_identical_and_announced(
 def test_a_study_goes_to_the_partition_the_java_clients_choose(
     listener: ListenerApp, kafka: LocalKafka, tmp_path: Path
 ) -> None:
-    """The producer hashes keys as the Java clients and kafka-python do (murmur2), so every
-    producer of the topic puts a study on the same partition."""
+    """The producer hashes keys as the Java clients and aiokafka (under Faust) do (murmur2), so
+    every producer of the topic puts a study on the same partition."""
     keys = []
     for n in range(3):  # three studies: another hash matches all three 1 time in 64
         files, study_uid, _ = new_study(tmp_path / str(n), n_slices=2)
         storescu(files, "127.0.0.1", listener.port, called_ae=AE_TITLE)
         keys.append(study_uid.encode())
-    consumer = KafkaConsumer(
+    records = read_topic(
+        kafka.bootstrap_servers,
         InstanceReceivedV1.SCHEMA,
-        bootstrap_servers=kafka.bootstrap_servers,
-        group_id=None,
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
+        until=lambda read: sum(r.key in keys for r in read) >= 2 * len(keys),
     )
-    partitions: dict[bytes, set[int]] = {key: set() for key in keys}
-    seen = []
-    try:
-
-        def polled() -> bool:
-            for records in consumer.poll(timeout_ms=200).values():
-                for r in records:
-                    if r.key in partitions:
-                        partitions[r.key].add(r.partition)
-                        seen.append(r.key)
-            return len(seen) >= 2 * len(keys)
-
-        wait_for(polled, 30, "the studies' events")
-        every = sorted(consumer.partitions_for_topic(InstanceReceivedV1.SCHEMA))
-    finally:
-        consumer.close()
+    partitions = {key: {r.partition for r in records if r.key == key} for key in keys}
+    every = list(range(partition_count(kafka.bootstrap_servers, InstanceReceivedV1.SCHEMA)))
     assert len(every) > 1  # otherwise any hash would do
     # The Java client's rule: Utils.toPositive(murmur2(key)) % number of partitions.
     assert partitions == {key: {every[(murmur2(key) & 0x7FFFFFFF) % len(every)]} for key in keys}

@@ -18,7 +18,7 @@ import pydicom
 import pytest
 
 from conftest import KAFKA_LIBS, ROOT
-from devtools.kafka_local import free_port
+from devtools.kafka_local import free_port, read_topic
 from devtools.peers import storescu
 from devtools.stack import Ports, Stack, StackConfig
 from devtools.testing import wait_for
@@ -211,8 +211,6 @@ def test_model_server_outage_parks_the_study_and_loses_nothing(stack: Stack, tmp
 
 
 def test_unusable_study_goes_to_the_dead_letter_topic(stack: Stack, tmp_path: Path):
-    from kafka import KafkaConsumer
-
     from schemas import DeadLetterV1, StudyReadyV1, dlq
 
     [path] = build_mr_study(tmp_path / "bad", patient_id="SW-E2E-BAD", n_slices=1, seed=7)
@@ -222,23 +220,13 @@ def test_unusable_study_goes_to_the_dead_letter_topic(stack: Stack, tmp_path: Pa
     study_uid = ds.StudyInstanceUID
     storescu([path], "127.0.0.1", stack.config.ports.dicom, called_ae=stack.config.ae_title)
 
-    consumer = KafkaConsumer(
+    records = read_topic(
+        stack.kafka.bootstrap_servers,
         dlq(StudyReadyV1.SCHEMA),
-        bootstrap_servers=stack.kafka.bootstrap_servers,
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=1000,
+        until=lambda read: any(r.key == study_uid.encode() for r in read),
+        timeout=120,
     )
-    try:
-
-        def letter():
-            for message in consumer:
-                if message.key == study_uid.encode():
-                    return DeadLetterV1.from_bytes(message.value)
-            return None
-
-        dead = wait_for(letter, 120)
-    finally:
-        consumer.close()
+    [dead] = [DeadLetterV1.from_bytes(r.value) for r in records if r.key == study_uid.encode()]
     assert dead.error_class == "unusable"
     assert "cannot decode pixels" in dead.reason
     assert StudyReadyV1.from_bytes(dead.payload).StudyInstanceUID == study_uid

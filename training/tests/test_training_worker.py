@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from pathlib import Path
 
@@ -145,7 +144,8 @@ def test_request_overrides_reach_the_settings(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_two_jobs_over_kafka_get_two_versions(kafka, tmp_path: Path) -> None:
-    from kafka import KafkaConsumer, KafkaProducer
+    from devtools.kafka_local import read_topic
+    from scanwatch import kafka as kafka_adapter
 
     group = f"test-{uuid.uuid4().hex}"
     base = settings(tmp_path, kafka_bootstrap_servers=kafka.bootstrap_servers)
@@ -155,35 +155,37 @@ def test_two_jobs_over_kafka_get_two_versions(kafka, tmp_path: Path) -> None:
     thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
     thread.start()
     jobs = [request(), request()]
-    producer = KafkaProducer(bootstrap_servers=kafka.bootstrap_servers, acks="all")
+    producer = kafka_adapter.EventProducer(kafka.bootstrap_servers, "test", timeout_s=30)
     for job in jobs:
-        producer.send(job.SCHEMA, value=job.to_bytes(), key=str(job.job_id).encode()).get(30)
+        producer.send_event(job, key=str(job.job_id))
     producer.close()
 
-    consumer = KafkaConsumer(
-        TrainingJobStatusV1.SCHEMA,
-        bootstrap_servers=kafka.bootstrap_servers,
-        group_id=f"{group}-reader",
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=1000,
-    )
     wanted = {job.job_id for job in jobs}
-    final: dict[uuid.UUID, TrainingJobStatusV1] = {}
-    seen: dict[uuid.UUID, list[str]] = {job_id: [] for job_id in wanted}
-    deadline = time.monotonic() + 120
+
+    def statuses(records) -> list[TrainingJobStatusV1]:
+        return [
+            s
+            for s in map(TrainingJobStatusV1.from_bytes, (r.value for r in records))
+            if s.job_id in wanted
+        ]
+
+    def finished(records) -> bool:
+        return {
+            s.job_id for s in statuses(records) if s.status in ("succeeded", "failed")
+        } == wanted
+
     try:
-        while time.monotonic() < deadline and set(final) != wanted:
-            for message in consumer:
-                status = TrainingJobStatusV1.from_bytes(message.value)
-                if status.job_id in wanted:
-                    seen[status.job_id].append(status.status)
-                    if status.status in ("succeeded", "failed"):
-                        final[status.job_id] = status
+        records = read_topic(kafka.bootstrap_servers, TrainingJobStatusV1.SCHEMA, finished, 120)
     finally:
-        consumer.close()
         stop.set()
         thread.join(timeout=30)
         events.close()
+    seen: dict[uuid.UUID, list[str]] = {job_id: [] for job_id in wanted}
+    final: dict[uuid.UUID, TrainingJobStatusV1] = {}
+    for status in statuses(records):
+        seen[status.job_id].append(status.status)
+        if status.status in ("succeeded", "failed"):
+            final[status.job_id] = status
     assert set(final) == wanted, seen
     assert all(s.status == "succeeded" for s in final.values())
     assert sorted(s.model_version for s in final.values()) == [1, 2]

@@ -1,0 +1,223 @@
+"""Kafka for scanwatch's own code: one producer configuration, one partitioner, topic creation.
+
+Two client libraries reach the broker, each where it earns its place:
+
+- **librdkafka** (``confluent-kafka``), here: every producer outside Faust (the listener's
+  outbox relay, training's events), the training worker's consumer and topic administration.
+  It builds and retries requests on its own C threads: a third of the CPU per event of
+  kafka-python's pure-Python producer (bench/ingest.md).
+- **aiokafka**, under Faust only (the inference worker's agents and tables): Faust is built on
+  it and no other asyncio client plugs into it.
+
+The partitioner contract: a keyed event goes to ``partition_for(key, n)``, Kafka's murmur2 of
+the key bytes, as the Java clients, aiokafka's ``DefaultPartitioner`` (hence Faust) and
+librdkafka's ``murmur2_random`` compute it. Study-keyed topics share one partition count
+(:data:`schemas.topics.STUDY_PARTITIONS`), so a study's instance events, its ready event and
+its table entry land on the same partition number whichever client wrote them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from schemas.events import Event
+from schemas.topics import TOPICS, TopicSpec
+
+if TYPE_CHECKING:
+    from confluent_kafka import Consumer, KafkaError, Message, Producer
+
+log = logging.getLogger(__name__)
+
+#: librdkafka's name for the Java clients' key hashing (its own default is CRC32).
+PARTITIONER = "murmur2_random"
+
+_M = 0x5BD1E995
+_MASK = 0xFFFFFFFF
+
+
+def murmur2(data: bytes) -> int:
+    """Kafka's 32-bit murmur2 of ``data`` (``org.apache.kafka.common.utils.Utils.murmur2``),
+    as a signed int like the Java original."""
+    length = len(data)
+    h = (0x9747B28C ^ length) & _MASK
+    tail = length & ~3
+    for i in range(0, tail, 4):
+        k = int.from_bytes(data[i : i + 4], "little")
+        k = (k * _M) & _MASK
+        k ^= k >> 24
+        k = (k * _M) & _MASK
+        h = ((h * _M) & _MASK) ^ k
+    rest = length & 3
+    if rest == 3:
+        h ^= data[tail + 2] << 16
+    if rest >= 2:
+        h ^= data[tail + 1] << 8
+    if rest >= 1:
+        h ^= data[tail]
+        h = (h * _M) & _MASK
+    h ^= h >> 13
+    h = (h * _M) & _MASK
+    h ^= h >> 15
+    return h - (1 << 32) if h & 0x80000000 else h
+
+
+def partition_for(key: bytes, partitions: int) -> int:
+    """The partition of a keyed event among ``partitions``: the partitioner contract."""
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
+def producer_config(
+    bootstrap_servers: str, client_id: str, timeout_s: float, **overrides: Any
+) -> dict[str, Any]:
+    """librdkafka settings every scanwatch producer shares: ``acks=all``, one request in
+    flight (order per key kept across retries), the contract's partitioner, and every wait on
+    the broker bounded by ``timeout_s`` (an event not acknowledged by then is reported failed).
+
+    Not idempotent: an idempotent producer first needs a producer ID, and on a new broker
+    (``Coordinator load in progress``) it held events for 0.5 s idle and over 2 s under load
+    (bench/ingest.md). A request retried after a lost acknowledgement may write an event twice,
+    which at-least-once delivery allows anyway (DESIGN §2).
+    """
+    timeout_ms = max(1, int(timeout_s * 1000))
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap_servers,
+        "client.id": client_id,
+        "acks": "all",
+        "enable.idempotence": False,
+        "max.in.flight.requests.per.connection": 1,
+        "partitioner": PARTITIONER,
+        "socket.timeout.ms": timeout_ms,
+        "message.timeout.ms": timeout_ms,
+    }
+    config.update(overrides)
+    return config
+
+
+def new_producer(
+    bootstrap_servers: str, client_id: str, timeout_s: float, **overrides: Any
+) -> Producer:
+    """A librdkafka producer with :func:`producer_config`."""
+    from confluent_kafka import Producer
+
+    return Producer(
+        producer_config(bootstrap_servers, client_id, timeout_s, **overrides), logger=log
+    )
+
+
+class KafkaPublishError(RuntimeError):
+    """The broker did not acknowledge an event in time."""
+
+
+class EventProducer:
+    """Sends one event at a time and returns once the broker acknowledged it (``acks=all``).
+
+    For low-rate publishers (training's job status and model publications); the listener's
+    relay batches through :func:`new_producer` itself. The producer is created on the first
+    send, so that a service starts while Kafka is still down.
+    """
+
+    def __init__(self, bootstrap_servers: str, client_id: str, timeout_s: float) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self.client_id = client_id
+        self.timeout_s = timeout_s
+        self._producer: Producer | None = None
+
+    def send(self, topic: str, key: bytes, value: bytes) -> tuple[int, int]:
+        """Send and wait for the acknowledgement; return ``(partition, offset)``.
+        Raise :class:`KafkaPublishError` when it does not come within the timeout."""
+        if self._producer is None:
+            self._producer = new_producer(self.bootstrap_servers, self.client_id, self.timeout_s)
+        outcome: list[tuple[KafkaError | None, Message]] = []
+        self._producer.produce(
+            topic, value=value, key=key, on_delivery=lambda err, msg: outcome.append((err, msg))
+        )
+        self._producer.flush(self.timeout_s + 1)
+        if not outcome:
+            raise KafkaPublishError(f"no acknowledgement from Kafka within {self.timeout_s:g}s")
+        error, message = outcome[0]
+        if error is not None:
+            raise KafkaPublishError(str(error))
+        return message.partition() or 0, message.offset() or 0
+
+    def send_event(self, event: Event, key: str, topic: str | None = None) -> tuple[int, int]:
+        """:meth:`send` ``event`` to ``topic`` (default: its schema's topic)."""
+        return self.send(topic or event.SCHEMA, key.encode(), event.to_bytes())
+
+    def close(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            producer.flush(self.timeout_s)
+
+
+def new_consumer(
+    bootstrap_servers: str, group_id: str, topics: Sequence[str], **overrides: Any
+) -> Consumer:
+    """A librdkafka consumer subscribed to ``topics``, reading from the earliest offset,
+    committing only when told to."""
+    from confluent_kafka import Consumer
+
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap_servers,
+        "group.id": group_id,
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+    }
+    config.update(overrides)
+    consumer = Consumer(config, logger=log)
+    consumer.subscribe(list(topics))
+    return consumer
+
+
+def ensure_topics(
+    bootstrap_servers: str, topics: Iterable[TopicSpec] = TOPICS, timeout_s: float = 30.0
+) -> list[str]:
+    """Create on any cluster the topics that do not exist yet; return the names created.
+    Existing topics are left as they are; the replication factor is the smaller of 3 and the
+    number of brokers."""
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers}, logger=log)
+    metadata = admin.list_topics(timeout=timeout_s)
+    replicas = max(1, min(3, len(metadata.brokers)))
+    new = [
+        NewTopic(
+            t.name,
+            num_partitions=t.partitions,
+            replication_factor=replicas,
+            config={"retention.ms": str(t.retention_ms)},
+        )
+        for t in topics
+        if t.name not in metadata.topics
+    ]
+    if not new:
+        return []
+    created = []
+    for name, future in admin.create_topics(new, request_timeout=timeout_s).items():
+        try:
+            future.result(timeout=timeout_s)
+            created.append(name)
+        except KafkaException as exc:
+            # Created meanwhile by another process: that is what we wanted.
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+    return created
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m scanwatch.kafka --bootstrap-servers HOST:PORT``: create scanwatch's topics
+    on a cluster (docker-compose's ``topics`` step)."""
+    parser = argparse.ArgumentParser(prog="python -m scanwatch.kafka", description=main.__doc__)
+    parser.add_argument("--bootstrap-servers", required=True, help="host:port[,host:port]")
+    args = parser.parse_args(argv)
+    created = ensure_topics(args.bootstrap_servers)
+    sys.stdout.write(f"created {len(created)} topic(s): {', '.join(created) or '-'}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
