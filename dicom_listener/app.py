@@ -19,12 +19,14 @@ from dicom_listener.adapters.filestore import FileStore, Quarantine
 from dicom_listener.adapters.outbox import Outbox
 from dicom_listener.adapters.publisher import EventSink, FlushSignal, KafkaSink, OutboxRelay
 from dicom_listener.config import Settings
+from dicom_listener.dicom.association import ServerConfig
+from dicom_listener.dicom.server import StorageServer
+from dicom_listener.dicom.uids import VERIFICATION
 from dicom_listener.handlers import Admission, StoreContext, handle_store
 from dicom_listener.health import HealthCheck, HttpServer, http_app
 from dicom_listener.metrics import ListenerMetrics
 from dicom_listener.security import AssociationPolicy, server_ssl_context
 from dicom_listener.sop_classes import TRANSFER_SYNTAXES, resolve_storage_classes
-from dicom_listener.upper_layer import VERIFICATION, ServerConfig, StorageServer
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The C-STORE handler: a plain function of a received instance (STYLE habit 1).
 
-The network side (:mod:`dicom_listener.upper_layer`) streams each dataset exactly as received
+The network side (:mod:`dicom_listener.dicom`) streams each dataset exactly as received
 to a temporary Part 10 file. The handler admits the request (free disk, outbox room), reads
 the identifying UIDs, fsyncs the file, moves it into the store, and records the instance and its
 ``dicom.instance.received.v1`` event in the durable outbox in one transaction; only then does
@@ -36,35 +36,25 @@ from dicom_listener.adapters.filestore import (
     read_chunks,
 )
 from dicom_listener.adapters.outbox import Arrival, Outbox, OutboxTransaction
+from dicom_listener.dicom.contract import ReceivedInstance, Status
+from dicom_listener.dicom.statuses import (
+    CANNOT_UNDERSTAND_INSTANCE_MISMATCH,
+    CANNOT_UNDERSTAND_INVALID_UID,
+    CANNOT_UNDERSTAND_MISSING_UID,
+    CANNOT_UNDERSTAND_TRUNCATED,
+    CANNOT_UNDERSTAND_UNDECODABLE,
+    DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    OUT_OF_RESOURCES_DISK_LOW,
+    OUT_OF_RESOURCES_OUTBOX_FULL,
+    OUT_OF_RESOURCES_OUTBOX_WRITE,
+    OUT_OF_RESOURCES_STORAGE,
+    SUCCESS,
+)
 from dicom_listener.metrics import ListenerMetrics
 from dicom_listener.scan import Truncated, Undecodable, scan_part10
-from dicom_listener.upper_layer import SUCCESS, ReceivedInstance, Status
 from schemas.events import UID, InstanceReceivedV1
 
 log = logging.getLogger(__name__)
-
-# C-STORE response statuses (PS3.4 B.2.3 and PS3.7 C). The codes inside a range are this
-# listener's own, so that a sender's log says which check failed.
-#: Refused: Out of Resources - the instance could not be written to the store. Retry later.
-OUT_OF_RESOURCES_STORAGE = 0xA700
-#: Refused: Out of Resources - the event could not be recorded in the outbox. Retry later.
-OUT_OF_RESOURCES_OUTBOX_WRITE = 0xA701
-#: Refused: Out of Resources - the store's disk is below its free-space watermark.
-OUT_OF_RESOURCES_DISK_LOW = 0xA702
-#: Refused: Out of Resources - the outbox holds too many undelivered events (Kafka is behind).
-OUT_OF_RESOURCES_OUTBOX_FULL = 0xA703
-#: Error: Data Set does not match SOP Class - SOPClassUID differs from the negotiated class.
-DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-#: Error: Cannot understand - the dataset could not be decoded.
-CANNOT_UNDERSTAND_UNDECODABLE = 0xC210
-#: Error: Cannot understand - the dataset ends inside an element (truncated).
-CANNOT_UNDERSTAND_TRUNCATED = 0xC212
-#: Error: Cannot understand - a required UID is missing or empty.
-CANNOT_UNDERSTAND_MISSING_UID = 0xC220
-#: Error: Cannot understand - a required UID is not a valid UID (PS3.5 §9.1).
-CANNOT_UNDERSTAND_INVALID_UID = 0xC221
-#: Error: Cannot understand - SOPInstanceUID differs from the request's AffectedSOPInstanceUID.
-CANNOT_UNDERSTAND_INSTANCE_MISMATCH = 0xC222
 
 #: Kafka header carrying the version (2, 3 ...) of an instance re-sent with other bytes.
 HEADER_INSTANCE_VERSION = "scanwatch-instance-version"

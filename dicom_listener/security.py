@@ -12,8 +12,9 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+from dicom_listener.dicom.contract import Peer
+from dicom_listener.dicom.pdu import CALLED_AE_NOT_RECOGNIZED, CALLING_AE_NOT_RECOGNIZED
 from dicom_listener.metrics import ListenerMetrics
-from dicom_listener.upper_layer import CALLED_AE_NOT_RECOGNIZED, CALLING_AE_NOT_RECOGNIZED, Peer
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ from pydicom.uid import (
 from devtools.kafka_local import LocalKafka
 from devtools.peers import dcmtk_env
 from dicom_listener import handlers as h
+from dicom_listener.dicom import statuses
 from dicom_listener.sop_classes import TRANSFER_SYNTAXES, all_storage_classes
 from dicom_listener.tests.conftest import split_part10
 from dicom_listener.tests.helpers import WireTap, received_events
@@ -137,17 +138,17 @@ def justified(outcome: Outcome, accepted: set[str]) -> str | None:
             return f"transfer syntax {ts} not accepted"
         return None
     [wire] = outcome.wire
-    if status == h.CANNOT_UNDERSTAND_TRUNCATED:
+    if status == statuses.CANNOT_UNDERSTAND_TRUNCATED:
         declared = max(
             (e.value_tell + e.length for e in ds._dict.values() if e.length != 0xFFFFFFFF),
             default=0,
         ) if ds is not None else 0  # fmt: skip
         return "truncated" if declared > outcome.path.stat().st_size else None
-    if status in (h.CANNOT_UNDERSTAND_MISSING_UID, h.CANNOT_UNDERSTAND_INVALID_UID):
+    if status in (statuses.CANNOT_UNDERSTAND_MISSING_UID, statuses.CANNOT_UNDERSTAND_INVALID_UID):
         values = [str(ds.get(k, "") or "") for k in h.REQUIRED_UIDS] if ds else [""]
         bad = [v for v in values if not v or not pydicom.uid.UID(v).is_valid]
         return "missing or invalid UID" if bad else None
-    if status == h.CANNOT_UNDERSTAND_UNDECODABLE:
+    if status == statuses.CANNOT_UNDERSTAND_UNDECODABLE:
         return "undecodable"
     return None
 
@@ -183,7 +184,7 @@ def test_every_corpus_file_is_stored_byte_exact_or_refused_for_a_stated_reason(
         if outcome.storescu_could_not_read:
             assert outcome.wire == [], name
             tally["not sendable: storescu cannot read it"] += 1
-        elif outcome.status == h.SUCCESS:
+        elif outcome.status == statuses.SUCCESS:
             [wire] = outcome.wire
             path = stored.get(hashlib.sha256(wire).hexdigest())
             if path is None:
@@ -225,4 +226,4 @@ def test_default_listener_refuses_non_mr_classes_at_negotiation(
     finally:
         app.stop()
     assert ct.refused_at_negotiation and ct.wire == []
-    assert mr.status == h.SUCCESS
+    assert mr.status == statuses.SUCCESS

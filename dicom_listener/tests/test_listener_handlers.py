@@ -24,25 +24,29 @@ from devtools.testing import wait_for
 from dicom_listener.adapters import outbox as outbox_module
 from dicom_listener.adapters.filestore import FileStore, Quarantine, StagedInstance
 from dicom_listener.adapters.outbox import Outbox, OutboxEvent, OutboxTransaction
-from dicom_listener.handlers import (
+from dicom_listener.dicom.contract import ReceivedInstance
+from dicom_listener.dicom.file_meta import file_meta_bytes
+from dicom_listener.dicom.statuses import (
     CANNOT_UNDERSTAND_INSTANCE_MISMATCH,
     CANNOT_UNDERSTAND_INVALID_UID,
     CANNOT_UNDERSTAND_MISSING_UID,
     CANNOT_UNDERSTAND_TRUNCATED,
     CANNOT_UNDERSTAND_UNDECODABLE,
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
-    HEADER_INSTANCE_VERSION,
-    HEADER_SUPERSEDES_SHA256,
     OUT_OF_RESOURCES_DISK_LOW,
     OUT_OF_RESOURCES_OUTBOX_FULL,
     OUT_OF_RESOURCES_OUTBOX_WRITE,
     OUT_OF_RESOURCES_STORAGE,
+    SUCCESS,
+)
+from dicom_listener.handlers import (
+    HEADER_INSTANCE_VERSION,
+    HEADER_SUPERSEDES_SHA256,
     Admission,
     StoreContext,
     handle_store,
 )
 from dicom_listener.metrics import ListenerMetrics
-from dicom_listener.upper_layer import SUCCESS, ReceivedInstance, file_meta_bytes
 from schemas.events import InstanceReceivedV1
 
 CALLING_AE = "MODALITY1"

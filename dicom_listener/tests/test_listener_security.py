@@ -13,10 +13,10 @@ import pytest
 from devtools.kafka_local import LocalKafka
 from devtools.peers import PeerError, echoscu, storescu, tls_args
 from dicom_listener.app import ListenerApp
+from dicom_listener.dicom.contract import Peer
 from dicom_listener.metrics import ListenerMetrics
 from dicom_listener.security import AssociationPolicy
 from dicom_listener.tests.test_listener_integration import AE_TITLE, start_listener
-from dicom_listener.upper_layer import Peer
 from scanwatch.sample import build_mr_study
 
 

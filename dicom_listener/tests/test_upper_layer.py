@@ -24,24 +24,23 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from devtools.testing import wait_for
-from dicom_listener.upper_layer import (
+from dicom_listener.dicom.association import ServerConfig
+from dicom_listener.dicom.contract import Peer, ReceivedInstance, Status
+from dicom_listener.dicom.dimse import C_STORE_RQ, encode_command
+from dicom_listener.dicom.file_meta import file_meta_bytes
+from dicom_listener.dicom.pdu import (
     ABSTRACT_SYNTAX_NOT_SUPPORTED,
     ACCEPTANCE,
-    C_STORE_RQ,
+    TRANSFER_SYNTAXES_NOT_SUPPORTED,
+    encode_associate_ac,
+    parse_associate_rq,
+)
+from dicom_listener.dicom.server import StorageServer
+from dicom_listener.dicom.statuses import SUCCESS
+from dicom_listener.dicom.uids import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
-    SUCCESS,
-    TRANSFER_SYNTAXES_NOT_SUPPORTED,
     VERIFICATION,
-    Peer,
-    ReceivedInstance,
-    ServerConfig,
-    Status,
-    StorageServer,
-    encode_associate_ac,
-    encode_command,
-    file_meta_bytes,
-    parse_associate_rq,
 )
 
 AE_TITLE = "SCANWATCH"
