@@ -9,18 +9,9 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from dicom_listener.sop_classes import ALL_STORAGE, MR_STORAGE_CLASSES, resolve_storage_classes
 from scanwatch.logs import LOG_LEVELS, LogLevel
 
-#: Value of ``sop_classes`` that accepts every Storage SOP Class pynetdicom knows.
-ALL_STORAGE = "ALL_STORAGE"
-#: Default accepted Storage SOP Classes (keywords, PS3.6 Annex A): the pipeline scores MR.
-MR_STORAGE_CLASSES = (
-    "MRImageStorage",
-    "EnhancedMRImageStorage",
-    "EnhancedMRColorImageStorage",
-    "MRSpectroscopyStorage",
-    "LegacyConvertedEnhancedMRImageStorage",
-)
 MiB = 1024 * 1024
 
 
@@ -226,8 +217,6 @@ class Settings(BaseSettings):
     @field_validator("sop_classes")
     @classmethod
     def _classes(cls, value: list[str]) -> list[str]:
-        from dicom_listener.sop_classes import resolve_storage_classes
-
         resolve_storage_classes(value)  # raises ValueError naming the unknown entries
         return value
 

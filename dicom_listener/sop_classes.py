@@ -24,8 +24,16 @@ from pynetdicom import sop_class
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
-from dicom_listener.config import ALL_STORAGE
-
+#: Value of ``sop_classes`` that accepts every Storage SOP Class pynetdicom knows.
+ALL_STORAGE = "ALL_STORAGE"
+#: Default accepted Storage SOP Classes (keywords, PS3.6 Annex A): the pipeline scores MR.
+MR_STORAGE_CLASSES = (
+    "MRImageStorage",
+    "EnhancedMRImageStorage",
+    "EnhancedMRColorImageStorage",
+    "MRSpectroscopyStorage",
+    "LegacyConvertedEnhancedMRImageStorage",
+)
 #: Transfer syntaxes accepted for every storage class: stored as received, never transcoded.
 TRANSFER_SYNTAXES: tuple[UID, ...] = (
     ExplicitVRLittleEndian,
