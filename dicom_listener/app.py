@@ -37,7 +37,9 @@ def presentation_contexts(settings: Settings) -> dict[str, frozenset[str]]:
     SOP classes not in ``settings.sop_classes`` have no entry, so they are refused at
     negotiation (abstract syntax not supported), never after their data was received.
     """
-    contexts = {VERIFICATION: frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})}
+    contexts: dict[str, frozenset[str]] = {
+        VERIFICATION: frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+    }
     syntaxes = frozenset(str(ts) for ts in TRANSFER_SYNTAXES)
     for sop_class in resolve_storage_classes(settings.sop_classes):
         contexts[str(sop_class)] = syntaxes

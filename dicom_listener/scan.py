@@ -23,6 +23,8 @@ _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _TAG = struct.Struct("<HH")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<L")
+#: What the scan walks: a mapped file, or the bytes the association kept in memory.
+_Buffer = mmap.mmap | bytes | bytearray
 #: Nesting depth beyond which a dataset is called undecodable (no real IOD comes close).
 _MAX_DEPTH = 32
 
@@ -36,7 +38,7 @@ class Undecodable(ValueError):
 
 
 class _Walker:
-    def __init__(self, buf: mmap.mmap | bytes, explicit: bool, wanted: frozenset[int]) -> None:
+    def __init__(self, buf: _Buffer, explicit: bool, wanted: frozenset[int]) -> None:
         self.buf = buf
         self.size = len(buf)
         self.explicit = explicit
@@ -107,21 +109,22 @@ class _Walker:
                 offset += length
 
 
-def dataset_offset(buf: mmap.mmap | bytes) -> int:
+def dataset_offset(buf: _Buffer) -> int:
     """Where the dataset starts in a Part 10 file (after the preamble and File Meta)."""
     if len(buf) < 144 or buf[128:132] != b"DICM" or buf[132:136] != b"\x02\x00\x00\x00":
         raise Undecodable("not a Part 10 file")
-    return 144 + _U32.unpack_from(buf, 140)[0]
+    meta_length: int = _U32.unpack_from(buf, 140)[0]  # File Meta Information Group Length
+    return 144 + meta_length
 
 
-def _walk(buf: mmap.mmap | bytes, explicit_vr: bool, wanted: frozenset[int]) -> dict[int, bytes]:
+def _walk(buf: _Buffer, explicit_vr: bool, wanted: frozenset[int]) -> dict[int, bytes]:
     walker = _Walker(buf, explicit_vr, wanted)
     walker.dataset(dataset_offset(buf), 0)
     return walker.values
 
 
 def scan_part10(
-    source: Path | bytes, explicit_vr: bool, wanted: frozenset[int]
+    source: Path | bytes | bytearray, explicit_vr: bool, wanted: frozenset[int]
 ) -> dict[int, bytes]:
     """The raw values of the ``wanted`` top-level tags of a little-endian Part 10 file, given
     as its path or its bytes.
