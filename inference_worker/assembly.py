@@ -10,7 +10,7 @@ than the retries) becomes ready again when its parking time is over.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import NotRequired, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from schemas import InstanceReceivedV1, InstanceRef, StudyReadyV1
 
@@ -18,7 +18,7 @@ from schemas import InstanceReceivedV1, InstanceRef, StudyReadyV1
 class StudyState(TypedDict):
     """What the worker remembers about one study (the table value)."""
 
-    instances: dict[str, dict]  # SOPInstanceUID -> InstanceRef as JSON
+    instances: dict[str, dict[str, Any]]  # SOPInstanceUID -> InstanceRef as JSON
     first_received_at: float  # epoch seconds
     last_received_at: float
     announced: int  # number of instances in the last ready event scored
@@ -45,13 +45,17 @@ def add_instance(state: StudyState | None, event: InstanceReceivedV1, now: float
     previous = state["instances"].get(event.SOPInstanceUID)
     if previous is not None and previous["sha256"] == event.sha256:
         return state
-    instances = {**state["instances"], event.SOPInstanceUID: event.ref().model_dump(mode="json")}
-    changes: dict = {"instances": instances, "last_received_at": now}
+    updated = state.copy()
+    updated["instances"] = {
+        **state["instances"],
+        event.SOPInstanceUID: event.ref().model_dump(mode="json"),
+    }
+    updated["last_received_at"] = now
     if len(state["instances"]) <= state["announced"]:
-        changes["pending_since"] = now  # the first change since the last announcement
+        updated["pending_since"] = now  # the first change since the last announcement
     if previous is not None:
-        changes["announced"] = 0  # same count, other content: announce the study again
-    return StudyState(**{**state, **changes})
+        updated["announced"] = 0  # same count, other content: announce the study again
+    return updated
 
 
 def is_ready(state: StudyState, now: float, quiet_period_s: float, max_wait_s: float) -> bool:

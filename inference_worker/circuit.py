@@ -11,14 +11,17 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+from inference_worker.errors import ModelUnavailable
 from inference_worker.metrics import CIRCUIT_CLOSED, CIRCUIT_HALF_OPEN, CIRCUIT_OPEN
 
 
-class CircuitOpen(Exception):
+class CircuitOpen(ModelUnavailable):
     """The model server failed repeatedly; calls are refused until the reset time."""
 
 
 class CircuitBreaker:
+    """Counts consecutive failures of one remote service and refuses calls while open."""
+
     def __init__(
         self,
         failures: int = 5,

@@ -13,9 +13,8 @@ logs or events.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
+from datetime import UTC, date, datetime, tzinfo
 from typing import Any
 from urllib.parse import quote
 
@@ -152,16 +151,6 @@ class ScoredStudy:
         """Above the operating threshold. ``referenceRange.high`` is inclusive, so a score
         equal to the threshold is still normal."""
         return self.anomaly_score > self.threshold
-
-
-def dicom_timezone(offset: str | None, default: tzinfo = UTC) -> tzinfo:
-    """TimezoneOffsetFromUTC (``"+0100"``, ``"-0500"``) as a tzinfo; ``default`` when absent
-    or malformed."""
-    match = re.fullmatch(r"([+-])(\d{2})(\d{2})", (offset or "").strip())
-    if match is None:
-        return default
-    sign = 1 if match[1] == "+" else -1
-    return timezone(sign * timedelta(hours=int(match[2]), minutes=int(match[3])))
 
 
 # --- Builders --------------------------------------------------------------------------------
@@ -488,4 +477,5 @@ def _fhir_datetime(value: datetime, tz: tzinfo) -> str:
 def _validated(resource: dict[str, Any]) -> dict[str, Any]:
     """Validate with the R4B model and return its canonical JSON form."""
     model = get_fhir_model_class(resource["resourceType"]).model_validate(resource)
-    return json.loads(model.model_dump_json())
+    canonical: dict[str, Any] = json.loads(model.model_dump_json())
+    return canonical

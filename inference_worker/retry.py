@@ -1,4 +1,8 @@
-"""Classifying failures and retrying the transient ones (STYLE habit 7)."""
+"""Retrying transient failures (STYLE habit 7) with backoff.
+
+What is transient is the domain's :class:`~inference_worker.errors.TransientError`; the adapters
+raise it for their transport's failures, so nothing here knows gRPC or HTTP.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-import grpc
-import httpx
-
-from inference_worker.circuit import CircuitOpen
-from inference_worker.model_client import TRANSIENT_CODES
+from inference_worker.errors import TransientError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -39,12 +39,4 @@ async def with_retries(
 
 def is_transient(exc: BaseException) -> bool:
     """Failures that may go away by themselves: model server or FHIR API down or slow."""
-    if isinstance(exc, CircuitOpen):
-        return True
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return exc.code() in TRANSIENT_CODES
-    if isinstance(exc, httpx.TransportError):
-        return True
-    if isinstance(exc, httpx.HTTPStatusError):
-        return exc.response.status_code >= 500 or exc.response.status_code == 429
-    return False
+    return isinstance(exc, TransientError)

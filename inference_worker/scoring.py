@@ -1,8 +1,10 @@
 """Scoring one ready study: select and preprocess slices, Predict, aggregate, write FHIR.
 
-The core of the worker, free of Kafka: the Faust agent hands it a :class:`StudyReadyV1` and
-publishes what it returns. Failures are classified: :class:`UnusableStudy` is the message's fault
-(dead letter), transient ones are retried here, anything else is fatal.
+Free of Kafka and of any transport: the flow (:mod:`inference_worker.flow`) hands it a
+:class:`StudyReadyV1` and publishes what it returns. The model and the FHIR writer are ports
+(:mod:`inference_worker.ports`). Failures are classified (:mod:`inference_worker.errors`):
+:class:`UnusableStudy` is the message's fault (dead letter), transient ones are retried here,
+anything else is fatal.
 """
 
 from __future__ import annotations
@@ -10,42 +12,36 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from datetime import date, datetime
-from typing import Protocol
 
 import numpy as np
-from pydicom.dataset import Dataset
+import numpy.typing as npt
 
 from inference_worker import fhir_resources
 from inference_worker.metrics import WorkerMetrics
-from inference_worker.model_client import ModelClient, Prediction
+from inference_worker.ports import Model, Prediction, ResourceWriter
 from inference_worker.retry import with_retries
 from inference_worker.series import SelectedSeries, SelectionRules, select_series
 from scanwatch import ids
 from schemas import InferenceResultV1, StudyReadyV1
-from schemas.model_signature import NORMAL_CLASS
 
 log = logging.getLogger(__name__)
 
-
-class ResourceWriter(Protocol):
-    """Where FHIR resources go (the FHIR API in production, a list in unit tests)."""
-
-    async def put_all(self, resources: list[dict]) -> None: ...
+__all__ = ["ResourceWriter", "Scorer", "aggregate", "result_event", "scored_study"]
 
 
-def aggregate(prediction: Prediction) -> np.ndarray:
+def aggregate(prediction: Prediction) -> npt.NDArray[np.float64]:
     """Study-level class probabilities: the mean over the scored slices, renormalised."""
     mean = prediction.probabilities.astype(np.float64).mean(axis=0)
-    return mean / mean.sum()
+    normalised: npt.NDArray[np.float64] = mean / mean.sum()
+    return normalised
 
 
 class Scorer:
-    """Scores studies with one model client and writes results with one resource writer."""
+    """Scores studies with one model and writes results with one resource writer."""
 
     def __init__(
         self,
-        model: ModelClient,
+        model: Model,
         writer: ResourceWriter,
         max_slices: int,
         retries: int,
@@ -62,15 +58,17 @@ class Scorer:
     async def score(self, ready: StudyReadyV1) -> InferenceResultV1:
         """Score a study and write its FHIR resources; return the result event."""
         started = time.monotonic()
-        if self.model.image_size is None:
-            await with_retries(self.model.check_signature, self.retries, "GetModelMetadata")
-        assert self.model.image_size is not None
+        image_size = self.model.image_size
+        if image_size is None:
+            image_size = await with_retries(
+                self.model.check_signature, self.retries, "GetModelMetadata"
+            )
         # Reading DICOM and resizing is CPU and disk work: keep it off the event loop.
         selected = await asyncio.get_running_loop().run_in_executor(
             None,
             select_series,
             list(ready.instances),
-            self.model.image_size,
+            image_size,
             self.max_slices,
             self.rules,
         )
@@ -79,30 +77,13 @@ class Scorer:
             lambda: self.model.predict(selected.images), self.retries, "Predict"
         )
         predicted = time.monotonic()
-        probabilities = aggregate(prediction)
-        study = scored_study(ready, selected, prediction, probabilities)
+        study = scored_study(ready, selected, prediction, aggregate(prediction))
         await with_retries(
             lambda: self.writer.put_all(fhir_resources.all_resources_for(study)),
             self.retries,
             "FHIR write",
         )
-        class_names = prediction.class_names
-        anomaly = 1.0 - float(probabilities[class_names.index(NORMAL_CLASS)])
-        result = InferenceResultV1(
-            StudyInstanceUID=ready.StudyInstanceUID,
-            SeriesInstanceUID=selected.SeriesInstanceUID,
-            model_name=prediction.model_name,
-            model_version=prediction.model_version,
-            class_names=class_names,
-            probabilities=[float(p) for p in probabilities],
-            predicted_class=class_names[int(np.argmax(probabilities))],
-            anomaly_score=min(max(anomaly, 0.0), 1.0),
-            threshold=prediction.threshold,
-            slice_count=len(selected.images),
-            observation_id=ids.observation_id(
-                ready.StudyInstanceUID, prediction.model_name, prediction.model_version
-            ),
-        )
+        result = result_event(study, slice_count=len(selected.images))
         stages = self.metrics.stage_seconds
         stages.labels("preprocess").observe(prepared - started)
         stages.labels("predict").observe(predicted - prepared)
@@ -123,39 +104,56 @@ class Scorer:
         return result
 
 
+def result_event(study: fhir_resources.ScoredStudy, slice_count: int) -> InferenceResultV1:
+    """The ``inference.result.v1`` event of a scored study: the same score, class and
+    probabilities as its FHIR resources, computed once by :class:`ScoredStudy`."""
+    return InferenceResultV1(
+        StudyInstanceUID=study.StudyInstanceUID,
+        SeriesInstanceUID=study.series.SeriesInstanceUID,
+        model_name=study.model_name,
+        model_version=study.model_version,
+        class_names=list(study.class_names),
+        probabilities=list(study.probabilities),
+        predicted_class=study.predicted_class,
+        anomaly_score=study.anomaly_score,
+        threshold=study.threshold,
+        slice_count=slice_count,
+        observation_id=ids.observation_id(
+            study.StudyInstanceUID, study.model_name, study.model_version
+        ),
+    )
+
+
 def scored_study(
     ready: StudyReadyV1,
     selected: SelectedSeries,
     prediction: Prediction,
-    probabilities: np.ndarray,
+    probabilities: npt.NDArray[np.float64],
 ) -> fhir_resources.ScoredStudy:
-    """What the FHIR builders need, from the study's DICOM header and the model's answer.
+    """What the FHIR builders need, from the chosen series' header and the model's answer.
 
     ``issued`` is the ready event's time, not the clock: a redelivered event then rebuilds the
     very same resources, and the FHIR API stores no new version.
     """
-    ds = selected.header
-    tz = fhir_resources.dicom_timezone(getattr(ds, "TimezoneOffsetFromUTC", None))
-    birth = getattr(ds, "PatientBirthDate", None)
-    series_number = getattr(ds, "SeriesNumber", None)
+    header = selected.header
     return fhir_resources.ScoredStudy(
-        PatientID=str(getattr(ds, "PatientID", "") or ""),
-        IssuerOfPatientID=getattr(ds, "IssuerOfPatientID", None) or None,
-        PatientName=str(ds.PatientName) if getattr(ds, "PatientName", None) else None,
-        PatientSex=getattr(ds, "PatientSex", None) or None,
-        PatientBirthDate=_date(birth),
+        PatientID=header.PatientID,
+        IssuerOfPatientID=header.IssuerOfPatientID,
+        PatientName=header.PatientName,
+        PatientSex=header.PatientSex,
+        PatientBirthDate=header.PatientBirthDate,
         StudyInstanceUID=ready.StudyInstanceUID,
-        AccessionNumber=getattr(ds, "AccessionNumber", None) or None,
-        StudyDescription=getattr(ds, "StudyDescription", None) or None,
-        started=_study_start(ds),
-        acquired=selected.acquired,
-        timezone=tz,
+        AccessionNumber=header.AccessionNumber,
+        StudyDescription=header.StudyDescription,
+        started=header.started,
+        acquired=header.acquired,
+        timezone=header.timezone,
         series=fhir_resources.ScoredSeries(
             SeriesInstanceUID=selected.SeriesInstanceUID,
             Modality="MR",
             NumberOfSeriesRelatedInstances=selected.number_of_instances,
-            SeriesDescription=getattr(ds, "SeriesDescription", None) or None,
-            SeriesNumber=int(series_number) if series_number not in (None, "") else None,
+            SeriesDescription=header.SeriesDescription,
+            SeriesNumber=header.SeriesNumber,
         ),
         NumberOfStudyRelatedSeries=selected.number_of_series,
         NumberOfStudyRelatedInstances=selected.study_instance_count,
@@ -166,23 +164,3 @@ def scored_study(
         threshold=prediction.threshold,
         issued=ready.occurred_at,
     )
-
-
-def _date(value: object) -> date | None:
-    from pydicom.valuerep import DA
-
-    try:
-        return DA(value) if value else None
-    except ValueError:
-        return None
-
-
-def _study_start(ds: Dataset) -> datetime | None:
-    from pydicom.valuerep import DA, TM
-
-    try:
-        if date_value := DA(getattr(ds, "StudyDate", None) or None):
-            return datetime.combine(date_value, TM(getattr(ds, "StudyTime", None) or "000000"))
-    except (ValueError, TypeError):
-        pass
-    return None

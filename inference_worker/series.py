@@ -1,10 +1,8 @@
 """Read a ready study from the file store, choose the MR series and slices to score, and turn
 them into model input with the preprocessing that training uses.
 
-Single-frame series (MR Image Storage) and multi-frame instances (Enhanced MR Image Storage)
-are both handled: a multi-frame instance's frames are ordered by their Plane Position and
-rescaled with their own Pixel Value Transformation (PS3.3 C.7.6.16), falling back to the shared
-functional groups and then to the top-level attributes.
+Each instance's header is read once (:func:`inference_worker.header.read_header`); selection
+works on those typed headers, and the chosen series hands one of them on for the result.
 """
 
 from __future__ import annotations
@@ -12,24 +10,29 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import numpy as np
+import numpy.typing as npt
 import pydicom
-from pydicom.dataset import Dataset
+import pydicom.errors
 
+from inference_worker.errors import UnusableStudy
+from inference_worker.header import ORIENTATIONS, InstanceHeader, read_header
 from scanwatch.imaging import preprocess_slice
 from schemas import InstanceRef
 
-ORIENTATIONS = ("any", "axial", "coronal", "sagittal")
-# Patient axis (LPS) that the slice normal points along, per orientation.
-_NORMAL_AXIS = {0: "sagittal", 1: "coronal", 2: "axial"}
-
-
-class UnusableStudy(Exception):
-    """The study cannot be scored (no MR series, unreadable files or pixels). Not transient."""
+__all__ = [
+    "ORIENTATIONS",
+    "Frame",
+    "SelectedSeries",
+    "SelectionRules",
+    "UnusableStudy",
+    "evenly_spaced",
+    "path_of",
+    "select_series",
+]
 
 
 @dataclass(frozen=True)
@@ -66,15 +69,14 @@ class Frame:
 
 @dataclass(frozen=True)
 class SelectedSeries:
-    """The series chosen for scoring, its model input and the header facts FHIR needs."""
+    """The series chosen for scoring, its model input and the header facts the result needs."""
 
-    header: Dataset  # header of one instance of the series (no pixel data)
+    header: InstanceHeader  # of the middle instance of the series
     SeriesInstanceUID: str
     number_of_instances: int
     number_of_series: int
     study_instance_count: int
-    images: np.ndarray  # float32 (n, size, size, 3)
-    acquired: datetime | None = None
+    images: npt.NDArray[np.float32]  # (n, size, size, 3)
 
 
 def path_of(storage_uri: str) -> Path:
@@ -85,103 +87,16 @@ def path_of(storage_uri: str) -> Path:
     return Path(unquote(parsed.path))
 
 
-def _read_header(ref: InstanceRef) -> Dataset:
+def _read_header(ref: InstanceRef) -> InstanceHeader:
     try:
-        return pydicom.dcmread(path_of(ref.storage_uri), stop_before_pixels=True)
+        ds = pydicom.dcmread(path_of(ref.storage_uri), stop_before_pixels=True)
     except (OSError, pydicom.errors.InvalidDicomError) as exc:
         raise UnusableStudy(f"cannot read instance {ref.SOPInstanceUID}: {exc}") from exc
+    return read_header(ds)
 
 
-def _group(ds: Dataset, index: int, sequence: str) -> Dataset | None:
-    """The functional group item ``sequence`` of frame ``index`` (per-frame, else shared)."""
-    for groups, i in (
-        ("PerFrameFunctionalGroupsSequence", index),
-        ("SharedFunctionalGroupsSequence", 0),
-    ):
-        items = ds.get(groups)
-        if items and len(items) > i and sequence in items[i] and items[i][sequence].value:
-            return items[i][sequence].value[0]
-    return None
-
-
-def _normal(orientation: object) -> np.ndarray | None:
-    try:
-        values = np.array([float(v) for v in orientation], dtype=float)  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        return None
-    return np.cross(values[:3], values[3:6]) if values.size == 6 else None
-
-
-def _position(normal: np.ndarray | None, position: object, fallback: float) -> float:
-    """Position along the slice normal (ImagePositionPatient · normal), else ``fallback``."""
-    try:
-        point = np.array([float(v) for v in position], dtype=float)  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        return fallback
-    return float(np.dot(normal, point)) if normal is not None and point.size == 3 else fallback
-
-
-def _rescale(item: Dataset | None, ds: Dataset) -> tuple[float, float]:
-    source = item if item is not None and "RescaleSlope" in item else ds
-    slope = float(getattr(source, "RescaleSlope", 1) or 1)
-    intercept = float(getattr(source, "RescaleIntercept", 0) or 0)
-    return slope, intercept
-
-
-def frames_of(ref: InstanceRef, ds: Dataset) -> list[Frame]:
-    """Every image of an instance with its position along the slice normal and its rescale."""
-    count = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
-    if not enhanced:
-        normal = _normal(getattr(ds, "ImageOrientationPatient", None))
-        fallback = float(getattr(ds, "InstanceNumber", 0) or 0)
-        position = _position(normal, getattr(ds, "ImagePositionPatient", None), fallback)
-        return [Frame(ref, None, position, *_rescale(None, ds))]
-    frames = []
-    for i in range(count):
-        plane = _group(ds, i, "PlaneOrientationSequence")
-        normal = _normal(getattr(plane, "ImageOrientationPatient", None))
-        place = _group(ds, i, "PlanePositionSequence")
-        position = _position(normal, getattr(place, "ImagePositionPatient", None), float(i))
-        transform = _group(ds, i, "PixelValueTransformationSequence")
-        # A one-frame instance decodes to a 2-D array: no frame index to pick.
-        frames.append(Frame(ref, i if count > 1 else None, position, *_rescale(transform, ds)))
-    return frames
-
-
-def orientation_of(ds: Dataset) -> str:
-    """axial, coronal or sagittal from the slice normal's dominant patient axis ("any" if
-    the header does not say)."""
-    orientation = getattr(ds, "ImageOrientationPatient", None)
-    if orientation is None:
-        plane = _group(ds, 0, "PlaneOrientationSequence")
-        orientation = getattr(plane, "ImageOrientationPatient", None)
-    normal = _normal(orientation)
-    if normal is None:
-        return "any"
-    return _NORMAL_AXIS[int(np.argmax(np.abs(normal)))]
-
-
-def _acquired(ds: Dataset) -> datetime | None:
-    """AcquisitionDateTime, else AcquisitionDate+Time, else SeriesDate+Time, else StudyDate+Time."""
-    from pydicom.valuerep import DA, DT, TM
-
-    if value := getattr(ds, "AcquisitionDateTime", None):
-        try:
-            return DT(value)
-        except ValueError:
-            pass
-    for date_kw, time_kw in (
-        ("AcquisitionDate", "AcquisitionTime"),
-        ("SeriesDate", "SeriesTime"),
-        ("StudyDate", "StudyTime"),
-    ):
-        if date := getattr(ds, date_kw, None):
-            try:
-                return datetime.combine(DA(date), TM(getattr(ds, time_kw, None) or "000000"))
-            except ValueError:
-                continue
-    return None
+def _frames_of(ref: InstanceRef, header: InstanceHeader) -> list[Frame]:
+    return [Frame(ref, g.index, g.position, g.slope, g.intercept) for g in header.frames]
 
 
 def evenly_spaced(n: int, k: int) -> list[int]:
@@ -200,29 +115,29 @@ def select_series(
     """Choose the series to score by ``rules`` and preprocess up to ``max_slices`` of its
     images, spread evenly along the slice normal."""
     rules = rules or SelectionRules()
-    by_series: dict[str, list[tuple[InstanceRef, Dataset]]] = defaultdict(list)
+    by_series: dict[str, list[tuple[InstanceRef, InstanceHeader]]] = defaultdict(list)
     for ref in refs:
-        ds = _read_header(ref)
-        if getattr(ds, "Modality", None) == "MR":
-            by_series[ref.SeriesInstanceUID].append((ref, ds))
+        header = _read_header(ref)
+        if header.Modality == "MR":
+            by_series[ref.SeriesInstanceUID].append((ref, header))
     if not by_series:
         raise UnusableStudy("no MR series in the study")
 
     frames = {
-        uid: [f for ref, ds in members for f in frames_of(ref, ds)]
+        uid: [f for ref, header in members for f in _frames_of(ref, header)]
         for uid, members in by_series.items()
     }
     pattern = re.compile(rules.description_pattern, re.I) if rules.description_pattern else None
 
     def described(uid: str) -> bool:
-        description = str(getattr(by_series[uid][0][1], "SeriesDescription", "") or "")
+        description = by_series[uid][0][1].SeriesDescription or ""
         return bool(pattern and pattern.search(description))
 
     candidates = [
         uid
         for uid in by_series
         if len(frames[uid]) >= rules.min_slices
-        and rules.orientation in ("any", orientation_of(by_series[uid][0][1]))
+        and rules.orientation in ("any", by_series[uid][0][1].orientation)
     ]
     if not candidates:
         raise UnusableStudy(
@@ -234,21 +149,19 @@ def select_series(
     ordered = sorted(frames[series_uid], key=lambda f: f.position)
     chosen = [ordered[i] for i in evenly_spaced(len(ordered), max_slices)]
     inputs = np.stack(_load_images(chosen, image_size))
-    header = members[len(members) // 2][1]
     return SelectedSeries(
-        header=header,
+        header=members[len(members) // 2][1],
         SeriesInstanceUID=series_uid,
         number_of_instances=len(members),
         number_of_series=len({r.SeriesInstanceUID for r in refs}),
         study_instance_count=len(refs),
         images=inputs,
-        acquired=_acquired(header),
     )
 
 
-def _load_images(frames: list[Frame], image_size: int) -> list[np.ndarray]:
+def _load_images(frames: list[Frame], image_size: int) -> list[npt.NDArray[np.float32]]:
     """Decode each chosen image once per instance (a multi-frame instance is read once)."""
-    pixels_by_instance: dict[str, np.ndarray] = {}
+    pixels_by_instance: dict[str, npt.NDArray[np.generic]] = {}
     images = []
     for frame in frames:
         uid = frame.ref.SOPInstanceUID

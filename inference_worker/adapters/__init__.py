@@ -1,1 +1,1 @@
-"""Transports of the worker: the FHIR API over HTTP."""
+"""Transports of the worker: the model server over gRPC, the FHIR API over HTTP."""

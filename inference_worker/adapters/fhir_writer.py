@@ -6,13 +6,22 @@ duplicating: that is what makes redelivery harmless.
 When the FHIR API requires tokens, the writer is a registered backend client: it gets a bearer
 token with the OAuth 2.0 client-credentials grant (HTTP Basic client authentication), keeps it
 until shortly before it expires, and fetches a new one once if the API answers 401.
+
+:meth:`FhirWriter.put` speaks HTTP and raises httpx's errors; :meth:`FhirWriter.put_all` is the
+worker's :class:`~inference_worker.ports.ResourceWriter` and turns the failures that may go away
+by themselves (no connection, a timeout, 5xx, 429) into
+:class:`~inference_worker.errors.FhirUnavailable`. Other answers (4xx: a refused token or
+resource) go up unchanged: fatal.
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import httpx
+
+from inference_worker.errors import FhirUnavailable
 
 FHIR_JSON = "application/fhir+json"
 #: Renew a token this many seconds before the server says it expires.
@@ -41,7 +50,9 @@ class FhirWriter:
             raise ValueError("give both client_id and client_secret, or neither")
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
-        self._credentials = (client_id, client_secret) if client_id else None
+        self._credentials = (
+            (client_id, client_secret) if client_id and client_secret is not None else None
+        )
         self.token_url = token_url or token_url_for(self.base_url)
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
@@ -66,12 +77,12 @@ class FhirWriter:
             )
             response.raise_for_status()
             answer = response.json()
-            self._token = answer["access_token"]
+            self._token = str(answer["access_token"])
             lifetime = float(answer.get("expires_in", 300))
             self._token_expires = time.monotonic() + max(lifetime - TOKEN_MARGIN_S, 1.0)
         return {"Authorization": f"Bearer {self._token}"}
 
-    async def put(self, resource: dict) -> None:
+    async def put(self, resource: dict[str, Any]) -> None:
         """Create or update one resource; raises ``httpx.HTTPStatusError`` on a non-2xx answer."""
         url = f"{self.base_url}/{resource['resourceType']}/{resource['id']}"
         headers = {"Content-Type": FHIR_JSON, **await self._authorization()}
@@ -82,12 +93,21 @@ class FhirWriter:
             response = await self._http().put(url, json=resource, headers=headers)
         response.raise_for_status()
 
-    async def put_all(self, resources: list[dict]) -> None:
+    async def put_all(self, resources: list[dict[str, Any]]) -> None:
         """Write resources in order (referenced resources first)."""
-        for resource in resources:
-            await self.put(resource)
+        try:
+            for resource in resources:
+                await self.put(resource)
+        except httpx.TransportError as exc:
+            raise FhirUnavailable(f"FHIR API unreachable: {exc!r}") from exc
+        except httpx.HTTPStatusError as exc:
+            status = exc.response.status_code
+            if status >= 500 or status == 429:
+                raise FhirUnavailable(f"FHIR API answered {status}") from exc
+            raise
 
     async def close(self) -> None:
+        """Close the HTTP connections (a later write opens new ones)."""
         if self._client is not None:
             await self._client.aclose()
             self._client = None

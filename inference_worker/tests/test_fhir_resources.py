@@ -9,6 +9,7 @@ import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
 from inference_worker import fhir_resources as fr
+from inference_worker.header import dicom_timezone
 from scanwatch import ids
 
 STUDY_UID = "1.2.826.0.1.3680043.8.498.1"
@@ -225,10 +226,10 @@ def test_inconsistent_input_is_refused(changes: dict, message: str) -> None:
 
 
 def test_dicom_timezone() -> None:
-    assert fr.dicom_timezone("+0130").utcoffset(None) == timedelta(hours=1, minutes=30)
-    assert fr.dicom_timezone("-0500").utcoffset(None) == timedelta(hours=-5)
-    assert fr.dicom_timezone(None) is UTC
-    assert fr.dicom_timezone("bogus") is UTC
+    assert dicom_timezone("+0130").utcoffset(None) == timedelta(hours=1, minutes=30)
+    assert dicom_timezone("-0500").utcoffset(None) == timedelta(hours=-5)
+    assert dicom_timezone(None) is UTC
+    assert dicom_timezone("bogus") is UTC
 
 
 def test_report_and_provenance_point_at_the_result():

@@ -16,8 +16,8 @@ from tensorflow_serving.apis import get_model_metadata_pb2
 from devtools.kafka_local import free_port
 from devtools.stack import model_available
 from devtools.testing import wait_for
+from inference_worker.adapters.tf_serving import ModelClient, SignatureMismatch
 from inference_worker.circuit import CircuitBreaker, CircuitOpen
-from inference_worker.model_client import ModelClient, SignatureMismatch
 
 MODEL = "brain-mri-anomaly"
 CLASSES = ("normal", "mass", "bleed", "infarct")

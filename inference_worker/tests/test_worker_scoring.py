@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from inference_worker.model_client import Prediction
+from inference_worker.ports import Prediction
 from inference_worker.scoring import Scorer
 from inference_worker.series import UnusableStudy, evenly_spaced, select_series
 from scanwatch import ids

@@ -1,19 +1,23 @@
-"""Client of the TensorFlow Serving gRPC API (``PredictionService``).
+"""The model server over the TensorFlow Serving gRPC API (``PredictionService``).
 
 The worker only speaks this API, so it cannot tell TensorFlow Serving from
 ``services/model_server``. On start-up it reads ``GetModelMetadata`` and refuses to run when the
 served signature differs from the contract in :mod:`schemas.model_signature`.
+
+:class:`ModelClient` speaks gRPC and raises gRPC's errors; :class:`TfServingModel` is the
+worker's :class:`~inference_worker.ports.Model` over it, and turns those errors into the
+domain's (:mod:`inference_worker.errors`), so that the core never sees a gRPC status.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any, cast
 
 import grpc
 import numpy as np
-from google.protobuf.message import Message
+import numpy.typing as npt
 from google.protobuf.wrappers_pb2 import Int64Value
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
@@ -23,6 +27,8 @@ from tensorflow_serving.apis import (
 )
 
 from inference_worker.circuit import CircuitBreaker
+from inference_worker.errors import ModelUnavailable, SignatureMismatch
+from inference_worker.ports import Prediction
 from scanwatch import tensors
 from schemas import model_signature
 from schemas.model_signature import SIGNATURE_NAME
@@ -40,20 +46,7 @@ TRANSIENT_CODES = frozenset(
     }
 )
 
-
-class SignatureMismatch(RuntimeError):
-    """The served model does not have the contract's signature: fatal for the worker."""
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """Model outputs for a batch of images, and which model version produced them."""
-
-    probabilities: np.ndarray  # (n, classes) float32
-    class_names: list[str]
-    threshold: float
-    model_name: str
-    model_version: int
+__all__ = ["TRANSIENT_CODES", "ModelClient", "Prediction", "SignatureMismatch", "TfServingModel"]
 
 
 class ModelClient:
@@ -102,8 +95,9 @@ class ModelClient:
             spec.version_label = self.model_label
         return spec
 
-    async def _call(self, method: str, request: Message) -> Message:
-        """One RPC through the circuit breaker, with the client's deadline."""
+    async def _call(self, method: str, request: Any) -> Any:
+        """One RPC through the circuit breaker, with the client's deadline (the response is a
+        protobuf message of the method's response type)."""
         self.breaker.before_call()
         try:
             response = await getattr(self._stub(), method)(request, timeout=self.timeout_s)
@@ -122,7 +116,10 @@ class ModelClient:
         request = get_model_metadata_pb2.GetModelMetadataRequest(
             model_spec=self._spec(), metadata_field=["signature_def"]
         )
-        response = await self._call("GetModelMetadata", request)
+        response = cast(
+            get_model_metadata_pb2.GetModelMetadataResponse,
+            await self._call("GetModelMetadata", request),
+        )
         signatures = get_model_metadata_pb2.SignatureDefMap()
         response.metadata["signature_def"].Unpack(signatures)
         if SIGNATURE_NAME not in signatures.signature_def:
@@ -132,7 +129,7 @@ class ModelClient:
         problems = model_signature.check(inputs, outputs)
         if problems:
             raise SignatureMismatch(f"model {self.model_name}: " + "; ".join(problems))
-        size = inputs[model_signature.INPUT.name].shape[1]
+        size = int(inputs[model_signature.INPUT.name].shape[1])
         if size <= 0:
             raise SignatureMismatch(f"model {self.model_name} does not fix its image size")
         self.image_size = size
@@ -146,7 +143,7 @@ class ModelClient:
         )
         return size
 
-    async def predict(self, images: np.ndarray) -> Prediction:
+    async def predict(self, images: npt.NDArray[np.float32]) -> Prediction:
         """Score ``images`` (n, size, size, 3) in batches of ``batch_size``.
 
         All batches must come from the same model version; if the server switched versions in
@@ -174,13 +171,13 @@ class ModelClient:
             details="model version kept changing during scoring",
         )
 
-    async def _predict_batch(self, batch: np.ndarray) -> Prediction:
+    async def _predict_batch(self, batch: npt.NDArray[np.float32]) -> Prediction:
         request = predict_pb2.PredictRequest(model_spec=self._spec())
         request.inputs[model_signature.INPUT.name].CopyFrom(
             tensors.to_tensor_proto(np.asarray(batch, dtype=np.float32))
         )
         self._on_batch(len(batch))
-        response = await self._call("Predict", request)
+        response = cast(predict_pb2.PredictResponse, await self._call("Predict", request))
         probabilities = tensors.to_ndarray(response.outputs["probabilities"])
         class_names = tensors.to_ndarray(response.outputs["class_names"])
         threshold = tensors.to_ndarray(response.outputs["threshold"])
@@ -196,3 +193,42 @@ class ModelClient:
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
+
+
+class TfServingModel:
+    """The worker's :class:`~inference_worker.ports.Model` over a :class:`ModelClient`.
+
+    gRPC failures that may go away by themselves (:data:`TRANSIENT_CODES`) become
+    :class:`~inference_worker.errors.ModelUnavailable`; so does an open circuit
+    (:class:`~inference_worker.circuit.CircuitOpen` is one). Any other gRPC error (a request
+    the server refuses) is not the domain's to handle and goes up unchanged: fatal.
+    """
+
+    def __init__(self, client: ModelClient) -> None:
+        self.client = client
+
+    @property
+    def image_size(self) -> int | None:
+        return self.client.image_size
+
+    async def check_signature(self) -> int:
+        try:
+            return await self.client.check_signature()
+        except grpc.aio.AioRpcError as exc:
+            _raise_if_transient(exc)
+            raise
+
+    async def predict(self, images: npt.NDArray[np.float32]) -> Prediction:
+        try:
+            return await self.client.predict(images)
+        except grpc.aio.AioRpcError as exc:
+            _raise_if_transient(exc)
+            raise
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+def _raise_if_transient(exc: grpc.aio.AioRpcError) -> None:
+    if exc.code() in TRANSIENT_CODES:
+        raise ModelUnavailable(f"model server {exc.code().name}: {exc.details()}") from exc

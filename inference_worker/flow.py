@@ -1,0 +1,225 @@
+"""The worker's flow (DESIGN §2), free of Faust::
+
+    instance event --assemble--> study table
+        timer: quiet period over --> ready event --score--> FHIR + result event
+
+:class:`WorkerFlow` holds what the Faust agents used to keep in a closure: the study table, the
+topics it sends to, the ready events in flight and the per-study scoring locks. The table is a
+``MutableMapping`` (a Faust table in production, a dict in unit tests), the topics are
+:class:`~inference_worker.ports.Sink` s, the clock is injectable; :mod:`inference_worker.app`
+wires it to Faust.
+
+Errors are classified (STYLE habit 7): an unusable message or study goes to ``<topic>.dlq``
+with the reason; a transient failure (model server or FHIR API down) is retried by the scorer
+and then parked in the table, to be announced again later; anything else propagates, so that
+the worker crashes, its supervisor restarts it and the uncommitted message is redelivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from pydantic import ValidationError
+
+from inference_worker.assembly import (
+    StudyState,
+    add_instance,
+    is_ready,
+    mark_announced,
+    park,
+    ready_event,
+)
+from inference_worker.config import Settings
+from inference_worker.errors import SignatureMismatch, UnusableStudy
+from inference_worker.metrics import WorkerMetrics
+from inference_worker.ports import Model, Sink
+from inference_worker.retry import is_transient
+from schemas import DeadLetterV1, InferenceResultV1, InstanceReceivedV1, StudyReadyV1
+
+log = logging.getLogger(__name__)
+
+#: ``DeadLetterV1.error_class`` of a message or study that cannot be used.
+UNUSABLE = "unusable"
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a consumed message came from: what its dead letter names."""
+
+    topic: str
+    partition: int | None = None
+    offset: int | None = None
+    key: bytes | None = None
+
+
+class StudyScorer(Protocol):
+    """Scores a ready study and writes its FHIR resources (:class:`~.scoring.Scorer`)."""
+
+    @property
+    def model(self) -> Model: ...
+
+    async def score(self, ready: StudyReadyV1) -> InferenceResultV1: ...
+
+
+class WorkerFlow:
+    """Assembles studies, announces the ready ones and scores them."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        scorer: StudyScorer,
+        studies: MutableMapping[bytes, StudyState],
+        ready_topic: Sink,
+        results_topic: Sink,
+        dead_letter_topic: Callable[[str], Sink],
+        owns: Callable[[bytes], bool],
+        metrics: WorkerMetrics,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``studies`` is keyed by the StudyInstanceUID's bytes; ``dead_letter_topic`` gives
+        the dead-letter twin of a topic; ``owns`` tells whether this worker actively owns a
+        study key's partition (only the owner announces it)."""
+        self.settings = settings
+        self.scorer = scorer
+        self.studies = studies
+        self.ready_topic = ready_topic
+        self.results_topic = results_topic
+        self.dead_letter_topic = dead_letter_topic
+        self.owns = owns
+        self.metrics = metrics
+        self.clock = clock
+        # Ready events sent but not yet seen back by ``score`` (which records them in the
+        # table): stops the timer from announcing the same study twice meanwhile. Lost on
+        # restart, which only means a study may be announced again — scoring is idempotent.
+        self.announcing: dict[bytes, int] = {}
+        # With several scoring actors, two ready events of one study must not be scored at
+        # once: a slower, older one could overwrite the newer result. A FIFO lock per study
+        # keeps them in the order they were taken from the stream.
+        self._study_locks: dict[bytes, asyncio.Lock] = {}
+        self._lock_users: dict[bytes, int] = {}
+
+    async def check_model(self) -> None:
+        """Refuse to run against a model whose signature breaks the contract: raises
+        :class:`SignatureMismatch`. A model server not reachable yet is only logged (it is
+        checked again when scoring)."""
+        try:
+            await self.scorer.model.check_signature()
+        except SignatureMismatch as exc:
+            log.critical("served model breaks the signature contract", extra={"error": str(exc)})
+            raise
+        except Exception as exc:  # noqa: BLE001 - not reachable yet: checked again when scoring
+            log.warning("model server not checked at start", extra={"error": str(exc)})
+
+    async def assemble(self, value: bytes | None, origin: Origin) -> None:
+        """Record one ``dicom.instance.received.v1`` event in its study."""
+        try:
+            received = InstanceReceivedV1.from_bytes(value or b"")
+        except ValidationError as exc:
+            await self.dead_letter(
+                origin, value, f"invalid {InstanceReceivedV1.SCHEMA}: {exc}", UNUSABLE
+            )
+            return
+        key = received.StudyInstanceUID.encode()
+        self.studies[key] = add_instance(self.studies.get(key), received, self.clock())
+
+    async def release_ready_studies(self) -> None:
+        """Announce every study of this worker's partitions whose quiet period is over."""
+        now = self.clock()
+        for key, state in list(self.studies.items()):
+            if state is None:
+                continue
+            quiet = self.settings.quiet_period_for(state.get("source"))
+            if not is_ready(state, now, quiet, self.settings.max_wait_s):
+                continue
+            if not self.owns(key):
+                continue
+            count = len(state["instances"])
+            if self.announcing.get(key, 0) >= count:
+                continue
+            ready = ready_event(key.decode(), state, quiet)
+            await self.ready_topic.send(key=key, value=ready.to_bytes())
+            self.announcing[key] = count
+            log.info("study ready", extra={"StudyInstanceUID": key.decode(), "instances": count})
+
+    async def score(self, value: bytes | None, origin: Origin) -> None:
+        """Score one ``dicom.study.ready.v1`` event, after any earlier one of its study."""
+        try:
+            ready = StudyReadyV1.from_bytes(value or b"")
+        except ValidationError as exc:
+            await self.dead_letter(origin, value, f"invalid {StudyReadyV1.SCHEMA}: {exc}", UNUSABLE)
+            return
+        key = ready.StudyInstanceUID.encode()
+        lock = self._study_locks.setdefault(key, asyncio.Lock())
+        self._lock_users[key] = self._lock_users.get(key, 0) + 1
+        try:
+            async with lock:
+                await self._score_one(ready, key, origin, value)
+        finally:
+            self._lock_users[key] -= 1
+            if not self._lock_users[key]:  # nobody else holds or waits for it
+                del self._lock_users[key], self._study_locks[key]
+
+    async def _score_one(
+        self, ready: StudyReadyV1, key: bytes, origin: Origin, value: bytes | None
+    ) -> None:
+        now = self.clock()
+        state = self.studies.get(key)
+        if state is not None and state["announced"] > len(ready.instances):
+            # A newer ready event of this study (more instances) was scored already.
+            log.info("superseded ready event skipped", extra={"StudyInstanceUID": key.decode()})
+            return
+        if state is not None:
+            self.studies[key] = mark_announced(state, len(ready.instances))
+            waited = now - state["first_received_at"]
+            self.metrics.stage_seconds.labels("assembly_wait").observe(waited)
+        self.announcing.pop(key, None)
+        try:
+            result = await self.scorer.score(ready)
+        except UnusableStudy as exc:
+            await self.dead_letter(origin, value, str(exc), UNUSABLE)
+            return
+        except SignatureMismatch:
+            log.critical("served model breaks the signature contract; stopping")
+            raise
+        except Exception as exc:
+            if not is_transient(exc) or (state := self.studies.get(key)) is None:
+                raise
+            # Retries exhausted on a transient failure: park the study; the timer announces it
+            # again when the parking time is over. Never dropped.
+            self.studies[key] = park(state, self.clock() + self.settings.park_s)
+            self.metrics.parked.inc()
+            log.warning(
+                "study parked",
+                extra={
+                    "StudyInstanceUID": ready.StudyInstanceUID,
+                    "retry_in_s": self.settings.park_s,
+                    "error": str(exc),
+                },
+            )
+            return
+        await self.results_topic.send(key=key, value=result.to_bytes())
+
+    async def dead_letter(
+        self, origin: Origin, value: bytes | None, reason: str, error_class: str
+    ) -> None:
+        """Send a message that cannot be used to its topic's dead-letter twin, with why."""
+        self.metrics.dead_letters.labels(origin.topic, error_class).inc()
+        log.error(
+            "dead-lettered",
+            extra={"topic": origin.topic, "offset": origin.offset, "reason": reason},
+        )
+        letter = DeadLetterV1(
+            source_topic=origin.topic,
+            source_partition=origin.partition,
+            source_offset=origin.offset,
+            key=origin.key.decode(errors="replace") if origin.key else None,
+            reason=reason,
+            error_class=error_class,
+            payload=(value or b"").decode(errors="replace"),
+        )
+        await self.dead_letter_topic(origin.topic).send(key=origin.key, value=letter.to_bytes())

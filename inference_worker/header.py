@@ -1,0 +1,205 @@
+"""The DICOM header facts the worker uses, read once per instance into a typed value.
+
+Series selection (modality, description, orientation, frame geometry), the scoring result and
+the FHIR builders (patient, study and series attributes, dates in the right time zone) all read
+:class:`InstanceHeader`, never a pydicom ``Dataset``. DICOM keywords are kept verbatim.
+
+Frame geometry covers single-frame instances (MR Image Storage) and multi-frame ones (Enhanced
+MR Image Storage): a multi-frame instance's frames are placed by their Plane Position and
+rescaled with their own Pixel Value Transformation (PS3.3 C.7.6.16), falling back to the shared
+functional groups and then to the top-level attributes.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
+
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataset import Dataset
+from pydicom.valuerep import DA, DT, TM
+
+ORIENTATIONS = ("any", "axial", "coronal", "sagittal")
+# Patient axis (LPS) that the slice normal points along, per orientation.
+_NORMAL_AXIS = {0: "sagittal", 1: "coronal", 2: "axial"}
+
+
+@dataclass(frozen=True)
+class FrameGeometry:
+    """Where one image of an instance lies and how its stored values are rescaled."""
+
+    index: int | None  # frame index in a multi-frame instance; None for a 2-D pixel array
+    position: float  # along the slice normal (ImagePositionPatient · normal), else a fallback
+    slope: float
+    intercept: float
+
+
+@dataclass(frozen=True)
+class InstanceHeader:
+    """One instance's header (no pixel data), as the worker needs it."""
+
+    Modality: str | None
+    frames: tuple[FrameGeometry, ...]
+    orientation: str  # axial, coronal, sagittal, or "any" when the header does not say
+    PatientID: str = ""
+    IssuerOfPatientID: str | None = None
+    PatientName: str | None = None
+    PatientSex: str | None = None
+    PatientBirthDate: date | None = None
+    AccessionNumber: str | None = None
+    StudyDescription: str | None = None
+    SeriesDescription: str | None = None
+    SeriesNumber: int | None = None
+    started: datetime | None = None  # StudyDate + StudyTime
+    acquired: datetime | None = None  # see :func:`acquisition_datetime`
+    timezone: tzinfo = UTC  # TimezoneOffsetFromUTC; naive datetimes above are read in it
+
+
+def read_header(ds: Dataset) -> InstanceHeader:
+    """The :class:`InstanceHeader` of a dataset read with ``stop_before_pixels=True``."""
+    series_number = getattr(ds, "SeriesNumber", None)
+    modality = getattr(ds, "Modality", None)
+    return InstanceHeader(
+        Modality=str(modality) if modality is not None else None,
+        frames=tuple(frame_geometry(ds)),
+        orientation=orientation_of(ds),
+        PatientID=str(getattr(ds, "PatientID", "") or ""),
+        IssuerOfPatientID=_text(ds, "IssuerOfPatientID"),
+        PatientName=_text(ds, "PatientName"),
+        PatientSex=_text(ds, "PatientSex"),
+        PatientBirthDate=_date(getattr(ds, "PatientBirthDate", None)),
+        AccessionNumber=_text(ds, "AccessionNumber"),
+        StudyDescription=_text(ds, "StudyDescription"),
+        SeriesDescription=_text(ds, "SeriesDescription"),
+        SeriesNumber=int(series_number) if series_number not in (None, "") else None,
+        started=_study_start(ds),
+        acquired=acquisition_datetime(ds),
+        timezone=dicom_timezone(getattr(ds, "TimezoneOffsetFromUTC", None)),
+    )
+
+
+def dicom_timezone(offset: str | None, default: tzinfo = UTC) -> tzinfo:
+    """TimezoneOffsetFromUTC (``"+0100"``, ``"-0500"``) as a tzinfo; ``default`` when absent
+    or malformed."""
+    match = re.fullmatch(r"([+-])(\d{2})(\d{2})", (offset or "").strip())
+    if match is None:
+        return default
+    sign = 1 if match[1] == "+" else -1
+    return timezone(sign * timedelta(hours=int(match[2]), minutes=int(match[3])))
+
+
+def frame_geometry(ds: Dataset) -> list[FrameGeometry]:
+    """Every image of an instance with its position along the slice normal and its rescale."""
+    count = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
+    if not enhanced:
+        normal = _normal(getattr(ds, "ImageOrientationPatient", None))
+        fallback = float(getattr(ds, "InstanceNumber", 0) or 0)
+        position = _position(normal, getattr(ds, "ImagePositionPatient", None), fallback)
+        return [FrameGeometry(None, position, *_rescale(None, ds))]
+    frames = []
+    for i in range(count):
+        plane = _group(ds, i, "PlaneOrientationSequence")
+        normal = _normal(getattr(plane, "ImageOrientationPatient", None))
+        place = _group(ds, i, "PlanePositionSequence")
+        position = _position(normal, getattr(place, "ImagePositionPatient", None), float(i))
+        transform = _group(ds, i, "PixelValueTransformationSequence")
+        # A one-frame instance decodes to a 2-D array: no frame index to pick.
+        frames.append(FrameGeometry(i if count > 1 else None, position, *_rescale(transform, ds)))
+    return frames
+
+
+def orientation_of(ds: Dataset) -> str:
+    """axial, coronal or sagittal from the slice normal's dominant patient axis ("any" if
+    the header does not say)."""
+    orientation = getattr(ds, "ImageOrientationPatient", None)
+    if orientation is None:
+        plane = _group(ds, 0, "PlaneOrientationSequence")
+        orientation = getattr(plane, "ImageOrientationPatient", None)
+    normal = _normal(orientation)
+    if normal is None:
+        return "any"
+    return _NORMAL_AXIS[int(np.argmax(np.abs(normal)))]
+
+
+def acquisition_datetime(ds: Dataset) -> datetime | None:
+    """AcquisitionDateTime, else AcquisitionDate+Time, else SeriesDate+Time, else StudyDate+Time."""
+    if value := getattr(ds, "AcquisitionDateTime", None):
+        try:
+            return DT(value)
+        except ValueError:
+            pass
+    for date_kw, time_kw in (
+        ("AcquisitionDate", "AcquisitionTime"),
+        ("SeriesDate", "SeriesTime"),
+        ("StudyDate", "StudyTime"),
+    ):
+        if day := getattr(ds, date_kw, None):
+            try:
+                return datetime.combine(DA(day), TM(getattr(ds, time_kw, None) or "000000"))
+            except ValueError:
+                continue
+    return None
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    value = getattr(ds, keyword, None)
+    return str(value) if value else None
+
+
+def _date(value: object) -> date | None:
+    try:
+        return DA(value) if value else None
+    except ValueError:
+        return None
+
+
+def _study_start(ds: Dataset) -> datetime | None:
+    try:
+        if day := DA(getattr(ds, "StudyDate", None) or None):
+            return datetime.combine(day, TM(getattr(ds, "StudyTime", None) or "000000"))
+    except (ValueError, TypeError):
+        pass
+    return None
+
+
+def _group(ds: Dataset, index: int, sequence: str) -> Dataset | None:
+    """The functional group item ``sequence`` of frame ``index`` (per-frame, else shared)."""
+    for groups, i in (
+        ("PerFrameFunctionalGroupsSequence", index),
+        ("SharedFunctionalGroupsSequence", 0),
+    ):
+        items = ds.get(groups)
+        if items and len(items) > i and sequence in items[i] and items[i][sequence].value:
+            item: Dataset = items[i][sequence].value[0]
+            return item
+    return None
+
+
+def _floats(values: object) -> npt.NDArray[np.float64] | None:
+    try:
+        return np.array([float(v) for v in values], dtype=np.float64)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        return None
+
+
+def _normal(orientation: object) -> npt.NDArray[np.float64] | None:
+    values = _floats(orientation)
+    return np.cross(values[:3], values[3:6]) if values is not None and values.size == 6 else None
+
+
+def _position(normal: npt.NDArray[np.float64] | None, position: object, fallback: float) -> float:
+    """Position along the slice normal (ImagePositionPatient · normal), else ``fallback``."""
+    point = _floats(position)
+    if point is None:
+        return fallback
+    return float(np.dot(normal, point)) if normal is not None and point.size == 3 else fallback
+
+
+def _rescale(item: Dataset | None, ds: Dataset) -> tuple[float, float]:
+    source = item if item is not None and "RescaleSlope" in item else ds
+    slope = float(getattr(source, "RescaleSlope", 1) or 1)
+    intercept = float(getattr(source, "RescaleIntercept", 0) or 0)
+    return slope, intercept

@@ -1,0 +1,66 @@
+"""What the worker's core needs from the outside, as Protocols (cosmicpython's ports).
+
+The adapters implement them: :class:`inference_worker.adapters.tf_serving.TfServingModel`
+(the model server over gRPC), :class:`inference_worker.adapters.fhir_writer.FhirWriter` (the
+FHIR API over HTTP), Faust topics and the Faust table (wired in :mod:`inference_worker.app`).
+Unit tests use fakes. Adapters raise the domain errors of :mod:`inference_worker.errors`, never
+their transport's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Model outputs for a batch of images, and which model version produced them."""
+
+    probabilities: npt.NDArray[np.float32]  # (n, classes)
+    class_names: list[str]
+    threshold: float
+    model_name: str
+    model_version: int
+
+
+class Model(Protocol):
+    """A served model that speaks the contract of :mod:`schemas.model_signature`."""
+
+    @property
+    def image_size(self) -> int | None:
+        """Side of the model's square input images; ``None`` until the signature is checked."""
+        ...
+
+    async def check_signature(self) -> int:
+        """Check the served signature against the contract; return the image size.
+
+        Raises :class:`~inference_worker.errors.SignatureMismatch` (fatal) or
+        :class:`~inference_worker.errors.ModelUnavailable` (transient).
+        """
+        ...
+
+    async def predict(self, images: npt.NDArray[np.float32]) -> Prediction:
+        """Score ``images`` (n, size, size, 3); every row comes from one model version."""
+        ...
+
+
+class ResourceWriter(Protocol):
+    """Where FHIR resources go (the FHIR API in production, a list in unit tests)."""
+
+    async def put_all(self, resources: list[dict[str, Any]]) -> None:
+        """Write ``resources`` in order; raises :class:`~inference_worker.errors.FhirUnavailable`
+        when the API is unreachable for now."""
+        ...
+
+
+class Sink(Protocol):
+    """A topic to send raw events to (a Faust topic in production)."""
+
+    def send(self, *, key: bytes | None, value: bytes) -> Awaitable[Any]:
+        """Hand one event to the producer."""
+        ...

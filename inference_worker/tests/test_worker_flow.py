@@ -1,0 +1,310 @@
+"""The worker's flow with fakes: no Kafka, no Faust, no model server, an injected clock."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from inference_worker.assembly import StudyState, mark_announced, ready_event
+from inference_worker.config import Settings
+from inference_worker.errors import (
+    FhirUnavailable,
+    ModelUnavailable,
+    SignatureMismatch,
+    UnusableStudy,
+)
+from inference_worker.flow import Origin, WorkerFlow
+from inference_worker.metrics import WorkerMetrics
+from schemas import DeadLetterV1, InferenceResultV1, InstanceReceivedV1, StudyReadyV1
+
+STUDY = "1.2.826.0.1.3680043.8.498.7"
+KEY = STUDY.encode()
+QUIET, PARK = 5.0, 60.0
+
+
+def received(n: int) -> InstanceReceivedV1:
+    return InstanceReceivedV1(
+        StudyInstanceUID=STUDY,
+        SeriesInstanceUID=STUDY + ".1",
+        SOPInstanceUID=f"{STUDY}.1.{n}",
+        SOPClassUID="1.2.840.10008.5.1.4.1.1.4",
+        TransferSyntaxUID="1.2.840.10008.1.2.1",
+        Modality="MR",
+        storage_uri=f"file:///s/{n}.dcm",
+        size_bytes=1,
+        sha256="ab" * 32,
+        calling_ae_title="MR1",
+        called_ae_title="SCANWATCH",
+    )
+
+
+def result_for(ready: StudyReadyV1) -> InferenceResultV1:
+    return InferenceResultV1(
+        StudyInstanceUID=ready.StudyInstanceUID,
+        SeriesInstanceUID=STUDY + ".1",
+        model_name="m",
+        model_version=1,
+        class_names=["normal", "mass"],
+        probabilities=[0.25, 0.75],
+        predicted_class="mass",
+        anomaly_score=0.75,
+        threshold=0.5,
+        slice_count=len(ready.instances),
+        observation_id="obs",
+    )
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes | None, bytes]] = []
+
+    async def send(self, *, key: bytes | None, value: bytes) -> None:
+        self.sent.append((key, value))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeModel:
+    image_size: int | None = 32
+
+    def __init__(self, error: Exception | None = None) -> None:
+        self.error = error
+
+    async def check_signature(self) -> int:
+        if self.error is not None:
+            raise self.error
+        return 32
+
+
+class FakeScorer:
+    """Scores with ``behaviour(ready)``: return a result, or raise."""
+
+    def __init__(self, behaviour: Callable[[StudyReadyV1], Awaitable[InferenceResultV1]]) -> None:
+        self.model = FakeModel()
+        self.behaviour = behaviour
+        self.scored: list[int] = []
+
+    async def score(self, ready: StudyReadyV1) -> InferenceResultV1:
+        self.scored.append(len(ready.instances))
+        return await self.behaviour(ready)
+
+
+async def succeed(ready: StudyReadyV1) -> InferenceResultV1:
+    return result_for(ready)
+
+
+class World:
+    def __init__(self, scorer: FakeScorer | None = None, owns: bool = True) -> None:
+        self.studies: dict[bytes, StudyState] = {}
+        self.ready, self.results = Sink(), Sink()
+        self.dlq: dict[str, Sink] = {}
+        self.clock = Clock()
+        self.metrics = WorkerMetrics()
+        self.scorer = scorer or FakeScorer(succeed)
+        self.flow = WorkerFlow(
+            Settings(quiet_period_s=QUIET, park_s=PARK),
+            self.scorer,
+            self.studies,
+            self.ready,
+            self.results,
+            lambda topic: self.dlq.setdefault(topic + ".dlq", Sink()),
+            lambda key: owns,
+            self.metrics,
+            clock=self.clock,
+        )
+
+    def metric(self, name: str, **labels: str) -> float:
+        return self.metrics.registry.get_sample_value(name, labels) or 0.0
+
+    async def receive(self, *numbers: int) -> None:
+        for n in numbers:
+            await self.flow.assemble(received(n).to_bytes(), Origin(InstanceReceivedV1.SCHEMA))
+
+    def ready_events(self) -> list[StudyReadyV1]:
+        return [StudyReadyV1.from_bytes(value) for _, value in self.ready.sent]
+
+    async def score(self, ready: StudyReadyV1) -> None:
+        await self.flow.score(ready.to_bytes(), Origin(StudyReadyV1.SCHEMA, 0, 7, KEY))
+
+
+def test_a_quiet_study_is_announced_once_and_scored():
+    async def run() -> World:
+        world = World()
+        await world.receive(1, 2)
+        await world.flow.release_ready_studies()
+        assert world.ready.sent == []  # still inside the quiet period
+        world.clock.now += QUIET
+        await world.flow.release_ready_studies()
+        await world.flow.release_ready_studies()  # sent, not seen back yet: not again
+        [ready] = world.ready_events()
+        assert len(ready.instances) == 2
+        await world.score(ready)
+        world.clock.now += QUIET
+        await world.flow.release_ready_studies()  # scored: nothing new to announce
+        return world
+
+    world = asyncio.run(run())
+    assert len(world.ready.sent) == 1
+    assert world.scorer.scored == [2]
+    [(key, value)] = world.results.sent
+    assert key == KEY and InferenceResultV1.from_bytes(value).slice_count == 2
+    assert world.studies[KEY]["announced"] == 2
+
+
+def test_only_the_owner_of_a_partition_announces():
+    async def run() -> World:
+        world = World(owns=False)
+        await world.receive(1)
+        world.clock.now += QUIET
+        await world.flow.release_ready_studies()
+        return world
+
+    assert asyncio.run(run()).ready.sent == []
+
+
+def test_an_unusable_message_is_dead_lettered_with_its_origin():
+    async def run() -> World:
+        world = World()
+        origin = Origin(InstanceReceivedV1.SCHEMA, 3, 42, b"k")
+        await world.flow.assemble(b"{not json", origin)
+        return world
+
+    world = asyncio.run(run())
+    [(key, value)] = world.dlq[InstanceReceivedV1.SCHEMA + ".dlq"].sent
+    letter = DeadLetterV1.from_bytes(value)
+    assert key == b"k"
+    assert (letter.source_partition, letter.source_offset, letter.key) == (3, 42, "k")
+    assert letter.error_class == "unusable" and letter.payload == "{not json"
+    assert world.studies == {}
+    labels = {"topic": InstanceReceivedV1.SCHEMA, "error_class": "unusable"}
+    assert world.metric("scanwatch_worker_dead_letters_total", **labels) == 1
+
+
+def test_an_unusable_study_is_dead_lettered():
+    async def unusable(ready: StudyReadyV1) -> InferenceResultV1:
+        raise UnusableStudy("no MR series in the study")
+
+    async def run() -> World:
+        world = World(FakeScorer(unusable))
+        await world.receive(1)
+        await world.score(ready_event(STUDY, world.studies[KEY], QUIET))
+        return world
+
+    world = asyncio.run(run())
+    [(_, value)] = world.dlq[StudyReadyV1.SCHEMA + ".dlq"].sent
+    letter = DeadLetterV1.from_bytes(value)
+    assert letter.reason == "no MR series in the study" and letter.source_offset == 7
+    assert world.results.sent == []
+
+
+def test_a_superseded_ready_event_is_skipped():
+    async def run() -> World:
+        world = World()
+        await world.receive(1)
+        older = ready_event(STUDY, world.studies[KEY], QUIET)
+        await world.receive(2)
+        world.studies[KEY] = mark_announced(world.studies[KEY], 2)  # the newer one was scored
+        await world.score(older)
+        return world
+
+    world = asyncio.run(run())
+    assert world.scorer.scored == [] and world.results.sent == []
+
+
+@pytest.mark.parametrize("error", [ModelUnavailable("down"), FhirUnavailable("503")])
+def test_a_transient_failure_parks_the_study_until_it_is_announced_again(error):
+    async def fail(ready: StudyReadyV1) -> InferenceResultV1:
+        raise error
+
+    async def run() -> World:
+        world = World(FakeScorer(fail))
+        await world.receive(1)
+        world.clock.now += QUIET
+        await world.flow.release_ready_studies()
+        await world.score(world.ready_events()[0])
+        parked_at = world.clock.now
+        assert world.studies[KEY]["parked_until"] == parked_at + PARK
+        world.clock.now = parked_at + PARK - 1
+        await world.flow.release_ready_studies()
+        assert len(world.ready.sent) == 1  # still parked
+        world.clock.now = parked_at + PARK
+        await world.flow.release_ready_studies()
+        return world
+
+    world = asyncio.run(run())
+    assert len(world.ready.sent) == 2  # announced again, never dropped
+    assert world.results.sent == [] and world.dlq == {}
+    assert world.metric("scanwatch_worker_studies_parked_total") == 1
+
+
+@pytest.mark.parametrize("error", [SignatureMismatch("no signature"), RuntimeError("bug")])
+def test_a_fatal_failure_stops_the_worker(error):
+    async def fail(ready: StudyReadyV1) -> InferenceResultV1:
+        raise error
+
+    async def run() -> None:
+        world = World(FakeScorer(fail))
+        await world.receive(1)
+        await world.score(ready_event(STUDY, world.studies[KEY], QUIET))
+
+    with pytest.raises(type(error)):
+        asyncio.run(run())
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Let the other tasks run until ``condition`` holds (no clock involved)."""
+    for _ in range(1000):
+        if condition():
+            return
+        await asyncio.sleep(0)  # a yield to the event loop, not a wait on time
+    raise AssertionError("condition never held")
+
+
+def test_ready_events_of_one_study_are_scored_one_at_a_time_in_order():
+    async def run() -> World:
+        gate = asyncio.Event()
+        started: list[int] = []
+        finished: list[int] = []
+
+        async def slow(ready: StudyReadyV1) -> InferenceResultV1:
+            started.append(len(ready.instances))
+            if len(ready.instances) == 1:
+                await gate.wait()
+            finished.append(len(ready.instances))
+            return result_for(ready)
+
+        world = World(FakeScorer(slow))
+        await world.receive(1)
+        first = ready_event(STUDY, world.studies[KEY], QUIET)
+        await world.receive(2)
+        second = ready_event(STUDY, world.studies[KEY], QUIET)
+        one = asyncio.create_task(world.score(first))
+        two = asyncio.create_task(world.score(second))
+        # Both are in: the first scoring, the second waiting for the study's lock.
+        await until(lambda: started == [1] and world.flow._lock_users.get(KEY) == 2)
+        assert started == [1]
+        gate.set()
+        await asyncio.gather(one, two)
+        assert started == finished == [1, 2]
+        assert world.flow._study_locks == {} and world.flow._lock_users == {}
+        return world
+
+    world = asyncio.run(run())
+    assert [InferenceResultV1.from_bytes(v).slice_count for _, v in world.results.sent] == [1, 2]
+
+
+def test_check_model_refuses_a_broken_signature_and_tolerates_a_server_not_up_yet():
+    world = World()
+    world.scorer.model = FakeModel(ModelUnavailable("not yet"))
+    asyncio.run(world.flow.check_model())  # logged only
+    world.scorer.model = FakeModel(SignatureMismatch("wrong outputs"))
+    with pytest.raises(SignatureMismatch):
+        asyncio.run(world.flow.check_model())
