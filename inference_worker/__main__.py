@@ -1,39 +1,91 @@
-"""``scanwatch-worker``: run the inference worker until SIGTERM/SIGINT."""
+"""``scanwatch-worker`` / ``python -m inference_worker``: run the inference worker until
+SIGTERM or SIGINT.
+
+Configuration comes from ``SCANWATCH_WORKER_*`` environment variables (see
+:class:`inference_worker.config.Settings`); the options here override them.
+"""
 
 from __future__ import annotations
 
+import argparse
+import logging
+from collections.abc import Collection
+from typing import Any
+
 import faust
+from pydantic import ValidationError
 
 from inference_worker.app import create_app
 from inference_worker.config import Settings
+from scanwatch.logs import configure_logging
+
+SERVICE = "inference-worker"
+ENV_PREFIX = "SCANWATCH_WORKER_"
+log = logging.getLogger("inference_worker")
 
 
-def logging_config(service: str, level: str) -> dict:
-    """dictConfig that routes Faust's and our loggers through scanwatch's JSON formatter."""
-    return {
-        "version": 1,
-        "disable_existing_loggers": False,
-        "formatters": {"json": {"()": "scanwatch.logs.JsonFormatter", "service": service}},
-        "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "json"}},
-        "root": {"handlers": ["stderr"], "level": level},
-        "loggers": {
-            name: {"level": "WARNING"} for name in ("aiokafka", "kafka", "faust.transport")
-        },
-    }
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="scanwatch-worker",
+        description="Faust worker: assembles MR studies from instance events, scores them "
+        "through the TF Serving gRPC API and writes FHIR results. Settings come from "
+        f"{ENV_PREFIX}* environment variables; options here override them.",
+    )
+    parser.add_argument("--web-host", help=f"interface of /healthz ({ENV_PREFIX}WEB_HOST)")
+    parser.add_argument("--web-port", type=int, help=f"port of /healthz ({ENV_PREFIX}WEB_PORT)")
+    parser.add_argument("--data-dir", help=f"Faust's data directory ({ENV_PREFIX}DATA_DIR)")
+    return parser
+
+
+def settings_errors(exc: ValidationError, options: Collection[str] = ()) -> list[str]:
+    """One line per invalid setting, named by its option when it came from one of
+    ``options``, else by its environment variable (values left out: some are secrets)."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        fields = [str(part) for part in error["loc"]]
+        if not fields:
+            name = "settings"
+        elif fields[0] in options:
+            name = "--" + fields[0].replace("_", "-")
+        else:
+            name = ENV_PREFIX + fields[0].upper()
+        lines.append(f"{name}: {error['msg']}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
-    settings = Settings()
+    args = _parser().parse_args(argv)
+    overrides: dict[str, Any] = {
+        key: value
+        for key, value in (
+            ("web_host", args.web_host),
+            ("web_port", args.web_port),
+            ("data_dir", args.data_dir),
+        )
+        if value is not None
+    }
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        configure_logging(SERVICE)
+        for line in settings_errors(exc, overrides):
+            log.error("invalid setting %s", line)
+        return 2
+    configure_logging(SERVICE, settings.log_level)
+    logging.getLogger("faust.transport").setLevel(logging.WARNING)
+    return run(settings)
+
+
+def run(settings: Settings) -> int:
+    """Run the worker until it stops; this exits the process (Faust's worker does)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    app = create_app(settings)
     worker = faust.Worker(
-        app,
+        create_app(settings),
         loglevel=settings.log_level,
-        logging_config=logging_config("inference-worker", settings.log_level),
+        override_logging=False,  # logging is scanwatch's, configured above
         quiet=True,
     )
     worker.execute_from_commandline()  # exits the process when the worker stops
-    return 0
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from inference_worker.series import ORIENTATIONS, SelectionRules
+from inference_worker.header import ORIENTATIONS
+from inference_worker.series import SelectionRules
 from scanwatch.logs import LogLevel
+from scanwatch.model_repository import DEFAULT_MODEL_NAME
 
 
 class Settings(BaseSettings):
@@ -58,7 +60,7 @@ class Settings(BaseSettings):
         "127.0.0.1:8500",
         description="host:port of the TensorFlow Serving gRPC API (TF Serving or model_server).",
     )
-    model_name: str = Field("brain-mri-anomaly", min_length=1, description="Model to ask for.")
+    model_name: str = Field(DEFAULT_MODEL_NAME, min_length=1, description="Model to ask for.")
     model_version: int | None = Field(
         None, ge=1, description="Model version to pin; unset means the server's latest."
     )

@@ -1,0 +1,92 @@
+"""The wired Faust app: its agents driven with Faust's test contexts and the memory:// store
+(as lsst-sqre/kafka-aggregator tests its agents); no broker."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from devtools.kafka_local import free_port
+from inference_worker.app import STUDY_TABLE, create_app
+from inference_worker.config import Settings
+from schemas import InferenceResultV1, InstanceReceivedV1, StudyReadyV1
+
+STUDY = "1.2.826.0.1.3680043.8.498.8"
+KEY = STUDY.encode()
+
+
+def received(n: int) -> InstanceReceivedV1:
+    return InstanceReceivedV1(
+        StudyInstanceUID=STUDY,
+        SeriesInstanceUID=STUDY + ".1",
+        SOPInstanceUID=f"{STUDY}.1.{n}",
+        SOPClassUID="1.2.840.10008.5.1.4.1.1.4",
+        TransferSyntaxUID="1.2.840.10008.1.2.1",
+        Modality="MR",
+        storage_uri=f"file:///s/{n}.dcm",
+        size_bytes=1,
+        sha256="ab" * 32,
+        calling_ae_title="MR1",
+        called_ae_title="SCANWATCH",
+    )
+
+
+class FakeModel:
+    image_size = 32
+
+    async def check_signature(self) -> int:
+        return 32
+
+
+class FakeScorer:
+    def __init__(self) -> None:
+        self.model = FakeModel()
+        self.scored: list[StudyReadyV1] = []
+
+    async def score(self, ready: StudyReadyV1) -> InferenceResultV1:
+        self.scored.append(ready)
+        return InferenceResultV1(
+            StudyInstanceUID=ready.StudyInstanceUID,
+            SeriesInstanceUID=STUDY + ".1",
+            model_name="m",
+            model_version=1,
+            class_names=["normal", "mass"],
+            probabilities=[0.25, 0.75],
+            predicted_class="mass",
+            anomaly_score=0.75,
+            threshold=0.5,
+            slice_count=len(ready.instances),
+            observation_id="obs",
+        )
+
+
+def test_agents_assemble_into_the_table_and_score_ready_events(tmp_path: Path):
+    scorer = FakeScorer()
+    # No broker listens there: the producer of the dead letter and the result cannot reach one.
+    nowhere = f"127.0.0.1:{free_port()}"
+    settings = Settings(store="memory://", data_dir=tmp_path, kafka_bootstrap_servers=nowhere)
+    app = create_app(settings, scorer=scorer)
+    app.conf.table_standby_replicas = 0
+    studies = app.tables[STUDY_TABLE]
+
+    async def run() -> None:
+        async with app.agents["assemble"].test_context() as assemble:
+            for n in (1, 2, 2):  # the redelivered instance changes nothing
+                await assemble.put(received(n).to_bytes(), key=KEY)
+            await assemble.put(b"not an event", key=b"junk")  # dead-lettered, not stored
+        assert set(studies) == {KEY}
+        state = studies[KEY]
+        assert len(state["instances"]) == 2 and state["announced"] == 0
+        ready = StudyReadyV1(
+            StudyInstanceUID=STUDY,
+            instances=[received(n).ref() for n in (1, 2)],
+            first_received_at="2026-01-01T00:00:00Z",
+            last_received_at="2026-01-01T00:00:01Z",
+            quiet_period_s=5,
+        )
+        async with app.agents["score"].test_context() as score:
+            await score.put(ready.to_bytes(), key=KEY)
+        assert [len(r.instances) for r in scorer.scored] == [2]
+        assert studies[KEY]["announced"] == 2
+
+    asyncio.run(run())
