@@ -182,7 +182,7 @@ def main() -> int:
     args = parser.parse_args()
 
     load_before = os.getloadavg()
-    from training.export import read_signature
+    from scanwatch.saved_model import read_signature
 
     inputs, _ = read_signature(args.model_dir)
     size = inputs["images"].shape[1]

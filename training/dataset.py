@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from scanwatch.durable import replace_file
+
 SPLITS = ("train", "val", "test")
 #: Default share of groups in validation and test (the rest trains).
 VAL_FRACTION = 0.15
@@ -112,7 +114,7 @@ class LabelledImages:
             arrays[f"{name}_groups"] = split.groups.astype(str)
         temp = path.with_name(f".{path.name}.tmp.npz")
         np.savez(temp, **arrays)
-        temp.replace(path)
+        replace_file(temp, path)
 
     @classmethod
     def load(cls, path: Path) -> LabelledImages:

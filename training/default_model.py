@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import shutil
 import uuid
 from pathlib import Path
 
+from scanwatch.durable import publish_dir
 from scanwatch.logs import configure_logging
 from scanwatch.model_repository import SAVED_MODEL_FILE, TEMP_PREFIX, published_versions
 from training.registry import SERVING, Registry
@@ -41,21 +41,6 @@ SHIPPED_REPORT = "evaluation.json"
 UNTRAINED_IMAGE_SIZE = 128
 
 
-def _fsync_tree(root: Path) -> None:
-    for folder, _dirs, files in os.walk(root):
-        for file in files:
-            fd = os.open(os.path.join(folder, file), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    fd = os.open(root, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def shipped_available(source: Path = SHIPPED) -> bool:
     return (source / SHIPPED_MODEL / SAVED_MODEL_FILE).is_file()
 
@@ -68,10 +53,7 @@ def publish_shipped(repository: Path, name: str, source: Path = SHIPPED) -> Path
     target = model_dir / "1"
     try:
         shutil.copytree(source / SHIPPED_MODEL, temp)
-        _fsync_tree(temp)
-        if target.exists():
-            raise FileExistsError(f"{target} already exists; versions are never overwritten")
-        os.rename(temp, target)
+        publish_dir(temp, target)  # versions are never overwritten: FileExistsError
     finally:
         if temp.exists():
             shutil.rmtree(temp, ignore_errors=True)

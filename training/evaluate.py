@@ -8,7 +8,6 @@ curves) into a folder.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from scanwatch.durable import write_text_atomic
 from schemas.model_signature import NORMAL_CLASS
 
 REPORT_JSON = "evaluation.json"
@@ -243,9 +243,7 @@ def write_report(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     document = {**(extra or {}), **report}
-    temp = out_dir / f".{REPORT_JSON}.tmp"
-    temp.write_text(json.dumps(document, indent=2))
-    os.replace(temp, out_dir / REPORT_JSON)
+    write_text_atomic(out_dir / REPORT_JSON, json.dumps(document, indent=2))
     (out_dir / REPORT_MARKDOWN).write_text(markdown(report, title))
     return [
         out_dir / REPORT_JSON,

@@ -9,7 +9,6 @@ into place, so a server polling the repository never sees a half-written or wron
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import uuid
 from collections.abc import Sequence
@@ -17,40 +16,17 @@ from pathlib import Path
 
 import keras
 import tensorflow as tf
-from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 
-from scanwatch.model_repository import SAVED_MODEL_FILE, TEMP_PREFIX, version_folders
-from scanwatch.tensors import signature_specs
+from scanwatch.durable import publish_dir
+from scanwatch.model_repository import TEMP_PREFIX, version_folders
+from scanwatch.saved_model import read_signature
 from schemas import model_signature
-from schemas.model_signature import TensorSpec
 
 logger = logging.getLogger(__name__)
-
-SERVE_TAG = "serve"
 
 
 class SignatureMismatch(ValueError):
     """The exported signature differs from :mod:`schemas.model_signature`; nothing was published."""
-
-
-def read_signature_defs(saved_model_dir: Path) -> dict[str, meta_graph_pb2.SignatureDef]:
-    """All SignatureDefs of the ``serve`` MetaGraph of a SavedModel, as TF Serving reports them."""
-    saved_model = saved_model_pb2.SavedModel()
-    saved_model.ParseFromString((Path(saved_model_dir) / SAVED_MODEL_FILE).read_bytes())
-    for meta_graph in saved_model.meta_graphs:
-        if SERVE_TAG in meta_graph.meta_info_def.tags:
-            return dict(meta_graph.signature_def)
-    raise ValueError(f"{saved_model_dir} has no MetaGraph tagged {SERVE_TAG!r}")
-
-
-def read_signature(
-    saved_model_dir: Path, signature_name: str = model_signature.SIGNATURE_NAME
-) -> tuple[dict[str, TensorSpec], dict[str, TensorSpec]]:
-    """``(inputs, outputs)`` of a SavedModel's signature, ready for ``model_signature.check``."""
-    signatures = read_signature_defs(saved_model_dir)
-    if signature_name not in signatures:
-        raise ValueError(f"{saved_model_dir} has no signature {signature_name!r}")
-    return signature_specs(signatures[signature_name])
 
 
 def _without_optimizer(model: keras.Model) -> keras.Model:
@@ -116,26 +92,6 @@ def _check_export_arguments(
         raise ValueError(f"model name must be a plain folder name, got {name!r}")
 
 
-def _fsync_tree(root: Path) -> None:
-    """Flush every file and folder under ``root`` so a published version survives a crash."""
-    for folder, _dirs, files in os.walk(root):
-        for file in files:
-            fd = os.open(os.path.join(folder, file), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(folder))
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def export_saved_model(
     model: keras.Model,
     class_names: Sequence[str],
@@ -170,14 +126,10 @@ def export_saved_model(
                 f"refusing to publish {name}: signature differs from the contract: "
                 + "; ".join(problems)
             )
-        _fsync_tree(temp)
         if version is None:
             version = max(version_folders(model_dir), default=0) + 1
         target = model_dir / str(version)
-        if target.exists():
-            raise FileExistsError(f"{target} already exists; versions are never overwritten")
-        os.rename(temp, target)  # atomic on one filesystem: the version appears complete
-        _fsync_dir(model_dir)
+        publish_dir(temp, target)  # versions are never overwritten: FileExistsError
     finally:
         if temp.exists():
             shutil.rmtree(temp, ignore_errors=True)

@@ -28,7 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from scanwatch.model_repository import SAVED_MODEL_FILE, version_folders
+from scanwatch.durable import fsync_dir, rename_durable
+from scanwatch.model_repository import SAVED_MODEL_FILE, published_versions, version_folders
 
 REGISTRY_FILE = "registry.sqlite"
 STAGING = ".staging"
@@ -89,14 +90,6 @@ class ModelVersion:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Registry:
@@ -178,8 +171,7 @@ class Registry:
 
     def served_versions(self, name: str) -> list[int]:
         """Versions in the served folder holding a SavedModel, ascending."""
-        folders = version_folders(self.model_dir(name))
-        return sorted(v for v, p in folders.items() if (p / SAVED_MODEL_FILE).is_file())
+        return published_versions(self.model_dir(name))
 
     def location(self, name: str, version: int) -> Path | None:
         for folder in (self.model_dir(name), self.staging_dir(name), self.retired_dir(name)):
@@ -401,8 +393,7 @@ class Registry:
         target = self.model_dir(name) / str(version)
         if source != target:
             target.parent.mkdir(parents=True, exist_ok=True)
-            os.rename(source, target)  # atomic: servers see the whole version at once
-            _fsync_dir(target.parent)
+            rename_durable(source, target)  # atomic: servers see the whole version at once
         self._set_status(db, name, version, SERVING)
         if previous is not None and previous != version:
             self._set_status(db, name, previous, SUPERSEDED)
@@ -437,7 +428,7 @@ class Registry:
                 self._set_status(
                     db, name, version, ROLLED_BACK, f"rolled back to version {to_version}"
                 )
-            _fsync_dir(self.model_dir(name))
-            _fsync_dir(retired)
+            fsync_dir(self.model_dir(name))
+            fsync_dir(retired)
             self._set_status(db, name, to_version, SERVING)
         return current, to_version

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -41,6 +40,7 @@ import keras
 import numpy as np
 from sklearn.metrics import f1_score
 
+from scanwatch.durable import replace_file, write_text_atomic
 from training.config import TrainSettings
 from training.dataset import LabelledImages
 from training.model import BASE_LAYER, build_classifier
@@ -133,15 +133,13 @@ class TrainResult:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    temp.write_text(json.dumps(value, indent=2, default=str))
-    os.replace(temp, path)
+    write_text_atomic(path, json.dumps(value, indent=2, default=str))
 
 
 def _save_weights(model: keras.Model, path: Path) -> None:
     temp = path.with_name(f".tmp-{path.name}")
     model.save_weights(temp)
-    os.replace(temp, path)
+    replace_file(temp, path)
 
 
 def _load_weights(model: keras.Model, path: Path) -> None:

@@ -22,6 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from scanwatch.durable import fsync_dir
+
 #: A DICOM UID (PS3.5 §9.1). Checked again here because UIDs become path components.
 _UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _UID_MAX = 64
@@ -88,14 +90,6 @@ def _check_uid(name: str, value: str) -> None:
         raise ValueError(f"{name} is not a valid UID")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
@@ -145,7 +139,7 @@ class FileStore:
             folder.mkdir()
         except FileExistsError:  # another association created it meanwhile
             return
-        _fsync_dir(folder.parent)
+        fsync_dir(folder.parent)
 
     def adopt(
         self,
@@ -186,7 +180,7 @@ class FileStore:
             staged.tmp.unlink(missing_ok=True)
             raise
         if fsync_folder:
-            _fsync_dir(staged.folder)
+            fsync_dir(staged.folder)
         return StoredInstance(
             path=final, uri=final.as_uri(), sha256=staged.sha256, size_bytes=staged.size_bytes
         )

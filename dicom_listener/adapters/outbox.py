@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from scanwatch.durable import fsync_dir
+
 T = TypeVar("T")
 #: Most C-STOREs committed together in one group commit.
 GROUP_COMMIT_MAX = 64
@@ -146,14 +148,6 @@ class Arrival:
         if self._pending:
             self._pending = False
             self._outbox._arrived()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Outbox:
@@ -328,7 +322,7 @@ class Outbox:
                     results.append((request, result, None))
                 conn.execute("RELEASE cstore")
             for folder in tx.folders:
-                _fsync_dir(folder)
+                fsync_dir(folder)
         except BaseException:
             conn.execute("ROLLBACK")
             raise

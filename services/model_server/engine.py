@@ -16,8 +16,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import meta_graph_pb2
 
+from scanwatch.saved_model import SERVE_TAG, read_signature_defs
 from services.model_server.errors import InvalidArgument
-from training.export import SERVE_TAG, read_signature_defs
 
 logger = logging.getLogger(__name__)
 

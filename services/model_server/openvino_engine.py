@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 import threading
 import uuid
@@ -35,8 +34,9 @@ import openvino as ov
 import tensorflow as tf
 from tensorflow.core.protobuf import meta_graph_pb2
 
+from scanwatch.durable import publish_dir
+from scanwatch.saved_model import SERVE_TAG, read_signature_defs
 from services.model_server.errors import InvalidArgument
-from training.export import SERVE_TAG, read_signature_defs
 
 logger = logging.getLogger(__name__)
 
@@ -244,14 +244,15 @@ class OpenVINOEngine:
         inputs = sorted(i.get_any_name() for i in model.inputs)
         if inputs != aliases:
             raise ValueError(f"OpenVINO conversion of {name}: inputs {inputs} != {aliases}")
-        # Written to a temporary folder and renamed: a concurrent reader never sees half an IR.
+        # Written to a temporary folder and published by rename: a concurrent reader never sees
+        # half an IR, and a power cut never leaves a truncated one under the cache's name.
         folder.parent.mkdir(parents=True, exist_ok=True)
         temp = folder.parent / f".tmp-{uuid.uuid4().hex}"
         try:
             temp.mkdir()
             ov.save_model(model, temp / "model.xml", compress_to_fp16=False)
             try:
-                os.rename(temp, folder)
+                publish_dir(temp, folder)
             except OSError:  # another process cached it first: theirs is as good
                 pass
         finally:

@@ -12,6 +12,7 @@ import pytest
 import tensorflow as tf
 
 from scanwatch.model_repository import published_versions
+from scanwatch.saved_model import read_signature
 from schemas import model_signature
 from training.default_model import (
     CLASS_NAMES,
@@ -21,7 +22,7 @@ from training.default_model import (
     main,
     shipped_available,
 )
-from training.export import export_saved_model, read_signature
+from training.export import export_saved_model
 from training.registry import SERVING, Registry
 
 

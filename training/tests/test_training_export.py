@@ -10,13 +10,9 @@ import pytest
 import tensorflow as tf
 
 from scanwatch.model_repository import TEMP_PREFIX, published_versions
+from scanwatch.saved_model import read_signature, read_signature_defs
 from schemas import model_signature
-from training.export import (
-    SignatureMismatch,
-    export_saved_model,
-    read_signature,
-    read_signature_defs,
-)
+from training.export import SignatureMismatch, export_saved_model
 from training.model import build_classifier
 
 CLASSES = ("normal", "mass", "bleed", "infarct")
