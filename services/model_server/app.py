@@ -16,7 +16,7 @@ from services.model_server.engine import Engine, TensorFlowEngine
 from services.model_server.handlers import Models, ModelServicer, PredictionServicer
 from services.model_server.manager import ModelManager
 from services.model_server.metrics import Metrics
-from services.model_server.model_config import ConfigError, ModelConfig, read_model_config
+from services.model_server.tf_serving_files import ConfigError, ModelConfig, read_model_config
 
 logger = logging.getLogger(__name__)
 

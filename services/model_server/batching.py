@@ -25,7 +25,7 @@ from tensorflow.core.protobuf import meta_graph_pb2
 
 from services.model_server.engine import Servable
 from services.model_server.errors import InvalidArgument, ServingError, Unavailable
-from services.model_server.model_config import BatchingParameters
+from services.model_server.tf_serving_files import BatchingParameters
 
 logger = logging.getLogger(__name__)
 

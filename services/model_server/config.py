@@ -9,7 +9,8 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from scanwatch.logs import LogLevel
-from services.model_server.model_config import (
+from scanwatch.model_repository import DEFAULT_MODEL_NAME
+from services.model_server.tf_serving_files import (
     BatchingParameters,
     ConfigError,
     ModelConfig,
@@ -36,7 +37,7 @@ class Settings(BaseSettings):
         "<version>/ (like the tensorflow/serving image's MODEL_BASE_PATH and MODEL_NAME).",
     )
     model_name: str = Field(
-        "brain-mri-anomaly", description="Name of the served model (and its folder)."
+        DEFAULT_MODEL_NAME, description="Name of the served model (and its folder)."
     )
     host: str = Field("127.0.0.1", description="Interface the gRPC server listens on.")
     port: int = Field(

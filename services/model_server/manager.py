@@ -25,7 +25,7 @@ from services.model_server.batching import BatchingServable
 from services.model_server.engine import Engine, Servable
 from services.model_server.errors import InvalidArgument, NotFound, Unavailable
 from services.model_server.metrics import Metrics
-from services.model_server.model_config import BatchingParameters, VersionPolicy
+from services.model_server.tf_serving_files import BatchingParameters, VersionPolicy
 from services.model_server.warmup import warm_up
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from tensorflow.core.protobuf import meta_graph_pb2
 
 from services.model_server.batching import BatchingServable
 from services.model_server.errors import InvalidArgument, Unavailable
-from services.model_server.model_config import BatchingParameters
+from services.model_server.tf_serving_files import BatchingParameters
 
 from .conftest import wait_until
 

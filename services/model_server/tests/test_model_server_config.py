@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from services.model_server.config import Settings
-from services.model_server.model_config import (
+from services.model_server.tf_serving_files import (
     BatchingParameters,
     ConfigError,
     ModelConfig,
@@ -17,7 +17,7 @@ from services.model_server.model_config import (
     parse_model_config,
 )
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "tf_serving_config"
 
 TWO_MODELS = """
 model_config_list {

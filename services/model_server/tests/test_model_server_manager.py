@@ -13,7 +13,7 @@ from tensorflow_serving.apis import model_pb2
 
 from services.model_server.errors import InvalidArgument, NotFound, Unavailable
 from services.model_server.manager import AVAILABLE, END, LOADING, START, ModelManager
-from services.model_server.model_config import VersionPolicy
+from services.model_server.tf_serving_files import VersionPolicy
 
 BROKEN = b"broken"
 

@@ -1,4 +1,6 @@
-"""TF Serving's model config file (``--model_config_file``) and batching parameters file.
+"""Readers of TF Serving's own files: the model config (``--model_config_file``) and the
+batching parameters (``--batching_parameters_file``). The shipped ones are in
+``tf_serving_config/``; this server's settings (which name these files) are ``config.py``.
 
 The model config is the text-format ``ModelServerConfig`` proto of ``tensorflow_model_server``::
 
