@@ -1,17 +1,46 @@
-# One image for every scanwatch Python service; docker-compose.yml picks the command.
-FROM python:3.11-slim
+# One image per scanwatch service, each with only its own code and dependencies (the service's
+# extra in pyproject.toml, at the versions requirements.lock pins):
+#   docker build --target listener -t scanwatch-listener .
+# Targets: listener, worker, fhir-api, model-server, training. docker-compose.yml builds them.
+FROM python:3.11-slim AS base
 ENV PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
-RUN pip install --no-cache-dir uv
+RUN pip install --no-cache-dir uv \
+    && useradd --system --uid 10001 scanwatch && mkdir -p /data && chown scanwatch /data
 WORKDIR /app
-COPY requirements.lock .
-RUN uv pip sync --system --no-cache requirements.lock
-COPY pyproject.toml README.md ./
+COPY requirements.lock pyproject.toml README.md ./
+# The shared runtime kernel and the event contracts: every service imports them.
 COPY scanwatch scanwatch
 COPY schemas schemas
+
+FROM base AS listener
 COPY dicom_listener dicom_listener
-COPY inference_worker inference_worker
-COPY services services
-COPY training training
-RUN uv pip install --system --no-cache --no-deps .
-RUN useradd --system --uid 10001 scanwatch && mkdir -p /data && chown scanwatch /data
+RUN uv pip install --system --no-cache -c requirements.lock ".[listener]"
 USER scanwatch
+CMD ["scanwatch-listener"]
+
+FROM base AS worker
+COPY inference_worker inference_worker
+RUN uv pip install --system --no-cache -c requirements.lock ".[worker]"
+USER scanwatch
+CMD ["scanwatch-worker"]
+
+FROM base AS fhir-api
+COPY services/__init__.py services/__init__.py
+COPY services/auth services/auth
+COPY services/fhir_api services/fhir_api
+RUN uv pip install --system --no-cache -c requirements.lock ".[fhir-api]"
+USER scanwatch
+CMD ["scanwatch-fhir-api"]
+
+FROM base AS model-server
+COPY services/__init__.py services/__init__.py
+COPY services/model_server services/model_server
+RUN uv pip install --system --no-cache -c requirements.lock ".[model-server]"
+USER scanwatch
+CMD ["scanwatch-model-server"]
+
+FROM base AS training
+COPY training training
+RUN uv pip install --system --no-cache -c requirements.lock ".[training]"
+USER scanwatch
+CMD ["scanwatch-train", "worker"]

@@ -30,3 +30,11 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
     broker.start()
     yield broker
     broker.stop()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test not marked ``integration`` or ``e2e`` is a ``unit`` test: in-process, with
+    fakes, fast (``make test-fast`` runs only these)."""
+    for item in items:
+        if not any(item.get_closest_marker(m) for m in ("integration", "e2e")):
+            item.add_marker(pytest.mark.unit)

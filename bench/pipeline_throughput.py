@@ -33,9 +33,10 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from devtools.kafka_local import free_port  # noqa: E402
-from devtools.stack import DEFAULT_MODEL, Ports, Stack, StackConfig  # noqa: E402
+from devtools.stack import Ports, Stack, StackConfig  # noqa: E402
 from inference_worker.series import select_series  # noqa: E402
 from scanwatch import ids, kafka  # noqa: E402
+from scanwatch.model_repository import DEFAULT_MODEL_NAME  # noqa: E402
 from scanwatch.sample import build_mr_study  # noqa: E402
 from schemas import InstanceReceivedV1  # noqa: E402
 
@@ -81,8 +82,8 @@ def bare_images_per_s(
 ) -> float:
     import numpy as np
 
-    version = max(int(p.name) for p in (MODELS / DEFAULT_MODEL).iterdir() if p.name.isdigit())
-    servable = engine_for(engine_name, cache).load(MODELS / DEFAULT_MODEL / str(version))
+    version = max(int(p.name) for p in (MODELS / DEFAULT_MODEL_NAME).iterdir() if p.name.isdigit())
+    servable = engine_for(engine_name, cache).load(MODELS / DEFAULT_MODEL_NAME / str(version))
     signature = servable.signature_defs["serving_default"]
     size = signature.inputs["images"].tensor_shape.dim[1].size
     images = [select_series([e.ref() for e in events], size, slices).images for events in studies]
@@ -136,7 +137,7 @@ def pipeline_images_per_s(
         model_version = 1
         while pending:
             for uid in list(pending):
-                obs_id = ids.observation_id(uid, DEFAULT_MODEL, model_version)
+                obs_id = ids.observation_id(uid, DEFAULT_MODEL_NAME, model_version)
                 if httpx.get(f"{url}/{obs_id}").status_code == 200:
                     pending.discard(uid)
             if time.monotonic() - start > 900:

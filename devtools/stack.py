@@ -23,10 +23,9 @@ import httpx
 
 from devtools.kafka_local import LocalKafka
 from devtools.peers import echoscu
+from scanwatch.model_repository import DEFAULT_MODEL_NAME
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "brain-mri-anomaly"
 
 
 @dataclass
@@ -53,7 +52,7 @@ class StackConfig:
     ae_title: str = "SCANWATCH"
     quiet_period_s: float = 5.0
     workers: int = 1  # inference worker processes (worker n's web port: worker_web + n - 1)
-    model_name: str = DEFAULT_MODEL
+    model_name: str = DEFAULT_MODEL_NAME
     model_engine: str = "tensorflow"  # or "openvino": the model server's engine
     models: Path | None = None  # model repository; default var/models
     kafka_libs: Path | None = None  # default var/kafka/libs
