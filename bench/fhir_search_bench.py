@@ -48,14 +48,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from devtools.kafka_local import free_port  # noqa: E402
 from scanwatch import ids  # noqa: E402
 from services.fhir_api import migrate  # noqa: E402
+from services.fhir_api.database import make_engine  # noqa: E402
+from services.fhir_api.indexing import index_rows, search_values, version_row  # noqa: E402
 from services.fhir_api.search import TOTAL_LIMIT, parse_search  # noqa: E402
-from services.fhir_api.store import (  # noqa: E402
-    ResourceStore,
-    index_rows,
-    make_engine,
-    search_values,
-    version_row,
-)
+from services.fhir_api.store import ResourceStore  # noqa: E402
 from services.fhir_api.tests.conftest import LocalPostgres  # noqa: E402
 
 CODE_SYSTEM = "urn:scanwatch:codesystem:mri-ai"

@@ -14,11 +14,13 @@ import uvicorn
 from pydantic import ValidationError
 
 from scanwatch.logs import configure_logging
-from services.fhir_api import auth, migrate
+from services.auth import clients
+from services.auth.scopes import parse_scopes
+from services.fhir_api import migrate
 from services.fhir_api import workers as workers_module
 from services.fhir_api.app import SERVICE, create_app, prepare_database, token_service
 from services.fhir_api.config import Settings
-from services.fhir_api.store import make_engine
+from services.fhir_api.database import for_writes, make_engine
 
 log = logging.getLogger(__name__)
 COMMANDS = ("serve", "migrate", "register-client", "list-clients", "issue-token")
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         return serve(settings, overrides)
     if command == "issue-token":
         try:
-            scopes = auth.parse_scopes(args.scope)
+            scopes = parse_scopes(args.scope)
         except ValueError as exc:
             log.error("invalid scope", extra={"error": str(exc)})
             return 2
@@ -100,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         migrate.upgrade(engine)
         if command == "register-client":
             try:
-                secret = auth.register_client(
-                    engine, args.client_id, args.scope, args.patient, args.description
+                secret = clients.register_client(
+                    for_writes(engine), args.client_id, args.scope, args.patient, args.description
                 )
             except ValueError as exc:
                 log.error("cannot register the client", extra={"error": str(exc)})
@@ -110,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 json.dumps({"client_id": args.client_id, "client_secret": secret}) + "\n"
             )
         elif command == "list-clients":
-            for client in auth.list_clients(engine):
+            for client in clients.list_clients(engine):
                 sys.stdout.write(
                     json.dumps(
                         {

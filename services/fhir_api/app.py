@@ -12,31 +12,26 @@ import logging
 import os
 import signal
 import sys
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    generate_latest,
-)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from scanwatch.logs import configure_logging
 from scanwatch.processes import die_with_parent
-from services.fhir_api import auth, migrate
-from services.fhir_api.auth import AuthError, TokenService
+from services.auth import clients
+from services.auth import routes as auth_routes
+from services.auth.scopes import AuthError
+from services.auth.tokens import TokenService, load_signing_key
+from services.fhir_api import metrics, migrate, routes
 from services.fhir_api.config import Settings
+from services.fhir_api.database import for_writes, make_engine
 from services.fhir_api.errors import (
     EXCEPTION,
     FORBIDDEN,
@@ -49,10 +44,10 @@ from services.fhir_api.errors import (
     FhirJSONResponse,
     operation_outcome,
 )
+from services.fhir_api.metrics import FhirApiMetrics, RequestMetrics
 from services.fhir_api.openapi import openapi_document
-from services.fhir_api.routes import build_router
-from services.fhir_api.store import ResourceStore, Stored, make_engine
-from services.fhir_api.subscriptions import SubscriptionManager, check_subscription
+from services.fhir_api.store import ResourceStore
+from services.fhir_api.subscriptions import SubscriptionManager
 
 SERVICE = "fhir-api"
 log = logging.getLogger(__name__)
@@ -62,7 +57,7 @@ OPENAPI_PATH = "/openapi.json"
 
 def token_service(settings: Settings) -> TokenService:
     """The token issuer/verifier of these settings (the CLI uses the same one)."""
-    key = auth.load_signing_key(settings.jwt_secret, settings.jwt_key_file)
+    key = load_signing_key(settings.jwt_secret, settings.jwt_key_file)
     return TokenService(key, timedelta(seconds=settings.token_lifetime_s))
 
 
@@ -72,7 +67,7 @@ def prepare_database(engine: Engine, settings: Settings) -> None:
     if settings.migrate_on_start:
         migrate.upgrade(engine)
     for client_id, secret, scopes in settings.bootstrap_client_entries():
-        auth.register_client(engine, client_id, scopes, secret=secret)
+        clients.register_client(for_writes(engine), client_id, scopes, secret=secret)
 
 
 def worker_app() -> FastAPI:
@@ -101,19 +96,13 @@ def create_app(
     engine = engine if engine is not None else make_engine(settings.database_url)
     store = ResourceStore(engine)
     tokens = token_service(settings) if settings.auth_mode == "required" else None
-    registry = CollectorRegistry()
-    deliveries = Counter(
-        "fhir_subscription_notifications",
-        "Subscription notification attempts by outcome (delivered, retried, failed)",
-        ["outcome"],
-        registry=registry,
-    )
+    api_metrics = FhirApiMetrics()
     subscriptions = SubscriptionManager(
         store,
         settings.subscription_max_attempts,
         settings.subscription_backoff_s,
         settings.subscription_timeout_s,
-        deliveries,
+        api_metrics.deliveries,
         settings.subscription_poll_s,
     )
 
@@ -136,14 +125,6 @@ def create_app(
         await subscriptions.stop()
         engine.dispose()
 
-    def prepare(resource: dict) -> dict:
-        if resource["resourceType"] == "Subscription":
-            return check_subscription(resource)
-        return resource
-
-    def on_write(stored: Stored) -> None:
-        subscriptions.resource_written(stored)
-
     app = FastAPI(
         title="scanwatch FHIR API",
         lifespan=lifespan,
@@ -153,13 +134,19 @@ def create_app(
     )
     document = openapi_document(app.title, app.version)
     app.openapi = lambda: document  # type: ignore[method-assign]
+    # What the routers' dependencies read (services/fhir_api/deps.py, services/auth/deps.py).
+    app.state.settings = settings
     app.state.store = store
     app.state.tokens = tokens
+    app.state.client_engine = engine
     app.state.subscriptions = subscriptions
-    started = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-    app.include_router(build_router(store, settings, started, tokens, on_write, prepare))
+    app.state.metrics = api_metrics
+    app.state.started = routes.started_now()
+    app.include_router(auth_routes.router)
+    app.include_router(routes.router)
+    app.include_router(metrics.router)
     _install_error_handlers(app)
-    _install_metrics(app, registry)
+    app.add_middleware(RequestMetrics, metrics=api_metrics)
 
     @app.get("/healthz")
     def healthz() -> Response:
@@ -220,51 +207,3 @@ def _install_error_handlers(app: FastAPI) -> None:
             operation_outcome(f"internal error ({type(exc).__name__})", EXCEPTION),
             status_code=500,
         )
-
-
-def _install_metrics(app: FastAPI, registry: CollectorRegistry) -> None:
-    """Request counts and latencies by route template (never by id), at ``/metrics``."""
-    requests = Counter(
-        "fhir_api_requests",
-        "HTTP requests answered",
-        ["method", "route", "status"],
-        registry=registry,
-    )
-    latency = Histogram(
-        "fhir_api_request_seconds", "Request latency", ["method", "route"], registry=registry
-    )
-    app.add_middleware(RequestMetrics, requests=requests, latency=latency)
-
-    @app.get("/metrics")
-    def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-
-class RequestMetrics:
-    """Plain ASGI middleware that counts and times requests. (Starlette's ``BaseHTTPMiddleware``
-    costs a task group and memory streams per request: a measurable share of a search.)"""
-
-    def __init__(self, app: ASGIApp, requests: Counter, latency: Histogram) -> None:
-        self.app = app
-        self.requests = requests
-        self.latency = latency
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500  # what the client sees when the app fails before it answers
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            self.latency.labels(scope["method"], route).observe(time.perf_counter() - start)
-            self.requests.labels(scope["method"], route, str(status)).inc()

@@ -6,7 +6,9 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from services.auth.routes import TOKEN_PATH
 from services.fhir_api.config import Settings
+from services.fhir_api.resources import RESOURCE_TYPES
 from services.fhir_api.search import INCLUDES, REVINCLUDES, SEARCH_PARAMS, SORT_KEYS
 
 #: FHIR version on the wire (R4); resources are validated with the R4B models, whose
@@ -24,7 +26,6 @@ INTERACTIONS = (
     "history-type",
     "search-type",
 )
-TOKEN_PATH = "/auth/token"
 SMART_EXTENSION = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris"
 SMART_SERVICE = "http://terminology.hl7.org/CodeSystem/restful-security-service"
 
@@ -77,7 +78,7 @@ def capability_statement(
     """The server's CapabilityStatement (kind ``instance``) for ``base_url``."""
     rest: dict[str, Any] = {
         "mode": "server",
-        "resource": [_resource(t, settings.max_count) for t in settings.resource_types],
+        "resource": [_resource(t, settings.max_count) for t in RESOURCE_TYPES],
     }
     if auth_required:
         rest["security"] = {

@@ -14,16 +14,6 @@ DATABASE_SCHEMES = ("sqlite", "postgresql")
 AUTH_MODES = ("required", "off")
 #: Most worker processes started by default (one per core up to this).
 DEFAULT_MAX_WORKERS = 4
-#: Resource types served (the pipeline's, plus Subscription for notifications).
-RESOURCE_TYPES = (
-    "Patient",
-    "Device",
-    "ImagingStudy",
-    "Observation",
-    "DiagnosticReport",
-    "Provenance",
-    "Subscription",
-)
 
 
 def is_loopback(host: str) -> bool:
@@ -173,10 +163,6 @@ class Settings(BaseSettings):
         if value not in AUTH_MODES:
             raise ValueError(f"auth_mode must be one of {', '.join(AUTH_MODES)}, not {value!r}")
         return value
-
-    @property
-    def resource_types(self) -> tuple[str, ...]:
-        return RESOURCE_TYPES
 
     @property
     def backend(self) -> str:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from services.fhir_api.resources import RESOURCE_TYPES
 from services.fhir_api.search import RESULT_PARAMS, SEARCH_PARAMS
-from services.fhir_api.store import SUPPORTED_TYPES
 
 FHIR_JSON = "application/fhir+json"
 OPENAPI_VERSION = "3.0.3"
@@ -174,7 +174,7 @@ def openapi_document(title: str, version: str) -> dict[str, Any]:
             }
         }
     }
-    for resource_type in SUPPORTED_TYPES:
+    for resource_type in RESOURCE_TYPES:
         paths |= _type_paths(resource_type)
     return {
         "openapi": OPENAPI_VERSION,

@@ -12,19 +12,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, false, or_
+from sqlalchemy import and_, or_
 from sqlalchemy.sql import ColumnElement
 from sqlmodel import col, select
 
 from services.fhir_api.errors import INVALID, FhirError
 from services.fhir_api.fhirdates import fhir_range
-from services.fhir_api.store import (
-    ID_RE,
-    ResourceVersion,
-    SearchReference,
-    SearchToken,
-    reference_key,
-)
+from services.fhir_api.models import ResourceVersion, SearchReference, SearchToken
+from services.fhir_api.resources import EFFECTIVE_TYPES, ID_RE, RESOURCE_TYPES, reference_key
 
 #: Longest value accepted for one search parameter (characters), and most values per request.
 MAX_VALUE_LENGTH = 512
@@ -56,7 +51,8 @@ _CODE = Param("code", "token", "[system]|code or code.")
 _CATEGORY = Param("category", "token", "[system]|code or code.")
 _DATE = Param("date", "date", "effective[x] with prefix eq, gt, lt, ge or le.")
 
-#: Search parameters per type.
+#: Search parameters of each of :data:`RESOURCE_TYPES` (a test checks that every type has its
+#: entry and no other type has one).
 SEARCH_PARAMS: dict[str, tuple[Param, ...]] = {
     "Observation": (
         _PATIENT,
@@ -96,13 +92,9 @@ SORT_KEYS: dict[str, dict[str, Any]] = {
     resource_type: {
         "_lastUpdated": ResourceVersion.last_updated,
         "_id": ResourceVersion.resource_id,
-        **(
-            {"date": ResourceVersion.effective_start}
-            if resource_type in ("Observation", "DiagnosticReport")
-            else {}
-        ),
+        **({"date": ResourceVersion.effective_start} if resource_type in EFFECTIVE_TYPES else {}),
     }
-    for resource_type in SEARCH_PARAMS
+    for resource_type in RESOURCE_TYPES
 }
 
 #: ``_include`` values: (source type, search parameter) → reference element of the resource.
@@ -134,8 +126,6 @@ class SearchQuery:
     revincludes: list[str] = field(default_factory=list)
     #: the parameters as applied (for the Bundle's self link), in request order
     applied: list[tuple[str, str]] = field(default_factory=list)
-    #: Patient keys (``Patient/<id>``) the subject must be one of (patient-bound tokens)
-    subject_keys: set[str] | None = None
 
 
 def _bad(message: str) -> FhirError:
@@ -344,7 +334,3 @@ def _date_clause(_type: str, name: str, value: str) -> ColumnElement[bool]:
         "le": low < end,
     }[prefix]
     return and_(low.is_not(None), clause) if prefix != "eq" else clause
-
-
-def none_match() -> ColumnElement[bool]:
-    return false()

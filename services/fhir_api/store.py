@@ -1,192 +1,45 @@
-"""The resource store: every version of every resource, plus the index rows searches need.
+"""The resource store (repository): every version of every resource, read, searched and
+written over one SQLAlchemy engine. Tables are in ``models``, engines in ``database``, the
+search values written beside each version in ``indexing``.
 
-One row per resource version (``resource_version``); exactly one row per resource is current
-(a partial unique index enforces it). Search values are extracted on write from the current
-version only:
-
-- columns of ``resource_version``: ``subject_ref`` (``subject`` as ``Type/id``) and
-  ``effective_start``/``effective_end`` (the ``[start, end)`` UTC range of
-  ``effective[x]``), so the hot Observation searches (by patient, by date) need no join;
-- ``search_token`` rows: token parameters (``identifier``, ``code``, ``category``,
-  ``status``) as system|code;
-- ``search_reference`` rows: reference parameters other than the subject
-  (``Provenance.target``), for ``target=`` and ``_revinclude=Provenance:target``.
-
-Alembic owns the schema (``services/fhir_api/migrations``); the table models here must match
-the latest migration, which a test checks.
-
-Concurrency: on SQLite, write transactions start with ``BEGIN IMMEDIATE`` (the database write
-lock is taken before the current version is read, and a second writer waits up to the busy
-timeout instead of failing); reads stay deferred and, in WAL mode, never wait for writers. On
-PostgreSQL writers of one resource take a transaction-scoped advisory lock first, and a lost
-race (unique violation) is retried.
+Concurrency: on SQLite writes begin ``IMMEDIATE`` (``database.for_writes``). On PostgreSQL
+writers of one resource take a transaction-scoped advisory lock first, and a lost race (unique
+violation) is retried.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
-import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import (
-    BigInteger,
-    DateTime,
-    ForeignKey,
-    Index,
-    Integer,
-    Text,
-    UniqueConstraint,
-    event,
-    text,
-)
 from sqlalchemy import select as core_select
-from sqlalchemy.engine import Connection, Engine, Row, make_url
-from sqlalchemy.exc import DisconnectionError, IntegrityError
+from sqlalchemy import text
+from sqlalchemy.engine import Connection, Engine, Row
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql import ColumnElement
-from sqlmodel import Field, Session, SQLModel, col, create_engine, delete, func, select
+from sqlmodel import Session, col, delete, func, select
 
-from services.fhir_api.fhirdates import fhir_range
+from services.fhir_api.database import for_writes
+from services.fhir_api.indexing import index_rows, search_values, version_row
+from services.fhir_api.models import (
+    CURRENT,
+    ResourceChange,
+    ResourceVersion,
+    SearchReference,
+    SearchToken,
+)
+from services.fhir_api.resources import Stored, instant, without_server_meta
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-#: Resource types this server stores.
-SUPPORTED_TYPES = (
-    "Patient",
-    "Device",
-    "ImagingStudy",
-    "Observation",
-    "DiagnosticReport",
-    "Provenance",
-    "Subscription",
-)
-#: Seconds a SQLite writer waits for the write lock before giving up.
-SQLITE_BUSY_TIMEOUT_S = 30.0
 #: Attempts of one write when a concurrent writer wins a race (PostgreSQL).
 WRITE_ATTEMPTS = 3
-_WRITE_OPTION = "scanwatch_write"
-_CURRENT = text("is_current")
-_TYPE_RE = re.compile(r"^[A-Z][A-Za-z]+$")
-#: FHIR ``id`` datatype.
-ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
-#: Types whose ``subject`` is indexed for ``patient=``/``subject=``.
-SUBJECT_TYPES = ("Observation", "ImagingStudy", "DiagnosticReport")
-#: Types whose ``effective[x]`` is indexed for ``date=``.
-EFFECTIVE_TYPES = ("Observation", "DiagnosticReport")
-
-
-class ResourceVersion(SQLModel, table=True):
-    """One version of one resource; ``content`` is the resource JSON including ``meta``."""
-
-    __tablename__ = "resource_version"
-    __table_args__ = (
-        UniqueConstraint("resource_type", "resource_id", "version_id"),
-        Index(
-            "ux_resource_version_current",
-            "resource_type",
-            "resource_id",
-            unique=True,
-            sqlite_where=_CURRENT,
-            postgresql_where=_CURRENT,
-        ),
-        Index(
-            "ix_resource_version_subject_effective",
-            "subject_ref",
-            "effective_start",
-            sqlite_where=_CURRENT,
-            postgresql_where=_CURRENT,
-        ),
-        Index(
-            "ix_resource_version_type_updated",
-            "resource_type",
-            "last_updated",
-            sqlite_where=_CURRENT,
-            postgresql_where=_CURRENT,
-        ),
-        Index(
-            "ix_resource_version_type_effective",
-            "resource_type",
-            "effective_end",
-            sqlite_where=_CURRENT,
-            postgresql_where=_CURRENT,
-        ),
-        Index("ix_resource_version_history", "resource_type", "last_updated"),
-    )
-
-    pk: int | None = Field(
-        default=None, primary_key=True, sa_type=BigInteger().with_variant(Integer, "sqlite")
-    )
-    resource_type: str = Field(max_length=64)
-    resource_id: str = Field(max_length=64)
-    version_id: int
-    last_updated: datetime = Field(sa_type=DateTime(timezone=True))
-    is_current: bool
-    deleted: bool = False
-    subject_ref: str | None = Field(default=None, max_length=200)
-    effective_start: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
-    effective_end: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
-    content: str = Field(sa_type=Text)
-
-
-class SearchToken(SQLModel, table=True):
-    """A token search value (system|code) of the current version of a resource."""
-
-    __tablename__ = "search_token"
-    __table_args__ = (Index("ix_search_token_value", "resource_type", "param", "code", "system"),)
-
-    pk: int | None = Field(
-        default=None, primary_key=True, sa_type=BigInteger().with_variant(Integer, "sqlite")
-    )
-    resource_pk: int = Field(
-        sa_type=BigInteger().with_variant(Integer, "sqlite"),
-        sa_column_args=[ForeignKey("resource_version.pk", ondelete="CASCADE")],
-        index=True,
-    )
-    resource_type: str = Field(max_length=64)
-    param: str = Field(max_length=64)
-    system: str | None = Field(default=None, max_length=500)
-    code: str = Field(max_length=500)
-
-
-class SearchReference(SQLModel, table=True):
-    """A reference search value (``Type/id``) of the current version of a resource."""
-
-    __tablename__ = "search_reference"
-    __table_args__ = (Index("ix_search_reference_target", "resource_type", "param", "target"),)
-
-    pk: int | None = Field(
-        default=None, primary_key=True, sa_type=BigInteger().with_variant(Integer, "sqlite")
-    )
-    resource_pk: int = Field(
-        sa_type=BigInteger().with_variant(Integer, "sqlite"),
-        sa_column_args=[ForeignKey("resource_version.pk", ondelete="CASCADE")],
-        index=True,
-    )
-    resource_type: str = Field(max_length=64)
-    param: str = Field(max_length=64)
-    target: str = Field(max_length=200)
-
-
-class ResourceChange(SQLModel, table=True):
-    """A new version not yet handled by the subscription notifier (its outbox): written in the
-    same transaction as the version, deleted by the notifier once handled."""
-
-    __tablename__ = "resource_change"
-
-    pk: int | None = Field(
-        default=None, primary_key=True, sa_type=BigInteger().with_variant(Integer, "sqlite")
-    )
-    resource_type: str = Field(max_length=64)
-    resource_id: str = Field(max_length=64)
-    version_id: int
-
-
 #: The columns a read returns: what :class:`Stored` needs, selected without building ORM objects
 #: (reads are the hot path: an EHR's searches).
 STORED_COLUMNS = (
@@ -197,29 +50,6 @@ STORED_COLUMNS = (
     col(ResourceVersion.content),
     col(ResourceVersion.deleted),
 )
-
-
-@dataclass(frozen=True)
-class Stored:
-    """A stored resource version as the API serves it."""
-
-    resource_type: str
-    resource_id: str
-    version_id: int
-    last_updated: str  # meta.lastUpdated, FHIR instant
-    content: str  # JSON text; empty for a deletion
-    deleted: bool = False
-
-    @property
-    def etag(self) -> str:
-        return f'W/"{self.version_id}"'
-
-    @property
-    def key(self) -> str:
-        return f"{self.resource_type}/{self.resource_id}"
-
-    def resource(self) -> dict[str, Any]:
-        return json.loads(self.content)
 
 
 @dataclass(frozen=True)
@@ -239,131 +69,16 @@ class VersionConflict(Exception):
         self.current = current
 
 
-#: Connections each API process keeps open to PostgreSQL (and as many more while busy).
-PG_POOL_SIZE = 10
-#: A pooled PostgreSQL connection idle longer than this is pinged before use (see make_engine).
-PG_PING_IDLE_S = 5.0
-
-
-def make_engine(database_url: str, ping_idle_s: float = PG_PING_IDLE_S, **kwargs: Any) -> Engine:
-    """An engine for the store; SQLite gets WAL, a busy timeout and immediate write locks;
-    PostgreSQL connections idle over ``ping_idle_s`` are checked before use."""
-    url = make_url(database_url)
-    if url.get_backend_name() != "sqlite":
-        # psycopg prepares a statement after its 5th run; PostgreSQL then switches to a generic
-        # plan when its estimate looks no worse, which for the date and patient searches it is
-        # not (the bounds decide between index walks): planning every run with the actual values
-        # more than halved PostgreSQL's CPU per search (bench/fhir.md). Parsing is still saved.
-        connect_args = {"options": "-c plan_cache_mode=force_custom_plan"}
-        # Connections beyond pool_size are closed when returned; a worker serving more
-        # concurrent requests than that opened (and PostgreSQL forked) a connection per
-        # request (bench/fhir.md). Ten stay open per process.
-        kwargs = {"pool_size": PG_POOL_SIZE, "max_overflow": PG_POOL_SIZE} | kwargs
-        engine = create_engine(database_url, connect_args=connect_args, **kwargs)
-        _ping_when_idle(engine, ping_idle_s)
-        return engine
-    if url.database and url.database != ":memory:":
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(
-        database_url,
-        connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S},
-        **kwargs,
-    )
-
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
-        # Let SQLAlchemy, not the sqlite3 module, decide when transactions begin (below).
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
-        cursor.execute("PRAGMA synchronous=FULL")  # a 2xx answer means the write is on disk
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(connection: Any) -> None:
-        immediate = connection.get_execution_options().get(_WRITE_OPTION)
-        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
-
-    return engine
-
-
-def _ping_when_idle(engine: Engine, idle_s: float) -> None:
-    """Ping a pooled connection before use only when it sat idle over ``idle_s`` seconds.
-
-    ``pool_pre_ping`` pings on every checkout: a round trip per request, 10 % of the API's CPU
-    and a fifth of its searches per second under load (bench/fhir.md). Connections in steady
-    use have just proved alive; the ones that sat idle (PostgreSQL restarted, a firewall
-    dropped them) are the ones to check. A failed ping makes the pool discard the connection
-    and open a new one (SQLAlchemy's "custom pessimistic ping" recipe). A connection that dies
-    in the ``idle_s`` after its last use fails its request with 503 (the database error
-    handler) and the pool replaces it.
-    """
-
-    @event.listens_for(engine, "checkin")
-    def _checked_in(_dbapi_connection: Any, record: Any) -> None:
-        record.info["idle_since"] = time.monotonic()
-
-    @event.listens_for(engine, "checkout")
-    def _checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
-        idle_since = record.info.get("idle_since")
-        if idle_since is None or time.monotonic() - idle_since <= idle_s:
-            return
-        try:
-            engine.dialect.do_ping(dbapi_connection)
-        except engine.dialect.loaded_dbapi.Error as error:
-            raise DisconnectionError(f"idle connection is gone: {error}") from error
-
-
-def for_writes(engine: Engine) -> Engine:
-    """``engine`` for transactions that write: on SQLite they begin IMMEDIATE, so that a read
-    followed by a write waits for other writers instead of failing at once ("database is
-    locked": a deferred read snapshot cannot be upgraded once another writer committed)."""
-    return engine.execution_options(**{_WRITE_OPTION: True})
-
-
-def reference_key(reference: str) -> str | None:
-    """``Type/id`` of a relative or absolute literal reference (a ``_history`` suffix dropped);
-    None when it is not one."""
-    parts = reference.split("?", 1)[0].rstrip("/").split("/")
-    if len(parts) >= 4 and parts[-2] == "_history":
-        parts = parts[:-2]
-    if len(parts) >= 2 and _TYPE_RE.match(parts[-2]) and parts[-1]:
-        return f"{parts[-2]}/{parts[-1]}"
-    return None
-
-
-def without_server_meta(resource: dict[str, Any]) -> dict[str, Any]:
-    """The resource without the parts the server owns (meta.versionId, meta.lastUpdated)."""
-    meta = {k: v for k, v in (resource.get("meta") or {}).items() if k not in _SERVER_META}
-    result = {k: v for k, v in resource.items() if k != "meta"}
-    if meta:
-        result["meta"] = meta
-    return result
-
-
-_SERVER_META = ("versionId", "lastUpdated")
-
-
-def instant(moment: datetime) -> str:
-    """A FHIR instant (UTC, milliseconds)."""
-    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def _with_meta(resource: dict[str, Any], version_id: int, moment: datetime) -> dict[str, Any]:
-    meta = {"versionId": str(version_id), "lastUpdated": instant(moment)}
-    meta.update(resource.get("meta") or {})
-    head = {"resourceType": resource["resourceType"], "id": resource["id"], "meta": meta}
-    return head | {k: v for k, v in resource.items() if k not in head}
-
-
 def _aware(moment: datetime) -> datetime:
     # SQLite returns naive datetimes (stored as UTC); PostgreSQL returns aware ones.
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def to_stored(row: ResourceVersion | Row[Any]) -> Stored:
+#: A row of :data:`STORED_COLUMNS`.
+StoredRow = Row[str, str, int, datetime, str, bool]
+
+
+def to_stored(row: ResourceVersion | StoredRow) -> Stored:
     """The :class:`Stored` of a version row (an ORM object or a row of :data:`STORED_COLUMNS`)."""
     return Stored(
         row.resource_type,
@@ -373,91 +88,6 @@ def to_stored(row: ResourceVersion | Row[Any]) -> Stored:
         row.content,
         row.deleted,
     )
-
-
-# --- Search value extraction ----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SearchValues:
-    """What one resource contributes to the search indexes."""
-
-    subject_ref: str | None
-    effective: tuple[datetime, datetime] | None
-    tokens: tuple[tuple[str, str | None, str], ...]  # (param, system, code)
-    references: tuple[tuple[str, str], ...]  # (param, Type/id)
-
-
-def _codings(concepts: Iterable[dict[str, Any]]) -> Iterable[tuple[str | None, str]]:
-    for concept in concepts:
-        for coding in concept.get("coding") or []:
-            if coding.get("code"):
-                yield coding.get("system"), coding["code"]
-
-
-def search_values(resource: dict[str, Any]) -> SearchValues:
-    """The search values of a (valid) resource."""
-    resource_type = resource["resourceType"]
-    tokens: list[tuple[str, str | None, str]] = [
-        ("identifier", identifier.get("system"), identifier["value"])
-        for identifier in resource.get("identifier") or []
-        if identifier.get("value")
-    ]
-    if isinstance(resource.get("status"), str):
-        tokens.append(("status", None, resource["status"]))
-    if resource_type in ("Observation", "DiagnosticReport"):
-        tokens += [("code", s, c) for s, c in _codings([resource.get("code") or {}])]
-        tokens += [("category", s, c) for s, c in _codings(resource.get("category") or [])]
-    subject_ref = None
-    if resource_type in SUBJECT_TYPES:
-        reference = (resource.get("subject") or {}).get("reference")
-        subject_ref = reference_key(reference) if reference else None
-    effective = None
-    if resource_type in EFFECTIVE_TYPES:
-        if value := resource.get("effectiveDateTime") or resource.get("effectiveInstant"):
-            effective = fhir_range(value)
-        elif period := resource.get("effectivePeriod"):
-            start = fhir_range(period["start"])[0] if period.get("start") else datetime.min
-            end = fhir_range(period["end"])[1] if period.get("end") else datetime.max
-            effective = (start.replace(tzinfo=UTC), end.replace(tzinfo=UTC))
-    references: list[tuple[str, str]] = []
-    if resource_type == "Provenance":
-        for target in resource.get("target") or []:
-            if target.get("reference") and (key := reference_key(target["reference"])):
-                references.append(("target", key))
-    return SearchValues(subject_ref, effective, tuple(dict.fromkeys(tokens)), tuple(references))
-
-
-def version_row(
-    resource: dict[str, Any], version_id: int, moment: datetime, values: SearchValues
-) -> ResourceVersion:
-    """The current-version row of ``resource`` (without server meta) as the store writes it."""
-    return ResourceVersion(
-        resource_type=resource["resourceType"],
-        resource_id=resource["id"],
-        version_id=version_id,
-        last_updated=moment,
-        is_current=True,
-        subject_ref=values.subject_ref,
-        effective_start=values.effective[0] if values.effective else None,
-        effective_end=values.effective[1] if values.effective else None,
-        content=json.dumps(_with_meta(resource, version_id, moment), separators=(",", ":")),
-    )
-
-
-def index_rows(
-    resource_type: str, resource_pk: int, values: SearchValues
-) -> tuple[list[SearchToken], list[SearchReference]]:
-    """The search index rows of the version row ``resource_pk``."""
-    tokens = [
-        SearchToken(resource_pk=resource_pk, resource_type=resource_type, param=p, system=s, code=c)
-        for p, s, c in values.tokens
-    ]
-    references = [
-        SearchReference(resource_pk=resource_pk, resource_type=resource_type, param=p, target=t)
-        for p, t in values.references
-    ]
-    return tokens, references
 
 
 def _change(row: ResourceVersion) -> ResourceChange:
@@ -519,7 +149,7 @@ class ResourceStore:
         statement = core_select(*STORED_COLUMNS).where(
             col(ResourceVersion.resource_type) == resource_type,
             col(ResourceVersion.resource_id) == resource_id,
-            _CURRENT,
+            CURRENT,
         )
         with self._reader(connection) as reader:
             row = reader.execute(statement).first()
@@ -714,7 +344,7 @@ class ResourceStore:
         """Mark a resource deleted (a new version); None when it never existed."""
         return self._retrying(lambda: self._delete_once(resource_type, resource_id))
 
-    def _retrying(self, write: Any) -> Any:
+    def _retrying(self, write: Callable[[], T]) -> T:
         for attempt in range(1, WRITE_ATTEMPTS + 1):
             try:
                 return write()
@@ -810,7 +440,7 @@ class ResourceStore:
     def current_of(resource_type: str) -> list[Any]:
         return [
             col(ResourceVersion.resource_type) == resource_type,
-            _CURRENT,
+            CURRENT,
             col(ResourceVersion.deleted).is_(False),
         ]
 
@@ -819,5 +449,5 @@ class ResourceStore:
         return select(ResourceVersion).where(
             col(ResourceVersion.resource_type) == resource_type,
             col(ResourceVersion.resource_id) == resource_id,
-            _CURRENT,
+            CURRENT,
         )

@@ -42,8 +42,10 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 
 from services.fhir_api.errors import INVALID, FhirError
+from services.fhir_api.models import ResourceChange, ResourceVersion
+from services.fhir_api.resources import Stored
 from services.fhir_api.search import parse_search
-from services.fhir_api.store import ResourceChange, ResourceStore, ResourceVersion, Stored
+from services.fhir_api.store import ResourceStore
 
 log = logging.getLogger(__name__)
 

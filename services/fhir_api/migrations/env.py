@@ -6,7 +6,8 @@ from __future__ import annotations
 from alembic import context
 from sqlmodel import SQLModel
 
-from services.fhir_api import auth, store  # noqa: F401 - registers the tables
+from services.auth import clients  # noqa: F401 - registers oauth_client
+from services.fhir_api import models  # noqa: F401 - registers the FHIR store's tables
 
 target_metadata = SQLModel.metadata
 connection = context.config.attributes.get("connection")

@@ -23,8 +23,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from devtools.kafka_local import free_port
+from services.auth.scopes import Scope
+from services.auth.tokens import TokenService
 from services.fhir_api.app import create_app
-from services.fhir_api.auth import Scope, TokenService
 from services.fhir_api.config import Settings
 
 PG_USER = "scanwatch-pg"

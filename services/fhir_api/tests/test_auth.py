@@ -15,8 +15,8 @@ from sqlmodel import Session, select
 
 from inference_worker.fhir_resources import resources_for
 from scanwatch import ids
-from services.fhir_api.auth import AuditEvent
 from services.fhir_api.config import Settings
+from services.fhir_api.models import AuditEvent
 from services.fhir_api.tests.test_search import scored, write
 
 HEADERS = {"Content-Type": "application/fhir+json"}
@@ -125,7 +125,7 @@ def test_patient_token_sees_only_its_patient(client: TestClient, issue: Callable
 
 
 def test_token_endpoint_client_credentials(settings: Settings, client: TestClient) -> None:
-    from services.fhir_api import auth
+    from services.auth import clients as auth
 
     engine = client.app.state.store.engine
     secret = auth.register_client(engine, "ehr-1", "system/*.read")

@@ -19,7 +19,8 @@ from inference_worker.fhir_resources import ScoredSeries, ScoredStudy, resources
 from scanwatch import ids
 from services.fhir_api.app import create_app
 from services.fhir_api.config import Settings
-from services.fhir_api.store import ResourceVersion, without_server_meta
+from services.fhir_api.models import ResourceVersion
+from services.fhir_api.resources import without_server_meta
 
 FHIR_JSON = "application/fhir+json"
 MODEL = "brain-mri-anomaly"

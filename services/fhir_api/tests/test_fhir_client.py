@@ -21,7 +21,7 @@ from sqlalchemy.engine import Engine
 from devtools.kafka_local import free_port
 from devtools.testing import wait_for
 from inference_worker.fhir_resources import ScoredSeries, ScoredStudy, resources_for
-from services.fhir_api import auth
+from services.auth import clients as auth
 from services.fhir_api.app import create_app
 from services.fhir_api.config import Settings
 

@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.python.asgi import shutdown_lifespans
 
+from services.auth.scopes import Scope
+from services.auth.tokens import TokenService
 from services.fhir_api.app import OPENAPI_PATH, create_app
-from services.fhir_api.auth import Scope, TokenService
 from services.fhir_api.config import Settings
 from services.fhir_api.tests.conftest import BACKENDS, JWT_SECRET
 

@@ -22,7 +22,7 @@ from devtools.kafka_local import free_port
 from devtools.testing import wait_for
 from services.fhir_api.app import create_app
 from services.fhir_api.config import Settings
-from services.fhir_api.store import ResourceChange
+from services.fhir_api.models import ResourceChange
 from services.fhir_api.tests.conftest import JWT_SECRET, LocalPostgres
 from services.fhir_api.tests.test_search import HEADERS, scored, write
 from services.fhir_api.tests.test_subscriptions import (  # noqa: F401 - the receiver fixture

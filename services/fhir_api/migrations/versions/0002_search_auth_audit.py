@@ -101,7 +101,7 @@ def upgrade() -> None:
 
 def _backfill() -> None:
     """Index rows of the resources stored before this revision (their current versions)."""
-    from services.fhir_api.store import search_values  # the extraction as of this revision
+    from services.fhir_api.indexing import search_values  # the extraction as of this revision
 
     bind = op.get_bind()
     version = sa.table(
