@@ -5,8 +5,8 @@
 
 :class:`WorkerFlow` holds what the Faust agents used to keep in a closure: the study table, the
 topics it sends to, the ready events in flight and the per-study scoring locks. The table is a
-``MutableMapping`` (a Faust table in production, a dict in unit tests), the topics are
-:class:`~inference_worker.ports.Sink` s, the clock is injectable; :mod:`inference_worker.app`
+``MutableMapping`` (a Faust table in production, a dict in unit tests), the topics are sinks
+(:class:`~inference_worker.ports.Sink`), the clock is injectable; :mod:`inference_worker.app`
 wires it to Faust.
 
 Errors are classified (STYLE habit 7): an unusable message or study goes to ``<topic>.dlq``
