@@ -109,7 +109,8 @@ def http_app(registry: CollectorRegistry, health: HealthCheck) -> Callable[..., 
                 [("Content-Type", "application/json")],
             )
             return [json.dumps(body).encode()]
-        return metrics_app(environ, start_response)
+        metrics: Iterable[bytes] = metrics_app(environ, start_response)  # untyped library
+        return metrics
 
     return app
 
