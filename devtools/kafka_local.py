@@ -255,7 +255,9 @@ def read_topic(
         while time.monotonic() < deadline and (settled is None or time.monotonic() < settled):
             message = consumer.poll(0.2)
             if message is not None and message.error() is None:
-                headers = {k: v or b"" for k, v in message.headers() or []}
+                raw = message.headers() or []
+                pairs = raw.items() if isinstance(raw, dict) else raw
+                headers = {k: v.encode() if isinstance(v, str) else v or b"" for k, v in pairs}
                 read.append(
                     Record(message.key(), message.value() or b"", message.partition() or 0, headers)
                 )

@@ -179,7 +179,8 @@ def ensure_topics(
     Existing topics are left as they are; the replication factor is the smaller of 3 and the
     number of brokers."""
     from confluent_kafka import KafkaError, KafkaException
-    from confluent_kafka.admin import AdminClient, NewTopic
+    from confluent_kafka.admin import AdminClient
+    from confluent_kafka.cimpl import NewTopic
 
     admin = AdminClient({"bootstrap.servers": bootstrap_servers}, logger=log)
     metadata = admin.list_topics(timeout=timeout_s)

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from dicom_listener.adapters.outbox import Outbox, OutboxEvent
 from dicom_listener.metrics import ListenerMetrics
@@ -114,7 +114,9 @@ class KafkaSink:
                     e.topic,
                     value=e.value,
                     key=e.key,
-                    headers=e.headers or None,
+                    # librdkafka's stub wants a list of str|bytes|None values (lists are
+                    # invariant); ours is a list of bytes values
+                    headers=cast(list[tuple[str, str | bytes | None]], e.headers) or None,
                     on_delivery=partial(_report, reports, index),
                 )
             producer.flush(self.timeout_s + 1)
