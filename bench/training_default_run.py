@@ -15,8 +15,8 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from scanwatch.logs import configure_logging  # noqa: E402
-from training.benchmark import PRESETS, load_or_build  # noqa: E402
 from training.config import TrainSettings  # noqa: E402
+from training.synthetic_dataset import PRESETS, load_or_build  # noqa: E402
 from training.train import train  # noqa: E402
 
 

@@ -32,11 +32,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from training import train as train_module  # noqa: E402
-from training.benchmark import DEFAULT, load_or_build  # noqa: E402
 from training.config import TrainSettings  # noqa: E402
 from training.dataset import LabelledImages, Split  # noqa: E402
+from training.input_pipeline import to_rgb, training_stream  # noqa: E402
 from training.model import build_classifier  # noqa: E402
-from training.pipeline import to_rgb, training_stream  # noqa: E402
+from training.synthetic_dataset import DEFAULT, load_or_build  # noqa: E402
 
 
 class EpochTimer(keras.callbacks.Callback):

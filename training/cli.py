@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from scanwatch.logs import configure_logging
+from scanwatch.model_repository import DEFAULT_MODEL_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -281,7 +282,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repository", type=Path, help="model repository (default var/models)")
-    parser.add_argument("--name", help="model name (default brain-mri-anomaly)")
+    parser.add_argument("--name", help=f"model name (default {DEFAULT_MODEL_NAME})")
 
 
 def _add_dataset(parser: argparse.ArgumentParser) -> None:

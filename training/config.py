@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from scanwatch.logs import LogLevel
+from scanwatch.model_repository import DEFAULT_MODEL_NAME
 from training.model import IMAGENET, VARIANTS, normalise_variant
 
 #: Fine-tuning defaults (see the fields): a pretrained base changes little, a new one more.
@@ -81,7 +82,7 @@ class TrainSettings(BaseSettings):
         0.5, ge=0, le=1, description="Operating threshold on the anomaly score (1 - p(normal))."
     )
     # -- where things go --------------------------------------------------------------------
-    model_name: str = Field("brain-mri-anomaly", description="Model name (its repository folder).")
+    model_name: str = Field(DEFAULT_MODEL_NAME, description="Model name (its repository folder).")
     repository: Path = Field(
         Path("var/models"), description="Model repository (TF Serving layout) to publish into."
     )

@@ -23,12 +23,16 @@ from pathlib import Path
 
 from scanwatch.durable import publish_dir
 from scanwatch.logs import configure_logging
-from scanwatch.model_repository import SAVED_MODEL_FILE, TEMP_PREFIX, published_versions
+from scanwatch.model_repository import (
+    DEFAULT_MODEL_NAME,
+    SAVED_MODEL_FILE,
+    TEMP_PREFIX,
+    published_versions,
+)
 from training.registry import SERVING, Registry
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_NAME = "brain-mri-anomaly"
 CLASS_NAMES = ("normal", "mass", "bleed", "infarct")
 THRESHOLD = 0.5
 SEED = 0
@@ -98,7 +102,7 @@ def publish_untrained(repository: Path, name: str, image_size: int) -> Path:
 
 def ensure_default_model(
     repository: Path,
-    name: str = DEFAULT_NAME,
+    name: str = DEFAULT_MODEL_NAME,
     *,
     untrained: bool = False,
     image_size: int = UNTRAINED_IMAGE_SIZE,
@@ -143,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
         default=Path("var/models"),
         help="model repository (TF Serving layout); default var/models",
     )
-    parser.add_argument("--name", default=DEFAULT_NAME, help=f"model name; default {DEFAULT_NAME}")
+    parser.add_argument(
+        "--name", default=DEFAULT_MODEL_NAME, help=f"model name; default {DEFAULT_MODEL_NAME}"
+    )
     parser.add_argument(
         "--untrained",
         action="store_true",

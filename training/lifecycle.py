@@ -29,7 +29,7 @@ from training.config import TrainSettings
 from training.dataset import LabelledImages
 from training.evaluate import evaluate_probabilities, write_report
 from training.events import EventPublisher, NoEvents
-from training.pipeline import inference_stream
+from training.input_pipeline import inference_stream
 from training.registry import PromotionRefused, Registry
 from training.train import Progress, train
 
@@ -63,15 +63,15 @@ def load_dataset(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[LabelledImages, Path]:
     """Build or load the dataset a job names; return it and an ``.npz`` holding it."""
-    from training import benchmark, loaders
+    from training import loaders, synthetic_dataset
 
     size = spec.image_size or DEFAULT_IMAGE_SIZE
     if spec.kind == "benchmark":
-        config = benchmark.PRESETS[spec.preset]
+        config = synthetic_dataset.PRESETS[spec.preset]
         if spec.image_size is not None:
-            config = benchmark.BenchmarkConfig(**{**config.__dict__, "image_size": size})
-        data = benchmark.load_or_build(config, settings.cache_dir, progress)
-        return data, benchmark.cache_path(config, settings.cache_dir)
+            config = synthetic_dataset.BenchmarkConfig(**{**config.__dict__, "image_size": size})
+        data = synthetic_dataset.load_or_build(config, settings.cache_dir, progress)
+        return data, synthetic_dataset.cache_path(config, settings.cache_dir)
     root = Path(spec.path or "")
     if spec.kind == "folder":
         data = loaders.load_class_folders(root, size, settings.seed, normal_class)

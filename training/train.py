@@ -43,8 +43,8 @@ from sklearn.metrics import f1_score
 from scanwatch.durable import replace_file, write_text_atomic
 from training.config import TrainSettings
 from training.dataset import LabelledImages
+from training.input_pipeline import balance_with_augmentation, inference_stream, training_stream
 from training.model import BASE_LAYER, build_classifier
-from training.pipeline import balance_with_augmentation, inference_stream, training_stream
 
 logger = logging.getLogger(__name__)
 

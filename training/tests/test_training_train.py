@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from training import train as train_module
-from training.benchmark import TINY, build_benchmark
 from training.config import TrainSettings
 from training.dataset import LabelledImages
 from training.model import BASE_LAYER, build_classifier
+from training.synthetic_dataset import TINY, build_benchmark
 from training.train import (
     BEST_WEIGHTS,
     FINE_TUNE,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from training.dataset import Split
-from training.pipeline import balance_with_augmentation, inference_stream, training_stream
+from training.input_pipeline import balance_with_augmentation, inference_stream, training_stream
 
 
 def unbalanced() -> Split:

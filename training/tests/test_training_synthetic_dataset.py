@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from scanwatch.sample import mni152_volume
-from training.benchmark import (
+from training.dataset import LabelledImages
+from training.synthetic_dataset import (
     CLASS_NAMES,
     TINY,
     BenchmarkConfig,
@@ -20,7 +21,6 @@ from training.benchmark import (
     plant_infarct,
     plant_mass,
 )
-from training.dataset import LabelledImages
 
 SMALL = replace(TINY, image_size=48, train_subjects=3, val_subjects=1, test_subjects=1)
 

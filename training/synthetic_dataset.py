@@ -1,4 +1,5 @@
-"""The offline benchmark: synthetic subjects and planted anomalies on the real MNI152 brain MRI.
+"""The offline benchmark dataset: synthetic subjects and planted anomalies on the real MNI152
+brain MRI (``--dataset benchmark``; the benchmarks that *measure* things are in ``bench/``).
 
 Every image starts from an axial slice of the MNI152 T1 template that nilearn bundles (a real 1 mm
 brain MRI). Each synthetic *subject* gets its own anatomy variation (scaling, small rotation and
