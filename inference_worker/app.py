@@ -14,7 +14,6 @@ from typing import Any, cast
 
 import faust
 import mode
-from aiokafka.partitioner import DefaultPartitioner
 from faust.types import EventT, StreamT, TopicT
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -27,6 +26,7 @@ from inference_worker.errors import SignatureMismatch
 from inference_worker.flow import Origin, StudyScorer, WorkerFlow
 from inference_worker.metrics import WorkerMetrics
 from inference_worker.scoring import Scorer
+from scanwatch import kafka
 from schemas import InferenceResultV1, InstanceReceivedV1, StudyReadyV1, dlq
 from schemas.topics import STUDY_PARTITIONS
 
@@ -109,14 +109,13 @@ def create_app(
         partitions=STUDY_PARTITIONS,
         key_type=bytes,  # raw StudyInstanceUID bytes; Faust derives the changelog codec from it
     )
-    partitioner = DefaultPartitioner()
-    all_partitions = list(range(STUDY_PARTITIONS))
 
     def owns(key: bytes) -> bool:
         """Whether this worker actively owns (not as a standby) the partition of ``key``."""
         topic = instances_topic.get_topic_name()
         owned = {tp.partition for tp in app.assignor.assigned_actives() if tp.topic == topic}
-        return partitioner(key, all_partitions, all_partitions) in owned
+        # The partitioner contract: the listener's producer put the study's events there.
+        return kafka.partition_for(key, STUDY_PARTITIONS) in owned
 
     flow = WorkerFlow(
         settings,

@@ -56,6 +56,7 @@ def test_main_exits_2_on_invalid_settings(monkeypatch: pytest.MonkeyPatch) -> No
     assert main([]) == 2
 
 
+@pytest.mark.integration
 def test_service_answers_echo_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     port = free_port()
     env = {

@@ -18,6 +18,8 @@ from inference_worker.fhir_resources import ScoredSeries, ScoredStudy, resources
 from services.fhir_api.app import create_app
 from services.fhir_api.config import Settings
 
+pytestmark = pytest.mark.integration
+
 CLIENT, SECRET = "scanwatch-worker", "worker-secret-for-tests"
 
 

@@ -19,6 +19,8 @@ from devtools.testing import wait_for
 from inference_worker.adapters.tf_serving import ModelClient, SignatureMismatch
 from inference_worker.circuit import CircuitBreaker, CircuitOpen
 
+pytestmark = pytest.mark.integration
+
 MODEL = "brain-mri-anomaly"
 CLASSES = ("normal", "mass", "bleed", "infarct")
 SIZE = 32

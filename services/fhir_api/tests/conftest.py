@@ -30,7 +30,8 @@ from services.fhir_api.config import Settings
 
 PG_USER = "scanwatch-pg"
 JWT_SECRET = "test-secret-" + "x" * 40
-BACKENDS = ("sqlite", "postgresql")
+#: Every store test runs on both; the PostgreSQL runs need a real cluster (integration).
+BACKENDS = ("sqlite", pytest.param("postgresql", marks=pytest.mark.integration))
 
 
 class LocalPostgres:

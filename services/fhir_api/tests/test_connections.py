@@ -16,6 +16,8 @@ from devtools.kafka_local import free_port
 from services.fhir_api.database import make_engine
 from services.fhir_api.tests.conftest import LocalPostgres
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalPostgres]:

@@ -25,6 +25,8 @@ from services.auth import clients as auth
 from services.fhir_api.app import create_app
 from services.fhir_api.config import Settings
 
+pytestmark = pytest.mark.integration
+
 STARTUP_DEADLINE_S = 20.0
 STUDIES_OF_PATIENT = 7
 PAGE = 3

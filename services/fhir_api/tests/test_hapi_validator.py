@@ -23,6 +23,8 @@ from inference_worker.fhir_resources import (
     resources_for,
 )
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[3]
 VALIDATOR = ROOT / "java" / "fhir-validator" / "Validate.java"
 VALIDATOR_HOME = Path(os.environ.get("SCANWATCH_VAR", ROOT / "var")) / "fhir-validator"

@@ -22,6 +22,8 @@ from services.fhir_api.app import OPENAPI_PATH, create_app
 from services.fhir_api.config import Settings
 from services.fhir_api.tests.conftest import BACKENDS, JWT_SECRET
 
+pytestmark = pytest.mark.integration
+
 #: Generated requests per backend, spread over every documented operation.
 EXAMPLES = 300
 

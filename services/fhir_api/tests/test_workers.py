@@ -31,6 +31,8 @@ from services.fhir_api.tests.test_subscriptions import (  # noqa: F401 - the rec
     subscription,
 )
 
+pytestmark = pytest.mark.integration
+
 DEADLINE_S = 20.0
 ROOT = Path(__file__).resolve().parents[3]
 
