@@ -55,7 +55,7 @@ fi
 
 # --- Java jars from Maven Central -------------------------------------------------------------
 # java/<name>/pom.xml -> $VAR/<name>/libs, fetched again only when the pom changes.
-#   kafka:          the broker run by scanwatch/kafka_local.py
+#   kafka:          the broker run by devtools/kafka_local.py
 #   fhir-validator: HAPI FHIR's instance validator, run offline by the FHIR API's tests
 for name in kafka fhir-validator; do
   libs=$VAR/$name/libs

@@ -23,9 +23,7 @@ def received_events(
     arrived or time is up (then a further short poll, so extra events would be seen too)."""
 
     def of_studies(read: list[Record]) -> list[tuple[bytes, InstanceReceivedV1, dict]]:
-        events = [
-            (r.key or b"", InstanceReceivedV1.from_bytes(r.value), r.headers) for r in read
-        ]
+        events = [(r.key or b"", InstanceReceivedV1.from_bytes(r.value), r.headers) for r in read]
         return [e for e in events if e[1].StudyInstanceUID in study_uids]
 
     records = read_topic(
