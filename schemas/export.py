@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from schemas import EVENT_TYPES
 from schemas.events import Event
@@ -17,7 +18,7 @@ from schemas.events import Event
 SNAPSHOTS = Path(__file__).resolve().parent / "jsonschema"
 
 
-def json_schema(event_type: type[Event]) -> dict:
+def json_schema(event_type: type[Event]) -> dict[str, Any]:
     """The JSON Schema of an event's wire form, with its name as ``$id``."""
     schema = event_type.model_json_schema(mode="serialization")
     return {"$id": event_type.SCHEMA, **schema}
