@@ -16,10 +16,11 @@ import hashlib
 import importlib.util
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 #: Stored pixel range: 12 bits in 16-bit unsigned words, as most MR scanners write.
 BITS_STORED = 12
@@ -48,7 +49,7 @@ def _digest(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "big")
 
 
-def _uid(*parts: object) -> str:
+def _uid(*parts: object) -> UID:
     return generate_uid(entropy_srcs=[str(p) for p in parts])
 
 
@@ -68,7 +69,8 @@ def mni152_volume() -> tuple[np.ndarray, np.ndarray]:
         else None
     )
     if bundled is not None and bundled.is_file():
-        image = nibabel.load(bundled)
+        # nibabel.load is typed as returning any image; a .nii.gz is a Nifti1Image.
+        image = cast("nibabel.Nifti1Image", nibabel.load(bundled))
         volume = np.asarray(image.dataobj, dtype=np.float32)
     else:  # a nilearn that moved its data: take the slow, official way
         from nilearn.datasets import load_mni152_template

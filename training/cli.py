@@ -58,7 +58,7 @@ class BarProgress:
         self.bars.__enter__()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: Any) -> None:
         self.bars.__exit__(*exc)
 
     def dataset(self, done: int, total: int) -> None:
@@ -176,7 +176,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     registry = Registry(settings.repository)
     name = settings.model_name
-    version = args.version or (registry.served_versions(name) or [None])[-1]
+    served = registry.served_versions(name)
+    version = args.version or (served[-1] if served else None)
     if version is None:
         sys.stderr.write(f"{name} has no served version; pass --version\n")
         return 1
@@ -251,8 +252,10 @@ def cmd_models(args: argparse.Namespace) -> int:
             previous = promote(registry, name, args.version, events, force=args.force)
             sys.stdout.write(f"{name} version {args.version} is served (was {previous})\n")
         else:
-            withdrawn, served = rollback(registry, name, events, args.to)
-            sys.stdout.write(f"{name}: version {withdrawn} withdrawn, version {served} served\n")
+            withdrawn, now_served = rollback(registry, name, events, args.to)
+            sys.stdout.write(
+                f"{name}: version {withdrawn} withdrawn, version {now_served} served\n"
+            )
     except (PromotionRefused, LifecycleError, LookupError) as error:
         sys.stderr.write(f"{error}\n")
         return 1

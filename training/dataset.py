@@ -13,6 +13,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -113,7 +114,8 @@ class LabelledImages:
             arrays[f"{name}_labels"] = split.labels
             arrays[f"{name}_groups"] = split.groups.astype(str)
         temp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez(temp, **arrays)
+        # Cast: savez's stub types **kwds like its own keyword options; these are all arrays.
+        np.savez(temp, **cast(dict[str, Any], arrays))
         replace_file(temp, path)
 
     @classmethod
@@ -131,7 +133,7 @@ class LabelledImages:
 
 
 def split_by_group(
-    groups: Sequence[str],
+    groups: Sequence[str] | np.ndarray,
     seed: int,
     val_fraction: float = VAL_FRACTION,
     test_fraction: float = TEST_FRACTION,
@@ -142,8 +144,8 @@ def split_by_group(
     """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise ValueError("val_fraction and test_fraction must be in [0, 1) and sum below 1")
-    groups = np.asarray([str(g) for g in groups])
-    distinct = np.unique(groups)
+    names = np.asarray([str(g) for g in groups])
+    distinct = np.unique(names)
     if len(distinct) < 3:
         raise ValueError(f"need at least 3 distinct groups to split, got {len(distinct)}")
     order = np.random.default_rng(seed).permutation(distinct)
@@ -155,14 +157,14 @@ def split_by_group(
         "train": set(order[n_test + n_val :]),
     }
     return {
-        name: np.flatnonzero(np.isin(groups, list(members))) for name, members in assigned.items()
+        name: np.flatnonzero(np.isin(names, list(members))) for name, members in assigned.items()
     }
 
 
 def from_arrays(
     images: np.ndarray,
     labels: np.ndarray,
-    groups: Sequence[str],
+    groups: Sequence[str] | np.ndarray,
     class_names: Sequence[str],
     seed: int,
     description: dict | None = None,

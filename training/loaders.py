@@ -124,13 +124,15 @@ def load_class_folders(
     class_names, rename = class_order(labels_seen, normal_class)
     loaded: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
     for part, by_class in parts.items():
-        images, labels, groups = [], [], []
+        part_images: list[np.ndarray] = []
+        part_labels: list[int] = []
+        part_groups: list[str] = []
         for label, files in by_class.items():
             for path in files:
-                images.append(read_image(path, image_size, colour))
-                labels.append(class_names.index(rename[label]))
-                groups.append(f"{part}/{path.relative_to(root).as_posix()}")
-        loaded[part] = (np.stack(images), np.asarray(labels), np.asarray(groups))
+                part_images.append(read_image(path, image_size, colour))
+                part_labels.append(class_names.index(rename[label]))
+                part_groups.append(f"{part}/{path.relative_to(root).as_posix()}")
+        loaded[part] = (np.stack(part_images), np.asarray(part_labels), np.asarray(part_groups))
     description = {"source": "class-folders", "root": str(root), "normal_class": normal_class}
     if "all" in loaded:
         images, labels, groups = loaded["all"]

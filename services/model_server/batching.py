@@ -47,11 +47,12 @@ class _Task:
 def _batch_size(inputs: Mapping[str, np.ndarray]) -> int:
     sizes = {alias: (v.shape[0] if v.ndim else None) for alias, v in inputs.items()}
     distinct = set(sizes.values())
-    if None in distinct or len(distinct) != 1:
+    size = distinct.pop() if len(distinct) == 1 else None
+    if size is None:
         raise InvalidArgument(
             f"Batching session Run() input tensors must have equal 0th-dimension size; got {sizes}"
         )
-    return int(distinct.pop())
+    return int(size)
 
 
 class BatchingServable:

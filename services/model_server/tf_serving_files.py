@@ -54,7 +54,7 @@ class VersionPolicy:
         if self.kind == "all":
             return set(present)
         if self.kind == "specific":
-            return self.versions & set(present)
+            return set(present) & self.versions
         return set(sorted(present, reverse=True)[: self.num_versions])
 
     def describe(self) -> str:
@@ -181,7 +181,8 @@ def _batching_parameters_class() -> type[Message]:
     try:
         descriptor = pool.FindMessageTypeByName("scanwatch.model_server.BatchingParameters")
     except KeyError:
-        descriptor = pool.Add(file).message_types_by_name["BatchingParameters"]  # type: ignore[attr-defined]
+        added = pool.AddSerializedFile(file.SerializeToString())
+        descriptor = added.message_types_by_name["BatchingParameters"]
     return message_factory.GetMessageClass(descriptor)
 
 
