@@ -18,6 +18,8 @@ from training.evaluate import CONFUSION_PNG, CURVES_PNG, REPORT_JSON, REPORT_MAR
 from training.export import export_saved_model
 from training.registry import CANDIDATE, ROLLED_BACK, SERVING, Registry
 
+pytestmark = pytest.mark.integration
+
 NAME = "brain-mri-anomaly"
 
 

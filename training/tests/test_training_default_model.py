@@ -25,6 +25,8 @@ from training.default_model import (
 from training.export import export_saved_model
 from training.registry import SERVING, Registry
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture()
 def restore_logging() -> Iterator[None]:

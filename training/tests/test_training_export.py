@@ -15,6 +15,8 @@ from schemas import model_signature
 from training.export import SignatureMismatch, export_saved_model
 from training.model import build_classifier
 
+pytestmark = pytest.mark.integration
+
 CLASSES = ("normal", "mass", "bleed", "infarct")
 SIZE = 32
 NAME = "brain-mri-anomaly"

@@ -8,6 +8,8 @@ import pytest
 
 from training.model import BASE_LAYER, INPUT_NAME, OUTPUT_LAYER, build_classifier, normalise_variant
 
+pytestmark = pytest.mark.integration
+
 CLASSES = ("normal", "glioma", "meningioma")
 
 

@@ -27,6 +27,8 @@ from training.train import (
     train,
 )
 
+pytestmark = pytest.mark.integration
+
 SMALL = replace(
     TINY, image_size=32, train_subjects=3, val_subjects=1, test_subjects=1, slices_per_subject=4
 )

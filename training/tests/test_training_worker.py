@@ -18,6 +18,9 @@ from training.lifecycle import JobOutcome
 from training.registry import Registry
 from training.worker import JobReporter, TrainingWorker
 
+# Every test exports a real SavedModel (TensorFlow); the last one also runs a Kafka broker.
+pytestmark = pytest.mark.integration
+
 CLASSES = ["normal", "mass"]
 
 
@@ -142,7 +145,6 @@ def test_request_overrides_reach_the_settings(tmp_path: Path) -> None:
     assert (chosen.epochs, chosen.variant, chosen.seed, chosen.model_name) == (3, "B2", 9, "brain")
 
 
-@pytest.mark.integration
 def test_two_jobs_over_kafka_get_two_versions(kafka, tmp_path: Path) -> None:
     from devtools.kafka_local import read_topic
     from scanwatch import kafka as kafka_adapter

@@ -31,6 +31,8 @@ from services.model_server.config import Settings
 from services.model_server.manager import AVAILABLE, END
 from training.export import export_saved_model
 
+pytestmark = pytest.mark.integration
+
 MODEL_NAME = "brain-mri-anomaly"
 CLASS_NAMES = ("normal", "mass", "bleed", "infarct")
 IMAGE_SIZE = 32

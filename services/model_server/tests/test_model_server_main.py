@@ -20,6 +20,8 @@ from devtools.kafka_local import free_port
 from services.model_server.config import Settings
 from services.model_server.manager import AVAILABLE
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[3]
 
 

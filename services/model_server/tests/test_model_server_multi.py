@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import httpx
 import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from tensorflow_serving.apis import get_model_metadata_pb2, model_pb2
 
@@ -19,6 +20,8 @@ from scanwatch import tensors
 from services.model_server.manager import AVAILABLE
 
 from .test_model_server_grpc import Client, error_of, images
+
+pytestmark = pytest.mark.integration
 
 #: Long enough that a batch which did not fill would make the test visibly wait and fail.
 LONG_TIMEOUT_MICROS = 60_000_000

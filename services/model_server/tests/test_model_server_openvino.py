@@ -33,6 +33,8 @@ from services.model_server.openvino_engine import OpenVINOEngine
 from .conftest import CLASS_NAMES, IMAGE_SIZE, MODEL_NAME
 from .test_model_server_grpc import Client
 
+pytestmark = pytest.mark.integration
+
 PROBABILITY_ATOL = 1e-3
 OUTPUTS = ["class_names", "probabilities", "threshold"]
 N_SLICES = 16
