@@ -9,26 +9,11 @@ from pathlib import Path
 from devtools.kafka_local import free_port
 from inference_worker.app import STUDY_TABLE, create_app
 from inference_worker.config import Settings
-from schemas import InferenceResultV1, InstanceReceivedV1, StudyReadyV1
+from inference_worker.tests.test_worker_assembly import received
+from schemas import InferenceResultV1, StudyReadyV1
 
 STUDY = "1.2.826.0.1.3680043.8.498.8"
 KEY = STUDY.encode()
-
-
-def received(n: int) -> InstanceReceivedV1:
-    return InstanceReceivedV1(
-        StudyInstanceUID=STUDY,
-        SeriesInstanceUID=STUDY + ".1",
-        SOPInstanceUID=f"{STUDY}.1.{n}",
-        SOPClassUID="1.2.840.10008.5.1.4.1.1.4",
-        TransferSyntaxUID="1.2.840.10008.1.2.1",
-        Modality="MR",
-        storage_uri=f"file:///s/{n}.dcm",
-        size_bytes=1,
-        sha256="ab" * 32,
-        calling_ae_title="MR1",
-        called_ae_title="SCANWATCH",
-    )
 
 
 class FakeModel:
@@ -72,14 +57,14 @@ def test_agents_assemble_into_the_table_and_score_ready_events(tmp_path: Path):
     async def run() -> None:
         async with app.agents["assemble"].test_context() as assemble:
             for n in (1, 2, 2):  # the redelivered instance changes nothing
-                await assemble.put(received(n).to_bytes(), key=KEY)
+                await assemble.put(received(n, study=STUDY).to_bytes(), key=KEY)
             await assemble.put(b"not an event", key=b"junk")  # dead-lettered, not stored
         assert set(studies) == {KEY}
         state = studies[KEY]
         assert len(state["instances"]) == 2 and state["announced"] == 0
         ready = StudyReadyV1(
             StudyInstanceUID=STUDY,
-            instances=[received(n).ref() for n in (1, 2)],
+            instances=[received(n, study=STUDY).ref() for n in (1, 2)],
             first_received_at="2026-01-01T00:00:00Z",
             last_received_at="2026-01-01T00:00:01Z",
             quiet_period_s=5,

@@ -12,11 +12,15 @@ STUDY = "1.2.826.0.1.3680043.8.498.7"
 QUIET, MAX_WAIT = 5.0, 60.0
 
 
-def received(n: int, source: str = "MR1", sha: str = "ab") -> InstanceReceivedV1:
+def received(
+    n: int, source: str = "MR1", sha: str = "ab", study: str = STUDY
+) -> InstanceReceivedV1:
+    """Instance ``n`` of ``study``'s one series, as the listener announces it (the worker's
+    tests build their events with it)."""
     return InstanceReceivedV1(
-        StudyInstanceUID=STUDY,
-        SeriesInstanceUID=STUDY + ".1",
-        SOPInstanceUID=f"{STUDY}.1.{n}",
+        StudyInstanceUID=study,
+        SeriesInstanceUID=study + ".1",
+        SOPInstanceUID=f"{study}.1.{n}",
         SOPClassUID="1.2.840.10008.5.1.4.1.1.4",
         TransferSyntaxUID="1.2.840.10008.1.2.1",
         Modality="MR",

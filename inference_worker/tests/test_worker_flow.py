@@ -17,27 +17,12 @@ from inference_worker.errors import (
 )
 from inference_worker.flow import Origin, WorkerFlow
 from inference_worker.metrics import WorkerMetrics
+from inference_worker.tests.test_worker_assembly import received
 from schemas import DeadLetterV1, InferenceResultV1, InstanceReceivedV1, StudyReadyV1
 
 STUDY = "1.2.826.0.1.3680043.8.498.7"
 KEY = STUDY.encode()
 QUIET, PARK = 5.0, 60.0
-
-
-def received(n: int) -> InstanceReceivedV1:
-    return InstanceReceivedV1(
-        StudyInstanceUID=STUDY,
-        SeriesInstanceUID=STUDY + ".1",
-        SOPInstanceUID=f"{STUDY}.1.{n}",
-        SOPClassUID="1.2.840.10008.5.1.4.1.1.4",
-        TransferSyntaxUID="1.2.840.10008.1.2.1",
-        Modality="MR",
-        storage_uri=f"file:///s/{n}.dcm",
-        size_bytes=1,
-        sha256="ab" * 32,
-        calling_ae_title="MR1",
-        called_ae_title="SCANWATCH",
-    )
 
 
 def result_for(ready: StudyReadyV1) -> InferenceResultV1:
