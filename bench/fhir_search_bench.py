@@ -47,8 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from devtools.kafka_local import free_port  # noqa: E402
 from scanwatch import ids  # noqa: E402
+from scanwatch.database import make_engine  # noqa: E402
 from services.fhir_api import migrate  # noqa: E402
-from services.fhir_api.database import make_engine  # noqa: E402
 from services.fhir_api.indexing import index_rows, search_values, version_row  # noqa: E402
 from services.fhir_api.search import TOTAL_LIMIT, parse_search  # noqa: E402
 from services.fhir_api.store import ResourceStore  # noqa: E402

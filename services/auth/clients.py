@@ -20,6 +20,7 @@ from sqlalchemy import DateTime, Text
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, col, select
 
+from scanwatch.database import for_writes
 from services.auth.scopes import Scope, parse_scopes
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,9 @@ def register_client(
 ) -> str:
     """Register (or re-register, replacing the secret) a client; returns its secret.
 
-    On SQLite, pass an engine whose transactions take the write lock when they begin (the FHIR
-    API's ``database.for_writes``): this reads the client, then writes it."""
+    It reads the client, then writes it, so its transaction takes the write lock when it begins
+    (:func:`scanwatch.database.for_writes`): on SQLite a deferred one fails with "database is
+    locked" when another writer (the FHIR API's notifier) committed in between."""
     if not _CLIENT_ID_RE.match(client_id):
         raise ValueError("client_id must be 3-100 characters of letters, digits, '.', '_', '-'")
     parsed = parse_scopes(scopes)
@@ -65,7 +67,7 @@ def register_client(
     if any(s.context == "patient" for s in parsed) and not patient:
         raise ValueError("patient/ scopes need the Patient id the client is bound to")
     secret = secret or secrets.token_urlsafe(32)
-    with Session(engine) as session:
+    with Session(for_writes(engine)) as session:
         client = session.get(OAuthClient, client_id) or OAuthClient(
             client_id=client_id, secret_sha256="", scopes="", created=datetime.now(UTC)
         )

@@ -13,6 +13,7 @@ from datetime import timedelta
 import uvicorn
 from pydantic import ValidationError
 
+from scanwatch.database import make_engine
 from scanwatch.logs import configure_logging
 from services.auth import clients
 from services.auth.scopes import parse_scopes
@@ -20,7 +21,6 @@ from services.fhir_api import migrate
 from services.fhir_api import workers as workers_module
 from services.fhir_api.app import SERVICE, create_app, prepare_database, token_service
 from services.fhir_api.config import Settings
-from services.fhir_api.database import for_writes, make_engine
 
 log = logging.getLogger(__name__)
 COMMANDS = ("serve", "migrate", "register-client", "list-clients", "issue-token")
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "register-client":
             try:
                 secret = clients.register_client(
-                    for_writes(engine), args.client_id, args.scope, args.patient, args.description
+                    engine, args.client_id, args.scope, args.patient, args.description
                 )
             except ValueError as exc:
                 log.error("cannot register the client", extra={"error": str(exc)})

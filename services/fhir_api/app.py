@@ -23,6 +23,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from scanwatch.database import make_engine
 from scanwatch.logs import configure_logging
 from scanwatch.processes import die_with_parent
 from services.auth import clients
@@ -31,7 +32,6 @@ from services.auth.scopes import AuthError
 from services.auth.tokens import TokenService, load_signing_key
 from services.fhir_api import metrics, migrate, routes
 from services.fhir_api.config import Settings
-from services.fhir_api.database import for_writes, make_engine
 from services.fhir_api.errors import (
     EXCEPTION,
     FORBIDDEN,
@@ -67,7 +67,7 @@ def prepare_database(engine: Engine, settings: Settings) -> None:
     if settings.migrate_on_start:
         migrate.upgrade(engine)
     for client_id, secret, scopes in settings.bootstrap_client_entries():
-        clients.register_client(for_writes(engine), client_id, scopes, secret=secret)
+        clients.register_client(engine, client_id, scopes, secret=secret)
 
 
 def worker_app() -> FastAPI:

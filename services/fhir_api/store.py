@@ -2,7 +2,7 @@
 written over one SQLAlchemy engine. Tables are in ``models``, engines in ``database``, the
 search values written beside each version in ``indexing``.
 
-Concurrency: on SQLite writes begin ``IMMEDIATE`` (``database.for_writes``). On PostgreSQL
+Concurrency: on SQLite writes begin ``IMMEDIATE`` (``scanwatch.database.for_writes``). On PostgreSQL
 writers of one resource take a transaction-scoped advisory lock first, and a lost race (unique
 violation) is retried.
 """
@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.sql import ColumnElement
 from sqlmodel import Session, col, delete, func, select
 
-from services.fhir_api.database import for_writes
+from scanwatch.database import for_writes
 from services.fhir_api.indexing import index_rows, search_values, version_row
 from services.fhir_api.models import (
     CURRENT,

@@ -13,10 +13,10 @@ from sqlmodel import col
 
 from inference_worker.fhir_resources import all_resources_for
 from scanwatch import ids
+from scanwatch.database import make_engine
 from services.auth.scopes import OPEN_GRANT, READ, WRITE, AuthError, Grant, Scope
 from services.fhir_api import migrate
 from services.fhir_api.compartment import Compartment, compartment_of, refuse_patient_write
-from services.fhir_api.database import make_engine
 from services.fhir_api.models import ResourceVersion
 from services.fhir_api.resources import RESOURCE_TYPES
 from services.fhir_api.search import SEARCH_PARAMS

@@ -13,7 +13,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
 from devtools.kafka_local import free_port
-from services.fhir_api.database import make_engine
+from scanwatch.database import make_engine
 from services.fhir_api.tests.conftest import LocalPostgres
 
 pytestmark = pytest.mark.integration

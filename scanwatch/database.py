@@ -1,5 +1,5 @@
-"""Database set-up of the FHIR store: engines for SQLite and PostgreSQL, tuned as measured
-in bench/fhir.md.
+"""SQL engines for every service that keeps tables (the FHIR store, the OAuth client registry
+of ``services.auth``): SQLite and PostgreSQL, tuned as measured in bench/fhir.md.
 
 Concurrency: on SQLite, write transactions start with ``BEGIN IMMEDIATE`` (the database write
 lock is taken before the current version is read, and a second writer waits up to the busy
