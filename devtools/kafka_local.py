@@ -187,6 +187,9 @@ class LocalKafka:
                     f"broker exited; see {self.log_file} and {self.home / 'stdout.log'}"
                 )
             try:
+                # Only once the port accepts: a librdkafka client would log every refused
+                # connection to stderr while the JVM starts.
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                 admin = AdminClient({"bootstrap.servers": self.bootstrap_servers})
                 if admin.list_topics(timeout=3).brokers:
                     return
