@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 from devtools.kafka_local import free_port  # noqa: E402
 from scanwatch import tensors  # noqa: E402
 from scanwatch.imaging import preprocess_slice  # noqa: E402
+from scanwatch.model_repository import DEFAULT_MODEL_NAME  # noqa: E402
 from scanwatch.sample import build_mr_study  # noqa: E402
 from schemas.model_signature import SIGNATURE_NAME  # noqa: E402
 
@@ -173,7 +174,9 @@ def grpc_rate(address: str, name: str, batch: np.ndarray, clients: int, seconds:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", type=Path, default=ROOT / "var/models/brain-mri-anomaly/1")
+    parser.add_argument(
+        "--model-dir", type=Path, default=ROOT / "var/models" / DEFAULT_MODEL_NAME / "1"
+    )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 16])
     parser.add_argument("--engines", nargs="+", default=["tensorflow", "openvino"])
     parser.add_argument("--seconds", type=float, default=5.0)
