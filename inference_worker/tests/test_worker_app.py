@@ -10,6 +10,7 @@ from devtools.kafka_local import free_port
 from inference_worker.app import STUDY_TABLE, create_app
 from inference_worker.config import Settings
 from inference_worker.tests.test_worker_assembly import received
+from inference_worker.tests.test_worker_flow import result_for
 from schemas import InferenceResultV1, StudyReadyV1
 
 STUDY = "1.2.826.0.1.3680043.8.498.8"
@@ -30,19 +31,7 @@ class FakeScorer:
 
     async def score(self, ready: StudyReadyV1) -> InferenceResultV1:
         self.scored.append(ready)
-        return InferenceResultV1(
-            StudyInstanceUID=ready.StudyInstanceUID,
-            SeriesInstanceUID=STUDY + ".1",
-            model_name="m",
-            model_version=1,
-            class_names=["normal", "mass"],
-            probabilities=[0.25, 0.75],
-            predicted_class="mass",
-            anomaly_score=0.75,
-            threshold=0.5,
-            slice_count=len(ready.instances),
-            observation_id="obs",
-        )
+        return result_for(ready)
 
 
 def test_agents_assemble_into_the_table_and_score_ready_events(tmp_path: Path):

@@ -26,9 +26,10 @@ QUIET, PARK = 5.0, 60.0
 
 
 def result_for(ready: StudyReadyV1) -> InferenceResultV1:
+    """A fake scorer's result for ``ready`` (the worker's tests share it)."""
     return InferenceResultV1(
         StudyInstanceUID=ready.StudyInstanceUID,
-        SeriesInstanceUID=STUDY + ".1",
+        SeriesInstanceUID=ready.StudyInstanceUID + ".1",
         model_name="m",
         model_version=1,
         class_names=["normal", "mass"],
