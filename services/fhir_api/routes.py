@@ -19,9 +19,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
 from services.auth.scopes import READ, AuthError
+from services.fhir_api.audit import Audit
 from services.fhir_api.bundles import INCLUDE_TYPES, history, parse_history, searchset
 from services.fhir_api.capability import capability_statement, smart_configuration
 from services.fhir_api.compartment import compartment_of
+from services.fhir_api.config import Settings
 from services.fhir_api.deps import (
     AuditDep,
     BaseUrl,
@@ -91,6 +93,25 @@ def smart(base: BaseUrl) -> Response:
 # --- type level ------------------------------------------------------------------------------
 
 
+def history_response(
+    request: Request,
+    settings: Settings,
+    store: ResourceStore,
+    base: str,
+    audit: Audit,
+    resource_type: str,
+    resource_id: str | None,
+) -> Response:
+    """The history Bundle of a type (``resource_id`` None) or of one resource, audited."""
+    query = parse_history(
+        request.query_params.multi_items(), settings.default_count, settings.max_count
+    )
+    bundle = history(store, base, resource_type, resource_id, query)
+    action = "history-type" if resource_id is None else "history-instance"
+    audit(action, resource_type, resource_id, 200, len(bundle.get("entry", ())))
+    return FhirJSONResponse(bundle)
+
+
 @router.get("/fhir/{resource_type}/_history")
 def type_history(
     request: Request,
@@ -104,12 +125,7 @@ def type_history(
 ) -> Response:
     if rule is not None:
         raise AuthError(403, "type history is not available to patient-bound tokens")
-    query = parse_history(
-        request.query_params.multi_items(), settings.default_count, settings.max_count
-    )
-    bundle = history(store, base, resource_type, None, query)
-    audit("history-type", resource_type, None, 200, len(bundle.get("entry", ())))
-    return FhirJSONResponse(bundle)
+    return history_response(request, settings, store, base, audit, resource_type, None)
 
 
 @router.get("/fhir/{resource_type}")
@@ -234,12 +250,7 @@ def instance_history(
         if latest is None:
             raise AuthError(403, "the token is bound to another patient")
         rule.check(latest)
-    query = parse_history(
-        request.query_params.multi_items(), settings.default_count, settings.max_count
-    )
-    bundle = history(store, base, resource_type, resource_id, query)
-    audit("history-instance", resource_type, resource_id, 200, len(bundle.get("entry", ())))
-    return FhirJSONResponse(bundle)
+    return history_response(request, settings, store, base, audit, resource_type, resource_id)
 
 
 @router.get("/fhir/{resource_type}/{resource_id}/_history/{version_id}")
