@@ -21,45 +21,43 @@ from urllib.parse import quote
 from fhir.resources.R4B import get_fhir_model_class
 
 from scanwatch import ids
+from scanwatch.fhir_codes import (
+    ABNORMAL,
+    ANOMALY_SCORE_CODE,
+    ANOMALY_SCORE_DISPLAY,
+    CLASS_SYSTEM,
+    CODE_SYSTEM,
+    DCM_SYSTEM,
+    FINDING_CODE,
+    INTERPRETATION_SYSTEM,
+    NORMAL,
+    PROBABILITY_CODE_PREFIX,
+    REPORT_CODE,
+    REPORT_DISPLAY,
+)
 from schemas.model_signature import NORMAL_CLASS
 
-# --- Code systems and codes (the project's own ones live here and nowhere else) --------------
+# --- Code systems and codes (the AI result's own codes: scanwatch.fhir_codes) ----------------
 
-#: Local CodeSystem of scanwatch's AI observation codes (the score and per-class probabilities).
-CODE_SYSTEM = "urn:scanwatch:codesystem:mri-ai"
-#: Local CodeSystem of the classes a model predicts (the class names of its signature).
-CLASS_SYSTEM = "urn:scanwatch:codesystem:mri-ai-class"
-#: ``Observation.code`` of the study-level anomaly score.
-ANOMALY_SCORE_CODE = "anomaly-score"
-ANOMALY_SCORE_DISPLAY = "MRI AI anomaly score"
-#: Prefix of the component code carrying one class probability: ``p-<class name>``.
-PROBABILITY_CODE_PREFIX = "p-"
 #: ``Patient.identifier.system`` for a PatientID without IssuerOfPatientID; with an issuer the
 #: system is ``<this>:<issuer, percent-encoded>``.
 PATIENT_ID_SYSTEM = "urn:scanwatch:patient-id"
 #: ``identifier.system`` of DICOM AccessionNumber values.
 ACCESSION_SYSTEM = "urn:scanwatch:accession"
 
-DCM_SYSTEM = "http://dicom.nema.org/resources/ontology/DCM"
-FINDING_CODE = "121071"  # DCM "Finding"
 UCUM_SYSTEM = "http://unitsofmeasure.org"
 UCUM_UNITY = "1"
 SECURITY_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationValue"
 AI_ASSERTED = "AIAST"
 CATEGORY_SYSTEM = "http://terminology.hl7.org/CodeSystem/observation-category"
 CATEGORY_IMAGING = "imaging"
-INTERPRETATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
-ABNORMAL = "A"
-NORMAL = "N"
 V2_0203_SYSTEM = "http://terminology.hl7.org/CodeSystem/v2-0203"
 ACCESSION_TYPE = "ACSN"
 MEDICAL_RECORD_TYPE = "MR"
 AI_DEVICE_TYPE_SYSTEM = "http://hl7.org/fhir/uv/aitransparency/CodeSystem/AIdeviceTypeCS"
 AI_DEVICE_TYPE = "Artificial-Intelligence"
 
-#: DiagnosticReport.code of the AI report (local), its category (HL7 v2 table 0074).
-REPORT_CODE = "mri-ai-report"
-REPORT_DISPLAY = "MRI AI anomaly report"
+#: DiagnosticReport category (HL7 v2 table 0074).
 V2_0074_SYSTEM = "http://terminology.hl7.org/CodeSystem/v2-0074"
 RADIOLOGY = "RAD"
 DATA_OPERATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-DataOperation"
