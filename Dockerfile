@@ -28,7 +28,9 @@ FROM base AS fhir-api
 COPY services/__init__.py services/__init__.py
 COPY services/auth services/auth
 COPY services/fhir_api services/fhir_api
-RUN uv pip install --system --no-cache -c requirements.lock ".[fhir-api]"
+RUN uv pip install --system --no-cache -c requirements.lock ".[fhir-api]" \
+    && install -d -m 700 -o scanwatch /data/auth
+# /data/auth: the token signing keys' volume (compose); a new volume takes this owner and mode.
 USER scanwatch
 CMD ["scanwatch-fhir-api"]
 

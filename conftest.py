@@ -2,6 +2,8 @@
 
 ``kafka`` starts one real single-node broker for the whole session (on free loopback ports, in a
 temporary folder), so integration tests talk to Kafka exactly as the services do.
+``signing_keys`` is the token signing key-set file every test that mints or checks access tokens
+shares (one ES256 key, mode 0600); a test that changes a key set makes its own.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from devtools.kafka_local import LocalKafka, free_port
+from services.auth.tokens import load_key_set
 
 ROOT = Path(__file__).resolve().parent
 KAFKA_LIBS = Path(os.environ.get("SCANWATCH_VAR", ROOT / "var")) / "kafka" / "libs"
@@ -30,6 +33,15 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalKafka]:
     broker.start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture(scope="session")
+def signing_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The key-set file of the tests' access tokens (``Settings(signing_keys_file=...)``,
+    ``TokenService(load_key_set(signing_keys))``); read-only by convention."""
+    path = tmp_path_factory.mktemp("auth") / "signing-keys.json"
+    load_key_set(path)  # creates it
+    return path
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

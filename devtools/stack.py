@@ -63,6 +63,11 @@ class StackConfig:
         return self.models or self.var / "models"
 
     @property
+    def signing_keys_file(self) -> Path:
+        """The FHIR API's token signing key set (a JWK Set of private keys, mode 0600)."""
+        return self.var / "auth" / "signing-keys.json"
+
+    @property
     def fhir_base(self) -> str:
         return f"http://127.0.0.1:{self.ports.fhir}/fhir"
 
@@ -132,6 +137,9 @@ class Stack:
                     **base,
                     "SCANWATCH_FHIR_DATABASE_URL": f"sqlite:///{c.var / 'fhir.db'}",
                     "SCANWATCH_FHIR_PORT": str(p.fhir),
+                    # The token signing keys (created on first start with tokens required);
+                    # their public half: http://127.0.0.1:<fhir>/auth/jwks.
+                    "SCANWATCH_FHIR_SIGNING_KEYS_FILE": str(c.signing_keys_file),
                 },
                 lambda: _http_ok(f"http://127.0.0.1:{p.fhir}/healthz"),
             ),

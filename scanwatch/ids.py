@@ -16,6 +16,9 @@ OBSERVATION_ID_SYSTEM = "urn:scanwatch:observation"
 REPORT_ID_SYSTEM = "urn:scanwatch:diagnostic-report"
 DEVICE_ID_SYSTEM = "urn:scanwatch:model"
 DICOM_UID_SYSTEM = "urn:dicom:uid"
+#: ``identifier.system`` of a patient's callback request (CommunicationRequest): the writer's own
+#: key for one request, so that a retried create (``If-None-Exist``) does not record it twice.
+CALLBACK_REQUEST_ID_SYSTEM = "urn:scanwatch:callback-request"
 
 
 def _v5(*parts: str) -> str:
@@ -50,3 +53,9 @@ def diagnostic_report_id(study_uid: str, model_name: str, model_version: int) ->
 def provenance_id(study_uid: str, model_name: str, model_version: int) -> str:
     """The Provenance of one AI result (same key as the Observation)."""
     return _v5("Provenance", study_uid, model_name, str(model_version))
+
+
+def care_plan_id(resource_type: str, patient_id: str, key: str) -> str:
+    """A care-plan resource (MedicationRequest, Appointment) that a tool writes for one Patient
+    id under ``key`` (``scanwatch send-sample`` uses ``sample``): writing it again replaces it."""
+    return _v5(resource_type, "care-plan", patient_id, key)

@@ -24,13 +24,13 @@ CLIENT, SECRET = "scanwatch-worker", "worker-secret-for-tests"
 
 
 @pytest.fixture(scope="module")
-def api(tmp_path_factory) -> Iterator[str]:
+def api(tmp_path_factory, signing_keys) -> Iterator[str]:
     port = free_port()
     settings = Settings(
         database_url=f"sqlite:///{tmp_path_factory.mktemp('fhir') / 'fhir.db'}",
         port=port,
         auth_mode="required",
-        jwt_secret="k" * 40,
+        signing_keys_file=signing_keys,
         bootstrap_clients=f"{CLIENT}:{SECRET}:system/*.write system/*.read",
     )
     server = uvicorn.Server(

@@ -1,6 +1,8 @@
 """The OAuth 2.0 token endpoint (``POST /auth/token``): the client credentials grant
-(RFC 6749 §4.4) for registered clients. An app factory includes :data:`router` and sets the
-state :mod:`services.auth.deps` reads."""
+(RFC 6749 §4.4) for registered clients; and the public signing keys (``GET /auth/jwks``, also
+``/.well-known/jwks.json``) that verifiers without a signing key use
+(:class:`services.auth.jwks.RemoteKeySet`). An app factory includes :data:`router` and sets
+the state :mod:`services.auth.deps` reads."""
 
 from __future__ import annotations
 
@@ -16,6 +18,13 @@ from services.auth.deps import ClientEngine, Tokens
 
 #: Where the token endpoint is served.
 TOKEN_PATH = "/auth/token"
+#: Where the public signing keys (JWK Set) are served: the authorization server's own path,
+#: and the well-known one (RFC 8615) that generic clients look for.
+JWKS_PATH = "/auth/jwks"
+WELL_KNOWN_JWKS_PATH = "/.well-known/jwks.json"
+#: How long a verifier may cache the JWKS (seconds). Short, so that a removed key stops being
+#: trusted soon; a key added is fetched at once anyway (a token with an unknown kid).
+JWKS_MAX_AGE_S = 300
 #: Most bytes of a token request's form read.
 MAX_FORM_BYTES = 10_000
 
@@ -52,6 +61,20 @@ async def token(request: Request, tokens: Tokens, engine: ClientEngine) -> Respo
     if client.patient:
         answer["patient"] = client.patient
     return JSONResponse(answer, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+
+
+@router.get(JWKS_PATH)
+@router.get(WELL_KNOWN_JWKS_PATH)
+async def jwks(tokens: Tokens) -> Response:
+    """The public keys that verify this server's access tokens (RFC 7517 §5): no private
+    member ever (:meth:`~services.auth.tokens.KeySet.public_jwks`)."""
+    if tokens is None:
+        return oauth_error(404, "not_found", "authorization is off on this server: no keys")
+    return JSONResponse(
+        tokens.keys.public_jwks(),
+        media_type="application/jwk-set+json",
+        headers={"Cache-Control": f"public, max-age={JWKS_MAX_AGE_S}"},
+    )
 
 
 def oauth_error(status: int, error: str, description: str) -> Response:

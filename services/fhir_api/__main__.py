@@ -92,7 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         if any(s.context == "patient" for s in scopes) and not args.patient:
             log.error("patient/ scopes need --patient")
             return 2
-        token, _ttl = token_service(settings).issue(
+        try:
+            tokens = token_service(settings)
+        except ValueError as exc:
+            log.error("cannot load the token signing keys", extra={"error": str(exc)})
+            return 2
+        token, _ttl = tokens.issue(
             args.subject, scopes, args.patient, timedelta(seconds=args.lifetime_s)
         )
         sys.stdout.write(token + "\n")
@@ -132,6 +137,14 @@ def main(argv: list[str] | None = None) -> int:
 def serve(settings: Settings, overrides: dict[str, object]) -> int:
     """Prepare the database once, then serve with ``settings.worker_count`` processes; the
     exit status."""
+    if settings.auth_mode == "required":
+        # Once, before the workers start: the key set is created here, and an unsafe one is
+        # refused with one message instead of a traceback per worker.
+        try:
+            token_service(settings)
+        except ValueError as exc:
+            log.error("cannot load the token signing keys", extra={"error": str(exc)})
+            return 2
     engine = make_engine(settings.database_url)
     try:
         prepare_database(engine, settings)

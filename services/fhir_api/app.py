@@ -29,7 +29,7 @@ from scanwatch.processes import die_with_parent
 from services.auth import clients
 from services.auth import routes as auth_routes
 from services.auth.scopes import AuthError
-from services.auth.tokens import TokenService, load_signing_key
+from services.auth.tokens import TokenService, load_key_set
 from services.fhir_api import metrics, migrate, routes
 from services.fhir_api.config import Settings
 from services.fhir_api.errors import (
@@ -56,9 +56,10 @@ OPENAPI_PATH = "/openapi.json"
 
 
 def token_service(settings: Settings) -> TokenService:
-    """The token issuer/verifier of these settings (the CLI uses the same one)."""
-    key = load_signing_key(settings.jwt_secret, settings.jwt_key_file)
-    return TokenService(key, timedelta(seconds=settings.token_lifetime_s))
+    """The token issuer/verifier of these settings (the CLI uses the same one): the key set in
+    ``signing_keys_file``, created on first start; :class:`ValueError` when it is unsafe."""
+    keys = load_key_set(settings.signing_keys_file)
+    return TokenService(keys, timedelta(seconds=settings.token_lifetime_s))
 
 
 def prepare_database(engine: Engine, settings: Settings) -> None:

@@ -7,6 +7,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from services.auth.routes import TOKEN_PATH
+from services.fhir_api.compartment import PATIENT_CREATE_TYPES
 from services.fhir_api.config import Settings
 from services.fhir_api.resources import RESOURCE_TYPES
 from services.fhir_api.search import INCLUDES, REVINCLUDES, SEARCH_PARAMS, SORT_KEYS
@@ -65,6 +66,12 @@ def _resource(resource_type: str, max_count: int) -> dict[str, Any]:
             "modifiers and prefixes answer 400."
         ),
     }
+    if resource_type in PATIENT_CREATE_TYPES:
+        entry["documentation"] += (
+            f" A patient-bound token with patient/{resource_type}.write may create one whose "
+            "subject (and requester, when present) is its own Patient; it never updates or "
+            "deletes."
+        )
     if includes := [k for k, (source, _) in INCLUDES.items() if source == resource_type]:
         entry["searchInclude"] = includes
     if resource_type in ("Observation", "DiagnosticReport", "ImagingStudy", "Device", "Patient"):
@@ -90,8 +97,10 @@ def capability_statement(
             ],
             "service": [{"coding": [{"system": SMART_SERVICE, "code": "SMART-on-FHIR"}]}],
             "description": "Bearer JWT access tokens with SMART scopes (system/*.read, "
-            "patient/Observation.read, system/*.write) from the client-credentials token "
-            "endpoint; only /metadata is public.",
+            "patient/Observation.read, patient/*.read, system/*.write, "
+            "patient/CommunicationRequest.write) from the client-credentials token endpoint; "
+            "patient/ scopes reach only the token's patient's compartment; only /metadata is "
+            "public.",
         }
     else:
         rest["documentation"] = "Authorization is off (development on loopback only)."
@@ -120,6 +129,7 @@ def smart_configuration(base_url: str) -> dict[str, Any]:
             "system/Observation.read",
             "patient/Observation.read",
             "patient/*.read",
+            *(f"patient/{t}.write" for t in PATIENT_CREATE_TYPES),
         ],
         "capabilities": ["client-confidential-symmetric", "permission-patient"],
     }

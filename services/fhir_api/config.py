@@ -14,6 +14,11 @@ DATABASE_SCHEMES = ("sqlite", "postgresql")
 AUTH_MODES = ("required", "off")
 #: Most worker processes started by default (one per core up to this).
 DEFAULT_MAX_WORKERS = 4
+#: Where the token signing keys are kept in development (relative: under the working folder).
+DEFAULT_SIGNING_KEYS_FILE = Path("var/auth/signing-keys.json")
+#: Settings that used to hold an HS256 secret: refused, so that nobody believes they still
+#: sign anything.
+RETIRED_ENVIRONMENT = ("SCANWATCH_FHIR_JWT_SECRET", "SCANWATCH_FHIR_JWT_KEY_FILE")
 
 
 def is_loopback(host: str) -> bool:
@@ -51,15 +56,13 @@ class Settings(BaseSettings):
         "SMART scopes; 'off': no tokens (development only; refused unless the API listens on "
         "loopback).",
     )
-    jwt_secret: str | None = Field(
-        None,
-        description="HS256 key (at least 32 characters) that signs and verifies access tokens; "
-        "unset means the key in jwt_key_file, created on first start.",
-        repr=False,
-    )
-    jwt_key_file: Path = Field(
-        Path("var/fhir-jwt.key"),
-        description="File holding the token signing key when jwt_secret is unset (mode 0600).",
+    signing_keys_file: Path = Field(
+        DEFAULT_SIGNING_KEYS_FILE,
+        description="JWK Set file of the ES256 private keys that sign access tokens (mode "
+        "0600; refused when other users may read it), created with one key on first start. The "
+        "newest key signs, every key in it verifies; the public keys are served at /auth/jwks. "
+        "Outside development (host not loopback) it must be set, to a path that outlives the "
+        "process and is shared by every API instance.",
     )
     token_lifetime_s: int = Field(
         900, ge=30, le=86400, description="Lifetime of the access tokens the server issues."
@@ -152,8 +155,17 @@ class Settings(BaseSettings):
                 f"workers={self.workers}: a SQLite store is served by one process; "
                 "use PostgreSQL for more"
             )
-        if self.jwt_secret is not None and len(self.jwt_secret.encode()) < 32:
-            raise ValueError("jwt_secret must have at least 32 characters")
+        if not is_loopback(self.host) and "signing_keys_file" not in self.model_fields_set:
+            raise ValueError(
+                f"host {self.host!r} is not loopback: set SCANWATCH_FHIR_SIGNING_KEYS_FILE to a "
+                "persistent file shared by every API instance (the token signing keys)"
+            )
+        retired = [name for name in RETIRED_ENVIRONMENT if name in os.environ]
+        if retired:
+            raise ValueError(
+                f"{', '.join(retired)} is no longer read: tokens are signed with the ES256 keys "
+                "in SCANWATCH_FHIR_SIGNING_KEYS_FILE; unset it"
+            )
         self.bootstrap_client_entries()  # raises on a malformed entry
         return self
 

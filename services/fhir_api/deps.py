@@ -5,7 +5,8 @@ State comes from ``request.app.state``, set by the app factory: ``settings``, ``
 ``tokens`` (None: authorization off), ``subscriptions``. The checks every route shares run
 here, in the order a route declares them: content negotiation and the token
 (:data:`GrantDep`, 406 then 401), the resource type (:data:`ResourceType`, 404), the id
-(:data:`ResourceId`, 400), then the scope (:data:`ReadRule` / :data:`WriteAccess`, 403).
+(:data:`ResourceId`, 400), then the scope (:data:`ReadRule` / :data:`CreateRule` /
+:data:`WriteAccess`, 403).
 
 Every dependency is ``async``: FastAPI runs a plain ``def`` dependency in a worker thread,
 one thread hop each per request; these only compute.
@@ -22,7 +23,12 @@ from fhir.resources.R4B.resource import Resource
 from services.auth.scopes import OPEN_GRANT, READ, Grant
 from services.auth.tokens import TokenService, bearer_token
 from services.fhir_api.audit import Audit
-from services.fhir_api.compartment import Compartment, compartment_of, refuse_patient_write
+from services.fhir_api.compartment import (
+    Compartment,
+    compartment_of,
+    create_rule,
+    refuse_patient_write,
+)
 from services.fhir_api.config import Settings
 from services.fhir_api.errors import INVALID, NOT_FOUND, NOT_SUPPORTED, FhirError
 from services.fhir_api.resources import ID_RE, RESOURCE_TYPES
@@ -130,13 +136,21 @@ async def read_rule(grant: GrantDep, resource_type: ResourceType) -> Compartment
     return compartment_of(grant, resource_type, READ)
 
 
+async def create_access(grant: GrantDep, resource_type: ResourceType) -> Compartment | None:
+    """403 unless the grant may create the type; then the compartment a patient-bound create
+    must stay in (None: unrestricted; ``compartment.create_rule``)."""
+    return create_rule(grant, resource_type)
+
+
 async def write_access(grant: GrantDep, resource_type: ResourceType) -> Grant:
-    """403 unless the grant may write the type, unrestricted (patient-bound tokens never write)."""
+    """403 unless the grant may write the type unrestricted (update, delete: patient-bound
+    tokens never do)."""
     refuse_patient_write(grant, resource_type)
     return grant
 
 
 ReadRule = Annotated[Compartment | None, Depends(read_rule)]
+CreateRule = Annotated[Compartment | None, Depends(create_access)]
 WriteAccess = Annotated[Grant, Depends(write_access)]
 
 

@@ -1,8 +1,11 @@
 """Search values: what each resource contributes to the search indexes, extracted on write
 from the version that becomes current, and the rows the store writes for it.
 
-- ``resource_version`` columns: ``subject_ref`` and the ``effective_start``/``effective_end``
-  range, so the hot Observation searches (by patient, by date) need no join;
+- ``resource_version`` columns: ``subject_ref`` (the patient compartment's reference,
+  :func:`services.fhir_api.compartment.compartment_reference`: ``subject``, or an Appointment's
+  Patient participant) and the ``effective_start``/``effective_end`` range of the type's date
+  element (:data:`services.fhir_api.resources.DATE_ELEMENTS`: ``effective[x]``, ``authoredOn``,
+  ``start``), so the hot searches (by patient, by date) need no join;
 - ``search_token`` rows (``identifier``, ``code``, ``category``, ``status``);
 - ``search_reference`` rows (``Provenance.target``).
 
@@ -18,15 +21,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from services.fhir_api.compartment import compartment_reference
 from services.fhir_api.fhirdates import fhir_range
 from services.fhir_api.models import ResourceVersion, SearchReference, SearchToken
-from services.fhir_api.resources import (
-    EFFECTIVE_TYPES,
-    SUBJECT_TYPES,
-    instant,
-    reference_key,
-    subject_reference,
-)
+from services.fhir_api.resources import DATE_ELEMENTS, instant, reference_key
+
+#: Types whose ``category`` codings are indexed for ``category=``.
+CATEGORY_TYPES = ("Observation", "DiagnosticReport", "CommunicationRequest")
 
 
 @dataclass(frozen=True)
@@ -58,22 +59,32 @@ def search_values(resource: dict[str, Any]) -> SearchValues:
         tokens.append(("status", None, resource["status"]))
     if resource_type in ("Observation", "DiagnosticReport"):
         tokens += [("code", s, c) for s, c in _codings([resource.get("code") or {}])]
+    if resource_type in CATEGORY_TYPES:
         tokens += [("category", s, c) for s, c in _codings(resource.get("category") or [])]
-    subject_ref = subject_reference(resource) if resource_type in SUBJECT_TYPES else None
-    effective = None
-    if resource_type in EFFECTIVE_TYPES:
-        if value := resource.get("effectiveDateTime") or resource.get("effectiveInstant"):
-            effective = fhir_range(value)
-        elif period := resource.get("effectivePeriod"):
-            start = fhir_range(period["start"])[0] if period.get("start") else datetime.min
-            end = fhir_range(period["end"])[1] if period.get("end") else datetime.max
-            effective = (start.replace(tzinfo=UTC), end.replace(tzinfo=UTC))
+    subject_ref = compartment_reference(resource)
+    effective = _date_range(resource, DATE_ELEMENTS.get(resource_type))
     references: list[tuple[str, str]] = []
     if resource_type == "Provenance":
         for target in resource.get("target") or []:
             if target.get("reference") and (key := reference_key(target["reference"])):
                 references.append(("target", key))
     return SearchValues(subject_ref, effective, tuple(dict.fromkeys(tokens)), tuple(references))
+
+
+def _date_range(resource: dict[str, Any], element: str | None) -> tuple[datetime, datetime] | None:
+    """``[start, end)`` of the resource's date element (``effective[x]`` or a plain one)."""
+    if element is None:
+        return None
+    if element != "effective[x]":
+        value = resource.get(element)
+        return fhir_range(value) if isinstance(value, str) else None
+    if value := resource.get("effectiveDateTime") or resource.get("effectiveInstant"):
+        return fhir_range(value)
+    if period := resource.get("effectivePeriod"):
+        start = fhir_range(period["start"])[0] if period.get("start") else datetime.min
+        end = fhir_range(period["end"])[1] if period.get("end") else datetime.max
+        return start.replace(tzinfo=UTC), end.replace(tzinfo=UTC)
+    return None
 
 
 def version_row(

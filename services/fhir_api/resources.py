@@ -9,8 +9,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-#: Resource types served (the pipeline's, plus Subscription for notifications). The one list:
-#: search parameters, the CapabilityStatement, OpenAPI and the routes all follow it.
+#: Resource types served (the pipeline's; MedicationRequest, Appointment and the patient's
+#: callback request, CommunicationRequest, for the chatbot and the clinician console; Subscription
+#: for notifications). The one list: search parameters, the CapabilityStatement, OpenAPI and the
+#: routes all follow it.
 RESOURCE_TYPES = (
     "Patient",
     "Device",
@@ -18,12 +20,30 @@ RESOURCE_TYPES = (
     "Observation",
     "DiagnosticReport",
     "Provenance",
+    "MedicationRequest",
+    "Appointment",
+    "CommunicationRequest",
     "Subscription",
 )
 #: Types whose ``subject`` is indexed for ``patient=``/``subject=``.
-SUBJECT_TYPES = ("Observation", "ImagingStudy", "DiagnosticReport")
-#: Types whose ``effective[x]`` is indexed for ``date=``.
-EFFECTIVE_TYPES = ("Observation", "DiagnosticReport")
+SUBJECT_TYPES = (
+    "Observation",
+    "ImagingStudy",
+    "DiagnosticReport",
+    "MedicationRequest",
+    "CommunicationRequest",
+)
+#: The element each type's ``date=`` (and ``_sort=date``) searches, indexed as the
+#: ``effective_start``/``effective_end`` range: ``effective[x]`` where the type has one, else
+#: the date FHIR's own ``date``-like parameter of the type names (MedicationRequest
+#: ``authoredon``, CommunicationRequest ``authored``, Appointment ``date`` = ``start``).
+DATE_ELEMENTS = {
+    "Observation": "effective[x]",
+    "DiagnosticReport": "effective[x]",
+    "MedicationRequest": "authoredOn",
+    "CommunicationRequest": "authoredOn",
+    "Appointment": "start",
+}
 #: FHIR ``id`` datatype.
 ID_RE = re.compile(r"^[A-Za-z0-9\-.]{1,64}$")
 _TYPE_RE = re.compile(r"^[A-Z][A-Za-z]+$")

@@ -4,7 +4,8 @@ history, search, create (conditional with ``If-None-Exist``), update (as create,
 
 :data:`router` is included by the app factory. Each route declares what it needs as
 dependencies (``deps``): the grant (406/401), the resource type (404), the id (400) and the
-scope (403, with the patient compartment a read is limited to: ``compartment``), in that order.
+scope (403, with the patient compartment a read or a patient's create is limited to:
+``compartment``), in that order.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from services.auth.scopes import READ, AuthError
 from services.fhir_api.audit import Audit
 from services.fhir_api.bundles import INCLUDE_TYPES, history, parse_history, searchset
 from services.fhir_api.capability import capability_statement, smart_configuration
-from services.fhir_api.compartment import compartment_of
+from services.fhir_api.compartment import Compartment, check_patient_members, compartment_of
 from services.fhir_api.config import Settings
 from services.fhir_api.deps import (
     AuditDep,
     BaseUrl,
+    CreateRule,
     GrantDep,
     ReadRule,
     ResourceId,
@@ -65,7 +67,9 @@ router = APIRouter()
 
 
 def prepare(resource: dict[str, Any]) -> dict[str, Any]:
-    """Check or adjust a resource before it is stored (the Subscription rules)."""
+    """Check or adjust a resource before it is stored (the Subscription rules; one patient per
+    resource in the compartment)."""
+    check_patient_members(resource)
     if resource["resourceType"] == "Subscription":
         return check_subscription(resource)
     return resource
@@ -162,15 +166,18 @@ async def create(
     request: Request,
     grant: GrantDep,
     resource_type: ResourceType,
-    _writer: WriteAccess,
+    rule: CreateRule,
     store: StoreDep,
     subscriptions: SubscriptionsDep,
     base: BaseUrl,
 ) -> Response:
     body = await read_body(request)
     if condition := request.headers.get("if-none-exist"):
-        grant.require(resource_type, READ)
-        existing = await run_in_threadpool(_conditional_match, store, resource_type, condition)
+        # The match is a search: a patient-bound token finds only its own compartment's.
+        reading = compartment_of(grant, resource_type, READ)
+        existing = await run_in_threadpool(
+            _conditional_match, store, resource_type, condition, reading
+        )
         if existing is not None:
             return resource_response(existing, request, base, 200)
     raw = json_object(body)
@@ -180,20 +187,26 @@ async def create(
         )
     raw["id"] = str(uuid.uuid4())  # create: the server assigns the id
     resource = prepare(validated(resource_type, raw))
+    if rule is not None:
+        rule.check_created(resource)
     result = await run_in_threadpool(store.put, resource)
     subscriptions.resource_written(result.stored)
     return resource_response(result.stored, request, base, 201)
 
 
-def _conditional_match(store: ResourceStore, resource_type: str, condition: str) -> Stored | None:
-    """The one resource ``If-None-Exist`` matches, or None; 412 when more than one does."""
+def _conditional_match(
+    store: ResourceStore, resource_type: str, condition: str, rule: Compartment | None
+) -> Stored | None:
+    """The one resource ``If-None-Exist`` matches (within ``rule``'s compartment, when the
+    reader is patient-bound), or None; 412 when more than one does."""
     items = parse_qsl(condition.lstrip("?"), keep_blank_values=True)
     if not items:
         raise FhirError(400, "If-None-Exist has no search parameters", INVALID)
     query: SearchQuery = parse_search(resource_type, items, 2, 2)
     if query.includes or query.revincludes or query.offset:
         raise FhirError(400, "If-None-Exist takes search parameters only", INVALID)
-    _total, existing = store.search(resource_type, query.where, query.order_by, 2, 0, 2)
+    where = [*query.where, *([rule.clause()] if rule is not None else [])]
+    _total, existing = store.search(resource_type, where, query.order_by, 2, 0, 2)
     if len(existing) > 1:
         raise FhirError(412, "If-None-Exist matches more than one resource", CONFLICT)
     return existing[0] if existing else None

@@ -19,7 +19,7 @@ from sqlmodel import col, select
 from services.fhir_api.errors import INVALID, FhirError
 from services.fhir_api.fhirdates import fhir_range
 from services.fhir_api.models import ResourceVersion, SearchReference, SearchToken
-from services.fhir_api.resources import EFFECTIVE_TYPES, ID_RE, RESOURCE_TYPES, reference_key
+from services.fhir_api.resources import DATE_ELEMENTS, ID_RE, RESOURCE_TYPES, reference_key
 
 #: Longest value accepted for one search parameter (characters), and most values per request.
 MAX_VALUE_LENGTH = 512
@@ -50,6 +50,11 @@ _STATUS = Param("status", "token", "Resource status code.")
 _CODE = Param("code", "token", "[system]|code or code.")
 _CATEGORY = Param("category", "token", "[system]|code or code.")
 _DATE = Param("date", "date", "effective[x] with prefix eq, gt, lt, ge or le.")
+_AUTHORED_ON = "authoredOn with prefix eq, gt, lt, ge or le"
+#: ``date`` of MedicationRequest and CommunicationRequest is scanwatch's name for their
+#: ``authoredOn`` (FHIR's own parameters for it, ``authoredon`` and ``authored``, are served too;
+#: FHIR's MedicationRequest ``date``, the dosage timing, is not).
+_AUTHORED_DATE = Param("date", "date", f"{_AUTHORED_ON} (FHIR's authoredon/authored).")
 
 #: Search parameters of each of :data:`RESOURCE_TYPES` (a test checks that every type has its
 #: entry and no other type has one).
@@ -84,6 +89,35 @@ SEARCH_PARAMS: dict[str, tuple[Param, ...]] = {
         _ID,
         _UPDATED,
     ),
+    "MedicationRequest": (
+        _PATIENT,
+        _SUBJECT,
+        _STATUS,
+        _AUTHORED_DATE,
+        Param("authoredon", "date", f"{_AUTHORED_ON} (same as date)."),
+        _IDENTIFIER,
+        _ID,
+        _UPDATED,
+    ),
+    "Appointment": (
+        Param("patient", "reference", "Patient id or Patient/<id> of a participant.actor."),
+        _STATUS,
+        Param("date", "date", "start with prefix eq, gt, lt, ge or le."),
+        _IDENTIFIER,
+        _ID,
+        _UPDATED,
+    ),
+    "CommunicationRequest": (
+        _PATIENT,
+        _SUBJECT,
+        _STATUS,
+        _CATEGORY,
+        _AUTHORED_DATE,
+        Param("authored", "date", f"{_AUTHORED_ON} (same as date)."),
+        _IDENTIFIER,
+        _ID,
+        _UPDATED,
+    ),
     "Subscription": (_STATUS, _ID, _UPDATED),
 }
 
@@ -92,7 +126,7 @@ SORT_KEYS: dict[str, dict[str, Any]] = {
     resource_type: {
         "_lastUpdated": ResourceVersion.last_updated,
         "_id": ResourceVersion.resource_id,
-        **({"date": ResourceVersion.effective_start} if resource_type in EFFECTIVE_TYPES else {}),
+        **({"date": ResourceVersion.effective_start} if resource_type in DATE_ELEMENTS else {}),
     }
     for resource_type in RESOURCE_TYPES
 }

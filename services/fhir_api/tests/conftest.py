@@ -24,12 +24,11 @@ from fastapi.testclient import TestClient
 
 from devtools.kafka_local import free_port
 from services.auth.scopes import Scope
-from services.auth.tokens import TokenService
+from services.auth.tokens import TokenService, load_key_set
 from services.fhir_api.app import create_app
 from services.fhir_api.config import Settings
 
 PG_USER = "scanwatch-pg"
-JWT_SECRET = "test-secret-" + "x" * 40
 #: Every store test runs on both; the PostgreSQL runs need a real cluster (integration).
 BACKENDS = ("sqlite", pytest.param("postgresql", marks=pytest.mark.integration))
 
@@ -151,13 +150,12 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def settings(database_url: str, tmp_path: Path) -> Settings:
+def settings(database_url: str, signing_keys: Path) -> Settings:
     return Settings(
         database_url=database_url,
         max_count=50,
         auth_mode="required",
-        jwt_secret=JWT_SECRET,
-        jwt_key_file=tmp_path / "unused.key",
+        signing_keys_file=signing_keys,
         subscription_backoff_s=0.05,
         subscription_max_attempts=3,
         subscription_timeout_s=2.0,
@@ -166,7 +164,8 @@ def settings(database_url: str, tmp_path: Path) -> Settings:
 
 @pytest.fixture
 def tokens(settings: Settings) -> TokenService:
-    return TokenService(JWT_SECRET.encode())
+    """Issues tokens the app accepts (signed with the key set of ``settings``)."""
+    return TokenService(load_key_set(settings.signing_keys_file))
 
 
 @pytest.fixture

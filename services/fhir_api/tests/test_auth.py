@@ -7,7 +7,9 @@ import base64
 import json
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 
+import jwt
 import pytest
 from fastapi.openapi.utils import get_openapi
 from fastapi.testclient import TestClient
@@ -15,6 +17,8 @@ from sqlmodel import Session, select
 
 from inference_worker.fhir_resources import resources_for
 from scanwatch import ids
+from services.auth.routes import JWKS_MAX_AGE_S, JWKS_PATH, WELL_KNOWN_JWKS_PATH
+from services.fhir_api.app import create_app
 from services.fhir_api.config import Settings
 from services.fhir_api.models import AuditEvent
 from services.fhir_api.tests.test_search import scored, write
@@ -199,7 +203,7 @@ def test_cli_registers_clients_and_issues_tokens(
 
     monkeypatch.setattr(entry, "configure_logging", lambda *_args: None)
     monkeypatch.setenv("SCANWATCH_FHIR_DATABASE_URL", settings.database_url)
-    monkeypatch.setenv("SCANWATCH_FHIR_JWT_SECRET", settings.jwt_secret or "")
+    monkeypatch.setenv("SCANWATCH_FHIR_SIGNING_KEYS_FILE", str(settings.signing_keys_file))
     monkeypatch.setenv("SCANWATCH_FHIR_AUTH_MODE", "required")
     assert entry.main(["register-client", "ehr-cli", "--scope", "system/*.read"]) == 0
     registered = json.loads(capsys.readouterr().out)
@@ -227,3 +231,57 @@ def test_cli_registers_clients_and_issues_tokens(
     assert entry.main(["register-client", "bad id!", "--scope", "system/*.read"]) == 2
     observation = resources_for(scored("9.2"))[-1]
     assert observation["resourceType"] == "Observation"
+
+
+def test_jwks_serves_the_public_keys_only(
+    client: TestClient, issue: Callable[..., str], tmp_path: Path
+) -> None:
+    token = issue("patient/Observation.read", patient="p-1")
+    client.headers.pop("Authorization")  # the keys are public: no token needed
+    answers = [client.get(path) for path in (JWKS_PATH, WELL_KNOWN_JWKS_PATH)]
+    for answer in answers:
+        assert answer.status_code == 200
+        assert answer.headers["content-type"].startswith("application/jwk-set+json")
+        assert answer.headers["cache-control"] == f"public, max-age={JWKS_MAX_AGE_S}"
+    assert answers[0].json() == answers[1].json()
+    published = answers[0].json()["keys"]
+    assert [k["kid"] for k in published] == [jwt.get_unverified_header(token)["kid"]]
+    for jwk in published:
+        assert set(jwk) == {"kty", "crv", "x", "y", "kid", "use", "alg"}, jwk
+        assert "d" not in jwk
+        assert (jwk["kty"], jwk["crv"], jwk["use"], jwk["alg"]) == ("EC", "P-256", "sig", "ES256")
+    # The published key is the one the token verifies with (and nothing private came along).
+    key = jwt.PyJWK(published[0]).key
+    assert jwt.decode(token, key, algorithms=["ES256"], audience="scanwatch-fhir-api")["patient"]
+    assert not hasattr(key, "private_numbers")
+    # Authorization off: no keys to publish.
+    keys_file = tmp_path / "off" / "signing-keys.json"
+    off = Settings(database_url=f"sqlite:///{tmp_path / 'off.db'}", signing_keys_file=keys_file)
+    with TestClient(create_app(off)) as open_client:
+        assert open_client.get(JWKS_PATH).status_code == 404
+    assert not keys_file.exists()
+
+
+def test_cli_refuses_a_signing_key_set_others_may_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import services.fhir_api.__main__ as entry
+    from services.auth.tokens import load_key_set
+
+    keys_file = tmp_path / "signing-keys.json"
+    load_key_set(keys_file)
+    keys_file.chmod(0o640)
+    monkeypatch.setattr(entry, "configure_logging", lambda *_args: None)
+    monkeypatch.setenv("SCANWATCH_FHIR_DATABASE_URL", f"sqlite:///{tmp_path / 'fhir.db'}")
+    monkeypatch.setenv("SCANWATCH_FHIR_SIGNING_KEYS_FILE", str(keys_file))
+    monkeypatch.setenv("SCANWATCH_FHIR_AUTH_MODE", "required")
+    issue = ["issue-token", "--subject", "chatbot", "--scope", "system/*.read"]
+    assert entry.main(issue) == 2
+    assert entry.main(["serve"]) == 2  # before any worker starts or the database is touched
+    assert not (tmp_path / "fhir.db").exists()
+    assert [getattr(r, "error", None) for r in caplog.records] == [
+        f"the signing key set {keys_file} holds private keys but other users may access it "
+        "(mode 0640); chmod 600 it"
+    ] * 2
+    keys_file.chmod(0o600)
+    assert entry.main(issue) == 0

@@ -28,6 +28,27 @@ MINIMAL = {
         "code": {"text": "x"},
         "subject": {"reference": "Patient/p"},
     },
+    "MedicationRequest": {
+        "resourceType": "MedicationRequest",
+        "status": "active",
+        "intent": "order",
+        "medicationCodeableConcept": {"text": "x"},
+        "subject": {"reference": "Patient/p"},
+        "authoredOn": "2025-01-01T00:00:00Z",
+    },
+    "Appointment": {
+        "resourceType": "Appointment",
+        "status": "booked",
+        "start": "2025-01-01T10:00:00Z",
+        "end": "2025-01-01T10:30:00Z",
+        "participant": [{"actor": {"reference": "Patient/p"}, "status": "accepted"}],
+    },
+    "CommunicationRequest": {
+        "resourceType": "CommunicationRequest",
+        "status": "active",
+        "subject": {"reference": "Patient/p"},
+        "authoredOn": "2025-01-01T00:00:00Z",
+    },
     "Provenance": {
         "resourceType": "Provenance",
         "target": [{"reference": "Patient/p"}],

@@ -5,14 +5,15 @@ a patient-bound token never crosses to another patient on read, search or histor
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlmodel import col
 
-from inference_worker.fhir_resources import all_resources_for
-from scanwatch import ids
+from inference_worker.fhir_resources import all_resources_for, patient_logical_id
+from scanwatch import care_plan, ids
 from scanwatch.database import make_engine
 from services.auth.scopes import OPEN_GRANT, READ, WRITE, AuthError, Grant, Scope
 from services.fhir_api import migrate
@@ -23,8 +24,17 @@ from services.fhir_api.search import SEARCH_PARAMS
 from services.fhir_api.store import ResourceStore
 from services.fhir_api.tests.test_search import HEADERS, scored
 
-#: Types whose resources can be in a patient's compartment; every other type's is empty.
-MEMBER_TYPES = ("Patient", "Observation", "ImagingStudy", "DiagnosticReport")
+#: Types whose resources can be in a patient's compartment, as documented (written out here, not
+#: imported, so that a type added to the rule without a test here fails); every other type's is
+#: empty.
+SUBJECT_MEMBERS = (
+    "Observation",
+    "ImagingStudy",
+    "DiagnosticReport",
+    "MedicationRequest",
+    "CommunicationRequest",
+)
+MEMBER_TYPES = ("Patient", *SUBJECT_MEMBERS, "Appointment")
 
 
 def patient_grant(patient: str | None = "p1", scope: str = "patient/*.read") -> Grant:
@@ -40,8 +50,12 @@ def store(tmp_path: Path) -> Iterator[ResourceStore]:
 
 
 def _resource(resource_type: str, resource_id: str, subject: str | None) -> dict:
+    """A resource whose compartment reference is ``subject``: its ``subject``, or for an
+    Appointment its participant's actor."""
     resource: dict = {"resourceType": resource_type, "id": resource_id}
-    if subject is not None:
+    if subject is not None and resource_type == "Appointment":
+        resource["participant"] = [{"actor": {"reference": subject}, "status": "accepted"}]
+    elif subject is not None:
         resource["subject"] = {"reference": subject}
     return resource
 
@@ -79,12 +93,13 @@ def test_the_rule_in_python_and_in_sql_agree(resource_type: str, store: Resource
         for resource_id, subject in cases.items()
     }
     inside = {resource_id for resource_id, s in stored.items() if rule.contains(s)}
-    expected = {
-        "Patient": {"p1"},
-        "Observation": {"mine", "mine-absolute"},
-        "ImagingStudy": {"mine", "mine-absolute"},
-        "DiagnosticReport": {"mine", "mine-absolute"},
-    }.get(resource_type, set())
+    expected = (
+        {"p1"}
+        if resource_type == "Patient"
+        else {"mine", "mine-absolute"}
+        if resource_type in MEMBER_TYPES
+        else set()
+    )
     assert inside == expected
     for resource_id, version in stored.items():
         if resource_id in expected:
@@ -130,14 +145,26 @@ def test_a_patient_token_cannot_cross_to_another_patient(
     """Patient A's token, aimed at patient B's resources of every type in the compartment, on
     read, vread, search (with and without B's id) and history."""
     studies = scored("11.1", "ALICE"), scored("11.2", "BOB")
-    for study in studies:
-        for resource in all_resources_for(study):
+    now = datetime.now(UTC)
+    written = [
+        [
+            *all_resources_for(study),
+            *care_plan.sample_care_plan(
+                patient_logical_id(study), prescribed=now, today=now.date()
+            ),
+            care_plan.callback_request(patient_logical_id(study), authored_on=now)
+            | {"id": f"callback-{study.PatientID}"},
+        ]
+        for study in studies
+    ]
+    for resources in written:
+        for resource in resources:
             path = f"/fhir/{resource['resourceType']}/{resource['id']}"
             assert client.put(path, json=resource, headers=HEADERS).status_code in (200, 201)
     alice, bob = ids.patient_id("HOSP", "ALICE"), ids.patient_id("HOSP", "BOB")
     token = issue("patient/*.read", patient=alice)
     headers = {"Authorization": f"Bearer {token}"}
-    mine, theirs = ({r["resourceType"]: r["id"] for r in all_resources_for(s)} for s in studies)
+    mine, theirs = ({r["resourceType"]: r["id"] for r in resources} for resources in written)
     for resource_type in MEMBER_TYPES:
         other = theirs[resource_type]
         for path in (

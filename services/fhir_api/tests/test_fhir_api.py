@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import threading
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import pytest
@@ -276,7 +277,7 @@ def test_healthz_and_metrics(client: TestClient) -> None:
     assert 'fhir_api_requests_total{method="GET",route="/fhir/metadata",status="200"}' in metrics
 
 
-def test_settings_refuse_unsafe_or_inconsistent_values() -> None:
+def test_settings_refuse_unsafe_or_inconsistent_values(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="max_count"):
         Settings(default_count=300, max_count=200)
     with pytest.raises(ValueError, match="AUTH_MODE=required"):
@@ -285,11 +286,19 @@ def test_settings_refuse_unsafe_or_inconsistent_values() -> None:
         Settings(database_url="mysql://x")
     with pytest.raises(ValueError, match="auth_mode"):
         Settings(auth_mode="maybe")
-    with pytest.raises(ValueError, match="32"):
-        Settings(jwt_secret="short")
     with pytest.raises(ValueError, match="bootstrap_clients"):
         Settings(bootstrap_clients="only-a-name")
-    assert Settings(host="0.0.0.0", auth_mode="required").host == "0.0.0.0"
+    # Outside development the signing keys' file must be chosen (a container's working
+    # folder is not kept, nor shared between instances).
+    with pytest.raises(ValueError, match="SIGNING_KEYS_FILE"):
+        Settings(host="0.0.0.0", auth_mode="required")
+    keys = Path("/var/lib/scanwatch/signing-keys.json")
+    served = Settings(host="0.0.0.0", auth_mode="required", signing_keys_file=keys)
+    assert served.host == "0.0.0.0" and served.signing_keys_file == keys
+    assert Settings().signing_keys_file == Path("var/auth/signing-keys.json")
+    monkeypatch.setenv("SCANWATCH_FHIR_JWT_SECRET", "x" * 40)  # the HS256 secret of old
+    with pytest.raises(ValueError, match="SCANWATCH_FHIR_JWT_SECRET is no longer read"):
+        Settings()
 
 
 def test_main_refuses_invalid_settings(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -22,6 +22,7 @@ from inference_worker.fhir_resources import (
     all_resources_for,
     resources_for,
 )
+from scanwatch import care_plan
 
 pytestmark = pytest.mark.integration
 
@@ -111,7 +112,25 @@ def _validate(resources: list[dict], folder: Path) -> dict[str, list[tuple[str, 
 @pytest.fixture(scope="module")
 def validation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[tuple[str, str, str]]]:
     resources = [r for study in _studies() for r in all_resources_for(study)]
-    return _validate(resources, tmp_path_factory.mktemp("hapi"))
+    return _validate(resources + _care_plan(), tmp_path_factory.mktemp("hapi"))
+
+
+def _care_plan() -> list[dict]:
+    """The care-plan resources as the send-sample seed, the tests and the chatbot write them:
+    the seed's (with ids, marked as test data) and a patient's callback request with every
+    optional element."""
+    patient = "b9f3c2a4-0000-5000-8000-000000000001"
+    now = datetime(2025, 3, 4, 9, 0, tzinfo=UTC)
+    return [
+        *care_plan.sample_care_plan(patient, prescribed=now, today=now.date()),
+        care_plan.callback_request(
+            patient,
+            authored_on=now,
+            reason="Please call me about my MRI result",
+            recipient={"display": "Radiology care team"},
+            key="conversation-1/turn-3",
+        ),
+    ]
 
 
 def _errors(issues: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
@@ -134,6 +153,9 @@ def test_pipeline_resources_have_no_errors(validation: dict) -> None:
         "Observation.json",
         "DiagnosticReport.json",
         "Provenance.json",
+        "MedicationRequest.json",
+        "Appointment.json",
+        "CommunicationRequest.json",
     }
     assert {name: _errors(issues) for name, issues in validation.items()} == {
         name: [] for name in validation

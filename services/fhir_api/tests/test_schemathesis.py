@@ -6,6 +6,7 @@ requests reach the handlers instead of stopping at the 401."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import schemathesis
@@ -17,10 +18,10 @@ from schemathesis import GenerationMode
 from schemathesis.python.asgi import shutdown_lifespans
 
 from services.auth.scopes import Scope
-from services.auth.tokens import TokenService
+from services.auth.tokens import TokenService, load_key_set
 from services.fhir_api.app import OPENAPI_PATH, create_app
 from services.fhir_api.config import Settings
-from services.fhir_api.tests.conftest import BACKENDS, JWT_SECRET
+from services.fhir_api.tests.conftest import BACKENDS
 
 pytestmark = pytest.mark.integration
 
@@ -30,7 +31,7 @@ EXAMPLES = 300
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def app_token(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, signing_keys: Path
 ) -> Iterator[tuple[FastAPI, str]]:
     """One app per backend for the whole module (schemathesis keeps its lifespan running)."""
     root = tmp_path_factory.mktemp("schemathesis")
@@ -41,12 +42,11 @@ def app_token(
     settings = Settings(
         database_url=database_url,
         auth_mode="required",
-        jwt_secret=JWT_SECRET,
-        jwt_key_file=root / "unused.key",
+        signing_keys_file=signing_keys,
         subscription_max_attempts=1,
         subscription_timeout_s=0.5,
     )
-    token = TokenService(JWT_SECRET.encode()).issue(
+    token = TokenService(load_key_set(signing_keys)).issue(
         "schemathesis", [Scope.parse("system/*.read"), Scope.parse("system/*.write")], None, None
     )[0]
     yield create_app(settings), token

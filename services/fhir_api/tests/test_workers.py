@@ -23,7 +23,7 @@ from devtools.testing import wait_for
 from services.fhir_api.app import create_app
 from services.fhir_api.config import Settings
 from services.fhir_api.models import ResourceChange
-from services.fhir_api.tests.conftest import JWT_SECRET, LocalPostgres
+from services.fhir_api.tests.conftest import LocalPostgres
 from services.fhir_api.tests.test_search import HEADERS, scored, write
 from services.fhir_api.tests.test_subscriptions import (  # noqa: F401 - the receiver fixture
     Receiver,
@@ -37,12 +37,10 @@ DEADLINE_S = 20.0
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def pg_settings(database_url: str, tmp_path: Path, **changes: object) -> Settings:
+def pg_settings(database_url: str, **changes: object) -> Settings:
     return Settings(
         database_url=database_url,
         auth_mode="off",
-        jwt_secret=JWT_SECRET,
-        jwt_key_file=tmp_path / "unused.key",
         subscription_backoff_s=0.05,
         subscription_max_attempts=3,
         subscription_poll_s=0.05,
@@ -61,10 +59,9 @@ def notifier(client: TestClient) -> bool:
 
 def test_one_notifier_delivers_every_change_once(
     postgres: LocalPostgres,
-    tmp_path: Path,
     receiver: Receiver,  # noqa: F811
 ) -> None:
-    settings = pg_settings(postgres.database_url(), tmp_path)
+    settings = pg_settings(postgres.database_url())
     with ExitStack() as stack:
         apps = [stack.enter_context(TestClient(create_app(settings))) for _ in range(2)]
         assert sorted(notifier(app) for app in apps) == [False, True]
@@ -85,8 +82,8 @@ def test_one_notifier_delivers_every_change_once(
         assert sorted(r[1] for r in receiver.received) == expected
 
 
-def test_notifier_lock_passes_to_a_waiting_process(postgres: LocalPostgres, tmp_path: Path) -> None:
-    settings = pg_settings(postgres.database_url(), tmp_path)
+def test_notifier_lock_passes_to_a_waiting_process(postgres: LocalPostgres) -> None:
+    settings = pg_settings(postgres.database_url())
     with ExitStack() as stack:
         first = stack.enter_context(TestClient(create_app(settings)))
         with TestClient(create_app(settings)) as second:
@@ -105,7 +102,7 @@ def served(postgres: LocalPostgres, tmp_path: Path) -> Iterator[tuple[str, list[
         "SCANWATCH_FHIR_HOST": "127.0.0.1",
         "SCANWATCH_FHIR_LOG_LEVEL": "INFO",
         "SCANWATCH_FHIR_SUBSCRIPTION_POLL_S": "0.05",
-        "SCANWATCH_FHIR_JWT_KEY_FILE": str(tmp_path / "unused.key"),
+        "SCANWATCH_FHIR_SIGNING_KEYS_FILE": str(tmp_path / "signing-keys.json"),
     }
     process = subprocess.Popen(
         [
