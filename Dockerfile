@@ -1,7 +1,8 @@
 # One image per scanwatch service, each with only its own code and dependencies (the service's
 # extra in pyproject.toml, at the versions requirements.lock pins):
 #   docker build --target listener -t scanwatch-listener .
-# Targets: listener, worker, fhir-api, model-server, training. docker-compose.yml builds them.
+# Targets: listener, worker, fhir-api, model-server, training, chatbot. docker-compose.yml builds
+# them.
 FROM python:3.11-slim AS base
 ENV PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 RUN pip install --no-cache-dir uv \
@@ -46,3 +47,31 @@ COPY training training
 RUN uv pip install --system --no-cache -c requirements.lock ".[training]"
 USER scanwatch
 CMD ["scanwatch-train", "worker"]
+
+# The patient chatbot: Rasa 3.6.21 and its action server, on the pins of chatbot/requirements.lock
+# (older numpy/TensorFlow than the rest: DESIGN §4; matplotlib 3.5 builds from source on 3.11).
+# Only the plain modules of scanwatch and services.auth it imports are copied. The model is
+# trained at build time (chatbot/train.py), so the image starts without training.
+FROM python:3.11-slim AS chatbot
+ENV PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2 RASA_TELEMETRY_ENABLED=false \
+    PYTHONPATH=/app:/app/chatbot
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends build-essential pkg-config \
+       libfreetype-dev libpng-dev libqhull-dev \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 scanwatch
+WORKDIR /app
+COPY chatbot/requirements.lock chatbot/mpl-setup.cfg chatbot/
+RUN MPLSETUPCFG=/app/chatbot/mpl-setup.cfg pip install --no-cache-dir --no-deps \
+    --ignore-requires-python -r chatbot/requirements.lock
+COPY scanwatch/__init__.py scanwatch/fhir_codes.py scanwatch/care_plan.py scanwatch/ids.py \
+     scanwatch/durable.py scanwatch/
+COPY services/__init__.py services/__init__.py
+COPY services/auth/__init__.py services/auth/scopes.py services/auth/tokens.py \
+     services/auth/jwks.py services/auth/
+COPY chatbot chatbot
+RUN python chatbot/train.py --out /app/models
+WORKDIR /app/chatbot
+USER scanwatch
+CMD ["rasa", "run", "--enable-api", "-i", "127.0.0.1", "--credentials", "credentials.yml", \
+     "--endpoints", "endpoints.yml", "--model", "/app/models"]

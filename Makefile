@@ -4,19 +4,28 @@
 # The packages mypy checks (tests, bench and migrations are left out in pyproject.toml).
 PACKAGES = schemas scanwatch devtools dicom_listener inference_worker services training
 
+# The chatbot's tests run in Rasa's own virtualenv, with the project root on the path for the
+# plain modules they share (scanwatch.ids, services.auth).
+CHATBOT_PYTEST = cd chatbot && PYTHONPATH=..:. RASA_TELEMETRY_ENABLED=false ../.venv-rasa/bin/python -m pytest
+
 setup:
 	scripts/bootstrap.sh
 
 run: setup
 	.venv/bin/scanwatch run
 
+# Both environments: scanwatch's tests (.venv), then the chatbot's (.venv-rasa, from chatbot/:
+# its actions, channel and tracker store; the trained model judged by rasa test nlu and the
+# end-to-end test stories).
 test: setup
 	.venv/bin/python -m pytest
+	$(CHATBOT_PYTEST)
 
 # Unit tests only: no broker, database, DICOM peer, model server or stack (marker `unit`,
 # given by conftest.py to every test not marked `integration` or `e2e`).
 test-fast: setup
 	.venv/bin/python -m pytest -m unit
+	$(CHATBOT_PYTEST) tests/test_actions.py tests/test_channel.py
 
 # Style, types and the import rules of ARCHITECTURE.md (pyproject.toml [tool.importlinter]).
 lint: setup

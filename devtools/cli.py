@@ -8,12 +8,17 @@ import os
 import signal
 import sys
 import threading
+from datetime import UTC, datetime
 from pathlib import Path
+
+import httpx
 
 from devtools.kafka_local import LocalKafka
 from devtools.stack import Stack, StackConfig, StackError
-from scanwatch import ids, kafka
+from scanwatch import care_plan, ids, kafka
 from scanwatch.logs import configure_logging
+from services.auth.scopes import parse_scopes
+from services.auth.tokens import TokenService, load_key_set
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,8 +27,30 @@ def _var(value: str | None) -> Path:
     return Path(value or os.environ.get("SCANWATCH_VAR") or ROOT / "var").resolve()
 
 
+#: Scopes of the patient tokens ``scanwatch chat`` and ``scanwatch token --patient`` issue:
+#: what the patient portal's tokens will carry.
+PATIENT_SCOPES = "patient/*.read patient/CommunicationRequest.write"
+#: ``scanwatch token``'s default scopes (without ``--patient``): a backend that reads.
+SYSTEM_SCOPES = "system/*.read"
+
+
+def dev_tokens(var: Path) -> TokenService:
+    """Issues tokens the development stack's FHIR API accepts: signed with its key set
+    (``var/auth/signing-keys.json``, created by the API's first start, or here)."""
+    return TokenService(load_key_set(StackConfig(var=var).signing_keys_file))
+
+
+def dev_token(var: Path, scopes: str, patient_id: str | None = None) -> str:
+    """A token for ``scopes``; bound to the Patient of ``patient_id`` (a DICOM PatientID, as
+    ``send-sample`` names it) when given."""
+    patient = ids.patient_id(None, patient_id) if patient_id else None
+    return dev_tokens(var).issue("scanwatch-dev", parse_scopes(scopes), patient)[0]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    config = StackConfig(var=_var(args.var), quiet_period_s=args.quiet_period)
+    config = StackConfig(
+        var=_var(args.var), quiet_period_s=args.quiet_period, chatbot=not args.no_chatbot
+    )
     stack = Stack(config)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -56,9 +83,74 @@ def cmd_send_sample(args: argparse.Namespace) -> int:
         f"sent {len(files)} MR images of patient {args.patient_id} to "
         f"{args.ae_title}@{args.host}:{args.port}\n"
         f"FHIR Patient id: {patient}\n"
-        f"after the quiet period and scoring:\n"
-        f"  curl -s '{fhir}/Observation?patient={patient}'\n"
     )
+    if args.care_plan:
+        _write_sample_care_plan(_var(args.var), fhir, patient)
+        sys.stdout.write("wrote the sample's prescription and follow-up visit (test data)\n")
+    sys.stdout.write(
+        "after the quiet period and scoring:\n"
+        f'  curl -s -H "Authorization: Bearer $(.venv/bin/scanwatch token)" '
+        f"'{fhir}/Observation?patient={patient}'\n"
+        f"  .venv/bin/scanwatch chat --patient {args.patient_id}\n"
+    )
+    return 0
+
+
+def _write_sample_care_plan(var: Path, fhir: str, patient: str) -> None:
+    """PUT the dev seed's MedicationRequest and Appointment (``scanwatch.care_plan``) with a
+    system token: the clinician console will write these; until then the seed does."""
+    now = datetime.now(UTC)
+    token = dev_token(var, "system/*.write")
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"}
+    for resource in care_plan.sample_care_plan(patient, prescribed=now, today=now.date()):
+        url = f"{fhir}/{resource['resourceType']}/{resource['id']}"
+        httpx.put(url, json=resource, headers=headers, timeout=30).raise_for_status()
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    scopes = args.scope or (PATIENT_SCOPES if args.patient else SYSTEM_SCOPES)
+    sys.stdout.write(dev_token(_var(args.var), scopes, args.patient) + "\n")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """A terminal client of the patient channel, as the patient of ``--patient``: each line
+    typed is a message; a number picks one of the buttons the bot offered."""
+    var = _var(args.var)
+    echo = not sys.stdin.isatty()  # piped input: show it, so the output reads as a transcript
+    buttons: list[dict[str, str]] = []
+    sys.stdout.write(f"chatting as patient {args.patient} (Ctrl-D ends)\n")
+    for line in sys.stdin:
+        text = line.strip()
+        if not text:
+            continue
+        if echo:
+            sys.stdout.write(f"you> {text}\n")
+        if text.isdigit() and 1 <= int(text) <= len(buttons):
+            text = buttons[int(text) - 1]["payload"]
+        token = dev_token(var, PATIENT_SCOPES, args.patient)  # fresh: tokens live 15 minutes
+        try:
+            answer = httpx.post(
+                args.url,
+                json={"message": text},
+                headers={"Authorization": f"Bearer {token}"},
+                timeout=60,
+            )
+        except httpx.HTTPError as exc:
+            sys.stderr.write(f"chat: cannot reach {args.url}: {exc}\n")
+            return 1
+        if answer.status_code != 200:
+            sys.stdout.write(f"bot! HTTP {answer.status_code}: {answer.text}\n")
+            continue
+        buttons = []
+        for message in answer.json():
+            if message.get("text"):
+                for reply in message["text"].splitlines():
+                    sys.stdout.write(f"bot> {reply}\n")
+            for button in message.get("buttons") or []:
+                buttons.append(button)
+                sys.stdout.write(f"     [{len(buttons)}] {button['title']}\n")
+        sys.stdout.flush()
     return 0
 
 
@@ -88,6 +180,11 @@ def parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the whole system until Ctrl-C")
     run.add_argument("--quiet-period", type=float, default=5.0, help="seconds (default 5)")
+    run.add_argument(
+        "--no-chatbot",
+        action="store_true",
+        help="leave out the patient chatbot (Rasa); the FHIR API then runs without tokens",
+    )
     run.set_defaults(func=cmd_run)
 
     send = sub.add_parser("send-sample", help="send the bundled sample MR study with storescu")
@@ -97,7 +194,25 @@ def parser() -> argparse.ArgumentParser:
     send.add_argument("--patient-id", default="SW-DEMO-0001")
     send.add_argument("--slices", type=int, default=38)
     send.add_argument("--fhir-base", default="http://127.0.0.1:8080/fhir")
+    send.add_argument(
+        "--no-care-plan",
+        dest="care_plan",
+        action="store_false",
+        help="do not write the sample's prescription and follow-up visit to the FHIR API",
+    )
     send.set_defaults(func=cmd_send_sample)
+
+    token = sub.add_parser(
+        "token", help="print an access token the development stack's FHIR API accepts"
+    )
+    token.add_argument("--patient", help="bind it to this PatientID's Patient (patient scopes)")
+    token.add_argument("--scope", help=f"space-separated scopes (default {SYSTEM_SCOPES!r})")
+    token.set_defaults(func=cmd_token)
+
+    chat = sub.add_parser("chat", help="talk to the patient chatbot as one patient")
+    chat.add_argument("--patient", required=True, help="the PatientID (as sent over DICOM)")
+    chat.add_argument("--url", default=StackConfig(var=ROOT).chat_url, help="the chat endpoint")
+    chat.set_defaults(func=cmd_chat)
 
     kafka = sub.add_parser("kafka", help="start, stop or check the local Kafka broker")
     kafka.add_argument("action", choices=["start", "stop", "status"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -27,6 +28,12 @@ from scanwatch.model_repository import DEFAULT_MODEL_NAME
 
 log = logging.getLogger(__name__)
 
+ROOT = Path(__file__).resolve().parent.parent
+CHATBOT = ROOT / "chatbot"
+RASA = ROOT / ".venv-rasa" / "bin" / "rasa"
+#: The client the worker writes results with when the FHIR API requires tokens.
+WORKER_CLIENT = "scanwatch-worker"
+
 
 @dataclass
 class Ports:
@@ -40,6 +47,8 @@ class Ports:
     model_server_metrics: int = 9112
     worker_web: int = 6066  # first worker; further workers use the next ports
     listener_metrics: int = 9111
+    chat: int = 5005  # Rasa server: the patient channel and Rasa's HTTP API
+    chat_actions: int = 5055  # Rasa's action server
 
 
 @dataclass
@@ -57,6 +66,15 @@ class StackConfig:
     models: Path | None = None  # model repository; default var/models
     kafka_libs: Path | None = None  # default var/kafka/libs
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: Run the patient chatbot (Rasa server and action server). The FHIR API then requires
+    #: tokens (the bot reads with the patient's own), and the worker gets a client to write with.
+    chatbot: bool = False
+    chat_models: Path | None = None  # trained chatbot models; default var/chatbot/models
+    #: Rasa's HTTP API token (``--auth-token``); the stack makes one when it is None.
+    chat_api_token: str | None = None
+    #: Only these services (names of :meth:`Stack.services`); None: all. Kafka starts only
+    #: when a service that needs it is among them.
+    only: tuple[str, ...] | None = None
 
     @property
     def model_repository(self) -> Path:
@@ -71,6 +89,15 @@ class StackConfig:
     def fhir_base(self) -> str:
         return f"http://127.0.0.1:{self.ports.fhir}/fhir"
 
+    @property
+    def chat_url(self) -> str:
+        """Where a patient's messages go (with the patient's bearer token)."""
+        return f"http://127.0.0.1:{self.ports.chat}/webhooks/patient/webhook"
+
+    @property
+    def chat_model_dir(self) -> Path:
+        return self.chat_models or self.var / "chatbot" / "models"
+
 
 @dataclass
 class Service:
@@ -80,6 +107,8 @@ class Service:
     argv: list[str]
     env: dict[str, str]
     healthy: Callable[[], bool]
+    kafka: bool = False  # needs the broker
+    cwd: Path = ROOT
     process: subprocess.Popen | None = None
     restarts: int = 0
     held: bool = False  # stopped on purpose: the supervisor leaves it down
@@ -101,7 +130,11 @@ class Stack:
             port=config.ports.kafka,
             controller_port=config.ports.kafka_controller,
         )
-        self.services = self._services()
+        self.worker_secret = secrets.token_urlsafe(24)
+        self.chat_api_token = config.chat_api_token or secrets.token_urlsafe(24)
+        self.services = [
+            s for s in self._services() if config.only is None or s.name in config.only
+        ]
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
 
@@ -140,6 +173,7 @@ class Stack:
                     # The token signing keys (created on first start with tokens required);
                     # their public half: http://127.0.0.1:<fhir>/auth/jwks.
                     "SCANWATCH_FHIR_SIGNING_KEYS_FILE": str(c.signing_keys_file),
+                    **self._fhir_auth(),
                 },
                 lambda: _http_ok(f"http://127.0.0.1:{p.fhir}/healthz"),
             ),
@@ -156,6 +190,67 @@ class Stack:
                     "SCANWATCH_LISTENER_METRICS_PORT": str(p.listener_metrics),
                 },
                 lambda: echoscu("127.0.0.1", p.dicom, c.ae_title, timeout=3.0),
+                kafka=True,
+            ),
+            *(self._chatbot(base) if c.chatbot else []),
+        ]
+
+    def _fhir_auth(self) -> dict[str, str]:
+        """With the chatbot, the FHIR API requires tokens and registers the worker's client."""
+        if not self.config.chatbot:
+            return {}
+        scopes = "system/*.write system/*.read"
+        return {
+            "SCANWATCH_FHIR_AUTH_MODE": "required",
+            "SCANWATCH_FHIR_BOOTSTRAP_CLIENTS": f"{WORKER_CLIENT}:{self.worker_secret}:{scopes}",
+        }
+
+    def _chatbot(self, base: dict[str, str]) -> list[Service]:
+        """The Rasa action server and the Rasa server (their own virtualenv, cwd chatbot/)."""
+        c, p = self.config, self.config.ports
+        env = {
+            **base,
+            "PYTHONPATH": f"{ROOT}{os.pathsep}{CHATBOT}",
+            "RASA_TELEMETRY_ENABLED": "false",
+            "SCANWATCH_CHAT_FHIR_BASE_URL": c.fhir_base,
+            "SCANWATCH_CHAT_JWKS_URL": f"http://127.0.0.1:{p.fhir}/auth/jwks",
+            "SCANWATCH_CHAT_TOKEN_AUDIENCE": "scanwatch-fhir-api",
+            "SCANWATCH_CHAT_ACTION_URL": f"http://127.0.0.1:{p.chat_actions}/webhook",
+            "SCANWATCH_CHAT_DB_URL": f"sqlite:///{c.var / 'chatbot' / 'conversations.db'}",
+            **{k: v for k, v in CHAT_DEFAULTS.items() if k not in base},
+        }
+        (c.var / "chatbot").mkdir(parents=True, exist_ok=True)
+        token = self.chat_api_token
+        return [
+            Service(
+                "chat-actions",
+                [str(RASA), "run", "actions", "--actions", "actions", "-p", str(p.chat_actions)],
+                {**env, "SANIC_HOST": "127.0.0.1"},  # rasa_sdk's bind address
+                lambda: _http_ok(f"http://127.0.0.1:{p.chat_actions}/health"),
+                cwd=CHATBOT,
+            ),
+            Service(
+                "chat",
+                [
+                    str(RASA),
+                    "run",
+                    "--enable-api",
+                    "--auth-token",
+                    token,
+                    "-i",
+                    "127.0.0.1",
+                    "-p",
+                    str(p.chat),
+                    "--credentials",
+                    "credentials.yml",
+                    "--endpoints",
+                    "endpoints.yml",
+                    "--model",
+                    str(c.chat_model_dir),
+                ],
+                env,
+                lambda: _chat_ready(f"http://127.0.0.1:{p.chat}", token),
+                cwd=CHATBOT,
             ),
         ]
 
@@ -176,8 +271,17 @@ class Stack:
                 "SCANWATCH_WORKER_MODEL_SERVER": f"127.0.0.1:{p.model_server}",
                 "SCANWATCH_WORKER_MODEL_NAME": c.model_name,
                 "SCANWATCH_WORKER_FHIR_BASE_URL": c.fhir_base,
+                **(
+                    {
+                        "SCANWATCH_WORKER_FHIR_CLIENT_ID": WORKER_CLIENT,
+                        "SCANWATCH_WORKER_FHIR_CLIENT_SECRET": self.worker_secret,
+                    }
+                    if c.chatbot
+                    else {}
+                ),
             },
             lambda: _http_ok(f"http://127.0.0.1:{web}/healthz"),
+            kafka=True,
         )
 
     def service(self, name: str) -> Service:
@@ -187,7 +291,8 @@ class Stack:
     def start(self, timeout: float = 180.0) -> None:
         """Start Kafka and every service; return when all are healthy."""
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.kafka.start()
+        if any(s.kafka for s in self.services):
+            self.kafka.start()
         for service in self.services:
             self._spawn(service)
         deadline = time.monotonic() + timeout
@@ -203,7 +308,7 @@ class Stack:
             env=service.env,
             stdout=out,
             stderr=subprocess.STDOUT,
-            cwd=Path(__file__).resolve().parent.parent,
+            cwd=service.cwd,
         )
         out.close()
         log.info("started", extra={"service": service.name, "pid": service.process.pid})
@@ -275,31 +380,64 @@ class Stack:
             except subprocess.TimeoutExpired:
                 service.process.kill()
                 service.process.wait()
-        self.kafka.stop()
+        if any(s.kafka for s in self.services):
+            self.kafka.stop()
 
     def banner(self, patient_id: str = "SW-DEMO-0001") -> str:
         """Where to send DICOM and where to read results, with ready-to-paste commands."""
         c, p = self.config, self.config.ports
-        return "\n".join(
-            [
-                "scanwatch is running.",
-                f"  DICOM (C-ECHO, C-STORE): host 127.0.0.1  port {p.dicom}  AE title {c.ae_title}",
-                f"  FHIR R4 API:             {c.fhir_base}",
-                f"  Kafka:                   {self.kafka.bootstrap_servers}",
-                f"  TF Serving gRPC API:     127.0.0.1:{p.model_server}  model {c.model_name}",
-                f"  logs:                    {self.logs}/",
-                "",
-                "Send the bundled sample MR study (patient " + patient_id + "):",
-                f"  .venv/bin/scanwatch send-sample --port {p.dicom} --ae-title {c.ae_title}",
-                "or send your own files with dcmtk:",
-                f"  TCP_NODELAY=1 storescu -aec {c.ae_title} +sd +r 127.0.0.1 {p.dicom} <folder>",
-                f"then, after the quiet period ({c.quiet_period_s:g} s) and scoring:",
-                f"  curl -s '{c.fhir_base}/Observation?patient=<Patient id>'",
-                "  (send-sample prints the exact curl line for its patient)",
-                "",
-                "Ctrl-C stops everything.",
+        token = ' -H "Authorization: Bearer $(.venv/bin/scanwatch token)"' if c.chatbot else ""
+        lines = [
+            "scanwatch is running.",
+            f"  DICOM (C-ECHO, C-STORE): host 127.0.0.1  port {p.dicom}  AE title {c.ae_title}",
+            f"  FHIR R4 API:             {c.fhir_base}"
+            + ("  (bearer tokens required)" if c.chatbot else ""),
+            f"  Kafka:                   {self.kafka.bootstrap_servers}",
+            f"  TF Serving gRPC API:     127.0.0.1:{p.model_server}  model {c.model_name}",
+        ]
+        if c.chatbot:
+            lines += [
+                f"  patient chat:            POST {c.chat_url}",
+                "                           (Authorization: Bearer <patient token>, "
+                '{"message": "..."})',
+                f"  Rasa HTTP API:           http://127.0.0.1:{p.chat}  "
+                f"(--auth-token {self.chat_api_token})",
+                f"  Rasa action server:      http://127.0.0.1:{p.chat_actions}/webhook",
             ]
-        )
+        lines += [
+            f"  logs:                    {self.logs}/",
+            "",
+            "Send the bundled sample MR study (patient " + patient_id + "):",
+            f"  .venv/bin/scanwatch send-sample --port {p.dicom} --ae-title {c.ae_title}",
+            "or send your own files with dcmtk:",
+            f"  TCP_NODELAY=1 storescu -aec {c.ae_title} +sd +r 127.0.0.1 {p.dicom} <folder>",
+            f"then, after the quiet period ({c.quiet_period_s:g} s) and scoring:",
+            f"  curl -s{token} '{c.fhir_base}/Observation?patient=<Patient id>'",
+            "  (send-sample prints the exact curl line for its patient)",
+        ]
+        if c.chatbot:
+            lines += [
+                "and ask the chatbot as that patient:",
+                f"  .venv/bin/scanwatch chat --patient {patient_id}",
+            ]
+        return "\n".join([*lines, "", "Ctrl-C stops everything."])
+
+
+#: The chatbot's settings the stack leaves at these values unless the environment sets them.
+CHAT_DEFAULTS = {
+    "SCANWATCH_CHAT_RATE_PER_MINUTE": "30",
+    "SCANWATCH_CHAT_RATE_BURST": "10",
+    "SCANWATCH_CHAT_RETENTION_DAYS": "30",
+}
+
+
+def _chat_ready(base: str, token: str) -> bool:
+    """Rasa answers /status (behind its token) with a model loaded."""
+    try:
+        answer = httpx.get(f"{base}/status", params={"token": token}, timeout=2.0)
+    except httpx.HTTPError:
+        return False
+    return answer.status_code == 200 and bool(answer.json().get("model_file"))
 
 
 def _http_ok(url: str) -> bool:

@@ -6,6 +6,7 @@ re-scoring overwrite instead of duplicating (DESIGN §2, "idempotent effects").
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 
 #: Fixed namespace for scanwatch's UUIDv5 identifiers. Never change it: ids would change.
@@ -59,3 +60,10 @@ def care_plan_id(resource_type: str, patient_id: str, key: str) -> str:
     """A care-plan resource (MedicationRequest, Appointment) that a tool writes for one Patient
     id under ``key`` (``scanwatch send-sample`` uses ``sample``): writing it again replaces it."""
     return _v5(resource_type, "care-plan", patient_id, key)
+
+
+def chat_sender_id(patient_id: str) -> str:
+    """The chatbot's conversation id for a Patient id (the patient channel derives it from the
+    verified token): stable, and not the id itself, since conversation ids appear in Rasa's API
+    and in operators' tools."""
+    return "patient-" + hashlib.sha256(patient_id.encode()).hexdigest()[:24]

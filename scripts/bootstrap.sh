@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything scanwatch needs on a fresh machine, and nothing that is already there:
 # Debian packages, the Python environment (.venv, from requirements.lock), Kafka's jars
-# (Maven Central, java/kafka/pom.xml) and the default model. Safe to run any number of times.
+# (Maven Central, java/kafka/pom.xml), the default model, the chatbot's own environment
+# (.venv-rasa, from chatbot/requirements.lock) and its trained model. Safe to run any number of times.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -16,7 +17,10 @@ log() { printf '[bootstrap] %s\n' "$*" >&2; }
 # openssl: test certificates for DICOM TLS.
 # postgresql: the FHIR store's production database; the tests start throwaway clusters with its
 # initdb/pg_ctl (no system cluster is started).
-APT_PACKAGES=(dcmtk orthanc openssl postgresql openjdk-17-jre-headless maven npm)
+# libfreetype-dev libpng-dev libqhull-dev pkg-config: matplotlib 3.5 (a Rasa dependency) builds
+# from source on Python 3.11 against them (DESIGN §4).
+APT_PACKAGES=(dcmtk orthanc openssl postgresql openjdk-17-jre-headless maven npm
+  libfreetype-dev libpng-dev libqhull-dev pkg-config)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -82,5 +86,19 @@ fi
 
 # --- Default model ---------------------------------------------------------------------------
 TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python -m training.default_model --repository "$VAR/models"
+
+# --- The chatbot: Rasa's own environment and its trained model ------------------------------
+# Rasa 3.6.21 pins numpy/TensorFlow versions the rest of scanwatch has left behind, so it lives in
+# .venv-rasa. pip, not uv: Rasa declares Python < 3.11 and only pip can be told to ignore that.
+rasa_lock_hash=$(cat chatbot/requirements.lock | sha256sum | cut -d' ' -f1)
+if [ "$(cat .venv-rasa/.scanwatch-lock 2>/dev/null)" != "$rasa_lock_hash" ]; then
+  log "installing the chatbot's environment (.venv-rasa) from chatbot/requirements.lock"
+  [ -x .venv-rasa/bin/python ] || "$PYTHON" -m venv .venv-rasa
+  MPLSETUPCFG=$ROOT/chatbot/mpl-setup.cfg .venv-rasa/bin/python -m pip install --quiet \
+    --disable-pip-version-check --no-deps --ignore-requires-python -r chatbot/requirements.lock
+  echo "$rasa_lock_hash" > .venv-rasa/.scanwatch-lock
+fi
+# Trains only when config.yml, domain.yml or data/ changed (the model is named by their hash).
+RASA_TELEMETRY_ENABLED=false .venv-rasa/bin/python chatbot/train.py --out "$VAR/chatbot/models"
 
 log "ready"

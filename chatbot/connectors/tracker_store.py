@@ -1,0 +1,138 @@
+"""Where conversations are kept: Rasa's SQL tracker store, in the project's database (SQLite in
+development, PostgreSQL in production), with two changes for PHI.
+
+- The patient's access token never reaches the database: the patient channel puts it in each
+  message's metadata for the action server, and :meth:`PatientTrackerStore._additional_events`
+  stores a copy of the message without it.
+- Conversations are kept ``retention_days`` (events older than that are deleted when the Rasa
+  server starts, and by the purge command)::
+
+      .venv-rasa/bin/python -m connectors.tracker_store purge   # cwd chatbot/, env as below
+
+endpoints.yml configures it from the environment: ``SCANWATCH_CHAT_DB_URL`` (an SQLAlchemy URL:
+``sqlite:////abs/path/conversations.db`` or ``postgresql://user:password@host:5432/chat``) and
+``SCANWATCH_CHAT_RETENTION_DAYS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from rasa.core.tracker_store import SQLTrackerStore
+from rasa.shared.core.constants import SESSION_START_METADATA_SLOT
+from rasa.shared.core.events import Event, SlotSet, UserUttered
+from rasa.shared.core.trackers import DialogueStateTracker
+
+log = logging.getLogger(__name__)
+
+#: Message metadata that is never stored (the bearer token the channel verified).
+UNSTORED_METADATA = ("access_token",)
+DEFAULT_RETENTION_DAYS = 30
+DAY_S = 86_400
+
+
+def without_secrets(event: Event) -> Event:
+    """``event`` as it may be stored: without :data:`UNSTORED_METADATA`, where Rasa puts the
+    message metadata: a user message (its metadata and its NLU result) and the
+    ``session_started_metadata`` slot (the first message's metadata of a session)."""
+    if isinstance(event, SlotSet) and event.key == SESSION_START_METADATA_SLOT:
+        if isinstance(event.value, dict):
+            stored_slot = copy.copy(event)
+            stored_slot.value = _without(event.value)
+            return stored_slot
+        return event
+    if not isinstance(event, UserUttered) or not any(
+        key in (event.metadata or {}) for key in UNSTORED_METADATA
+    ):
+        return event
+    stored = copy.copy(event)
+    stored.metadata = _without(event.metadata)
+    # The NLU result carries the metadata too (Rasa copies it in).
+    stored.parse_data = {**event.parse_data}  # type: ignore[typeddict-item]
+    if "metadata" in stored.parse_data:
+        stored.parse_data["metadata"] = _without(stored.parse_data["metadata"])  # type: ignore[typeddict-unknown-key]
+    return stored
+
+
+def _without(metadata: dict[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (metadata or {}).items() if k not in UNSTORED_METADATA}
+
+
+def parse_retention_days(value: object) -> int:
+    try:
+        days = int(str(value))
+    except ValueError:
+        days = 0
+    if days < 1:
+        raise ValueError(
+            f"SCANWATCH_CHAT_RETENTION_DAYS must be a whole number >= 1, not {value!r}"
+        )
+    return days
+
+
+class PatientTrackerStore(SQLTrackerStore):
+    """:class:`SQLTrackerStore` that stores no token and keeps ``retention_days``."""
+
+    def __init__(
+        self,
+        domain: Any = None,
+        host: str | None = None,
+        retention_days: object = DEFAULT_RETENTION_DAYS,
+        **kwargs: Any,
+    ) -> None:
+        if not host or "://" not in host:
+            raise ValueError(
+                "the tracker store needs SCANWATCH_CHAT_DB_URL, an SQLAlchemy URL "
+                "(sqlite:////path/conversations.db or postgresql://user:pw@host/chat)"
+            )
+        self.retention_days = parse_retention_days(retention_days)
+        super().__init__(domain=domain, host=host, **kwargs)
+        #: Events deleted at start, for being older than the retention.
+        self.purged = self.purge()
+        log.info(
+            "conversation store ready",
+            extra={"retention_days": self.retention_days, "purged_events": self.purged},
+        )
+
+    def _additional_events(self, session: Any, tracker: DialogueStateTracker) -> Iterator[Event]:
+        return (without_secrets(e) for e in super()._additional_events(session, tracker))
+
+    def purge(self, now: float | None = None) -> int:
+        """Delete every event older than :attr:`retention_days`; the number deleted."""
+        cutoff = (time.time() if now is None else now) - self.retention_days * DAY_S
+        with self.session_scope() as session:
+            removed = (
+                session.query(self.SQLEvent)
+                .filter(self.SQLEvent.timestamp < cutoff)
+                .delete(synchronize_session=False)
+            )
+            session.commit()
+        return int(removed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Delete stored conversations older than SCANWATCH_CHAT_RETENTION_DAYS."
+    )
+    parser.add_argument("command", choices=["purge"])
+    parser.parse_args(argv)
+    url = os.environ.get("SCANWATCH_CHAT_DB_URL")
+    days = os.environ.get("SCANWATCH_CHAT_RETENTION_DAYS", DEFAULT_RETENTION_DAYS)
+    try:
+        store = PatientTrackerStore(host=url, retention_days=days)
+    except ValueError as exc:
+        sys.stderr.write(f"purge: {exc}\n")
+        return 2
+    sys.stderr.write(f"purge: {store.purged} events older than {days} days deleted\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""The patient channel's checks (connectors/patient.py) and the conversation store
+(connectors/tracker_store.py), in process: tokens verified against a JWKS served over real
+HTTP, the grants it accepts, the sender it derives, the rate limit; a stored conversation holds
+no token, and the purge removes what is older than the retention."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from connectors.patient import PatientInput, RateLimiter, check_patient_grant
+from connectors.tracker_store import PatientTrackerStore, parse_retention_days
+from rasa.shared.core.events import ActionExecuted, SlotSet, UserUttered
+from rasa.shared.core.trackers import DialogueStateTracker
+
+from scanwatch.ids import chat_sender_id
+from services.auth.scopes import AuthError, Grant, Scope, parse_scopes
+from services.auth.tokens import KeySet, TokenService
+
+PATIENT_SCOPES = "patient/*.read patient/CommunicationRequest.write"
+
+
+@pytest.fixture(scope="module")
+def keys() -> KeySet:
+    return KeySet.generate()
+
+
+@pytest.fixture(scope="module")
+def jwks_url(keys: KeySet) -> Iterator[str]:
+    body = json.dumps(keys.public_jwks()).encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/auth/jwks"
+    server.shutdown()
+
+
+def channel(jwks_url: str) -> PatientInput:
+    return PatientInput.from_credentials({"jwks_url": jwks_url})
+
+
+def token(
+    keys: KeySet, scope: str = PATIENT_SCOPES, patient: str | None = "p-1", **kw: object
+) -> str:
+    return TokenService(keys).issue("portal", parse_scopes(scope), patient, **kw)[0]  # type: ignore[arg-type]
+
+
+def authenticate(jwks_url: str, header: str | None) -> tuple[str, str]:
+    return asyncio.run(channel(jwks_url).authenticate(header))
+
+
+def test_a_patient_token_is_accepted_and_names_the_patient(keys: KeySet, jwks_url: str) -> None:
+    signed = token(keys)
+    assert authenticate(jwks_url, f"Bearer {signed}") == (signed, "p-1")
+
+
+@pytest.mark.parametrize(
+    ("make", "status"),
+    [
+        (lambda keys: None, 401),  # no header
+        (lambda keys: "Basic abc", 401),
+        (lambda keys: "Bearer not-a-jwt", 401),
+        (lambda keys: f"Bearer {token(KeySet.generate())}", 401),  # a key the server never had
+        (lambda keys: f"Bearer {token(keys, lifetime=timedelta(seconds=-120))}", 401),  # expired
+        (lambda keys: f"Bearer {token(keys, audience='another-service')}", 401),
+        (lambda keys: f"Bearer {token(keys, patient=None)}", 403),  # not bound to a patient
+        (lambda keys: f"Bearer {token(keys, scope='patient/Observation.read')}", 403),  # too narrow
+        (lambda keys: f"Bearer {token(keys, scope='system/*.read')}", 403),  # not a patient's
+    ],
+)
+def test_every_other_token_is_refused(keys: KeySet, jwks_url: str, make, status: int) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(AuthError) as refused:
+        authenticate(jwks_url, make(keys))
+    assert refused.value.status == status
+
+
+def test_a_token_tampered_with_is_refused(keys: KeySet, jwks_url: str) -> None:
+    head, claims, signature = token(keys, patient="p-1").split(".")
+    other = token(keys, patient="p-2").split(".")[1]
+    with pytest.raises(AuthError) as refused:
+        authenticate(jwks_url, f"Bearer {head}.{other}.{signature}")
+    assert refused.value.status == 401
+
+
+def test_a_system_scope_beside_the_patient_scopes_is_refused() -> None:
+    """A token that could read outside the compartment would let the bot read other patients."""
+    grant = Grant("x", (*parse_scopes(PATIENT_SCOPES), Scope.parse("system/Observation.read")), "p")
+    with pytest.raises(AuthError):
+        check_patient_grant(grant)
+    assert check_patient_grant(Grant("x", parse_scopes(PATIENT_SCOPES), "p")) == "p"
+
+
+def test_the_sender_comes_from_the_patient_and_hides_the_id() -> None:
+    assert chat_sender_id("p-1") == chat_sender_id("p-1") != chat_sender_id("p-2")
+    assert chat_sender_id("p-1").startswith("patient-") and "p-1" not in chat_sender_id("p-1")
+
+
+def test_the_rate_limit_is_per_patient_and_refills() -> None:
+    now = [0.0]
+    limiter = RateLimiter(rate_per_minute=60, burst=3, clock=lambda: now[0])
+    assert [limiter.take("a") for _ in range(3)] == [0, 0, 0]
+    assert limiter.take("a") == pytest.approx(1.0)
+    assert limiter.take("b") == 0  # another patient has their own bucket
+    now[0] += 1.0
+    assert limiter.take("a") == 0
+    with pytest.raises(ValueError):
+        RateLimiter(rate_per_minute=0)
+
+
+def test_a_stored_conversation_holds_no_token_and_expires(tmp_path: Path) -> None:
+    database = tmp_path / "conversations.db"
+    store = PatientTrackerStore(host=f"sqlite:///{database}", retention_days=30)
+    old = time.time() - 31 * 86_400
+    tracker = DialogueStateTracker.from_events(
+        "patient-abc",
+        [
+            SlotSet("session_started_metadata", {"access_token": "SECRET0", "patient": "p"}),
+            UserUttered("an old question", metadata={"access_token": "SECRET1"}, timestamp=old),
+            ActionExecuted("action_listen"),
+            UserUttered(
+                "what did my scan show?", metadata={"access_token": "SECRET2", "patient": "p"}
+            ),
+        ],
+    )
+    asyncio.run(store.save(tracker))
+    with sqlite3.connect(database) as db:
+        rows = [json.loads(data) for (data,) in db.execute("SELECT data FROM events")]
+    assert "SECRET" not in json.dumps(rows)
+    assert rows[-1]["metadata"] == {"patient": "p"} and rows[-1]["text"] == "what did my scan show?"
+    # The in-memory tracker the action server gets still has the token.
+    assert tracker.latest_message.metadata["access_token"] == "SECRET2"
+    assert store.purge() == 1
+    with sqlite3.connect(database) as db:
+        texts = [json.loads(d).get("text") for (d,) in db.execute("SELECT data FROM events")]
+    assert "an old question" not in texts and "what did my scan show?" in texts
+    # Restarted with the same database: nothing is older than the retention any more.
+    assert PatientTrackerStore(host=f"sqlite:///{database}", retention_days=30).purged == 0
+
+
+@pytest.mark.parametrize("bad", ["0", "-3", "thirty", ""])
+def test_the_retention_must_be_whole_days(bad: str) -> None:
+    with pytest.raises(ValueError, match="SCANWATCH_CHAT_RETENTION_DAYS"):
+        parse_retention_days(bad)
+
+
+def test_the_tracker_store_needs_a_database_url() -> None:
+    with pytest.raises(ValueError, match="SCANWATCH_CHAT_DB_URL"):
+        PatientTrackerStore(host="", retention_days=30)
