@@ -5,7 +5,14 @@ development, PostgreSQL in production), with two changes for PHI.
   message's metadata for the action server, and :meth:`PatientTrackerStore._additional_events`
   stores a copy of the message without it.
 - Conversations are kept ``retention_days`` (events older than that are deleted when the Rasa
-  server starts, and by the purge command)::
+  server starts, and by the purge command).
+- The trackers of recent conversations are kept in memory (:data:`CACHED_CONVERSATIONS`), so
+  that a message does not read and replay its whole conversation from the database: Rasa's
+  ``retrieve`` was a fifth of its time per message. A cached tracker is used only while the
+  database holds exactly the events it was saved with (one ``COUNT`` per message), so another
+  Rasa replica's writes, or a purge, make it read from the database again.
+
+The purge command::
 
       .venv-rasa/bin/python -m connectors.tracker_store purge   # cwd chatbot/, env as below
 
@@ -22,9 +29,11 @@ import logging
 import os
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
+import sqlalchemy as sa
 from rasa.core.tracker_store import SQLTrackerStore
 from rasa.shared.core.constants import SESSION_START_METADATA_SLOT
 from rasa.shared.core.events import Event, SlotSet, UserUttered
@@ -36,6 +45,10 @@ log = logging.getLogger(__name__)
 UNSTORED_METADATA = ("access_token",)
 DEFAULT_RETENTION_DAYS = 30
 DAY_S = 86_400
+#: Conversations whose tracker is kept in memory (least recently used dropped first), and the
+#: most events a cached tracker may hold before it is read again (the latest session only).
+CACHED_CONVERSATIONS = 1000
+MAX_CACHED_EVENTS = 400
 
 
 def without_secrets(event: Event) -> Event:
@@ -94,6 +107,7 @@ class PatientTrackerStore(SQLTrackerStore):
             )
         self.retention_days = parse_retention_days(retention_days)
         super().__init__(domain=domain, host=host, **kwargs)
+        self._cache: OrderedDict[str, tuple[DialogueStateTracker, int, int]] = OrderedDict()
         #: Events deleted at start, for being older than the retention.
         self.purged = self.purge()
         log.info(
@@ -104,8 +118,41 @@ class PatientTrackerStore(SQLTrackerStore):
     def _additional_events(self, session: Any, tracker: DialogueStateTracker) -> Iterator[Event]:
         return (without_secrets(e) for e in super()._additional_events(session, tracker))
 
+    def _stored_events(self, sender_id: str) -> int:
+        with self.session_scope() as session:
+            query = session.query(sa.func.count(self.SQLEvent.id))
+            return int(query.filter(self.SQLEvent.sender_id == sender_id).scalar() or 0)
+
+    async def retrieve(self, sender_id: str) -> DialogueStateTracker | None:
+        """The conversation's tracker: the cached one while it matches the database."""
+        cached = self._cache.get(sender_id)
+        if cached is not None:
+            tracker, rows, length = cached
+            if len(tracker.events) == length and self._stored_events(sender_id) == rows:
+                self._cache.move_to_end(sender_id)
+                return tracker
+            del self._cache[sender_id]
+        tracker = await super().retrieve(sender_id)
+        if tracker is not None:
+            self._remember(tracker)
+        return tracker
+
+    async def save(self, tracker: DialogueStateTracker) -> None:
+        await super().save(tracker)
+        self._remember(tracker)
+
+    def _remember(self, tracker: DialogueStateTracker) -> None:
+        self._cache.pop(tracker.sender_id, None)
+        if len(tracker.events) > MAX_CACHED_EVENTS:
+            return
+        rows = self._stored_events(tracker.sender_id)
+        self._cache[tracker.sender_id] = (tracker, rows, len(tracker.events))
+        while len(self._cache) > CACHED_CONVERSATIONS:
+            self._cache.popitem(last=False)
+
     def purge(self, now: float | None = None) -> int:
-        """Delete every event older than :attr:`retention_days`; the number deleted."""
+        """Delete every event older than :attr:`retention_days`; the number deleted. (Cached
+        trackers of the conversations touched no longer match the database: read again.)"""
         cutoff = (time.time() if now is None else now) - self.retention_days * DAY_S
         with self.session_scope() as session:
             removed = (

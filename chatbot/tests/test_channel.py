@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from connectors.patient import PatientInput, RateLimiter, check_patient_grant
 from connectors.tracker_store import PatientTrackerStore, parse_retention_days
+from rasa.shared.core.domain import Domain
 from rasa.shared.core.events import ActionExecuted, SlotSet, UserUttered
 from rasa.shared.core.trackers import DialogueStateTracker
 
@@ -165,3 +166,26 @@ def test_the_retention_must_be_whole_days(bad: str) -> None:
 def test_the_tracker_store_needs_a_database_url() -> None:
     with pytest.raises(ValueError, match="SCANWATCH_CHAT_DB_URL"):
         PatientTrackerStore(host="", retention_days=30)
+
+
+def test_a_cached_conversation_is_read_again_when_the_database_moved_on(tmp_path: Path) -> None:
+    """Two Rasa replicas on one database: each sees the other's messages."""
+    url = f"sqlite:///{tmp_path / 'conversations.db'}"
+    domain = Domain.empty()
+    first, second = (
+        PatientTrackerStore(domain=domain, host=url, retention_days=30) for _ in range(2)
+    )
+    tracker = DialogueStateTracker.from_events("patient-abc", [UserUttered("one")])
+    asyncio.run(first.save(tracker))
+    assert asyncio.run(first.retrieve("patient-abc")) is tracker  # from memory
+    elsewhere = asyncio.run(second.retrieve("patient-abc"))
+    assert elsewhere is not None and elsewhere is not tracker
+    elsewhere.update(UserUttered("two"))
+    asyncio.run(second.save(elsewhere))
+    again = asyncio.run(first.retrieve("patient-abc"))
+    assert again is not tracker
+    assert [e.text for e in again.events if isinstance(e, UserUttered)] == ["one", "two"]
+    # A tracker changed in memory but never saved is not served from the cache either.
+    again.update(UserUttered("unsaved"))
+    fresh = asyncio.run(first.retrieve("patient-abc"))
+    assert "unsaved" not in [e.text for e in fresh.events if isinstance(e, UserUttered)]

@@ -144,10 +144,15 @@ def test_a_callback_request_is_recorded_in_fhir(stack: Stack) -> None:
 
 
 def test_low_confidence_asks_to_rephrase_and_offers_the_care_team(stack: Stack) -> None:
-    answer = post(stack, token(stack, patient=ALICE), {"message": "purple monkey dishwasher xq"})
+    """The fallback rule and its answer. (Which messages fall below the confidence threshold
+    depends on the trained model, so the message names the fallback intent, as a button's
+    payload would; the threshold itself is Rasa's FallbackClassifier, config.yml.)"""
+    answer = post(stack, token(stack, patient=ALICE), {"message": "/nlu_fallback"})
     messages = answer.json()
     assert "Could you say it another way?" in messages[0]["text"]
     assert messages[0]["buttons"][0]["payload"] == "/talk_to_clinician"
+    offer = post(stack, token(stack, patient=ALICE), {"message": "/talk_to_clinician"}).json()
+    assert "call you back?" in offer[0]["text"]
 
 
 def tracker_texts(stack: Stack, patient: str) -> list[str]:
