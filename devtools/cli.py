@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -113,6 +114,22 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _send(var: Path, url: str, patient_id: str, text: str) -> httpx.Response:
+    """POST one message as the patient; when the channel says "too many messages" (429), wait
+    as long as its Retry-After says and send it once more, as a patient's app would."""
+
+    def post() -> httpx.Response:
+        token = dev_token(var, PATIENT_SCOPES, patient_id)  # fresh: tokens live 15 minutes
+        headers = {"Authorization": f"Bearer {token}"}
+        return httpx.post(url, json={"message": text}, headers=headers, timeout=60)
+
+    answer = post()
+    if answer.status_code == 429:
+        time.sleep(float(answer.headers.get("Retry-After", "2")))
+        answer = post()
+    return answer
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     """A terminal client of the patient channel, as the patient of ``--patient``: each line
     typed is a message; a number picks one of the buttons the bot offered."""
@@ -128,14 +145,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             sys.stdout.write(f"you> {text}\n")
         if text.isdigit() and 1 <= int(text) <= len(buttons):
             text = buttons[int(text) - 1]["payload"]
-        token = dev_token(var, PATIENT_SCOPES, args.patient)  # fresh: tokens live 15 minutes
         try:
-            answer = httpx.post(
-                args.url,
-                json={"message": text},
-                headers={"Authorization": f"Bearer {token}"},
-                timeout=60,
-            )
+            answer = _send(var, args.url, args.patient, text)
         except httpx.HTTPError as exc:
             sys.stderr.write(f"chat: cannot reach {args.url}: {exc}\n")
             return 1

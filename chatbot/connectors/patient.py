@@ -39,6 +39,7 @@ from sanic import Blueprint, response
 from sanic.request import Request
 from sanic.response import HTTPResponse
 
+import connectors.rasa_patches  # noqa: F401 (applies the patch when Rasa loads this channel)
 from scanwatch.ids import chat_sender_id
 from services.auth.jwks import KeySetUnavailable, RemoteKeySet
 from services.auth.scopes import READ, AuthError, Grant

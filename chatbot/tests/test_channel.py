@@ -189,3 +189,20 @@ def test_a_cached_conversation_is_read_again_when_the_database_moved_on(tmp_path
     again.update(UserUttered("unsaved"))
     fresh = asyncio.run(first.retrieve("patient-abc"))
     assert "unsaved" not in [e.text for e in fresh.events if isinstance(e, UserUttered)]
+
+
+def test_action_responses_are_still_validated() -> None:
+    """The patched validation (connectors/rasa_patches.py) accepts what Rasa's accepts and
+    refuses what it refuses."""
+    import connectors.patient  # noqa: F401 (applies the patch)
+    import jsonschema
+    from rasa.core.actions.action import RemoteAction
+
+    action = RemoteAction("action_latest_result", None)
+    good = {"events": [{"event": "slot", "name": "topic", "value": "result"}], "responses": []}
+    assert action._validate_action_result(good)
+    for bad in ({"events": "not a list"}, {"responses": [1]}, {"events": [{"event": 3}]}):
+        with pytest.raises(jsonschema.ValidationError, match="Failed to validate"):
+            action._validate_action_result(bad)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, RemoteAction.action_response_format_spec())  # Rasa's own
