@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from devtools import chatbot_records  # noqa: E402
 from devtools.cli import PATIENT_SCOPES, dev_tokens  # noqa: E402
 from devtools.kafka_local import free_port  # noqa: E402
-from devtools.stack import Ports, Stack, StackConfig  # noqa: E402
+from devtools.stack import Ports, Stack, StackConfig, StackError  # noqa: E402
 from scanwatch import ids  # noqa: E402
 from services.auth.scopes import parse_scopes  # noqa: E402
 
@@ -154,7 +154,13 @@ def main() -> int:
             extra_env={"SCANWATCH_CHAT_RATE_BURST": "10000"},
         )
         stack = Stack(config)
-        stack.start(timeout=300)
+        try:
+            stack.start(timeout=300)
+        except StackError:
+            for log in sorted(stack.logs.glob("chat*.log")):  # the folder goes with the run
+                sys.stderr.write(f"--- {log.name}\n{log.read_text()[-3000:]}\n")
+            stack.stop()
+            raise
         try:
             codes = [f"CHAT-BENCH-{n}" for n in range(opts.conversations)]
             patients = {
