@@ -117,6 +117,13 @@ async def _chosen(
     return results, records.choose(results, pointer, cursor, _today().date(), SETTINGS.zone)
 
 
+async def _signed_report(
+    patient_records: PatientRecords, result: records.Result
+) -> records.Report | None:
+    """The clinician's signed report on ``result``'s study, if there is one."""
+    return records.final_reports(await patient_records.reports()).get(result.study)
+
+
 def _missing(results: list[records.Result], choice: records.Choice) -> str:
     if not results:
         return "I don't find any scan results in your records yet. " + records.NOT_YET.format(
@@ -138,7 +145,7 @@ class ActionLatestResult(RecordsAction):
             else:
                 dispatcher.utter_message(text=_missing(results, choice))
             return []
-        report = records.final_reports(await patient_records.reports()).get(choice.result.study)
+        report = await _signed_report(patient_records, choice.result)
         dispatcher.utter_message(text=records.describe(choice.result, SETTINGS.zone, report))
         return [SlotSet("study_cursor", choice.result.study)]
 
@@ -153,7 +160,7 @@ class ActionResultStatus(RecordsAction):
             what = choice.missing if results else "your scan"
             dispatcher.utter_message(text=records.NOT_YET.format(what=what))
             return []
-        report = records.final_reports(await patient_records.reports()).get(choice.result.study)
+        report = await _signed_report(patient_records, choice.result)
         dispatcher.utter_message(text=records.describe_status(choice.result, SETTINGS.zone, report))
         return [SlotSet("study_cursor", choice.result.study)]
 
@@ -167,7 +174,7 @@ class ActionReportSummary(RecordsAction):
         if choice.result is None:
             dispatcher.utter_message(text=_missing(results, choice))
             return []
-        report = records.final_reports(await patient_records.reports()).get(choice.result.study)
+        report = await _signed_report(patient_records, choice.result)
         if report is None:
             dispatcher.utter_message(
                 text=(

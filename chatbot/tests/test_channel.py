@@ -206,3 +206,50 @@ def test_action_responses_are_still_validated() -> None:
             action._validate_action_result(bad)
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, RemoteAction.action_response_format_spec())  # Rasa's own
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """A database in a throwaway PostgreSQL cluster (devtools/postgres_local.py), as
+    production keeps conversations."""
+    import shutil
+    import socket
+    import tempfile
+
+    from devtools.postgres_local import LocalPostgres
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = Path(tempfile.mkdtemp(prefix="scanwatch-chat-pg-"))
+    try:
+        cluster = LocalPostgres(root, port)
+    except FileNotFoundError as exc:
+        shutil.rmtree(root)
+        pytest.fail(f"PostgreSQL is not installed ({exc}); scripts/bootstrap.sh installs it")
+    try:
+        cluster.start()
+        yield cluster.database_url(driver="")
+        cluster.stop()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_conversations_in_postgresql_hold_no_token_and_expire(postgres_url: str) -> None:
+    store = PatientTrackerStore(domain=Domain.empty(), host=postgres_url, retention_days=7)
+    old = time.time() - 8 * 86_400
+    tracker = DialogueStateTracker.from_events(
+        "patient-pg",
+        [
+            UserUttered("old", metadata={"access_token": "SECRET1"}, timestamp=old),
+            UserUttered("new", metadata={"access_token": "SECRET2", "patient": "p"}),
+        ],
+    )
+    asyncio.run(store.save(tracker))
+    with store.session_scope() as session:
+        rows = [e.data for e in session.query(store.SQLEvent).all()]
+    assert len(rows) == 2 and not any("SECRET" in r for r in rows)
+    assert store.purge() == 1
+    again = PatientTrackerStore(domain=Domain.empty(), host=postgres_url, retention_days=7)
+    restored = asyncio.run(again.retrieve("patient-pg"))
+    assert [e.text for e in restored.events if isinstance(e, UserUttered)] == ["new"]

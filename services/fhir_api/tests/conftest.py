@@ -8,13 +8,8 @@ root, so as root (CI) the cluster runs as the dedicated system user ``scanwatch-
 
 from __future__ import annotations
 
-import glob
-import os
-import pwd
 import shutil
-import subprocess
 import tempfile
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -23,105 +18,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from devtools.kafka_local import free_port
+from devtools.postgres_local import LocalPostgres
 from services.auth.scopes import Scope
 from services.auth.tokens import TokenService, load_key_set
 from services.fhir_api.app import create_app
 from services.fhir_api.config import Settings
 
-PG_USER = "scanwatch-pg"
 #: Every store test runs on both; the PostgreSQL runs need a real cluster (integration).
 BACKENDS = ("sqlite", pytest.param("postgresql", marks=pytest.mark.integration))
-
-
-class LocalPostgres:
-    """A PostgreSQL cluster in ``root`` on ``port``; ``database_url()`` makes a fresh database."""
-
-    def __init__(self, root: Path, port: int) -> None:
-        self.root = root
-        self.port = port
-        self.data = root / "data"
-        bins = sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=lambda p: int(p.split("/")[-2]))
-        if not bins:
-            raise FileNotFoundError("PostgreSQL is not installed (Debian package postgresql)")
-        self.bin = Path(bins[-1])
-        self.user = PG_USER if os.geteuid() == 0 else None
-
-    def _run(self, *args: str) -> None:
-        command = list(args)
-        if self.user:
-            command = ["runuser", "-u", self.user, "--", *command]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-        if done.returncode:
-            raise RuntimeError(f"{args[0]} failed: {done.stderr.strip() or done.stdout.strip()}")
-
-    def start(self) -> None:
-        if self.user:
-            try:
-                pwd.getpwnam(self.user)
-            except KeyError:
-                subprocess.run(
-                    [
-                        "useradd",
-                        "--system",
-                        "--no-create-home",
-                        "--shell",
-                        "/usr/sbin/nologin",
-                        self.user,
-                    ],
-                    check=True,
-                    capture_output=True,
-                )
-            shutil.chown(self.root, self.user)
-            os.chmod(self.root, 0o700)
-        self._run(
-            str(self.bin / "initdb"),
-            "-D",
-            str(self.data),
-            "-U",
-            "postgres",
-            "--auth=trust",
-            "-E",
-            "UTF8",
-            "--no-sync",
-        )
-        self._pg_ctl(
-            "-t",
-            "60",
-            "-o",
-            f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
-            "-c synchronous_commit=off -c full_page_writes=off",
-            "start",
-        )
-
-    def stop(self) -> None:
-        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
-
-    def restart(self) -> None:
-        """Stop at once (every connection is cut) and start again on the same port."""
-        self._pg_ctl("-m", "immediate", "restart")
-
-    def _pg_ctl(self, *args: str) -> None:
-        """``pg_ctl`` that waits and logs to a file (a server holding our output pipes open
-        would block ``_run``)."""
-        self._run(
-            str(self.bin / "pg_ctl"),
-            "-D",
-            str(self.data),
-            "-w",
-            "-l",
-            str(self.root / "postgres.log"),
-            *args,
-        )
-
-    def database_url(self) -> str:
-        import psycopg
-
-        name = f"fhir_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(
-            f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True
-        ) as connection:
-            connection.execute(f'CREATE DATABASE "{name}"')
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 
 from devtools.kafka_local import free_port
+from devtools.postgres_local import LocalPostgres
 from scanwatch.database import make_engine
-from services.fhir_api.tests.conftest import LocalPostgres
 
 pytestmark = pytest.mark.integration
 

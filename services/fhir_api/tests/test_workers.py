@@ -19,11 +19,11 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from devtools.kafka_local import free_port
+from devtools.postgres_local import LocalPostgres
 from devtools.testing import wait_for
 from services.fhir_api.app import create_app
 from services.fhir_api.config import Settings
 from services.fhir_api.models import ResourceChange
-from services.fhir_api.tests.conftest import LocalPostgres
 from services.fhir_api.tests.test_search import HEADERS, scored, write
 from services.fhir_api.tests.test_subscriptions import (  # noqa: F401 - the receiver fixture
     Receiver,
