@@ -1,10 +1,13 @@
-"""Waiting on conditions, for tests and benchmarks: poll with a deadline, never a bare sleep."""
+"""Waiting on conditions, for tests and benchmarks: poll with a deadline, never a bare sleep;
+and an ASGI app served in a thread until its server has started (:func:`served`)."""
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -24,3 +27,25 @@ def wait_for(
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(interval)
+
+
+@contextmanager
+def served(app: Any, port: int, timeout: float = 30.0) -> Iterator[int]:
+    """Serve an ASGI ``app`` with uvicorn on ``127.0.0.1:port`` (0: a free port) in a thread,
+    for as long as the ``with`` lasts; yields the port once the server has started."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+
+    def started() -> bool:
+        assert thread.is_alive(), "uvicorn exited at start-up"
+        return server.started
+
+    wait_for(started, timeout, "uvicorn to start", interval=0.02)
+    try:
+        yield int(server.servers[0].sockets[0].getsockname()[1])
+    finally:
+        server.should_exit = True
+        thread.join(timeout=timeout)

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import httpx
 import pytest
-import uvicorn
 
 from devtools.kafka_local import free_port
-from devtools.testing import wait_for
+from devtools.testing import served
 from inference_worker.adapters.fhir_writer import FhirWriter, token_url_for
 from inference_worker.fhir_resources import ScoredSeries, ScoredStudy, resources_for
 from services.fhir_api.app import create_app
@@ -33,20 +31,8 @@ def api(tmp_path_factory, signing_keys) -> Iterator[str]:
         signing_keys_file=signing_keys,
         bootstrap_clients=f"{CLIENT}:{SECRET}:system/*.write system/*.read",
     )
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-
-    def started() -> bool:
-        assert thread.is_alive(), "FHIR API exited at start-up"
-        return server.started
-
-    wait_for(started, 30, "the FHIR API to start")
-    yield f"http://127.0.0.1:{port}/fhir"
-    server.should_exit = True
-    thread.join(timeout=10)
+    with served(create_app(settings), port):
+        yield f"http://127.0.0.1:{port}/fhir"
 
 
 def study() -> ScoredStudy:

@@ -15,11 +15,10 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI
 
 from devtools.kafka_local import free_port
-from devtools.testing import wait_for
+from devtools.testing import served
 from services.auth.jwks import KeySetUnavailable, RemoteKeySet, fetch_jwks, parse_jwks
 from services.auth.routes import JWKS_PATH, WELL_KNOWN_JWKS_PATH
 from services.auth.scopes import AuthError, Scope
@@ -67,18 +66,8 @@ def api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
         bootstrap_clients=f"{CLIENT}:{SECRET}:system/*.read",
     )
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-
-    def started() -> bool:
-        assert thread.is_alive(), "FHIR API exited at start-up"
-        return server.started
-
-    wait_for(started, 30, "the FHIR API to start")
-    yield Api(f"http://127.0.0.1:{port}", app, settings.signing_keys_file)
-    server.should_exit = True
-    thread.join(timeout=10)
+    with served(app, port):
+        yield Api(f"http://127.0.0.1:{port}", app, settings.signing_keys_file)
 
 
 @pytest.fixture

@@ -5,21 +5,18 @@ links to the end and reads one result back."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import httpx
 import pytest
-import uvicorn
 from fhirclient import client as fhir_client
 from fhirclient.models.device import Device
 from fhirclient.models.fhirsearch import FHIRSearch
 from fhirclient.models.observation import Observation
 from sqlalchemy.engine import Engine
 
-from devtools.kafka_local import free_port
-from devtools.testing import wait_for
+from devtools.testing import served
 from inference_worker.fhir_resources import ScoredSeries, ScoredStudy, resources_for
 from services.auth import clients as auth
 from services.fhir_api.app import create_app
@@ -36,23 +33,8 @@ PAGE = 3
 def live_api(settings: Settings) -> Iterator[tuple[str, Engine]]:
     """(base URL, store engine) of the app served by uvicorn on a free loopback port."""
     app = create_app(settings)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-
-    def started() -> bool:
-        assert thread.is_alive(), "uvicorn exited at start-up"
-        return server.started
-
-    wait_for(started, STARTUP_DEADLINE_S, "uvicorn to start", interval=0.02)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
+    with served(app, 0, STARTUP_DEADLINE_S) as port:
         yield f"http://127.0.0.1:{port}", app.state.store.engine
-    finally:
-        server.should_exit = True
-        thread.join(timeout=STARTUP_DEADLINE_S)
 
 
 def _study(uid: str, patient: str, day: int) -> ScoredStudy:
