@@ -36,6 +36,7 @@ from typing import Any
 
 from rasa.core.channels.channel import CollectingOutputChannel, InputChannel, UserMessage
 from sanic import Blueprint, response
+from sanic.exceptions import InvalidUsage
 from sanic.request import Request
 from sanic.response import HTTPResponse
 
@@ -175,8 +176,11 @@ class PatientInput(InputChannel):
                     "too many messages; wait a moment and try again",
                     {"Retry-After": str(math.ceil(wait))},
                 )
-            body = request.json if isinstance(request.json, dict) else {}
-            text = body.get("message")
+            try:
+                body = request.json
+            except InvalidUsage:  # not JSON
+                body = None
+            text = body.get("message") if isinstance(body, dict) else None
             if not isinstance(text, str) or not text.strip():
                 return _error(400, 'the body must be JSON {"message": "<text>"}')
             if len(text) > self.max_message_chars:

@@ -242,6 +242,14 @@ def test_messages_are_rate_limited_per_patient(stack: Stack) -> None:
     assert post(stack, token(stack, patient=BOB), {"message": "hi"}).status_code == 200
     too_long = post(stack, token(stack, patient=BOB), {"message": "x" * 1001})
     assert too_long.status_code == 413
+    for body in (b"not json", b'["a list"]', b'{"message": 3}', b'{"message": "  "}'):
+        bad = httpx.post(
+            stack.config.chat_url,
+            content=body,
+            headers={"Authorization": f"Bearer {token(stack, patient=BOB)}"},
+            timeout=30,
+        )
+        assert bad.status_code == 400 and "message" in bad.json()["error"], body
 
 
 def test_no_conversation_token_or_patient_id_in_logs_or_the_store(stack: Stack) -> None:

@@ -271,6 +271,7 @@ def test_cli_refuses_a_signing_key_set_others_may_read(
     keys_file = tmp_path / "signing-keys.json"
     load_key_set(keys_file)
     keys_file.chmod(0o640)
+    caplog.clear()  # the set-up's own "created a new key set" (captured or not, by test order)
     monkeypatch.setattr(entry, "configure_logging", lambda *_args: None)
     monkeypatch.setenv("SCANWATCH_FHIR_DATABASE_URL", f"sqlite:///{tmp_path / 'fhir.db'}")
     monkeypatch.setenv("SCANWATCH_FHIR_SIGNING_KEYS_FILE", str(keys_file))
