@@ -133,62 +133,65 @@ def _missing(results: list[records.Result], choice: records.Choice) -> str:
     return f"I don't find {choice.missing}. Your scans with a result are from: {dates}."
 
 
-class ActionLatestResult(RecordsAction):
+class StudyAction(RecordsAction):
+    """A question about one study: the one the message points at (or the conversation's), its
+    signed report if any; :meth:`found` says the answer, :meth:`not_found` why there is none."""
+
+    async def answer(self, patient_records, dispatcher, tracker, pointer):  # type: ignore[no-untyped-def]
+        results, choice = await _chosen(patient_records, tracker, pointer)
+        if choice.result is None:
+            dispatcher.utter_message(text=self.not_found(results, choice, pointer))
+            return []
+        report = await _signed_report(patient_records, choice.result)
+        dispatcher.utter_message(text=self.found(choice.result, report))
+        return [SlotSet("study_cursor", choice.result.study)]
+
+    def not_found(
+        self, results: list[records.Result], choice: records.Choice, pointer: records.Pointer
+    ) -> str:
+        return _missing(results, choice)
+
+    def found(self, result: records.Result, report: records.Report | None) -> str:
+        raise NotImplementedError
+
+
+class ActionLatestResult(StudyAction):
     action_name = "action_latest_result"
     topic = "result"
 
-    async def answer(self, patient_records, dispatcher, tracker, pointer):  # type: ignore[no-untyped-def]
-        results, choice = await _chosen(patient_records, tracker, pointer)
-        if choice.result is None:
-            if pointer.ref in ("today", "yesterday"):
-                dispatcher.utter_message(text=records.NOT_YET.format(what=choice.missing))
-            else:
-                dispatcher.utter_message(text=_missing(results, choice))
-            return []
-        report = await _signed_report(patient_records, choice.result)
-        dispatcher.utter_message(text=records.describe(choice.result, SETTINGS.zone, report))
-        return [SlotSet("study_cursor", choice.result.study)]
+    def not_found(self, results, choice, pointer):  # type: ignore[no-untyped-def]
+        if pointer.ref in ("today", "yesterday"):
+            return records.NOT_YET.format(what=choice.missing)
+        return _missing(results, choice)
+
+    def found(self, result, report):  # type: ignore[no-untyped-def]
+        return records.describe(result, SETTINGS.zone, report)
 
 
-class ActionResultStatus(RecordsAction):
+class ActionResultStatus(StudyAction):
     action_name = "action_result_status"
     topic = "status"
 
-    async def answer(self, patient_records, dispatcher, tracker, pointer):  # type: ignore[no-untyped-def]
-        results, choice = await _chosen(patient_records, tracker, pointer)
-        if choice.result is None:
-            what = choice.missing if results else "your scan"
-            dispatcher.utter_message(text=records.NOT_YET.format(what=what))
-            return []
-        report = await _signed_report(patient_records, choice.result)
-        dispatcher.utter_message(text=records.describe_status(choice.result, SETTINGS.zone, report))
-        return [SlotSet("study_cursor", choice.result.study)]
+    def not_found(self, results, choice, pointer):  # type: ignore[no-untyped-def]
+        return records.NOT_YET.format(what=choice.missing if results else "your scan")
+
+    def found(self, result, report):  # type: ignore[no-untyped-def]
+        return records.describe_status(result, SETTINGS.zone, report)
 
 
-class ActionReportSummary(RecordsAction):
+class ActionReportSummary(StudyAction):
     action_name = "action_report_summary"
     topic = "report"
 
-    async def answer(self, patient_records, dispatcher, tracker, pointer):  # type: ignore[no-untyped-def]
-        results, choice = await _chosen(patient_records, tracker, pointer)
-        if choice.result is None:
-            dispatcher.utter_message(text=_missing(results, choice))
-            return []
-        report = await _signed_report(patient_records, choice.result)
-        if report is None:
-            dispatcher.utter_message(
-                text=(
-                    f"No clinician has signed a report on your scan of "
-                    f"{records.day(choice.result.when, SETTINGS.zone)} yet. "
-                    f"{records.status_words(choice.result, SETTINGS.zone)} Once a clinician "
-                    "has written their conclusion, I can tell you what it says."
-                )
-            )
-        else:
-            dispatcher.utter_message(
-                text=records.describe_report(report, choice.result, SETTINGS.zone)
-            )
-        return [SlotSet("study_cursor", choice.result.study)]
+    def found(self, result, report):  # type: ignore[no-untyped-def]
+        if report is not None:
+            return records.describe_report(report, result, SETTINGS.zone)
+        return (
+            f"No clinician has signed a report on your scan of "
+            f"{records.day(result.when, SETTINGS.zone)} yet. "
+            f"{records.status_words(result, SETTINGS.zone)} Once a clinician "
+            "has written their conclusion, I can tell you what it says."
+        )
 
 
 class ActionExplainScore(RecordsAction):
