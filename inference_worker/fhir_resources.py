@@ -1,4 +1,6 @@
-"""FHIR R4 resources for one scored study (DESIGN §6): Patient, Device, ImagingStudy, Observation.
+"""FHIR R4 resources for one scored study (DESIGN §6): Patient, Device, ImagingStudy, Observation;
+and, before the model has answered, the Patient and the ImagingStudy of a study received but not
+yet scored (status ``registered``), so that a patient asking early learns it arrived.
 
 Pure functions, no I/O. Every builder returns a JSON-ready dict that has been validated by the
 ``fhir.resources.R4B`` model of its type and is in that model's canonical form, so a resource
@@ -65,6 +67,8 @@ PARTICIPANT_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/provenance-part
 
 OBSERVATION_STATUS = "preliminary"  # AI output, not reviewed by a clinician
 IMAGING_STUDY_STATUS = "available"
+#: An ImagingStudy received but not scored yet ("nothing yet available", FHIR R4).
+REGISTERED_STATUS = "registered"
 DEVICE_STATUS = "active"
 
 #: DICOM PatientSex (PS3.3 C.7.1.1) → FHIR administrative gender.
@@ -85,15 +89,14 @@ class ScoredSeries:
     SeriesNumber: int | None = None
 
 
-@dataclass(frozen=True)
-class ScoredStudy:
-    """Everything the FHIR resources of one (study, model version) are built from.
+@dataclass(frozen=True, kw_only=True)
+class ReceivedStudy:
+    """A study as its chosen series' DICOM header describes it: what the Patient and the
+    ImagingStudy are built from, before any model has scored it.
 
-    ``probabilities`` are study-level and in the order of ``class_names``, which must contain
-    :data:`schemas.model_signature.NORMAL_CLASS`. Naive datetimes (DICOM dates and times have
-    no zone unless TimezoneOffsetFromUTC is present) are read in ``timezone``; ``issued`` must
-    be timezone-aware. An empty ``PatientID`` (DICOM type 2) yields a Patient of this study
-    alone, never one shared by every study without an id.
+    Naive datetimes (DICOM dates and times have no zone unless TimezoneOffsetFromUTC is present)
+    are read in ``timezone``. An empty ``PatientID`` (DICOM type 2) yields a Patient of this
+    study alone, never one shared by every study without an id.
     """
 
     PatientID: str
@@ -101,12 +104,6 @@ class ScoredStudy:
     series: ScoredSeries
     NumberOfStudyRelatedSeries: int
     NumberOfStudyRelatedInstances: int
-    model_name: str
-    model_version: int
-    class_names: tuple[str, ...]
-    probabilities: tuple[float, ...]
-    threshold: float
-    issued: datetime
     acquired: datetime | None = None
     started: datetime | None = None
     timezone: tzinfo = UTC
@@ -116,6 +113,23 @@ class ScoredStudy:
     PatientBirthDate: date | None = None
     AccessionNumber: str | None = None
     StudyDescription: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoredStudy(ReceivedStudy):
+    """Everything the FHIR resources of one (study, model version) are built from: the
+    :class:`ReceivedStudy` and the model's answer.
+
+    ``probabilities`` are study-level and in the order of ``class_names``, which must contain
+    :data:`schemas.model_signature.NORMAL_CLASS`; ``issued`` must be timezone-aware.
+    """
+
+    model_name: str
+    model_version: int
+    class_names: tuple[str, ...]
+    probabilities: tuple[float, ...]
+    threshold: float
+    issued: datetime
 
     def __post_init__(self) -> None:
         # Accept any sequence (lists, numpy arrays) but keep the frozen value hashable.
@@ -160,13 +174,19 @@ def resources_for(study: ScoredStudy) -> list[dict[str, Any]]:
     return [patient(study), device(study), imaging_study(study), observation(study)]
 
 
+def registered_resources_for(study: ReceivedStudy) -> list[dict[str, Any]]:
+    """What a study received but not scored yet is known as: its Patient and its ImagingStudy
+    with status ``registered`` (the scored one replaces it, same id)."""
+    return [patient(study), imaging_study(study, REGISTERED_STATUS)]
+
+
 def all_resources_for(study: ScoredStudy) -> list[dict[str, Any]]:
     """Everything the pipeline writes for a scored study: :func:`resources_for`, then the
     DiagnosticReport presenting the Observation and the Provenance of both."""
     return [*resources_for(study), diagnostic_report(study), provenance(study)]
 
 
-def patient(study: ScoredStudy) -> dict[str, Any]:
+def patient(study: ReceivedStudy) -> dict[str, Any]:
     """A minimal Patient from the DICOM patient module."""
     resource: dict[str, Any] = {"resourceType": "Patient", "id": patient_logical_id(study)}
     if study.PatientID.strip():
@@ -219,8 +239,9 @@ def device(study: ScoredStudy) -> dict[str, Any]:
     return _validated(resource)
 
 
-def imaging_study(study: ScoredStudy) -> dict[str, Any]:
-    """The ImagingStudy, listing the scored series."""
+def imaging_study(study: ReceivedStudy, status: str = IMAGING_STUDY_STATUS) -> dict[str, Any]:
+    """The ImagingStudy, listing the scored series (the one to be scored, while
+    ``registered``)."""
     series = study.series
     modality = {"system": DCM_SYSTEM, "code": series.Modality}
     series_entry: dict[str, Any] = {
@@ -238,7 +259,7 @@ def imaging_study(study: ScoredStudy) -> dict[str, Any]:
         "identifier": [
             {"system": ids.DICOM_UID_SYSTEM, "value": f"urn:oid:{study.StudyInstanceUID}"}
         ],
-        "status": IMAGING_STUDY_STATUS,
+        "status": status,
         "modality": [modality],
         "subject": {"reference": f"Patient/{patient_logical_id(study)}"},
         "numberOfSeries": study.NumberOfStudyRelatedSeries,
@@ -412,7 +433,7 @@ def _ai_asserted() -> dict[str, Any]:
     }
 
 
-def patient_logical_id(study: ScoredStudy) -> str:
+def patient_logical_id(study: ReceivedStudy) -> str:
     """The Patient id: from (IssuerOfPatientID, PatientID), or from the study when PatientID
     is empty (so unidentified patients are never merged into one)."""
     if study.PatientID.strip():

@@ -57,6 +57,11 @@ class ResourceWriter(Protocol):
         when the API is unreachable for now."""
         ...
 
+    async def put_missing(self, resources: list[dict[str, Any]]) -> None:
+        """Write, in order, those of ``resources`` the store does not hold yet (an existing one
+        is left as it is); raises like :meth:`put_all`."""
+        ...
+
 
 class Sink(Protocol):
     """A topic to send raw events to (a Faust topic in production)."""

@@ -10,6 +10,7 @@ anything else is fatal.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 
@@ -26,7 +27,14 @@ from schemas import InferenceResultV1, StudyReadyV1
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ResourceWriter", "Scorer", "aggregate", "result_event", "scored_study"]
+__all__ = [
+    "ResourceWriter",
+    "Scorer",
+    "aggregate",
+    "received_study",
+    "result_event",
+    "scored_study",
+]
 
 
 def aggregate(prediction: Prediction) -> npt.NDArray[np.float64]:
@@ -73,11 +81,26 @@ class Scorer:
             self.rules,
         )
         prepared = time.monotonic()
-        prediction = await with_retries(
-            lambda: self.model.predict(selected.images), self.retries, "Predict"
+        received = received_study(ready, selected)
+        # While the model works, the study is recorded as received, so that a patient who asks
+        # early learns it arrived; if the model fails, that record stays until a retry scores it.
+        registering = asyncio.ensure_future(
+            with_retries(
+                lambda: self.writer.put_missing(fhir_resources.registered_resources_for(received)),
+                self.retries,
+                "FHIR write",
+            )
         )
+        try:
+            prediction = await with_retries(
+                lambda: self.model.predict(selected.images), self.retries, "Predict"
+            )
+        except BaseException:
+            await asyncio.gather(registering, return_exceptions=True)
+            raise
+        await registering
         predicted = time.monotonic()
-        study = scored_study(ready, selected, prediction, aggregate(prediction))
+        study = scored_study(ready, received, prediction, aggregate(prediction))
         await with_retries(
             lambda: self.writer.put_all(fhir_resources.all_resources_for(study)),
             self.retries,
@@ -124,19 +147,10 @@ def result_event(study: fhir_resources.ScoredStudy, slice_count: int) -> Inferen
     )
 
 
-def scored_study(
-    ready: StudyReadyV1,
-    selected: SelectedSeries,
-    prediction: Prediction,
-    probabilities: npt.NDArray[np.float64],
-) -> fhir_resources.ScoredStudy:
-    """What the FHIR builders need, from the chosen series' header and the model's answer.
-
-    ``issued`` is the ready event's time, not the clock: a redelivered event then rebuilds the
-    very same resources, and the FHIR API stores no new version.
-    """
+def received_study(ready: StudyReadyV1, selected: SelectedSeries) -> fhir_resources.ReceivedStudy:
+    """The study as the chosen series' header describes it."""
     header = selected.header
-    return fhir_resources.ScoredStudy(
+    return fhir_resources.ReceivedStudy(
         PatientID=header.PatientID,
         IssuerOfPatientID=header.IssuerOfPatientID,
         PatientName=header.PatientName,
@@ -157,6 +171,23 @@ def scored_study(
         ),
         NumberOfStudyRelatedSeries=selected.number_of_series,
         NumberOfStudyRelatedInstances=selected.study_instance_count,
+    )
+
+
+def scored_study(
+    ready: StudyReadyV1,
+    received: fhir_resources.ReceivedStudy,
+    prediction: Prediction,
+    probabilities: npt.NDArray[np.float64],
+) -> fhir_resources.ScoredStudy:
+    """What the FHIR builders need: the received study and the model's answer.
+
+    ``issued`` is the ready event's time, not the clock: a redelivered event then rebuilds the
+    very same resources, and the FHIR API stores no new version.
+    """
+    described = {f.name: getattr(received, f.name) for f in dataclasses.fields(received)}
+    return fhir_resources.ScoredStudy(
+        **described,
         model_name=prediction.model_name,
         model_version=prediction.model_version,
         class_names=tuple(prediction.class_names),

@@ -8,7 +8,8 @@ patient is the token's; a patient named in the text is never looked up.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import asyncio
+from datetime import UTC, date, datetime
 from typing import Any
 
 import aiohttp
@@ -117,6 +118,31 @@ async def _chosen(
     return results, records.choose(results, pointer, cursor, _today().date(), SETTINGS.zone)
 
 
+def _means_newest(tracker: Tracker, pointer: records.Pointer) -> bool:
+    """Whether the patient means their newest scan (which may have no result yet)."""
+    if pointer.ref in ("latest", "today", "yesterday"):
+        return True
+    return pointer.empty and tracker.get_slot("study_cursor") is None
+
+
+def _still_waiting(
+    received: list[records.Received], choice: records.Choice, pointer: records.Pointer
+) -> records.Received | None:
+    """The newest study received but not scored that the patient's question is about: on the
+    day they name, and newer than the result chosen."""
+    today = _today().date()
+    for study in received:
+        local = study.when.astimezone(SETTINGS.zone).date() if study.when else None
+        if pointer.ref == "today" and local != today:
+            continue
+        if pointer.ref == "yesterday" and local != date.fromordinal(today.toordinal() - 1):
+            continue
+        chosen = choice.result.when if choice.result else None
+        if chosen is None or (study.when is not None and study.when >= chosen):
+            return study
+    return None
+
+
 async def _signed_report(
     patient_records: PatientRecords, result: records.Result
 ) -> records.Report | None:
@@ -135,10 +161,25 @@ def _missing(results: list[records.Result], choice: records.Choice) -> str:
 
 class StudyAction(RecordsAction):
     """A question about one study: the one the message points at (or the conversation's), its
-    signed report if any; :meth:`found` says the answer, :meth:`not_found` why there is none."""
+    signed report if any; :meth:`found` says the answer, :meth:`not_found` why there is none.
+    With ``tells_received``, a newest scan that arrived but has no result yet is the answer."""
+
+    tells_received = False
 
     async def answer(self, patient_records, dispatcher, tracker, pointer):  # type: ignore[no-untyped-def]
-        results, choice = await _chosen(patient_records, tracker, pointer)
+        if self.tells_received and _means_newest(tracker, pointer):
+            (results, choice), imaging = await asyncio.gather(
+                _chosen(patient_records, tracker, pointer), patient_records.received()
+            )
+            waiting = _still_waiting(records.received_studies(imaging), choice, pointer)
+            if waiting is not None:
+                latest = results[0] if results else None
+                dispatcher.utter_message(
+                    text=records.describe_received(waiting, SETTINGS.zone, latest)
+                )
+                return [SlotSet("study_cursor", None)]
+        else:
+            results, choice = await _chosen(patient_records, tracker, pointer)
         if choice.result is None:
             dispatcher.utter_message(text=self.not_found(results, choice, pointer))
             return []
@@ -158,6 +199,7 @@ class StudyAction(RecordsAction):
 class ActionLatestResult(StudyAction):
     action_name = "action_latest_result"
     topic = "result"
+    tells_received = True
 
     def not_found(self, results, choice, pointer):  # type: ignore[no-untyped-def]
         if pointer.ref in ("today", "yesterday"):
@@ -171,6 +213,7 @@ class ActionLatestResult(StudyAction):
 class ActionResultStatus(StudyAction):
     action_name = "action_result_status"
     topic = "status"
+    tells_received = True
 
     def not_found(self, results, choice, pointer):  # type: ignore[no-untyped-def]
         return records.NOT_YET.format(what=choice.missing if results else "your scan")

@@ -93,6 +93,10 @@ class PatientRecords:
             "Observation", code=f"{CODE_SYSTEM}|{ANOMALY_SCORE_CODE}", _sort="-date", _count="100"
         )
 
+    async def received(self) -> list[dict[str, Any]]:
+        """The ImagingStudies received but not scored yet."""
+        return await self.search("ImagingStudy", status="registered", _count="20")
+
     async def reports(self) -> list[dict[str, Any]]:
         return await self.search("DiagnosticReport", _count="100")
 

@@ -1,5 +1,6 @@
 """A patient's records as the chatbot talks about them: results read from FHIR Observations and
-DiagnosticReports, which study a patient points at, the trend, and the sentences that say it.
+DiagnosticReports, studies received but not scored yet (ImagingStudy ``registered``), which
+study a patient points at, the trend, and the sentences that say it.
 
 Pure functions, no I/O: the actions fetch the resources (:mod:`actions.fhir`) and pass them
 here. Every sentence about a result says where it comes from (a preliminary AI result or one a
@@ -81,6 +82,14 @@ class Report:
     conclusion: str
     issued: datetime | None
     author: str | None
+
+
+@dataclass(frozen=True)
+class Received:
+    """A study that has reached the hospital's system and has no result yet."""
+
+    study: str  # "ImagingStudy/<id>"
+    when: datetime | None  # when it was acquired (DICOM), else when it arrived
 
 
 def _instant(text: str | None) -> datetime | None:
@@ -175,6 +184,20 @@ def _epoch(moment: datetime | None) -> float:
 
 def _rank(result: Result) -> tuple[bool, float]:
     return (result.reviewed, _epoch(result.issued))
+
+
+def received_studies(imaging_studies: Iterable[dict[str, Any]]) -> list[Received]:
+    """The studies still ``registered`` (received, not scored), newest first."""
+    found = [
+        Received(
+            f"ImagingStudy/{study.get('id')}",
+            _instant(study.get("started"))
+            or _instant((study.get("meta") or {}).get("lastUpdated")),
+        )
+        for study in imaging_studies
+        if study.get("status") == "registered"
+    ]
+    return sorted(found, key=lambda r: _epoch(r.when), reverse=True)
 
 
 def final_reports(reports: Iterable[dict[str, Any]]) -> dict[str, Report]:
@@ -329,6 +352,22 @@ NOT_YET = (
     "after the scanner has sent the last images, and a clinician reviews it after that. Please "
     "check again a little later. If you are worried, you can ask your care team to call you back."
 )
+
+
+def describe_received(received: Received, tz: tzinfo, latest: Result | None) -> str:
+    """A study that arrived and has no result yet, and the latest result there is."""
+    earlier = (
+        f" The latest result I have is of your scan of {day(latest.when, tz)}; ask me about it if "
+        "you like."
+        if latest is not None
+        else ""
+    )
+    return (
+        f"Your scan of {day(received.when, tz)} has reached us, and the computer analysis (AI) "
+        "of its images is not finished yet. It usually takes a few minutes, and a clinician "
+        f"reviews the result after that. Please check again a little later.{earlier} If you are "
+        "worried, you can ask your care team to call you back."
+    )
 
 
 def trend(results: Sequence[Result]) -> str | None:

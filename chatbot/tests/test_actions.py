@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -114,6 +115,39 @@ def test_a_scan_this_morning_without_a_result_yet(fhir: FakeFhir) -> None:
     )
     assert "I don't have a result yet for a scan today" in text
     assert "usually finishes within minutes" in text
+
+
+def test_a_scan_received_but_not_scored_yet_is_what_the_newest_scan_questions_answer(
+    fhir: FakeFhir,
+) -> None:
+    # The worker records a study as "registered" while the model scores it (or is down).
+    study = next(r for r in RECORDS[ALICE] if r["resourceType"] == "ImagingStudy")
+    now = datetime.now(UTC)
+    waiting = study | {"id": "waiting", "status": "registered", "started": now.isoformat()}
+    fhir.records[ALICE] = [*RECORDS[ALICE], waiting]
+    today = (
+        f"{now.astimezone(actions.SETTINGS.zone).day} {now.astimezone(actions.SETTINGS.zone):%B %Y}"
+    )
+
+    for action, text, entities in (
+        (actions.ActionResultStatus(), "my scan was this morning, where is my result?", "today"),
+        (actions.ActionLatestResult(), "what did my scan show?", None),
+    ):
+        said, _, events = run(
+            action, text, entities=entity("study_ref", entities) if entities else None
+        )
+        assert f"Your scan of {today} has reached us" in said
+        assert "not finished yet" in said
+        assert "latest result I have is of your scan of 20 May 2025" in said
+        assert SlotSet("study_cursor", None) in events
+    # A question about an older scan still answers that one; Bob never hears of Alice's.
+    said, _, _ = run(actions.ActionLatestResult(), "march", entities=entity("month", "march"))
+    assert "11 March 2025" in said and "reached us" not in said
+    said, _, _ = run(actions.ActionLatestResult(), "what did my scan show?", token="bob-token")
+    assert "reached us" not in said and "June 2025" in said
+    assert {s.query.get("status") for s in fhir.seen if s.path.endswith("/ImagingStudy")} == {
+        "registered"
+    }
 
 
 def test_status_and_report_follow_the_clinician(fhir: FakeFhir) -> None:

@@ -7,8 +7,9 @@ When the FHIR API requires tokens, the writer is a registered backend client: it
 token with the OAuth 2.0 client-credentials grant (HTTP Basic client authentication), keeps it
 until shortly before it expires, and fetches a new one once if the API answers 401.
 
-:meth:`FhirWriter.put` speaks HTTP and raises httpx's errors; :meth:`FhirWriter.put_all` is the
-worker's :class:`~inference_worker.ports.ResourceWriter` and turns the failures that may go away
+:meth:`FhirWriter.put` speaks HTTP and raises httpx's errors; :meth:`FhirWriter.put_all` and
+:meth:`FhirWriter.put_missing` are the worker's :class:`~inference_worker.ports.ResourceWriter`
+and turn the failures that may go away
 by themselves (no connection, a timeout, 5xx, 429) into
 :class:`~inference_worker.errors.FhirUnavailable`. Other answers (4xx: a refused token or
 resource) go up unchanged: fatal.
@@ -16,7 +17,9 @@ resource) go up unchanged: fatal.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -82,32 +85,54 @@ class FhirWriter:
             self._token_expires = time.monotonic() + max(lifetime - TOKEN_MARGIN_S, 1.0)
         return {"Authorization": f"Bearer {self._token}"}
 
-    async def put(self, resource: dict[str, Any]) -> None:
-        """Create or update one resource; raises ``httpx.HTTPStatusError`` on a non-2xx answer."""
+    async def _send(self, method: str, resource: dict[str, Any]) -> httpx.Response:
         url = f"{self.base_url}/{resource['resourceType']}/{resource['id']}"
         headers = {"Content-Type": FHIR_JSON, **await self._authorization()}
-        response = await self._http().put(url, json=resource, headers=headers)
+        body = resource if method == "PUT" else None
+        response = await self._http().request(method, url, json=body, headers=headers)
         if response.status_code == 401 and self._credentials is not None:
             # The token was revoked or the server's key rotated: one fresh token, one retry.
             headers.update(await self._authorization(renew=True))
-            response = await self._http().put(url, json=resource, headers=headers)
-        response.raise_for_status()
+            response = await self._http().request(method, url, json=body, headers=headers)
+        return response
+
+    async def put(self, resource: dict[str, Any]) -> None:
+        """Create or update one resource; raises ``httpx.HTTPStatusError`` on a non-2xx answer."""
+        (await self._send("PUT", resource)).raise_for_status()
 
     async def put_all(self, resources: list[dict[str, Any]]) -> None:
         """Write resources in order (referenced resources first)."""
-        try:
+        async with _domain_errors():
             for resource in resources:
                 await self.put(resource)
-        except httpx.TransportError as exc:
-            raise FhirUnavailable(f"FHIR API unreachable: {exc!r}") from exc
-        except httpx.HTTPStatusError as exc:
-            status = exc.response.status_code
-            if status >= 500 or status == 429:
-                raise FhirUnavailable(f"FHIR API answered {status}") from exc
-            raise
+
+    async def put_missing(self, resources: list[dict[str, Any]]) -> None:
+        """Write, in order, those of ``resources`` the API answers 404 (or 410, deleted) for."""
+        async with _domain_errors():
+            for resource in resources:
+                found = await self._send("GET", resource)
+                if found.status_code in (404, 410):
+                    await self.put(resource)
+                else:
+                    found.raise_for_status()
 
     async def close(self) -> None:
         """Close the HTTP connections (a later write opens new ones)."""
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+
+@contextlib.asynccontextmanager
+async def _domain_errors() -> AsyncIterator[None]:
+    """httpx's errors as the worker's: unreachable, 5xx and 429 are :class:`FhirUnavailable`
+    (transient); any other refusal stays an ``HTTPStatusError`` (fatal)."""
+    try:
+        yield
+    except httpx.TransportError as exc:
+        raise FhirUnavailable(f"FHIR API unreachable: {exc!r}") from exc
+    except httpx.HTTPStatusError as exc:
+        status = exc.response.status_code
+        if status >= 500 or status == 429:
+            raise FhirUnavailable(f"FHIR API answered {status}") from exc
+        raise

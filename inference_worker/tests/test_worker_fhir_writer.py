@@ -12,7 +12,12 @@ import pytest
 from devtools.kafka_local import free_port
 from devtools.testing import served
 from inference_worker.adapters.fhir_writer import FhirWriter, token_url_for
-from inference_worker.fhir_resources import ScoredSeries, ScoredStudy, resources_for
+from inference_worker.fhir_resources import (
+    ScoredSeries,
+    ScoredStudy,
+    registered_resources_for,
+    resources_for,
+)
 from services.fhir_api.app import create_app
 from services.fhir_api.config import Settings
 
@@ -77,6 +82,34 @@ def test_writer_gets_a_token_and_writes(api):
     stored = httpx.get(url, headers={"Authorization": f"Bearer {token}"})
     assert stored.status_code == 200
     assert stored.json()["meta"]["versionId"] == "1"  # the second write changed nothing
+
+
+def test_put_missing_writes_a_registered_study_once_and_never_over_a_scored_one(api):
+    writer = FhirWriter(api, client_id=CLIENT, client_secret=SECRET)
+    scored = study()
+    received = ScoredStudy(**(vars(scored) | {"StudyInstanceUID": "1.2.826.0.1.3680043.8.498.56"}))
+    token = httpx.post(
+        token_url_for(api), data={"grant_type": "client_credentials"}, auth=(CLIENT, SECRET)
+    ).json()["access_token"]
+
+    def stored(resource):
+        url = f"{api}/ImagingStudy/{resource['id']}"
+        return httpx.get(url, headers={"Authorization": f"Bearer {token}"}).json()
+
+    async def run():
+        try:
+            await writer.put_all(resources_for(scored))  # this one is scored already
+            await writer.put_missing(registered_resources_for(scored))
+            await writer.put_missing(registered_resources_for(received))  # this one is new
+            await writer.put_missing(registered_resources_for(received))
+        finally:
+            await writer.close()
+
+    asyncio.run(run())
+    done = stored(registered_resources_for(scored)[1])
+    assert (done["status"], done["meta"]["versionId"]) == ("available", "1")
+    waiting = stored(registered_resources_for(received)[1])
+    assert (waiting["status"], waiting["meta"]["versionId"]) == ("registered", "1")
 
 
 def test_wrong_secret_is_refused(api):

@@ -58,11 +58,18 @@ class FakeModel:
 
 
 class ListWriter:
+    """Keeps what :meth:`put_all` wrote in ``resources``, and what :meth:`put_missing` would
+    write in ``registered`` (a fresh store: nothing is there yet)."""
+
     def __init__(self) -> None:
         self.resources: list[dict] = []
+        self.registered: list[dict] = []
 
     async def put_all(self, resources: list[dict]) -> None:
         self.resources.extend(resources)
+
+    async def put_missing(self, resources: list[dict]) -> None:
+        self.registered.extend(resources)
 
 
 def test_evenly_spaced_covers_the_series():
@@ -142,9 +149,35 @@ def test_score_writes_fhir_and_returns_a_consistent_result(study):
         == ids.observation_id(ready.StudyInstanceUID, "fake-model", 3)
     )
     assert obs["subject"]["reference"] == f"Patient/{ids.patient_id(None, 'P-UNIT')}"
+    # While the model worked, the study was recorded as received: the same Patient, and the
+    # same ImagingStudy with status "registered" until the scored one replaces it.
+    patient, registered = writer.registered
+    assert patient == writer.resources[0]
+    assert registered == writer.resources[2] | {"status": "registered"}
+    assert writer.resources[2]["status"] == "available"
     # Same ready event again: byte-identical resources, so the FHIR store adds no version.
     _, _, again, _ = asyncio.run(_score(ready))
     assert again.resources == writer.resources
+
+
+def test_a_study_the_model_could_not_score_stays_recorded_as_received(study):
+    import asyncio
+
+    from inference_worker.errors import ModelUnavailable
+
+    class DownModel(FakeModel):
+        async def predict(self, images):
+            raise ModelUnavailable("model server unreachable")
+
+    writer = ListWriter()
+    scorer = Scorer(DownModel(), writer, max_slices=6, retries=0)
+    with pytest.raises(ModelUnavailable):
+        asyncio.run(scorer.score(ready_for(study)))
+    assert writer.resources == []  # no result
+    assert [(r["resourceType"], r.get("status")) for r in writer.registered] == [
+        ("Patient", None),
+        ("ImagingStudy", "registered"),
+    ]
 
 
 def enhanced_mr(study: list[Path], path: Path, reverse_frames: bool = True) -> Path:

@@ -196,6 +196,10 @@ def worker_metric(stack: Stack, name: str) -> float:
 
 def test_model_server_outage_parks_the_study_and_loses_nothing(stack: Stack, tmp_path: Path):
     files = build_mr_study(tmp_path / "outage", patient_id="SW-E2E-OUTAGE", n_slices=8, seed=5)
+    study = f"{stack.config.fhir_base}/ImagingStudy/"
+    study += ids.imaging_study_id(
+        pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    )
     parked_before = worker_metric(stack, "scanwatch_worker_studies_parked_total")
     stack.hold("model-server")
     try:
@@ -205,9 +209,12 @@ def test_model_server_outage_parks_the_study_and_loses_nothing(stack: Stack, tmp
             120,
         )
         assert not observations_of(stack, "SW-E2E-OUTAGE").get("total")
+        # Received, not scored: what a patient asking now is told.
+        assert httpx.get(study).json()["status"] == "registered"
     finally:
         stack.release("model-server")
     assert wait_for(lambda: observations_of(stack, "SW-E2E-OUTAGE").get("total"), 180) == 1
+    assert httpx.get(study).json()["status"] == "available"
 
 
 def test_unusable_study_goes_to_the_dead_letter_topic(stack: Stack, tmp_path: Path):

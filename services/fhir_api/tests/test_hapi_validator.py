@@ -20,6 +20,7 @@ from inference_worker.fhir_resources import (
     ScoredSeries,
     ScoredStudy,
     all_resources_for,
+    registered_resources_for,
     resources_for,
 )
 from scanwatch import care_plan
@@ -112,6 +113,7 @@ def _validate(resources: list[dict], folder: Path) -> dict[str, list[tuple[str, 
 @pytest.fixture(scope="module")
 def validation(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[tuple[str, str, str]]]:
     resources = [r for study in _studies() for r in all_resources_for(study)]
+    resources += registered_resources_for(_studies()[0])[1:]  # its ImagingStudy, "registered"
     return _validate(resources + _care_plan(), tmp_path_factory.mktemp("hapi"))
 
 
