@@ -19,8 +19,10 @@ log() { printf '[bootstrap] %s\n' "$*" >&2; }
 # initdb/pg_ctl (no system cluster is started).
 # libfreetype-dev libpng-dev libqhull-dev pkg-config: matplotlib 3.5 (a Rasa dependency) builds
 # from source on Python 3.11 against them (DESIGN §4).
+# chromium: the browser the portal's tests drive with Playwright (a browser download by the test
+# tool fails here; DESIGN §4).
 APT_PACKAGES=(dcmtk orthanc openssl postgresql openjdk-17-jre-headless maven npm
-  libfreetype-dev libpng-dev libqhull-dev pkg-config)
+  libfreetype-dev libpng-dev libqhull-dev pkg-config chromium)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
@@ -55,6 +57,17 @@ if [ "$(cat .venv/.scanwatch-lock 2>/dev/null)" != "$lock_hash" ]; then
   "${UV[@]}" pip sync --quiet --python .venv/bin/python requirements.lock
   "${UV[@]}" pip install --quiet --python .venv/bin/python --no-deps -e .
   echo "$lock_hash" > .venv/.scanwatch-lock
+fi
+
+# --- The portal's front-end packages (npm) ---------------------------------------------------
+# chart.js (the progress chart) and axe-core (the browser tests' accessibility checks), from the
+# npm registry into services/portal/node_modules, served by the portal itself (pages never load
+# from a CDN). Installed again only when the lock file changes.
+portal_lock_hash=$(sha256sum services/portal/package-lock.json | cut -d' ' -f1)
+if [ "$(cat services/portal/node_modules/.scanwatch-lock 2>/dev/null)" != "$portal_lock_hash" ]; then
+  log "installing the portal's front-end packages (npm ci)"
+  (cd services/portal && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  echo "$portal_lock_hash" > services/portal/node_modules/.scanwatch-lock
 fi
 
 # --- Java jars from Maven Central -------------------------------------------------------------

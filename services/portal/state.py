@@ -1,0 +1,49 @@
+"""What the routes share, built once by :func:`services.portal.app.create_app`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+from fastapi.responses import Response
+from fastapi.templating import Jinja2Templates
+
+from services.portal.config import Settings
+from services.portal.metrics import PortalMetrics
+from services.portal.sessions import Session, SessionStore
+from services.portal.smart import SmartClient
+
+
+@dataclass
+class Portal:
+    settings: Settings
+    sessions: SessionStore
+    smart: SmartClient
+    http: httpx.AsyncClient  # FHIR and the chatbot, always with the patient's token
+    templates: Jinja2Templates
+    metrics: PortalMetrics
+
+    def set_cookie(self, response: Response, session: Session) -> None:
+        """The session id: HttpOnly, SameSite=Lax (the authorization server's redirect back
+        is a top-level GET, which Lax lets through), Secure outside loopback."""
+        response.set_cookie(
+            self.settings.session_cookie,
+            session.id,
+            max_age=int(self.settings.session_max_s),
+            path="/",
+            httponly=True,
+            samesite="lax",
+            secure=self.settings.secure_cookies,
+        )
+
+    def clear_cookie(self, response: Response) -> None:
+        response.delete_cookie(
+            self.settings.session_cookie,
+            path="/",
+            httponly=True,
+            samesite="lax",
+            secure=self.settings.secure_cookies,
+        )
+
+    def end_session(self, session: Session, remember: bool = True) -> None:
+        self.sessions.end(session, remember=remember)
