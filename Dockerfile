@@ -1,7 +1,7 @@
 # One image per scanwatch service, each with only its own code and dependencies (the service's
 # extra in pyproject.toml, at the versions requirements.lock pins):
 #   docker build --target listener -t scanwatch-listener .
-# Targets: listener, worker, fhir-api, model-server, training, chatbot. docker-compose.yml builds
+# Targets: listener, worker, fhir-api, model-server, training, chatbot, portal. docker-compose.yml builds
 # them.
 FROM python:3.11-slim AS base
 ENV PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
@@ -41,6 +41,24 @@ COPY services/model_server services/model_server
 RUN uv pip install --system --no-cache -c requirements.lock ".[model-server]"
 USER scanwatch
 CMD ["scanwatch-model-server"]
+
+# The patient portal: its front-end packages come from npm in a Node stage (package-lock.json;
+# only the ones it serves: no devDependencies), the Python side is the portal extra. It reads
+# tokens with services.auth's plain verifier modules only.
+FROM node:20-slim AS portal-assets
+WORKDIR /assets
+COPY services/portal/package.json services/portal/package-lock.json ./
+RUN npm ci --omit=dev --no-audit --no-fund
+
+FROM base AS portal
+COPY services/__init__.py services/__init__.py
+COPY services/auth/__init__.py services/auth/scopes.py services/auth/tokens.py \
+     services/auth/jwks.py services/auth/
+COPY services/portal services/portal
+COPY --from=portal-assets /assets/node_modules services/portal/node_modules
+RUN uv pip install --system --no-cache -c requirements.lock ".[portal]"
+USER scanwatch
+CMD ["scanwatch-portal"]
 
 FROM base AS training
 COPY training training

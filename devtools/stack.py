@@ -33,6 +33,8 @@ CHATBOT = ROOT / "chatbot"
 RASA = ROOT / ".venv-rasa" / "bin" / "rasa"
 #: The client the worker writes results with when the FHIR API requires tokens.
 WORKER_CLIENT = "scanwatch-worker"
+#: The patient portal's client id (a confidential SMART app; its secret is made per run).
+PORTAL_CLIENT = "scanwatch-portal"
 
 
 @dataclass
@@ -49,6 +51,7 @@ class Ports:
     listener_metrics: int = 9111
     chat: int = 5005  # Rasa server: the patient channel and Rasa's HTTP API
     chat_actions: int = 5055  # Rasa's action server
+    portal: int = 8090  # the patient portal
 
 
 @dataclass
@@ -95,6 +98,10 @@ class StackConfig:
         return f"http://127.0.0.1:{self.ports.chat}/webhooks/patient/webhook"
 
     @property
+    def portal_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.portal}"
+
+    @property
     def chat_model_dir(self) -> Path:
         return self.chat_models or self.var / "chatbot" / "models"
 
@@ -132,6 +139,7 @@ class Stack:
         )
         self.worker_secret = secrets.token_urlsafe(24)
         self.chat_api_token = config.chat_api_token or secrets.token_urlsafe(24)
+        self.portal_secret = secrets.token_urlsafe(32)
         self.services = [
             s for s in self._services() if config.only is None or s.name in config.only
         ]
@@ -193,6 +201,7 @@ class Stack:
                 kafka=True,
             ),
             *(self._chatbot(base) if c.chatbot else []),
+            *([self._portal(base)] if c.chatbot else []),
         ]
 
     def _fhir_auth(self) -> dict[str, str]:
@@ -203,7 +212,46 @@ class Stack:
         return {
             "SCANWATCH_FHIR_AUTH_MODE": "required",
             "SCANWATCH_FHIR_BOOTSTRAP_CLIENTS": f"{WORKER_CLIENT}:{self.worker_secret}:{scopes}",
+            # The activation page links here once a patient has set a password.
+            "SCANWATCH_AUTH_PORTAL_URL": self.config.portal_url,
         }
+
+    def _portal(self, base: dict[str, str]) -> Service:
+        """The patient portal: a SMART app of the FHIR API's authorization server (registered
+        by :meth:`register_portal` once the API is up), forwarding chat to Rasa's channel."""
+        c, p = self.config, self.config.ports
+        return Service(
+            "portal",
+            [sys.executable, "-m", "services.portal"],
+            {
+                **base,
+                "SCANWATCH_PORTAL_PORT": str(p.portal),
+                "SCANWATCH_PORTAL_FHIR_BASE_URL": c.fhir_base,
+                "SCANWATCH_PORTAL_CHAT_URL": c.chat_url,
+                "SCANWATCH_PORTAL_CLIENT_ID": PORTAL_CLIENT,
+                "SCANWATCH_PORTAL_CLIENT_SECRET": self.portal_secret,
+            },
+            lambda: _http_ok(f"{c.portal_url}/healthz"),
+        )
+
+    def register_portal(self) -> None:
+        """Register the portal as a confidential SMART app of the FHIR API's authorization
+        server (its database), with this run's secret and its redirect URI."""
+        from scanwatch.database import make_engine
+        from services.auth.clients import register_app
+
+        engine = make_engine(f"sqlite:///{self.config.var / 'fhir.db'}")
+        try:
+            register_app(
+                engine,
+                PORTAL_CLIENT,
+                [f"{self.config.portal_url}/callback"],
+                confidential=True,
+                secret=self.portal_secret,
+                description="scanwatch patient portal (development stack)",
+            )
+        finally:
+            engine.dispose()
 
     def _chatbot(self, base: dict[str, str]) -> list[Service]:
         """The Rasa action server and the Rasa server (their own virtualenv, cwd chatbot/)."""
@@ -298,6 +346,8 @@ class Stack:
         deadline = time.monotonic() + timeout
         for service in self.services:
             self.wait_healthy(service, deadline - time.monotonic())
+            if service.name == "fhir-api" and any(s.name == "portal" for s in self.services):
+                self.register_portal()  # its tables exist once the API is healthy
         self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         self._supervisor.start()
 
@@ -403,6 +453,7 @@ class Stack:
                 f"  Rasa HTTP API:           http://127.0.0.1:{p.chat}  "
                 f"(--auth-token {self.chat_api_token})",
                 f"  Rasa action server:      http://127.0.0.1:{p.chat_actions}/webhook",
+                f"  patient portal:          {c.portal_url}/  (sign in with an activation link)",
             ]
         lines += [
             f"  logs:                    {self.logs}/",
@@ -419,6 +470,8 @@ class Stack:
             lines += [
                 "and ask the chatbot as that patient:",
                 f"  .venv/bin/scanwatch chat --patient {patient_id}",
+                "or open the activation link send-sample prints, set a password, and sign in to",
+                f"the patient portal at {c.portal_url}/ (results, chart, medicines, chat).",
             ]
         return "\n".join([*lines, "", "Ctrl-C stops everything."])
 
