@@ -1,5 +1,8 @@
-"""Registered clients: the backend services (an EHR, the pipeline, the portal) that may ask
-the token endpoint for tokens, and the scopes each may be granted.
+"""Registered clients: the backend services (an EHR, the pipeline) that ask the token
+endpoint for tokens with their own credentials (client credentials grant), and the SMART apps
+(the patient portal) that sign patients in (authorization code grant with PKCE, refresh
+tokens): the scopes each may be granted, its redirect URIs, its grant types, and whether it
+is public (no secret: PKCE alone binds its code) or confidential.
 
 Client secrets are random 256-bit values; only their SHA-256 is stored (a high-entropy secret
 needs no slow hash). The ``oauth_client`` table lives in the database it is given (today the
@@ -14,18 +17,31 @@ import hmac
 import logging
 import re
 import secrets
+from collections.abc import Sequence
 from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 from sqlalchemy import DateTime, Text
 from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from scanwatch.database import for_writes
-from services.auth.scopes import Scope, parse_scopes
+from services.auth.config import is_loopback
+from services.auth.scopes import NON_RESOURCE_SCOPES, Scope, parse_scopes
 
 log = logging.getLogger(__name__)
 
 _CLIENT_ID_RE = re.compile(r"^[A-Za-z0-9._-]{3,100}$")
+CLIENT_CREDENTIALS = "client_credentials"
+AUTHORIZATION_CODE = "authorization_code"
+REFRESH_TOKEN = "refresh_token"
+#: What a SMART patient app (the portal) may be granted: the patient's own records, its
+#: callback request (the chatbot asks for one with the patient's token), the patient context,
+#: OpenID Connect with fhirUser, and refresh tokens.
+SMART_APP_SCOPES = (
+    "launch/patient openid fhirUser offline_access patient/*.read "
+    "patient/CommunicationRequest.write"
+)
 
 
 class OAuthClient(SQLModel, table=True):
@@ -40,6 +56,21 @@ class OAuthClient(SQLModel, table=True):
     description: str | None = Field(default=None, max_length=500)
     created: datetime = Field(sa_type=DateTime(timezone=True))
     active: bool = True
+    redirect_uris: str = Field(
+        default="", sa_type=Text, description="space-separated; matched exactly"
+    )
+    grant_types: str = Field(
+        default=CLIENT_CREDENTIALS, sa_type=Text, description="space-separated"
+    )
+    public: bool = Field(default=False, description="no secret (token endpoint auth: none)")
+
+    @property
+    def redirect_uri_list(self) -> list[str]:
+        return self.redirect_uris.split()
+
+    @property
+    def grant_type_list(self) -> list[str]:
+        return self.grant_types.split()
 
 
 def _digest(secret: str) -> str:
@@ -76,17 +107,88 @@ def register_client(
         client.patient = patient
         client.description = description
         client.active = True
+        client.redirect_uris = ""
+        client.grant_types = CLIENT_CREDENTIALS
+        client.public = False
         session.add(client)
         session.commit()
     log.info("client registered", extra={"client_id": client_id, "scopes": scopes})
     return secret
 
 
+def _check_redirect_uri(uri: str) -> str:
+    parts = urlsplit(uri)
+    if parts.scheme not in ("https", "http") or not parts.hostname or parts.fragment:
+        raise ValueError(f"a redirect URI is an absolute http(s) URL without a fragment: {uri!r}")
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise ValueError(f"a redirect URI off loopback must be https: {uri!r}")
+    return uri
+
+
+def register_app(
+    engine: Engine,
+    client_id: str,
+    redirect_uris: Sequence[str],
+    scopes: str = SMART_APP_SCOPES,
+    *,
+    confidential: bool = False,
+    description: str | None = None,
+    secret: str | None = None,
+) -> str | None:
+    """Register (or re-register) a SMART app that signs patients in: the authorization code
+    grant (PKCE S256 always) and refresh tokens, sent back only to ``redirect_uris`` (exact
+    match; https, or http on loopback). A public app (the default) has no secret; a
+    ``confidential`` one gets one, returned (given or made), and must authenticate at the
+    token endpoint (client_secret_basic or client_secret_post). Returns the secret or None."""
+    if not _CLIENT_ID_RE.match(client_id):
+        raise ValueError("client_id must be 3-100 characters of letters, digits, '.', '_', '-'")
+    uris = [_check_redirect_uri(u) for u in redirect_uris]
+    if not uris:
+        raise ValueError("a SMART app needs at least one redirect URI")
+    items = scopes.split()
+    resource = parse_scopes(scopes)  # ValueError on a malformed one
+    if not resource or any(s.context != "patient" for s in resource):
+        raise ValueError("a SMART patient app is granted patient/ scopes (and only those)")
+    unknown = [i for i in items if "/" not in i and i not in NON_RESOURCE_SCOPES]
+    if unknown or "launch/patient" not in items:
+        raise ValueError(f"unknown scopes {unknown}; a patient app needs launch/patient")
+    if confidential:
+        secret = secret or secrets.token_urlsafe(32)
+    elif secret:
+        raise ValueError("a public app has no secret")
+    with Session(for_writes(engine)) as session:
+        client = session.get(OAuthClient, client_id) or OAuthClient(
+            client_id=client_id, secret_sha256="", scopes="", created=datetime.now(UTC)
+        )
+        client.secret_sha256 = _digest(secret) if secret else ""
+        client.scopes = " ".join(dict.fromkeys(items))
+        client.patient = None
+        client.description = description
+        client.active = True
+        client.redirect_uris = " ".join(uris)
+        client.grant_types = f"{AUTHORIZATION_CODE} {REFRESH_TOKEN}"
+        client.public = not confidential
+        session.add(client)
+        session.commit()
+    log.info(
+        "SMART app registered",
+        extra={"client_id": client_id, "public": not confidential, "redirect_uris": uris},
+    )
+    return secret
+
+
+def get_client(engine: Engine, client_id: str) -> OAuthClient | None:
+    """The active client ``client_id``, or None."""
+    with Session(engine) as session:
+        client = session.get(OAuthClient, client_id)
+    return client if client is not None and client.active else None
+
+
 def authenticate_client(engine: Engine, client_id: str, secret: str) -> OAuthClient | None:
     """The active client with this id and secret, or None."""
     with Session(engine) as session:
         client = session.get(OAuthClient, client_id)
-    if client is None or not client.active:
+    if client is None or not client.active or not client.secret_sha256:
         _digest(secret)  # same work either way
         return None
     if not hmac.compare_digest(client.secret_sha256, _digest(secret)):

@@ -28,7 +28,9 @@ from scanwatch.logs import configure_logging
 from scanwatch.processes import die_with_parent
 from services.auth import clients
 from services.auth import routes as auth_routes
+from services.auth.config import AuthSettings
 from services.auth.scopes import AuthError
+from services.auth.server import SmartServer
 from services.auth.tokens import TokenService, load_key_set
 from services.fhir_api import metrics, migrate, routes
 from services.fhir_api.config import Settings
@@ -90,13 +92,20 @@ def _exit_with_parent() -> None:
 
 
 def create_app(
-    settings: Settings, engine: Engine | None = None, *, database_prepared: bool = False
+    settings: Settings,
+    engine: Engine | None = None,
+    *,
+    database_prepared: bool = False,
+    auth_settings: AuthSettings | None = None,
 ) -> FastAPI:
     """Build the API over ``settings.database_url`` (or an injected ``engine``); its start-up
-    runs :func:`prepare_database` unless ``database_prepared``."""
+    runs :func:`prepare_database` unless ``database_prepared``. With tokens required it also
+    serves the SMART authorization server (``auth_settings``, else ``SCANWATCH_AUTH_*``)."""
     engine = engine if engine is not None else make_engine(settings.database_url)
     store = ResourceStore(engine)
     tokens = token_service(settings) if settings.auth_mode == "required" else None
+    auth_settings = auth_settings if auth_settings is not None else AuthSettings()
+    smart_server = SmartServer(engine, tokens, auth_settings, settings.base_url) if tokens else None
     api_metrics = FhirApiMetrics()
     subscriptions = SubscriptionManager(
         store,
@@ -140,6 +149,8 @@ def create_app(
     app.state.store = store
     app.state.tokens = tokens
     app.state.client_engine = engine
+    app.state.auth_settings = auth_settings
+    app.state.smart_server = smart_server
     app.state.subscriptions = subscriptions
     app.state.metrics = api_metrics
     app.state.started = routes.started_now()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+from services.auth import smart
 from services.auth.routes import TOKEN_PATH
 from services.fhir_api.compartment import PATIENT_CREATE_TYPES
 from services.fhir_api.config import Settings
@@ -38,10 +39,14 @@ def _software_version() -> str:
         return "0.0.0"
 
 
+def issuer_root(base_url: str) -> str:
+    """The authorization server's root for a FHIR base URL (``.../fhir`` → ``...``)."""
+    return base_url[: -len("/fhir")] if base_url.endswith("/fhir") else base_url
+
+
 def token_url(base_url: str) -> str:
     """The token endpoint for a FHIR base URL (``.../fhir`` → ``.../auth/token``)."""
-    root = base_url[: -len("/fhir")] if base_url.endswith("/fhir") else base_url
-    return f"{root}{TOKEN_PATH}"
+    return f"{issuer_root(base_url)}{TOKEN_PATH}"
 
 
 def _resource(resource_type: str, max_count: int) -> dict[str, Any]:
@@ -80,9 +85,11 @@ def _resource(resource_type: str, max_count: int) -> dict[str, Any]:
 
 
 def capability_statement(
-    base_url: str, date: str, settings: Settings, auth_required: bool
+    base_url: str, date: str, settings: Settings, auth_required: bool, issuer: str | None = None
 ) -> dict[str, Any]:
-    """The server's CapabilityStatement (kind ``instance``) for ``base_url``."""
+    """The server's CapabilityStatement (kind ``instance``) for ``base_url``; its SMART
+    endpoints are those of ``issuer`` (default: the base URL's root)."""
+    urls = smart.endpoints(issuer or issuer_root(base_url))
     rest: dict[str, Any] = {
         "mode": "server",
         "resource": [_resource(t, settings.max_count) for t in RESOURCE_TYPES],
@@ -92,15 +99,20 @@ def capability_statement(
             "extension": [
                 {
                     "url": SMART_EXTENSION,
-                    "extension": [{"url": "token", "valueUri": token_url(base_url)}],
+                    "extension": [
+                        {"url": "token", "valueUri": urls["token"]},
+                        {"url": "authorize", "valueUri": urls["authorize"]},
+                        {"url": "revoke", "valueUri": urls["revoke"]},
+                    ],
                 }
             ],
             "service": [{"coding": [{"system": SMART_SERVICE, "code": "SMART-on-FHIR"}]}],
             "description": "Bearer JWT access tokens with SMART scopes (system/*.read, "
             "patient/Observation.read, patient/*.read, system/*.write, "
-            "patient/CommunicationRequest.write) from the client-credentials token endpoint; "
-            "patient/ scopes reach only the token's patient's compartment; only /metadata is "
-            "public.",
+            "patient/CommunicationRequest.write): backend services by client credentials, "
+            "patients' apps by SMART standalone launch (authorization code with PKCE S256, "
+            ".well-known/smart-configuration); patient/ scopes reach only the token's "
+            "patient's compartment; only /metadata is public.",
         }
     else:
         rest["documentation"] = "Authorization is off (development on loopback only)."
@@ -117,19 +129,6 @@ def capability_statement(
     }
 
 
-def smart_configuration(base_url: str) -> dict[str, Any]:
-    """``.well-known/smart-configuration`` for backend services."""
-    return {
-        "token_endpoint": token_url(base_url),
-        "grant_types_supported": ["client_credentials"],
-        "token_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
-        "scopes_supported": [
-            "system/*.read",
-            "system/*.write",
-            "system/Observation.read",
-            "patient/Observation.read",
-            "patient/*.read",
-            *(f"patient/{t}.write" for t in PATIENT_CREATE_TYPES),
-        ],
-        "capabilities": ["client-confidential-symmetric", "permission-patient"],
-    }
+def smart_configuration(issuer: str) -> dict[str, Any]:
+    """``.well-known/smart-configuration`` of the authorization server at ``issuer``."""
+    return smart.smart_configuration(issuer)

@@ -19,10 +19,11 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
+from services.auth.config import AuthSettings
 from services.auth.scopes import READ, AuthError
 from services.fhir_api.audit import Audit
 from services.fhir_api.bundles import INCLUDE_TYPES, history, parse_history, searchset
-from services.fhir_api.capability import capability_statement, smart_configuration
+from services.fhir_api.capability import capability_statement, issuer_root, smart_configuration
 from services.fhir_api.compartment import Compartment, check_patient_members, compartment_of
 from services.fhir_api.config import Settings
 from services.fhir_api.deps import (
@@ -86,12 +87,20 @@ def gone(stored: Stored) -> FhirError:
 def metadata(request: Request, settings: SettingsDep, base: BaseUrl) -> Response:
     started: str = request.app.state.started
     auth_required = request.app.state.tokens is not None
-    return FhirJSONResponse(capability_statement(base, started, settings, auth_required))
+    issuer = _issuer(request, base)
+    return FhirJSONResponse(capability_statement(base, started, settings, auth_required, issuer))
 
 
 @router.get("/fhir/.well-known/smart-configuration")
-def smart(base: BaseUrl) -> Response:
-    return JSONResponse(smart_configuration(base))
+def smart(request: Request, base: BaseUrl) -> Response:
+    return JSONResponse(smart_configuration(_issuer(request, base)))
+
+
+def _issuer(request: Request, base: str) -> str:
+    """The authorization server's root URL: configured (``SCANWATCH_AUTH_ISSUER``), else the
+    FHIR base URL's root."""
+    settings: AuthSettings = request.app.state.auth_settings
+    return settings.issuer or issuer_root(base)
 
 
 # --- type level ------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from __future__ import annotations
 from alembic import context
 from sqlmodel import SQLModel
 
-from services.auth import clients  # noqa: F401 - registers oauth_client
+from services.auth import accounts, clients, store  # noqa: F401 - registers the auth tables
 from services.fhir_api import models  # noqa: F401 - registers the FHIR store's tables
 
 target_metadata = SQLModel.metadata
