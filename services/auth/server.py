@@ -355,6 +355,9 @@ class SmartServer(AuthorizationServer):  # type: ignore[misc]
         clock: Callable[[], datetime] = _now,
     ) -> None:
         super().__init__(scopes_supported=list(SUPPORTED_SCOPES))
+        # Authlib logs issued tokens and codes at DEBUG ("Issue token %r"): never, here, even
+        # when the service runs at DEBUG (no tokens in logs, scanwatch/logs.py).
+        logging.getLogger("authlib").setLevel(logging.INFO)
         self.engine = engine
         #: The FHIR base URL apps must name as ``aud`` (None: the issuer's ``/fhir``).
         self.fhir_base = fhir_base
