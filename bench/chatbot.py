@@ -114,6 +114,25 @@ def memory(pid: int) -> tuple[float, float]:
     return tuple(int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM"))  # type: ignore[return-value]
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and all its live descendants, seconds."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    family: set[int] = set()
+    grown = {pid}
+    while grown:
+        family |= grown
+        grown = {child for child, (parent, _) in stats.items() if parent in grown} - family
+    return sum(stats[member][1] for member in family if member in stats)
+
+
 def converse(
     stack: Stack, patient: str, rounds: int, times: list[float], lock: threading.Lock
 ) -> None:
@@ -186,12 +205,21 @@ def main() -> int:
                 )
                 for code in codes
             ]
+            pids = {
+                name: stack.service(name).process.pid  # type: ignore[union-attr]
+                for name in ("chat", "chat-actions", "fhir-api")
+            }
+            cpu_before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            own_before = time.process_time()
             started = time.perf_counter()
             for thread in threads:
                 thread.start()
             for thread in threads:
                 thread.join()
             wall = time.perf_counter() - started
+            replies = opts.conversations * opts.rounds * len(QUESTIONS)
+            cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
+            cpu["bench client"] = time.process_time() - own_before
             rasa_rss, rasa_peak = memory(stack.service("chat").process.pid)  # type: ignore[union-attr]
             actions_rss, actions_peak = memory(stack.service("chat-actions").process.pid)  # type: ignore[union-attr]
         finally:
@@ -205,7 +233,12 @@ def main() -> int:
         f"reply time, {opts.conversations} concurrent conversations, {len(ms)} result questions "
         f"(after one warm-up round each): p50 {statistics.median(ms):.0f} ms, "
         f"p95 {percentile(ms, 95):.0f} ms, max {max(ms):.0f} ms (bar p95 <= 300 ms); "
-        f"{opts.conversations * opts.rounds * len(QUESTIONS) / wall:.1f} replies/s over the run"
+        f"{replies / wall:.1f} replies/s over the run"
+    )
+    say(
+        "CPU per reply: "
+        + ", ".join(f"{name} {seconds / replies * 1000:.1f} ms" for name, seconds in cpu.items())
+        + f" (2 cores give {2000 * wall / replies:.0f} ms of CPU per reply at this rate)"
     )
     say(
         f"memory: Rasa server RSS {rasa_rss:.0f} MiB (peak {rasa_peak:.0f}), "

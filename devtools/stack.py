@@ -265,6 +265,7 @@ class Stack:
             "SCANWATCH_CHAT_TOKEN_AUDIENCE": "scanwatch-fhir-api",
             "SCANWATCH_CHAT_ACTION_URL": f"http://127.0.0.1:{p.chat_actions}/webhook",
             "SCANWATCH_CHAT_DB_URL": f"sqlite:///{c.var / 'chatbot' / 'conversations.db'}",
+            "SCANWATCH_CHAT_LOCK_DIR": str(c.var / "chatbot" / "locks"),
             **{k: v for k, v in CHAT_DEFAULTS.items() if k not in base},
         }
         (c.var / "chatbot").mkdir(parents=True, exist_ok=True)
@@ -481,6 +482,9 @@ CHAT_DEFAULTS = {
     "SCANWATCH_CHAT_RATE_PER_MINUTE": "30",
     "SCANWATCH_CHAT_RATE_BURST": "10",
     "SCANWATCH_CHAT_RETENTION_DAYS": "30",
+    # Rasa server worker processes: one Rasa process kept one core busy while the other idled
+    # (bench/chatbot.py); more need a lock store every process sees (connectors/lock_store.py).
+    "SANIC_WORKERS": "2",
 }
 
 

@@ -14,7 +14,8 @@ On every message, before Rasa sees it:
 - the conversation's sender is derived from the token's patient
   (:func:`scanwatch.ids.chat_sender_id`); a
   ``sender`` or ``metadata`` in the body is ignored;
-- each patient gets at most ``burst`` messages at once and ``rate_per_minute`` after that (429);
+- each patient gets at most ``burst`` messages at once and ``rate_per_minute`` after that (429),
+  counted by each Rasa server process (with ``SANIC_WORKERS`` = n, up to n times that);
 - the message is at most ``max_message_chars`` long (413).
 
 The verified token and patient travel to the action server in the message's metadata (the

@@ -10,7 +10,13 @@ development, PostgreSQL in production), with two changes for PHI.
   that a message does not read and replay its whole conversation from the database: Rasa's
   ``retrieve`` was a fifth of its time per message. A cached tracker is used only while the
   database holds exactly the events it was saved with (one ``COUNT`` per message), so another
-  Rasa replica's writes, or a purge, make it read from the database again.
+  Rasa replica's writes, or a purge, make it read from the database again. Saving a cached
+  tracker appends the events after those it was cached with, without counting the stored ones
+  again: the lock store (``connectors/lock_store.py``) lets one message per conversation through
+  at a time, in every process.
+- SQLite keeps its connections open (a pool) instead of opening, configuring (write-ahead log)
+  and closing one per query, as SQLAlchemy 1.4 does for a database file: that was a tenth of the
+  Rasa server's time per message (py-spy, bench/chatbot.py).
 
 The purge command::
 
@@ -26,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import itertools
 import logging
 import os
 import sys
@@ -51,6 +58,8 @@ DAY_S = 86_400
 #: most events a cached tracker may hold before it is read again (the latest session only).
 CACHED_CONVERSATIONS = 1000
 MAX_CACHED_EVENTS = 400
+#: SQLite connections kept open (about the threads that save and read at once).
+SQLITE_POOL_SIZE = 8
 
 
 def without_secrets(event: Event) -> Event:
@@ -105,7 +114,20 @@ def _write_ahead(engine: sa.engine.Engine) -> None:
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.close()
 
-    engine.dispose()  # connections made before the listener get it too
+
+def _pooled_sqlite(engine: sa.engine.Engine) -> sa.engine.Engine:
+    """An engine on the same SQLite file whose connections stay open between queries (a
+    queue pool; the worker threads of :meth:`PatientTrackerStore.save` share them), each
+    configured once by :func:`_write_ahead`."""
+    pooled = sa.create_engine(
+        engine.url,
+        poolclass=sa.pool.QueuePool,
+        pool_size=SQLITE_POOL_SIZE,
+        connect_args={"check_same_thread": False},
+    )
+    engine.dispose()
+    _write_ahead(pooled)
+    return pooled
 
 
 class PatientTrackerStore(SQLTrackerStore):
@@ -126,8 +148,13 @@ class PatientTrackerStore(SQLTrackerStore):
         self.retention_days = parse_retention_days(retention_days)
         super().__init__(domain=domain, host=host, **kwargs)
         if self.engine.dialect.name == "sqlite":
-            _write_ahead(self.engine)
+            self.engine = _pooled_sqlite(self.engine)
+            self.sessionmaker = sa.orm.session.sessionmaker(bind=self.engine)
+        #: sender id -> (tracker, rows stored for the sender, how many of its events are stored)
         self._cache: OrderedDict[str, tuple[DialogueStateTracker, int, int]] = OrderedDict()
+        #: sender id -> how many events of the tracker being saved are stored already, when
+        #: the tracker is the cached one (read by :meth:`_additional_events`, in its save).
+        self._stored_length: dict[str, int] = {}
         self._cache_lock = threading.Lock()
         #: Events deleted at start, for being older than the retention.
         self.purged = self.purge()
@@ -137,7 +164,12 @@ class PatientTrackerStore(SQLTrackerStore):
         )
 
     def _additional_events(self, session: Any, tracker: DialogueStateTracker) -> Iterator[Event]:
-        return (without_secrets(e) for e in super()._additional_events(session, tracker))
+        stored = self._stored_length.pop(tracker.sender_id, None)
+        if stored is None:
+            events = super()._additional_events(session, tracker)
+        else:
+            events = itertools.islice(tracker.events, stored, None)
+        return (without_secrets(e) for e in events)
 
     def _stored_events(self, sender_id: str) -> int:
         with self.session_scope() as session:
@@ -170,15 +202,29 @@ class PatientTrackerStore(SQLTrackerStore):
         return tracker
 
     def _save_now(self, tracker: DialogueStateTracker) -> None:
-        asyncio.run(SQLTrackerStore.save(self, tracker))
-        self._remember(tracker)
+        with self._cache_lock:
+            cached = self._cache.get(tracker.sender_id)
+        rows = None
+        if cached is not None and cached[0] is tracker and cached[2] <= len(tracker.events):
+            # The tracker retrieve gave out, grown in place: its first cached[2] events are
+            # the stored ones, and nobody else wrote this conversation under its lock.
+            _, stored_rows, stored = cached
+            self._stored_length[tracker.sender_id] = stored
+            rows = stored_rows + len(tracker.events) - stored
+        try:
+            asyncio.run(SQLTrackerStore.save(self, tracker))
+        finally:
+            self._stored_length.pop(tracker.sender_id, None)
+        self._remember(tracker, rows)
 
-    def _remember(self, tracker: DialogueStateTracker) -> None:
+    def _remember(self, tracker: DialogueStateTracker, rows: int | None = None) -> None:
         if len(tracker.events) > MAX_CACHED_EVENTS:
             with self._cache_lock:
                 self._cache.pop(tracker.sender_id, None)
             return
-        entry = (tracker, self._stored_events(tracker.sender_id), len(tracker.events))
+        if rows is None:
+            rows = self._stored_events(tracker.sender_id)
+        entry = (tracker, rows, len(tracker.events))
         with self._cache_lock:
             self._cache.pop(tracker.sender_id, None)
             self._cache[tracker.sender_id] = entry

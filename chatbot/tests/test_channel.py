@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from connectors.patient import PatientInput, RateLimiter, check_patient_grant
 from connectors.tracker_store import PatientTrackerStore, parse_retention_days
 from rasa.shared.core.domain import Domain
@@ -189,6 +190,42 @@ def test_a_cached_conversation_is_read_again_when_the_database_moved_on(tmp_path
     again.update(UserUttered("unsaved"))
     fresh = asyncio.run(first.retrieve("patient-abc"))
     assert "unsaved" not in [e.text for e in fresh.events if isinstance(e, UserUttered)]
+
+
+def test_saving_a_cached_conversation_appends_its_new_events_without_counting(
+    tmp_path: Path,
+) -> None:
+    """The tracker retrieve gave out, grown by a message, is saved by appending what is new
+    (no query counts the stored events); the token is still left out, and the cache still
+    matches the database."""
+    database = tmp_path / "conversations.db"
+    store = PatientTrackerStore(
+        domain=Domain.empty(), host=f"sqlite:///{database}", retention_days=30
+    )
+    statements: list[str] = []
+    connections: list[object] = []
+    sa.event.listen(store.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+    sa.event.listen(store.engine, "connect", lambda *a: connections.append(a[0]))
+    asyncio.run(store.save(DialogueStateTracker.from_events("patient-abc", [UserUttered("one")])))
+    for number in range(3):
+        tracker = asyncio.run(store.retrieve("patient-abc"))
+        tracker.update(UserUttered(f"more {number}", metadata={"access_token": "SECRET"}))
+        tracker.update(ActionExecuted("action_listen"))
+        statements.clear()
+        asyncio.run(store.save(tracker))
+        assert not any("count(" in sql.lower() for sql in statements), statements
+    with sqlite3.connect(database) as db:
+        rows = [json.loads(data) for (data,) in db.execute("SELECT data FROM events ORDER BY id")]
+    assert [r.get("text") for r in rows if r["event"] == "user"] == [
+        "one",
+        "more 0",
+        "more 1",
+        "more 2",
+    ]
+    assert len(rows) == len(tracker.events) == 7 and "SECRET" not in json.dumps(rows)
+    assert asyncio.run(store.retrieve("patient-abc")) is tracker  # the cache agrees with the rows
+    # One SQLite connection, kept open (configured once), served every query above.
+    assert len(connections) <= 1
 
 
 def test_action_responses_are_still_validated() -> None:
