@@ -1,23 +1,29 @@
-"""``scanwatch``: run the development stack, send the sample study, manage the local broker."""
+"""``scanwatch``: run the development stack, send the sample study, invite patients, register
+SMART apps, manage the local broker."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
 import sys
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+from sqlalchemy.engine import Engine
 
 from devtools.kafka_local import LocalKafka
-from devtools.stack import Stack, StackConfig, StackError
+from devtools.stack import Ports, Stack, StackConfig, StackError
 from scanwatch import care_plan, ids, kafka
+from scanwatch.database import make_engine
 from scanwatch.logs import configure_logging
+from services.auth import accounts, clients
+from services.auth.config import AuthSettings
 from services.auth.scopes import parse_scopes
 from services.auth.tokens import TokenService, load_key_set
 
@@ -46,6 +52,75 @@ def dev_token(var: Path, scopes: str, patient_id: str | None = None) -> str:
     ``send-sample`` names it) when given."""
     patient = ids.patient_id(None, patient_id) if patient_id else None
     return dev_tokens(var).issue("scanwatch-dev", parse_scopes(scopes), patient)[0]
+
+
+def dev_engine(var: Path) -> Engine:
+    """The development stack's FHIR store (``SCANWATCH_FHIR_DATABASE_URL``, else
+    ``var/fhir.db``, where ``scanwatch run`` keeps it), migrated to the current schema (a no-op
+    when the API already did it), which holds the accounts and the registered clients."""
+    from services.fhir_api import migrate
+
+    url = os.environ.get("SCANWATCH_FHIR_DATABASE_URL") or f"sqlite:///{var / 'fhir.db'}"
+    engine = make_engine(url)
+    migrate.upgrade(engine)
+    return engine
+
+
+def auth_base_url() -> str:
+    """Where patients open activation links: ``SCANWATCH_AUTH_ISSUER``, else the dev stack's
+    API on loopback."""
+    return AuthSettings().issuer or f"http://127.0.0.1:{Ports().fhir}"
+
+
+def invite_link(
+    var: Path, patient_id: str, issuer: str | None = None, hours: float | None = None
+) -> str:
+    """A one-time activation link for the Patient of (``issuer``, ``patient_id``) (DICOM
+    IssuerOfPatientID, PatientID), valid ``hours`` (default ``SCANWATCH_AUTH_INVITE_LIFETIME_S``,
+    72 h)."""
+    lifetime = (
+        timedelta(hours=hours)
+        if hours is not None
+        else timedelta(seconds=AuthSettings().invite_lifetime_s)
+    )
+    engine = dev_engine(var)
+    try:
+        patient = ids.patient_id(issuer, patient_id)
+        return accounts.invite_link(engine, patient, auth_base_url(), lifetime)
+    finally:
+        engine.dispose()
+
+
+def cmd_patients_invite(args: argparse.Namespace) -> int:
+    link = invite_link(_var(args.var), args.patient_id, args.issuer, args.expires_hours)
+    sys.stdout.write(
+        f"activation link for patient {args.patient_id} (works once; give it to the patient "
+        f"only):\n{link}\n"
+    )
+    return 0
+
+
+def cmd_clients_register_app(args: argparse.Namespace) -> int:
+    engine = dev_engine(_var(args.var))
+    try:
+        secret = clients.register_app(
+            engine,
+            args.client_id,
+            args.redirect_uri,
+            args.scope,
+            confidential=args.confidential,
+            description=args.description,
+        )
+    except ValueError as exc:
+        sys.stderr.write(f"register-app: {exc}\n")
+        return 2
+    finally:
+        engine.dispose()
+    answer = {"client_id": args.client_id, "redirect_uris": args.redirect_uri}
+    if secret:
+        answer["client_secret"] = secret
+    sys.stdout.write(json.dumps(answer, indent=2) + "\n")
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -88,6 +163,12 @@ def cmd_send_sample(args: argparse.Namespace) -> int:
     if args.care_plan:
         _write_sample_care_plan(_var(args.var), fhir, patient)
         sys.stdout.write("wrote the sample's prescription and follow-up visit (test data)\n")
+    try:
+        link = invite_link(_var(args.var), args.patient_id)
+    except Exception as exc:  # noqa: BLE001 - the study is sent; the invite is a convenience
+        sys.stdout.write(f"no patient portal invite: {exc}\n")
+    else:
+        sys.stdout.write(f"patient portal activation link (works once):\n  {link}\n")
     sys.stdout.write(
         "after the quiet period and scoring:\n"
         f'  curl -s -H "Authorization: Bearer $(.venv/bin/scanwatch token)" '
@@ -224,6 +305,37 @@ def parser() -> argparse.ArgumentParser:
     chat.add_argument("--patient", required=True, help="the PatientID (as sent over DICOM)")
     chat.add_argument("--url", default=StackConfig(var=ROOT).chat_url, help="the chat endpoint")
     chat.set_defaults(func=cmd_chat)
+
+    patients = sub.add_parser("patients", help="patient accounts of the patient portal")
+    patients_sub = patients.add_subparsers(dest="action", required=True)
+    invite = patients_sub.add_parser(
+        "invite", help="print a one-time activation link for a patient's account"
+    )
+    invite.add_argument("patient_id", help="the PatientID (as sent over DICOM)")
+    invite.add_argument("--issuer", help="the IssuerOfPatientID, when the PatientID has one")
+    invite.add_argument("--expires-hours", type=float, help="how long the link works (default 72)")
+    invite.set_defaults(func=cmd_patients_invite)
+
+    clients_parser = sub.add_parser("clients", help="OAuth clients of the authorization server")
+    clients_sub = clients_parser.add_subparsers(dest="action", required=True)
+    app = clients_sub.add_parser(
+        "register-app", help="register a SMART app that signs patients in (the portal)"
+    )
+    app.add_argument("client_id")
+    app.add_argument(
+        "--redirect-uri",
+        action="append",
+        required=True,
+        help="where codes are sent back (exact match; repeat for several)",
+    )
+    app.add_argument("--scope", default=clients.SMART_APP_SCOPES, help="scopes it may be granted")
+    app.add_argument(
+        "--confidential",
+        action="store_true",
+        help="give it a secret (printed once); default: a public app (PKCE only)",
+    )
+    app.add_argument("--description", help="the name patients see on the sign-in page")
+    app.set_defaults(func=cmd_clients_register_app)
 
     kafka = sub.add_parser("kafka", help="start, stop or check the local Kafka broker")
     kafka.add_argument("action", choices=["start", "stop", "status"])

@@ -1,0 +1,57 @@
+"""``scanwatch patients invite`` and ``scanwatch clients register-app`` (devtools/cli.py) write
+to the FHIR store the API reads: the printed link opens the activation page, the registered
+app can start a sign-in."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from fastapi.testclient import TestClient
+
+from devtools import cli
+from services.fhir_api.app import create_app
+from services.fhir_api.config import Settings
+from services.fhir_api.tests.smart_helpers import authorization
+
+
+def test_the_cli_invites_patients_and_registers_apps(
+    tmp_path: Path,
+    signing_keys: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    database_url = f"sqlite:///{tmp_path / 'fhir.db'}"
+    monkeypatch.setattr(cli, "configure_logging", lambda *_args: None)
+    monkeypatch.setenv("SCANWATCH_FHIR_DATABASE_URL", database_url)
+    monkeypatch.delenv("SCANWATCH_AUTH_ISSUER", raising=False)
+    argv = ["--var", str(tmp_path), "patients", "invite", "SW-CLI-1", "--expires-hours", "1"]
+    assert cli.main(argv) == 0
+    links = re.findall(
+        r"http://127\.0\.0\.1:8080/auth/activate\?token=\S+", capsys.readouterr().out
+    )
+    assert len(links) == 1
+    redirect = "http://127.0.0.1:8090/callback"
+    argv = ["--var", str(tmp_path), "clients", "register-app", "cli-portal"]
+    assert cli.main([*argv, "--redirect-uri", redirect, "--description", "CLI portal"]) == 0
+    registered = json.loads(capsys.readouterr().out)
+    assert registered == {"client_id": "cli-portal", "redirect_uris": [redirect]}
+    assert cli.main([*argv, "--redirect-uri", "http://evil.example/cb"]) == 2  # https off loopback
+    confidential = ["--redirect-uri", redirect, "--confidential", "--description", "CLI portal"]
+    assert cli.main([*argv, *confidential]) == 0
+    assert len(json.loads(capsys.readouterr().out)["client_secret"]) > 30
+    settings = Settings(
+        database_url=database_url, auth_mode="required", signing_keys_file=signing_keys
+    )
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:8080") as client:
+        link = urlsplit(links[0])
+        page = client.get(f"{link.path}?{link.query}")
+        assert page.status_code == 200 and "Create your account" in page.text
+        request = authorization(
+            "http://127.0.0.1:8080/fhir", client_id="cli-portal", redirect_uri=redirect
+        )
+        sign_in = client.get("/auth/authorize", params=request.params)
+        assert sign_in.status_code == 200 and "CLI portal" in sign_in.text
