@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from services.auth.config import is_loopback
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DATABASE_SCHEMES = ("sqlite", "postgresql")
@@ -19,16 +20,6 @@ DEFAULT_SIGNING_KEYS_FILE = Path("var/auth/signing-keys.json")
 #: Settings that used to hold an HS256 secret: refused, so that nobody believes they still
 #: sign anything.
 RETIRED_ENVIRONMENT = ("SCANWATCH_FHIR_JWT_SECRET", "SCANWATCH_FHIR_JWT_KEY_FILE")
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is a loopback interface (only this machine can connect)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Settings(BaseSettings):
