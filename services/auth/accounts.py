@@ -297,52 +297,97 @@ def sign_in(
     unknown username from a wrong password or a locked account).
 
     A failure counts against the account; :attr:`SignInPolicy.max_failures` in a row lock it
-    for :attr:`SignInPolicy.lockout`; a success clears the count."""
+    for :attr:`SignInPolicy.lockout`; a success clears the count. The slow hash runs outside
+    any transaction (sign-ins do not queue behind one another's hashing for the SQLite write
+    lock); the counts, the lock and the TOTP step then change in one short write each, by
+    statements that read the row they change, so concurrent attempts are all counted and a
+    TOTP code is accepted once."""
     moment = utc(now)
     name = username.strip().lower()
-    with Session(for_writes(engine)) as session:
+    with Session(engine) as session:
         account = session.exec(select(Account).where(col(Account.username) == name)).first()
-        if account is None or not account.active:
-            passwords.verify_password(None, password)
-            log.info("sign-in refused", extra={"reason": "unknown"})
-            return None
-        if account.locked_until is not None and utc(account.locked_until) > moment:
-            passwords.verify_password(None, password)
-            log.info(
-                "sign-in refused", extra={"reason": "locked", "account_id": account.account_id}
-            )
-            return None
-        good = passwords.verify_password(account.password_hash, password)
+    if account is None or not account.active:
+        passwords.verify_password(None, password)
+        log.info("sign-in refused", extra={"reason": "unknown"})
+        return None
+    if _locked(account, moment):
+        passwords.verify_password(None, password)
+        log.info("sign-in refused", extra={"reason": "locked", "account_id": account.account_id})
+        return None
+    reason: str | None = None
+    step: int | None = None
+    if not passwords.verify_password(account.password_hash, password):
         reason = "password"
-        if good and account.totp_secret:
-            step = totp_step(account.totp_secret, totp_code, moment, account.totp_last_step)
-            good = step is not None
+    elif account.totp_secret:
+        step = totp_step(account.totp_secret, totp_code, moment, account.totp_last_step)
+        if step is None:
             reason = "totp"
-            if step is not None:
-                account.totp_last_step = step
-        if not good:
-            account.failed_signins += 1
-            locked = account.failed_signins >= policy.max_failures
-            if locked:
-                account.locked_until = moment + policy.lockout
-                account.failed_signins = 0
-            session.add(account)
+    rehashed = (
+        passwords.hash_password(password)
+        if reason is None and passwords.needs_rehash(account.password_hash)
+        else None
+    )
+    with Session(for_writes(engine)) as session:
+        if reason is None:
+            reason = _accept(session, account, moment, step, rehashed)
+        if reason is not None:
+            locked = _count_failure(session, account.account_id, moment, policy)
             session.commit()
             log.info(
                 "sign-in refused",
                 extra={"reason": reason, "account_id": account.account_id, "locked": locked},
             )
             return None
-        account.failed_signins = 0
-        account.locked_until = None
-        account.last_signin = moment
-        if passwords.needs_rehash(account.password_hash):
-            account.password_hash = passwords.hash_password(password)
-        session.add(account)
         session.commit()
-        user = User(account.account_id, account.patient)
-    log.info("signed in", extra={"account_id": user.account_id})
-    return user
+    log.info("signed in", extra={"account_id": account.account_id})
+    return User(account.account_id, account.patient)
+
+
+def _locked(account: Account, moment: datetime) -> bool:
+    return account.locked_until is not None and utc(account.locked_until) > moment
+
+
+def _accept(
+    session: Session, account: Account, moment: datetime, step: int | None, rehashed: str | None
+) -> str | None:
+    """Record a good sign-in, unless the account was locked (or its TOTP step used) meanwhile:
+    then the reason it is refused."""
+    changes: dict[str, object] = {"failed_signins": 0, "locked_until": None, "last_signin": moment}
+    if rehashed is not None:
+        changes["password_hash"] = rehashed
+    conditions = [
+        col(Account.account_id) == account.account_id,
+        col(Account.password_hash) == account.password_hash,  # not changed meanwhile
+        (col(Account.locked_until).is_(None)) | (col(Account.locked_until) <= moment),
+    ]
+    if step is not None:
+        changes["totp_last_step"] = step
+        conditions.append(
+            (col(Account.totp_last_step).is_(None)) | (col(Account.totp_last_step) < step)
+        )
+    done = session.execute(update(Account).where(*conditions).values(**changes))
+    return None if done.rowcount == 1 else "raced"  # type: ignore[attr-defined]
+
+
+def _count_failure(
+    session: Session, account_id: str, moment: datetime, policy: SignInPolicy
+) -> bool:
+    """Count a failure (in the database, so that concurrent ones all count); lock the account
+    when it reaches the limit. Whether it is now locked."""
+    session.execute(
+        update(Account)
+        .where(col(Account.account_id) == account_id)
+        .values(failed_signins=col(Account.failed_signins) + 1)
+    )
+    locked = session.execute(
+        update(Account)
+        .where(
+            col(Account.account_id) == account_id,
+            col(Account.failed_signins) >= policy.max_failures,
+        )
+        .values(failed_signins=0, locked_until=moment + policy.lockout)
+    )
+    return bool(locked.rowcount)  # type: ignore[attr-defined]
 
 
 def load_user(engine: Engine, account_id: str) -> User | None:

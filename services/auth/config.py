@@ -5,6 +5,7 @@ routes, reads them beside its own settings (``services.fhir_api.config``)."""
 from __future__ import annotations
 
 import ipaddress
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -63,6 +64,9 @@ class AuthSettings(BaseSettings):
     def _url(cls, value: str | None) -> str | None:
         if value is None or value == "":
             return None
-        if not value.startswith(("http://", "https://")):
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"must be an http(s) URL, not {value!r}")
+        if parts.scheme == "http" and not is_loopback(parts.hostname):
+            raise ValueError(f"must be https off loopback (passwords and tokens), not {value!r}")
         return value.rstrip("/")
