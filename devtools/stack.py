@@ -284,8 +284,9 @@ class Stack:
                     str(RASA),
                     "run",
                     "--enable-api",
-                    "--auth-token",
-                    token,
+                    # One argument: a random token may begin with "-", which argparse would
+                    # take for an option ("expected one argument").
+                    f"--auth-token={token}",
                     "-i",
                     "127.0.0.1",
                     "-p",
