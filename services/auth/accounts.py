@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from urllib.parse import urlencode
 
 import pyotp
-from sqlalchemy import DateTime, Text, update
+from sqlalchemy import DateTime, Text, delete, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, col, select
@@ -123,6 +123,10 @@ def invite_patient(
     moment = utc(now or datetime.now(UTC))
     token = secrets.token_urlsafe(32)
     with Session(for_writes(engine)) as session:
+        # Invitations a month past their expiry are of no use, not even to say "expired".
+        session.execute(
+            delete(AccountInvite).where(col(AccountInvite.expires) < moment - timedelta(days=30))
+        )
         session.add(
             AccountInvite(
                 token_sha256=digest(token),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import DateTime, Text, delete, update
 from sqlalchemy.engine import Engine
@@ -94,10 +94,9 @@ def save_code(engine: Engine, code: str, row: AuthorizationCode) -> None:
     """Store ``row`` under ``code``'s hash; codes that expired a day ago go."""
     row.code_sha256 = digest(code)
     with Session(for_writes(engine)) as session:
-        cutoff = row.expires.timestamp() - 86400
         session.execute(
             delete(AuthorizationCode).where(
-                col(AuthorizationCode.expires) < datetime.fromtimestamp(cutoff, row.expires.tzinfo)
+                col(AuthorizationCode.expires) < row.expires - timedelta(days=1)
             )
         )
         session.add(row)
@@ -138,8 +137,13 @@ def redeem_code(
 
 
 def save_refresh_token(engine: Engine, token: str, row: RefreshToken) -> None:
+    """Store ``row`` under ``token``'s hash; tokens that expired a day ago go (an expired
+    token is refused whatever its state, so its row no longer guards anything)."""
     row.token_sha256 = digest(token)
     with Session(for_writes(engine)) as session:
+        session.execute(
+            delete(RefreshToken).where(col(RefreshToken.expires) < row.issued - timedelta(days=1))
+        )
         session.add(row)
         session.commit()
 
