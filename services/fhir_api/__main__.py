@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from scanwatch.database import make_engine
 from scanwatch.logs import configure_logging
 from services.auth import clients
+from services.auth.config import AuthSettings
 from services.auth.scopes import parse_scopes
 from services.fhir_api import migrate
 from services.fhir_api import workers as workers_module
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         settings = Settings(**overrides)
+        AuthSettings()  # the sign-in server's (SCANWATCH_AUTH_*): refused here, not per worker
     except ValidationError as exc:
         configure_logging(SERVICE)
         log.error("invalid settings", extra={"errors": exc.errors(include_url=False)})

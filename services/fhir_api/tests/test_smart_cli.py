@@ -55,3 +55,16 @@ def test_the_cli_invites_patients_and_registers_apps(
         )
         sign_in = client.get("/auth/authorize", params=request.params)
         assert sign_in.status_code == 200 and "CLI portal" in sign_in.text
+
+
+def test_an_unsafe_auth_setting_stops_the_api_before_it_serves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import services.fhir_api.__main__ as entry
+
+    monkeypatch.setattr(entry, "configure_logging", lambda *_args: None)
+    monkeypatch.setenv("SCANWATCH_FHIR_DATABASE_URL", f"sqlite:///{tmp_path / 'fhir.db'}")
+    monkeypatch.setenv("SCANWATCH_AUTH_ISSUER", "http://auth.hospital.example")
+    assert entry.main(["serve"]) == 2
+    assert not (tmp_path / "fhir.db").exists()
+    assert any("https off loopback" in str(getattr(r, "errors", "")) for r in caplog.records)
