@@ -199,7 +199,8 @@ def _refused_request(
 
 
 def _access_words(scope: str) -> str:
-    words = [SCOPE_WORDS[s] for s in scope.split() if s in SCOPE_WORDS]
+    granted = set(scope.split())
+    words = [text for name, text in SCOPE_WORDS.items() if name in granted]
     return "; ".join(words) or "your health records"
 
 
@@ -340,6 +341,8 @@ def _activation_page(
         "token": token,
         "csrf_token": csrf,
         "totp_secret": totp_secret,
+        # Read out or typed more easily in groups of four (authenticator apps ignore spaces).
+        "totp_key": " ".join(totp_secret[i : i + 4] for i in range(0, len(totp_secret), 4)),
         "totp_uri": accounts.totp_uri(totp_secret, username or "patient"),
         "min_length": passwords.MIN_LENGTH,
         "error": error,
