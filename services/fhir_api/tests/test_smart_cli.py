@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from fastapi.testclient import TestClient
 
 from devtools import cli
+from scanwatch import ids
+from services.auth import accounts
 from services.fhir_api.app import create_app
 from services.fhir_api.config import Settings
 from services.fhir_api.tests.smart_helpers import authorization
@@ -68,3 +71,35 @@ def test_an_unsafe_auth_setting_stops_the_api_before_it_serves(
     assert entry.main(["serve"]) == 2
     assert not (tmp_path / "fhir.db").exists()
     assert any("https off loopback" in str(getattr(r, "errors", "")) for r in caplog.records)
+
+
+def test_send_sample_prints_an_invite_for_the_sample_patient(
+    tmp_path: Path,
+    signing_keys: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import devtools.peers
+    import scanwatch.sample
+
+    database_url = f"sqlite:///{tmp_path / 'fhir.db'}"
+    monkeypatch.setattr(cli, "configure_logging", lambda *_args: None)
+    monkeypatch.setenv("SCANWATCH_FHIR_DATABASE_URL", database_url)
+    monkeypatch.delenv("SCANWATCH_AUTH_ISSUER", raising=False)
+    monkeypatch.setattr(scanwatch.sample, "build_mr_study", lambda *_a, **_k: [])
+    monkeypatch.setattr(devtools.peers, "storescu", lambda *_a, **_k: None)  # no listener here
+    argv = ["--var", str(tmp_path), "send-sample", "--patient-id", "SW-DEMO-0001"]
+    assert cli.main([*argv, "--no-care-plan"]) == 0
+    (link,) = re.findall(
+        r"http://127\.0\.0\.1:8080/auth/activate\?token=\S+", capsys.readouterr().out
+    )
+    settings = Settings(
+        database_url=database_url, auth_mode="required", signing_keys_file=signing_keys
+    )
+    with TestClient(create_app(settings), base_url="http://127.0.0.1:8080") as client:
+        parts = urlsplit(link)
+        assert client.get(f"{parts.path}?{parts.query}").status_code == 200
+        token = parse_qs(parts.query)["token"][0]
+        engine = client.app.state.store.engine  # type: ignore[attr-defined]
+        invite = accounts.pending_invite(engine, token, datetime.now(UTC))
+    assert invite.patient == ids.patient_id(None, "SW-DEMO-0001")  # the sample's Patient
