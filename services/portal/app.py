@@ -96,8 +96,6 @@ def _install_error_handlers(app: FastAPI, state: Portal) -> None:
             response: Response = RedirectResponse(target, status_code=303)
         else:
             response = JSONResponse({"signin": target}, status_code=401)
-        if exc.expired:
-            state.clear_cookie(response)
         return response
 
     @app.exception_handler(routes.CsrfRejected)

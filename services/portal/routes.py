@@ -407,10 +407,9 @@ async def signin_page(
     if session is not None and session.signed_in:
         return RedirectResponse("/", status_code=303)
     message = SIGN_IN_REASONS.get(reason or "") or (SIGN_IN_REASONS["expired"] if ended else None)
-    response = page(app, request, "signin.html", None, message=message, nav="signin")
-    if ended:
-        app.clear_cookie(response)
-    return response
+    # An ended session's cookie stays until the next sign-in replaces it: it names no session,
+    # and every tab that still sends it is told why it must sign in again.
+    return page(app, request, "signin.html", None, message=message, nav="signin")
 
 
 @router.get("/login")

@@ -97,7 +97,12 @@ def test_sign_in_with_pkce_then_the_results_list(
     page = client.get("/")
     assert page.status_code == 200
     html = page.text
-    assert html.index("20 May 2025") < html.index("11 March 2025") < html.index("14 January 2025")
+    listed = html[html.index('id="results-heading"') :]
+    assert (
+        listed.index("20 May 2025")
+        < listed.index("11 March 2025")
+        < listed.index("14 January 2025")
+    )
     assert "Preliminary AI result" in html and "Reviewed by a clinician" in html
     assert "smaller than in January" in html and "Dr. Rivera" in html
     assert "did not flag anything unusual" in html and "flagged it for a closer look" in html
