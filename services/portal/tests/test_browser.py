@@ -32,7 +32,7 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from conftest import ROOT
-from devtools import chatbot_records
+from devtools import chatbot_records, cli
 from devtools.cli import dev_tokens
 from devtools.kafka_local import free_port
 from devtools.stack import Ports, Stack, StackConfig
@@ -235,11 +235,20 @@ def axe_check(page: Page, what: str) -> None:
 
 
 def screenshots(page: Page, name: str) -> None:
+    """The page at desktop width, then loaded again at a phone's (as a phone would load it),
+    where it must not scroll sideways; axe-core checks the phone layout too."""
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / f"{name}-desktop.png"), full_page=True)
     page.set_viewport_size(PHONE)
+    page.reload()
+    if page.locator("#progress-chart").count():
+        expect(page.locator("#progress-chart")).to_have_attribute("data-drawn", "true")
+    wide = page.evaluate("document.documentElement.scrollWidth")
+    assert wide <= PHONE["width"], f"{name} scrolls sideways on a phone ({wide} px)"
+    axe_check(page, f"{name} at a phone's width")
     page.screenshot(path=str(SHOTS / f"{name}-phone.png"), full_page=True)
     page.set_viewport_size(DESKTOP)
+    page.reload()
 
 
 def chart_points(page: Page) -> str | None:
@@ -265,8 +274,10 @@ def put(hospital: Hospital, resources: list[dict]) -> None:
 # --- The main path -----------------------------------------------------------------------------
 
 
-def test_main_path(hospital: Hospital, page: Page) -> None:
-    link = hospital.invite(MAIN)
+def test_main_path(hospital: Hospital, page: Page, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The link `scanwatch patients invite PORTAL-MAIN --issuer HOSP` prints (this stack's API).
+    monkeypatch.setenv("SCANWATCH_AUTH_ISSUER", hospital.auth)
+    link = cli.invite_link(hospital.stack.config.var, MAIN, chatbot_records.ISSUER)
     activate(page, link, "main-patient")
     sign_in(page, hospital.portal, "main-patient")
     expect(page.get_by_role("heading", name="Your scan results")).to_be_visible()
