@@ -418,6 +418,10 @@ async def login(
 ) -> Response:
     """Start a sign-in: a fresh state and PKCE verifier kept in the session, then off to the
     authorization server."""
+    if found[0] is not None and found[0].signed_in:
+        # Signed in already: another patient signs in only after this one signs out, so that
+        # nothing of this session (its chat transcript) can reach the next one.
+        return RedirectResponse("/", status_code=303)
     session = found[0] or app.sessions.new()
     try:
         authorization = await app.smart.authorization_request()

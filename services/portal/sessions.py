@@ -84,6 +84,7 @@ class SessionStore:
         return len(self._sessions)
 
     def new(self) -> Session:
+        self.sweep()  # abandoned sessions (closed tabs, sign-ins never finished) go here
         now = self.clock()
         session = Session(
             id=secrets.token_urlsafe(32), csrf=secrets.token_urlsafe(32), created=now, seen=now

@@ -80,7 +80,10 @@
             type: "linear",
             min: xMin,
             max: xMax,
-            ticks: { maxTicksLimit: 5, callback: (value) => tickWords.format(new Date(value)) },
+            // Ticks on the scans' own dates (thinned out when they would overlap), not on
+            // round numbers of milliseconds that fall between them.
+            afterBuildTicks: (axis) => { axis.ticks = points.map((p) => ({ value: p.x })); },
+            ticks: { autoSkip: true, maxRotation: 0, callback: (value) => tickWords.format(new Date(value)) },
             title: { display: true, text: "Date of scan" },
           },
           y: { min: 0, max: 1, title: { display: true, text: "Anomaly score" } },

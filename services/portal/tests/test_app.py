@@ -141,6 +141,17 @@ def test_a_tampered_state_gets_a_clear_error(client: TestClient, hospital: FakeH
     assert client.get("/callback", params={"code": code, "state": state}).status_code == 400
 
 
+def test_signing_in_again_needs_a_sign_out_first(
+    client: TestClient, hospital: FakeHospital
+) -> None:
+    """On a shared computer the next patient cannot sign in over the previous one's session
+    (and see their chat transcript): /login while signed in goes back to the results."""
+    sign_in(client, hospital, ALICE)
+    again = client.get("/login")
+    assert again.status_code == 303 and again.headers["location"] == "/"
+    assert len(hospital.codes) == 0 and len(hospital.token_requests) == 1
+
+
 def test_a_state_is_good_once(client: TestClient, hospital: FakeHospital) -> None:
     start = client.get("/login")
     code, state = hospital.authorize(start.headers["location"], ALICE)
