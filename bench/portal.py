@@ -1,0 +1,278 @@
+"""The patient portal's bars (issue 16): the results list and the progress chart drawn, for
+patients with 50 results each, in Chromium, with several patients signing in at once; and the
+sign-in round trip (authorize, then token) of a SMART app.
+
+1. The FHIR API (tokens required, its SMART authorization server) and the portal, as
+   ``scanwatch run`` starts them, on free ports; ``--patients`` patients, each with
+   ``--results`` scored studies as the worker writes them (one a month reviewed), a prescription
+   and a visit; an account for each, activated through the activation page.
+2. Sign-in round trip: ``--patients`` threads, each signing its patient in ``--rounds`` times
+   as a SMART app does (Authlib's client, PKCE S256): open the authorization page, post the
+   credentials (argon2id), take the code from the redirect, exchange it at the token
+   endpoint. Timed from the first request to the token response.
+3. Page: one Chromium (Debian's, headless), a browser context per patient. All patients sign
+   in to the portal at once (timed from the click on "Sign in" to their results page with its
+   chart drawn), then each opens the results page ``--rounds`` times, timed from navigation
+   to the list holding every result and the chart's ``data-drawn`` (set by portal.js once
+   chart.js has drawn it) with one point per result.
+
+    .venv/bin/python bench/portal.py --patients 8 --results 50 --rounds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import html
+import re
+import secrets
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlencode
+
+import httpx
+from authlib.integrations.httpx_client import OAuth2Client
+from playwright.async_api import Page, async_playwright, expect
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from devtools import chatbot_records  # noqa: E402
+from devtools.cli import dev_tokens  # noqa: E402
+from devtools.kafka_local import free_port  # noqa: E402
+from devtools.stack import Ports, Stack, StackConfig  # noqa: E402
+from scanwatch.database import make_engine  # noqa: E402
+from services.auth import accounts, clients  # noqa: E402
+from services.auth.scopes import parse_scopes  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+PASSWORD = "a long bench pass phrase 2026"
+BENCH_APP = "bench-smart-app"
+BENCH_REDIRECT = "http://127.0.0.1:9/callback"  # never contacted: the code is read off the redirect
+SCOPE = "launch/patient openid fhirUser offline_access patient/*.read"
+_INPUT = re.compile(r"<input\b[^>]*>")
+_ATTR = re.compile(r'(\w+)="([^"]*)"')
+
+
+def say(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def summary(name: str, seconds: list[float]) -> str:
+    ms = [s * 1000 for s in seconds]
+    return (
+        f"{name}: n={len(ms)} p50 {statistics.median(ms):.0f} ms, p95 {percentile(ms, 95):.0f} ms,"
+        f" max {max(ms):.0f} ms"
+    )
+
+
+def form_fields(page: str) -> dict[str, str]:
+    """Every named input of a page's form, hidden ones (the CSRF token) included."""
+    fields = {}
+    for tag in _INPUT.findall(page):
+        attrs = {k: html.unescape(v) for k, v in _ATTR.findall(tag)}
+        if "name" in attrs:
+            fields[attrs["name"]] = attrs.get("value", "")
+    return fields
+
+
+def studies(count: int) -> tuple[tuple[int, int, float], ...]:
+    """``count`` (month, day, p(normal)) of 2025: up to five a month, scores that wander."""
+    return tuple(
+        (1 + n % 12, 1 + (n // 12) * 5, 0.15 + 0.7 * ((n * 37) % 100) / 100) for n in range(count)
+    )
+
+
+def activate(auth: str, engine_url: str, patient_id: str, username: str) -> None:
+    """Invite the patient and create the account through the activation page."""
+    engine = make_engine(engine_url)
+    try:
+        token = accounts.invite_patient(engine, patient_id)
+    finally:
+        engine.dispose()
+    with httpx.Client(base_url=auth, timeout=60) as http:
+        page = http.get(f"/auth/activate?{urlencode({'token': token})}")
+        fields = form_fields(page.text)
+        fields.update(username=username, password=PASSWORD, password2=PASSWORD, totp="")
+        done = http.post("/auth/activate", data=fields)
+        if "Your account is ready" not in done.text:
+            raise RuntimeError(f"activation failed: HTTP {done.status_code}")
+
+
+def sign_in_round_trip(auth: str, fhir: str, username: str) -> float:
+    """One SMART sign-in over HTTP: authorization page, credentials, code, token."""
+    client = OAuth2Client(
+        client_id=BENCH_APP,
+        token_endpoint_auth_method="none",
+        redirect_uri=BENCH_REDIRECT,
+        scope=SCOPE,
+        code_challenge_method="S256",
+    )
+    verifier = secrets.token_urlsafe(48)
+    url, _ = client.create_authorization_url(
+        f"{auth}/auth/authorize", code_verifier=verifier, aud=fhir
+    )
+    started = time.perf_counter()
+    with httpx.Client(base_url=auth, timeout=60) as browser:
+        fields = form_fields(browser.get(url).text)
+        fields.update(username=username, password=PASSWORD, totp="", action="sign-in")
+        answer = browser.post("/auth/authorize", data=fields)
+    if answer.status_code != 302:
+        raise RuntimeError(f"sign-in refused: HTTP {answer.status_code}")
+    token = client.fetch_token(
+        f"{auth}/auth/token",
+        authorization_response=answer.headers["location"],
+        code_verifier=verifier,
+    )
+    elapsed = time.perf_counter() - started
+    if "access_token" not in token or "patient" not in token:
+        raise RuntimeError("the token response has no access token or patient")
+    return elapsed
+
+
+async def results_drawn(page: Page, results: int) -> None:
+    await expect(page.get_by_role("list", name="Scans").get_by_role("listitem")).to_have_count(
+        results, timeout=30_000
+    )
+    chart = page.locator("#progress-chart")
+    await expect(chart).to_have_attribute("data-drawn", "true", timeout=30_000)
+    await expect(chart).to_have_attribute("data-points", str(results), timeout=30_000)
+
+
+async def browse(portal: str, usernames: list[str], results: int, rounds: int) -> tuple:
+    sign_ins: list[float] = []
+    loads: list[float] = []
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        contexts = [
+            await browser.new_context(viewport={"width": 1280, "height": 900}, locale="en-GB")
+            for _ in usernames
+        ]
+        pages = [await context.new_page() for context in contexts]
+
+        async def sign_in(page: Page, username: str) -> None:
+            await page.goto(f"{portal}/signin")
+            await page.get_by_role("link", name="Sign in").click()
+            await page.get_by_label("Username").fill(username)
+            await page.get_by_label("Password", exact=True).fill(PASSWORD)
+            started = time.perf_counter()
+            await page.get_by_role("button", name="Sign in").click()
+            await results_drawn(page, results)
+            sign_ins.append(time.perf_counter() - started)
+
+        await asyncio.gather(*(sign_in(p, u) for p, u in zip(pages, usernames, strict=True)))
+
+        async def reload(page: Page) -> None:
+            for _ in range(rounds):
+                started = time.perf_counter()
+                await page.goto(f"{portal}/")
+                await results_drawn(page, results)
+                loads.append(time.perf_counter() - started)
+
+        await asyncio.gather(*(reload(p) for p in pages))
+        await browser.close()
+    return sign_ins, loads
+
+
+def memory_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> int:
+    args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args.add_argument("--patients", type=int, default=8)
+    args.add_argument("--results", type=int, default=50)
+    args.add_argument("--rounds", type=int, default=10)
+    opts = args.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        config = StackConfig(
+            var=Path(tmp),
+            ports=Ports(**{name: free_port() for name in Ports.__dataclass_fields__}),
+            chatbot=True,  # the portal runs with the stack that requires tokens
+            only=("fhir-api", "portal"),
+        )
+        stack = Stack(config)
+        stack.start(timeout=300)
+        try:
+            auth = f"http://127.0.0.1:{config.ports.fhir}"
+            engine_url = f"sqlite:///{config.var / 'fhir.db'}"
+            codes = [f"PORTAL-BENCH-{n}" for n in range(opts.patients)]
+            records = {
+                code: chatbot_records.patient_records(code, "Bench^Patient", studies(opts.results))
+                for code in codes
+            }
+            system = dev_tokens(config.var).issue("bench", parse_scopes("system/*.write"))[0]
+            chatbot_records.seed(config.fhir_base, {"Authorization": f"Bearer {system}"}, records)
+            usernames = [f"bench-{n}" for n in range(opts.patients)]
+            for code, username in zip(codes, usernames, strict=True):
+                activate(auth, engine_url, chatbot_records.patient_id(code), username)
+            engine = make_engine(engine_url)
+            try:
+                clients.register_app(engine, BENCH_APP, [BENCH_REDIRECT])
+            finally:
+                engine.dispose()
+
+            round_trips: list[float] = []
+            lock = threading.Lock()
+
+            def signer(username: str) -> None:
+                for _ in range(opts.rounds):
+                    elapsed = sign_in_round_trip(auth, config.fhir_base, username)
+                    with lock:
+                        round_trips.append(elapsed)
+
+            threads = [threading.Thread(target=signer, args=(u,)) for u in usernames]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            if len(round_trips) != opts.patients * opts.rounds:
+                raise RuntimeError("a sign-in thread failed (its traceback is above)")
+
+            sign_ins, loads = asyncio.run(
+                browse(config.portal_url, usernames, opts.results, opts.rounds)
+            )
+            portal_peak = memory_mib(stack.service("portal").process.pid)  # type: ignore[union-attr]
+            api_peak = memory_mib(stack.service("fhir-api").process.pid)  # type: ignore[union-attr]
+        finally:
+            stack.stop()
+
+    say(f"{opts.patients} patients, {opts.results} results each, {opts.rounds} rounds")
+    say(summary("sign-in round trip (authorize page, credentials, code, token; HTTP)", round_trips))
+    say(summary("portal sign-in, all patients at once (click to results + chart drawn)", sign_ins))
+    say(
+        summary(
+            f"results list + chart drawn ({opts.patients} patients at once; bar p95 <= 500 ms)",
+            loads,
+        )
+    )
+    say(f"peak memory: portal {portal_peak:.0f} MiB, FHIR API {api_peak:.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
