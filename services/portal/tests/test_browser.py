@@ -467,6 +467,36 @@ def test_a_wrong_pkce_verifier_is_refused(
     assert "access_token" not in wrong.text
 
 
+def test_the_keyboard_alone(hospital: Hospital, page: Page, patients: dict[str, str]) -> None:
+    """Signed in, a patient who uses only the keyboard skips to the content, reaches the chat,
+    asks and reads the answer, and signs out."""
+    sign_in(page, hospital.portal, patients[BOB])
+    expect(page.get_by_role("heading", name="Your scan results")).to_be_visible()
+
+    def tab_to(name: str, role: str = "link") -> None:
+        target = page.get_by_role(role, name=name)  # type: ignore[arg-type]
+        for _ in range(40):
+            page.keyboard.press("Tab")
+            if target.evaluate("element => element === document.activeElement"):
+                return
+        raise AssertionError(f"Tab never reaches {role} {name!r}")
+
+    page.keyboard.press("Tab")
+    expect(page.get_by_role("link", name="Skip to main content")).to_be_focused()
+    tab_to("Ask a question")
+    page.keyboard.press("Enter")
+    expect(page.get_by_role("heading", name="Ask a question")).to_be_visible()
+    tab_to("Your message", "textbox")
+    page.keyboard.type("when is my next appointment")
+    page.keyboard.press("Enter")
+    log = page.get_by_role("list", name="Conversation")
+    expect(log).to_contain_text("20 January 2031", timeout=30_000)
+    expect(page.get_by_label("Your message")).to_be_focused()  # ready for the next question
+    tab_to("Sign out", "button")
+    page.keyboard.press("Enter")
+    expect(page.get_by_text("You have signed out")).to_be_visible()
+
+
 def test_an_expired_session_asks_to_sign_in_again(
     hospital: Hospital, page: Page, patients: dict[str, str]
 ) -> None:
