@@ -33,9 +33,13 @@ HEADERS = {
 }
 
 
+#: How long browsers keep the portal's static files (its own scripts and styles, chart.js).
+STATIC_CACHE = "public, max-age=3600"
+
+
 class SecurityHeaders:
     """Plain ASGI middleware adding :data:`HEADERS` (and HSTS over HTTPS) to every response;
-    ``Cache-Control: no-store`` unless the route set its own (static files)."""
+    ``Cache-Control: no-store`` except on static files, unless the route set its own."""
 
     def __init__(self, app: ASGIApp, hsts: bool) -> None:
         self.app = app
@@ -51,7 +55,10 @@ class SecurityHeaders:
                 headers = MutableHeaders(scope=message)
                 for name, value in HEADERS.items():
                     headers.setdefault(name, value)
-                headers.setdefault("Cache-Control", "no-store")
+                # The portal's own scripts and styles (no PHI) may be cached a while; every
+                # page and answer that may hold health data is not stored at all.
+                static = scope.get("path", "").startswith("/static/")
+                headers.setdefault("Cache-Control", STATIC_CACHE if static else "no-store")
                 if self.hsts:
                     headers.setdefault("Strict-Transport-Security", "max-age=31536000")
             await send(message)

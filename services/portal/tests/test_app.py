@@ -4,16 +4,20 @@ session expiry and sign-out."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 
 from devtools import chatbot_records
+from services.auth.scopes import parse_scopes
 from services.portal.app import create_app
+from services.portal.fhir import PatientFhir
 from services.portal.security import CONTENT_SECURITY_POLICY
-from services.portal.tests.fakes import ALICE, BOB, FakeHospital, settings
+from services.portal.tests.fakes import ALICE, BOB, FHIR, FakeHospital, settings
 
 BASE = "http://127.0.0.1:8090"
 
@@ -310,4 +314,31 @@ def test_the_chart_library_is_served_by_the_portal(client: TestClient) -> None:
     assert answer.status_code == 200, "npm ci in services/portal (scripts/bootstrap.sh)"
     assert "Chart" in answer.text[:5000]
     assert client.get("/static/vendor/package.json").status_code == 404
-    assert client.get("/static/portal.js").status_code == 200
+    script = client.get("/static/portal.js")
+    assert script.status_code == 200 and script.headers["cache-control"] == "public, max-age=3600"
+    assert "content-security-policy" in script.headers
+
+
+def test_the_event_stream_polls_fhir_with_the_patients_own_token(
+    hospital: FakeHospital, signing_keys: Path
+) -> None:
+    """What the stream asks FHIR: the patient's own results, studies and reports written after
+    the page's newest ``meta.lastUpdated``; a newer one is what makes the page refresh."""
+    stamped = "2026-12-04T10:00:00Z"
+    for resource in hospital.records[ALICE]:
+        resource["meta"] = {**resource.get("meta", {}), "lastUpdated": stamped}
+    token = hospital.tokens.issue("p", parse_scopes("patient/*.read"), ALICE)[0]
+
+    async def poll(since: str | None) -> str | None:
+        async with httpx.AsyncClient(transport=hospital.transport()) as http:
+            return await PatientFhir(http, FHIR, token, ALICE).updated_since(since)
+
+    assert asyncio.run(poll(None)) == stamped
+    assert asyncio.run(poll(stamped)) is None
+    calls = hospital.fhir_calls[-3:]
+    assert all(f"patient={ALICE}" in c and "_lastUpdated=gt" in c for c in calls)
+    assert {c.split("?")[0].rsplit("/", 1)[1] for c in calls} == {
+        "Observation",
+        "ImagingStudy",
+        "DiagnosticReport",
+    }
