@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         port=settings.port,
         log_config=None,  # keep scanwatch's JSON logging
         access_log=False,  # paths carry result ids
+        # An open results page holds an event stream that never ends by itself: on shutdown,
+        # close it after a moment instead of waiting for the patient to close the tab.
+        timeout_graceful_shutdown=3,
     )
     return 0
 

@@ -37,7 +37,11 @@ from devtools.cli import dev_tokens
 from devtools.kafka_local import free_port
 from devtools.stack import Ports, Stack, StackConfig
 from devtools.testing import served
-from inference_worker.fhir_resources import all_resources_for
+from inference_worker.fhir_resources import (
+    ScoredStudy,
+    all_resources_for,
+    registered_resources_for,
+)
 from scanwatch.database import make_engine
 from services.auth import accounts
 from services.auth.clients import register_app
@@ -255,13 +259,13 @@ def chart_points(page: Page) -> str | None:
     return page.locator("#progress-chart").get_attribute("data-points")
 
 
-def new_study(patient: str, month: int, day: int, p_normal: float) -> list[dict]:
-    """A scored study as the worker writes it (the Observation and everything beside it)."""
+def new_study(patient: str, month: int, day: int, p_normal: float) -> ScoredStudy:
+    """A scored study as the worker builds it (``all_resources_for``: the Observation and
+    everything beside it; ``registered_resources_for``: what is written before scoring)."""
     uid = f"2.25.{int.from_bytes(patient.encode()[-6:], 'big')}.{month}{day}"
-    study = chatbot_records._study(  # noqa: SLF001 - the records module's own builder
+    return chatbot_records._study(  # noqa: SLF001 - the records module's own builder
         patient, uid, datetime(2025, month, day, tzinfo=UTC), p_normal, "Main^Pat"
     )
-    return all_resources_for(study)
 
 
 def put(hospital: Hospital, resources: list[dict]) -> None:
@@ -297,9 +301,15 @@ def test_main_path(hospital: Hospital, page: Page, monkeypatch: pytest.MonkeyPat
     for thing in BOBS_FACTS:
         expect(page.locator("main")).not_to_contain_text(thing)
 
-    # A new result appears without a reload, within 2 s of its Observation being written.
-    put(hospital, new_study(MAIN, 7, 1, 0.35))
+    # A study received and not scored yet shows as such, then its result replaces it, each
+    # without a reload, within 2 s of being written.
+    study = new_study(MAIN, 7, 1, 0.35)
+    put(hospital, registered_resources_for(study))
     expect(scans).to_have_count(4, timeout=2_000)
+    expect(scans.first).to_contain_text("Received, being analysed")
+    put(hospital, all_resources_for(study))
+    expect(scans.first).to_contain_text("Preliminary AI result", timeout=2_000)
+    expect(scans).to_have_count(4)
     expect(scans.first).to_contain_text("1 July 2025")
     expect(canvas).to_have_attribute("data-points", "4")
     expect(page.get_by_role("status")).to_have_text("Your results have been updated.")
