@@ -1,0 +1,116 @@
+"""Composition root of the console: ``create_app(settings)`` wires the instance index (its
+database engine), the token verifier, the DICOMweb routes, ``/healthz`` and ``/metrics``.
+Nothing connects at import or creation: the index opens its tables at the first top-up (in the
+background at start-up) and the JWKS is fetched at the first request that brings a token."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from sqlalchemy import Engine
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from scanwatch.database import make_engine
+from services.auth.jwks import KeySetUnavailable, RemoteKeySet
+from services.auth.scopes import AuthError
+from services.console import dicomweb
+from services.console.auth import CHALLENGE, FileKeySet, Verifier
+from services.console.config import Settings
+from services.console.dicomweb import Console, DicomWebError
+from services.console.index import StoreIndex
+from services.console.metrics import ConsoleMetrics, RequestMetrics
+
+SERVICE = "console"
+log = logging.getLogger(__name__)
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"status": status, "error": message}, status_code=status, headers=headers)
+
+
+def create_app(
+    settings: Settings, *, engine: Engine | None = None, verifier: Verifier | None = None
+) -> FastAPI:
+    """The console app. ``engine`` (default: ``settings.index_url``) holds the index;
+    ``verifier`` checks tokens (default: the JWK Set file, else the JWKS URL)."""
+    engine = engine or make_engine(settings.index_url)
+    if verifier is None:
+        if settings.jwks_file is not None:
+            keys = FileKeySet(settings.jwks_file)
+            verifier = Verifier(keys.key, settings.token_audience, settings.token_issuer)
+        else:
+            remote = RemoteKeySet(
+                settings.jwks_url, settings.jwks_ttl_s, issuer=settings.token_issuer
+            )
+            verifier = Verifier.remote(remote, settings.token_audience)
+    metrics = ConsoleMetrics()
+    state = Console(settings, engine, StoreIndex(settings.storage_dir, engine), verifier, metrics)
+
+    async def keep_topped_up() -> None:
+        # Searches top the index up themselves; this keeps the work per search small after
+        # a burst of stores, and builds the index of an existing store at start-up.
+        while True:
+            try:
+                await asyncio.to_thread(state.top_up)
+            except Exception:  # a transient database or file-system failure: try again later
+                log.exception("index top-up failed")
+            await asyncio.sleep(settings.scan_interval_s)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(keep_topped_up())
+        log.info("console ready", extra={"store": str(settings.storage_dir)})
+        yield
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app = FastAPI(
+        title="scanwatch console",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.console = state
+    app.include_router(dicomweb.router)
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        if not settings.storage_dir.is_dir():
+            return _error(503, "the file store is not there")
+        return JSONResponse({"status": "ok", "instances": state.index.instances_indexed})
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(DicomWebError)
+    async def dicomweb_error(_request: Request, exc: DicomWebError) -> Response:
+        headers = {"Allow": "GET"} if exc.status == 405 else None
+        return _error(exc.status, exc.message, headers)
+
+    @app.exception_handler(AuthError)
+    async def auth_error(request: Request, exc: AuthError) -> Response:
+        missing = not request.headers.get("authorization")
+        challenge = CHALLENGE if missing else exc.www_authenticate
+        return _error(exc.status, exc.message, {"WWW-Authenticate": challenge})
+
+    @app.exception_handler(KeySetUnavailable)
+    async def keys_unavailable(_request: Request, exc: KeySetUnavailable) -> Response:
+        log.warning("token keys unavailable", extra={"error": str(exc)})
+        return _error(503, "the authorization server's keys cannot be fetched; try again")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+        return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    return app

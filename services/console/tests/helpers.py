@@ -1,0 +1,49 @@
+"""Filling a file store exactly as the listener does (its own FileStore), and tokens."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import generate_uid
+
+from dicom_listener.adapters.filestore import FileStore
+
+
+def put(store: FileStore, source: Path, version: int = 1) -> Path:
+    """Store the Part 10 file ``source`` as the listener does (temp file under .incoming,
+    adopt, commit); return the stored path."""
+    ds = pydicom.dcmread(source, stop_before_pixels=True)
+    store.incoming.mkdir(parents=True, exist_ok=True)
+    tmp = store.incoming / f"{os.getpid()}-{ds.SOPInstanceUID}-{version}.tmp"
+    shutil.copyfile(source, tmp)
+    data = tmp.read_bytes()
+    staged = store.adopt(
+        tmp,
+        str(ds.StudyInstanceUID),
+        str(ds.SeriesInstanceUID),
+        str(ds.SOPInstanceUID),
+        hashlib.sha256(data).hexdigest(),
+        len(data),
+    )
+    return store.commit(staged, version).path
+
+
+def relabelled(source: Path, out: Path, **values: object) -> Path:
+    """A copy of ``source`` with new Study/Series/SOP UIDs (or those given) and other
+    attributes set: pydicom's test files share their UIDs."""
+    ds = pydicom.dcmread(source)
+    values = {
+        "StudyInstanceUID": generate_uid(),
+        "SeriesInstanceUID": generate_uid(),
+        "SOPInstanceUID": generate_uid(),
+    } | values
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(out, enforce_file_format=True)
+    return out
