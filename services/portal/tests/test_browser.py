@@ -30,12 +30,13 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+from sqlmodel import Session, col, select
 
 from conftest import ROOT
 from devtools import chatbot_records, cli
 from devtools.cli import dev_tokens
 from devtools.kafka_local import free_port
-from devtools.stack import Ports, Stack, StackConfig
+from devtools.stack import PORTAL_CLIENT, Ports, Stack, StackConfig
 from devtools.testing import served
 from inference_worker.fhir_resources import (
     ScoredStudy,
@@ -46,6 +47,7 @@ from scanwatch.database import make_engine
 from services.auth import accounts
 from services.auth.clients import register_app
 from services.auth.scopes import parse_scopes
+from services.auth.store import RefreshToken
 from services.portal.app import create_app
 from services.portal.config import Settings
 
@@ -107,6 +109,29 @@ class Hospital:
         finally:
             engine.dispose()
         return accounts.activation_link(self.auth, token)
+
+    def live_refresh_tokens(self, patient: str) -> int:
+        """The stack portal's refresh tokens of ``patient``'s account that still work (neither
+        revoked nor replaced by a newer one), read from the authorization server's tables."""
+        engine = make_engine(self.engine_url)
+        try:
+            with Session(engine) as session:
+                account = session.exec(
+                    select(accounts.Account).where(
+                        col(accounts.Account.patient) == chatbot_records.patient_id(patient)
+                    )
+                ).one()
+                live = session.exec(
+                    select(RefreshToken).where(
+                        col(RefreshToken.account_id) == account.account_id,
+                        col(RefreshToken.client_id) == PORTAL_CLIENT,
+                        col(RefreshToken.revoked).is_(None),
+                        col(RefreshToken.replaced).is_(None),
+                    )
+                ).all()
+        finally:
+            engine.dispose()
+        return len(live)
 
     def system_headers(self) -> dict[str, str]:
         token = dev_tokens(self.stack.config.var).issue(
@@ -341,9 +366,12 @@ def test_main_path(hospital: Hospital, page: Page, monkeypatch: pytest.MonkeyPat
     axe_check(page, "the medicines and visits page")
     screenshots(page, "care")
 
-    # Sign out: the session ends and the pages need a sign-in again.
+    # Sign out: the refresh token is revoked at the authorization server, the session ends
+    # and the pages need a sign-in again.
+    assert hospital.live_refresh_tokens(MAIN) == 1
     page.get_by_role("button", name="Sign out").click()
     expect(page.get_by_text("You have signed out")).to_be_visible()
+    assert hospital.live_refresh_tokens(MAIN) == 0
     axe_check(page, "the sign-in page")
     screenshots(page, "signin")
     page.goto(f"{hospital.portal}/")
