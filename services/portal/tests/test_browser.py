@@ -110,9 +110,12 @@ class Hospital:
             engine.dispose()
         return accounts.activation_link(self.auth, token)
 
-    def live_refresh_tokens(self, patient: str) -> int:
-        """The stack portal's refresh tokens of ``patient``'s account that still work (neither
-        revoked nor replaced by a newer one), read from the authorization server's tables."""
+    def live_refresh_tokens(
+        self, patient: str, client: str = PORTAL_CLIENT, replaced: bool = False
+    ) -> int:
+        """``client``'s refresh tokens of ``patient``'s account that still work (neither
+        revoked nor replaced by a newer one; with ``replaced``: those replaced by a refresh),
+        read from the authorization server's tables."""
         engine = make_engine(self.engine_url)
         try:
             with Session(engine) as session:
@@ -124,9 +127,11 @@ class Hospital:
                 live = session.exec(
                     select(RefreshToken).where(
                         col(RefreshToken.account_id) == account.account_id,
-                        col(RefreshToken.client_id) == PORTAL_CLIENT,
+                        col(RefreshToken.client_id) == client,
                         col(RefreshToken.revoked).is_(None),
-                        col(RefreshToken.replaced).is_(None),
+                        col(RefreshToken.replaced).is_not(None)
+                        if replaced
+                        else col(RefreshToken.replaced).is_(None),
                     )
                 ).all()
         finally:
@@ -535,11 +540,19 @@ def test_the_keyboard_alone(hospital: Hospital, page: Page, patients: dict[str, 
     expect(page.get_by_text("You have signed out")).to_be_visible()
 
 
-def test_an_expired_session_asks_to_sign_in_again(
+def test_tokens_are_refreshed_then_an_idle_session_asks_to_sign_in_again(
     hospital: Hospital, page: Page, patients: dict[str, str]
 ) -> None:
     sign_in(page, hospital.test_portal, patients[ALICE])
     expect(page.get_by_role("heading", name="Your scan results")).to_be_visible()
+    # 14 minutes 40 s on, the access token (15 minutes) is due: the portal refreshes it at the
+    # authorization server (which replaces the refresh token) and the patient notices nothing.
+    replaced = hospital.live_refresh_tokens(ALICE, TEST_CLIENT, replaced=True)
+    hospital.clock[0] += 880
+    page.get_by_role("link", name="Medicines and visits").click()
+    expect(page.get_by_role("heading", name="Your medicines")).to_be_visible()
+    assert hospital.live_refresh_tokens(ALICE, TEST_CLIENT, replaced=True) == replaced + 1
+    assert hospital.live_refresh_tokens(ALICE, TEST_CLIENT) == 1
     hospital.clock[0] += 1801  # past the idle limit (30 minutes)
     page.get_by_role("link", name="Medicines and visits").click()
     expect(page.get_by_role("status")).to_contain_text("Your session has ended")
