@@ -116,12 +116,13 @@ def _search(
     request: Request, state: Console, level: str, searchable: tuple[str, ...],
     fixed: dict[str, str],
 ) -> Response:  # fmt: skip
-    params = [(k, v) for k, v in request.query_params.multi_items() if k not in fixed]
-    params += list(fixed.items())
+    params = request.query_params.multi_items()
     try:
         query = qido.parse(level, params, state.settings.max_results, searchable)
     except qido.QueryError as exc:
         raise DicomWebError(400, str(exc)) from exc
+    # The path's UIDs (checked already) bound the search whatever level they belong to.
+    query.where += [qido.match(keyword, value) for keyword, value in fixed.items()]
     rows, more = qido.run(state.engine, query)
     base = base_url(request, state)
     body = []

@@ -39,8 +39,12 @@ def test_top_up_reads_only_what_is_new(tmp_path: Path) -> None:
     assert index.top_up().read == 0  # type: ignore[union-attr]
 
     # A second instance of the same series and a new version of the first (other bytes).
-    put(store, relabelled(mr, tmp_path / "b.dcm", StudyInstanceUID=ds.StudyInstanceUID,
-                          SeriesInstanceUID=ds.SeriesInstanceUID, SeriesDescription="second"))  # fmt: skip
+    same_series = {
+        "StudyInstanceUID": ds.StudyInstanceUID,
+        "SeriesInstanceUID": ds.SeriesInstanceUID,
+        "SeriesDescription": "second",
+    }
+    put(store, relabelled(mr, tmp_path / "b.dcm", **same_series))
     second = relabelled(
         first, tmp_path / "a2.dcm", StudyInstanceUID=ds.StudyInstanceUID,
         SeriesInstanceUID=ds.SeriesInstanceUID, SOPInstanceUID=ds.SOPInstanceUID,
