@@ -217,6 +217,11 @@ def results_page(
     return ResultsPage(rows, received, since)
 
 
+def _sentence(words: str) -> str:
+    """``words`` starting with a capital, as a table cell or a value stands alone."""
+    return words[:1].upper() + words[1:]
+
+
 def _model(observation: dict[str, Any]) -> tuple[str, str]:
     """(model name, version) from ``device.display`` ("brain-mri-anomaly v1")."""
     display = str((observation.get("device") or {}).get("display") or "")
@@ -243,7 +248,7 @@ def result_detail(
         (
             Probability(
                 name=label,
-                words=CLASS_WORDS.get(label, label),
+                words=_sentence(CLASS_WORDS.get(label, label)),
                 percent=f"{value * 100:.0f}%",
                 value=value,
             )
@@ -257,7 +262,7 @@ def result_detail(
         row=row,
         model_name=name,
         model_version=version,
-        predicted=CLASS_WORDS.get(predicted, predicted) if predicted else None,
+        predicted=_sentence(CLASS_WORDS.get(predicted, predicted)) if predicted else None,
         probabilities=probabilities,
     )
 

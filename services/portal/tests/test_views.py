@@ -76,6 +76,8 @@ def test_one_result_in_detail() -> None:
     assert (detail.model_name, detail.model_version) == ("brain-mri-anomaly", "1")
     assert [p.name for p in detail.probabilities] == ["normal", "mass", "bleed", "infarct"]
     assert detail.probabilities[0].percent == "71%"
+    assert detail.probabilities[0].words == "No sign of a finding"
+    assert detail.predicted == "No sign of a finding"
     assert sum(p.value for p in detail.probabilities) > 0.99
     assert "not a diagnosis" in detail.care_team
     not_a_result = {"resourceType": "Observation", "id": "x", "code": {"text": "blood pressure"}}
