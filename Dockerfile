@@ -83,7 +83,7 @@ COPY chatbot/requirements.lock chatbot/mpl-setup.cfg chatbot/
 RUN MPLSETUPCFG=/app/chatbot/mpl-setup.cfg pip install --no-cache-dir --no-deps \
     --ignore-requires-python -r chatbot/requirements.lock
 COPY scanwatch/__init__.py scanwatch/fhir_codes.py scanwatch/care_plan.py scanwatch/ids.py \
-     scanwatch/durable.py scanwatch/
+     scanwatch/durable.py scanwatch/patient_records.py scanwatch/
 COPY services/__init__.py services/__init__.py
 COPY services/auth/__init__.py services/auth/scopes.py services/auth/tokens.py \
      services/auth/jwks.py services/auth/

@@ -5,9 +5,8 @@ analysed, and the sentences every patient-facing surface says about them.
 Written once for the chatbot's actions and the patient portal: every sentence about a result
 says where it comes from (a preliminary AI result or one a clinician reviewed) and when, never
 states a diagnosis, and says that the care team discusses it. Pure functions on resource
-dicts, standard library and :mod:`scanwatch.fhir_codes` only (the chatbot's own virtualenv
-imports it). Its first half is ``chatbot/actions/records.py``'s, verbatim, so that module can
-import it from here.
+dicts, standard library and :mod:`scanwatch.fhir_codes` only: the chatbot's actions
+(``chatbot/actions/records.py``, in their own virtualenv) import it too.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ ALLOWED = {
     "scanwatch.ids",
     "scanwatch.fhir_codes",
     "scanwatch.care_plan",
+    "scanwatch.patient_records",
     "services.auth.scopes",
     "services.auth.tokens",
     "services.auth.jwks",
