@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import html
-import re
 import secrets
 import statistics
 import sys
@@ -42,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from devtools import chatbot_records  # noqa: E402
+from devtools.browser import form_fields, launch_options  # noqa: E402
 from devtools.cli import dev_tokens  # noqa: E402
 from devtools.kafka_local import free_port  # noqa: E402
 from devtools.stack import Ports, Stack, StackConfig  # noqa: E402
@@ -49,21 +48,10 @@ from scanwatch.database import make_engine  # noqa: E402
 from services.auth import accounts, clients  # noqa: E402
 from services.auth.scopes import parse_scopes  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 PASSWORD = "a long bench pass phrase 2026"
 BENCH_APP = "bench-smart-app"
 BENCH_REDIRECT = "http://127.0.0.1:9/callback"  # never contacted: the code is read off the redirect
 SCOPE = "launch/patient openid fhirUser offline_access patient/*.read"
-_INPUT = re.compile(r"<input\b[^>]*>")
-_ATTR = re.compile(r'(\w+)="([^"]*)"')
 
 
 def say(text: str) -> None:
@@ -82,16 +70,6 @@ def summary(name: str, seconds: list[float]) -> str:
         f"{name}: n={len(ms)} p50 {statistics.median(ms):.0f} ms, p95 {percentile(ms, 95):.0f} ms,"
         f" max {max(ms):.0f} ms"
     )
-
-
-def form_fields(page: str) -> dict[str, str]:
-    """Every named input of a page's form, hidden ones (the CSRF token) included."""
-    fields = {}
-    for tag in _INPUT.findall(page):
-        attrs = {k: html.unescape(v) for k, v in _ATTR.findall(tag)}
-        if "name" in attrs:
-            fields[attrs["name"]] = attrs.get("value", "")
-    return fields
 
 
 def studies(count: int) -> tuple[tuple[int, int, float], ...]:
@@ -161,9 +139,7 @@ async def browse(portal: str, usernames: list[str], results: int, rounds: int) -
     sign_ins: list[float] = []
     loads: list[float] = []
     async with async_playwright() as playwright:
-        browser = await playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
-        )
+        browser = await playwright.chromium.launch(**launch_options())
         contexts = [
             await browser.new_context(viewport={"width": 1280, "height": 900}, locale="en-GB")
             for _ in usernames

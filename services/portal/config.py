@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 from pathlib import Path
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -11,21 +10,12 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from scanwatch.logs import LogLevel
+from services.auth.config import is_loopback
 
 #: The front-end packages npm installs at set-up (``services/portal/package.json``).
 DEFAULT_ASSETS_DIR = Path(__file__).resolve().parent / "node_modules"
 #: The client id the development stack registers for the portal.
 DEFAULT_CLIENT_ID = "scanwatch-portal"
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is a loopback name or address (only this machine can connect)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Settings(BaseSettings):

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import html
-import re
 import secrets
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -15,6 +13,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 import httpx
 from sqlalchemy.engine import Engine
 
+from devtools.browser import form_fields
 from scanwatch import ids
 from services.auth import accounts, clients
 
@@ -26,19 +25,6 @@ SCOPE = (
     "patient/CommunicationRequest.write"
 )
 PASSWORD = "correct horse battery staple"
-
-_INPUT = re.compile(r"<input\b[^>]*>")
-_ATTR = re.compile(r'(\w+)="([^"]*)"')
-
-
-def form_fields(page: str) -> dict[str, str]:
-    """The name → value of every input of ``page`` that has a name (hidden ones included)."""
-    fields = {}
-    for tag in _INPUT.findall(page):
-        attrs = {k: html.unescape(v) for k, v in _ATTR.findall(tag)}
-        if "name" in attrs:
-            fields[attrs["name"]] = attrs.get("value", "")
-    return fields
 
 
 def pkce() -> tuple[str, str]:

@@ -12,6 +12,7 @@ from urllib.parse import urlencode
 import pytest
 from playwright.sync_api import Page, sync_playwright
 
+from devtools.browser import launch_options
 from devtools.testing import served
 from services.auth import accounts
 from services.fhir_api.app import create_app
@@ -29,14 +30,6 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[3]
 AXE = ROOT / "services" / "portal" / "node_modules" / "axe-core" / "axe.min.js"
 PHONE = {"width": 360, "height": 740}
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 
 
 @pytest.fixture
@@ -44,9 +37,7 @@ def page(tmp_path: Path) -> Iterator[Page]:
     if not AXE.is_file():
         pytest.fail(f"{AXE} is missing (scripts/bootstrap.sh runs npm ci in services/portal)")
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS
-        )
+        browser = playwright.chromium.launch(**launch_options())
         context = browser.new_context(viewport=PHONE)
         try:
             yield context.new_page()

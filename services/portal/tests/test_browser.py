@@ -34,6 +34,7 @@ from sqlmodel import Session, col, select
 
 from conftest import ROOT
 from devtools import chatbot_records, cli
+from devtools.browser import launch_options
 from devtools.cli import dev_tokens
 from devtools.kafka_local import free_port
 from devtools.stack import PORTAL_CLIENT, Ports, Stack, StackConfig
@@ -53,15 +54,6 @@ from services.portal.config import Settings
 
 pytestmark = pytest.mark.integration
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 CHAT_MODELS = ROOT / "var" / "chatbot" / "models"
 AXE = ROOT / "services" / "portal" / "node_modules" / "axe-core" / "axe.min.js"
 SHOTS = ROOT / "var" / "screenshots" / "portal"
@@ -202,10 +194,7 @@ def hospital(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hospital]:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     with sync_playwright() as playwright:
-        # launch() gives every run a fresh, temporary user-data dir.
-        chromium = playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
-        )
+        chromium = playwright.chromium.launch(**launch_options())
         yield chromium
         chromium.close()
 
