@@ -3,6 +3,7 @@ what is new, takes a re-sent instance's newest version and forgets removed files
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from sqlalchemy import select
 
 from dicom_listener.adapters.filestore import FileStore, instance_file_name
 from scanwatch.database import make_engine
+from scanwatch.logs import JsonFormatter
 from services.console.index import StoreIndex, parse_file_name, series_table
 from services.console.tests.helpers import put, relabelled
 
@@ -74,3 +76,35 @@ def test_a_scan_started_after_a_request_serves_it(tmp_path: Path) -> None:
     index.top_up()
     assert index.top_up(not_before=time.monotonic() - 3600) is None  # shared, not repeated
     assert index.top_up(not_before=time.monotonic()) is not None
+
+
+def test_a_change_within_one_timestamp_tick_is_not_missed(tmp_path: Path) -> None:
+    """Two changes in one mtime tick leave the folder's mtime as it was: a folder modified
+    just before a scan is listed again at the next one, however its mtime looks."""
+    store = FileStore(tmp_path / "store")
+    mr = Path(get_testdata_file("MR_small.dcm"))
+    first = put(store, relabelled(mr, tmp_path / "a.dcm"))
+    index = StoreIndex(store.root, make_engine("sqlite://"))
+    index.top_up()
+    folder = first.parent
+    tick = folder.stat().st_mtime_ns
+    ds = pydicom.dcmread(first, stop_before_pixels=True)
+    same = {"StudyInstanceUID": ds.StudyInstanceUID, "SeriesInstanceUID": ds.SeriesInstanceUID}
+    put(store, relabelled(mr, tmp_path / "b.dcm", **same))
+    os.utime(folder, ns=(tick, tick))  # as if both renames fell in the same tick
+    result = index.top_up()
+    assert result is not None and result.read == 1 and index.instances_indexed == 2
+
+
+def test_an_unreadable_file_is_left_out_and_logged_without_its_content(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = FileStore(tmp_path / "store")
+    folder = store.root / "1.2.3" / "1.2.3.4"
+    folder.mkdir(parents=True)
+    (folder / "1.2.3.4.5.dcm").write_bytes(b"PatientName=Secret^Person " * 10)
+    index = StoreIndex(store.root, make_engine("sqlite://"))
+    result = index.top_up()
+    assert result is not None and result.unreadable == 1 and index.instances_indexed == 0
+    logged = "".join(JsonFormatter("console").format(r) for r in caplog.records)
+    assert '"SOPInstanceUID": "1.2.3.4.5"' in logged and "Secret" not in logged
