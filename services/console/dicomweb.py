@@ -2,10 +2,12 @@
 WADO-RS retrievals (§10.4) of instances, metadata, frames and rendered images read from the
 stored files. Read only: every other method answers 405.
 
-Every route declares :func:`staff` (a verified staff token) and :func:`fresh` (the index topped
-up for this request): a route cannot forget either. UIDs in paths are checked against the UID
-grammar before anything touches the file system (400), and a stored file is opened only
-through :meth:`StoreIndex.path_of`, which keeps it inside the store.
+Every route declares :func:`fresh` (searches) or :func:`authorised` (retrievals), both of which
+require :func:`staff` (a verified staff token): a route cannot forget the caller. Searches top
+the index up before answering; retrievals do when the index does not know what they name.
+UIDs in paths are checked against the UID grammar before anything touches the file system
+(400), and a stored file is opened only through :meth:`StoreIndex.path_of`, which keeps it
+inside the store.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -86,15 +88,32 @@ def staff(request: Request, state: ConsoleDep) -> Grant:
     return state.verifier.check(request.headers.get("authorization"))
 
 
-def fresh(state: ConsoleDep, _grant: Annotated[Grant, Depends(staff)]) -> Console:
-    """The console, its index holding every instance stored before this request arrived
-    (or within ``index_max_age_s`` before); only for an authorised caller."""
-    arrival = time.monotonic()
-    state.top_up(arrival - state.settings.index_max_age_s)
-    return state
+@dataclass(frozen=True)
+class Authorised:
+    """The console for an authorised request, and when the request arrived."""
+
+    console: Console
+    arrival: float
+
+    def top_up(self) -> None:
+        """Top the index up with everything stored before this request arrived (or within
+        ``index_max_age_s`` before it)."""
+        self.console.top_up(self.arrival - self.console.settings.index_max_age_s)
+
+
+def authorised(state: ConsoleDep, _grant: Annotated[Grant, Depends(staff)]) -> Authorised:
+    return Authorised(state, time.monotonic())
+
+
+def fresh(request: Annotated[Authorised, Depends(authorised)]) -> Console:
+    """The console, its index topped up for this request (searches: every instance stored
+    before the request is in the answer); only for an authorised caller."""
+    request.top_up()
+    return request.console
 
 
 Fresh = Annotated[Console, Depends(fresh)]
+Auth = Annotated[Authorised, Depends(authorised)]
 
 
 def uid(value: str, name: str) -> str:
@@ -196,9 +215,21 @@ class Stored:
 
 
 def _stored(
-    state: Console, study: str, series: str | None = None, sop: str | None = None
+    auth: Authorised,
+    study: str,
+    series: str | None = None,
+    sop: str | None = None,
+    *,
+    whole: bool = True,
 ) -> list[Stored]:
-    """The stored instances under the path's UIDs (checked), in order; 404 when none."""
+    """The stored instances under the path's UIDs (checked), in order; 404 when none.
+
+    ``whole`` (a study or series): the index is topped up first, so the answer holds every
+    instance stored before the request. One instance (``whole`` False): the index answers
+    and is topped up only when it does not know the instance: a viewer fetching a series
+    frame by frame costs no folder scan per frame.
+    """
+    state = auth.console
     where = [instances.c.StudyInstanceUID == uid(study, "StudyInstanceUID")]
     if series is not None:
         where.append(instances.c.SeriesInstanceUID == uid(series, "SeriesInstanceUID"))
@@ -217,8 +248,14 @@ def _stored(
             instances.c.SeriesInstanceUID, instances.c.InstanceNumber, instances.c.SOPInstanceUID
         )
     )
-    with state.engine.connect() as conn:
-        rows = conn.execute(statement).all()
+    rows: Sequence[Any] = []
+    if not whole:
+        with state.engine.connect() as conn:
+            rows = conn.execute(statement).all()
+    if not rows:
+        auth.top_up()
+        with state.engine.connect() as conn:
+            rows = conn.execute(statement).all()
     if not rows:
         what = "instance" if sop else "series" if series else "study"
         raise DicomWebError(404, f"no such {what} in the store")
@@ -314,23 +351,21 @@ def _retrieve(request: Request, stored: list[Stored]) -> Response:
 
 
 @router.get("/studies/{study}")
-def retrieve_study(request: Request, state: Fresh, study: str) -> Response:
+def retrieve_study(request: Request, auth: Auth, study: str) -> Response:
     """Every instance of a study, as stored (multipart/related, application/dicom)."""
-    return _retrieve(request, _stored(state, study))
+    return _retrieve(request, _stored(auth, study))
 
 
 @router.get("/studies/{study}/series/{series}")
-def retrieve_series(request: Request, state: Fresh, study: str, series: str) -> Response:
+def retrieve_series(request: Request, auth: Auth, study: str, series: str) -> Response:
     """Every instance of a series."""
-    return _retrieve(request, _stored(state, study, series))
+    return _retrieve(request, _stored(auth, study, series))
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}")
-def retrieve_instance(
-    request: Request, state: Fresh, study: str, series: str, sop: str
-) -> Response:
+def retrieve_instance(request: Request, auth: Auth, study: str, series: str, sop: str) -> Response:
     """One instance."""
-    return _retrieve(request, _stored(state, study, series, sop))
+    return _retrieve(request, _stored(auth, study, series, sop, whole=False))
 
 
 def _strip_bulk(ds: Dataset) -> None:
@@ -365,23 +400,21 @@ def _metadata(request: Request, stored: list[Stored]) -> Response:
 
 
 @router.get("/studies/{study}/metadata")
-def study_metadata(request: Request, state: Fresh, study: str) -> Response:
+def study_metadata(request: Request, auth: Auth, study: str) -> Response:
     """The headers of every instance of a study (DICOM JSON, bulk data left out)."""
-    return _metadata(request, _stored(state, study))
+    return _metadata(request, _stored(auth, study))
 
 
 @router.get("/studies/{study}/series/{series}/metadata")
-def series_metadata(request: Request, state: Fresh, study: str, series: str) -> Response:
+def series_metadata(request: Request, auth: Auth, study: str, series: str) -> Response:
     """The headers of every instance of a series."""
-    return _metadata(request, _stored(state, study, series))
+    return _metadata(request, _stored(auth, study, series))
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/metadata")
-def instance_metadata(
-    request: Request, state: Fresh, study: str, series: str, sop: str
-) -> Response:
+def instance_metadata(request: Request, auth: Auth, study: str, series: str, sop: str) -> Response:
     """The header of one instance."""
-    return _metadata(request, _stored(state, study, series, sop))
+    return _metadata(request, _stored(auth, study, series, sop, whole=False))
 
 
 def _frame_numbers(text: str, count: int) -> list[int]:
@@ -398,11 +431,11 @@ def _frame_numbers(text: str, count: int) -> list[int]:
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frames}")
 def retrieve_frames(
-    request: Request, state: Fresh, study: str, series: str, sop: str, frames: str
+    request: Request, auth: Auth, study: str, series: str, sop: str, frames: str
 ) -> Response:
     """Frames, uncompressed (multipart/related, application/octet-stream; compressed pixel
     data are decoded when pydicom can, else 406)."""
-    (item,) = _stored(state, study, series, sop)
+    (item,) = _stored(auth, study, series, sop, whole=False)
     numbers = _frame_numbers(frames, item.frames)
     params = _multipart_choice(request, "application/octet-stream")
     if params is None or params.get("transfer-syntax", "*") not in (
@@ -449,20 +482,18 @@ def _rendered(request: Request, item: Stored, number: int) -> Response:
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/rendered")
-def instance_rendered(
-    request: Request, state: Fresh, study: str, series: str, sop: str
-) -> Response:
+def instance_rendered(request: Request, auth: Auth, study: str, series: str, sop: str) -> Response:
     """The instance's first frame as an 8-bit image (``window=center,width[,function]``)."""
-    (item,) = _stored(state, study, series, sop)
+    (item,) = _stored(auth, study, series, sop, whole=False)
     return _rendered(request, item, 1)
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frame}/rendered")
 def frame_rendered(
-    request: Request, state: Fresh, study: str, series: str, sop: str, frame: str
+    request: Request, auth: Auth, study: str, series: str, sop: str, frame: str
 ) -> Response:
     """One frame as an 8-bit image."""
-    (item,) = _stored(state, study, series, sop)
+    (item,) = _stored(auth, study, series, sop, whole=False)
     (number,) = _frame_numbers(frame, item.frames)
     return _rendered(request, item, number)
 

@@ -306,3 +306,10 @@ def test_a_freshly_stored_instance_appears(tmp_path: Path, signing_keys: Path) -
             [_uids(first)[2], _uids(later)[2]]
         )
         assert client.retrieve_instance(*_uids(later)).SOPInstanceUID == _uids(later)[2]
+        # Retrieved before any search: the retrieval tops the index up itself.
+        third = relabelled(mr, tmp_path / "third.dcm", StudyInstanceUID=study,
+                           SeriesInstanceUID=_uids(first)[1])  # fmt: skip
+        put(server.store, third)
+        png = client.retrieve_instance_rendered(*_uids(third), media_types=("image/png",))
+        assert Image.open(io.BytesIO(png)).size == (64, 64)
+        assert len(client.retrieve_series(study, _uids(first)[1])) == 3
