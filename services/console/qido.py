@@ -4,7 +4,9 @@ Matching (PS3.4 §C.2.2.2): single value, UID list (comma or backslash separated
 (``*``, ``?``; case-insensitive on person names), date and time ranges (``A-B``, ``-B``,
 ``A-``), universal (empty). Keys are DICOM keywords or tags (``PatientID`` or ``00100020``).
 A key the index does not hold is not matched, and the answer's ``Warning`` header says so
-(PS3.18 §8.3.4.1 lets an origin server ignore what it does not support).
+(PS3.18 §8.3.4.1 lets an origin server ignore what it does not support). No match is 200 with
+``[]``: PS3.18 §8.3.4.4.1 says 204, which RFC 9110 forbids to carry a body; CP-2473 (WG-27,
+2025) returns to 200, and dicomweb-client, OHIF and Weasis read both.
 """
 
 from __future__ import annotations
