@@ -163,6 +163,24 @@ def test_retrieve_instances_series_and_study(dicomweb: Served) -> None:
     got = client.retrieve_instance(*_uids(rle))
     assert got.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.5"
     assert got.PixelData == pydicom.dcmread(rle).PixelData
+    # Asked for Explicit VR Little Endian, it is decoded on the way.
+    explicit = client.retrieve_instance(
+        *_uids(rle), media_types=(("application/dicom", "1.2.840.10008.1.2.1"),)
+    )
+    assert explicit.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
+    assert np.array_equal(explicit.pixel_array, pydicom.dcmread(rle).pixel_array)
+    # A JPEG-LS instance cannot be decoded here: 406 before any byte of the body.
+    with pytest.raises(requests.HTTPError) as refused:
+        client.retrieve_instance(
+            *_uids(dicomweb.files["jpegls"][0]),
+            media_types=(("application/dicom", "1.2.840.10008.1.2.1"),),
+        )
+    assert refused.value.response.status_code == 406
+    not_dicom = httpx.get(
+        f"{client.base_url}/studies/{study}",
+        headers={"Authorization": f"Bearer {dicomweb.token()}", "Accept": "application/json"},
+    )
+    assert not_dicom.status_code == 406
 
 
 def test_retrieve_metadata_leaves_pixels_out(dicomweb: Served) -> None:
