@@ -10,7 +10,8 @@ action server.
    ``--rounds`` rounds of result questions (latest result, the one before, the trend, the
    status, the score). Every reply is timed from the POST to the whole answer: NLU, the policy,
    the action and its FHIR reads with the patient's token. The first round is warm-up.
-3. VmRSS and VmHWM (peak) of the two Rasa processes after the run.
+3. VmRSS and VmHWM (peak) of the Rasa server's processes (its Sanic workers included) and of
+   the action server after the run, and their proportional set size together.
 
     .venv/bin/python bench/chatbot.py --conversations 8 --rounds 6
 """
@@ -104,18 +105,8 @@ def intent_table(model: Path, out: Path) -> tuple[str, float]:
     return "\n".join(lines), float(macro["f1-score"])
 
 
-def memory(pid: int) -> tuple[float, float]:
-    """(VmRSS, VmHWM) of a process, MiB."""
-    fields = dict(
-        line.split(":", 1)
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-        if ":" in line
-    )
-    return tuple(int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM"))  # type: ignore[return-value]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and all its live descendants, seconds."""
+def family(pid: int) -> dict[int, tuple[int, float]]:
+    """A process and its live descendants: pid -> (parent pid, user + system CPU seconds)."""
     tick = os.sysconf("SC_CLK_TCK")
     stats = {}
     for entry in Path("/proc").iterdir():
@@ -125,12 +116,36 @@ def cpu_seconds(pid: int) -> float:
             except OSError:
                 continue
             stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
-    family: set[int] = set()
+    members: set[int] = set()
     grown = {pid}
     while grown:
-        family |= grown
-        grown = {child for child, (parent, _) in stats.items() if parent in grown} - family
-    return sum(stats[member][1] for member in family if member in stats)
+        members |= grown
+        grown = {child for child, (parent, _) in stats.items() if parent in grown} - members
+    return {member: stats[member] for member in members if member in stats}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and all its live descendants, seconds."""
+    return sum(cpu for _, cpu in family(pid).values())
+
+
+def memory(pid: int) -> str:
+    """The resident memory of a process and its descendants (the Rasa server's Sanic workers
+    are forked children): each one's VmRSS and peak VmHWM, and their proportional set size
+    together (pages the fork shares are counted once), MiB."""
+    rows, pss = [], 0.0
+    for member in sorted(family(pid)):
+        status = dict(
+            line.split(":", 1)
+            for line in Path(f"/proc/{member}/status").read_text().splitlines()
+            if ":" in line
+        )
+        rss, peak = (int(status[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM"))
+        rows.append(f"{rss:.0f} (peak {peak:.0f})")
+        for line in Path(f"/proc/{member}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                pss += int(line.split()[1]) / 1024
+    return f"RSS {' + '.join(rows)} MiB, together PSS {pss:.0f} MiB"
 
 
 def converse(
@@ -220,8 +235,8 @@ def main() -> int:
             replies = opts.conversations * opts.rounds * len(QUESTIONS)
             cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
             cpu["bench client"] = time.process_time() - own_before
-            rasa_rss, rasa_peak = memory(stack.service("chat").process.pid)  # type: ignore[union-attr]
-            actions_rss, actions_peak = memory(stack.service("chat-actions").process.pid)  # type: ignore[union-attr]
+            rasa_memory = memory(stack.service("chat").process.pid)  # type: ignore[union-attr]
+            actions_memory = memory(stack.service("chat-actions").process.pid)  # type: ignore[union-attr]
         finally:
             stack.stop()
 
@@ -240,10 +255,8 @@ def main() -> int:
         + ", ".join(f"{name} {seconds / replies * 1000:.1f} ms" for name, seconds in cpu.items())
         + f" (2 cores give {2000 * wall / replies:.0f} ms of CPU per reply at this rate)"
     )
-    say(
-        f"memory: Rasa server RSS {rasa_rss:.0f} MiB (peak {rasa_peak:.0f}), "
-        f"action server RSS {actions_rss:.0f} MiB (peak {actions_peak:.0f})"
-    )
+    say(f"memory: Rasa server (main process, then its workers) {rasa_memory}")
+    say(f"memory: action server {actions_memory}")
     return 0
 
 
