@@ -52,6 +52,7 @@ class Ports:
     chat: int = 5005  # Rasa server: the patient channel and Rasa's HTTP API
     chat_actions: int = 5055  # Rasa's action server
     portal: int = 8090  # the patient portal
+    console: int = 8100  # the staff console (today: DICOMweb over the file store)
 
 
 @dataclass
@@ -201,7 +202,7 @@ class Stack:
                 kafka=True,
             ),
             *(self._chatbot(base) if c.chatbot else []),
-            *([self._portal(base)] if c.chatbot else []),
+            *([self._portal(base), self._console(base)] if c.chatbot else []),
         ]
 
     def _fhir_auth(self) -> dict[str, str]:
@@ -232,6 +233,25 @@ class Stack:
                 "SCANWATCH_PORTAL_CLIENT_SECRET": self.portal_secret,
             },
             lambda: _http_ok(f"{c.portal_url}/healthz"),
+        )
+
+    def _console(self, base: dict[str, str]) -> Service:
+        """The staff console's DICOMweb service over the listener's file store (read-only;
+        tokens verified against the FHIR API's published keys)."""
+        c, p = self.config, self.config.ports
+        (c.var / "console").mkdir(parents=True, exist_ok=True)
+        (c.var / "store").mkdir(parents=True, exist_ok=True)  # the listener's, read only here
+        return Service(
+            "console",
+            [sys.executable, "-m", "services.console"],
+            {
+                **base,
+                "SCANWATCH_CONSOLE_PORT": str(p.console),
+                "SCANWATCH_CONSOLE_STORAGE_DIR": str(c.var / "store"),
+                "SCANWATCH_CONSOLE_INDEX_URL": f"sqlite:///{c.var / 'console' / 'dicom-index.db'}",
+                "SCANWATCH_CONSOLE_JWKS_URL": f"http://127.0.0.1:{p.fhir}/auth/jwks",
+            },
+            lambda: _http_ok(f"http://127.0.0.1:{p.console}/healthz"),
         )
 
     def register_portal(self) -> None:
@@ -456,6 +476,8 @@ class Stack:
                 f"(--auth-token {self.chat_api_token})",
                 f"  Rasa action server:      http://127.0.0.1:{p.chat_actions}/webhook",
                 f"  patient portal:          {c.portal_url}/  (sign in with an activation link)",
+                f"  DICOMweb (QIDO/WADO-RS): http://127.0.0.1:{p.console}/dicomweb"
+                "  (bearer token: scanwatch token)",
             ]
         lines += [
             f"  logs:                    {self.logs}/",

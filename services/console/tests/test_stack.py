@@ -1,0 +1,53 @@
+"""The console as ``scanwatch run`` starts it (devtools/stack.py): beside the FHIR API, over
+the listener's store folder, verifying tokens against the API's published keys."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from devtools.cli import dev_tokens
+from devtools.kafka_local import free_port
+from devtools.stack import Ports, Stack, StackConfig
+from dicom_listener.adapters.filestore import FileStore
+from scanwatch.sample import build_mr_study
+from services.auth.scopes import parse_scopes
+from services.console.tests.helpers import put
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    config = StackConfig(
+        var=tmp_path_factory.mktemp("console-stack"),
+        ports=Ports(**{name: free_port() for name in Ports.__dataclass_fields__}),
+        chatbot=True,  # tokens required: the console then runs beside the portal
+        only=("fhir-api", "console"),
+    )
+    running = Stack(config)
+    try:
+        running.start(timeout=180)
+        yield running
+    finally:
+        running.stop()
+
+
+def test_the_stacks_console_serves_the_listeners_store(stack: Stack, tmp_path: Path) -> None:
+    sample = build_mr_study(tmp_path / "sample", n_slices=2)
+    store = FileStore(stack.config.var / "store")
+    for path in sample:
+        put(store, path)
+    url = f"http://127.0.0.1:{stack.config.ports.console}/dicomweb/studies"
+    tokens = dev_tokens(stack.config.var)
+    system = tokens.issue("test", parse_scopes("system/*.read"))[0]
+    found = httpx.get(url, headers={"Authorization": f"Bearer {system}"}, timeout=30)
+    assert found.status_code == 200, found.text
+    assert len(found.json()) == 1
+    patient = tokens.issue("test", parse_scopes("patient/*.read"), "p-1")[0]
+    refused = httpx.get(url, headers={"Authorization": f"Bearer {patient}"}, timeout=30)
+    assert refused.status_code == 403
+    assert "DICOMweb" in stack.banner()
