@@ -350,6 +350,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     configure_logging("scanwatch", os.environ.get("SCANWATCH_LOG_LEVEL", "INFO"))
+    # A command that opens the development database (send-sample's invite, patients, clients)
+    # brings it up to date first; Alembic's own lines about that are noise at a terminal.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     args = parser().parse_args(argv)
     return args.func(args)
 
