@@ -11,12 +11,28 @@ import sys
 from pathlib import Path
 
 import pytest
+from connectors import lock_store
 from connectors.lock_store import FileLockStore
 from rasa.core.lock_store import LockError, LockStore
 from rasa.core.utils import number_of_sanic_workers
 from rasa.utils.endpoints import read_endpoint_config
 
 CHATBOT = Path(__file__).resolve().parent.parent
+
+
+def refusals(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """An event set each time a lock is tried and found held (the store's own try)."""
+    refused = asyncio.Event()
+    try_lock = lock_store._try_lock
+
+    def counted(fd: int) -> bool:
+        taken = try_lock(fd)
+        if not taken:
+            refused.set()
+        return taken
+
+    monkeypatch.setattr(lock_store, "_try_lock", counted)
+    return refused
 
 
 def other_bucket(store: FileLockStore, conversation: str) -> str:
@@ -27,7 +43,9 @@ def other_bucket(store: FileLockStore, conversation: str) -> str:
     )
 
 
-def test_one_message_per_conversation_at_a_time_in_one_process(tmp_path: Path) -> None:
+def test_one_message_per_conversation_at_a_time_in_one_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = FileLockStore(lock_dir=str(tmp_path))
     order: list[str] = []
 
@@ -36,17 +54,18 @@ def test_one_message_per_conversation_at_a_time_in_one_process(tmp_path: Path) -
             order.append(f"{name} in")
             if holding is not None:
                 holding.set()
-                await asyncio.sleep(0)  # let the others try while this one holds the lock
                 await asyncio.wait_for(released.wait(), timeout=10)
             order.append(f"{name} out")
 
     async def main() -> None:
+        refused = refusals(monkeypatch)
         holding = asyncio.Event()
         first = asyncio.create_task(handle("first", "patient-a", holding))
         await holding.wait()
         second = asyncio.create_task(handle("second", "patient-a", None))
         elsewhere = asyncio.create_task(handle("elsewhere", other_bucket(store, "patient-a"), None))
         await elsewhere  # another conversation is not held up
+        await asyncio.wait_for(refused.wait(), timeout=10)  # the second has tried, and waits
         assert "second in" not in order
         released.set()
         await asyncio.gather(first, second)
@@ -66,7 +85,9 @@ sys.stdin.readline()
 """
 
 
-def test_another_process_holding_the_conversation_makes_it_wait(tmp_path: Path) -> None:
+def test_another_process_holding_the_conversation_makes_it_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = FileLockStore(lock_dir=str(tmp_path))
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(store.path("patient-a"))],
@@ -85,8 +106,9 @@ def test_another_process_holding_the_conversation_makes_it_wait(tmp_path: Path) 
             asyncio.run(attempt(0.2))
 
         async def after_release() -> None:
+            refused = refusals(monkeypatch)
             waiting = asyncio.create_task(attempt(30))
-            await asyncio.sleep(0.05)
+            await asyncio.wait_for(refused.wait(), timeout=10)  # it has tried, and waits
             assert not waiting.done()
             assert holder.stdin is not None
             holder.stdin.write("\n")
