@@ -18,6 +18,7 @@ from sqlalchemy import Engine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scanwatch.database import make_engine
+from scanwatch.http_metrics import RequestMetrics
 from services.auth.jwks import KeySetUnavailable, RemoteKeySet
 from services.auth.scopes import AuthError
 from services.console import dicomweb
@@ -25,7 +26,7 @@ from services.console.auth import CHALLENGE, FileKeySet, Verifier
 from services.console.config import Settings
 from services.console.dicomweb import Console, DicomWebError
 from services.console.index import StoreIndex
-from services.console.metrics import ConsoleMetrics, RequestMetrics
+from services.console.metrics import ConsoleMetrics
 
 SERVICE = "console"
 log = logging.getLogger(__name__)
@@ -112,5 +113,5 @@ def create_app(
     async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
         return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
-    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(RequestMetrics, requests=metrics.requests, latency=metrics.latency)
     return app

@@ -9,13 +9,7 @@ route template, never by the UIDs in their path).
 
 from __future__ import annotations
 
-import time
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-#: The route label of a request that matched no route.
-UNMATCHED = "unmatched"
 
 
 class ConsoleMetrics:
@@ -37,31 +31,3 @@ class ConsoleMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
-
-
-class RequestMetrics:
-    """Plain ASGI middleware that counts and times requests by route template."""
-
-    def __init__(self, app: ASGIApp, metrics: ConsoleMetrics) -> None:
-        self.app = app
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            route = getattr(scope.get("route"), "path", UNMATCHED)
-            self.metrics.latency.labels(scope["method"], route).observe(time.perf_counter() - start)
-            self.metrics.requests.labels(scope["method"], route, str(status)).inc()

@@ -24,6 +24,7 @@ from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scanwatch.database import make_engine
+from scanwatch.http_metrics import RequestMetrics
 from scanwatch.logs import configure_logging
 from scanwatch.processes import die_with_parent
 from services.auth import clients
@@ -46,7 +47,7 @@ from services.fhir_api.errors import (
     FhirJSONResponse,
     operation_outcome,
 )
-from services.fhir_api.metrics import FhirApiMetrics, RequestMetrics
+from services.fhir_api.metrics import FhirApiMetrics
 from services.fhir_api.openapi import openapi_document
 from services.fhir_api.store import ResourceStore
 from services.fhir_api.subscriptions import SubscriptionManager
@@ -158,7 +159,7 @@ def create_app(
     app.include_router(routes.router)
     app.include_router(metrics.router)
     _install_error_handlers(app)
-    app.add_middleware(RequestMetrics, metrics=api_metrics)
+    app.add_middleware(RequestMetrics, requests=api_metrics.requests, latency=api_metrics.latency)
 
     @app.get("/healthz")
     def healthz() -> Response:

@@ -11,8 +11,6 @@ A request no route matched is labelled ``route="unmatched"``.
 
 from __future__ import annotations
 
-import time
-
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import (
@@ -22,10 +20,6 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-#: The route label of a request that matched no route.
-UNMATCHED = "unmatched"
 
 
 class FhirApiMetrics:
@@ -53,36 +47,6 @@ class FhirApiMetrics:
     def exposition(self) -> bytes:
         """The metrics in Prometheus' text format."""
         return generate_latest(self.registry)
-
-
-class RequestMetrics:
-    """Plain ASGI middleware that counts and times requests. (Starlette's ``BaseHTTPMiddleware``
-    costs a task group and memory streams per request: a measurable share of a search.)"""
-
-    def __init__(self, app: ASGIApp, metrics: FhirApiMetrics) -> None:
-        self.app = app
-        self.requests = metrics.requests
-        self.latency = metrics.latency
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500  # what the client sees when the app fails before it answers
-
-        async def send_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            route = getattr(scope.get("route"), "path", UNMATCHED)
-            self.latency.labels(scope["method"], route).observe(time.perf_counter() - start)
-            self.requests.labels(scope["method"], route, str(status)).inc()
 
 
 router = APIRouter()
