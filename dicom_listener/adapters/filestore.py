@@ -1,8 +1,9 @@
 """The filesystem instance store: durable, atomic placement of Part 10 files.
 
-Layout: ``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``; a later version
-of the same instance with other content is kept beside it as ``<SOPInstanceUID>.v<N>.dcm``
-(UIDs hold only digits and dots, so the names cannot collide).
+Layout (:mod:`scanwatch.store_layout`, shared with the console and the worker):
+``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``; a later version of the
+same instance with other content is kept beside it as ``<SOPInstanceUID>.v<N>.dcm`` (UIDs hold
+only digits and dots, so the names cannot collide).
 
 The network side streams each dataset, hashing it, to a temporary file in ``<root>/.incoming``
 (same filesystem). Placing it is two steps so that the caller can decide, between them, whether
@@ -14,7 +15,6 @@ the bytes are new: :meth:`FileStore.adopt` fsyncs the file and creates the insta
 from __future__ import annotations
 
 import os
-import re
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,10 +23,8 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from scanwatch.durable import fsync_dir
+from scanwatch.store_layout import check_uid, instance_file_name
 
-#: A DICOM UID (PS3.5 §9.1). Checked again here because UIDs become path components.
-_UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-_UID_MAX = 64
 #: Bytes copied per read when streaming an instance to disk.
 CHUNK_BYTES = 1024 * 1024
 
@@ -85,11 +83,6 @@ class InstanceStore(Protocol):
         ...
 
 
-def _check_uid(name: str, value: str) -> None:
-    if len(value) > _UID_MAX or not _UID_RE.match(value):
-        raise ValueError(f"{name} is not a valid UID")
-
-
 def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while view:
@@ -103,11 +96,6 @@ def read_chunks(fp: BinaryIO, size: int = CHUNK_BYTES) -> Iterable[bytes]:
         yield chunk
 
 
-def instance_file_name(sop_uid: str, version: int) -> str:
-    """``<SOP>.dcm`` for the first version, ``<SOP>.v<N>.dcm`` for later ones."""
-    return f"{sop_uid}.dcm" if version <= 1 else f"{sop_uid}.v{version}.dcm"
-
-
 class FileStore:
     """Stores Part 10 files under ``root`` (created on first use)."""
 
@@ -119,9 +107,9 @@ class FileStore:
 
     def folder_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         """The folder of an instance; raises ``ValueError`` on a malformed UID."""
-        _check_uid("StudyInstanceUID", study_uid)
-        _check_uid("SeriesInstanceUID", series_uid)
-        _check_uid("SOPInstanceUID", sop_uid)
+        check_uid("StudyInstanceUID", study_uid)
+        check_uid("SeriesInstanceUID", series_uid)
+        check_uid("SOPInstanceUID", sop_uid)
         return self.root / study_uid / series_uid
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str, version: int = 1) -> Path:

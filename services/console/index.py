@@ -22,7 +22,8 @@ the index up from ``dicom.instance.received.v1`` (the follow-up: it names each n
 folder need be stat'ed; the store scan stays as the start-up and catch-up path).
 
 Versions: the listener keeps a re-sent instance with other bytes as ``<SOP>.v<N>.dcm`` beside
-the first; the highest version is the instance (its header is indexed, WADO-RS serves it).
+the first; the highest version is the instance (its header is indexed, WADO-RS serves it). The
+file names' grammar is :mod:`scanwatch.store_layout`, shared with the listener and the worker.
 
 The tables belong to this index alone: a cache of the store, created here, dropped and rebuilt
 when :data:`SCHEMA_VERSION` changes (no Alembic: nothing in it is not also in the store).
@@ -32,7 +33,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Iterable
@@ -56,30 +56,16 @@ from sqlalchemy import (
     update,
 )
 
+# Re-exported: DICOMweb and QIDO-RS check UIDs with the index's ``is_uid``.
+from scanwatch.store_layout import is_uid as is_uid
+from scanwatch.store_layout import parse_file_name as parse_file_name
+
 log = logging.getLogger(__name__)
 
-#: A DICOM UID (PS3.5 §9.1), as the listener checks it before a UID becomes a path component.
-UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-UID_MAX = 64
-#: ``<SOP>.dcm`` (version 1) or ``<SOP>.v<N>.dcm`` (the listener's ``instance_file_name``).
-FILE_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)*?)(?:\.v([0-9]+))?\.dcm$")
 #: A folder modified this close to a scan is listed again at the next one.
 RACY_NS = 2_000_000_000
 #: Bump when the tables change: the index is dropped and rebuilt from the store.
 SCHEMA_VERSION = 1
-
-
-def is_uid(value: str) -> bool:
-    """Whether ``value`` is a DICOM UID (digits and dots, at most 64 characters)."""
-    return len(value) <= UID_MAX and UID_RE.match(value) is not None
-
-
-def parse_file_name(name: str) -> tuple[str, int] | None:
-    """(SOPInstanceUID, version) of a stored file's name; None for anything else."""
-    match = FILE_RE.match(name)
-    if match is None or not is_uid(match.group(1)):
-        return None
-    return match.group(1), int(match.group(2) or 1)
 
 
 metadata = MetaData()
