@@ -100,6 +100,29 @@ def cmd_patients_invite(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_staff_create(args: argparse.Namespace) -> int:
+    lifetime = (
+        timedelta(hours=args.expires_hours)
+        if args.expires_hours is not None
+        else timedelta(seconds=AuthSettings().invite_lifetime_s)
+    )
+    engine = dev_engine(_var(args.var))
+    try:
+        link = accounts.staff_invite_link(
+            engine, args.username, args.role, auth_base_url(), lifetime
+        )
+    except ValueError as exc:  # a malformed or taken username, an unknown role
+        sys.stderr.write(f"staff create: {exc}\n")
+        return 2
+    finally:
+        engine.dispose()
+    sys.stdout.write(
+        f"staff account {args.username} ({args.role}) created; activation link (works once; "
+        f"give it to that person only):\n{link}\n"
+    )
+    return 0
+
+
 def cmd_clients_register_app(args: argparse.Namespace) -> int:
     engine = dev_engine(_var(args.var))
     try:
@@ -315,6 +338,16 @@ def parser() -> argparse.ArgumentParser:
     invite.add_argument("--issuer", help="the IssuerOfPatientID, when the PatientID has one")
     invite.add_argument("--expires-hours", type=float, help="how long the link works (default 72)")
     invite.set_defaults(func=cmd_patients_invite)
+
+    staff = sub.add_parser("staff", help="staff accounts of the console")
+    staff_sub = staff.add_subparsers(dest="action", required=True)
+    create = staff_sub.add_parser(
+        "create", help="create a staff account and print its one-time activation link"
+    )
+    create.add_argument("username", help="3-64 characters: letters, digits, '.', '_', '-', '@'")
+    create.add_argument("--role", required=True, choices=accounts.STAFF_ROLES)
+    create.add_argument("--expires-hours", type=float, help="how long the link works (default 72)")
+    create.set_defaults(func=cmd_staff_create)
 
     clients_parser = sub.add_parser("clients", help="OAuth clients of the authorization server")
     clients_sub = clients_parser.add_subparsers(dest="action", required=True)

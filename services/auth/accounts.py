@@ -3,9 +3,12 @@
 A patient account is linked to one Patient by its logical id
 (:func:`scanwatch.ids.patient_id`), never by a name or a birth date: staff invite a patient
 by PatientID (:func:`invite_patient` prints a one-time link), the patient opens it and chooses
-a username and password (:func:`activate`), optionally TOTP. The ``kind`` and ``roles``
-columns leave room for staff accounts (clinician, operator, admin) in the same table; only
-patient accounts are created today.
+a username and password (:func:`activate`), optionally TOTP.
+
+A staff account (``kind`` staff) has a username given when it is created and one role
+(:data:`STAFF_ROLES`, in ``roles``): :func:`create_staff` reserves the username and returns a
+one-time activation link, whose page sets the password and TOTP, which staff must use (they
+see every patient's records). The account signs in only once activated.
 
 Secrets: invitation tokens are random 256-bit values stored as their SHA-256 (like client
 secrets); passwords are argon2id hashes (:mod:`services.auth.passwords`). Repeated failed
@@ -33,13 +36,14 @@ from sqlmodel import Field, Session, SQLModel, col, select
 
 from scanwatch.database import for_writes
 from services.auth import passwords, store
+from services.auth.scopes import STAFF_ROLES as STAFF_ROLES  # the roles a staff account holds
 
 log = logging.getLogger(__name__)
 
 PATIENT = "patient"
 STAFF = "staff"
-#: Roles a staff account may hold (a later issue signs staff in).
-STAFF_ROLES = ("clinician", "operator", "admin")
+#: The password hash of a staff account not yet activated (matches no password).
+UNUSABLE_PASSWORD = "!"
 USERNAME_RE = re.compile(r"^[a-z0-9][a-z0-9._@-]{2,63}$")
 #: Where the activation page is served (relative to the server's root).
 ACTIVATE_PATH = "/auth/activate"
@@ -80,12 +84,14 @@ class Account(SQLModel, table=True):
 
 
 class AccountInvite(SQLModel, table=True):
-    """A one-time activation link for a patient (only the token's SHA-256 is kept)."""
+    """A one-time activation link for a patient, or for a staff account created beforehand
+    (only the token's SHA-256 is kept)."""
 
     __tablename__ = "account_invite"
 
     token_sha256: str = Field(primary_key=True, max_length=64)
-    patient: str = Field(max_length=64, index=True)
+    patient: str | None = Field(default=None, max_length=64, index=True)
+    account_id: str | None = Field(default=None, max_length=32, description="a staff account")
     created: datetime = Field(sa_type=DateTime(timezone=True))
     expires: datetime = Field(sa_type=DateTime(timezone=True))
     used: datetime | None = Field(default=None, sa_type=DateTime(timezone=True))
@@ -97,9 +103,25 @@ class User:
 
     account_id: str
     patient: str | None
+    kind: str = PATIENT
+    roles: tuple[str, ...] = ()
 
     def get_user_id(self) -> str:  # Authlib's user interface
         return self.account_id
+
+    @property
+    def staff(self) -> bool:
+        return self.kind == STAFF
+
+    @property
+    def practitioner(self) -> str | None:
+        """A clinician's Practitioner logical id (the account id: stable, no PHI), else None."""
+        return self.account_id if self.staff and "clinician" in self.roles else None
+
+    @classmethod
+    def of(cls, account: Account) -> User:
+        roles = tuple((account.roles or "").split()) if account.kind == STAFF else ()
+        return cls(account.account_id, account.patient, account.kind, roles)
 
 
 class InviteInvalid(ValueError):
@@ -219,10 +241,16 @@ def activate(
     :class:`InviteInvalid`, :class:`UsernameRefused`, :class:`passwords.PasswordRefused` or
     ValueError (the TOTP code) say what to fix."""
     moment = utc(now)
-    pending_invite(engine, token, moment)  # cheap refusal before the slow hash
-    name = check_username(username)
+    invite = pending_invite(engine, token, moment)  # cheap refusal before the slow hash
+    staff_username = invite_username(engine, invite)
+    name = staff_username or check_username(username)
     passwords.check_policy(password, name)
     step: int | None = None
+    if staff_username and not totp_secret:
+        raise ValueError(
+            "Staff accounts need an authenticator app: add the key below to one and type the "
+            "code it shows."
+        )
     if totp_secret:
         step = totp_step(totp_secret, totp_code or "", moment)
         if step is None:
@@ -244,11 +272,19 @@ def activate(
             )
             if used.rowcount != 1:  # type: ignore[attr-defined]
                 raise InviteInvalid("This activation link has expired or has been used already.")
-            invite = session.get(AccountInvite, digest(token))
-            assert invite is not None
-            account = session.exec(
-                select(Account).where(col(Account.patient) == invite.patient)
-            ).first() or Account(
+            used_invite = session.get(AccountInvite, digest(token))
+            assert used_invite is not None
+            invite = used_invite
+            found = (
+                session.get(Account, invite.account_id)
+                if invite.account_id
+                else session.exec(
+                    select(Account).where(col(Account.patient) == invite.patient)
+                ).first()
+            )
+            if invite.account_id and found is None:
+                raise InviteInvalid("This activation link has expired or has been used already.")
+            account = found or Account(
                 account_id=uuid.uuid4().hex,
                 kind=PATIENT,
                 username=name,
@@ -344,7 +380,7 @@ def sign_in(
             return None
         session.commit()
     log.info("signed in", extra={"account_id": account.account_id})
-    return User(account.account_id, account.patient)
+    return User.of(account)
 
 
 def _locked(account: Account, moment: datetime) -> bool:
@@ -400,8 +436,122 @@ def load_user(engine: Engine, account_id: str) -> User | None:
         account = session.get(Account, account_id)
     if account is None or not account.active:
         return None
-    return User(account.account_id, account.patient)
+    return User.of(account)
 
 
 #: A clock: the current time, aware (tests inject their own).
 Clock = Callable[[], datetime]
+
+
+# --- staff accounts ---------------------------------------------------------------------------
+
+
+def invite_username(engine: Engine, invite: AccountInvite) -> str | None:
+    """The username of the staff account ``invite`` activates (fixed when it was created);
+    None for a patient's invitation (the patient chooses one)."""
+    if invite.account_id is None:
+        return None
+    with Session(engine) as session:
+        account = session.get(Account, invite.account_id)
+    return account.username if account is not None else None
+
+
+def _check_role(role: str) -> str:
+    if role not in STAFF_ROLES:
+        raise ValueError(f"role must be one of {', '.join(STAFF_ROLES)}, not {role!r}")
+    return role
+
+
+def create_staff(
+    engine: Engine,
+    username: str,
+    role: str,
+    lifetime: timedelta = timedelta(hours=72),
+    now: datetime | None = None,
+) -> str:
+    """Reserve ``username`` for a new staff account with ``role`` (not active: it signs in
+    once its activation link has been used) and return the one-time activation token
+    (:func:`activation_link` makes the link). :class:`UsernameRefused` when the name is
+    malformed or taken; ValueError for an unknown role."""
+    name = check_username(username)
+    _check_role(role)
+    moment = utc(now or datetime.now(UTC))
+    token = secrets.token_urlsafe(32)
+    account_id = uuid.uuid4().hex
+    try:
+        with Session(for_writes(engine)) as session:
+            session.add(
+                Account(
+                    account_id=account_id,
+                    kind=STAFF,
+                    username=name,
+                    password_hash=UNUSABLE_PASSWORD,
+                    roles=role,
+                    created=moment,
+                    password_changed=moment,
+                    active=False,
+                )
+            )
+            session.flush()
+            session.add(
+                AccountInvite(
+                    token_sha256=digest(token),
+                    account_id=account_id,
+                    created=moment,
+                    expires=moment + lifetime,
+                )
+            )
+            session.commit()
+    except IntegrityError as exc:
+        raise UsernameRefused(f"The username {name} is taken.") from exc
+    log.info("staff account created", extra={"account_id": account_id, "role": role})
+    return token
+
+
+def staff_invite_link(
+    engine: Engine,
+    username: str,
+    role: str,
+    base_url: str,
+    lifetime: timedelta = timedelta(hours=72),
+) -> str:
+    """:func:`create_staff` and its :func:`activation_link`: what ``scanwatch staff create``
+    prints."""
+    return activation_link(base_url, create_staff(engine, username, role, lifetime))
+
+
+def ensure_staff_account(
+    engine: Engine, username: str, role: str, password: str, now: datetime | None = None
+) -> User:
+    """A staff account with this password and role, active, without TOTP: created, or reset
+    when it exists. For the development stack's login only (its caller refuses to run off
+    development); real staff accounts come from :func:`create_staff`."""
+    name = check_username(username)
+    _check_role(role)
+    passwords.check_policy(password, name)
+    moment = utc(now or datetime.now(UTC))
+    encoded = passwords.hash_password(password)
+    with Session(for_writes(engine)) as session:
+        account = session.exec(select(Account).where(col(Account.username) == name)).first()
+        if account is not None and account.kind != STAFF:
+            raise UsernameRefused(f"The username {name} belongs to a patient.")
+        account = account or Account(
+            account_id=uuid.uuid4().hex,
+            kind=STAFF,
+            username=name,
+            password_hash="",
+            created=moment,
+            password_changed=moment,
+        )
+        account.password_hash = encoded
+        account.password_changed = moment
+        account.roles = role
+        account.totp_secret = None
+        account.totp_last_step = None
+        account.failed_signins = 0
+        account.locked_until = None
+        account.active = True
+        session.add(account)
+        session.commit()
+        session.refresh(account)
+    return User.of(account)

@@ -27,7 +27,7 @@ from sqlmodel import Field, Session, SQLModel, col, select
 
 from scanwatch.database import for_writes
 from services.auth.config import is_loopback
-from services.auth.scopes import NON_RESOURCE_SCOPES, Scope, parse_scopes
+from services.auth.scopes import NON_RESOURCE_SCOPES, ROLE_SCOPES, Scope, parse_scopes
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,13 @@ REFRESH_TOKEN = "refresh_token"
 SMART_APP_SCOPES = (
     "launch/patient openid fhirUser offline_access patient/*.read "
     "patient/CommunicationRequest.write"
+)
+#: What a staff app (the console) may be granted: OpenID Connect, refresh tokens, and every
+#: ``user/`` scope of a staff role; each sign-in gets only those of the account's role.
+STAFF_APP_SCOPES = " ".join(
+    dict.fromkeys(
+        ["openid", "fhirUser", "offline_access", *(s for v in ROLE_SCOPES.values() for s in v)]
+    )
 )
 
 
@@ -152,6 +159,39 @@ def register_app(
     unknown = [i for i in items if "/" not in i and i not in NON_RESOURCE_SCOPES]
     if unknown or "launch/patient" not in items:
         raise ValueError(f"unknown scopes {unknown}; a patient app needs launch/patient")
+    return _save_app(engine, client_id, uris, items, confidential, description, secret)
+
+
+def register_staff_app(
+    engine: Engine,
+    client_id: str,
+    redirect_uris: Sequence[str],
+    *,
+    description: str | None = None,
+    secret: str | None = None,
+) -> str:
+    """Register (or re-register) a confidential app that signs staff in (the console): the
+    authorization code grant with PKCE and OpenID Connect, refresh tokens, the
+    :data:`STAFF_APP_SCOPES`; its secret (given or made) is returned."""
+    if not _CLIENT_ID_RE.match(client_id):
+        raise ValueError("client_id must be 3-100 characters of letters, digits, '.', '_', '-'")
+    uris = [_check_redirect_uri(u) for u in redirect_uris]
+    if not uris:
+        raise ValueError("a staff app needs at least one redirect URI")
+    saved = _save_app(engine, client_id, uris, STAFF_APP_SCOPES.split(), True, description, secret)
+    assert saved is not None
+    return saved
+
+
+def _save_app(
+    engine: Engine,
+    client_id: str,
+    uris: list[str],
+    items: list[str],
+    confidential: bool,
+    description: str | None,
+    secret: str | None,
+) -> str | None:
     if confidential:
         secret = secret or secrets.token_urlsafe(32)
     elif secret:
@@ -171,7 +211,7 @@ def register_app(
         session.add(client)
         session.commit()
     log.info(
-        "SMART app registered",
+        "app registered",
         extra={"client_id": client_id, "public": not confidential, "redirect_uris": uris},
     )
     return secret

@@ -58,8 +58,13 @@ class AuthSettings(BaseSettings):
         None,
         description="Where the patient portal is (linked from the page shown after activation).",
     )
+    console_url: str | None = Field(
+        None,
+        description="Where the staff console is (linked from the page shown after a staff "
+        "account's activation).",
+    )
 
-    @field_validator("issuer", "portal_url")
+    @field_validator("issuer", "portal_url", "console_url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         if value is None or value == "":

@@ -139,6 +139,11 @@ SCOPE_WORDS = {
     "patient/CommunicationRequest.write": "asking your care team to call you back",
     "offline_access": "staying signed in until you sign out",
 }
+#: The same for a staff app (the console): what the account's role will be given.
+STAFF_WORDS = "the staff console, with the access of your role"
+#: What an account of the wrong kind is told (a patient at the console, staff at the portal):
+#: its password was right, so this says nothing a guesser could use.
+WRONG_KIND = "This account cannot sign in to {app}. Use the app made for your account."
 
 
 def issuer_of(request: Request) -> str:
@@ -264,12 +269,17 @@ async def _authorize(request: Request, server: SmartServer | None) -> Response:
                 server.clock(),
                 policy,
             )
-        if user is not None or action == "cancel":
+        client_row: AppClient = grant.client
+        if user is not None and user.staff != client_row.for_staff:
+            log.info("sign-in refused", extra={"reason": "kind", "account_id": user.account_id})
+            user = None
+            refusal = WRONG_KIND.format(app=client_row.row.description or client_row.client_id)
+        elif user is not None or action == "cancel":
             response: Response = await run_in_threadpool(
                 server.create_authorization_response, oauth, user, grant
             )
             return _with_headers(response, pages.security_headers(targets))
-        refusal = SIGN_IN_REFUSED.format(
+        refusal = refusal or SIGN_IN_REFUSED.format(
             failures=server.settings.max_failed_signins,
             minutes=max(1, server.settings.lockout_s // 60),
         )
@@ -278,7 +288,8 @@ async def _authorize(request: Request, server: SmartServer | None) -> Response:
     context = {
         "title": "Sign in",
         "client_name": client.row.description or client.client_id,
-        "access": _access_words(oauth.scope or ""),
+        "access": STAFF_WORDS if client.for_staff else _access_words(oauth.scope or ""),
+        "staff": client.for_staff,
         "params": params,
         "csrf_token": csrf,
         "error": refusal,
@@ -334,6 +345,7 @@ def _activation_page(
     totp_secret: str,
     error: str | None = None,
     username: str = "",
+    staff: bool = False,
 ) -> Response:
     csrf = pages.csrf_token(request)
     context = {
@@ -347,6 +359,7 @@ def _activation_page(
         "min_length": passwords.MIN_LENGTH,
         "error": error,
         "username": username,
+        "staff": staff,
     }
     return pages.page(request, "activate.html", context, 400 if error else 200, csrf=csrf)
 
@@ -360,10 +373,15 @@ async def activation(
         return pages.message(request, "Accounts are not available", "Authorization is off.", 404)
     token = request.query_params.get("token", "")
     try:
-        await run_in_threadpool(accounts.pending_invite, server.engine, token, server.clock())
+        invite = await run_in_threadpool(
+            accounts.pending_invite, server.engine, token, server.clock()
+        )
     except accounts.InviteInvalid:
         return pages.message(request, "This link does not work", INVITE_GONE, 410)
-    return _activation_page(request, token, accounts.new_totp_secret())
+    staff = await run_in_threadpool(accounts.invite_username, server.engine, invite)
+    return _activation_page(
+        request, token, accounts.new_totp_secret(), username=staff or "", staff=bool(staff)
+    )
 
 
 @router.post(smart.ACTIVATE_PATH)
@@ -385,9 +403,18 @@ async def activate(request: Request, server: SmartServerDep, settings: AuthSetti
     if not _TOTP_SECRET_RE.match(secret):
         secret = accounts.new_totp_secret()
     username = form.get("username", "")
+    try:
+        invite = await run_in_threadpool(
+            accounts.pending_invite, server.engine, token, server.clock()
+        )
+    except accounts.InviteInvalid:
+        return pages.message(request, "This link does not work", INVITE_GONE, 410)
+    staff_name = await run_in_threadpool(accounts.invite_username, server.engine, invite)
+    username = staff_name or username
+    staff = staff_name is not None
     if form.get("password", "") != form.get("password2", ""):
         return _activation_page(
-            request, token, secret, "The two passwords are not the same.", username
+            request, token, secret, "The two passwords are not the same.", username, staff
         )
     code = form.get("totp", "").strip()
     try:
@@ -404,12 +431,12 @@ async def activate(request: Request, server: SmartServerDep, settings: AuthSetti
     except accounts.InviteInvalid:
         return pages.message(request, "This link does not work", INVITE_GONE, 410)
     except ValueError as exc:  # the username, the password policy, the TOTP code
-        return _activation_page(request, token, secret, str(exc), username)
+        return _activation_page(request, token, secret, str(exc), username, staff)
     totp = " You will also need a code from your authenticator app." if account.totp_secret else ""
     return pages.message(
         request,
         "Your account is ready",
         f"Sign in with the username {account.username} and your new password.{totp}",
-        link=settings.portal_url,
-        link_text="Go to your patient portal",
+        link=settings.console_url if staff else settings.portal_url,
+        link_text="Go to the staff console" if staff else "Go to your patient portal",
     )

@@ -6,6 +6,12 @@
 - refresh tokens (:class:`RefreshGrant`), rotated on every use;
 - revocation (:class:`Revocation`, RFC 7009) of refresh tokens.
 
+The same grants sign staff in to a staff app (the console, registered with ``user/`` scopes:
+:func:`services.auth.clients.register_staff_app`): its access token names the staff account
+in ``sub`` (a patient's names the app), carries ``roles`` and, for a clinician, ``fhirUser``
+``Practitioner/<id>``, and only the ``user/`` scopes of the account's role
+(:data:`services.auth.scopes.ROLE_SCOPES`), whatever the app asked for.
+
 Access tokens are the project's ES256 JWTs (:meth:`services.auth.tokens.TokenService.issue`),
 so every verifier (the FHIR API, the chatbot's channel through the JWKS) accepts them unchanged;
 a patient account's token carries its Patient id in the ``patient`` claim.
@@ -50,7 +56,7 @@ from services.auth import accounts, store
 from services.auth.accounts import User
 from services.auth.clients import OAuthClient, get_client
 from services.auth.config import AuthSettings
-from services.auth.scopes import NON_RESOURCE_SCOPES, Scope, parse_scopes
+from services.auth.scopes import NON_RESOURCE_SCOPES, Scope, parse_scopes, role_scopes
 from services.auth.tokens import JWT_ALGORITHM, TokenService
 
 log = logging.getLogger(__name__)
@@ -145,6 +151,11 @@ class AppClient(ClientMixin):  # type: ignore[misc]
     def get_client_id(self) -> str:
         return self.row.client_id
 
+    @property
+    def for_staff(self) -> bool:
+        """Whether this app signs staff in (registered with ``user/`` scopes), not patients."""
+        return any(s.context == "user" for s in parse_scopes(self.row.scopes))
+
     def get_default_redirect_uri(self) -> None:
         return None  # a SMART app names its redirect_uri in every request
 
@@ -163,7 +174,8 @@ class AppClient(ClientMixin):  # type: ignore[misc]
                 parsed = Scope.parse(item)
             except ValueError:
                 continue
-            if parsed.context == "patient" and _covered(parsed, allowed):
+            context = "user" if self.for_staff else "patient"
+            if parsed.context == context and _covered(parsed, allowed):
                 kept.append(item)
         if not parse_scopes(" ".join(kept)):
             return None
@@ -262,9 +274,32 @@ class SmartOpenIDCode(OpenIDCode):  # type: ignore[misc]
 
     def generate_user_info(self, user: User, scope: str) -> UserInfo:
         info = UserInfo(sub=user.account_id)
-        if "fhirUser" in scope.split() and user.patient:
-            info["fhirUser"] = f"Patient/{user.patient}"
+        if user.staff:
+            info["roles"] = list(user.roles)
+        fhir_user = fhir_user_of(user)
+        if "fhirUser" in scope.split() and fhir_user:
+            info["fhirUser"] = fhir_user
         return info
+
+
+def fhir_user_of(user: User) -> str | None:
+    """The FHIR resource a signed-in account is: its Patient, or a clinician's Practitioner."""
+    if user.patient:
+        return f"Patient/{user.patient}"
+    if user.practitioner:
+        return f"Practitioner/{user.practitioner}"
+    return None
+
+
+def staff_scopes(granted: Iterable[Scope], roles: Iterable[str]) -> tuple[Scope, ...]:
+    """The ``user/`` scopes of a staff sign-in: those both ``granted`` (asked for, within the
+    app's registration) and given to ``roles`` (:data:`~services.auth.scopes.ROLE_SCOPES`)."""
+    granted = [s for s in granted if s.context == "user"]
+    allowed = [Scope.parse(s) for s in role_scopes(roles)]
+    kept = [s for s in allowed if _covered(s, granted)]
+    # A narrower scope asked for within a role's broader one (and not already held).
+    kept += [s for s in granted if _covered(s, allowed) and not _covered(s, kept)]
+    return tuple(dict.fromkeys(kept))
 
 
 class CodeGrant(AuthorizationCodeGrant):  # type: ignore[misc]
@@ -394,7 +429,19 @@ class SmartServer(AuthorizationServer):  # type: ignore[misc]
         patient = user.patient if user is not None else None
         if not any(s.context == "patient" for s in resources):
             patient = None
-        access_token, expires = self.tokens.issue(client.client_id, resources, patient)
+        subject, claims = client.client_id, dict[str, Any]()
+        if client.for_staff:
+            # A staff token is the person's: sub is the account, its scopes its role's only.
+            roles = user.roles if user is not None and user.staff else ()
+            resources = staff_scopes(resources, roles)
+            granted = [*(g for g in granted if g in NON_RESOURCE_SCOPES), *map(str, resources)]
+            subject = user.account_id if user is not None else client.client_id
+            claims = {"roles": list(roles)}
+            fhir_user = fhir_user_of(user) if user is not None else None
+            if fhir_user and "fhirUser" in granted:
+                claims["fhirUser"] = fhir_user
+            patient = None
+        access_token, expires = self.tokens.issue(subject, resources, patient, claims=claims)
         token: dict[str, Any] = {
             "token_type": "Bearer",
             "access_token": access_token,
@@ -412,20 +459,24 @@ class SmartServer(AuthorizationServer):  # type: ignore[misc]
         if not refresh_token:
             return
         now = self.clock()
-        family = (
-            request.authorization_code.family
+        origin = (
+            request.authorization_code
             if request.authorization_code is not None
-            else request.refresh_token.family
+            else request.refresh_token
         )
+        # A staff token's scopes are its role's, narrowed at each issue; its refresh token
+        # keeps what the app was granted, so that a refresh asks within it and a changed role
+        # takes effect at the next refresh.
+        scope = origin.scope if request.client.for_staff else token["scope"]
         store.save_refresh_token(
             self.engine,
             refresh_token,
             store.RefreshToken(
                 token_sha256="",
-                family=family,
+                family=origin.family,
                 client_id=request.client.client_id,
                 account_id=request.user.account_id,
-                scope=token["scope"],
+                scope=scope,
                 issued=now,
                 expires=now + timedelta(seconds=self.settings.refresh_lifetime_s),
             ),

@@ -321,11 +321,23 @@ def verify_token(
         raise AuthError(401, "the access token's sub and scope must be strings")
     if patient is not None and (not isinstance(patient, str) or not patient):
         raise AuthError(401, "the access token's patient claim must be a Patient id")
+    roles, fhir_user = claims.get("roles", []), claims.get("fhirUser")
+    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        raise AuthError(401, "the access token's roles claim must be a list of strings")
+    if fhir_user is not None and not isinstance(fhir_user, str):
+        raise AuthError(401, "the access token's fhirUser claim must be a string")
     try:
         scopes = parse_scopes(scope)
     except ValueError as exc:
         raise AuthError(401, str(exc)) from exc
-    return Grant(subject, scopes, patient, token_id if isinstance(token_id, str) else None)
+    return Grant(
+        subject,
+        scopes,
+        patient,
+        token_id if isinstance(token_id, str) else None,
+        tuple(roles),
+        fhir_user,
+    )
 
 
 @dataclass
@@ -345,11 +357,15 @@ class TokenService:
         patient: str | None = None,
         lifetime: timedelta | None = None,
         audience: str | None = None,
+        claims: Mapping[str, Any] | None = None,
     ) -> tuple[str, int]:
-        """(token, seconds until it expires); for :attr:`audience` unless ``audience`` says."""
+        """(token, seconds until it expires); for :attr:`audience` unless ``audience`` says.
+        ``client_id`` is the ``sub`` (a staff member's account id for their tokens);
+        ``claims`` adds others (a staff member's ``roles`` and ``fhirUser``), never one of
+        the registered claims above."""
         now = self.clock()
         ttl = lifetime or self.lifetime
-        claims: dict[str, Any] = {
+        payload: dict[str, Any] = {
             "iss": TOKEN_ISSUER,
             "aud": audience or self.audience,
             "sub": client_id,
@@ -359,10 +375,12 @@ class TokenService:
             "scope": " ".join(str(s) for s in scopes),
         }
         if patient:
-            claims["patient"] = patient
+            payload["patient"] = patient
+        for name, value in (claims or {}).items():
+            payload.setdefault(name, value)
         signing = self.keys.signing
         token = jwt.encode(
-            claims, signing.private_key, algorithm=JWT_ALGORITHM, headers={"kid": signing.kid}
+            payload, signing.private_key, algorithm=JWT_ALGORITHM, headers={"kid": signing.kid}
         )
         return token, int(ttl.total_seconds())
 
