@@ -18,12 +18,13 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.auth.web_security import SecurityHeaders
+from services.auth.web_sessions import SessionStore
 from services.portal import routes
 from services.portal.config import Settings
 from services.portal.fhir import FhirUnavailable
 from services.portal.metrics import PortalMetrics
-from services.portal.security import SecurityHeaders
-from services.portal.sessions import SessionStore
+from services.portal.sessions import Session
 from services.portal.smart import AuthServerUnavailable, SmartClient, Verifier
 from services.portal.state import Portal
 
@@ -48,7 +49,7 @@ def create_app(
     )
     state = Portal(
         settings=settings,
-        sessions=SessionStore(settings.session_idle_s, settings.session_max_s, clock),
+        sessions=SessionStore(Session, settings.session_idle_s, settings.session_max_s, clock),
         smart=SmartClient(settings, transport, verifier, clock),
         http=http,
         templates=templates,

@@ -1,24 +1,14 @@
-"""Server-side sessions: the browser holds only a random session id (an HttpOnly cookie); the
-patient's tokens, the pending sign-in (state, PKCE verifier) and the chat transcript stay here.
-
-In memory, in one process: a restart signs every patient out, and nothing holding a token is
-ever written to disk. A session ends after ``idle_s`` without use or ``max_s`` in all; an ended
-session's id is remembered for a while so the patient can be told why they must sign in again.
-"""
+"""The portal's sessions: :class:`services.auth.web_sessions.WebSession` (server-side, the
+browser holds only its id) plus the signed-in patient and the chat transcript."""
 
 from __future__ import annotations
 
-import asyncio
-import hmac
-import secrets
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from services.auth.web_sessions import WebSession
 
 #: Most chat lines a session keeps (the transcript the chat page shows without JavaScript).
 MAX_CHAT_LINES = 60
-#: How long an ended session's id is remembered (to say "your session has ended").
-ENDED_MEMORY_S = 24 * 3600.0
 
 
 @dataclass
@@ -31,109 +21,16 @@ class ChatLine:
 
 
 @dataclass
-class Session:
+class Session(WebSession):
     """One browser's session with the portal."""
 
-    id: str
-    csrf: str
-    created: float
-    seen: float
-    # The sign-in under way (authorization request sent, callback not yet back).
-    login_state: str | None = None
-    code_verifier: str | None = None
-    login_started: float | None = None
-    # The patient's tokens once signed in.
     patient: str | None = None
-    access_token: str | None = None
-    refresh_token: str | None = None
-    expires_at: float = 0.0
     chat: list[ChatLine] = field(default_factory=list)
-    #: Held while the tokens are refreshed, so that two requests do not both spend the
-    #: (single-use) refresh token.
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
     def signed_in(self) -> bool:
         return self.patient is not None and self.access_token is not None
 
-    def check_csrf(self, token: str | None) -> bool:
-        return token is not None and hmac.compare_digest(self.csrf, token)
-
-    def check_login_state(self, state: str) -> bool:
-        """Whether ``state`` is the one the pending sign-in sent (constant time)."""
-        return self.login_state is not None and hmac.compare_digest(self.login_state, state)
-
     def add_chat(self, line: ChatLine) -> None:
         self.chat.append(line)
         del self.chat[:-MAX_CHAT_LINES]
-
-
-class SessionStore:
-    """The sessions of this process, by id."""
-
-    def __init__(
-        self, idle_s: float, max_s: float, clock: Callable[[], float] = time.monotonic
-    ) -> None:
-        self.idle_s = idle_s
-        self.max_s = max_s
-        self.clock = clock
-        self._sessions: dict[str, Session] = {}
-        self._ended: dict[str, float] = {}
-
-    def __len__(self) -> int:
-        return len(self._sessions)
-
-    def new(self) -> Session:
-        self.sweep()  # abandoned sessions (closed tabs, sign-ins never finished) go here
-        now = self.clock()
-        session = Session(
-            id=secrets.token_urlsafe(32), csrf=secrets.token_urlsafe(32), created=now, seen=now
-        )
-        self._sessions[session.id] = session
-        return session
-
-    def get(self, session_id: str | None) -> tuple[Session | None, bool]:
-        """(the live session of this id, whether the id named a session that has ended)."""
-        if not session_id:
-            return None, False
-        session = self._sessions.get(session_id)
-        now = self.clock()
-        if session is None:
-            return None, session_id in self._ended
-        if now - session.seen > self.idle_s or now - session.created > self.max_s:
-            was_signed_in = session.signed_in
-            self.end(session, remember=was_signed_in)
-            return None, was_signed_in
-        session.seen = now
-        return session, False
-
-    def rotate(self, session: Session) -> Session:
-        """The same session under a new id and a new CSRF token (after sign-in: an id known
-        before it must not reach the signed-in session)."""
-        self._sessions.pop(session.id, None)
-        session.id = secrets.token_urlsafe(32)
-        session.csrf = secrets.token_urlsafe(32)
-        self._sessions[session.id] = session
-        return session
-
-    def end(self, session: Session, remember: bool = True) -> None:
-        """Forget the session (its tokens with it)."""
-        self._sessions.pop(session.id, None)
-        session.access_token = session.refresh_token = None
-        now = self.clock()
-        if remember:
-            self._ended[session.id] = now
-        for old in [k for k, t in self._ended.items() if now - t > ENDED_MEMORY_S]:
-            del self._ended[old]
-
-    def sweep(self) -> int:
-        """End every session past its idle or total lifetime; how many were ended."""
-        now = self.clock()
-        old = [
-            s
-            for s in self._sessions.values()
-            if now - s.seen > self.idle_s or now - s.created > self.max_s
-        ]
-        for session in old:
-            self.end(session, remember=session.signed_in)  # end() reads it before clearing
-        return len(old)

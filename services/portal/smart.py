@@ -1,30 +1,25 @@
-"""The portal's side of SMART App Launch (standalone patient launch): discover the
-authorization server from the FHIR server, send the patient to sign in (authorization code with
-PKCE S256), take the code back, refresh and revoke tokens. Authlib's OAuth 2.0 client does the
-protocol; this module only wires it to the SMART configuration and checks what comes back.
-
-The access token is verified against the authorization server's published keys (JWKS) before
-the portal trusts its ``patient``: a token response is not taken on faith.
+"""The portal's side of SMART App Launch (standalone patient launch): the authorization
+server's web client (:class:`services.auth.web_client.WebClient`: discovery, PKCE S256, code
+exchange, refresh, revocation, every access token verified against the JWKS), configured with
+the portal's registration, plus the patient check: a token the portal keeps names a patient,
+the same one as its token response (and, after a refresh, the same one as before).
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from authlib.common.security import generate_token
-from authlib.integrations.httpx_client import AsyncOAuth2Client, OAuthError
 
-from services.auth.jwks import KeySetUnavailable, RemoteKeySet
-from services.auth.scopes import AuthError, Grant
+from services.auth.web_client import AuthServerUnavailable as AuthServerUnavailable
+from services.auth.web_client import ClientSettings, WebClient
+from services.auth.web_client import SessionExpired as SessionExpired
+from services.auth.web_client import SignInError as SignInError
+from services.auth.web_client import Verifier as Verifier
 from services.portal.config import Settings
-
-log = logging.getLogger(__name__)
 
 #: What the portal asks for: the patient in context, identity, a refresh token, read access to
 #: the patient's own records and the one write a patient makes (a call-back request).
@@ -32,54 +27,6 @@ SCOPES = (
     "launch/patient openid fhirUser offline_access patient/*.read "
     "patient/CommunicationRequest.write"
 )
-#: Refresh the access token when it has less than this left.
-REFRESH_MARGIN_S = 30.0
-
-#: Verifies an access token; the grant it carries, or AuthError.
-Verifier = Callable[[str], Grant]
-
-
-class SignInError(Exception):
-    """A sign-in could not be completed; ``message`` is what the patient is told."""
-
-    def __init__(self, message: str, detail: str = "") -> None:
-        super().__init__(f"{message} {detail}".strip())
-        self.message = message
-        self.detail = detail
-
-
-class SessionExpired(Exception):
-    """The patient's tokens can no longer be refreshed: sign in again."""
-
-
-class AuthServerUnavailable(Exception):
-    """The authorization server could not be reached (transient)."""
-
-
-@dataclass(frozen=True)
-class SmartConfiguration:
-    """The endpoints of ``/.well-known/smart-configuration`` the portal uses."""
-
-    authorization_endpoint: str
-    token_endpoint: str
-    revocation_endpoint: str | None
-    jwks_uri: str
-
-    @classmethod
-    def from_document(cls, document: dict[str, Any]) -> SmartConfiguration:
-        try:
-            config = cls(
-                authorization_endpoint=str(document["authorization_endpoint"]),
-                token_endpoint=str(document["token_endpoint"]),
-                revocation_endpoint=document.get("revocation_endpoint"),
-                jwks_uri=str(document["jwks_uri"]),
-            )
-        except KeyError as exc:
-            raise AuthServerUnavailable(f"smart-configuration lacks {exc}") from exc
-        methods = document.get("code_challenge_methods_supported")
-        if methods is not None and "S256" not in methods:
-            raise AuthServerUnavailable("the authorization server does not support PKCE S256")
-        return config
 
 
 @dataclass(frozen=True)
@@ -92,14 +39,7 @@ class Tokens:
     patient: str
 
 
-@dataclass(frozen=True)
-class AuthorizationRequest:
-    url: str
-    state: str
-    code_verifier: str
-
-
-class SmartClient:
+class SmartClient(WebClient):
     """The SMART client of one portal (one registered client id)."""
 
     def __init__(
@@ -109,152 +49,54 @@ class SmartClient:
         verifier: Verifier | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.settings = settings
-        self._transport = transport
-        self._verifier = verifier
-        self._clock = clock
-        self._config: SmartConfiguration | None = None
-        self._config_lock = asyncio.Lock()
-
-    def _client(self) -> AsyncOAuth2Client:
-        s = self.settings
-        return AsyncOAuth2Client(
-            client_id=s.client_id,
-            client_secret=s.client_secret.get_secret_value(),
-            scope=SCOPES,
-            redirect_uri=s.redirect_uri,
-            code_challenge_method="S256",
-            token_endpoint_auth_method="client_secret_basic",
-            timeout=s.http_timeout_s,
-            transport=self._transport,
+        super().__init__(
+            ClientSettings(
+                client_id=settings.client_id,
+                client_secret=settings.client_secret.get_secret_value(),
+                redirect_uri=settings.redirect_uri,
+                scope=SCOPES,
+                configuration_url=settings.smart_configuration_url,
+                audience=settings.fhir_base_url,
+                timeout_s=settings.http_timeout_s,
+                jwks_ttl_s=settings.jwks_ttl_s,
+            ),
+            transport,
+            verifier,
+            clock,
         )
-
-    async def configuration(self) -> SmartConfiguration:
-        """The SMART configuration, fetched once (then cached for the process)."""
-        async with self._config_lock:
-            if self._config is None:
-                url = self.settings.smart_configuration_url
-                try:
-                    async with httpx.AsyncClient(
-                        transport=self._transport, timeout=self.settings.http_timeout_s
-                    ) as http:
-                        answer = await http.get(url, headers={"Accept": "application/json"})
-                        answer.raise_for_status()
-                        document = answer.json()
-                except (httpx.HTTPError, ValueError) as exc:
-                    raise AuthServerUnavailable(f"cannot read {url}: {exc}") from exc
-                self._config = SmartConfiguration.from_document(document)
-                if self._verifier is None:
-                    keys = RemoteKeySet(self._config.jwks_uri, ttl=self.settings.jwks_ttl_s)
-                    self._verifier = keys.verify
-            return self._config
-
-    async def authorization_request(self) -> AuthorizationRequest:
-        """Where to send the patient to sign in, with a fresh ``state`` and PKCE verifier."""
-        config = await self.configuration()
-        verifier = generate_token(64)
-        state = generate_token(32)
-        async with self._client() as client:
-            url, state = client.create_authorization_url(
-                config.authorization_endpoint,
-                state=state,
-                code_verifier=verifier,
-                aud=self.settings.fhir_base_url,  # SMART: the FHIR server the token is for
-            )
-        return AuthorizationRequest(url, state, verifier)
+        self.settings = settings
 
     async def exchange(self, code: str, code_verifier: str) -> Tokens:
         """The tokens for an authorization ``code`` (with the PKCE verifier of its request)."""
-        config = await self.configuration()
-        async with self._client() as client:
-            try:
-                token = await client.fetch_token(
-                    config.token_endpoint,
-                    grant_type="authorization_code",
-                    code=code,
-                    code_verifier=code_verifier,
-                )
-            except OAuthError as exc:
-                raise SignInError(
-                    "The sign-in could not be completed.", f"{exc.error}: {exc.description}"
-                ) from exc
-            except httpx.HTTPError as exc:
-                raise AuthServerUnavailable(str(exc)) from exc
-        return await self._checked(dict(token))
+        return await self._checked(await self.fetch_tokens(code, code_verifier))
 
     async def refresh(self, refresh_token: str, patient: str) -> Tokens:
         """New tokens for a refresh token; :class:`SessionExpired` when it is refused."""
-        config = await self.configuration()
-        async with self._client() as client:
-            try:
-                token = await client.refresh_token(
-                    config.token_endpoint, refresh_token=refresh_token
-                )
-            except OAuthError as exc:
-                raise SessionExpired(f"{exc.error}: {exc.description}") from exc
-            except httpx.HTTPError as exc:
-                raise AuthServerUnavailable(str(exc)) from exc
-        data = dict(token)
+        data = await self.refresh_tokens(refresh_token)
         data.setdefault("patient", patient)
-        data.setdefault("refresh_token", refresh_token)
         tokens = await self._checked(data)
         if tokens.patient != patient:
             raise SessionExpired("the refreshed token is for another patient")
         return tokens
 
-    async def revoke(self, refresh_token: str) -> bool:
-        """Revoke the refresh token at the authorization server (sign-out); whether it said
-        yes. Failing to reach it is logged, not raised: the session ends either way."""
-        try:
-            config = await self.configuration()
-        except AuthServerUnavailable:
-            log.warning("sign-out: authorization server unavailable; token not revoked")
-            return False
-        if not config.revocation_endpoint:
-            log.warning("sign-out: the authorization server has no revocation endpoint")
-            return False
-        async with self._client() as client:
-            try:
-                answer = await client.revoke_token(
-                    config.revocation_endpoint,
-                    token=refresh_token,
-                    token_type_hint="refresh_token",
-                )
-            except httpx.HTTPError as exc:
-                log.warning("sign-out: revocation failed", extra={"error": str(exc)})
-                return False
-        if answer.status_code != 200:
-            log.warning("sign-out: revocation refused", extra={"status": answer.status_code})
-        return bool(answer.status_code == 200)
-
     async def _checked(self, token: dict[str, Any]) -> Tokens:
         """The tokens of a token response once the access token verifies against the JWKS and
         names the same patient as the response."""
-        access = token.get("access_token")
         patient = token.get("patient")
-        if not isinstance(access, str) or not isinstance(patient, str) or not patient:
+        if not isinstance(token.get("access_token"), str) or not isinstance(patient, str):
+            patient = None
+        if not patient:
             raise SignInError(
                 "The sign-in could not be completed.", "the token response has no patient"
             )
-        assert self._verifier is not None  # set with the configuration
-        try:
-            grant = await asyncio.to_thread(self._verifier, access)
-        except AuthError as exc:
-            raise SignInError("The sign-in could not be completed.", exc.message) from exc
-        except KeySetUnavailable as exc:
-            raise AuthServerUnavailable(str(exc)) from exc
-        if grant.patient != patient:
+        verified = await self.verified(token)
+        if verified.grant.patient != patient:
             raise SignInError(
                 "The sign-in could not be completed.", "the token is bound to another patient"
             )
-        lifetime = float(token.get("expires_in") or 300)
-        refresh = token.get("refresh_token")
         return Tokens(
-            access_token=access,
-            refresh_token=refresh if isinstance(refresh, str) else None,
-            expires_at=self._clock() + lifetime,
+            access_token=verified.access_token,
+            refresh_token=verified.refresh_token,
+            expires_at=verified.expires_at,
             patient=patient,
         )
-
-    def needs_refresh(self, expires_at: float) -> bool:
-        return self._clock() >= expires_at - REFRESH_MARGIN_S

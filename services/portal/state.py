@@ -8,16 +8,17 @@ import httpx
 from fastapi.responses import Response
 from fastapi.templating import Jinja2Templates
 
+from services.auth.web_sessions import SessionStore
 from services.portal.config import Settings
 from services.portal.metrics import PortalMetrics
-from services.portal.sessions import Session, SessionStore
+from services.portal.sessions import Session
 from services.portal.smart import SmartClient
 
 
 @dataclass
 class Portal:
     settings: Settings
-    sessions: SessionStore
+    sessions: SessionStore[Session]
     smart: SmartClient
     http: httpx.AsyncClient  # FHIR and the chatbot, always with the patient's token
     templates: Jinja2Templates

@@ -14,9 +14,9 @@ from fastapi.testclient import TestClient
 
 from devtools import chatbot_records
 from services.auth.scopes import parse_scopes
+from services.auth.web_security import CONTENT_SECURITY_POLICY
 from services.portal.app import create_app
 from services.portal.fhir import PatientFhir
-from services.portal.security import CONTENT_SECURITY_POLICY
 from services.portal.tests.fakes import ALICE, BOB, FHIR, FakeHospital, settings
 
 BASE = "http://127.0.0.1:8090"
