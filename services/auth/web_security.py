@@ -1,13 +1,13 @@
-"""Response headers every portal answer carries: a Content-Security-Policy that lets pages run
-only the portal's own scripts (no inline script, no CDN), no framing, no sniffing, no referrer,
-and no caching of pages that hold health data."""
+"""Response headers every answer of a web app carries (the patient portal, the staff console):
+a Content-Security-Policy that lets pages run only the app's own scripts (no inline script, no
+CDN), no framing, no sniffing, no referrer, and no caching of pages that hold health data."""
 
 from __future__ import annotations
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-#: Scripts, styles, images and connections from the portal itself only; forms post only to it.
+#: Scripts, styles, images and connections from the app itself only; forms post only to it.
 CONTENT_SECURITY_POLICY = "; ".join(
     (
         "default-src 'none'",
@@ -33,7 +33,7 @@ HEADERS = {
 }
 
 
-#: How long browsers keep the portal's static files (its own scripts and styles, chart.js).
+#: How long browsers keep an app's static files (its own scripts and styles, npm packages).
 STATIC_CACHE = "public, max-age=3600"
 
 
@@ -55,7 +55,7 @@ class SecurityHeaders:
                 headers = MutableHeaders(scope=message)
                 for name, value in HEADERS.items():
                     headers.setdefault(name, value)
-                # The portal's own scripts and styles (no PHI) may be cached a while; every
+                # The app's own scripts and styles (no PHI) may be cached a while; every
                 # page and answer that may hold health data is not stored at all.
                 static = scope.get("path", "").startswith("/static/")
                 headers.setdefault("Cache-Control", STATIC_CACHE if static else "no-store")
