@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
+import re
 import secrets
 import statistics
 import sys
@@ -140,10 +142,71 @@ async def results_drawn(page: Page, results: int) -> None:
     await expect(chart).to_have_attribute("data-points", str(results), timeout=30_000)
 
 
+def cpu_seconds() -> dict[int, tuple[int, float, str]]:
+    """Every process's parent, CPU seconds so far (user + system) and name, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    found: dict[int, tuple[int, float, str]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            head, tail = (entry / "stat").read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        fields = tail.split()
+        cpu = (int(fields[11]) + int(fields[12])) / tick
+        found[int(entry.name)] = (int(fields[1]), cpu, head.split("(", 1)[1])
+    return found
+
+
+def tree(snapshot: dict[int, tuple[int, float, str]], root: int) -> list[int]:
+    """``root`` and its descendants in ``snapshot``."""
+    found, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(child for child, (parent, *_) in snapshot.items() if parent == pid)
+    return found
+
+
+def chromium_kind(pid: int) -> str:
+    """A Chromium process's kind (renderer, gpu-process, utility, browser): its own title,
+    which Chromium rewrites into one space-separated string."""
+    try:
+        title = Path(f"/proc/{pid}/cmdline").read_text().replace("\0", " ")
+    except OSError:
+        return "gone"
+    found = re.search(r"--type=(\S+)", title)
+    return found.group(1) if found else "browser"
+
+
+def cpu_by_part(portal: int, api: int) -> dict[str, float]:
+    """CPU seconds so far of the portal, the FHIR API, Chromium's processes by kind, and the
+    bench's own driver (this process and Playwright's Node driver, which polls the page)."""
+    snapshot = cpu_seconds()
+    parts = dict.fromkeys(("portal", "FHIR API", "bench driver"), 0.0)
+    services = {pid: "portal" for pid in tree(snapshot, portal)}
+    services.update({pid: "FHIR API" for pid in tree(snapshot, api)})
+    for pid in tree(snapshot, os.getpid()):
+        _, cpu, name = snapshot[pid]
+        part = services.get(pid)
+        if part is None:
+            part = f"Chromium {chromium_kind(pid)}" if "chrom" in name else "bench driver"
+        parts[part] = parts.get(part, 0.0) + cpu
+    return parts
+
+
 async def browse(
-    portal: str, usernames: list[str], results: int, rounds: int, think_s: float
+    portal: str,
+    usernames: list[str],
+    results: int,
+    rounds: int,
+    think_s: float,
+    pids: tuple[int, int],
+    browsers: int,
 ) -> tuple:
     sign_ins: list[float] = []
+    served: list[float] = []  # page views of the patients whose browsers run elsewhere
     loads: list[float] = []
     first_byte: list[float] = []  # navigation to the page's first byte: the server's part
     seen: list[float] = []  # as the bench's Playwright client sees it (its polling included)
@@ -181,9 +244,49 @@ async def browse(
                 first_byte.append(first_byte_ms / 1000)
                 loads.append(drawn_ms / 1000)
 
-        await asyncio.gather(*(reload(p) for p in pages))
+        # Patients past ``browsers`` go on over plain HTTP with their session cookie, as if
+        # their browsers ran on their own phones: the same page and event stream, no
+        # Chromium on these 2 cores.
+        elsewhere = [await context.cookies() for context in contexts[browsers:]]
+        for context in contexts[browsers:]:
+            await context.close()
+        done = asyncio.Event()
+
+        async def remote(cookies: list) -> None:
+            jar = httpx.Cookies()
+            for cookie in cookies:
+                jar.set(cookie["name"], cookie["value"], domain=cookie["domain"])
+            async with httpx.AsyncClient(base_url=portal, cookies=jar, timeout=60) as http:
+
+                async def listen() -> None:
+                    async with http.stream("GET", "/events") as stream:
+                        async for _ in stream.aiter_lines():
+                            pass
+
+                listener = asyncio.create_task(listen())
+                while not done.is_set():
+                    await asyncio.sleep(random.uniform(0, 2 * think_s))
+                    started = time.perf_counter()
+                    answer = await http.get("/")
+                    if answer.status_code != 200 or answer.text.count("data-score=") < results:
+                        raise RuntimeError(f"a page over HTTP: {answer.status_code}")
+                    served.append(time.perf_counter() - started)
+                listener.cancel()
+
+        async def in_browsers() -> None:
+            await asyncio.gather(*(reload(p) for p in pages[:browsers]))
+            done.set()
+
+        before = cpu_by_part(*pids)
+        await asyncio.gather(in_browsers(), *(remote(cookies) for cookies in elsewhere))
+        after = cpu_by_part(*pids)
         await browser.close()
-    return sign_ins, loads, first_byte, seen
+    views = {"portal": len(loads) + len(served), "FHIR API": len(loads) + len(served)}
+    cpu_ms = {
+        part: (after[part] - before.get(part, 0.0)) * 1000 / views.get(part, len(loads))
+        for part in after
+    }
+    return sign_ins, loads, first_byte, seen, served, cpu_ms
 
 
 def memory_mib(pid: int) -> float:
@@ -203,6 +306,13 @@ def main() -> int:
         type=float,
         default=0.0,
         help="mean pause before each page view, drawn from 0 to twice it (0: none, a stress)",
+    )
+    args.add_argument(
+        "--browsers",
+        type=int,
+        default=0,
+        help="patients who keep using Chromium after signing in (0: all); the others go on"
+        " over HTTP with their session, as if their browsers ran on their own devices",
     )
     opts = args.parse_args()
 
@@ -251,11 +361,21 @@ def main() -> int:
             if len(round_trips) != opts.patients * opts.rounds:
                 raise RuntimeError("a sign-in thread failed (its traceback is above)")
 
-            sign_ins, loads, first_byte, seen = asyncio.run(
-                browse(config.portal_url, usernames, opts.results, opts.rounds, opts.think_s)
+            portal_pid = stack.service("portal").process.pid  # type: ignore[union-attr]
+            api_pid = stack.service("fhir-api").process.pid  # type: ignore[union-attr]
+            sign_ins, loads, first_byte, seen, served, cpu_ms = asyncio.run(
+                browse(
+                    config.portal_url,
+                    usernames,
+                    opts.results,
+                    opts.rounds,
+                    opts.think_s,
+                    (portal_pid, api_pid),
+                    opts.browsers or opts.patients,
+                )
             )
-            portal_peak = memory_mib(stack.service("portal").process.pid)  # type: ignore[union-attr]
-            api_peak = memory_mib(stack.service("fhir-api").process.pid)  # type: ignore[union-attr]
+            portal_peak = memory_mib(portal_pid)
+            api_peak = memory_mib(api_pid)
         finally:
             stack.stop()
 
@@ -273,6 +393,13 @@ def main() -> int:
     )
     say(summary("  of which: navigation to the page's first byte (portal + FHIR)", first_byte))
     say(summary("  the same loads as the bench's Playwright client saw them end", seen))
+    if served:
+        say(summary("the other patients' pages over HTTP (request to last byte)", served))
+    say(
+        "CPU per page view: portal and FHIR API per page served (event streams included),"
+        " Chromium and the driver per page drawn in Chromium"
+    )
+    say("  " + ", ".join(f"{part} {ms:.0f} ms" for part, ms in cpu_ms.items()))
     say(f"peak memory: portal {portal_peak:.0f} MiB, FHIR API {api_peak:.0f} MiB")
     return 0
 

@@ -271,7 +271,9 @@ async def events(
         idle = 0.0
         try:
             yield "retry: 2000\n\n"
-            while not await request.is_disconnected():
+            # The page was drawn from a read made just now, with ``since`` its newest stamp:
+            # the first poll waits one interval instead of repeating that read's work.
+            while await _wait_then_connected(request, app.settings.poll_interval_s):
                 if app.sessions.get(session.id)[0] is not session:
                     yield "event: signin\ndata: {}\n\n"
                     return
@@ -293,7 +295,6 @@ async def events(
                 elif idle >= KEEPALIVE_S:
                     idle = 0.0
                     yield ": keep-alive\n\n"
-                await asyncio.sleep(app.settings.poll_interval_s)
                 idle += app.settings.poll_interval_s
         finally:
             app.metrics.streams.dec()
@@ -303,6 +304,12 @@ async def events(
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
+
+
+async def _wait_then_connected(request: Request, seconds: float) -> bool:
+    """False once the browser has gone: checked after each poll interval."""
+    await asyncio.sleep(seconds)
+    return not await request.is_disconnected()
 
 
 # --- Chat ------------------------------------------------------------------------------------
