@@ -7,6 +7,12 @@ Models describe themselves: besides the probabilities they return their class na
 operating threshold, per image, so that a worker talking to a remote TensorFlow Serving needs no
 side channel to know what the numbers mean. Every output has the batch dimension first, as TF
 Serving's server-side batching requires.
+
+A second signature, :data:`SALIENCY_SIGNATURE_NAME`, returns the same probabilities and class
+names together with a Grad-CAM heatmap per image (:data:`SALIENCY_OUTPUTS`): the evidence the
+console overlays on each slice. It is a standard SavedModel signature, so TensorFlow Serving
+serves it unchanged (``ModelSpec.signature_name = "saliency"``), and a plain forward graph (no
+gradient ops), so OpenVINO converts it too.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 SIGNATURE_NAME = "serving_default"
+#: The Grad-CAM signature (see :data:`SALIENCY_OUTPUTS`).
+SALIENCY_SIGNATURE_NAME = "saliency"
 #: The class whose probability means "nothing abnormal"; anomaly score = 1 - p(normal).
 NORMAL_CLASS = "normal"
 
@@ -35,16 +43,40 @@ OUTPUTS = (
     TensorSpec("class_names", "string", (-1, -1)),
     TensorSpec("threshold", "float32", (-1,)),
 )
+#: Output alias of the heatmaps in the saliency signature.
+HEATMAPS = "heatmaps"
+#: The saliency signature takes the same :data:`INPUT` and returns, per image:
+#:
+#: * ``probabilities`` and ``class_names``: as :data:`OUTPUTS` (the same numbers as
+#:   ``serving_default`` for the same images);
+#: * ``heatmaps`` (N×S×S, S the input side): Grad-CAM (Selvaraju et al., 2017) of the image's
+#:   most probable class (the first on a tie, ``argmax`` of ``probabilities``) over the last
+#:   convolutional block, ReLU'd, upsampled bilinearly to the input's S×S and divided by its
+#:   maximum, so values are in [0, 1] (an all-zero map when no feature argues for the class).
+#:   The gradient is that of the class's pre-softmax score, as in the paper.
+SALIENCY_OUTPUTS = (
+    TensorSpec("probabilities", "float32", (-1, -1)),
+    TensorSpec("class_names", "string", (-1, -1)),
+    TensorSpec(HEATMAPS, "float32", (-1, -1, -1)),
+)
 
 
-def check(inputs: dict[str, TensorSpec], outputs: dict[str, TensorSpec]) -> list[str]:
+def check(
+    inputs: dict[str, TensorSpec],
+    outputs: dict[str, TensorSpec],
+    expected_outputs: tuple[TensorSpec, ...] = OUTPUTS,
+) -> list[str]:
     """Compare a served signature with the contract; return the differences (empty if equal).
 
-    ``inputs``/``outputs`` map tensor alias to what the server reports. Fixed sizes where the
+    ``inputs``/``outputs`` map tensor alias to what the server reports; ``expected_outputs`` is
+    :data:`OUTPUTS` (``serving_default``) or :data:`SALIENCY_OUTPUTS`. Fixed sizes where the
     contract has ``-1`` are allowed (a served model fixes its image size); the reverse is not.
     """
     problems: list[str] = []
-    for kind, expected, actual in (("input", (INPUT,), inputs), ("output", OUTPUTS, outputs)):
+    for kind, expected, actual in (
+        ("input", (INPUT,), inputs),
+        ("output", expected_outputs, outputs),
+    ):
         expected_names = {t.name for t in expected}
         if set(actual) != expected_names:
             problems.append(f"{kind} names {sorted(actual)} != {sorted(expected_names)}")
@@ -62,4 +94,20 @@ def check(inputs: dict[str, TensorSpec], outputs: dict[str, TensorSpec]) -> list
     image = inputs.get(INPUT.name)
     if image is not None and len(image.shape) == 4 and image.shape[1] != image.shape[2]:
         problems.append(f"input {INPUT.name}: images must be square, got {image.shape[1:3]}")
+    heatmaps = outputs.get(HEATMAPS)
+    if (
+        image is not None
+        and heatmaps is not None
+        and len(image.shape) == 4
+        and len(heatmaps.shape) == 3
+        and heatmaps.shape[1:] != image.shape[1:3]
+    ):
+        problems.append(
+            f"output {HEATMAPS}: {heatmaps.shape[1:]} is not the input's size {image.shape[1:3]}"
+        )
     return problems
+
+
+def check_saliency(inputs: dict[str, TensorSpec], outputs: dict[str, TensorSpec]) -> list[str]:
+    """:func:`check` against the saliency signature's contract."""
+    return check(inputs, outputs, SALIENCY_OUTPUTS)

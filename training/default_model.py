@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import uuid
 from pathlib import Path
+from typing import Any
 
-from scanwatch.durable import publish_dir
+from scanwatch.durable import fsync_dir, publish_dir
 from scanwatch.logs import configure_logging
 from scanwatch.model_repository import (
     DEFAULT_MODEL_NAME,
@@ -29,6 +31,8 @@ from scanwatch.model_repository import (
     TEMP_PREFIX,
     published_versions,
 )
+from scanwatch.saved_model import read_signature
+from schemas import model_signature
 from training.registry import SERVING, Registry
 
 logger = logging.getLogger(__name__)
@@ -43,6 +47,9 @@ SHIPPED_MODEL = "saved_model"
 SHIPPED_REPORT = "evaluation.json"
 #: Input size of the untrained fallback.
 UNTRAINED_IMAGE_SIZE = 128
+#: A re-export may change the shipped model's probabilities by at most this (float round-off).
+REEXPORT_TOLERANCE = 1e-5
+REEXPORT_PROBE_SEED = 17
 
 
 def shipped_available(source: Path = SHIPPED) -> bool:
@@ -78,6 +85,78 @@ def publish_shipped(repository: Path, name: str, source: Path = SHIPPED) -> Path
         note="default model shipped with scanwatch (MNI152 benchmark)",
     )
     return target
+
+
+def load_shipped_classifier(source: Path = SHIPPED) -> Any:
+    """The shipped model as a Keras classifier: :func:`training.model.build_classifier`'s
+    architecture with the weights read from the shipped SavedModel's variables (every one of
+    them is consumed, or this raises). How the shipped model is re-exported with new serving
+    signatures without retraining it."""
+    import tensorflow as tf
+
+    from training.model import build_classifier
+
+    report = json.loads((source / SHIPPED_REPORT).read_text())
+    inputs, _ = read_signature(source / SHIPPED_MODEL)
+    size = int(inputs[model_signature.INPUT.name].shape[1])
+    model = build_classifier(report["class_names"], image_size=size, variant=VARIANT, seed=SEED)
+    # The SavedModel's root is export.ServingModule, whose child ``model`` is the classifier.
+    status = tf.train.Checkpoint(model=model).read(
+        str(source / SHIPPED_MODEL / "variables" / "variables")
+    )
+    status.assert_consumed()
+    return model
+
+
+def reexport_shipped(source: Path = SHIPPED) -> Path:
+    """Export the shipped model again with the current signatures, in place.
+
+    Its ``serving_default`` probabilities must not change: both SavedModels score the same
+    fixed images (:data:`REEXPORT_PROBE_SEED`) and the new one replaces the old only when they
+    agree within :data:`REEXPORT_TOLERANCE`.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    from training.export import export_saved_model
+
+    report = json.loads((source / SHIPPED_REPORT).read_text())
+    threshold = float(report.get("anomaly", {}).get("threshold", THRESHOLD))
+    model = load_shipped_classifier(source)
+    staging = source / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+    try:
+        exported = export_saved_model(
+            model, report["class_names"], threshold, staging, "shipped", version=1
+        )
+        images = reexport_probe(model.input_shape[1])
+        before, after = (
+            tf.saved_model.load(str(path))
+            .signatures[model_signature.SIGNATURE_NAME](images=tf.constant(images))["probabilities"]
+            .numpy()
+            for path in (source / SHIPPED_MODEL, exported)
+        )
+        difference = float(np.abs(before - after).max())
+        if difference > REEXPORT_TOLERANCE:
+            raise RuntimeError(f"re-exported probabilities differ by {difference}; kept the old")
+        old = source / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+        os.replace(source / SHIPPED_MODEL, old)
+        os.replace(exported, source / SHIPPED_MODEL)
+        shutil.rmtree(old)
+        fsync_dir(source)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("re-exported the shipped model", extra={"max_difference": difference})
+    return source / SHIPPED_MODEL
+
+
+def reexport_probe(size: int) -> Any:
+    """Fixed images (seeded uniform noise over the input's 0–255 range) on which a re-export
+    compares the old and new SavedModels; ``serving_default_probe.json`` beside the shipped
+    model keeps the probabilities of the model as trained on them, for the tests."""
+    import numpy as np
+
+    rng = np.random.default_rng(REEXPORT_PROBE_SEED)
+    return rng.uniform(0, 255, (8, size, size, 3)).astype(np.float32)
 
 
 def publish_untrained(repository: Path, name: str, image_size: int) -> Path:
@@ -162,9 +241,18 @@ def main(argv: list[str] | None = None) -> int:
         help=f"input size of the untrained model; default {UNTRAINED_IMAGE_SIZE}",
     )
     parser.add_argument("--source", type=Path, default=SHIPPED, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--reexport-shipped",
+        action="store_true",
+        help="export the shipped model again in place with the current signatures (its "
+        "serving_default probabilities are checked unchanged) and exit",
+    )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     args = parser.parse_args(argv)
     configure_logging("training", args.log_level)
+    if args.reexport_shipped:
+        reexport_shipped(args.source)
+        return 0
     ensure_default_model(
         args.repository,
         args.name,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import keras
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -16,16 +18,22 @@ from scanwatch.saved_model import read_signature
 from schemas import model_signature
 from training.default_model import (
     CLASS_NAMES,
+    REEXPORT_PROBE_SEED,
+    REEXPORT_TOLERANCE,
     SHIPPED,
     SHIPPED_MODEL,
     SHIPPED_REPORT,
     main,
+    reexport_probe,
+    reexport_shipped,
     shipped_available,
 )
 from training.export import export_saved_model
 from training.registry import SERVING, Registry
 
 pytestmark = pytest.mark.integration
+
+SALIENCY = model_signature.SALIENCY_SIGNATURE_NAME
 
 
 @pytest.fixture()
@@ -99,3 +107,40 @@ def test_the_repository_ships_a_trained_default_model() -> None:
     assert report["macro_f1"] == pytest.approx(sum(per_class) / len(per_class))
     inputs, outputs = read_signature(SHIPPED / SHIPPED_MODEL)
     assert model_signature.check(inputs, outputs) == []
+
+
+def test_the_shipped_model_has_the_saliency_signature_and_its_scores_did_not_change() -> None:
+    """Re-exported with the Grad-CAM signature: serving_default gives, on the fixed probe, the
+    probabilities the model gave as trained (``serving_default_probe.json``, written from the
+    SavedModel before the re-export)."""
+    inputs, outputs = read_signature(
+        SHIPPED / SHIPPED_MODEL, model_signature.SALIENCY_SIGNATURE_NAME
+    )
+    assert model_signature.check_saliency(inputs, outputs) == []
+    recorded = json.loads((SHIPPED / "serving_default_probe.json").read_text())
+    assert recorded["probe"]["seed"] == REEXPORT_PROBE_SEED
+    images = reexport_probe(recorded["probe"]["size"])
+    loaded = tf.saved_model.load(str(SHIPPED / SHIPPED_MODEL))
+    served = loaded.signatures[model_signature.SIGNATURE_NAME](images=tf.constant(images))
+    np.testing.assert_allclose(
+        served["probabilities"].numpy(), recorded["probabilities"], atol=REEXPORT_TOLERANCE
+    )
+    saliency = loaded.signatures[SALIENCY](images=tf.constant(images))
+    np.testing.assert_allclose(
+        saliency["probabilities"].numpy(), recorded["probabilities"], atol=REEXPORT_TOLERANCE
+    )
+
+
+def test_a_reexport_keeps_the_scores_and_replaces_the_model_in_place(tmp_path: Path) -> None:
+    """The re-export path itself, on a copy: weights read back from the SavedModel's variables
+    into build_classifier's architecture, every variable consumed, scores checked unchanged."""
+    source = tmp_path / "shipped"
+    shutil.copytree(SHIPPED, source, ignore=shutil.ignore_patterns("*.png"))
+    before = (source / SHIPPED_MODEL / "saved_model.pb").stat().st_ino
+    reexport_shipped(source)
+    assert (source / SHIPPED_MODEL / "saved_model.pb").stat().st_ino != before
+    assert [p.name for p in source.iterdir() if p.name.startswith(".")] == []
+    inputs, outputs = read_signature(
+        source / SHIPPED_MODEL, model_signature.SALIENCY_SIGNATURE_NAME
+    )
+    assert model_signature.check_saliency(inputs, outputs) == []

@@ -17,6 +17,8 @@ from training.model import build_classifier
 
 pytestmark = pytest.mark.integration
 
+SALIENCY = model_signature.SALIENCY_SIGNATURE_NAME
+
 CLASSES = ("normal", "mass", "bleed", "infarct")
 SIZE = 32
 NAME = "brain-mri-anomaly"
@@ -79,6 +81,62 @@ def test_exported_model_computes_what_the_keras_model_computes(
     np.testing.assert_allclose(outputs["probabilities"].sum(axis=1), 1.0, atol=1e-5)
     assert outputs["class_names"].tolist() == [[c.encode() for c in CLASSES]] * 3
     np.testing.assert_array_equal(outputs["threshold"], np.full(3, 0.35, np.float32))
+
+
+def test_the_saliency_signature_is_exported_to_its_contract(exported: Path) -> None:
+    inputs, outputs = read_signature(exported, SALIENCY)
+    assert model_signature.check_saliency(inputs, outputs) == []
+    assert outputs[model_signature.HEATMAPS].shape == (-1, SIZE, SIZE)
+    signature = read_signature_defs(exported)[model_signature.SALIENCY_SIGNATURE_NAME]
+    assert signature.method_name == "tensorflow/serving/predict"  # TF Serving's Predict runs it
+
+
+def reference_grad_cam(classifier: keras.Model, images: np.ndarray) -> np.ndarray:
+    """Grad-CAM the textbook way: autodiff of the predicted class's pre-softmax score with
+    respect to the last feature maps (``tf.GradientTape``), weights averaged over the map."""
+    base = classifier.get_layer("efficientnet")
+    features = keras.Model(base.inputs, base.get_layer("top_activation").output)
+    hidden = classifier.get_layer("head_dense")
+    output = classifier.get_layer("probabilities")
+    x = tf.constant(images)
+    maps = features(x, training=False)
+    with tf.GradientTape() as tape:
+        tape.watch(maps)
+        pooled = tf.reduce_mean(maps, axis=[1, 2])
+        logits = tf.matmul(hidden(pooled), output.kernel) + output.bias
+        predicted = tf.argmax(logits, axis=-1)
+        score = tf.reduce_sum(tf.gather(logits, predicted, batch_dims=1))
+    alpha = tf.reduce_mean(tape.gradient(score, maps), axis=[1, 2])
+    cam = tf.nn.relu(tf.einsum("nhwk,nk->nhw", maps, alpha))
+    cam = tf.image.resize(cam[..., None], images.shape[1:3])[..., 0].numpy()
+    peak = cam.max(axis=(1, 2), keepdims=True)
+    return np.where(peak > 0, cam / np.maximum(peak, 1e-12), 0.0)
+
+
+def test_the_heatmaps_are_grad_cam_of_the_predicted_class(
+    exported: Path, classifier: keras.Model
+) -> None:
+    """The forward-only graph equals autodiff Grad-CAM; probabilities equal serving_default."""
+    images = np.random.default_rng(3).uniform(0, 255, (4, SIZE, SIZE, 3)).astype(np.float32)
+    loaded = tf.saved_model.load(str(exported))
+    saliency = loaded.signatures[SALIENCY](images=tf.constant(images))
+    served = loaded.signatures[model_signature.SIGNATURE_NAME](images=tf.constant(images))
+
+    heatmaps = saliency[model_signature.HEATMAPS].numpy()
+    assert heatmaps.shape == (4, SIZE, SIZE)
+    assert heatmaps.min() >= 0.0 and heatmaps.max() <= 1.0
+    np.testing.assert_allclose(heatmaps, reference_grad_cam(classifier, images), atol=1e-4)
+    np.testing.assert_allclose(
+        saliency["probabilities"].numpy(), served["probabilities"].numpy(), atol=1e-6
+    )
+    assert saliency["class_names"].numpy().tolist() == [[c.encode() for c in CLASSES]] * 4
+
+
+def test_a_model_without_the_classifier_head_gets_no_saliency_signature(tmp_path: Path) -> None:
+    """Grad-CAM is written for build_classifier's head; another model is still servable."""
+    exported = export_saved_model(small_model(), CLASSES, 0.5, tmp_path, NAME)
+    assert set(read_signature_defs(exported)) >= {model_signature.SIGNATURE_NAME}
+    assert model_signature.SALIENCY_SIGNATURE_NAME not in read_signature_defs(exported)
 
 
 def test_a_trained_model_is_exported_without_its_optimizer(tmp_path: Path) -> None:
