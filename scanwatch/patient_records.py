@@ -65,10 +65,17 @@ class Result:
     abnormal: bool
     model: str
     probabilities: dict[str, float] = field(default_factory=dict)
+    #: The class of the Finding component: the AI's, or the clinician's once signed.
+    finding: str | None = None
 
     @property
     def reviewed(self) -> bool:
         return self.status in REVIEWED
+
+    @property
+    def corrected(self) -> bool:
+        """Whether the clinician who signed it changed the AI's reading (``amended``)."""
+        return self.status in ("amended", "corrected")
 
     @property
     def when(self) -> datetime | None:
@@ -138,20 +145,28 @@ def parse_result(observation: dict[str, Any]) -> Result | None:
                 probabilities[code[len(PROBABILITY_CODE_PREFIX) :]] = float(
                     component["valueQuantity"]["value"]
                 )
-    abnormal = any(
-        _has_code(i, INTERPRETATION_SYSTEM, ABNORMAL) for i in observation.get("interpretation", [])
-    )
+    status = str(observation.get("status", "preliminary"))
+    if status in REVIEWED and high is not None:
+        # Once signed, the interpretation is the clinician's; "flagged" stays what the AI did
+        # (the worker's rule: above the threshold, which is inclusive).
+        abnormal = float(value) > float(high)
+    else:
+        abnormal = any(
+            _has_code(i, INTERPRETATION_SYSTEM, ABNORMAL)
+            for i in observation.get("interpretation", [])
+        )
     return Result(
         observation_id=str(observation.get("id")),
         study=study,
         effective=_instant(observation.get("effectiveDateTime")),
         issued=_instant(observation.get("issued")),
-        status=str(observation.get("status", "preliminary")),
+        status=status,
         score=float(value),
         threshold=float(high) if high is not None else None,
         abnormal=abnormal,
         model=str((observation.get("device") or {}).get("display", "the AI model")),
         probabilities=probabilities,
+        finding=predicted_class(observation),
     )
 
 
@@ -249,5 +264,15 @@ def score_words(result: Result) -> str:
 def status_words(result: Result, tz: tzinfo, report: Report | None = None) -> str:
     if result.reviewed or report is not None:
         signed = f" on {day(report.issued, tz)}" if report and report.issued else ""
+        if result.corrected:
+            return (
+                f"A clinician has reviewed this result{signed} and corrected the computer's "
+                "reading."
+            )
+        if result.reviewed:
+            return (
+                f"A clinician has reviewed this result{signed} and confirmed the computer's "
+                "reading."
+            )
         return f"A clinician has reviewed this result{signed}."
     return "This is a preliminary AI result: no clinician has reviewed it yet."

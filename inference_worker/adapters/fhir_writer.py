@@ -3,6 +3,12 @@
 Ids are deterministic (:mod:`scanwatch.ids`), so a repeated write replaces instead of
 duplicating: that is what makes redelivery harmless.
 
+A result a clinician signed is never overwritten: an Observation or DiagnosticReport whose
+current status is signed (:data:`scanwatch.clinical_review.SIGNED_STATUSES`) is left alone by a
+redelivered or re-scored result of the same (study, model, version). The check and the write
+are one conditional update (``If-Match`` on the version read), so a signature that lands in
+between makes the write fail with 412 and the writer reads again.
+
 When the FHIR API requires tokens, the writer is a registered backend client: it gets a bearer
 token with the OAuth 2.0 client-credentials grant (HTTP Basic client authentication), keeps it
 until shortly before it expires, and fetches a new one once if the API answers 401.
@@ -18,6 +24,7 @@ resource) go up unchanged: fatal.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -25,10 +32,17 @@ from typing import Any
 import httpx
 
 from inference_worker.errors import FhirUnavailable
+from scanwatch.clinical_review import SIGNED_STATUSES
 
+log = logging.getLogger(__name__)
 FHIR_JSON = "application/fhir+json"
 #: Renew a token this many seconds before the server says it expires.
 TOKEN_MARGIN_S = 30.0
+#: Types a clinician signs: written only while their current version is not signed.
+SIGNED_TYPES = ("Observation", "DiagnosticReport")
+#: Reads and conditional writes of one such resource before giving up (each 412 is a change
+#: that landed in between).
+CONDITIONAL_ATTEMPTS = 3
 
 
 def token_url_for(base_url: str) -> str:
@@ -85,9 +99,13 @@ class FhirWriter:
             self._token_expires = time.monotonic() + max(lifetime - TOKEN_MARGIN_S, 1.0)
         return {"Authorization": f"Bearer {self._token}"}
 
-    async def _send(self, method: str, resource: dict[str, Any]) -> httpx.Response:
+    async def _send(
+        self, method: str, resource: dict[str, Any], if_match: str | None = None
+    ) -> httpx.Response:
         url = f"{self.base_url}/{resource['resourceType']}/{resource['id']}"
         headers = {"Content-Type": FHIR_JSON, **await self._authorization()}
+        if if_match is not None:
+            headers["If-Match"] = if_match
         body = resource if method == "PUT" else None
         response = await self._http().request(method, url, json=body, headers=headers)
         if response.status_code == 401 and self._credentials is not None:
@@ -101,10 +119,37 @@ class FhirWriter:
         (await self._send("PUT", resource)).raise_for_status()
 
     async def put_all(self, resources: list[dict[str, Any]]) -> None:
-        """Write resources in order (referenced resources first)."""
+        """Write resources in order (referenced resources first); a signed Observation or
+        DiagnosticReport is left as the clinician signed it."""
         async with _domain_errors():
             for resource in resources:
-                await self.put(resource)
+                if resource["resourceType"] in SIGNED_TYPES:
+                    await self.put_unless_signed(resource)
+                else:
+                    await self.put(resource)
+
+    async def put_unless_signed(self, resource: dict[str, Any]) -> bool:
+        """Write ``resource`` unless its current version is signed; whether it was written.
+        The write is conditional on the version read (``If-Match``)."""
+        for _attempt in range(CONDITIONAL_ATTEMPTS):
+            found = await self._send("GET", resource)
+            if found.status_code in (404, 410):
+                await self.put(resource)  # nothing to sign yet: a plain update as create
+                return True
+            found.raise_for_status()
+            if found.json().get("status") in SIGNED_STATUSES:
+                log.info(
+                    "signed result left alone",
+                    extra={"resourceType": resource["resourceType"], "id": resource["id"]},
+                )
+                return False
+            written = await self._send("PUT", resource, if_match=found.headers.get("ETag"))
+            if written.status_code != 412:
+                written.raise_for_status()
+                return True
+        raise FhirUnavailable(
+            f"{resource['resourceType']}/{resource['id']} kept changing while being written"
+        )
 
     async def put_missing(self, resources: list[dict[str, Any]]) -> None:
         """Write, in order, those of ``resources`` the API answers 404 (or 410, deleted) for."""

@@ -93,6 +93,14 @@ def capability_statement(
     rest: dict[str, Any] = {
         "mode": "server",
         "resource": [_resource(t, settings.max_count) for t in RESOURCE_TYPES],
+        "interaction": [
+            {
+                "code": "transaction",
+                "documentation": "POST [base] with a transaction Bundle of PUT entries "
+                "(request.ifMatch honoured): every entry is written or none is (412 on a "
+                "stale ifMatch). A clinician's review signs this way. batch: not implemented.",
+            }
+        ],
     }
     if auth_required:
         rest["security"] = {
@@ -109,7 +117,9 @@ def capability_statement(
             "service": [{"coding": [{"system": SMART_SERVICE, "code": "SMART-on-FHIR"}]}],
             "description": "Bearer JWT access tokens with SMART scopes (system/*.read, "
             "patient/Observation.read, patient/*.read, system/*.write, "
-            "patient/CommunicationRequest.write): backend services by client credentials, "
+            "patient/CommunicationRequest.write, user/<Type>.write for a signed-in "
+            "clinician, whose fhirUser Practitioner is recorded as the author): backend "
+            "services by client credentials, "
             "patients' apps by SMART standalone launch (authorization code with PKCE S256, "
             ".well-known/smart-configuration); patient/ scopes reach only the token's "
             "patient's compartment; only /metadata is public.",

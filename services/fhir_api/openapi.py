@@ -176,6 +176,15 @@ def openapi_document(title: str, version: str) -> dict[str, Any]:
     }
     for resource_type in RESOURCE_TYPES:
         paths |= _type_paths(resource_type)
+    paths["/fhir"] = {
+        "post": {
+            "operationId": "transaction",
+            "summary": "A transaction Bundle of PUT entries: all written or none (412 on a "
+            "stale request.ifMatch)",
+            "requestBody": _body("Bundle"),
+            "responses": {"200": _fhir_response("The transaction-response Bundle"), **_ERRORS},
+        }
+    }
     return {
         "openapi": OPENAPI_VERSION,
         "info": {

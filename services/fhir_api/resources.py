@@ -10,8 +10,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 #: Resource types served (the pipeline's; MedicationRequest, Appointment and the patient's
-#: callback request, CommunicationRequest, for the chatbot and the clinician console; Subscription
-#: for notifications). The one list: search parameters, the CapabilityStatement, OpenAPI and the
+#: callback request, CommunicationRequest, for the chatbot and the clinician console; the
+#: clinician who signs or prescribes, Practitioner; Subscription for notifications). The one
+#: list: search parameters, the CapabilityStatement, OpenAPI and the
 #: routes all follow it.
 RESOURCE_TYPES = (
     "Patient",
@@ -23,6 +24,7 @@ RESOURCE_TYPES = (
     "MedicationRequest",
     "Appointment",
     "CommunicationRequest",
+    "Practitioner",
     "Subscription",
 )
 #: Types whose ``subject`` is indexed for ``patient=``/``subject=``.

@@ -1,6 +1,6 @@
 """The FHIR REST interactions under ``/fhir``: metadata, SMART discovery, read, vread,
 history, search, create (conditional with ``If-None-Exist``), update (as create,
-``If-Match``) and delete.
+``If-Match``), delete, and transaction Bundles (``transactions``).
 
 :data:`router` is included by the app factory. Each route declares what it needs as
 dependencies (``deps``): the grant (406/401), the resource type (404), the id (400) and the
@@ -20,10 +20,11 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
 from services.auth.config import AuthSettings
-from services.auth.scopes import READ, AuthError
+from services.auth.scopes import READ, AuthError, Grant
 from services.fhir_api.audit import Audit
 from services.fhir_api.bundles import INCLUDE_TYPES, history, parse_history, searchset
 from services.fhir_api.capability import capability_statement, issuer_root, smart_configuration
+from services.fhir_api.clinical import check_author, check_signed_result
 from services.fhir_api.compartment import Compartment, check_patient_members, compartment_of
 from services.fhir_api.config import Settings
 from services.fhir_api.deps import (
@@ -51,8 +52,9 @@ from services.fhir_api.errors import (
 )
 from services.fhir_api.resources import Stored
 from services.fhir_api.search import INCLUDES, REVINCLUDES, SearchQuery, parse_search
-from services.fhir_api.store import ResourceStore, VersionConflict
+from services.fhir_api.store import ResourceStore
 from services.fhir_api.subscriptions import check_subscription
+from services.fhir_api.transactions import practitioner_writes, run_transaction, store_all
 from services.fhir_api.wire import (
     interaction_name,
     json_object,
@@ -67,10 +69,13 @@ ALL_METHODS = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 router = APIRouter()
 
 
-def prepare(resource: dict[str, Any]) -> dict[str, Any]:
+def prepare(resource: dict[str, Any], grant: Grant) -> dict[str, Any]:
     """Check or adjust a resource before it is stored (the Subscription rules; one patient per
-    resource in the compartment)."""
+    resource in the compartment; a signed result's rules; a clinician's write names them as its
+    author: ``clinical``)."""
     check_patient_members(resource)
+    check_signed_result(resource)
+    resource = check_author(grant, resource)
     if resource["resourceType"] == "Subscription":
         return check_subscription(resource)
     return resource
@@ -195,12 +200,14 @@ async def create(
             400, f"resourceType {raw.get('resourceType')!r} does not match the URL", INVALID
         )
     raw["id"] = str(uuid.uuid4())  # create: the server assigns the id
-    resource = prepare(validated(resource_type, raw))
+    resource = prepare(validated(resource_type, raw), grant)
     if rule is not None:
         rule.check_created(resource)
-    result = await run_in_threadpool(store.put, resource)
-    subscriptions.resource_written(result.stored)
-    return resource_response(result.stored, request, base, 201)
+    extra = await run_in_threadpool(practitioner_writes, store, grant, [resource_type])
+    results = await run_in_threadpool(store_all, store, [*extra, (resource, None)])
+    for result in results:
+        subscriptions.resource_written(result.stored)
+    return resource_response(results[-1].stored, request, base, 201)
 
 
 def _conditional_match(
@@ -305,7 +312,7 @@ def vread(
 @router.put("/fhir/{resource_type}/{resource_id}")
 async def update(
     request: Request,
-    _grant: GrantDep,
+    grant: GrantDep,
     resource_type: ResourceType,
     resource_id: ResourceId,
     _writer: WriteAccess,
@@ -328,18 +335,13 @@ async def update(
             f"resource id {str(raw.get('id'))[:80]!r} does not match the URL ({resource_id})",
             INVALID,
         )
-    resource = prepare(validated(resource_type, raw))
-    try:
-        result = await run_in_threadpool(store.put, resource, version)
-    except VersionConflict as exc:
-        raise FhirError(
-            412,
-            f"If-Match {if_match} does not match the current version "
-            f"({'none' if exc.current is None else exc.current})",
-            CONFLICT,
-        ) from exc
-    if result.changed:
-        subscriptions.resource_written(result.stored)
+    resource = prepare(validated(resource_type, raw), grant)
+    extra = await run_in_threadpool(practitioner_writes, store, grant, [resource_type])
+    results = await run_in_threadpool(store_all, store, [*extra, (resource, version)])
+    for written in results:
+        if written.changed:
+            subscriptions.resource_written(written.stored)
+    result = results[-1]
     return resource_response(result.stored, request, base, 201 if result.created else 200)
 
 
@@ -357,6 +359,22 @@ async def delete(
         raise FhirError(404, f"{resource_type}/{resource_id} is not known", NOT_FOUND)
     subscriptions.resource_written(stored)
     return Response(status_code=204, headers={"ETag": stored.etag})
+
+
+@router.post("/fhir")
+async def transaction(
+    request: Request,
+    grant: GrantDep,
+    store: StoreDep,
+    subscriptions: SubscriptionsDep,
+) -> Response:
+    """A transaction Bundle: every entry written, or none (``transactions``)."""
+    raw = json_object(await read_body(request))
+    response, results = await run_transaction(raw, grant, store, prepare)
+    for result in results:
+        if result.changed:
+            subscriptions.resource_written(result.stored)
+    return response
 
 
 @router.api_route("/fhir", methods=ALL_METHODS, operation_id="unsupported_root")

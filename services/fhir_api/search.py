@@ -83,6 +83,7 @@ SEARCH_PARAMS: dict[str, tuple[Param, ...]] = {
         _UPDATED,
     ),
     "Patient": (_IDENTIFIER, _ID, _UPDATED),
+    "Practitioner": (_IDENTIFIER, _ID, _UPDATED),
     "Device": (_IDENTIFIER, _STATUS, _ID, _UPDATED),
     "Provenance": (
         Param("target", "reference", "<Type>/<id> of a target; comma-separated = OR."),

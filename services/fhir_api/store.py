@@ -64,9 +64,10 @@ class WriteResult:
 class VersionConflict(Exception):
     """``If-Match`` named a version that is not the current one."""
 
-    def __init__(self, current: int | None) -> None:
-        super().__init__(f"current version is {current}")
+    def __init__(self, current: int | None, key: str | None = None) -> None:
+        super().__init__(f"current version of {key or 'the resource'} is {current}")
         self.current = current
+        self.key = key  # Type/id of the resource
 
 
 def _aware(moment: datetime) -> datetime:
@@ -355,38 +356,74 @@ class ResourceStore:
                 log.info("write race, retrying")
         raise AssertionError("unreachable")
 
+    def put_all(self, writes: Sequence[tuple[dict[str, Any], int | None]]) -> list[WriteResult]:
+        """Write several resources in one database transaction (a FHIR transaction Bundle):
+        every write happens or none does. Each is (resource, ``if_match``) as for :meth:`put`;
+        a :class:`VersionConflict` on any of them rolls back all of them. Writers of the same
+        resources are serialised by taking their locks in one order (no deadlock)."""
+        return self._retrying(lambda: self._put_all_once(writes))
+
     def _put_once(self, resource: dict[str, Any], if_match: int | None) -> WriteResult:
+        return self._put_all_once([(resource, if_match)])[0]
+
+    def _put_all_once(
+        self, writes: Sequence[tuple[dict[str, Any], int | None]]
+    ) -> list[WriteResult]:
+        results: list[tuple[WriteResult, ResourceVersion | None]] = []
+        with Session(self._write_engine) as session:
+            for key in sorted({f"{r['resourceType']}/{r['id']}" for r, _ in writes}):
+                resource_type, _, resource_id = key.partition("/")
+                self._lock(session, resource_type, resource_id)
+            for resource, if_match in writes:
+                results.append(self._put_in(session, resource, if_match))
+            session.commit()
+            for _result, row in results:
+                if row is not None:
+                    session.refresh(row)
+            done = [
+                result if row is None else WriteResult(to_stored(row), result.created, True)
+                for result, row in results
+            ]
+        for result in done:
+            if result.changed:
+                log.info(
+                    "resource stored",
+                    extra={
+                        "resourceType": result.stored.resource_type,
+                        "id": result.stored.resource_id,
+                        "versionId": result.stored.version_id,
+                    },
+                )
+        return done
+
+    def _put_in(
+        self, session: Session, resource: dict[str, Any], if_match: int | None
+    ) -> tuple[WriteResult, ResourceVersion | None]:
+        """One write inside ``session`` (locked, not committed): its result and the new row
+        (None when the content was unchanged)."""
         resource_type, resource_id = resource["resourceType"], resource["id"]
         values = search_values(resource)
-        with Session(self._write_engine) as session:
-            self._lock(session, resource_type, resource_id)
-            current = session.exec(
-                self._current(resource_type, resource_id).with_for_update()
-            ).first()
-            if if_match is not None and (
-                current is None or current.deleted or current.version_id != if_match
-            ):
-                raise VersionConflict(None if current is None else current.version_id)
-            if current is not None and not current.deleted:
-                if without_server_meta(json.loads(current.content)) == resource:
-                    return WriteResult(to_stored(current), created=False, changed=False)
-            version_id = 1 if current is None else current.version_id + 1
-            created = current is None or current.deleted
-            row = version_row(resource, version_id, datetime.now(UTC), values)
-            self._replace_current(session, current, row)
-            assert row.pk is not None  # assigned by the flush
-            tokens, references = index_rows(resource_type, row.pk, values)
-            session.add_all(tokens)
-            session.add_all(references)
-            session.add(_change(row))
-            session.commit()
-            session.refresh(row)
-            stored = to_stored(row)
-        log.info(
-            "resource stored",
-            extra={"resourceType": resource_type, "id": resource_id, "versionId": version_id},
-        )
-        return WriteResult(stored, created=created, changed=True)
+        current = session.exec(self._current(resource_type, resource_id).with_for_update()).first()
+        if if_match is not None and (
+            current is None or current.deleted or current.version_id != if_match
+        ):
+            raise VersionConflict(
+                None if current is None else current.version_id, f"{resource_type}/{resource_id}"
+            )
+        if current is not None and not current.deleted:
+            if without_server_meta(json.loads(current.content)) == resource:
+                return WriteResult(to_stored(current), created=False, changed=False), None
+        version_id = 1 if current is None else current.version_id + 1
+        created = current is None or current.deleted
+        row = version_row(resource, version_id, datetime.now(UTC), values)
+        self._replace_current(session, current, row)
+        assert row.pk is not None  # assigned by the flush
+        tokens, references = index_rows(resource_type, row.pk, values)
+        session.add_all(tokens)
+        session.add_all(references)
+        session.add(_change(row))
+        placeholder = Stored(resource_type, resource_id, version_id, "", "")
+        return WriteResult(placeholder, created=created, changed=True), row
 
     def _delete_once(self, resource_type: str, resource_id: str) -> Stored | None:
         with Session(self._write_engine) as session:

@@ -9,6 +9,7 @@ from fhir.resources.R4B import get_fhir_model_class
 HEADERS = {"Content-Type": "application/fhir+json"}
 MINIMAL = {
     "Patient": {"resourceType": "Patient"},
+    "Practitioner": {"resourceType": "Practitioner", "active": True},
     "Device": {"resourceType": "Device"},
     "ImagingStudy": {
         "resourceType": "ImagingStudy",

@@ -178,14 +178,16 @@ def test_count_is_capped_at_max_count(client: TestClient) -> None:
 @pytest.mark.parametrize(
     ("method", "path", "words"),
     [
-        ("POST", "/fhir", ["transaction"]),
+        ("POST", "/fhir", ["batch"]),
         ("PATCH", "/fhir/Observation/abc", ["patch"]),
     ],
 )
 def test_not_implemented_answers_501(
     client: TestClient, method: str, path: str, words: list[str]
 ) -> None:
-    assert_outcome(client.request(method, path), 501, "not implemented", *words)
+    body = {"resourceType": "Bundle", "type": "batch", "entry": []}
+    kwargs = {"json": body, "headers": {"Content-Type": FHIR_JSON}} if method == "POST" else {}
+    assert_outcome(client.request(method, path, **kwargs), 501, "not implemented", *words)
 
 
 @pytest.mark.parametrize(
