@@ -5,7 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from schemas.events import InferenceResultV1, InstanceReceivedV1, StudyReadyV1
-from schemas.training_events import ModelPublishedV1, TrainingJobRequestedV1, TrainingJobStatusV1
+from schemas.training_events import (
+    ModelLifecycleCompletedV1,
+    ModelLifecycleRequestedV1,
+    ModelPublishedV1,
+    TrainingJobRequestedV1,
+    TrainingJobStatusV1,
+)
 
 #: Partitions per topic. Study-keyed topics share it so that they stay co-partitioned.
 STUDY_PARTITIONS = 4
@@ -29,7 +35,13 @@ def dlq(topic: str) -> str:
 _STUDY_KEYED = [InstanceReceivedV1.SCHEMA, StudyReadyV1.SCHEMA, InferenceResultV1.SCHEMA]
 # Training traffic is small; one partition keeps a job's status events and the publications in
 # order for every consumer.
-_TRAINING = [TrainingJobRequestedV1.SCHEMA, TrainingJobStatusV1.SCHEMA, ModelPublishedV1.SCHEMA]
+_TRAINING = [
+    TrainingJobRequestedV1.SCHEMA,
+    TrainingJobStatusV1.SCHEMA,
+    ModelPublishedV1.SCHEMA,
+    ModelLifecycleRequestedV1.SCHEMA,
+    ModelLifecycleCompletedV1.SCHEMA,
+]
 
 #: Every topic scanwatch uses: each event topic and its ``.dlq`` twin (longer retention, so that
 #: an operator has time to look at what failed).

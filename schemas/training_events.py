@@ -4,7 +4,10 @@ A client asks for a training run with :class:`TrainingJobRequestedV1` (keyed by 
 training worker reports each step of the job with :class:`TrainingJobStatusV1` (queued, running
 with the epoch, succeeded with the held-out metrics and the version, failed with the reason); the
 model lifecycle announces with :class:`ModelPublishedV1` every time a version becomes the one
-served (a promotion or a rollback). No pixels and no patient data: datasets are named by a path
+served (a promotion or a rollback). An operator asks for a promotion or a rollback with
+:class:`ModelLifecycleRequestedV1`; the training worker, which holds the held-out data the
+promotion rule compares on, carries it out and answers with :class:`ModelLifecycleCompletedV1`
+(done, refused by the rule, or failed). No pixels and no patient data: datasets are named by a path
 or URI the training host can read, models by name and version.
 """
 
@@ -134,8 +137,64 @@ class ModelPublishedV1(Event):
     job_id: uuid.UUID | None = Field(default=None, description="The training job, if any.")
 
 
+LifecycleAction = Literal["promote", "rollback"]
+
+
+class ModelLifecycleRequestedV1(Event):
+    """An operator asks to promote a version or to roll back (keyed by ``request_id``)."""
+
+    SCHEMA: ClassVar[str] = "model.lifecycle.requested.v1"
+
+    request_id: uuid.UUID = Field(default_factory=uuid.uuid4, description="Names the request.")
+    model_name: str = Field(pattern=_MODEL_NAME, max_length=128)
+    action: LifecycleAction
+    model_version: int = Field(
+        ge=1,
+        description="The version to serve: 'promote', a candidate (or a rejected or "
+        "rolled-back one); 'rollback', an older version. Always explicit, so that a "
+        "redelivered request finds it served already and does nothing twice.",
+    )
+    requested_by: str | None = Field(
+        default=None, max_length=128, description="Who asked (a staff username; no PHI)."
+    )
+
+
+class ModelLifecycleCompletedV1(Event):
+    """How a :class:`ModelLifecycleRequestedV1` ended (keyed by ``request_id``)."""
+
+    SCHEMA: ClassVar[str] = "model.lifecycle.completed.v1"
+
+    request_id: uuid.UUID
+    model_name: str = Field(pattern=_MODEL_NAME, max_length=128)
+    action: LifecycleAction
+    outcome: Literal["done", "refused", "failed"] = Field(
+        description="'done': the version is served; 'refused': the promotion rule said no "
+        "(the candidate is worse on the held-out set) or the registry's lifecycle does not "
+        "allow it; 'failed': an error (the reason says which)."
+    )
+    model_version: int | None = Field(
+        default=None, ge=1, description="'done': the version now served."
+    )
+    previous_version: int | None = Field(
+        default=None, ge=1, description="'done': the version served before, if any."
+    )
+    reason: str | None = Field(
+        default=None, max_length=2000, description="'refused' or 'failed': why."
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelLifecycleCompletedV1:
+        if self.outcome == "done" and self.model_version is None:
+            raise ValueError("a done outcome needs model_version")
+        if self.outcome != "done" and not self.reason:
+            raise ValueError(f"a {self.outcome} outcome needs a reason")
+        return self
+
+
 TRAINING_EVENT_TYPES: tuple[type[Event], ...] = (
     TrainingJobRequestedV1,
     TrainingJobStatusV1,
     ModelPublishedV1,
+    ModelLifecycleRequestedV1,
+    ModelLifecycleCompletedV1,
 )

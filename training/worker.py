@@ -8,6 +8,12 @@ after the final status, so a worker killed mid-job gets the request again: the j
 (``<runs_dir>/<job_id>``) and its reserved version are reused and training resumes; a job that
 already finished only has its final status sent again. A request that cannot be parsed goes to
 ``training.job.requested.v1.dlq`` with the reason.
+
+Beside the jobs, on a thread of its own so that an operator need not wait for a training run
+to end, the worker carries out ``model.lifecycle.requested.v1``: promote a version (with the
+held-out comparison of :func:`training.lifecycle.promote`) or roll back to an older one
+(:func:`training.lifecycle.rollback`), and answers with ``model.lifecycle.completed.v1``. Each
+request names the version to serve, so a redelivered one finds it served and only says so.
 """
 
 from __future__ import annotations
@@ -23,15 +29,29 @@ from pydantic import ValidationError
 from scanwatch import kafka
 from schemas.events import DeadLetterV1
 from schemas.topics import dlq
-from schemas.training_events import TrainingJobRequestedV1, TrainingJobStatusV1
+from schemas.training_events import (
+    ModelLifecycleCompletedV1,
+    ModelLifecycleRequestedV1,
+    TrainingJobRequestedV1,
+    TrainingJobStatusV1,
+)
 from training.config import TrainSettings
 from training.events import EventPublisher
-from training.lifecycle import JobOutcome, flat_metrics, load_dataset, run_job
-from training.registry import CANDIDATE, FAILED, REJECTED, RESERVED, Registry
+from training.lifecycle import JobOutcome, flat_metrics, load_dataset, promote, rollback, run_job
+from training.registry import (
+    CANDIDATE,
+    FAILED,
+    REJECTED,
+    RESERVED,
+    LifecycleError,
+    PromotionRefused,
+    Registry,
+)
 
 logger = logging.getLogger(__name__)
 
 GROUP_ID = "scanwatch-training"
+LIFECYCLE_GROUP_ID = "scanwatch-model-lifecycle"
 POLL_TIMEOUT_S = 0.5
 
 
@@ -129,19 +149,7 @@ class TrainingWorker:
         try:
             request = TrainingJobRequestedV1.from_bytes(raw)
         except ValidationError as error:
-            logger.warning("unusable training job request", extra={"offset": offset})
-            self.events.send(
-                DeadLetterV1(
-                    source_topic=topic,
-                    source_partition=partition,
-                    source_offset=offset,
-                    reason=str(error)[:2000],
-                    error_class="unusable",
-                    payload=raw.decode("utf-8", "replace"),
-                ),
-                key=f"{topic}:{partition}:{offset}",
-                topic=dlq(topic),
-            )
+            self._dead_letter(raw, error, topic, partition, offset)
             return
         reporter = JobReporter(self.events, request)
         registry = Registry(self.settings.repository)
@@ -172,18 +180,114 @@ class TrainingWorker:
             reason=outcome.reason,
         )
 
+    def handle_lifecycle(
+        self, raw: bytes, *, topic: str, partition: int | None = None, offset: int | None = None
+    ) -> None:
+        """One promotion or rollback request: carry it out, say how it ended. Never raises."""
+        try:
+            request = ModelLifecycleRequestedV1.from_bytes(raw)
+        except ValidationError as error:
+            self._dead_letter(raw, error, topic, partition, offset)
+            return
+        name, version = request.model_name, request.model_version
+        registry = Registry(self.settings.repository)
+        fields: dict[str, Any] = {}
+        try:
+            served = registry.served_versions(name)
+            if served and served[-1] == version:
+                # Done already (a redelivery, or a second click): nothing to do twice.
+                fields = {"outcome": "done", "model_version": version}
+            elif request.action == "promote":
+                previous = promote(registry, name, version, self.events)
+                fields = {"outcome": "done", "model_version": version, "previous_version": previous}
+            else:
+                withdrawn, now_served = rollback(registry, name, self.events, version)
+                fields = {
+                    "outcome": "done",
+                    "model_version": now_served,
+                    "previous_version": withdrawn,
+                }
+        except (PromotionRefused, LifecycleError, LookupError) as refused:
+            fields = {"outcome": "refused", "reason": str(refused)[:2000]}
+        except Exception as error:  # noqa: BLE001 - reported; the worker goes on
+            logger.exception("model lifecycle request failed", extra={"model_name": name})
+            fields = {"outcome": "failed", "reason": f"{type(error).__name__}: {error}"[:2000]}
+        logger.info(
+            "model lifecycle request handled",
+            extra={"model_name": name, "action": request.action, "outcome": fields["outcome"]},
+        )
+        self.events.send(
+            ModelLifecycleCompletedV1(
+                request_id=request.request_id, model_name=name, action=request.action, **fields
+            ),
+            key=str(request.request_id),
+        )
+
+    def _dead_letter(
+        self,
+        raw: bytes,
+        error: ValidationError,
+        topic: str,
+        partition: int | None,
+        offset: int | None,
+    ) -> None:
+        logger.warning("unusable request", extra={"topic": topic, "offset": offset})
+        self.events.send(
+            DeadLetterV1(
+                source_topic=topic,
+                source_partition=partition,
+                source_offset=offset,
+                reason=str(error)[:2000],
+                error_class="unusable",
+                payload=raw.decode("utf-8", "replace"),
+            ),
+            key=f"{topic}:{partition}:{offset}",
+            topic=dlq(topic),
+        )
+
     def run(self, stop: threading.Event) -> None:
-        """Consume until ``stop`` is set; commit each request's offset after its final status."""
+        """Consume until ``stop`` is set: jobs here, lifecycle requests on a second thread;
+        each request's offset is committed after its final status."""
         if not self.settings.kafka_bootstrap_servers:
             raise ValueError("SCANWATCH_TRAIN_KAFKA_BOOTSTRAP_SERVERS must be set for the worker")
-        consumer = kafka.new_consumer(
-            self.settings.kafka_bootstrap_servers,
-            self.group_id,
-            [TrainingJobRequestedV1.SCHEMA],
-            # A job can train for a long time between polls (librdkafka's maximum, 24 h).
-            **{"max.poll.interval.ms": 24 * 3600 * 1000},
+        lifecycle = threading.Thread(
+            target=self._consume,
+            args=(
+                ModelLifecycleRequestedV1.SCHEMA,
+                LIFECYCLE_GROUP_ID,
+                self.handle_lifecycle,
+                stop,
+            ),
+            name="model-lifecycle",
+            daemon=True,
         )
-        logger.info("training worker consuming", extra={"topic": TrainingJobRequestedV1.SCHEMA})
+        lifecycle.start()
+        try:
+            # A job can train for a long time between polls (librdkafka's maximum, 24 h).
+            self._consume(
+                TrainingJobRequestedV1.SCHEMA,
+                self.group_id,
+                self.handle,
+                stop,
+                **{"max.poll.interval.ms": 24 * 3600 * 1000},
+            )
+        finally:
+            stop.set()
+            lifecycle.join()
+
+    def _consume(
+        self,
+        topic: str,
+        group_id: str,
+        handler: Callable[..., None],
+        stop: threading.Event,
+        **config: Any,
+    ) -> None:
+        assert self.settings.kafka_bootstrap_servers
+        consumer = kafka.new_consumer(
+            self.settings.kafka_bootstrap_servers, group_id, [topic], **config
+        )
+        logger.info("training worker consuming", extra={"topic": topic})
         try:
             while not stop.is_set():
                 message = consumer.poll(POLL_TIMEOUT_S)
@@ -192,9 +296,9 @@ class TrainingWorker:
                 if message.error() is not None:
                     logger.warning("consumer error", extra={"error": str(message.error())})
                     continue
-                self.handle(
+                handler(
                     message.value() or b"",
-                    topic=message.topic() or TrainingJobRequestedV1.SCHEMA,
+                    topic=message.topic() or topic,
                     partition=message.partition(),
                     offset=message.offset(),
                 )
