@@ -41,12 +41,14 @@ class SecurityHeaders:
     """Plain ASGI middleware adding :data:`HEADERS` (and HSTS over HTTPS) to every response;
     ``Cache-Control: no-store`` except on static files, unless the route set its own."""
 
-    def __init__(self, app: ASGIApp, hsts: bool) -> None:
+    def __init__(self, app: ASGIApp, hsts: bool, skip: tuple[str, ...] = ()) -> None:
         self.app = app
         self.hsts = hsts
+        #: Path prefixes left alone (an API that other origins' viewers read, e.g. DICOMweb).
+        self.skip = skip
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope.get("path", "").startswith(self.skip):
             await self.app(scope, receive, send)
             return
 

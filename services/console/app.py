@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import Engine
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -21,7 +21,9 @@ from scanwatch.database import make_engine
 from scanwatch.http_metrics import RequestMetrics
 from services.auth.jwks import KeySetUnavailable, RemoteKeySet
 from services.auth.scopes import AuthError
-from services.console import dicomweb
+from services.auth.web_client import AuthServerUnavailable
+from services.auth.web_security import SecurityHeaders
+from services.console import dicomweb, web
 from services.console.auth import CHALLENGE, FileKeySet, Verifier
 from services.console.config import Settings
 from services.console.dicomweb import Console, DicomWebError
@@ -37,10 +39,16 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 def create_app(
-    settings: Settings, *, engine: Engine | None = None, verifier: Verifier | None = None
+    settings: Settings,
+    *,
+    engine: Engine | None = None,
+    verifier: Verifier | None = None,
+    web_state: web.Web | None = None,
 ) -> FastAPI:
     """The console app. ``engine`` (default: ``settings.index_url``) holds the index;
-    ``verifier`` checks tokens (default: the JWK Set file, else the JWKS URL)."""
+    ``verifier`` checks tokens (default: the JWK Set file, else the JWKS URL); ``web_state``
+    serves the staff pages (default: made from ``settings`` when it has a client secret;
+    without one only DICOMweb is served)."""
     engine = engine or make_engine(settings.index_url)
     if verifier is None:
         if settings.jwks_file is not None:
@@ -82,6 +90,11 @@ def create_app(
     )
     app.state.console = state
     app.include_router(dicomweb.router)
+    if web_state is None and settings.web:
+        web_state = web.create_web(settings, engine)
+    app.state.web = web_state
+    app.include_router(web.router)
+    _install_web_handlers(app)
 
     @app.get("/healthz")
     def healthz() -> Response:
@@ -113,5 +126,59 @@ def create_app(
     async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
         return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
+    # The pages' CSP and headers; DICOMweb answers viewers of other origins, left alone.
+    app.add_middleware(SecurityHeaders, hsts=settings.secure_cookies, skip=("/dicomweb",))
     app.add_middleware(RequestMetrics, requests=metrics.requests, latency=metrics.latency)
     return app
+
+
+def _wants_html(request: Request) -> bool:
+    return (
+        request.method == "GET"
+        and not request.url.path.startswith("/api/")
+        and "text/event-stream" not in request.headers.get("accept", "")
+    )
+
+
+def _install_web_handlers(app: FastAPI) -> None:
+    def error_page(request: Request, status: int, title: str, text: str) -> Response:
+        state: web.Web | None = app.state.web
+        if state is None or not _wants_html(request):
+            return _error(status, text)
+        found = state.sessions.get(request.cookies.get(state.settings.session_cookie))[0]
+        return state.page(request, "message.html", found, status, title=title, text=text)
+
+    @app.exception_handler(web.NeedSignIn)
+    async def need_sign_in(request: Request, exc: web.NeedSignIn) -> Response:
+        if getattr(app.state, "web", None) is None:
+            return _error(404, "the console's pages are off (no client secret configured)")
+        target = "/signin?reason=expired" if exc.expired else "/signin"
+        if _wants_html(request):
+            return RedirectResponse(target, status_code=303)
+        return JSONResponse({"status": 401, "signin": target}, status_code=401)
+
+    @app.exception_handler(web.RoleRefused)
+    async def role_refused(request: Request, _exc: web.RoleRefused) -> Response:
+        return error_page(
+            request, 403, "Not for your role", "Your role does not give access to this page."
+        )
+
+    @app.exception_handler(web.CsrfRejected)
+    async def csrf_rejected(request: Request, _exc: web.CsrfRejected) -> Response:
+        return error_page(
+            request,
+            403,
+            "This form has expired",
+            "The page you sent it from was too old or not from this console. Go back, reload "
+            "the page and try again.",
+        )
+
+    @app.exception_handler(AuthServerUnavailable)
+    async def auth_unavailable(request: Request, exc: AuthServerUnavailable) -> Response:
+        log.warning("authorization server unavailable", extra={"error": str(exc)})
+        return error_page(
+            request,
+            503,
+            "Signing in is not possible right now",
+            "The sign-in service did not answer. Please try again in a few minutes.",
+        )

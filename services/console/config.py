@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from scanwatch.logs import LogLevel
@@ -83,9 +83,44 @@ class Settings(BaseSettings):
         TOKEN_AUDIENCE, description="The aud a token must carry (the FHIR API's by default)."
     )
     token_issuer: str = Field(TOKEN_ISSUER, description="The iss a token must carry.")
+    audit_url: str = Field(
+        "sqlite:///var/console/audit.db",
+        description="SQLAlchemy URL of the console's audit trail (every staff action as a "
+        "FHIR AuditEvent). Kept apart from the index, which is a cache.",
+    )
+    fhir_base_url: str = Field(
+        "http://127.0.0.1:8080/fhir",
+        description="The FHIR API the console reads and writes with the signed-in staff "
+        "member's token; its .well-known/smart-configuration names the authorization server.",
+    )
+    client_id: str = Field(
+        "scanwatch-console",
+        description="The console's client id at the authorization server (a staff app: "
+        "scanwatch clients register-staff-app, or the development stack).",
+    )
+    client_secret: SecretStr | None = Field(
+        None,
+        description="The console's client secret. Unset: the web pages (sign-in, worklist) "
+        "are off and only DICOMweb is served.",
+    )
+    session_cookie: str = Field(
+        "scanwatch_console_session", description="Name of the session cookie (its id only)."
+    )
+    session_idle_s: float = Field(
+        1800.0, ge=60, le=86400, description="A session unused this long ends."
+    )
+    session_max_s: float = Field(
+        12 * 3600.0, ge=300, le=7 * 86400, description="A session ends this long after sign-in."
+    )
+    login_timeout_s: float = Field(
+        600.0, ge=30, le=3600, description="Longest time between starting and ending a sign-in."
+    )
+    http_timeout_s: float = Field(
+        10.0, gt=0, le=120, description="Timeout of calls to FHIR and the auth server."
+    )
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
 
-    @field_validator("jwks_url", "public_url")
+    @field_validator("jwks_url", "public_url", "fhir_base_url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         if value is None or value == "":
@@ -112,4 +147,36 @@ class Settings(BaseSettings):
             raise ValueError(
                 "the console is not on loopback: SCANWATCH_CONSOLE_PUBLIC_URL must be https"
             )
+        fhir = urlsplit(self.fhir_base_url)
+        if fhir.scheme != "https" and not is_loopback(fhir.hostname or ""):
+            raise ValueError(
+                f"the console is not on loopback: SCANWATCH_CONSOLE_FHIR_BASE_URL "
+                f"({self.fhir_base_url}) must be https (staff tokens travel to it)"
+            )
         return self
+
+    @property
+    def web(self) -> bool:
+        """Whether the web pages are on (a client secret to sign staff in with)."""
+        return self.client_secret is not None and bool(self.client_secret.get_secret_value())
+
+    @property
+    def secure_cookies(self) -> bool:
+        """Cookies are Secure unless the console is reached over plain http on loopback."""
+        if self.public_url is not None:
+            return self.public_url.startswith("https://")
+        return not is_loopback(self.host)
+
+    @property
+    def base_url(self) -> str:
+        """The console's own URL (``public_url``, or http://host:port in development)."""
+        return self.public_url or f"http://{self.host}:{self.port}"
+
+    @property
+    def redirect_uri(self) -> str:
+        """Where the authorization server sends staff back (registered for the client)."""
+        return f"{self.base_url}/callback"
+
+    @property
+    def smart_configuration_url(self) -> str:
+        return f"{self.fhir_base_url}/.well-known/smart-configuration"
