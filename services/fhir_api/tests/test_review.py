@@ -397,6 +397,59 @@ def test_the_worker_never_overwrites_a_signed_result(
     reader.close()
 
 
+class SignsInBetween(httpx.AsyncBaseTransport):
+    """The worker's HTTP transport, except that a clinician signs the result after the writer
+    has read it and before its conditional update arrives (the race ``If-Match`` closes)."""
+
+    def __init__(self, sign: Callable[[], None], observation_id: str) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.sign = sign
+        self.path = f"/Observation/{observation_id}"
+        self.statuses: list[int] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        racing = request.method == "PUT" and request.url.path.endswith(self.path)
+        if racing and not self.statuses:
+            await asyncio.to_thread(self.sign)
+        response = await self.inner.handle_async_request(request)
+        if racing:
+            self.statuses.append(response.status_code)
+        return response
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def test_a_signature_between_the_workers_read_and_write_wins(
+    served_api: str, tokens: TokenService, staff_token: Callable[..., str]
+) -> None:
+    study = scored("7.9", "P9", p_normal=0.3)
+    key = (study.StudyInstanceUID, study.model_name, study.model_version)
+    system = tokens.issue("test-client", [Scope.parse("system/*.read")])[0]
+    reader = httpx.Client(base_url=served_api, headers={"Authorization": f"Bearer {system}"})
+    credentials = {"client_id": "scanwatch-worker", "client_secret": "worker-secret-for-tests"}
+    asyncio.run(_put_all(FhirWriter(served_api, **credentials), all_resources_for(study)))
+
+    def sign_now() -> None:
+        observation = reader.get(f"/Observation/{ids.observation_id(*key)}").json()
+        report = reader.get(f"/DiagnosticReport/{ids.diagnostic_report_id(*key)}").json()
+        bundle = clinical_review.review_transaction(
+            observation, report, chosen_class="glioma", conclusion="Glioma.", signer=ADA,
+            signed_at=SIGNED_AT,
+        )  # fmt: skip
+        answer = httpx.post(served_api, json=bundle, headers=bearer(staff_token()))
+        assert answer.status_code == 200, answer.text
+
+    racing = SignsInBetween(sign_now, ids.observation_id(*key))
+    rescored = scored("7.9", "P9", p_normal=0.6)
+    writer = FhirWriter(served_api, transport=racing, **credentials)
+    asyncio.run(_put_all(writer, all_resources_for(rescored)))
+    assert racing.statuses == [412]  # its update lost the race; it read again and left it
+    current = reader.get(f"/Observation/{ids.observation_id(*key)}").json()
+    assert (current["status"], current["meta"]["versionId"]) == ("final", "2")
+    reader.close()
+
+
 async def _put_all(writer: FhirWriter, resources: list[dict]) -> None:
     try:
         await writer.put_all(resources)
