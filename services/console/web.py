@@ -19,6 +19,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -491,6 +492,7 @@ async def worklist_page(
         errors=errors,
         models=models,
         page_number=page,
+        now=datetime.now(),  # StudyDate/StudyTime are the hospital's local time
         more=len(rows) == PAGE_SIZE,
         status_code=400 if errors else 200,
     )

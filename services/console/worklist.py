@@ -24,7 +24,7 @@ import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime
 from typing import Any
 
 import httpx
@@ -148,6 +148,22 @@ class Row:
     interpretation: str | None
     model: str | None
     reviewed: bool
+
+    def waiting(self, now: datetime) -> str:
+        """How long since the study was acquired (StudyDate/StudyTime, the hospital's local
+        time), as a person reads it: "3 d 4 h", "2 h 5 min"; "" when the date is unknown."""
+        try:
+            started = datetime.strptime(
+                self.StudyDate + (self.StudyTime or "000000")[:6].ljust(6, "0"), "%Y%m%d%H%M%S"
+            )
+        except ValueError:
+            return ""
+        minutes = max(0, int((now - started).total_seconds() // 60))
+        days, rest = divmod(minutes, 24 * 60)
+        hours, minutes = divmod(rest, 60)
+        if days:
+            return f"{days} d {hours} h"
+        return f"{hours} h {minutes} min" if hours else f"{minutes} min"
 
 
 class Worklist:

@@ -20,20 +20,25 @@ import pyotp
 import pytest
 from fhir.resources.R4B.auditevent import AuditEvent
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+from pydicom.data import get_testdata_file
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
 from devtools.browser import form_fields, launch_options
 from devtools.kafka_local import free_port
 from devtools.testing import served
+from dicom_listener.adapters.filestore import FileStore
+from inference_worker.fhir_resources import resources_for
 from scanwatch import ids
 from services.auth import accounts, clients
 from services.auth.scopes import Scope
 from services.auth.tokens import TokenService, load_key_set
 from services.console.app import create_app as create_console
 from services.console.config import Settings as ConsoleSettings
+from services.console.tests.helpers import put, relabelled
 from services.fhir_api.app import create_app as create_fhir
 from services.fhir_api.config import Settings as FhirSettings
+from services.fhir_api.tests.test_search import scored
 
 pytestmark = pytest.mark.integration
 
@@ -52,6 +57,11 @@ class Hospital:
     tokens: TokenService
     web: Any  # the console's services.console.web.Web
     totp: dict[str, str]  # username → TOTP secret
+    store: Path  # the listener's file store the console reads
+
+    def system_headers(self) -> dict[str, str]:
+        token, _ = self.tokens.issue("pipeline", [Scope.parse("system/*.write")])
+        return {"Authorization": f"Bearer {token}", "Content-Type": "application/fhir+json"}
 
     def code(self, username: str) -> str:
         """The next step's TOTP code: activation spent the current one, and a code works
@@ -123,6 +133,7 @@ def hospital(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hospital]:
                 TokenService(load_key_set(var / "keys.json")),
                 console_app.state.web,
                 totp,
+                var / "store",
             )
 
 
@@ -267,3 +278,106 @@ def test_bad_inputs(hospital: Hospital, page: Page) -> None:
     cookie = next(c for c in page.context.cookies() if c["name"] == "scanwatch_console_session")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Lax"
     assert json.dumps(cookie).count(cookie["value"]) == 1
+
+
+# --- the worklist --------------------------------------------------------------------------
+
+MR = Path(get_testdata_file("MR_small.dcm"))
+SHOTS = ROOT / "var" / "screenshots" / "console"
+
+
+def store_study(hospital: Hospital, tmp: Path, uid: str, name: str, day: str, n: int = 2) -> None:
+    """``n`` instances of one study in the file store, stored as the listener stores them."""
+    store = FileStore(hospital.store)
+    series = f"{uid}.1"
+    for i in range(n):
+        source = relabelled(
+            MR,
+            tmp / f"{uid}-{i}.dcm",
+            StudyInstanceUID=uid,
+            SeriesInstanceUID=series,
+            SOPInstanceUID=f"{uid}.1.{i + 1}",
+            PatientName=name,
+            PatientID=f"PID-{uid[-3:]}",
+            StudyDate=day,
+            StudyTime="083000",
+            StudyDescription="MR brain",
+        )
+        put(store, source)
+
+
+def score(hospital: Hospital, uid: str, p_normal: float, status: str | None = None) -> None:
+    """The pipeline's FHIR results of a scored study (as the worker writes them)."""
+    study = scored(uid, f"PID-{uid[-3:]}", p_normal=p_normal)
+    for resource in resources_for(study):
+        if status and resource["resourceType"] == "Observation":
+            resource["status"] = status
+        answer = httpx.put(
+            f"{hospital.fhir}/{resource['resourceType']}/{resource['id']}",
+            json=resource,
+            headers=hospital.system_headers(),
+        )
+        assert answer.status_code in (200, 201), answer.text
+
+
+def study_order(page: Page) -> list[str]:
+    return page.locator("table.worklist tbody tr[data-study]").evaluate_all(
+        "rows => rows.map(r => r.dataset.study)"
+    )
+
+
+def test_worklist_in_triage_order_with_filters_and_live_updates(
+    hospital: Hospital, page: Page, tmp_path: Path
+) -> None:
+    base = "1.2.826.0.1.3680043.8.498.77"
+    high, mid, normal, waiting, late = (f"{base}.{n}" for n in (101, 102, 103, 104, 105))
+    store_study(hospital, tmp_path, high, "High^Alice", "20250303")
+    store_study(hospital, tmp_path, mid, "Mid^Bob", "20250301")
+    store_study(hospital, tmp_path, normal, "Normal^Carol", "20250302", n=3)
+    markup = "<script>alert(1)</script><b>Evil</b>^Eve"
+    store_study(hospital, tmp_path, waiting, markup, "20250228")
+    score(hospital, high, p_normal=0.05)
+    score(hospital, mid, p_normal=0.3)
+    score(hospital, normal, p_normal=0.9, status="final")  # reviewed by a clinician
+    sign_in(page, hospital, "dr.fay")
+    expect(page).to_have_url(f"{hospital.console}/worklist")
+    expect(page.locator(f"tr[data-study='{high}']")).to_be_visible()
+    # Abnormal first by score; then the longest waiting (the oldest study) first.
+    assert study_order(page) == [high, mid, waiting, normal]
+    first = page.locator(f"tr[data-study='{high}']")
+    expect(first).to_contain_text("AI abnormal")
+    expect(first.get_by_role("link", name="High Alice")).to_have_attribute(
+        "href", f"/studies/{high}"
+    )
+    # The DICOM PatientName's markup is shown as text, never run or rendered.
+    evil = page.locator(f"tr[data-study='{waiting}']")
+    expect(evil).to_contain_text("<script>alert(1)</script><b>Evil</b> Eve")
+    assert evil.locator("script, b").count() == 0
+    expect(evil).to_contain_text("Awaiting score")
+    axe_check(page, "the worklist")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / "worklist.png"), full_page=True)
+    # Filters, by their labels.
+    page.get_by_label("AI interpretation").select_option("A")
+    page.get_by_role("button", name="Apply filters").click()
+    expect(page.locator(f"tr[data-study='{normal}']")).to_have_count(0)
+    assert study_order(page) == [high, mid]
+    page.goto(f"{hospital.console}/worklist?reviewed=yes")
+    assert study_order(page) == [normal]
+    page.goto(f"{hospital.console}/worklist?status=awaiting")
+    assert study_order(page) == [waiting]
+    page.goto(f"{hospital.console}/worklist?from=2025-03-02&to=2025-03-03")
+    assert set(study_order(page)) == {high, normal}
+    page.goto(f"{hospital.console}/worklist?model=m+v1&reviewed=no")
+    assert study_order(page) == [high, mid]
+    bad = page.goto(f"{hospital.console}/worklist?from=yesterday")
+    assert bad is not None and bad.status == 400
+    expect(page.get_by_role("alert")).to_contain_text("is not a date")
+    # Live: a study stored, then scored abnormal, appears at the top without a reload.
+    page.goto(f"{hospital.console}/worklist")
+    expect(page.locator(f"tr[data-study='{high}']")).to_be_visible()
+    store_study(hospital, tmp_path, late, "Late^Dan", "20250304")
+    expect(page.locator(f"tr[data-study='{late}']")).to_contain_text("Awaiting score")
+    score(hospital, late, p_normal=0.01)
+    expect(page.locator(f"tr[data-study='{late}']")).to_contain_text("AI abnormal")
+    assert study_order(page)[0] == late
