@@ -30,3 +30,8 @@ class FhirUnavailable(TransientError):
 
 class SignatureMismatch(RuntimeError):
     """The served model does not have the contract's signature: fatal for the worker."""
+
+
+class SaliencyUnavailable(Exception):
+    """The served model has no ``saliency`` signature (one exported before it existed): its
+    studies are scored without heatmaps. Not transient, not fatal."""

@@ -89,6 +89,19 @@ class ScoredSeries:
     SeriesNumber: int | None = None
 
 
+@dataclass(frozen=True)
+class HeatmapSeriesRef:
+    """The study's AI heatmap series in the file store (``inference_worker.heatmaps``): listed
+    in the ImagingStudy that the Observation is ``derivedFrom``, so that a viewer finds it."""
+
+    SeriesInstanceUID: str
+    SOPInstanceUIDs: tuple[str, ...]
+    SOPClassUID: str
+    SeriesNumber: int
+    SeriesDescription: str
+    Modality: str = "OT"
+
+
 @dataclass(frozen=True, kw_only=True)
 class ReceivedStudy:
     """A study as its chosen series' DICOM header describes it: what the Patient and the
@@ -130,6 +143,8 @@ class ScoredStudy(ReceivedStudy):
     probabilities: tuple[float, ...]
     threshold: float
     issued: datetime
+    #: The Grad-CAM heatmap series, once stored; ``None`` while there is none (yet).
+    heatmaps: HeatmapSeriesRef | None = None
 
     def __post_init__(self) -> None:
         # Accept any sequence (lists, numpy arrays) but keep the frozen value hashable.
@@ -253,6 +268,11 @@ def imaging_study(study: ReceivedStudy, status: str = IMAGING_STUDY_STATUS) -> d
         series_entry["number"] = series.SeriesNumber
     if series.SeriesDescription:
         series_entry["description"] = series.SeriesDescription
+    series_entries = [series_entry]
+    heatmaps = study.heatmaps if isinstance(study, ScoredStudy) else None
+    if heatmaps is not None:
+        series_entries.append(_heatmap_series(heatmaps))
+    extra_instances = len(heatmaps.SOPInstanceUIDs) if heatmaps is not None else 0
     resource: dict[str, Any] = {
         "resourceType": "ImagingStudy",
         "id": ids.imaging_study_id(study.StudyInstanceUID),
@@ -262,9 +282,9 @@ def imaging_study(study: ReceivedStudy, status: str = IMAGING_STUDY_STATUS) -> d
         "status": status,
         "modality": [modality],
         "subject": {"reference": f"Patient/{patient_logical_id(study)}"},
-        "numberOfSeries": study.NumberOfStudyRelatedSeries,
-        "numberOfInstances": study.NumberOfStudyRelatedInstances,
-        "series": [series_entry],
+        "numberOfSeries": study.NumberOfStudyRelatedSeries + (heatmaps is not None),
+        "numberOfInstances": study.NumberOfStudyRelatedInstances + extra_instances,
+        "series": series_entries,
     }
     if study.AccessionNumber:
         resource["identifier"].append(_accession(study.AccessionNumber))
@@ -273,6 +293,28 @@ def imaging_study(study: ReceivedStudy, status: str = IMAGING_STUDY_STATUS) -> d
     if study.StudyDescription:
         resource["description"] = study.StudyDescription
     return _validated(resource)
+
+
+def _heatmap_series(heatmaps: HeatmapSeriesRef) -> dict[str, Any]:
+    """The ImagingStudy.series entry of the heatmap series, one instance per scored slice."""
+    return {
+        "uid": heatmaps.SeriesInstanceUID,
+        "number": heatmaps.SeriesNumber,
+        "modality": {"system": DCM_SYSTEM, "code": heatmaps.Modality},
+        "description": heatmaps.SeriesDescription,
+        "numberOfInstances": len(heatmaps.SOPInstanceUIDs),
+        "instance": [
+            {
+                "uid": uid,
+                "sopClass": {
+                    "system": "urn:ietf:rfc:3986",
+                    "code": f"urn:oid:{heatmaps.SOPClassUID}",
+                },
+                "number": number,
+            }
+            for number, uid in enumerate(heatmaps.SOPInstanceUIDs, start=1)
+        ],
+    }
 
 
 def observation(study: ScoredStudy) -> dict[str, Any]:

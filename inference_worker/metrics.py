@@ -47,6 +47,14 @@ class WorkerMetrics:
             "Studies parked after transient failures outlasted the retries.",
             registry=r,
         )
+        self.heatmaps = Counter(
+            "scanwatch_worker_heatmaps_total",
+            "Heatmap series of scored studies by outcome: written, present (a redelivery found "
+            "them), unavailable (the model has no saliency signature), failed (the score was "
+            "written without them).",
+            ["outcome"],
+            registry=r,
+        )
         self.circuit_state = Gauge(
             "scanwatch_worker_model_circuit_state",
             "Model server circuit breaker: 0 closed, 1 half-open, 2 open.",

@@ -28,6 +28,17 @@ class Prediction:
     model_version: int
 
 
+@dataclass(frozen=True)
+class Saliency:
+    """The saliency signature's answer for a batch of images (``schemas.model_signature``)."""
+
+    heatmaps: npt.NDArray[np.float32]  # (n, size, size), Grad-CAM in [0, 1]
+    probabilities: npt.NDArray[np.float32]  # (n, classes): per-slice, as Predict's
+    class_names: list[str]
+    model_name: str
+    model_version: int
+
+
 class Model(Protocol):
     """A served model that speaks the contract of :mod:`schemas.model_signature`."""
 
@@ -46,6 +57,14 @@ class Model(Protocol):
 
     async def predict(self, images: npt.NDArray[np.float32]) -> Prediction:
         """Score ``images`` (n, size, size, 3); every row comes from one model version."""
+        ...
+
+    async def explain(self, images: npt.NDArray[np.float32], model_version: int) -> Saliency:
+        """Grad-CAM heatmaps of ``images`` from ``model_version`` (the version that scored them).
+
+        Raises :class:`~inference_worker.errors.SaliencyUnavailable` when that version has no
+        saliency signature, :class:`~inference_worker.errors.ModelUnavailable` (transient).
+        """
         ...
 
 

@@ -17,7 +17,8 @@ import time
 import numpy as np
 import numpy.typing as npt
 
-from inference_worker import fhir_resources
+from inference_worker import fhir_resources, heatmaps
+from inference_worker.errors import SaliencyUnavailable
 from inference_worker.metrics import WorkerMetrics
 from inference_worker.ports import Model, Prediction, ResourceWriter
 from inference_worker.retry import with_retries
@@ -55,8 +56,13 @@ class Scorer:
         retries: int,
         metrics: WorkerMetrics | None = None,
         rules: SelectionRules | None = None,
+        heatmap_retries: int = 1,
     ) -> None:
+        """``heatmap_retries``: retries of a transient failure of the saliency Predict; fewer
+        than the score's, since the score is written already and a heatmap is not worth
+        holding the study's result event back for long."""
         self.model = model
+        self.heatmap_retries = heatmap_retries
         self.rules = rules or SelectionRules()
         self.writer = writer
         self.max_slices = max_slices
@@ -72,7 +78,8 @@ class Scorer:
                 self.model.check_signature, self.retries, "GetModelMetadata"
             )
         # Reading DICOM and resizing is CPU and disk work: keep it off the event loop.
-        selected = await asyncio.get_running_loop().run_in_executor(
+        loop = asyncio.get_running_loop()
+        selected = await loop.run_in_executor(
             None,
             select_series,
             list(ready.instances),
@@ -101,16 +108,28 @@ class Scorer:
         await registering
         predicted = time.monotonic()
         study = scored_study(ready, received, prediction, aggregate(prediction))
+        # A redelivered study finds its heatmaps stored: its resources are then rebuilt with
+        # them, the same as the first delivery's last write (no new FHIR version, no new file).
+        present = await loop.run_in_executor(
+            None, self._present_heatmaps, ready.StudyInstanceUID, selected, prediction
+        )
+        if present is not None:
+            study = dataclasses.replace(study, heatmaps=heatmaps.as_reference(present))
+            self.metrics.heatmaps.labels("present").inc()
         await with_retries(
             lambda: self.writer.put_all(fhir_resources.all_resources_for(study)),
             self.retries,
             "FHIR write",
         )
+        written = time.monotonic()
         result = result_event(study, slice_count=len(selected.images))
         stages = self.metrics.stage_seconds
         stages.labels("preprocess").observe(prepared - started)
         stages.labels("predict").observe(predicted - prepared)
-        stages.labels("fhir_write").observe(time.monotonic() - predicted)
+        stages.labels("fhir_write").observe(written - predicted)
+        if present is None and selected.slices:
+            await self._add_heatmaps(study, selected, prediction)
+            stages.labels("heatmap").observe(time.monotonic() - written)
         self.metrics.studies_scored.labels(result.model_name, str(result.model_version)).inc()
         log.info(
             "study scored",
@@ -121,10 +140,85 @@ class Scorer:
                 "slices": result.slice_count,
                 "preprocess_s": round(prepared - started, 3),
                 "predict_s": round(predicted - prepared, 3),
-                "write_s": round(time.monotonic() - predicted, 3),
+                "write_s": round(written - predicted, 3),
             },
         )
         return result
+
+    @staticmethod
+    def _present_heatmaps(
+        study_uid: str, selected: SelectedSeries, prediction: Prediction
+    ) -> heatmaps.HeatmapSeries | None:
+        if not selected.slices:
+            return None
+        return heatmaps.present_series(
+            heatmaps.store_root_of(selected.slices[0].path),
+            study_uid,
+            selected.slices,
+            prediction.model_name,
+            prediction.model_version,
+        )
+
+    async def _add_heatmaps(
+        self, study: fhir_resources.ScoredStudy, selected: SelectedSeries, prediction: Prediction
+    ) -> None:
+        """Compute, store and reference the study's heatmaps, after its score is written.
+
+        Never fails the study: the score is in FHIR already, and a heatmap is evidence beside
+        it. A failure is logged and counted (``scanwatch_worker_heatmaps_total{outcome=
+        "failed"}``); the Observation then lists no heatmap series, and the next scoring of the
+        study (a redelivery, late instances, a re-drive) tries again.
+        """
+        try:
+            saliency = await with_retries(
+                lambda: self.model.explain(selected.images, prediction.model_version),
+                self.heatmap_retries,
+                "Predict saliency",
+            )
+            stored = await asyncio.get_running_loop().run_in_executor(
+                None,
+                heatmaps.write_heatmap_series,
+                heatmaps.store_root_of(selected.slices[0].path),
+                study.StudyInstanceUID,
+                selected.slices,
+                saliency.heatmaps,
+                prediction.probabilities,
+                prediction.class_names,
+                prediction.model_name,
+                prediction.model_version,
+                study.issued,
+            )
+            with_heatmaps = dataclasses.replace(study, heatmaps=heatmaps.as_reference(stored))
+            await with_retries(
+                lambda: self.writer.put_all(fhir_resources.all_resources_for(with_heatmaps)),
+                self.heatmap_retries,
+                "FHIR write",
+            )
+        except SaliencyUnavailable as exc:
+            self.metrics.heatmaps.labels("unavailable").inc()
+            log.info(
+                "scored without heatmaps",
+                extra={"StudyInstanceUID": study.StudyInstanceUID, "why": str(exc)},
+            )
+            return
+        except Exception as exc:  # noqa: BLE001 - any heatmap failure leaves the score standing
+            self.metrics.heatmaps.labels("failed").inc()
+            log.warning(
+                "heatmaps failed; the score stands without them",
+                # The type only: a DICOM library's message may quote header values (PHI).
+                extra={"StudyInstanceUID": study.StudyInstanceUID, "error": type(exc).__name__},
+            )
+            return
+        self.metrics.heatmaps.labels("written").inc()
+        log.info(
+            "heatmaps stored",
+            extra={
+                "StudyInstanceUID": study.StudyInstanceUID,
+                "SeriesInstanceUID": stored.SeriesInstanceUID,
+                "instances": len(stored.SOPInstanceUIDs),
+                "written": stored.written,
+            },
+        )
 
 
 def result_event(study: fhir_resources.ScoredStudy, slice_count: int) -> InferenceResultV1:

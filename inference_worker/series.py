@@ -68,6 +68,15 @@ class Frame:
 
 
 @dataclass(frozen=True)
+class SourceSlice:
+    """A scored slice: the stored instance, and a frame index for multi-frame instances."""
+
+    SOPInstanceUID: str
+    path: Path
+    frame: int | None  # 0-based; None for a single-frame instance
+
+
+@dataclass(frozen=True)
 class SelectedSeries:
     """The series chosen for scoring, its model input and the header facts the result needs."""
 
@@ -77,6 +86,8 @@ class SelectedSeries:
     number_of_series: int
     study_instance_count: int
     images: npt.NDArray[np.float32]  # (n, size, size, 3)
+    #: The stored slice behind each row of ``images``, in the same order (heatmaps refer to it).
+    slices: tuple[SourceSlice, ...] = ()
 
 
 def path_of(storage_uri: str) -> Path:
@@ -156,6 +167,9 @@ def select_series(
         number_of_series=len({r.SeriesInstanceUID for r in refs}),
         study_instance_count=len(refs),
         images=inputs,
+        slices=tuple(
+            SourceSlice(f.ref.SOPInstanceUID, path_of(f.ref.storage_uri), f.index) for f in chosen
+        ),
     )
 
 

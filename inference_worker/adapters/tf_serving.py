@@ -27,11 +27,11 @@ from tensorflow_serving.apis import (
 )
 
 from inference_worker.circuit import CircuitBreaker
-from inference_worker.errors import ModelUnavailable, SignatureMismatch
-from inference_worker.ports import Prediction
+from inference_worker.errors import ModelUnavailable, SaliencyUnavailable, SignatureMismatch
+from inference_worker.ports import Prediction, Saliency
 from scanwatch import tensors
 from schemas import model_signature
-from schemas.model_signature import SIGNATURE_NAME
+from schemas.model_signature import HEATMAPS, SALIENCY_SIGNATURE_NAME, SIGNATURE_NAME
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,8 @@ class ModelClient:
         ]
         self._channel: grpc.aio.Channel | None = None
         self.image_size: int | None = None
+        #: Whether the checked model's saliency signature keeps its contract (None: unchecked).
+        self.saliency_ok: bool | None = None
 
     def _stub(self) -> prediction_service_pb2_grpc.PredictionServiceStub:
         # The channel binds to the running event loop, so it is made on first use, not in __init__.
@@ -87,9 +89,13 @@ class ModelClient:
             self._channel = grpc.aio.insecure_channel(self.target, options=self._options)
         return prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
 
-    def _spec(self) -> model_pb2.ModelSpec:
-        spec = model_pb2.ModelSpec(name=self.model_name, signature_name=SIGNATURE_NAME)
-        if self.model_version is not None:
+    def _spec(
+        self, signature_name: str = SIGNATURE_NAME, version: int | None = None
+    ) -> model_pb2.ModelSpec:
+        spec = model_pb2.ModelSpec(name=self.model_name, signature_name=signature_name)
+        if version is not None:
+            spec.version.CopyFrom(Int64Value(value=version))
+        elif self.model_version is not None:
             spec.version.CopyFrom(Int64Value(value=self.model_version))
         elif self.model_label is not None:
             spec.version_label = self.model_label
@@ -133,6 +139,19 @@ class ModelClient:
         if size <= 0:
             raise SignatureMismatch(f"model {self.model_name} does not fix its image size")
         self.image_size = size
+        # Heatmaps are evidence beside the score, not the score: a model without the saliency
+        # signature (exported before it existed) or with a broken one is still served.
+        saliency_problems = ["no saliency signature"]
+        if SALIENCY_SIGNATURE_NAME in signatures.signature_def:
+            saliency_problems = model_signature.check_saliency(
+                *tensors.signature_specs(signatures.signature_def[SALIENCY_SIGNATURE_NAME])
+            )
+        self.saliency_ok = not saliency_problems
+        if saliency_problems:
+            log.warning(
+                "studies will be scored without heatmaps",
+                extra={"model": self.model_name, "problems": saliency_problems},
+            )
         log.info(
             "model signature checked",
             extra={
@@ -189,6 +208,41 @@ class ModelClient:
             model_version=int(response.model_spec.version.value),
         )
 
+    async def explain(self, images: npt.NDArray[np.float32], model_version: int) -> Saliency:
+        """Grad-CAM heatmaps of ``images`` from ``model_version``, in batches of ``batch_size``
+        (the saliency signature, pinned to the version that scored the images)."""
+        if self.saliency_ok is False:
+            raise SaliencyUnavailable(f"model {self.model_name} serves no usable saliency")
+        heatmaps, probabilities = [], []
+        class_names: list[str] = []
+        for i in range(0, len(images), self.batch_size):
+            request = predict_pb2.PredictRequest(
+                model_spec=self._spec(SALIENCY_SIGNATURE_NAME, model_version)
+            )
+            request.inputs[model_signature.INPUT.name].CopyFrom(
+                tensors.to_tensor_proto(np.asarray(images[i : i + self.batch_size], np.float32))
+            )
+            try:
+                response = cast(predict_pb2.PredictResponse, await self._call("Predict", request))
+            except grpc.aio.AioRpcError as exc:
+                details = exc.details() or ""
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT and "signature" in details:
+                    raise SaliencyUnavailable(f"model {self.model_name}: {details}") from exc
+                raise
+            heatmaps.append(np.asarray(tensors.to_ndarray(response.outputs[HEATMAPS]), np.float32))
+            probabilities.append(
+                np.asarray(tensors.to_ndarray(response.outputs["probabilities"]), np.float32)
+            )
+            names = tensors.to_ndarray(response.outputs["class_names"])[0]
+            class_names = [c.decode() if isinstance(c, bytes) else str(c) for c in names]
+        return Saliency(
+            heatmaps=np.concatenate(heatmaps),
+            probabilities=np.concatenate(probabilities),
+            class_names=class_names,
+            model_name=self.model_name,
+            model_version=model_version,
+        )
+
     async def close(self) -> None:
         if self._channel is not None:
             await self._channel.close()
@@ -221,6 +275,13 @@ class TfServingModel:
     async def predict(self, images: npt.NDArray[np.float32]) -> Prediction:
         try:
             return await self.client.predict(images)
+        except grpc.aio.AioRpcError as exc:
+            _raise_if_transient(exc)
+            raise
+
+    async def explain(self, images: npt.NDArray[np.float32], model_version: int) -> Saliency:
+        try:
+            return await self.client.explain(images, model_version)
         except grpc.aio.AioRpcError as exc:
             _raise_if_transient(exc)
             raise

@@ -183,6 +183,32 @@ def test_metadata_signature_matches_the_contract(client: Client) -> None:
     assert outputs["probabilities"].shape == (-1, len(CLASS_NAMES))
 
 
+def test_the_saliency_signature_is_reported_and_served(client: Client) -> None:
+    """A second signature of the same SavedModel: GetModelMetadata lists it and Predict runs it
+    when ``model_spec.signature_name`` names it, as TF Serving does."""
+    signature_map = get_model_metadata_pb2.SignatureDefMap()
+    assert client.metadata().metadata["signature_def"].Unpack(signature_map)
+    saliency = signature_map.signature_def[model_signature.SALIENCY_SIGNATURE_NAME]
+    assert model_signature.check_saliency(*signature_specs(saliency)) == []
+
+    batch = images(3, seed=5)
+    response = client.predict(batch, signature_name=model_signature.SALIENCY_SIGNATURE_NAME)
+    assert response.model_spec.signature_name == model_signature.SALIENCY_SIGNATURE_NAME
+    assert sorted(response.outputs) == ["class_names", "heatmaps", "probabilities"]
+    heatmaps = tensors.to_ndarray(response.outputs["heatmaps"])
+    assert heatmaps.shape == (3, IMAGE_SIZE, IMAGE_SIZE) and heatmaps.dtype == np.float32
+    assert 0.0 <= heatmaps.min() and heatmaps.max() <= 1.0
+    scored = client.predict(batch)
+    np.testing.assert_allclose(
+        tensors.to_ndarray(response.outputs["probabilities"]),
+        tensors.to_ndarray(scored.outputs["probabilities"]),
+        atol=1e-6,
+    )
+    unknown = error_of(lambda: client.predict(batch, signature_name="gradcam"))
+    assert unknown.code() == INVALID_ARGUMENT
+    assert 'signature key "gradcam" not found' in (unknown.details() or "")
+
+
 @pytest.mark.parametrize("fields", [(), ("signature_def", "labels")])
 def test_metadata_fields_other_than_signature_def_are_refused(
     client: Client, fields: tuple[str, ...]

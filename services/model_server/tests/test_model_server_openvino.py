@@ -8,7 +8,9 @@ slices and its output layer scaled, until its probabilities span [0, 1] across s
 
 Stated tolerance (also in the README): with f32 inference, every probability within
 ``PROBABILITY_ATOL`` of TensorFlow's, and the same predicted class wherever TensorFlow's top two
-classes are further apart than twice that; class names and threshold identical.
+classes are further apart than twice that; class names and threshold identical. The saliency
+signature's Grad-CAM heatmaps: every pixel within ``HEATMAP_ATOL`` of TensorFlow's on the slices
+whose predicted class is clear (the map explains that class).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import pytest
 from scanwatch import tensors
 from scanwatch.imaging import preprocess_slice
 from scanwatch.sample import build_mr_study
-from schemas.model_signature import SIGNATURE_NAME
+from schemas.model_signature import HEATMAPS, SALIENCY_SIGNATURE_NAME, SIGNATURE_NAME
 from services.model_server import openvino_engine
 from services.model_server.engine import TensorFlowEngine
 from services.model_server.openvino_engine import OpenVINOEngine
@@ -36,6 +38,10 @@ from .test_model_server_grpc import Client
 pytestmark = pytest.mark.integration
 
 PROBABILITY_ATOL = 1e-3
+#: Heatmaps (Grad-CAM in [0, 1], see schemas.model_signature): OpenVINO's within this of
+#: TensorFlow's at every pixel, wherever both engines explain the same class.
+HEATMAP_ATOL = 1e-2
+SALIENCY = SALIENCY_SIGNATURE_NAME
 OUTPUTS = ["class_names", "probabilities", "threshold"]
 N_SLICES = 16
 HEAD_SCALE = 10.0
@@ -120,7 +126,7 @@ def test_openvino_agrees_with_tensorflow_on_mr_slices(
     assert len(set(tf_outputs["probabilities"].argmax(axis=1).tolist())) >= 2
 
     servable = openvino_cache[1]
-    assert servable.signature_names == frozenset({SIGNATURE_NAME})
+    assert servable.signature_names == frozenset({SIGNATURE_NAME, SALIENCY})
     ov_outputs = servable.run(SIGNATURE_NAME, {"images": mr_slices}, OUTPUTS)
     assert ov_outputs["class_names"].tolist() == [[n.encode() for n in CLASS_NAMES]] * N_SLICES
     np.testing.assert_array_equal(ov_outputs["threshold"], np.full(N_SLICES, 0.4, np.float32))
@@ -141,8 +147,9 @@ def test_converted_model_is_cached_and_reused(
 ) -> None:
     cache, first = openvino_cache
     entries = list(cache.iterdir())
-    assert len(entries) == 1
-    assert {p.name for p in entries[0].iterdir()} == {"model.xml", "model.bin"}
+    assert len(entries) == 2  # one IR per signature: serving_default and saliency
+    for entry in entries:
+        assert {p.name for p in entry.iterdir()} == {"model.xml", "model.bin"}
     assert not list(discriminating_model.rglob("*.xml"))  # the repository is never written to
 
     def no_conversion(*args: Any, **kwargs: Any) -> None:
@@ -179,3 +186,28 @@ def test_grpc_server_on_openvino_answers_like_tensorflow(
         assert response.model_spec.version.value == 1
         answers[engine] = {n: tensors.to_ndarray(p) for n, p in response.outputs.items()}
     _assert_agree(answers["tensorflow"], answers["openvino"])
+
+
+def test_openvino_heatmaps_agree_with_tensorflow(
+    discriminating_model: Path, mr_slices: np.ndarray, openvino_cache: tuple[Path, Any]
+) -> None:
+    """The saliency signature is a plain forward graph: OpenVINO converts and runs it."""
+    outputs = ["class_names", HEATMAPS, "probabilities"]
+    expected = (
+        TensorFlowEngine().load(discriminating_model).run(SALIENCY, {"images": mr_slices}, outputs)
+    )
+    actual = openvino_cache[1].run(SALIENCY, {"images": mr_slices}, outputs)
+    assert actual[HEATMAPS].shape == (N_SLICES, IMAGE_SIZE, IMAGE_SIZE)
+    assert actual["class_names"].tolist() == expected["class_names"].tolist()
+    np.testing.assert_allclose(
+        actual["probabilities"], expected["probabilities"], rtol=0, atol=PROBABILITY_ATOL
+    )
+    top2 = np.sort(expected["probabilities"], axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 2 * PROBABILITY_ATOL
+    assert clear.sum() >= N_SLICES // 2
+    # The maps mean something: not all zero, and not the same on every slice.
+    assert expected[HEATMAPS][clear].max() == pytest.approx(1.0)
+    assert np.ptp(expected[HEATMAPS].reshape(N_SLICES, -1).mean(axis=1)) > 0.01
+    np.testing.assert_allclose(
+        actual[HEATMAPS][clear], expected[HEATMAPS][clear], rtol=0, atol=HEATMAP_ATOL
+    )
