@@ -19,7 +19,8 @@ Pure functions of resource dicts, standard library and :mod:`scanwatch.fhir_code
   HL7's AI Transparency IG uses: the anomaly score (``valueQuantity``), the model's threshold
   (``referenceRange``), each class probability component, and an added component
   :data:`AI_FINDING_CODE` holding the class the AI predicted. Everything not labelled is the
-  clinician's. The AI's whole original version stays in the resource's history (``vread``).
+  clinician's. The resource keeps its ``meta.security`` AIAST: it still holds AI-asserted
+  values. The AI's whole original version stays in the resource's history (``vread``).
 - The DiagnosticReport of the result becomes ``final``: ``conclusion`` (the clinician's words,
   stored as given: text, never markup), ``conclusionCode`` (the class), ``resultsInterpreter``
   (the Practitioner); its AI label goes, since its content is now the clinician's.

@@ -203,10 +203,11 @@ async def create(
     resource = prepare(validated(resource_type, raw), grant)
     if rule is not None:
         rule.check_created(resource)
-    extra = await run_in_threadpool(practitioner_writes, store, grant, [resource_type])
-    results = await run_in_threadpool(store_all, store, [*extra, (resource, None)])
+    extra = practitioner_writes(grant, [resource_type])
+    results = await run_in_threadpool(store_all, store, [(resource, None)], extra)
     for result in results:
-        subscriptions.resource_written(result.stored)
+        if result.changed:  # the created resource always is; its Practitioner when created
+            subscriptions.resource_written(result.stored)
     return resource_response(results[-1].stored, request, base, 201)
 
 
@@ -336,8 +337,8 @@ async def update(
             INVALID,
         )
     resource = prepare(validated(resource_type, raw), grant)
-    extra = await run_in_threadpool(practitioner_writes, store, grant, [resource_type])
-    results = await run_in_threadpool(store_all, store, [*extra, (resource, version)])
+    extra = practitioner_writes(grant, [resource_type])
+    results = await run_in_threadpool(store_all, store, [(resource, version)], extra)
     for written in results:
         if written.changed:
             subscriptions.resource_written(written.stored)

@@ -356,24 +356,41 @@ class ResourceStore:
                 log.info("write race, retrying")
         raise AssertionError("unreachable")
 
-    def put_all(self, writes: Sequence[tuple[dict[str, Any], int | None]]) -> list[WriteResult]:
+    def put_all(
+        self,
+        writes: Sequence[tuple[dict[str, Any], int | None]],
+        ensure: Sequence[dict[str, Any]] = (),
+    ) -> list[WriteResult]:
         """Write several resources in one database transaction (a FHIR transaction Bundle):
         every write happens or none does. Each is (resource, ``if_match``) as for :meth:`put`;
-        a :class:`VersionConflict` on any of them rolls back all of them. Writers of the same
-        resources are serialised by taking their locks in one order (no deadlock)."""
-        return self._retrying(lambda: self._put_all_once(writes))
+        a :class:`VersionConflict` on any of them rolls back all of them. ``ensure`` are
+        resources created in the same transaction only if they do not exist (an existing one is
+        left as it is). Writers of the same resources are serialised by taking their locks in
+        one order (no deadlock). Returns the results of ``ensure``, then of ``writes``."""
+        return self._retrying(lambda: self._put_all_once(writes, ensure))
 
     def _put_once(self, resource: dict[str, Any], if_match: int | None) -> WriteResult:
-        return self._put_all_once([(resource, if_match)])[0]
+        return self._put_all_once([(resource, if_match)], ())[0]
 
     def _put_all_once(
-        self, writes: Sequence[tuple[dict[str, Any], int | None]]
+        self,
+        writes: Sequence[tuple[dict[str, Any], int | None]],
+        ensure: Sequence[dict[str, Any]],
     ) -> list[WriteResult]:
         results: list[tuple[WriteResult, ResourceVersion | None]] = []
+        everything = [*ensure, *(resource for resource, _ in writes)]
         with Session(self._write_engine) as session:
-            for key in sorted({f"{r['resourceType']}/{r['id']}" for r, _ in writes}):
+            for key in sorted({f"{r['resourceType']}/{r['id']}" for r in everything}):
                 resource_type, _, resource_id = key.partition("/")
                 self._lock(session, resource_type, resource_id)
+            for resource in ensure:
+                current = session.exec(
+                    self._current(resource["resourceType"], resource["id"])
+                ).first()
+                if current is not None and not current.deleted:
+                    results.append((WriteResult(to_stored(current), False, False), None))
+                else:
+                    results.append(self._put_in(session, resource, None))
             for resource, if_match in writes:
                 results.append(self._put_in(session, resource, if_match))
             session.commit()

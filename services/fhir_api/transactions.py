@@ -32,22 +32,20 @@ MAX_ENTRIES = 100
 Write = tuple[dict[str, Any], int | None]
 
 
-def practitioner_writes(store: ResourceStore, grant: Grant, types: list[str]) -> list[Write]:
-    """The clinician's minimal Practitioner, when a ``user/`` write among ``types`` needs it and
-    it does not exist yet (written in the same transaction)."""
+def practitioner_writes(grant: Grant, types: list[str]) -> list[dict[str, Any]]:
+    """The clinician's minimal Practitioner, when a ``user/`` write among ``types`` needs it
+    (created in the same transaction if absent: ``ResourceStore.put_all``'s ``ensure``)."""
     if not any(writes_as_user(grant, t) for t in types):
         return []
-    resource = practitioner_of(grant)
-    current = store.read("Practitioner", resource["id"])
-    if current is not None and not current.deleted:
-        return []
-    return [(resource, None)]
+    return [practitioner_of(grant)]
 
 
-def store_all(store: ResourceStore, writes: list[Write]) -> list[WriteResult]:
+def store_all(
+    store: ResourceStore, writes: list[Write], ensure: list[dict[str, Any]]
+) -> list[WriteResult]:
     """``store.put_all``, a stale ``ifMatch`` as a 412 OperationOutcome naming the resource."""
     try:
-        return store.put_all(writes)
+        return store.put_all(writes, ensure)
     except VersionConflict as exc:
         raise FhirError(
             412,
@@ -112,8 +110,8 @@ async def run_transaction(
     parsed = parse_transaction(raw, grant, prepare)
     writes = [write for write, _key in parsed]
     types = [resource["resourceType"] for resource, _ in writes]
-    extra = await run_in_threadpool(practitioner_writes, store, grant, types)
-    results = await run_in_threadpool(store_all, store, [*extra, *writes])
+    extra = practitioner_writes(grant, types)
+    results = await run_in_threadpool(store_all, store, writes, extra)
     answered = results[len(extra) :]
     entries = []
     for result in answered:

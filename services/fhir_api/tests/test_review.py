@@ -160,8 +160,13 @@ def test_a_confirmation_is_final_and_verified(
     client: TestClient, staff_token: Callable[..., str]
 ) -> None:
     observation, report = write_result(client, scored("7.2", "P7", p_normal=0.2))
+    # The clinician's Practitioner exists already, with more than the minimal one: it stays.
+    known = {"resourceType": "Practitioner", "id": ADA.practitioner_id, "name": [{"text": "A"}]}
+    assert client.put(f"/fhir/{ADA.fhir_user}", json=known, headers=HEADERS).status_code == 201
     response = sign(client, staff_token(), observation, report, "glioma", "Agree: glioma.")
     assert response.status_code == 200, response.text
+    practitioner = client.get(f"/fhir/{ADA.fhir_user}").json()
+    assert (practitioner["meta"]["versionId"], practitioner["name"]) == ("1", [{"text": "A"}])
     current = client.get(f"/fhir/Observation/{observation['id']}").json()
     assert current["status"] == "final"
     assert current["interpretation"][0]["coding"][0]["code"] == "A"
