@@ -169,9 +169,9 @@ def _print_outcome(outcome: Any) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a published version (or a run's best weights) on a dataset's test split."""
+    from scanwatch.model_registry import Registry
     from training.evaluate import evaluate_probabilities, markdown, write_report
     from training.lifecycle import load_dataset, predict_saved_model
-    from training.registry import Registry
 
     settings = _settings(args)
     registry = Registry(settings.repository)
@@ -214,9 +214,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from scanwatch.model_registry import LifecycleError, PromotionRefused, Registry
     from training.events import publisher_for
     from training.lifecycle import promote, rollback
-    from training.registry import LifecycleError, PromotionRefused, Registry
 
     settings = _settings(args)
     registry = Registry(settings.repository)

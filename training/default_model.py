@@ -25,6 +25,7 @@ from typing import Any
 
 from scanwatch.durable import fsync_dir, publish_dir
 from scanwatch.logs import configure_logging
+from scanwatch.model_registry import SERVING, Registry
 from scanwatch.model_repository import (
     DEFAULT_MODEL_NAME,
     SAVED_MODEL_FILE,
@@ -33,7 +34,6 @@ from scanwatch.model_repository import (
 )
 from scanwatch.saved_model import read_signature
 from schemas import model_signature
-from training.registry import SERVING, Registry
 
 logger = logging.getLogger(__name__)
 

@@ -24,13 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from scanwatch.model_registry import PromotionRefused, Registry
 from schemas.training_events import DatasetSpec, ModelPublishedV1
 from training.config import TrainSettings
 from training.dataset import LabelledImages
 from training.evaluate import evaluate_probabilities, write_report
 from training.events import EventPublisher, NoEvents
 from training.input_pipeline import inference_stream
-from training.registry import PromotionRefused, Registry
 from training.train import Progress, train
 
 logger = logging.getLogger(__name__)

@@ -27,6 +27,15 @@ from typing import Any
 from pydantic import ValidationError
 
 from scanwatch import kafka
+from scanwatch.model_registry import (
+    CANDIDATE,
+    FAILED,
+    REJECTED,
+    RESERVED,
+    LifecycleError,
+    PromotionRefused,
+    Registry,
+)
 from schemas.events import DeadLetterV1
 from schemas.topics import dlq
 from schemas.training_events import (
@@ -38,15 +47,6 @@ from schemas.training_events import (
 from training.config import TrainSettings
 from training.events import EventPublisher
 from training.lifecycle import JobOutcome, flat_metrics, load_dataset, promote, rollback, run_job
-from training.registry import (
-    CANDIDATE,
-    FAILED,
-    REJECTED,
-    RESERVED,
-    LifecycleError,
-    PromotionRefused,
-    Registry,
-)
 
 logger = logging.getLogger(__name__)
 

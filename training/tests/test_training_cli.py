@@ -13,10 +13,10 @@ from pathlib import Path
 import keras
 import pytest
 
+from scanwatch.model_registry import CANDIDATE, ROLLED_BACK, SERVING, Registry
 from training.cli import main
 from training.evaluate import CONFUSION_PNG, CURVES_PNG, REPORT_JSON, REPORT_MARKDOWN, ROC_PNG
 from training.export import export_saved_model
-from training.registry import CANDIDATE, ROLLED_BACK, SERVING, Registry
 
 pytestmark = pytest.mark.integration
 

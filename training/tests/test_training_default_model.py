@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from scanwatch.model_registry import SERVING, Registry
 from scanwatch.model_repository import published_versions
 from scanwatch.saved_model import read_signature
 from schemas import model_signature
@@ -29,7 +30,6 @@ from training.default_model import (
     shipped_available,
 )
 from training.export import export_saved_model
-from training.registry import SERVING, Registry
 
 pytestmark = pytest.mark.integration
 

@@ -9,11 +9,7 @@ from pathlib import Path
 import keras
 import pytest
 
-from schemas.training_events import ModelPublishedV1
-from training.events import MemoryEvents
-from training.export import export_saved_model
-from training.lifecycle import promote, rollback
-from training.registry import (
+from scanwatch.model_registry import (
     CANDIDATE,
     REJECTED,
     ROLLED_BACK,
@@ -23,6 +19,10 @@ from training.registry import (
     PromotionRefused,
     Registry,
 )
+from schemas.training_events import ModelPublishedV1
+from training.events import MemoryEvents
+from training.export import export_saved_model
+from training.lifecycle import promote, rollback
 
 NAME = "brain"
 CLASSES = ("normal", "mass")
@@ -54,7 +54,7 @@ def candidate(registry: Registry, macro_f1: float, job_id: str | None = None) ->
 
 
 RESERVE_FIVE = (
-    "import sys; from pathlib import Path; from training.registry import Registry; "
+    "import sys; from pathlib import Path; from scanwatch.model_registry import Registry; "
     "print(*[Registry(Path(sys.argv[1])).reserve('brain') for _ in range(5)])"
 )
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import keras
 import pytest
 
+from scanwatch.model_registry import Registry
 from schemas.events import DeadLetterV1
 from schemas.training_events import (
     DatasetSpec,
@@ -22,7 +23,6 @@ from training.config import TrainSettings
 from training.events import KafkaEvents, MemoryEvents
 from training.export import export_saved_model
 from training.lifecycle import JobOutcome
-from training.registry import Registry
 from training.worker import JobReporter, TrainingWorker
 
 # Every test exports a real SavedModel (TensorFlow); the last one also runs a Kafka broker.
