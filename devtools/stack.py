@@ -35,6 +35,10 @@ RASA = ROOT / ".venv-rasa" / "bin" / "rasa"
 WORKER_CLIENT = "scanwatch-worker"
 #: The patient portal's client id (a confidential SMART app; its secret is made per run).
 PORTAL_CLIENT = "scanwatch-portal"
+#: The staff console's client id (a confidential staff app; its secret is made per run).
+CONSOLE_CLIENT = "scanwatch-console"
+#: The development staff login the stack creates (a clinician; its password is made per run).
+DEV_STAFF_USERNAME = "dev.clinician"
 
 
 @dataclass
@@ -52,7 +56,7 @@ class Ports:
     chat: int = 5005  # Rasa server: the patient channel and Rasa's HTTP API
     chat_actions: int = 5055  # Rasa's action server
     portal: int = 8090  # the patient portal
-    console: int = 8100  # the staff console (today: DICOMweb over the file store)
+    console: int = 8100  # the staff console: its pages and DICOMweb over the file store
 
 
 @dataclass
@@ -141,6 +145,8 @@ class Stack:
         self.worker_secret = secrets.token_urlsafe(24)
         self.chat_api_token = config.chat_api_token or secrets.token_urlsafe(24)
         self.portal_secret = secrets.token_urlsafe(32)
+        self.console_secret = secrets.token_urlsafe(32)
+        self.staff_password = secrets.token_urlsafe(12)
         self.services = [
             s for s in self._services() if config.only is None or s.name in config.only
         ]
@@ -215,6 +221,7 @@ class Stack:
             "SCANWATCH_FHIR_BOOTSTRAP_CLIENTS": f"{WORKER_CLIENT}:{self.worker_secret}:{scopes}",
             # The activation page links here once a patient has set a password.
             "SCANWATCH_AUTH_PORTAL_URL": self.config.portal_url,
+            "SCANWATCH_AUTH_CONSOLE_URL": f"http://127.0.0.1:{self.config.ports.console}",
         }
 
     def _portal(self, base: dict[str, str]) -> Service:
@@ -236,8 +243,9 @@ class Stack:
         )
 
     def _console(self, base: dict[str, str]) -> Service:
-        """The staff console's DICOMweb service over the listener's file store (read-only;
-        tokens verified against the FHIR API's published keys)."""
+        """The staff console: its pages (staff sign in at the FHIR API's authorization server;
+        registered with :meth:`register_console`) and DICOMweb over the listener's file store
+        (read-only; tokens verified against the FHIR API's published keys)."""
         c, p = self.config, self.config.ports
         (c.var / "console").mkdir(parents=True, exist_ok=True)
         (c.var / "store").mkdir(parents=True, exist_ok=True)  # the listener's, read only here
@@ -250,6 +258,10 @@ class Stack:
                 "SCANWATCH_CONSOLE_STORAGE_DIR": str(c.var / "store"),
                 "SCANWATCH_CONSOLE_INDEX_URL": f"sqlite:///{c.var / 'console' / 'dicom-index.db'}",
                 "SCANWATCH_CONSOLE_JWKS_URL": f"http://127.0.0.1:{p.fhir}/auth/jwks",
+                "SCANWATCH_CONSOLE_AUDIT_URL": f"sqlite:///{c.var / 'console' / 'audit.db'}",
+                "SCANWATCH_CONSOLE_FHIR_BASE_URL": c.fhir_base,
+                "SCANWATCH_CONSOLE_CLIENT_ID": CONSOLE_CLIENT,
+                "SCANWATCH_CONSOLE_CLIENT_SECRET": self.console_secret,
             },
             lambda: _http_ok(f"http://127.0.0.1:{p.console}/healthz"),
         )
@@ -270,6 +282,28 @@ class Stack:
                 secret=self.portal_secret,
                 description="scanwatch patient portal (development stack)",
             )
+        finally:
+            engine.dispose()
+
+    def register_console(self) -> None:
+        """Register the console as a confidential staff app of the FHIR API's authorization
+        server, with this run's secret, and (re)create the development staff login: a
+        clinician with this run's password and no TOTP (development only: real staff accounts
+        come from ``scanwatch staff create`` and need TOTP)."""
+        from scanwatch.database import make_engine
+        from services.auth.accounts import ensure_staff_account
+        from services.auth.clients import register_staff_app
+
+        engine = make_engine(f"sqlite:///{self.config.var / 'fhir.db'}")
+        try:
+            register_staff_app(
+                engine,
+                CONSOLE_CLIENT,
+                [f"http://127.0.0.1:{self.config.ports.console}/callback"],
+                secret=self.console_secret,
+                description="scanwatch staff console (development stack)",
+            )
+            ensure_staff_account(engine, DEV_STAFF_USERNAME, "clinician", self.staff_password)
         finally:
             engine.dispose()
 
@@ -370,6 +404,8 @@ class Stack:
             self.wait_healthy(service, deadline - time.monotonic())
             if service.name == "fhir-api" and any(s.name == "portal" for s in self.services):
                 self.register_portal()  # its tables exist once the API is healthy
+            if service.name == "fhir-api" and any(s.name == "console" for s in self.services):
+                self.register_console()
         self._supervisor = threading.Thread(target=self._supervise, name="supervisor", daemon=True)
         self._supervisor.start()
 
@@ -476,6 +512,8 @@ class Stack:
                 f"(--auth-token {self.chat_api_token})",
                 f"  Rasa action server:      http://127.0.0.1:{p.chat_actions}/webhook",
                 f"  patient portal:          {c.portal_url}/  (sign in with an activation link)",
+                f"  staff console:           http://127.0.0.1:{p.console}/  (development login: "
+                f"{DEV_STAFF_USERNAME} / {self.staff_password}, a clinician)",
                 f"  DICOMweb (QIDO/WADO-RS): http://127.0.0.1:{p.console}/dicomweb"
                 "  (bearer token: scanwatch token)",
             ]

@@ -1,0 +1,58 @@
+"""The console's pages as ``scanwatch run`` starts them (devtools/stack.py): registered as a
+staff app of the FHIR API's authorization server, with a development clinician login that the
+banner prints and that signs in (over plain HTTP here, as a browser would submit the forms)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from devtools.browser import form_fields
+from devtools.kafka_local import free_port
+from devtools.stack import DEV_STAFF_USERNAME, Ports, Stack, StackConfig
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    config = StackConfig(
+        var=tmp_path_factory.mktemp("console-web-stack"),
+        ports=Ports(**{name: free_port() for name in Ports.__dataclass_fields__}),
+        chatbot=True,  # tokens required: the console then runs beside the portal
+        only=("fhir-api", "console"),
+    )
+    running = Stack(config)
+    try:
+        running.start(timeout=180)
+        yield running
+    finally:
+        running.stop()
+
+
+def test_the_banner_login_signs_in_to_the_console(stack: Stack) -> None:
+    console = f"http://127.0.0.1:{stack.config.ports.console}"
+    banner = stack.banner()
+    line = rf"staff console: +{re.escape(console)}/ +\(development login: (\S+) / (\S+),"
+    found = re.search(line, banner)
+    assert found is not None, banner
+    username, password = found.groups()
+    assert username == DEV_STAFF_USERNAME
+    with httpx.Client(timeout=30) as browser:
+        start = browser.get(f"{console}/login")
+        assert start.status_code == 303
+        sign_in_page = browser.get(start.headers["location"])
+        assert sign_in_page.status_code == 200, sign_in_page.text
+        fields = form_fields(sign_in_page.text)
+        fields.update(username=username, password=password, totp="", action="sign-in")
+        auth = str(sign_in_page.url).split("/auth/")[0]
+        back = browser.post(f"{auth}/auth/authorize", data=fields)
+        assert back.status_code == 302, back.text
+        assert back.headers["location"].startswith(f"{console}/callback?")
+        landed = browser.get(back.headers["location"])
+        assert landed.status_code == 303 and landed.headers["location"] == "/"
+        worklist = browser.get(f"{console}/worklist")
+        assert worklist.status_code == 200 and "Signed in: clinician" in worklist.text
