@@ -79,6 +79,27 @@ def test_predict_in_batches_from_one_version(server):
     assert (prediction.model_name, prediction.model_version) == (MODEL, 1)
 
 
+def test_explain_returns_heatmaps_from_the_version_that_scored(server):
+    """The saliency signature through the same gRPC API, pinned to the scoring version."""
+    client = ModelClient(server, MODEL, batch_size=8)
+
+    async def run():
+        size = await client.check_signature()
+        images = np.random.default_rng(1).uniform(0, 255, (10, size, size, 3)).astype(np.float32)
+        try:
+            return await client.predict(images), await client.explain(images, 1)
+        finally:
+            await client.close()
+
+    prediction, saliency = asyncio.run(run())
+    assert client.saliency_ok is True
+    assert saliency.heatmaps.shape == (10, SIZE, SIZE)
+    assert 0.0 <= saliency.heatmaps.min() and saliency.heatmaps.max() <= 1.0
+    np.testing.assert_allclose(saliency.probabilities, prediction.probabilities, atol=1e-6)
+    assert saliency.class_names == list(CLASSES)
+    assert (saliency.model_name, saliency.model_version) == (MODEL, 1)
+
+
 def test_unknown_label_is_an_error_that_does_not_open_the_circuit(server):
     breaker = CircuitBreaker(failures=1)
     client = ModelClient(server, MODEL, model_label="no-such-label", breaker=breaker)
