@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from inference_worker.fhir_resources import (
+    HeatmapSeriesRef,
     ScoredSeries,
     ScoredStudy,
     all_resources_for,
@@ -55,6 +56,14 @@ def _studies() -> list[ScoredStudy]:
         started=datetime(2025, 3, 4, 8, 20),
         AccessionNumber="ACC-77",
         StudyDescription="MRI brain",
+        # The worker's Grad-CAM series, listed in the ImagingStudy the Observation derives from.
+        heatmaps=HeatmapSeriesRef(
+            SeriesInstanceUID="2.25.1234",
+            SOPInstanceUIDs=("2.25.5678", "2.25.9012"),
+            SOPClassUID="1.2.840.10008.5.1.4.1.1.7",
+            SeriesNumber=9901,
+            SeriesDescription="AI Grad-CAM heatmaps",
+        ),
     )
     minimal = ScoredStudy(
         PatientID="",
