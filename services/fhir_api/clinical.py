@@ -1,10 +1,10 @@
 """What a clinician's token may write, and how the author is recorded (issue 17, point 5).
 
-A write that only a ``user/`` scope allows is a signed-in staff member's: it must carry a
-``fhirUser`` naming a Practitioner (403 otherwise), and the resource's author element names that
-Practitioner: filled in when absent, 403 when it names another (a clinician signs only as
-themself). Before such a write, the clinician's minimal Practitioner is created if absent
-(:func:`scanwatch.clinical_review.practitioner`).
+A write that only a ``user/`` scope allows is a signed-in staff member's: it must be a
+clinician's and carry a ``fhirUser`` naming a Practitioner (403 otherwise), and the
+resource's author element names that Practitioner: filled in when absent, 403 when it names
+another (a clinician signs only as themself). With such a write, the clinician's minimal
+Practitioner is created if absent (:func:`scanwatch.clinical_review.practitioner`).
 
 Every write, whoever makes it, passes :func:`scanwatch.clinical_review.check_signed`: a signed
 report without a conclusion, or a signed AI result whose class is not one of the model's, is a
@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from scanwatch.clinical_review import ReviewError, Signer, check_signed, practitioner
-from services.auth.scopes import WRITE, AuthError, Grant
+from services.auth.scopes import CLINICIAN, WRITE, AuthError, Grant
 from services.fhir_api.errors import INVALID, FhirError
 from services.fhir_api.resources import reference_key
 
@@ -40,8 +40,11 @@ def writes_as_user(grant: Grant, resource_type: str) -> bool:
 
 
 def signer_of(grant: Grant) -> Signer:
-    """The clinician a ``user/`` write is recorded as (403 without a Practitioner
-    ``fhirUser``)."""
+    """The clinician a ``user/`` write is recorded as (403 without the clinician role or a
+    Practitioner ``fhirUser``: the scopes of a role are narrowed at sign-in, and this keeps an
+    operator's token from writing clinical records even if it were given a write scope)."""
+    if CLINICIAN not in grant.roles:
+        raise AuthError(403, "only a clinician writes clinical records")
     fhir_user = grant.fhir_user or ""
     if not fhir_user.startswith("Practitioner/") or reference_key(fhir_user) != fhir_user:
         raise AuthError(403, "a staff member writes only with a fhirUser that is a Practitioner")

@@ -261,6 +261,7 @@ def test_who_may_sign(
             "user/ImagingStudy.read user/Observation.read", roles=("operator",), fhir_user=None
         ),
         "no fhirUser": staff_token(fhir_user=None),
+        "operator with a write scope": staff_token(roles=("operator",)),
         "fhirUser not a Practitioner": staff_token(fhir_user=f"Patient/{patient}"),
     }
     for why, token in refused.items():
