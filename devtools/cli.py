@@ -146,6 +146,26 @@ def cmd_clients_register_app(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_clients_register_staff_app(args: argparse.Namespace) -> int:
+    engine = dev_engine(_var(args.var))
+    try:
+        secret = clients.register_staff_app(
+            engine, args.client_id, args.redirect_uri, description=args.description
+        )
+    except ValueError as exc:
+        sys.stderr.write(f"register-staff-app: {exc}\n")
+        return 2
+    finally:
+        engine.dispose()
+    answer = {
+        "client_id": args.client_id,
+        "redirect_uris": args.redirect_uri,
+        "client_secret": secret,
+    }
+    sys.stdout.write(json.dumps(answer, indent=2) + "\n")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     config = StackConfig(
         var=_var(args.var), quiet_period_s=args.quiet_period, chatbot=not args.no_chatbot
@@ -369,6 +389,20 @@ def parser() -> argparse.ArgumentParser:
     )
     app.add_argument("--description", help="the name patients see on the sign-in page")
     app.set_defaults(func=cmd_clients_register_app)
+    staff_app = clients_sub.add_parser(
+        "register-staff-app",
+        help="register an app that signs staff in (the console): confidential, its secret "
+        "printed once",
+    )
+    staff_app.add_argument("client_id")
+    staff_app.add_argument(
+        "--redirect-uri",
+        action="append",
+        required=True,
+        help="where codes are sent back (<console URL>/callback; repeat for several)",
+    )
+    staff_app.add_argument("--description", help="the name staff see on the sign-in page")
+    staff_app.set_defaults(func=cmd_clients_register_staff_app)
 
     kafka = sub.add_parser("kafka", help="start, stop or check the local Kafka broker")
     kafka.add_argument("action", choices=["start", "stop", "status"])

@@ -5,6 +5,7 @@ authorize → token → what the token says and may do, for each role; the refus
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from collections.abc import Iterator
@@ -297,6 +298,12 @@ def test_the_cli_creates_staff_accounts(
     assert "taken" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main([*argv, "someone", "--role", "surgeon"])
+    redirect = "http://127.0.0.1:8100/callback"
+    argv = ["--var", str(tmp_path), "clients", "register-staff-app", "cli-console"]
+    assert cli.main([*argv, "--redirect-uri", redirect, "--description", "CLI console"]) == 0
+    registered = json.loads(capsys.readouterr().out)
+    assert registered["redirect_uris"] == [redirect] and len(registered["client_secret"]) > 30
+    assert cli.main([*argv, "--redirect-uri", "http://evil.example/cb"]) == 2
     settings = Settings(
         database_url=database_url, auth_mode="required", signing_keys_file=tmp_path / "k.json"
     )
@@ -305,3 +312,7 @@ def test_the_cli_creates_staff_accounts(
         page = client.get(f"{link.path}?{link.query}")
         assert page.status_code == 200 and "staff account <strong>dr.cli</strong>" in page.text
         assert "Authenticator app (required)" in page.text
+        engine = client.app.state.store.engine  # type: ignore[attr-defined]
+        registered_app = clients.get_client(engine, "cli-console")
+        assert registered_app is not None and not registered_app.public
+        assert registered_app.scopes == clients.STAFF_APP_SCOPES
