@@ -26,6 +26,7 @@ from services.auth.web_security import SecurityHeaders
 from services.console import dicomweb, web
 from services.console.auth import CHALLENGE, FileKeySet, Verifier
 from services.console.config import Settings
+from services.console.dead_letters import DeadLetterReader
 from services.console.dicomweb import Console, DicomWebError
 from services.console.index import StoreIndex
 from services.console.metrics import ConsoleMetrics
@@ -72,11 +73,25 @@ def create_app(
                 log.exception("index top-up failed")
             await asyncio.sleep(settings.scan_interval_s)
 
+    if web_state is None and settings.web:
+        web_state = web.create_web(settings, engine)
+    reader = (
+        DeadLetterReader(settings.kafka_bootstrap_servers, web_state.worklist)
+        if web_state is not None and settings.kafka_bootstrap_servers
+        else None
+    )
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         task = asyncio.create_task(keep_topped_up())
+        if reader is not None:
+            reader.start()  # failed studies for the worklist (its own thread)
         log.info("console ready", extra={"store": str(settings.storage_dir)})
         yield
+        if reader is not None:
+            await asyncio.to_thread(reader.stop)
+        if web_state is not None:
+            await web_state.http.aclose()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
@@ -90,8 +105,6 @@ def create_app(
     )
     app.state.console = state
     app.include_router(dicomweb.router)
-    if web_state is None and settings.web:
-        web_state = web.create_web(settings, engine)
     app.state.web = web_state
     app.include_router(web.router)
     _install_web_handlers(app)

@@ -118,6 +118,11 @@ class Settings(BaseSettings):
     http_timeout_s: float = Field(
         10.0, gt=0, le=120, description="Timeout of calls to FHIR and the auth server."
     )
+    kafka_bootstrap_servers: str | None = Field(
+        None,
+        description="Kafka (host:port[,host:port]) whose dead-letter topics the worklist reads "
+        "for failed studies and their reasons. Unset: no failed studies are listed.",
+    )
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
 
     @field_validator("jwks_url", "public_url", "fhir_base_url")

@@ -10,8 +10,9 @@ Where a row comes from:
   :func:`scanwatch.ids.imaging_study_id` of the StudyInstanceUID (``worklist_study`` maps
   the two).
 
-Status: ``scored`` (a result), ``awaiting`` (stored, not scored yet: still being assembled or
-in the queue). Failed studies (dead letters) are not listed yet: the console reads no Kafka.
+Status: ``scored`` (a result), ``failed`` (a dead letter named the study, with its reason:
+:mod:`services.console.dead_letters`; a later result supersedes it), ``awaiting`` (stored, not
+scored yet: still being assembled or in the queue).
 
 Order (:data:`ORDER`): abnormal first, by score, highest first; then the longest waiting
 (oldest study date and time) first. One SQL query with the filters and a page limit: the page
@@ -72,6 +73,15 @@ results = Table(
     Column("issued", String(40), nullable=True),
 )
 Index("ix_worklist_result_score", results.c.score)
+#: The newest dead letter of each study (the failure and its reason; no PHI by contract).
+failures = Table(
+    "worklist_failure",
+    metadata,
+    Column("StudyInstanceUID", String(64), primary_key=True),
+    Column("source_topic", String(200), nullable=False),
+    Column("reason", String(1000), nullable=False),
+    Column("error_class", String(40), nullable=False),
+)
 state = Table(
     "worklist_state",
     metadata,
@@ -80,7 +90,7 @@ state = Table(
 )
 
 PAGE_SIZE = 50
-STATUSES = ("scored", "awaiting")
+STATUSES = ("scored", "failed", "awaiting")
 INTERPRETATIONS = {"A": "Abnormal", "N": "Normal"}
 #: Observation statuses that mean a clinician has reviewed the AI's result.
 REVIEWED = ("final", "amended", "corrected")
@@ -148,6 +158,7 @@ class Row:
     interpretation: str | None
     model: str | None
     reviewed: bool
+    reason: str | None = None  # why it failed
 
     def waiting(self, now: datetime) -> str:
         """How long since the study was acquired (StudyDate/StudyTime, the hospital's local
@@ -263,11 +274,13 @@ class Worklist:
                 results.c.interpretation,
                 results.c.model,
                 results.c.status,
+                failures.c.reason,
             )
             .select_from(studies)
             .join(study_keys, study_keys.c.StudyInstanceUID == studies.c.StudyInstanceUID)
             .outerjoin(results, results.c.imaging_id == study_keys.c.imaging_id)
             .outerjoin(counts, counts.c.uid == studies.c.StudyInstanceUID)
+            .outerjoin(failures, failures.c.StudyInstanceUID == studies.c.StudyInstanceUID)
             .where(*self._conditions(filters))
             .order_by(
                 abnormal,
@@ -289,11 +302,12 @@ class Worklist:
                     StudyTime=r.StudyTime or "",
                     StudyDescription=r.StudyDescription or "",
                     instances=int(r.n or 0),
-                    status="scored" if r.status else "awaiting",
+                    status="scored" if r.status else ("failed" if r.reason else "awaiting"),
                     score=r.score,
                     interpretation=r.interpretation,
                     model=r.model,
                     reviewed=r.status in REVIEWED,
+                    reason=None if r.status else r.reason,
                 )
                 for r in conn.execute(query)
             ]
@@ -310,6 +324,22 @@ class Worklist:
                 if m
             ]
 
+    def store_failure(self, study: str, topic: str, reason: str, error_class: str) -> None:
+        """Keep the newest dead letter of ``study`` (an upsert: a redelivered one is
+        harmless)."""
+        self.open()
+        values = {
+            "source_topic": topic[:200],
+            "reason": reason[:1000],
+            "error_class": error_class[:40],
+        }
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                update(failures).where(failures.c.StudyInstanceUID == study).values(**values)
+            )
+            if not done.rowcount:
+                conn.execute(insert(failures).values(StudyInstanceUID=study, **values))
+
     def fingerprint(self) -> tuple[int, int, str]:
         """Changes when a study or a result arrives (what the live stream watches)."""
         self.open()
@@ -317,15 +347,18 @@ class Worklist:
             n_studies = conn.execute(select(func.count()).select_from(study_keys)).scalar() or 0
             n_results = conn.execute(select(func.count()).select_from(results)).scalar() or 0
             newest = conn.execute(select(func.max(results.c.issued))).scalar() or ""
-        return int(n_studies), int(n_results), str(newest)
+            n_failed = conn.execute(select(func.count()).select_from(failures)).scalar() or 0
+        return int(n_studies), int(n_results) * 1_000_000 + int(n_failed), str(newest)
 
     @staticmethod
     def _conditions(filters: Filters) -> list[Any]:
         conditions: list[Any] = []
         if filters.status == "scored":
             conditions.append(results.c.imaging_id.is_not(None))
+        elif filters.status == "failed":
+            conditions.append(and_(results.c.imaging_id.is_(None), failures.c.reason.is_not(None)))
         elif filters.status == "awaiting":
-            conditions.append(results.c.imaging_id.is_(None))
+            conditions.append(and_(results.c.imaging_id.is_(None), failures.c.reason.is_(None)))
         if filters.date_from is not None:
             conditions.append(studies.c.StudyDate >= filters.date_from.strftime("%Y%m%d"))
         if filters.date_to is not None:

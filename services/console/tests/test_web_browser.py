@@ -330,12 +330,20 @@ def test_worklist_in_triage_order_with_filters_and_live_updates(
     hospital: Hospital, page: Page, tmp_path: Path
 ) -> None:
     base = "1.2.826.0.1.3680043.8.498.77"
-    high, mid, normal, waiting, late = (f"{base}.{n}" for n in (101, 102, 103, 104, 105))
+    high, mid, normal, waiting, late, failed = (
+        f"{base}.{n}" for n in (101, 102, 103, 104, 105, 106)
+    )
     store_study(hospital, tmp_path, high, "High^Alice", "20250303")
     store_study(hospital, tmp_path, mid, "Mid^Bob", "20250301")
     store_study(hospital, tmp_path, normal, "Normal^Carol", "20250302", n=3)
     markup = "<script>alert(1)</script><b>Evil</b>^Eve"
     store_study(hospital, tmp_path, waiting, markup, "20250228")
+    store_study(hospital, tmp_path, failed, "Failed^Fred", "20250305")
+    # As the dead-letter reader stores it (its Kafka side: test_dead_letters.py).
+    hospital.web.worklist.map_new_studies()
+    hospital.web.worklist.store_failure(
+        failed, "dicom.study.ready.v1", "no usable series <i>axial</i>", "unusable"
+    )
     score(hospital, high, p_normal=0.05)
     score(hospital, mid, p_normal=0.3)
     score(hospital, normal, p_normal=0.9, status="final")  # reviewed by a clinician
@@ -343,7 +351,10 @@ def test_worklist_in_triage_order_with_filters_and_live_updates(
     expect(page).to_have_url(f"{hospital.console}/worklist")
     expect(page.locator(f"tr[data-study='{high}']")).to_be_visible()
     # Abnormal first by score; then the longest waiting (the oldest study) first.
-    assert study_order(page) == [high, mid, waiting, normal]
+    assert study_order(page) == [high, mid, waiting, normal, failed]
+    expect(page.locator(f"tr[data-study='{failed}']")).to_contain_text(
+        "Failed: no usable series <i>axial</i>"
+    )
     first = page.locator(f"tr[data-study='{high}']")
     expect(first).to_contain_text("AI abnormal")
     expect(first.get_by_role("link", name="High Alice")).to_have_attribute(
@@ -366,6 +377,8 @@ def test_worklist_in_triage_order_with_filters_and_live_updates(
     assert study_order(page) == [normal]
     page.goto(f"{hospital.console}/worklist?status=awaiting")
     assert study_order(page) == [waiting]
+    page.goto(f"{hospital.console}/worklist?status=failed")
+    assert study_order(page) == [failed]
     page.goto(f"{hospital.console}/worklist?from=2025-03-02&to=2025-03-03")
     assert set(study_order(page)) == {high, normal}
     page.goto(f"{hospital.console}/worklist?model=m+v1&reviewed=no")
