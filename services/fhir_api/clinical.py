@@ -4,7 +4,8 @@ A write that only a ``user/`` scope allows is a signed-in staff member's: it mus
 clinician's and carry a ``fhirUser`` naming a Practitioner (403 otherwise), and the
 resource's author element names that Practitioner: filled in when absent, 403 when it names
 another (a clinician signs only as themself). With such a write, the clinician's minimal
-Practitioner is created if absent (:func:`scanwatch.clinical_review.practitioner`).
+Practitioner is created if absent (:func:`scanwatch.clinical_review.practitioner`). A clinician
+updates an existing resource only with ``If-Match`` (428 otherwise: :func:`require_if_match`).
 
 Every write, whoever makes it, passes :func:`scanwatch.clinical_review.check_signed`: a signed
 report without a conclusion, or a signed AI result whose class is not one of the model's, is a
@@ -19,6 +20,7 @@ from scanwatch.clinical_review import ReviewError, Signer, check_signed, practit
 from services.auth.scopes import CLINICIAN, WRITE, AuthError, Grant
 from services.fhir_api.errors import INVALID, FhirError
 from services.fhir_api.resources import reference_key
+from services.fhir_api.store import ABSENT
 
 #: The elements that name who wrote a resource of each type (lists or single References).
 AUTHOR_ELEMENTS: dict[str, tuple[str, ...]] = {
@@ -83,6 +85,20 @@ def check_author(grant: Grant, resource: dict[str, Any]) -> dict[str, Any]:
         single = resource_type in ("MedicationRequest", "CommunicationRequest")
         resource = {**resource, element: signer.reference() if single else [signer.reference()]}
     return resource
+
+
+def require_if_match(
+    grant: Grant, writes: list[tuple[dict[str, Any], int | None]]
+) -> list[tuple[dict[str, Any], int | None]]:
+    """``writes`` where a clinician's write without ``If-Match`` may only create
+    (``store.ABSENT``: replacing an existing resource is then a 428, judged in the write's own
+    transaction): a clinician never overwrites a version they have not seen."""
+    checked = []
+    for resource, version in writes:
+        if version is None and writes_as_user(grant, resource["resourceType"]):
+            version = ABSENT
+        checked.append((resource, version))
+    return checked
 
 
 def check_signed_result(resource: dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ from services.auth.scopes import READ, AuthError, Grant
 from services.fhir_api.audit import Audit
 from services.fhir_api.bundles import INCLUDE_TYPES, history, parse_history, searchset
 from services.fhir_api.capability import capability_statement, issuer_root, smart_configuration
-from services.fhir_api.clinical import check_author, check_signed_result
+from services.fhir_api.clinical import check_author, check_signed_result, require_if_match
 from services.fhir_api.compartment import Compartment, check_patient_members, compartment_of
 from services.fhir_api.config import Settings
 from services.fhir_api.deps import (
@@ -337,8 +337,9 @@ async def update(
             INVALID,
         )
     resource = prepare(validated(resource_type, raw), grant)
+    writes = require_if_match(grant, [(resource, version)])
     extra = practitioner_writes(grant, [resource_type])
-    results = await run_in_threadpool(store_all, store, [(resource, version)], extra)
+    results = await run_in_threadpool(store_all, store, writes, extra)
     for written in results:
         if written.changed:
             subscriptions.resource_written(written.stored)

@@ -61,13 +61,22 @@ class WriteResult:
     changed: bool
 
 
-class VersionConflict(Exception):
-    """``If-Match`` named a version that is not the current one."""
+#: The ``if_match`` of a write that may only create: it conflicts when the resource exists
+#: (versions start at 1, so no version is 0).
+ABSENT = 0
 
-    def __init__(self, current: int | None, key: str | None = None) -> None:
+
+class VersionConflict(Exception):
+    """``If-Match`` named a version that is not the current one (or :data:`ABSENT`, and the
+    resource exists)."""
+
+    def __init__(
+        self, current: int | None, key: str | None = None, expected: int | None = None
+    ) -> None:
         super().__init__(f"current version of {key or 'the resource'} is {current}")
         self.current = current
         self.key = key  # Type/id of the resource
+        self.expected = expected  # the if_match asked for
 
 
 def _aware(moment: datetime) -> datetime:
@@ -421,12 +430,14 @@ class ResourceStore:
         resource_type, resource_id = resource["resourceType"], resource["id"]
         values = search_values(resource)
         current = session.exec(self._current(resource_type, resource_id).with_for_update()).first()
-        if if_match is not None and (
+        key = f"{resource_type}/{resource_id}"
+        if if_match == ABSENT:
+            if current is not None and not current.deleted:
+                raise VersionConflict(current.version_id, key, ABSENT)
+        elif if_match is not None and (
             current is None or current.deleted or current.version_id != if_match
         ):
-            raise VersionConflict(
-                None if current is None else current.version_id, f"{resource_type}/{resource_id}"
-            )
+            raise VersionConflict(None if current is None else current.version_id, key, if_match)
         if current is not None and not current.deleted:
             if without_server_meta(json.loads(current.content)) == resource:
                 return WriteResult(to_stored(current), created=False, changed=False), None

@@ -18,12 +18,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from services.auth.scopes import Grant
-from services.fhir_api.clinical import practitioner_of, writes_as_user
+from services.fhir_api.clinical import practitioner_of, require_if_match, writes_as_user
 from services.fhir_api.compartment import refuse_patient_write
 from services.fhir_api.deps import check_type
 from services.fhir_api.errors import CONFLICT, INVALID, FhirError, FhirJSONResponse, not_implemented
 from services.fhir_api.resources import ID_RE, reference_key
-from services.fhir_api.store import ResourceStore, VersionConflict, WriteResult
+from services.fhir_api.store import ABSENT, ResourceStore, VersionConflict, WriteResult
 from services.fhir_api.wire import http_date, parse_etag, validated
 
 #: Most entries one transaction may carry.
@@ -47,6 +47,13 @@ def store_all(
     try:
         return store.put_all(writes, ensure)
     except VersionConflict as exc:
+        if exc.expected == ABSENT:
+            raise FhirError(
+                428,
+                f"a clinician's update of {exc.key} needs If-Match (the ETag of the version "
+                "they read); nothing was written",
+                CONFLICT,
+            ) from exc
         raise FhirError(
             412,
             f"If-Match of {exc.key} does not match its current version "
@@ -110,6 +117,7 @@ async def run_transaction(
     parsed = parse_transaction(raw, grant, prepare)
     writes = [write for write, _key in parsed]
     types = [resource["resourceType"] for resource, _ in writes]
+    writes = require_if_match(grant, writes)
     extra = practitioner_writes(grant, types)
     results = await run_in_threadpool(store_all, store, writes, extra)
     answered = results[len(extra) :]

@@ -199,6 +199,22 @@ def test_a_concurrent_change_fails_the_whole_review(
     assert client.get(f"/fhir/{ADA.fhir_user}").status_code == 404
 
 
+def test_a_review_without_if_match_is_refused(
+    client: TestClient, staff_token: Callable[..., str]
+) -> None:
+    observation, report = write_result(client, scored("7.10", "P7"))
+    bundle = clinical_review.review_transaction(
+        observation, report, chosen_class="normal", conclusion="ok", signer=ADA,
+        signed_at=SIGNED_AT,
+    )  # fmt: skip
+    del bundle["entry"][1]["request"]["ifMatch"]
+    response = client.post("/fhir", json=bundle, headers=bearer(staff_token()))
+    assert response.status_code == 428
+    assert f"DiagnosticReport/{report['id']}" in response.json()["issue"][0]["diagnostics"]
+    current = client.get(f"/fhir/Observation/{observation['id']}").json()
+    assert current["meta"]["versionId"] == "1"
+
+
 def test_a_blank_conclusion_or_unknown_class_is_a_422_naming_the_field(
     client: TestClient, staff_token: Callable[..., str]
 ) -> None:
@@ -327,6 +343,10 @@ def test_what_a_clinician_writes_from_a_patients_page(
     assert response.status_code == 200, response.text
     assert response.json()["status"] == "completed"
     assert response.json()["note"][-1]["authorReference"]["reference"] == ADA.fhir_user
+    unconditional = client.put(
+        f"/fhir/CommunicationRequest/{answered['id']}", json=answered, headers=clinician
+    )
+    assert unconditional.status_code == 428  # a clinician updates only what they saw
     stale = client.put(
         f"/fhir/CommunicationRequest/{answered['id']}",
         json=answered | {"status": "active"},
