@@ -32,6 +32,11 @@ from scanwatch.durable import fsync_dir, rename_durable
 from scanwatch.model_repository import SAVED_MODEL_FILE, published_versions, version_folders
 
 REGISTRY_FILE = "registry.sqlite"
+#: A trained version's evaluation report: ``<run_dir>/evaluation/`` holds the JSON, the Markdown
+#: and the PNG plots (written by ``training.evaluate``, shown by the console).
+EVALUATION_DIR = "evaluation"
+REPORT_JSON = "evaluation.json"
+REPORT_MARKDOWN = "evaluation.md"
 STAGING = ".staging"
 RETIRED = ".retired"
 
@@ -87,6 +92,14 @@ class ModelVersion:
     dataset_path: str | None
     note: str | None
 
+    @property
+    def report_dir(self) -> Path | None:
+        """The folder of this version's evaluation report, if its run recorded one."""
+        if not self.run_dir:
+            return None
+        folder = Path(self.run_dir) / EVALUATION_DIR
+        return folder if folder.is_dir() else None
+
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
@@ -128,6 +141,14 @@ class Registry:
         values["metrics"] = json.loads(values["metrics"])
         values["class_names"] = json.loads(values["class_names"])
         return ModelVersion(**values)
+
+    def names(self) -> list[str]:
+        """The models with at least one registered version, by name."""
+        if not self.path.exists():
+            return []
+        with self._connect() as db:
+            rows = db.execute("SELECT DISTINCT name FROM model_versions ORDER BY name").fetchall()
+        return [r["name"] for r in rows]
 
     def versions(self, name: str) -> list[ModelVersion]:
         """Every registered version of ``name``, ascending."""

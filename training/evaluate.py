@@ -21,10 +21,9 @@ from sklearn.metrics import (
 )
 
 from scanwatch.durable import write_text_atomic
+from scanwatch.model_registry import REPORT_JSON, REPORT_MARKDOWN
 from schemas.model_signature import NORMAL_CLASS
 
-REPORT_JSON = "evaluation.json"
-REPORT_MARKDOWN = "evaluation.md"
 CURVES_PNG = "training_curves.png"
 CONFUSION_PNG = "confusion_matrix.png"
 ROC_PNG = "roc.png"

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from scanwatch.model_registry import PromotionRefused, Registry
+from scanwatch.model_registry import EVALUATION_DIR, PromotionRefused, Registry
 from schemas.training_events import DatasetSpec, ModelPublishedV1
 from training.config import TrainSettings
 from training.dataset import LabelledImages
@@ -35,7 +35,6 @@ from training.train import Progress, train
 
 logger = logging.getLogger(__name__)
 
-EVALUATION_DIR = "evaluation"
 DATASET_COPY = "dataset.npz"
 #: Default input size per dataset kind (the benchmark's is its config's).
 DEFAULT_IMAGE_SIZE = 128

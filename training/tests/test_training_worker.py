@@ -80,9 +80,9 @@ def export_candidate(registry: Registry, name: str, version: int, macro_f1: floa
     )
 
 
-def candidate(registry: Registry, macro_f1: float) -> int:
-    version = registry.reserve("brain")
-    export_candidate(registry, "brain", version, macro_f1)
+def candidate(registry: Registry, macro_f1: float, name: str = "brain") -> int:
+    version = registry.reserve(name)
+    export_candidate(registry, name, version, macro_f1)
     return version
 
 
