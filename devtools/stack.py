@@ -262,11 +262,16 @@ class Stack:
                 "SCANWATCH_CONSOLE_FHIR_BASE_URL": c.fhir_base,
                 "SCANWATCH_CONSOLE_CLIENT_ID": CONSOLE_CLIENT,
                 "SCANWATCH_CONSOLE_CLIENT_SECRET": self.console_secret,
-                # failed studies (dead letters) for the worklist, when Kafka runs too
+                # failed studies (dead letters) for the worklist, and the operator pages
+                # (training jobs, promotion, consumer lag, re-drive), when Kafka runs too
                 **(
                     {"SCANWATCH_CONSOLE_KAFKA_BOOTSTRAP_SERVERS": f"127.0.0.1:{p.kafka}"}
                     if c.only is None or "kafka" in c.only
                     else {}
+                ),
+                "SCANWATCH_CONSOLE_MODEL_REPOSITORY": str(c.model_repository),
+                "SCANWATCH_CONSOLE_LISTENER_HEALTH_URL": (
+                    f"http://127.0.0.1:{p.listener_metrics}/healthz"
                 ),
             },
             lambda: _http_ok(f"http://127.0.0.1:{p.console}/healthz"),

@@ -19,17 +19,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scanwatch.database import make_engine
 from scanwatch.http_metrics import RequestMetrics
+from scanwatch.kafka import EventProducer
 from services.auth.jwks import KeySetUnavailable, RemoteKeySet
 from services.auth.scopes import AuthError
 from services.auth.web_client import AuthServerUnavailable
 from services.auth.web_security import SecurityHeaders
-from services.console import dicomweb, web
+from services.console import dicomweb, operator_web, web
 from services.console.auth import CHALLENGE, FileKeySet, Verifier
 from services.console.config import Settings
 from services.console.dead_letters import DeadLetterReader
 from services.console.dicomweb import Console, DicomWebError
 from services.console.index import StoreIndex
 from services.console.metrics import ConsoleMetrics
+from services.console.training_ops import TrainingFeed
 
 SERVICE = "console"
 log = logging.getLogger(__name__)
@@ -81,15 +83,29 @@ def create_app(
         else None
     )
 
+    kafka_servers = settings.kafka_bootstrap_servers
+    operations = operator_web.Operations(
+        repository=settings.model_repository,
+        bootstrap_servers=kafka_servers,
+        listener_health_url=settings.listener_health_url,
+        feed=TrainingFeed(kafka_servers) if web_state is not None and kafka_servers else None,
+        producer=EventProducer(kafka_servers, "scanwatch-console", timeout_s=10)
+        if kafka_servers
+        else None,
+    )
+
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         task = asyncio.create_task(keep_topped_up())
         if reader is not None:
             reader.start()  # failed studies for the worklist (its own thread)
+        if operations.feed is not None:
+            operations.feed.start()  # training jobs and lifecycle answers (its own thread)
         log.info("console ready", extra={"store": str(settings.storage_dir)})
         yield
         if reader is not None:
             await asyncio.to_thread(reader.stop)
+        await asyncio.to_thread(operations.stop)
         if web_state is not None:
             await web_state.http.aclose()
         task.cancel()
@@ -107,6 +123,8 @@ def create_app(
     app.include_router(dicomweb.router)
     app.state.web = web_state
     app.include_router(web.router)
+    app.state.operations = operations
+    app.include_router(operator_web.router)
     _install_web_handlers(app)
 
     @app.get("/healthz")

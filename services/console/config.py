@@ -121,7 +121,20 @@ class Settings(BaseSettings):
     kafka_bootstrap_servers: str | None = Field(
         None,
         description="Kafka (host:port[,host:port]) whose dead-letter topics the worklist reads "
-        "for failed studies and their reasons. Unset: no failed studies are listed.",
+        "for failed studies and their reasons, and through which the operator pages follow "
+        "training jobs, ask for promotions and rollbacks, show consumer lag and re-drive dead "
+        "letters. Unset: none of that is shown.",
+    )
+    model_repository: Path | None = Field(
+        None,
+        description="The model repository (TF Serving layout, with the registry's "
+        "registry.sqlite), read only: the operator's models page lists its versions and "
+        "their evaluation reports. Unset: the page says it is not configured.",
+    )
+    listener_health_url: str | None = Field(
+        None,
+        description="The DICOM listener's /healthz (on its metrics port): the pipeline page "
+        "shows its checks and outbox depth. Unset: not shown.",
     )
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
 

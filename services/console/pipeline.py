@@ -18,6 +18,7 @@ import logging
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from scanwatch import kafka
@@ -126,6 +127,11 @@ class Letter:
     offset: int
     timestamp: float  # seconds
     letter: DeadLetterV1
+
+    @property
+    def when(self) -> str:
+        """When it was dead-lettered, in UTC, to the minute."""
+        return datetime.fromtimestamp(self.timestamp, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
     @property
     def ref(self) -> str:

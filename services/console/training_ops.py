@@ -153,6 +153,11 @@ class JobView:
     history: list[tuple[int, dict[str, float]]] = field(default_factory=list)  # (epoch, metrics)
     updated: float = 0.0  # the last event's timestamp (seconds)
 
+    @property
+    def metric_names(self) -> list[str]:
+        """Every metric an epoch reported, in the order they first came."""
+        return list(dict.fromkeys(name for _, metrics in self.history for name in metrics))
+
     def apply(self, event: TrainingJobStatusV1, timestamp: float) -> None:
         self.status, self.updated = event.status, timestamp
         for name in ("model_version", "epoch", "epochs", "promoted", "reason"):
