@@ -26,6 +26,10 @@ from devtools.kafka_local import LocalKafka
 from devtools.peers import echoscu
 from scanwatch.model_repository import DEFAULT_MODEL_NAME
 
+#: training.worker.GROUP_ID, written out: importing the worker would load TensorFlow into the
+#: stack's supervisor (tests/unit/test_stack_training.py checks the two agree).
+TRAINING_GROUP = "scanwatch-training"
+
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -209,7 +213,28 @@ class Stack:
             ),
             *(self._chatbot(base) if c.chatbot else []),
             *([self._portal(base), self._console(base)] if c.chatbot else []),
+            *([self._training_worker(base)] if c.chatbot else []),
         ]
+
+    def _training_worker(self, base: dict[str, str]) -> Service:
+        """Training jobs and promotions asked for over Kafka (the console's operator pages):
+        it trains into the repository the model server watches, so a promoted version is
+        served without a restart. Healthy once its consumer group has joined."""
+        c = self.config
+        kafka = self.kafka.bootstrap_servers
+        return Service(
+            "training-worker",
+            [sys.executable, "-m", "training", "worker"],
+            {
+                **base,
+                "SCANWATCH_TRAIN_REPOSITORY": str(c.model_repository),
+                "SCANWATCH_TRAIN_RUNS_DIR": str(c.var / "training" / "runs"),
+                "SCANWATCH_TRAIN_CACHE_DIR": str(c.var / "training" / "cache"),
+                "SCANWATCH_TRAIN_KAFKA_BOOTSTRAP_SERVERS": kafka,
+            },
+            lambda: _group_joined(kafka, TRAINING_GROUP),
+            kafka=True,
+        )
 
     def _fhir_auth(self) -> dict[str, str]:
         """With the chatbot, the FHIR API requires tokens and registers the worker's client."""
@@ -567,6 +592,19 @@ def _chat_ready(base: str, token: str) -> bool:
     except httpx.HTTPError:
         return False
     return answer.status_code == 200 and bool(answer.json().get("model_file"))
+
+
+def _group_joined(bootstrap_servers: str, group: str) -> bool:
+    """Whether ``group`` has members consuming (its state is Stable)."""
+    from confluent_kafka import ConsumerGroupState
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers})
+    try:
+        described = admin.describe_consumer_groups([group], request_timeout=3)[group].result(3)
+    except Exception:  # noqa: BLE001 - not there yet, or Kafka busy: not healthy yet
+        return False
+    return bool(described.state == ConsumerGroupState.STABLE)
 
 
 def _http_ok(url: str) -> bool:
