@@ -1,8 +1,8 @@
 # One image per scanwatch service, each with only its own code and dependencies (the service's
 # extra in pyproject.toml, at the versions requirements.lock pins):
 #   docker build --target listener -t scanwatch-listener .
-# Targets: listener, worker, fhir-api, model-server, training, chatbot, portal. docker-compose.yml builds
-# them.
+# Targets: listener, worker, fhir-api, model-server, training, chatbot, portal, console.
+# docker-compose.yml builds them.
 FROM python:3.11-slim AS base
 ENV PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 RUN pip install --no-cache-dir uv \
@@ -50,15 +50,30 @@ WORKDIR /assets
 COPY services/portal/package.json services/portal/package-lock.json ./
 RUN npm ci --omit=dev --no-audit --no-fund
 
-FROM base AS portal
+# What a web app of the auth server's needs of services/auth (the portal and the console): token
+# verification from the JWKS, the OAuth web client, the server-side session, the security
+# headers; never the authorization server, its accounts or its client registry.
+FROM base AS web-base
 COPY services/__init__.py services/__init__.py
 COPY services/auth/__init__.py services/auth/scopes.py services/auth/tokens.py \
-     services/auth/jwks.py services/auth/
+     services/auth/jwks.py services/auth/config.py services/auth/web_client.py \
+     services/auth/web_sessions.py services/auth/web_security.py services/auth/
+
+FROM web-base AS portal
 COPY services/portal services/portal
 COPY --from=portal-assets /assets/node_modules services/portal/node_modules
 RUN uv pip install --system --no-cache -c requirements.lock ".[portal]"
 USER scanwatch
 CMD ["scanwatch-portal"]
+
+# The staff console: its pages (the worklist, the viewer, review, operator pages) and DICOMweb
+# over the listener's store. It runs no training code: it reads the model registry (in the
+# kernel) and talks to the training worker over Kafka.
+FROM web-base AS console
+COPY services/console services/console
+RUN uv pip install --system --no-cache -c requirements.lock ".[console]"
+USER scanwatch
+CMD ["scanwatch-console"]
 
 FROM base AS training
 COPY training training
