@@ -43,6 +43,8 @@ PORTAL_CLIENT = "scanwatch-portal"
 CONSOLE_CLIENT = "scanwatch-console"
 #: The development staff login the stack creates (a clinician; its password is made per run).
 DEV_STAFF_USERNAME = "dev.clinician"
+#: The development operator (same password as the clinician): the console's operator pages.
+DEV_OPERATOR_USERNAME = "dev.operator"
 
 
 @dataclass
@@ -323,9 +325,9 @@ class Stack:
 
     def register_console(self) -> None:
         """Register the console as a confidential staff app of the FHIR API's authorization
-        server, with this run's secret, and (re)create the development staff login: a
-        clinician with this run's password and no TOTP (development only: real staff accounts
-        come from ``scanwatch staff create`` and need TOTP)."""
+        server, with this run's secret, and (re)create the development staff logins: a
+        clinician and an operator with this run's password and no TOTP (development only: real
+        staff accounts come from ``scanwatch staff create`` and need TOTP)."""
         from scanwatch.database import make_engine
         from services.auth.accounts import ensure_staff_account
         from services.auth.clients import register_staff_app
@@ -340,6 +342,7 @@ class Stack:
                 description="scanwatch staff console (development stack)",
             )
             ensure_staff_account(engine, DEV_STAFF_USERNAME, "clinician", self.staff_password)
+            ensure_staff_account(engine, DEV_OPERATOR_USERNAME, "operator", self.staff_password)
         finally:
             engine.dispose()
 
@@ -549,7 +552,8 @@ class Stack:
                 f"  Rasa action server:      http://127.0.0.1:{p.chat_actions}/webhook",
                 f"  patient portal:          {c.portal_url}/  (sign in with an activation link)",
                 f"  staff console:           http://127.0.0.1:{p.console}/  (development login: "
-                f"{DEV_STAFF_USERNAME} / {self.staff_password}, a clinician)",
+                f"{DEV_STAFF_USERNAME} / {self.staff_password}, a clinician;",
+                f"                           {DEV_OPERATOR_USERNAME}, same password, an operator)",
                 f"  DICOMweb (QIDO/WADO-RS): http://127.0.0.1:{p.console}/dicomweb"
                 "  (bearer token: scanwatch token)",
             ]
