@@ -32,10 +32,15 @@ def put(store: FileStore, source: Path, version: int = 1) -> Path:
     return store.commit(staged, version).path
 
 
-def relabelled(source: Path, out: Path, **values: object) -> Path:
+def relabelled(
+    source: Path, out: Path, transfer_syntax: str | None = None, **values: object
+) -> Path:
     """A copy of ``source`` with new Study/Series/SOP UIDs (or those given) and other
-    attributes set: pydicom's test files share their UIDs."""
+    attributes set: pydicom's test files share their UIDs. ``transfer_syntax`` relabels the
+    file meta only (the pixel data stay as they are)."""
     ds = pydicom.dcmread(source)
+    if transfer_syntax is not None:
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
     values = {
         "StudyInstanceUID": generate_uid(),
         "SeriesInstanceUID": generate_uid(),

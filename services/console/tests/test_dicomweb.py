@@ -78,6 +78,10 @@ def dicomweb(tmp_path_factory: pytest.TempPathFactory, signing_keys: Path) -> It
                             PatientID="SW-T-J2K", StudyDate="20230101")],
         "jpegls": [relabelled(test_file("MR_small_jpeg_ls_lossless.dcm"), tmp / "l.dcm",
                               PatientID="SW-T-JLS", StudyDate="20220101")],
+        # Labelled High-Throughput JPEG 2000, which nothing installed here decodes.
+        "htj2k": [relabelled(test_file("MR_small_jp2klossless.dcm"), tmp / "h.dcm",
+                             PatientID="SW-T-HTJ2K", StudyDate="20210101",
+                             transfer_syntax="1.2.840.10008.1.2.4.201")],
         "multiframe": [relabelled(test_file("emri_small.dcm"), tmp / "m.dcm",
                                   PatientID="SW-T-MULTI", AccessionNumber="ACC-77",
                                   StudyDate="20251201")],
@@ -97,7 +101,7 @@ def _value(result: dict, tag: str) -> object:
 def test_search_for_studies_with_filters(dicomweb: Served) -> None:
     client = dicomweb.client()
     everything = client.search_for_studies()
-    assert len(everything) == 6
+    assert len(everything) == 7
     sample_study = _uids(dicomweb.files["sample"][0])[0]
 
     (found,) = client.search_for_studies(search_filters={"PatientID": "SW-DEMO-0001"})
@@ -110,17 +114,17 @@ def test_search_for_studies_with_filters(dicomweb: Served) -> None:
     in_march = client.search_for_studies(search_filters={"StudyDate": "20240301-20240331"})
     assert sorted(_value(r, "00100020") for r in in_march) == ["SW-T-NATIVE", "SW-T-RLE"]
     before = client.search_for_studies(search_filters={"StudyDate": "-20231231"})
-    assert [_value(r, "00100020") for r in before] == ["SW-T-J2K", "SW-T-JLS"]
+    assert [_value(r, "00100020") for r in before] == ["SW-T-J2K", "SW-T-JLS", "SW-T-HTJ2K"]
     (named,) = client.search_for_studies(search_filters={"PatientName": "nat*"})
     assert _value(named, "00100010") == {"Alphabetic": "Native^Test"}
     (accession,) = client.search_for_studies(search_filters={"AccessionNumber": "ACC-77"})
     assert _value(accession, "00100020") == "SW-T-MULTI"
-    assert len(client.search_for_studies(search_filters={"ModalitiesInStudy": "MR"})) == 6
+    assert len(client.search_for_studies(search_filters={"ModalitiesInStudy": "MR"})) == 7
     assert client.search_for_studies(search_filters={"ModalitiesInStudy": "CT"}) == []
 
     pages = [client.search_for_studies(limit=4, offset=o) for o in (0, 4)]
     uids = [_value(r, "0020000D") for page in pages for r in page]
-    assert [len(p) for p in pages] == [4, 2] and len(set(uids)) == 6
+    assert [len(p) for p in pages] == [4, 3] and len(set(uids)) == 7
 
     (with_birth,) = client.search_for_studies(
         search_filters={"PatientID": "SW-T-NATIVE"}, fields=["PatientBirthDate"]
@@ -133,7 +137,7 @@ def test_search_for_series_and_instances(dicomweb: Served) -> None:
     study, series, _sop = _uids(dicomweb.files["sample"][0])
     (found,) = client.search_for_series(study)
     assert _value(found, "0020000E") == series and _value(found, "00201209") == 4
-    assert len(client.search_for_series(search_filters={"Modality": "MR"})) == 6
+    assert len(client.search_for_series(search_filters={"Modality": "MR"})) == 7
     assert client.search_for_series(search_filters={"Modality": "CT"}) == []
 
     found = client.search_for_instances(study, series)
@@ -169,10 +173,10 @@ def test_retrieve_instances_series_and_study(dicomweb: Served) -> None:
     )
     assert explicit.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1"
     assert np.array_equal(explicit.pixel_array, pydicom.dcmread(rle).pixel_array)
-    # A JPEG-LS instance cannot be decoded here: 406 before any byte of the body.
+    # An instance whose pixels nothing here decodes: 406 before any byte of the body.
     with pytest.raises(requests.HTTPError) as refused:
         client.retrieve_instance(
-            *_uids(dicomweb.files["jpegls"][0]),
+            *_uids(dicomweb.files["htj2k"][0]),
             media_types=(("application/dicom", "1.2.840.10008.1.2.1"),),
         )
     assert refused.value.response.status_code == 406
@@ -210,11 +214,15 @@ def test_retrieve_frames(dicomweb: Served) -> None:
     (frame,) = client.retrieve_instance_frames(*_uids(jp2k), frame_numbers=[1])
     assert frame == pydicom.dcmread(rle).pixel_array.tobytes()  # the same MR slice
 
-    jpegls = dicomweb.files["jpegls"][0]  # no JPEG-LS decoder here: said clearly
+    jpegls = dicomweb.files["jpegls"][0]  # lossless JPEG-LS, decoded through pyjpegls
+    (frame,) = client.retrieve_instance_frames(*_uids(jpegls), frame_numbers=[1])
+    assert frame == pydicom.dcmread(rle).pixel_array.tobytes()
+
+    htj2k = dicomweb.files["htj2k"][0]  # no decoder here: said clearly
     with pytest.raises(requests.HTTPError) as refused:
-        client.retrieve_instance_frames(*_uids(jpegls), frame_numbers=[1])
+        client.retrieve_instance_frames(*_uids(htj2k), frame_numbers=[1])
     assert refused.value.response.status_code == 406
-    assert "JPEG-LS" in refused.value.response.json()["error"]
+    assert "High-Throughput JPEG 2000" in refused.value.response.json()["error"]
 
     with pytest.raises(requests.HTTPError) as missing:
         client.retrieve_instance_frames(*_uids(multi), frame_numbers=[11])
@@ -303,7 +311,7 @@ def test_writes_are_refused(dicomweb: Served, method: str, path: str) -> None:
 def test_health_and_metrics(dicomweb: Served) -> None:
     assert httpx.get(f"{dicomweb.url}/healthz").json()["status"] == "ok"
     text = httpx.get(f"{dicomweb.url}/metrics").text
-    assert "console_index_instances 9.0" in text
+    assert "console_index_instances 10.0" in text
     assert 'route="/dicomweb/studies"' in text and "SW-" not in text
 
 
