@@ -27,7 +27,6 @@ import httpx
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import (
     HTMLResponse,
-    JSONResponse,
     RedirectResponse,
     Response,
     StreamingResponse,
@@ -48,7 +47,6 @@ from services.auth.web_client import (
 from services.auth.web_sessions import SessionStore, WebSession
 from services.console import audit
 from services.console.config import Settings
-from services.console.index import is_uid
 from services.console.worklist import PAGE_SIZE, Filters, Worklist, top_up_results
 
 log = logging.getLogger(__name__)
@@ -420,29 +418,7 @@ async def signout(
 # --- pages of each role ----------------------------------------------------------------------
 
 
-@router.get("/studies/{study}", response_class=HTMLResponse)
-async def study_page(request: Request, web: WebDep, staff: Clinician, study: str) -> Response:
-    """The viewer's place (built later): a clinician only; says so."""
-    if not is_uid(study):
-        return web.page(
-            request, "message.html", staff.session, 404, title="No such study",
-            text="This address does not name a study.",
-        )  # fmt: skip
-    await web.record(
-        audit.audit_event(staff.actor, audit.INSTANCES_ACCESSED, audit.READ, study=study)
-    )
-    return web.page(request, "study.html", staff.session, study=study, title="Study", nav="")
-
-
-@router.get("/api/studies/{study}")
-async def study_api(web: WebDep, staff: Clinician, study: str) -> Response:
-    """A clinician-only API (the viewer's data, later): the study UID it was asked for."""
-    if not is_uid(study):
-        return JSONResponse({"error": "not a StudyInstanceUID"}, status_code=404)
-    await web.record(
-        audit.audit_event(staff.actor, audit.INSTANCES_ACCESSED, audit.READ, study=study)
-    )
-    return JSONResponse({"StudyInstanceUID": study, "viewer": "not built yet"})
+# The study viewer (/studies/<uid>, /api/studies/<uid>) lives in services/console/viewer.py.
 
 
 @router.get("/admin", response_class=HTMLResponse)
