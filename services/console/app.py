@@ -24,7 +24,7 @@ from services.auth.jwks import KeySetUnavailable, RemoteKeySet
 from services.auth.scopes import AuthError
 from services.auth.web_client import AuthServerUnavailable
 from services.auth.web_security import SecurityHeaders
-from services.console import dicomweb, operator_web, review_web, viewer, web
+from services.console import dicomweb, operator_web, viewer, web
 from services.console.auth import CHALLENGE, FileKeySet, Verifier
 from services.console.config import Settings
 from services.console.dead_letters import DeadLetterReader
@@ -126,7 +126,6 @@ def create_app(
     app.include_router(viewer.router)
     app.state.operations = operations
     app.include_router(operator_web.router)
-    app.include_router(review_web.router)
     _install_web_handlers(app)
 
     @app.get("/healthz")
