@@ -24,7 +24,7 @@ from services.auth.jwks import KeySetUnavailable, RemoteKeySet
 from services.auth.scopes import AuthError
 from services.auth.web_client import AuthServerUnavailable
 from services.auth.web_security import SecurityHeaders
-from services.console import dicomweb, operator_web, viewer, web
+from services.console import dicomweb, operator_web, review_web, viewer, web
 from services.console.auth import CHALLENGE, FileKeySet, Verifier
 from services.console.config import Settings
 from services.console.dead_letters import DeadLetterReader
@@ -88,6 +88,8 @@ def create_app(
         repository=settings.model_repository,
         bootstrap_servers=kafka_servers,
         listener_health_url=settings.listener_health_url,
+        model_server=settings.model_server,
+        model_name=settings.model_name,
         feed=TrainingFeed(kafka_servers) if web_state is not None and kafka_servers else None,
         producer=EventProducer(kafka_servers, "scanwatch-console", timeout_s=10)
         if kafka_servers
@@ -126,6 +128,7 @@ def create_app(
     app.include_router(viewer.router)
     app.state.operations = operations
     app.include_router(operator_web.router)
+    app.include_router(review_web.router)
     _install_web_handlers(app)
 
     @app.get("/healthz")
