@@ -3,12 +3,13 @@ date, description, the AI result) and its scored series slice by slice with the 
 (each slice's class probabilities, its Grad-CAM heatmap laid over it).
 
 Like an outside viewer (OHIF), the page's script (static/viewer.js) reads the images only through
-DICOMweb: QIDO-RS for the series, WADO-RS metadata for the slices and the heatmaps' per-slice
-probabilities, WADO-RS ``rendered`` (PNG, ``window=``) for the pixels. It does so at
-``/viewer/dicomweb/…``: the same DICOMweb handlers (:mod:`services.console.dicomweb`) behind the
-staff member's session instead of a bearer token, so no token ever reaches the page, and behind
-the clinician role like the page itself. Opening a study is audited (DICOM Instances Accessed);
-the image requests the page then makes are not audited one by one.
+DICOMweb: QIDO-RS for the instances and their series, WADO-RS metadata for the heatmaps' per-slice
+probabilities and the slices' windows, WADO-RS ``rendered`` (PNG, ``window=``) for the pixels.
+It does so at ``/viewer/dicomweb/…``: the same DICOMweb handlers
+(:mod:`services.console.dicomweb`) behind the staff member's session instead of a bearer token,
+so no token ever reaches the page, and behind the clinician role like the page itself. Opening a
+study is audited (DICOM Instances Accessed); the image requests the page then makes are not
+audited one by one.
 """
 
 from __future__ import annotations
@@ -140,12 +141,12 @@ async def study_api(request: Request, web: WebDep, staff: Clinician, study: str)
 # plain functions run in the thread pool like the originals (they read files and the index).
 
 
-@router.get(f"{VIEWER_DICOMWEB}/studies/{{study}}/series")
-def viewer_series(request: Request, _staff: Clinician, study: str) -> Response:
-    """QIDO-RS: the study's series."""
+@router.get(f"{VIEWER_DICOMWEB}/studies/{{study}}/instances")
+def viewer_instances(request: Request, _staff: Clinician, study: str) -> Response:
+    """QIDO-RS: the study's instances (with their series' attributes on request)."""
     auth = _authorised(request)
     auth.top_up()
-    return dicomweb.search_study_series(request, auth.console, study)
+    return dicomweb.search_study_instances(request, auth.console, study)
 
 
 @router.get(f"{VIEWER_DICOMWEB}/studies/{{study}}/series/{{series}}/metadata")

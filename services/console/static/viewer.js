@@ -1,5 +1,5 @@
 // scanwatch console: the clinician's study viewer. Like an outside viewer it reads the study only
-// through DICOMweb (QIDO-RS series, WADO-RS metadata and rendered PNGs) at the page's
+// through DICOMweb (QIDO-RS instances, WADO-RS metadata and rendered PNGs) at the page's
 // session-authenticated path (data-dicomweb), never with a token of its own. Every string that
 // comes from DICOM is set with textContent. No inline script anywhere (CSP).
 (function () {
@@ -61,21 +61,48 @@
   }
 
   function getJson(url) {
+    return answered(url).then(function (answer) { return answer.json(); });
+  }
+  function answered(url) {
     return fetch(url, { credentials: "same-origin", headers: { "Accept": "application/dicom+json" } })
       .then(function (answer) {
         if (answer.status === 401) { window.location.assign("/signin?reason=expired"); }
         if (!answer.ok) { throw new Error("the image server answered " + answer.status); }
-        return answer.json();
+        return answer;
       });
+  }
+  function searchAll(url, offset) {
+    // QIDO-RS pages a long answer (a Warning says more are there): ask on from where it ended.
+    return answered(url + "&offset=" + offset).then(function (answer) {
+      var more = /additional results/.test(answer.headers.get("Warning") || "");
+      return answer.json().then(function (found) {
+        if (!more || !found.length) { return found; }
+        return searchAll(url, offset + found.length).then(function (rest) { return found.concat(rest); });
+      });
+    });
   }
 
   // --- the study's slices and their heatmaps ----------------------------------------------
+  // One QIDO-RS search (the index: no file read) lists every instance with its series; only the
+  // heatmap series' metadata (its probabilities and references) is needed before the first
+  // slice is drawn. The scored series' own headers (its windows) follow in the background.
   function load() {
-    return getJson(BASE + "/series").then(function (series) {
+    var search = BASE + "/instances?includefield=SeriesNumber&includefield=SeriesDescription";
+    return searchAll(search, 0).then(function (found) {
+      var bySeries = new Map();
+      found.forEach(function (ds) {
+        var uid = first(ds, "0020000E");
+        if (!bySeries.has(uid)) {
+          bySeries.set(uid, { uid: uid, number: first(ds, "00200011"), description: first(ds, "0008103E"), instances: [] });
+        }
+        bySeries.get(uid).instances.push(ds);
+      });
+      var series = Array.from(bySeries.values());
       return Promise.all(series.map(function (s) {
-        var uid = first(s, "0020000E");
-        return getJson(BASE + "/series/" + encodeURIComponent(uid) + "/metadata").then(function (meta) {
-          return { uid: uid, number: first(s, "00200011"), description: first(s, "0008103E"), instances: meta };
+        if (Number(s.number) !== HEATMAP_SERIES_NUMBER) { return s; }
+        return getJson(BASE + "/series/" + encodeURIComponent(s.uid) + "/metadata").then(function (meta) {
+          s.instances = meta;
+          return s;
         });
       }));
     }).then(function (series) {
@@ -121,19 +148,17 @@
       instances.forEach(function (ds) {
         var sop = first(ds, "00080018");
         var frames = Number(first(ds, "00280008") || 1);
-        var center = first(ds, "00281050"), width = first(ds, "00281051");
-        var own = center !== null && width !== null ? [Number(center), Number(width)] : null;
         for (var f = 1; f <= frames; f++) {
           slices.push({
             series: scored.uid,
             sop: sop,
             frame: frames > 1 ? f : null,
-            window: own,
+            window: null,  // the header's, once its metadata has come
             heatmap: heatmaps.get(sop + "/" + (frames > 1 ? f : "")) || heatmaps.get(sop + "/" + f) || null
           });
         }
       });
-      return { description: scored.description, heatmaps: heatmapSeries !== null };
+      return { description: scored.description, heatmaps: heatmapSeries !== null, series: scored.uid };
     });
   }
 
@@ -149,7 +174,23 @@
   }
 
   // --- pixels -------------------------------------------------------------------------------
+  // The window asked of WADO-RS: the user's, else none (the server applies the header's).
+  function renderWindow() { return userWindow; }
+  // The window shown in the inputs: the user's, else the slice's header's.
   function windowOf(slice) { return userWindow || slice.window; }
+
+  function loadWindows(series) {
+    // Each slice's own WindowCenter/WindowWidth (for the inputs and a drag's start).
+    return getJson(BASE + "/series/" + encodeURIComponent(series) + "/metadata").then(function (meta) {
+      var own = new Map();
+      meta.forEach(function (ds) {
+        var center = first(ds, "00281050"), width = first(ds, "00281051");
+        if (center !== null && width !== null) { own.set(first(ds, "00080018"), [Number(center), Number(width)]); }
+      });
+      slices.forEach(function (slice) { slice.window = own.get(slice.sop) || null; });
+      if (!userWindow) { describe(); }
+    }).catch(function () { return null; });  // the images show without it
+  }
 
   function renderedUrl(series, sop, frame, win) {
     var url = BASE + "/series/" + encodeURIComponent(series) + "/instances/" + encodeURIComponent(sop) +
@@ -213,8 +254,7 @@
   function draw() {
     var serial = ++drawSerial;
     var slice = slices[current];
-    var win = windowOf(slice);
-    var wanted = [bitmap(renderedUrl(slice.series, slice.sop, slice.frame, win))];
+    var wanted = [bitmap(renderedUrl(slice.series, slice.sop, slice.frame, renderWindow()))];
     var withHeatmap = toggle.checked && slice.heatmap;
     if (withHeatmap) { wanted.push(colouredHeatmap(slice.heatmap)); }
     return Promise.all(wanted).then(function (got) {
@@ -232,6 +272,7 @@
         ctx.globalAlpha = 1;
       }
       canvas.dataset.drawn = String(current + 1) + (withHeatmap ? "+heatmap" : "");
+      canvas.dataset.draws = String(Number(canvas.dataset.draws || 0) + 1);
       if (!firstDrawn) {
         firstDrawn = true;
         performance.mark("viewer-first-slice");  // read by bench/viewer.py
@@ -250,7 +291,7 @@
     function one() {
       if (next >= order.length) { return Promise.resolve(); }
       var slice = slices[order[next++]];
-      var jobs = [bitmap(renderedUrl(slice.series, slice.sop, slice.frame, windowOf(slice)))];
+      var jobs = [bitmap(renderedUrl(slice.series, slice.sop, slice.frame, renderWindow()))];
       if (slice.heatmap) { jobs.push(colouredHeatmap(slice.heatmap)); }
       return Promise.all(jobs).catch(function () { return null; }).then(one);
     }
@@ -411,7 +452,7 @@
       " slice" + (m === 1 ? "" : "s") + (strongest >= 0 ? "; opened at the slice with the strongest AI evidence." : ".");
     current = start;
     describe();
-    return draw();
+    return draw().then(function () { return loadWindows(found.series); });
   }).catch(function (error) {
     status.textContent = "The images could not be loaded: " + error.message + ".";
   });

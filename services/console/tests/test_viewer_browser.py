@@ -233,9 +233,9 @@ def test_operators_and_strangers_get_no_images(
     expect(page).to_have_url(f"{hospital.console}/worklist")
     answer = page.goto(f"{hospital.console}/studies/{SCORED}")
     assert answer is not None and answer.status == 403
-    series = page.request.get(f"{hospital.console}/viewer/dicomweb/studies/{SCORED}/series")
+    series = page.request.get(f"{hospital.console}/viewer/dicomweb/studies/{SCORED}/instances")
     assert series.status == 403
     # No session: no image (a sign-in is asked for), and the bearer path still needs a token.
-    bare = httpx.get(f"{hospital.console}/viewer/dicomweb/studies/{SCORED}/series")
+    bare = httpx.get(f"{hospital.console}/viewer/dicomweb/studies/{SCORED}/instances")
     assert bare.status_code in (303, 401)
     assert httpx.get(f"{hospital.console}/dicomweb/studies/{SCORED}/series").status_code == 401
