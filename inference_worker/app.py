@@ -66,6 +66,7 @@ def default_scorer(settings: Settings, metrics: WorkerMetrics) -> Scorer:
         retries=settings.retries,
         metrics=metrics,
         rules=settings.selection_rules(),
+        heatmaps=settings.heatmaps,
     )
 
 

@@ -101,6 +101,12 @@ class Settings(BaseSettings):
     retries: int = Field(
         5, ge=0, description="Retries of a transient failure (model server, FHIR API) per study."
     )
+    heatmaps: bool = Field(
+        True,
+        description="Compute a Grad-CAM heatmap series for every scored study (the model's "
+        "saliency signature, a second pass over the scored slices: bench/heatmap.py) and store "
+        "it beside the study; false scores without them.",
+    )
     fhir_base_url: str = Field(
         "http://127.0.0.1:8080/fhir", description="Base URL of the FHIR API the results go to."
     )

@@ -96,7 +96,11 @@ class WorkerFlow:
         # Ready events sent but not yet seen back by ``score`` (which records them in the
         # table): stops the timer from announcing the same study twice meanwhile. Lost on
         # restart, which only means a study may be announced again — scoring is idempotent.
-        self.announcing: dict[bytes, int] = {}
+        # An entry older than ``park_s`` no longer holds the study back: a ready event sent
+        # while the partitions were being reassigned (a worker joining or restarting) has been
+        # seen never to reach the scoring agent, and without this the study stayed unscored.
+        # Scoring is idempotent, so announcing again costs at most a second scoring.
+        self.announcing: dict[bytes, tuple[int, float]] = {}
         # With several scoring actors, two ready events of one study must not be scored at
         # once: a slower, older one could overwrite the newer result. A FIFO lock per study
         # keeps them in the order they were taken from the stream.
@@ -139,11 +143,12 @@ class WorkerFlow:
             if not self.owns(key):
                 continue
             count = len(state["instances"])
-            if self.announcing.get(key, 0) >= count:
+            announced, at = self.announcing.get(key, (0, now))
+            if announced >= count and now - at < self.settings.park_s:
                 continue
             ready = ready_event(key.decode(), state, quiet)
             await self.ready_topic.send(key=key, value=ready.to_bytes())
-            self.announcing[key] = count
+            self.announcing[key] = (count, now)
             log.info("study ready", extra={"StudyInstanceUID": key.decode(), "instances": count})
 
     async def score(self, value: bytes | None, origin: Origin) -> None:

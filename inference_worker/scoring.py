@@ -57,12 +57,14 @@ class Scorer:
         metrics: WorkerMetrics | None = None,
         rules: SelectionRules | None = None,
         heatmap_retries: int = 1,
+        heatmaps: bool = True,
     ) -> None:
         """``heatmap_retries``: retries of a transient failure of the saliency Predict; fewer
         than the score's, since the score is written already and a heatmap is not worth
         holding the study's result event back for long."""
         self.model = model
         self.heatmap_retries = heatmap_retries
+        self.heatmaps = heatmaps
         self.rules = rules or SelectionRules()
         self.writer = writer
         self.max_slices = max_slices
@@ -127,7 +129,7 @@ class Scorer:
         stages.labels("preprocess").observe(prepared - started)
         stages.labels("predict").observe(predicted - prepared)
         stages.labels("fhir_write").observe(written - predicted)
-        if present is None and selected.slices:
+        if self.heatmaps and present is None and selected.slices:
             await self._add_heatmaps(study, selected, prediction)
             stages.labels("heatmap").observe(time.monotonic() - written)
         self.metrics.studies_scored.labels(result.model_name, str(result.model_version)).inc()

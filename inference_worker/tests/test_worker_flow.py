@@ -145,6 +145,31 @@ def test_a_quiet_study_is_announced_once_and_scored():
     assert world.studies[KEY]["announced"] == 2
 
 
+def test_a_ready_event_that_never_reaches_the_scorer_is_announced_again():
+    """One sent while the partitions were being reassigned can be lost; scoring is idempotent,
+    so the study is announced again after park_s rather than left unscored."""
+
+    async def run() -> World:
+        world = World()
+        await world.receive(1, 2)
+        world.clock.now += QUIET
+        await world.flow.release_ready_studies()  # sent, and lost: never scored
+        world.clock.now += PARK - 0.5
+        await world.flow.release_ready_studies()  # not yet
+        assert len(world.ready.sent) == 1
+        world.clock.now += 0.5
+        await world.flow.release_ready_studies()
+        [_, again] = world.ready_events()
+        await world.score(again)
+        world.clock.now += PARK
+        await world.flow.release_ready_studies()  # scored: never again
+        return world
+
+    world = asyncio.run(run())
+    assert len(world.ready.sent) == 2
+    assert world.scorer.scored == [2]
+
+
 def test_only_the_owner_of_a_partition_announces():
     async def run() -> World:
         world = World(owns=False)

@@ -230,6 +230,16 @@ def test_a_heatmap_failure_leaves_the_score_written(store, error: Exception, nam
     assert len(of_type(writer.writes[0], "ImagingStudy")["series"]) == 1
 
 
+def test_heatmaps_can_be_turned_off(store) -> None:
+    root, paths = store
+    ready = ready_for(paths)
+    model, writer = ExplainingModel(), ListWriter()
+    scorer = Scorer(model, writer, max_slices=SLICES, retries=0, heatmaps=False)
+    asyncio.run(scorer.score(ready))
+    assert model.explained == 0 and len(writer.writes) == 1
+    assert heatmap_files(root, ready.StudyInstanceUID) == []
+
+
 def test_a_heatmap_is_mapped_back_onto_the_source_slice() -> None:
     """The inverse of the preprocessing's pad-to-square and resize: a spot in the model's input
     lands on the same spot of the (non-square) source slice."""
