@@ -300,6 +300,8 @@ class Stack:
                 "SCANWATCH_CONSOLE_LISTENER_HEALTH_URL": (
                     f"http://127.0.0.1:{p.listener_metrics}/healthz"
                 ),
+                "SCANWATCH_CONSOLE_MODEL_SERVER": f"127.0.0.1:{p.model_server}",
+                "SCANWATCH_CONSOLE_MODEL_NAME": c.model_name,
             },
             lambda: _http_ok(f"http://127.0.0.1:{p.console}/healthz"),
         )

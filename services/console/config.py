@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from scanwatch.logs import LogLevel
+from scanwatch.model_repository import DEFAULT_MODEL_NAME
 from services.auth.config import is_loopback
 from services.auth.tokens import TOKEN_AUDIENCE, TOKEN_ISSUER
 
@@ -135,6 +136,15 @@ class Settings(BaseSettings):
         None,
         description="The DICOM listener's /healthz (on its metrics port): the pipeline page "
         "shows its checks and outbox depth. Unset: not shown.",
+    )
+    model_server: str | None = Field(
+        None,
+        description="host:port of the TF Serving gRPC API the worker uses (TensorFlow Serving "
+        "or services/model_server): the pipeline page shows the model's versions and their "
+        "state (GetModelStatus). Unset: not shown.",
+    )
+    model_name: str = Field(
+        DEFAULT_MODEL_NAME, description="The served model whose status the pipeline page shows."
     )
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
 

@@ -30,6 +30,7 @@ from scanwatch.model_registry import Registry
 from schemas.training_events import DatasetSpec
 from services.auth.scopes import OPERATOR
 from services.console import audit, pipeline, training_ops
+from services.console.model_status import model_status
 from services.console.web import Staff, WebDep, check_csrf, require_role
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ class Operations:
     repository: Path | None
     bootstrap_servers: str | None
     listener_health_url: str | None
+    model_server: str | None  # host:port of the TF Serving gRPC API
+    model_name: str
     feed: training_ops.TrainingFeed | None
     producer: kafka.EventProducer | None
 
@@ -311,10 +314,16 @@ async def events(request: Request, ops: OperationsDep, staff: Operator) -> Respo
 async def pipeline_page(
     request: Request, web: WebDep, ops: OperationsDep, staff: Operator
 ) -> Response:
-    """The listener and its outbox, consumer lag per topic, dead letters with their reasons."""
+    """The listener and its outbox, the served model's versions, consumer lag per topic,
+    dead letters with their reasons."""
     listener = (
         await asyncio.to_thread(pipeline.listener_health, ops.listener_health_url)
         if ops.listener_health_url
+        else None
+    )
+    model = (
+        await asyncio.to_thread(model_status, ops.model_server, ops.model_name)
+        if ops.model_server
         else None
     )
     lag: list[pipeline.Lag] = []
@@ -335,6 +344,7 @@ async def pipeline_page(
         title="Pipeline health",
         nav="pipeline",
         listener=listener,
+        model=model,
         lag=lag,
         letters=letters,
         kafka_configured=ops.bootstrap_servers is not None,

@@ -20,7 +20,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from devtools.browser import launch_options
 from devtools.kafka_local import LocalKafka, free_port, read_topic
-from devtools.testing import served
+from devtools.testing import served, wait_for
 from scanwatch import kafka as kafka_adapter
 from scanwatch.model_registry import Registry
 from schemas.events import DeadLetterV1, StudyReadyV1
@@ -50,6 +50,8 @@ class Site:
 
 @pytest.fixture(scope="module")
 def site(kafka: LocalKafka, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    from services.model_server.app import create_server
+    from services.model_server.config import Settings as ModelServerSettings
     from training.config import TrainSettings
     from training.events import KafkaEvents
     from training.tests.test_training_worker import candidate, failing_runner
@@ -76,6 +78,16 @@ def site(kafka: LocalKafka, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
     thread.start()
+    model_server = create_server(
+        ModelServerSettings(
+            port=0,
+            metrics_port=0,
+            model_base_path=repository,
+            model_name=MODEL,
+            poll_interval_s=0.2,
+        )
+    )
+    model_server.start()
 
     fhir_app = create_fhir(
         FhirSettings(
@@ -117,10 +129,13 @@ def site(kafka: LocalKafka, tmp_path_factory: pytest.TempPathFactory) -> Iterato
                 kafka_bootstrap_servers=kafka.bootstrap_servers,
                 model_repository=repository,
                 listener_health_url=f"http://127.0.0.1:{free_port()}/healthz",  # not running
+                model_server=model_server.address,
+                model_name=MODEL,
             )
             with served(create_console(settings), console_port):
                 yield Site(console_url, totp, registry, versions, kafka)
     finally:
+        model_server.stop(grace_s=1.0)
         stop.set()
         thread.join(timeout=30)
         events.close()
@@ -208,9 +223,25 @@ def test_an_operator_reads_lag_and_re_drives_a_dead_letter(site: Site, page: Pag
         topic=f"{StudyReadyV1.SCHEMA}.dlq",
     )
     producer.close()
+    good = site.versions[0]
+    if not site.registry.served_versions(MODEL):  # this test alone: serve one version
+        site.registry.promote(MODEL, good, force=True)
     sign_in(page, site, "ops.pipeline")
     page.goto(f"{site.console}/operator/pipeline")
     expect(page.get_by_text("The listener did not answer its health check.")).to_be_visible()
+    # The model server, asked over gRPC (GetModelStatus): the served version is AVAILABLE
+    # once it has loaded it (the page is read again until then).
+    serving = page.get_by_role("row").filter(has_text="Serving")
+
+    def shown() -> bool:
+        if serving.count():
+            return True
+        page.reload()
+        return False
+
+    wait_for(shown, 60, "the served version on the pipeline page")
+    expect(serving).to_contain_text(f"{site.registry.served_versions(MODEL)[-1]}")
+    expect(serving).to_contain_text("AVAILABLE")
     expect(page.get_by_role("heading", name="Consumer lag")).to_be_visible()
     row = page.get_by_role("row").filter(has_text=study)
     expect(row.get_by_text("no usable series <b>axial</b>")).to_be_visible()  # as text
