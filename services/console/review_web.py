@@ -95,11 +95,20 @@ class Result:
             "threshold": threshold,
             "model": (obs.get("device") or {}).get("display") or "unknown model",
             "signed_by": performer.get("display") or performer.get("reference"),
-            "signed_on": obs.get("issued"),
+            "signed_on": _when(obs.get("issued")),
             "conclusion": report.get("conclusion") if self.signed else None,
             "observation_version": (obs.get("meta") or {}).get("versionId", ""),
             "report_version": (report.get("meta") or {}).get("versionId", ""),
         }
+
+
+def _when(instant: Any) -> str | None:
+    """A FHIR instant as staff read it (UTC, to the minute); as given when it is not one."""
+    try:
+        moment = datetime.fromisoformat(str(instant).replace("Z", "+00:00"))
+    except ValueError:
+        return str(instant) if instant else None
+    return moment.astimezone(UTC).strftime("%d %b %Y %H:%M UTC")
 
 
 def _headers(token: str) -> dict[str, str]:

@@ -25,16 +25,14 @@ from services.console.tests.test_web_browser import (
     Hospital,
     audit_of,
     axe_check,
-    browser,
     hospital,
-    page,
     sign_in,
     store_study,
 )
 from services.fhir_api.tests.test_search import scored
 
 pytestmark = pytest.mark.integration
-__all__ = ["browser", "hospital", "page"]  # the fixtures, shared with the staff pages' tests
+__all__ = ["hospital"]  # the fixture, shared with the staff pages' tests (browser, page: conftest)
 
 MARKUP = "<script>window.pwned = 1</script><b>Glioma</b> & oedema, left temporal."
 
