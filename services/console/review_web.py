@@ -79,8 +79,9 @@ class Result:
     def classes(self) -> list[str]:
         return clinical_review.model_classes(self.observation)
 
-    def view(self) -> dict[str, Any]:
-        """What the panel shows of it (plain values: the template escapes them)."""
+    def view(self, fhir_user: str | None = None) -> dict[str, Any]:
+        """What the panel shows of it (plain values: the template escapes them); ``fhir_user``
+        (the signed-in clinician) is named "you" when they signed it."""
         obs = self.observation
         quantity = obs.get("valueQuantity") or {}
         ranges = obs.get("referenceRange") or [{}]
@@ -94,7 +95,12 @@ class Result:
             "score": quantity.get("value"),
             "threshold": threshold,
             "model": (obs.get("device") or {}).get("display") or "unknown model",
-            "signed_by": performer.get("display") or performer.get("reference"),
+            "signed_by": performer.get("display")
+            or (
+                f"you ({fhir_user})"
+                if fhir_user and performer.get("reference") == fhir_user
+                else performer.get("reference")
+            ),
             "signed_on": _when(obs.get("issued")),
             "conclusion": report.get("conclusion") if self.signed else None,
             "observation_version": (obs.get("meta") or {}).get("versionId", ""),
@@ -212,7 +218,7 @@ def _review(
         title="Review and sign",
         nav="",
         study=study,
-        result=result.view() if result else None,
+        result=result.view(staff.session.fhir_user) if result else None,
         classes=result.classes if result else form.classes,
         patient_id=result.patient_id if result else None,
         form=form,

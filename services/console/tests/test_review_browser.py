@@ -116,6 +116,13 @@ def test_review_outcomes_once_fhir_answers(hospital: Hospital, page: Page, tmp_p
     page.goto(f"{hospital.console}/studies/{uid}/review")
     axe_check(page, "the review page")
 
+    # A signature without the session's CSRF token is refused, and nothing is written.
+    forged = page.request.post(
+        f"{hospital.console}/studies/{uid}/review",
+        form={"finding": "normal", "conclusion": "forged", "csrf_token": "forged"},
+    )
+    assert forged.status == 403
+
     # The result changes between the page and the signature: said, and shown as it is now.
     report_id = ids.diagnostic_report_id(uid, "m", 1)
     report = read(hospital, f"DiagnosticReport/{report_id}")
@@ -135,7 +142,7 @@ def test_review_outcomes_once_fhir_answers(hospital: Hospital, page: Page, tmp_p
     # Signed: who and when, the conclusion shown as text (its markup not run).
     page.get_by_label("Class (confirm the AI's or correct it)").select_option("normal")
     page.get_by_role("button", name="Sign the result").click()
-    expect(page.get_by_role("status")).to_contain_text("Signed by Practitioner/")
+    expect(page.get_by_role("status")).to_contain_text("Signed by you (Practitioner/")
     expect(page.get_by_role("status")).to_contain_text("(corrected)")
     expect(page.locator("dd.conclusion")).to_have_text(MARKUP)
     assert page.evaluate("window.pwned") is None
