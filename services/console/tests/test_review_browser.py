@@ -23,6 +23,7 @@ from services.auth.scopes import Scope
 from services.console.tests.test_web_browser import (
     SHOTS,
     Hospital,
+    activate,
     audit_of,
     axe_check,
     hospital,
@@ -244,3 +245,46 @@ def test_the_clinicians_patient_page(hospital: Hospital, page: Page, tmp_path: P
     assert prescription["requester"]["reference"].startswith("Practitioner/")
     callback = read(hospital, f"CommunicationRequest/{created.json()['id']}")
     assert callback["status"] == "completed"
+
+
+def test_a_signature_racing_another_change_is_a_412_shown_as_changed(
+    hospital: Hospital, page: Page, tmp_path: Path
+) -> None:
+    uid = "1.2.826.0.1.3680043.8.498.75"
+    store_study(hospital, tmp_path, uid, "Review^Ray", "20250304")
+    write_result(hospital, uid)
+    report_id = ids.diagnostic_report_id(uid, "m", 1)
+    base = hospital.fhir.removesuffix("/fhir")
+    hospital.totp["dr.gus"] = activate(base, hospital.engine, "dr.gus", "clinician")
+    sign_in(page, hospital, "dr.gus")
+    expect(page).to_have_url(f"{hospital.console}/worklist")
+    page.goto(f"{hospital.console}/studies/{uid}/review")
+
+    async def change_the_report_first(request: httpx.Request) -> None:
+        # The console has read the result and checked its versions; the transaction is on
+        # its way when the report changes: only the FHIR API's ifMatch can catch it.
+        if request.method == "POST" and request.url.path.endswith("/fhir"):
+            report = read(hospital, f"DiagnosticReport/{report_id}")
+            changed = {k: v for k, v in report.items() if k != "meta"} | {"conclusion": "new"}
+            async with httpx.AsyncClient() as other:
+                answer = await other.put(
+                    f"{hospital.fhir}/DiagnosticReport/{report_id}",
+                    json=changed,
+                    headers=hospital.system_headers(),
+                )
+            assert answer.status_code == 200, answer.text
+
+    real = hospital.web.http
+    hospital.web.http = httpx.AsyncClient(event_hooks={"request": [change_the_report_first]})
+    try:
+        page.get_by_label("Conclusion").fill("Agree.")
+        page.get_by_role("button", name="Sign the result").click()
+        expect(page.get_by_role("alert")).to_contain_text("changed while you were reviewing it")
+        expect(page.get_by_label("Conclusion")).to_have_value("Agree.")
+    finally:
+        hospital.web.http = real
+    observation = read(hospital, f"Observation/{ids.observation_id(uid, 'm', 1)}")
+    assert (observation["status"], observation["meta"]["versionId"]) == ("preliminary", "1")
+    # The form now carries the new versions: signing again works.
+    page.get_by_role("button", name="Sign the result").click()
+    expect(page.get_by_role("status")).to_contain_text("Signed by you")
