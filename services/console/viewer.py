@@ -27,7 +27,7 @@ from sqlalchemy import select
 
 from services.console import audit, dicomweb, qido
 from services.console.dicomweb import Authorised, Console
-from services.console.index import is_uid
+from services.console.index import is_uid, series_table
 from services.console.web import Clinician, Web, WebDep
 from services.console.worklist import results, study_keys, top_up_results
 
@@ -37,6 +37,11 @@ router = APIRouter()
 
 #: Where the page's script finds DICOMweb (session-authenticated, clinicians only).
 VIEWER_DICOMWEB = "/viewer/dicomweb"
+#: The worker's heatmap series (``inference_worker.heatmaps.SERIES_NUMBER``, README
+#: "Heatmaps"; the console does not import the worker, a test keeps the two equal).
+HEATMAP_SERIES_NUMBER = 9901
+#: The QIDO-RS search viewer.js starts with (the same URL, so a preload serves it).
+INSTANCES_SEARCH = "/instances?includefield=SeriesNumber&includefield=SeriesDescription&offset=0"
 
 
 def _console(request: Request) -> Console:
@@ -58,6 +63,17 @@ def study_header(request: Request, study: str) -> dict[str, Any] | None:
     if not rows:
         return None
     row = rows[0]
+    # What the page's script will ask first, for the browser to fetch while it parses the page:
+    # the study's instances and, the heaviest answer, the heatmap series' metadata.
+    base = f"{VIEWER_DICOMWEB}/studies/{study}"
+    with state.engine.connect() as conn:
+        maps = conn.execute(
+            select(series_table.c.SeriesInstanceUID).where(
+                series_table.c.StudyInstanceUID == study,
+                series_table.c.SeriesNumber == HEATMAP_SERIES_NUMBER,
+            )
+        ).scalars()
+        preload = [base + INSTANCES_SEARCH, *(f"{base}/series/{uid}/metadata" for uid in maps)]
     header = {
         "StudyInstanceUID": study,
         "PatientName": str(row.get("PatientName") or "").replace("^", " ").strip(),
@@ -65,6 +81,7 @@ def study_header(request: Request, study: str) -> dict[str, Any] | None:
         "StudyDate": row.get("StudyDate") or "",
         "StudyDescription": row.get("StudyDescription") or "",
         "result": None,
+        "preload": preload,
     }
     web: Web = request.app.state.web
     web.worklist.open()
@@ -133,7 +150,10 @@ async def study_api(request: Request, web: WebDep, staff: Clinician, study: str)
     )
     await _top_up_results(web, staff.token)
     header = await asyncio.to_thread(study_header, request, study)
-    return JSONResponse(header or {"StudyInstanceUID": study, "stored": False})
+    if header is None:
+        return JSONResponse({"StudyInstanceUID": study, "stored": False})
+    header.pop("preload")
+    return JSONResponse(header)
 
 
 # --- DICOMweb for the page, behind the session -------------------------------------------------

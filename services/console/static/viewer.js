@@ -87,6 +87,7 @@
   // heatmap series' metadata (its probabilities and references) is needed before the first
   // slice is drawn. The scored series' own headers (its windows) follow in the background.
   function load() {
+    // The same URL as the page's preload (viewer.py INSTANCES_SEARCH), which answers it.
     var search = BASE + "/instances?includefield=SeriesNumber&includefield=SeriesDescription";
     return searchAll(search, 0).then(function (found) {
       var bySeries = new Map();

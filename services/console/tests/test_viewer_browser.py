@@ -23,6 +23,7 @@ from dicom_listener.adapters.filestore import FileStore
 from inference_worker import heatmaps
 from inference_worker.series import SourceSlice
 from scanwatch.sample import build_mr_study
+from services.console import viewer
 from services.console.tests import test_web_browser as hospital_web
 from services.console.tests.helpers import put
 from services.console.tests.test_web_browser import (
@@ -35,10 +36,9 @@ from services.console.tests.test_web_browser import (
     store_study,
 )
 
-# The hospital of test_web_browser (its own instance for this module), its browser and tabs.
+# The hospital of test_web_browser (its own instance for this module); the browser and its
+# tabs come from the console tests' conftest.py.
 hospital = hospital_web.hospital
-browser = hospital_web.browser
-page = hospital_web.page
 
 pytestmark = pytest.mark.integration
 
@@ -58,6 +58,10 @@ PROBABILITIES = np.array(
     ]
 )
 MARKUP_NAME = "<b>Doe</b>^<i>Jane</i>"
+
+
+def test_the_viewer_knows_the_workers_heatmap_series_number() -> None:
+    assert viewer.HEATMAP_SERIES_NUMBER == heatmaps.SERIES_NUMBER
 
 
 def blob_maps(n: int, size: int = 64) -> np.ndarray:
