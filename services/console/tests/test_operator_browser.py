@@ -16,9 +16,8 @@ from datetime import UTC, datetime
 
 import pyotp
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 
-from devtools.browser import launch_options
 from devtools.kafka_local import LocalKafka, free_port, read_topic
 from devtools.testing import served, wait_for
 from scanwatch import kafka as kafka_adapter
@@ -28,6 +27,7 @@ from services.auth import clients
 from services.console.app import create_app as create_console
 from services.console.config import Settings as ConsoleSettings
 from services.console.tests.test_web_browser import AXE, SHOTS, activate, axe_check
+from services.console.tests.test_web_browser import sign_in as staff_sign_in
 from services.fhir_api.app import create_app as create_fhir
 from services.fhir_api.config import Settings as FhirSettings
 
@@ -37,6 +37,8 @@ PASSWORD = "correct horse battery staple"
 CONSOLE_CLIENT = "test-console-ops"
 #: Not "brain": the training tests' workers read the same topics in the same session.
 MODEL = "operator-page"
+#: How long a page may wait for the training worker's answer over Kafka (a loaded machine).
+ANSWER_MS = 60_000
 
 
 @dataclass
@@ -46,6 +48,10 @@ class Site:
     registry: Registry
     versions: tuple[int, int]  # a good candidate, a worse one
     kafka: LocalKafka
+
+    def code(self, username: str) -> str:
+        """The next step's TOTP code (activation spent the current one; a code works once)."""
+        return pyotp.TOTP(self.totp[username]).at(datetime.now(UTC), counter_offset=1)
 
 
 @pytest.fixture(scope="module")
@@ -141,31 +147,8 @@ def site(kafka: LocalKafka, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         events.close()
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(**launch_options())
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1280, "height": 800}, locale="en-GB")
-    context.set_default_timeout(20_000)
-    tab = context.new_page()
-    yield tab
-    context.close()
-
-
 def sign_in(page: Page, site: Site, username: str) -> None:
-    page.goto(f"{site.console}/signin")
-    page.get_by_role("link", name="Sign in").click()
-    page.get_by_label("Username").fill(username)
-    page.get_by_label("Password", exact=True).fill(PASSWORD)
-    code = pyotp.TOTP(site.totp[username]).at(datetime.now(UTC), counter_offset=1)
-    page.get_by_label("Code from your authenticator app").fill(code)
-    page.get_by_role("button", name="Sign in").click()
+    staff_sign_in(page, site, username)  # type: ignore[arg-type]  # a Site signs in alike
     expect(page).to_have_url(f"{site.console}/worklist")
 
 
@@ -177,14 +160,15 @@ def test_an_operator_promotes_and_is_refused_a_worse_version(site: Site, page: P
     axe_check(page, "the models page")
     page.get_by_role("button", name=f"Promote {MODEL} version {good}").click()
     # The worker's answer arrives over Kafka; the page updates itself.
-    expect(page.get_by_text(f"Done: {MODEL} version {good} is now served")).to_be_visible()
+    done = page.get_by_text(f"Done: {MODEL} version {good} is now served")
+    expect(done).to_be_visible(timeout=ANSWER_MS)
     assert site.registry.served_versions(MODEL) == [good]
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "operator-models.png"), full_page=True)
 
     page.get_by_role("button", name=f"Promote {MODEL} version {worse}").click()
     refusal = page.get_by_role("alert")
-    expect(refusal).to_contain_text("Refused")
+    expect(refusal).to_contain_text("Refused", timeout=ANSWER_MS)
     expect(refusal).to_contain_text("below")
     assert site.registry.served_versions(MODEL) == [good]
 
@@ -201,7 +185,7 @@ def test_an_operator_starts_a_job_and_follows_it(site: Site, page: Page) -> None
     page.get_by_role("button", name="Start training").click()
     expect(page).to_have_url(f"{site.console}/operator/jobs/" + page.url.rsplit("/", 1)[-1])
     # The worker takes it (queued) and, with this test's runner, fails it with the reason.
-    expect(page.get_by_text("dataset folder is empty")).to_be_visible()
+    expect(page.get_by_text("dataset folder is empty")).to_be_visible(timeout=ANSWER_MS)
     axe_check(page, "a training job's page")
     page.get_by_role("link", name="All training jobs").click()
     expect(page.get_by_role("cell", name="failed").first).to_be_visible()

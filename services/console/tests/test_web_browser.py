@@ -19,12 +19,12 @@ import httpx
 import pyotp
 import pytest
 from fhir.resources.R4B.auditevent import AuditEvent
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Page, expect
 from pydicom.data import get_testdata_file
 from sqlalchemy.engine import Engine
 from sqlmodel import Session, col, select
 
-from devtools.browser import form_fields, launch_options
+from devtools.browser import form_fields
 from devtools.kafka_local import free_port
 from devtools.testing import served
 from dicom_listener.adapters.filestore import FileStore
@@ -135,23 +135,6 @@ def hospital(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hospital]:
                 totp,
                 var / "store",
             )
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(**launch_options())
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def page(browser: Browser) -> Iterator[Page]:
-    context = browser.new_context(viewport={"width": 1280, "height": 800}, locale="en-GB")
-    context.set_default_timeout(15_000)
-    tab = context.new_page()
-    yield tab
-    context.close()
 
 
 def sign_in(page: Page, hospital: Hospital, username: str, password: str = PASSWORD) -> None:
