@@ -17,7 +17,7 @@ import httpx
 import pydicom
 import pytest
 
-from conftest import KAFKA_LIBS, ROOT
+from conftest import KAFKA_LIBS
 from devtools.kafka_local import free_port, read_topic
 from devtools.peers import storescu
 from devtools.stack import Ports, Stack, StackConfig
@@ -27,8 +27,9 @@ from scanwatch.sample import build_mr_study
 
 pytestmark = pytest.mark.e2e
 
-MODELS = ROOT / "var" / "models"
 QUIET_PERIOD_S = 2.0
+#: The worker's default max_slices: the slices scored, and so heatmaps stored, per study.
+SCORED_SLICES = 16
 
 
 WORKERS = 2  # two worker processes share the partitions, as in a scaled-out deployment
@@ -47,7 +48,18 @@ def free_port_pair() -> int:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh model repository with the shipped default model as version 1, as the bootstrap
+    makes it on a fresh clone (var/models may hold an older export without heatmaps)."""
+    from training.default_model import ensure_default_model
+
+    repository = tmp_path_factory.mktemp("models")
+    ensure_default_model(repository)
+    return repository
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, models: Path) -> Iterator[Stack]:
     ports = Ports(**{name: free_port() for name in Ports.__dataclass_fields__})
     ports.worker_web = free_port_pair()
     config = StackConfig(
@@ -61,7 +73,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "SCANWATCH_WORKER_PARK_S": "3",
             "SCANWATCH_WORKER_BREAKER_RESET_S": "2",
         },
-        models=MODELS,
+        models=models,
         kafka_libs=KAFKA_LIBS,
     )
     running = Stack(config)
@@ -110,10 +122,27 @@ def test_storescu_study_becomes_a_queryable_observation(
 
     device = httpx.get(f"{fhir}/Device/{ids.device_id(model_name, 1)}").json()
     assert device["version"][0]["value"] == "1"
-    study = httpx.get(f"{fhir}/ImagingStudy/{ids.imaging_study_id(study_uid)}").json()
-    assert study["numberOfInstances"] == len(files)
+
+    # The heatmaps follow the score: a Secondary Capture series beside the study, listed in
+    # the ImagingStudy the Observation derives from.
+    def with_heatmaps():
+        study = httpx.get(f"{fhir}/ImagingStudy/{ids.imaging_study_id(study_uid)}").json()
+        return study if len(study.get("series", [])) == 2 else None
+
+    study = wait_for(with_heatmaps, timeout=120, what="the heatmap series in the ImagingStudy")
+    heatmap_series = study["series"][1]
+    assert heatmap_series["modality"]["code"] == "OT"
+    assert heatmap_series["numberOfInstances"] == SCORED_SLICES
+    assert study["numberOfInstances"] == len(files) + SCORED_SLICES
+    folder = stack.config.var / "store" / study_uid / heatmap_series["uid"]
+    heatmaps = sorted(folder.glob("*.dcm"))
+    assert {p.stem for p in heatmaps} == {i["uid"] for i in heatmap_series["instance"]}
+    first = pydicom.dcmread(heatmaps[0])
+    assert first.StudyInstanceUID == study_uid and first.Modality == "OT"
+    sources = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    assert first.SourceImageSequence[0].ReferencedSOPInstanceUID in sources
     stored = list((stack.config.var / "store").rglob("*.dcm"))
-    assert len(stored) == len(files)
+    assert len(stored) == len(files) + SCORED_SLICES
 
 
 def observations_of(stack: Stack, patient_id: str) -> dict:
@@ -180,8 +209,16 @@ def test_late_instances_amend_the_observation(stack: Stack, tmp_path: Path):
     bundle = wait_for(amended, 180)
     assert bundle["total"] == 1  # the same Observation, amended: not a second one
     fhir = stack.config.fhir_base
-    imaging = httpx.get(f"{fhir}/ImagingStudy/{ids.imaging_study_id(study_uid)}").json()
-    assert imaging["numberOfInstances"] == len(files)
+
+    def with_all_heatmaps():
+        imaging = httpx.get(f"{fhir}/ImagingStudy/{ids.imaging_study_id(study_uid)}").json()
+        series = imaging.get("series", [])
+        return imaging if len(series) == 2 and series[1]["numberOfInstances"] == 10 else None
+
+    # Every instance counted, and a heatmap for each of the 10 slices now scored.
+    imaging = wait_for(with_all_heatmaps, 120, "heatmaps of the late slices too")
+    assert imaging["series"][0]["numberOfInstances"] == len(files)
+    assert imaging["numberOfInstances"] == len(files) + 10
 
 
 def worker_metric(stack: Stack, name: str) -> float:
