@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from playwright.sync_api import Page, expect
 
 from dicom_listener.adapters.filestore import FileStore
 from inference_worker import heatmaps
+from inference_worker.fhir_resources import resources_for
 from inference_worker.series import SourceSlice
 from scanwatch.sample import build_mr_study
 from services.console import viewer
@@ -31,10 +32,10 @@ from services.console.tests.test_web_browser import (
     Hospital,
     audit_of,
     axe_check,
-    score,
     sign_in,
     store_study,
 )
+from services.fhir_api.tests.test_search import scored
 
 # The hospital of test_web_browser (its own instance for this module); the browser and its
 # tabs come from the console tests' conftest.py.
@@ -58,6 +59,7 @@ PROBABILITIES = np.array(
     ]
 )
 MARKUP_NAME = "<b>Doe</b>^<i>Jane</i>"
+MODEL, VERSION = "brain-mri-anomaly", 3
 
 
 def test_the_viewer_knows_the_workers_heatmap_series_number() -> None:
@@ -91,7 +93,7 @@ def store_scored_study(store_dir: Path, tmp: Path, study: str, name: str) -> hea
     ]
     return heatmaps.write_heatmap_series(
         store.root, study, sources, blob_maps(len(sources)), PROBABILITIES.astype(np.float32),
-        CLASSES, "brain-mri-anomaly", 3, datetime(2026, 1, 1, tzinfo=UTC),
+        CLASSES, MODEL, VERSION, datetime(2026, 1, 1, tzinfo=UTC),
     )  # fmt: skip
 
 
@@ -104,7 +106,21 @@ class Studies:
 def studies(hospital: Hospital, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Studies]:
     tmp = tmp_path_factory.mktemp("viewer-studies")
     series = store_scored_study(hospital.store, tmp, SCORED, MARKUP_NAME)
-    score(hospital, SCORED, p_normal=0.07)
+    # The study's AI result in FHIR, as the worker writes it for the same model and classes.
+    study = replace(
+        scored(SCORED, "PID-001"),
+        model_name=MODEL,
+        model_version=VERSION,
+        class_names=tuple(CLASSES),
+        probabilities=tuple(float(p) for p in PROBABILITIES[3]),
+    )
+    for resource in resources_for(study):
+        answer = httpx.put(
+            f"{hospital.fhir}/{resource['resourceType']}/{resource['id']}",
+            json=resource,
+            headers=hospital.system_headers(),
+        )
+        assert answer.status_code in (200, 201), answer.text
     store_study(hospital, tmp, OLDER, "Older^Model", "20250101", n=2)
     yield Studies(series)
 
