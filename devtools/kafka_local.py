@@ -137,13 +137,22 @@ class LocalKafka:
         return props
 
     def pid(self) -> int | None:
-        """PID of the running broker started from ``home``, or None."""
+        """PID of the running broker started from ``home``, or None (a broker that died as
+        this process's child is reaped first: a zombie is not a running broker)."""
         try:
             pid = int(self._pid_file.read_text())
+            _reap(pid)
             os.kill(pid, 0)
         except (FileNotFoundError, ValueError, ProcessLookupError):
             return None
         return pid
+
+    def kill(self) -> None:
+        """SIGKILL the broker (fault injection): no shutdown, no flush."""
+        pid = self.pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+            _reap(pid)
 
     def start(self, timeout: float = 90.0, topics: Iterable[TopicSpec] = TOPICS) -> None:
         """Format storage if new, start the broker, wait for it, create ``topics``."""

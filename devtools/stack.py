@@ -1,9 +1,9 @@
 """The whole system on one machine, on embedded defaults: the development stack.
 
 Starts a local Kafka, the model server, the FHIR API, the inference worker and the DICOM
-listener as child processes, waits until each answers its health check, restarts any that dies
-(the worker exits on purpose on fatal errors, so that a supervisor restarts it), and stops
-everything on SIGINT/SIGTERM. ``scanwatch run`` and the end-to-end tests both use it.
+listener as child processes, waits until each answers its health check, restarts any that dies,
+the broker included (the worker exits on purpose on fatal errors, so that a supervisor restarts
+it), and stops everything on SIGINT/SIGTERM. ``scanwatch run`` and the end-to-end tests both use it.
 """
 
 from __future__ import annotations
@@ -158,6 +158,8 @@ class Stack:
         ]
         self._stopping = threading.Event()
         self._supervisor: threading.Thread | None = None
+        #: True while the broker is stopped on purpose (an outage the supervisor leaves alone).
+        self.kafka_held = False
 
     def _services(self) -> list[Service]:
         c, p = self.config, self.config.ports
@@ -433,10 +435,14 @@ class Stack:
         return next(s for s in self.services if s.name == name)
 
     # -- lifecycle ----------------------------------------------------------------------------
+    @property
+    def _uses_kafka(self) -> bool:
+        return any(s.kafka for s in self.services)
+
     def start(self, timeout: float = 180.0) -> None:
         """Start Kafka and every service; return when all are healthy."""
         self.logs.mkdir(parents=True, exist_ok=True)
-        if any(s.kafka for s in self.services):
+        if self._uses_kafka:
             self.kafka.start()
         for service in self.services:
             self._spawn(service)
@@ -476,8 +482,20 @@ class Stack:
         raise StackError(f"{service.name} not healthy in time; see {self.logs}")
 
     def _supervise(self) -> None:
-        """Restart services that exit (with a growing pause), until the stack stops."""
+        """Restart services that exit (with a growing pause), the broker first, until the
+        stack stops."""
+        broker_restarts = 0
         while not self._stopping.wait(0.5):
+            if self._uses_kafka and not self.kafka_held and self.kafka.pid() is None:
+                broker_restarts += 1
+                log.warning("kafka broker exited; restarting", extra={"restarts": broker_restarts})
+                try:
+                    self.kafka.start()  # its data and topics are kept: clients reconnect
+                except Exception:  # noqa: BLE001 - try again at the next turn
+                    log.exception("kafka broker restart failed")
+                    if self._stopping.wait(min(2.0**broker_restarts, 30.0)):
+                        return
+                continue
             for service in self.services:
                 proc = service.process
                 if proc is None or proc.poll() is None or service.held or self._stopping.is_set():
@@ -493,13 +511,22 @@ class Stack:
                 self._spawn(service)
 
     def kill(self, name: str) -> None:
-        """SIGKILL one service (fault injection); the supervisor restarts it."""
+        """SIGKILL one service, or ``"kafka"`` the broker (fault injection); the supervisor
+        restarts it."""
+        if name == "kafka":
+            self.kafka.kill()
+            return
         proc = self.service(name).process
         if proc is not None:
             proc.kill()
 
     def hold(self, name: str) -> None:
-        """Stop one service and keep it down (an outage) until :meth:`release`."""
+        """Stop one service, or ``"kafka"`` the broker, and keep it down (an outage) until
+        :meth:`release`."""
+        if name == "kafka":
+            self.kafka_held = True
+            self.kafka.stop()
+            return
         service = self.service(name)
         service.held = True
         if service.process is not None and service.process.poll() is None:
@@ -507,7 +534,11 @@ class Stack:
             service.process.wait(timeout=30)
 
     def release(self, name: str, timeout: float = 120.0) -> None:
-        """Start a held service again and wait until it is healthy."""
+        """Start a held service (or the broker) again and wait until it is healthy."""
+        if name == "kafka":
+            self.kafka.start(timeout)
+            self.kafka_held = False
+            return
         service = self.service(name)
         self._spawn(service)
         service.held = False
@@ -529,7 +560,7 @@ class Stack:
             except subprocess.TimeoutExpired:
                 service.process.kill()
                 service.process.wait()
-        if any(s.kafka for s in self.services):
+        if self._uses_kafka:
             self.kafka.stop()
 
     def banner(self, patient_id: str = "SW-DEMO-0001") -> str:
