@@ -376,21 +376,35 @@
   }, { passive: false });
   slider.addEventListener("input", function () { go(Number(slider.value) - 1); });
 
-  function setWindow(win) {
+  // A new window: one rendering asked of the server at a time (a drag moves faster than the
+  // server answers), then the latest window; the slices cached at the old window are let go.
+  var windowBusy = false, windowPending = false;
+  function setWindow(win, settled) {
     userWindow = win;
+    images.clear();
     describe();
-    draw();
+    if (windowBusy) { windowPending = true; return; }
+    windowBusy = true;
+    draw().then(function () {
+      windowBusy = false;
+      if (windowPending) {
+        windowPending = false;
+        setWindow(userWindow, settled);
+      } else if (settled) {
+        prefetch();
+      }
+    });
   }
   preset.addEventListener("change", function () {
-    if (preset.value === "default") { setWindow(null); return; }
+    if (preset.value === "default") { setWindow(null, true); return; }
     var parts = preset.value.split(",").map(Number);
-    setWindow([parts[0], parts[1]]);
+    setWindow([parts[0], parts[1]], true);
   });
   function typed() {
     var c = Number(centerInput.value), w = Number(widthInput.value);
     if (centerInput.value === "" || widthInput.value === "" || !isFinite(c) || !isFinite(w) || w < 1) { return; }
     preset.selectedIndex = -1;
-    setWindow([c, w]);
+    setWindow([c, w], true);
   }
   centerInput.addEventListener("change", typed);
   widthInput.addEventListener("change", typed);
@@ -409,7 +423,7 @@
     var width = Math.max(1, drag.win[1] + (event.clientX - drag.x) * scale * 2);
     var center = drag.win[0] + (event.clientY - drag.y) * scale;
     preset.selectedIndex = -1;
-    setWindow([center, width]);
+    setWindow([center, width], false);
   });
   function endDrag() {
     if (drag) { drag = null; prefetch(); }
