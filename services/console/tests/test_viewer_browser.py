@@ -24,6 +24,7 @@ from inference_worker import heatmaps
 from inference_worker.fhir_resources import resources_for
 from inference_worker.series import SourceSlice
 from scanwatch.sample import build_mr_study
+from services.auth.scopes import ROLE_SCOPES, parse_scopes
 from services.console import viewer
 from services.console.tests import test_web_browser as hospital_web
 from services.console.tests.helpers import put
@@ -222,6 +223,29 @@ def test_clinician_reads_a_scored_study_with_its_evidence(
     page.wait_for_function(
         "() => document.getElementById('viewport').dataset.drawn === '4+heatmap'"
     )
+    # A stronger opacity paints more of the map over the slice.
+    half = pixels(page)
+    page.get_by_label("Heatmap opacity").fill("100")
+    page.wait_for_function(
+        "before => document.getElementById('viewport').toDataURL() !== before", arg=half
+    )
+    page.wait_for_function(
+        "() => document.getElementById('viewport').dataset.drawn === '4+heatmap'"
+    )
+
+    # The session's DICOMweb path answers as the bearer path does (the same handlers).
+    path = f"/studies/{SCORED}/series/{studies.scored.SeriesInstanceUID}/metadata"
+    mine = page.request.get(f"{hospital.console}/viewer/dicomweb{path}")
+    token, _ = hospital.tokens.issue(
+        "dr.ada",
+        parse_scopes(" ".join(ROLE_SCOPES["clinician"])),
+        claims={"roles": ["clinician"]},
+    )
+    theirs = httpx.get(
+        f"{hospital.console}/dicomweb{path}", headers={"Authorization": f"Bearer {token}"}
+    )
+    assert mine.status == 200 and theirs.status_code == 200, theirs.text
+    assert mine.json() == theirs.json() and len(mine.json()) == len(PROBABILITIES)
 
     # The images came through the session's DICOMweb path; opening was audited.
     events = audit_of(hospital, "dr.ada")
