@@ -51,6 +51,16 @@ def test_invalid_settings_are_refused_with_a_clear_message(
         Settings(**{field: value})  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "::"])
+def test_a_reachable_listener_needs_an_allow_list(host: str) -> None:
+    with pytest.raises(ValidationError, match="SCANWATCH_LISTENER_ALLOWED_CALLING_AES"):
+        Settings(host=host)
+    allowed = Settings(host=host, allowed_calling_aes=["MR1@10.1.2.3"])
+    assert allowed.allowed_calling_aes == ["MR1@10.1.2.3"]
+    for loopback in ("127.0.0.1", "::1", "localhost"):
+        assert Settings(host=loopback).allowed_calling_aes == []  # development: any caller
+
+
 def test_main_exits_2_on_invalid_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SCANWATCH_LISTENER_PORT", "70000")
     assert main([]) == 2

@@ -26,7 +26,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Field, Session, SQLModel, col, select
 
 from scanwatch.database import for_writes
-from services.auth.config import is_loopback
+from scanwatch.network import is_loopback
 from services.auth.scopes import NON_RESOURCE_SCOPES, ROLE_SCOPES, Scope, parse_scopes
 
 log = logging.getLogger(__name__)

@@ -4,21 +4,12 @@ routes, reads them beside its own settings (``services.fhir_api.config``)."""
 
 from __future__ import annotations
 
-import ipaddress
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is a loopback interface (only this machine can connect)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+from scanwatch.network import is_loopback
 
 
 class AuthSettings(BaseSettings):

@@ -22,7 +22,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
-from services.auth.config import is_loopback
+from scanwatch.network import is_loopback
 
 HERE = Path(__file__).resolve().parent
 #: The CSRF cookie and the form field that must carry the same value.

@@ -10,7 +10,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from scanwatch.logs import LogLevel
 from scanwatch.model_repository import DEFAULT_MODEL_NAME
-from services.auth.config import is_loopback
+from scanwatch.network import is_loopback
 from services.auth.tokens import TOKEN_AUDIENCE, TOKEN_ISSUER
 
 #: The listener's default file store (``SCANWATCH_LISTENER_STORAGE_DIR``).

@@ -10,7 +10,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from scanwatch.logs import LogLevel
-from services.auth.config import is_loopback
+from scanwatch.network import is_loopback
 
 #: The front-end packages npm installs at set-up (``services/portal/package.json``).
 DEFAULT_ASSETS_DIR = Path(__file__).resolve().parent / "node_modules"
