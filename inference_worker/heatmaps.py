@@ -136,6 +136,27 @@ def to_source_geometry(heatmap: npt.NDArray[np.float32], rows: int, cols: int) -
     return padded[top : top + rows, left : left + cols]
 
 
+#: PS3.3 C.7.6.1.1.1: the patient direction a positive step along x, y or z points to.
+_DIRECTIONS = (("L", "R"), ("P", "A"), ("H", "F"))
+
+
+def patient_orientation(source: Dataset) -> tuple[str, str]:
+    """PatientOrientation (row, column directions) of the source slice, from its
+    ImageOrientationPatient (the dominant axis of each direction cosine), else its own
+    PatientOrientation, else the axial default ("L", "P")."""
+    cosines = source.get("ImageOrientationPatient")
+    if cosines is not None and len(cosines) == 6:
+        letters = []
+        for vector in (cosines[:3], cosines[3:]):
+            axis = int(np.argmax(np.abs(np.asarray(vector, dtype=float))))
+            letters.append(_DIRECTIONS[axis][0 if float(vector[axis]) > 0 else 1])
+        return letters[0], letters[1]
+    given = source.get("PatientOrientation")
+    if given is not None and len(given) == 2 and all(given):
+        return str(given[0]), str(given[1])
+    return "L", "P"
+
+
 def _private_values(
     ds: Dataset,
     class_names: Sequence[str],
@@ -201,7 +222,8 @@ def build_instance(
         manufacturer=MANUFACTURER,
         # highdicom annotates this tuple[int, int]; PS3.3 PixelSpacing is DS (decimal) values.
         pixel_spacing=(float(spacing[0]), float(spacing[1])) if spacing else None,  # type: ignore[arg-type]
-        patient_orientation=("L", "P"),
+        # Where the heatmap's rows and columns point: the slice's own (sagittal, coronal...).
+        patient_orientation=patient_orientation(source),
         transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
     )
     image.SeriesDescription = SERIES_DESCRIPTION

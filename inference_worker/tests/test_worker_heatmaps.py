@@ -230,6 +230,21 @@ def test_a_heatmap_failure_leaves_the_score_written(store, error: Exception, nam
     assert len(of_type(writer.writes[0], "ImagingStudy")["series"]) == 1
 
 
+@pytest.mark.parametrize(
+    ("cosines", "expected"),
+    [
+        ([1, 0, 0, 0, 1, 0], ("L", "P")),  # axial
+        ([0, 1, 0, 0, 0, -1], ("P", "F")),  # sagittal
+        ([1, 0, 0, 0, 0, -1], ("L", "F")),  # coronal
+        ([-0.9, 0.1, 0, 0.1, 0.2, -0.97], ("R", "F")),  # oblique: the dominant axis
+    ],
+)
+def test_the_heatmap_keeps_the_slices_patient_orientation(cosines, expected) -> None:
+    ds = pydicom.Dataset()
+    ds.ImageOrientationPatient = cosines
+    assert heatmaps.patient_orientation(ds) == expected
+
+
 def test_heatmaps_can_be_turned_off(store) -> None:
     root, paths = store
     ready = ready_for(paths)
