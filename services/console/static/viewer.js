@@ -209,8 +209,17 @@
         .then(function (blob) { return createImageBitmap(blob); });
       promise.catch(function () { images.delete(url); });
       images.set(url, promise);
+      bound(images);
     }
     return images.get(url);
+  }
+
+  // A long series must not fill the browser's memory: the oldest entries go first (a Map keeps
+  // insertion order); prefetching stays within PREFETCH_SPAN slices of the current one.
+  var CACHE_LIMIT = 160;
+  var PREFETCH_SPAN = 60;
+  function bound(cache) {
+    while (cache.size > CACHE_LIMIT) { cache.delete(cache.keys().next().value); }
   }
 
   // A colour map (dark red → red → yellow → white, "hot"), transparent where the map is low so
@@ -248,6 +257,7 @@
       });
       promise.catch(function () { coloured.delete(heatmap.sop); });
       coloured.set(heatmap.sop, promise);
+      bound(coloured);
     }
     return coloured.get(heatmap.sop);
   }
@@ -284,9 +294,12 @@
     });
   }
 
+  var prefetchedAround = -1;
   function prefetch() {
     // The other slices (and their heatmaps) at the current window, a few at a time, nearest first.
+    prefetchedAround = current;
     var order = slices.map(function (_, i) { return i; })
+      .filter(function (i) { return Math.abs(i - current) <= PREFETCH_SPAN; })
       .sort(function (a, b) { return Math.abs(a - current) - Math.abs(b - current); });
     var next = 0;
     function one() {
@@ -353,6 +366,7 @@
     current = index;
     describe();
     draw();
+    if (firstDrawn && Math.abs(current - prefetchedAround) > PREFETCH_SPAN / 2) { prefetch(); }
   }
 
   // --- controls -------------------------------------------------------------------------------
