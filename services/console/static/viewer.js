@@ -199,9 +199,9 @@
     return win ? url + "?window=" + encodeURIComponent(Math.round(win[0]) + "," + Math.max(1, Math.round(win[1]))) : url;
   }
 
-  function bitmap(url) {
+  function bitmap(url, signal) {
     if (!images.has(url)) {
-      var promise = fetch(url, { credentials: "same-origin", headers: { "Accept": "image/png" } })
+      var promise = fetch(url, { credentials: "same-origin", headers: { "Accept": "image/png" }, signal: signal })
         .then(function (answer) {
           if (!answer.ok) { throw new Error("the image server answered " + answer.status); }
           return answer.blob();
@@ -236,11 +236,11 @@
     return lut;
   })();
 
-  function colouredHeatmap(heatmap) {
+  function colouredHeatmap(heatmap, signal) {
     if (!coloured.has(heatmap.sop)) {
       // 8-bit, 255 the map's maximum: a window that passes the stored values through.
       var url = renderedUrl(heatmap.series, heatmap.sop, null, [128, 256]);
-      var promise = bitmap(url).then(function (grey) {
+      var promise = bitmap(url, signal).then(function (grey) {
         var layer = document.createElement("canvas");
         layer.width = grey.width;
         layer.height = grey.height;
@@ -290,23 +290,31 @@
         prefetch();
       }
     }).catch(function (error) {
-      if (serial === drawSerial) { status.textContent = "This slice could not be shown: " + error.message + "."; }
+      if (serial !== drawSerial) { return; }
+      // A prefetch this draw shared was called off (a new window or a long jump): ask again.
+      if (error && error.name === "AbortError") { return draw(); }
+      status.textContent = "This slice could not be shown: " + error.message + ".";
     });
   }
 
+  // A new prefetch calls off the one before (its requests are aborted): after a window change
+  // its images are of no use, and they would queue before the slice the user is looking at.
   var prefetchedAround = -1;
+  var prefetching = null;
   function prefetch() {
     // The other slices (and their heatmaps) at the current window, a few at a time, nearest first.
     prefetchedAround = current;
+    if (prefetching) { prefetching.abort(); }
+    var controller = prefetching = new AbortController();
     var order = slices.map(function (_, i) { return i; })
       .filter(function (i) { return Math.abs(i - current) <= PREFETCH_SPAN; })
       .sort(function (a, b) { return Math.abs(a - current) - Math.abs(b - current); });
     var next = 0;
     function one() {
-      if (next >= order.length) { return Promise.resolve(); }
+      if (next >= order.length || controller.signal.aborted) { return Promise.resolve(); }
       var slice = slices[order[next++]];
-      var jobs = [bitmap(renderedUrl(slice.series, slice.sop, slice.frame, renderWindow()))];
-      if (slice.heatmap) { jobs.push(colouredHeatmap(slice.heatmap)); }
+      var jobs = [bitmap(renderedUrl(slice.series, slice.sop, slice.frame, renderWindow()), controller.signal)];
+      if (slice.heatmap) { jobs.push(colouredHeatmap(slice.heatmap, controller.signal)); }
       return Promise.all(jobs).catch(function () { return null; }).then(one);
     }
     for (var i = 0; i < 4; i++) { one(); }
@@ -395,6 +403,7 @@
   var windowBusy = false, windowPending = false;
   function setWindow(win, settled) {
     userWindow = win;
+    if (prefetching) { prefetching.abort(); }
     images.clear();
     describe();
     if (windowBusy) { windowPending = true; return; }
