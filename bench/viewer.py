@@ -6,8 +6,9 @@ clinician opens a scored study, in Chromium.
    written by the worker's own code (``inference_worker.heatmaps.write_heatmap_series``: one
    8-bit Secondary Capture per slice with its probabilities), the Grad-CAM maps and probabilities
    made up (the viewer's cost depends on the files, not on what the model said).
-2. The FHIR API (tokens required) and the console on free ports; a clinician's session (its
-   access token issued by the API's key set, as bench/worklist.py does).
+2. The FHIR API (tokens required; its own process, as deployed) and the console (served in the
+   bench's process) on free ports; a clinician's session (its access token issued by the API's
+   key set, as bench/worklist.py does).
 3. ``--rounds`` openings of ``/studies/<uid>`` in Chromium (a new tab each time, the browser's
    cache kept: a clinician's browser has the script already): the time from navigation start to
    the ``viewer-first-slice`` mark viewer.js sets when the first slice is drawn with its heatmap
@@ -22,13 +23,18 @@ clinician opens a scored study, in Chromium.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pydicom
 from playwright.sync_api import Page, sync_playwright
@@ -48,8 +54,6 @@ from services.auth.tokens import TokenService, load_key_set  # noqa: E402
 from services.console.app import create_app as create_console  # noqa: E402
 from services.console.config import Settings as ConsoleSettings  # noqa: E402
 from services.console.tests.helpers import put  # noqa: E402
-from services.fhir_api.app import create_app as create_fhir  # noqa: E402
-from services.fhir_api.config import Settings as FhirSettings  # noqa: E402
 
 STUDY = "1.2.826.0.1.3680043.8.498.9901"
 CLASSES = ["normal", "glioma", "meningioma", "pituitary"]
@@ -91,6 +95,43 @@ def write_study(store_dir: Path, tmp: Path, slices: int) -> int:
         datetime(2026, 1, 1, tzinfo=UTC),
     )  # fmt: skip
     return int(first.Rows) * 10_000 + int(first.Columns)
+
+
+@contextmanager
+def fhir_api(var: Path, port: int) -> Iterator[None]:
+    """The FHIR API (tokens required, SQLite) in its own process, as deployed: in the bench's
+    process it would share the interpreter lock with the console."""
+    env = {
+        **os.environ,
+        "SCANWATCH_FHIR_HOST": "127.0.0.1",
+        "SCANWATCH_FHIR_PORT": str(port),
+        "SCANWATCH_FHIR_DATABASE_URL": f"sqlite:///{var / 'fhir.db'}",
+        "SCANWATCH_FHIR_AUTH_MODE": "required",
+        "SCANWATCH_FHIR_SIGNING_KEYS_FILE": str(var / "keys.json"),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.fhir_api", "serve"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # until it answers (or has died)
+            if process.poll() is not None:
+                raise RuntimeError(f"the FHIR API exited with {process.returncode}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        yield
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def first_slice_ms(page: Page, url: str) -> float:
@@ -141,13 +182,8 @@ def main() -> int:
         shape = write_study(var / "store", var / "mr", args.slices)
         rows, columns = divmod(shape, 10_000)
         say(f"study: {args.slices} MR slices of {rows}×{columns}, each with its heatmap")
-        fhir_settings = FhirSettings(
-            database_url=f"sqlite:///{var / 'fhir.db'}",
-            auth_mode="required",
-            signing_keys_file=var / "keys.json",
-        )
         fhir_port, console_port = free_port(), free_port()
-        with served(create_fhir(fhir_settings), fhir_port):
+        with fhir_api(var, fhir_port):
             base = f"http://127.0.0.1:{fhir_port}"
             settings = ConsoleSettings(
                 port=console_port,
