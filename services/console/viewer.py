@@ -85,7 +85,7 @@ def study_header(request: Request, study: str) -> dict[str, Any] | None:
     }
     web: Web = request.app.state.web
     web.worklist.open()
-    with state.engine.connect() as conn:
+    with web.worklist.engine.connect() as conn:  # the worklist's cache of FHIR results
         found = conn.execute(
             select(results.c.score, results.c.interpretation, results.c.model, results.c.status)
             .join(study_keys, study_keys.c.imaging_id == results.c.imaging_id)
