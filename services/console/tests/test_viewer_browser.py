@@ -60,6 +60,7 @@ PROBABILITIES = np.array(
     ]
 )
 MARKUP_NAME = "<b>Doe</b>^<i>Jane</i>"
+MARKUP_SERIES = "<img src=x> T1 AX"
 MODEL, VERSION = "brain-mri-anomaly", 3
 
 
@@ -86,6 +87,7 @@ def store_scored_study(store_dir: Path, tmp: Path, study: str, name: str) -> hea
     for path in paths:
         ds = pydicom.dcmread(path)
         ds.PatientName, ds.PatientID = name, "PID-001"
+        ds.SeriesDescription = MARKUP_SERIES
         ds.save_as(path)
         stored.append(put(store, path))
     sources = [
@@ -156,6 +158,9 @@ def test_clinician_reads_a_scored_study_with_its_evidence(
     heading = page.get_by_role("heading", level=1)
     expect(heading).to_contain_text("<b>Doe</b> <i>Jane</i>")
     assert heading.locator("b, i").count() == 0
+    # So is the series description the script reads from DICOMweb (set as text, never HTML).
+    expect(page.locator("#viewer-status")).to_contain_text(MARKUP_SERIES)
+    assert page.locator("#viewer img").count() == 0
     expect(page.get_by_text("Abnormal")).to_be_visible()
     # Opened at the strongest evidence (slice 4 of 6), its heatmap on.
     viewport(page, 4, 6)
