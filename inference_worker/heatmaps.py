@@ -63,6 +63,10 @@ SERIES_DESCRIPTION = "AI Grad-CAM heatmaps"
 MANUFACTURER = "scanwatch"
 
 
+#: General Study attributes (PS3.3 C.7.2.1) a heatmap copies from its source slice.
+STUDY_ATTRIBUTES = ("StudyDescription", "AccessionNumber", "StudyID", "ReferringPhysicianName")
+
+
 def uuid_uid(*parts: str) -> str:
     """A DICOM UID under ``2.25`` from a UUIDv5 of ``parts``: the same parts, the same UID."""
     return UUID_UID_ROOT + str(uuid.uuid5(_NAMESPACE, "|".join(parts)).int)
@@ -227,6 +231,11 @@ def build_instance(
         transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
     )
     image.SeriesDescription = SERIES_DESCRIPTION
+    # Study-level attributes highdicom leaves out: an instance of the study must not blank
+    # what the study's index (QIDO-RS, the worklist) reads from its instances.
+    for keyword in STUDY_ATTRIBUTES:
+        if keyword not in image and source.get(keyword) not in (None, ""):
+            setattr(image, keyword, source[keyword].value)
     image.ImageType = ["DERIVED", "SECONDARY", "HEATMAP"]
     image.DerivationDescription = "Grad-CAM saliency of an AI classifier"
     reference = Dataset()

@@ -158,6 +158,9 @@ def test_every_scored_slice_gets_a_stored_heatmap_referenced_from_fhir(store) ->
         assert image.SOPClassUID == heatmaps.SECONDARY_CAPTURE
         assert ds.StudyInstanceUID == ready.StudyInstanceUID
         assert ds.PatientID == "P-HEAT"
+        source_header = pydicom.dcmread(paths[0], stop_before_pixels=True)
+        for keyword in ("StudyDescription", "StudyDate", "AccessionNumber"):
+            assert ds.get(keyword) == source_header.get(keyword), keyword  # the study's own
         assert store_layout.parse_file_name(path.name) == (ds.SOPInstanceUID, 1)
         source = sources[ds.SourceImageSequence[0].ReferencedSOPInstanceUID]
         referenced.append(source.SOPInstanceUID)

@@ -352,7 +352,9 @@ class StoreIndex:
             if meta is not None and "TransferSyntaxUID" in meta
             else None
         )
-        study_row = {k: _text(ds, k) for k in STUDY_ATTRS}
+        # An instance without a study attribute (a derived series, another sender) leaves the
+        # value its study's other instances gave: it never blanks it.
+        study_row = {k: v for k in STUDY_ATTRS if (v := _text(ds, k)) is not None}
         series_row = {k: _text(ds, k) for k in SERIES_ATTRS}
         instance_row: dict[str, Any] = {k: _text(ds, k) for k in INSTANCE_ATTRS}
         instance_row.update(TransferSyntaxUID=transfer, file_name=name, version=version)
@@ -405,5 +407,9 @@ class StoreIndex:
 def _upsert(conn: Any, table: Table, key: dict[str, str], values: dict[str, Any]) -> None:
     """Update the row with ``key``, or insert it (one writer: the index's lock)."""
     where = [table.c[k] == v for k, v in key.items()]
-    if conn.execute(update(table).where(*where).values(**values)).rowcount == 0:
+    if values:
+        found = conn.execute(update(table).where(*where).values(**values)).rowcount > 0
+    else:
+        found = conn.execute(select(table.c[next(iter(key))]).where(*where)).first() is not None
+    if not found:
         conn.execute(insert(table).values(**key, **values))

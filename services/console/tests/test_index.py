@@ -108,3 +108,23 @@ def test_an_unreadable_file_is_left_out_and_logged_without_its_content(
     assert result is not None and result.unreadable == 1 and index.instances_indexed == 0
     logged = "".join(JsonFormatter("console").format(r) for r in caplog.records)
     assert '"SOPInstanceUID": "1.2.3.4.5"' in logged and "Secret" not in logged
+
+
+def test_an_instance_without_a_study_attribute_does_not_blank_it(tmp_path: Path) -> None:
+    from services.console.index import studies
+
+    store = FileStore(tmp_path / "store")
+    mr = Path(get_testdata_file("MR_small.dcm"))
+    scan = relabelled(mr, tmp_path / "scan.dcm", StudyDescription="MRI BRAIN")
+    ds = pydicom.dcmread(scan)
+    put(store, scan)
+    index = StoreIndex(store.root, make_engine(f"sqlite:///{tmp_path / 'index.db'}"))
+    index.top_up()
+    # A derived instance of the same study (a heatmap, another sender) without the attribute.
+    derived = relabelled(mr, tmp_path / "derived.dcm", StudyInstanceUID=ds.StudyInstanceUID)
+    assert "StudyDescription" not in pydicom.dcmread(derived, stop_before_pixels=True)
+    put(store, derived)
+    assert index.top_up().read == 1  # type: ignore[union-attr]
+    with index.engine.connect() as conn:
+        described = conn.execute(select(studies.c.StudyDescription)).scalars().all()
+    assert described == ["MRI BRAIN"]
