@@ -150,6 +150,10 @@ def test_review_outcomes_once_fhir_answers(hospital: Hospital, page: Page, tmp_p
     assert page.locator("dd.conclusion script, dd.conclusion b").count() == 0
     expect(page.get_by_role("button", name="Sign the result")).to_have_count(0)
     axe_check(page, "the signed review")
+    # The study page's header now says the result is the clinician's, not the AI's.
+    page.goto(f"{hospital.console}/studies/{uid}")
+    expect(page.get_by_text("Result (reviewed)")).to_be_visible()
+    expect(page.get_by_text("signed by a clinician (amended)")).to_be_visible()
 
     observation = read(hospital, f"Observation/{ids.observation_id(uid, 'm', 1)}")
     assert observation["status"] == "amended"
