@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -528,6 +528,27 @@ async def script() -> Response:
     )
 
 
+def when(value: object) -> str:
+    """A FHIR date or instant as staff read it: ``2025-01-06 09:30 UTC`` (a date stays a
+    date; anything else is shown as it came)."""
+    text = str(value or "")
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return text
+    if "T" not in text:
+        return text
+    zone = "UTC" if moment.utcoffset() == timedelta(0) else moment.strftime("%z")
+    return f"{moment:%Y-%m-%d %H:%M} {zone}"
+
+
+def templates() -> Jinja2Templates:
+    """The console's templates (autoescaped .html), with the ``when`` filter."""
+    found = Jinja2Templates(directory=HERE / "templates")
+    found.env.filters["when"] = when
+    return found
+
+
 def create_web(
     settings: Settings,
     index_engine: Engine,
@@ -544,7 +565,7 @@ def create_web(
             ConsoleSession, settings.session_idle_s, settings.session_max_s, clock
         ),
         client=StaffClient(settings, transport, verifier, clock),
-        templates=Jinja2Templates(directory=HERE / "templates"),  # autoescapes .html
+        templates=templates(),
         trail=audit.AuditTrail(make_engine(settings.audit_url)),
         worklist=Worklist(index_engine),
         http=httpx.AsyncClient(transport=transport, timeout=settings.http_timeout_s),
