@@ -31,6 +31,7 @@ import os
 import random
 import re
 import secrets
+import shutil
 import statistics
 import sys
 import tempfile
@@ -234,8 +235,14 @@ async def browse(
             for _ in range(rounds):
                 await asyncio.sleep(random.uniform(0, 2 * think_s))  # the patient reads
                 started = time.perf_counter()
-                await page.goto(f"{portal}/")
-                await results_drawn(page, results)
+                answer = await page.goto(f"{portal}/")
+                try:
+                    await results_drawn(page, results)
+                except AssertionError:
+                    # Say what the patient saw instead (the page's address, status, heading).
+                    heading = await page.locator("h1").all_inner_texts()
+                    status = answer.status if answer is not None else None
+                    raise RuntimeError(f"{page.url}: HTTP {status}, {heading}") from None
                 seen.append(time.perf_counter() - started)
                 first_byte_ms, drawn_ms = await page.evaluate(
                     "[performance.getEntriesByType('navigation')[0].responseStart,"
@@ -376,6 +383,12 @@ def main() -> int:
             )
             portal_peak = memory_mib(portal_pid)
             api_peak = memory_mib(api_pid)
+        except BaseException:
+            kept = Path(tempfile.gettempdir()) / "portal-bench-logs"
+            shutil.rmtree(kept, ignore_errors=True)
+            shutil.copytree(stack.logs, kept)
+            say(f"the services' logs: {kept}/")
+            raise
         finally:
             stack.stop()
 

@@ -6,6 +6,7 @@ patient, so the FHIR API's patient compartment is what limits each page to that 
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 from typing import Any
 
@@ -36,13 +37,20 @@ class PatientFhir:
         self.patient = patient
 
     async def _get(self, url: str, params: dict[str, str] | None = None) -> httpx.Response:
-        try:
-            answer = await self._http.get(url, params=params, headers=self._headers)
-        except httpx.HTTPError as exc:
-            raise FhirUnavailable(str(exc)) from exc
-        if answer.status_code == 401:
-            raise TokenRejected()
-        return answer
+        for attempt in (1, 2):
+            try:
+                answer = await self._http.get(url, params=params, headers=self._headers)
+            except httpx.HTTPError as exc:
+                raise FhirUnavailable(str(exc)) from exc
+            if answer.status_code == 401:
+                raise TokenRejected()
+            wait = _retry_after(answer)
+            if attempt == 2 or wait is None:
+                return answer
+            # The API said "busy, ask again in a moment" (a 503 with a short Retry-After, such
+            # as its database busy): once, before the patient is told to come back later.
+            await asyncio.sleep(wait)
+        raise AssertionError("unreachable")
 
     async def search(
         self, resource_type: str, max_pages: int = MAX_PAGES, **params: str
@@ -125,6 +133,21 @@ class PatientFhir:
                 if isinstance(stamp, str) and (newest is None or _later(stamp, newest)):
                     newest = stamp
         return newest
+
+
+#: The longest Retry-After the portal waits out itself (a page must not hang).
+MAX_RETRY_AFTER_S = 2.0
+
+
+def _retry_after(answer: httpx.Response) -> float | None:
+    """Seconds to wait before asking again, for a 503 that says how long (≤ 2 s); else None."""
+    if answer.status_code != 503:
+        return None
+    try:
+        seconds = float(answer.headers.get("Retry-After", ""))
+    except ValueError:
+        return None
+    return seconds if 0 <= seconds <= MAX_RETRY_AFTER_S else None
 
 
 def _later(a: str, b: str) -> bool:

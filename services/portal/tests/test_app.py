@@ -342,3 +342,35 @@ def test_the_event_stream_polls_fhir_with_the_patients_own_token(
         "ImagingStudy",
         "DiagnosticReport",
     }
+
+
+@pytest.mark.parametrize(
+    ("answers", "expected", "calls"),
+    [
+        # Busy for a moment, then fine: the patient sees the page.
+        ([(503, {"Retry-After": "0"}), (200, {})], 200, 2),
+        # Busy twice: asked once more only, then the patient is told to come back.
+        ([(503, {"Retry-After": "0"}), (503, {"Retry-After": "0"})], 503, 2),
+        # Busy for longer than a page may wait, or without saying how long: not asked again.
+        ([(503, {"Retry-After": "30"})], 503, 1),
+        ([(503, {})], 503, 1),
+        ([(500, {})], 500, 1),
+    ],
+)
+def test_a_busy_fhir_api_is_asked_once_more_when_it_says_so(
+    answers: list[tuple[int, dict[str, str]]], expected: int, calls: int
+) -> None:
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        status, headers = answers[len(seen)]
+        seen.append(request)
+        return httpx.Response(status, headers=headers, json={"resourceType": "Bundle"})
+
+    async def read() -> httpx.Response:
+        async with httpx.AsyncClient(transport=httpx.MockTransport(answer)) as http:
+            return await PatientFhir(http, FHIR, "token", ALICE)._get(f"{FHIR}/Observation")
+
+    assert asyncio.run(read()).status_code == expected
+    assert len(seen) == calls
+    assert all(r.headers["Authorization"] == "Bearer token" for r in seen)
