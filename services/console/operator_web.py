@@ -99,8 +99,14 @@ async def models_page(
         models=models,
         configured=ops.repository is not None,
         can_act=ops.producer is not None,
+        changes=_changes(ops),
         answer=_answer(ops, request.query_params.get("request")),
     )
+
+
+def _changes(ops: Operations) -> int:
+    """The feed's count of changes a page is drawn with (its live stream starts there)."""
+    return ops.feed.changes if ops.feed is not None else 0
 
 
 def _answer(ops: Operations, request_id: str | None) -> dict[str, Any] | None:
@@ -186,6 +192,7 @@ async def jobs_page(
         configured=ops.feed is not None,
         form={},
         errors=[],
+        changes=_changes(ops),
     )
 
 
@@ -253,6 +260,7 @@ async def start_job(
         configured=ops.feed is not None,
         form=form,
         errors=errors,
+        changes=_changes(ops),
     )
 
 
@@ -279,19 +287,27 @@ async def job_page(
         nav="jobs",
         job=job,
         job_id=job_id,
+        changes=_changes(ops),
     )
 
 
 @router.get("/events")
-async def events(request: Request, ops: OperationsDep, staff: Operator) -> Response:
-    """Server-sent events: ``changed`` when a job's status or a lifecycle answer arrives."""
+async def events(
+    request: Request, ops: OperationsDep, staff: Operator, since: int | None = None
+) -> Response:
+    """Server-sent events: ``changed`` when a job's status or a lifecycle answer arrives.
+    ``since`` is the feed's count of changes the page was drawn with: one that came between
+    drawing the page and opening this stream is announced at once."""
     feed = ops.feed
 
     async def stream() -> AsyncIterator[bytes]:
         yield b": connected\n\n"
         if feed is None:
             return
-        seen = feed.changes
+        seen = feed.changes if since is None else since
+        if seen != feed.changes:
+            seen = feed.changes
+            yield b"event: changed\ndata: {}\n\n"
         while not await request.is_disconnected():
             now = await asyncio.to_thread(feed.wait_for_change, seen, LIVE_WAIT_S)
             if now != seen:

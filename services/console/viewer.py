@@ -54,10 +54,10 @@ def _authorised(request: Request) -> Authorised:
 
 
 def study_header(request: Request, study: str) -> dict[str, Any] | None:
-    """The study's attributes from the index (topped up first), with its AI result from the
-    worklist's cache of FHIR; None when no instance of it is stored."""
+    """The study's attributes from the index, with its AI result from the worklist's cache of
+    FHIR (both brought up to date first: :func:`_top_up`); None when no instance of it is
+    stored."""
     state = _console(request)
-    _authorised(request).top_up()
     query = qido.parse(qido.STUDY, [("StudyInstanceUID", study)], 1, (qido.STUDY,))
     rows, _ = qido.run(state.engine, query)
     if not rows:
@@ -101,8 +101,11 @@ def study_header(request: Request, study: str) -> dict[str, Any] | None:
     return header
 
 
-async def _top_up_results(web: Web, token: str) -> None:
-    """The AI results changed since the worklist last looked (the header shows the newest)."""
+async def _top_up(request: Request, web: Web, token: str) -> None:
+    """The index, then the worklist's study ids, then the AI results changed since the
+    worklist last looked, in that order: a study stored since the last look must be indexed
+    and given its ImagingStudy id before its result can be matched to it."""
+    await asyncio.to_thread(_authorised(request).top_up)
     await asyncio.to_thread(web.worklist.map_new_studies)
     try:
         await top_up_results(web.worklist, web.http, web.settings.fhir_base_url, token)
@@ -125,7 +128,7 @@ async def study_page(request: Request, web: WebDep, staff: Clinician, study: str
     await web.record(
         audit.audit_event(staff.actor, audit.INSTANCES_ACCESSED, audit.READ, study=study)
     )
-    await _top_up_results(web, staff.token)
+    await _top_up(request, web, staff.token)
     header = await asyncio.to_thread(study_header, request, study)
     return web.page(
         request,
@@ -148,7 +151,7 @@ async def study_api(request: Request, web: WebDep, staff: Clinician, study: str)
     await web.record(
         audit.audit_event(staff.actor, audit.INSTANCES_ACCESSED, audit.READ, study=study)
     )
-    await _top_up_results(web, staff.token)
+    await _top_up(request, web, staff.token)
     header = await asyncio.to_thread(study_header, request, study)
     if header is None:
         return JSONResponse({"StudyInstanceUID": study, "stored": False})
