@@ -56,6 +56,8 @@ from sqlalchemy import (
     update,
 )
 
+from scanwatch.database import for_writes
+
 # Re-exported: DICOMweb and QIDO-RS check UIDs with the index's ``is_uid``.
 from scanwatch.store_layout import is_uid as is_uid
 from scanwatch.store_layout import parse_file_name as parse_file_name
@@ -179,7 +181,7 @@ class StoreIndex:
 
     def open(self) -> None:
         """Create (or rebuild, on a new schema version) the tables and load what is indexed."""
-        with self.engine.begin() as conn:
+        with for_writes(self.engine).begin() as conn:
             metadata.create_all(conn)
             row = conn.execute(
                 select(index_meta.c.value).where(index_meta.c.name == "schema")
@@ -310,7 +312,7 @@ class StoreIndex:
         known = self._known.setdefault((study, series), {})
         gone = set(known) - set(newest)
         if gone:
-            with self.engine.begin() as conn:
+            with for_writes(self.engine).begin() as conn:
                 conn.execute(
                     delete(instances).where(
                         instances.c.StudyInstanceUID == study,
@@ -326,7 +328,7 @@ class StoreIndex:
         if not new:
             return
         # One transaction per folder: a burst of stores costs one commit, not one per file.
-        with self.engine.begin() as conn:
+        with for_writes(self.engine).begin() as conn:
             for sop, version, name in new:
                 if self._index_file(conn, study, series, sop, version, folder / name, name):
                     known[sop] = version
@@ -367,7 +369,7 @@ class StoreIndex:
     def _drop_series(self, study: str, series: str, result: ScanResult) -> None:
         known = self._known.pop((study, series), {})
         self._series.pop((study, series), None)
-        with self.engine.begin() as conn:
+        with for_writes(self.engine).begin() as conn:
             conn.execute(
                 delete(instances).where(
                     instances.c.StudyInstanceUID == study,

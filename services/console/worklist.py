@@ -47,6 +47,7 @@ from sqlalchemy import (
 )
 
 from scanwatch import ids
+from scanwatch.database import for_writes
 from services.console.index import instances, studies
 
 log = logging.getLogger(__name__)
@@ -194,7 +195,7 @@ class Worklist:
     def map_new_studies(self) -> int:
         """Give every indexed study its ImagingStudy id (new ones only); how many."""
         self.open()
-        with self.engine.begin() as conn:
+        with for_writes(self.engine).begin() as conn:
             new = conn.execute(
                 select(studies.c.StudyInstanceUID).where(
                     ~select(study_keys.c.StudyInstanceUID)
@@ -222,7 +223,7 @@ class Worklist:
         the watermark to ``last_updated``; how many were kept."""
         self.open()
         kept = 0
-        with self.engine.begin() as conn:
+        with for_writes(self.engine).begin() as conn:
             for resource in bundle_entries:
                 row = result_row(resource)
                 if row is None:
@@ -333,7 +334,7 @@ class Worklist:
             "reason": reason[:1000],
             "error_class": error_class[:40],
         }
-        with self.engine.begin() as conn:
+        with for_writes(self.engine).begin() as conn:
             done = conn.execute(
                 update(failures).where(failures.c.StudyInstanceUID == study).values(**values)
             )

@@ -22,6 +22,7 @@ from devtools.browser import launch_options
 from devtools.kafka_local import free_port
 from devtools.peers import storescu
 from devtools.stack import Ports, Stack, StackConfig
+from devtools.testing import wait_for
 from scanwatch.sample import build_mr_study
 
 pytestmark = pytest.mark.e2e
@@ -120,7 +121,19 @@ def test_a_study_from_storescu_to_a_signed_conclusion_in_the_portal(
     row.get_by_role("link").first.click()
     expect(page).to_have_url(f"{console}/studies/{uid}")
     expect(page.get_by_role("img", name=re.compile(r"^Slice"))).to_be_visible()
-    expect(page.get_by_role("checkbox", name="Show AI heatmap")).to_be_visible()
+    # The heatmaps are written after the score (they never delay it): a clinician who opens
+    # the study at once reads "no heatmap" and sees it on opening the study again.
+    heatmap = page.get_by_role("checkbox", name="Show AI heatmap")
+
+    def heatmap_shown() -> bool:
+        if heatmap.count():
+            return True
+        page.reload()
+        expect(page.get_by_role("img", name=re.compile(r"^Slice"))).to_be_visible()
+        return False
+
+    wait_for(heatmap_shown, 120, "the study's heatmap in the viewer")
+    expect(heatmap).to_be_visible()
 
     # Review: the AI's result, corrected, signed with markup in the conclusion.
     panel = page.get_by_role("region", name="Review and sign")
