@@ -43,6 +43,16 @@ OUTPUTS = (
     TensorSpec("class_names", "string", (-1, -1)),
     TensorSpec("threshold", "float32", (-1,)),
 )
+#: How a study's slice outputs become one study result: a JSON object per image (the same row
+#: for every image of a model), parsed by :mod:`scanwatch.study_score` (``StudyRule``):
+#: ``{"aggregation": "mean" | "max" | "top_k_mean" | "noisy_or", "k": int,
+#: "calibration": {"slope": float, "intercept": float}, "operating_point": str}``.
+#: Optional, so models exported before it still pass: a model without it is read as the
+#: study mean with no calibration (what scanwatch did before study-level rules existed).
+#: With it, ``threshold`` is the operating point on the calibrated study score.
+STUDY_RULE = TensorSpec("study_rule", "string", (-1,))
+#: ``serving_default`` outputs a model may add to :data:`OUTPUTS` (checked when present).
+OPTIONAL_OUTPUTS = (STUDY_RULE,)
 #: Output alias of the heatmaps in the saliency signature.
 HEATMAPS = "heatmaps"
 #: The saliency signature takes the same :data:`INPUT` and returns, per image:
@@ -65,17 +75,20 @@ def check(
     inputs: dict[str, TensorSpec],
     outputs: dict[str, TensorSpec],
     expected_outputs: tuple[TensorSpec, ...] = OUTPUTS,
+    optional_outputs: tuple[TensorSpec, ...] = (),
 ) -> list[str]:
     """Compare a served signature with the contract; return the differences (empty if equal).
 
     ``inputs``/``outputs`` map tensor alias to what the server reports; ``expected_outputs`` is
     :data:`OUTPUTS` (``serving_default``) or :data:`SALIENCY_OUTPUTS`. Fixed sizes where the
     contract has ``-1`` are allowed (a served model fixes its image size); the reverse is not.
+    ``optional_outputs`` may be present or not; when present they are checked like the others.
     """
     problems: list[str] = []
+    present_optional = tuple(t for t in optional_outputs if t.name in outputs)
     for kind, expected, actual in (
         ("input", (INPUT,), inputs),
-        ("output", expected_outputs, outputs),
+        ("output", expected_outputs + present_optional, outputs),
     ):
         expected_names = {t.name for t in expected}
         if set(actual) != expected_names:
@@ -106,6 +119,11 @@ def check(
             f"output {HEATMAPS}: {heatmaps.shape[1:]} is not the input's size {image.shape[1:3]}"
         )
     return problems
+
+
+def check_serving(inputs: dict[str, TensorSpec], outputs: dict[str, TensorSpec]) -> list[str]:
+    """:func:`check` against ``serving_default``'s contract, its optional outputs included."""
+    return check(inputs, outputs, OUTPUTS, OPTIONAL_OUTPUTS)
 
 
 def check_saliency(inputs: dict[str, TensorSpec], outputs: dict[str, TensorSpec]) -> list[str]:

@@ -22,6 +22,7 @@ def contract() -> dict[str, object]:
         model_signature.SIGNATURE_NAME: {
             "inputs": specs((model_signature.INPUT,)),
             "outputs": specs(model_signature.OUTPUTS),
+            "optional_outputs": specs(model_signature.OPTIONAL_OUTPUTS),
         },
         model_signature.SALIENCY_SIGNATURE_NAME: {
             "inputs": specs((model_signature.INPUT,)),
@@ -65,3 +66,34 @@ def test_heatmaps_off_contract_are_reported(heatmap: tuple[int, ...], words: str
 def test_the_serving_default_outputs_are_not_the_saliency_ones() -> None:
     inputs, outputs = served()
     assert any("output names" in p for p in model_signature.check(inputs, outputs))
+
+
+def serving(size: int = 128) -> tuple[dict, dict]:
+    inputs = {"images": TensorSpec("images", "float32", (-1, size, size, 3))}
+    outputs = {
+        "probabilities": TensorSpec("probabilities", "float32", (-1, 4)),
+        "class_names": TensorSpec("class_names", "string", (-1, 4)),
+        "threshold": TensorSpec("threshold", "float32", (-1,)),
+    }
+    return inputs, outputs
+
+
+def test_the_study_rule_output_is_optional() -> None:
+    """Models exported before study rules existed still pass; with one they pass too."""
+    inputs, outputs = serving()
+    assert model_signature.check_serving(inputs, outputs) == []
+    outputs["study_rule"] = TensorSpec("study_rule", "string", (-1,))
+    assert model_signature.check_serving(inputs, outputs) == []
+
+
+def test_a_study_rule_of_the_wrong_type_is_reported() -> None:
+    inputs, outputs = serving()
+    outputs["study_rule"] = TensorSpec("study_rule", "float32", (-1,))
+    problems = model_signature.check_serving(inputs, outputs)
+    assert any("study_rule: dtype float32 != string" in p for p in problems), problems
+
+
+def test_an_unknown_extra_output_is_still_refused() -> None:
+    inputs, outputs = serving()
+    outputs["surprise"] = TensorSpec("surprise", "float32", (-1,))
+    assert any("output names" in p for p in model_signature.check_serving(inputs, outputs))
