@@ -24,7 +24,7 @@ from scanwatch.model_repository import DEFAULT_MODEL_NAME
 
 logger = logging.getLogger(__name__)
 
-DATASET_KINDS = ("benchmark", "folder", "ham10000", "dicom")
+DATASET_KINDS = ("benchmark", "studies", "folder", "ham10000", "dicom")
 
 
 class BarProgress:
@@ -96,6 +96,7 @@ def _settings(args: argparse.Namespace) -> Any:
             "batch_size": getattr(args, "batch_size", None),
             "seed": getattr(args, "seed", None),
             "weights": getattr(args, "weights", None),
+            "init_from": getattr(args, "init_from", None),
             "runs_dir": getattr(args, "runs_dir", None),
             "fine_tune_after": getattr(args, "fine_tune_after", None),
         }.items()
@@ -106,7 +107,10 @@ def _settings(args: argparse.Namespace) -> Any:
 
 def _dataset_spec(args: argparse.Namespace) -> Any:
     from schemas.training_events import DatasetSpec
+    from training.lifecycle import StudiesSpec
 
+    if args.dataset == "studies":
+        return StudiesSpec(preset=args.preset, image_size=args.image_size)
     return DatasetSpec(
         kind=args.dataset,
         path=str(args.path) if args.path else None,
@@ -331,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--variant", help="EfficientNet B0..B7 (default B0)")
     train.add_argument("--weights", help="'imagenet' or a weights file (default: from scratch)")
+    train.add_argument(
+        "--init-from",
+        help="warm start from a SavedModel scanwatch exported (same variant, size and classes)",
+    )
     train.add_argument("--batch-size", type=int)
     train.add_argument("--seed", type=int)
     train.add_argument("--no-promote", action="store_true", help="leave it a candidate")

@@ -31,6 +31,12 @@ class TrainSettings(BaseSettings):
         description=f"Base weights: unset trains from scratch, {IMAGENET!r} loads Keras' ImageNet "
         "weights (needs a network or the Keras cache), or a path to a local weights file.",
     )
+    init_from: Path | None = Field(
+        None,
+        description="A SavedModel exported by scanwatch (e.g. training/default_model/saved_model)"
+        " whose weights start the run, every layer trainable (warm start); same variant, classes "
+        "and head required.",
+    )
     dense_units: int = Field(256, ge=1, description="Units of the ReLU dense layer of the head.")
     dropout: float = Field(0.3, ge=0, lt=1, description="Dropout before the softmax.")
     # -- optimisation -----------------------------------------------------------------------
@@ -79,7 +85,33 @@ class TrainSettings(BaseSettings):
     )
     seed: int = Field(0, description="Seeds weights, shuffling, augmentation and splits.")
     threshold: float = Field(
-        0.5, ge=0, le=1, description="Operating threshold on the anomaly score (1 - p(normal))."
+        0.5,
+        ge=0,
+        le=1,
+        description="Operating threshold on the anomaly score (1 - p(normal)) of a dataset "
+        "without studies; a study benchmark chooses its own (see target_sensitivity).",
+    )
+    # -- study-level operating point (study benchmark; see training/study_evaluation.py) -----
+    target_sensitivity: float = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="The operating point's target: the highest threshold at which the "
+        "validation studies' sensitivity, over lesions of at least target_min_diameter_mm, is "
+        "at least this.",
+    )
+    target_min_diameter_mm: float = Field(
+        5.0,
+        ge=0,
+        description="Smallest lesion diameter (mm) the sensitivity target is stated for (the "
+        "study benchmark draws 4-40 mm; smaller lesions are reported, not targeted).",
+    )
+    aggregation_min_specificity: float = Field(
+        0.90,
+        gt=0,
+        lt=1,
+        description="Study aggregations are compared by their validation sensitivity at this "
+        "specificity (then AUROC, then simplicity).",
     )
     # -- where things go --------------------------------------------------------------------
     model_name: str = Field(DEFAULT_MODEL_NAME, description="Model name (its repository folder).")
@@ -132,6 +164,13 @@ class TrainSettings(BaseSettings):
             return None
         if value != IMAGENET and not Path(value).is_file():
             raise ValueError(f"weights must be unset, {IMAGENET!r} or an existing file: {value!r}")
+        return value
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_from(cls, value: Path | None) -> Path | None:
+        if value is not None and not (Path(value) / "saved_model.pb").is_file():
+            raise ValueError(f"init_from must be an exported SavedModel folder: {value}")
         return value
 
     @field_validator("model_name")

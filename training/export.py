@@ -20,7 +20,9 @@ import tensorflow as tf
 from scanwatch.durable import publish_dir
 from scanwatch.model_repository import TEMP_PREFIX, version_folders
 from scanwatch.saved_model import read_signature
+from scanwatch.study_score import StudyRule
 from schemas import model_signature
+from training.calibration import PROBABILITY_FLOOR
 from training.model import BASE_LAYER, OUTPUT_LAYER
 
 logger = logging.getLogger(__name__)
@@ -50,7 +52,15 @@ _HEATMAP_EPSILON = 1e-12
 
 
 class ServingModule(tf.Module):
-    """The model plus its class names and threshold behind the pinned serving signatures.
+    """The model plus its class names, threshold, temperature and study rule behind the pinned
+    serving signatures.
+
+    ``temperature`` T (fitted on validation, :func:`training.calibration.fit_temperature`) is
+    part of the graph: both signatures return ``softmax(z / T)`` of the model's pre-softmax
+    scores z, which is ``softmax(log(p) / T)`` of its probabilities p, so ``serving_default``
+    and ``saliency`` keep returning the same numbers and argmax (hence Grad-CAM's class) does
+    not change. ``study_rule`` (a :class:`scanwatch.study_score.StudyRule`) becomes the
+    optional ``study_rule`` output of ``serving_default``, the same JSON row for every image.
 
     ``serve`` is ``serving_default``; ``saliency`` is the Grad-CAM signature of
     :data:`schemas.model_signature.SALIENCY_OUTPUTS`. Grad-CAM is written with forward ops only
@@ -61,12 +71,33 @@ class ServingModule(tf.Module):
     H·W (the pooling's mean): α_k = ∂z_c/∂pooled_k / (H·W).
     """
 
-    def __init__(self, model: keras.Model, class_names: Sequence[str], threshold: float) -> None:
+    def __init__(
+        self,
+        model: keras.Model,
+        class_names: Sequence[str],
+        threshold: float,
+        temperature: float = 1.0,
+        study_rule: StudyRule | None = None,
+    ) -> None:
         super().__init__(name="scanwatch_serving")
         self.model = _without_optimizer(model)
         self.class_names = tf.constant(list(class_names), dtype=tf.string)
         self.threshold = tf.constant(threshold, dtype=tf.float32)
         self._classes = len(class_names)
+        self.temperature = float(temperature)
+        self.study_rule = None if study_rule is None else tf.constant(study_rule.to_json())
+        # The pre-softmax scores, when the model ends in a softmax Dense layer (every model
+        # build_classifier makes): temperature on them is exact, where log(p) loses the
+        # probabilities that underflowed to the floor.
+        last = self.model.layers[-1]
+        self._logit_layer: keras.layers.Dense | None = None
+        if (
+            self.temperature != 1.0
+            and isinstance(last, keras.layers.Dense)
+            and last.activation is keras.activations.softmax
+        ):
+            self._logit_layer = last
+            self._before_logits = keras.Model(self.model.inputs, last.input)
         image_shape = tuple(model.input_shape[1:])
         input_signature = [
             tf.TensorSpec((None, *image_shape), tf.float32, name=model_signature.INPUT.name)
@@ -88,13 +119,26 @@ class ServingModule(tf.Module):
         )
 
     def _serve(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
-        probabilities = tf.cast(self.model(images, training=False), tf.float32)
+        if self._logit_layer is not None:
+            hidden = tf.cast(self._before_logits(images, training=False), tf.float32)
+            kernel, bias = (
+                tf.cast(v, tf.float32) for v in (self._logit_layer.kernel, self._logit_layer.bias)
+            )
+            probabilities = tf.nn.softmax((tf.matmul(hidden, kernel) + bias) / self.temperature)
+        else:
+            probabilities = tf.cast(self.model(images, training=False), tf.float32)
+            if self.temperature != 1.0:
+                logits = tf.math.log(tf.maximum(probabilities, PROBABILITY_FLOOR))
+                probabilities = tf.nn.softmax(logits / self.temperature)
         batch = tf.shape(images)[0]
-        return {
+        outputs = {
             "probabilities": probabilities,
             "class_names": self._tiled_class_names(batch),
             "threshold": tf.fill([batch], self.threshold),
         }
+        if self.study_rule is not None:
+            outputs[model_signature.STUDY_RULE.name] = tf.fill([batch], self.study_rule)
+        return outputs
 
     def _saliency(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
         maps = tf.cast(self.features(images, training=False), tf.float32)  # N×H×W×K
@@ -102,7 +146,10 @@ class ServingModule(tf.Module):
         w1, b1 = (tf.cast(v, tf.float32) for v in (self.hidden.kernel, self.hidden.bias))
         w2, b2 = (tf.cast(v, tf.float32) for v in (self.scores.kernel, self.scores.bias))
         hidden = tf.nn.relu(tf.matmul(pooled, w1) + b1)
-        probabilities = tf.nn.softmax(tf.matmul(hidden, w2) + b2)
+        logits = tf.matmul(hidden, w2) + b2
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        probabilities = tf.nn.softmax(logits)
         predicted = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
         # ∂z_c/∂pooled = (W2[:, c] ⊙ 1[hidden > 0]) @ W1ᵀ; Grad-CAM's α = that / (H·W).
         through_relu = tf.gather(tf.transpose(w2), predicted) * tf.cast(hidden > 0, tf.float32)
@@ -129,6 +176,31 @@ class ServingModule(tf.Module):
         return signatures
 
 
+def load_exported_weights(model: keras.Model, saved_model_dir: Path) -> None:
+    """Load the weights of a SavedModel that :func:`export_saved_model` wrote into ``model``
+    (same variant, image size, classes and head): a warm start from a served model.
+
+    The SavedModel's variables are a checkpoint of :class:`ServingModule`, saved under its
+    ``features`` (the base), ``hidden`` and ``scores`` (the head) attributes; a module built
+    around ``model`` has the same structure, so the checkpoint reads straight into it.
+    ValueError when a layer is missing or shaped otherwise (another variant, head or classes).
+    """
+    module = ServingModule(
+        model, ["normal", *(f"c{i}" for i in range(model.output_shape[-1] - 1))], 0.5
+    )
+    if module.saliency is None:
+        raise ValueError("only models with training.model.build_classifier's structure load")
+    checkpoint = tf.train.Checkpoint(
+        features=module.features, hidden=module.hidden, scores=module.scores
+    )
+    prefix = Path(saved_model_dir) / "variables" / "variables"
+    try:
+        checkpoint.read(str(prefix)).assert_existing_objects_matched().expect_partial()
+    except (AssertionError, ValueError) as exc:
+        raise ValueError(f"{saved_model_dir} does not fit this model: {exc}") from exc
+    logger.info("weights loaded from an exported model", extra={"path": str(saved_model_dir)})
+
+
 def has_saliency_head(model: keras.Model) -> bool:
     """Whether ``model`` has :func:`training.model.build_classifier`'s structure, which the
     forward-only Grad-CAM of :class:`ServingModule` is written for (every model the training
@@ -146,21 +218,32 @@ def check_signatures(saved_model_dir: Path, saliency: bool = True) -> list[str]:
     """The exported signatures against the contract (empty when they hold): ``serving_default``
     always, ``saliency`` when it is expected."""
     problems: list[str] = []
-    expected = [(model_signature.SIGNATURE_NAME, model_signature.OUTPUTS)]
+    Specs = tuple[model_signature.TensorSpec, ...]
+    expected: list[tuple[str, Specs, Specs]] = [
+        (
+            model_signature.SIGNATURE_NAME,
+            model_signature.OUTPUTS,
+            model_signature.OPTIONAL_OUTPUTS,
+        )
+    ]
     if saliency:
-        expected.append((model_signature.SALIENCY_SIGNATURE_NAME, model_signature.SALIENCY_OUTPUTS))
-    for name, outputs_spec in expected:
+        expected.append(
+            (model_signature.SALIENCY_SIGNATURE_NAME, model_signature.SALIENCY_OUTPUTS, ())
+        )
+    for name, outputs_spec, optional in expected:
         try:
             inputs, outputs = read_signature(saved_model_dir, name)
         except ValueError as error:
             problems.append(str(error))
             continue
-        problems += [f"{name}: {p}" for p in model_signature.check(inputs, outputs, outputs_spec)]
+        problems += [
+            f"{name}: {p}" for p in model_signature.check(inputs, outputs, outputs_spec, optional)
+        ]
     return problems
 
 
 def _check_export_arguments(
-    model: keras.Model, class_names: Sequence[str], threshold: float, name: str
+    model: keras.Model, class_names: Sequence[str], threshold: float, name: str, temperature: float
 ) -> None:
     if isinstance(class_names, str) or len(set(class_names)) != len(class_names):
         raise ValueError(f"class_names must be a sequence of unique names, got {class_names!r}")
@@ -176,6 +259,8 @@ def _check_export_arguments(
         )
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
+    if not isinstance(temperature, int | float) or not 0.0 < temperature < float("inf"):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
     if not name or name in (".", "..") or "/" in name or name.startswith("."):
         raise ValueError(f"model name must be a plain folder name, got {name!r}")
 
@@ -187,8 +272,14 @@ def export_saved_model(
     repository: Path,
     name: str,
     version: int | None = None,
+    *,
+    temperature: float = 1.0,
+    study_rule: StudyRule | None = None,
 ) -> Path:
     """Publish ``model`` as ``<repository>/<name>/<version>/`` and return that folder.
+
+    ``temperature`` and ``study_rule`` are what the study evaluation chose
+    (:func:`training.study_evaluation.evaluate_study_benchmark`); see :class:`ServingModule`.
 
         ``version=None`` takes the next integer after the highest existing version folder. The
         SavedModel's ``serving_default`` signature (and ``saliency``, exported for every model with
@@ -197,16 +288,20 @@ def export_saved_model(
         :class:`SignatureMismatch` means nothing was published. An existing version is never
         overwritten (:class:`FileExistsError`).
     """
-    _check_export_arguments(model, class_names, threshold, name)
+    _check_export_arguments(model, class_names, threshold, name, temperature)
     if version is not None and (not isinstance(version, int) or version < 1):
         raise ValueError(f"version must be a positive integer or None, got {version!r}")
     model_dir = Path(repository) / name
     model_dir.mkdir(parents=True, exist_ok=True)
     temp = model_dir / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
     try:
-        module = ServingModule(model, class_names, threshold)
+        module = ServingModule(model, class_names, threshold, temperature, study_rule)
         tf.saved_model.save(module, str(temp), signatures=module.signatures())
         problems = check_signatures(temp, saliency=module.saliency is not None)
+        if study_rule is not None and not problems:
+            _inputs, outputs = read_signature(temp)
+            if model_signature.STUDY_RULE.name not in outputs:
+                problems.append(f"{model_signature.STUDY_RULE.name} output missing")
         if problems:
             raise SignatureMismatch(
                 f"refusing to publish {name}: signature differs from the contract: "

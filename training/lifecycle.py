@@ -8,9 +8,13 @@ same rules:
 2. the model is trained in its run folder (resumable), evaluated on the held-out test split
    (report: JSON, Markdown, PNG plots), exported with the contract signature into the staging
    area, and registered as a candidate with its dataset fingerprint and metrics;
-3. it is promoted (moved into the served folder) only if its held-out macro-F1 is at least the
-   served version's *on the same held-out set*: when the served version was measured on other
-   data, it is re-evaluated on the candidate's test split first;
+3. it is promoted (moved into the served folder) only if it is at least as good as the served
+   version *on the same held-out set*: when the served version was measured on other data, it is
+   re-evaluated on the candidate's test split first. On a study benchmark the comparison is
+   study-level (``scanwatch.model_registry.STUDY_PROMOTION_METRICS``, the served version scored
+   with its own study rule); otherwise held-out macro-F1. On a study benchmark the temperature,
+   study rule and threshold are chosen on the validation studies first
+   (:func:`training.study_evaluation.evaluate_study_benchmark`) and exported with the model;
 4. every change of the served version announces ``model.published.v1``.
 """
 
@@ -18,19 +22,34 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from scanwatch.model_registry import EVALUATION_DIR, PromotionRefused, Registry
+from scanwatch.model_registry import (
+    EVALUATION_DIR,
+    STUDY_PROMOTION_METRICS,
+    PromotionRefused,
+    Registry,
+    study_metrics,
+)
+from scanwatch.study_score import LEGACY_RULE, StudyRule
 from schemas.training_events import DatasetSpec, ModelPublishedV1
+from training.calibration import apply_temperature
 from training.config import TrainSettings
 from training.dataset import LabelledImages
 from training.evaluate import evaluate_probabilities, write_report
 from training.events import EventPublisher, NoEvents
 from training.input_pipeline import inference_stream
+from training.study_evaluation import (
+    StudyBenchmarkLike,
+    StudySetLike,
+    evaluate_study_benchmark,
+    flat_study_metrics,
+    promotion_metrics,
+)
 from training.train import Progress, train
 
 logger = logging.getLogger(__name__)
@@ -53,8 +72,19 @@ class JobOutcome:
     run_dir: Path
 
 
+@dataclass(frozen=True)
+class StudiesSpec:
+    """The study benchmark (``--dataset studies``). Not a ``DatasetSpec`` kind: the published
+    ``training.job.requested.v1`` never changes, so jobs over Kafka cannot ask for it until a
+    v2 of that event exists; the CLI can."""
+
+    preset: str = "default"
+    image_size: int | None = None
+    kind: str = "studies"
+
+
 def load_dataset(
-    spec: DatasetSpec,
+    spec: DatasetSpec | StudiesSpec,
     settings: TrainSettings,
     run_dir: Path,
     normal_class: str | None = None,
@@ -62,9 +92,20 @@ def load_dataset(
     progress: Callable[[int, int], None] | None = None,
 ) -> tuple[LabelledImages, Path]:
     """Build or load the dataset a job names; return it and an ``.npz`` holding it."""
-    from training import loaders, synthetic_dataset
+    from training import loaders, study_dataset, synthetic_dataset
 
     size = spec.image_size or DEFAULT_IMAGE_SIZE
+    if isinstance(spec, StudiesSpec):
+        if spec.preset not in study_dataset.PRESETS:
+            raise ValueError(
+                f"the studies dataset has presets {', '.join(study_dataset.PRESETS)}, "
+                f"not {spec.preset!r}"
+            )
+        studies = study_dataset.PRESETS[spec.preset]
+        if spec.image_size is not None:
+            studies = replace(studies, image_size=size)
+        bench = study_dataset.load_or_build(studies, settings.cache_dir, progress)
+        return bench.slice_dataset(), study_dataset.cache_path(studies, settings.cache_dir)
     if spec.kind == "benchmark":
         config = synthetic_dataset.PRESETS[spec.preset]
         if spec.image_size is not None:
@@ -97,18 +138,30 @@ def predict_saved_model(path: Path, images: np.ndarray, batch_size: int = 64) ->
     Images are resized to the model's input size when it differs (a served model of another
     size is compared on the same images, resampled).
     """
+    return predict_saved_model_with_rule(path, images, batch_size)[0]
+
+
+def predict_saved_model_with_rule(
+    path: Path, images: np.ndarray, batch_size: int = 64
+) -> tuple[np.ndarray, StudyRule]:
+    """:func:`predict_saved_model` and the study rule the model ships with (its ``study_rule``
+    output; :data:`scanwatch.study_score.LEGACY_RULE`, the study mean, for a model without one)."""
     import tensorflow as tf
 
-    from schemas.model_signature import SIGNATURE_NAME
+    from schemas.model_signature import SIGNATURE_NAME, STUDY_RULE
 
     serve = tf.saved_model.load(str(path)).signatures[SIGNATURE_NAME]
     size = serve.structured_input_signature[1]["images"].shape[1]
     out = []
+    rule = LEGACY_RULE
     for batch in inference_stream(images, batch_size):
         if size is not None and batch.shape[1] != size:
             batch = tf.image.resize(batch, (size, size))
-        out.append(serve(images=tf.cast(batch, tf.float32))["probabilities"].numpy())
-    return np.concatenate(out)
+        result = serve(images=tf.cast(batch, tf.float32))
+        out.append(result["probabilities"].numpy())
+        if STUDY_RULE.name in result and len(out) == 1:
+            rule = StudyRule.from_json(result[STUDY_RULE.name].numpy()[0])
+    return np.concatenate(out), rule
 
 
 def serving_baseline(
@@ -151,6 +204,51 @@ def serving_baseline(
     return float(report["macro_f1"])
 
 
+def serving_study_baseline(
+    registry: Registry,
+    name: str,
+    class_names: tuple[str, ...] | list[str],
+    test: StudySetLike,
+    fingerprint: str,
+) -> tuple[float, float] | None:
+    """The served version's study-level promotion metrics on this candidate's test studies, each
+    study scored with the served version's own study rule (None: nothing served).
+
+    Recorded metrics are used when the served version was measured on the same data; a served
+    model with other classes scores 0.
+    """
+    served = registry.served_versions(name)
+    if not served:
+        return None
+    try:
+        record = registry.get(name, served[-1])
+    except LookupError:
+        record = None
+    if record is not None and record.dataset_fingerprint == fingerprint:
+        recorded = study_metrics(record.metrics)
+        if recorded is not None:
+            return recorded
+    if record is not None and record.class_names and list(record.class_names) != list(class_names):
+        return (0.0, 0.0)
+    probabilities, rule = predict_saved_model_with_rule(
+        registry.model_dir(name) / str(served[-1]), test.images
+    )
+    if probabilities.shape[1] != len(class_names):
+        return (0.0, 0.0)
+    from schemas.model_signature import NORMAL_CLASS
+
+    baseline = promotion_metrics(probabilities, test, list(class_names).index(NORMAL_CLASS), rule)
+    logger.info(
+        "served version re-evaluated on the candidate's test studies",
+        extra={
+            "model_version": served[-1],
+            "study_rule": rule.name,
+            **dict(zip(STUDY_PROMOTION_METRICS, baseline, strict=True)),
+        },
+    )
+    return baseline
+
+
 def announce(
     events: EventPublisher,
     registry: Registry,
@@ -185,17 +283,28 @@ def promote(
     events: EventPublisher,
     force: bool = False,
     job_id: Any = None,
+    study_test: StudySetLike | None = None,
 ) -> int | None:
-    """Promote a registered version (with the held-out comparison); announce it when done."""
+    """Promote a registered version (with the held-out comparison); announce it when done.
+
+    ``study_test``: the candidate's test studies, when it was trained on a study benchmark (the
+    comparison is then study-level, see :func:`serving_study_baseline`)."""
     record = registry.get(name, version)
     baseline = None
-    if not force and record.dataset_path and Path(record.dataset_path).is_file():
+    study_baseline = None
+    if not force and study_test is not None and study_metrics(record.metrics) is not None:
+        study_baseline = serving_study_baseline(
+            registry, name, record.class_names, study_test, record.dataset_fingerprint or ""
+        )
+    elif not force and record.dataset_path and Path(record.dataset_path).is_file():
         data = LabelledImages.load(Path(record.dataset_path))
         if data.fingerprint() == record.dataset_fingerprint:
             baseline = serving_baseline(
                 registry, name, data, record.dataset_fingerprint or "", record.threshold or 0.5
             )
-    previous = registry.promote(name, version, serving_macro_f1=baseline, force=force)
+    previous = registry.promote(
+        name, version, serving_macro_f1=baseline, serving_study=study_baseline, force=force
+    )
     announce(events, registry, name, version, "promoted", previous, job_id)
     logger.info(
         "version promoted",
@@ -228,8 +337,13 @@ def run_job(
     promote_if_better: bool = True,
     job_id: Any = None,
     on_reserved: Callable[[int], None] | None = None,
+    studies: StudyBenchmarkLike | None = None,
 ) -> JobOutcome:
-    """Train → evaluate → export to staging → register → (promote). See the module docstring."""
+    """Train → evaluate → export to staging → register → (promote). See the module docstring.
+
+    ``studies``: the study benchmark ``data`` was made from (its slice dataset): the temperature,
+    study rule and threshold are then chosen on its validation studies, reported on its test
+    studies, exported with the model, and promotion compares study-level metrics."""
     from training.export import export_saved_model
 
     registry = registry or Registry(settings.repository)
@@ -242,9 +356,18 @@ def run_job(
     try:
         result = train(data, settings, run_dir, progress)
         probabilities = predict_keras(result.model, data.test.images, settings.batch_size)
+        threshold, temperature, rule, study_report = settings.threshold, 1.0, None, None
+        if studies is not None:
+            threshold, temperature, rule, study_report = _study_decisions(
+                result.model, studies, settings
+            )
+            # The slice table describes what the exported model returns: tempered probabilities.
+            probabilities = apply_temperature(probabilities, temperature)
         report = evaluate_probabilities(
-            probabilities, data.test.labels, data.class_names, settings.threshold
+            probabilities, data.test.labels, data.class_names, threshold
         )
+        if study_report is not None:
+            report["study"] = study_report
         write_report(
             report,
             run_dir / EVALUATION_DIR,
@@ -264,18 +387,21 @@ def run_job(
         export_saved_model(
             result.model,
             data.class_names,
-            settings.threshold,
+            threshold,
             registry.repository / ".staging",
             name,
             version=version,
+            temperature=temperature,
+            study_rule=rule,
         )
         registry.record_candidate(
             name,
             version,
             dataset_fingerprint=result.dataset_fingerprint,
-            metrics=flat_metrics(report),
+            metrics=flat_metrics(report)
+            | (flat_study_metrics(study_report) if study_report is not None else {}),
             class_names=list(data.class_names),
-            threshold=settings.threshold,
+            threshold=threshold,
             dataset_path=str(Path(dataset_path).resolve()),
         )
     except BaseException as error:
@@ -284,12 +410,31 @@ def run_job(
     promoted, previous, reason = False, None, None
     if promote_if_better:
         try:
-            previous = promote(registry, name, version, events, job_id=job_id)
+            previous = promote(
+                registry,
+                name,
+                version,
+                events,
+                job_id=job_id,
+                study_test=studies.test if studies is not None else None,
+            )
             promoted = True
         except PromotionRefused as refusal:
             reason = str(refusal)
             logger.warning("candidate not promoted", extra={"reason": reason})
     return JobOutcome(name, version, report, promoted, previous, reason, run_dir)
+
+
+def _study_decisions(
+    model: Any, studies: StudyBenchmarkLike, settings: TrainSettings
+) -> tuple[float, float, StudyRule, dict[str, Any]]:
+    """Threshold, temperature, study rule and the study report, chosen on validation studies."""
+    rule, threshold, temperature, study_report = evaluate_study_benchmark(model, studies, settings)
+    logger.info(
+        "study rule chosen on validation studies",
+        extra={"study_rule": rule.name, "threshold": threshold, "temperature": temperature},
+    )
+    return threshold, temperature, rule, study_report
 
 
 def flat_metrics(report: dict[str, Any]) -> dict[str, float]:

@@ -43,6 +43,7 @@ from sklearn.metrics import f1_score
 from scanwatch.durable import replace_file, write_text_atomic
 from training.config import TrainSettings
 from training.dataset import LabelledImages
+from training.export import load_exported_weights
 from training.input_pipeline import balance_with_augmentation, inference_stream, training_stream
 from training.model import BASE_LAYER, build_classifier
 
@@ -356,7 +357,9 @@ def train(
         dropout=settings.dropout,
         seed=settings.seed,
     )
-    if settings.weights is None:
+    if settings.init_from is not None:
+        load_exported_weights(model, settings.init_from)
+    elif settings.weights is None:
         for layer in batch_norm_layers(model):
             layer.momentum = SCRATCH_BN_MOMENTUM
     train_split, added = (

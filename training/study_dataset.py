@@ -1,0 +1,549 @@
+"""The study benchmark: whole synthetic MR studies, most of each normal, some with one lesion on a
+few adjacent slices, its size and contrast drawn from wide ranges down to small, faint foci
+(``--dataset studies``; issue 18).
+
+A *study* is one synthetic subject of :mod:`training.synthetic_dataset` (anatomy, intensity and
+noise varied per subject) cut into ``slices_per_study`` axial slices spread evenly over the
+brain, as a scanner's axial series is. An abnormal study gets one lesion:
+
+- its **kind** is one of the benchmark's abnormal classes, drawn so that each is equally likely:
+  ``mass`` (hypointense core, brighter rim, mass effect when large), ``bleed`` (hyperintense,
+  irregular), ``infarct`` (hypointense; a wedge reaching the cortex when large, a round deep
+  focus when small, as a lacune is);
+- its **diameter** (largest in-plane extent, in mm of the template) is drawn log-uniformly from
+  ``diameter_mm``, so small lesions are as common as large ones on a log scale;
+- its **contrast** (intensity relative to the tissue around it: ``+0.2`` is 20 % brighter) is
+  drawn log-uniformly in magnitude from ``contrast``, with the kind's sign (bleeds brighter,
+  masses and infarcts darker);
+- it spans ``span_slices`` adjacent slices (drawn in that range), largest in the middle: an
+  ellipsoid cut by the slice planes.
+
+Every slice of a lesion's span is labelled with the lesion's class, every other slice
+``normal``; each study records its lesion (:class:`StudyInfo`). Validation and test studies are
+whole (every slice rendered): the study-level evaluation scores them as the worker scores a
+received series. Training studies are rendered in part, because the slice classifier trains
+on slices: every lesion slice and ``normal_slices_per_study`` normal slices of each study.
+
+Everything follows from ``seed``. The lesions are synthetic: see ``training/DATA_CARD.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+from scipy import ndimage
+
+from scanwatch.durable import replace_file
+from scanwatch.imaging import preprocess_slice
+from scanwatch.sample import brain_slice_indices, mni152_volume
+from training.dataset import SPLITS, LabelledImages, Split
+from training.synthetic_dataset import (
+    CLASS_NAMES,
+    TISSUE_LEVEL,
+    _bias_field,
+    _irregular_blob,
+    _smooth_field,
+    _subject,
+    _warp,
+)
+
+logger = logging.getLogger(__name__)
+
+#: Bumped whenever the generator's output changes, so that caches of older pixels are not reused.
+GENERATOR_VERSION = 1
+#: The brain's extent that a study covers (the caps hold little tissue).
+COVERAGE = (0.08, 0.92)
+#: Which sign each kind's contrast has.
+CONTRAST_SIGN = {"mass": -1.0, "bleed": 1.0, "infarct": -1.0}
+#: Infarcts at least this large (mm) are cortical wedges; smaller ones are round deep foci.
+WEDGE_FROM_MM = 18.0
+#: Masses at least this large (mm) push the tissue around them.
+MASS_EFFECT_FROM_MM = 15.0
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """What the study benchmark contains. Same config → same pixels (the generator is seeded)."""
+
+    image_size: int = 128
+    train_studies: int = 1200
+    val_studies: int = 160
+    test_studies: int = 240
+    slices_per_study: int = 24
+    #: Share of abnormal studies in validation and test (training: ``train_abnormal_fraction``).
+    abnormal_fraction: float = 0.5
+    train_abnormal_fraction: float = 0.75
+    #: Normal slices rendered per training study (besides every lesion slice).
+    normal_slices_per_study: int = 3
+    diameter_mm: tuple[float, float] = (4.0, 40.0)
+    contrast: tuple[float, float] = (0.12, 0.8)
+    span_slices: tuple[int, int] = (2, 5)
+    seed: int = 2026
+
+    def __post_init__(self) -> None:
+        if min(self.train_studies, self.val_studies, self.test_studies) < 2:
+            raise ValueError("every split needs at least two studies")
+        if self.slices_per_study < 8:
+            raise ValueError(f"slices_per_study must be >= 8, got {self.slices_per_study}")
+        if self.image_size < 32:
+            raise ValueError(f"image_size must be >= 32, got {self.image_size}")
+        for name in ("abnormal_fraction", "train_abnormal_fraction"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} must be between 0 and 1, got {getattr(self, name)}")
+        for name in ("diameter_mm", "contrast"):
+            low, high = getattr(self, name)
+            if not 0 < low <= high:
+                raise ValueError(f"{name} must be a range 0 < low <= high, got {(low, high)}")
+        low, high = self.span_slices
+        if not 1 <= low <= high <= self.slices_per_study // 2:
+            raise ValueError(f"span_slices must be within 1..{self.slices_per_study // 2}")
+        if self.normal_slices_per_study < 1:
+            raise ValueError("normal_slices_per_study must be >= 1")
+
+
+#: The standard study benchmark (about 7 000 training slices, 3 840 / 5 760 slices in 160 / 240
+#: whole validation / test studies).
+DEFAULT = StudyConfig()
+#: Seconds to build; CI trains on it end to end.
+TINY = StudyConfig(
+    image_size=64,
+    train_studies=12,
+    val_studies=6,
+    test_studies=6,
+    slices_per_study=10,
+    normal_slices_per_study=2,
+    span_slices=(2, 3),
+)
+PRESETS = {"default": DEFAULT, "tiny": TINY}
+
+
+@dataclass(frozen=True)
+class StudyInfo:
+    """One study and its lesion (a normal study: label 0, diameter and contrast 0)."""
+
+    study_id: str
+    label: int
+    diameter_mm: float
+    contrast: float
+    #: Positions (0-based, in the study's slice order) where the lesion is visible.
+    lesion_slices: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StudySet:
+    """One split, slices in study order, each study's slices contiguous and in position order."""
+
+    images: np.ndarray  # (n, S, S, 1) float32, preprocessed as the worker does
+    labels: np.ndarray  # (n,) int64, per slice
+    study_index: np.ndarray  # (n,) int64 into ``studies``
+    position: np.ndarray  # (n,) int64 slice position within its study
+    studies: tuple[StudyInfo, ...]
+
+    def __post_init__(self) -> None:
+        n = len(self.images)
+        if not (len(self.labels) == len(self.study_index) == len(self.position) == n):
+            raise ValueError("images, labels, study_index and position differ in length")
+
+    def slices_of(self, study: int) -> np.ndarray:
+        """Row indices of one study's slices, in position order."""
+        return np.flatnonzero(self.study_index == study)
+
+
+@dataclass(frozen=True)
+class StudyBenchmark:
+    class_names: tuple[str, ...]
+    train: StudySet
+    val: StudySet
+    test: StudySet
+    description: dict
+
+    def slice_dataset(self) -> LabelledImages:
+        """The slice classifier's data: every rendered training slice; for validation and test,
+        every lesion slice and, per study, as many normal slices as a training study has (chosen
+        evenly over the study), so that the slice table is not swamped by normal slices. Groups
+        are studies (a study is a subject), so no study straddles two splits."""
+        per_study = int(self.description["config"]["normal_slices_per_study"])
+        splits = {"train": _as_split(self.train, None)}
+        for name in ("val", "test"):
+            study_set: StudySet = getattr(self, name)
+            splits[name] = _as_split(study_set, _sampled_rows(study_set, per_study))
+        return LabelledImages(
+            self.class_names,
+            description={**self.description, "slices_from": "studies"},
+            **splits,
+        )
+
+    def save(self, path: Path) -> None:
+        """Write to one ``.npz`` (written beside, then renamed: never half a file)."""
+        arrays: dict[str, np.ndarray] = {
+            "meta": np.array(
+                json.dumps({"class_names": self.class_names, "description": self.description})
+            )
+        }
+        for name in SPLITS:
+            s: StudySet = getattr(self, name)
+            arrays |= {
+                f"{name}_images": s.images,
+                f"{name}_labels": s.labels,
+                f"{name}_study_index": s.study_index,
+                f"{name}_position": s.position,
+                f"{name}_studies": np.array(json.dumps([asdict(i) for i in s.studies])),
+            }
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = path.with_name(f".{path.name}.tmp.npz")
+        np.savez(temp, **cast(dict[str, Any], arrays))
+        replace_file(temp, path)
+
+    @classmethod
+    def load(cls, path: Path) -> StudyBenchmark:
+        with np.load(Path(path), allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            sets = {
+                name: StudySet(
+                    data[f"{name}_images"],
+                    data[f"{name}_labels"],
+                    data[f"{name}_study_index"],
+                    data[f"{name}_position"],
+                    tuple(
+                        StudyInfo(**(info | {"lesion_slices": tuple(info["lesion_slices"])}))
+                        for info in json.loads(str(data[f"{name}_studies"]))
+                    ),
+                )
+                for name in SPLITS
+            }
+        return cls(tuple(meta["class_names"]), description=meta["description"], **sets)
+
+
+def _sampled_rows(study_set: StudySet, normal_per_study: int) -> np.ndarray:
+    rows: list[int] = []
+    for study in range(len(study_set.studies)):
+        members = study_set.slices_of(study)
+        lesion = members[study_set.labels[members] != 0]
+        normal = members[study_set.labels[members] == 0]
+        picks = np.linspace(0, len(normal) - 1, min(normal_per_study, len(normal))).round()
+        rows += lesion.tolist() + normal[picks.astype(int)].tolist()
+    return np.sort(np.asarray(rows, dtype=np.int64))
+
+
+def _as_split(study_set: StudySet, rows: np.ndarray | None) -> Split:
+    rows = np.arange(len(study_set.images)) if rows is None else rows
+    groups = np.array([study_set.studies[i].study_id for i in study_set.study_index[rows]])
+    return Split(study_set.images[rows], study_set.labels[rows], groups)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lesions with explicit size and contrast
+
+
+@dataclass(frozen=True)
+class Lesion:
+    kind: str
+    diameter_mm: float
+    contrast: float  # signed
+    centre_slice: int
+    span: int
+    aspect: float
+    irregularity: float
+
+
+def _draw_lesion(rng: np.random.Generator, config: StudyConfig, n_slices: int) -> Lesion:
+    kind = CLASS_NAMES[1 + int(rng.integers(len(CLASS_NAMES) - 1))]
+    low, high = config.diameter_mm
+    diameter = float(np.exp(rng.uniform(np.log(low), np.log(high))))
+    low, high = config.contrast
+    contrast = CONTRAST_SIGN[kind] * float(np.exp(rng.uniform(np.log(low), np.log(high))))
+    span = int(rng.integers(config.span_slices[0], config.span_slices[1] + 1))
+    # The lesion's slices stay inside the study's middle 80 % (tissue is there).
+    first = int(rng.integers(n_slices // 10, n_slices - n_slices // 10 - span + 1))
+    return Lesion(
+        kind=kind,
+        diameter_mm=diameter,
+        contrast=contrast,
+        centre_slice=first,  # the first slice of its span
+        span=span,
+        aspect=float(rng.uniform(0.75, 1.33)),
+        irregularity=float(rng.uniform(0.05, 0.3 if kind == "bleed" else 0.15)),
+    )
+
+
+def _cross_section(lesion: Lesion, offset: int) -> float:
+    """The lesion's radius factor on the ``offset``-th slice of its span (largest mid-span)."""
+    if lesion.span == 1:
+        return 1.0
+    t = (2 * offset - (lesion.span - 1)) / lesion.span  # in (-1, 1)
+    return float(0.55 + 0.45 * np.sqrt(max(0.0, 1 - t * t)))
+
+
+def _lesion_centre(
+    rng: np.random.Generator, tissue: np.ndarray, radius: float, kind: str, large: bool
+) -> np.ndarray:
+    depth = ndimage.distance_transform_edt(tissue)
+    inside = depth > max(radius, 3.0) + 2
+    if kind == "infarct" and large:
+        band = inside & (depth < radius + 8)
+        inside = band if band.any() else inside
+    candidates = np.argwhere(inside if inside.any() else tissue)
+    return candidates[rng.integers(len(candidates))].astype(np.float64)
+
+
+def _plant(
+    image: np.ndarray,
+    lesion: Lesion,
+    factor: float,
+    centre: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """``image`` (template scale) with one cross-section of ``lesion`` planted at ``centre``."""
+    radius = lesion.diameter_mm / 2 * factor
+    tissue = image > TISSUE_LEVEL
+    # The tissue around the lesion, smoothed over its size: the contrast's reference.
+    weights = ndimage.gaussian_filter(tissue.astype(np.float64), max(radius, 2.0))
+    smoothed = ndimage.gaussian_filter(image * tissue, max(radius, 2.0))
+    at = tuple(np.clip(np.round(centre).astype(int), 0, np.array(image.shape) - 1))
+    local = float(smoothed[at] / max(weights[at], 1e-6)) if weights[at] > 0.05 else 0.6
+    texture = _smooth_field(rng, image.shape, max(radius / 3, 1.0))
+    value = local * (1 + lesion.contrast) * (1 + 0.06 * texture)
+    if lesion.kind == "infarct" and lesion.diameter_mm >= WEDGE_FROM_MM:
+        mask = _wedge(image, centre, radius, rng)
+    else:
+        mask = _irregular_blob(rng, image.shape, centre, radius, lesion.aspect, lesion.irregularity)
+        if lesion.kind == "bleed":
+            mask = ndimage.gaussian_filter(mask, 0.6)
+    mask = mask * ndimage.gaussian_filter((image > TISSUE_LEVEL * 0.7).astype(np.float64), 1.0)
+    base = image
+    if lesion.kind == "mass" and lesion.diameter_mm >= MASS_EFFECT_FROM_MM:
+        base = _pushed(image, centre, radius, rng)
+    out = base * (1 - mask) + value * mask
+    if lesion.kind == "mass" and radius >= 3:
+        rim = np.clip(mask - ndimage.binary_erosion(mask > 0.5, iterations=2), 0, 1)
+        rim = ndimage.gaussian_filter(rim.astype(np.float64), 0.8)
+        out = out + rim * local * abs(lesion.contrast) * rng.uniform(0.6, 1.0)
+    return out
+
+
+def _wedge(
+    image: np.ndarray, centre: np.ndarray, radius: float, rng: np.random.Generator
+) -> np.ndarray:
+    tissue = image > TISSUE_LEVEL
+    inward = np.array(ndimage.center_of_mass(tissue)) - centre
+    inward /= np.linalg.norm(inward) + 1e-8
+    grid = np.indices(image.shape, dtype=np.float64)
+    offset = grid - centre[:, None, None]
+    distance = np.sqrt((offset**2).sum(axis=0)) + 1e-8
+    cosine = (offset[0] * inward[0] + offset[1] * inward[1]) / distance
+    half_angle = np.deg2rad(rng.uniform(25, 45))
+    wedge = ((distance < radius) & (cosine > np.cos(half_angle))) | (distance < radius * 0.35)
+    return ndimage.gaussian_filter(wedge.astype(np.float64), 1.0)
+
+
+def _pushed(
+    image: np.ndarray, centre: np.ndarray, radius: float, rng: np.random.Generator
+) -> np.ndarray:
+    grid = np.indices(image.shape, dtype=np.float64)
+    offset = grid - centre[:, None, None]
+    distance = np.sqrt((offset**2).sum(axis=0))
+    push = rng.uniform(0.2, 0.4) * np.exp(-((distance / (1.6 * radius)) ** 2))
+    return ndimage.map_coordinates(
+        image, (centre[:, None, None] + offset * (1 - push)).reshape(2, -1), order=1
+    ).reshape(image.shape)
+
+
+def _finish(image: np.ndarray, rng: np.random.Generator, subject: dict) -> np.ndarray:
+    """Subject intensity, bias field and Rician noise; 12-bit stored values, DICOM orientation
+    (as :func:`training.synthetic_dataset.render_slice` finishes a slice)."""
+    from scanwatch.sample import MAX_STORED_VALUE
+
+    image = np.clip(image, 0, None) ** subject["gamma"] * subject["gain"]
+    image = image * _bias_field(rng, image.shape, subject["bias"])
+    sigma = subject["noise"]
+    noisy = np.hypot(image + rng.normal(0, sigma, image.shape), rng.normal(0, sigma, image.shape))
+    stored = np.clip(np.rint(noisy / 2.0 * MAX_STORED_VALUE), 0, MAX_STORED_VALUE)
+    return np.ascontiguousarray(stored[::-1, ::-1].T.astype(np.uint16))
+
+
+# ---------------------------------------------------------------------------------------------
+# Studies
+
+
+def study_levels(volume: np.ndarray, n: int) -> list[int]:
+    """``n`` axial indices spread over :data:`COVERAGE` of the brain's extent."""
+    first, *_, last = brain_slice_indices(volume, 2)
+    low, high = COVERAGE
+    return [int(round(first + (last - first) * f)) for f in np.linspace(low, high, n)]
+
+
+def render_study(
+    volume: np.ndarray,
+    levels: list[int],
+    rng: np.random.Generator,
+    lesion: Lesion | None,
+    only: frozenset[int] | None = None,
+) -> list[tuple[int, int, np.ndarray]]:
+    """``(position, label, stored slice)`` of the study's slices (those at the positions in
+    ``only``, when given), in position order."""
+    subject = _subject(rng)
+    jitter = subject["level_jitter"]
+    span = range(lesion.centre_slice, lesion.centre_slice + lesion.span) if lesion else range(0)
+    label = CLASS_NAMES.index(lesion.kind) if lesion else 0
+    centre: np.ndarray | None = None
+    out = []
+    for position, level in enumerate(levels):
+        if only is not None and position not in only:
+            continue
+        lesioned = position in span
+        k = int(np.clip(level + jitter, 0, volume.shape[2] - 1))
+        image = _warp(volume[:, :, k], rng, subject)
+        if lesion is not None and lesioned:
+            if centre is None:  # placed on the first slice of its span, kept for the rest
+                tissue = image > TISSUE_LEVEL
+                centre = _lesion_centre(
+                    rng,
+                    tissue,
+                    lesion.diameter_mm / 2,
+                    lesion.kind,
+                    lesion.diameter_mm >= WEDGE_FROM_MM,
+                )
+            factor = _cross_section(lesion, position - lesion.centre_slice)
+            image = _plant(image, lesion, factor, centre, rng)
+        out.append((position, label if lesioned else 0, _finish(image, rng, subject)))
+    return out
+
+
+def _build_split(
+    volume: np.ndarray,
+    levels: list[int],
+    config: StudyConfig,
+    seeds: list[np.random.SeedSequence],
+    prefix: str,
+    abnormal_fraction: float,
+    whole: bool,
+    progress: Callable[[], None],
+) -> StudySet:
+    images, labels, study_index, positions, studies = [], [], [], [], []
+    n_abnormal = int(round(len(seeds) * abnormal_fraction))
+    for number, seed in enumerate(seeds):
+        rng = np.random.default_rng(seed)
+        lesion = _draw_lesion(rng, config, len(levels)) if number < n_abnormal else None
+        span = range(lesion.centre_slice, lesion.centre_slice + lesion.span) if lesion else range(0)
+        only = None
+        if not whole:  # every lesion slice and a few normal ones
+            normal = [p for p in range(len(levels)) if p not in span]
+            picked = rng.choice(normal, config.normal_slices_per_study, replace=False)
+            only = frozenset(span) | frozenset(int(p) for p in picked)
+        rendered = render_study(volume, levels, rng, lesion, only)
+        for position, label, stored in rendered:
+            images.append(preprocess_slice(stored, config.image_size)[:, :, :1])
+            labels.append(label)
+            study_index.append(number)
+            positions.append(position)
+            progress()
+        studies.append(
+            StudyInfo(
+                study_id=f"{prefix}-{number:05d}",
+                label=CLASS_NAMES.index(lesion.kind) if lesion else 0,
+                diameter_mm=round(lesion.diameter_mm, 2) if lesion else 0.0,
+                contrast=round(lesion.contrast, 3) if lesion else 0.0,
+                lesion_slices=tuple(span),
+            )
+        )
+    return StudySet(
+        np.stack(images).astype(np.float32),
+        np.asarray(labels, dtype=np.int64),
+        np.asarray(study_index, dtype=np.int64),
+        np.asarray(positions, dtype=np.int64),
+        tuple(studies),
+    )
+
+
+def build_studies(
+    config: StudyConfig = DEFAULT, progress: Callable[[int, int], None] | None = None
+) -> StudyBenchmark:
+    """Generate the study benchmark (seconds for :data:`TINY`, minutes for :data:`DEFAULT`)."""
+    volume, _affine = mni152_volume()
+    levels = study_levels(volume, config.slices_per_study)
+    root = np.random.SeedSequence(config.seed)
+    seeds = root.spawn(config.train_studies + config.val_studies + config.test_studies)
+    expected_train = config.train_studies * (
+        config.normal_slices_per_study
+        + config.train_abnormal_fraction * sum(config.span_slices) / 2
+    )
+    total = int(
+        expected_train + (config.val_studies + config.test_studies) * config.slices_per_study
+    )
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if progress is not None:
+            progress(min(done, total), total)
+
+    n_train, n_val = config.train_studies, config.val_studies
+    splits = {
+        "train": _build_split(
+            volume,
+            levels,
+            config,
+            seeds[:n_train],
+            "train",
+            config.train_abnormal_fraction,
+            False,
+            tick,
+        ),
+        "val": _build_split(
+            volume,
+            levels,
+            config,
+            seeds[n_train : n_train + n_val],
+            "val",
+            config.abnormal_fraction,
+            True,
+            tick,
+        ),
+        "test": _build_split(
+            volume,
+            levels,
+            config,
+            seeds[n_train + n_val :],
+            "test",
+            config.abnormal_fraction,
+            True,
+            tick,
+        ),
+    }
+    description = {
+        "source": "mni152-synthetic-studies",
+        "generator_version": GENERATOR_VERSION,
+        "config": json.loads(json.dumps(asdict(config))),  # as a cache reads it back
+    }
+    return StudyBenchmark(CLASS_NAMES, description=description, **splits)
+
+
+def cache_path(config: StudyConfig, cache_dir: Path) -> Path:
+    key = "-".join(f"{k}{v}" for k, v in asdict(config).items()).replace(" ", "").replace(",", "_")
+    return Path(cache_dir) / f"studies-v{GENERATOR_VERSION}-{key}.npz"
+
+
+def load_or_build(
+    config: StudyConfig,
+    cache_dir: Path | None,
+    progress: Callable[[int, int], None] | None = None,
+) -> StudyBenchmark:
+    """The study benchmark from ``cache_dir`` if built before with this config, else build it."""
+    if cache_dir is None:
+        return build_studies(config, progress)
+    path = cache_path(config, cache_dir)
+    if path.is_file():
+        logger.info("study benchmark loaded from cache", extra={"path": str(path)})
+        return StudyBenchmark.load(path)
+    data = build_studies(config, progress)
+    data.save(path)
+    logger.info("study benchmark built and cached", extra={"path": str(path)})
+    return data

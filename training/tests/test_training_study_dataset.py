@@ -1,0 +1,115 @@
+"""The study benchmark: whole studies, one lesion on adjacent slices, sizes and contrasts drawn
+from wide ranges (training/study_dataset.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training import study_dataset as sd
+
+
+@pytest.fixture(scope="module")
+def bench() -> sd.StudyBenchmark:
+    return sd.build_studies(sd.TINY)
+
+
+def test_validation_and_test_studies_are_whole_and_in_order(bench: sd.StudyBenchmark) -> None:
+    for split in (bench.val, bench.test):
+        for index in range(len(split.studies)):
+            rows = split.slices_of(index)
+            assert split.position[rows].tolist() == list(range(sd.TINY.slices_per_study))
+
+
+def test_a_lesion_is_labelled_on_its_adjacent_slices_only(bench: sd.StudyBenchmark) -> None:
+    abnormal = 0
+    for split in (bench.val, bench.test):
+        for index, info in enumerate(split.studies):
+            rows = split.slices_of(index)
+            labelled = split.position[rows][split.labels[rows] != 0].tolist()
+            assert labelled == list(info.lesion_slices)
+            if info.label:
+                abnormal += 1
+                span = np.diff(info.lesion_slices)
+                assert (span == 1).all()  # adjacent
+                low, high = sd.TINY.span_slices
+                assert low <= len(info.lesion_slices) <= high
+                assert set(split.labels[rows]) == {0, info.label}
+                assert sd.TINY.diameter_mm[0] <= info.diameter_mm <= sd.TINY.diameter_mm[1]
+                assert sd.TINY.contrast[0] <= abs(info.contrast) <= sd.TINY.contrast[1]
+                kind = bench.class_names[info.label]
+                assert np.sign(info.contrast) == sd.CONTRAST_SIGN[kind]
+            else:
+                assert info.diameter_mm == info.contrast == 0 and info.lesion_slices == ()
+    assert abnormal == round(sd.TINY.val_studies * 0.5) + round(sd.TINY.test_studies * 0.5)
+
+
+def test_training_studies_give_every_lesion_slice_and_a_few_normal_ones(
+    bench: sd.StudyBenchmark,
+) -> None:
+    train = bench.train
+    for index, info in enumerate(train.studies):
+        rows = train.slices_of(index)
+        normal = int((train.labels[rows] == 0).sum())
+        assert normal == sd.TINY.normal_slices_per_study
+        assert (train.labels[rows] != 0).sum() == len(info.lesion_slices)
+
+
+def test_the_slice_dataset_keeps_studies_apart(bench: sd.StudyBenchmark) -> None:
+    data = bench.slice_dataset()  # LabelledImages refuses a group in two splits
+    assert data.class_names == sd.CLASS_NAMES
+    assert set(data.val.groups) == {s.study_id for s in bench.val.studies}
+    lesion_slices = sum(len(s.lesion_slices) for s in bench.test.studies)
+    assert (data.test.labels != 0).sum() == lesion_slices
+    normal = len(bench.test.studies) * sd.TINY.normal_slices_per_study
+    assert (data.test.labels == 0).sum() == normal
+
+
+def test_same_config_same_pixels_and_a_cache_round_trip(
+    bench: sd.StudyBenchmark, tmp_path: Path
+) -> None:
+    again = sd.build_studies(sd.TINY)
+    assert np.array_equal(again.test.images, bench.test.images)
+    path = sd.cache_path(sd.TINY, tmp_path)
+    bench.save(path)
+    loaded = sd.load_or_build(sd.TINY, tmp_path)
+    assert loaded.test.studies == bench.test.studies
+    assert np.array_equal(loaded.val.images, bench.val.images)
+    assert loaded.description == bench.description
+
+
+@pytest.mark.parametrize("contrast", [0.15, -0.15])
+def test_a_small_faint_lesion_changes_its_slice_by_its_contrast(contrast: float) -> None:
+    """A 6 mm, 15 % lesion planted on a template slice: a few dozen pixels move, in the
+    contrast's direction and by about the contrast, and nothing else moves."""
+    volume, _ = sd.mni152_volume()
+    image = volume[:, :, sd.study_levels(volume, 24)[12]].astype(np.float64)
+    kind = "bleed" if contrast > 0 else "infarct"
+    lesion = sd.Lesion(kind, 6.0, contrast, centre_slice=10, span=3, aspect=1.0, irregularity=0.05)
+    rng = np.random.default_rng(3)
+    centre = sd._lesion_centre(rng, image > sd.TISSUE_LEVEL, 3.0, kind, large=False)
+    planted = sd._plant(image, lesion, 1.0, centre, rng)
+    relative = planted / np.maximum(image, 1e-6) - 1
+    changed = np.abs(planted - image) > 0.02
+    assert 5 <= changed.sum() <= 80  # about pi * 3**2 pixels, not the whole slice
+    distance = np.hypot(*(np.indices(image.shape) - centre[:, None, None]))
+    assert distance[changed].max() <= 6
+    core = distance <= 1.5
+    assert np.sign(relative[core].mean()) == np.sign(contrast)
+    assert abs(relative[core].mean()) == pytest.approx(abs(contrast), rel=0.6)
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"val_studies": 1}, "at least two studies"),
+        ({"diameter_mm": (5.0, 2.0)}, "diameter_mm must be a range"),
+        ({"span_slices": (0, 3)}, "span_slices"),
+        ({"abnormal_fraction": 1.0}, "abnormal_fraction"),
+    ],
+)
+def test_bad_configs_are_refused(change: dict, words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        sd.StudyConfig(**change)
