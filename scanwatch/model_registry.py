@@ -43,6 +43,17 @@ RETIRED = ".retired"
 RESERVED, CANDIDATE, SERVING = "reserved", "candidate", "serving"
 SUPERSEDED, ROLLED_BACK, REJECTED, FAILED = "superseded", "rolled-back", "rejected", "failed"
 STATUSES = (RESERVED, CANDIDATE, SERVING, SUPERSEDED, ROLLED_BACK, REJECTED, FAILED)
+#: Study-level promotion metrics (keys of a version's ``metrics``), compared in this order:
+#: the best study sensitivity at specificity >= 0.90 on the test studies (the issue's benchmark
+#: bar, read off the ROC so each model is judged at its best point for that specificity, not at
+#: a threshold chosen on other data), then study AUROC (breaks the ties of two models that both
+#: reach sensitivity 1.0). A candidate that has them is compared on them; one trained on a
+#: dataset without studies (folders, HAM10000, DICOM) is compared on held-out macro-F1.
+STUDY_SENSITIVITY_AT_SPECIFICITY = "study_sensitivity_at_spec90"
+STUDY_AUROC = "study_auroc"
+STUDY_PROMOTION_METRICS = (STUDY_SENSITIVITY_AT_SPECIFICITY, STUDY_AUROC)
+#: The specificity :data:`STUDY_SENSITIVITY_AT_SPECIFICITY` is read at.
+PROMOTION_MIN_SPECIFICITY = 0.90
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS model_versions (
@@ -66,7 +77,8 @@ CREATE TABLE IF NOT EXISTS model_versions (
 
 
 class PromotionRefused(RuntimeError):
-    """The candidate's held-out macro-F1 is below the served version's."""
+    """The candidate is worse than the served version on the promotion metric (study-level
+    when both were measured on studies, else held-out macro-F1)."""
 
 
 class LifecycleError(RuntimeError):
@@ -103,6 +115,22 @@ class ModelVersion:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def study_metrics(metrics: dict[str, Any]) -> tuple[float, float] | None:
+    """A version's study-level promotion metrics, if it was measured on studies."""
+    values = [metrics.get(key) for key in STUDY_PROMOTION_METRICS]
+    numbers = [float(v) for v in values if isinstance(v, int | float)]
+    return (numbers[0], numbers[1]) if len(numbers) == len(values) else None
+
+
+def _rounded(pair: tuple[float, float]) -> tuple[float, float]:
+    # Equal up to float noise counts as equal (the candidate is promoted on a tie).
+    return round(pair[0], 9), round(pair[1], 9)
+
+
+def _pair(pair: tuple[float, float]) -> str:
+    return f"{pair[0]:.4f}, {pair[1]:.4f}"
 
 
 class Registry:
@@ -350,15 +378,19 @@ class Registry:
         version: int,
         *,
         serving_macro_f1: float | None = None,
+        serving_study: tuple[float, float] | None = None,
         force: bool = False,
     ) -> int | None:
-        """Serve ``version`` if its macro-F1 is at least the served version's; return the previous.
+        """Serve ``version`` if it is at least as good as the served version; return the previous.
 
-        ``serving_macro_f1`` is the served version's macro-F1 on the candidate's held-out set
-        (the caller evaluates it when the two were measured on different data); by default the
-        served version's recorded macro-F1 is used. ``force`` skips the comparison (an operator's
-        explicit decision). Raises :class:`PromotionRefused` (the candidate becomes ``rejected``)
-        when it is worse.
+        A candidate with study-level metrics (:data:`STUDY_PROMOTION_METRICS`) is compared on
+        them when the served version's are known: ``serving_study`` (its metrics on the
+        candidate's study test split, with its own study rule) or else those recorded with it.
+        Otherwise the comparison is held-out macro-F1: ``serving_macro_f1`` is the served
+        version's macro-F1 on the candidate's held-out set (the caller evaluates it when the two
+        were measured on different data); by default the served version's recorded macro-F1 is
+        used. ``force`` skips the comparison (an operator's explicit decision). Raises
+        :class:`PromotionRefused` (the candidate becomes ``rejected``) when it is worse.
         """
         refused: PromotionRefused | None = None
         with self._connect(write=True) as db:
@@ -380,7 +412,34 @@ class Registry:
                     f"version {previous} is served and newer than {version}: roll back to "
                     f"{version} instead"
                 )
+            compared_on_studies = False
             if not force and previous is not None:
+                study_baseline = serving_study
+                if study_baseline is None:
+                    current = db.execute(
+                        "SELECT metrics FROM model_versions WHERE name = ? AND version = ?",
+                        (name, previous),
+                    ).fetchone()
+                    if current is not None:
+                        study_baseline = study_metrics(json.loads(current["metrics"]))
+                mine = study_metrics(candidate.metrics)
+                if mine is not None and study_baseline is not None:
+                    compared_on_studies = True
+                    if _rounded(mine) < _rounded(study_baseline):
+                        self._set_status(
+                            db,
+                            name,
+                            version,
+                            REJECTED,
+                            f"study sensitivity at specificity 0.90, AUROC {_pair(mine)} < "
+                            f"served {_pair(study_baseline)}",
+                        )
+                        refused = PromotionRefused(
+                            f"{name} version {version}: study test split sensitivity at "
+                            f"specificity >= 0.90, AUROC {_pair(mine)} is below version "
+                            f"{previous}'s {_pair(study_baseline)}; not promoted"
+                        )
+            if not force and previous is not None and not compared_on_studies:
                 baseline = serving_macro_f1
                 if baseline is None:
                     current = db.execute(

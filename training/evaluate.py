@@ -2,7 +2,8 @@
 
 :func:`evaluate_probabilities` computes the numbers; :func:`write_report` writes them as
 ``evaluation.json``, ``evaluation.md`` and PNG plots (training curves, confusion matrix, ROC
-curves) into a folder.
+curves) into a folder. A report with a ``study`` section (a study benchmark's, from
+:mod:`training.study_evaluation`) gets it in all three, after the slice table.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from sklearn.metrics import (
 from scanwatch.durable import write_text_atomic
 from scanwatch.model_registry import REPORT_JSON, REPORT_MARKDOWN
 from schemas.model_signature import NORMAL_CLASS
+from training.study_evaluation import study_markdown, write_study_plots
 
 CURVES_PNG = "training_curves.png"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -143,7 +145,10 @@ def markdown(report: dict[str, Any], title: str = "Evaluation") -> str:
     ]
     for name, row in zip(names, report["confusion_matrix"], strict=True):
         lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
-    return "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n"
+    if report.get("study"):
+        text += "\n" + study_markdown(report["study"])
+    return text
 
 
 def _plots(
@@ -248,4 +253,5 @@ def write_report(
         out_dir / REPORT_JSON,
         out_dir / REPORT_MARKDOWN,
         *_plots(report, probabilities, labels, history, out_dir),
+        *(write_study_plots(report["study"], out_dir) if report.get("study") else []),
     ]
