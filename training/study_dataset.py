@@ -29,6 +29,7 @@ Everything follows from ``seed``. The lesions are synthetic: see ``training/DATA
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -527,8 +528,11 @@ def build_studies(
 
 
 def cache_path(config: StudyConfig, cache_dir: Path) -> Path:
-    key = "-".join(f"{k}{v}" for k, v in asdict(config).items()).replace(" ", "").replace(",", "_")
-    return Path(cache_dir) / f"studies-v{GENERATOR_VERSION}-{key}.npz"
+    """Where :func:`load_or_build` keeps the benchmark built with ``config`` (named by the
+    generator version, the image size and a digest of the whole config)."""
+    digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()
+    name = f"studies-v{GENERATOR_VERSION}-{config.image_size}px-{digest[:16]}.npz"
+    return Path(cache_dir) / name
 
 
 def load_or_build(
