@@ -3,7 +3,7 @@
 In one run on one machine:
 
 (a) bare model: the default SavedModel called in-process on the very images the worker scores
-    (16 per study, preprocessed by ``scanwatch.imaging``), in batches of ``--batch``;
+    (every slice of each study, preprocessed by ``scanwatch.imaging``), in batches of ``--batch``;
 (b) pipeline: the same studies' ``dicom.instance.received.v1`` events published to Kafka at once;
     the worker assembles them, preprocesses, calls the model server over gRPC with the same batch
     size and writes FHIR. Timed from the end of the quiet period to the last Observation
@@ -86,7 +86,7 @@ def bare_images_per_s(
     servable = engine_for(engine_name, cache).load(MODELS / DEFAULT_MODEL_NAME / str(version))
     signature = servable.signature_defs["serving_default"]
     size = signature.inputs["images"].tensor_shape.dim[1].size
-    images = [select_series([e.ref() for e in events], size, slices).images for events in studies]
+    images = [select_series([e.ref() for e in events], size).images for events in studies]
     outputs = ["probabilities", "class_names", "threshold"]
     servable.run("serving_default", {"images": images[0][:batch]}, outputs)  # warm-up
     start = time.perf_counter()
@@ -116,7 +116,6 @@ def pipeline_images_per_s(
         kafka_libs=ROOT / "var" / "kafka" / "libs",
         extra_env={
             "SCANWATCH_WORKER_BATCH_SIZE": str(batch),
-            "SCANWATCH_WORKER_MAX_SLICES": str(slices),
         },
     )
     stack = Stack(config)
@@ -161,7 +160,6 @@ def main() -> int:
     args = argparse.ArgumentParser(description=__doc__)
     args.add_argument("--studies", type=int, default=12)
     args.add_argument("--slices", type=int, default=38, help="slices per sample study")
-    args.add_argument("--scored", type=int, default=16, help="slices scored per study")
     args.add_argument("--batch", type=int, default=16)
     args.add_argument("--quiet-period", type=float, default=1.0)
     args.add_argument("--engine", choices=["tensorflow", "openvino"], default="tensorflow")
@@ -177,13 +175,13 @@ def main() -> int:
             for n in range(opts.studies)
         ]
         cache = ROOT / "var" / "cache" / "openvino"
-        bare = bare_images_per_s(studies, opts.batch, opts.scored, opts.engine, cache)
+        bare = bare_images_per_s(studies, opts.batch, opts.slices, opts.engine, cache)
         pipeline = pipeline_images_per_s(
-            studies, opts.batch, opts.scored, tmp_path / "stack", opts.quiet_period, opts.engine
+            studies, opts.batch, opts.slices, tmp_path / "stack", opts.quiet_period, opts.engine
         )
     report = {
         "studies": opts.studies,
-        "images_scored": opts.studies * opts.scored,
+        "images_scored": opts.studies * opts.slices,
         "batch": opts.batch,
         "engine": opts.engine,
         "bare_images_per_s": round(bare, 2),

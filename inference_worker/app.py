@@ -62,7 +62,6 @@ def default_scorer(settings: Settings, metrics: WorkerMetrics) -> Scorer:
             client_secret=settings.fhir_client_secret,
             token_url=settings.fhir_token_url,
         ),
-        max_slices=settings.max_slices,
         retries=settings.retries,
         metrics=metrics,
         rules=settings.selection_rules(),

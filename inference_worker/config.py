@@ -76,8 +76,14 @@ class Settings(BaseSettings):
     )
     predict_timeout_s: float = Field(60.0, gt=0, description="Deadline of one Predict call.")
     batch_size: int = Field(16, ge=1, le=512, description="Images per Predict call.")
-    max_slices: int = Field(
-        16, ge=1, description="At most this many slices of the chosen series are scored."
+    max_gap_mm: float | None = Field(
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="Unset: every slice of the chosen series is scored (the default: a small "
+        "finding may lie on two slices). A distance in mm: slices may be skipped as long as no "
+        "more than this lies unscanned between two scored ones (positions along the slice "
+        "normal less half of each SliceThickness); a series without positions is scored whole.",
     )
     series_description_pattern: str | None = Field(
         None,
@@ -137,7 +143,9 @@ class Settings(BaseSettings):
 
     def selection_rules(self) -> SelectionRules:
         """The series selection rules these settings describe (validated)."""
-        return SelectionRules(self.series_description_pattern, self.min_slices, self.orientation)
+        return SelectionRules(
+            self.series_description_pattern, self.min_slices, self.orientation, self.max_gap_mm
+        )
 
     @field_validator("orientation")
     @classmethod

@@ -36,6 +36,14 @@ from scanwatch.fhir_codes import (
     PROBABILITY_CODE_PREFIX,
     REPORT_CODE,
     REPORT_DISPLAY,
+    STRONGEST_SLICE_CODE,
+    STRONGEST_SLICE_DISPLAY,
+    STRONGEST_SLICE_FRAME_CODE,
+    STRONGEST_SLICE_FRAME_DISPLAY,
+    STRONGEST_SLICE_SCORE_CODE,
+    STRONGEST_SLICE_SCORE_DISPLAY,
+    STUDY_RULE_CODE,
+    STUDY_RULE_DISPLAY,
 )
 from schemas.model_signature import NORMAL_CLASS
 
@@ -102,6 +110,22 @@ class HeatmapSeriesRef:
     Modality: str = "OT"
 
 
+@dataclass(frozen=True)
+class Evidence:
+    """Where a study's strongest evidence lies, and the rule that made the study's score
+    (:func:`scanwatch.study_score.study_result`'s ``strongest`` slice)."""
+
+    rule: str  # the model's study rule by name: mean, max, top_3_mean, noisy_or
+    SOPInstanceUID: str  # the strongest slice's instance
+    frame: int | None  # its frame index (0-based) in a multi-frame instance, else None
+    anomaly_score: float  # that slice's own, 1 - p(normal), uncalibrated
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "anomaly_score", float(self.anomaly_score))
+        if not 0.0 <= self.anomaly_score <= 1.0:
+            raise ValueError(f"slice anomaly score {self.anomaly_score} is outside [0, 1]")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ReceivedStudy:
     """A study as its chosen series' DICOM header describes it: what the Patient and the
@@ -145,6 +169,8 @@ class ScoredStudy(ReceivedStudy):
     issued: datetime
     #: The Grad-CAM heatmap series, once stored; ``None`` while there is none (yet).
     heatmaps: HeatmapSeriesRef | None = None
+    #: The strongest slice and the study rule; ``None`` for results made without them.
+    evidence: Evidence | None = None
 
     def __post_init__(self) -> None:
         # Accept any sequence (lists, numpy arrays) but keep the frozen value hashable.
@@ -318,8 +344,9 @@ def _heatmap_series(heatmaps: HeatmapSeriesRef) -> dict[str, Any]:
 
 
 def observation(study: ScoredStudy) -> dict[str, Any]:
-    """The AI result: anomaly score, interpretation against the threshold, predicted class and
-    one component per class probability."""
+    """The AI result: anomaly score, interpretation against the threshold, predicted class,
+    one component per class probability and, when known, the study rule and the slice with the
+    strongest evidence (its instance, frame number and own anomaly score)."""
     obs_id = ids.observation_id(study.StudyInstanceUID, study.model_name, study.model_version)
     imaging_ref = {"reference": f"ImagingStudy/{ids.imaging_study_id(study.StudyInstanceUID)}"}
     model_label = f"{study.model_name} v{study.model_version}"
@@ -388,6 +415,7 @@ def observation(study: ScoredStudy) -> dict[str, Any]:
                 }
                 for name, p in zip(study.class_names, study.probabilities, strict=True)
             ),
+            *_evidence_components(study.evidence),
         ],
     }
     if study.AccessionNumber:
@@ -396,6 +424,40 @@ def observation(study: ScoredStudy) -> dict[str, Any]:
     if effective is not None:
         resource["effectiveDateTime"] = _fhir_datetime(effective, study.timezone)
     return _validated(resource)
+
+
+def _evidence_components(evidence: Evidence | None) -> list[dict[str, Any]]:
+    """The Observation's components of the study rule and the strongest slice."""
+    if evidence is None:
+        return []
+    components: list[dict[str, Any]] = [
+        {
+            "code": _concept(CODE_SYSTEM, STUDY_RULE_CODE, STUDY_RULE_DISPLAY),
+            "valueString": evidence.rule,
+        },
+        {
+            "code": _concept(CODE_SYSTEM, STRONGEST_SLICE_CODE, STRONGEST_SLICE_DISPLAY),
+            "valueString": evidence.SOPInstanceUID,
+        },
+    ]
+    if evidence.frame is not None:
+        components.append(
+            {
+                "code": _concept(
+                    CODE_SYSTEM, STRONGEST_SLICE_FRAME_CODE, STRONGEST_SLICE_FRAME_DISPLAY
+                ),
+                "valueInteger": evidence.frame + 1,  # DICOM frame numbers start at 1
+            }
+        )
+    components.append(
+        {
+            "code": _concept(
+                CODE_SYSTEM, STRONGEST_SLICE_SCORE_CODE, STRONGEST_SLICE_SCORE_DISPLAY
+            ),
+            "valueQuantity": _quantity(evidence.anomaly_score),
+        }
+    )
+    return components
 
 
 def diagnostic_report(study: ScoredStudy) -> dict[str, Any]:

@@ -12,6 +12,7 @@ functional groups and then to the top-level attributes.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
@@ -34,6 +35,12 @@ class FrameGeometry:
     position: float  # along the slice normal (ImagePositionPatient · normal), else a fallback
     slope: float
     intercept: float
+    #: Whether ``position`` comes from ImagePositionPatient and ImageOrientationPatient (False:
+    #: the InstanceNumber or frame index stands in for it, not a distance).
+    located: bool = True
+    #: SliceThickness in mm (per frame in Pixel Measures for a multi-frame instance); None if
+    #: the header does not say.
+    thickness: float | None = None
 
 
 @dataclass(frozen=True)
@@ -97,17 +104,34 @@ def frame_geometry(ds: Dataset) -> list[FrameGeometry]:
     if not enhanced:
         normal = _normal(getattr(ds, "ImageOrientationPatient", None))
         fallback = float(getattr(ds, "InstanceNumber", 0) or 0)
-        position = _position(normal, getattr(ds, "ImagePositionPatient", None), fallback)
-        return [FrameGeometry(None, position, *_rescale(None, ds))]
+        position = _position(normal, getattr(ds, "ImagePositionPatient", None))
+        return [
+            FrameGeometry(
+                None,
+                fallback if position is None else position,
+                *_rescale(None, ds),
+                located=position is not None,
+                thickness=_thickness(ds),
+            )
+        ]
     frames = []
     for i in range(count):
         plane = _group(ds, i, "PlaneOrientationSequence")
         normal = _normal(getattr(plane, "ImageOrientationPatient", None))
         place = _group(ds, i, "PlanePositionSequence")
-        position = _position(normal, getattr(place, "ImagePositionPatient", None), float(i))
+        position = _position(normal, getattr(place, "ImagePositionPatient", None))
         transform = _group(ds, i, "PixelValueTransformationSequence")
+        measures = _group(ds, i, "PixelMeasuresSequence")
         # A one-frame instance decodes to a 2-D array: no frame index to pick.
-        frames.append(FrameGeometry(i if count > 1 else None, position, *_rescale(transform, ds)))
+        frames.append(
+            FrameGeometry(
+                i if count > 1 else None,
+                float(i) if position is None else position,
+                *_rescale(transform, ds),
+                located=position is not None,
+                thickness=_thickness(measures) or _thickness(ds),
+            )
+        )
     return frames
 
 
@@ -190,12 +214,21 @@ def _normal(orientation: object) -> npt.NDArray[np.float64] | None:
     return np.cross(values[:3], values[3:6]) if values is not None and values.size == 6 else None
 
 
-def _position(normal: npt.NDArray[np.float64] | None, position: object, fallback: float) -> float:
-    """Position along the slice normal (ImagePositionPatient · normal), else ``fallback``."""
+def _position(normal: npt.NDArray[np.float64] | None, position: object) -> float | None:
+    """Position along the slice normal (ImagePositionPatient · normal); None if unknown."""
     point = _floats(position)
-    if point is None:
-        return fallback
-    return float(np.dot(normal, point)) if normal is not None and point.size == 3 else fallback
+    if point is None or normal is None or point.size != 3:
+        return None
+    return float(np.dot(normal, point))
+
+
+def _thickness(item: Dataset | None) -> float | None:
+    """SliceThickness in mm if present, finite and positive."""
+    try:
+        value = float(getattr(item, "SliceThickness", None) or 0)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
 
 
 def _rescale(item: Dataset | None, ds: Dataset) -> tuple[float, float]:

@@ -16,6 +16,8 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from scanwatch.study_score import LEGACY_RULE, StudyRule
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -26,6 +28,9 @@ class Prediction:
     threshold: float
     model_name: str
     model_version: int
+    #: How the slice outputs become the study result: the model's ``study_rule`` output, or
+    #: :data:`~scanwatch.study_score.LEGACY_RULE` (the study mean) for a model without one.
+    study_rule: StudyRule = LEGACY_RULE
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Scoring one ready study: select and preprocess slices, Predict, aggregate, write FHIR.
+"""Scoring one ready study: select and preprocess slices, Predict, the study result by the
+model's study rule (:func:`scanwatch.study_score.study_result`), write FHIR.
 
 Free of Kafka and of any transport: the flow (:mod:`inference_worker.flow`) hands it a
 :class:`StudyReadyV1` and publishes what it returns. The model and the FHIR writer are ports
@@ -14,35 +15,41 @@ import dataclasses
 import logging
 import time
 
-import numpy as np
-import numpy.typing as npt
-
 from inference_worker import fhir_resources, heatmaps
-from inference_worker.errors import SaliencyUnavailable
+from inference_worker.errors import SaliencyUnavailable, SignatureMismatch
 from inference_worker.metrics import WorkerMetrics
 from inference_worker.ports import Model, Prediction, ResourceWriter
 from inference_worker.retry import with_retries
-from inference_worker.series import SelectedSeries, SelectionRules, select_series
+from inference_worker.series import SelectedSeries, SelectionRules, SourceSlice, select_series
 from scanwatch import ids
+from scanwatch.study_score import StudyResult, study_result
 from schemas import InferenceResultV1, StudyReadyV1
+from schemas.model_signature import NORMAL_CLASS
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "ResourceWriter",
     "Scorer",
-    "aggregate",
     "received_study",
     "result_event",
     "scored_study",
+    "study_of",
 ]
 
 
-def aggregate(prediction: Prediction) -> npt.NDArray[np.float64]:
-    """Study-level class probabilities: the mean over the scored slices, renormalised."""
-    mean = prediction.probabilities.astype(np.float64).mean(axis=0)
-    normalised: npt.NDArray[np.float64] = mean / mean.sum()
-    return normalised
+def study_of(prediction: Prediction) -> StudyResult:
+    """The study result of a prediction's slices under the model's own study rule."""
+    if NORMAL_CLASS not in prediction.class_names:
+        raise SignatureMismatch(
+            f"model {prediction.model_name} v{prediction.model_version} has no "
+            f"{NORMAL_CLASS!r} class: {prediction.class_names}"
+        )
+    return study_result(
+        prediction.probabilities,
+        prediction.class_names.index(NORMAL_CLASS),
+        prediction.study_rule,
+    )
 
 
 class Scorer:
@@ -52,7 +59,6 @@ class Scorer:
         self,
         model: Model,
         writer: ResourceWriter,
-        max_slices: int,
         retries: int,
         metrics: WorkerMetrics | None = None,
         rules: SelectionRules | None = None,
@@ -67,7 +73,6 @@ class Scorer:
         self.heatmaps = heatmaps
         self.rules = rules or SelectionRules()
         self.writer = writer
-        self.max_slices = max_slices
         self.retries = retries
         self.metrics = metrics or WorkerMetrics()
 
@@ -86,7 +91,6 @@ class Scorer:
             select_series,
             list(ready.instances),
             image_size,
-            self.max_slices,
             self.rules,
         )
         prepared = time.monotonic()
@@ -109,7 +113,7 @@ class Scorer:
             raise
         await registering
         predicted = time.monotonic()
-        study = scored_study(ready, received, prediction, aggregate(prediction))
+        study = scored_study(ready, received, prediction, study_of(prediction), selected.slices)
         # A redelivered study finds its heatmaps stored: its resources are then rebuilt with
         # them, the same as the first delivery's last write (no new FHIR version, no new file).
         present = await loop.run_in_executor(
@@ -274,9 +278,12 @@ def scored_study(
     ready: StudyReadyV1,
     received: fhir_resources.ReceivedStudy,
     prediction: Prediction,
-    probabilities: npt.NDArray[np.float64],
+    result: StudyResult,
+    slices: tuple[SourceSlice, ...] = (),
 ) -> fhir_resources.ScoredStudy:
-    """What the FHIR builders need: the received study and the model's answer.
+    """What the FHIR builders need: the received study, the model's answer and its study
+    result (``slices``: the stored slice behind each scored image, where the strongest evidence
+    is looked up).
 
     ``issued`` is the ready event's time, not the clock: a redelivered event then rebuilds the
     very same resources, and the FHIR API stores no new version.
@@ -287,7 +294,23 @@ def scored_study(
         model_name=prediction.model_name,
         model_version=prediction.model_version,
         class_names=tuple(prediction.class_names),
-        probabilities=tuple(float(p) for p in probabilities),
+        probabilities=tuple(float(p) for p in result.probabilities),
         threshold=prediction.threshold,
         issued=ready.occurred_at,
+        evidence=_evidence(prediction, result, slices),
+    )
+
+
+def _evidence(
+    prediction: Prediction, result: StudyResult, slices: tuple[SourceSlice, ...]
+) -> fhir_resources.Evidence | None:
+    if len(slices) != len(result.slice_anomaly):
+        return None
+    strongest = slices[result.strongest]
+    return fhir_resources.Evidence(
+        rule=prediction.study_rule.name,
+        SOPInstanceUID=strongest.SOPInstanceUID,
+        frame=strongest.frame,
+        # clamped against rounding, as the study's own score is
+        anomaly_score=min(max(float(result.slice_anomaly[result.strongest]), 0.0), 1.0),
     )

@@ -2,7 +2,18 @@
 them into model input with the preprocessing that training uses.
 
 Each instance's header is read once (:func:`inference_worker.header.read_header`); selection
-works on those typed headers, and the chosen series hands one of them on for the result.
+works on those typed headers, and the chosen series hands one of them on for the result. Pixel
+data is decoded once per instance (a multi-frame instance once for all its frames).
+
+**Which slices** (:func:`slices_to_score`): the whole volume. By default every image of the
+chosen series is scored, so a finding on two slices of two hundred is looked at. With
+``max_gap_mm`` set, slices may be left out as long as no more than that many millimetres of
+the volume lie unscanned between two scored slices: the gap between neighbours is the distance
+of their positions along the slice normal (ImagePositionPatient projected on the normal of
+ImageOrientationPatient) less half of each one's SliceThickness. ``max_gap_mm=0`` then drops
+only overlapping slices (spacing below the thickness) and duplicates at one position. A series
+whose positions are not all known (no ImagePositionPatient or ImageOrientationPatient) is
+scored whole whatever ``max_gap_mm`` says: a gap cannot be measured there.
 """
 
 from __future__ import annotations
@@ -29,27 +40,31 @@ __all__ = [
     "SelectedSeries",
     "SelectionRules",
     "UnusableStudy",
-    "evenly_spaced",
     "path_of",
     "select_series",
+    "slices_to_score",
 ]
 
 
 @dataclass(frozen=True)
 class SelectionRules:
-    """Which series of a study is scored.
+    """Which series of a study is scored, and which of its slices.
 
     Candidates are the MR series with at least ``min_slices`` images in the wanted
     ``orientation``; among them a series whose SeriesDescription matches
     ``description_pattern`` (a case-insensitive regular expression) wins, then the one with the
-    most images.
+    most images. Its slices are chosen by :func:`slices_to_score` with ``max_gap_mm`` (None:
+    every slice).
     """
 
     description_pattern: str | None = None
     min_slices: int = 1
     orientation: str = "any"
+    max_gap_mm: float | None = None
 
     def __post_init__(self) -> None:
+        if self.max_gap_mm is not None and not 0 <= self.max_gap_mm < float("inf"):
+            raise ValueError(f"max_gap_mm must be a finite number >= 0, got {self.max_gap_mm}")
         if self.orientation not in ORIENTATIONS:
             raise ValueError(f"orientation must be one of {', '.join(ORIENTATIONS)}")
         if self.description_pattern is not None:
@@ -65,6 +80,8 @@ class Frame:
     position: float
     slope: float
     intercept: float
+    located: bool = True  # ``position`` is a distance along the slice normal (mm)
+    thickness: float | None = None  # SliceThickness (mm)
 
 
 @dataclass(frozen=True)
@@ -107,24 +124,49 @@ def _read_header(ref: InstanceRef) -> InstanceHeader:
 
 
 def _frames_of(ref: InstanceRef, header: InstanceHeader) -> list[Frame]:
-    return [Frame(ref, g.index, g.position, g.slope, g.intercept) for g in header.frames]
+    return [
+        Frame(ref, g.index, g.position, g.slope, g.intercept, g.located, g.thickness)
+        for g in header.frames
+    ]
 
 
-def evenly_spaced(n: int, k: int) -> list[int]:
-    """``k`` indices spread evenly over ``range(n)`` (all of them when ``k >= n``)."""
-    if k >= n:
-        return list(range(n))
-    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)} if k > 1 else {n // 2})
+def _order(frame: Frame) -> tuple[float, str, int]:
+    """Along the slice normal; images at one position in a fixed order (UID, frame)."""
+    return frame.position, frame.ref.SOPInstanceUID, -1 if frame.index is None else frame.index
+
+
+def slices_to_score(frames: list[Frame], max_gap_mm: float | None = None) -> list[Frame]:
+    """The images of a series to score, ordered along the slice normal (see the module's
+    docstring): all of them, or with ``max_gap_mm`` a subset leaving no unscanned gap wider
+    than that between neighbours.
+
+    The subset is greedy: from each scored slice, the farthest slice still within the gap is
+    scored next (the next slice when even that one is farther: the volume has a real gap
+    there), and the last slice is always scored.
+    """
+    ordered = sorted(frames, key=_order)
+    if max_gap_mm is None or len(ordered) < 3 or not all(f.located for f in ordered):
+        return ordered
+
+    def gap(a: Frame, b: Frame) -> float:
+        return b.position - a.position - ((a.thickness or 0.0) + (b.thickness or 0.0)) / 2
+
+    chosen = [0]
+    while (i := chosen[-1]) < len(ordered) - 1:
+        j = i + 1
+        while j + 1 < len(ordered) and gap(ordered[i], ordered[j + 1]) <= max_gap_mm:
+            j += 1
+        chosen.append(j)
+    return [ordered[i] for i in chosen]
 
 
 def select_series(
     refs: list[InstanceRef],
     image_size: int,
-    max_slices: int,
     rules: SelectionRules | None = None,
 ) -> SelectedSeries:
-    """Choose the series to score by ``rules`` and preprocess up to ``max_slices`` of its
-    images, spread evenly along the slice normal."""
+    """Choose the series to score by ``rules`` and preprocess the slices
+    :func:`slices_to_score` picks, in order along the slice normal."""
     rules = rules or SelectionRules()
     by_series: dict[str, list[tuple[InstanceRef, InstanceHeader]]] = defaultdict(list)
     for ref in refs:
@@ -157,8 +199,7 @@ def select_series(
         )
     series_uid = max(candidates, key=lambda uid: (described(uid), len(frames[uid])))
     members = by_series[series_uid]
-    ordered = sorted(frames[series_uid], key=lambda f: f.position)
-    chosen = [ordered[i] for i in evenly_spaced(len(ordered), max_slices)]
+    chosen = slices_to_score(frames[series_uid], rules.max_gap_mm)
     inputs = np.stack(_load_images(chosen, image_size))
     return SelectedSeries(
         header=members[len(members) // 2][1],

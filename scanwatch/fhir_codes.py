@@ -20,3 +20,18 @@ FINDING_CODE = "121071"  # DCM "Finding": the component carrying the predicted c
 INTERPRETATION_SYSTEM = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
 ABNORMAL = "A"
 NORMAL = "N"
+#: Observation components that keep where the study's strongest evidence lies (the slice with
+#: the largest slice anomaly score) and by which rule the slices became the study's score.
+#: ``valueString``: the SOPInstanceUID of the strongest slice's instance.
+STRONGEST_SLICE_CODE = "strongest-slice"
+STRONGEST_SLICE_DISPLAY = "Slice with the strongest evidence"
+#: ``valueInteger``: its frame number (1-based) in a multi-frame instance; absent otherwise.
+STRONGEST_SLICE_FRAME_CODE = "strongest-slice-frame"
+STRONGEST_SLICE_FRAME_DISPLAY = "Frame number of the slice with the strongest evidence"
+#: ``valueQuantity``: that slice's own anomaly score, 1 - p(normal), before any calibration.
+STRONGEST_SLICE_SCORE_CODE = "strongest-slice-anomaly-score"
+STRONGEST_SLICE_SCORE_DISPLAY = "Anomaly score of the slice with the strongest evidence"
+#: ``valueString``: the model's study rule (``scanwatch.study_score.StudyRule.name``: mean,
+#: max, top_3_mean, noisy_or), which turned slice scores into the study's anomaly score.
+STUDY_RULE_CODE = "study-rule"
+STUDY_RULE_DISPLAY = "Rule from slice scores to the study score"

@@ -2,7 +2,9 @@
 
 The worker only speaks this API, so it cannot tell TensorFlow Serving from
 ``services/model_server``. On start-up it reads ``GetModelMetadata`` and refuses to run when the
-served signature differs from the contract in :mod:`schemas.model_signature`.
+served signature differs from the contract in :mod:`schemas.model_signature` (its optional
+``study_rule`` output accepted); each Predict reads the model's study rule from that output
+when the model has it.
 
 :class:`ModelClient` speaks gRPC and raises gRPC's errors; :class:`TfServingModel` is the
 worker's :class:`~inference_worker.ports.Model` over it, and turns those errors into the
@@ -30,8 +32,9 @@ from inference_worker.circuit import CircuitBreaker
 from inference_worker.errors import ModelUnavailable, SaliencyUnavailable, SignatureMismatch
 from inference_worker.ports import Prediction, Saliency
 from scanwatch import tensors
+from scanwatch.study_score import LEGACY_RULE, StudyRule
 from schemas import model_signature
-from schemas.model_signature import HEATMAPS, SALIENCY_SIGNATURE_NAME, SIGNATURE_NAME
+from schemas.model_signature import HEATMAPS, SALIENCY_SIGNATURE_NAME, SIGNATURE_NAME, STUDY_RULE
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +135,7 @@ class ModelClient:
             raise SignatureMismatch(f"model {self.model_name} has no {SIGNATURE_NAME} signature")
         signature = signatures.signature_def[SIGNATURE_NAME]
         inputs, outputs = tensors.signature_specs(signature)
-        problems = model_signature.check(inputs, outputs)
+        problems = model_signature.check_serving(inputs, outputs)
         if problems:
             raise SignatureMismatch(f"model {self.model_name}: " + "; ".join(problems))
         size = int(inputs[model_signature.INPUT.name].shape[1])
@@ -181,6 +184,7 @@ class ModelClient:
                     threshold=first.threshold,
                     model_name=first.model_name,
                     model_version=first.model_version,
+                    study_rule=first.study_rule,
                 )
             log.info("model version changed during a study; scoring it again")
         raise grpc.aio.AioRpcError(
@@ -200,13 +204,30 @@ class ModelClient:
         probabilities = tensors.to_ndarray(response.outputs["probabilities"])
         class_names = tensors.to_ndarray(response.outputs["class_names"])
         threshold = tensors.to_ndarray(response.outputs["threshold"])
+        model_version = int(response.model_spec.version.value)
         return Prediction(
             probabilities=np.array(probabilities, dtype=np.float32),
             class_names=[c.decode() if isinstance(c, bytes) else str(c) for c in class_names[0]],
             threshold=float(threshold[0]),
             model_name=response.model_spec.name or self.model_name,
-            model_version=int(response.model_spec.version.value),
+            model_version=model_version,
+            study_rule=self._study_rule(response, model_version),
         )
+
+    def _study_rule(self, response: predict_pb2.PredictResponse, version: int) -> StudyRule:
+        """The model's ``study_rule`` output (the same row for every image), or the legacy
+        rule when the model has none. A rule that does not parse is a broken contract."""
+        if STUDY_RULE.name not in response.outputs:
+            return LEGACY_RULE
+        rows = tensors.to_ndarray(response.outputs[STUDY_RULE.name])
+        if len(rows) == 0:
+            return LEGACY_RULE  # an empty batch carries no row; the others do
+        try:
+            return StudyRule.from_json(rows[0])
+        except ValueError as exc:
+            raise SignatureMismatch(
+                f"model {self.model_name} v{version}: {STUDY_RULE.name} output: {exc}"
+            ) from exc
 
     async def explain(self, images: npt.NDArray[np.float32], model_version: int) -> Saliency:
         """Grad-CAM heatmaps of ``images`` from ``model_version``, in batches of ``batch_size``

@@ -132,6 +132,29 @@ def test_one_component_per_class_with_the_input_probability() -> None:
         assert component["valueQuantity"]["value"] == p
 
 
+def test_the_strongest_slice_and_the_study_rule_are_components() -> None:
+    evidence = fr.Evidence("top_3_mean", "1.2.826.0.1.3680043.8.498.7", 4, 0.93)
+    obs = fr.observation(make_study(evidence=evidence))
+    # The class components stay first and as they were.
+    assert obs["component"][: 1 + len(CLASSES)] == fr.observation(make_study())["component"]
+    assert len(obs["component"]) == 1 + len(CLASSES) + 4
+    assert by_code(obs, "study-rule")["valueString"] == "top_3_mean"
+    assert by_code(obs, "strongest-slice")["valueString"] == "1.2.826.0.1.3680043.8.498.7"
+    assert by_code(obs, "strongest-slice-frame")["valueInteger"] == 5  # frame numbers: 1-based
+    assert by_code(obs, "strongest-slice-anomaly-score")["valueQuantity"]["value"] == 0.93
+    assert all(c["code"]["coding"][0]["system"] == fr.CODE_SYSTEM for c in obs["component"][1:])
+    get_fhir_model_class("Observation").model_validate(obs)
+    # A single-frame instance has no frame number; rebuilt, the resource is the same bytes.
+    single = fr.observation(make_study(evidence=dataclasses.replace(evidence, frame=None)))
+    assert "strongest-slice-frame" not in str(single["component"])
+    assert single == fr.observation(make_study(evidence=dataclasses.replace(evidence, frame=None)))
+
+
+def test_evidence_outside_the_unit_interval_is_refused() -> None:
+    with pytest.raises(ValueError, match="outside"):
+        fr.Evidence("max", "1.2.3", None, 1.5)
+
+
 @pytest.mark.parametrize(
     ("p_normal", "expected"),
     [(0.49, "A"), (0.5, "N"), (0.51, "N"), (1.0, "N"), (0.0, "A")],

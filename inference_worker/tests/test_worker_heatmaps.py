@@ -36,7 +36,7 @@ def store(tmp_path: Path) -> tuple[Path, list[Path]]:
     """A sample MR study copied into the file store's layout: (store root, instance paths)."""
     root = tmp_path / "store"
     paths = []
-    for source in build_mr_study(tmp_path / "sent", patient_id="P-HEAT", n_slices=10):
+    for source in build_mr_study(tmp_path / "sent", patient_id="P-HEAT", n_slices=SLICES):
         ds = pydicom.dcmread(source, stop_before_pixels=True)
         target = store_layout.instance_path(
             root, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID
@@ -117,7 +117,7 @@ class ListWriter:
 
 def score(model: ExplainingModel, ready: StudyReadyV1) -> tuple[ListWriter, WorkerMetrics]:
     writer, metrics = ListWriter(), WorkerMetrics()
-    scorer = Scorer(model, writer, max_slices=SLICES, retries=0, metrics=metrics)
+    scorer = Scorer(model, writer, retries=0, metrics=metrics)
     asyncio.run(scorer.score(ready))
     return writer, metrics
 
@@ -252,7 +252,7 @@ def test_heatmaps_can_be_turned_off(store) -> None:
     root, paths = store
     ready = ready_for(paths)
     model, writer = ExplainingModel(), ListWriter()
-    scorer = Scorer(model, writer, max_slices=SLICES, retries=0, heatmaps=False)
+    scorer = Scorer(model, writer, retries=0, heatmaps=False)
     asyncio.run(scorer.score(ready))
     assert model.explained == 0 and len(writer.writes) == 1
     assert heatmap_files(root, ready.StudyInstanceUID) == []

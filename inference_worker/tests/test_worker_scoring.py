@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from inference_worker.ports import Prediction
 from inference_worker.scoring import Scorer
-from inference_worker.series import UnusableStudy, evenly_spaced, select_series
+from inference_worker.series import Frame, UnusableStudy, select_series, slices_to_score
 from scanwatch import ids
 from scanwatch.imaging import preprocess_slice
 from scanwatch.sample import build_mr_study
@@ -72,16 +73,88 @@ class ListWriter:
         self.registered.extend(resources)
 
 
-def test_evenly_spaced_covers_the_series():
-    assert evenly_spaced(5, 10) == [0, 1, 2, 3, 4]
-    assert evenly_spaced(10, 3) == [0, 4, 9]
-    assert evenly_spaced(10, 1) == [5]
+def frames(
+    positions: list[float], thickness: float | None = 1.0, located: bool = True
+) -> list[Frame]:
+    """Single-frame images at ``positions`` (mm along the normal), in a shuffled order."""
+    ref = InstanceRef(
+        SeriesInstanceUID="1.2.3",
+        SOPInstanceUID="1.2.3.0",
+        SOPClassUID="1.2.840.10008.5.1.4.1.1.4",
+        storage_uri="file:///none.dcm",
+        sha256="0" * 64,
+    )
+    made = [
+        Frame(ref.model_copy(update={"SOPInstanceUID": f"1.2.3.{n}"}), None, z, 1, 0)
+        for n, z in enumerate(positions)
+    ]
+    made = [dataclasses.replace(f, located=located, thickness=thickness) for f in made]
+    return made[::2] + made[1::2]
+
+
+def positions(chosen: list[Frame]) -> list[float]:
+    return [f.position for f in chosen]
+
+
+def test_every_slice_is_scored_by_default_in_order_along_the_normal():
+    series = frames([float(z) for z in range(40)])
+    assert positions(slices_to_score(series)) == [float(z) for z in range(40)]
+
+
+def test_a_max_gap_leaves_no_wider_unscanned_gap_between_scored_slices():
+    series = frames([z * 1.0 for z in range(11)], thickness=1.0)  # contiguous 1 mm slices
+    # 0 mm: contiguous slices cannot be skipped
+    assert positions(slices_to_score(series, 0.0)) == [z * 1.0 for z in range(11)]
+    # 2 mm: every third slice (centres 3 mm apart, 2 mm unscanned between them)
+    assert positions(slices_to_score(series, 2.0)) == [0.0, 3.0, 6.0, 9.0, 10.0]
+    # Overlapping 1 mm slices every 0.5 mm: with 0 mm, every other one is enough.
+    overlapping = frames([z * 0.5 for z in range(9)], thickness=1.0)
+    assert positions(slices_to_score(overlapping, 0.0)) == [0.0, 1.0, 2.0, 3.0, 4.0]
+
+
+def test_uneven_spacing_and_real_gaps_in_the_volume():
+    series = frames([0.0, 1.0, 2.0, 10.0, 11.0, 12.0, 12.5, 20.0], thickness=None)
+    # No thickness in the header: the gap is the distance of the centres.
+    chosen = positions(slices_to_score(series, 2.0))
+    assert chosen == [0.0, 2.0, 10.0, 12.0, 12.5, 20.0]
+    gaps = np.diff(chosen)
+    # Wider gaps only where the series itself has them (2 -> 10 and 12.5 -> 20).
+    assert all(
+        g <= 2.0 or (a, b) in ((2.0, 10.0), (12.5, 20.0))
+        for a, b, g in zip(chosen, chosen[1:], gaps, strict=False)
+    )
+
+
+def test_duplicates_at_one_position_are_scored_once_under_a_gap_rule():
+    series = frames([0.0, 0.0, 1.0, 1.0, 2.0, 2.0], thickness=1.0)
+    chosen = slices_to_score(series, 0.0)
+    assert positions(chosen) == [0.0, 1.0, 2.0]
+    # Every slice means every image, duplicates included, in a fixed order.
+    assert len(slices_to_score(series)) == 6
+    assert slices_to_score(series) == slices_to_score(list(reversed(series)))
+
+
+def test_positions_unknown_means_every_slice():
+    series = frames([float(z) for z in range(10)], located=False)
+    assert len(slices_to_score(series, 5.0)) == 10
+
+
+def test_a_negative_max_gap_is_refused_at_start_up():
+    from inference_worker.config import Settings
+    from inference_worker.series import SelectionRules
+
+    with pytest.raises(ValueError, match="max_gap_mm"):
+        SelectionRules(max_gap_mm=-1.0)
+    with pytest.raises(ValueError, match="max_gap_mm"):
+        Settings(max_gap_mm=-1.0)
+    assert Settings().selection_rules().max_gap_mm is None
+    assert Settings(max_gap_mm=2.5).selection_rules().max_gap_mm == 2.5
 
 
 def test_selection_orders_slices_and_preprocesses_like_training(study):
     refs = refs_for(study)
-    selected = select_series(list(reversed(refs)), image_size=32, max_slices=4)
-    assert selected.images.shape == (4, 32, 32, 3)
+    selected = select_series(list(reversed(refs)), image_size=32)
+    assert selected.images.shape == (12, 32, 32, 3)
     assert selected.number_of_instances == 12
     # The first chosen image is the lowest slice, preprocessed by the shared function.
     datasets = [pydicom.dcmread(p) for p in study]
@@ -98,14 +171,14 @@ def test_study_without_mr_is_unusable(tmp_path, study):
     path = tmp_path / "ct.dcm"
     ds.save_as(path)
     with pytest.raises(UnusableStudy, match="no MR series"):
-        select_series(refs_for([path]), image_size=32, max_slices=4)
+        select_series(refs_for([path]), image_size=32)
 
 
 def test_missing_file_is_unusable(tmp_path, study):
     [ref] = refs_for(study[:1])
     gone = ref.model_copy(update={"storage_uri": (tmp_path / "gone.dcm").as_uri()})
     with pytest.raises(UnusableStudy, match="cannot read"):
-        select_series([gone], image_size=32, max_slices=4)
+        select_series([gone], image_size=32)
 
 
 def ready_for(study) -> StudyReadyV1:
@@ -121,7 +194,7 @@ def ready_for(study) -> StudyReadyV1:
 
 async def _score(ready):
     model, writer = FakeModel(), ListWriter()
-    result = await Scorer(model, writer, max_slices=6, retries=0).score(ready)
+    result = await Scorer(model, writer, retries=0).score(ready)
     return ready, model, writer, result
 
 
@@ -138,10 +211,10 @@ def test_score_writes_fhir_and_returns_a_consistent_result(study):
         "DiagnosticReport",
         "Provenance",
     ]
-    assert model.seen[0].shape == (6, 32, 32, 3)
+    assert model.seen[0].shape == (12, 32, 32, 3)  # the whole series
     assert result.predicted_class == "mass"
     assert result.anomaly_score == pytest.approx(0.9)
-    assert result.model_version == 3 and result.slice_count == 6
+    assert result.model_version == 3 and result.slice_count == 12
     obs = writer.resources[3]
     assert (
         obs["id"]
@@ -160,6 +233,50 @@ def test_score_writes_fhir_and_returns_a_consistent_result(study):
     assert again.resources == writer.resources
 
 
+def test_the_study_is_scored_by_the_model_s_rule_and_keeps_its_strongest_slice(study):
+    """A finding on one slice of twelve: the mean averages it away, the model's max rule keeps
+    it, and the Observation names the slice it lies on."""
+    import asyncio
+
+    from scanwatch.study_score import StudyRule
+
+    class FocalModel(FakeModel):
+        rule: StudyRule | None = None
+
+        async def predict(self, images: np.ndarray) -> Prediction:
+            probabilities = np.tile(np.array([0.97, 0.01, 0.01, 0.01], np.float32), (12, 1))
+            probabilities[7] = [0.1, 0.1, 0.7, 0.1]  # the seventh slice from the bottom
+            if self.rule is None:
+                return Prediction(probabilities, CLASSES, 0.5, "fake-model", 3)
+            return Prediction(probabilities, CLASSES, 0.5, "fake-model", 3, self.rule)
+
+    def run(rule: StudyRule | None):
+        model, writer = FocalModel(), ListWriter()
+        model.rule = rule
+        result = asyncio.run(Scorer(model, writer, retries=0).score(ready_for(study)))
+        return result, writer.resources[3]
+
+    mean, mean_obs = run(None)
+    assert mean.anomaly_score == pytest.approx((11 * 0.03 + 0.9) / 12, abs=1e-6)
+    assert mean_obs["interpretation"][0]["coding"][0]["code"] == "N"
+    peak, obs = run(StudyRule("max"))
+    assert peak.anomaly_score == pytest.approx(0.9, abs=1e-6)
+    assert peak.predicted_class == "bleed"
+    assert obs["interpretation"][0]["coding"][0]["code"] == "A"
+    components = {c["code"]["coding"][0]["code"]: c for c in obs["component"]}
+    assert components["study-rule"]["valueString"] == "max"
+    assert components["strongest-slice-anomaly-score"]["valueQuantity"]["value"] == (
+        pytest.approx(0.9, abs=1e-6)
+    )
+    seventh = sorted(
+        (pydicom.dcmread(p, stop_before_pixels=True) for p in study),
+        key=lambda d: float(d.ImagePositionPatient[2]),
+    )[7]
+    assert components["strongest-slice"]["valueString"] == seventh.SOPInstanceUID
+    assert "strongest-slice-frame" not in components  # single-frame instances
+    assert mean_obs["component"][-3]["valueString"] == "mean"  # a model without a rule
+
+
 def test_a_study_the_model_could_not_score_stays_recorded_as_received(study):
     import asyncio
 
@@ -170,7 +287,7 @@ def test_a_study_the_model_could_not_score_stays_recorded_as_received(study):
             raise ModelUnavailable("model server unreachable")
 
     writer = ListWriter()
-    scorer = Scorer(DownModel(), writer, max_slices=6, retries=0)
+    scorer = Scorer(DownModel(), writer, retries=0)
     with pytest.raises(ModelUnavailable):
         asyncio.run(scorer.score(ready_for(study)))
     assert writer.resources == []  # no result
@@ -240,8 +357,9 @@ def enhanced_mr(study: list[Path], path: Path, reverse_frames: bool = True) -> P
 
 def test_enhanced_mr_frames_are_ordered_and_rescaled_per_functional_groups(study, tmp_path):
     path = enhanced_mr(study, tmp_path / "enhanced.dcm")
-    selected = select_series(refs_for([path]), image_size=32, max_slices=3)
-    assert selected.images.shape == (3, 32, 32, 3)
+    selected = select_series(refs_for([path]), image_size=32)
+    assert selected.images.shape == (12, 32, 32, 3)
+    assert [s.frame for s in selected.slices] == list(range(11, -1, -1))
     # Frames were stored top to bottom; the first image scored is still the lowest slice.
     datasets = sorted((pydicom.dcmread(p) for p in study), key=lambda d: d.ImagePositionPatient[2])
     expected = preprocess_slice(datasets[0].pixel_array, 32, 2.0, -100.0)
@@ -260,11 +378,11 @@ def test_selection_rules_prefer_the_described_series(study, tmp_path):
         ds.save_as(tmp_path / f"flair{n}.dcm")
         other.append(tmp_path / f"flair{n}.dcm")
     refs = refs_for(study + other)
-    longest = select_series(refs, 32, 4)
+    longest = select_series(refs, 32)
     assert longest.SeriesInstanceUID != pydicom.dcmread(other[0]).SeriesInstanceUID
-    flair = select_series(refs, 32, 4, SelectionRules(description_pattern="flair"))
+    flair = select_series(refs, 32, SelectionRules(description_pattern="flair"))
     assert flair.SeriesInstanceUID == pydicom.dcmread(other[0]).SeriesInstanceUID
     with pytest.raises(UnusableStudy, match="selection rules"):
-        select_series(refs, 32, 4, SelectionRules(orientation="sagittal"))
+        select_series(refs, 32, SelectionRules(orientation="sagittal"))
     with pytest.raises(UnusableStudy, match="selection rules"):
-        select_series(refs, 32, 4, SelectionRules(min_slices=50))
+        select_series(refs, 32, SelectionRules(min_slices=50))

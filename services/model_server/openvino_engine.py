@@ -200,7 +200,9 @@ class OpenVINOEngine:
                     f"signature {name}: string output {alias} depends on the input; "
                     "OpenVINO cannot serve it"
                 )
-            constants[alias] = rows[0]
+            # An array even for a rank-1 output (a bytes scalar per image, as study_rule), so
+            # that it tiles to the batch like a row does.
+            constants[alias] = np.asarray(rows[0], dtype=rows.dtype)
         return constants
 
     def _converted(

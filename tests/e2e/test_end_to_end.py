@@ -23,13 +23,15 @@ from devtools.peers import storescu
 from devtools.stack import Ports, Stack, StackConfig
 from devtools.testing import wait_for
 from scanwatch import ids
+from scanwatch.fhir_codes import PROBABILITY_CODE_PREFIX
 from scanwatch.sample import build_mr_study
 
 pytestmark = pytest.mark.e2e
 
 QUIET_PERIOD_S = 2.0
-#: The worker's default max_slices: the slices scored, and so heatmaps stored, per study.
-SCORED_SLICES = 16
+#: The study's slices: the worker scores the whole series by default (max_gap_mm unset), and
+#: so stores a heatmap per slice.
+SCORED_SLICES = 20
 
 
 WORKERS = 2  # two worker processes share the partitions, as in a scaled-out deployment
@@ -115,7 +117,11 @@ def test_storescu_study_becomes_a_queryable_observation(
     assert obs["identifier"][0]["value"] == obs["id"]
     assert obs["device"]["reference"] == f"Device/{ids.device_id(model_name, 1)}"
 
-    probabilities = [c["valueQuantity"]["value"] for c in obs["component"] if "valueQuantity" in c]
+    probabilities = [
+        c["valueQuantity"]["value"]
+        for c in obs["component"]
+        if c["code"]["coding"][0]["code"].startswith(PROBABILITY_CODE_PREFIX)
+    ]
     assert len(probabilities) == 4  # normal, mass, bleed, infarct
     assert sum(probabilities) == pytest.approx(1.0, abs=1e-3)
     assert obs["valueQuantity"]["value"] == pytest.approx(1 - probabilities[0], abs=1e-3)

@@ -1,0 +1,124 @@
+"""A model's study rule, from its ``study_rule`` output through the real model server to the
+worker's Prediction, on both engines (TensorFlow, and OpenVINO, which serves string outputs as
+constants)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from devtools.kafka_local import free_port
+from devtools.stack import model_available
+from devtools.testing import wait_for
+from inference_worker.adapters.tf_serving import ModelClient, SignatureMismatch
+from scanwatch.study_score import LEGACY_RULE, Calibration, StudyRule
+from schemas.model_signature import STUDY_RULE
+
+pytestmark = pytest.mark.integration
+
+CLASSES = ("normal", "mass", "bleed", "infarct")
+SIZE = 32
+RULE = StudyRule("top_k_mean", 3, Calibration(1.5, -0.25), "sensitivity >= 0.95 above 4 mm")
+#: model name → the study_rule row it exports (None: no study_rule output at all)
+MODELS = {
+    "with-rule": RULE.to_json(),
+    "broken-rule": '{"aggregation": "median"}',
+    "without-rule": None,
+}
+
+
+def export(repository: Path, name: str, rule: str | None) -> None:
+    """A tiny classifier exported as the training pipeline does, plus a constant study rule."""
+    from training.export import ServingModule
+    from training.model import build_classifier
+
+    class WithRule(ServingModule):
+        def _serve(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+            outputs = super()._serve(images)
+            if rule is not None:
+                outputs[STUDY_RULE.name] = tf.fill([tf.shape(images)[0]], tf.constant(rule))
+            return outputs
+
+    module = WithRule(build_classifier(CLASSES, image_size=SIZE), CLASSES, 0.4)
+    tf.saved_model.save(module, str(repository / name / "1"), signatures=module.signatures())
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    for name, rule in MODELS.items():
+        export(root, name, rule)
+    return root
+
+
+@pytest.fixture(scope="module", params=["tensorflow", "openvino"])
+def server(request, repository, tmp_path_factory) -> Iterator[str]:
+    config = tmp_path_factory.mktemp("config") / "models.config"
+    config.write_text(
+        "model_config_list {\n"
+        + "".join(
+            f'  config {{ name: "{name}" base_path: "{repository / name}" }}\n' for name in MODELS
+        )
+        + "}\n"
+    )
+    port = free_port()
+    env = {
+        **os.environ,
+        "SCANWATCH_MODEL_SERVER_MODEL_CONFIG_FILE": str(config),
+        "SCANWATCH_MODEL_SERVER_ENGINE": request.param,
+        "SCANWATCH_MODEL_SERVER_OPENVINO_CACHE_DIR": str(tmp_path_factory.mktemp("ov")),
+        "SCANWATCH_MODEL_SERVER_PORT": str(port),
+        "SCANWATCH_MODEL_SERVER_METRICS_PORT": "0",
+    }
+    for key in ("SCANWATCH_MODEL_SERVER_MODEL_NAME", "SCANWATCH_MODEL_SERVER_MODEL_BASE_PATH"):
+        env.pop(key, None)
+    proc = subprocess.Popen([sys.executable, "-m", "services.model_server"], env=env)
+    target = f"127.0.0.1:{port}"
+    try:
+
+        def available() -> bool:
+            assert proc.poll() is None, "model server exited"
+            return all(model_available(target, name) for name in MODELS)
+
+        wait_for(available, 180, "the model server to serve the models")
+        yield target
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def predict(target: str, name: str, n: int = 5):
+    client = ModelClient(target, name, batch_size=2)
+
+    async def run():
+        try:
+            await client.check_signature()  # study_rule is an accepted optional output
+            images = np.random.default_rng(0).uniform(0, 255, (n, SIZE, SIZE, 3))
+            return await client.predict(images.astype(np.float32))
+        finally:
+            await client.close()
+
+    return asyncio.run(run())
+
+
+def test_the_model_s_study_rule_reaches_the_prediction(server):
+    prediction = predict(server, "with-rule")
+    assert prediction.study_rule == RULE
+    assert prediction.probabilities.shape == (5, len(CLASSES))
+
+
+def test_a_model_without_study_rule_keeps_the_study_mean(server):
+    assert predict(server, "without-rule").study_rule is LEGACY_RULE
+
+
+def test_a_study_rule_that_does_not_parse_is_a_broken_contract(server):
+    with pytest.raises(SignatureMismatch, match="study_rule.*aggregation must be one of"):
+        predict(server, "broken-rule")
