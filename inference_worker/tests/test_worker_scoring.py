@@ -297,7 +297,9 @@ def test_a_study_the_model_could_not_score_stays_recorded_as_received(study):
     ]
 
 
-def enhanced_mr(study: list[Path], path: Path, reverse_frames: bool = True) -> Path:
+def enhanced_mr(
+    study: list[Path], path: Path, reverse_frames: bool = True, thickness: float | None = None
+) -> Path:
     """One Enhanced MR Image Storage instance holding ``study``'s slices as frames, with
     positions and rescale in the functional groups (frames stored in reverse order)."""
     from pydicom.dataset import Dataset, FileMetaDataset
@@ -337,6 +339,10 @@ def enhanced_mr(study: list[Path], path: Path, reverse_frames: bool = True) -> P
     shared = Dataset()
     shared.PlaneOrientationSequence = Sequence([orientation])
     shared.PixelValueTransformationSequence = Sequence([transform])
+    if thickness is not None:
+        measures = Dataset()
+        measures.SliceThickness = thickness
+        shared.PixelMeasuresSequence = Sequence([measures])
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
     per_frame = []
     for s in slices:
@@ -364,6 +370,17 @@ def test_enhanced_mr_frames_are_ordered_and_rescaled_per_functional_groups(study
     datasets = sorted((pydicom.dcmread(p) for p in study), key=lambda d: d.ImagePositionPatient[2])
     expected = preprocess_slice(datasets[0].pixel_array, 32, 2.0, -100.0)
     np.testing.assert_array_equal(selected.images[0], expected)
+
+
+def test_multi_frame_slices_are_chosen_by_their_functional_groups_thickness(study, tmp_path):
+    from inference_worker.series import SelectionRules
+
+    # Frames 11.91 mm apart, each 24 mm thick (Pixel Measures): every other one covers the
+    # volume without a gap; the last is always scored.
+    path = enhanced_mr(study, tmp_path / "thick.dcm", thickness=24.0)
+    selected = select_series(refs_for([path]), 32, SelectionRules(max_gap_mm=0.0))
+    assert [s.frame for s in selected.slices] == [11, 9, 7, 5, 3, 1, 0]
+    assert len(select_series(refs_for([path]), 32).slices) == 12  # no gap rule: all
 
 
 def test_selection_rules_prefer_the_described_series(study, tmp_path):
