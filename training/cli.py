@@ -99,6 +99,8 @@ def _settings(args: argparse.Namespace) -> Any:
             "init_from": getattr(args, "init_from", None),
             "runs_dir": getattr(args, "runs_dir", None),
             "fine_tune_after": getattr(args, "fine_tune_after", None),
+            "target_sensitivity": getattr(args, "target_sensitivity", None),
+            "target_min_diameter_mm": getattr(args, "min_diameter_mm", None),
         }.items()
         if value is not None
     }
@@ -175,7 +177,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a published version (or a run's best weights) on a dataset's test split."""
     from scanwatch.model_registry import Registry
     from training.evaluate import evaluate_probabilities, markdown, write_report
-    from training.lifecycle import load_dataset, predict_saved_model
+    from training.lifecycle import (
+        load_dataset,
+        predict_saved_model,
+        predict_saved_model_with_rule,
+        study_benchmark_at,
+    )
+    from training.study_evaluation import evaluate_served_rule
 
     settings = _settings(args)
     registry = Registry(settings.repository)
@@ -191,7 +199,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         return 1
     out = Path(args.out or settings.runs_dir / f"evaluate-{name}-{version}")
     out.mkdir(parents=True, exist_ok=True)
-    data, _ = load_dataset(_dataset_spec(args), settings, out, args.normal_class, args.labels_csv)
+    data, path = load_dataset(
+        _dataset_spec(args), settings, out, args.normal_class, args.labels_csv
+    )
     probabilities = predict_saved_model(location, data.test.images)
     record_threshold = None
     try:
@@ -200,6 +210,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         pass
     threshold = record_threshold if record_threshold is not None else settings.threshold
     report = evaluate_probabilities(probabilities, data.test.labels, data.class_names, threshold)
+    bench = study_benchmark_at(path)
+    if bench is not None:  # studies: each scored with the version's own rule and threshold
+        rule = predict_saved_model_with_rule(location, bench.test.images[:1])[1]
+        report["study"] = evaluate_served_rule(
+            lambda images: predict_saved_model(location, images),
+            bench,
+            rule,
+            settings,
+            threshold=threshold,
+        ).report
     write_report(
         report,
         out,
@@ -214,6 +234,91 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     sys.stdout.write(markdown(report, f"{name} version {version}"))
     sys.stdout.write(f"\nreport: {out}\n")
+    return 0
+
+
+def cmd_operating_point(args: argparse.Namespace) -> int:
+    """Choose a version's threshold again for another target or other validation studies, and
+    publish the same weights with it as a new candidate version (no retraining)."""
+    from scanwatch.model_registry import EVALUATION_DIR, Registry
+    from training.evaluate import evaluate_probabilities, markdown, write_report
+    from training.export import export_operating_point
+    from training.lifecycle import (
+        flat_metrics,
+        load_dataset,
+        predict_saved_model,
+        predict_saved_model_with_rule,
+        study_benchmark_at,
+    )
+    from training.study_evaluation import evaluate_served_rule, flat_study_metrics
+
+    settings = _settings(args)
+    registry = Registry(settings.repository)
+    name = settings.model_name
+    served = registry.served_versions(name)
+    source_version = args.version or (served[-1] if served else None)
+    location = None if source_version is None else registry.location(name, source_version)
+    if source_version is None or location is None:
+        sys.stderr.write(f"{name} has no such version with a SavedModel; pass --version\n")
+        return 1
+    if args.studies is not None:
+        path = args.studies
+    elif args.dataset == "studies":
+        path = load_dataset(_dataset_spec(args), settings, Path(settings.runs_dir))[1]
+    else:
+        sys.stderr.write("operating-point needs studies: --dataset studies or --studies FILE\n")
+        return 2
+    bench = study_benchmark_at(Path(path))
+    if bench is None:
+        sys.stderr.write(f"{path} is not a study benchmark file\n")
+        return 2
+    rule = predict_saved_model_with_rule(location, bench.test.images[:1])[1]
+    evaluation = evaluate_served_rule(
+        lambda images: predict_saved_model(location, images), bench, rule, settings
+    )
+    slices = bench.slice_dataset()
+    out = Path(args.out or settings.runs_dir / f"operating-point-{name}-from-{source_version}")
+    version = registry.reserve(name, run_dir=str(out))
+    try:
+        report = evaluate_probabilities(
+            predict_saved_model(location, slices.test.images),
+            slices.test.labels,
+            slices.class_names,
+            settings.threshold,
+        )
+        report["study"] = evaluation.report
+        write_report(
+            report,
+            out / EVALUATION_DIR,
+            title=f"{name} version {version} (version {source_version}, new operating point)",
+            extra={"model_name": name, "model_version": version, "source_version": source_version},
+        )
+        export_operating_point(
+            location,
+            evaluation.threshold,
+            evaluation.rule,
+            registry.repository / ".staging",
+            name,
+            version,
+        )
+        registry.record_candidate(
+            name,
+            version,
+            dataset_fingerprint=slices.fingerprint(),
+            metrics=flat_metrics(report) | flat_study_metrics(evaluation.report),
+            class_names=list(slices.class_names),
+            threshold=evaluation.threshold,
+            dataset_path=str(Path(path).resolve()),
+        )
+    except BaseException as error:
+        registry.mark_failed(name, version, f"{type(error).__name__}: {error}")
+        raise
+    sys.stdout.write(markdown(report, f"{name} version {version}"))
+    sys.stdout.write(
+        f"\nversion {version}: version {source_version}'s weights, threshold "
+        f"{evaluation.threshold:.4f} for: {evaluation.rule.operating_point}\n"
+        f"candidate: `python -m training models promote {version}`\n"
+    )
     return 0
 
 
@@ -313,6 +418,19 @@ def _add_dataset(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_target(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--target-sensitivity",
+        type=float,
+        help="study sensitivity the threshold must reach on validation studies (default 0.95)",
+    )
+    parser.add_argument(
+        "--min-diameter-mm",
+        type=float,
+        help="the target covers lesions at least this large (default 5 mm)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="scanwatch-train", description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -342,6 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int)
     train.add_argument("--seed", type=int)
     train.add_argument("--no-promote", action="store_true", help="leave it a candidate")
+    _add_target(train)
     train.set_defaults(handler=cmd_train)
 
     evaluate = commands.add_parser("evaluate", help="evaluate a version on a dataset's test split")
@@ -349,7 +468,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dataset(evaluate)
     evaluate.add_argument("--version", type=int, help="default: the served version")
     evaluate.add_argument("--out", type=Path, help="report folder")
+    _add_target(evaluate)
     evaluate.set_defaults(handler=cmd_evaluate)
+
+    operating = commands.add_parser(
+        "operating-point",
+        help="choose a version's study threshold again (another target or your own validation "
+        "studies) and publish the same weights with it as a new candidate version",
+    )
+    _add_common(operating)
+    _add_dataset(operating)
+    operating.add_argument("--version", type=int, help="default: the served version")
+    operating.add_argument(
+        "--studies", type=Path, help="a study benchmark .npz (val: chooses, test: reports)"
+    )
+    operating.add_argument("--out", type=Path, help="report folder")
+    _add_target(operating)
+    operating.set_defaults(handler=cmd_operating_point)
 
     models = commands.add_parser("models", help="list, promote or roll back versions")
     models_commands = models.add_subparsers(dest="models_command", required=True)

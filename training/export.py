@@ -13,6 +13,7 @@ import shutil
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -289,16 +290,30 @@ def export_saved_model(
         overwritten (:class:`FileExistsError`).
     """
     _check_export_arguments(model, class_names, threshold, name, temperature)
+    module = ServingModule(model, class_names, threshold, temperature, study_rule)
+    return _publish(module.signatures(), module, repository, name, version, study_rule is not None)
+
+
+def _publish(
+    signatures: dict[str, tf.types.experimental.ConcreteFunction],
+    module: tf.Module,
+    repository: Path,
+    name: str,
+    version: int | None,
+    with_study_rule: bool,
+) -> Path:
+    """Save, check against the contract, and rename into ``<repository>/<name>/<version>``."""
     if version is not None and (not isinstance(version, int) or version < 1):
         raise ValueError(f"version must be a positive integer or None, got {version!r}")
     model_dir = Path(repository) / name
     model_dir.mkdir(parents=True, exist_ok=True)
     temp = model_dir / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
     try:
-        module = ServingModule(model, class_names, threshold, temperature, study_rule)
-        tf.saved_model.save(module, str(temp), signatures=module.signatures())
-        problems = check_signatures(temp, saliency=module.saliency is not None)
-        if study_rule is not None and not problems:
+        tf.saved_model.save(module, str(temp), signatures=signatures)
+        problems = check_signatures(
+            temp, saliency=model_signature.SALIENCY_SIGNATURE_NAME in signatures
+        )
+        if with_study_rule and not problems:
             _inputs, outputs = read_signature(temp)
             if model_signature.STUDY_RULE.name not in outputs:
                 problems.append(f"{model_signature.STUDY_RULE.name} output missing")
@@ -316,3 +331,56 @@ def export_saved_model(
             shutil.rmtree(temp, ignore_errors=True)
     logger.info("published model", extra={"model_name": name, "model_version": version})
     return target
+
+
+class _NewOperatingPoint(tf.Module):
+    """A published model with another threshold and study rule: its own graph and weights,
+    called unchanged, with those two outputs of ``serving_default`` replaced."""
+
+    def __init__(self, loaded: Any, threshold: float, study_rule: StudyRule) -> None:
+        super().__init__(name="scanwatch_operating_point")
+        self.loaded = loaded
+        self.threshold = tf.constant(threshold, dtype=tf.float32)
+        self.study_rule = tf.constant(study_rule.to_json())
+        serve = loaded.signatures[model_signature.SIGNATURE_NAME]
+        image = serve.structured_input_signature[1][model_signature.INPUT.name]
+        spec = [tf.TensorSpec(image.shape, tf.float32, name=model_signature.INPUT.name)]
+        self.serve = tf.function(self._serve, input_signature=spec)
+        self.saliency: tf.types.experimental.PolymorphicFunction | None = None
+        if model_signature.SALIENCY_SIGNATURE_NAME in loaded.signatures:
+            self.saliency = tf.function(self._saliency, input_signature=spec)
+
+    def _serve(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+        outputs = dict(self.loaded.signatures[model_signature.SIGNATURE_NAME](images=images))
+        batch = tf.shape(images)[0]
+        outputs["threshold"] = tf.fill([batch], self.threshold)
+        outputs[model_signature.STUDY_RULE.name] = tf.fill([batch], self.study_rule)
+        return outputs
+
+    def _saliency(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+        return dict(self.loaded.signatures[model_signature.SALIENCY_SIGNATURE_NAME](images=images))
+
+    def signatures(self) -> dict[str, tf.types.experimental.ConcreteFunction]:
+        signatures = {model_signature.SIGNATURE_NAME: self.serve.get_concrete_function()}
+        if self.saliency is not None:
+            signatures[model_signature.SALIENCY_SIGNATURE_NAME] = (
+                self.saliency.get_concrete_function()
+            )
+        return signatures
+
+
+def export_operating_point(
+    source: Path,
+    threshold: float,
+    study_rule: StudyRule,
+    repository: Path,
+    name: str,
+    version: int | None = None,
+) -> Path:
+    """Publish the model at ``source`` again, as ``<repository>/<name>/<version>/``, with a new
+    threshold and study rule (an operator's own operating point, no retraining): probabilities,
+    class names and heatmaps are the source's, computed by its own graph and weights."""
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold!r}")
+    module = _NewOperatingPoint(tf.saved_model.load(str(source)), threshold, study_rule)
+    return _publish(module.signatures(), module, repository, name, version, True)

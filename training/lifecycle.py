@@ -24,7 +24,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -51,6 +51,9 @@ from training.study_evaluation import (
     promotion_metrics,
 )
 from training.train import Progress, train
+
+if TYPE_CHECKING:
+    from training.study_dataset import StudyBenchmark
 
 logger = logging.getLogger(__name__)
 
@@ -292,16 +295,24 @@ def promote(
     record = registry.get(name, version)
     baseline = None
     study_baseline = None
-    if not force and study_test is not None and study_metrics(record.metrics) is not None:
+    studied = study_metrics(record.metrics) is not None
+    if not force and study_test is None and record.dataset_path:
+        path = Path(record.dataset_path)
+        bench = study_benchmark_at(path) if path.is_file() else None
+        data = bench.slice_dataset() if bench is not None else None
+        if data is None and path.is_file():
+            data = LabelledImages.load(path)
+        if data is not None and data.fingerprint() == record.dataset_fingerprint:
+            if bench is not None and studied:
+                study_test = bench.test
+            else:
+                baseline = serving_baseline(
+                    registry, name, data, record.dataset_fingerprint or "", record.threshold or 0.5
+                )
+    if not force and study_test is not None and studied:
         study_baseline = serving_study_baseline(
             registry, name, record.class_names, study_test, record.dataset_fingerprint or ""
         )
-    elif not force and record.dataset_path and Path(record.dataset_path).is_file():
-        data = LabelledImages.load(Path(record.dataset_path))
-        if data.fingerprint() == record.dataset_fingerprint:
-            baseline = serving_baseline(
-                registry, name, data, record.dataset_fingerprint or "", record.threshold or 0.5
-            )
     previous = registry.promote(
         name, version, serving_macro_f1=baseline, serving_study=study_baseline, force=force
     )
@@ -353,6 +364,8 @@ def run_job(
     version = registry.reserve(name, job_id=str(job_id) if job_id else None, run_dir=str(run_dir))
     if on_reserved is not None:
         on_reserved(version)
+    if studies is None:
+        studies = study_benchmark_at(Path(dataset_path))
     try:
         result = train(data, settings, run_dir, progress)
         probabilities = predict_keras(result.model, data.test.images, settings.batch_size)
@@ -363,8 +376,10 @@ def run_job(
             )
             # The slice table describes what the exported model returns: tempered probabilities.
             probabilities = apply_temperature(probabilities, temperature)
+        # The slice table's anomaly line stays on the slice scale (settings.threshold): the
+        # study threshold is on the calibrated study score, reported in the study section.
         report = evaluate_probabilities(
-            probabilities, data.test.labels, data.class_names, threshold
+            probabilities, data.test.labels, data.class_names, settings.threshold
         )
         if study_report is not None:
             report["study"] = study_report
@@ -423,6 +438,20 @@ def run_job(
             reason = str(refusal)
             logger.warning("candidate not promoted", extra={"reason": reason})
     return JobOutcome(name, version, report, promoted, previous, reason, run_dir)
+
+
+def study_benchmark_at(path: Path) -> StudyBenchmark | None:
+    """The study benchmark stored at ``path`` (``training.study_dataset``'s ``.npz``), or None
+    when the file holds another kind of dataset: a job or a promotion that finds one evaluates
+    and compares on its studies."""
+    from training.study_dataset import StudyBenchmark
+
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            is_studies = "test_study_index" in stored.files
+    except (OSError, ValueError):
+        return None
+    return StudyBenchmark.load(path) if is_studies else None
 
 
 def _study_decisions(

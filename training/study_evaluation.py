@@ -26,6 +26,7 @@ and slice- and study-level reliability with the ECE before and after calibration
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -47,6 +48,8 @@ from training.calibration import (
     reliability,
     top_label_reliability,
 )
+
+logger = logging.getLogger(__name__)
 
 #: The aggregations compared on validation, simplest first (the order breaks the last ties).
 CANDIDATE_RULES: tuple[StudyRule, ...] = (
@@ -399,10 +402,9 @@ def evaluate_study_benchmark(
     on ``benchmark.test`` (see the module docstring). ``model_or_predict`` returns the trained
     classifier's probabilities, *without* temperature (a Keras model or a callable)."""
     predict = as_predictor(model_or_predict, settings.batch_size)
-    target = OperatingTarget(settings.target_sensitivity, settings.target_min_diameter_mm)
-    names = list(benchmark.class_names)
-    normal = names.index(NORMAL_CLASS)
+    normal = list(benchmark.class_names).index(NORMAL_CLASS)
     val, test = benchmark.val, benchmark.test
+    target, fallback = _target(settings, val, normal)
     val_raw, test_raw = predict(val.images), predict(test.images)
 
     temperature = fit_temperature(val_raw, val.labels)
@@ -410,12 +412,7 @@ def evaluate_study_benchmark(
     test_p = apply_temperature(test_raw, temperature)
 
     min_spec = settings.aggregation_min_specificity
-    rows = []
-    for candidate in CANDIDATE_RULES:
-        rows.append(
-            rule_row(candidate, score_studies(val_p, val, normal, candidate), min_spec, "val")
-            | rule_row(candidate, score_studies(test_p, test, normal, candidate), min_spec, "test")
-        )
+    rows = _aggregation_table(val_p, test_p, benchmark, normal, min_spec)
     chosen = CANDIDATE_RULES[choose_rule(rows)]
     for row in rows:
         row["chosen"] = row["rule"] == chosen.name
@@ -438,6 +435,7 @@ def evaluate_study_benchmark(
         test_scores=test_scores,
         rows=rows,
     )
+    report["target"]["fallback"] = fallback
     report["temperature"] = {
         "value": temperature,
         "val_nll_before": negative_log_likelihood(val_raw, val.labels),
@@ -446,6 +444,84 @@ def evaluate_study_benchmark(
         "test_reliability_after": top_label_reliability(test_p, test.labels).as_dict(),
     }
     return StudyEvaluation(rule, threshold, temperature, report)
+
+
+def _target(
+    settings: TargetSettings, val: StudySetLike, normal: int
+) -> tuple[OperatingTarget, str | None]:
+    """The settings' operating target, widened to every lesion (and why) when no validation
+    lesion is that large; ValueError when validation lacks normal or lesion studies."""
+    target = OperatingTarget(settings.target_sensitivity, settings.target_min_diameter_mm)
+    lesions = [s.diameter_mm for s in val.studies if s.label != normal]
+    if not lesions or len(lesions) == len(val.studies):
+        raise ValueError("the validation studies need both normal and lesion studies")
+    if max(lesions) >= target.min_diameter_mm:
+        return target, None
+    # A tiny benchmark may have no lesion that large: target every lesion, and say so.
+    fallback = (
+        f"no validation lesion is >= {target.min_diameter_mm:g} mm: the target covers every lesion"
+    )
+    logger.warning("operating point target widened", extra={"reason": fallback})
+    return OperatingTarget(target.sensitivity, 0.0), fallback
+
+
+def _aggregation_table(
+    val_p: np.ndarray,
+    test_p: np.ndarray,
+    benchmark: StudyBenchmarkLike,
+    normal: int,
+    min_spec: float,
+) -> list[dict[str, Any]]:
+    val, test = benchmark.val, benchmark.test
+    return [
+        rule_row(candidate, score_studies(val_p, val, normal, candidate), min_spec, "val")
+        | rule_row(candidate, score_studies(test_p, test, normal, candidate), min_spec, "test")
+        for candidate in CANDIDATE_RULES
+    ]
+
+
+def evaluate_served_rule(
+    predict: Predictor,
+    benchmark: StudyBenchmarkLike,
+    rule: StudyRule,
+    settings: TargetSettings,
+    threshold: float | None = None,
+) -> StudyEvaluation:
+    """The study report of a published model (``predict``: its served probabilities, temperature
+    included) under its own ``rule``.
+
+    ``threshold`` given: reported at it (``python -m training evaluate``). None: the operating
+    point is chosen again on ``benchmark.val`` for the settings' target, aggregation and
+    calibration kept (``python -m training operating-point``: an operator's own target or data,
+    without retraining); the returned rule then states the new target.
+    """
+    normal = list(benchmark.class_names).index(NORMAL_CLASS)
+    val, test = benchmark.val, benchmark.test
+    target, fallback = _target(settings, val, normal)
+    val_p, test_p = predict(val.images), predict(test.images)
+    rechosen = threshold is None
+    if threshold is None:
+        rule = replace(rule, operating_point=target.describe())
+        threshold = choose_threshold(score_studies(val_p, val, normal, rule), target)
+    min_spec = settings.aggregation_min_specificity
+    rows = _aggregation_table(val_p, test_p, benchmark, normal, min_spec)
+    for row in rows:
+        row["chosen"] = row["rule"] == rule.name
+    report = study_report(
+        rule=rule,
+        threshold=threshold,
+        target=target,
+        min_specificity=min_spec,
+        val_scores=score_studies(val_p, val, normal, rule),
+        test_scores=score_studies(test_p, test, normal, rule),
+        rows=rows,
+    )
+    report["target"]["fallback"] = fallback
+    if not rechosen:
+        # Reported at the model's own threshold: say what it was chosen for, not the settings'.
+        stated = rule.operating_point or "the model's threshold (no stated target)"
+        report["target"]["text"] = stated
+    return StudyEvaluation(rule, threshold, 1.0, report)
 
 
 def study_report(
@@ -581,7 +657,8 @@ def study_markdown(report: dict[str, Any]) -> str:
         f"Rule: **{rule['name']}** of the slice anomaly scores, Platt calibration slope "
         f"{rule['calibration']['slope']:.3f}, intercept {rule['calibration']['intercept']:.3f}.",
         f"Operating point: {report['target']['text']} → threshold **{report['threshold']:.4f}** "
-        "(a study is abnormal when its calibrated score is above it).",
+        "(a study is abnormal when its calibrated score is above it)"
+        + (f"; {report['target']['fallback']}." if report["target"].get("fallback") else "."),
         "",
         f"Test: {test['studies']} studies ({test['abnormal_studies']} with a lesion, "
         f"{test['normal_studies']} normal). Study AUROC **{_n(test['auroc'])}**; at the "

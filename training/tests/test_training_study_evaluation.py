@@ -334,3 +334,30 @@ def test_report_markdown_plots_and_registry_metrics(
         == report["test"]["promotion"]["study_sensitivity_at_spec90"]
     )
     assert flat["study_threshold"] == report["threshold"]
+
+
+def test_a_benchmark_without_lesions_that_large_targets_every_lesion(
+    benchmark: Benchmark,
+) -> None:
+    rule, threshold, _t, report = evaluate_study_benchmark(
+        overconfident_predict, benchmark, Settings(target_min_diameter_mm=100.0)
+    )
+    assert "no validation lesion is >= 100 mm" in report["target"]["fallback"]
+    assert rule.operating_point.startswith("study sensitivity >= 0.95 for lesions >= 0 mm")
+    assert report["validation"]["target_studies"] == report["validation"]["abnormal_studies"]
+    assert report["validation"]["target_sensitivity"] >= 0.95
+    assert "the target covers every lesion" in study_markdown(report)
+
+
+def test_validation_studies_of_one_kind_are_refused(benchmark: Benchmark) -> None:
+    val = benchmark.val
+    lesions_only = Studies(
+        val.images,
+        val.labels,
+        val.study_index,
+        val.position,
+        tuple(Info(s.study_id, 1, 10.0, 0.3, (0, 1)) for s in val.studies),
+    )
+    broken = Benchmark(CLASSES, val, lesions_only, benchmark.test, {})
+    with pytest.raises(ValueError, match="both normal and lesion studies"):
+        evaluate_study_benchmark(overconfident_predict, broken, Settings())
