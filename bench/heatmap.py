@@ -4,7 +4,8 @@
         [--slices 16] [--rounds 7] [--engines tensorflow openvino]
 
 One study: the bundled MNI152 sample (``scanwatch.sample.build_mr_study``) with ``--slices``
-slices (the worker's default ``max_slices``), stored in the listener's layout and preprocessed
+slices (16: the worker's old ``max_slices``; it now scores every slice, see
+``bench/study_scoring.py`` for a 160-slice study), stored in the listener's layout and preprocessed
 by ``scanwatch.imaging.preprocess_slice`` at the model's size, as the worker scores it. Per
 engine (the model server's own engines, loaded in this process, so that the figures are the
 model's work and not gRPC's, which is the same for both signatures):
