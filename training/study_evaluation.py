@@ -440,6 +440,8 @@ def evaluate_study_benchmark(
         "value": temperature,
         "val_nll_before": negative_log_likelihood(val_raw, val.labels),
         "val_nll_after": negative_log_likelihood(val_p, val.labels),
+        "test_nll_before": negative_log_likelihood(test_raw, test.labels),
+        "test_nll_after": negative_log_likelihood(test_p, test.labels),
         "test_reliability_before": top_label_reliability(test_raw, test.labels).as_dict(),
         "test_reliability_after": top_label_reliability(test_p, test.labels).as_dict(),
     }
@@ -724,8 +726,9 @@ def study_markdown(report: dict[str, Any]) -> str:
         lines[-1] += (
             f"; slices (top-class confidence) {temperature['test_reliability_before']['ece']:.4f}"
             f" → {temperature['test_reliability_after']['ece']:.4f} with temperature "
-            f"{temperature['value']:.3f} (validation NLL {temperature['val_nll_before']:.4f} → "
-            f"{temperature['val_nll_after']:.4f})"
+            f"{temperature['value']:.3f} (NLL: validation {temperature['val_nll_before']:.4f} → "
+            f"{temperature['val_nll_after']:.4f}, test {temperature['test_nll_before']:.4f} → "
+            f"{temperature['test_nll_after']:.4f})"
         )
     lines[-1] += "."
     return "\n".join(lines) + "\n"

@@ -258,6 +258,7 @@ def test_evaluation_chooses_a_focal_rule_calibrates_and_meets_its_target(
     assert temperature > 1.2
     fitted = report["temperature"]
     assert fitted["value"] == temperature and fitted["val_nll_after"] < fitted["val_nll_before"]
+    assert fitted["test_nll_after"] < fitted["test_nll_before"]
     # A lesion on 2 of 20 slices: the mean drowns it, the chosen rule keeps it.
     table = {row["rule"]: row for row in report["aggregation_table"]}
     assert set(table) == {r.name for r in CANDIDATE_RULES}
