@@ -50,7 +50,9 @@ class Calibration:
             if not isinstance(value, int | float) or not math.isfinite(value):
                 raise ValueError(f"calibration {name} must be a finite number, got {value!r}")
         if self.slope <= 0:
-            raise ValueError(f"calibration slope must be > 0 (it keeps the order), got {self.slope}")
+            raise ValueError(
+                f"calibration slope must be > 0 (it keeps the order), got {self.slope}"
+            )
 
     def apply(self, raw: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """Calibrated scores of raw study scores (any shape)."""
