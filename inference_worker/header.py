@@ -65,7 +65,8 @@ class InstanceHeader:
 
 
 def read_header(ds: Dataset) -> InstanceHeader:
-    """The :class:`InstanceHeader` of a dataset read with ``stop_before_pixels=True``."""
+    """The :class:`InstanceHeader` of a dataset (its pixel data is not read: it may have been
+    read with ``stop_before_pixels=True`` or with the pixel data deferred)."""
     series_number = getattr(ds, "SeriesNumber", None)
     modality = getattr(ds, "Modality", None)
     return InstanceHeader(

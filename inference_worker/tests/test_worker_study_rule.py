@@ -36,18 +36,24 @@ MODELS = {
 
 
 def export(repository: Path, name: str, rule: str | None) -> None:
-    """A tiny classifier exported as the training pipeline does, plus a constant study rule."""
-    from training.export import ServingModule
+    """A tiny classifier exported by the training pipeline's own export, with its study rule;
+    a rule that does not parse (the export refuses one) by its serving module, patched."""
+    from training.export import ServingModule, export_saved_model
     from training.model import build_classifier
 
-    class WithRule(ServingModule):
+    model = build_classifier(CLASSES, image_size=SIZE)
+    if rule is None or rule == RULE.to_json():
+        study_rule = None if rule is None else RULE
+        export_saved_model(model, CLASSES, 0.4, repository, name, 1, study_rule=study_rule)
+        return
+
+    class BrokenRule(ServingModule):
         def _serve(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
             outputs = super()._serve(images)
-            if rule is not None:
-                outputs[STUDY_RULE.name] = tf.fill([tf.shape(images)[0]], tf.constant(rule))
+            outputs[STUDY_RULE.name] = tf.fill([tf.shape(images)[0]], tf.constant(rule))
             return outputs
 
-    module = WithRule(build_classifier(CLASSES, image_size=SIZE), CLASSES, 0.4)
+    module = BrokenRule(model, CLASSES, 0.4)
     tf.saved_model.save(module, str(repository / name / "1"), signatures=module.signatures())
 
 
