@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import httpx
 from authlib.common.security import generate_token
@@ -21,6 +21,7 @@ from authlib.integrations.httpx_client import AsyncOAuth2Client, OAuthError
 
 from services.auth.jwks import KeySetUnavailable, RemoteKeySet
 from services.auth.scopes import AuthError, Grant
+from services.auth.web_sessions import SessionStore, WebSession
 
 log = logging.getLogger(__name__)
 
@@ -264,3 +265,71 @@ class WebClient:
 
     def needs_refresh(self, expires_at: float) -> bool:
         return self._clock() >= expires_at - REFRESH_MARGIN_S
+
+
+class IssuedTokens(Protocol):
+    """What a session keeps of an app's accepted token response."""
+
+    @property
+    def access_token(self) -> str: ...
+
+    @property
+    def refresh_token(self) -> str | None: ...
+
+    @property
+    def expires_at(self) -> float: ...
+
+
+class CallbackRefused(SignInError):
+    """A sign-in callback that signed no one in. ``outcome``: ``bad-state`` (not the pending
+    sign-in of this browser, or too late), ``refused`` (no code came back: cancelled or
+    refused at the authorization server) or ``failed`` (the code did not give a token the app
+    accepts; ``detail`` says why, for the log)."""
+
+    def __init__(self, outcome: str, message: str, detail: str = "") -> None:
+        super().__init__(message, detail)
+        self.outcome = outcome
+
+
+S = TypeVar("S", bound=WebSession)
+T = TypeVar("T", bound=IssuedTokens)
+
+
+async def complete_sign_in(
+    sessions: SessionStore[S],
+    session: S | None,
+    exchange: Callable[[str, str], Awaitable[T]],
+    *,
+    code: str | None,
+    state: str | None,
+    error: str | None,
+    timeout_s: float,
+) -> tuple[S, T]:
+    """The steps of a sign-in callback, the same for every app: ``state`` must be the one
+    this browser's pending sign-in sent, back within ``timeout_s``; the state and the PKCE
+    verifier are then spent, whatever follows; ``exchange`` (the app's: it checks whose token
+    it is) turns the code into tokens; the session goes on under a new id holding them. The
+    app then records who signed in. :class:`CallbackRefused` otherwise, its ``message`` what
+    the person is told."""
+    started = session.login_started if session else None
+    timely = started is not None and sessions.clock() - started <= timeout_s
+    if session is None or not state or not timely or not session.check_login_state(state):
+        raise CallbackRefused(
+            "bad-state",
+            "This sign-in link is not valid: it did not come from a sign-in you started here, "
+            "or it took too long. Please start again.",
+        )
+    verifier = session.code_verifier
+    session.login_state = session.code_verifier = session.login_started = None  # used once
+    if error or not code or not verifier:
+        text = "You cancelled the sign-in." if error == "access_denied" else "The sign-in failed."
+        raise CallbackRefused("refused", f"{text} Please try again.")
+    try:
+        tokens = await exchange(code, verifier)
+    except SignInError as exc:
+        raise CallbackRefused("failed", f"{exc.message} Please try again.", exc.detail) from exc
+    session = sessions.rotate(session)
+    session.access_token = tokens.access_token
+    session.refresh_token = tokens.refresh_token
+    session.expires_at = tokens.expires_at
+    return session, tokens

@@ -4,7 +4,10 @@ CDN), no framing, no sniffing, no referrer, and no caching of pages that hold he
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterable
+
 from starlette.datastructures import MutableHeaders
+from starlette.responses import StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 #: Scripts, styles, images and connections from the app itself only; forms post only to it.
@@ -31,6 +34,18 @@ HEADERS = {
     "Cross-Origin-Resource-Policy": "same-origin",
     "Permissions-Policy": "camera=(), microphone=(), geolocation=(), payment=()",
 }
+
+
+#: A server-sent event stream's headers: never stored, never held back by a buffering proxy.
+EVENT_STREAM_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+
+
+def event_stream(events: AsyncIterable[str] | AsyncIterable[bytes]) -> StreamingResponse:
+    """A server-sent event stream (``text/event-stream``) of ``events``, each one already
+    framed (``event: changed\\ndata: {}\\n\\n``, a ``: comment\\n\\n`` to keep it open)."""
+    return StreamingResponse(
+        events, media_type="text/event-stream", headers=dict(EVENT_STREAM_HEADERS)
+    )
 
 
 #: How long browsers keep an app's static files (its own scripts and styles, npm packages).

@@ -16,7 +16,9 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
+
+from starlette.responses import Response
 
 #: How long an ended session's id is remembered (to say "your session has ended").
 ENDED_MEMORY_S = 24 * 3600.0
@@ -55,6 +57,43 @@ class WebSession:
 
 
 S = TypeVar("S", bound=WebSession)
+
+
+class CookieSettings(Protocol):
+    """What an app's settings say of its session cookie."""
+
+    @property
+    def session_cookie(self) -> str: ...  # the cookie's name
+
+    @property
+    def session_max_s(self) -> float: ...  # the longest a session lasts
+
+    @property
+    def secure_cookies(self) -> bool: ...  # Secure (off only on loopback)
+
+
+def set_session_cookie(response: Response, settings: CookieSettings, session: WebSession) -> None:
+    """The session id in its cookie: HttpOnly, SameSite=Lax (the authorization server's
+    redirect back is a top-level GET, which Lax lets through), Secure outside loopback."""
+    response.set_cookie(
+        settings.session_cookie,
+        session.id,
+        max_age=int(settings.session_max_s),
+        path="/",
+        httponly=True,
+        samesite="lax",
+        secure=settings.secure_cookies,
+    )
+
+
+def clear_session_cookie(response: Response, settings: CookieSettings) -> None:
+    response.delete_cookie(
+        settings.session_cookie,
+        path="/",
+        httponly=True,
+        samesite="lax",
+        secure=settings.secure_cookies,
+    )
 
 
 class SessionStore(Generic[S]):

@@ -16,19 +16,14 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Request
-from fastapi.responses import (
-    FileResponse,
-    HTMLResponse,
-    RedirectResponse,
-    Response,
-    StreamingResponse,
-)
+from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from pydantic import ValidationError
 
 from scanwatch import kafka
 from scanwatch.model_registry import Registry
 from schemas.training_events import DatasetSpec
 from services.auth.scopes import OPERATOR
+from services.auth.web_security import event_stream
 from services.console import audit, pipeline, training_ops
 from services.console.model_status import model_status
 from services.console.web import Staff, WebDep, check_csrf, require_role
@@ -316,11 +311,7 @@ async def events(
             else:
                 yield b": idle\n\n"
 
-    return StreamingResponse(
-        stream(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-    )
+    return event_stream(stream())
 
 
 # --- Pipeline health ---------------------------------------------------------------------------

@@ -25,26 +25,29 @@ from typing import Annotated, Any
 
 import httpx
 from fastapi import APIRouter, Depends, Form, Request
-from fastapi.responses import (
-    HTMLResponse,
-    RedirectResponse,
-    Response,
-    StreamingResponse,
-)
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import Engine
 
 from scanwatch.database import make_engine
 from services.auth.scopes import ADMIN, CLINICIAN, OPERATOR
 from services.auth.web_client import (
+    CallbackRefused,
     ClientSettings,
     SessionExpired,
     SignInError,
     Tokens,
     Verifier,
     WebClient,
+    complete_sign_in,
 )
-from services.auth.web_sessions import SessionStore, WebSession
+from services.auth.web_security import event_stream
+from services.auth.web_sessions import (
+    SessionStore,
+    WebSession,
+    clear_session_cookie,
+    set_session_cookie,
+)
 from services.console import audit
 from services.console.config import Settings
 from services.console.worklist import PAGE_SIZE, Filters, Worklist, top_up_results
@@ -148,26 +151,6 @@ class Web:
     http: httpx.AsyncClient
     #: How often the live worklist stream looks for new studies and results (seconds).
     live_interval_s: float = 2.0
-
-    def set_cookie(self, response: Response, session: ConsoleSession) -> None:
-        response.set_cookie(
-            self.settings.session_cookie,
-            session.id,
-            max_age=int(self.settings.session_max_s),
-            path="/",
-            httponly=True,
-            samesite="lax",
-            secure=self.settings.secure_cookies,
-        )
-
-    def clear_cookie(self, response: Response) -> None:
-        response.delete_cookie(
-            self.settings.session_cookie,
-            path="/",
-            httponly=True,
-            samesite="lax",
-            secure=self.settings.secure_cookies,
-        )
 
     async def record(self, event: dict[str, Any]) -> None:
         """Record an AuditEvent (off the event loop: it writes to the database)."""
@@ -336,7 +319,7 @@ async def login(web: WebDep, found: SessionDep) -> Response:
     session.code_verifier = authorization.code_verifier
     session.login_started = web.sessions.clock()
     response = RedirectResponse(authorization.url, status_code=303)
-    web.set_cookie(response, session)
+    set_session_cookie(response, web.settings, session)
     return response
 
 
@@ -352,39 +335,30 @@ async def callback(
     """Where the authorization server sends staff back: the ``state`` must be the one this
     browser's sign-in sent; the code is exchanged (with the PKCE verifier); the token must be
     a staff member's; the session then starts under a new id."""
-    session = found[0]
-    started = session.login_started if session else None
-    timely = started is not None and web.sessions.clock() - started <= web.settings.login_timeout_s
-    if session is None or not state or not timely or not session.check_login_state(state):
-        log.info("console sign-in refused", extra={"reason": "state"})
-        return _signin_error(
-            web,
-            request,
-            "This sign-in link is not valid: it did not come from a sign-in you started here, "
-            "or it took too long. Please start again.",
-        )
-    verifier = session.code_verifier
-    session.login_state = session.code_verifier = session.login_started = None  # used once
-    if error or not code or not verifier:
-        text = "You cancelled the sign-in." if error == "access_denied" else "The sign-in failed."
-        return _signin_error(web, request, f"{text} Please try again.")
     try:
-        tokens = await web.client.exchange(code, verifier)
-    except SignInError as exc:
-        log.warning("console sign-in failed", extra={"reason": exc.detail})
-        return _signin_error(web, request, f"{exc.message} Please try again.")
-    session = web.sessions.rotate(session)
+        session, tokens = await complete_sign_in(
+            web.sessions,
+            found[0],
+            web.client.exchange,
+            code=code,
+            state=state,
+            error=error,
+            timeout_s=web.settings.login_timeout_s,
+        )
+    except CallbackRefused as exc:
+        if exc.outcome == "bad-state":
+            log.info("console sign-in refused", extra={"reason": "state"})
+        elif exc.outcome == "failed":
+            log.warning("console sign-in failed", extra={"reason": exc.detail})
+        return _signin_error(web, request, exc.message)
     session.account = tokens.grant.client_id
     session.roles = tokens.grant.roles
     session.fhir_user = tokens.grant.fhir_user
-    session.access_token = tokens.access_token
-    session.refresh_token = tokens.refresh_token
-    session.expires_at = tokens.expires_at
     await web.record(
         audit.audit_event(session.actor, audit.AUTHENTICATION, audit.EXECUTE, subtype=audit.LOGIN)
     )
     response = RedirectResponse("/", status_code=303)
-    web.set_cookie(response, session)
+    set_session_cookie(response, web.settings, session)
     return response
 
 
@@ -411,7 +385,7 @@ async def signout(
         if refresh:
             await web.client.revoke(refresh)
     response = RedirectResponse("/signin?reason=signed-out", status_code=303)
-    web.clear_cookie(response)
+    clear_session_cookie(response, web.settings)
     return response
 
 
@@ -503,11 +477,7 @@ async def worklist_events(request: Request, web: WebDep, staff: TriageStaff) -> 
             else:
                 yield b": idle\n\n"
 
-    return StreamingResponse(
-        stream(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-    )
+    return event_stream(stream())
 
 
 @router.get("/static/console.css")

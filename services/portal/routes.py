@@ -23,16 +23,17 @@ from fastapi.responses import (
     JSONResponse,
     RedirectResponse,
     Response,
-    StreamingResponse,
 )
 
+from services.auth.web_client import CallbackRefused, complete_sign_in
+from services.auth.web_security import event_stream
+from services.auth.web_sessions import clear_session_cookie, set_session_cookie
 from services.portal import views
 from services.portal.fhir import PatientFhir, TokenRejected, newest_update
 from services.portal.sessions import ChatLine, Session
 from services.portal.smart import (
     AuthServerUnavailable,
     SessionExpired,
-    SignInError,
 )
 from services.portal.state import Portal
 
@@ -299,11 +300,7 @@ async def events(
         finally:
             app.metrics.streams.dec()
 
-    return StreamingResponse(
-        stream(),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
-    )
+    return event_stream(stream())
 
 
 async def _wait_then_connected(request: Request, seconds: float) -> bool:
@@ -439,7 +436,7 @@ async def login(
     session.code_verifier = authorization.code_verifier
     session.login_started = app.sessions.clock()
     response = RedirectResponse(authorization.url, status_code=303)
-    app.set_cookie(response, session)
+    set_session_cookie(response, app.settings, session)
     return response
 
 
@@ -455,44 +452,25 @@ async def callback(
     """Where the authorization server sends the patient back: the ``state`` must be the one
     this browser's sign-in sent, then the code is exchanged (with the PKCE verifier) and the
     session starts under a new id."""
-    session = found[0]
-    pending = session is not None and session.login_state is not None
-    started = session.login_started if session else None
-    timely = started is not None and app.sessions.clock() - started <= app.settings.login_timeout_s
-    if (
-        session is None
-        or not pending
-        or not state
-        or not timely
-        or not session.check_login_state(state)
-    ):
-        app.metrics.sign_ins.labels("bad-state").inc()
-        return _signin_error(
-            app,
-            request,
-            "This sign-in link is not valid: it did not come from a sign-in you started here, "
-            "or it took too long. Please start again.",
-        )
-    verifier = session.code_verifier
-    session.login_state = session.code_verifier = session.login_started = None  # used once
-    if error or not code or not verifier:
-        app.metrics.sign_ins.labels("refused").inc()
-        text = "You cancelled the sign-in." if error == "access_denied" else "The sign-in failed."
-        return _signin_error(app, request, f"{text} Please try again.")
     try:
-        tokens = await app.smart.exchange(code, verifier)
-    except SignInError as exc:
-        app.metrics.sign_ins.labels("failed").inc()
-        log.warning("sign-in failed", extra={"reason": exc.detail})
-        return _signin_error(app, request, f"{exc.message} Please try again.")
-    session = app.sessions.rotate(session)
+        session, tokens = await complete_sign_in(
+            app.sessions,
+            found[0],
+            app.smart.exchange,
+            code=code,
+            state=state,
+            error=error,
+            timeout_s=app.settings.login_timeout_s,
+        )
+    except CallbackRefused as exc:
+        app.metrics.sign_ins.labels(exc.outcome).inc()
+        if exc.outcome == "failed":
+            log.warning("sign-in failed", extra={"reason": exc.detail})
+        return _signin_error(app, request, exc.message)
     session.patient = tokens.patient
-    session.access_token = tokens.access_token
-    session.refresh_token = tokens.refresh_token
-    session.expires_at = tokens.expires_at
     app.metrics.sign_ins.labels("completed").inc()
     response = RedirectResponse("/", status_code=303)
-    app.set_cookie(response, session)
+    set_session_cookie(response, app.settings, session)
     return response
 
 
@@ -515,7 +493,7 @@ async def signout(
         if refresh:
             await app.smart.revoke(refresh)
     response = RedirectResponse("/signin?reason=signed-out", status_code=303)
-    app.clear_cookie(response)
+    clear_session_cookie(response, app.settings)
     return response
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import httpx
-from fastapi.responses import Response
 from fastapi.templating import Jinja2Templates
 
 from services.auth.web_sessions import SessionStore
@@ -23,28 +22,6 @@ class Portal:
     http: httpx.AsyncClient  # FHIR and the chatbot, always with the patient's token
     templates: Jinja2Templates
     metrics: PortalMetrics
-
-    def set_cookie(self, response: Response, session: Session) -> None:
-        """The session id: HttpOnly, SameSite=Lax (the authorization server's redirect back
-        is a top-level GET, which Lax lets through), Secure outside loopback."""
-        response.set_cookie(
-            self.settings.session_cookie,
-            session.id,
-            max_age=int(self.settings.session_max_s),
-            path="/",
-            httponly=True,
-            samesite="lax",
-            secure=self.settings.secure_cookies,
-        )
-
-    def clear_cookie(self, response: Response) -> None:
-        response.delete_cookie(
-            self.settings.session_cookie,
-            path="/",
-            httponly=True,
-            samesite="lax",
-            secure=self.settings.secure_cookies,
-        )
 
     def end_session(self, session: Session, remember: bool = True) -> None:
         self.sessions.end(session, remember=remember)
