@@ -56,6 +56,25 @@ class WebSession:
         return self.login_state is not None and hmac.compare_digest(self.login_state, state)
 
 
+class NeedSignIn(Exception):
+    """No signed-in session: the person signs in (``expired``: tell them their session
+    ended)."""
+
+    def __init__(self, expired: bool = False) -> None:
+        super().__init__("sign-in needed")
+        self.expired = expired
+
+
+class CsrfRejected(Exception):
+    """A form or script request without this session's CSRF token."""
+
+
+def check_csrf(session: WebSession, token: str | None) -> None:
+    """:class:`CsrfRejected` unless ``token`` is the session's CSRF token."""
+    if not session.check_csrf(token):
+        raise CsrfRejected()
+
+
 S = TypeVar("S", bound=WebSession)
 
 

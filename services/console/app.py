@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import Engine
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -22,7 +22,7 @@ from scanwatch.http_metrics import RequestMetrics
 from scanwatch.kafka import EventProducer
 from services.auth.jwks import KeySetUnavailable, RemoteKeySet
 from services.auth.scopes import AuthError
-from services.auth.web_client import AuthServerUnavailable
+from services.auth.web_errors import install_error_pages, wants_html
 from services.auth.web_security import SecurityHeaders
 from services.console import dicomweb, operator_web, review_web, viewer, web
 from services.console.auth import CHALLENGE, FileKeySet, Verifier
@@ -167,53 +167,18 @@ def create_app(
     return app
 
 
-def _wants_html(request: Request) -> bool:
-    return (
-        request.method == "GET"
-        and not request.url.path.startswith("/api/")
-        and "text/event-stream" not in request.headers.get("accept", "")
-    )
-
-
 def _install_web_handlers(app: FastAPI) -> None:
     def error_page(request: Request, status: int, title: str, text: str) -> Response:
         state: web.Web | None = app.state.web
-        if state is None or not _wants_html(request):
+        if state is None or not wants_html(request):
             return _error(status, text)
         found = state.sessions.get(request.cookies.get(state.settings.session_cookie))[0]
         return state.page(request, "message.html", found, status, title=title, text=text)
 
-    @app.exception_handler(web.NeedSignIn)
-    async def need_sign_in(request: Request, exc: web.NeedSignIn) -> Response:
-        if getattr(app.state, "web", None) is None:
-            return _error(404, "the console's pages are off (no client secret configured)")
-        target = "/signin?reason=expired" if exc.expired else "/signin"
-        if _wants_html(request):
-            return RedirectResponse(target, status_code=303)
-        return JSONResponse({"status": 401, "signin": target}, status_code=401)
+    install_error_pages(app, error_page, "console")
 
     @app.exception_handler(web.RoleRefused)
     async def role_refused(request: Request, _exc: web.RoleRefused) -> Response:
         return error_page(
             request, 403, "Not for your role", "Your role does not give access to this page."
-        )
-
-    @app.exception_handler(web.CsrfRejected)
-    async def csrf_rejected(request: Request, _exc: web.CsrfRejected) -> Response:
-        return error_page(
-            request,
-            403,
-            "This form has expired",
-            "The page you sent it from was too old or not from this console. Go back, reload "
-            "the page and try again.",
-        )
-
-    @app.exception_handler(AuthServerUnavailable)
-    async def auth_unavailable(request: Request, exc: AuthServerUnavailable) -> Response:
-        log.warning("authorization server unavailable", extra={"error": str(exc)})
-        return error_page(
-            request,
-            503,
-            "Signing in is not possible right now",
-            "The sign-in service did not answer. Please try again in a few minutes.",
         )

@@ -24,9 +24,10 @@ from scanwatch.model_registry import Registry
 from schemas.training_events import DatasetSpec
 from services.auth.scopes import OPERATOR
 from services.auth.web_security import event_stream
+from services.auth.web_sessions import check_csrf
 from services.console import audit, pipeline, training_ops
 from services.console.model_status import model_status
-from services.console.web import Staff, WebDep, check_csrf, require_role
+from services.console.web import Staff, WebDep, require_role
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/operator")

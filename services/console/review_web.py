@@ -30,9 +30,10 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from scanwatch import care_plan, clinical_review, ids
 from scanwatch.clinical_review import ReviewError, Signer
+from services.auth.web_sessions import check_csrf
 from services.console import audit
 from services.console.index import is_uid
-from services.console.web import Clinician, Staff, Web, WebDep, check_csrf
+from services.console.web import Clinician, Staff, Web, WebDep
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
-from fastapi import APIRouter, Depends, Form, Request
+from fastapi import APIRouter, Depends, Form, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import Engine
@@ -43,8 +43,10 @@ from services.auth.web_client import (
 )
 from services.auth.web_security import event_stream
 from services.auth.web_sessions import (
+    NeedSignIn,
     SessionStore,
     WebSession,
+    check_csrf,
     clear_session_cookie,
     set_session_cookie,
 )
@@ -178,26 +180,14 @@ class Web:
         )
 
 
-class NeedSignIn(Exception):
-    """No signed-in session: sign in (``expired``: say why)."""
-
-    def __init__(self, expired: bool = False) -> None:
-        super().__init__("sign-in needed")
-        self.expired = expired
-
-
 class RoleRefused(Exception):
     """The signed-in staff member's role does not allow this."""
-
-
-class CsrfRejected(Exception):
-    """A form without this session's CSRF token."""
 
 
 def web_state(request: Request) -> Web:
     state: Web | None = getattr(request.app.state, "web", None)
     if state is None:
-        raise NeedSignIn()
+        raise HTTPException(404, "the console's pages are off (no client secret configured)")
     return state
 
 
@@ -277,11 +267,6 @@ def require_role(*roles: str) -> Callable[..., Awaitable[Staff]]:
 Clinician = Annotated[Staff, Depends(require_role(CLINICIAN))]
 TriageStaff = Annotated[Staff, Depends(require_role(CLINICIAN, OPERATOR))]
 Admin = Annotated[Staff, Depends(require_role(ADMIN))]
-
-
-def check_csrf(session: ConsoleSession, token: str | None) -> None:
-    if not session.check_csrf(token):
-        raise CsrfRejected()
 
 
 # --- sign-in -------------------------------------------------------------------------------

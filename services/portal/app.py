@@ -13,11 +13,12 @@ from pathlib import Path
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.auth.web_errors import install_error_pages
 from services.auth.web_security import SecurityHeaders
 from services.auth.web_sessions import SessionStore
 from services.portal import routes
@@ -25,7 +26,7 @@ from services.portal.config import Settings
 from services.portal.fhir import FhirUnavailable
 from services.portal.metrics import PortalMetrics
 from services.portal.sessions import Session
-from services.portal.smart import AuthServerUnavailable, SmartClient, Verifier
+from services.portal.smart import SmartClient, Verifier
 from services.portal.state import Portal
 
 SERVICE = "portal"
@@ -77,10 +78,6 @@ def create_app(
     return app
 
 
-def _wants_html(request: Request) -> bool:
-    return request.method == "GET" and "text/event-stream" not in request.headers.get("accept", "")
-
-
 def _install_error_handlers(app: FastAPI, state: Portal) -> None:
     def error_page(request: Request, status: int, title: str, text: str) -> HTMLResponse:
         return state.templates.TemplateResponse(
@@ -90,24 +87,7 @@ def _install_error_handlers(app: FastAPI, state: Portal) -> None:
             status_code=status,
         )
 
-    @app.exception_handler(routes.NeedSignIn)
-    async def need_sign_in(request: Request, exc: routes.NeedSignIn) -> Response:
-        target = "/signin?reason=expired" if exc.expired else "/signin"
-        if _wants_html(request):
-            response: Response = RedirectResponse(target, status_code=303)
-        else:
-            response = JSONResponse({"signin": target}, status_code=401)
-        return response
-
-    @app.exception_handler(routes.CsrfRejected)
-    async def csrf_rejected(request: Request, _exc: routes.CsrfRejected) -> Response:
-        return error_page(
-            request,
-            403,
-            "This form has expired",
-            "The page you sent it from was too old or not from this portal. Go back, reload "
-            "the page and try again.",
-        )
+    install_error_pages(app, error_page, "portal")
 
     @app.exception_handler(FhirUnavailable)
     async def fhir_unavailable(request: Request, exc: FhirUnavailable) -> Response:
@@ -117,16 +97,6 @@ def _install_error_handlers(app: FastAPI, state: Portal) -> None:
             503,
             "Your records cannot be shown right now",
             "The hospital's records system did not answer. Please try again in a few minutes.",
-        )
-
-    @app.exception_handler(AuthServerUnavailable)
-    async def auth_unavailable(request: Request, exc: AuthServerUnavailable) -> Response:
-        log.warning("authorization server unavailable", extra={"error": str(exc)})
-        return error_page(
-            request,
-            503,
-            "Signing in is not possible right now",
-            "The hospital's sign-in service did not answer. Please try again in a few minutes.",
         )
 
     @app.exception_handler(StarletteHTTPException)

@@ -27,7 +27,12 @@ from fastapi.responses import (
 
 from services.auth.web_client import CallbackRefused, complete_sign_in
 from services.auth.web_security import event_stream
-from services.auth.web_sessions import clear_session_cookie, set_session_cookie
+from services.auth.web_sessions import (
+    NeedSignIn,
+    check_csrf,
+    clear_session_cookie,
+    set_session_cookie,
+)
 from services.portal import views
 from services.portal.fhir import PatientFhir, TokenRejected, newest_update
 from services.portal.sessions import ChatLine, Session
@@ -57,18 +62,6 @@ MEANING = {
 MAX_CHAT_CHARS = 1000
 #: A comment line on the event stream this often keeps proxies from closing it.
 KEEPALIVE_S = 15.0
-
-
-class NeedSignIn(Exception):
-    """No signed-in session: send the patient to sign in (``expired``: say why)."""
-
-    def __init__(self, expired: bool = False) -> None:
-        super().__init__("sign-in needed")
-        self.expired = expired
-
-
-class CsrfRejected(Exception):
-    """A form or script request without this session's CSRF token."""
 
 
 def portal(request: Request) -> Portal:
@@ -129,11 +122,6 @@ async def signed_in(
 
 
 SignedInDep = Annotated[SignedIn, Depends(signed_in)]
-
-
-def check_csrf(session: Session, token: str | None) -> None:
-    if not session.check_csrf(token):
-        raise CsrfRejected()
 
 
 def page(
