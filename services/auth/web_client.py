@@ -21,7 +21,7 @@ from authlib.integrations.httpx_client import AsyncOAuth2Client, OAuthError
 
 from services.auth.jwks import KeySetUnavailable, RemoteKeySet
 from services.auth.scopes import AuthError, Grant
-from services.auth.web_sessions import SessionStore, WebSession
+from services.auth.web_sessions import NeedSignIn, SessionStore, WebSession
 
 log = logging.getLogger(__name__)
 
@@ -295,6 +295,20 @@ S = TypeVar("S", bound=WebSession)
 T = TypeVar("T", bound=IssuedTokens)
 
 
+async def start_sign_in(
+    client: WebClient, sessions: SessionStore[S], session: S | None
+) -> tuple[S, str]:
+    """A sign-in begins: a fresh state and PKCE verifier kept in the browser's session (a new
+    session when it has none); (the session, the authorization server's URL to send the
+    person to)."""
+    session = session or sessions.new()
+    authorization = await client.authorization_request()
+    session.login_state = authorization.state
+    session.code_verifier = authorization.code_verifier
+    session.login_started = sessions.clock()
+    return session, authorization.url
+
+
 async def complete_sign_in(
     sessions: SessionStore[S],
     session: S | None,
@@ -333,3 +347,30 @@ async def complete_sign_in(
     session.refresh_token = tokens.refresh_token
     session.expires_at = tokens.expires_at
     return session, tokens
+
+
+async def refreshed_tokens(
+    client: WebClient,
+    sessions: SessionStore[S],
+    session: S,
+    refresh: Callable[[str], Awaitable[T]],
+) -> T | None:
+    """The session's tokens renewed by ``refresh`` (the app's: it checks whose token it is)
+    when its access token is (about to be) expired: the new tokens, now the session's, or
+    None when none was due. Call it holding ``session.lock`` (a refresh token is spent once).
+    Tokens that can no longer be renewed (no refresh token, refused, or not a token the app
+    accepts) end the session: :class:`NeedSignIn`."""
+    if not client.needs_refresh(session.expires_at):
+        return None
+    if not session.refresh_token:
+        sessions.end(session)
+        raise NeedSignIn(expired=True)
+    try:
+        tokens = await refresh(session.refresh_token)
+    except (SessionExpired, SignInError):
+        sessions.end(session)
+        raise NeedSignIn(expired=True) from None
+    session.access_token = tokens.access_token
+    session.refresh_token = tokens.refresh_token or session.refresh_token
+    session.expires_at = tokens.expires_at
+    return tokens

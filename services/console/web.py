@@ -40,6 +40,8 @@ from services.auth.web_client import (
     Verifier,
     WebClient,
     complete_sign_in,
+    refreshed_tokens,
+    start_sign_in,
 )
 from services.auth.web_security import event_stream
 from services.auth.web_sessions import (
@@ -218,20 +220,13 @@ async def fresh_token(web: Web, session: ConsoleSession) -> str:
     """The session's access token, refreshed first when it is (about to be) expired;
     :class:`NeedSignIn` when it can no longer be."""
     async with session.lock:
-        if session.access_token is None or session.account is None:
+        account = session.account
+        if session.access_token is None or account is None:
             raise NeedSignIn(expired=True)
-        if web.client.needs_refresh(session.expires_at):
-            if not session.refresh_token:
-                web.sessions.end(session)
-                raise NeedSignIn(expired=True)
-            try:
-                tokens = await web.client.refresh(session.refresh_token, session.account)
-            except (SessionExpired, SignInError):
-                web.sessions.end(session)
-                raise NeedSignIn(expired=True) from None
-            session.access_token = tokens.access_token
-            session.refresh_token = tokens.refresh_token or session.refresh_token
-            session.expires_at = tokens.expires_at
+        tokens = await refreshed_tokens(
+            web.client, web.sessions, session, lambda token: web.client.refresh(token, account)
+        )
+        if tokens is not None:
             session.roles = tokens.grant.roles  # a changed role takes effect here
         return session.access_token
 
@@ -298,12 +293,8 @@ async def login(web: WebDep, found: SessionDep) -> Response:
     authorization server."""
     if found[0] is not None and found[0].signed_in:
         return RedirectResponse("/", status_code=303)
-    session = found[0] or web.sessions.new()
-    authorization = await web.client.authorization_request()
-    session.login_state = authorization.state
-    session.code_verifier = authorization.code_verifier
-    session.login_started = web.sessions.clock()
-    response = RedirectResponse(authorization.url, status_code=303)
+    session, url = await start_sign_in(web.client, web.sessions, found[0])
+    response = RedirectResponse(url, status_code=303)
     set_session_cookie(response, web.settings, session)
     return response
 

@@ -25,7 +25,12 @@ from fastapi.responses import (
     Response,
 )
 
-from services.auth.web_client import CallbackRefused, complete_sign_in
+from services.auth.web_client import (
+    CallbackRefused,
+    complete_sign_in,
+    refreshed_tokens,
+    start_sign_in,
+)
 from services.auth.web_security import event_stream
 from services.auth.web_sessions import (
     NeedSignIn,
@@ -38,7 +43,6 @@ from services.portal.fhir import PatientFhir, TokenRejected, newest_update
 from services.portal.sessions import ChatLine, Session
 from services.portal.smart import (
     AuthServerUnavailable,
-    SessionExpired,
 )
 from services.portal.state import Portal
 
@@ -89,21 +93,17 @@ async def fresh_token(app: Portal, session: Session) -> str:
     """The session's access token, refreshed first when it is (about to be) expired;
     :class:`NeedSignIn` when it can no longer be."""
     async with session.lock:
-        if session.access_token is None or session.patient is None:
+        patient = session.patient
+        if session.access_token is None or patient is None:
             raise NeedSignIn(expired=True)
-        if app.smart.needs_refresh(session.expires_at):
-            if not session.refresh_token:
-                app.end_session(session)
-                raise NeedSignIn(expired=True)
-            try:
-                tokens = await app.smart.refresh(session.refresh_token, session.patient)
-            except SessionExpired:
-                app.metrics.refreshes.labels("ended").inc()
-                app.end_session(session)
-                raise NeedSignIn(expired=True) from None
-            session.access_token = tokens.access_token
-            session.refresh_token = tokens.refresh_token or session.refresh_token
-            session.expires_at = tokens.expires_at
+        try:
+            tokens = await refreshed_tokens(
+                app.smart, app.sessions, session, lambda token: app.smart.refresh(token, patient)
+            )
+        except NeedSignIn:
+            app.metrics.refreshes.labels("ended").inc()
+            raise
+        if tokens is not None:
             app.metrics.refreshes.labels("refreshed").inc()
         return session.access_token
 
@@ -414,16 +414,12 @@ async def login(
         # Signed in already: another patient signs in only after this one signs out, so that
         # nothing of this session (its chat transcript) can reach the next one.
         return RedirectResponse("/", status_code=303)
-    session = found[0] or app.sessions.new()
     try:
-        authorization = await app.smart.authorization_request()
+        session, url = await start_sign_in(app.smart, app.sessions, found[0])
     except AuthServerUnavailable as exc:
         log.warning("sign-in: authorization server unavailable", extra={"error": str(exc)})
         raise
-    session.login_state = authorization.state
-    session.code_verifier = authorization.code_verifier
-    session.login_started = app.sessions.clock()
-    response = RedirectResponse(authorization.url, status_code=303)
+    response = RedirectResponse(url, status_code=303)
     set_session_cookie(response, app.settings, session)
     return response
 

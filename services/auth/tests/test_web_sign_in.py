@@ -15,8 +15,12 @@ from fastapi.testclient import TestClient
 from services.auth.web_client import (
     AuthServerUnavailable,
     CallbackRefused,
+    ClientSettings,
+    SessionExpired,
     SignInError,
+    WebClient,
     complete_sign_in,
+    refreshed_tokens,
 )
 from services.auth.web_errors import install_error_pages
 from services.auth.web_sessions import (
@@ -127,6 +131,40 @@ def test_a_code_the_app_does_not_accept_is_a_failed_sign_in_with_its_reason() ->
     assert refused.value.detail == "not a staff member's token"
     assert store.get(session.id)[0] is session  # not rotated, not signed in
     assert not session.signed_in
+
+
+def test_tokens_are_renewed_only_when_due_and_a_refusal_ends_the_session() -> None:
+    clock = Clock()
+    store: SessionStore[WebSession] = SessionStore(WebSession, 600, 3600, clock)
+    settings = ClientSettings("app", "secret", "http://app/callback", "openid", "http://c", "a")
+    client = WebClient(settings, clock=clock)
+    session = store.new()
+    session.access_token, session.refresh_token, session.expires_at = "a1", "r1", 1300.0
+    spent: list[str] = []
+
+    async def refresh(token: str) -> Issued:
+        spent.append(token)
+        if token == "refused":
+            raise SessionExpired("refused")
+        return Issued("a2", None, clock.now + 300)
+
+    def renew() -> Issued | None:
+        return asyncio.run(refreshed_tokens(client, store, session, refresh))
+
+    assert renew() is None and spent == []  # 300 s left: not due
+    clock.now = 1280.0  # inside the margin
+    assert renew() == Issued("a2", None, 1580.0)
+    assert (session.access_token, session.refresh_token, session.expires_at) == (
+        "a2",
+        "r1",  # no new refresh token: the old one stays
+        1580.0,
+    )
+    clock.now = 1580.0
+    session.refresh_token = "refused"
+    with pytest.raises(NeedSignIn) as ended:
+        renew()
+    assert ended.value.expired and spent == ["r1", "refused"]
+    assert session.access_token is None and store.get(session.id) == (None, True)
 
 
 def test_error_pages_redirect_a_page_load_answer_a_script_and_draw_the_apps_page() -> None:
