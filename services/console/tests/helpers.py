@@ -1,15 +1,20 @@
-"""Filling a file store exactly as the listener does (its own FileStore), and tokens."""
+"""Filling a file store exactly as the listener does (its own FileStore), tokens, and the
+stack the console runs in under ``scanwatch run``."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
 from pydicom.uid import generate_uid
 
+from devtools.kafka_local import free_port
+from devtools.stack import Ports, Stack, StackConfig
 from dicom_listener.adapters.filestore import FileStore
 
 
@@ -52,3 +57,21 @@ def relabelled(
     out.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(out, enforce_file_format=True)
     return out
+
+
+@contextmanager
+def console_stack(var: Path) -> Iterator[Stack]:
+    """The FHIR API and the console as ``scanwatch run`` starts them, on free ports, with
+    tokens required (the console then runs beside the portal); stopped afterwards."""
+    config = StackConfig(
+        var=var,
+        ports=Ports(**{name: free_port() for name in Ports.__dataclass_fields__}),
+        chatbot=True,
+        only=("fhir-api", "console"),
+    )
+    running = Stack(config)
+    try:
+        running.start(timeout=180)
+        yield running
+    finally:
+        running.stop()

@@ -10,30 +10,19 @@ import httpx
 import pytest
 
 from devtools.cli import dev_tokens
-from devtools.kafka_local import free_port
-from devtools.stack import Ports, Stack, StackConfig
+from devtools.stack import Stack
 from dicom_listener.adapters.filestore import FileStore
 from scanwatch.sample import build_mr_study
 from services.auth.scopes import parse_scopes
-from services.console.tests.helpers import put
+from services.console.tests.helpers import console_stack, put
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    config = StackConfig(
-        var=tmp_path_factory.mktemp("console-stack"),
-        ports=Ports(**{name: free_port() for name in Ports.__dataclass_fields__}),
-        chatbot=True,  # tokens required: the console then runs beside the portal
-        only=("fhir-api", "console"),
-    )
-    running = Stack(config)
-    try:
-        running.start(timeout=180)
+    with console_stack(tmp_path_factory.mktemp("console-stack")) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def test_the_stacks_console_serves_the_listeners_store(stack: Stack, tmp_path: Path) -> None:

@@ -11,34 +11,22 @@ import httpx
 import pytest
 
 from devtools.browser import form_fields
-from devtools.kafka_local import free_port
 from devtools.stack import (
     DEV_OPERATOR_USERNAME,
     DEV_STAFF_USERNAME,
-    Ports,
     Stack,
-    StackConfig,
 )
 from scanwatch.model_registry import SERVING, Registry
 from scanwatch.model_repository import DEFAULT_MODEL_NAME
+from services.console.tests.helpers import console_stack
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    config = StackConfig(
-        var=tmp_path_factory.mktemp("console-web-stack"),
-        ports=Ports(**{name: free_port() for name in Ports.__dataclass_fields__}),
-        chatbot=True,  # tokens required: the console then runs beside the portal
-        only=("fhir-api", "console"),
-    )
-    running = Stack(config)
-    try:
-        running.start(timeout=180)
+    with console_stack(tmp_path_factory.mktemp("console-web-stack")) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def banner_login(stack: Stack) -> tuple[str, str]:
