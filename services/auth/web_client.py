@@ -309,6 +309,15 @@ async def start_sign_in(
     return session, authorization.url
 
 
+async def sign_out(client: WebClient, sessions: SessionStore[S], session: S) -> None:
+    """The session ends (its tokens forgotten, no "your session has ended" for it) and its
+    refresh token is revoked at the authorization server."""
+    refresh = session.refresh_token
+    sessions.end(session, remember=False)
+    if refresh:
+        await client.revoke(refresh)
+
+
 async def complete_sign_in(
     sessions: SessionStore[S],
     session: S | None,

@@ -41,6 +41,7 @@ from services.auth.web_client import (
     WebClient,
     complete_sign_in,
     refreshed_tokens,
+    sign_out,
     start_sign_in,
 )
 from services.auth.web_security import event_stream
@@ -350,16 +351,13 @@ async def signout(
     session = found[0]
     if session is not None:
         check_csrf(session, csrf_token)
-        refresh = session.refresh_token
         if session.signed_in:
             await web.record(
                 audit.audit_event(
                     session.actor, audit.AUTHENTICATION, audit.EXECUTE, subtype=audit.LOGOUT
                 )
             )
-        web.sessions.end(session, remember=False)
-        if refresh:
-            await web.client.revoke(refresh)
+        await sign_out(web.client, web.sessions, session)
     response = RedirectResponse("/signin?reason=signed-out", status_code=303)
     clear_session_cookie(response, web.settings)
     return response

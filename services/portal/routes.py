@@ -29,6 +29,7 @@ from services.auth.web_client import (
     CallbackRefused,
     complete_sign_in,
     refreshed_tokens,
+    sign_out,
     start_sign_in,
 )
 from services.auth.web_security import event_stream
@@ -472,10 +473,7 @@ async def signout(
     session = found[0]
     if session is not None:
         check_csrf(session, csrf_token)
-        refresh = session.refresh_token
-        app.end_session(session, remember=False)
-        if refresh:
-            await app.smart.revoke(refresh)
+        await sign_out(app.smart, app.sessions, session)
     response = RedirectResponse("/signin?reason=signed-out", status_code=303)
     clear_session_cookie(response, app.settings)
     return response
