@@ -42,16 +42,19 @@ from scipy import ndimage
 
 from scanwatch.durable import replace_file
 from scanwatch.imaging import preprocess_slice
-from scanwatch.sample import brain_slice_indices, mni152_volume
+from scanwatch.sample import mni152_volume
 from training.dataset import SPLITS, LabelledImages, Split
 from training.synthetic_dataset import (
     CLASS_NAMES,
     TISSUE_LEVEL,
-    _bias_field,
     _irregular_blob,
     _smooth_field,
     _subject,
     _warp,
+    axial_levels,
+    finish_slice,
+    push_outwards,
+    wedge_mask,
 )
 
 logger = logging.getLogger(__name__)
@@ -312,7 +315,7 @@ def _plant(
     texture = _smooth_field(rng, image.shape, max(radius / 3, 1.0))
     value = local * (1 + lesion.contrast) * (1 + 0.06 * texture)
     if lesion.kind == "infarct" and lesion.diameter_mm >= WEDGE_FROM_MM:
-        mask = _wedge(image, centre, radius, rng)
+        mask = wedge_mask(image > TISSUE_LEVEL, centre, radius, np.deg2rad(rng.uniform(25, 45)))
     else:
         mask = _irregular_blob(rng, image.shape, centre, radius, lesion.aspect, lesion.irregularity)
         if lesion.kind == "bleed":
@@ -320,7 +323,7 @@ def _plant(
     mask = mask * ndimage.gaussian_filter((image > TISSUE_LEVEL * 0.7).astype(np.float64), 1.0)
     base = image
     if lesion.kind == "mass" and lesion.diameter_mm >= MASS_EFFECT_FROM_MM:
-        base = _pushed(image, centre, radius, rng)
+        base = push_outwards(image, centre, radius, rng.uniform(0.2, 0.4))
     out = base * (1 - mask) + value * mask
     if lesion.kind == "mass" and radius >= 3:
         rim = np.clip(mask - ndimage.binary_erosion(mask > 0.5, iterations=2), 0, 1)
@@ -329,55 +332,13 @@ def _plant(
     return out
 
 
-def _wedge(
-    image: np.ndarray, centre: np.ndarray, radius: float, rng: np.random.Generator
-) -> np.ndarray:
-    tissue = image > TISSUE_LEVEL
-    inward = np.array(ndimage.center_of_mass(tissue)) - centre
-    inward /= np.linalg.norm(inward) + 1e-8
-    grid = np.indices(image.shape, dtype=np.float64)
-    offset = grid - centre[:, None, None]
-    distance = np.sqrt((offset**2).sum(axis=0)) + 1e-8
-    cosine = (offset[0] * inward[0] + offset[1] * inward[1]) / distance
-    half_angle = np.deg2rad(rng.uniform(25, 45))
-    wedge = ((distance < radius) & (cosine > np.cos(half_angle))) | (distance < radius * 0.35)
-    return ndimage.gaussian_filter(wedge.astype(np.float64), 1.0)
-
-
-def _pushed(
-    image: np.ndarray, centre: np.ndarray, radius: float, rng: np.random.Generator
-) -> np.ndarray:
-    grid = np.indices(image.shape, dtype=np.float64)
-    offset = grid - centre[:, None, None]
-    distance = np.sqrt((offset**2).sum(axis=0))
-    push = rng.uniform(0.2, 0.4) * np.exp(-((distance / (1.6 * radius)) ** 2))
-    return ndimage.map_coordinates(
-        image, (centre[:, None, None] + offset * (1 - push)).reshape(2, -1), order=1
-    ).reshape(image.shape)
-
-
-def _finish(image: np.ndarray, rng: np.random.Generator, subject: dict) -> np.ndarray:
-    """Subject intensity, bias field and Rician noise; 12-bit stored values, DICOM orientation
-    (as :func:`training.synthetic_dataset.render_slice` finishes a slice)."""
-    from scanwatch.sample import MAX_STORED_VALUE
-
-    image = np.clip(image, 0, None) ** subject["gamma"] * subject["gain"]
-    image = image * _bias_field(rng, image.shape, subject["bias"])
-    sigma = subject["noise"]
-    noisy = np.hypot(image + rng.normal(0, sigma, image.shape), rng.normal(0, sigma, image.shape))
-    stored = np.clip(np.rint(noisy / 2.0 * MAX_STORED_VALUE), 0, MAX_STORED_VALUE)
-    return np.ascontiguousarray(stored[::-1, ::-1].T.astype(np.uint16))
-
-
 # ---------------------------------------------------------------------------------------------
 # Studies
 
 
 def study_levels(volume: np.ndarray, n: int) -> list[int]:
     """``n`` axial indices spread over :data:`COVERAGE` of the brain's extent."""
-    first, *_, last = brain_slice_indices(volume, 2)
-    low, high = COVERAGE
-    return [int(round(first + (last - first) * f)) for f in np.linspace(low, high, n)]
+    return axial_levels(volume, n, COVERAGE)
 
 
 def render_study(
@@ -413,7 +374,7 @@ def render_study(
                 )
             factor = _cross_section(lesion, position - lesion.centre_slice)
             image = _plant(image, lesion, factor, centre, rng)
-        out.append((position, label if lesioned else 0, _finish(image, rng, subject)))
+        out.append((position, label if lesioned else 0, finish_slice(image, rng, subject)))
     return out
 
 

@@ -164,18 +164,41 @@ def _texture(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> 
     return _smooth_field(rng, shape, sigma)
 
 
+def push_outwards(
+    image: np.ndarray, centre: np.ndarray, radius: float, strength: float
+) -> np.ndarray:
+    """Mass effect: ``image`` resampled closer to ``centre`` near it, so the tissue around a
+    lesion of ``radius`` is pushed outwards (by up to ``strength`` of the distance)."""
+    grid = np.indices(image.shape, dtype=np.float64)
+    offset = grid - centre[:, None, None]
+    distance = np.sqrt((offset**2).sum(axis=0))
+    push = strength * np.exp(-((distance / (1.6 * radius)) ** 2))
+    return ndimage.map_coordinates(
+        image, (centre[:, None, None] + offset * (1 - push)).reshape(2, -1), order=1
+    ).reshape(image.shape)
+
+
+def wedge_mask(
+    tissue: np.ndarray, centre: np.ndarray, radius: float, half_angle: float
+) -> np.ndarray:
+    """Soft mask of a wedge: points within ``radius`` of ``centre``, within ``half_angle``
+    (radians) of the direction towards the brain's centre of mass (a vascular territory seen in
+    section), plus a small core."""
+    inward = np.array(ndimage.center_of_mass(tissue)) - centre
+    inward /= np.linalg.norm(inward) + 1e-8
+    grid = np.indices(tissue.shape, dtype=np.float64)
+    offset = grid - centre[:, None, None]
+    distance = np.sqrt((offset**2).sum(axis=0)) + 1e-8
+    cosine = (offset[0] * inward[0] + offset[1] * inward[1]) / distance
+    wedge = ((distance < radius) & (cosine > np.cos(half_angle))) | (distance < radius * 0.35)
+    return ndimage.gaussian_filter(wedge.astype(np.float64), 1.0)
+
+
 def plant_mass(image: np.ndarray, rng: np.random.Generator, reference: float) -> np.ndarray:
     tissue = image > TISSUE_LEVEL
     centre = _lesion_centre(rng, tissue)
     radius = rng.uniform(11, 22)
-    # Mass effect: sample closer to the centre near the lesion, pushing tissue outwards.
-    grid = np.indices(image.shape, dtype=np.float64)
-    offset = grid - centre[:, None, None]
-    distance = np.sqrt((offset**2).sum(axis=0))
-    push = rng.uniform(0.25, 0.45) * np.exp(-((distance / (1.6 * radius)) ** 2))
-    pushed = ndimage.map_coordinates(
-        image, (centre[:, None, None] + offset * (1 - push)).reshape(2, -1), order=1
-    ).reshape(image.shape)
+    pushed = push_outwards(image, centre, radius, rng.uniform(0.25, 0.45))
     mask = _irregular_blob(rng, image.shape, centre, radius, rng.uniform(0.8, 1.25), 0.12)
     rim = np.clip(mask - ndimage.binary_erosion(mask > 0.5, iterations=2), 0, 1)
     rim = ndimage.gaussian_filter(rim.astype(np.float64), 0.8)
@@ -208,17 +231,7 @@ def plant_infarct(image: np.ndarray, rng: np.random.Generator, reference: float)
     tissue = image > TISSUE_LEVEL
     centre = _lesion_centre(rng, tissue, near_cortex=True)
     radius = rng.uniform(15, 28)
-    # A wedge: points within ``radius`` of the cortical centre, within an angle opening towards
-    # the brain's centre of mass (a vascular territory seen in section).
-    inward = np.array(ndimage.center_of_mass(tissue)) - centre
-    inward /= np.linalg.norm(inward) + 1e-8
-    grid = np.indices(image.shape, dtype=np.float64)
-    offset = grid - centre[:, None, None]
-    distance = np.sqrt((offset**2).sum(axis=0)) + 1e-8
-    cosine = (offset[0] * inward[0] + offset[1] * inward[1]) / distance
-    half_angle = np.deg2rad(rng.uniform(25, 45))
-    wedge = ((distance < radius) & (cosine > np.cos(half_angle))) | (distance < radius * 0.35)
-    wedge = ndimage.gaussian_filter(wedge.astype(np.float64), 1.0)
+    wedge = wedge_mask(tissue, centre, radius, np.deg2rad(rng.uniform(25, 45)))
     wedge *= ndimage.gaussian_filter((image > TISSUE_LEVEL * 0.7).astype(np.float64), 1.0)
     dark = reference * rng.uniform(0.15, 0.35) * (1 + 0.05 * _texture(rng, image.shape, 2.0))
     return image * (1 - wedge) + dark * wedge
@@ -260,6 +273,12 @@ def render_slice(
         tissue = image[image > TISSUE_LEVEL]
         reference = float(np.percentile(tissue, 75)) if tissue.size else 0.7
         image = planter(image, rng, reference)
+    return finish_slice(image, rng, subject)
+
+
+def finish_slice(image: np.ndarray, rng: np.random.Generator, subject: dict) -> np.ndarray:
+    """A slice (template scale) with the subject's intensity, a bias field and Rician noise, as
+    12-bit stored values (uint16) in DICOM row/column orientation."""
     image = np.clip(image, 0, None) ** subject["gamma"] * subject["gain"]
     image = image * _bias_field(rng, image.shape, subject["bias"])
     sigma = subject["noise"]
@@ -270,9 +289,12 @@ def render_slice(
     return np.ascontiguousarray(stored[::-1, ::-1].T.astype(np.uint16))
 
 
-def _levels(volume: np.ndarray, n: int) -> list[int]:
+def axial_levels(
+    volume: np.ndarray, n: int, coverage: tuple[float, float] = LEVEL_RANGE
+) -> list[int]:
+    """``n`` axial indices spread evenly over ``coverage`` of the brain's extent."""
     first, *_, last = brain_slice_indices(volume, 2)
-    low, high = LEVEL_RANGE
+    low, high = coverage
     return [int(round(first + (last - first) * f)) for f in np.linspace(low, high, n)]
 
 
@@ -281,7 +303,7 @@ def build_benchmark(
 ) -> LabelledImages:
     """Generate the benchmark (seconds for :data:`TINY`, a few minutes for :data:`DEFAULT`)."""
     volume, _affine = mni152_volume()
-    levels = _levels(volume, config.slices_per_subject)
+    levels = axial_levels(volume, config.slices_per_subject)
     root = np.random.SeedSequence(config.seed)
     subject_seeds = root.spawn(config.subjects)
     split_of = (
