@@ -20,7 +20,14 @@ from inference_worker.errors import SaliencyUnavailable, SignatureMismatch
 from inference_worker.metrics import WorkerMetrics
 from inference_worker.ports import Model, Prediction, ResourceWriter
 from inference_worker.retry import with_retries
-from inference_worker.series import SelectedSeries, SelectionRules, SourceSlice, select_series
+from inference_worker.series import (
+    ChosenSeries,
+    SelectedSeries,
+    SelectionRules,
+    SourceSlice,
+    choose_series,
+    prepare_series,
+)
 from scanwatch import ids
 from scanwatch.study_score import StudyResult, study_result
 from schemas import InferenceResultV1, StudyReadyV1
@@ -79,24 +86,13 @@ class Scorer:
     async def score(self, ready: StudyReadyV1) -> InferenceResultV1:
         """Score a study and write its FHIR resources; return the result event."""
         started = time.monotonic()
-        image_size = self.model.image_size
-        if image_size is None:
-            image_size = await with_retries(
-                self.model.check_signature, self.retries, "GetModelMetadata"
-            )
         # Reading DICOM and resizing is CPU and disk work: keep it off the event loop.
         loop = asyncio.get_running_loop()
-        selected = await loop.run_in_executor(
-            None,
-            select_series,
-            list(ready.instances),
-            image_size,
-            self.rules,
-        )
-        prepared = time.monotonic()
-        received = received_study(ready, selected)
+        chosen = await loop.run_in_executor(None, choose_series, list(ready.instances), self.rules)
+        received = received_study(ready, chosen)
         # While the model works, the study is recorded as received, so that a patient who asks
-        # early learns it arrived; if the model fails, that record stays until a retry scores it.
+        # early learns it arrived; if the model fails (or is down before its first answer), that
+        # record stays until a retry scores it.
         registering = asyncio.ensure_future(
             with_retries(
                 lambda: self.writer.put_missing(fhir_resources.registered_resources_for(received)),
@@ -105,6 +101,13 @@ class Scorer:
             )
         )
         try:
+            image_size = self.model.image_size
+            if image_size is None:
+                image_size = await with_retries(
+                    self.model.check_signature, self.retries, "GetModelMetadata"
+                )
+            selected = await loop.run_in_executor(None, prepare_series, chosen, image_size)
+            prepared = time.monotonic()
             prediction = await with_retries(
                 lambda: self.model.predict(selected.images), self.retries, "Predict"
             )
@@ -247,7 +250,9 @@ def result_event(study: fhir_resources.ScoredStudy, slice_count: int) -> Inferen
     )
 
 
-def received_study(ready: StudyReadyV1, selected: SelectedSeries) -> fhir_resources.ReceivedStudy:
+def received_study(
+    ready: StudyReadyV1, selected: ChosenSeries | SelectedSeries
+) -> fhir_resources.ReceivedStudy:
     """The study as the chosen series' header describes it."""
     header = selected.header
     return fhir_resources.ReceivedStudy(

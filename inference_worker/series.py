@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -38,10 +38,13 @@ from schemas import InstanceRef
 __all__ = [
     "ORIENTATIONS",
     "Frame",
+    "ChosenSeries",
     "SelectedSeries",
     "SelectionRules",
     "UnusableStudy",
+    "choose_series",
     "path_of",
+    "prepare_series",
     "select_series",
     "slices_to_score",
 ]
@@ -92,6 +95,21 @@ class SourceSlice:
     SOPInstanceUID: str
     path: Path
     frame: int | None  # 0-based; None for a single-frame instance
+
+
+@dataclass(frozen=True)
+class ChosenSeries:
+    """The series chosen for scoring and its slices, from the headers alone (no pixels yet, no
+    model needed): enough to record the study as received."""
+
+    header: InstanceHeader  # of the middle instance of the series
+    SeriesInstanceUID: str
+    number_of_instances: int
+    number_of_series: int
+    study_instance_count: int
+    frames: tuple[Frame, ...]  # the slices to score, in order along the normal
+    #: The dataset each header was read from, by SOPInstanceUID (pixel data still in the file).
+    datasets: dict[str, Dataset] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -169,13 +187,9 @@ def slices_to_score(frames: list[Frame], max_gap_mm: float | None = None) -> lis
     return [ordered[i] for i in chosen]
 
 
-def select_series(
-    refs: list[InstanceRef],
-    image_size: int,
-    rules: SelectionRules | None = None,
-) -> SelectedSeries:
-    """Choose the series to score by ``rules`` and preprocess the slices
-    :func:`slices_to_score` picks, in order along the slice normal."""
+def choose_series(refs: list[InstanceRef], rules: SelectionRules | None = None) -> ChosenSeries:
+    """Choose the series to score by ``rules`` and, with :func:`slices_to_score`, its slices,
+    from each instance's header (read once; pixel data is left in the file)."""
     rules = rules or SelectionRules()
     by_series: dict[str, list[tuple[InstanceRef, InstanceHeader]]] = defaultdict(list)
     datasets: dict[str, Dataset] = {}
@@ -211,18 +225,41 @@ def select_series(
     series_uid = max(candidates, key=lambda uid: (described(uid), len(frames[uid])))
     members = by_series[series_uid]
     chosen = slices_to_score(frames[series_uid], rules.max_gap_mm)
-    inputs = np.stack(_load_images(chosen, image_size, datasets))
-    return SelectedSeries(
+    return ChosenSeries(
         header=members[len(members) // 2][1],
         SeriesInstanceUID=series_uid,
         number_of_instances=len(members),
         number_of_series=len({r.SeriesInstanceUID for r in refs}),
         study_instance_count=len(refs),
+        frames=tuple(chosen),
+        datasets={f.ref.SOPInstanceUID: datasets[f.ref.SOPInstanceUID] for f in chosen},
+    )
+
+
+def prepare_series(chosen: ChosenSeries, image_size: int) -> SelectedSeries:
+    """Decode and preprocess the chosen slices into the model's input."""
+    inputs = np.stack(_load_images(list(chosen.frames), image_size, chosen.datasets))
+    return SelectedSeries(
+        header=chosen.header,
+        SeriesInstanceUID=chosen.SeriesInstanceUID,
+        number_of_instances=chosen.number_of_instances,
+        number_of_series=chosen.number_of_series,
+        study_instance_count=chosen.study_instance_count,
         images=inputs,
         slices=tuple(
-            SourceSlice(f.ref.SOPInstanceUID, path_of(f.ref.storage_uri), f.index) for f in chosen
+            SourceSlice(f.ref.SOPInstanceUID, path_of(f.ref.storage_uri), f.index)
+            for f in chosen.frames
         ),
     )
+
+
+def select_series(
+    refs: list[InstanceRef],
+    image_size: int,
+    rules: SelectionRules | None = None,
+) -> SelectedSeries:
+    """:func:`choose_series` then :func:`prepare_series`: the chosen slices as model input."""
+    return prepare_series(choose_series(refs, rules), image_size)
 
 
 def _load_images(

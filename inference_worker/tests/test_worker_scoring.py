@@ -297,6 +297,29 @@ def test_a_study_the_model_could_not_score_stays_recorded_as_received(study):
     ]
 
 
+def test_a_study_that_arrives_while_the_model_server_is_down_is_recorded_as_received(study):
+    """Before its first answer the worker does not know the model's input size; the study is
+    still recorded as received (that needs only the headers) before the worker gives up."""
+    import asyncio
+
+    from inference_worker.errors import ModelUnavailable
+
+    class NeverAnswered(FakeModel):
+        image_size = None  # type: ignore[assignment]
+
+        async def check_signature(self) -> int:
+            raise ModelUnavailable("model server unreachable")
+
+    writer = ListWriter()
+    with pytest.raises(ModelUnavailable):
+        asyncio.run(Scorer(NeverAnswered(), writer, retries=0).score(ready_for(study)))
+    assert writer.resources == []
+    assert [(r["resourceType"], r.get("status")) for r in writer.registered] == [
+        ("Patient", None),
+        ("ImagingStudy", "registered"),
+    ]
+
+
 def enhanced_mr(
     study: list[Path], path: Path, reverse_frames: bool = True, thickness: float | None = None
 ) -> Path:
