@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -70,11 +71,45 @@ def new_cluster_id() -> str:
             return cluster_id
 
 
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
+#: Ports handed out by :func:`free_port` in this process (each with the port above it).
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives to outgoing connections (Linux's default 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now, and the port above it too
+    (a broker's controller, a second worker's web port).
+
+    Drawn below the kernel's ephemeral range, so that no outgoing connection can take it
+    between now and the server's bind (with ``bind(0)`` one did: a worker's web port was
+    taken by a client socket and the worker exited), and never the same pair twice in one
+    process.
+    """
+    high = _ephemeral_low() - 2
+    low = min(20000, high // 2)
+    for _ in range(1000):
+        port = random.randrange(low, high)
+        if {port, port + 1} & _handed_out or not (_bindable(port) and _bindable(port + 1)):
+            continue
+        _handed_out.update((port, port + 1))
+        return port
+    raise KafkaError(f"no free pair of loopback ports in {low}-{high + 1}")
 
 
 class LocalKafka:
