@@ -164,13 +164,16 @@
   }
 
   function evidence(heatmap) {
-    // The strongest probability of a class other than "normal".
-    var best = null;
+    // The slice's anomaly score, 1 - p(normal), as the worker ranks slices
+    // (scanwatch.study_score: the Observation's strongest slice is the largest, the first on a
+    // tie), and the abnormal class with the highest probability, to name it.
+    var best = null, normal = null;
     heatmap.names.forEach(function (name, i) {
-      if (String(name).toLowerCase() === "normal") { return; }
       var p = heatmap.probabilities[i];
+      if (String(name).toLowerCase() === "normal") { normal = p; return; }
       if (best === null || p > best.p) { best = { name: name, p: p }; }
     });
+    if (best !== null) { best.anomaly = normal === null ? best.p : 1 - normal; }
     return best;
   }
 
@@ -465,7 +468,7 @@
     slices.forEach(function (slice, i) {
       if (!slice.heatmap) { return; }
       var e = evidence(slice.heatmap);
-      if (e && (strongest < 0 || e.p > evidence(slices[strongest].heatmap).p)) { strongest = i; }
+      if (e && (strongest < 0 || e.anomaly > evidence(slices[strongest].heatmap).anomaly)) { strongest = i; }
     });
     if (!found.heatmaps) {
       noHeatmap.hidden = false;
