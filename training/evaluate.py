@@ -24,7 +24,7 @@ from sklearn.metrics import (
 from scanwatch.durable import write_text_atomic
 from scanwatch.model_registry import REPORT_JSON, REPORT_MARKDOWN
 from schemas.model_signature import NORMAL_CLASS
-from training.study_evaluation import study_markdown, write_study_plots
+from training.study_evaluation import flagged, study_markdown, write_study_plots
 
 CURVES_PNG = "training_curves.png"
 CONFUSION_PNG = "confusion_matrix.png"
@@ -67,15 +67,16 @@ def evaluate_probabilities(
         "roc_auc": {"per_class": auc, "macro": float(np.mean(defined)) if defined else None},
     }
     if NORMAL_CLASS in names:
-        # The served decision: abnormal when 1 - p(normal) >= threshold.
+        # The served decision (the worker's, training.study_evaluation.flagged): abnormal when
+        # 1 - p(normal) is above the threshold.
         normal = names.index(NORMAL_CLASS)
         score = 1.0 - probabilities[:, normal]
         abnormal = labels != normal
-        flagged = score >= threshold
+        flags = flagged(score, threshold)
         result["anomaly"] = {
             "threshold": threshold,
-            "sensitivity": float(flagged[abnormal].mean()) if abnormal.any() else None,
-            "specificity": float((~flagged[~abnormal]).mean()) if (~abnormal).any() else None,
+            "sensitivity": float(flags[abnormal].mean()) if abnormal.any() else None,
+            "specificity": float((~flags[~abnormal]).mean()) if (~abnormal).any() else None,
             "roc_auc": float(roc_auc_score(abnormal, score))
             if 0 < abnormal.sum() < len(abnormal)
             else None,

@@ -52,6 +52,14 @@ def test_per_class_table_and_averages() -> None:
     assert anomaly["sensitivity"] == 1.0 and anomaly["specificity"] == 1.0
 
 
+def test_a_score_at_the_threshold_is_not_flagged_as_the_worker_decides() -> None:
+    # Scores 1 - p(normal): 0.2, 0.3 (normal), 0.9, 0.9, 0.9, 0.8 (abnormal). At threshold 0.8
+    # the worker (score > threshold) does not flag the last abnormal one.
+    report = evaluate_probabilities(PROBABILITIES, LABELS, CLASSES, threshold=0.8)
+    assert report["anomaly"]["sensitivity"] == pytest.approx(3 / 4)
+    assert report["anomaly"]["specificity"] == 1.0
+
+
 def test_auc_is_none_for_an_absent_class() -> None:
     report = evaluate_probabilities(PROBABILITIES[:4], LABELS[:4], CLASSES, threshold=0.5)
     assert report["roc_auc"]["per_class"]["bleed"] is None
