@@ -3,10 +3,19 @@
 #   docker build --target listener -t scanwatch-listener .
 # Targets: listener, worker, fhir-api, model-server, training, chatbot, portal, console.
 # docker-compose.yml builds them.
+#
+# Every image runs as the unprivileged user scanwatch (uid and gid 10001, no home, no shell), set
+# by number so that a runtime can check it is not root (Kubernetes runAsNonRoot). The root
+# filesystem is meant to be mounted read-only (docker-compose.yml: read_only, a tmpfs on /tmp):
+# each stage creates the folders its service writes under /data, owned by 10001, and compose
+# mounts a volume there (a new named volume takes the folder's owner and mode). SECURITY.md.
 FROM python:3.11-slim AS base
 ENV PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2
 RUN pip install --no-cache-dir uv \
-    && useradd --system --uid 10001 scanwatch && mkdir -p /data && chown scanwatch /data
+    && groupadd --system --gid 10001 scanwatch \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+       --shell /usr/sbin/nologin scanwatch \
+    && install -d -o 10001 -g 10001 /data
 WORKDIR /app
 COPY requirements.lock pyproject.toml README.md ./
 # The shared runtime kernel and the event contracts: every service imports them.
@@ -15,14 +24,18 @@ COPY schemas schemas
 
 FROM base AS listener
 COPY dicom_listener dicom_listener
-RUN uv pip install --system --no-cache -c requirements.lock ".[listener]"
-USER scanwatch
+RUN uv pip install --system --no-cache -c requirements.lock ".[listener]" \
+    && install -d -o 10001 -g 10001 /data/store
+# /data/store: the file store's volume (instances, the outbox, the quarantine).
+USER 10001:10001
 CMD ["scanwatch-listener"]
 
 FROM base AS worker
 COPY inference_worker inference_worker
-RUN uv pip install --system --no-cache -c requirements.lock ".[worker]"
-USER scanwatch
+RUN uv pip install --system --no-cache -c requirements.lock ".[worker]" \
+    && install -d -o 10001 -g 10001 /data/worker /data/store
+# /data/worker: Faust's tables; /data/store: the listener's store, where it adds heatmap series.
+USER 10001:10001
 CMD ["scanwatch-worker"]
 
 FROM base AS fhir-api
@@ -30,16 +43,19 @@ COPY services/__init__.py services/__init__.py
 COPY services/auth services/auth
 COPY services/fhir_api services/fhir_api
 RUN uv pip install --system --no-cache -c requirements.lock ".[fhir-api]" \
-    && install -d -m 700 -o scanwatch /data/auth
+    && install -d -m 700 -o 10001 -g 10001 /data/auth
 # /data/auth: the token signing keys' volume (compose); a new volume takes this owner and mode.
-USER scanwatch
+USER 10001:10001
 CMD ["scanwatch-fhir-api"]
 
 FROM base AS model-server
 COPY services/__init__.py services/__init__.py
 COPY services/model_server services/model_server
-RUN uv pip install --system --no-cache -c requirements.lock ".[model-server]"
-USER scanwatch
+RUN uv pip install --system --no-cache -c requirements.lock ".[model-server]" \
+    && install -d -o 10001 -g 10001 /data/model-server
+# /data/model-server: OpenVINO's compiled-model cache (SCANWATCH_MODEL_SERVER_OPENVINO_CACHE_DIR).
+ENV SCANWATCH_MODEL_SERVER_OPENVINO_CACHE_DIR=/data/model-server/openvino
+USER 10001:10001
 CMD ["scanwatch-model-server"]
 
 # The patient portal: its front-end packages come from npm in a Node stage (package-lock.json;
@@ -63,7 +79,8 @@ FROM web-base AS portal
 COPY services/portal services/portal
 COPY --from=portal-assets /assets/node_modules services/portal/node_modules
 RUN uv pip install --system --no-cache -c requirements.lock ".[portal]"
-USER scanwatch
+# The portal writes nothing (sessions are in memory): a read-only root and a tmpfs /tmp.
+USER 10001:10001
 CMD ["scanwatch-portal"]
 
 # The staff console: its pages (the worklist, the viewer, review, operator pages) and DICOMweb
@@ -71,14 +88,19 @@ CMD ["scanwatch-portal"]
 # kernel) and talks to the training worker over Kafka.
 FROM web-base AS console
 COPY services/console services/console
-RUN uv pip install --system --no-cache -c requirements.lock ".[console]"
-USER scanwatch
+RUN uv pip install --system --no-cache -c requirements.lock ".[console]" \
+    && install -d -o 10001 -g 10001 /data/console
+# /data/console: the DICOM index and the audit log (its volume); the store is mounted read-only.
+USER 10001:10001
 CMD ["scanwatch-console"]
 
 FROM base AS training
 COPY training training
-RUN uv pip install --system --no-cache -c requirements.lock ".[training]"
-USER scanwatch
+RUN uv pip install --system --no-cache -c requirements.lock ".[training]" \
+    && install -d -o 10001 -g 10001 /data/training /models
+# /data/training: run folders and the dataset cache; /models: the model repository it publishes
+# into (a bind mount in compose: the host folder must be writable by uid 10001).
+USER 10001:10001
 CMD ["scanwatch-train", "worker"]
 
 # The patient chatbot: Rasa 3.6.21 and its action server, on the pins of chatbot/requirements.lock
@@ -92,7 +114,12 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential pkg-config \
        libfreetype-dev libpng-dev libqhull-dev \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --system --uid 10001 scanwatch
+    && groupadd --system --gid 10001 scanwatch \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+       --shell /usr/sbin/nologin scanwatch
+# Matplotlib (imported by Rasa) writes its cache under $MPLCONFIGDIR: the tmpfs /tmp, since the
+# root filesystem is read-only and the user has no home.
+ENV MPLCONFIGDIR=/tmp/matplotlib
 WORKDIR /app
 COPY chatbot/requirements.lock chatbot/mpl-setup.cfg chatbot/
 RUN MPLSETUPCFG=/app/chatbot/mpl-setup.cfg pip install --no-cache-dir --no-deps \
@@ -105,6 +132,6 @@ COPY services/auth/__init__.py services/auth/scopes.py services/auth/tokens.py \
 COPY chatbot chatbot
 RUN python chatbot/train.py --out /app/models
 WORKDIR /app/chatbot
-USER scanwatch
+USER 10001:10001
 CMD ["rasa", "run", "--enable-api", "-i", "127.0.0.1", "--credentials", "credentials.yml", \
      "--endpoints", "endpoints.yml", "--model", "/app/models"]
