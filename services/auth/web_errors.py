@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from services.auth.web_client import AuthServerUnavailable
+from services.auth.web_limits import BodyTooLarge
 from services.auth.web_sessions import CsrfRejected, NeedSignIn
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ def wants_html(request: Request) -> bool:
 
 def install_error_pages(app: FastAPI, error_page: ErrorPage, name: str) -> None:
     """The handlers of :class:`NeedSignIn` (a page load: to the sign-in page; else 401 with
-    where to sign in), :class:`CsrfRejected` (403) and :class:`AuthServerUnavailable` (503);
+    where to sign in), :class:`CsrfRejected` (403), :class:`BodyTooLarge` (413) and
+    :class:`AuthServerUnavailable` (503);
     ``name`` is what the pages call the app ("portal", "console")."""
 
     @app.exception_handler(NeedSignIn)
@@ -50,6 +52,16 @@ def install_error_pages(app: FastAPI, error_page: ErrorPage, name: str) -> None:
             "This form has expired",
             f"The page you sent it from was too old or not from this {name}. Go back, reload "
             "the page and try again.",
+        )
+
+    @app.exception_handler(BodyTooLarge)
+    async def body_too_large(request: Request, exc: BodyTooLarge) -> Response:
+        return error_page(
+            request,
+            413,
+            "What you sent is too large",
+            f"This {name} accepts at most {exc.max_bytes // 1024} KiB in one form. Go back, "
+            "shorten what you typed and send it again.",
         )
 
     @app.exception_handler(AuthServerUnavailable)

@@ -23,6 +23,7 @@ from scanwatch.kafka import EventProducer
 from services.auth.jwks import KeySetUnavailable, RemoteKeySet
 from services.auth.scopes import AuthError
 from services.auth.web_errors import install_error_pages, wants_html
+from services.auth.web_limits import CONSOLE_MAX_BODY_BYTES, BodyLimit
 from services.auth.web_security import SecurityHeaders
 from services.console import dicomweb, operator_web, review_web, viewer, web
 from services.console.auth import CHALLENGE, FileKeySet, Verifier
@@ -161,6 +162,7 @@ def create_app(
     async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
         return _error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
+    app.add_middleware(BodyLimit, max_bytes=CONSOLE_MAX_BODY_BYTES)
     # The pages' CSP and headers; DICOMweb answers viewers of other origins, left alone.
     app.add_middleware(SecurityHeaders, hsts=settings.secure_cookies, skip=("/dicomweb",))
     app.add_middleware(RequestMetrics, requests=metrics.requests, latency=metrics.latency)

@@ -33,6 +33,7 @@ from services.auth.config import AuthSettings
 from services.auth.scopes import AuthError
 from services.auth.server import SmartServer
 from services.auth.tokens import TokenService, load_key_set
+from services.auth.web_limits import FHIR_MAX_BODY_BYTES, BodyLimit
 from services.fhir_api import metrics, migrate, routes
 from services.fhir_api.config import Settings
 from services.fhir_api.errors import (
@@ -159,6 +160,7 @@ def create_app(
     app.include_router(routes.router)
     app.include_router(metrics.router)
     _install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=FHIR_MAX_BODY_BYTES)
     app.add_middleware(RequestMetrics, requests=api_metrics.requests, latency=api_metrics.latency)
 
     @app.get("/healthz")

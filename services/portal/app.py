@@ -19,6 +19,7 @@ from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.auth.web_errors import install_error_pages
+from services.auth.web_limits import PORTAL_MAX_BODY_BYTES, BodyLimit
 from services.auth.web_security import SecurityHeaders
 from services.auth.web_sessions import SessionStore
 from services.portal import routes
@@ -74,6 +75,7 @@ def create_app(
     app.include_router(routes.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     _install_error_handlers(app, state)
+    app.add_middleware(BodyLimit, max_bytes=PORTAL_MAX_BODY_BYTES)
     app.add_middleware(SecurityHeaders, hsts=settings.secure_cookies)
     return app
 

@@ -324,12 +324,16 @@ async def _ask(app: Portal, me: SignedIn, text: str) -> list[ChatLine]:
     if answer.status_code == 401:
         app.metrics.chat.labels("refused").inc()
         raise NeedSignIn(expired=True)
-    if answer.status_code != 200:
+    try:
+        messages = answer.json() if answer.status_code == 200 else None
+    except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
+        messages = None
+    if not isinstance(messages, list):
         app.metrics.chat.labels("failed").inc()
         return [ChatLine("bot", "The chat assistant could not answer. Please try again later.")]
     app.metrics.chat.labels("answered").inc()
     lines = []
-    for message in answer.json():
+    for message in messages:
         if not isinstance(message, dict):
             continue
         buttons = [
