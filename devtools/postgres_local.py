@@ -68,6 +68,10 @@ class LocalPostgres:
             "UTF8",
             "--no-sync",
         )
+        self.resume()
+
+    def resume(self) -> None:
+        """Start the server of an initialised cluster (after :meth:`stop`), on the same port."""
         self._pg_ctl(
             "-t",
             "60",
@@ -78,6 +82,7 @@ class LocalPostgres:
         )
 
     def stop(self) -> None:
+        """Stop at once (every connection is cut); :meth:`resume` starts it again."""
         self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "stop")
 
     def restart(self) -> None:

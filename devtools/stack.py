@@ -89,6 +89,9 @@ class StackConfig:
     #: Only these services (names of :meth:`Stack.services`); None: all. Kafka starts only
     #: when a service that needs it is among them.
     only: tuple[str, ...] | None = None
+    #: The FHIR API's database (``SCANWATCH_FHIR_DATABASE_URL``); None: SQLite in var/fhir.db.
+    #: The fault suite runs it on a real PostgreSQL to stop the database under traffic.
+    fhir_database_url: str | None = None
 
     @property
     def model_repository(self) -> Path:
@@ -191,7 +194,8 @@ class Stack:
                 [py, "-m", "services.fhir_api"],
                 {
                     **base,
-                    "SCANWATCH_FHIR_DATABASE_URL": f"sqlite:///{c.var / 'fhir.db'}",
+                    "SCANWATCH_FHIR_DATABASE_URL": c.fhir_database_url
+                    or f"sqlite:///{c.var / 'fhir.db'}",
                     "SCANWATCH_FHIR_PORT": str(p.fhir),
                     # The token signing keys (created on first start with tokens required);
                     # their public half: http://127.0.0.1:<fhir>/auth/jwks.

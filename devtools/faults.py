@@ -1,0 +1,653 @@
+"""The fault suite: real traffic through the whole stack while one fault is injected, then a
+count of every instance. ``tests/faults/`` (CI-sized rows) and ``bench/faults.py`` (the whole
+table, ``bench/faults.md``) both run it.
+
+A :class:`Sender` streams studies with dcmtk ``storescu``, one association per study, as a
+modality does; an instance it did not see answered Success (the association broke, or the
+listener refused it) is sent again after a pause, until every one is acknowledged or its
+retry time runs out. Meanwhile a :class:`Fault` fires once the listener has answered a chosen
+share of the row's instances (mid-association: half a study past a study boundary), and ends
+when the component is back. The row then waits, bounded, until the pipeline has settled, and
+counts (:class:`Row`).
+
+What each column means (the same words in ``bench/faults.md``):
+
+- **acked**: instances storescu saw answered Success (its ``-v`` log), each counted once;
+  **resent**: instances sent again after a broken association or a failure status;
+  **refused**: C-STOREs answered with a failure status (by status text).
+- **stored**: acked instances whose file is in the store (any version).
+- **events** / **distinct**: ``dicom.instance.received.v1`` records of the row's studies,
+  all of them and distinct SOPInstanceUIDs (at-least-once: more records than distinct ones is
+  allowed, the worker's assembly is idempotent).
+- **scored**: studies with an ``inference.result.v1`` whose ``slice_count`` covers every
+  acked instance of the study; **rescored**: further results of a complete study (a
+  redelivery after a crash); the same probabilities are harmless, other ones count as
+  duplicated.
+- **obs**: FHIR Observations of the row's patients; more than one per (study, model version)
+  counts as duplicated.
+- **dlq**: dead letters keyed by one of the row's studies, on every ``<topic>.dlq``.
+- **lost**: per study, the most acked instances missing from any of: the store, the events,
+  the scoring (the complete result's ``slice_count``), an Observation.
+- **recover_s**: from the later of the fault's end (the component healthy again, space freed,
+  the link up) and the sender's last acknowledgement, to the first moment every study was
+  scored complete and no pipeline consumer group lagged on any topic. The no-fault row gives
+  the same figure for an undisturbed run: the quiet period plus scoring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pydicom
+
+from devtools.cli import dev_tokens
+from devtools.peers import PeerError, storescu
+from devtools.postgres_local import LocalPostgres
+from devtools.stack import Stack
+from devtools.testing import wait_for
+from scanwatch import ids, kafka
+from scanwatch.sample import build_mr_study
+from scanwatch.store_layout import parse_file_name
+from schemas.events import InferenceResultV1, InstanceReceivedV1
+from schemas.topics import TOPICS
+from services.auth.scopes import parse_scopes
+from services.console.pipeline import consumer_lag
+
+log = logging.getLogger(__name__)
+
+DEAD_LETTER_TOPICS = tuple(t.name for t in TOPICS if t.name.endswith(".dlq"))
+_SENDING = re.compile(r"^I: Sending file: (.+)$")
+_RESPONSE = re.compile(r"^I: Received Store Response \((.+)\)$")
+_RECEIVED_METRIC = "scanwatch_listener_instances_received_total"
+
+
+# --- studies and the sender ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Study:
+    """One study to send: its patient, its UID and its files with their SOPInstanceUIDs."""
+
+    patient_id: str
+    study_uid: str
+    sops: dict[Path, str]
+
+    @property
+    def files(self) -> list[Path]:
+        return list(self.sops)
+
+
+def build_studies(folder: Path, prefix: str, count: int, instances: int) -> list[Study]:
+    """``count`` studies of ``instances`` slices, each of its own patient ``<prefix>-<n>``."""
+    studies = []
+    for n in range(count):
+        patient = f"{prefix}-{n:03d}"
+        files = build_mr_study(folder / patient, patient_id=patient, n_slices=instances, seed=n)
+        headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+        studies.append(
+            Study(
+                patient,
+                str(headers[0].StudyInstanceUID),
+                {f: str(h.SOPInstanceUID) for f, h in zip(files, headers, strict=True)},
+            )
+        )
+    return studies
+
+
+def acknowledged(output: str) -> tuple[list[Path], list[str]]:
+    """From storescu's ``-v`` log: the files answered Success, and the other statuses seen."""
+    acked: list[Path] = []
+    other: list[str] = []
+    current: Path | None = None
+    for line in output.splitlines():
+        if sending := _SENDING.match(line):
+            current = Path(sending.group(1))
+        elif (response := _RESPONSE.match(line)) and current is not None:
+            if response.group(1) == "Success":
+                acked.append(current)
+            else:
+                other.append(response.group(1))
+            current = None
+    return acked, other
+
+
+@dataclass
+class Sender:
+    """Sends studies as a modality does: what was not acknowledged is sent again."""
+
+    host: str
+    port: int
+    called_ae: str
+    #: How long one study may take to be acknowledged whole, resends included.
+    retry_for_s: float = 300.0
+    #: The pause before a resend (a modality's retry interval).
+    retry_pause_s: float = 1.0
+    acked: dict[str, set[str]] = field(default_factory=dict)
+    resent: int = 0
+    associations: int = 0
+    broken: int = 0  # storescu runs that did not end with every file acknowledged
+    refused: Counter[str] = field(default_factory=Counter)
+    last_ack: float = 0.0
+    unacknowledged: int = 0  # instances given up on after retry_for_s
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def acked_count(self) -> int:
+        return sum(len(s) for s in self.acked.values())
+
+    def send(self, study: Study) -> None:
+        pending = study.files
+        done = self.acked.setdefault(study.study_uid, set())
+        deadline = time.monotonic() + self.retry_for_s
+        while pending:
+            self.associations += 1
+            try:
+                result = storescu(pending, self.host, self.port, called_ae=self.called_ae)
+                output = result.stdout + result.stderr
+            except PeerError as exc:
+                output = exc.output
+            paths, other = acknowledged(output)
+            self.refused.update(other)
+            if paths:
+                self.last_ack = time.monotonic()
+            done.update(study.sops[p] for p in paths if p in study.sops)
+            left = [f for f in pending if study.sops[f] not in done]
+            if not left:
+                return
+            self.broken += 1
+            if time.monotonic() >= deadline or self._stop.is_set():
+                self.unacknowledged += len(left)
+                log.warning("study not acknowledged whole", extra={"missing": len(left)})
+                return
+            self.resent += len(left)
+            pending = left
+            self._stop.wait(self.retry_pause_s)
+
+    def send_all(self, studies: Sequence[Study]) -> None:
+        for study in studies:
+            self.send(study)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+# --- what the pipeline produced -----------------------------------------------------------------
+
+
+class Tail:
+    """Reads the instance, result and dead-letter topics from their start in a thread, keeping
+    the records keyed by one of ``studies`` (every study-keyed topic is keyed by its UID)."""
+
+    def __init__(self, bootstrap_servers: str, studies: set[str]) -> None:
+        self.studies = studies
+        self.instances: list[InstanceReceivedV1] = []
+        self.results: list[InferenceResultV1] = []
+        self.dead_letters: Counter[str] = Counter()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._consumer = kafka.new_consumer(
+            bootstrap_servers,
+            f"read-faults-{os.getpid()}-{time.monotonic_ns()}",
+            [InstanceReceivedV1.SCHEMA, InferenceResultV1.SCHEMA, *DEAD_LETTER_TOPICS],
+        )
+        self._thread = threading.Thread(target=self._run, name="fault-tail", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                message = self._consumer.poll(0.2)
+                if message is None or message.error() is not None:
+                    continue
+                key = (message.key() or b"").decode(errors="replace")
+                if key not in self.studies:
+                    continue
+                topic, value = message.topic() or "", message.value() or b""
+                with self._lock:
+                    if topic == InstanceReceivedV1.SCHEMA:
+                        self.instances.append(InstanceReceivedV1.from_bytes(value))
+                    elif topic == InferenceResultV1.SCHEMA:
+                        self.results.append(InferenceResultV1.from_bytes(value))
+                    else:
+                        self.dead_letters[topic] += 1
+        finally:
+            self._consumer.close()
+
+    def snapshot(self) -> tuple[list[InstanceReceivedV1], list[InferenceResultV1], int]:
+        with self._lock:
+            return list(self.instances), list(self.results), sum(self.dead_letters.values())
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def total_lag(bootstrap_servers: str) -> int | None:
+    """Summed lag of every pipeline consumer group (None: Kafka did not answer)."""
+    try:
+        return sum(lag.lag for lag in consumer_lag(bootstrap_servers, timeout=5))
+    except Exception:  # noqa: BLE001 - a broker restarting: not settled yet
+        return None
+
+
+def fhir_headers(stack: Stack) -> dict[str, str]:
+    """A backend's read token for the stack's FHIR API (ignored when it requires none)."""
+    token = dev_tokens(stack.config.var).issue("scanwatch-faults", parse_scopes("system/*.read"))
+    return {"Authorization": f"Bearer {token[0]}"}
+
+
+def observations(stack: Stack, patient_id: str) -> list[dict]:
+    """Every Observation of the patient of DICOM ``patient_id``."""
+    answer = httpx.get(
+        f"{stack.config.fhir_base}/Observation",
+        params={"patient": ids.patient_id(None, patient_id), "_count": 200},
+        headers=fhir_headers(stack),
+        timeout=30,
+    )
+    answer.raise_for_status()
+    return [e["resource"] for e in answer.json().get("entry", [])]
+
+
+def stored_sops(store: Path, study_uid: str) -> set[str]:
+    """SOPInstanceUIDs with a file (any version) under the study's folder."""
+    folder = store / study_uid
+    if not folder.is_dir():
+        return set()
+    return {
+        parsed[0]
+        for path in folder.glob("*/*.dcm")
+        if (parsed := parse_file_name(path.name)) is not None
+    }
+
+
+def listener_received(stack: Stack) -> int | None:
+    """The listener's count of C-STOREs answered Success since it started (None: down)."""
+    url = f"http://127.0.0.1:{stack.config.ports.listener_metrics}/metrics"
+    try:
+        text = httpx.get(url, timeout=2).text
+    except httpx.HTTPError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(_RECEIVED_METRIC + " "):
+            return int(float(line.split()[-1]))
+    return None
+
+
+# --- faults -------------------------------------------------------------------------------------
+
+
+@dataclass
+class FaultRun:
+    """What a fault acts on, and when it started and ended (monotonic seconds)."""
+
+    stack: Stack
+    sender: Sender
+    postgres: LocalPostgres | None = None
+    hold_s: float = 30.0
+    started: float | None = None
+    ended: float | None = None
+    detail: str = ""
+
+    def begin(self) -> None:
+        self.started = time.monotonic()
+
+    def end(self) -> None:
+        self.ended = time.monotonic()
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One row of the table: a name, what it does, and the code that does it (it returns once
+    the fault has ended: the component is back)."""
+
+    name: str
+    description: str
+    inject: Callable[[FaultRun], None]
+    #: The share of the row's instances the listener has acknowledged when it fires.
+    at: float = 0.3
+
+
+def _restarted(run: FaultRun, name: str, timeout: float = 180.0) -> None:
+    """Kill ``name`` with SIGKILL; return once the supervisor has it healthy again."""
+    stack = run.stack
+    service = stack.service(name)
+    before = service.restarts
+    run.begin()
+    stack.kill(name)
+    wait_for(lambda: service.restarts > before, timeout, f"{name} restarted")
+    wait_for(
+        lambda: (
+            service.process is not None and service.process.poll() is None and service.healthy()
+        ),
+        timeout,
+        f"{name} healthy again",
+        interval=0.2,
+    )
+    run.end()
+
+
+def kill_broker(run: FaultRun) -> None:
+    stack = run.stack
+    first = stack.kafka.pid()
+    run.begin()
+    stack.kill("kafka")
+    wait_for(lambda: stack.kafka.pid() not in (None, first), 180, "the broker restarted")
+    stack.kafka.wait_ready(180)
+    run.end()
+
+
+def kill_worker(n: int) -> Callable[[FaultRun], None]:
+    def inject(run: FaultRun) -> None:
+        _restarted(run, f"inference-worker-{n}")
+
+    return inject
+
+
+def hold_model_server(run: FaultRun) -> None:
+    run.begin()
+    run.stack.hold("model-server")
+    threading.Event().wait(run.hold_s)  # the outage's length: the fault itself
+    run.stack.release("model-server", timeout=180)
+    run.end()
+
+
+def kill_fhir_api(run: FaultRun) -> None:
+    _restarted(run, "fhir-api")
+
+
+def stop_postgres(run: FaultRun) -> None:
+    if run.postgres is None:
+        raise RuntimeError("this fault needs the stack's FHIR API on a LocalPostgres")
+    run.begin()
+    run.postgres.stop()
+    threading.Event().wait(run.hold_s)
+    run.postgres.resume()
+    run.end()
+
+
+def kill_listener(run: FaultRun) -> None:
+    _restarted(run, "dicom-listener")
+
+
+def fill_store(run: FaultRun) -> None:
+    """Fill the store's filesystem to below the listener's free-space watermark until the
+    sender has been refused, keep it full a while, then free the space."""
+    store = run.stack.config.var / "store"
+    filler = store / ".fault-filler"
+    run.begin()
+    with open(filler, "wb") as fp:
+        # Every free byte less 1 MiB: below any watermark the suite sets, so the listener's
+        # admission refuses; a write racing it meets ENOSPC (also a failure status).
+        os.posix_fallocate(fp.fileno(), 0, max(shutil.disk_usage(store).free - 2**20, 1))
+    try:
+        wait_for(lambda: sum(run.sender.refused.values()), 120, "a refused C-STORE", 0.1)
+        threading.Event().wait(min(run.hold_s, 10.0))
+        run.detail = f"free while full: {shutil.disk_usage(store).free} bytes"
+    finally:
+        filler.unlink()
+    run.end()
+
+
+FAULTS: dict[str, Fault] = {
+    f.name: f
+    for f in [
+        Fault("none", "no fault: the baseline", lambda run: None),
+        Fault("broker-kill", "Kafka broker kill -9; the stack restarts it", kill_broker),
+        Fault("worker-1-kill", "inference worker 1 of 2 kill -9; restarted", kill_worker(1)),
+        Fault("worker-2-kill", "inference worker 2 of 2 kill -9; restarted", kill_worker(2)),
+        Fault(
+            "model-server-late",
+            "model server stopped, started again after hold_s",
+            hold_model_server,
+        ),
+        Fault("fhir-api-kill", "FHIR API kill -9; restarted", kill_fhir_api),
+        Fault(
+            "postgres-stop",
+            "PostgreSQL (the FHIR API's database) stopped for hold_s",
+            stop_postgres,
+        ),
+        Fault(
+            "listener-kill",
+            "DICOM listener kill -9 mid-association; restarted",
+            kill_listener,
+        ),
+        Fault(
+            "disk-full",
+            "the store's filesystem (a tmpfs) filled, then freed",
+            fill_store,
+        ),
+    ]
+}
+
+
+# --- a row --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One fault's counts (see the module docstring for what each means)."""
+
+    fault: str
+    studies: int
+    instances: int  # per study
+    acked: int = 0
+    resent: int = 0
+    refused: int = 0
+    stored: int = 0
+    events: int = 0
+    distinct: int = 0
+    scored: int = 0
+    rescored: int = 0
+    observations: int = 0
+    dead_letters: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    recover_s: float | None = None
+    fault_s: float | None = None
+    unacknowledged: int = 0
+    detail: str = ""
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.lost == 0
+            and self.duplicated == 0
+            and self.unacknowledged == 0
+            and self.recover_s is not None
+            and self.acked == self.studies * self.instances
+        )
+
+
+COLUMNS = (
+    "fault",
+    "studies",
+    "instances",
+    "acked",
+    "resent",
+    "refused",
+    "stored",
+    "events",
+    "distinct",
+    "scored",
+    "rescored",
+    "observations",
+    "dead_letters",
+    "lost",
+    "duplicated",
+    "fault_s",
+    "recover_s",
+)
+
+
+def row_cells(row: Row) -> list[str]:
+    cells = []
+    for name in COLUMNS:
+        value = getattr(row, name)
+        cells.append(
+            "—" if value is None else f"{value:.1f}" if isinstance(value, float) else str(value)
+        )
+    return cells
+
+
+def _complete(results: list[InferenceResultV1], acked: set[str]) -> list[InferenceResultV1]:
+    return [r for r in results if r.slice_count >= len(acked)]
+
+
+def run_row(
+    stack: Stack,
+    fault: Fault,
+    studies: Sequence[Study],
+    *,
+    postgres: LocalPostgres | None = None,
+    hold_s: float = 30.0,
+    settle_timeout_s: float = 600.0,
+    sender: Sender | None = None,
+) -> Row:
+    """Send ``studies`` while ``fault`` fires, wait for the pipeline to settle (bounded by
+    ``settle_timeout_s`` after the last acknowledgement), and count."""
+    config = stack.config
+    instances = len(studies[0].sops)
+    row = Row(fault.name, len(studies), instances)
+    sender = sender or Sender("127.0.0.1", config.ports.dicom, config.ae_title)
+    run = FaultRun(stack, sender, postgres=postgres, hold_s=hold_s)
+    tail = Tail(stack.kafka.bootstrap_servers, {s.study_uid for s in studies})
+    # A tuple: a count of 0 (a listener just started) is an answer too.
+    answered: tuple[int] | None = wait_for(
+        lambda: (n,) if (n := listener_received(stack)) is not None else None,
+        60,
+        "the listener's metrics",
+    )
+    assert answered is not None
+    fire_at = answered[0] + int(len(studies) * instances * fault.at) + instances // 2
+    failure: list[BaseException] = []
+
+    def inject() -> None:
+        try:
+            wait_for(
+                lambda: (listener_received(stack) or 0) >= fire_at,
+                settle_timeout_s,
+                "the fault's moment",
+                interval=0.02,
+            )
+            fault.inject(run)
+        except BaseException as exc:  # noqa: BLE001 - reported in the row
+            failure.append(exc)
+
+    injector = threading.Thread(target=inject, name=f"fault-{fault.name}", daemon=True)
+    try:
+        injector.start()
+        sender.send_all(studies)
+        injector.join(timeout=settle_timeout_s)
+        if failure:
+            row.problems.append(f"fault did not complete: {failure[0]!r}")
+        elif injector.is_alive():
+            row.problems.append("fault still running after the settle timeout")
+        if fault.name == "none":
+            run.started = run.ended = sender.last_ack
+        if run.started is not None and run.ended is not None:
+            row.fault_s = run.ended - run.started
+        row.detail = run.detail
+        since = max(run.ended or sender.last_ack, sender.last_ack)
+
+        def settled() -> bool:
+            _, results, _ = tail.snapshot()
+            for study in studies:
+                acked = sender.acked.get(study.study_uid, set())
+                mine = [r for r in results if r.StudyInstanceUID == study.study_uid]
+                if not _complete(mine, acked):
+                    return False
+            return total_lag(stack.kafka.bootstrap_servers) == 0
+
+        try:
+            wait_for(settled, settle_timeout_s, "every study scored and no consumer lag", 0.5)
+            row.recover_s = max(time.monotonic() - since, 0.0)
+        except AssertionError as exc:
+            row.problems.append(str(exc))
+        # A little longer, so that a late duplicate (a redelivery) would be seen too.
+        threading.Event().wait(config.quiet_period_s + 3.0)
+        _count(stack, studies, sender, tail, row)
+    finally:
+        sender.stop()
+        tail.close()
+    return row
+
+
+def _count(stack: Stack, studies: Sequence[Study], sender: Sender, tail: Tail, row: Row) -> None:
+    store = stack.config.var / "store"
+    events, results, row.dead_letters = tail.snapshot()
+    row.acked = sender.acked_count
+    row.resent = sender.resent
+    row.refused = sum(sender.refused.values())
+    row.unacknowledged = sender.unacknowledged
+    row.events = len(events)
+    row.distinct = len({e.SOPInstanceUID for e in events})
+    for study in studies:
+        acked = sender.acked.get(study.study_uid, set())
+        stored = stored_sops(store, study.study_uid) & acked
+        evented = {e.SOPInstanceUID for e in events if e.StudyInstanceUID == study.study_uid}
+        mine = [r for r in results if r.StudyInstanceUID == study.study_uid]
+        complete = _complete(mine, acked)
+        scored_n = max((r.slice_count for r in mine), default=0)
+        try:
+            found = observations(stack, study.patient_id)
+        except httpx.HTTPError as exc:
+            row.problems.append(f"FHIR read failed: {exc!r}")
+            found = []
+        row.stored += len(stored)
+        row.scored += bool(complete)
+        row.observations += len(found)
+        missing = [
+            len(acked - stored),
+            len(acked - evented),
+            max(len(acked) - scored_n, 0),
+            len(acked) if not found else 0,
+        ]
+        row.lost += max(missing)
+        per_key = Counter((o.get("identifier") or [{}])[0].get("value", o["id"]) for o in found)
+        row.duplicated += sum(n - 1 for n in per_key.values() if n > 1)
+        row.rescored += max(len(complete) - 1, 0)
+        if complete:
+            first = [round(p, 6) for p in complete[0].probabilities]
+            row.duplicated += sum(
+                1 for r in complete[1:] if [round(p, 6) for p in r.probabilities] != first
+            )
+    if row.lost or row.duplicated:
+        row.problems.append(f"{row.lost} lost, {row.duplicated} duplicated")
+
+
+# --- the store on a filesystem of its own --------------------------------------------------------
+
+
+@contextlib.contextmanager
+def tmpfs(folder: Path, size_mb: int) -> Iterator[Path]:
+    """Mount a ``size_mb`` tmpfs on ``folder`` (root only) for as long as the ``with`` lasts:
+    the store's own small disk, which the disk-full fault fills."""
+    folder.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(folder)],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield folder
+    finally:
+        # Lazily: a service still holding a file open must not keep the mount (or the test) up.
+        subprocess.run(["umount", "-l", str(folder)], check=False, capture_output=True)
+
+
+def can_mount() -> bool:
+    """Whether this process may mount a tmpfs (root with CAP_SYS_ADMIN)."""
+    return os.geteuid() == 0 and shutil.which("mount") is not None
