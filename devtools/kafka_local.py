@@ -1,9 +1,13 @@
-"""A single-node Kafka (KRaft broker + controller) on loopback, for development and tests.
+"""Kafka on loopback for development and tests: one KRaft node, or a three-node cluster.
 
 Apache Kafka's jars come from Maven Central (``java/kafka/pom.xml``, fetched by
-``scripts/bootstrap.sh``); the broker runs with ``java -cp``. :class:`LocalKafka` formats the
-storage once, starts the broker, waits until it answers metadata requests, creates the topics and
-stops it cleanly. Production runs a real cluster (``docker-compose.yml``).
+``scripts/bootstrap.sh``); each node runs with ``java -cp``. :class:`LocalKafka` is one node
+(broker and controller): it formats the storage once, starts, waits until it answers metadata
+requests, creates the topics and stops cleanly. Alone it is the development broker (``make
+run``, the test suite: replication factor 1). :class:`LocalKafkaCluster` runs three of them as
+one cluster in production's shape (a three-voter controller quorum, topics with replication
+factor 3 and ``min.insync.replicas`` 2, ``schemas.topics.PRODUCTION``), for the tests that
+kill a broker. Production runs the brokers of ``docker-compose.yml``.
 """
 
 from __future__ import annotations
@@ -17,19 +21,20 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from scanwatch import kafka
-from schemas.topics import TOPICS, TopicSpec
+from schemas.topics import DEVELOPMENT, PRODUCTION, TOPICS, Replication, TopicSpec
 
 log = logging.getLogger(__name__)
 
 _SERVER_PROPERTIES = """\
 process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@127.0.0.1:{controller_port}
+node.id={node_id}
+controller.quorum.voters={voters}
 listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
 advertised.listeners=PLAINTEXT://127.0.0.1:{port}
 controller.listener.names=CONTROLLER
@@ -37,11 +42,13 @@ listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
 inter.broker.listener.name=PLAINTEXT
 log.dirs={data}
 num.partitions=4
-offsets.topic.replication.factor=1
+default.replication.factor={factor}
+offsets.topic.replication.factor={factor}
 offsets.topic.num.partitions=4
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
-min.insync.replicas=1
+transaction.state.log.replication.factor={factor}
+transaction.state.log.min.isr={min_insync}
+min.insync.replicas={min_insync}
+unclean.leader.election.enable=false
 group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=true
 log.flush.interval.messages=9223372036854775807
@@ -117,6 +124,10 @@ class LocalKafka:
 
     ``libs`` is the folder of jars fetched from Maven Central. The broker survives the Python
     process unless :meth:`stop` is called; :meth:`start` on a running broker is a no-op.
+    Alone (the defaults) it is a cluster of its own; :class:`LocalKafkaCluster` gives each node
+    its ``node_id``, the quorum's ``voters``, a shared ``cluster_id`` and the production
+    ``replication`` (the brokers' defaults for the topics they create themselves: consumer
+    offsets, automatically created topics).
     """
 
     def __init__(
@@ -126,12 +137,20 @@ class LocalKafka:
         port: int = 9092,
         controller_port: int | None = None,
         heap: str = "512m",
+        node_id: int = 1,
+        voters: str | None = None,
+        cluster_id: str | None = None,
+        replication: Replication = DEVELOPMENT,
     ) -> None:
         self.home = Path(home)
         self.libs = Path(libs)
         self.port = port
         self.controller_port = controller_port or port + 1
         self.heap = heap
+        self.node_id = node_id
+        self.voters = voters or f"{node_id}@127.0.0.1:{self.controller_port}"
+        self.cluster_id = cluster_id
+        self.replication = replication
 
     @property
     def bootstrap_servers(self) -> str:
@@ -165,7 +184,13 @@ class LocalKafka:
         props = self.home / "server.properties"
         props.write_text(
             _SERVER_PROPERTIES.format(
-                port=self.port, controller_port=self.controller_port, data=self.home / "data"
+                node_id=self.node_id,
+                voters=self.voters,
+                port=self.port,
+                controller_port=self.controller_port,
+                data=self.home / "data",
+                factor=self.replication.factor,
+                min_insync=self.replication.min_insync,
             )
         )
         (self.home / "log4j.properties").write_text(_LOG4J.format(log=self.log_file))
@@ -183,21 +208,47 @@ class LocalKafka:
         return pid
 
     def kill(self) -> None:
-        """SIGKILL the broker (fault injection): no shutdown, no flush."""
+        """SIGKILL the broker (fault injection): no shutdown, no flush. Returns once it is
+        gone (a killed child reaped, so that :meth:`pid` says None at once)."""
         pid = self.pid()
-        if pid is not None:
-            os.kill(pid, signal.SIGKILL)
-            _reap(pid)
+        if pid is None:
+            return
+        os.kill(pid, signal.SIGKILL)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:  # started by another process: wait until it is gone
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                time.sleep(0.05)
 
     def start(self, timeout: float = 90.0, topics: Iterable[TopicSpec] = TOPICS) -> None:
         """Format storage if new, start the broker, wait for it, create ``topics``."""
+        self.launch()
+        self.wait_ready(timeout)
+        self.ensure_topics(topics)
+
+    def stored_cluster_id(self) -> str | None:
+        """The cluster id this node's storage was formatted with, or None before formatting."""
+        try:
+            lines = (self.home / "data" / "meta.properties").read_text().splitlines()
+        except FileNotFoundError:
+            return None
+        return next((ln.split("=", 1)[1] for ln in lines if ln.startswith("cluster.id=")), None)
+
+    def launch(self) -> None:
+        """Format storage if new and start the process, without waiting for it (the nodes of a
+        cluster must all be starting before any can elect a controller)."""
         props = self.home / "server.properties"
         if self.pid() is not None and f":{self.port}," not in props.read_text():
             self.stop()  # running from this home, but on other ports: restart with ours
         if self.pid() is None:
             props = self._write_config()
-            if not (self.home / "data" / "meta.properties").exists():
-                cluster_id = new_cluster_id()
+            if self.stored_cluster_id() is None:
+                cluster_id = self.cluster_id or new_cluster_id()
                 formatted = subprocess.run(
                     self._java(
                         "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)
@@ -215,9 +266,9 @@ class LocalKafka:
                     start_new_session=True,  # not killed with the terminal's process group
                 )
             self._pid_file.write_text(str(proc.pid))
-            log.info("kafka starting", extra={"pid": proc.pid, "port": self.port})
-        self.wait_ready(timeout)
-        self.ensure_topics(topics)
+            log.info(
+                "kafka starting", extra={"pid": proc.pid, "port": self.port, "node": self.node_id}
+            )
 
     def wait_ready(self, timeout: float = 90.0) -> None:
         """Block until the broker answers a metadata request, or raise :class:`KafkaError`."""
@@ -235,7 +286,8 @@ class LocalKafka:
                 # connection to stderr while the JVM starts.
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                 admin = AdminClient({"bootstrap.servers": self.bootstrap_servers})
-                if admin.list_topics(timeout=3).brokers:
+                # Registered with the quorum and unfenced: it lists itself among the brokers.
+                if self.node_id in admin.list_topics(timeout=3).brokers:
                     return
             except Exception as exc:  # noqa: BLE001 - any failure means "not yet"
                 last = exc
@@ -264,6 +316,169 @@ class LocalKafka:
             os.kill(pid, signal.SIGKILL)
             _reap(pid)
         self._pid_file.unlink(missing_ok=True)
+
+
+class LocalKafkaCluster:
+    """``nodes`` KRaft nodes on loopback, each a broker and a controller, the controllers one
+    quorum: production's shape (``schemas.topics.PRODUCTION``) on one machine, for the tests
+    that take a broker away.
+
+    Node ``i`` (1-based) keeps its state under ``home/node-<i>`` and listens on ``ports[i - 1]``
+    (default: :func:`free_port`), its controller on the port above. Every node is formatted
+    with one cluster id. :meth:`kill` is ``kill -9`` of one node; :meth:`start` with a node id
+    brings it back from its own log folder.
+    """
+
+    def __init__(
+        self,
+        home: Path,
+        libs: Path,
+        ports: Sequence[int] | None = None,
+        nodes: int = 3,
+        heap: str = "512m",
+    ) -> None:
+        if nodes < PRODUCTION.factor:
+            raise ValueError(f"a cluster needs at least {PRODUCTION.factor} nodes, not {nodes}")
+        ports = list(ports) if ports is not None else [free_port() for _ in range(nodes)]
+        if len(ports) != nodes:
+            raise ValueError(f"{nodes} nodes need {nodes} ports, not {len(ports)}")
+        self.home = Path(home)
+        voters = ",".join(f"{i}@127.0.0.1:{port + 1}" for i, port in enumerate(ports, 1))
+        self.nodes = {
+            i: LocalKafka(
+                self.home / f"node-{i}",
+                libs,
+                port=port,
+                controller_port=port + 1,
+                heap=heap,
+                node_id=i,
+                voters=voters,
+                replication=PRODUCTION,
+            )
+            for i, port in enumerate(ports, 1)
+        }
+        stored = {n.stored_cluster_id() for n in self.nodes.values()} - {None}
+        if len(stored) > 1:
+            raise KafkaError(f"the nodes under {self.home} belong to different clusters: {stored}")
+        cluster_id = stored.pop() if stored else new_cluster_id()
+        for node in self.nodes.values():
+            node.cluster_id = cluster_id
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """Every node's address: what a client is given (it needs only one to be up)."""
+        return ",".join(n.bootstrap_servers for n in self.nodes.values())
+
+    def _admin(self) -> Any:
+        from confluent_kafka.admin import AdminClient
+
+        return AdminClient({"bootstrap.servers": self.bootstrap_servers}, logger=log)
+
+    def pid(self, node_id: int) -> int | None:
+        """PID of node ``node_id``, or None when it is not running."""
+        return self.nodes[node_id].pid()
+
+    def start(
+        self,
+        node_id: int | None = None,
+        timeout: float = 120.0,
+        topics: Iterable[TopicSpec] = TOPICS,
+    ) -> None:
+        """Start every node (``node_id`` None), wait until each has joined, create ``topics``
+        and wait until their replicas are in sync; or start node ``node_id`` alone and wait
+        until it has joined (:meth:`wait_in_sync` then says when it has caught up)."""
+        deadline = time.monotonic() + timeout
+        chosen = list(self.nodes.values()) if node_id is None else [self.nodes[node_id]]
+        for node in chosen:  # all launched first: no node is ready before the quorum is
+            node.launch()
+        for node in chosen:
+            node.wait_ready(max(deadline - time.monotonic(), 1.0))
+        self._wait_joined(deadline)
+        if node_id is None:
+            names = [t.name for t in topics]
+            kafka.ensure_topics(self.bootstrap_servers, topics)
+            self.wait_in_sync(names, max(deadline - time.monotonic(), 1.0))
+
+    def _wait_joined(self, deadline: float) -> None:
+        """Block until every running node's metadata lists every running node: a node that is
+        ready itself may not have heard of the others yet (topics created then would find too
+        few brokers)."""
+        from confluent_kafka.admin import AdminClient
+
+        everyone = {i for i, n in self.nodes.items() if n.pid() is not None}
+        while time.monotonic() < deadline:
+            try:
+                if all(
+                    set(
+                        AdminClient({"bootstrap.servers": n.bootstrap_servers})
+                        .list_topics(timeout=3)
+                        .brokers
+                    )
+                    == everyone
+                    for i, n in self.nodes.items()
+                    if i in everyone
+                ):
+                    return
+            except Exception:  # noqa: BLE001 - metadata not answered: not yet
+                pass
+            time.sleep(0.25)
+        raise KafkaError(f"nodes {sorted(everyone)} did not all join the cluster in time")
+
+    def kill(self, node_id: int) -> None:
+        """``kill -9`` node ``node_id`` (fault injection): no shutdown, no flush."""
+        self.nodes[node_id].kill()
+
+    def stop(self) -> None:
+        """Stop every node (SIGTERM, then SIGKILL)."""
+        for node in self.nodes.values():
+            node.stop()
+
+    def leader_of(self, topic: str, partition: int, timeout: float = 10.0) -> int:
+        """The node id leading ``partition`` of ``topic`` (-1 while it has none)."""
+        metadata = self._admin().list_topics(topic, timeout=timeout)
+        return int(metadata.topics[topic].partitions[partition].leader)
+
+    def in_sync(self, topics: Iterable[str], timeout: float = 10.0) -> bool:
+        """Whether every partition of ``topics`` has a leader and all its replicas in sync."""
+        metadata = self._admin().list_topics(timeout=timeout)
+        for name in topics:
+            described = metadata.topics.get(name)
+            if described is None or described.error is not None:
+                return False
+            for p in described.partitions.values():
+                if p.leader < 0 or sorted(p.isrs) != sorted(p.replicas):
+                    return False
+        return True
+
+    def wait_in_sync(self, topics: Iterable[str], timeout: float = 120.0) -> None:
+        """Block until :meth:`in_sync` (a restarted node has caught up), or raise KafkaError."""
+        names = list(topics)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.in_sync(names):
+                    return
+            except Exception:  # noqa: BLE001 - metadata not answered: not yet
+                pass
+            time.sleep(0.25)
+        raise KafkaError(f"replicas of {names} not in sync after {timeout}s")
+
+    def end_offsets(self, topic: str, timeout: float = 10.0) -> dict[int, int]:
+        """Each partition's end offset (how many messages it has taken)."""
+        from confluent_kafka import Consumer, TopicPartition
+
+        consumer = Consumer(
+            {"bootstrap.servers": self.bootstrap_servers, "group.id": f"offsets-{uuid.uuid4()}"},
+            logger=log,
+        )
+        try:
+            partitions = consumer.list_topics(topic, timeout=timeout).topics[topic].partitions
+            return {
+                p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)[1]
+                for p in partitions
+            }
+        finally:
+            consumer.close()
 
 
 def _reap(pid: int) -> None:

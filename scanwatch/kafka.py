@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from schemas.events import Event
-from schemas.topics import TOPICS, TopicSpec
+from schemas.topics import DEVELOPMENT, TOPICS, TopicSpec, replication_for
 
 if TYPE_CHECKING:
     from confluent_kafka import Consumer, KafkaError, Message, Producer
@@ -112,6 +112,10 @@ class KafkaPublishError(RuntimeError):
     """The broker did not acknowledge an event in time."""
 
 
+class KafkaTopicError(RuntimeError):
+    """scanwatch's topics cannot be created on this cluster as they must be."""
+
+
 class EventProducer:
     """Sends one event at a time and returns once the broker acknowledged it (``acks=all``).
 
@@ -176,21 +180,33 @@ def ensure_topics(
     bootstrap_servers: str, topics: Iterable[TopicSpec] = TOPICS, timeout_s: float = 30.0
 ) -> list[str]:
     """Create on any cluster the topics that do not exist yet; return the names created.
-    Existing topics are left as they are; the replication factor is the smaller of 3 and the
-    number of brokers."""
+    Existing topics are left as they are. Replication: :func:`schemas.topics.replication_for`
+    the cluster's broker count (production: factor 3, ``min.insync.replicas`` 2; a single
+    development broker: 1 and 1); a cluster of 2 brokers is refused with a message."""
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import AdminClient
     from confluent_kafka.cimpl import NewTopic
 
     admin = AdminClient({"bootstrap.servers": bootstrap_servers}, logger=log)
     metadata = admin.list_topics(timeout=timeout_s)
-    replicas = max(1, min(3, len(metadata.brokers)))
+    brokers = len(metadata.brokers)
+    replication = replication_for(brokers)
+    if brokers < replication.factor:
+        raise KafkaTopicError(
+            f"topics need {replication.factor} brokers (replication factor "
+            f"{replication.factor}); the cluster at {bootstrap_servers} has {brokers}"
+        )
+    if replication is DEVELOPMENT:
+        log.info("single broker: topics get one replica (development)")
     new = [
         NewTopic(
             t.name,
             num_partitions=t.partitions,
-            replication_factor=replicas,
-            config={"retention.ms": str(t.retention_ms)},
+            replication_factor=replication.factor,
+            config={
+                "retention.ms": str(t.retention_ms),
+                "min.insync.replicas": str(replication.min_insync),
+            },
         )
         for t in topics
         if t.name not in metadata.topics
@@ -215,7 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scanwatch.kafka", description=main.__doc__)
     parser.add_argument("--bootstrap-servers", required=True, help="host:port[,host:port]")
     args = parser.parse_args(argv)
-    created = ensure_topics(args.bootstrap_servers)
+    try:
+        created = ensure_topics(args.bootstrap_servers)
+    except KafkaTopicError as exc:  # brokers still joining: docker-compose runs it again
+        sys.stderr.write(f"{exc}\n")
+        return 1
     sys.stdout.write(f"created {len(created)} topic(s): {', '.join(created) or '-'}\n")
     return 0
 

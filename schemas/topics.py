@@ -1,4 +1,4 @@
-"""Kafka topics, their partitions and retention, and their dead-letter twins."""
+"""Kafka topics, their partitions, retention and replication, and their dead-letter twins."""
 
 from __future__ import annotations
 
@@ -19,8 +19,36 @@ WEEK_MS = 7 * 24 * 3600 * 1000
 
 
 @dataclass(frozen=True)
+class Replication:
+    """How many brokers keep a copy of each partition (``replication.factor``), and how many
+    copies must hold a write before an ``acks=all`` producer is told it is stored
+    (``min.insync.replicas``; below that the broker refuses writes rather than accept them
+    on too few disks)."""
+
+    factor: int
+    min_insync: int
+
+
+#: Production (docker-compose's three brokers): three copies, a write acknowledged once two
+#: hold it. One broker may be killed, restarted or upgraded with no acknowledged event lost and
+#: producers still writing; with two down, writes stop (are refused, never half-stored).
+PRODUCTION = Replication(factor=3, min_insync=2)
+#: The single development broker (``make run``, the test suite's broker): one copy. It keeps
+#: what it acknowledged only because it restarts from the same log folder; a lost disk loses it.
+DEVELOPMENT = Replication(factor=1, min_insync=1)
+
+
+def replication_for(brokers: int) -> Replication:
+    """The settings topics are created with on a cluster of ``brokers`` brokers: the production
+    ones, except on a single broker, which is a development broker. A cluster with more than
+    one broker but fewer than :data:`PRODUCTION`'s factor gets no silent downgrade: creating a
+    topic there fails (a production cluster whose brokers have not all joined yet)."""
+    return DEVELOPMENT if brokers == 1 else PRODUCTION
+
+
+@dataclass(frozen=True)
 class TopicSpec:
-    """A topic the project creates at start-up."""
+    """A topic the project creates at start-up (its replication: :func:`replication_for`)."""
 
     name: str
     partitions: int = STUDY_PARTITIONS
