@@ -25,6 +25,7 @@ import httpx
 from devtools.kafka_local import LocalKafka
 from devtools.peers import echoscu
 from scanwatch.model_repository import DEFAULT_MODEL_NAME
+from schemas.topics import DEVELOPMENT, PRODUCTION
 
 #: training.worker.GROUP_ID, written out: importing the worker would load TensorFlow into the
 #: stack's supervisor (tests/unit/test_stack_training.py checks the two agree).
@@ -89,6 +90,11 @@ class StackConfig:
     #: Only these services (names of :meth:`Stack.services`); None: all. Kafka starts only
     #: when a service that needs it is among them.
     only: tuple[str, ...] | None = None
+    #: An existing Kafka cluster (``host:port,…``, its topics created) that the services use
+    #: instead of the stack's own single broker, which is then neither started nor supervised:
+    #: the broker-loss test's three-node ``LocalKafkaCluster``. The workers' own topics (the
+    #: table's changelog) get production's replication factor there.
+    kafka_bootstrap_servers: str | None = None
     #: The FHIR API's database (``SCANWATCH_FHIR_DATABASE_URL``); None: SQLite in var/fhir.db.
     #: The fault suite runs it on a real PostgreSQL to stop the database under traffic.
     fhir_database_url: str | None = None
@@ -173,7 +179,7 @@ class Stack:
             "PYTHONUNBUFFERED": "1",
             **c.extra_env,
         }
-        kafka = self.kafka.bootstrap_servers
+        kafka = self.bootstrap_servers
         return [
             Service(
                 "model-server",
@@ -229,7 +235,7 @@ class Stack:
         it trains into the repository the model server watches, so a promoted version is
         served without a restart. Healthy once its consumer group has joined."""
         c = self.config
-        kafka = self.kafka.bootstrap_servers
+        kafka = self.bootstrap_servers
         return Service(
             "training-worker",
             [sys.executable, "-m", "training", "worker"],
@@ -415,7 +421,10 @@ class Stack:
             [sys.executable, "-m", "inference_worker"],
             {
                 **base,
-                "SCANWATCH_WORKER_KAFKA_BOOTSTRAP_SERVERS": self.kafka.bootstrap_servers,
+                "SCANWATCH_WORKER_KAFKA_BOOTSTRAP_SERVERS": self.bootstrap_servers,
+                "SCANWATCH_WORKER_TOPIC_REPLICATION_FACTOR": str(
+                    (DEVELOPMENT if c.kafka_bootstrap_servers is None else PRODUCTION).factor
+                ),
                 "SCANWATCH_WORKER_DATA_DIR": str(c.var / f"worker-{n}"),
                 "SCANWATCH_WORKER_WEB_PORT": str(web),
                 "SCANWATCH_WORKER_QUIET_PERIOD_S": str(c.quiet_period_s),
@@ -440,8 +449,15 @@ class Stack:
 
     # -- lifecycle ----------------------------------------------------------------------------
     @property
+    def bootstrap_servers(self) -> str:
+        """Where the services reach Kafka: the configured cluster, else the stack's broker."""
+        return self.config.kafka_bootstrap_servers or self.kafka.bootstrap_servers
+
+    @property
     def _uses_kafka(self) -> bool:
-        return any(s.kafka for s in self.services)
+        """Whether the stack runs (and supervises) its own broker: a service needs Kafka and
+        no existing cluster was given."""
+        return self.config.kafka_bootstrap_servers is None and any(s.kafka for s in self.services)
 
     def start(self, timeout: float = 180.0) -> None:
         """Start Kafka and every service; return when all are healthy."""
@@ -576,7 +592,7 @@ class Stack:
             f"  DICOM (C-ECHO, C-STORE): host 127.0.0.1  port {p.dicom}  AE title {c.ae_title}",
             f"  FHIR R4 API:             {c.fhir_base}"
             + ("  (bearer tokens required)" if c.chatbot else ""),
-            f"  Kafka:                   {self.kafka.bootstrap_servers}",
+            f"  Kafka:                   {self.bootstrap_servers}",
             f"  TF Serving gRPC API:     127.0.0.1:{p.model_server}  model {c.model_name}",
         ]
         if c.chatbot:

@@ -85,7 +85,7 @@ def create_app(
         store=settings.store,
         datadir=str(settings.data_dir),
         topic_partitions=STUDY_PARTITIONS,
-        topic_replication_factor=1,
+        topic_replication_factor=settings.topic_replication_factor,
         producer_acks=-1,
         consumer_auto_offset_reset="earliest",
         web_host=settings.web_host,

@@ -12,6 +12,7 @@ from inference_worker.header import ORIENTATIONS
 from inference_worker.series import SelectionRules
 from scanwatch.logs import LogLevel
 from scanwatch.model_repository import DEFAULT_MODEL_NAME
+from schemas.topics import DEVELOPMENT
 
 
 class Settings(BaseSettings):
@@ -21,6 +22,13 @@ class Settings(BaseSettings):
 
     kafka_bootstrap_servers: str = Field(
         "127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port…]."
+    )
+    topic_replication_factor: int = Field(
+        DEVELOPMENT.factor,
+        ge=1,
+        description="Replication factor of the topics Faust creates (the study table's "
+        "changelog, its assignor's topic): 1 on the single development broker, 3 "
+        "(schemas.topics.PRODUCTION) on a production cluster.",
     )
     app_id: str = Field(
         "scanwatch-inference-worker",
