@@ -24,7 +24,9 @@ APP_USER = "10001:10001"
 
 #: Services whose root filesystem stays writable, and why (the rest: read_only).
 WRITABLE_ROOT = {
-    "kafka": "the apache/kafka entrypoint renders its config into /opt/kafka/config at start",
+    f"kafka-{node}": "the apache/kafka entrypoint renders its config into /opt/kafka/config "
+    "at start"
+    for node in (1, 2, 3)
 }
 
 #: Each of our services: its settings module and the settings that name paths
