@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 from sqlalchemy.engine import Engine
 
-from devtools.kafka_local import LocalKafka
+from devtools.kafka_local import LocalKafka, LocalKafkaCluster
 from devtools.stack import Ports, Stack, StackConfig, StackError
 from scanwatch import care_plan, ids, kafka
 from scanwatch.database import make_engine
@@ -291,6 +291,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_kafka(args: argparse.Namespace) -> int:
     var = _var(args.var)
+    if args.nodes != 1:
+        return _kafka_cluster(args, var)
     broker = LocalKafka(var / "kafka" / "broker", var / "kafka" / "libs", port=args.port)
     if args.action == "start":
         broker.start()
@@ -301,6 +303,33 @@ def cmd_kafka(args: argparse.Namespace) -> int:
         running = broker.pid() is not None
         sys.stdout.write(f"kafka {'running' if running else 'stopped'}\n")
         return 0 if running else 3
+    return 0
+
+
+def _kafka_cluster(args: argparse.Namespace, var: Path) -> int:
+    """``scanwatch kafka … --nodes 3``: production's shape on loopback (node n on port
+    ``--port`` + 2(n - 1), its controller on the port above), state in var/kafka/cluster."""
+    try:
+        cluster = LocalKafkaCluster(
+            var / "kafka" / "cluster",
+            var / "kafka" / "libs",
+            ports=[args.port + 2 * n for n in range(args.nodes)],
+            nodes=args.nodes,
+        )
+    except ValueError as exc:
+        sys.stderr.write(f"kafka: {exc}\n")
+        return 2
+    if args.action == "start":
+        cluster.start()
+        sys.stdout.write(
+            f"kafka cluster of {args.nodes} nodes running at {cluster.bootstrap_servers}\n"
+        )
+    elif args.action == "stop":
+        cluster.stop()
+    else:
+        running = [n for n in cluster.nodes if cluster.pid(n) is not None]
+        sys.stdout.write(f"kafka nodes running: {len(running)} of {args.nodes} {running}\n")
+        return 0 if len(running) == args.nodes else 3
     return 0
 
 
@@ -407,6 +436,13 @@ def parser() -> argparse.ArgumentParser:
     kafka = sub.add_parser("kafka", help="start, stop or check the local Kafka broker")
     kafka.add_argument("action", choices=["start", "stop", "status"])
     kafka.add_argument("--port", type=int, default=9092)
+    kafka.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="1: the development broker (default); 3: production's shape, three KRaft nodes "
+        "(ports --port, +2, +4), topics with three copies and min.insync.replicas 2",
+    )
     kafka.set_defaults(func=cmd_kafka)
 
     topics = sub.add_parser("topics", help="create scanwatch's topics on an existing cluster")

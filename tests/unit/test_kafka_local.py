@@ -1,10 +1,15 @@
-"""The local broker's helpers that need no broker."""
+"""The local broker's and cluster's helpers and configuration, with no broker running."""
 
 from __future__ import annotations
 
 import base64
+from pathlib import Path
 
-from devtools.kafka_local import new_cluster_id
+import pytest
+
+from devtools.cli import parser
+from devtools.kafka_local import LocalKafka, LocalKafkaCluster, new_cluster_id
+from schemas.topics import DEVELOPMENT, PRODUCTION, replication_for
 
 
 def test_cluster_ids_never_look_like_options_and_decode_to_16_bytes():
@@ -13,3 +18,59 @@ def test_cluster_ids_never_look_like_options_and_decode_to_16_bytes():
     for cluster_id in ids:
         assert not cluster_id.startswith("-")
         assert len(base64.urlsafe_b64decode(cluster_id + "==")) == 16
+
+
+def _properties(path: Path) -> dict[str, str]:
+    lines = path.read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line)
+
+
+def test_the_single_broker_is_a_development_broker(tmp_path: Path) -> None:
+    broker = LocalKafka(tmp_path, tmp_path / "libs", port=19092)
+    props = _properties(broker._write_config())
+    assert props["node.id"] == "1"
+    assert props["controller.quorum.voters"] == "1@127.0.0.1:19093"
+    assert props["default.replication.factor"] == str(DEVELOPMENT.factor) == "1"
+    assert props["min.insync.replicas"] == str(DEVELOPMENT.min_insync) == "1"
+
+
+def test_a_cluster_is_three_voters_with_production_replication(tmp_path: Path) -> None:
+    cluster = LocalKafkaCluster(tmp_path, tmp_path / "libs", ports=[19100, 19102, 19104])
+    assert cluster.bootstrap_servers == "127.0.0.1:19100,127.0.0.1:19102,127.0.0.1:19104"
+    written = {n: _properties(node._write_config()) for n, node in cluster.nodes.items()}
+    assert {p["controller.quorum.voters"] for p in written.values()} == {
+        "1@127.0.0.1:19101,2@127.0.0.1:19103,3@127.0.0.1:19105"
+    }
+    assert [p["node.id"] for p in written.values()] == ["1", "2", "3"]
+    for props in written.values():
+        assert props["process.roles"] == "broker,controller"
+        assert props["default.replication.factor"] == str(PRODUCTION.factor) == "3"
+        assert props["offsets.topic.replication.factor"] == "3"
+        assert props["min.insync.replicas"] == str(PRODUCTION.min_insync) == "2"
+        assert props["unclean.leader.election.enable"] == "false"
+    # Every node is formatted with one cluster id.
+    assert len({node.cluster_id for node in cluster.nodes.values()}) == 1
+
+
+def test_a_cluster_keeps_the_id_its_nodes_were_formatted_with(tmp_path: Path) -> None:
+    (tmp_path / "node-2" / "data").mkdir(parents=True)
+    (tmp_path / "node-2" / "data" / "meta.properties").write_text("cluster.id=abcDEF\n")
+    cluster = LocalKafkaCluster(tmp_path, tmp_path / "libs", ports=[19100, 19102, 19104])
+    assert {node.cluster_id for node in cluster.nodes.values()} == {"abcDEF"}
+
+
+def test_fewer_than_three_nodes_are_not_a_production_cluster(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="at least 3 nodes"):
+        LocalKafkaCluster(tmp_path, tmp_path / "libs", nodes=2)
+
+
+def test_topics_get_production_replication_except_on_a_single_broker() -> None:
+    assert replication_for(1) == DEVELOPMENT
+    assert replication_for(3) == replication_for(5) == PRODUCTION
+    assert PRODUCTION.min_insync < PRODUCTION.factor  # one broker may be lost while writing
+
+
+def test_the_cli_starts_a_cluster_with_nodes_3() -> None:
+    args = parser().parse_args(["kafka", "start", "--nodes", "3"])
+    assert (args.action, args.nodes, args.port) == ("start", 3, 9092)
+    assert parser().parse_args(["kafka", "status"]).nodes == 1  # the development default
