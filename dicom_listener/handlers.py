@@ -50,6 +50,7 @@ from dicom_listener.dicom.statuses import (
     OUT_OF_RESOURCES_STORAGE,
     SUCCESS,
 )
+from dicom_listener.dicom.values import decode_uid
 from dicom_listener.metrics import ListenerMetrics
 from dicom_listener.scan import Truncated, Undecodable, scan_part10
 from schemas.events import UID, InstanceReceivedV1
@@ -169,6 +170,13 @@ def _text(value: object) -> str:
     return "" if value is None else str(value).strip()
 
 
+def _uid_text(value: object) -> str:
+    """A UI value without its padding (trailing NUL or space, PS3.5 6.2) and nothing else
+    removed: a UID with a newline or a leading space is refused, not silently repaired into
+    another UID than the dataset's."""
+    return "" if value is None else str(value).rstrip("\x00 ")
+
+
 def _bad(status_code: int, reason: str, comment: str) -> _Refused:
     return _Refused(status_code, reason, comment, quarantine=True)
 
@@ -193,7 +201,8 @@ def _read_with_pydicom(path: Path, transfer_syntax: str) -> dict[str, str]:
         ds = pydicom.dcmread(fp, defer_size=_DEFER_BYTES)
         if transfer_syntax != DeflatedExplicitVRLittleEndian:
             _check_complete(ds, size)
-        return {keyword: _text(ds.get(keyword)) for keyword in (*REQUIRED_UIDS, "Modality")}
+        values = {keyword: _uid_text(ds.get(keyword)) for keyword in REQUIRED_UIDS}
+        return values | {"Modality": _text(ds.get("Modality"))}
 
 
 def _read_values(received: ReceivedInstance) -> dict[str, str]:
@@ -211,10 +220,10 @@ def _read_values(received: ReceivedInstance) -> dict[str, str]:
             except Undecodable:
                 pass
             else:
-                return {
-                    keyword: raw.get(tag, b"").rstrip(b"\x00 ").decode("ascii", "replace").strip()
-                    for keyword, tag in _SCANNED.items()
+                values = {
+                    keyword: decode_uid(raw.get(tag, b"")) for keyword, tag in _SCANNED.items()
                 }
+                return values | {"Modality": values["Modality"].strip()}
         return _read_with_pydicom(received.path, received.transfer_syntax)
     except _Refused:
         raise

@@ -114,7 +114,23 @@ def dataset_offset(buf: _Buffer) -> int:
     if len(buf) < 144 or buf[128:132] != b"DICM" or buf[132:136] != b"\x02\x00\x00\x00":
         raise Undecodable("not a Part 10 file")
     meta_length: int = _U32.unpack_from(buf, 140)[0]  # File Meta Information Group Length
-    return 144 + meta_length
+    end = 144 + meta_length
+    # The group length is checked against the group's own elements (explicit VR little
+    # endian, PS3.10 7.1), which must end exactly there: a wrong one would start the walk
+    # inside an element, or past the end, and read values that are not the dataset's.
+    offset = 144
+    while offset < end:
+        if offset + 8 > len(buf) or _TAG.unpack_from(buf, offset)[0] != 0x0002:
+            raise Undecodable("File Meta group length does not match its elements")
+        if bytes(buf[offset + 4 : offset + 6]) in _LONG_VRS:
+            if offset + 12 > len(buf):
+                raise Undecodable("File Meta ends inside an element")
+            offset += 12 + _U32.unpack_from(buf, offset + 8)[0]
+        else:
+            offset += 8 + _U16.unpack_from(buf, offset + 6)[0]
+    if offset != end or (end + 2 <= len(buf) and _U16.unpack_from(buf, end)[0] == 0x0002):
+        raise Undecodable("File Meta group length does not match its elements")
+    return end
 
 
 def _walk(buf: _Buffer, explicit_vr: bool, wanted: frozenset[int]) -> dict[int, bytes]:

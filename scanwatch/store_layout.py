@@ -25,7 +25,8 @@ FILE_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)*?)(?:\.v([0-9]+))?\.dcm$")
 
 def is_uid(value: str) -> bool:
     """Whether ``value`` is a DICOM UID (digits and dots, at most 64 characters)."""
-    return len(value) <= UID_MAX and UID_RE.match(value) is not None
+    # fullmatch: ``$`` would also match before a trailing newline ("1.2\n" is no UID).
+    return len(value) <= UID_MAX and UID_RE.fullmatch(value) is not None
 
 
 def check_uid(name: str, value: str) -> None:
@@ -41,7 +42,7 @@ def instance_file_name(sop_uid: str, version: int = 1) -> str:
 
 def parse_file_name(name: str) -> tuple[str, int] | None:
     """``(SOPInstanceUID, version)`` of a stored file's name; ``None`` for anything else."""
-    match = FILE_RE.match(name)
+    match = FILE_RE.fullmatch(name)
     if match is None or not is_uid(match.group(1)):
         return None
     return match.group(1), int(match.group(2) or 1)

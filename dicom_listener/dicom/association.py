@@ -81,6 +81,7 @@ from dicom_listener.dicom.pdu import (
 from dicom_listener.dicom.statuses import PROCESSING_FAILURE, SUCCESS
 from dicom_listener.dicom.uids import APPLICATION_CONTEXT, VERIFICATION
 from dicom_listener.dicom.values import decode_uid
+from scanwatch.store_layout import is_uid
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,12 @@ class ServerConfig:
     network_timeout_s: float = 60.0
     ssl_context: ssl.SSLContext | None = None
     reuse_port: bool = False
+
+
+def _uid_or(command: dict[int, bytes], tag: int, default: str) -> str:
+    """The UID ``tag`` of a Command Set, or ``default`` when it is absent or not a UID."""
+    value = decode_uid(command.get(tag, b""))
+    return value if is_uid(value) else default
 
 
 class _Incoming:
@@ -186,6 +193,8 @@ class Association:
         self.accepted: dict[int, tuple[str, str]] = {}
         self.peer_max_pdu = 0
         self.calling = self.called = ""
+        #: Set once an A-ABORT has been sent (every protocol error sends one, PS3.8 9.3.8).
+        self._aborted = False
         self._header = bytearray(6)
         self._pdv = bytearray(6)
         self._chunk = memoryview(bytearray(_CHUNK_BYTES))
@@ -221,6 +230,17 @@ class Association:
 
     # -- association --------------------------------------------------------------------
     def serve(self) -> None:
+        """Negotiate, then serve DIMSE until release or abort. A :class:`ProtocolError` ends it,
+        always after an A-ABORT was sent: the peer is told, whatever broke."""
+        try:
+            self._serve()
+        except ProtocolError:
+            if not self._aborted:
+                with suppress(OSError):
+                    self.sock.sendall(encode_abort(reason=ABORT_INVALID_PARAMETER))
+            raise
+
+    def _serve(self) -> None:
         if isinstance(self.sock, ssl.SSLSocket):
             self.sock.settimeout(self.config.network_timeout_s)
         else:
@@ -320,6 +340,8 @@ class Association:
                 self._read_into(self._header)
                 kind, remaining = PDU_HEADER.unpack(self._header)
                 if kind == A_RELEASE_RQ:
+                    if remaining != 4:  # PS3.8 9.3.6: four reserved bytes, nothing else
+                        self._abort(ABORT_INVALID_PARAMETER, f"A-RELEASE-RQ of {remaining} bytes")
                     self._read_into(bytearray(remaining))
                     self.sock.sendall(encode_pdu(A_RELEASE_RP, bytes(4)))
                     return
@@ -339,6 +361,8 @@ class Association:
                     if length < 2 or remaining < 0 or context_id not in self.accepted:
                         self._abort(ABORT_INVALID_PARAMETER, "PDV: bad length or context")
                     if control & 0x01:  # a command fragment
+                        if request is not None:  # PS3.7 9.3.1: its dataset comes first
+                            self._abort(ABORT_UNEXPECTED_PDU, "command before the dataset ended")
                         if len(command) + length > _MAX_COMMAND:
                             self._abort(ABORT_INVALID_PARAMETER, "command set too large")
                         fragment = bytearray(length - 2)
@@ -371,6 +395,7 @@ class Association:
             size -= n
 
     def _abort(self, reason: int, why: str) -> NoReturn:
+        self._aborted = True
         self.sock.sendall(encode_abort(reason=reason))
         raise ProtocolError(why)
 
@@ -391,9 +416,12 @@ class Association:
             self._abort(ABORT_UNEXPECTED_PDU, f"unsupported DIMSE command 0x{field_ or 0:04X}")
         if us_value(command, DATASET_TYPE) == NO_DATASET:
             self._abort(ABORT_INVALID_PARAMETER, "C-STORE-RQ without a dataset")
-        sop_class = decode_uid(command.get(AFFECTED_SOP_CLASS, b"")) or abstract_syntax
-        sop_instance = decode_uid(command.get(AFFECTED_SOP_INSTANCE, b""))
-        header = file_meta_bytes(sop_class, sop_instance or "0", transfer_syntax)
+        # The File Meta names only valid UIDs (the request's may be anything); the handler
+        # compares the dataset's own with the request's and answers a bad one with a status.
+        sop_class = _uid_or(command, AFFECTED_SOP_CLASS, abstract_syntax)
+        header = file_meta_bytes(
+            sop_class, _uid_or(command, AFFECTED_SOP_INSTANCE, "0"), transfer_syntax
+        )
         return _Request(context_id, command, _Incoming(self.config.incoming_dir, header))
 
     def _on_dataset(self, request: _Request) -> None:
@@ -427,14 +455,14 @@ class Association:
                 incoming.close()
             else:
                 incoming.discard()
-        sop_class = decode_uid(request.command.get(AFFECTED_SOP_CLASS, b"")) or abstract_syntax
+        # Affected SOP Class and Instance UID are echoed (PS3.7 9.3.1.2) when they are UIDs.
         self._send_command(
             request.context_id,
             response_command(
                 C_STORE_RSP,
                 us_value(request.command, MESSAGE_ID) or 0,
-                sop_class,
+                _uid_or(request.command, AFFECTED_SOP_CLASS, abstract_syntax),
                 status,
-                sop_instance,
+                _uid_or(request.command, AFFECTED_SOP_INSTANCE, ""),
             ),
         )

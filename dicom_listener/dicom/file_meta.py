@@ -7,6 +7,7 @@ import struct
 
 from dicom_listener.dicom.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from dicom_listener.dicom.values import pad_even
+from scanwatch.store_layout import check_uid
 
 
 def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
@@ -17,7 +18,17 @@ def _meta_element(element: int, vr: bytes, value: bytes) -> bytes:
 
 
 def file_meta_bytes(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
-    """Preamble, ``DICM`` and File Meta Information (PS3.10 7.1) for a received dataset."""
+    """Preamble, ``DICM`` and File Meta Information (PS3.10 7.1) for a received dataset.
+
+    Raises ``ValueError`` when a value is not a UID (PS3.5 9.1): the association passes only
+    UIDs it checked or negotiated.
+    """
+    for keyword, value in (
+        ("MediaStorageSOPClassUID", sop_class),
+        ("MediaStorageSOPInstanceUID", sop_instance),
+        ("TransferSyntaxUID", transfer_syntax),
+    ):
+        check_uid(keyword, value)
     body = b"".join(
         (
             _meta_element(0x0001, b"OB", b"\x00\x01"),

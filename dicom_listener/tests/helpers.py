@@ -139,16 +139,7 @@ class WireTap:
 
     def statuses(self) -> list[int]:
         """Status (0000,0900) of each DIMSE response the server sent (call after datasets())."""
-        from io import BytesIO
-
-        from pydicom.filereader import read_dataset
-
-        found = []
-        for command in _messages(bytes(self.answered), commands=True):
-            ds = read_dataset(BytesIO(command), is_implicit_VR=True, is_little_endian=True)
-            if "Status" in ds:
-                found.append(int(ds.Status))
-        return found
+        return [int(ds.Status) for ds in responses(bytes(self.answered)) if "Status" in ds]
 
     def datasets(self, timeout: float = 10) -> list[bytes]:
         """The C-STORE datasets the client sent, reassembled from P-DATA-TF PDUs (PS3.8 9.3.5,
@@ -182,3 +173,27 @@ def _messages(stream: bytes, commands: bool) -> list[bytes]:
                 out.append(bytes(current))
                 current = bytearray()
     return out
+
+
+def responses(answered: bytes) -> list[pydicom.Dataset]:
+    """The Command Set of each DIMSE response in what a server sent (P-DATA-TF PDUs)."""
+    from io import BytesIO
+
+    from pydicom.filereader import read_dataset
+
+    return [
+        read_dataset(BytesIO(command), is_implicit_VR=True, is_little_endian=True)
+        for command in _messages(answered, commands=True)
+    ]
+
+
+def pdu_types(answered: bytes) -> list[int]:
+    """The type of each whole PDU in what a server sent (PS3.8 9.3.1)."""
+    i, types = 0, []
+    while i + 6 <= len(answered):
+        length = int.from_bytes(answered[i + 2 : i + 6], "big")
+        if i + 6 + length > len(answered):
+            break
+        types.append(answered[i])
+        i += 6 + length
+    return types

@@ -1,0 +1,121 @@
+"""The fuzz targets (``dicom_listener/fuzz``): every seed and every kept finding replayed
+in-process, and each target run for a few seconds under atheris (coverage-guided, seeded),
+starting from the committed corpus. The long run is ``bench/fuzz_listener.py``."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from dicom_listener.dicom.association import Association
+from dicom_listener.dicom.pdu import A_ABORT, A_ASSOCIATE_AC, ProtocolError
+from dicom_listener.fuzz import seeds, targets
+from dicom_listener.fuzz.targets import TARGETS, WireSocket
+
+FUZZ = Path(targets.__file__).parent
+REGRESSIONS = sorted((FUZZ / "regressions").glob("*/*.bin"))
+ROOT = FUZZ.parent.parent
+#: Seconds of coverage-guided fuzzing per target in the test suite (about 2 minutes in all).
+RUN_SECONDS = {
+    "association": 20,
+    "pdata": 25,
+    "scan": 25,
+    "store": 20,
+    "command": 8,
+    "file_meta": 8,
+}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("path", REGRESSIONS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_a_kept_finding_is_handled(path: Path) -> None:
+    """Each file is an input that once broke its target (or an oracle corner, named after
+    it): the target must now pass it."""
+    TARGETS[path.parent.name](path.read_bytes())
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("name", TARGETS)
+def test_every_seed_passes_its_target(name: str) -> None:
+    for data in seeds.seeds(name):
+        TARGETS[name](data)
+
+
+def serve(data: bytes) -> tuple[list[int], Exception | None]:
+    """Serve ``data`` as a peer's bytes: the PDU types answered, and how it ended."""
+    sock = WireSocket(data)
+    assoc = Association(
+        sock,  # type: ignore[arg-type]
+        "127.0.0.1",
+        targets._server_config(),
+        targets._policy().check,
+        lambda received: targets._check_received(received, []),
+        threading.BoundedSemaphore(1),
+        lambda reason: None,
+    )
+    ended: Exception | None = None
+    try:
+        assoc.serve()
+    except (ProtocolError, ConnectionError) as exc:
+        ended = exc
+    return targets._check_answers(bytes(sock.sent)), ended
+
+
+def test_a_release_request_of_4_gib_is_aborted_not_read() -> None:
+    """An A-RELEASE-RQ is 4 bytes (PS3.8 9.3.6); one claiming 4 GiB was read into a buffer
+    of that size."""
+    release = (FUZZ / "regressions" / "pdata" / "release-rq-of-4-gib.bin").read_bytes()
+    kinds, ended = serve(seeds.associate_rq() + release)
+    assert kinds == [A_ASSOCIATE_AC, A_ABORT]
+    assert isinstance(ended, ProtocolError) and "A-RELEASE-RQ" in str(ended)
+
+
+def test_an_association_request_that_does_not_parse_is_aborted() -> None:
+    rq = seeds.associate_rq()
+    kinds, ended = serve(rq[:6] + rq[6:40])  # header says more than the 34 bytes that follow
+    assert ended is not None and kinds == []  # the peer closed first: no one to tell
+    short = bytes([0x01, 0]) + (10).to_bytes(4, "big") + bytes(10)
+    kinds, ended = serve(short)
+    assert isinstance(ended, ProtocolError) and kinds == [A_ABORT]
+
+
+@pytest.mark.integration  # a libFuzzer process of its own, for seconds
+@pytest.mark.parametrize("name", TARGETS)
+def test_a_short_coverage_guided_run_finds_nothing(name: str, tmp_path: Path) -> None:
+    pytest.importorskip("atheris")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    committed = FUZZ / "corpus" / name
+    for n, path in enumerate(sorted(committed.glob("*")) if committed.is_dir() else []):
+        (corpus / f"committed-{n:05d}").write_bytes(path.read_bytes())
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dicom_listener.fuzz",
+            name,
+            str(corpus),
+            f"-max_total_time={RUN_SECONDS[name]}",
+            "-seed=1",
+            "-timeout=5",  # an input taking longer is reported as a hang
+            "-rss_limit_mb=2048",
+            f"-artifact_prefix={tmp_path}/",
+            "-print_final_stats=1",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=RUN_SECONDS[name] + 120,
+        env=os.environ | {"PYTHONWARNINGS": "ignore"},
+    )
+    tail = run.stderr[-3000:]
+    assert run.returncode == 0, tail
+    assert not list(tmp_path.glob("crash-*")) and not list(tmp_path.glob("timeout-*")), tail
+    runs = re.search(r"stat::number_of_executed_units:\s*(\d+)", run.stderr)
+    assert runs is not None and int(runs.group(1)) > 1000, tail
