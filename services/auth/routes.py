@@ -26,7 +26,7 @@ from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from services.auth import accounts, clients, pages, passwords, smart
+from services.auth import accounts, clients, openapi, pages, passwords, smart
 from services.auth.config import AuthSettings
 from services.auth.deps import AuthSettingsDep, ClientEngine, SmartServerDep, Tokens
 from services.auth.server import AppClient, SmartRequest, SmartServer
@@ -42,6 +42,8 @@ WELL_KNOWN_JWKS_PATH = "/.well-known/jwks.json"
 #: How long a verifier may cache the JWKS (seconds). Short, so that a removed key stops being
 #: trusted soon; a key added is fetched at once anyway (a token with an unknown kid).
 JWKS_MAX_AGE_S = 300
+#: What the OpenAPI document at ``/auth/openapi.json`` calls this server.
+AUTH_TITLE = "scanwatch authorization server"
 #: Most bytes of a token request's form read.
 MAX_FORM_BYTES = 10_000
 
@@ -93,6 +95,12 @@ async def token(request: Request, tokens: Tokens, engine: ClientEngine) -> Respo
     if client.patient:
         granted["patient"] = client.patient
     return JSONResponse(granted, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+
+
+@router.get(openapi.OPENAPI_PATH, include_in_schema=False)
+async def openapi_document(request: Request) -> Response:
+    """The OpenAPI document of these routes (no token needed)."""
+    return JSONResponse(openapi.openapi_document(AUTH_TITLE, request.app.version))
 
 
 @router.get(JWKS_PATH)

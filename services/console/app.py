@@ -32,6 +32,7 @@ from services.console.dead_letters import DeadLetterReader
 from services.console.dicomweb import Console, DicomWebError
 from services.console.index import StoreIndex
 from services.console.metrics import ConsoleMetrics
+from services.console.openapi import OPENAPI_PATH, openapi_document
 from services.console.training_ops import TrainingFeed
 
 SERVICE = "console"
@@ -120,8 +121,10 @@ def create_app(
         lifespan=lifespan,
         docs_url=None,
         redoc_url=None,
-        openapi_url=None,
+        openapi_url=OPENAPI_PATH,
     )
+    document = openapi_document(app.title, app.version)
+    app.openapi = lambda: document  # type: ignore[method-assign]
     app.state.console = state
     app.include_router(dicomweb.router)
     app.state.web = web_state
