@@ -28,6 +28,7 @@ for atheris). Input formats: :mod:`dicom_listener.fuzz.seeds`.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import io
 import logging
@@ -120,8 +121,16 @@ class WireSocket:
 @cache
 def _workdir() -> Path:
     """A folder for the targets' files, on tmpfs when there is one (created on first use)."""
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    return Path(tempfile.mkdtemp(prefix="scanwatch-fuzz-", dir=base))
+    base = Path("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+    # libFuzzer ends its process with C exit(), which skips atexit: a run's folder is removed
+    # by the next one, once the process that made it is gone.
+    for old in base.glob("scanwatch-fuzz-*-*"):
+        pid = old.name.split("-")[2]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(old, ignore_errors=True)
+    path = Path(tempfile.mkdtemp(prefix=f"scanwatch-fuzz-{os.getpid()}-", dir=base))
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 @cache
