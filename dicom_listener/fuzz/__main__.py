@@ -10,6 +10,7 @@ Typical flags: ``-max_total_time=60 -seed=1 -timeout=5`` (an input that takes lo
 
 from __future__ import annotations
 
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -36,7 +37,10 @@ def main(argv: list[str] | None = None) -> None:
         for n, seed in enumerate(seeds(name)):
             (folders[0] / f"seed-{n:03d}").write_bytes(seed)
     quiet()
-    atheris.Setup([f"fuzz-{name}", *rest], target)
+    # libFuzzer runs argv[0] through the shell for -merge and -fork: the command that runs
+    # this target again.
+    again = shlex.join([sys.executable, "-m", "dicom_listener.fuzz", name])
+    atheris.Setup([again, *rest], target)
     atheris.Fuzz()
 
 
