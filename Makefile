@@ -1,5 +1,5 @@
 # One task runner; CI calls these targets unchanged. Every target installs what is missing first.
-.PHONY: setup run test test-fast lint schemas audit
+.PHONY: setup run test test-fast lint schemas audit fuzz
 
 # The packages mypy checks (tests, bench and migrations are left out in pyproject.toml).
 PACKAGES = schemas scanwatch devtools dicom_listener inference_worker services training
@@ -36,6 +36,11 @@ lint: setup
 
 schemas: setup
 	.venv/bin/python -m schemas.export
+
+# The listener's parsers under atheris, 5 minutes a target; the corpus is minimized into
+# dicom_listener/fuzz/corpus/ and the figures appended to bench/fuzz_listener.md.
+fuzz: setup
+	.venv/bin/python bench/fuzz_listener.py --seconds 300
 
 # Known vulnerabilities in both lock files (pip-audit in var/audit/venv; needs the network, so
 # not part of `make test`). Says loudly what it could not audit and exits 0 then; exit 1: a
