@@ -65,7 +65,8 @@ def main() -> int:
                 sent = time.monotonic()
                 url = f"{config.fhir_base}/Observation"
                 params = {"patient": ids.patient_id(None, patient)}
-                while not httpx.get(url, params=params).json().get("total"):
+                headers = stack.fhir_headers()
+                while not httpx.get(url, params=params, headers=headers).json().get("total"):
                     if time.monotonic() - sent > 300:
                         raise SystemExit(f"study {n}: no Observation after 300 s")
                     time.sleep(0.02)

@@ -135,9 +135,10 @@ def pipeline_images_per_s(
         url = f"{config.fhir_base}/Observation"
         model_version = 1
         while pending:
+            headers = stack.fhir_headers()  # fresh each pass: tokens live 15 minutes
             for uid in list(pending):
                 obs_id = ids.observation_id(uid, DEFAULT_MODEL_NAME, model_version)
-                if httpx.get(f"{url}/{obs_id}").status_code == 200:
+                if httpx.get(f"{url}/{obs_id}", headers=headers).status_code == 200:
                     pending.discard(uid)
             if time.monotonic() - start > 900:
                 raise SystemExit(f"{len(pending)} studies not scored after 900 s")

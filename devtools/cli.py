@@ -18,14 +18,13 @@ import httpx
 from sqlalchemy.engine import Engine
 
 from devtools.kafka_local import LocalKafka, LocalKafkaCluster
-from devtools.stack import Ports, Stack, StackConfig, StackError
+from devtools.stack import Ports, Stack, StackConfig, StackError, dev_tokens
 from scanwatch import care_plan, ids, kafka
 from scanwatch.database import make_engine
 from scanwatch.logs import configure_logging
 from services.auth import accounts, clients
 from services.auth.config import AuthSettings
 from services.auth.scopes import parse_scopes
-from services.auth.tokens import TokenService, load_key_set
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,12 +38,6 @@ def _var(value: str | None) -> Path:
 PATIENT_SCOPES = "patient/*.read patient/CommunicationRequest.write"
 #: ``scanwatch token``'s default scopes (without ``--patient``): a backend that reads.
 SYSTEM_SCOPES = "system/*.read"
-
-
-def dev_tokens(var: Path) -> TokenService:
-    """Issues tokens the development stack's FHIR API accepts: signed with its key set
-    (``var/auth/signing-keys.json``, created by the API's first start, or here)."""
-    return TokenService(load_key_set(StackConfig(var=var).signing_keys_file))
 
 
 def dev_token(var: Path, scopes: str, patient_id: str | None = None) -> str:
@@ -347,7 +340,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--no-chatbot",
         action="store_true",
-        help="leave out the patient chatbot (Rasa); the FHIR API then runs without tokens",
+        help="leave out the patient chatbot (Rasa), the portal, the console and the training "
+        "worker; the FHIR API still requires tokens",
     )
     run.set_defaults(func=cmd_run)
 

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -26,6 +27,8 @@ from devtools.kafka_local import LocalKafka
 from devtools.peers import echoscu
 from scanwatch.model_repository import DEFAULT_MODEL_NAME
 from schemas.topics import DEVELOPMENT, PRODUCTION
+from services.auth.scopes import parse_scopes
+from services.auth.tokens import TokenService, load_key_set
 
 #: training.worker.GROUP_ID, written out: importing the worker would load TensorFlow into the
 #: stack's supervisor (tests/unit/test_stack_training.py checks the two agree).
@@ -36,8 +39,11 @@ log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
 CHATBOT = ROOT / "chatbot"
 RASA = ROOT / ".venv-rasa" / "bin" / "rasa"
-#: The client the worker writes results with when the FHIR API requires tokens.
+#: The client the worker writes results with (the FHIR API always requires tokens).
 WORKER_CLIENT = "scanwatch-worker"
+#: Scopes and lifetime of the development token the banner prints (a backend that reads).
+BANNER_SCOPES = "system/*.read"
+BANNER_TOKEN_LIFETIME = timedelta(hours=12)
 #: The patient portal's client id (a confidential SMART app; its secret is made per run).
 PORTAL_CLIENT = "scanwatch-portal"
 #: The staff console's client id (a confidential staff app; its secret is made per run).
@@ -81,8 +87,9 @@ class StackConfig:
     models: Path | None = None  # model repository; default var/models
     kafka_libs: Path | None = None  # default var/kafka/libs
     extra_env: dict[str, str] = field(default_factory=dict)
-    #: Run the patient chatbot (Rasa server and action server). The FHIR API then requires
-    #: tokens (the bot reads with the patient's own), and the worker gets a client to write with.
+    #: Run the patient chatbot (Rasa server and action server), the portal, the console and
+    #: the training worker. The FHIR API requires tokens either way (the worker writes with a
+    #: client of its own, made per run; the bot reads with the patient's token).
     chatbot: bool = False
     chat_models: Path | None = None  # trained chatbot models; default var/chatbot/models
     #: Rasa's HTTP API token (``--auth-token``); the stack makes one when it is None.
@@ -98,6 +105,10 @@ class StackConfig:
     #: The FHIR API's database (``SCANWATCH_FHIR_DATABASE_URL``); None: SQLite in var/fhir.db.
     #: The fault suite runs it on a real PostgreSQL to stop the database under traffic.
     fhir_database_url: str | None = None
+    #: Where clients reach the broker, and the network namespace it runs in (None: this one).
+    #: The fault suite puts it behind a veth pair to cut the network between it and the rest.
+    kafka_host: str = "127.0.0.1"
+    kafka_netns: str | None = None
 
     @property
     def model_repository(self) -> Path:
@@ -156,6 +167,8 @@ class Stack:
             config.kafka_libs or config.var / "kafka" / "libs",
             port=config.ports.kafka,
             controller_port=config.ports.kafka_controller,
+            host=config.kafka_host,
+            netns=config.kafka_netns,
         )
         self.worker_secret = secrets.token_urlsafe(24)
         self.chat_api_token = config.chat_api_token or secrets.token_urlsafe(24)
@@ -251,13 +264,17 @@ class Stack:
         )
 
     def _fhir_auth(self) -> dict[str, str]:
-        """With the chatbot, the FHIR API requires tokens and registers the worker's client."""
-        if not self.config.chatbot:
-            return {}
+        """The FHIR API requires tokens and registers the worker's client (this run's secret);
+        with the web apps, where their sign-in pages send people back to."""
         scopes = "system/*.write system/*.read"
-        return {
+        required = {
             "SCANWATCH_FHIR_AUTH_MODE": "required",
             "SCANWATCH_FHIR_BOOTSTRAP_CLIENTS": f"{WORKER_CLIENT}:{self.worker_secret}:{scopes}",
+        }
+        if not self.config.chatbot:
+            return required
+        return {
+            **required,
             # The activation page links here once a patient has set a password.
             "SCANWATCH_AUTH_PORTAL_URL": self.config.portal_url,
             "SCANWATCH_AUTH_CONSOLE_URL": f"http://127.0.0.1:{self.config.ports.console}",
@@ -431,14 +448,8 @@ class Stack:
                 "SCANWATCH_WORKER_MODEL_SERVER": f"127.0.0.1:{p.model_server}",
                 "SCANWATCH_WORKER_MODEL_NAME": c.model_name,
                 "SCANWATCH_WORKER_FHIR_BASE_URL": c.fhir_base,
-                **(
-                    {
-                        "SCANWATCH_WORKER_FHIR_CLIENT_ID": WORKER_CLIENT,
-                        "SCANWATCH_WORKER_FHIR_CLIENT_SECRET": self.worker_secret,
-                    }
-                    if c.chatbot
-                    else {}
-                ),
+                "SCANWATCH_WORKER_FHIR_CLIENT_ID": WORKER_CLIENT,
+                "SCANWATCH_WORKER_FHIR_CLIENT_SECRET": self.worker_secret,
             },
             lambda: _http_ok(f"http://127.0.0.1:{web}/healthz"),
             kafka=True,
@@ -446,6 +457,18 @@ class Stack:
 
     def service(self, name: str) -> Service:
         return next(s for s in self.services if s.name == name)
+
+    def token(self, scopes: str = BANNER_SCOPES, lifetime: timedelta | None = None) -> str:
+        """A development access token the stack's FHIR API accepts (the tests' and the
+        banner's): signed with its key set, which its first start created."""
+        issued = dev_tokens(self.config.var).issue(
+            "scanwatch-dev", parse_scopes(scopes), None, lifetime
+        )
+        return issued[0]
+
+    def fhir_headers(self, scopes: str = BANNER_SCOPES) -> dict[str, str]:
+        """``Authorization`` with a fresh :meth:`token` (FHIR reads from tests and benches)."""
+        return {"Authorization": f"Bearer {self.token(scopes)}"}
 
     # -- lifecycle ----------------------------------------------------------------------------
     @property
@@ -586,12 +609,11 @@ class Stack:
     def banner(self, patient_id: str = "SW-DEMO-0001") -> str:
         """Where to send DICOM and where to read results, with ready-to-paste commands."""
         c, p = self.config, self.config.ports
-        token = ' -H "Authorization: Bearer $(.venv/bin/scanwatch token)"' if c.chatbot else ""
+        hours = BANNER_TOKEN_LIFETIME.total_seconds() / 3600
         lines = [
             "scanwatch is running.",
             f"  DICOM (C-ECHO, C-STORE): host 127.0.0.1  port {p.dicom}  AE title {c.ae_title}",
-            f"  FHIR R4 API:             {c.fhir_base}"
-            + ("  (bearer tokens required)" if c.chatbot else ""),
+            f"  FHIR R4 API:             {c.fhir_base}  (bearer tokens required)",
             f"  Kafka:                   {self.bootstrap_servers}",
             f"  TF Serving gRPC API:     127.0.0.1:{p.model_server}  model {c.model_name}",
         ]
@@ -613,12 +635,17 @@ class Stack:
         lines += [
             f"  logs:                    {self.logs}/",
             "",
+            f"A development token ({BANNER_SCOPES}, valid {hours:g} h; "
+            "a fresh one: .venv/bin/scanwatch token):",
+            f"  export SCANWATCH_TOKEN={self.token(lifetime=BANNER_TOKEN_LIFETIME)}",
+            "",
             "Send the bundled sample MR study (patient " + patient_id + "):",
             f"  .venv/bin/scanwatch send-sample --port {p.dicom} --ae-title {c.ae_title}",
             "or send your own files with dcmtk:",
             f"  TCP_NODELAY=1 storescu -aec {c.ae_title} +sd +r 127.0.0.1 {p.dicom} <folder>",
             f"then, after the quiet period ({c.quiet_period_s:g} s) and scoring:",
-            f"  curl -s{token} '{c.fhir_base}/Observation?patient=<Patient id>'",
+            f'  curl -s -H "Authorization: Bearer $SCANWATCH_TOKEN" '
+            f"'{c.fhir_base}/Observation?patient=<Patient id>'",
             "  (send-sample prints the exact curl line for its patient)",
         ]
         if c.chatbot:
@@ -640,6 +667,12 @@ CHAT_DEFAULTS = {
     # (bench/chatbot.py); more need a lock store every process sees (connectors/lock_store.py).
     "SANIC_WORKERS": "2",
 }
+
+
+def dev_tokens(var: Path) -> TokenService:
+    """Issues tokens the development stack's FHIR API accepts: signed with its key set
+    (``var/auth/signing-keys.json``, created by the API's first start, or here)."""
+    return TokenService(load_key_set(StackConfig(var=var).signing_keys_file))
 
 
 def _chat_ready(base: str, token: str) -> bool:

@@ -24,8 +24,8 @@ from pydantic import ValidationError
 from dicom_listener.adapters.outbox import Outbox
 from dicom_listener.adapters.publisher import FlushSignal, KafkaSink, OutboxRelay
 from dicom_listener.config import Settings
-from dicom_listener.health import HttpServer
 from dicom_listener.metrics import ListenerMetrics
+from scanwatch.http_access import HttpServer, guard_wsgi
 from scanwatch.logs import configure_logging
 from scanwatch.processes import die_with_parent
 
@@ -87,7 +87,9 @@ def run_publisher(settings: Settings, stop: threading.Event, parent: int) -> int
     if settings.publisher_metrics_port:
         try:
             http = HttpServer(
-                settings.host, settings.publisher_metrics_port, make_wsgi_app(metrics.registry)
+                settings.host,
+                settings.publisher_metrics_port,
+                guard_wsgi(make_wsgi_app(metrics.registry), settings.metrics_secret, settings.host),
             )
             http.start()
         except OSError as exc:  # publishing matters more than its metrics

@@ -23,10 +23,11 @@ from dicom_listener.dicom.association import ServerConfig
 from dicom_listener.dicom.server import StorageServer
 from dicom_listener.dicom.uids import VERIFICATION
 from dicom_listener.handlers import Admission, StoreContext, handle_store
-from dicom_listener.health import HealthCheck, HttpServer, http_app
+from dicom_listener.health import HealthCheck, http_app
 from dicom_listener.metrics import ListenerMetrics
 from dicom_listener.security import AssociationPolicy, server_ssl_context
 from dicom_listener.sop_classes import TRANSFER_SYNTAXES, resolve_storage_classes
+from scanwatch.http_access import HttpServer, metrics_closed_warning
 
 log = logging.getLogger(__name__)
 
@@ -134,9 +135,12 @@ class ListenerApp:
         self._server_thread.start()
         if s.metrics_port and self.primary:
             self._http = HttpServer(
-                s.host, s.metrics_port, http_app(self.metrics.registry, self.health)
+                s.host,
+                s.metrics_port,
+                http_app(self.metrics.registry, self.health, s.metrics_secret, s.host),
             )
             self._http.start()
+            metrics_closed_warning(s.host, s.metrics_secret, "SCANWATCH_LISTENER_METRICS_TOKEN")
         log.info(
             "listening",
             extra={

@@ -6,7 +6,7 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from dicom_listener.sop_classes import ALL_STORAGE, MR_STORAGE_CLASSES, resolve_storage_classes
@@ -178,6 +178,13 @@ class Settings(BaseSettings):
         description="HTTP port of the publisher process's /metrics (Kafka publish latency, "
         "events published, delivery time); 0: off. Used when publisher_process is on.",
     )
+    metrics_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token /metrics requires on the metrics ports (what Prometheus "
+        "sends). Unset: /metrics is open on loopback and refuses everyone elsewhere; /healthz "
+        "is always open.",
+        repr=False,
+    )
     log_level: LogLevel = Field(default="INFO", description=f"One of {', '.join(LOG_LEVELS)}.")
 
     @field_validator("ae_title")
@@ -243,6 +250,11 @@ class Settings(BaseSettings):
                 "(e.g. 'MR1@10.1.2.3,PACS@10.0.0.0/24'); an empty list is for loopback only"
             )
         return self
+
+    @property
+    def metrics_secret(self) -> str | None:
+        """The metrics bearer token's value (None: /metrics open, loopback only)."""
+        return self.metrics_token.get_secret_value() if self.metrics_token else None
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:

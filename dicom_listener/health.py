@@ -11,23 +11,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer
 
 from dicom_listener.adapters.outbox import Outbox
 from dicom_listener.adapters.publisher import OutboxRelay
 from dicom_listener.handlers import Admission
+from scanwatch.http_access import HEALTH_PATH, guard_wsgi
 
 log = logging.getLogger(__name__)
-
-HEALTH_PATH = "/healthz"
 
 
 class HealthCheck:
@@ -93,13 +89,13 @@ class HealthCheck:
         return ok, {"status": "ok" if ok else "unavailable", "checks": checks, **info}
 
 
-class _QuietHandler(WSGIRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        pass
-
-
-def http_app(registry: CollectorRegistry, health: HealthCheck) -> Callable[..., Iterable[bytes]]:
-    metrics_app = make_wsgi_app(registry)
+def http_app(
+    registry: CollectorRegistry, health: HealthCheck, metrics_token: str | None, host: str
+) -> Callable[..., Iterable[bytes]]:
+    """``/healthz`` (open: liveness, no patient data) and ``/metrics`` (``metrics_token``'s
+    bearer only; without one open on a loopback ``host``, closed elsewhere:
+    ``scanwatch.http_access``)."""
+    metrics_app = guard_wsgi(make_wsgi_app(registry), metrics_token, host)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         if environ.get("PATH_INFO") == HEALTH_PATH:
@@ -113,25 +109,3 @@ def http_app(registry: CollectorRegistry, health: HealthCheck) -> Callable[..., 
         return metrics
 
     return app
-
-
-class HttpServer:
-    """The WSGI server in a daemon thread."""
-
-    def __init__(self, host: str, port: int, app: Callable[..., Iterable[bytes]]) -> None:
-        self._server = make_server(
-            host, port, app, server_class=ThreadingWSGIServer, handler_class=_QuietHandler
-        )
-        self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
-
-    @property
-    def port(self) -> int:
-        return int(self._server.server_address[1])
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)

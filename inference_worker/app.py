@@ -27,6 +27,7 @@ from inference_worker.flow import Origin, StudyScorer, WorkerFlow
 from inference_worker.metrics import WorkerMetrics
 from inference_worker.scoring import Scorer
 from scanwatch import kafka
+from scanwatch.http_access import METRICS_CHALLENGE, metrics_allowed, metrics_closed_warning
 from schemas import InferenceResultV1, InstanceReceivedV1, StudyReadyV1, dlq
 from schemas.topics import STUDY_PARTITIONS
 
@@ -90,9 +91,19 @@ def create_app(
         consumer_auto_offset_reset="earliest",
         web_host=settings.web_host,
         web_port=settings.web_port,
+        # Faust's own pages would show the study table's keys (StudyInstanceUIDs) and who owns
+        # them, to anyone who can reach the port: only /healthz and /metrics are served.
+        web_router_enabled=False,
+        web_tables_enabled=False,
+        web_stats_enabled=False,
+        web_graph_enabled=False,
+        web_metrics_enabled=False,
         # An agent that raises must take the whole worker down (its supervisor restarts it and
         # the uncommitted message is redelivered), not leave a half-running worker behind.
         agent_supervisor=mode.CrashingSupervisor,
+    )
+    metrics_closed_warning(
+        settings.web_host, settings.metrics_secret, "SCANWATCH_WORKER_METRICS_TOKEN"
     )
     if metrics is None:
         metrics = scorer.metrics if isinstance(scorer, Scorer) else WorkerMetrics()
@@ -155,6 +166,13 @@ def create_app(
 
     @app.page("/metrics")
     async def prometheus(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
+        authorization = request.headers.get("Authorization")
+        if not metrics_allowed(authorization, settings.metrics_secret, settings.web_host):
+            return web.json(
+                {"status": 401, "error": "/metrics needs the metrics bearer token"},
+                status=401,
+                headers={"WWW-Authenticate": METRICS_CHALLENGE},
+            )
         return web.bytes(
             generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )

@@ -9,6 +9,7 @@ import logging
 import uvicorn
 from pydantic import ValidationError
 
+from scanwatch.http_access import metrics_closed_warning, uvicorn_tls
 from scanwatch.logs import configure_logging
 from services.console.app import SERVICE, create_app
 from services.console.config import Settings
@@ -45,11 +46,15 @@ def main(argv: list[str] | None = None) -> int:
         log.error("invalid settings", extra={"errors": exc.errors(include_url=False)})
         return 2
     configure_logging(SERVICE, settings.log_level)
+    metrics_closed_warning(
+        settings.host, settings.metrics_secret, "SCANWATCH_CONSOLE_METRICS_TOKEN"
+    )
     uvicorn.run(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         log_config=None,  # keep scanwatch's JSON logging
+        **uvicorn_tls(settings.tls_cert_file, settings.tls_key_file),  # type: ignore[arg-type]
         access_log=False,  # paths carry study UIDs
     )
     return 0

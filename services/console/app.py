@@ -18,6 +18,7 @@ from sqlalchemy import Engine
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scanwatch.database import make_engine
+from scanwatch.http_access import MetricsGuard
 from scanwatch.http_metrics import RequestMetrics
 from scanwatch.kafka import EventProducer
 from services.auth.jwks import KeySetUnavailable, RemoteKeySet
@@ -169,6 +170,7 @@ def create_app(
     # The pages' CSP and headers; DICOMweb answers viewers of other origins, left alone.
     app.add_middleware(SecurityHeaders, hsts=settings.secure_cookies, skip=("/dicomweb",))
     app.add_middleware(RequestMetrics, requests=metrics.requests, latency=metrics.latency)
+    app.add_middleware(MetricsGuard, token=settings.metrics_secret, host=settings.host)
     return app
 
 

@@ -14,6 +14,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from scanwatch.database import make_engine
+from scanwatch.http_access import metrics_closed_warning, uvicorn_tls
 from scanwatch.logs import configure_logging
 from services.auth import clients
 from services.auth.config import AuthSettings
@@ -153,12 +154,14 @@ def serve(settings: Settings, overrides: dict[str, object]) -> int:
     finally:
         engine.dispose()
     workers = settings.worker_count
+    metrics_closed_warning(settings.host, settings.metrics_secret, "SCANWATCH_FHIR_METRICS_TOKEN")
     log.info("starting", extra={"host": settings.host, "port": settings.port, "workers": workers})
     common: dict[str, object] = {
         "host": settings.host,
         "port": settings.port,
         "log_config": None,  # keep scanwatch's JSON logging
         "access_log": False,  # request paths carry patient ids; metrics count requests instead
+        **uvicorn_tls(settings.tls_cert_file, settings.tls_key_file),
     }
     if workers == 1:
         uvicorn.run(create_app(settings, database_prepared=True), **common)  # type: ignore[arg-type]

@@ -24,6 +24,7 @@ from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scanwatch.database import make_engine
+from scanwatch.http_access import MetricsGuard
 from scanwatch.http_metrics import RequestMetrics
 from scanwatch.logs import configure_logging
 from scanwatch.processes import die_with_parent
@@ -162,6 +163,7 @@ def create_app(
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=FHIR_MAX_BODY_BYTES)
     app.add_middleware(RequestMetrics, requests=api_metrics.requests, latency=api_metrics.latency)
+    app.add_middleware(MetricsGuard, token=settings.metrics_secret, host=settings.host)
 
     @app.get("/healthz")
     def healthz() -> Response:

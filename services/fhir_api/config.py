@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from scanwatch.network import is_loopback
+from scanwatch.http_access import check_tls_pair
+from scanwatch.network import require_off_loopback
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DATABASE_SCHEMES = ("sqlite", "postgresql")
@@ -42,10 +43,10 @@ class Settings(BaseSettings):
     default_count: int = Field(20, ge=1, description="Search page size when _count is absent.")
     max_count: int = Field(200, ge=1, description="Largest _count honoured; larger is capped.")
     auth_mode: str = Field(
-        "off",
-        description="'required': every /fhir route except metadata needs a bearer token with "
-        "SMART scopes; 'off': no tokens (development only; refused unless the API listens on "
-        "loopback).",
+        "required",
+        description="'required' (the default): every /fhir route except metadata needs a "
+        "bearer token with SMART scopes; 'off': no tokens, for tests only (refused unless the "
+        "API listens on loopback).",
     )
     signing_keys_file: Path = Field(
         DEFAULT_SIGNING_KEYS_FILE,
@@ -102,6 +103,20 @@ class Settings(BaseSettings):
     audit_reads: bool = Field(
         True, description="Record every read, vread, search and history in audit_event."
     )
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="Bearer token /metrics requires (what Prometheus sends). Unset: /metrics "
+        "is open on loopback and refuses everyone elsewhere; /healthz is always open.",
+        repr=False,
+    )
+    tls_cert_file: Path | None = Field(
+        None,
+        description="PEM certificate chain to serve HTTPS with (uvicorn's ssl_certfile); set "
+        "with tls_key_file. Unset: plain HTTP (TLS ended by a proxy in front, or development).",
+    )
+    tls_key_file: Path | None = Field(
+        None, description="PEM private key of tls_cert_file (uvicorn's ssl_keyfile)."
+    )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
 
     @field_validator("database_url")
@@ -136,21 +151,24 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"default_count ({self.default_count}) must not exceed max_count ({self.max_count})"
             )
-        if not is_loopback(self.host) and self.auth_mode != "required":
-            raise ValueError(
-                f"host {self.host!r} is not loopback: set SCANWATCH_FHIR_AUTH_MODE=required "
-                "(the store holds PHI)"
-            )
+        require_off_loopback(
+            self.host,
+            "SCANWATCH_FHIR_AUTH_MODE=required",
+            self.auth_mode == "required",
+            "the store holds PHI; 'off' is for tests on loopback",
+        )
         if self.workers is not None and self.workers > 1 and self.backend == "sqlite":
             raise ValueError(
                 f"workers={self.workers}: a SQLite store is served by one process; "
                 "use PostgreSQL for more"
             )
-        if not is_loopback(self.host) and "signing_keys_file" not in self.model_fields_set:
-            raise ValueError(
-                f"host {self.host!r} is not loopback: set SCANWATCH_FHIR_SIGNING_KEYS_FILE to a "
-                "persistent file shared by every API instance (the token signing keys)"
-            )
+        require_off_loopback(
+            self.host,
+            "SCANWATCH_FHIR_SIGNING_KEYS_FILE",
+            "signing_keys_file" in self.model_fields_set,
+            "a persistent file shared by every API instance: the token signing keys",
+        )
+        check_tls_pair(self.tls_cert_file, self.tls_key_file, "SCANWATCH_FHIR_")
         retired = [name for name in RETIRED_ENVIRONMENT if name in os.environ]
         if retired:
             raise ValueError(
@@ -171,6 +189,11 @@ class Settings(BaseSettings):
     def backend(self) -> str:
         """``sqlite`` or ``postgresql``."""
         return self.database_url.split(":", 1)[0].split("+", 1)[0]
+
+    @property
+    def metrics_secret(self) -> str | None:
+        """The metrics bearer token's value (None: /metrics open, loopback only)."""
+        return self.metrics_token.get_secret_value() if self.metrics_token else None
 
     @property
     def worker_count(self) -> int:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import threading
 from concurrent import futures
-from wsgiref.simple_server import WSGIServer
 
 import grpc
-from prometheus_client import start_http_server
+from prometheus_client import make_wsgi_app
 from tensorflow_serving.apis import model_service_pb2_grpc, prediction_service_pb2_grpc
 
+from scanwatch.http_access import HttpServer, guard_wsgi, metrics_closed_warning
 from services.model_server.config import Settings
 from services.model_server.engine import Engine, TensorFlowEngine
 from services.model_server.handlers import Models, ModelServicer, PredictionServicer
@@ -34,7 +34,7 @@ class ModelServer:
         self.port: int | None = None
         self.metrics_port: int | None = None
         self._server: grpc.Server | None = None
-        self._metrics_server: WSGIServer | None = None
+        self._metrics_server: HttpServer | None = None
         self._stop = threading.Event()
         self._pollers: dict[str, tuple[threading.Thread, threading.Event]] = {}
         self._config_poller: threading.Thread | None = None
@@ -89,10 +89,12 @@ class ModelServer:
         if port == 0:
             raise OSError(f"cannot listen on {bind}")
         if self.settings.metrics_port:
-            self._metrics_server, _ = start_http_server(
-                self.settings.metrics_port, addr=host, registry=self.metrics.registry
-            )
-            self.metrics_port = self._metrics_server.server_port
+            token = self.settings.metrics_secret
+            metrics = guard_wsgi(make_wsgi_app(self.metrics.registry), token, host)
+            metrics_closed_warning(host, token, "SCANWATCH_MODEL_SERVER_METRICS_TOKEN")
+            self._metrics_server = HttpServer(host, self.settings.metrics_port, metrics)
+            self._metrics_server.start()
+            self.metrics_port = self._metrics_server.port
         server.start()
         self._server, self.port = server, port
         for manager in self.managers.values():
@@ -201,8 +203,7 @@ class ModelServer:
         for manager in self.managers.values():
             manager.close()
         if self._metrics_server is not None:
-            self._metrics_server.shutdown()
-            self._metrics_server.server_close()
+            self._metrics_server.stop()
         logger.info("model server stopped", extra={"models": sorted(self.managers)})
 
 

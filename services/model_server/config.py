@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from scanwatch.logs import LogLevel
@@ -120,6 +120,12 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         9112, ge=0, le=65535, description="Prometheus /metrics port on host; 0 turns it off."
     )
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="Bearer token /metrics requires (what Prometheus sends). Unset: /metrics "
+        "is open on loopback and refuses everyone elsewhere.",
+        repr=False,
+    )
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
 
     @field_validator("model_name")
@@ -161,6 +167,11 @@ class Settings(BaseSettings):
             except ConfigError as error:
                 raise ValueError(str(error)) from None
         return self
+
+    @property
+    def metrics_secret(self) -> str | None:
+        """The metrics bearer token's value (None: /metrics open, loopback only)."""
+        return self.metrics_token.get_secret_value() if self.metrics_token else None
 
     @property
     def model_dir(self) -> Path:

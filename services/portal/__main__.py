@@ -9,6 +9,7 @@ import logging
 import uvicorn
 from pydantic import ValidationError
 
+from scanwatch.http_access import metrics_closed_warning, uvicorn_tls
 from scanwatch.logs import configure_logging
 from services.portal.app import SERVICE, create_app
 from services.portal.config import Settings
@@ -37,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("invalid settings", extra={"errors": exc.errors(include_url=False)})
         return 2
     configure_logging(SERVICE, settings.log_level)
+    metrics_closed_warning(settings.host, settings.metrics_secret, "SCANWATCH_PORTAL_METRICS_TOKEN")
     if not (settings.assets_dir / "chart.js").is_dir():
         log.warning(
             "front-end packages missing: the progress chart will not draw; run npm ci in "
@@ -48,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         host=settings.host,
         port=settings.port,
         log_config=None,  # keep scanwatch's JSON logging
+        **uvicorn_tls(settings.tls_cert_file, settings.tls_key_file),  # type: ignore[arg-type]
         access_log=False,  # paths carry result ids
         # An open results page holds an event stream that never ends by itself: on shutdown,
         # close it after a moment instead of waiting for the patient to close the tab.

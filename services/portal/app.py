@@ -18,6 +18,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from scanwatch.http_access import MetricsGuard
 from services.auth.web_errors import install_error_pages
 from services.auth.web_limits import PORTAL_MAX_BODY_BYTES, BodyLimit
 from services.auth.web_security import SecurityHeaders
@@ -77,6 +78,7 @@ def create_app(
     _install_error_handlers(app, state)
     app.add_middleware(BodyLimit, max_bytes=PORTAL_MAX_BODY_BYTES)
     app.add_middleware(SecurityHeaders, hsts=settings.secure_cookies)
+    app.add_middleware(MetricsGuard, token=settings.metrics_secret, host=settings.host)
     return app
 
 

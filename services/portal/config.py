@@ -9,6 +9,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from scanwatch.http_access import check_tls_pair
 from scanwatch.logs import LogLevel
 from scanwatch.network import is_loopback
 
@@ -40,8 +41,9 @@ class Settings(BaseSettings):
     )
     client_id: str = Field(DEFAULT_CLIENT_ID, description="The portal's registered client id.")
     client_secret: SecretStr = Field(
+        SecretStr(""),
         description="The portal's client secret (a confidential client: it authenticates to "
-        "the token and revocation endpoints with it). Required.",
+        "the token and revocation endpoints with it). Required: no default, refused empty.",
         repr=False,
     )
     chat_url: str = Field(
@@ -91,6 +93,20 @@ class Settings(BaseSettings):
         description="Where npm installed the front-end packages (chart.js) that the portal "
         "serves itself at /static/vendor/ (never a CDN).",
     )
+    metrics_token: SecretStr | None = Field(
+        None,
+        description="Bearer token /metrics requires (what Prometheus sends). Unset: /metrics "
+        "is open on loopback and refuses everyone elsewhere; /healthz is always open.",
+        repr=False,
+    )
+    tls_cert_file: Path | None = Field(
+        None,
+        description="PEM certificate chain to serve HTTPS with (uvicorn's ssl_certfile); set "
+        "with tls_key_file. Unset: plain HTTP (TLS ended by a proxy in front, or development).",
+    )
+    tls_key_file: Path | None = Field(
+        None, description="PEM private key of tls_cert_file (uvicorn's ssl_keyfile)."
+    )
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
 
     @field_validator("fhir_base_url", "chat_url", "public_url")
@@ -116,7 +132,11 @@ class Settings(BaseSettings):
         if self.session_idle_s > self.session_max_s:
             raise ValueError("session_idle_s must not exceed session_max_s")
         if not self.client_secret.get_secret_value():
-            raise ValueError("client_secret must not be empty")
+            raise ValueError(
+                "client_secret must not be empty: set SCANWATCH_PORTAL_CLIENT_SECRET (the "
+                "portal's secret at the authorization server; it has no default)"
+            )
+        check_tls_pair(self.tls_cert_file, self.tls_key_file, "SCANWATCH_PORTAL_")
         public = urlsplit(self.base_url)
         local = is_loopback(self.host) and is_loopback(public.hostname or "")
         if not local:
@@ -131,6 +151,11 @@ class Settings(BaseSettings):
                     "cookie must only travel over HTTPS"
                 )
         return self
+
+    @property
+    def metrics_secret(self) -> str | None:
+        """The metrics bearer token's value (None: /metrics open, loopback only)."""
+        return self.metrics_token.get_secret_value() if self.metrics_token else None
 
     @property
     def base_url(self) -> str:

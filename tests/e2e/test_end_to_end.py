@@ -87,7 +87,9 @@ def test_storescu_study_becomes_a_queryable_observation(
     fhir = stack.config.fhir_base
 
     def observations():
-        bundle = httpx.get(f"{fhir}/Observation", params={"patient": patient}).json()
+        bundle = httpx.get(
+            f"{fhir}/Observation", params={"patient": patient}, headers=stack.fhir_headers()
+        ).json()
         return bundle if bundle.get("total") else None
 
     bundle = wait_for(observations, timeout=180)
@@ -114,7 +116,9 @@ def test_storescu_study_becomes_a_queryable_observation(
     assert sum(probabilities) == pytest.approx(1.0, abs=1e-3)
     assert obs["valueQuantity"]["value"] == pytest.approx(1 - probabilities[0], abs=1e-3)
 
-    device = httpx.get(f"{fhir}/Device/{ids.device_id(model_name, 1)}").json()
+    device = httpx.get(
+        f"{fhir}/Device/{ids.device_id(model_name, 1)}", headers=stack.fhir_headers()
+    ).json()
     assert device["version"][0]["value"] == "1"
 
     # The heatmaps follow the score: a Secondary Capture series beside the study, listed in
@@ -122,7 +126,9 @@ def test_storescu_study_becomes_a_queryable_observation(
     # machine the quiet period can pass mid-send (issue 20, point 6): the study is then
     # scored on its first slices and amended when the rest arrive, so wait for the whole one.
     def with_heatmaps():
-        study = httpx.get(f"{fhir}/ImagingStudy/{ids.imaging_study_id(study_uid)}").json()
+        study = httpx.get(
+            f"{fhir}/ImagingStudy/{ids.imaging_study_id(study_uid)}", headers=stack.fhir_headers()
+        ).json()
         series = study.get("series", [])
         whole = len(series) == 2 and series[1]["numberOfInstances"] == SCORED_SLICES
         return study if whole else None
@@ -146,7 +152,11 @@ def test_storescu_study_becomes_a_queryable_observation(
 
 def observations_of(stack: Stack, patient_id: str) -> dict:
     patient = ids.patient_id(None, patient_id)
-    return httpx.get(f"{stack.config.fhir_base}/Observation", params={"patient": patient}).json()
+    return httpx.get(
+        f"{stack.config.fhir_base}/Observation",
+        params={"patient": patient},
+        headers=stack.fhir_headers(),
+    ).json()
 
 
 def test_concurrent_studies_each_get_exactly_one_observation(stack: Stack, tmp_path: Path):
@@ -210,7 +220,9 @@ def test_late_instances_amend_the_observation(stack: Stack, tmp_path: Path):
     fhir = stack.config.fhir_base
 
     def with_all_heatmaps():
-        imaging = httpx.get(f"{fhir}/ImagingStudy/{ids.imaging_study_id(study_uid)}").json()
+        imaging = httpx.get(
+            f"{fhir}/ImagingStudy/{ids.imaging_study_id(study_uid)}", headers=stack.fhir_headers()
+        ).json()
         series = imaging.get("series", [])
         return imaging if len(series) == 2 and series[1]["numberOfInstances"] == 10 else None
 
@@ -246,11 +258,11 @@ def test_model_server_outage_parks_the_study_and_loses_nothing(stack: Stack, tmp
         )
         assert not observations_of(stack, "SW-E2E-OUTAGE").get("total")
         # Received, not scored: what a patient asking now is told.
-        assert httpx.get(study).json()["status"] == "registered"
+        assert httpx.get(study, headers=stack.fhir_headers()).json()["status"] == "registered"
     finally:
         stack.release("model-server")
     assert wait_for(lambda: observations_of(stack, "SW-E2E-OUTAGE").get("total"), 180) == 1
-    assert httpx.get(study).json()["status"] == "available"
+    assert httpx.get(study, headers=stack.fhir_headers()).json()["status"] == "available"
 
 
 def test_unusable_study_goes_to_the_dead_letter_topic(stack: Stack, tmp_path: Path):

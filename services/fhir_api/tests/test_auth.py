@@ -254,9 +254,13 @@ def test_jwks_serves_the_public_keys_only(
     key = jwt.PyJWK(published[0]).key
     assert jwt.decode(token, key, algorithms=["ES256"], audience="scanwatch-fhir-api")["patient"]
     assert not hasattr(key, "private_numbers")
-    # Authorization off: no keys to publish.
+    # Authorization off (tests only): no keys to publish.
     keys_file = tmp_path / "off" / "signing-keys.json"
-    off = Settings(database_url=f"sqlite:///{tmp_path / 'off.db'}", signing_keys_file=keys_file)
+    off = Settings(
+        database_url=f"sqlite:///{tmp_path / 'off.db'}",
+        signing_keys_file=keys_file,
+        auth_mode="off",
+    )
     with TestClient(create_app(off)) as open_client:
         assert open_client.get(JWKS_PATH).status_code == 404
     assert not keys_file.exists()

@@ -282,8 +282,9 @@ def test_healthz_and_metrics(client: TestClient) -> None:
 def test_settings_refuse_unsafe_or_inconsistent_values(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="max_count"):
         Settings(default_count=300, max_count=200)
+    assert Settings().auth_mode == "required"  # 'off' is for tests, and loopback only
     with pytest.raises(ValueError, match="AUTH_MODE=required"):
-        Settings(host="0.0.0.0")
+        Settings(host="0.0.0.0", auth_mode="off")
     with pytest.raises(ValueError, match="database_url"):
         Settings(database_url="mysql://x")
     with pytest.raises(ValueError, match="auth_mode"):
