@@ -126,8 +126,8 @@ class Settings(BaseSettings):
     )
     fhir_client_id: str | None = Field(
         None,
-        description="Client id registered with the FHIR API (scopes system/*.write); unset when "
-        "the API runs without tokens (development).",
+        description="Client id registered with the FHIR API (scopes system/*.write). The API "
+        "requires tokens by default (make run too); unset only against one without (tests).",
     )
     fhir_client_secret: str | None = Field(
         None, description="Secret of fhir_client_id.", repr=False
