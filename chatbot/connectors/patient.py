@@ -16,7 +16,10 @@ On every message, before Rasa sees it:
   ``sender`` or ``metadata`` in the body is ignored;
 - each patient gets at most ``burst`` messages at once and ``rate_per_minute`` after that (429),
   counted by each Rasa server process (with ``SANIC_WORKERS`` = n, up to n times that);
-- the message is at most ``max_message_chars`` long (413).
+- the body is at most :data:`MAX_BODY_BYTES` (413, read no further: the route streams its body,
+  so Sanic does not read a large one whole first) and JSON ``{"message": "..."}`` (400, also for
+  JSON nested deeper than the parser goes); the message is at most ``max_message_chars`` long
+  (413).
 
 The verified token and patient travel to the action server in the message's metadata (the
 tracker store removes the token before a conversation is stored: ``connectors.tracker_store``).
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import logging
 import math
 import time
@@ -37,7 +41,6 @@ from typing import Any
 
 from rasa.core.channels.channel import CollectingOutputChannel, InputChannel, UserMessage
 from sanic import Blueprint, response
-from sanic.exceptions import InvalidUsage
 from sanic.request import Request
 from sanic.response import HTTPResponse
 
@@ -55,6 +58,9 @@ READ_TYPES = ("Observation", "DiagnosticReport", "MedicationRequest", "Appointme
 DEFAULT_MAX_MESSAGE_CHARS = 1000
 DEFAULT_RATE_PER_MINUTE = 30.0
 DEFAULT_BURST = 10
+#: Most bytes of a message's body read (the portal's forms have the same limit); a message of
+#: ``max_message_chars`` fits many times over, even with every character escaped.
+MAX_BODY_BYTES = 64 * 1024
 #: Patients whose rate-limit state is kept (least recently seen dropped first).
 MAX_TRACKED_PATIENTS = 100_000
 
@@ -101,6 +107,22 @@ class RateLimiter:
         while len(self._buckets) > MAX_TRACKED_PATIENTS:
             self._buckets.popitem(last=False)
         return wait
+
+
+async def _body(request: Request) -> bytes | None:
+    """The streamed body of ``request``, read until it ends; ``None`` as soon as it passes
+    :data:`MAX_BODY_BYTES` (or declares more), without reading the rest."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    while (chunk := await request.stream.read()) is not None:
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> HTTPResponse:
@@ -158,7 +180,7 @@ class PatientInput(InputChannel):
         async def health(_: Request) -> HTTPResponse:
             return response.json({"status": "ok"})
 
-        @webhook.route("/webhook", methods=["POST"])
+        @webhook.route("/webhook", methods=["POST"], stream=True)
         async def receive(request: Request) -> HTTPResponse:
             try:
                 token, patient = await self.authenticate(request.headers.get("Authorization"))
@@ -177,9 +199,12 @@ class PatientInput(InputChannel):
                     "too many messages; wait a moment and try again",
                     {"Retry-After": str(math.ceil(wait))},
                 )
+            raw = await _body(request)
+            if raw is None:
+                return _error(413, f"a message's body is at most {MAX_BODY_BYTES} bytes")
             try:
-                body = request.json
-            except InvalidUsage:  # not JSON
+                body = json.loads(raw)
+            except (ValueError, RecursionError):  # not UTF-8 JSON, or nested too deep
                 body = None
             text = body.get("message") if isinstance(body, dict) else None
             if not isinstance(text, str) or not text.strip():
