@@ -15,12 +15,15 @@ import sys
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from scanwatch.logs import configure_logging
 from scanwatch.model_repository import DEFAULT_MODEL_NAME
+
+if TYPE_CHECKING:
+    from scanwatch.model_registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +176,21 @@ def _print_outcome(outcome: Any) -> None:
         sys.stdout.write(f"candidate: `python -m training models promote {outcome.version}`\n")
 
 
+def _saved_model(registry: Registry, name: str, version: int | None) -> tuple[int, Path] | None:
+    """The version asked for (else the served one) and its SavedModel; ``None`` after saying on
+    stderr why there is none."""
+    served = registry.served_versions(name)
+    version = version or (served[-1] if served else None)
+    if version is None:
+        sys.stderr.write(f"{name} has no served version; pass --version\n")
+        return None
+    location = registry.location(name, version)
+    if location is None:
+        sys.stderr.write(f"{name} version {version} has no SavedModel\n")
+        return None
+    return version, location
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a published version (or a run's best weights) on a dataset's test split."""
     from scanwatch.model_registry import Registry
@@ -188,15 +206,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     settings = _settings(args)
     registry = Registry(settings.repository)
     name = settings.model_name
-    served = registry.served_versions(name)
-    version = args.version or (served[-1] if served else None)
-    if version is None:
-        sys.stderr.write(f"{name} has no served version; pass --version\n")
+    found = _saved_model(registry, name, args.version)
+    if found is None:
         return 1
-    location = registry.location(name, version)
-    if location is None:
-        sys.stderr.write(f"{name} version {version} has no SavedModel\n")
-        return 1
+    version, location = found
     out = Path(args.out or settings.runs_dir / f"evaluate-{name}-{version}")
     out.mkdir(parents=True, exist_ok=True)
     data, path = load_dataset(
@@ -255,12 +268,10 @@ def cmd_operating_point(args: argparse.Namespace) -> int:
     settings = _settings(args)
     registry = Registry(settings.repository)
     name = settings.model_name
-    served = registry.served_versions(name)
-    source_version = args.version or (served[-1] if served else None)
-    location = None if source_version is None else registry.location(name, source_version)
-    if source_version is None or location is None:
-        sys.stderr.write(f"{name} has no such version with a SavedModel; pass --version\n")
+    found = _saved_model(registry, name, args.version)
+    if found is None:
         return 1
+    source_version, location = found
     if args.studies is not None:
         path = args.studies
     elif args.dataset == "studies":
