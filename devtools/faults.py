@@ -523,7 +523,7 @@ def run_row(
     row = Row(fault.name, len(studies), instances)
     sender = sender or Sender("127.0.0.1", config.ports.dicom, config.ae_title)
     run = FaultRun(stack, sender, postgres=postgres, hold_s=hold_s)
-    tail = Tail(stack.kafka.bootstrap_servers, {s.study_uid for s in studies})
+    tail = Tail(stack.bootstrap_servers, {s.study_uid for s in studies})
     # A tuple: a count of 0 (a listener just started) is an answer too.
     answered: tuple[int] | None = wait_for(
         lambda: (n,) if (n := listener_received(stack)) is not None else None,
@@ -569,7 +569,7 @@ def run_row(
                 mine = [r for r in results if r.StudyInstanceUID == study.study_uid]
                 if not _complete(mine, acked):
                     return False
-            return total_lag(stack.kafka.bootstrap_servers) == 0
+            return total_lag(stack.bootstrap_servers) == 0
 
         try:
             wait_for(settled, settle_timeout_s, "every study scored and no consumer lag", 0.5)

@@ -46,6 +46,14 @@ def test_every_topic_gets_production_replication() -> None:
     assert env("inference-worker")["SCANWATCH_WORKER_TOPIC_REPLICATION_FACTOR"] == factor
 
 
+def test_the_listener_outwaits_the_brokers_noticing_a_dead_one() -> None:
+    """A batch whose acks=all wait outlasts the listener's timeout is sent again although it
+    was written; the brokers fence a dead broker after 9 s (Kafka's default
+    broker.session.timeout.ms), so the listener's timeout must be longer (measured:
+    tests/faults/test_broker_leader.py, 3 of 60 events twice at 10 s)."""
+    assert float(env("dicom-listener")["SCANWATCH_LISTENER_KAFKA_TIMEOUT_S"]) >= 20
+
+
 def test_every_client_is_given_all_three_brokers() -> None:
     every = ",".join(f"{b}:9092" for b in BROKERS)
     clients = {
