@@ -507,6 +507,9 @@ class Stack:
             stdout=out,
             stderr=subprocess.STDOUT,
             cwd=service.cwd,
+            # Its own process group, signalled whole (_signal): a service's own children (Rasa's
+            # worker processes) went on running after their parent was stopped or killed.
+            start_new_session=True,
         )
         out.close()
         log.info("started", extra={"service": service.name, "pid": service.process.pid})
@@ -544,6 +547,7 @@ class Stack:
                 if proc is None or proc.poll() is None or service.held or self._stopping.is_set():
                     continue
                 service.restarts += 1
+                _signal(proc, signal.SIGKILL)  # what the dead service left behind
                 pause = min(2.0 ** min(service.restarts, 5), 30.0)
                 log.warning(
                     "service exited; restarting",
@@ -561,7 +565,7 @@ class Stack:
             return
         proc = self.service(name).process
         if proc is not None:
-            proc.kill()
+            _signal(proc, signal.SIGKILL)
 
     def hold(self, name: str) -> None:
         """Stop one service, or ``"kafka"`` the broker, and keep it down (an outage) until
@@ -573,7 +577,7 @@ class Stack:
         service = self.service(name)
         service.held = True
         if service.process is not None and service.process.poll() is None:
-            service.process.terminate()
+            _signal(service.process, signal.SIGTERM)
             service.process.wait(timeout=30)
 
     def release(self, name: str, timeout: float = 120.0) -> None:
@@ -594,15 +598,16 @@ class Stack:
             self._supervisor.join(timeout=5)
         for service in reversed(self.services):
             if service.process is not None and service.process.poll() is None:
-                service.process.send_signal(signal.SIGTERM)
+                _signal(service.process, signal.SIGTERM)
         for service in reversed(self.services):
             if service.process is None:
                 continue
             try:
                 service.process.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                service.process.kill()
+                _signal(service.process, signal.SIGKILL)
                 service.process.wait()
+            _signal(service.process, signal.SIGKILL)  # what the service left behind
         if self._uses_kafka:
             self.kafka.stop()
 
@@ -673,6 +678,15 @@ def dev_tokens(var: Path) -> TokenService:
     """Issues tokens the development stack's FHIR API accepts: signed with its key set
     (``var/auth/signing-keys.json``, created by the API's first start, or here)."""
     return TokenService(load_key_set(StackConfig(var=var).signing_keys_file))
+
+
+def _signal(process: subprocess.Popen[bytes], signum: int) -> None:
+    """Send ``signum`` to a service's process group (the service and every process it
+    started); a group already gone is fine."""
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 def _chat_ready(base: str, token: str) -> bool:
