@@ -17,6 +17,12 @@ from services.fhir_api.store import ResourceStore
 
 audit_log = logging.getLogger("scanwatch.fhir.audit")
 
+#: Answers whose id names no stored resource: the id is whatever the client put in the URL
+#: (an integration engine that sends a patient's MRN as the Patient id would write the MRN to
+#: the log and the table), so it is not recorded. Ids of stored resources are server-made
+#: pseudonyms (``scanwatch.ids``), recorded like UIDs (SECURITY.md, "Logging").
+ID_NOT_RECORDED = frozenset({400, 404})
+
 
 def record_audit(
     connection: Connection,
@@ -34,6 +40,8 @@ def record_audit(
     transaction it has open for the read is ended first, so the insert starts a short write
     transaction of its own (SQLite: never an upgrade of a read snapshot)."""
     names = ",".join(sorted(set(parameters)))[:500] or None
+    if status in ID_NOT_RECORDED:
+        resource_id = None
     audit_log.info(
         "fhir read",
         extra={

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -191,6 +192,25 @@ def test_reads_are_audited_without_phi(client: TestClient) -> None:
     assert events[1].parameters == "_count,identifier"
     dumped = json.dumps([e.model_dump(mode="json") for e in events])
     assert "SECRET-MRN" not in dumped and "AUDITED" not in dumped
+
+
+def test_an_id_that_names_nothing_is_not_audited(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An MRN sent as a Patient id (or any unknown id) reaches neither the audit log nor the
+    table: only ids of stored resources are recorded."""
+    caplog.set_level(logging.INFO, logger="scanwatch.fhir.audit")
+    observation = write(client, scored("9.2", "AUDITED-2"))
+    assert client.get("/fhir/Patient/MRN-0042-SECRET").status_code == 404
+    assert client.get("/fhir/Observation/MRN-0042-SECRET/_history").status_code == 404
+    assert client.get(f"/fhir/Observation/{observation['id']}").status_code == 200
+    with Session(client.app.state.store.engine) as session:
+        events = session.exec(select(AuditEvent).order_by(AuditEvent.pk)).all()
+    # (a history of nothing is refused before it is audited)
+    assert [(e.status, e.resource_id) for e in events] == [(404, None), (200, observation["id"])]
+    audit_lines = [r for r in caplog.records if r.name == "scanwatch.fhir.audit"]
+    assert [getattr(r, "id", "missing") for r in audit_lines] == [None, observation["id"]]
+    assert "MRN-0042" not in caplog.text
 
 
 def test_cli_registers_clients_and_issues_tokens(
