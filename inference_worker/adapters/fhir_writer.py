@@ -7,7 +7,9 @@ A result a clinician signed is never overwritten: an Observation or DiagnosticRe
 current status is signed (:data:`scanwatch.clinical_review.SIGNED_STATUSES`) is left alone by a
 redelivered or re-scored result of the same (study, model, version). The check and the write
 are one conditional update (``If-Match`` on the version read), so a signature that lands in
-between makes the write fail with 412 and the writer reads again.
+between makes the write fail with 412 and the writer reads again. A result that is the stored
+one but for ``issued`` (the same study scored again after it was announced again) is not
+written: it would be a new version that changes nothing.
 
 When the FHIR API requires tokens, the writer is a registered backend client: it gets a bearer
 token with the OAuth 2.0 client-credentials grant (HTTP Basic client authentication), keeps it
@@ -43,6 +45,19 @@ SIGNED_TYPES = ("Observation", "DiagnosticReport")
 #: Reads and conditional writes of one such resource before giving up (each 412 is a change
 #: that landed in between).
 CONDITIONAL_ATTEMPTS = 3
+#: Elements a rescoring changes without changing the result: ``issued`` is the ready event's
+#: time, and a study announced again (after a worker crash, a rebalance, a park) has a new one.
+REISSUE_ONLY = frozenset({"issued"})
+
+
+def same_result(current: dict[str, Any], resource: dict[str, Any]) -> bool:
+    """Whether ``resource`` says what the stored ``current`` says, but for when it was issued
+    (the server's ``meta`` aside): writing it would only make a version that changes nothing
+    (the fault suite counted such versions after a worker was killed: issue 19)."""
+    ignored = REISSUE_ONLY | {"meta"}
+    return {k: v for k, v in current.items() if k not in ignored} == {
+        k: v for k, v in resource.items() if k not in ignored
+    }
 
 
 def token_url_for(base_url: str) -> str:
@@ -129,20 +144,24 @@ class FhirWriter:
                     await self.put(resource)
 
     async def put_unless_signed(self, resource: dict[str, Any]) -> bool:
-        """Write ``resource`` unless its current version is signed; whether it was written.
-        The write is conditional on the version read (``If-Match``)."""
+        """Write ``resource`` unless its current version is signed or already says the same
+        (:func:`same_result`); whether it was written. The write is conditional on the version
+        read (``If-Match``)."""
         for _attempt in range(CONDITIONAL_ATTEMPTS):
             found = await self._send("GET", resource)
             if found.status_code in (404, 410):
                 await self.put(resource)  # nothing to sign yet: a plain update as create
                 return True
             found.raise_for_status()
-            if found.json().get("status") in SIGNED_STATUSES:
+            current = found.json()
+            if current.get("status") in SIGNED_STATUSES:
                 log.info(
                     "signed result left alone",
                     extra={"resourceType": resource["resourceType"], "id": resource["id"]},
                 )
                 return False
+            if same_result(current, resource):
+                return False  # the same result scored again: it stays as first issued
             written = await self._send("PUT", resource, if_match=found.headers.get("ETag"))
             if written.status_code != 412:
                 written.raise_for_status()

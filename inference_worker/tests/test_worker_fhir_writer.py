@@ -84,6 +84,41 @@ def test_writer_gets_a_token_and_writes(api):
     assert stored.json()["meta"]["versionId"] == "1"  # the second write changed nothing
 
 
+def test_the_same_result_scored_again_is_not_a_new_version(api):
+    """A study announced again (a worker killed, a rebalance) is scored again with a new ready
+    event, so a new ``issued``: the Observation keeps its version and its first ``issued``; a
+    result that differs is written (issue 19's fault suite)."""
+    first = study()
+    again = ScoredStudy(**(vars(first) | {"issued": datetime(2026, 1, 1, 1, tzinfo=UTC)}))
+    changed = ScoredStudy(**(vars(again) | {"probabilities": (0.6, 0.4)}))
+    writer = FhirWriter(api, client_id=CLIENT, client_secret=SECRET)
+    token = httpx.post(
+        token_url_for(api), data={"grant_type": "client_credentials"}, auth=(CLIENT, SECRET)
+    ).json()["access_token"]
+
+    def stored() -> dict:
+        [resource] = [r for r in resources_for(first) if r["resourceType"] == "Observation"]
+        url = f"{api}/Observation/{resource['id']}"
+        return httpx.get(url, headers={"Authorization": f"Bearer {token}"}).json()
+
+    async def write(scored: ScoredStudy) -> None:
+        try:
+            await writer.put_all(resources_for(scored))
+        finally:
+            await writer.close()
+
+    asyncio.run(write(first))
+    before = stored()
+    asyncio.run(write(again))
+    after = stored()
+    assert after["meta"]["versionId"] == before["meta"]["versionId"]
+    assert after["issued"] == before["issued"]
+    asyncio.run(write(changed))
+    amended = stored()
+    assert int(amended["meta"]["versionId"]) == int(before["meta"]["versionId"]) + 1
+    assert amended["issued"] != before["issued"]
+
+
 def test_put_missing_writes_a_registered_study_once_and_never_over_a_scored_one(api):
     writer = FhirWriter(api, client_id=CLIENT, client_secret=SECRET)
     scored = study()
