@@ -13,8 +13,9 @@ counts (:class:`Row`).
 What each column means (the same words in ``bench/faults.md``):
 
 - **acked**: instances storescu saw answered Success (its ``-v`` log), each counted once;
-  **resent**: instances sent again after a broken association or a failure status;
-  **refused**: C-STOREs answered with a failure status (by status text).
+  **resent**: instances handed to storescu again after a broken association or a failure
+  status (each retry counts the study's whole remainder, also when the connection was refused);
+  **associations**: storescu runs; **refused**: C-STOREs answered with a failure status.
 - **stored**: acked instances whose file is in the store (any version).
 - **events** / **distinct**: ``dicom.instance.received.v1`` records of the row's studies,
   all of them and distinct SOPInstanceUIDs (at-least-once: more records than distinct ones is
@@ -22,10 +23,15 @@ What each column means (the same words in ``bench/faults.md``):
 - **scored**: studies with an ``inference.result.v1`` whose ``slice_count`` covers every
   acked instance of the study; **rescored**: further results of a complete study (a
   redelivery after a crash); the same probabilities are harmless, other ones count as
-  duplicated.
-- **obs**: FHIR Observations of the row's patients; more than one per (study, model version)
-  counts as duplicated.
-- **dlq**: dead letters keyed by one of the row's studies, on every ``<topic>.dlq``.
+  duplicated; **partial**: results on part of a study (its quiet period passed before the rest
+  arrived: the Observation is amended when it does, not duplicated).
+- **observations**: FHIR Observations of the row's patients; more than one per (study, model
+  version) counts as duplicated; **obs_versions**: their summed ``meta.versionId`` (above
+  observations: an Observation was amended, e.g. scored on the slices that had arrived when the
+  quiet period passed mid-send, then again whole); **reissued**: Observation versions whose
+  result is the previous version's (only ``issued`` or the narrative changed): a rescoring
+  that changed the Observation, counted as duplicated.
+- **dead_letters**: dead letters keyed by one of the row's studies, on every ``<topic>.dlq``.
 - **lost**: per study, the most acked instances missing from any of: the store, the events,
   the scoring (the complete result's ``slice_count``), an Observation.
 - **recover_s**: from the later of the fault's end (the component healthy again, space freed,
@@ -37,6 +43,8 @@ What each column means (the same words in ``bench/faults.md``):
 from __future__ import annotations
 
 import contextlib
+import errno
+import itertools
 import logging
 import os
 import re
@@ -71,6 +79,9 @@ DEAD_LETTER_TOPICS = tuple(t.name for t in TOPICS if t.name.endswith(".dlq"))
 _SENDING = re.compile(r"^I: Sending file: (.+)$")
 _RESPONSE = re.compile(r"^I: Received Store Response \((.+)\)$")
 _RECEIVED_METRIC = "scanwatch_listener_instances_received_total"
+#: Observation elements that may change without the result changing (when it was issued, the
+#: generated narrative).
+RESULT_NEUTRAL = frozenset({"issued", "text"})
 
 
 # --- studies and the sender ---------------------------------------------------------------------
@@ -260,6 +271,34 @@ def observations(stack: Stack, patient_id: str) -> list[dict]:
     return [e["resource"] for e in answer.json().get("entry", [])]
 
 
+def unchanged_versions(stack: Stack, observation: dict) -> list[set[str]]:
+    """For each later version of ``observation`` whose result is the previous version's (the
+    same values, only these top-level elements changed: e.g. ``issued``), the set of elements
+    that changed. Such a version is a rescoring that changed the Observation without changing
+    the result: the fault suite counts it as duplicated."""
+    if int(observation.get("meta", {}).get("versionId", 1)) <= 1:
+        return []
+    answer = httpx.get(
+        f"{stack.config.fhir_base}/Observation/{observation['id']}/_history",
+        params={"_count": 200},
+        headers=fhir_headers(stack),
+        timeout=30,
+    )
+    answer.raise_for_status()
+    versions = sorted(
+        (e["resource"] for e in answer.json().get("entry", [])),
+        key=lambda r: int(r["meta"]["versionId"]),
+    )
+    unchanged = []
+    for before, after in itertools.pairwise(versions):
+        changed = {
+            k for k in before.keys() | after.keys() if k != "meta" and before.get(k) != after.get(k)
+        }
+        if changed <= RESULT_NEUTRAL:
+            unchanged.append(changed)
+    return unchanged
+
+
 def stored_sops(store: Path, study_uid: str) -> set[str]:
     """SOPInstanceUIDs with a file (any version) under the study's folder."""
     folder = store / study_uid
@@ -288,6 +327,79 @@ def listener_received(stack: Stack) -> int | None:
 # --- faults -------------------------------------------------------------------------------------
 
 
+# --- the network between the broker and everything else -----------------------------------------
+
+
+class BrokerNetwork:
+    """A network namespace for the broker, joined to this one by a veth pair: the broker
+    listens on ``host`` (inside), every client reaches it through the pair, and the link can be
+    slowed (``tbf``) and cut (a blackhole route inside: the broker's answers vanish, so its
+    clients see silence, not a refusal). Linux's own tools only (``ip``, ``tc``); root only.
+
+    This kernel has no ``netem`` qdisc (``tc qdisc add dev lo root netem delay 10ms``:
+    "Specified qdisc kind is unknown") and no tc actions (``gact``: "Failed to load TC action
+    module"), so neither random loss nor a fixed delay can be made; ``tbf`` at a low rate
+    delays by queueing instead.
+    """
+
+    def __init__(self, index: int | None = None) -> None:
+        self.index = index if index is not None else os.getpid() % 250
+        self.name = f"scanwatch-faults-{self.index}"
+        self.outside, self.inside = f"swf{self.index}a", f"swf{self.index}b"
+        self.peer = f"10.231.{self.index}.1"  # this side
+        self.host = f"10.231.{self.index}.2"  # the broker's side
+
+    def _ip(self, *args: str, inside: bool = False, check: bool = True) -> None:
+        command = ["ip", *(["-n", self.name] if inside else []), *args]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if check and done.returncode:
+            raise RuntimeError(f"{' '.join(command)}: {done.stderr.strip()}")
+
+    def _tc(self, *args: str, inside: bool = False, check: bool = True) -> None:
+        prefix = ["ip", "netns", "exec", self.name] if inside else []
+        done = subprocess.run([*prefix, "tc", *args], capture_output=True, text=True)
+        if check and done.returncode:
+            raise RuntimeError(f"tc {' '.join(args)}: {done.stderr.strip()}")
+
+    def create(self) -> None:
+        self.delete()  # a namespace left by a run that was killed
+        self._ip("netns", "add", self.name)
+        self._ip("link", "add", self.outside, "type", "veth", "peer", "name", self.inside)
+        self._ip("link", "set", self.inside, "netns", self.name)
+        self._ip("addr", "add", f"{self.peer}/30", "dev", self.outside)
+        self._ip("link", "set", self.outside, "up")
+        self._ip("addr", "add", f"{self.host}/30", "dev", self.inside, inside=True)
+        self._ip("link", "set", self.inside, "up", inside=True)
+        self._ip("link", "set", "lo", "up", inside=True)
+
+    def delete(self) -> None:
+        self._ip("link", "del", self.outside, check=False)
+        self._ip("netns", "del", self.name, check=False)
+
+    def slow(self, rate: str = "256kbit") -> None:
+        """Both directions through a token bucket at ``rate`` (queueing delay, up to 2 s)."""
+        for inside, dev in ((False, self.outside), (True, self.inside)):
+            self._tc(
+                "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate,
+                "burst", "16kbit", "latency", "2s", inside=inside,
+            )  # fmt: skip
+
+    def partition(self) -> None:
+        self._ip("route", "add", "blackhole", f"{self.peer}/32", inside=True)
+
+    def heal(self) -> None:
+        self._ip("route", "del", "blackhole", f"{self.peer}/32", inside=True, check=False)
+        for inside, dev in ((False, self.outside), (True, self.inside)):
+            self._tc("qdisc", "del", "dev", dev, "root", inside=inside, check=False)
+
+    def __enter__(self) -> BrokerNetwork:
+        self.create()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.delete()
+
+
 @dataclass
 class FaultRun:
     """What a fault acts on, and when it started and ended (monotonic seconds)."""
@@ -295,6 +407,7 @@ class FaultRun:
     stack: Stack
     sender: Sender
     postgres: LocalPostgres | None = None
+    network: BrokerNetwork | None = None
     hold_s: float = 30.0
     started: float | None = None
     ended: float | None = None
@@ -381,23 +494,63 @@ def kill_listener(run: FaultRun) -> None:
     _restarted(run, "dicom-listener")
 
 
+def fill(path: Path, keep: int) -> None:
+    """Allocate ``path`` until its filesystem has at most ``keep`` bytes free (below any
+    watermark the suite sets, so the listener's admission refuses; a write racing it meets
+    ENOSPC, also a failure status). The listener writes meanwhile, so a chunk that no longer
+    fits is halved, not an error."""
+    offset, chunk = 0, 64 * 2**20
+    with open(path, "wb") as fp:
+        while (spare := shutil.disk_usage(path.parent).free - keep) > 0:
+            size = min(chunk, spare)
+            try:
+                os.posix_fallocate(fp.fileno(), offset, size)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+                if size <= 64 * 2**10:
+                    return  # full
+                chunk = size // 2
+                continue
+            offset += size
+
+
 def fill_store(run: FaultRun) -> None:
     """Fill the store's filesystem to below the listener's free-space watermark until the
     sender has been refused, keep it full a while, then free the space."""
     store = run.stack.config.var / "store"
     filler = store / ".fault-filler"
     run.begin()
-    with open(filler, "wb") as fp:
-        # Every free byte less 1 MiB: below any watermark the suite sets, so the listener's
-        # admission refuses; a write racing it meets ENOSPC (also a failure status).
-        os.posix_fallocate(fp.fileno(), 0, max(shutil.disk_usage(store).free - 2**20, 1))
     try:
+        fill(filler, keep=2**20)
         wait_for(lambda: sum(run.sender.refused.values()), 120, "a refused C-STORE", 0.1)
         threading.Event().wait(min(run.hold_s, 10.0))
         run.detail = f"free while full: {shutil.disk_usage(store).free} bytes"
     finally:
         filler.unlink()
     run.end()
+
+
+def cut_broker_network(run: FaultRun) -> None:
+    """The link to the broker slowed for a third of ``hold_s``, then cut for ``hold_s``, then
+    healed; over once the broker answers through it again."""
+    network = run.network
+    if network is None:
+        raise RuntimeError("this fault needs the broker in a BrokerNetwork")
+    run.begin()
+    try:
+        network.slow()
+        threading.Event().wait(run.hold_s / 3)
+        network.partition()
+        threading.Event().wait(run.hold_s)
+    finally:
+        network.heal()
+    run.stack.kafka.wait_ready(180)
+    run.end()
+    run.detail = (
+        f"tbf 256kbit for {run.hold_s / 3:g} s, then a blackhole route in the broker's "
+        f"namespace for {run.hold_s:g} s (no netem on this kernel)"
+    )
 
 
 FAULTS: dict[str, Fault] = {
@@ -428,6 +581,11 @@ FAULTS: dict[str, Fault] = {
             "the store's filesystem (a tmpfs) filled, then freed",
             fill_store,
         ),
+        Fault(
+            "kafka-partition",
+            "the broker in its own network namespace: the veth link slowed, then cut, healed",
+            cut_broker_network,
+        ),
     ]
 }
 
@@ -450,7 +608,11 @@ class Row:
     distinct: int = 0
     scored: int = 0
     rescored: int = 0
+    partial: int = 0  # results on part of a study (the quiet period passed mid-send)
+    reissued: int = 0  # Observation versions that changed nothing of the result
     observations: int = 0
+    obs_versions: int = 0  # summed meta.versionId: more than observations means amended
+    associations: int = 0
     dead_letters: int = 0
     lost: int = 0
     duplicated: int = 0
@@ -463,7 +625,8 @@ class Row:
     @property
     def ok(self) -> bool:
         return (
-            self.lost == 0
+            not self.problems
+            and self.lost == 0
             and self.duplicated == 0
             and self.unacknowledged == 0
             and self.recover_s is not None
@@ -483,7 +646,11 @@ COLUMNS = (
     "distinct",
     "scored",
     "rescored",
+    "partial",
     "observations",
+    "obs_versions",
+    "reissued",
+    "associations",
     "dead_letters",
     "lost",
     "duplicated",
@@ -512,6 +679,7 @@ def run_row(
     studies: Sequence[Study],
     *,
     postgres: LocalPostgres | None = None,
+    network: BrokerNetwork | None = None,
     hold_s: float = 30.0,
     settle_timeout_s: float = 600.0,
     sender: Sender | None = None,
@@ -522,7 +690,7 @@ def run_row(
     instances = len(studies[0].sops)
     row = Row(fault.name, len(studies), instances)
     sender = sender or Sender("127.0.0.1", config.ports.dicom, config.ae_title)
-    run = FaultRun(stack, sender, postgres=postgres, hold_s=hold_s)
+    run = FaultRun(stack, sender, postgres=postgres, network=network, hold_s=hold_s)
     tail = Tail(stack.bootstrap_servers, {s.study_uid for s in studies})
     # A tuple: a count of 0 (a listener just started) is an answer too.
     answered: tuple[int] | None = wait_for(
@@ -590,6 +758,7 @@ def _count(stack: Stack, studies: Sequence[Study], sender: Sender, tail: Tail, r
     events, results, row.dead_letters = tail.snapshot()
     row.acked = sender.acked_count
     row.resent = sender.resent
+    row.associations = sender.associations
     row.refused = sum(sender.refused.values())
     row.unacknowledged = sender.unacknowledged
     row.events = len(events)
@@ -609,6 +778,7 @@ def _count(stack: Stack, studies: Sequence[Study], sender: Sender, tail: Tail, r
         row.stored += len(stored)
         row.scored += bool(complete)
         row.observations += len(found)
+        row.obs_versions += sum(int(o.get("meta", {}).get("versionId", 1)) for o in found)
         missing = [
             len(acked - stored),
             len(acked - evented),
@@ -618,7 +788,21 @@ def _count(stack: Stack, studies: Sequence[Study], sender: Sender, tail: Tail, r
         row.lost += max(missing)
         per_key = Counter((o.get("identifier") or [{}])[0].get("value", o["id"]) for o in found)
         row.duplicated += sum(n - 1 for n in per_key.values() if n > 1)
+        for observation in found:
+            try:
+                reissued = unchanged_versions(stack, observation)
+            except httpx.HTTPError as exc:
+                row.problems.append(f"FHIR history read failed: {exc!r}")
+                continue
+            row.reissued += len(reissued)
+            row.duplicated += len(reissued)
+            for changed in reissued:
+                row.problems.append(
+                    f"Observation/{observation['id']} rewritten with the same result "
+                    f"(changed: {', '.join(sorted(changed)) or 'nothing'})"
+                )
         row.rescored += max(len(complete) - 1, 0)
+        row.partial += len(mine) - len(complete)
         if complete:
             first = [round(p, 6) for p in complete[0].probabilities]
             row.duplicated += sum(

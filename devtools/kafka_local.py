@@ -35,8 +35,8 @@ _SERVER_PROPERTIES = """\
 process.roles=broker,controller
 node.id={node_id}
 controller.quorum.voters={voters}
-listeners=PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}
-advertised.listeners=PLAINTEXT://127.0.0.1:{port}
+listeners=PLAINTEXT://{host}:{port},CONTROLLER://127.0.0.1:{controller_port}
+advertised.listeners=PLAINTEXT://{host}:{port}
 controller.listener.names=CONTROLLER
 listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
 inter.broker.listener.name=PLAINTEXT
@@ -141,6 +141,8 @@ class LocalKafka:
         voters: str | None = None,
         cluster_id: str | None = None,
         replication: Replication = DEVELOPMENT,
+        host: str = "127.0.0.1",
+        netns: str | None = None,
     ) -> None:
         self.home = Path(home)
         self.libs = Path(libs)
@@ -151,10 +153,14 @@ class LocalKafka:
         self.voters = voters or f"{node_id}@127.0.0.1:{self.controller_port}"
         self.cluster_id = cluster_id
         self.replication = replication
+        #: The address clients reach it at (its listener's bind and advertised address); and
+        #: the network namespace it runs in (``ip netns exec``; the fault suite's partition).
+        self.host = host
+        self.netns = netns
 
     @property
     def bootstrap_servers(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     @property
     def _pid_file(self) -> Path:
@@ -168,6 +174,7 @@ class LocalKafka:
         if not any(self.libs.glob("kafka_2.13-*.jar")):
             raise KafkaError(f"no Kafka jars in {self.libs}; run scripts/bootstrap.sh")
         return [
+            *(["ip", "netns", "exec", self.netns] if self.netns else []),
             "java",
             f"-Xmx{self.heap}",
             "-XX:+UseG1GC",
@@ -186,6 +193,7 @@ class LocalKafka:
             _SERVER_PROPERTIES.format(
                 node_id=self.node_id,
                 voters=self.voters,
+                host=self.host,
                 port=self.port,
                 controller_port=self.controller_port,
                 data=self.home / "data",
@@ -284,7 +292,7 @@ class LocalKafka:
             try:
                 # Only once the port accepts: a librdkafka client would log every refused
                 # connection to stderr while the JVM starts.
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                socket.create_connection((self.host, self.port), timeout=1).close()
                 admin = AdminClient({"bootstrap.servers": self.bootstrap_servers})
                 # Registered with the quorum and unfenced: it lists itself among the brokers.
                 if self.node_id in admin.list_topics(timeout=3).brokers:
