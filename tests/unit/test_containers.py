@@ -56,6 +56,8 @@ ALSO_WRITES = {
     "inference-worker": ["${dicom-listener:SCANWATCH_LISTENER_STORAGE_DIR}"],
     "chat": ["${chat:SCANWATCH_CHAT_LOCK_DIR}"],
 }
+#: Settings any service only reads: certificates, keys and secrets mounted into it.
+READ_ONLY_NAME = re.compile(r"^tls_|_(cert|key|ca)_file$|(token|secret|password)_file$")
 PATH_NAME = re.compile(r"(_dir|_path|_file|_url|_repository|^repository)$")
 
 
@@ -170,7 +172,7 @@ def written_paths(service: str) -> dict[str, str]:
         assert prefix, module
         for name, default in ast_path_fields(module).items():
             value = env(service).get(prefix.group(1) + name.upper(), default)
-            if name in read_only or value in (None, ""):
+            if name in read_only or READ_ONLY_NAME.search(name) or value in (None, ""):
                 continue
             if value.startswith("sqlite:"):
                 value = value.split(":///", 1)[1]
