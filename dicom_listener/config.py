@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from dicom_listener.sop_classes import ALL_STORAGE, MR_STORAGE_CLASSES, resolve_storage_classes
 from scanwatch.logs import LOG_LEVELS, LogLevel
-from scanwatch.network import is_loopback
+from scanwatch.network import require_off_loopback
 
 MiB = 1024 * 1024
 
@@ -243,12 +243,13 @@ class Settings(BaseSettings):
     def _reachable_needs_allow_list(self) -> Settings:
         # The FHIR API's rule for authentication, here for DICOM: a listener other hosts can
         # reach stores only what known senders send.
-        if not is_loopback(self.host) and not self.allowed_calling_aes:
-            raise ValueError(
-                f"the listener binds {self.host!r}, which other hosts can reach: set "
-                "SCANWATCH_LISTENER_ALLOWED_CALLING_AES to the senders allowed to store "
-                "(e.g. 'MR1@10.1.2.3,PACS@10.0.0.0/24'); an empty list is for loopback only"
-            )
+        require_off_loopback(
+            self.host,
+            "SCANWATCH_LISTENER_ALLOWED_CALLING_AES",
+            bool(self.allowed_calling_aes),
+            "the senders allowed to store, e.g. 'MR1@10.1.2.3,PACS@10.0.0.0/24'; an empty "
+            "list is for loopback only",
+        )
         return self
 
     @property
