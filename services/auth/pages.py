@@ -84,7 +84,8 @@ def csrf_ok(request: Request, form: dict[str, str]) -> bool:
     """Whether the form carries the CSRF value of the browser's cookie."""
     cookie = request.cookies.get(CSRF_COOKIE, "")
     sent = form.get(CSRF_FIELD, "")
-    return bool(cookie) and bool(sent) and secrets.compare_digest(cookie, sent)
+    # Bytes: compare_digest refuses str with non-ASCII characters (a forged form's).
+    return bool(cookie) and bool(sent) and secrets.compare_digest(cookie.encode(), sent.encode())
 
 
 def page(

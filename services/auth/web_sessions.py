@@ -49,11 +49,14 @@ class WebSession:
         return self.access_token is not None
 
     def check_csrf(self, token: str | None) -> bool:
-        return token is not None and hmac.compare_digest(self.csrf, token)
+        # Bytes: compare_digest refuses str with non-ASCII characters (a forged form's).
+        return token is not None and hmac.compare_digest(self.csrf.encode(), token.encode())
 
     def check_login_state(self, state: str) -> bool:
         """Whether ``state`` is the one the pending sign-in sent (constant time)."""
-        return self.login_state is not None and hmac.compare_digest(self.login_state, state)
+        return self.login_state is not None and hmac.compare_digest(
+            self.login_state.encode(), state.encode()
+        )
 
 
 class NeedSignIn(Exception):
