@@ -31,10 +31,10 @@ from playwright.sync_api import Browser, expect, sync_playwright
 from conftest import KAFKA_LIBS, ROOT
 from devtools import cli
 from devtools.browser import launch_options
-from devtools.cli import PATIENT_SCOPES, dev_tokens
+from devtools.cli import PATIENT_SCOPES
 from devtools.kafka_local import free_port
 from devtools.peers import storescu
-from devtools.stack import Ports, Stack, StackConfig
+from devtools.stack import Ports, Stack, StackConfig, dev_tokens
 from devtools.testing import wait_for
 from scanwatch import ids
 from scanwatch.sample import build_mr_study
