@@ -95,11 +95,14 @@ class Settings(BaseSettings):
         default="127.0.0.1:9092", description="Kafka bootstrap servers, comma-separated host:port."
     )
     kafka_timeout_s: float = Field(
-        default=10.0,
+        default=30.0,
         gt=0,
         le=300,
         description="Longest wait for Kafka (connect, acknowledgement of one batch) before the "
-        "publisher retries; the events stay in the outbox meanwhile.",
+        "publisher retries; the events stay in the outbox meanwhile. Longer than a cluster "
+        "takes to fence a dead broker (about 9 s): until then a leader holds back its "
+        "acknowledgement, and a batch that timed out at 10 s was sent again although written "
+        "(tests/faults/test_broker_leader.py).",
     )
     publish_batch_size: int = Field(
         default=500, ge=1, le=10_000, description="Most events the publisher sends per batch."
