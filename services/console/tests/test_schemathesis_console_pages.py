@@ -28,7 +28,7 @@ from services.console.config import Settings
 pytestmark = pytest.mark.integration
 
 #: Generated requests, spread over the pages' routes.
-EXAMPLES = 80
+EXAMPLES = 60
 #: Routes left out: event streams never end by themselves; sign-out ends the session.
 SKIPPED = ("/worklist/events", "/operator/events", "/signout")
 
