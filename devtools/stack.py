@@ -66,6 +66,7 @@ class Ports:
     model_server_metrics: int = 9112
     worker_web: int = 6066  # first worker; further workers use the next ports
     listener_metrics: int = 9111
+    listener_publisher_metrics: int = 9113  # the listener's outbox publisher process
     chat: int = 5005  # Rasa server: the patient channel and Rasa's HTTP API
     chat_actions: int = 5055  # Rasa's action server
     portal: int = 8090  # the patient portal
@@ -234,6 +235,7 @@ class Stack:
                     "SCANWATCH_LISTENER_STORAGE_DIR": str(c.var / "store"),
                     "SCANWATCH_LISTENER_KAFKA_BOOTSTRAP_SERVERS": kafka,
                     "SCANWATCH_LISTENER_METRICS_PORT": str(p.listener_metrics),
+                    "SCANWATCH_LISTENER_PUBLISHER_METRICS_PORT": str(p.listener_publisher_metrics),
                 },
                 lambda: echoscu("127.0.0.1", p.dicom, c.ae_title, timeout=3.0),
                 kafka=True,
