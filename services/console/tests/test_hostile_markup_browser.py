@@ -3,7 +3,8 @@ that shows them: a study whose PatientName, StudyDescription, SeriesDescription,
 InstitutionName, ReferringPhysicianName and AccessionNumber hold script tags, attribute
 break-outs and ``javascript:`` URLs, in the file store as the listener stores it and in FHIR as
 the worker writes it. The worklist (clinician and operator), the study page with its viewer,
-the review page and the patient's page show the text literally, no script runs (a ``dialog``
+the review page and the patient's page show the text literally (and a failed study's
+dead-letter reason quoting it), no script runs (a ``dialog``
 handler, a window flag, the page's own ``securitypolicyviolation`` record stays empty: nothing
 was even blocked by the CSP) and the CSP header holds; DICOMweb's JSON carries the strings as
 JSON strings under its own media type, never as HTML.
@@ -33,6 +34,9 @@ __all__ = ["hospital"]  # the fixture, shared with the staff pages' tests (brows
 
 UID = "1.2.826.0.1.3680043.8.498.666"
 SERIES = f"{UID}.1"
+#: A study the pipeline failed on: the worklist shows its dead letter's reason.
+FAILED = "1.2.826.0.1.3680043.8.498.667"
+REASON = "<script>alert('reason')</script> no pixel data in '\"><img src=x onerror=alert(2)>'"
 PATIENT_ID = "PID-666"
 #: DICOM string attribute → what a hostile scanner or PACS put in it.
 HOSTILE = {
@@ -57,19 +61,22 @@ def hostile_patient(hospital: Hospital, tmp_path_factory: pytest.TempPathFactory
     """The hostile study in the file store (two instances, as the listener stores them) and
     its results in FHIR (as the worker writes them); its Patient's id."""
     tmp = tmp_path_factory.mktemp("hostile")
-    for i in range(2):
-        source = relabelled(
-            MR,
-            tmp / f"hostile-{i}.dcm",
-            StudyInstanceUID=UID,
-            SeriesInstanceUID=SERIES,
-            SOPInstanceUID=f"{SERIES}.{i + 1}",
-            PatientID=PATIENT_ID,
-            StudyDate="20250303",
-            StudyTime="083000",
-            **HOSTILE,
-        )
-        put(FileStore(hospital.store), source)
+    for uid, n in ((UID, 2), (FAILED, 1)):
+        for i in range(n):
+            source = relabelled(
+                MR,
+                tmp / f"{uid}-{i}.dcm",
+                StudyInstanceUID=uid,
+                SeriesInstanceUID=f"{uid}.1",
+                SOPInstanceUID=f"{uid}.1.{i + 1}",
+                PatientID=PATIENT_ID,
+                StudyDate="20250303",
+                StudyTime="083000",
+                **HOSTILE,
+            )
+            put(FileStore(hospital.store), source)
+    # The pipeline gave up on the second study (a dead letter), its reason quoting the header.
+    hospital.web.worklist.store_failure(FAILED, "dicom.study.ready.v1", REASON, "Unusable")
     study = dataclasses.replace(
         scored(UID, PATIENT_ID, day=3),
         PatientName=HOSTILE["PatientName"],
@@ -127,6 +134,7 @@ def test_a_clinician_sees_dicom_markup_as_text_everywhere(
     row = page.locator(f'tr[data-study="{UID}"]')
     expect(row).to_contain_text(shown_name)
     expect(row).to_contain_text(HOSTILE["StudyDescription"])
+    expect(page.locator(f'tr[data-study="{FAILED}"] .reason')).to_have_text(REASON)
     assert_inert(page, dialogs, "the worklist")
 
     opened(page, f"{hospital.console}/studies/{UID}")
@@ -169,6 +177,7 @@ def test_an_operator_sees_dicom_markup_as_text_in_the_worklist(
     row = page.locator(f'tr[data-study="{UID}"]')
     expect(row).to_contain_text(HOSTILE["PatientName"])
     expect(row).to_contain_text(HOSTILE["StudyDescription"])
+    expect(page.locator(f'tr[data-study="{FAILED}"] .reason')).to_have_text(REASON)
     assert_inert(page, dialogs, "the operator's worklist")
 
 
