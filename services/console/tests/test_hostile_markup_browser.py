@@ -2,12 +2,12 @@
 that shows them: a study whose PatientName, StudyDescription, SeriesDescription,
 InstitutionName, ReferringPhysicianName and AccessionNumber hold script tags, attribute
 break-outs and ``javascript:`` URLs, in the file store as the listener stores it and in FHIR as
-the worker writes it. The worklist (clinician and operator), the study page with its viewer,
-the review page and the patient's page show the text literally (and a failed study's
-dead-letter reason quoting it), no script runs (a ``dialog``
-handler, a window flag, the page's own ``securitypolicyviolation`` record stays empty: nothing
-was even blocked by the CSP) and the CSP header holds; DICOMweb's JSON carries the strings as
-JSON strings under its own media type, never as HTML.
+the worker writes it. The worklist (clinician and operator, with a failed study's dead-letter
+reason quoting them), the study page with its viewer, the review page and the patient's page
+show the text literally; no script runs (a ``dialog`` handler, a window flag, the page's own
+``securitypolicyviolation`` record stays empty: nothing was even blocked by the CSP) and the
+CSP header holds; DICOMweb's JSON carries the strings as JSON strings under its own media type,
+never as HTML.
 
 The servers and accounts are the staff pages' (``test_web_browser.hospital``: the FHIR API
 with its authorization server and the console, served in this process)."""
