@@ -137,6 +137,10 @@ async def fhir(web: Web, token: str, method: str, path: str, **kwargs: Any) -> h
     if answer.status_code >= 500:
         log.warning("console: FHIR error", extra={"status": answer.status_code})
         raise FhirDown()
+    if answer.content and "json" not in answer.headers.get("content-type", ""):
+        # Not the FHIR API answering (a proxy's page, a misdirected URL): as if it were down.
+        log.warning("console: FHIR answer is not JSON", extra={"status": answer.status_code})
+        raise FhirDown()
     return answer
 
 

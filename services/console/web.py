@@ -390,7 +390,9 @@ async def _refresh_worklist(request: Request, web: Web, token: str) -> None:
     await asyncio.to_thread(web.worklist.map_new_studies)
     try:
         await top_up_results(web.worklist, web.http, web.settings.fhir_base_url, token)
-    except httpx.HTTPError as exc:  # the list still shows what is stored; results later
+    except (httpx.HTTPError, ValueError) as exc:
+        # FHIR unreachable, or not answering FHIR JSON: the list still shows what is
+        # stored; results later.
         log.warning("worklist: FHIR results not read", extra={"error": type(exc).__name__})
 
 

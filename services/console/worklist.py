@@ -436,7 +436,9 @@ async def top_up_results(
         if answer.status_code in (401, 403):
             return kept  # this role reads no Observation: the rows stay "awaiting"
         answer.raise_for_status()
-        bundle = answer.json()
+        bundle = answer.json()  # ValueError when it is not JSON
+        if not isinstance(bundle, dict):
+            raise ValueError("the FHIR answer is not a Bundle")
         entries = [e.get("resource", {}) for e in bundle.get("entry", ())]
         newest = max((str(r.get("meta", {}).get("lastUpdated", "")) for r in entries), default="")
         kept += await asyncio.to_thread(worklist.store_results, entries, newest or None)

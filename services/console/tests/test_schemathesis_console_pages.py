@@ -9,7 +9,10 @@ CSRF: ``services/console/openapi.py``); the test reads the one FastAPI derives f
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -33,7 +36,36 @@ EXAMPLES = 60
 SKIPPED = ("/worklist/events", "/operator/events", "/signout")
 
 
-def test_no_server_errors_signed_in(tmp_path: Path, signing_keys: Path) -> None:
+@pytest.fixture(params=["refused", "html"])
+def fhir_base_url(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A FHIR API that does not answer (a port nothing listens on), or a server that answers
+    every request with an HTML page (a misdirected proxy)."""
+    if request.param == "refused":
+        yield f"http://127.0.0.1:{free_port()}/fhir"
+        return
+
+    class Html(BaseHTTPRequestHandler):
+        def _page(self) -> None:
+            body = b"<html><body>Not FHIR</body></html>"
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PUT = _page  # noqa: N815 (http.server's names)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), Html)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/fhir"
+    server.shutdown()
+
+
+def test_no_server_errors_signed_in(tmp_path: Path, signing_keys: Path, fhir_base_url: str) -> None:
     (tmp_path / "store").mkdir()
     console = Settings(
         storage_dir=tmp_path / "store",
@@ -41,7 +73,7 @@ def test_no_server_errors_signed_in(tmp_path: Path, signing_keys: Path) -> None:
         audit_url=f"sqlite:///{tmp_path / 'audit.db'}",
         jwks_file=signing_keys,
         client_secret="console-secret",
-        fhir_base_url=f"http://127.0.0.1:{free_port()}/fhir",
+        fhir_base_url=fhir_base_url,
         scan_interval_s=3600,
     )
     app = create_app(console)
