@@ -44,6 +44,9 @@ class PatientFhir:
                 raise FhirUnavailable(str(exc)) from exc
             if answer.status_code == 401:
                 raise TokenRejected()
+            if answer.content and "json" not in answer.headers.get("content-type", ""):
+                # Not the FHIR API answering (a proxy's page, a misdirected URL).
+                raise FhirUnavailable(f"the answer is not JSON ({answer.status_code})")
             wait = _retry_after(answer)
             if attempt == 2 or wait is None:
                 return answer

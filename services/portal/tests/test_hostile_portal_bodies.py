@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from services.auth.web_limits import PORTAL_MAX_BODY_BYTES
 from services.portal.app import create_app
-from services.portal.tests.fakes import CHAT, FakeHospital, settings
+from services.portal.tests.fakes import CHAT, FHIR, FakeHospital, settings
 from services.portal.tests.test_app import BASE, csrf, sign_in
 
 
@@ -111,3 +111,26 @@ def test_a_chatbot_answering_nonsense_gets_no_500(signing_keys: Path, reply: byt
         assert answer.status_code == 200, answer.text[:300]
         lines = answer.json()
         assert lines[0] == {"speaker": "you", "text": "hello", "buttons": []}
+
+
+def test_a_fhir_api_answering_html_is_a_503_page(signing_keys: Path) -> None:
+    """A proxy's page (or any HTML) where the FHIR API should answer: the portal says the
+    records cannot be shown right now, as when the API is down."""
+    hospital = FakeHospital(signing_keys)
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if str(request.url).startswith(FHIR) and "/.well-known/" not in str(request.url):
+            return httpx.Response(
+                200, text="<html>Gateway</html>", headers={"Content-Type": "text/html"}
+            )
+        return hospital.handle(request)
+
+    app = create_app(settings(), transport=httpx.MockTransport(handle), verifier=hospital.verify)
+    with TestClient(
+        app, base_url=BASE, follow_redirects=False, raise_server_exceptions=False
+    ) as client:
+        sign_in(client, hospital)
+        for path in ("/", "/care", "/results/fragment"):
+            answer = client.get(path)
+            assert answer.status_code == 503, (path, answer.status_code)
+            assert "cannot be shown right now" in answer.text
