@@ -71,7 +71,7 @@ def run_target(target: str, seconds: int, work: Path) -> Result:
             str(pool),
             f"-max_total_time={seconds}",
             "-seed=1",
-            "-timeout=5",
+            "-timeout=10",
             "-rss_limit_mb=2048",
             "-print_final_stats=1",
             f"-artifact_prefix={findings}/{target}-",

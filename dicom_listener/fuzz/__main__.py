@@ -2,7 +2,8 @@
 
 Runs one target of :mod:`dicom_listener.fuzz.targets` under atheris (libFuzzer), with the
 listener's and the store layout's modules instrumented for coverage. An empty first corpus
-folder is filled with the target's seeds first (with no folder, a temporary one is used).
+folder is filled with the target's seeds first (with no folder, a temporary one is used);
+given files instead, it runs just those inputs (a crash or timeout file, to reproduce it).
 Typical flags: ``-max_total_time=60 -seed=1 -timeout=5`` (an input that takes longer than
 ``-timeout`` seconds is reported as a hang). Exits non-zero and writes ``crash-*`` /
 ``timeout-*`` files (``-artifact_prefix``) when a target fails.
@@ -28,7 +29,12 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"usage: python -m dicom_listener.fuzz {{{','.join(TARGETS)}}} [corpus] [flags]")
     name, rest = args[0], args[1:]
     target = TARGETS[name]
-    folders = [Path(a) for a in rest if not a.startswith("-")]
+    paths = [Path(a) for a in rest if not a.startswith("-")]
+    if any(path.is_file() for path in paths):  # inputs to replay (a crash file): run them
+        quiet()
+        atheris.Setup([sys.executable, *rest], target)
+        atheris.Fuzz()
+    folders = paths
     if not folders:
         folders = [Path(tempfile.mkdtemp(prefix=f"scanwatch-fuzz-{name}-"))]
         rest.append(str(folders[0]))
