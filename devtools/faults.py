@@ -432,7 +432,7 @@ class Fault:
     at: float = 0.3
 
 
-def _restarted(run: FaultRun, name: str, timeout: float = 180.0) -> None:
+def _restarted(run: FaultRun, name: str, timeout: float = 600.0) -> None:
     """Kill ``name`` with SIGKILL; return once the supervisor has it healthy again."""
     stack = run.stack
     service = stack.service(name)
@@ -472,7 +472,7 @@ def hold_model_server(run: FaultRun) -> None:
     run.begin()
     run.stack.hold("model-server")
     threading.Event().wait(run.hold_s)  # the outage's length: the fault itself
-    run.stack.release("model-server", timeout=180)
+    run.stack.release("model-server", timeout=600)  # TensorFlow starts slowly on a loaded machine
     run.end()
 
 
