@@ -26,7 +26,7 @@ from dicom_listener.adapters.publisher import FlushSignal, KafkaSink, OutboxRela
 from dicom_listener.config import Settings
 from dicom_listener.metrics import ListenerMetrics
 from scanwatch.http_access import HttpServer, guard_wsgi
-from scanwatch.logs import configure_logging
+from scanwatch.logs import configure_logging, log_invalid_settings
 from scanwatch.processes import die_with_parent
 
 SERVICE = "dicom-listener"
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings()
     except ValidationError as exc:
         configure_logging(SERVICE)
-        log.error("invalid settings: %s", exc)
+        log_invalid_settings(log, exc)
         return 2
     configure_logging(SERVICE, settings.log_level)
 

@@ -12,7 +12,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Annotated
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, ValidationError
 
 # Attributes every LogRecord has; anything else on a record came from ``extra=``.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
@@ -64,3 +64,11 @@ def _log_level(value: str) -> str:
 
 #: The type of every service's ``log_level`` setting: one of :data:`LOG_LEVELS`, upper-cased.
 LogLevel = Annotated[str, AfterValidator(_log_level)]
+
+
+def log_invalid_settings(log: logging.Logger, error: ValidationError) -> None:
+    """Log why a service's settings were refused: each setting and what is wrong with it,
+    never the value given (it may be a secret, such as a database URL's password)."""
+    log.error(
+        "invalid settings", extra={"errors": error.errors(include_url=False, include_input=False)}
+    )

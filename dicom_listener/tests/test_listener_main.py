@@ -61,9 +61,16 @@ def test_a_reachable_listener_needs_an_allow_list(host: str) -> None:
         assert Settings(host=loopback).allowed_calling_aes == []  # development: any caller
 
 
-def test_main_exits_2_on_invalid_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("SCANWATCH_LISTENER_PORT", "70000")
+def test_main_exits_2_on_invalid_settings_naming_the_setting_not_its_value(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A value may be a secret pasted in the wrong variable: the log names the setting and what
+    # is wrong, not the value.
+    monkeypatch.setenv("SCANWATCH_LISTENER_PORT", "pa55word")
     assert main([]) == 2
+    logged = capsys.readouterr().err
+    assert "invalid settings" in logged and '"port"' in logged and "valid integer" in logged
+    assert "pa55word" not in logged
 
 
 @pytest.mark.integration

@@ -10,7 +10,7 @@ import uvicorn
 from pydantic import ValidationError
 
 from scanwatch.http_access import metrics_closed_warning, uvicorn_tls
-from scanwatch.logs import configure_logging
+from scanwatch.logs import configure_logging, log_invalid_settings
 from services.console.app import SERVICE, create_app
 from services.console.config import Settings
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(**overrides)
     except ValidationError as exc:
         configure_logging(SERVICE)
-        log.error("invalid settings", extra={"errors": exc.errors(include_url=False)})
+        log_invalid_settings(log, exc)
         return 2
     configure_logging(SERVICE, settings.log_level)
     metrics_closed_warning(

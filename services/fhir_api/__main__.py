@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from scanwatch.database import make_engine
 from scanwatch.http_access import metrics_closed_warning, uvicorn_tls
-from scanwatch.logs import configure_logging
+from scanwatch.logs import configure_logging, log_invalid_settings
 from services.auth import clients
 from services.auth.config import AuthSettings
 from services.auth.scopes import parse_scopes
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         AuthSettings()  # the sign-in server's (SCANWATCH_AUTH_*): refused here, not per worker
     except ValidationError as exc:
         configure_logging(SERVICE)
-        log.error("invalid settings", extra={"errors": exc.errors(include_url=False)})
+        log_invalid_settings(log, exc)
         return 2
     configure_logging(SERVICE, settings.log_level)
     command = args.command or "serve"

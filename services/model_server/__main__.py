@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from scanwatch.logs import configure_logging
+from scanwatch.logs import configure_logging, log_invalid_settings
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(**overrides)
     except ValidationError as error:
         configure_logging(SERVICE)
-        logger.error("invalid settings", extra={"errors": error.errors(include_url=False)})
+        log_invalid_settings(logger, error)
         return 2
     configure_logging(SERVICE, settings.log_level)
     # Imported once the settings are valid: --help and bad settings do not wait for TensorFlow.
