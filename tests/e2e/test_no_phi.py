@@ -120,8 +120,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory, models: Path) -> Iterator[St
             "console",
         ),
         extra_env={
-            # The listener's publisher process has a /metrics of its own: on a port of this run.
-            "SCANWATCH_LISTENER_PUBLISHER_METRICS_PORT": str(free_port()),
             # One Rasa process instead of two: the same logging, half the start-up load.
             "SANIC_WORKERS": "1",
         },
@@ -159,8 +157,7 @@ def metrics_urls(stack: Stack) -> dict[str, str]:
         "fhir-api": f"http://127.0.0.1:{p.fhir}/metrics",
         "inference-worker": f"http://127.0.0.1:{p.worker_web}/metrics",
         "dicom-listener": f"http://127.0.0.1:{p.listener_metrics}/metrics",
-        "dicom-listener publisher": "http://127.0.0.1:"
-        f"{stack.config.extra_env['SCANWATCH_LISTENER_PUBLISHER_METRICS_PORT']}/metrics",
+        "dicom-listener publisher": f"http://127.0.0.1:{p.listener_publisher_metrics}/metrics",
         "model-server": f"http://127.0.0.1:{p.model_server_metrics}/metrics",
         "portal": f"{stack.config.portal_url}/metrics",
         "console": f"http://127.0.0.1:{p.console}/metrics",
