@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
 
 from conftest import KAFKA_LIBS
@@ -55,8 +55,21 @@ def test_consumer_offsets_are_replicated_three_times(cluster: LocalKafkaCluster)
     broker too: the brokers create ``__consumer_offsets`` with factor 3."""
     topic = TOPICS[0].name
     consumer = kafka.new_consumer(cluster.bootstrap_servers, f"g-{uuid.uuid4().hex}", [topic])
+
+    def committed() -> bool:
+        # The first commit on a new cluster creates __consumer_offsets (three copies of each
+        # of its partitions): until its coordinator has loaded, a commit is refused with a
+        # retriable error, as any client sees it.
+        try:
+            consumer.commit(offsets=[TopicPartition(topic, 0, 0)], asynchronous=False)
+        except KafkaException as exc:
+            if not exc.args[0].retriable():
+                raise
+            return False
+        return True
+
     try:
-        consumer.commit(offsets=[TopicPartition(topic, 0, 0)], asynchronous=False)
+        wait_for(committed, 120, "an offset committed")
     finally:
         consumer.close()
     metadata = _admin(cluster).list_topics("__consumer_offsets", timeout=10)
