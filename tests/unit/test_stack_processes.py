@@ -10,12 +10,13 @@ from pathlib import Path
 from devtools.stack import Service, Stack, StackConfig
 from devtools.testing import wait_for
 
-#: A service that starts a child of its own, writes the child's pid, and waits.
+#: A service that starts a child of its own, writes the child's pid, and waits for a signal
+#: (both processes idle until they are signalled: no wait on time).
 PARENT = """
-import pathlib, subprocess, sys, time
-child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+import pathlib, signal, subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", "import signal; signal.pause()"])
 pathlib.Path(sys.argv[1]).write_text(str(child.pid))
-time.sleep(600)
+signal.pause()
 """
 
 
