@@ -130,10 +130,12 @@ def _range(column: Column[Any], keyword: str, value: str) -> ColumnElement[bool]
 def match(keyword: str, value: str) -> ColumnElement[bool]:
     """The SQL condition of one match key (QueryError when the value is malformed)."""
     if keyword == "ModalitiesInStudy":
-        wanted = _list(value)
+        # Its own alias: at the series and instance levels the outer query selects from the
+        # series table too, and the subquery would correlate away all its FROM clauses.
+        any_series = series_table.alias("any_series")
         return exists().where(
-            series_table.c.StudyInstanceUID == studies.c.StudyInstanceUID,
-            series_table.c.Modality.in_(wanted),
+            any_series.c.StudyInstanceUID == studies.c.StudyInstanceUID,
+            any_series.c.Modality.in_(_list(value)),
         )
     column = COLUMNS[keyword]
     if keyword in UID_KEYS:

@@ -121,6 +121,9 @@ def test_search_for_studies_with_filters(dicomweb: Served) -> None:
     assert _value(accession, "00100020") == "SW-T-MULTI"
     assert len(client.search_for_studies(search_filters={"ModalitiesInStudy": "MR"})) == 7
     assert client.search_for_studies(search_filters={"ModalitiesInStudy": "CT"}) == []
+    # A study-level key at the series and instance levels (the subquery once lost its FROM).
+    assert len(client.search_for_series(search_filters={"ModalitiesInStudy": "MR"})) >= 7
+    assert client.search_for_instances(search_filters={"ModalitiesInStudy": "CT"}) == []
 
     pages = [client.search_for_studies(limit=4, offset=o) for o in (0, 4)]
     uids = [_value(r, "0020000D") for page in pages for r in page]
