@@ -121,6 +121,11 @@ class StackConfig:
         return self.var / "auth" / "signing-keys.json"
 
     @property
+    def fhir_database(self) -> str:
+        """The FHIR API's database URL: :attr:`fhir_database_url`, else SQLite in var."""
+        return self.fhir_database_url or f"sqlite:///{self.var / 'fhir.db'}"
+
+    @property
     def fhir_base(self) -> str:
         return f"http://127.0.0.1:{self.ports.fhir}/fhir"
 
@@ -214,8 +219,7 @@ class Stack:
                 [py, "-m", "services.fhir_api"],
                 {
                     **base,
-                    "SCANWATCH_FHIR_DATABASE_URL": c.fhir_database_url
-                    or f"sqlite:///{c.var / 'fhir.db'}",
+                    "SCANWATCH_FHIR_DATABASE_URL": c.fhir_database,
                     "SCANWATCH_FHIR_PORT": str(p.fhir),
                     # The token signing keys (created on first start with tokens required);
                     # their public half: http://127.0.0.1:<fhir>/auth/jwks.
@@ -339,11 +343,12 @@ class Stack:
 
     def register_portal(self) -> None:
         """Register the portal as a confidential SMART app of the FHIR API's authorization
-        server (its database), with this run's secret and its redirect URI."""
+        server (its database: SQLite or PostgreSQL), with this run's secret and its redirect
+        URI."""
         from scanwatch.database import make_engine
         from services.auth.clients import register_app
 
-        engine = make_engine(f"sqlite:///{self.config.var / 'fhir.db'}")
+        engine = make_engine(self.config.fhir_database)
         try:
             register_app(
                 engine,
@@ -365,7 +370,7 @@ class Stack:
         from services.auth.accounts import ensure_staff_account
         from services.auth.clients import register_staff_app
 
-        engine = make_engine(f"sqlite:///{self.config.var / 'fhir.db'}")
+        engine = make_engine(self.config.fhir_database)
         try:
             register_staff_app(
                 engine,
