@@ -401,18 +401,19 @@ class LocalKafkaCluster:
             node.launch()
         for node in chosen:
             node.wait_ready(max(deadline - time.monotonic(), 1.0))
-        self._wait_joined(deadline)
+        self.wait_joined(max(deadline - time.monotonic(), 1.0))
         if node_id is None:
             names = [t.name for t in topics]
             kafka.ensure_topics(self.bootstrap_servers, topics)
             self.wait_in_sync(names, max(deadline - time.monotonic(), 1.0))
 
-    def _wait_joined(self, deadline: float) -> None:
-        """Block until every running node's metadata lists every running node: a node that is
-        ready itself may not have heard of the others yet (topics created then would find too
-        few brokers)."""
+    def wait_joined(self, timeout: float) -> None:
+        """Block until every running node's metadata lists every running node, and no other:
+        a node that is ready itself may not have heard of the others yet, nor of one just
+        killed being fenced (topics created then would count the brokers wrong)."""
         from confluent_kafka.admin import AdminClient
 
+        deadline = time.monotonic() + timeout
         everyone = {i for i, n in self.nodes.items() if n.pid() is not None}
         while time.monotonic() < deadline:
             try:

@@ -219,8 +219,15 @@ def ensure_topics(
             future.result(timeout=timeout_s)
             created.append(name)
         except KafkaException as exc:
+            code = exc.args[0].code()
+            # The controller counts fewer live brokers than the one that answered the metadata
+            # request (a broker just lost): refused as above, so the creation step runs again.
+            if code == KafkaError.INVALID_REPLICATION_FACTOR:
+                raise KafkaTopicError(
+                    f"topics need {replication.factor} brokers: {exc.args[0].str()}"
+                ) from exc
             # Created meanwhile by another process: that is what we wanted.
-            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+            if code != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
     return created
 
