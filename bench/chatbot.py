@@ -35,30 +35,16 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from devtools import chatbot_records  # noqa: E402
-from devtools.cli import PATIENT_SCOPES, dev_tokens  # noqa: E402
+from devtools.benchmarks import percentile, say  # noqa: E402
+from devtools.cli import dev_tokens  # noqa: E402
 from devtools.kafka_local import free_port  # noqa: E402
+from devtools.patients import RESULT_QUESTIONS, ask  # noqa: E402
 from devtools.stack import Ports, Stack, StackConfig, StackError  # noqa: E402
 from scanwatch import ids  # noqa: E402
 from services.auth.scopes import parse_scopes  # noqa: E402
 
 CHATBOT = ROOT / "chatbot"
 MODELS = ROOT / "var" / "chatbot" / "models"
-QUESTIONS = (
-    "what did my scan show?",
-    "and the one before that?",
-    "how am I doing?",
-    "has a doctor looked at my result yet?",
-    "what does my score mean",
-)
-
-
-def say(text: str) -> None:
-    sys.stdout.write(text + "\n")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def newest_model() -> Path:
@@ -151,17 +137,11 @@ def memory(pid: int) -> str:
 def converse(
     stack: Stack, patient: str, rounds: int, times: list[float], lock: threading.Lock
 ) -> None:
-    tokens = dev_tokens(stack.config.var)
     with httpx.Client(timeout=60) as client:
         for round_number in range(rounds):
-            for question in QUESTIONS:
-                bearer = tokens.issue("bench", parse_scopes(PATIENT_SCOPES), patient)[0]
+            for question in RESULT_QUESTIONS:
                 start = time.perf_counter()
-                answer = client.post(
-                    stack.config.chat_url,
-                    json={"message": question},
-                    headers={"Authorization": f"Bearer {bearer}"},
-                )
+                answer = ask(client, stack, patient, question)
                 elapsed = time.perf_counter() - start
                 answer.raise_for_status()
                 assert "scan" in json.dumps(answer.json()), answer.text
@@ -232,7 +212,7 @@ def main() -> int:
             for thread in threads:
                 thread.join()
             wall = time.perf_counter() - started
-            replies = opts.conversations * opts.rounds * len(QUESTIONS)
+            replies = opts.conversations * opts.rounds * len(RESULT_QUESTIONS)
             cpu = {name: cpu_seconds(pid) - cpu_before[name] for name, pid in pids.items()}
             cpu["bench client"] = time.process_time() - own_before
             rasa_memory = memory(stack.service("chat").process.pid)  # type: ignore[union-attr]

@@ -21,7 +21,6 @@ import argparse
 import os
 import shlex
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from devtools.benchmarks import commit  # noqa: E402
 from devtools.faults import (  # noqa: E402
     COLUMNS,
     FAULTS,
@@ -64,19 +64,6 @@ def table(rows: list[Row]) -> str:
 def machine() -> str:
     load = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     return f"{os.cpu_count()} CPUs, load average {load}"
-
-
-def commit() -> str:
-    done = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    )
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    return done.stdout.strip() + (" (working tree with uncommitted changes)" if dirty else "")
 
 
 def report(args: argparse.Namespace, rows: list[Row], started: str, load_before: str) -> str:

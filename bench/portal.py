@@ -38,7 +38,6 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from urllib.parse import urlencode
 
 import httpx
 from authlib.integrations.httpx_client import OAuth2Client
@@ -48,28 +47,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from devtools import chatbot_records  # noqa: E402
+from devtools.benchmarks import percentile, say  # noqa: E402
 from devtools.browser import form_fields, launch_options  # noqa: E402
 from devtools.cli import dev_tokens  # noqa: E402
 from devtools.kafka_local import free_port  # noqa: E402
+from devtools.patients import PASSWORD, activate  # noqa: E402
 from devtools.stack import Ports, Stack, StackConfig  # noqa: E402
 from scanwatch.database import make_engine  # noqa: E402
-from services.auth import accounts, clients  # noqa: E402
+from services.auth import clients  # noqa: E402
 from services.auth.scopes import parse_scopes  # noqa: E402
 
-PASSWORD = "a long bench pass phrase 2026"
 BENCH_APP = "bench-smart-app"
 BENCH_REDIRECT = "http://127.0.0.1:9/callback"  # never contacted: the code is read off the redirect
 SCOPE = "launch/patient openid fhirUser offline_access patient/*.read"
-
-
-def say(text: str) -> None:
-    sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def summary(name: str, seconds: list[float]) -> str:
@@ -85,22 +75,6 @@ def studies(count: int) -> tuple[tuple[int, int, float], ...]:
     return tuple(
         (1 + n % 12, 1 + (n // 12) * 5, 0.15 + 0.7 * ((n * 37) % 100) / 100) for n in range(count)
     )
-
-
-def activate(auth: str, engine_url: str, patient_id: str, username: str) -> None:
-    """Invite the patient and create the account through the activation page."""
-    engine = make_engine(engine_url)
-    try:
-        token = accounts.invite_patient(engine, patient_id)
-    finally:
-        engine.dispose()
-    with httpx.Client(base_url=auth, timeout=60) as http:
-        page = http.get(f"/auth/activate?{urlencode({'token': token})}")
-        fields = form_fields(page.text)
-        fields.update(username=username, password=PASSWORD, password2=PASSWORD, totp="")
-        done = http.post("/auth/activate", data=fields)
-        if "Your account is ready" not in done.text:
-            raise RuntimeError(f"activation failed: HTTP {done.status_code}")
 
 
 def sign_in_round_trip(auth: str, fhir: str, username: str) -> float:
