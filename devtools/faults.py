@@ -311,17 +311,23 @@ def stored_sops(store: Path, study_uid: str) -> set[str]:
     }
 
 
-def listener_received(stack: Stack) -> int | None:
-    """The listener's count of C-STOREs answered Success since it started (None: down)."""
+def listener_metric(stack: Stack, name: str) -> float | None:
+    """One unlabelled sample of the listener's ``/metrics`` (None: down, or no such sample)."""
     url = f"http://127.0.0.1:{stack.config.ports.listener_metrics}/metrics"
     try:
         text = httpx.get(url, timeout=2).text
     except httpx.HTTPError:
         return None
     for line in text.splitlines():
-        if line.startswith(_RECEIVED_METRIC + " "):
-            return int(float(line.split()[-1]))
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
     return None
+
+
+def listener_received(stack: Stack) -> int | None:
+    """The listener's count of C-STOREs answered Success since it started (None: down)."""
+    received = listener_metric(stack, _RECEIVED_METRIC)
+    return None if received is None else int(received)
 
 
 # --- faults -------------------------------------------------------------------------------------
