@@ -6,12 +6,13 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from dicom_listener.sop_classes import ALL_STORAGE, MR_STORAGE_CLASSES, resolve_storage_classes
 from scanwatch.logs import LOG_LEVELS, LogLevel
 from scanwatch.network import require_off_loopback
+from scanwatch.service_settings import MetricsSettings
 
 MiB = 1024 * 1024
 
@@ -34,7 +35,7 @@ def _check_ae_title(value: str, what: str) -> str:
     return title
 
 
-class Settings(BaseSettings):
+class Settings(MetricsSettings):
     """Everything the listener needs to start; every field can be set from the environment.
 
     List fields take a comma-separated value in the environment, e.g.
@@ -181,13 +182,6 @@ class Settings(BaseSettings):
         description="HTTP port of the publisher process's /metrics (Kafka publish latency, "
         "events published, delivery time); 0: off. Used when publisher_process is on.",
     )
-    metrics_token: SecretStr | None = Field(
-        default=None,
-        description="Bearer token /metrics requires on the metrics ports (what Prometheus "
-        "sends). Unset: /metrics is open on loopback and refuses everyone elsewhere; /healthz "
-        "is always open.",
-        repr=False,
-    )
     log_level: LogLevel = Field(default="INFO", description=f"One of {', '.join(LOG_LEVELS)}.")
 
     @field_validator("ae_title")
@@ -254,11 +248,6 @@ class Settings(BaseSettings):
             "list is for loopback only",
         )
         return self
-
-    @property
-    def metrics_secret(self) -> str | None:
-        """The metrics bearer token's value (None: /metrics open, loopback only)."""
-        return self.metrics_token.get_secret_value() if self.metrics_token else None
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:

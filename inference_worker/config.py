@@ -5,17 +5,18 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
 
 from inference_worker.header import ORIENTATIONS
 from inference_worker.series import SelectionRules
 from scanwatch.logs import LogLevel
 from scanwatch.model_repository import DEFAULT_MODEL_NAME
+from scanwatch.service_settings import MetricsSettings
 from schemas.topics import DEVELOPMENT
 
 
-class Settings(BaseSettings):
+class Settings(MetricsSettings):
     """Everything the worker needs to know; validated at start-up."""
 
     model_config = SettingsConfigDict(env_prefix="SCANWATCH_WORKER_")
@@ -135,13 +136,6 @@ class Settings(BaseSettings):
     fhir_token_url: str | None = Field(
         None, description="OAuth token endpoint; default: <fhir_base_url without /fhir>/auth/token."
     )
-    metrics_token: SecretStr | None = Field(
-        None,
-        description="Bearer token the web page's /metrics requires (what Prometheus sends). "
-        "Unset: /metrics is open when web_host is loopback and refuses everyone elsewhere; "
-        "/healthz is always open.",
-        repr=False,
-    )
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
 
     @model_validator(mode="after")
@@ -151,11 +145,6 @@ class Settings(BaseSettings):
         if (self.fhir_client_id is None) != (self.fhir_client_secret is None):
             raise ValueError("set both fhir_client_id and fhir_client_secret, or neither")
         return self
-
-    @property
-    def metrics_secret(self) -> str | None:
-        """The metrics bearer token's value (None: /metrics open, loopback only)."""
-        return self.metrics_token.get_secret_value() if self.metrics_token else None
 
     def quiet_period_for(self, source: str | None) -> float:
         """The quiet period of studies sent by ``source`` (a calling AE title)."""

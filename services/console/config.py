@@ -6,12 +6,12 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from scanwatch.http_access import check_tls_pair
 from scanwatch.logs import LogLevel
 from scanwatch.model_repository import DEFAULT_MODEL_NAME
 from scanwatch.network import is_loopback
+from scanwatch.service_settings import HttpsSettings
 from services.auth.tokens import TOKEN_AUDIENCE, TOKEN_ISSUER
 
 #: The listener's default file store (``SCANWATCH_LISTENER_STORAGE_DIR``).
@@ -20,7 +20,7 @@ DEFAULT_STORAGE_DIR = Path("var/store")
 DEFAULT_INDEX_URL = "sqlite:///var/console/dicom-index.db"
 
 
-class Settings(BaseSettings):
+class Settings(HttpsSettings):
     """Everything the console needs; validated at start-up. Outside development (a host that
     is not loopback) it refuses a JWKS fetched over plain HTTP from another machine and an
     http public URL."""
@@ -147,20 +147,6 @@ class Settings(BaseSettings):
     model_name: str = Field(
         DEFAULT_MODEL_NAME, description="The served model whose status the pipeline page shows."
     )
-    metrics_token: SecretStr | None = Field(
-        None,
-        description="Bearer token /metrics requires (what Prometheus sends). Unset: /metrics "
-        "is open on loopback and refuses everyone elsewhere; /healthz is always open.",
-        repr=False,
-    )
-    tls_cert_file: Path | None = Field(
-        None,
-        description="PEM certificate chain to serve HTTPS with (uvicorn's ssl_certfile); set "
-        "with tls_key_file. Unset: plain HTTP (TLS ended by a proxy in front, or development).",
-    )
-    tls_key_file: Path | None = Field(
-        None, description="PEM private key of tls_cert_file (uvicorn's ssl_keyfile)."
-    )
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
 
     @field_validator("jwks_url", "public_url", "fhir_base_url")
@@ -174,7 +160,6 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _safe(self) -> Settings:
-        check_tls_pair(self.tls_cert_file, self.tls_key_file, "SCANWATCH_CONSOLE_")
         if is_loopback(self.host):
             return self
         jwks = urlsplit(self.jwks_url)
@@ -198,11 +183,6 @@ class Settings(BaseSettings):
                 f"({self.fhir_base_url}) must be https (staff tokens travel to it)"
             )
         return self
-
-    @property
-    def metrics_secret(self) -> str | None:
-        """The metrics bearer token's value (None: /metrics open, loopback only)."""
-        return self.metrics_token.get_secret_value() if self.metrics_token else None
 
     @property
     def web(self) -> bool:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
 
-from scanwatch.http_access import check_tls_pair
 from scanwatch.network import require_off_loopback
+from scanwatch.service_settings import HttpsSettings
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 DATABASE_SCHEMES = ("sqlite", "postgresql")
@@ -23,7 +23,7 @@ DEFAULT_SIGNING_KEYS_FILE = Path("var/auth/signing-keys.json")
 RETIRED_ENVIRONMENT = ("SCANWATCH_FHIR_JWT_SECRET", "SCANWATCH_FHIR_JWT_KEY_FILE")
 
 
-class Settings(BaseSettings):
+class Settings(HttpsSettings):
     """Everything the FHIR API needs; validated at start-up."""
 
     model_config = SettingsConfigDict(env_prefix="SCANWATCH_FHIR_")
@@ -103,20 +103,6 @@ class Settings(BaseSettings):
     audit_reads: bool = Field(
         True, description="Record every read, vread, search and history in audit_event."
     )
-    metrics_token: SecretStr | None = Field(
-        None,
-        description="Bearer token /metrics requires (what Prometheus sends). Unset: /metrics "
-        "is open on loopback and refuses everyone elsewhere; /healthz is always open.",
-        repr=False,
-    )
-    tls_cert_file: Path | None = Field(
-        None,
-        description="PEM certificate chain to serve HTTPS with (uvicorn's ssl_certfile); set "
-        "with tls_key_file. Unset: plain HTTP (TLS ended by a proxy in front, or development).",
-    )
-    tls_key_file: Path | None = Field(
-        None, description="PEM private key of tls_cert_file (uvicorn's ssl_keyfile)."
-    )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR.")
 
     @field_validator("database_url")
@@ -168,7 +154,6 @@ class Settings(BaseSettings):
             "signing_keys_file" in self.model_fields_set,
             "a persistent file shared by every API instance: the token signing keys",
         )
-        check_tls_pair(self.tls_cert_file, self.tls_key_file, "SCANWATCH_FHIR_")
         retired = [name for name in RETIRED_ENVIRONMENT if name in os.environ]
         if retired:
             raise ValueError(
@@ -189,11 +174,6 @@ class Settings(BaseSettings):
     def backend(self) -> str:
         """``sqlite`` or ``postgresql``."""
         return self.database_url.split(":", 1)[0].split("+", 1)[0]
-
-    @property
-    def metrics_secret(self) -> str | None:
-        """The metrics bearer token's value (None: /metrics open, loopback only)."""
-        return self.metrics_token.get_secret_value() if self.metrics_token else None
 
     @property
     def worker_count(self) -> int:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
 
 from scanwatch.logs import LogLevel
 from scanwatch.model_repository import DEFAULT_MODEL_NAME
+from scanwatch.service_settings import MetricsSettings
 from services.model_server.tf_serving_files import (
     BatchingParameters,
     ConfigError,
@@ -26,7 +27,7 @@ SINGLE_MODEL_FIELDS = ("model_base_path", "model_name", "version_labels")
 BATCHING_FIELDS = ("max_batch_size", "batch_timeout_micros", "max_enqueued_batches")
 
 
-class Settings(BaseSettings):
+class Settings(MetricsSettings):
     """Everything the model server needs; validated at start-up."""
 
     model_config = SettingsConfigDict(env_prefix="SCANWATCH_MODEL_SERVER_")
@@ -120,12 +121,6 @@ class Settings(BaseSettings):
     metrics_port: int = Field(
         9112, ge=0, le=65535, description="Prometheus /metrics port on host; 0 turns it off."
     )
-    metrics_token: SecretStr | None = Field(
-        None,
-        description="Bearer token /metrics requires (what Prometheus sends). Unset: /metrics "
-        "is open on loopback and refuses everyone elsewhere.",
-        repr=False,
-    )
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
 
     @field_validator("model_name")
@@ -167,11 +162,6 @@ class Settings(BaseSettings):
             except ConfigError as error:
                 raise ValueError(str(error)) from None
         return self
-
-    @property
-    def metrics_secret(self) -> str | None:
-        """The metrics bearer token's value (None: /metrics open, loopback only)."""
-        return self.metrics_token.get_secret_value() if self.metrics_token else None
 
     @property
     def model_dir(self) -> Path:

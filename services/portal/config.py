@@ -7,11 +7,11 @@ from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
-from scanwatch.http_access import check_tls_pair
 from scanwatch.logs import LogLevel
 from scanwatch.network import is_loopback
+from scanwatch.service_settings import HttpsSettings
 
 #: The front-end packages npm installs at set-up (``services/portal/package.json``).
 DEFAULT_ASSETS_DIR = Path(__file__).resolve().parent / "node_modules"
@@ -19,7 +19,7 @@ DEFAULT_ASSETS_DIR = Path(__file__).resolve().parent / "node_modules"
 DEFAULT_CLIENT_ID = "scanwatch-portal"
 
 
-class Settings(BaseSettings):
+class Settings(HttpsSettings):
     """Everything the portal needs; validated at start-up. Outside development (a host or
     public URL that is not loopback) it refuses plain-HTTP URLs and cookies without Secure."""
 
@@ -93,20 +93,6 @@ class Settings(BaseSettings):
         description="Where npm installed the front-end packages (chart.js) that the portal "
         "serves itself at /static/vendor/ (never a CDN).",
     )
-    metrics_token: SecretStr | None = Field(
-        None,
-        description="Bearer token /metrics requires (what Prometheus sends). Unset: /metrics "
-        "is open on loopback and refuses everyone elsewhere; /healthz is always open.",
-        repr=False,
-    )
-    tls_cert_file: Path | None = Field(
-        None,
-        description="PEM certificate chain to serve HTTPS with (uvicorn's ssl_certfile); set "
-        "with tls_key_file. Unset: plain HTTP (TLS ended by a proxy in front, or development).",
-    )
-    tls_key_file: Path | None = Field(
-        None, description="PEM private key of tls_cert_file (uvicorn's ssl_keyfile)."
-    )
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
 
     @field_validator("fhir_base_url", "chat_url", "public_url")
@@ -136,7 +122,6 @@ class Settings(BaseSettings):
                 "client_secret must not be empty: set SCANWATCH_PORTAL_CLIENT_SECRET (the "
                 "portal's secret at the authorization server; it has no default)"
             )
-        check_tls_pair(self.tls_cert_file, self.tls_key_file, "SCANWATCH_PORTAL_")
         public = urlsplit(self.base_url)
         local = is_loopback(self.host) and is_loopback(public.hostname or "")
         if not local:
@@ -151,11 +136,6 @@ class Settings(BaseSettings):
                     "cookie must only travel over HTTPS"
                 )
         return self
-
-    @property
-    def metrics_secret(self) -> str | None:
-        """The metrics bearer token's value (None: /metrics open, loopback only)."""
-        return self.metrics_token.get_secret_value() if self.metrics_token else None
 
     @property
     def base_url(self) -> str:
