@@ -93,6 +93,15 @@ class ListenerApp:
     def http_port(self) -> int | None:
         return self._http.port if self._http is not None else None
 
+    def _association_ended(self) -> None:
+        """On the association's own thread, as it ends: what its sender stored is published
+        without lingering, and the thread's outbox connection is closed with it."""
+        if self.run_relay:
+            self.relay.flush()
+        else:
+            self.flush_signal.send()
+        self.context.outbox.release_connection()
+
     def start(self) -> None:
         """Open the outbox, start the relay, bind the DICOM and HTTP ports."""
         s = self.settings
@@ -126,7 +135,7 @@ class ListenerApp:
             s.host,
             s.port,
             on_reject=self.policy.count_reject,
-            on_association_end=self.relay.flush if self.run_relay else self.flush_signal.send,
+            on_association_end=self._association_ended,
         )
         self._server = server
         self._server_thread = threading.Thread(

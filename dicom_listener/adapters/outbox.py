@@ -375,12 +375,18 @@ class Outbox:
         row = self._connect().execute("SELECT max(seq) - min(seq) + 1 FROM outbox").fetchone()
         return int(row[0] or 0)
 
-    def close(self) -> None:
-        """Close this thread's connection."""
+    def release_connection(self) -> None:
+        """Close the calling thread's connection, when it has one (an association's thread
+        that is about to end: a connection left to the garbage collector kept the database,
+        its WAL and shared-memory files open, three descriptors per association served)."""
         conn = getattr(self._local, "conn", None)
         if conn is not None:
             conn.close()
             self._local.conn = None
+
+    def close(self) -> None:
+        """Close this thread's connection and the write lock's file."""
+        self.release_connection()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None

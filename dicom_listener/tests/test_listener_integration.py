@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -94,6 +95,33 @@ def test_storescu_series_is_stored_byte_identical_and_announced(
     wait_for(lambda: listener.context.outbox.depth() == 0, 10, "outbox drained")
     health = httpx.get(f"{base}/healthz")
     assert health.status_code == 200 and health.json()["kafka"] == "ok"
+
+
+def _open_outbox_files(app: ListenerApp) -> int:
+    """Descriptors of this process open on the outbox database, its WAL or shared memory."""
+    outbox = str(app.settings.resolved_outbox_path)
+    fds = Path("/proc/self/fd")
+    targets = []
+    for fd in fds.iterdir():
+        try:
+            targets.append(os.readlink(fd))
+        except OSError:  # closed meanwhile
+            continue
+    return sum(t.startswith(outbox) and not t.endswith(".lock") for t in targets)
+
+
+def test_associations_leave_no_outbox_connection_open(
+    listener: ListenerApp, tmp_path: Path
+) -> None:
+    """Each association runs on a thread of its own, with its own outbox connection: ended
+    associations must not leave theirs open (the soak bench saw the listener's descriptors grow
+    by about three per study)."""
+    files, _, _ = new_study(tmp_path, n_slices=1)
+    storescu(files, "127.0.0.1", listener.port, called_ae=AE_TITLE, calling_ae="IT-SCANNER")
+    before = _open_outbox_files(listener)
+    for _ in range(6):
+        storescu(files, "127.0.0.1", listener.port, called_ae=AE_TITLE, calling_ae="IT-SCANNER")
+    assert _open_outbox_files(listener) <= before
 
 
 def test_a_study_goes_to_the_partition_the_java_clients_choose(
