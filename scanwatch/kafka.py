@@ -182,15 +182,21 @@ def ensure_topics(
     """Create on any cluster the topics that do not exist yet; return the names created.
     Existing topics are left as they are. Replication: :func:`schemas.topics.replication_for`
     the cluster's broker count (production: factor 3, ``min.insync.replicas`` 2; a single
-    development broker: 1 and 1); a cluster of 2 brokers is refused with a message."""
+    development broker configured for one copy: 1 and 1); a cluster short of brokers is
+    refused with a message."""
     from confluent_kafka import KafkaError, KafkaException
-    from confluent_kafka.admin import AdminClient
+    from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
     from confluent_kafka.cimpl import NewTopic
 
     admin = AdminClient({"bootstrap.servers": bootstrap_servers}, logger=log)
     metadata = admin.list_topics(timeout=timeout_s)
     brokers = len(metadata.brokers)
-    replication = replication_for(brokers)
+    configured = 0  # only a lone broker's own configuration can make it a development one
+    if brokers == 1:
+        resource = ConfigResource(ResourceType.BROKER, str(next(iter(metadata.brokers))))
+        configs = admin.describe_configs([resource])[resource].result(timeout=timeout_s)
+        configured = int(configs["default.replication.factor"].value)
+    replication = replication_for(brokers, configured)
     if brokers < replication.factor:
         raise KafkaTopicError(
             f"topics need {replication.factor} brokers (replication factor "

@@ -38,12 +38,15 @@ PRODUCTION = Replication(factor=3, min_insync=2)
 DEVELOPMENT = Replication(factor=1, min_insync=1)
 
 
-def replication_for(brokers: int) -> Replication:
-    """The settings topics are created with on a cluster of ``brokers`` brokers: the production
-    ones, except on a single broker, which is a development broker. A cluster with more than
-    one broker but fewer than :data:`PRODUCTION`'s factor gets no silent downgrade: creating a
-    topic there fails (a production cluster whose brokers have not all joined yet)."""
-    return DEVELOPMENT if brokers == 1 else PRODUCTION
+def replication_for(brokers: int, configured_factor: int) -> Replication:
+    """The settings topics are created with on a cluster of ``brokers`` live brokers whose
+    ``default.replication.factor`` is ``configured_factor``: the production ones, except on a
+    single broker configured for one copy, which is a development broker. A production cluster
+    whose metadata lists one broker for a moment (the others fenced under load) is short of
+    brokers, not a development one; with more than one broker but fewer than
+    :data:`PRODUCTION`'s factor there is no silent downgrade either: creating a topic there
+    fails (a production cluster whose brokers have not all joined yet)."""
+    return DEVELOPMENT if brokers == 1 and configured_factor == 1 else PRODUCTION
 
 
 @dataclass(frozen=True)

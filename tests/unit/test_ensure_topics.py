@@ -1,7 +1,9 @@
 """``scanwatch.kafka.ensure_topics`` against a fake admin client: a controller that refuses the
 replication factor (it counts fewer live brokers than the metadata answer did) is the same
 :class:`~scanwatch.kafka.KafkaTopicError` as a short broker count, so that docker-compose's
-topics step runs again; a topic created meanwhile by another process is what was wanted."""
+topics step runs again; a topic created meanwhile by another process is what was wanted; a
+production cluster whose metadata lists one broker for a moment is short of brokers, not a
+development broker."""
 
 from __future__ import annotations
 
@@ -18,18 +20,30 @@ from schemas.topics import TopicSpec
 
 
 class FakeAdmin:
-    """Three brokers in the metadata; ``create_topics`` fails each topic with ``code``."""
+    """``brokers`` in the metadata, each configured with ``default.replication.factor``
+    ``configured``; ``create_topics`` fails each topic with ``code``."""
 
     code: int | None = None
+    brokers: tuple[int, ...] = (1, 2, 3)
+    configured = 3
+    created: list[Any] = []
 
     def __init__(self, config: dict[str, Any], logger: Any = None) -> None:
         pass
 
     def list_topics(self, timeout: float) -> SimpleNamespace:
-        return SimpleNamespace(brokers={1: None, 2: None, 3: None}, topics={})
+        return SimpleNamespace(brokers=dict.fromkeys(self.brokers), topics={})
+
+    def describe_configs(self, resources: list[Any]) -> dict[Any, Future]:
+        future: Future = Future()
+        future.set_result(
+            {"default.replication.factor": SimpleNamespace(value=str(self.configured))}
+        )
+        return dict.fromkeys(resources, future)
 
     def create_topics(self, new: list[Any], request_timeout: float) -> dict[str, Future]:
         futures: dict[str, Future] = {}
+        FakeAdmin.created.extend(new)
         for topic in new:
             future: Future = Future()
             if self.code is None:
@@ -43,7 +57,10 @@ class FakeAdmin:
 @pytest.fixture
 def admin(monkeypatch: pytest.MonkeyPatch) -> type[FakeAdmin]:
     monkeypatch.setattr(confluent_kafka.admin, "AdminClient", FakeAdmin)
-    FakeAdmin.code = None
+    monkeypatch.setattr(FakeAdmin, "code", None)
+    monkeypatch.setattr(FakeAdmin, "brokers", (1, 2, 3))
+    monkeypatch.setattr(FakeAdmin, "configured", 3)
+    monkeypatch.setattr(FakeAdmin, "created", [])
     return FakeAdmin
 
 
@@ -63,3 +80,21 @@ def test_a_topic_created_meanwhile_counts_as_done_and_others_raise(
         kafka.ensure_topics("127.0.0.1:1", [TopicSpec("refused")])
     admin.code = None
     assert kafka.ensure_topics("127.0.0.1:1", [TopicSpec("new")]) == ["new"]
+
+
+def test_one_broker_listed_by_a_production_cluster_is_refused(admin: type[FakeAdmin]) -> None:
+    """CI saw a three-node cluster's metadata list a single broker (the others fenced for a
+    moment under load): it was taken for a development broker and got a one-copy topic."""
+    admin.brokers = (2,)
+    with pytest.raises(kafka.KafkaTopicError, match="need 3 brokers"):
+        kafka.ensure_topics("127.0.0.1:1", [TopicSpec("short")])
+    assert admin.created == []
+
+
+def test_a_single_broker_configured_for_one_copy_is_a_development_broker(
+    admin: type[FakeAdmin],
+) -> None:
+    admin.brokers, admin.configured = (1,), 1
+    assert kafka.ensure_topics("127.0.0.1:1", [TopicSpec("dev")]) == ["dev"]
+    [topic] = admin.created
+    assert (topic.replication_factor, topic.config["min.insync.replicas"]) == (1, "1")

@@ -64,9 +64,10 @@ def test_fewer_than_three_nodes_are_not_a_production_cluster(tmp_path: Path) -> 
         LocalKafkaCluster(tmp_path, tmp_path / "libs", nodes=2)
 
 
-def test_topics_get_production_replication_except_on_a_single_broker() -> None:
-    assert replication_for(1) == DEVELOPMENT
-    assert replication_for(3) == replication_for(5) == PRODUCTION
+def test_topics_get_production_replication_except_on_a_single_development_broker() -> None:
+    assert replication_for(1, configured_factor=1) == DEVELOPMENT
+    assert replication_for(1, configured_factor=3) == PRODUCTION  # the others fenced a moment
+    assert replication_for(3, 1) == replication_for(5, 3) == PRODUCTION
     assert PRODUCTION.min_insync < PRODUCTION.factor  # one broker may be lost while writing
 
 
