@@ -574,6 +574,19 @@ class Stack:
         if proc is not None:
             _signal(proc, signal.SIGKILL)
 
+    def pause(self, name: str) -> None:
+        """SIGSTOP one service's process group (a process starved of CPU or swapped out: it
+        neither runs nor exits, and its supervisor sees nothing) until :meth:`resume`."""
+        proc = self.service(name).process
+        if proc is not None:
+            _signal(proc, signal.SIGSTOP)
+
+    def resume(self, name: str) -> None:
+        """SIGCONT a service paused by :meth:`pause`."""
+        proc = self.service(name).process
+        if proc is not None:
+            _signal(proc, signal.SIGCONT)
+
     def hold(self, name: str) -> None:
         """Stop one service, or ``"kafka"`` the broker, and keep it down (an outage) until
         :meth:`release`."""
