@@ -9,12 +9,13 @@ event and its table entry all live on the same partition number, owned by one wo
 
 from __future__ import annotations
 
+import logging
 from collections.abc import MutableMapping
 from typing import Any, cast
 
 import faust
 import mode
-from faust.types import EventT, StreamT, TopicT
+from faust.types import TP, EventT, StreamT, TopicT
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from inference_worker.adapters.fhir_writer import FhirWriter
@@ -33,6 +34,9 @@ from schemas.topics import STUDY_PARTITIONS
 
 #: Name of the changelogged table of studies being assembled.
 STUDY_TABLE = "study-assembly"
+
+
+log = logging.getLogger(__name__)
 
 
 def _broker_url(servers: str) -> str:
@@ -128,6 +132,17 @@ def create_app(
         # The partitioner contract: the listener's producer put the study's events there.
         return kafka.partition_for(key, STUDY_PARTITIONS) in owned
 
+    async def end_offset(partition: int) -> int | None:
+        """An instance-topic partition's end offset, asked of the broker now."""
+        tp = TP(instances_topic.get_topic_name(), partition)
+        try:
+            return (await app.consumer.highwaters(tp))[tp]
+        except Exception as exc:  # noqa: BLE001 - not answered: the study waits for the next pass
+            log.warning(
+                "end offset not answered", extra={"partition": partition, "error": str(exc)}
+            )
+            return None
+
     flow = WorkerFlow(
         settings,
         scorer,
@@ -137,7 +152,17 @@ def create_app(
         lambda topic: raw_topic(dlq(topic)),
         owns,
         metrics,
+        end_offset=end_offset,
     )
+
+    def forget(sender: Any, *partitions: Any, signal: Any, **kwargs: Any) -> None:
+        """On a rebalance: how far an instance partition was read here no longer counts."""
+        topic = instances_topic.get_topic_name()
+        flow.progress.forget({tp.partition for tp in partitions[0] if tp.topic == topic})
+
+    # mode types a receiver as a generic callable no plain function matches under mypy.
+    app.on_partitions_revoked.connect(forget)  # type: ignore[arg-type]
+    app.on_partitions_assigned.connect(forget)  # type: ignore[arg-type]
 
     @app.task
     async def check_model_on_start() -> None:

@@ -5,6 +5,14 @@ survive restarts). A study is ready when it has instances that were not yet anno
 no new instance arrived for the quiet period of its source, or the maximum wait since the oldest
 instance not yet announced has passed. A parked study (model server unreachable for longer
 than the retries) becomes ready again when its parking time is over.
+
+The quiet period is counted from the listener's event time (``occurred_at``: when it accepted
+the instance), and only once the worker has read every event of the study's partition up to
+that time plus the quiet period (``caught_up``): a worker lagging behind its partition would
+otherwise count the quiet period while the study's last instances still wait unread, release
+the study on part of its slices and score it again later. Where that is not known (nothing read
+from the partition since the worker started; a state written before event times were kept),
+the quiet period is counted on the worker's clock from when it read the study's last instance.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ class StudyState(TypedDict):
     source: NotRequired[str]  # calling AE title of the first instance
     pending_since: NotRequired[float]  # arrival of the oldest instance not yet announced
     parked_until: NotRequired[float]  # scoring failed transiently: not before this time
+    last_event_at: NotRequired[float]  # the newest instance's occurred_at (listener's clock)
 
 
 def add_instance(state: StudyState | None, event: InstanceReceivedV1, now: float) -> StudyState:
@@ -51,6 +60,7 @@ def add_instance(state: StudyState | None, event: InstanceReceivedV1, now: float
         event.SOPInstanceUID: event.ref().model_dump(mode="json"),
     }
     updated["last_received_at"] = now
+    updated["last_event_at"] = max(state.get("last_event_at", 0.0), event.occurred_at.timestamp())
     if len(state["instances"]) <= state["announced"]:
         updated["pending_since"] = now  # the first change since the last announcement
     if previous is not None:
@@ -58,14 +68,39 @@ def add_instance(state: StudyState | None, event: InstanceReceivedV1, now: float
     return updated
 
 
-def is_ready(state: StudyState, now: float, quiet_period_s: float, max_wait_s: float) -> bool:
-    """True when some instances were never announced and the study is quiet (or waited enough)."""
-    if len(state["instances"]) <= state["announced"] or now < state.get("parked_until", 0.0):
+def is_due(state: StudyState, now: float) -> bool:
+    """Some instances were never announced, and the study is not parked."""
+    return len(state["instances"]) > state["announced"] and now >= state.get("parked_until", 0.0)
+
+
+def is_ready(
+    state: StudyState,
+    now: float,
+    quiet_period_s: float,
+    max_wait_s: float,
+    caught_up: bool | None = None,
+) -> bool:
+    """True when some instances were never announced and the study is quiet (or waited enough).
+
+    ``caught_up``: whether every event of the study's partition up to
+    :func:`quiet_until` has been read (None: not known; see the module's docstring)."""
+    if not is_due(state, now):
         return False
-    if now - state["last_received_at"] >= quiet_period_s:
-        return True
     waiting_since = state.get("pending_since", state["first_received_at"])
-    return now - waiting_since >= max_wait_s
+    if caught_up is None or "last_event_at" not in state:
+        quiet_since = state["last_received_at"]
+    elif not caught_up:
+        return False
+    else:
+        quiet_since = state["last_event_at"]
+    return now - quiet_since >= quiet_period_s or now - waiting_since >= max_wait_s
+
+
+def quiet_until(state: StudyState, quiet_period_s: float) -> float | None:
+    """The listener's time up to which the study's partition must have been read before the
+    study may be released: its last event's time plus the quiet period (None: not kept)."""
+    last = state.get("last_event_at")
+    return None if last is None else last + quiet_period_s
 
 
 def ready_event(study_uid: str, state: StudyState, quiet_period_s: float) -> StudyReadyV1:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,9 +29,11 @@ from pydantic import ValidationError
 from inference_worker.assembly import (
     StudyState,
     add_instance,
+    is_due,
     is_ready,
     mark_announced,
     park,
+    quiet_until,
     ready_event,
 )
 from inference_worker.config import Settings
@@ -39,7 +41,9 @@ from inference_worker.errors import SignatureMismatch, UnusableStudy
 from inference_worker.metrics import WorkerMetrics
 from inference_worker.ports import Model, Sink
 from inference_worker.retry import is_transient
+from scanwatch import kafka
 from schemas import DeadLetterV1, InferenceResultV1, InstanceReceivedV1, StudyReadyV1
+from schemas.topics import STUDY_PARTITIONS
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +59,50 @@ class Origin:
     partition: int | None = None
     offset: int | None = None
     key: bytes | None = None
+
+
+class ReadProgress:
+    """How far this worker has read each partition of the instance topic since it was assigned
+    to it: the next offset, and the newest event time (the listener's clock) read there."""
+
+    def __init__(self) -> None:
+        self.next_offset: dict[int, int] = {}
+        self.newest_event_at: dict[int, float] = {}
+
+    def read(self, origin: Origin, event_at: float | None) -> None:
+        """Record one consumed instance event (``event_at`` None: it did not parse)."""
+        if origin.partition is None or origin.offset is None:
+            return
+        partition = origin.partition
+        self.next_offset[partition] = max(self.next_offset.get(partition, 0), origin.offset + 1)
+        if event_at is not None:
+            newest = self.newest_event_at.get(partition, event_at)
+            self.newest_event_at[partition] = max(newest, event_at)
+
+    def forget(self, partitions: set[int]) -> None:
+        """Partitions revoked or reassigned: what was read there before no longer tells how far
+        the partition has been read (another worker may have read on)."""
+        for partition in partitions:
+            self.next_offset.pop(partition, None)
+            self.newest_event_at.pop(partition, None)
+
+    def read_past(self, partition: int, until: float) -> bool | None:
+        """Whether an event the listener accepted on ``partition`` at ``until`` or later has
+        been read, which tells that every one it accepted before has (its outbox publishes in
+        the order it accepted). None: nothing read there since the partition was assigned."""
+        if partition not in self.next_offset:
+            return None
+        return self.newest_event_at.get(partition, float("-inf")) >= until
+
+    def read_to(self, partition: int, end_offset: int | None) -> bool:
+        """Whether every event up to ``end_offset`` (the partition's end, None: not known) has
+        been read."""
+        return end_offset is not None and self.next_offset.get(partition, -1) >= end_offset
+
+
+async def no_end_offset(partition: int) -> int | None:
+    """No broker to ask (the default of :class:`WorkerFlow`'s ``end_offset``)."""
+    return None
 
 
 class StudyScorer(Protocol):
@@ -80,10 +128,12 @@ class WorkerFlow:
         owns: Callable[[bytes], bool],
         metrics: WorkerMetrics,
         clock: Callable[[], float] = time.time,
+        end_offset: Callable[[int], Awaitable[int | None]] = no_end_offset,
     ) -> None:
         """``studies`` is keyed by the StudyInstanceUID's bytes; ``dead_letter_topic`` gives
         the dead-letter twin of a topic; ``owns`` tells whether this worker actively owns a
-        study key's partition (only the owner announces it)."""
+        study key's partition (only the owner announces it); ``end_offset`` asks the broker
+        for an instance-topic partition's end offset now (None: not answered)."""
         self.settings = settings
         self.scorer = scorer
         self.studies = studies
@@ -93,6 +143,8 @@ class WorkerFlow:
         self.owns = owns
         self.metrics = metrics
         self.clock = clock
+        self.end_offset = end_offset
+        self.progress = ReadProgress()
         # Ready events sent but not yet seen back by ``score`` (which records them in the
         # table): stops the timer from announcing the same study twice meanwhile. Lost on
         # restart, which only means a study may be announced again — scoring is idempotent.
@@ -127,18 +179,22 @@ class WorkerFlow:
             await self.dead_letter(
                 origin, value, f"invalid {InstanceReceivedV1.SCHEMA}: {exc}", UNUSABLE
             )
+            self.progress.read(origin, None)
             return
         key = received.StudyInstanceUID.encode()
         self.studies[key] = add_instance(self.studies.get(key), received, self.clock())
+        self.progress.read(origin, received.occurred_at.timestamp())
 
     async def release_ready_studies(self) -> None:
         """Announce every study of this worker's partitions whose quiet period is over."""
         now = self.clock()
+        ends: dict[int, int | None] = {}  # end offsets asked in this pass
         for key, state in list(self.studies.items()):
-            if state is None:
+            if state is None or not is_due(state, now):  # most: scored, nothing new
                 continue
             quiet = self.settings.quiet_period_for(state.get("source"))
-            if not is_ready(state, now, quiet, self.settings.max_wait_s):
+            caught_up = await self._caught_up(key, state, now, quiet, ends)
+            if not is_ready(state, now, quiet, self.settings.max_wait_s, caught_up):
                 continue
             if not self.owns(key):
                 continue
@@ -150,6 +206,26 @@ class WorkerFlow:
             await self.ready_topic.send(key=key, value=ready.to_bytes())
             self.announcing[key] = (count, now)
             log.info("study ready", extra={"StudyInstanceUID": key.decode(), "instances": count})
+
+    async def _caught_up(
+        self, key: bytes, state: StudyState, now: float, quiet: float, ends: dict[int, int | None]
+    ) -> bool | None:
+        """Whether the study's partition has been read up to its last event plus ``quiet``:
+        an event from after that read, or the partition's end, asked of the broker now (the
+        end the consumer last fetched may be older than a pause of this worker)."""
+        until = quiet_until(state, quiet)
+        if until is None:
+            return None
+        partition = kafka.partition_for(key, STUDY_PARTITIONS)
+        past = self.progress.read_past(partition, until)
+        if past is not False:
+            return past
+        due = is_ready(state, now, quiet, self.settings.max_wait_s, caught_up=True)
+        if not due or not self.owns(key):
+            return False  # not due even if read to the end, or not ours: nothing to ask
+        if partition not in ends:
+            ends[partition] = await self.end_offset(partition)
+        return self.progress.read_to(partition, ends[partition])
 
     async def score(self, value: bytes | None, origin: Origin) -> None:
         """Score one ``dicom.study.ready.v1`` event, after any earlier one of its study."""

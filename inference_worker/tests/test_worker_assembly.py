@@ -109,3 +109,23 @@ def test_state_is_json_serialisable_and_old_states_still_work():
     assert json.loads(json.dumps(state)) == state
     old = {k: v for k, v in state.items() if k not in ("source",)}  # written before "source"
     assert ready(old, now=QUIET)
+
+
+def test_a_partition_not_read_up_to_the_quiet_period_holds_the_study():
+    """A lagging worker: whatever its own clock says, the study waits until its partition has
+    been read past the study's last event plus the quiet period (``caught_up``)."""
+    state = add_instance(None, received(1), now=100.0)
+    assert not is_ready(state, 10_000.0, QUIET, MAX_WAIT, caught_up=False)
+    assert is_ready(state, 10_000.0, QUIET, MAX_WAIT, caught_up=True)
+
+
+def test_the_quiet_period_counts_from_the_listeners_event_time_once_caught_up():
+    event = received(1)
+    at = event.occurred_at.timestamp()
+    state = add_instance(None, event, now=at + 60.0)  # read a minute after the listener took it
+    assert state["last_event_at"] == at
+    assert is_ready(state, at + QUIET, QUIET, MAX_WAIT, caught_up=True)
+    assert not is_ready(state, at + QUIET - 0.1, QUIET, MAX_WAIT, caught_up=True)
+    # Not known (nothing read from the partition yet): the worker's own clock, as before.
+    assert not is_ready(state, at + QUIET, QUIET, MAX_WAIT, caught_up=None)
+    assert is_ready(state, at + 60.0 + QUIET, QUIET, MAX_WAIT, caught_up=None)

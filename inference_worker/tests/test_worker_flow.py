@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 import pytest
 
@@ -15,10 +16,12 @@ from inference_worker.errors import (
     SignatureMismatch,
     UnusableStudy,
 )
-from inference_worker.flow import Origin, WorkerFlow
+from inference_worker.flow import Origin, ReadProgress, WorkerFlow
 from inference_worker.metrics import WorkerMetrics
 from inference_worker.tests.test_worker_assembly import received
+from scanwatch import kafka
 from schemas import DeadLetterV1, InferenceResultV1, InstanceReceivedV1, StudyReadyV1
+from schemas.topics import STUDY_PARTITIONS
 
 STUDY = "1.2.826.0.1.3680043.8.498.7"
 KEY = STUDY.encode()
@@ -105,7 +108,14 @@ class World:
             lambda key: owns,
             self.metrics,
             clock=self.clock,
+            end_offset=self.end_offset,
         )
+        self.ends: dict[int, int] = {}
+        self.asked: list[int] = []
+
+    async def end_offset(self, partition: int) -> int | None:
+        self.asked.append(partition)
+        return self.ends.get(partition)
 
     def metric(self, name: str, **labels: str) -> float:
         return self.metrics.registry.get_sample_value(name, labels) or 0.0
@@ -319,3 +329,91 @@ def test_check_model_refuses_a_broken_signature_and_tolerates_a_server_not_up_ye
     world.scorer.model = FakeModel(SignatureMismatch("wrong outputs"))
     with pytest.raises(SignatureMismatch):
         asyncio.run(world.flow.check_model())
+
+
+PARTITION = kafka.partition_for(KEY, STUDY_PARTITIONS)
+
+
+def test_a_lagging_worker_scores_each_study_once_when_its_partition_is_read():
+    """Issue 20, point 6: the worker reads the first half of a study, then falls behind its
+    partition (other studies' events in between) for longer than the quiet period. It neither
+    releases the half study nor counts the quiet period on its own clock: one ready event,
+    with every instance, once the partition has been read past the study."""
+    listener_time = 1000.0  # the listener took all 6 instances within a second
+
+    async def read(world: World, offset: int, event: InstanceReceivedV1) -> None:
+        origin = Origin(InstanceReceivedV1.SCHEMA, PARTITION, offset)
+        await world.flow.assemble(event.to_bytes(), origin)
+
+    def at(n: int, t: float, study: str = STUDY) -> InstanceReceivedV1:
+        event = received(n, study=study)
+        return event.model_copy(update={"occurred_at": datetime.fromtimestamp(t, UTC)})
+
+    async def run() -> World:
+        world = World()
+        world.ends[PARTITION] = 500  # the backlog: 500 events on the partition
+        for n in (1, 2, 3):
+            await read(world, n - 1, at(n, listener_time + 0.1 * n))
+        for step in range(6):  # the worker's clock runs on, the partition is read slowly
+            world.clock.now += QUIET
+            other = "1.2.826.0.1.3680043.8.498.99"
+            await read(world, 3 + step, at(step, listener_time + 0.5, study=other))
+            await world.flow.release_ready_studies()
+        assert world.ready_events() == []  # the old rule sent a 3-instance study here
+        for n in (4, 5, 6):
+            await read(world, 5 + n, at(n, listener_time + 0.1 * n))
+        await world.flow.release_ready_studies()
+        assert world.ready_events() == []  # still behind: events up to +0.6 s + quiet unread
+        world.ends[PARTITION] = 12  # the rest of the backlog read: nothing unread
+        await world.flow.release_ready_studies()
+        [ready] = [r for r in world.ready_events() if r.StudyInstanceUID == STUDY]
+        await world.score(ready)
+        world.clock.now += 10 * QUIET
+        await world.flow.release_ready_studies()
+        return world
+
+    world = asyncio.run(run())
+    assert [len(r.instances) for r in world.ready_events() if r.StudyInstanceUID == STUDY] == [6]
+    assert world.scorer.scored == [6]
+
+
+def test_a_newer_event_read_on_the_partition_is_enough_to_release():
+    """Reading an event the listener took after the study's quiet period tells that nothing
+    of the study can still be unread before it (the outbox publishes in order)."""
+    progress = ReadProgress()
+    assert progress.read_past(PARTITION, 1005.0) is None
+    progress.read(Origin(InstanceReceivedV1.SCHEMA, PARTITION, 7), 1004.0)
+    assert progress.read_past(PARTITION, 1005.0) is False
+    assert not progress.read_to(PARTITION, 100) and not progress.read_to(PARTITION, None)
+    assert progress.read_to(PARTITION, 8)  # nothing left unread
+    progress.read(Origin(InstanceReceivedV1.SCHEMA, PARTITION, 8), None)  # did not parse
+    progress.read(Origin(InstanceReceivedV1.SCHEMA, PARTITION, 9), 1005.5)
+    assert progress.read_past(PARTITION, 1005.0) is True
+    progress.forget({PARTITION})  # revoked: another worker may have read on
+    assert progress.read_past(PARTITION, 1005.0) is None
+
+
+def test_a_paused_worker_asks_the_broker_how_far_the_partition_goes():
+    """A worker paused (CPU starved, stopped) past a study's quiet period resumes with an old
+    idea of its partition's end: the study's last instances, sent meanwhile, are unread. The
+    end is asked of the broker at release time, so the study waits for them."""
+
+    async def run() -> World:
+        world = World()
+        event = received(1).model_copy(update={"occurred_at": datetime.fromtimestamp(1000, UTC)})
+        origin = Origin(InstanceReceivedV1.SCHEMA, PARTITION, 0)
+        await world.flow.assemble(event.to_bytes(), origin)
+        world.clock.now += QUIET
+        world.ends[PARTITION] = 2  # instance 2 was sent while the worker was paused
+        await world.flow.release_ready_studies()
+        assert world.ready_events() == [] and world.asked == [PARTITION]
+        second = received(2).model_copy(update={"occurred_at": datetime.fromtimestamp(1001, UTC)})
+        await world.flow.assemble(
+            second.to_bytes(), Origin(InstanceReceivedV1.SCHEMA, PARTITION, 1)
+        )
+        world.clock.now += QUIET
+        await world.flow.release_ready_studies()
+        return world
+
+    world = asyncio.run(run())
+    assert [len(r.instances) for r in world.ready_events()] == [2]

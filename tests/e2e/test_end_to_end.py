@@ -17,13 +17,15 @@ import pydicom
 import pytest
 
 from conftest import KAFKA_LIBS
-from devtools.kafka_local import free_port, read_topic
+from devtools.kafka_local import Record, free_port, read_topic
 from devtools.peers import storescu
 from devtools.stack import Ports, Stack, StackConfig
 from devtools.testing import wait_for
 from scanwatch import ids
 from scanwatch.fhir_codes import PROBABILITY_CODE_PREFIX
 from scanwatch.sample import build_mr_study
+from schemas import InstanceReceivedV1, StudyReadyV1
+from services.console.pipeline import Lag, consumer_lag
 
 pytestmark = pytest.mark.e2e
 
@@ -36,6 +38,10 @@ SCORED_SLICES = 20
 #: Two worker processes share the partitions, as in a scaled-out deployment (their web ports
 #: are worker_web and the one above it, which free_port keeps free too).
 WORKERS = 2
+#: A sender whose studies get a longer quiet period (the paused-worker test).
+PAUSED_SENDER, PAUSED_QUIET_S = "PAUSEDSCU", 10.0
+#: Their consumer group (inference_worker.config.Settings.app_id's default).
+WORKER_GROUP = "scanwatch-inference-worker"
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +68,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, models: Path) -> Iterator[St
             "SCANWATCH_WORKER_RETRIES": "2",
             "SCANWATCH_WORKER_PARK_S": "3",
             "SCANWATCH_WORKER_BREAKER_RESET_S": "2",
+            # The paused-worker test's sender: long enough to see its first half read first.
+            "SCANWATCH_WORKER_QUIET_PERIOD_BY_SOURCE": f'{{"{PAUSED_SENDER}": {PAUSED_QUIET_S}}}',
         },
         models=models,
         kafka_libs=KAFKA_LIBS,
@@ -286,3 +294,53 @@ def test_unusable_study_goes_to_the_dead_letter_topic(stack: Stack, tmp_path: Pa
     assert "cannot decode pixels" in dead.reason
     assert StudyReadyV1.from_bytes(dead.payload).StudyInstanceUID == study_uid
     assert not observations_of(stack, "SW-E2E-BAD").get("total")
+
+
+def test_paused_workers_score_a_study_once_with_every_slice(stack: Stack, tmp_path: Path):
+    """Issue 20, point 6: the workers read a study's first half, then stop (SIGSTOP: starved
+    of CPU) while its second half arrives, for longer than the quiet period. Resumed, they
+    release the study once, with every slice, instead of its first half and then again (the
+    old rule, the quiet period on the worker's clock from when it read the first half, did)."""
+    files = build_mr_study(tmp_path / "study", patient_id="SW-E2E-PAUSE", n_slices=SCORED_SLICES)
+    study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    dicom = ("127.0.0.1", stack.config.ports.dicom)
+    workers = [f"inference-worker-{n}" for n in range(1, WORKERS + 1)]
+    half = SCORED_SLICES // 2
+
+    def workers_lag() -> Lag | None:
+        """The workers' lag on the instance topic (None: nothing committed there yet)."""
+        found = consumer_lag(stack.bootstrap_servers)
+        return next(
+            (g for g in found if g.group == WORKER_GROUP and g.topic == InstanceReceivedV1.SCHEMA),
+            None,
+        )
+
+    before = lag.newest if (lag := workers_lag()) else 0
+    send = {"called_ae": stack.config.ae_title, "calling_ae": PAUSED_SENDER}
+    storescu(files[:half], *dicom, **send)
+    # Read (and committed, which takes Faust a few seconds) inside the sender's quiet period.
+    wait_for(
+        lambda: (lag := workers_lag()) and lag.newest >= before + half and lag.lag == 0,
+        timeout=PAUSED_QUIET_S,
+        what="the first half on Kafka, read and committed by the workers",
+    )
+    for worker in workers:
+        stack.pause(worker)
+    try:
+        storescu(files[half:], *dicom, **send)
+        # The fault itself: the pause outlasts the quiet period after the last instance.
+        threading.Event().wait(PAUSED_QUIET_S + 1)
+    finally:
+        for worker in workers:
+            stack.resume(worker)
+
+    def ready_events(records: list[Record]) -> list[StudyReadyV1]:
+        return [StudyReadyV1.from_bytes(r.value) for r in records if r.key == study_uid.encode()]
+
+    records = read_topic(
+        stack.bootstrap_servers,
+        StudyReadyV1.SCHEMA,
+        lambda rs: any(len(e.instances) == SCORED_SLICES for e in ready_events(rs)),
+        timeout=180,
+    )
+    assert [len(e.instances) for e in ready_events(records)] == [SCORED_SLICES]
