@@ -11,7 +11,8 @@ the instance), and only once the worker has read every event of the study's part
 that time plus the quiet period (``caught_up``): a worker lagging behind its partition would
 otherwise count the quiet period while the study's last instances still wait unread, release
 the study on part of its slices and score it again later. Where that is not known (nothing read
-from the partition since the worker started; a state written before event times were kept),
+from the partition since it was assigned to this worker; a state written before event times were
+kept),
 the quiet period is counted on the worker's clock from when it read the study's last instance.
 """
 
