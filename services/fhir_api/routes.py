@@ -13,7 +13,6 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import parse_qsl
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
@@ -25,7 +24,7 @@ from services.fhir_api.audit import Audit
 from services.fhir_api.bundles import INCLUDE_TYPES, history, parse_history, searchset
 from services.fhir_api.capability import capability_statement, issuer_root, smart_configuration
 from services.fhir_api.clinical import check_author, check_signed_result, require_if_match
-from services.fhir_api.compartment import Compartment, check_patient_members, compartment_of
+from services.fhir_api.compartment import check_patient_members, compartment_of
 from services.fhir_api.config import Settings
 from services.fhir_api.deps import (
     AuditDep,
@@ -42,7 +41,6 @@ from services.fhir_api.deps import (
     negotiated,
 )
 from services.fhir_api.errors import (
-    CONFLICT,
     DELETED,
     INVALID,
     NOT_FOUND,
@@ -51,10 +49,15 @@ from services.fhir_api.errors import (
     not_implemented,
 )
 from services.fhir_api.resources import Stored
-from services.fhir_api.search import INCLUDES, REVINCLUDES, SearchQuery, parse_search
+from services.fhir_api.search import INCLUDES, REVINCLUDES, parse_search
 from services.fhir_api.store import ResourceStore
 from services.fhir_api.subscriptions import check_subscription
-from services.fhir_api.transactions import practitioner_writes, run_transaction, store_all
+from services.fhir_api.transactions import (
+    practitioner_writes,
+    run_transaction,
+    single_match,
+    store_all,
+)
 from services.fhir_api.wire import (
     interaction_name,
     json_object,
@@ -189,9 +192,7 @@ async def create(
     if condition := request.headers.get("if-none-exist"):
         # The match is a search: a patient-bound token finds only its own compartment's.
         reading = compartment_of(grant, resource_type, READ)
-        existing = await run_in_threadpool(
-            _conditional_match, store, resource_type, condition, reading
-        )
+        existing = await run_in_threadpool(single_match, store, resource_type, condition, reading)
         if existing is not None:
             return resource_response(existing, request, base, 200)
     raw = json_object(body)
@@ -209,24 +210,6 @@ async def create(
         if result.changed:  # the created resource always is; its Practitioner when created
             subscriptions.resource_written(result.stored)
     return resource_response(results[-1].stored, request, base, 201)
-
-
-def _conditional_match(
-    store: ResourceStore, resource_type: str, condition: str, rule: Compartment | None
-) -> Stored | None:
-    """The one resource ``If-None-Exist`` matches (within ``rule``'s compartment, when the
-    reader is patient-bound), or None; 412 when more than one does."""
-    items = parse_qsl(condition.lstrip("?"), keep_blank_values=True)
-    if not items:
-        raise FhirError(400, "If-None-Exist has no search parameters", INVALID)
-    query: SearchQuery = parse_search(resource_type, items, 2, 2)
-    if query.includes or query.revincludes or query.offset:
-        raise FhirError(400, "If-None-Exist takes search parameters only", INVALID)
-    where = [*query.where, *([rule.clause()] if rule is not None else [])]
-    _total, existing = store.search(resource_type, where, query.order_by, 2, 0, 2)
-    if len(existing) > 1:
-        raise FhirError(412, "If-None-Exist matches more than one resource", CONFLICT)
-    return existing[0] if existing else None
 
 
 # --- instance level --------------------------------------------------------------------------
