@@ -25,6 +25,7 @@ from dicom_listener.dicom.uids import VERIFICATION
 from dicom_listener.handlers import Admission, StoreContext, handle_store
 from dicom_listener.health import HealthCheck, http_app
 from dicom_listener.metrics import ListenerMetrics
+from dicom_listener.procedure_steps import MPPS_SOP_CLASS, handle_procedure_step
 from dicom_listener.security import AssociationPolicy, server_ssl_context
 from dicom_listener.sop_classes import TRANSFER_SYNTAXES, resolve_storage_classes
 from scanwatch.http_access import HttpServer, metrics_closed_warning
@@ -38,9 +39,10 @@ def presentation_contexts(settings: Settings) -> dict[str, frozenset[str]]:
     SOP classes not in ``settings.sop_classes`` have no entry, so they are refused at
     negotiation (abstract syntax not supported), never after their data was received.
     """
-    contexts: dict[str, frozenset[str]] = {
-        VERIFICATION: frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
-    }
+    little_endian = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
+    contexts: dict[str, frozenset[str]] = {VERIFICATION: little_endian}
+    if settings.mpps:
+        contexts[MPPS_SOP_CLASS] = little_endian
     syntaxes = frozenset(str(ts) for ts in TRANSFER_SYNTAXES)
     for sop_class in resolve_storage_classes(settings.sop_classes):
         contexts[str(sop_class)] = syntaxes
@@ -136,6 +138,7 @@ class ListenerApp:
             s.port,
             on_reject=self.policy.count_reject,
             on_association_end=self._association_ended,
+            normalized=partial(handle_procedure_step, ctx=self.context),
         )
         self._server = server
         self._server_thread = threading.Thread(

@@ -80,6 +80,12 @@ class Settings(MetricsSettings):
         f"'{ALL_STORAGE}' accepts every storage class. Others are refused at association "
         "negotiation (abstract syntax not supported).",
     )
+    mpps: bool = Field(
+        default=True,
+        description="Serve Modality Performed Procedure Step (N-CREATE, N-SET): a modality that "
+        "reports its steps gets its studies scored as soon as a completed step's instances are "
+        "stored, instead of after the worker's quiet period.",
+    )
     min_free_disk_bytes: int = Field(
         default=512 * MiB,
         ge=0,

@@ -44,6 +44,13 @@ class ListenerMetrics:
             "Refused instances whose bytes were copied to the quarantine folder.",
             registry=r,
         )
+        self.procedure_steps = Counter(
+            "scanwatch_listener_procedure_steps",
+            "MPPS N-CREATEs and N-SETs, by command and the step's status they recorded "
+            "(or refused, failed).",
+            ["command", "outcome"],
+            registry=r,
+        )
         self.associations_rejected = Counter(
             "scanwatch_listener_associations_rejected",
             "Association requests rejected, by reason.",

@@ -12,6 +12,8 @@ from schemas.events import (
     InferenceResultV1,
     InstanceReceivedV1,
     InstanceRef,
+    ProcedureStepV1,
+    StepInstanceRef,
     StudyReadyV1,
 )
 from schemas.topics import TOPICS, TopicSpec, dlq
@@ -34,6 +36,8 @@ __all__ = [
     "InstanceReceivedV1",
     "InstanceRef",
     "ModelPublishedV1",
+    "ProcedureStepV1",
+    "StepInstanceRef",
     "StudyReadyV1",
     "TrainingJobRequestedV1",
     "TrainingJobStatusV1",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, ClassVar, Self
+from typing import Annotated, ClassVar, Literal, Self
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 
@@ -93,6 +93,40 @@ class InstanceReceivedV1(Event):
         )
 
 
+class StepInstanceRef(BaseModel):
+    """An instance a procedure step says it produced (its Performed Series Sequence)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    SeriesInstanceUID: UID
+    SOPInstanceUID: UID
+
+
+#: Performed Procedure Step Status (0040,0252) values (PS3.3 C.4.14).
+ProcedureStepStatus = Literal["IN PROGRESS", "COMPLETED", "DISCONTINUED"]
+
+
+class ProcedureStepV1(Event):
+    """A modality created or updated a Performed Procedure Step (MPPS, PS3.4 F.7): the scanner
+    says a procedure is under way, done (and which instances it produced) or abandoned.
+
+    One event per study the step names, keyed by ``StudyInstanceUID`` like the study's
+    instance events (the same partition number). ``instances`` are every instance the step
+    references; they are this study's only when ``step_studies`` names this study alone.
+    """
+
+    SCHEMA: ClassVar[str] = "dicom.procedure.step.v1"
+
+    StudyInstanceUID: UID
+    procedure_step_uid: UID = Field(description="The MPPS SOP Instance UID.")
+    status: ProcedureStepStatus
+    step_studies: list[UID] = Field(min_length=1, description="Every study the step names.")
+    instances: list[StepInstanceRef] = Field(
+        default_factory=list, description="The instances the step references, so far."
+    )
+    calling_ae_title: AETitle = Field(description="The modality's AE title.")
+
+
 class StudyReadyV1(Event):
     """No instance of the study arrived for the quiet period: it is ready to be scored.
 
@@ -157,6 +191,7 @@ class DeadLetterV1(Event):
 
 EVENT_TYPES: tuple[type[Event], ...] = (
     InstanceReceivedV1,
+    ProcedureStepV1,
     StudyReadyV1,
     InferenceResultV1,
     DeadLetterV1,

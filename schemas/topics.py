@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from schemas.events import InferenceResultV1, InstanceReceivedV1, StudyReadyV1
+from schemas.events import InferenceResultV1, InstanceReceivedV1, ProcedureStepV1, StudyReadyV1
 from schemas.training_events import (
     ModelLifecycleCompletedV1,
     ModelLifecycleRequestedV1,
@@ -63,7 +63,12 @@ def dlq(topic: str) -> str:
     return f"{topic}.dlq"
 
 
-_STUDY_KEYED = [InstanceReceivedV1.SCHEMA, StudyReadyV1.SCHEMA, InferenceResultV1.SCHEMA]
+_STUDY_KEYED = [
+    InstanceReceivedV1.SCHEMA,
+    ProcedureStepV1.SCHEMA,
+    StudyReadyV1.SCHEMA,
+    InferenceResultV1.SCHEMA,
+]
 # Training traffic is small; one partition keeps a job's status events and the publications in
 # order for every consumer.
 _TRAINING = [

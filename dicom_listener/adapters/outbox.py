@@ -46,6 +46,14 @@ CREATE TABLE IF NOT EXISTS instances (
     storage_uri TEXT NOT NULL,
     stored_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS procedure_steps (
+    uid TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    dataset TEXT NOT NULL,
+    calling_ae_title TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     topic TEXT NOT NULL,
@@ -64,6 +72,16 @@ class KnownInstance:
     sha256: str
     version: int
     storage_uri: str
+
+
+@dataclass(frozen=True)
+class ProcedureStep:
+    """A Modality Performed Procedure Step as last created or set (``dataset``: DICOM JSON)."""
+
+    uid: str
+    status: str
+    dataset: str
+    calling_ae_title: str
 
 
 @dataclass(frozen=True)
@@ -123,10 +141,39 @@ class OutboxTransaction:
             "storage_uri = excluded.storage_uri, stored_at = excluded.stored_at",
             (sop_uid, sha256, version, storage_uri, now),
         )
+        self.emit(topic, key, value, headers, now)
+
+    def emit(
+        self,
+        topic: str,
+        key: bytes,
+        value: bytes,
+        headers: list[tuple[str, bytes]] | None = None,
+        now: float | None = None,
+    ) -> None:
+        """Record an event, to be published once the transaction commits."""
         encoded = json.dumps([[k, v.decode("latin-1")] for k, v in headers]) if headers else "[]"
         self._conn.execute(
             "INSERT INTO outbox (topic, key, value, headers, created_at) VALUES (?, ?, ?, ?, ?)",
-            (topic, key, value, encoded, now),
+            (topic, key, value, encoded, time.time() if now is None else now),
+        )
+
+    def procedure_step(self, uid: str) -> ProcedureStep | None:
+        row = self._conn.execute(
+            "SELECT uid, status, dataset, calling_ae_title FROM procedure_steps WHERE uid = ?",
+            (uid,),
+        ).fetchone()
+        return ProcedureStep(*row) if row else None
+
+    def save_procedure_step(self, step: ProcedureStep) -> None:
+        """Create or replace a procedure step's record."""
+        now = time.time()
+        self._conn.execute(
+            "INSERT INTO procedure_steps (uid, status, dataset, calling_ae_title, created_at, "
+            "updated_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (uid) DO UPDATE SET "
+            "status = excluded.status, dataset = excluded.dataset, "
+            "updated_at = excluded.updated_at",
+            (step.uid, step.status, step.dataset, step.calling_ae_title, now, now),
         )
 
 

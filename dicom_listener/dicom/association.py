@@ -27,6 +27,8 @@ from typing import NoReturn
 from dicom_listener.dicom.contract import (
     KEEP_IN_MEMORY_BYTES,
     AdmitFn,
+    NormalizedFn,
+    NormalizedRequest,
     Peer,
     ReceivedInstance,
     Status,
@@ -43,7 +45,13 @@ from dicom_listener.dicom.dimse import (
     COMMAND_FIELD,
     DATASET_TYPE,
     MESSAGE_ID,
+    N_CREATE_RQ,
+    N_CREATE_RSP,
+    N_SET_RQ,
+    N_SET_RSP,
     NO_DATASET,
+    REQUESTED_SOP_CLASS,
+    REQUESTED_SOP_INSTANCE,
     parse_command,
     response_command,
     us_value,
@@ -91,6 +99,11 @@ _MAX_NEGOTIATION_PDU = 1 << 20
 _MAX_COMMAND = 1 << 16
 #: Bytes read from the socket per call while a dataset streams to disk.
 _CHUNK_BYTES = 1 << 18
+#: Largest N-CREATE / N-SET dataset accepted (kept in memory): an MPPS naming thousands of
+#: images is a few hundred KiB.
+_MAX_NORMALIZED_DATASET = 1 << 23
+#: DIMSE-N requests served, with their response's command field and name.
+_NORMALIZED = {N_CREATE_RQ: (N_CREATE_RSP, "N-CREATE"), N_SET_RQ: (N_SET_RSP, "N-SET")}
 
 
 @dataclass
@@ -168,6 +181,8 @@ class _Request:
     context_id: int
     command: dict[int, bytes]
     incoming: _Incoming | None = None
+    #: An N-CREATE's or N-SET's dataset, received in memory.
+    attributes: bytearray | None = None
 
 
 class Association:
@@ -182,6 +197,7 @@ class Association:
         store: StoreFn,
         slots: threading.BoundedSemaphore,
         on_reject: Callable[[str], None],
+        normalized: NormalizedFn | None = None,
     ) -> None:
         self.sock = sock
         self.address = address
@@ -190,6 +206,7 @@ class Association:
         self.store = store
         self.slots = slots
         self.on_reject = on_reject
+        self.normalized = normalized
         self.accepted: dict[int, tuple[str, str]] = {}
         self.peer_max_pdu = 0
         self.calling = self.called = ""
@@ -372,10 +389,21 @@ class Association:
                             request = self._on_command(context_id, bytes(command))
                             command.clear()
                         continue
-                    if request is None or request.incoming is None:
-                        self._abort(ABORT_UNEXPECTED_PDU, "dataset without a C-STORE request")
+                    if request is None:
+                        self._abort(ABORT_UNEXPECTED_PDU, "dataset without a request")
                     if context_id != request.context_id:
                         self._abort(ABORT_INVALID_PARAMETER, "dataset on another context")
+                    if request.attributes is not None:
+                        if len(request.attributes) + length - 2 > _MAX_NORMALIZED_DATASET:
+                            self._abort(ABORT_INVALID_PARAMETER, "N- dataset too large")
+                        fragment = bytearray(length - 2)
+                        self._read_into(fragment)
+                        request.attributes += fragment
+                        if control & 0x02:
+                            self._on_normalized(request)
+                            request = None
+                        continue
+                    assert request.incoming is not None
                     self._copy(length - 2, request.incoming)
                     if control & 0x02:
                         self._on_dataset(request)
@@ -412,6 +440,12 @@ class Association:
         if field_ == C_CANCEL_RQ:
             return None
         abstract_syntax, transfer_syntax = self.accepted[context_id]
+        if field_ in _NORMALIZED and self.normalized is not None:
+            request = _Request(context_id, command, attributes=bytearray())
+            if us_value(command, DATASET_TYPE) != NO_DATASET:
+                return request  # its dataset follows
+            self._on_normalized(request)
+            return None
         if field_ != C_STORE_RQ or abstract_syntax == VERIFICATION:
             self._abort(ABORT_UNEXPECTED_PDU, f"unsupported DIMSE command 0x{field_ or 0:04X}")
         if us_value(command, DATASET_TYPE) == NO_DATASET:
@@ -423,6 +457,46 @@ class Association:
             sop_class, _uid_or(command, AFFECTED_SOP_INSTANCE, "0"), transfer_syntax
         )
         return _Request(context_id, command, _Incoming(self.config.incoming_dir, header))
+
+    def _on_normalized(self, request: _Request) -> None:
+        """Hand an N-CREATE or N-SET to its handler and answer with its status (PS3.7 10.1)."""
+        assert self.normalized is not None and request.attributes is not None
+        context_id, command = request.context_id, request.command
+        field_ = us_value(command, COMMAND_FIELD) or 0
+        response_field, name = _NORMALIZED[field_]
+        abstract_syntax, transfer_syntax = self.accepted[context_id]
+        class_tag, instance_tag = (
+            (AFFECTED_SOP_CLASS, AFFECTED_SOP_INSTANCE)
+            if field_ == N_CREATE_RQ
+            else (REQUESTED_SOP_CLASS, REQUESTED_SOP_INSTANCE)
+        )
+        sop_class = _uid_or(command, class_tag, abstract_syntax)
+        sop_instance = decode_uid(command.get(instance_tag, b""))
+        try:
+            status, created = self.normalized(
+                NormalizedRequest(
+                    command=name,
+                    sop_class_uid=sop_class,
+                    sop_instance_uid=sop_instance,
+                    dataset=bytes(request.attributes),
+                    transfer_syntax=transfer_syntax,
+                    calling_ae_title=self.calling,
+                    called_ae_title=self.called,
+                )
+            )
+        except Exception as exc:  # noqa: BLE001 - the sender gets a status, never silence
+            log.exception("%s handler failed: %r", name, exc)
+            status, created = Status(PROCESSING_FAILURE, "internal error; not recorded"), ""
+        self._send_command(
+            context_id,
+            response_command(
+                response_field,
+                us_value(command, MESSAGE_ID) or 0,
+                sop_class,
+                status,
+                created if is_uid(created) else None,
+            ),
+        )
 
     def _on_dataset(self, request: _Request) -> None:
         incoming = request.incoming

@@ -68,3 +68,32 @@ class Peer:
 AdmitFn = Callable[[Peer], tuple[int, str] | None]
 #: The C-STORE handler: answers every received instance with a status, never an exception.
 StoreFn = Callable[[ReceivedInstance], Status]
+
+
+@dataclass(frozen=True)
+class NormalizedRequest:
+    """An N-CREATE or N-SET request (DIMSE-N, PS3.7 10.1) and its dataset, as received.
+
+    ``sop_instance_uid`` is the request's Affected (N-CREATE) or Requested (N-SET) SOP Instance
+    UID: empty when an N-CREATE leaves it to the SCP to assign. ``dataset`` is the encoded
+    attribute list in ``transfer_syntax`` (empty when none was sent).
+    """
+
+    command: str  # "N-CREATE" or "N-SET"
+    sop_class_uid: str
+    sop_instance_uid: str
+    dataset: bytes
+    transfer_syntax: str
+    calling_ae_title: str
+    called_ae_title: str
+
+
+class NormalizedResponse(NamedTuple):
+    """The status of an N-CREATE or N-SET, and the SOP Instance it created or updated."""
+
+    status: Status
+    sop_instance_uid: str = ""
+
+
+#: The N-CREATE / N-SET handler: answers every request with a response, never an exception.
+NormalizedFn = Callable[[NormalizedRequest], NormalizedResponse]

@@ -16,12 +16,16 @@ from dicom_listener.dicom.values import pad_even
 C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
 C_ECHO_RQ, C_ECHO_RSP = 0x0030, 0x8030
 C_CANCEL_RQ = 0x0FFF
+# DIMSE-N (PS3.7 10.3): the Modality Performed Procedure Step's two messages.
+N_SET_RQ, N_SET_RSP = 0x0120, 0x8120
+N_CREATE_RQ, N_CREATE_RSP = 0x0140, 0x8140
 #: Command Data Set Type: no dataset follows (PS3.7 E.1).
 NO_DATASET = 0x0101
 
 # Command Set tags (group 0000).
 GROUP_LENGTH = 0x00000000
 AFFECTED_SOP_CLASS = 0x00000002
+REQUESTED_SOP_CLASS = 0x00000003
 COMMAND_FIELD = 0x00000100
 MESSAGE_ID = 0x00000110
 MESSAGE_ID_BEING_RESPONDED_TO = 0x00000120
@@ -29,6 +33,7 @@ DATASET_TYPE = 0x00000800
 STATUS = 0x00000900
 ERROR_COMMENT = 0x00000902
 AFFECTED_SOP_INSTANCE = 0x00001000
+REQUESTED_SOP_INSTANCE = 0x00001001
 
 _ELEMENT = struct.Struct("<HHL")
 _US = struct.Struct("<H")
@@ -69,7 +74,8 @@ def response_command(
     status: Status,
     sop_instance: str | None = None,
 ) -> bytes:
-    """The Command Set of a response without a dataset (C-STORE-RSP, C-ECHO-RSP)."""
+    """The Command Set of a response without a dataset (C-STORE-RSP, C-ECHO-RSP, N-CREATE-RSP,
+    N-SET-RSP: PS3.7 10.3 lets an N-response leave its attribute list out)."""
     elements = {
         AFFECTED_SOP_CLASS: pad_even(sop_class.encode(), b"\x00"),
         COMMAND_FIELD: _US.pack(command_field),

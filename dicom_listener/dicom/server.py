@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from dicom_listener.dicom.association import Association, ServerConfig
-from dicom_listener.dicom.contract import AdmitFn, StoreFn
+from dicom_listener.dicom.contract import AdmitFn, NormalizedFn, StoreFn
 from dicom_listener.dicom.pdu import ProtocolError
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class _Handler(socketserver.BaseRequestHandler):
                     server.store,
                     server.slots,
                     server.on_reject,
+                    server.normalized,
                 ).serve()
         except (ProtocolError, ssl.SSLError) as exc:
             log.warning("association aborted: %s", exc, extra={"peer_address": address})
@@ -70,8 +71,11 @@ class StorageServer(socketserver.ThreadingTCPServer):
         port: int,
         on_reject: Callable[[str], None] = lambda reason: None,
         on_association_end: Callable[[], None] = lambda: None,
+        normalized: NormalizedFn | None = None,
     ):
         self.config = config
+        #: The N-CREATE / N-SET handler (Modality Performed Procedure Step), if served.
+        self.normalized = normalized
         self.admit = admit
         self.store = store
         self.on_reject = on_reject

@@ -12,8 +12,21 @@ from typing import Final
 
 #: Success (PS3.7 C.1): the instance is durable and its event recorded.
 SUCCESS: Final = 0x0000
-#: Failure: Processing failure (PS3.7 Annex C), for a handler that failed unexpectedly.
+#: Failure: Processing failure (PS3.7 Annex C), for a handler that failed unexpectedly; also
+#: an MPPS that may no longer be updated (PS3.4 F.7.2.2.2).
 PROCESSING_FAILURE: Final = 0x0110
+
+# General failures of the DIMSE-N services (PS3.7 C.4), answered to N-CREATE and N-SET.
+#: An attribute's value is not allowed (e.g. an N-CREATE not IN PROGRESS).
+INVALID_ATTRIBUTE_VALUE: Final = 0x0106
+#: An N-CREATE of a SOP Instance that exists already.
+DUPLICATE_SOP_INSTANCE: Final = 0x0111
+#: An N-SET of a SOP Instance never created.
+NO_SUCH_SOP_INSTANCE: Final = 0x0112
+#: A required attribute is missing (e.g. the step names no study).
+MISSING_ATTRIBUTE: Final = 0x0120
+#: The request names a SOP Class this listener does not serve with it.
+SOP_CLASS_NOT_SUPPORTED: Final = 0x0122
 
 # Refused: Out of Resources (A7xx): the sender should retry later.
 #: The instance could not be written to the store.
