@@ -1,15 +1,23 @@
-"""Writes FHIR resources with ``PUT [base]/[type]/[id]`` (update as create).
+"""Writes a study's FHIR resources in one FHIR ``transaction`` Bundle (``POST [base]``).
 
 Ids are deterministic (:mod:`scanwatch.ids`), so a repeated write replaces instead of
-duplicating: that is what makes redelivery harmless.
+duplicating: that is what makes redelivery harmless. Every entry of a transaction is written or
+none is (the FHIR API's ``transactions``).
 
 A result a clinician signed is never overwritten: an Observation or DiagnosticReport whose
 current status is signed (:data:`scanwatch.clinical_review.SIGNED_STATUSES`) is left alone by a
-redelivered or re-scored result of the same (study, model, version). The check and the write
-are one conditional update (``If-Match`` on the version read), so a signature that lands in
-between makes the write fail with 412 and the writer reads again. A result that is the stored
-one but for ``issued`` (the same study scored again after it was announced again) is not
+redelivered or re-scored result of the same (study, model, version). A result that is the
+stored one but for ``issued`` (the same study scored again after it was announced again) is not
 written: it would be a new version that changes nothing.
+
+Both rules are judged without a read before each write. Each entry of a signed type is
+conditional on what the writer knows: the version it wrote last (``ifMatch``, remembered from
+the ``transaction-response``), or, for one it never wrote, that none exists
+(``ifNoneMatch: *``). A scored study's first write, and its heatmaps' write after it, are then
+one request each. When the server answers 412 (a clinician signed meanwhile, or the study was
+scored before this process started: a redelivery), nothing was written: the writer reads those
+resources (concurrently), judges them as stored, and sends the transaction again on the
+versions read, so a signature that lands in between fails it again (``ifMatch``).
 
 When the FHIR API requires tokens, the writer is a registered backend client: it gets a bearer
 token with the OAuth 2.0 client-credentials grant (HTTP Basic client authentication), keeps it
@@ -25,10 +33,13 @@ resource) go up unchanged: fatal.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -48,6 +59,38 @@ CONDITIONAL_ATTEMPTS = 3
 #: Elements a rescoring changes without changing the result: ``issued`` is the ready event's
 #: time, and a study announced again (after a worker crash, a rebalance, a park) has a new one.
 REISSUE_ONLY = frozenset({"issued"})
+
+
+#: The parts of ``meta`` the server owns.
+SERVER_META = frozenset({"versionId", "lastUpdated"})
+#: Signed-type resources whose version and content the writer remembers, at most.
+KNOWN_LIMIT = 4096
+
+
+@dataclass(frozen=True)
+class Known:
+    """A version this writer wrote or read (``etag``) and its content without server meta."""
+
+    etag: str
+    content: dict[str, Any]
+
+
+def _key(resource: dict[str, Any]) -> str:
+    return f"{resource['resourceType']}/{resource['id']}"
+
+
+def _signed_type(resource: dict[str, Any]) -> bool:
+    return resource["resourceType"] in SIGNED_TYPES
+
+
+def _etag(stored: dict[str, Any]) -> str:
+    return f'W/"{stored["meta"]["versionId"]}"'
+
+
+def _create_only(resource: dict[str, Any]) -> dict[str, Any]:
+    """A transaction entry that writes ``resource`` only if it has no current version."""
+    url = f"{resource['resourceType']}/{resource['id']}"
+    return {"resource": resource, "request": {"method": "PUT", "url": url, "ifNoneMatch": "*"}}
 
 
 def same_result(current: dict[str, Any], resource: dict[str, Any]) -> bool:
@@ -90,6 +133,7 @@ class FhirWriter:
         self._client: httpx.AsyncClient | None = None
         self._token: str | None = None
         self._token_expires = 0.0
+        self._known: OrderedDict[str, Known] = OrderedDict()
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:  # bound to the running loop, so made on first use
@@ -114,14 +158,10 @@ class FhirWriter:
             self._token_expires = time.monotonic() + max(lifetime - TOKEN_MARGIN_S, 1.0)
         return {"Authorization": f"Bearer {self._token}"}
 
-    async def _send(
-        self, method: str, resource: dict[str, Any], if_match: str | None = None
+    async def _request(
+        self, method: str, url: str, body: dict[str, Any] | None = None
     ) -> httpx.Response:
-        url = f"{self.base_url}/{resource['resourceType']}/{resource['id']}"
         headers = {"Content-Type": FHIR_JSON, **await self._authorization()}
-        if if_match is not None:
-            headers["If-Match"] = if_match
-        body = resource if method == "PUT" else None
         response = await self._http().request(method, url, json=body, headers=headers)
         if response.status_code == 401 and self._credentials is not None:
             # The token was revoked or the server's key rotated: one fresh token, one retry.
@@ -129,56 +169,151 @@ class FhirWriter:
             response = await self._http().request(method, url, json=body, headers=headers)
         return response
 
+    def _url(self, resource: dict[str, Any]) -> str:
+        return f"{self.base_url}/{resource['resourceType']}/{resource['id']}"
+
     async def put(self, resource: dict[str, Any]) -> None:
         """Create or update one resource; raises ``httpx.HTTPStatusError`` on a non-2xx answer."""
-        (await self._send("PUT", resource)).raise_for_status()
+        (await self._request("PUT", self._url(resource), resource)).raise_for_status()
 
     async def put_all(self, resources: list[dict[str, Any]]) -> None:
-        """Write resources in order (referenced resources first); a signed Observation or
-        DiagnosticReport is left as the clinician signed it."""
+        """Write ``resources`` in one transaction (referenced resources first), by the rules of
+        :meth:`_entry`: a signed Observation or DiagnosticReport is left as the clinician signed
+        it, the same result is not issued again, a concurrent change is read and judged again."""
         async with _domain_errors():
-            for resource in resources:
-                if resource["resourceType"] in SIGNED_TYPES:
-                    await self.put_unless_signed(resource)
-                else:
-                    await self.put(resource)
+            current: dict[str, dict[str, Any] | None] | None = None
+            for _attempt in range(CONDITIONAL_ATTEMPTS):
+                planned = [(r, self._entry(r, current)) for r in resources]
+                writes = [(resource, entry) for resource, entry in planned if entry is not None]
+                if not writes:
+                    return
+                response = await self._transaction([entry for _r, entry in writes])
+                if response.status_code == 412:
+                    # A signed type changed since the writer knew it (or exists, unknown to it):
+                    # read what is there now and judge again.
+                    current = await self._read_all([r for r in resources if _signed_type(r)])
+                    continue
+                response.raise_for_status()
+                self._remember(writes, response.json())
+                for resource, entry in planned:
+                    if entry is None and current is not None:
+                        self._forget_or_keep(resource, current)
+                return
+        raise FhirUnavailable(
+            f"a study's {', '.join(SIGNED_TYPES)} kept changing while being written"
+        )
 
-    async def put_unless_signed(self, resource: dict[str, Any]) -> bool:
-        """Write ``resource`` unless its current version is signed or already says the same
-        (:func:`same_result`); whether it was written. The write is conditional on the version
-        read (``If-Match``)."""
-        for _attempt in range(CONDITIONAL_ATTEMPTS):
-            found = await self._send("GET", resource)
-            if found.status_code in (404, 410):
-                await self.put(resource)  # nothing to sign yet: a plain update as create
-                return True
-            found.raise_for_status()
-            current = found.json()
-            if current.get("status") in SIGNED_STATUSES:
+    def _entry(
+        self, resource: dict[str, Any], current: dict[str, dict[str, Any] | None] | None
+    ) -> dict[str, Any] | None:
+        """The transaction entry that writes ``resource``, or None to leave what is stored.
+
+        Other types are a plain ``PUT`` (update as create). A signed type is conditional:
+
+        - read just now (``current``, after a 412): absent, written only if still absent
+          (``ifNoneMatch: *``); signed or the same result, left alone; else written on the
+          version read (``ifMatch``);
+        - written by this writer before (its remembered version and content): the same result
+          is sent again as it was stored, on that version (no new version; a 412 if it changed
+          meanwhile); another result is written on that version;
+        - unknown: written only if absent (``ifNoneMatch: *``; a 412 when it exists).
+        """
+        entry: dict[str, Any] = {
+            "resource": resource,
+            "request": {"method": "PUT", "url": f"{resource['resourceType']}/{resource['id']}"},
+        }
+        if not _signed_type(resource):
+            return entry
+        key = _key(resource)
+        if current is not None:
+            stored = current.get(key)
+            if stored is None:
+                entry["request"]["ifNoneMatch"] = "*"
+            elif stored.get("status") in SIGNED_STATUSES:
                 log.info(
                     "signed result left alone",
                     extra={"resourceType": resource["resourceType"], "id": resource["id"]},
                 )
-                return False
-            if same_result(current, resource):
-                return False  # the same result scored again: it stays as first issued
-            written = await self._send("PUT", resource, if_match=found.headers.get("ETag"))
-            if written.status_code != 412:
-                written.raise_for_status()
-                return True
-        raise FhirUnavailable(
-            f"{resource['resourceType']}/{resource['id']} kept changing while being written"
-        )
+                return None
+            elif same_result(stored, resource):
+                return None  # the same result scored again: it stays as first issued
+            else:
+                entry["request"]["ifMatch"] = _etag(stored)
+            return entry
+        known = self._known.get(key)
+        if known is None:
+            entry["request"]["ifNoneMatch"] = "*"
+        elif same_result(known.content, resource):
+            entry["resource"] = known.content  # as stored: no new version, but checked
+            entry["request"]["ifMatch"] = known.etag
+        else:
+            entry["request"]["ifMatch"] = known.etag
+        return entry
+
+    async def _transaction(self, entries: list[dict[str, Any]]) -> httpx.Response:
+        bundle = {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+        return await self._request("POST", self.base_url, bundle)
+
+    async def _read_all(self, resources: list[dict[str, Any]]) -> dict[str, dict[str, Any] | None]:
+        """The current version of each resource (None: absent or deleted), read concurrently."""
+        answers = await asyncio.gather(*(self._request("GET", self._url(r)) for r in resources))
+        found: dict[str, dict[str, Any] | None] = {}
+        for resource, answer in zip(resources, answers, strict=True):
+            if answer.status_code in (404, 410):
+                found[_key(resource)] = None
+            else:
+                answer.raise_for_status()
+                found[_key(resource)] = answer.json()
+        return found
+
+    def _remember(
+        self, writes: list[tuple[dict[str, Any], dict[str, Any]]], answer: dict[str, Any]
+    ) -> None:
+        """Keep the version each signed type now has, with the content sent (what the server
+        stores at that version), for the study's next write (its heatmaps, a redelivery)."""
+        for (resource, entry), done in zip(writes, answer.get("entry") or [], strict=False):
+            etag = (done.get("response") or {}).get("etag")
+            if _signed_type(resource) and etag:
+                self._keep(_key(resource), Known(str(etag), entry["resource"]))
+
+    def _forget_or_keep(
+        self, resource: dict[str, Any], current: dict[str, dict[str, Any] | None]
+    ) -> None:
+        """After leaving ``resource`` alone on a fresh read: an unsigned one is remembered at
+        the version read (as stored, without the server's meta), a signed one forgotten."""
+        key = _key(resource)
+        stored = current.get(key)
+        if stored is None or stored.get("status") in SIGNED_STATUSES:
+            self._known.pop(key, None)
+            return
+        content = {k: v for k, v in stored.items() if k != "meta"}
+        if meta := {k: v for k, v in (stored.get("meta") or {}).items() if k not in SERVER_META}:
+            content["meta"] = meta
+        self._keep(key, Known(_etag(stored), content))
+
+    def _keep(self, key: str, known: Known) -> None:
+        self._known[key] = known
+        self._known.move_to_end(key)
+        while len(self._known) > KNOWN_LIMIT:
+            self._known.popitem(last=False)
 
     async def put_missing(self, resources: list[dict[str, Any]]) -> None:
-        """Write, in order, those of ``resources`` the API answers 404 (or 410, deleted) for."""
+        """Write, in order, those of ``resources`` the API holds no current version of (absent
+        or deleted), in one transaction of ``ifNoneMatch: *`` entries; when one exists (412),
+        read them all (concurrently) and write only the absent ones the same way."""
         async with _domain_errors():
-            for resource in resources:
-                found = await self._send("GET", resource)
-                if found.status_code in (404, 410):
-                    await self.put(resource)
-                else:
-                    found.raise_for_status()
+            todo = resources
+            for _attempt in range(CONDITIONAL_ATTEMPTS):
+                if not todo:
+                    return
+                entries = [_create_only(resource) for resource in todo]
+                response = await self._transaction(entries)
+                if response.status_code != 412:
+                    response.raise_for_status()
+                    return
+                current = await self._read_all(todo)
+                todo = [r for r in todo if current[_key(r)] is None]
+        raise FhirUnavailable("a study's registered resources kept changing while being written")
 
     async def close(self) -> None:
         """Close the HTTP connections (a later write opens new ones)."""

@@ -15,6 +15,7 @@ from inference_worker.adapters.fhir_writer import FhirWriter, token_url_for
 from inference_worker.fhir_resources import (
     ScoredSeries,
     ScoredStudy,
+    all_resources_for,
     registered_resources_for,
     resources_for,
 )
@@ -173,3 +174,93 @@ def test_without_credentials_writes_are_refused(api):
     with pytest.raises(httpx.HTTPStatusError) as caught:
         asyncio.run(run())
     assert caught.value.response.status_code == 401
+
+
+class Counting(httpx.AsyncBaseTransport):
+    """The writer's HTTP transport, counting its requests (``METHOD path``) and answers."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.requests: list[str] = []
+        self.statuses: list[int] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(f"{request.method} {request.url.path}")
+        response = await self.inner.handle_async_request(request)
+        self.statuses.append(response.status_code)
+        return response
+
+    def take(self) -> list[str]:
+        """The requests since the last call, the token request left out."""
+        taken = [r for r in self.requests if not r.endswith("/auth/token")]
+        self.requests.clear()
+        self.statuses.clear()
+        return taken
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def test_a_scored_study_is_one_request(api):
+    """Issue 20, point 4: a new study's registered record, its scored resources and their
+    rewrite (the heatmaps' write, a changed result) are one transaction request each; the old
+    writer made 4, 8 and 8 (a GET before each signed type, one PUT per resource)."""
+    base = "1.2.826.0.1.3680043.8.498.57"
+    first = ScoredStudy(**(vars(study()) | {"StudyInstanceUID": base, "PatientID": "P-COUNT"}))
+    changed = ScoredStudy(**(vars(first) | {"probabilities": (0.6, 0.4)}))
+    again = ScoredStudy(**(vars(changed) | {"issued": datetime(2026, 1, 2, tzinfo=UTC)}))
+    counting = Counting()
+    writer = FhirWriter(api, client_id=CLIENT, client_secret=SECRET, transport=counting)
+    steps: list[list[str]] = []
+
+    async def run():
+        try:
+            await writer.put_missing(registered_resources_for(first))
+            steps.append(counting.take())
+            for scored in (first, changed, again):
+                await writer.put_all(all_resources_for(scored))
+                steps.append(counting.take())
+        finally:
+            await writer.close()
+
+    asyncio.run(run())
+    assert steps == [["POST /fhir"]] * 4
+    observation = all_resources_for(first)[3]
+    assert observation["resourceType"] == "Observation"
+    token = httpx.post(
+        token_url_for(api), data={"grant_type": "client_credentials"}, auth=(CLIENT, SECRET)
+    ).json()["access_token"]
+    stored = httpx.get(
+        f"{api}/Observation/{observation['id']}", headers={"Authorization": f"Bearer {token}"}
+    ).json()
+    # The changed result made version 2; the same result issued again made none.
+    assert stored["meta"]["versionId"] == "2"
+    assert stored["issued"] == all_resources_for(changed)[3]["issued"]
+
+
+def test_a_redelivered_study_is_read_only_when_the_writer_does_not_know_it(api):
+    """A writer that never wrote the study (a redelivery after a restart) learns from a 412
+    that it exists, reads the signed types at once and writes on the versions read."""
+    base = "1.2.826.0.1.3680043.8.498.58"
+    first = ScoredStudy(**(vars(study()) | {"StudyInstanceUID": base, "PatientID": "P-REDO"}))
+    again = ScoredStudy(**(vars(first) | {"issued": datetime(2026, 1, 3, tzinfo=UTC)}))
+    counting = Counting()
+
+    async def deliver(scored: ScoredStudy, transport: httpx.AsyncBaseTransport | None) -> None:
+        writer = FhirWriter(api, client_id=CLIENT, client_secret=SECRET, transport=transport)
+        try:
+            await writer.put_all(all_resources_for(scored))
+        finally:
+            await writer.close()
+
+    asyncio.run(deliver(first, None))
+    asyncio.run(deliver(again, counting))
+    requests, statuses = counting.requests, counting.statuses
+    paired = [(r, s) for r, s in zip(requests, statuses, strict=True) if "/auth/" not in r]
+    assert paired[0] == ("POST /fhir", 412)
+    assert sorted(r for r, _s in paired[1:3]) == sorted(
+        f"GET /fhir/{r['resourceType']}/{r['id']}"
+        for r in all_resources_for(again)
+        if r["resourceType"] in ("Observation", "DiagnosticReport")
+    )
+    assert paired[3:] == [("POST /fhir", 200)]

@@ -8,6 +8,7 @@ patient's page; and the worker's writer leaving a signed result alone."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -425,20 +426,28 @@ def test_the_worker_never_overwrites_a_signed_result(
 
 class SignsInBetween(httpx.AsyncBaseTransport):
     """The worker's HTTP transport, except that a clinician signs the result after the writer
-    has read it and before its conditional update arrives (the race ``If-Match`` closes)."""
+    has read it and before its conditional update arrives (the race ``ifMatch`` closes): just
+    before the first transaction that writes the Observation on a version it read."""
 
     def __init__(self, sign: Callable[[], None], observation_id: str) -> None:
         self.inner = httpx.AsyncHTTPTransport()
         self.sign = sign
-        self.path = f"/Observation/{observation_id}"
-        self.statuses: list[int] = []
+        self.url = f"Observation/{observation_id}"
+        self.signed = False
+        self.statuses: list[int] = []  # of the writer's transactions
+
+    def _updates_observation(self, request: httpx.Request) -> bool:
+        if request.method != "POST" or not request.url.path.endswith("/fhir"):
+            return False
+        entries = json.loads(request.content)["entry"]
+        return any(e["request"]["url"] == self.url and "ifMatch" in e["request"] for e in entries)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        racing = request.method == "PUT" and request.url.path.endswith(self.path)
-        if racing and not self.statuses:
+        if not self.signed and self._updates_observation(request):
+            self.signed = True
             await asyncio.to_thread(self.sign)
         response = await self.inner.handle_async_request(request)
-        if racing:
+        if request.method == "POST" and request.url.path.endswith("/fhir"):
             self.statuses.append(response.status_code)
         return response
 
@@ -470,7 +479,9 @@ def test_a_signature_between_the_workers_read_and_write_wins(
     rescored = scored("7.9", "P9", p_normal=0.6)
     writer = FhirWriter(served_api, transport=racing, **credentials)
     asyncio.run(_put_all(writer, all_resources_for(rescored)))
-    assert racing.statuses == [412]  # its update lost the race; it read again and left it
+    # Its first transaction found the result there (ifNoneMatch *: this writer never wrote it),
+    # it read it, its update on that version lost the race, it read again and left it.
+    assert racing.statuses == [412, 412, 200]
     current = reader.get(f"/Observation/{ids.observation_id(*key)}").json()
     assert (current["status"], current["meta"]["versionId"]) == ("final", "2")
     reader.close()
