@@ -29,7 +29,7 @@ from inference_worker.metrics import WorkerMetrics
 from inference_worker.scoring import Scorer
 from scanwatch import kafka
 from scanwatch.http_access import METRICS_CHALLENGE, metrics_allowed, metrics_closed_warning
-from schemas import InferenceResultV1, InstanceReceivedV1, StudyReadyV1, dlq
+from schemas import InferenceResultV1, InstanceReceivedV1, ProcedureStepV1, StudyReadyV1, dlq
 from schemas.topics import STUDY_PARTITIONS
 
 #: Name of the changelogged table of studies being assembled.
@@ -117,6 +117,7 @@ def create_app(
         return app.topic(name, key_serializer="raw", value_serializer="raw")
 
     instances_topic = raw_topic(InstanceReceivedV1.SCHEMA)
+    steps_topic = raw_topic(ProcedureStepV1.SCHEMA)
     ready_topic = raw_topic(StudyReadyV1.SCHEMA)
     results_topic = raw_topic(InferenceResultV1.SCHEMA)
     studies = app.Table(
@@ -175,6 +176,11 @@ def create_app(
     async def assemble(stream: StreamT[Any]) -> None:
         async for event in stream.events():
             await flow.assemble(event.value, _origin(event))
+
+    @app.agent(steps_topic, name="procedure-steps")
+    async def procedure_steps(stream: StreamT[Any]) -> None:
+        async for event in stream.events():
+            await flow.procedure_step(event.value, _origin(event))
 
     @app.timer(interval=settings.check_interval_s)
     async def release_ready_studies() -> None:

@@ -14,14 +14,39 @@ the study on part of its slices and score it again later. Where that is not know
 from the partition since it was assigned to this worker; a state written before event times were
 kept),
 the quiet period is counted on the worker's clock from when it read the study's last instance.
+
+A modality that reports Modality Performed Procedure Steps (``dicom.procedure.step.v1``) says
+when it is done, so its studies do not wait for the quiet period (:func:`step_verdict`): while a
+step is IN PROGRESS the study is held (the quiet timer would otherwise release it between two
+series); once every step is final, a COMPLETED step's study is ready as soon as every instance
+it references has arrived, and a DISCONTINUED one at once. A referenced instance that never
+arrives holds the study until the maximum wait, and is then reported (:func:`missing`). Once a
+step's study has been announced, later instances follow the quiet period again.
 """
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, NotRequired, TypedDict
+from typing import Any, Final, Literal, NotRequired, TypedDict
 
-from schemas import InstanceReceivedV1, InstanceRef, StudyReadyV1
+from schemas import InstanceReceivedV1, InstanceRef, ProcedureStepV1, StudyReadyV1
+
+#: :func:`step_verdict`: ready now, or held until the maximum wait.
+Verdict = Literal["now", "hold"]
+#: Performed Procedure Step Status values (PS3.3 C.4.14).
+IN_PROGRESS, COMPLETED, DISCONTINUED = "IN PROGRESS", "COMPLETED", "DISCONTINUED"
+NOW: Final[Verdict] = "now"
+HOLD: Final[Verdict] = "hold"
+
+
+class StepState(TypedDict):
+    """What the worker remembers about one procedure step of a study."""
+
+    status: str  # IN PROGRESS, COMPLETED or DISCONTINUED
+    #: The SOPInstanceUIDs it references; None when the step names several studies (which of
+    #: its instances are this study's is then unknown).
+    instances: list[str] | None
+    released: bool  # the study was announced since the step became final
 
 
 class StudyState(TypedDict):
@@ -35,6 +60,7 @@ class StudyState(TypedDict):
     pending_since: NotRequired[float]  # arrival of the oldest instance not yet announced
     parked_until: NotRequired[float]  # scoring failed transiently: not before this time
     last_event_at: NotRequired[float]  # the newest instance's occurred_at (listener's clock)
+    steps: NotRequired[dict[str, StepState]]  # procedure step UID -> what the modality said
 
 
 def add_instance(state: StudyState | None, event: InstanceReceivedV1, now: float) -> StudyState:
@@ -45,17 +71,13 @@ def add_instance(state: StudyState | None, event: InstanceReceivedV1, now: float
     the reference and makes the whole study due for scoring again.
     """
     if state is None:
-        state = StudyState(
-            instances={},
-            first_received_at=now,
-            last_received_at=now,
-            announced=0,
-            source=event.calling_ae_title,
-        )
+        state = _new_state(now, event.calling_ae_title)
     previous = state["instances"].get(event.SOPInstanceUID)
     if previous is not None and previous["sha256"] == event.sha256:
         return state
     updated = state.copy()
+    if not state["instances"]:  # the first instance (a procedure step may have come first)
+        updated["first_received_at"] = now
     updated["instances"] = {
         **state["instances"],
         event.SOPInstanceUID: event.ref().model_dump(mode="json"),
@@ -67,6 +89,55 @@ def add_instance(state: StudyState | None, event: InstanceReceivedV1, now: float
     if previous is not None:
         updated["announced"] = 0  # same count, other content: announce the study again
     return updated
+
+
+def _new_state(now: float, source: str) -> StudyState:
+    return StudyState(
+        instances={}, first_received_at=now, last_received_at=now, announced=0, source=source
+    )
+
+
+def add_step(state: StudyState | None, event: ProcedureStepV1, now: float) -> StudyState:
+    """Record what a modality said of a procedure step of this study (a step may be reported
+    before any of its instances arrived). A redelivered event changes nothing."""
+    if state is None:
+        state = _new_state(now, event.calling_ae_title)
+    steps = state.get("steps", {})
+    known = steps.get(event.procedure_step_uid)
+    if known is not None and known["status"] != IN_PROGRESS:
+        return state  # final: a redelivery, or an older event read late
+    referenced = None
+    if event.step_studies == [event.StudyInstanceUID]:
+        referenced = [ref.SOPInstanceUID for ref in event.instances]
+    step = StepState(status=event.status, instances=referenced, released=False)
+    return StudyState(**{**state, "steps": {**steps, event.procedure_step_uid: step}})
+
+
+def step_verdict(state: StudyState) -> Verdict | None:
+    """What the study's procedure steps say: ready :data:`NOW`, :data:`HOLD` (until the maximum
+    wait), or None: no step to go by (none reported, every final one announced already, or a
+    completed step whose instances are not known), so the quiet period decides."""
+    steps = list(state.get("steps", {}).values())
+    if not steps or all(step["released"] for step in steps):
+        return None
+    if any(step["status"] == IN_PROGRESS for step in steps):
+        return HOLD
+    if any(step["status"] == DISCONTINUED for step in steps):
+        return NOW
+    if any(step["instances"] is None for step in steps):
+        return None
+    return NOW if not missing(state) else HOLD
+
+
+def missing(state: StudyState) -> int:
+    """How many instances the study's completed steps reference that have not arrived."""
+    referenced = {
+        uid
+        for step in state.get("steps", {}).values()
+        if step["status"] == COMPLETED
+        for uid in step["instances"] or []
+    }
+    return len(referenced - state["instances"].keys())
 
 
 def is_due(state: StudyState, now: float) -> bool:
@@ -88,6 +159,9 @@ def is_ready(
     if not is_due(state, now):
         return False
     waiting_since = state.get("pending_since", state["first_received_at"])
+    verdict = step_verdict(state)
+    if verdict is not None:
+        return verdict == NOW or now - waiting_since >= max_wait_s
     if caught_up is None or "last_event_at" not in state:
         quiet_since = state["last_received_at"]
     elif not caught_up:
@@ -116,8 +190,20 @@ def ready_event(study_uid: str, state: StudyState, quiet_period_s: float) -> Stu
 
 
 def mark_announced(state: StudyState, count: int) -> StudyState:
-    """Remember that a ready event with ``count`` instances was taken up for scoring."""
-    return StudyState(**{**state, "announced": max(state["announced"], count), "parked_until": 0.0})
+    """Remember that a ready event with ``count`` instances was taken up for scoring: the
+    study's final procedure steps have had their say (later instances wait out the quiet
+    period)."""
+    updated = StudyState(
+        **{**state, "announced": max(state["announced"], count), "parked_until": 0.0}
+    )
+    if "steps" in state:
+        updated["steps"] = {
+            uid: StepState(
+                **{**step, "released": step["released"] or step["status"] != IN_PROGRESS}
+            )
+            for uid, step in state["steps"].items()
+        }
+    return updated
 
 
 def park(state: StudyState, until: float) -> StudyState:

@@ -1,7 +1,8 @@
 """The worker's flow (DESIGN §2), free of Faust::
 
-    instance event --assemble--> study table
-        timer: quiet period over --> ready event --score--> FHIR + result event
+    instance event --assemble--> study table <--procedure step-- MPPS event
+        timer: quiet period over, or a step's instances all in --> ready event
+        --score--> FHIR + result event
 
 :class:`WorkerFlow` holds what the Faust agents used to keep in a closure: the study table, the
 topics it sends to, the ready events in flight and the per-study scoring locks. The table is a
@@ -27,14 +28,19 @@ from typing import Protocol
 from pydantic import ValidationError
 
 from inference_worker.assembly import (
+    HOLD,
+    NOW,
     StudyState,
     add_instance,
+    add_step,
     is_due,
     is_ready,
     mark_announced,
+    missing,
     park,
     quiet_until,
     ready_event,
+    step_verdict,
 )
 from inference_worker.config import Settings
 from inference_worker.errors import SignatureMismatch, UnusableStudy
@@ -42,7 +48,13 @@ from inference_worker.metrics import WorkerMetrics
 from inference_worker.ports import Model, Sink
 from inference_worker.retry import is_transient
 from scanwatch import kafka
-from schemas import DeadLetterV1, InferenceResultV1, InstanceReceivedV1, StudyReadyV1
+from schemas import (
+    DeadLetterV1,
+    InferenceResultV1,
+    InstanceReceivedV1,
+    ProcedureStepV1,
+    StudyReadyV1,
+)
 from schemas.topics import STUDY_PARTITIONS
 
 log = logging.getLogger(__name__)
@@ -182,30 +194,72 @@ class WorkerFlow:
             self.progress.read(origin, None)
             return
         key = received.StudyInstanceUID.encode()
-        self.studies[key] = add_instance(self.studies.get(key), received, self.clock())
+        self.studies[key] = state = add_instance(self.studies.get(key), received, self.clock())
         self.progress.read(origin, received.occurred_at.timestamp())
+        await self._release_if_step_done(key, state)
+
+    async def procedure_step(self, value: bytes | None, origin: Origin) -> None:
+        """Record one ``dicom.procedure.step.v1`` event in its study; a study whose steps say it
+        is complete is announced at once."""
+        try:
+            step = ProcedureStepV1.from_bytes(value or b"")
+        except ValidationError as exc:
+            reason = f"invalid {ProcedureStepV1.SCHEMA}: {exc}"
+            await self.dead_letter(origin, value, reason, UNUSABLE)
+            return
+        key = step.StudyInstanceUID.encode()
+        self.studies[key] = state = add_step(self.studies.get(key), step, self.clock())
+        await self._release_if_step_done(key, state)
+
+    async def _release_if_step_done(self, key: bytes, state: StudyState) -> None:
+        """Announce the study now, not at the next timer pass, when its steps say so: the
+        modality's last word, or the last instance it referenced, has just been read."""
+        if step_verdict(state) == NOW:
+            await self._release(key, state, self.clock(), {})
 
     async def release_ready_studies(self) -> None:
-        """Announce every study of this worker's partitions whose quiet period is over."""
+        """Announce every study of this worker's partitions whose quiet period is over (or
+        whose procedure steps say it is complete)."""
         now = self.clock()
         ends: dict[int, int | None] = {}  # end offsets asked in this pass
         for key, state in list(self.studies.items()):
-            if state is None or not is_due(state, now):  # most: scored, nothing new
-                continue
-            quiet = self.settings.quiet_period_for(state.get("source"))
-            caught_up = await self._caught_up(key, state, now, quiet, ends)
-            if not is_ready(state, now, quiet, self.settings.max_wait_s, caught_up):
-                continue
-            if not self.owns(key):
-                continue
-            count = len(state["instances"])
-            announced, at = self.announcing.get(key, (0, now))
-            if announced >= count and now - at < self.settings.park_s:
-                continue
-            ready = ready_event(key.decode(), state, quiet)
-            await self.ready_topic.send(key=key, value=ready.to_bytes())
-            self.announcing[key] = (count, now)
-            log.info("study ready", extra={"StudyInstanceUID": key.decode(), "instances": count})
+            if state is not None:
+                await self._release(key, state, now, ends)
+
+    async def _release(
+        self, key: bytes, state: StudyState, now: float, ends: dict[int, int | None]
+    ) -> None:
+        """Send the study's ready event if it is ready, ours and not being announced already."""
+        if not is_due(state, now):  # most: scored, nothing new
+            return
+        quiet = self.settings.quiet_period_for(state.get("source"))
+        verdict = step_verdict(state)
+        caught_up = None if verdict else await self._caught_up(key, state, now, quiet, ends)
+        if not is_ready(state, now, quiet, self.settings.max_wait_s, caught_up):
+            return
+        if not self.owns(key):
+            return
+        count = len(state["instances"])
+        announced, at = self.announcing.get(key, (0, now))
+        if announced >= count and now - at < self.settings.park_s:
+            return
+        ready = ready_event(key.decode(), state, 0.0 if verdict == NOW else quiet)
+        await self.ready_topic.send(key=key, value=ready.to_bytes())
+        self.announcing[key] = (count, now)
+        extra = {"StudyInstanceUID": key.decode(), "instances": count}
+        if verdict == NOW:
+            log.info("study ready: its procedure steps are complete", extra=extra)
+            return
+        if verdict == HOLD:
+            # Held for its procedure steps until the maximum wait: scored with what came.
+            absent = missing(state)
+            self.metrics.step_instances_missing.inc(absent)
+            log.warning(
+                "study ready at the maximum wait, its procedure steps not complete",
+                extra=extra | {"missing_instances": absent},
+            )
+            return
+        log.info("study ready", extra=extra)
 
     async def _caught_up(
         self, key: bytes, state: StudyState, now: float, quiet: float, ends: dict[int, int | None]

@@ -42,6 +42,12 @@ class WorkerMetrics:
             ["topic", "error_class"],
             registry=r,
         )
+        self.step_instances_missing = Counter(
+            "scanwatch_worker_step_instances_missing_total",
+            "Instances a completed procedure step (MPPS) referenced that had not arrived when "
+            "its study was scored at the maximum wait.",
+            registry=r,
+        )
         self.parked = Counter(
             "scanwatch_worker_studies_parked_total",
             "Studies parked after transient failures outlasted the retries.",

@@ -70,10 +70,13 @@ def completed(series: dict[str, list[str]], status: str = "COMPLETED") -> Datase
 
 
 @contextmanager
-def mpps_association(port: int) -> Iterator[Association]:
-    ae = AE(ae_title=MODALITY)
+def mpps_association(
+    port: int, calling_ae: str = MODALITY, called_ae: str = "SCANWATCH"
+) -> Iterator[Association]:
+    """An association of the modality's MPPS SCU with the listener on ``port``."""
+    ae = AE(ae_title=calling_ae)
     ae.add_requested_context(ModalityPerformedProcedureStep)
-    assoc = ae.associate("127.0.0.1", port, ae_title="SCANWATCH")
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
     assert assoc.is_established
     try:
         yield assoc

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import json
 
-from inference_worker.assembly import add_instance, is_ready, mark_announced, park, ready_event
+from inference_worker.assembly import (
+    HOLD,
+    NOW,
+    add_instance,
+    add_step,
+    is_ready,
+    mark_announced,
+    missing,
+    park,
+    ready_event,
+    step_verdict,
+)
 from inference_worker.config import Settings
-from schemas import InstanceReceivedV1
+from schemas import InstanceReceivedV1, ProcedureStepV1, StepInstanceRef
 
 STUDY = "1.2.826.0.1.3680043.8.498.7"
 QUIET, MAX_WAIT = 5.0, 60.0
@@ -129,3 +140,57 @@ def test_the_quiet_period_counts_from_the_listeners_event_time_once_caught_up():
     # Not known (nothing read from the partition yet): the worker's own clock, as before.
     assert not is_ready(state, at + QUIET, QUIET, MAX_WAIT, caught_up=None)
     assert is_ready(state, at + 60.0 + QUIET, QUIET, MAX_WAIT, caught_up=None)
+
+
+def step(status: str, numbers: tuple[int, ...] = (), studies: tuple[str, ...] = (STUDY,)):
+    """A procedure step (MPPS) event of ``STUDY`` naming instances ``numbers``."""
+    return ProcedureStepV1(
+        StudyInstanceUID=STUDY,
+        procedure_step_uid="1.2.3.4",
+        status=status,
+        step_studies=list(studies),
+        instances=[
+            StepInstanceRef(SeriesInstanceUID=STUDY + ".1", SOPInstanceUID=f"{STUDY}.1.{n}")
+            for n in numbers
+        ],
+        calling_ae_title="MR1",
+    )
+
+
+def test_a_completed_step_releases_its_study_once_every_instance_it_names_arrived():
+    state = add_step(None, step("IN PROGRESS"), now=90.0)
+    state = add_instance(state, received(1), now=100.0)
+    assert state["first_received_at"] == 100.0  # the study's first instance, not the step
+    assert not ready(state, now=150.0)  # in progress: the quiet period does not release it
+    state = add_step(state, step("COMPLETED", (1, 2)), now=150.0)
+    assert step_verdict(state) == HOLD and missing(state) == 1
+    assert not ready(state, now=150.0)
+    state = add_instance(state, received(2), now=151.0)
+    assert step_verdict(state) == NOW
+    assert ready(state, now=151.0)  # no quiet period
+    state = mark_announced(state, 2)
+    state = add_instance(state, received(3), now=300.0)  # after the step: the quiet period
+    assert step_verdict(state) is None
+    assert not ready(state, now=304.9) and ready(state, now=305.0)
+
+
+def test_a_step_whose_instance_never_arrives_holds_its_study_until_the_maximum_wait():
+    state = add_instance(None, received(1), now=100.0)
+    state = add_step(state, step("COMPLETED", (1, 2)), now=101.0)
+    assert not ready(state, now=100.0 + MAX_WAIT - 0.1)
+    assert ready(state, now=100.0 + MAX_WAIT)
+    assert missing(state) == 1
+
+
+def test_a_discontinued_step_releases_at_once_and_a_final_step_is_not_reopened():
+    state = add_instance(None, received(1), now=100.0)
+    state = add_step(state, step("DISCONTINUED"), now=100.5)
+    assert ready(state, now=100.5)
+    assert add_step(state, step("IN PROGRESS"), now=101.0) == state  # redelivered, read late
+
+
+def test_a_step_naming_several_studies_leaves_the_quiet_period_to_decide():
+    state = add_instance(None, received(1), now=100.0)
+    state = add_step(state, step("COMPLETED", (1,), studies=(STUDY, "1.2.9")), now=100.0)
+    assert step_verdict(state) is None
+    assert not ready(state, now=104.9) and ready(state, now=105.0)

@@ -20,7 +20,14 @@ from inference_worker.flow import Origin, ReadProgress, WorkerFlow
 from inference_worker.metrics import WorkerMetrics
 from inference_worker.tests.test_worker_assembly import received
 from scanwatch import kafka
-from schemas import DeadLetterV1, InferenceResultV1, InstanceReceivedV1, StudyReadyV1
+from schemas import (
+    DeadLetterV1,
+    InferenceResultV1,
+    InstanceReceivedV1,
+    ProcedureStepV1,
+    StepInstanceRef,
+    StudyReadyV1,
+)
 from schemas.topics import STUDY_PARTITIONS
 
 STUDY = "1.2.826.0.1.3680043.8.498.7"
@@ -417,3 +424,44 @@ def test_a_paused_worker_asks_the_broker_how_far_the_partition_goes():
 
     world = asyncio.run(run())
     assert [len(r.instances) for r in world.ready_events()] == [2]
+
+
+def test_a_completed_procedure_step_releases_its_study_without_the_timer():
+    """The last instance a completed step names is announced as it is read (quiet period 0),
+    not at the next timer pass; while the step is in progress the timer holds the study."""
+
+    async def run() -> World:
+        world = World()
+
+        async def step(status: str, numbers: tuple[int, ...]) -> None:
+            event = ProcedureStepV1(
+                StudyInstanceUID=STUDY,
+                procedure_step_uid="1.2.3.4",
+                status=status,
+                step_studies=[STUDY],
+                instances=[
+                    StepInstanceRef(SeriesInstanceUID=STUDY + ".1", SOPInstanceUID=f"{STUDY}.1.{n}")
+                    for n in numbers
+                ],
+                calling_ae_title="MR1",
+            )
+            await world.flow.procedure_step(event.to_bytes(), Origin(ProcedureStepV1.SCHEMA))
+
+        await step("IN PROGRESS", ())
+        await world.receive(1, 2)
+        world.clock.now += QUIET * 10
+        await world.flow.release_ready_studies()
+        assert world.ready.sent == []  # in progress: held past the quiet period
+        await step("COMPLETED", (1, 2, 3))
+        assert world.ready.sent == []  # instance 3 not read yet
+        await world.receive(3)
+        [ready] = world.ready_events()  # at once
+        assert len(ready.instances) == 3 and ready.quiet_period_s == 0.0
+        await world.score(ready)
+        await world.flow.procedure_step(b"{}", Origin(ProcedureStepV1.SCHEMA, 1, 9))
+        return world
+
+    world = asyncio.run(run())
+    assert world.scorer.scored == [3]
+    [(_, letter)] = world.dlq[ProcedureStepV1.SCHEMA + ".dlq"].sent  # the unusable event
+    assert DeadLetterV1.from_bytes(letter).source_offset == 9

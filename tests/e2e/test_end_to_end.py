@@ -40,6 +40,9 @@ SCORED_SLICES = 20
 WORKERS = 2
 #: A sender whose studies get a longer quiet period (the paused-worker test).
 PAUSED_SENDER, PAUSED_QUIET_S = "PAUSEDSCU", 10.0
+#: A modality that reports procedure steps: its quiet period is longer than the test waits, so
+#: only the completed step can release its study.
+MPPS_SENDER, MPPS_QUIET_S = "MPPSSCU", 600.0
 #: Their consumer group (inference_worker.config.Settings.app_id's default).
 WORKER_GROUP = "scanwatch-inference-worker"
 
@@ -69,7 +72,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, models: Path) -> Iterator[St
             "SCANWATCH_WORKER_PARK_S": "3",
             "SCANWATCH_WORKER_BREAKER_RESET_S": "2",
             # The paused-worker test's sender: long enough to see its first half read first.
-            "SCANWATCH_WORKER_QUIET_PERIOD_BY_SOURCE": f'{{"{PAUSED_SENDER}": {PAUSED_QUIET_S}}}',
+            "SCANWATCH_WORKER_QUIET_PERIOD_BY_SOURCE": (
+                f'{{"{PAUSED_SENDER}": {PAUSED_QUIET_S}, "{MPPS_SENDER}": {MPPS_QUIET_S}}}'
+            ),
         },
         models=models,
         kafka_libs=KAFKA_LIBS,
@@ -344,3 +349,40 @@ def test_paused_workers_score_a_study_once_with_every_slice(stack: Stack, tmp_pa
         timeout=180,
     )
     assert [len(e.instances) for e in ready_events(records)] == [SCORED_SLICES]
+
+
+def test_a_completed_procedure_step_scores_its_study_without_the_quiet_period(
+    stack: Stack, tmp_path: Path
+):
+    """Issue 20, point 1: the modality reports its Performed Procedure Step (pynetdicom as the
+    MPPS SCU): created before its images, completed after them naming every one. The study is
+    scored once, with every slice, long before its sender's quiet period (600 s) is over."""
+    from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
+
+    from dicom_listener.tests.test_procedure_steps import completed, in_progress, mpps_association
+
+    files = build_mr_study(tmp_path / "study", patient_id="SW-E2E-MPPS", n_slices=SCORED_SLICES)
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    study_uid, series_uid = headers[0].StudyInstanceUID, headers[0].SeriesInstanceUID
+    port, step_uid = stack.config.ports.dicom, pydicom.uid.generate_uid()
+    mpps = ModalityPerformedProcedureStep
+    with mpps_association(port, MPPS_SENDER, stack.config.ae_title) as assoc:
+        assert assoc.send_n_create(in_progress(study_uid), mpps, step_uid)[0].Status == 0
+    storescu(files, "127.0.0.1", port, called_ae=stack.config.ae_title, calling_ae=MPPS_SENDER)
+    done = completed({series_uid: [h.SOPInstanceUID for h in headers]})
+    with mpps_association(port, MPPS_SENDER, stack.config.ae_title) as assoc:
+        assert assoc.send_n_set(done, mpps, step_uid)[0].Status == 0
+
+    wait_for(
+        lambda: observations_of(stack, "SW-E2E-MPPS").get("total") == 1,
+        timeout=120,
+        what="the study's Observation, released by its completed procedure step",
+    )
+    records = read_topic(
+        stack.bootstrap_servers,
+        StudyReadyV1.SCHEMA,
+        lambda rs: any(r.key == study_uid.encode() for r in rs),
+        timeout=30,
+    )
+    ready = [StudyReadyV1.from_bytes(r.value) for r in records if r.key == study_uid.encode()]
+    assert [(len(e.instances), e.quiet_period_s) for e in ready] == [(SCORED_SLICES, 0.0)]
