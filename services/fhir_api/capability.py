@@ -96,9 +96,20 @@ def capability_statement(
         "interaction": [
             {
                 "code": "transaction",
-                "documentation": "POST [base] with a transaction Bundle of PUT entries "
-                "(request.ifMatch honoured): every entry is written or none is (412 on a "
-                "stale ifMatch). A clinician's review signs this way. batch: not implemented.",
+                "documentation": "POST [base] with a transaction Bundle: every entry is "
+                "written or none is, and a refusal names its entry. Entries: PUT Type/id "
+                "(request.ifMatch; request.ifNoneMatch * creates only), PUT Type?search "
+                "(conditional update: one match updated, none created, several 412), POST Type "
+                "(id assigned; request.ifNoneExist: conditional create, one match answered "
+                "200 and not written, several 412). References to an entry's fullUrl "
+                "(urn:uuid:, urn:oid:) are rewritten to the id it was given; conditional "
+                "references (Type?search) to the one stored match (412 for none or several). "
+                "POST entries are processed before PUT entries; the transaction-response "
+                "lists status, location, etag and lastModified per entry in request order. "
+                "Every entry passes the scope and patient-compartment checks of the single "
+                "interaction. A clinician's review signs this way; the pipeline writes each "
+                "scored study this way. DELETE, GET and PATCH entries and batch: not "
+                "implemented.",
             }
         ],
     }
