@@ -179,8 +179,9 @@ def openapi_document(title: str, version: str) -> dict[str, Any]:
     paths["/fhir"] = {
         "post": {
             "operationId": "transaction",
-            "summary": "A transaction Bundle of PUT entries: all written or none (412 on a "
-            "stale request.ifMatch)",
+            "summary": "A transaction Bundle (PUT Type/id, PUT Type?search, POST Type with "
+            "ifNoneExist; urn:uuid and conditional references): all written or none, a "
+            "refusal naming its entry",
             "requestBody": _body("Bundle"),
             "responses": {"200": _fhir_response("The transaction-response Bundle"), **_ERRORS},
         }
