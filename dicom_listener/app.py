@@ -15,11 +15,13 @@ from functools import partial
 from prometheus_client import CollectorRegistry
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from dicom_listener.adapters.commitment import CommitmentReporter
 from dicom_listener.adapters.filestore import FileStore, Quarantine
 from dicom_listener.adapters.outbox import Outbox
 from dicom_listener.adapters.publisher import EventSink, FlushSignal, KafkaSink, OutboxRelay
 from dicom_listener.config import Settings
 from dicom_listener.dicom.association import ServerConfig
+from dicom_listener.dicom.contract import NormalizedRequest, NormalizedResponse
 from dicom_listener.dicom.server import StorageServer
 from dicom_listener.dicom.uids import VERIFICATION
 from dicom_listener.handlers import Admission, StoreContext, handle_store
@@ -28,6 +30,11 @@ from dicom_listener.metrics import ListenerMetrics
 from dicom_listener.procedure_steps import MPPS_SOP_CLASS, handle_procedure_step
 from dicom_listener.security import AssociationPolicy, server_ssl_context
 from dicom_listener.sop_classes import TRANSFER_SYNTAXES, resolve_storage_classes
+from dicom_listener.storage_commitment import (
+    STORAGE_COMMITMENT,
+    CommitmentContext,
+    handle_commitment,
+)
 from scanwatch.http_access import HttpServer, metrics_closed_warning
 
 log = logging.getLogger(__name__)
@@ -43,6 +50,8 @@ def presentation_contexts(settings: Settings) -> dict[str, frozenset[str]]:
     contexts: dict[str, frozenset[str]] = {VERIFICATION: little_endian}
     if settings.mpps:
         contexts[MPPS_SOP_CLASS] = little_endian
+    if settings.storage_commitment:
+        contexts[STORAGE_COMMITMENT] = little_endian
     syntaxes = frozenset(str(ts) for ts in TRANSFER_SYNTAXES)
     for sop_class in resolve_storage_classes(settings.sop_classes):
         contexts[str(sop_class)] = syntaxes
@@ -59,12 +68,14 @@ class ListenerApp:
         relay: OutboxRelay,
         policy: AssociationPolicy,
         store: FileStore,
+        commitment: CommitmentContext,
         *,
         primary: bool = True,
         run_relay: bool = True,
     ) -> None:
         self.settings = settings
         self.context = context
+        self.commitment = commitment
         self.relay = relay
         self.policy = policy
         self.store = store
@@ -104,6 +115,13 @@ class ListenerApp:
             self.flush_signal.send()
         self.context.outbox.release_connection()
 
+    def _normalized(self, request: NormalizedRequest) -> NormalizedResponse:
+        """DIMSE-N requests by SOP Class: Storage Commitment's N-ACTION, MPPS's N-CREATE and
+        N-SET (which refuses any other class)."""
+        if request.sop_class_uid == STORAGE_COMMITMENT:
+            return handle_commitment(request, self.commitment)
+        return handle_procedure_step(request, self.context)
+
     def start(self) -> None:
         """Open the outbox, start the relay, bind the DICOM and HTTP ports."""
         s = self.settings
@@ -138,7 +156,7 @@ class ListenerApp:
             s.port,
             on_reject=self.policy.count_reject,
             on_association_end=self._association_ended,
-            normalized=partial(handle_procedure_step, ctx=self.context),
+            normalized=self._normalized,
         )
         self._server = server
         self._server_thread = threading.Thread(
@@ -223,12 +241,14 @@ def create_app(
     outbox.on_commit(relay.wake)
     metrics.track_outbox_depth(outbox.depth)
     policy = AssociationPolicy(settings.ae_title, settings.allowed_calling_aes, metrics)
+    reporter = CommitmentReporter(settings.ae_title, settings.commitment_addresses(), metrics)
     return ListenerApp(
         settings,
         context,
         relay,
         policy,
         store,
+        CommitmentContext(outbox, store, metrics, reporter.deliver),
         primary=primary,
         run_relay=run_relay,
     )

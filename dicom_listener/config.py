@@ -86,6 +86,18 @@ class Settings(MetricsSettings):
         "reports its steps gets its studies scored as soon as a completed step's instances are "
         "stored, instead of after the worker's quiet period.",
     )
+    storage_commitment: bool = Field(
+        default=True,
+        description="Serve Storage Commitment (push model, N-ACTION): a sender may ask which of "
+        "its instances are durably stored before it deletes its own copies.",
+    )
+    commitment_peers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Where to send a Storage Commitment result whose sender left before taking "
+        'it on its own association: calling AE title → "host:port" of that sender\'s DICOM '
+        'listener (JSON, e.g. {"MR1": "10.0.0.5:104"}). Without an entry the result is logged '
+        "as undelivered, and the sender asks again.",
+    )
     min_free_disk_bytes: int = Field(
         default=512 * MiB,
         ge=0,
@@ -194,6 +206,23 @@ class Settings(MetricsSettings):
     @classmethod
     def _ae_title(cls, value: str) -> str:
         return _check_ae_title(value, "ae_title")
+
+    @field_validator("commitment_peers")
+    @classmethod
+    def _peers(cls, value: dict[str, str]) -> dict[str, str]:
+        for title, address in value.items():
+            _check_ae_title(title, "commitment_peers entry")
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"commitment_peers[{title!r}]: {address!r} is not host:port")
+        return value
+
+    def commitment_addresses(self) -> dict[str, tuple[str, int]]:
+        """``commitment_peers`` as (host, port) pairs."""
+        return {
+            title: (address.rpartition(":")[0], int(address.rpartition(":")[2]))
+            for title, address in self.commitment_peers.items()
+        }
 
     @field_validator("allowed_calling_aes", mode="before")
     @classmethod

@@ -51,6 +51,21 @@ class ListenerMetrics:
             ["command", "outcome"],
             registry=r,
         )
+        self.commitment_instances = Counter(
+            "scanwatch_listener_commitment_instances",
+            "Instances a Storage Commitment request asked about, by result (committed: stored "
+            "durably; failed: reported failed with its reason).",
+            ["result"],
+            registry=r,
+        )
+        self.commitment_reports = Counter(
+            "scanwatch_listener_commitment_reports_resent",
+            "Storage Commitment results the sender did not take on its own association, by what "
+            "became of them: delivered on a new association, or undeliverable (no address "
+            "configured for the sender, or it refused every try).",
+            ["outcome"],
+            registry=r,
+        )
         self.associations_rejected = Counter(
             "scanwatch_listener_associations_rejected",
             "Association requests rejected, by reason.",

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO, Protocol
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 from scanwatch.durable import fsync_dir
 from scanwatch.store_layout import check_uid, instance_file_name
@@ -69,6 +71,10 @@ class InstanceStore(Protocol):
 
     def uri_for(self, staged: StagedInstance, version: int) -> str:
         """Where :meth:`commit` will put ``version`` of the staged bytes."""
+        ...
+
+    def holds(self, uri: str) -> bool:
+        """Whether the object at ``uri`` (one :meth:`uri_for` gave) is in the store."""
         ...
 
     def commit(
@@ -157,6 +163,11 @@ class FileStore:
 
     def uri_for(self, staged: StagedInstance, version: int) -> str:
         return self._final_path(staged, version).as_uri()
+
+    def holds(self, uri: str) -> bool:
+        parsed = urlparse(uri)
+        path = Path(url2pathname(parsed.path))
+        return parsed.scheme == "file" and path.is_relative_to(self.root) and path.is_file()
 
     def commit(
         self, staged: StagedInstance, version: int, fsync_folder: bool = True

@@ -375,6 +375,22 @@ class Outbox:
             raise
         conn.execute("COMMIT")
 
+    def stored(self, sop_uids: list[str]) -> dict[str, str]:
+        """SOPInstanceUID → storage URI of those of ``sop_uids`` whose instance and event were
+        committed (the latest version)."""
+        found: dict[str, str] = {}
+        conn = self._connect()
+        for start in range(0, len(sop_uids), 500):  # SQLite's bound-parameter limit
+            chunk = sop_uids[start : start + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = conn.execute(
+                f"SELECT SOPInstanceUID, storage_uri FROM instances "  # noqa: S608 - marks only
+                f"WHERE SOPInstanceUID IN ({marks})",
+                chunk,
+            )
+            found.update(rows.fetchall())
+        return found
+
     def pending(self, limit: int) -> list[OutboxEvent]:
         """The oldest ``limit`` undelivered events, in sequence order."""
         rows = (

@@ -27,6 +27,7 @@ from typing import NoReturn
 from dicom_listener.dicom.contract import (
     KEEP_IN_MEMORY_BYTES,
     AdmitFn,
+    EventReport,
     NormalizedFn,
     NormalizedRequest,
     Peer,
@@ -35,6 +36,7 @@ from dicom_listener.dicom.contract import (
     StoreFn,
 )
 from dicom_listener.dicom.dimse import (
+    ACTION_TYPE_ID,
     AFFECTED_SOP_CLASS,
     AFFECTED_SOP_INSTANCE,
     C_CANCEL_RQ,
@@ -44,16 +46,26 @@ from dicom_listener.dicom.dimse import (
     C_STORE_RSP,
     COMMAND_FIELD,
     DATASET_TYPE,
+    EVENT_TYPE_ID,
     MESSAGE_ID,
+    MESSAGE_ID_BEING_RESPONDED_TO,
+    N_ACTION_RQ,
+    N_ACTION_RSP,
     N_CREATE_RQ,
     N_CREATE_RSP,
+    N_EVENT_REPORT_RQ,
+    N_EVENT_REPORT_RSP,
     N_SET_RQ,
     N_SET_RSP,
     NO_DATASET,
     REQUESTED_SOP_CLASS,
     REQUESTED_SOP_INSTANCE,
+    STATUS,
+    WITH_DATASET,
+    encode_command,
     parse_command,
     response_command,
+    us,
     us_value,
 )
 from dicom_listener.dicom.file_meta import file_meta_bytes
@@ -88,7 +100,7 @@ from dicom_listener.dicom.pdu import (
 )
 from dicom_listener.dicom.statuses import PROCESSING_FAILURE, SUCCESS
 from dicom_listener.dicom.uids import APPLICATION_CONTEXT, VERIFICATION
-from dicom_listener.dicom.values import decode_uid
+from dicom_listener.dicom.values import decode_uid, pad_even
 from scanwatch.store_layout import is_uid
 
 log = logging.getLogger(__name__)
@@ -102,8 +114,14 @@ _CHUNK_BYTES = 1 << 18
 #: Largest N-CREATE / N-SET dataset accepted (kept in memory): an MPPS naming thousands of
 #: images is a few hundred KiB.
 _MAX_NORMALIZED_DATASET = 1 << 23
-#: DIMSE-N requests served, with their response's command field and name.
-_NORMALIZED = {N_CREATE_RQ: (N_CREATE_RSP, "N-CREATE"), N_SET_RQ: (N_SET_RSP, "N-SET")}
+#: DIMSE-N requests served, with their response's command field and name; and the one response
+#: this SCP waits for (to its own N-EVENT-REPORT).
+_NORMALIZED = {
+    N_CREATE_RQ: (N_CREATE_RSP, "N-CREATE"),
+    N_SET_RQ: (N_SET_RSP, "N-SET"),
+    N_ACTION_RQ: (N_ACTION_RSP, "N-ACTION"),
+    N_EVENT_REPORT_RSP: (0, "N-EVENT-REPORT-RSP"),
+}
 
 
 @dataclass
@@ -207,6 +225,9 @@ class Association:
         self.slots = slots
         self.on_reject = on_reject
         self.normalized = normalized
+        #: This SCP's own request (an N-EVENT-REPORT) not yet answered: its Message ID.
+        self._reports: dict[int, EventReport] = {}
+        self._next_message_id = 1
         self.accepted: dict[int, tuple[str, str]] = {}
         self.peer_max_pdu = 0
         self.calling = self.called = ""
@@ -234,16 +255,23 @@ class Association:
         self._read_into(body)
         return kind, body
 
-    def _send_command(self, context_id: int, command: bytes) -> None:
-        """P-DATA-TF PDUs carrying ``command``, fragmented to the peer's maximum PDU size."""
-        step = self.peer_max_pdu - 6 if self.peer_max_pdu > 6 else len(command)
-        parts = []
-        for start in range(0, len(command), step):
-            fragment = command[start : start + step]
-            last = 0x02 if start + step >= len(command) else 0x00
-            pdv = PDV_HEADER.pack(len(fragment) + 2, context_id, 0x01 | last) + fragment
-            parts.append(encode_pdu(P_DATA_TF, pdv))
+    def _send_command(self, context_id: int, command: bytes, dataset: bytes = b"") -> None:
+        """P-DATA-TF PDUs carrying ``command`` (and then ``dataset``), fragmented to the peer's
+        maximum PDU size."""
+        parts = self._pdus(context_id, command, 0x01)
+        if dataset:
+            parts += self._pdus(context_id, dataset, 0x00)
         self.sock.sendall(b"".join(parts))
+
+    def _pdus(self, context_id: int, data: bytes, kind: int) -> list[bytes]:
+        step = self.peer_max_pdu - 6 if self.peer_max_pdu > 6 else len(data)
+        parts = []
+        for start in range(0, len(data), step):
+            fragment = data[start : start + step]
+            last = 0x02 if start + step >= len(data) else 0x00
+            pdv = PDV_HEADER.pack(len(fragment) + 2, context_id, kind | last) + fragment
+            parts.append(encode_pdu(P_DATA_TF, pdv))
+        return parts
 
     # -- association --------------------------------------------------------------------
     def serve(self) -> None:
@@ -411,6 +439,8 @@ class Association:
         finally:
             if request is not None and request.incoming is not None:
                 request.incoming.discard()
+            for report in self._reports.values():  # the peer left without answering them
+                report.undelivered()
 
     def _copy(self, size: int, incoming: _Incoming) -> None:
         """Read ``size`` bytes of a dataset fragment into ``incoming``, a chunk at a time."""
@@ -463,6 +493,9 @@ class Association:
         assert self.normalized is not None and request.attributes is not None
         context_id, command = request.context_id, request.command
         field_ = us_value(command, COMMAND_FIELD) or 0
+        if field_ == N_EVENT_REPORT_RSP:
+            self._report_answered(command)
+            return
         response_field, name = _NORMALIZED[field_]
         abstract_syntax, transfer_syntax = self.accepted[context_id]
         class_tag, instance_tag = (
@@ -472,8 +505,9 @@ class Association:
         )
         sop_class = _uid_or(command, class_tag, abstract_syntax)
         sop_instance = decode_uid(command.get(instance_tag, b""))
+        action_type = us_value(command, ACTION_TYPE_ID) if field_ == N_ACTION_RQ else None
         try:
-            status, created = self.normalized(
+            status, created, report = self.normalized(
                 NormalizedRequest(
                     command=name,
                     sop_class_uid=sop_class,
@@ -482,11 +516,13 @@ class Association:
                     transfer_syntax=transfer_syntax,
                     calling_ae_title=self.calling,
                     called_ae_title=self.called,
+                    action_type=action_type,
                 )
             )
         except Exception as exc:  # noqa: BLE001 - the sender gets a status, never silence
             log.exception("%s handler failed: %r", name, exc)
             status, created = Status(PROCESSING_FAILURE, "internal error; not recorded"), ""
+            report = None
         self._send_command(
             context_id,
             response_command(
@@ -495,8 +531,36 @@ class Association:
                 sop_class,
                 status,
                 created if is_uid(created) else None,
+                extra={ACTION_TYPE_ID: us(action_type)} if action_type is not None else None,
             ),
         )
+        if report is not None:
+            self._send_report(context_id, report)
+
+    def _send_report(self, context_id: int, report: EventReport) -> None:
+        """Send an N-EVENT-REPORT-RQ on this association; its answer is awaited in the loop."""
+        message_id, self._next_message_id = self._next_message_id, self._next_message_id + 1
+        command = encode_command(
+            {
+                AFFECTED_SOP_CLASS: pad_even(report.sop_class_uid.encode(), b"\x00"),
+                COMMAND_FIELD: us(N_EVENT_REPORT_RQ),
+                MESSAGE_ID: us(message_id),
+                DATASET_TYPE: us(WITH_DATASET),
+                AFFECTED_SOP_INSTANCE: pad_even(report.sop_instance_uid.encode(), b"\x00"),
+                EVENT_TYPE_ID: us(report.event_type),
+            }
+        )
+        self._reports[message_id] = report
+        self._send_command(context_id, command, report.dataset)
+
+    def _report_answered(self, command: dict[int, bytes]) -> None:
+        report = self._reports.pop(us_value(command, MESSAGE_ID_BEING_RESPONDED_TO) or -1, None)
+        if report is None:
+            return  # an answer to nothing this association sent: ignored
+        status = us_value(command, STATUS)
+        if status != SUCCESS:
+            log.warning("event report refused by the peer", extra={"status": status})
+            report.undelivered()
 
     def _on_dataset(self, request: _Request) -> None:
         incoming = request.incoming

@@ -79,21 +79,39 @@ class NormalizedRequest:
     attribute list in ``transfer_syntax`` (empty when none was sent).
     """
 
-    command: str  # "N-CREATE" or "N-SET"
+    command: str  # "N-CREATE", "N-SET" or "N-ACTION"
     sop_class_uid: str
     sop_instance_uid: str
     dataset: bytes
     transfer_syntax: str
     calling_ae_title: str
     called_ae_title: str
+    #: An N-ACTION's Action Type ID.
+    action_type: int | None = None
+
+
+@dataclass(frozen=True)
+class EventReport:
+    """An N-EVENT-REPORT the SCP sends the peer after answering its request (Storage
+    Commitment's result, PS3.4 J.3.3): on the same association, then ``undelivered`` is called
+    if the peer did not answer it there (it released or aborted first)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    event_type: int
+    dataset: bytes  # encoded in the request's transfer syntax
+    undelivered: Callable[[], None]
 
 
 class NormalizedResponse(NamedTuple):
-    """The status of an N-CREATE or N-SET, and the SOP Instance it created or updated."""
+    """The status of an N-CREATE, N-SET or N-ACTION, the SOP Instance it created or acted on,
+    and an event report to send after it."""
 
     status: Status
     sop_instance_uid: str = ""
+    report: EventReport | None = None
 
 
-#: The N-CREATE / N-SET handler: answers every request with a response, never an exception.
+#: The N-CREATE / N-SET / N-ACTION handler: answers every request with a response, never an
+#: exception.
 NormalizedFn = Callable[[NormalizedRequest], NormalizedResponse]

@@ -19,6 +19,11 @@ C_CANCEL_RQ = 0x0FFF
 # DIMSE-N (PS3.7 10.3): the Modality Performed Procedure Step's two messages.
 N_SET_RQ, N_SET_RSP = 0x0120, 0x8120
 N_CREATE_RQ, N_CREATE_RSP = 0x0140, 0x8140
+# ... and Storage Commitment's: the request, and the result reported back (PS3.4 J.3).
+N_ACTION_RQ, N_ACTION_RSP = 0x0130, 0x8130
+N_EVENT_REPORT_RQ, N_EVENT_REPORT_RSP = 0x0100, 0x8100
+#: Command Data Set Type: a dataset follows (any value but NO_DATASET, PS3.7 E.1).
+WITH_DATASET = 0x0001
 #: Command Data Set Type: no dataset follows (PS3.7 E.1).
 NO_DATASET = 0x0101
 
@@ -34,6 +39,8 @@ STATUS = 0x00000900
 ERROR_COMMENT = 0x00000902
 AFFECTED_SOP_INSTANCE = 0x00001000
 REQUESTED_SOP_INSTANCE = 0x00001001
+EVENT_TYPE_ID = 0x00001002
+ACTION_TYPE_ID = 0x00001008
 
 _ELEMENT = struct.Struct("<HHL")
 _US = struct.Struct("<H")
@@ -73,6 +80,7 @@ def response_command(
     sop_class: str,
     status: Status,
     sop_instance: str | None = None,
+    extra: dict[int, bytes] | None = None,
 ) -> bytes:
     """The Command Set of a response without a dataset (C-STORE-RSP, C-ECHO-RSP, N-CREATE-RSP,
     N-SET-RSP: PS3.7 10.3 lets an N-response leave its attribute list out)."""
@@ -85,8 +93,14 @@ def response_command(
     }
     if sop_instance:
         elements[AFFECTED_SOP_INSTANCE] = pad_even(sop_instance.encode(), b"\x00")
+    elements.update(extra or {})
     if status.ErrorComment:
         elements[ERROR_COMMENT] = pad_even(
             status.ErrorComment[:64].encode("ascii", "replace"), b" "
         )
     return encode_command(elements)
+
+
+def us(value: int) -> bytes:
+    """A US value as a Command Set carries it."""
+    return _US.pack(value)

@@ -27,6 +27,8 @@ NO_SUCH_SOP_INSTANCE: Final = 0x0112
 MISSING_ATTRIBUTE: Final = 0x0120
 #: The request names a SOP Class this listener does not serve with it.
 SOP_CLASS_NOT_SUPPORTED: Final = 0x0122
+#: An N-ACTION's Action Type ID is not one the SOP Class defines.
+NO_SUCH_ACTION: Final = 0x0123
 
 # Refused: Out of Resources (A7xx): the sender should retry later.
 #: The instance could not be written to the store.
