@@ -63,8 +63,10 @@ REISSUE_ONLY = frozenset({"issued"})
 
 #: The parts of ``meta`` the server owns.
 SERVER_META = frozenset({"versionId", "lastUpdated"})
-#: Signed-type resources whose version and content the writer remembers, at most.
-KNOWN_LIMIT = 4096
+#: Signed-type resources whose version and content the writer remembers, at most: two per
+#: study, so the last 512 studies (what it is for: the study's heatmap write seconds after its
+#: score, a redelivery soon after; a forgotten one costs a 412 and a read, never a wrong write).
+KNOWN_LIMIT = 1024
 
 
 @dataclass(frozen=True)
