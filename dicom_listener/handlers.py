@@ -74,6 +74,19 @@ _UNDEFINED_LENGTH = 0xFFFFFFFF
 _uid_adapter: TypeAdapter[str] = TypeAdapter(UID)
 #: Transfer syntaxes read with pydicom; the others with the fast scan (:mod:`.scan`).
 _PYDICOM_SYNTAXES = frozenset({ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian})
+#: Kafka header → keyword of the counts an instance's event carries (IS values, when the
+#: instance has them): from them the worker can tell a series complete without waiting
+#: (``inference_worker.assembly.header_complete``), for senders known to fill them correctly.
+COUNT_HEADERS = {
+    "scanwatch-images-in-acquisition": "ImagesInAcquisition",
+    "scanwatch-acquisition-number": "AcquisitionNumber",
+    "scanwatch-number-of-frames": "NumberOfFrames",
+}
+_COUNTS = {
+    "ImagesInAcquisition": 0x00201002,
+    "AcquisitionNumber": 0x00200012,
+    "NumberOfFrames": 0x00280008,
+}
 #: Keyword → tag of the values the fast scan keeps.
 _SCANNED = {
     "StudyInstanceUID": 0x0020000D,
@@ -81,6 +94,7 @@ _SCANNED = {
     "SOPInstanceUID": 0x00080018,
     "SOPClassUID": 0x00080016,
     "Modality": 0x00080060,
+    **_COUNTS,
 }
 _SCANNED_TAGS = frozenset(_SCANNED.values())
 
@@ -152,6 +166,7 @@ class _Identity(NamedTuple):
     SOPInstanceUID: str
     SOPClassUID: str
     Modality: str | None
+    counts: list[tuple[str, bytes]]  # COUNT_HEADERS the instance has values for
 
 
 class _Refused(Exception):
@@ -202,7 +217,8 @@ def _read_with_pydicom(path: Path, transfer_syntax: str) -> dict[str, str]:
         if transfer_syntax != DeflatedExplicitVRLittleEndian:
             _check_complete(ds, size)
         values = {keyword: _uid_text(ds.get(keyword)) for keyword in REQUIRED_UIDS}
-        return values | {"Modality": _text(ds.get("Modality"))}
+        counts = {keyword: _text(ds.get(keyword)) for keyword in _COUNTS}
+        return values | counts | {"Modality": _text(ds.get("Modality"))}
 
 
 def _read_values(received: ReceivedInstance) -> dict[str, str]:
@@ -239,6 +255,11 @@ def _identify(received: ReceivedInstance) -> _Identity:
     """Read the UIDs the store and the event need, and check them against the request."""
     values = _read_values(received)
     modality = values.pop("Modality")
+    counts = [
+        (header, value.encode())
+        for header, keyword in COUNT_HEADERS.items()
+        if (value := values.pop(keyword, "").strip()).isdigit() and len(value) <= 12
+    ]
     for keyword, value in values.items():
         if not value:
             raise _bad(CANNOT_UNDERSTAND_MISSING_UID, "missing_uid", f"{keyword} missing")
@@ -261,7 +282,8 @@ def _identify(received: ReceivedInstance) -> _Identity:
             "SOPInstanceUID differs from AffectedSOPInstanceUID",
         )
     # Modality is CS (at most 16 characters); a malformed one is dropped, not fatal.
-    return _Identity(**values, Modality=modality if 0 < len(modality) <= 16 else None)
+    modality_or_none = modality if 0 < len(modality) <= 16 else None
+    return _Identity(**values, Modality=modality_or_none, counts=counts)
 
 
 def _refuse(received: ReceivedInstance, ctx: StoreContext, refused: _Refused) -> Status:
@@ -368,10 +390,10 @@ def _store(received: ReceivedInstance, ctx: StoreContext, arrival: Arrival) -> S
         # remove it so that nothing is half-stored (the sender retries).
         tx.on_rollback(lambda: committed.path.unlink(missing_ok=True))
         tx.fsync_folder_before_commit(staged.folder)
-        value, headers = first_version, []
+        value, headers = first_version, list(ident.counts)
         if known is not None:
             value = event.model_copy(update={"storage_uri": committed.uri}).to_bytes()
-            headers = [
+            headers += [
                 (HEADER_INSTANCE_VERSION, str(version).encode()),
                 (HEADER_SUPERSEDES_SHA256, known.sha256.encode()),
             ]

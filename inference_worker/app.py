@@ -10,7 +10,7 @@ event and its table entry all live on the same partition number, owned by one wo
 from __future__ import annotations
 
 import logging
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Any, cast
 
 import faust
@@ -76,7 +76,9 @@ def default_scorer(settings: Settings, metrics: WorkerMetrics) -> Scorer:
 
 def _origin(event: EventT[Any]) -> Origin:
     message = event.message
-    return Origin(message.topic, message.partition, message.offset, message.key)
+    raw = message.headers or ()
+    headers = tuple(raw.items() if isinstance(raw, Mapping) else raw)
+    return Origin(message.topic, message.partition, message.offset, message.key, headers)
 
 
 def create_app(

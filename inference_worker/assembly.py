@@ -22,10 +22,17 @@ series); once every step is final, a COMPLETED step's study is ready as soon as 
 it references has arrived, and a DISCONTINUED one at once. A referenced instance that never
 arrives holds the study until the maximum wait, and is then reported (:func:`missing`). Once a
 step's study has been announced, later instances follow the quiet period again.
+
+Without steps, a sender configured as filling them correctly may be trusted on the counts its
+instances carry (:func:`header_complete`): a series whose ImagesInAcquisition instances of each
+acquisition have all arrived, or an Enhanced MR whose one instance holds every frame, is
+complete, and a study whose every series is complete is ready at once.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Final, Literal, NotRequired, TypedDict
 
@@ -61,10 +68,55 @@ class StudyState(TypedDict):
     parked_until: NotRequired[float]  # scoring failed transiently: not before this time
     last_event_at: NotRequired[float]  # the newest instance's occurred_at (listener's clock)
     steps: NotRequired[dict[str, StepState]]  # procedure step UID -> what the modality said
+    #: SOPInstanceUID -> [its series and acquisition, how many instances that acquisition
+    #: has], for the instances whose headers tell it (:func:`header_complete`)
+    acquisitions: NotRequired[dict[str, list[Any]]]
 
 
-def add_instance(state: StudyState | None, event: InstanceReceivedV1, now: float) -> StudyState:
-    """Record an instance.
+#: The listener's Kafka headers with an instance's counts
+#: (``dicom_listener.handlers.COUNT_HEADERS``).
+IMAGES_IN_ACQUISITION = "scanwatch-images-in-acquisition"
+ACQUISITION_NUMBER = "scanwatch-acquisition-number"
+NUMBER_OF_FRAMES = "scanwatch-number-of-frames"
+
+
+def _count(headers: Mapping[str, bytes], name: str) -> int | None:
+    value = headers.get(name, b"")
+    return int(value) if value.isdigit() else None
+
+
+def acquisition_of(event: InstanceReceivedV1, headers: Mapping[str, bytes]) -> list[Any] | None:
+    """[group, expected instances] of an instance from its counts, or None if they do not
+    tell: a multi-frame instance is a group of one (an Enhanced MR holds its series' frames);
+    else the series' acquisition (its number, if any) of ImagesInAcquisition instances."""
+    frames = _count(headers, NUMBER_OF_FRAMES)
+    if frames is not None and frames > 1:
+        return [f"{event.SeriesInstanceUID}/{event.SOPInstanceUID}", 1]
+    expected = _count(headers, IMAGES_IN_ACQUISITION)
+    if not expected:
+        return None
+    number = _count(headers, ACQUISITION_NUMBER)
+    return [f"{event.SeriesInstanceUID}/{'' if number is None else number}", expected]
+
+
+def header_complete(state: StudyState) -> bool:
+    """Whether every instance's counts are known and every series acquisition holds exactly
+    the instances its ImagesInAcquisition says (more than that: the counts are wrong)."""
+    known = state.get("acquisitions", {})
+    if not state["instances"] or known.keys() != state["instances"].keys():
+        return False
+    expected = {group: count for group, count in known.values()}
+    arrived = Counter(group for group, _ in known.values())
+    return all(arrived[group] == count for group, count in expected.items())
+
+
+def add_instance(
+    state: StudyState | None,
+    event: InstanceReceivedV1,
+    now: float,
+    headers: Mapping[str, bytes] | None = None,
+) -> StudyState:
+    """Record an instance (``headers``: its event's Kafka headers, with its counts).
 
     A redelivered or re-sent instance (same SOPInstanceUID, same sha256) changes nothing. A new
     version of an instance (same SOPInstanceUID, other bytes: the listener keeps both) replaces
@@ -84,6 +136,12 @@ def add_instance(state: StudyState | None, event: InstanceReceivedV1, now: float
     }
     updated["last_received_at"] = now
     updated["last_event_at"] = max(state.get("last_event_at", 0.0), event.occurred_at.timestamp())
+    acquisition = acquisition_of(event, headers or {})
+    if acquisition is not None:
+        updated["acquisitions"] = {
+            **state.get("acquisitions", {}),
+            event.SOPInstanceUID: acquisition,
+        }
     if len(state["instances"]) <= state["announced"]:
         updated["pending_since"] = now  # the first change since the last announcement
     if previous is not None:
@@ -111,6 +169,15 @@ def add_step(state: StudyState | None, event: ProcedureStepV1, now: float) -> St
         referenced = [ref.SOPInstanceUID for ref in event.instances]
     step = StepState(status=event.status, instances=referenced, released=False)
     return StudyState(**{**state, "steps": {**steps, event.procedure_step_uid: step}})
+
+
+def completion(state: StudyState, trust_headers: bool = False) -> Verdict | None:
+    """What tells the study complete, before the quiet period: its procedure steps
+    (:func:`step_verdict`), else, for a sender trusted on them, its instances' counts."""
+    verdict = step_verdict(state)
+    if verdict is None and trust_headers and header_complete(state):
+        return NOW
+    return verdict
 
 
 def step_verdict(state: StudyState) -> Verdict | None:
@@ -151,15 +218,18 @@ def is_ready(
     quiet_period_s: float,
     max_wait_s: float,
     caught_up: bool | None = None,
+    trust_headers: bool = False,
 ) -> bool:
-    """True when some instances were never announced and the study is quiet (or waited enough).
+    """True when some instances were never announced and the study is complete
+    (:func:`completion`), or quiet, or waited enough.
 
     ``caught_up``: whether every event of the study's partition up to
-    :func:`quiet_until` has been read (None: not known; see the module's docstring)."""
+    :func:`quiet_until` has been read (None: not known; see the module's docstring).
+    ``trust_headers``: whether the study's sender fills its counts correctly."""
     if not is_due(state, now):
         return False
     waiting_since = state.get("pending_since", state["first_received_at"])
-    verdict = step_verdict(state)
+    verdict = completion(state, trust_headers)
     if verdict is not None:
         return verdict == NOW or now - waiting_since >= max_wait_s
     if caught_up is None or "last_event_at" not in state:

@@ -50,6 +50,14 @@ class Settings(MetricsSettings):
         description='Quiet period per calling AE title (JSON, e.g. {"MR1": 10}); others use '
         "quiet_period_s.",
     )
+    complete_by_headers: list[str] = Field(
+        default_factory=list,
+        description="Calling AE titles whose instances' counts are trusted (JSON list, e.g. "
+        '["MR1"]): a study of theirs is ready as soon as each series holds the '
+        "ImagesInAcquisition instances of each acquisition (an Enhanced MR: its one "
+        "multi-frame instance), without the quiet period. Only for senders known to fill these "
+        "tags correctly; a study that keeps growing after is scored again.",
+    )
     max_wait_s: float = Field(
         600.0,
         gt=0,

@@ -33,6 +33,7 @@ from inference_worker.assembly import (
     StudyState,
     add_instance,
     add_step,
+    completion,
     is_due,
     is_ready,
     mark_announced,
@@ -40,7 +41,6 @@ from inference_worker.assembly import (
     park,
     quiet_until,
     ready_event,
-    step_verdict,
 )
 from inference_worker.config import Settings
 from inference_worker.errors import SignatureMismatch, UnusableStudy
@@ -71,6 +71,7 @@ class Origin:
     partition: int | None = None
     offset: int | None = None
     key: bytes | None = None
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 class ReadProgress:
@@ -194,7 +195,9 @@ class WorkerFlow:
             self.progress.read(origin, None)
             return
         key = received.StudyInstanceUID.encode()
-        self.studies[key] = state = add_instance(self.studies.get(key), received, self.clock())
+        headers = dict(origin.headers)
+        state = add_instance(self.studies.get(key), received, self.clock(), headers)
+        self.studies[key] = state
         self.progress.read(origin, received.occurred_at.timestamp())
         await self._release_if_step_done(key, state)
 
@@ -214,8 +217,11 @@ class WorkerFlow:
     async def _release_if_step_done(self, key: bytes, state: StudyState) -> None:
         """Announce the study now, not at the next timer pass, when its steps say so: the
         modality's last word, or the last instance it referenced, has just been read."""
-        if step_verdict(state) == NOW:
+        if completion(state, self._trusts_headers(state)) == NOW:
             await self._release(key, state, self.clock(), {})
+
+    def _trusts_headers(self, state: StudyState) -> bool:
+        return state.get("source") in self.settings.complete_by_headers
 
     async def release_ready_studies(self) -> None:
         """Announce every study of this worker's partitions whose quiet period is over (or
@@ -233,9 +239,10 @@ class WorkerFlow:
         if not is_due(state, now):  # most: scored, nothing new
             return
         quiet = self.settings.quiet_period_for(state.get("source"))
-        verdict = step_verdict(state)
+        trust = self._trusts_headers(state)
+        verdict = completion(state, trust)
         caught_up = None if verdict else await self._caught_up(key, state, now, quiet, ends)
-        if not is_ready(state, now, quiet, self.settings.max_wait_s, caught_up):
+        if not is_ready(state, now, quiet, self.settings.max_wait_s, caught_up, trust):
             return
         if not self.owns(key):
             return
@@ -248,7 +255,7 @@ class WorkerFlow:
         self.announcing[key] = (count, now)
         extra = {"StudyInstanceUID": key.decode(), "instances": count}
         if verdict == NOW:
-            log.info("study ready: its procedure steps are complete", extra=extra)
+            log.info("study ready: complete by its procedure steps or counts", extra=extra)
             return
         if verdict == HOLD:
             # Held for its procedure steps until the maximum wait: scored with what came.

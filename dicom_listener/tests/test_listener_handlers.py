@@ -13,9 +13,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
     EnhancedMRImageStorage,
+    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     MRImageStorage,
 )
@@ -176,7 +179,8 @@ def test_success_stores_byte_exact_file_and_records_matching_event(
     [outboxed] = events(ctx)
     assert outboxed.topic == InstanceReceivedV1.SCHEMA
     assert outboxed.key == instance.StudyInstanceUID.encode()
-    assert outboxed.headers == []
+    # The counts the instance carries (the sample has an AcquisitionNumber, no other).
+    assert outboxed.headers == [("scanwatch-acquisition-number", b"1")]
     published = InstanceReceivedV1.from_bytes(outboxed.value)
     assert published.StudyInstanceUID == instance.StudyInstanceUID
     assert published.SeriesInstanceUID == instance.SeriesInstanceUID
@@ -249,8 +253,9 @@ def test_same_instance_with_other_bytes_is_kept_as_a_flagged_new_version(
     assert pydicom.dcmread(v2).SeriesDescription == "T1 AX corrected"
     assert pydicom.dcmread(v1).SeriesDescription == "T1 AX"
     old, new = events(ctx)
-    assert old.headers == []
+    assert dict(old.headers) == {"scanwatch-acquisition-number": b"1"}
     assert dict(new.headers) == {
+        "scanwatch-acquisition-number": b"1",
         HEADER_INSTANCE_VERSION: b"2",
         HEADER_SUPERSEDES_SHA256: hashlib.sha256(v1.read_bytes()).hexdigest().encode(),
     }
@@ -532,3 +537,27 @@ def test_a_withdrawn_announcement_does_not_hold_the_commit(
         assert result.result(timeout=10) == "1.2.3"
     assert outbox._announced == 0
     outbox.close()
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ExplicitVRBigEndian])
+def test_the_event_carries_the_counts_that_tell_a_series_complete(
+    tmp_path: Path, instance: pydicom.Dataset, syntax: str
+) -> None:
+    """ImagesInAcquisition, AcquisitionNumber and NumberOfFrames go with the event as Kafka
+    headers (the event's schema is published: it does not change), read by the fast scan and
+    by pydicom alike; one the instance lacks (NumberOfFrames here) is left out."""
+    ctx = context(tmp_path)
+    instance.ImagesInAcquisition = 38
+    instance.AcquisitionNumber = 2
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = syntax != ExplicitVRBigEndian, False
+    del instance.PixelData  # the header is what is read; big endian pixels would need a swap
+    write_dataset(out, instance)
+    wire = out.getvalue()
+    event = store_event(wire, instance.SOPInstanceUID, folder=tmp_path, transfer_syntax=syntax)
+    assert handle_store(event, ctx).Status == SUCCESS
+    [outboxed] = events(ctx)
+    assert dict(outboxed.headers) == {
+        "scanwatch-images-in-acquisition": b"38",
+        "scanwatch-acquisition-number": b"2",
+    }

@@ -5,10 +5,14 @@ from __future__ import annotations
 import json
 
 from inference_worker.assembly import (
+    ACQUISITION_NUMBER,
     HOLD,
+    IMAGES_IN_ACQUISITION,
     NOW,
+    NUMBER_OF_FRAMES,
     add_instance,
     add_step,
+    header_complete,
     is_ready,
     mark_announced,
     missing,
@@ -194,3 +198,36 @@ def test_a_step_naming_several_studies_leaves_the_quiet_period_to_decide():
     state = add_step(state, step("COMPLETED", (1,), studies=(STUDY, "1.2.9")), now=100.0)
     assert step_verdict(state) is None
     assert not ready(state, now=104.9) and ready(state, now=105.0)
+
+
+def counts(images: int, acquisition: int | None = 1, frames: int | None = None) -> dict:
+    """An instance event's Kafka headers with its counts, as the listener sends them."""
+    headers = {IMAGES_IN_ACQUISITION: str(images).encode()}
+    if acquisition is not None:
+        headers[ACQUISITION_NUMBER] = str(acquisition).encode()
+    if frames is not None:
+        headers[NUMBER_OF_FRAMES] = str(frames).encode()
+    return headers
+
+
+def test_a_trusted_sender_s_series_is_complete_when_its_acquisition_count_arrived():
+    state = add_instance(None, received(1), now=100.0, headers=counts(2))
+    assert not header_complete(state)
+    assert not is_ready(state, 100.0, QUIET, MAX_WAIT, trust_headers=True)
+    state = add_instance(state, received(2), now=100.5, headers=counts(2))
+    assert header_complete(state)
+    assert is_ready(state, 100.5, QUIET, MAX_WAIT, trust_headers=True)  # no quiet period
+    assert not ready(state, now=100.5)  # a sender not trusted on its counts waits it out
+    state = add_instance(state, received(3), now=101.0, headers=counts(2))
+    assert not header_complete(state)  # three where the header says two: the counts are wrong
+
+
+def test_counts_missing_on_one_instance_leave_the_quiet_period_to_decide():
+    state = add_instance(None, received(1), now=100.0, headers=counts(2))
+    state = add_instance(state, received(2), now=100.0)
+    assert not header_complete(state)
+
+
+def test_an_enhanced_mr_instance_is_its_whole_series():
+    state = add_instance(None, received(1), now=100.0, headers={NUMBER_OF_FRAMES: b"120"})
+    assert header_complete(state)

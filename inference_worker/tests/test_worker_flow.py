@@ -8,7 +8,13 @@ from datetime import UTC, datetime
 
 import pytest
 
-from inference_worker.assembly import StudyState, mark_announced, ready_event
+from inference_worker.assembly import (
+    ACQUISITION_NUMBER,
+    IMAGES_IN_ACQUISITION,
+    StudyState,
+    mark_announced,
+    ready_event,
+)
 from inference_worker.config import Settings
 from inference_worker.errors import (
     FhirUnavailable,
@@ -98,7 +104,9 @@ async def succeed(ready: StudyReadyV1) -> InferenceResultV1:
 
 
 class World:
-    def __init__(self, scorer: FakeScorer | None = None, owns: bool = True) -> None:
+    def __init__(
+        self, scorer: FakeScorer | None = None, owns: bool = True, **settings: object
+    ) -> None:
         self.studies: dict[bytes, StudyState] = {}
         self.ready, self.results = Sink(), Sink()
         self.dlq: dict[str, Sink] = {}
@@ -106,7 +114,7 @@ class World:
         self.metrics = WorkerMetrics()
         self.scorer = scorer or FakeScorer(succeed)
         self.flow = WorkerFlow(
-            Settings(quiet_period_s=QUIET, park_s=PARK),
+            Settings(quiet_period_s=QUIET, park_s=PARK, **settings),  # type: ignore[arg-type]
             self.scorer,
             self.studies,
             self.ready,
@@ -465,3 +473,19 @@ def test_a_completed_procedure_step_releases_its_study_without_the_timer():
     assert world.scorer.scored == [3]
     [(_, letter)] = world.dlq[ProcedureStepV1.SCHEMA + ".dlq"].sent  # the unusable event
     assert DeadLetterV1.from_bytes(letter).source_offset == 9
+
+
+def test_a_sender_trusted_on_its_counts_has_its_study_announced_as_its_last_instance_is_read():
+    """The counts come as the listener's Kafka headers on each instance event."""
+
+    async def run(trusted: list[str]) -> World:
+        world = World(complete_by_headers=trusted)
+        headers = ((IMAGES_IN_ACQUISITION, b"2"), (ACQUISITION_NUMBER, b"1"))
+        for n in (1, 2):
+            origin = Origin(InstanceReceivedV1.SCHEMA, headers=headers)
+            await world.flow.assemble(received(n).to_bytes(), origin)
+        return world
+
+    [ready] = asyncio.run(run(["MR1"])).ready_events()
+    assert len(ready.instances) == 2 and ready.quiet_period_s == 0.0
+    assert asyncio.run(run(["CT9"])).ready.sent == []  # others wait for the quiet period

@@ -43,6 +43,9 @@ PAUSED_SENDER, PAUSED_QUIET_S = "PAUSEDSCU", 10.0
 #: A modality that reports procedure steps: its quiet period is longer than the test waits, so
 #: only the completed step can release its study.
 MPPS_SENDER, MPPS_QUIET_S = "MPPSSCU", 600.0
+#: A sender trusted on its instances' counts (ImagesInAcquisition), with the same long quiet
+#: period: only the counts can release its study.
+COUNTED_SENDER = "COUNTEDSCU"
 #: Their consumer group (inference_worker.config.Settings.app_id's default).
 WORKER_GROUP = "scanwatch-inference-worker"
 
@@ -73,8 +76,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory, models: Path) -> Iterator[St
             "SCANWATCH_WORKER_BREAKER_RESET_S": "2",
             # The paused-worker test's sender: long enough to see its first half read first.
             "SCANWATCH_WORKER_QUIET_PERIOD_BY_SOURCE": (
-                f'{{"{PAUSED_SENDER}": {PAUSED_QUIET_S}, "{MPPS_SENDER}": {MPPS_QUIET_S}}}'
+                f'{{"{PAUSED_SENDER}": {PAUSED_QUIET_S}, "{MPPS_SENDER}": {MPPS_QUIET_S}, '
+                f'"{COUNTED_SENDER}": {MPPS_QUIET_S}}}'
             ),
+            "SCANWATCH_WORKER_COMPLETE_BY_HEADERS": f'["{COUNTED_SENDER}"]',
         },
         models=models,
         kafka_libs=KAFKA_LIBS,
@@ -377,6 +382,35 @@ def test_a_completed_procedure_step_scores_its_study_without_the_quiet_period(
         lambda: observations_of(stack, "SW-E2E-MPPS").get("total") == 1,
         timeout=120,
         what="the study's Observation, released by its completed procedure step",
+    )
+    records = read_topic(
+        stack.bootstrap_servers,
+        StudyReadyV1.SCHEMA,
+        lambda rs: any(r.key == study_uid.encode() for r in rs),
+        timeout=30,
+    )
+    ready = [StudyReadyV1.from_bytes(r.value) for r in records if r.key == study_uid.encode()]
+    assert [(len(e.instances), e.quiet_period_s) for e in ready] == [(SCORED_SLICES, 0.0)]
+
+
+def test_a_sender_trusted_on_its_counts_gets_its_study_scored_without_the_quiet_period(
+    stack: Stack, tmp_path: Path
+):
+    """Issue 20, point 3: the instances say how many the acquisition has (ImagesInAcquisition);
+    the listener passes the counts on as Kafka headers, and the worker, trusting this sender
+    on them, releases the study once the last one is read, not after its 600 s quiet period."""
+    files = build_mr_study(tmp_path / "study", patient_id="SW-E2E-COUNT", n_slices=SCORED_SLICES)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.ImagesInAcquisition = len(files)
+        ds.save_as(path)
+    study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    port = stack.config.ports.dicom
+    storescu(files, "127.0.0.1", port, called_ae=stack.config.ae_title, calling_ae=COUNTED_SENDER)
+    wait_for(
+        lambda: observations_of(stack, "SW-E2E-COUNT").get("total") == 1,
+        timeout=120,
+        what="the study's Observation, released by its instances' counts",
     )
     records = read_topic(
         stack.bootstrap_servers,
