@@ -89,10 +89,23 @@ def _etag(stored: dict[str, Any]) -> str:
     return f'W/"{stored["meta"]["versionId"]}"'
 
 
-def _create_only(resource: dict[str, Any]) -> dict[str, Any]:
+def _put_entry(base_url: str, resource: dict[str, Any]) -> dict[str, Any]:
+    """A transaction entry that writes ``resource`` (update as create). Its ``fullUrl`` is the
+    resource's absolute URL, which R4 asks of an entry whose resource holds relative
+    references (they are resolved against it)."""
+    key = _key(resource)
+    return {
+        "fullUrl": f"{base_url}/{key}",
+        "resource": resource,
+        "request": {"method": "PUT", "url": key},
+    }
+
+
+def _create_only(base_url: str, resource: dict[str, Any]) -> dict[str, Any]:
     """A transaction entry that writes ``resource`` only if it has no current version."""
-    url = f"{resource['resourceType']}/{resource['id']}"
-    return {"resource": resource, "request": {"method": "PUT", "url": url, "ifNoneMatch": "*"}}
+    entry = _put_entry(base_url, resource)
+    entry["request"]["ifNoneMatch"] = "*"
+    return entry
 
 
 def same_result(current: dict[str, Any], resource: dict[str, Any]) -> bool:
@@ -220,10 +233,7 @@ class FhirWriter:
           meanwhile); another result is written on that version;
         - unknown: written only if absent (``ifNoneMatch: *``; a 412 when it exists).
         """
-        entry: dict[str, Any] = {
-            "resource": resource,
-            "request": {"method": "PUT", "url": f"{resource['resourceType']}/{resource['id']}"},
-        }
+        entry = _put_entry(self.base_url, resource)
         if not _signed_type(resource):
             return entry
         key = _key(resource)
@@ -308,7 +318,7 @@ class FhirWriter:
             for _attempt in range(CONDITIONAL_ATTEMPTS):
                 if not todo:
                     return
-                entries = [_create_only(resource) for resource in todo]
+                entries = [_create_only(self.base_url, resource) for resource in todo]
                 response = await self._transaction(entries)
                 if response.status_code != 412:
                     response.raise_for_status()

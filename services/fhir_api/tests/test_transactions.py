@@ -7,15 +7,22 @@ may write alone."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from fastapi.testclient import TestClient
 
+from inference_worker.adapters.fhir_writer import FhirWriter
+from inference_worker.fhir_resources import ScoredStudy, all_resources_for
 from scanwatch import care_plan, ids
+from services.fhir_api.tests.test_hapi_validator import _errors, _studies, _validate
 from services.fhir_api.tests.test_search import HEADERS
 
 SYSTEM = "urn:scanwatch:test:mrn"
@@ -265,3 +272,46 @@ def test_a_patient_token_writes_nothing_through_a_bundle_it_could_not_write_alon
     assert again.json()["entry"][0]["response"]["status"] == "200 OK"  # its own, once
     (written,) = search(client, f"CommunicationRequest?patient={me}")
     assert written["subject"]["reference"] == f"Patient/{me}"
+
+
+@pytest.mark.integration
+def test_transactions_and_their_answers_validate(client: TestClient, tmp_path: Path) -> None:
+    """The worker's transactions (create-only, then on the version it wrote), a client's POST
+    entries with urn:uuid and conditional references, and the transaction-response Bundles the
+    API answers: 0 errors under HAPI FHIR's R4 validator."""
+    exchanged: list[dict[str, Any]] = []
+
+    def forward(request: httpx.Request) -> httpx.Response:
+        answer = client.request(
+            request.method, request.url.path, content=request.content, headers=HEADERS
+        )
+        if request.method == "POST":
+            exchanged.extend([json.loads(request.content), answer.json()])
+        return httpx.Response(answer.status_code, content=answer.content, headers=answer.headers)
+
+    study = _studies()[0]
+    again = ScoredStudy(**(vars(study) | {"probabilities": tuple(reversed(study.probabilities))}))
+    writer = FhirWriter("http://fhir.test/fhir", transport=httpx.MockTransport(forward))
+
+    async def write() -> None:
+        try:
+            for scored in (study, again):
+                await writer.put_all(all_resources_for(scored))
+        finally:
+            await writer.close()
+
+    asyncio.run(write())
+    person = "urn:uuid:6f1c2b8e-0000-4000-8000-000000000005"
+    bundle = transaction(
+        post(patient("V-1"), person, ifNoneExist=f"identifier={SYSTEM}|V-1"),
+        post(observation(person), "urn:uuid:6f1c2b8e-0000-4000-8000-000000000006"),
+        put(patient("V-1") | {"gender": "other"}, f"Patient?identifier={SYSTEM}|V-1"),
+    )
+    assert send(client, *bundle["entry"][:2]).status_code == 200
+    answer = send(client, bundle["entry"][2])
+    assert answer.status_code == 200, answer.text
+    exchanged += [bundle, answer.json()]
+    kinds = [b["type"] for b in exchanged]
+    assert kinds == ["transaction", "transaction-response"] * 3
+    issues = _validate(exchanged, tmp_path)
+    assert {name: _errors(found) for name, found in issues.items()} == {name: [] for name in issues}
