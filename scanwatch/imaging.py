@@ -22,20 +22,60 @@ def to_modality_values(
     return stored.astype(np.float32) * np.float32(slope) + np.float32(intercept)
 
 
-def normalise_intensity(values: np.ndarray) -> np.ndarray:
+def normalise_intensity(
+    values: np.ndarray, robust_range: tuple[float, float] | None = None
+) -> np.ndarray:
     """Map the robust intensity range of a slice to [0, 255] (float32).
 
     The range is taken from the foreground (values above the slice minimum) so that a mostly
     empty slice does not flatten the anatomy; a constant slice becomes all zeros.
+    ``robust_range``: that range, already known (:func:`stored_robust_range`).
     """
     values = values.astype(np.float32, copy=False)
-    foreground = values[values > values.min()]
-    if foreground.size == 0:
-        return np.zeros_like(values)
-    low, high = np.percentile(foreground, [LOW_PERCENTILE, HIGH_PERCENTILE])
+    if robust_range is None:
+        foreground = values[values > values.min()]
+        if foreground.size == 0:
+            return np.zeros_like(values)
+        low, high = np.percentile(foreground, [LOW_PERCENTILE, HIGH_PERCENTILE])
+    else:
+        low, high = robust_range
     if high <= low:
         high = low + 1.0
     return (np.clip((values - low) / (high - low), 0.0, 1.0) * 255.0).astype(np.float32)
+
+
+def stored_robust_range(
+    stored: np.ndarray, slope: float = 1.0, intercept: float = 0.0
+) -> tuple[float, float] | None:
+    """The range :func:`normalise_intensity` takes from the modality values of integer
+    ``stored`` values, found from their histogram instead of by sorting (several times less
+    CPU for 16-bit MR slices). The same order statistics, interpolated the same way, give the
+    same range (to the last bits of a float64). None where this does not apply: not integers, a
+    slope that is not positive (the order flips), more than 16 bits, a constant slice (for
+    which :func:`normalise_intensity` finds no foreground itself).
+    """
+    if stored.dtype.kind not in "ui" or stored.dtype.itemsize > 2 or not slope > 0:
+        return None
+    flat = stored.ravel()
+    lowest = int(flat.min())
+    # bincount takes non-negative integers: count from the minimum (signed: in int32).
+    shifted = flat.astype(np.int32) - lowest if stored.dtype.kind == "i" else flat - lowest
+    counts = np.bincount(shifted)
+    foreground = np.cumsum(counts[1:])  # the values above the slice minimum
+    n = int(foreground[-1]) if foreground.size else 0
+    if n == 0:
+        return None
+    bounds = []
+    for q in (LOW_PERCENTILE, HIGH_PERCENTILE):
+        # np.percentile's default ("linear"): the order statistics around q/100 * (n - 1).
+        virtual = q / 100 * (n - 1)
+        below = int(np.floor(virtual))
+        ranks = np.searchsorted(foreground, [below, min(below + 1, n - 1)], side="right")
+        # The float32 modality values, interpolated in float64 as np.percentile does.
+        a, b = to_modality_values(ranks + 1 + lowest, slope, intercept).astype(np.float64)
+        gamma = virtual - below
+        bounds.append(b - (b - a) * (1 - gamma) if gamma >= 0.5 else a + (b - a) * gamma)
+    return bounds[0], bounds[1]
 
 
 def square_resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -65,6 +105,7 @@ def preprocess_slice(
     """
     if stored.ndim != 2:
         raise ValueError(f"expected a 2-D slice, got shape {stored.shape}")
-    image = normalise_intensity(to_modality_values(stored, slope, intercept))
+    values = to_modality_values(stored, slope, intercept)
+    image = normalise_intensity(values, stored_robust_range(stored, slope, intercept))
     image = square_resize(image, size)
     return np.repeat(image[:, :, None], 3, axis=2)
