@@ -93,6 +93,15 @@ class Settings(MetricsSettings):
     )
     predict_timeout_s: float = Field(60.0, gt=0, description="Deadline of one Predict call.")
     batch_size: int = Field(16, ge=1, le=512, description="Images per Predict call.")
+    decode_processes: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="Processes that read a study's pixel data, decode and resize it, its "
+        "instances split between them (inference_worker.pixels.PixelPool; the headers are read "
+        "once, in the worker); 0 or 1: in the worker's own process, on a thread. A pool "
+        "process that dies is replaced.",
+    )
     max_gap_mm: float | None = Field(
         None,
         ge=0,

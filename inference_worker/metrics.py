@@ -24,8 +24,14 @@ class WorkerMetrics:
         )
         self.stage_seconds = Histogram(
             "scanwatch_worker_stage_seconds",
-            "Seconds per stage: assembly_wait (first instance to scoring), preprocess, predict, "
-            "fhir_write.",
+            "Seconds per stage of a study: assembly_wait (first instance to scoring); on the "
+            "scoring path in order: header_read (each instance's file parsed once), "
+            "series_choice (series, slices, the registered record built), pixels (pixel data "
+            "read, decoded and resized, wall time; decode and resize: the same work's own "
+            "seconds, summed over the pool's processes), preprocess (ready to model input), "
+            "predict, register_wait (the registered record's write, after Predict), study_rule, "
+            "heatmap_lookup (a redelivery's stored heatmaps), fhir_build, fhir_write; after "
+            "the result: heatmap.",
             ["stage"],
             buckets=_STAGE_BUCKETS,
             registry=r,

@@ -18,6 +18,7 @@ import time
 from inference_worker import fhir_resources, heatmaps
 from inference_worker.errors import SaliencyUnavailable, SignatureMismatch
 from inference_worker.metrics import WorkerMetrics
+from inference_worker.pixels import PixelPool
 from inference_worker.ports import Model, Prediction, ResourceWriter
 from inference_worker.retry import with_retries
 from inference_worker.series import (
@@ -26,7 +27,9 @@ from inference_worker.series import (
     SelectionRules,
     SourceSlice,
     choose_series,
-    prepare_series,
+    pixel_work,
+    read_instances,
+    selected,
 )
 from scanwatch import ids
 from scanwatch.study_score import StudyResult, study_result
@@ -71,11 +74,15 @@ class Scorer:
         rules: SelectionRules | None = None,
         heatmap_retries: int = 1,
         heatmaps: bool = True,
+        pixels: PixelPool | None = None,
     ) -> None:
         """``heatmap_retries``: retries of a transient failure of the saliency Predict; fewer
         than the score's, since the score is written already and a heatmap is not worth
-        holding the study's result event back for long."""
+        holding the study's result event back for long. ``pixels``: where pixel data is
+        decoded and resized (default: the event loop's thread executor, in this process); its
+        owner closes it."""
         self.model = model
+        self.pixels = pixels or PixelPool(0)
         self.heatmap_retries = heatmap_retries
         self.heatmaps = heatmaps
         self.rules = rules or SelectionRules()
@@ -84,21 +91,28 @@ class Scorer:
         self.metrics = metrics or WorkerMetrics()
 
     async def score(self, ready: StudyReadyV1) -> InferenceResultV1:
-        """Score a study and write its FHIR resources; return the result event."""
+        """Score a study and write its FHIR resources; return the result event.
+
+        Each stage's seconds go to ``scanwatch_worker_stage_seconds`` (see
+        :class:`~inference_worker.metrics.WorkerMetrics`)."""
+        stages = self.metrics.stage_seconds
         started = time.monotonic()
         # Reading DICOM and resizing is CPU and disk work: keep it off the event loop.
         loop = asyncio.get_running_loop()
-        chosen = await loop.run_in_executor(None, choose_series, list(ready.instances), self.rules)
+        refs = list(ready.instances)
+        read = await loop.run_in_executor(None, read_instances, refs)
+        headers_read = time.monotonic()
+        chosen = choose_series(refs, self.rules, read)
         received = received_study(ready, chosen)
+        registered = fhir_resources.registered_resources_for(received)
+        chose = time.monotonic()
+        stages.labels("header_read").observe(headers_read - started)
+        stages.labels("series_choice").observe(chose - headers_read)
         # While the model works, the study is recorded as received, so that a patient who asks
         # early learns it arrived; if the model fails (or is down before its first answer), that
         # record stays until a retry scores it.
         registering = asyncio.ensure_future(
-            with_retries(
-                lambda: self.writer.put_missing(fhir_resources.registered_resources_for(received)),
-                self.retries,
-                "FHIR write",
-            )
+            with_retries(lambda: self.writer.put_missing(registered), self.retries, "FHIR write")
         )
         try:
             image_size = self.model.image_size
@@ -106,38 +120,50 @@ class Scorer:
                 image_size = await with_retries(
                     self.model.check_signature, self.retries, "GetModelMetadata"
                 )
-            selected = await loop.run_in_executor(None, prepare_series, chosen, image_size)
+            decoding = time.monotonic()
+            images, decode_s, resize_s = await self.pixels.decode(
+                pixel_work(chosen), len(chosen.frames), image_size
+            )
+            scored = selected(chosen, images)
             prepared = time.monotonic()
+            # Summed over the pool's processes (a study split across two counts both).
+            stages.labels("decode").observe(decode_s)
+            stages.labels("resize").observe(resize_s)
+            stages.labels("pixels").observe(prepared - decoding)
+            stages.labels("preprocess").observe(prepared - started)
             prediction = await with_retries(
-                lambda: self.model.predict(selected.images), self.retries, "Predict"
+                lambda: self.model.predict(scored.images), self.retries, "Predict"
             )
         except BaseException:
             await asyncio.gather(registering, return_exceptions=True)
             raise
-        await registering
         predicted = time.monotonic()
-        study = scored_study(ready, received, prediction, study_of(prediction), selected.slices)
+        stages.labels("predict").observe(predicted - prepared)
+        await registering
+        registered_at = time.monotonic()
+        stages.labels("register_wait").observe(registered_at - predicted)
+        study = scored_study(ready, received, prediction, study_of(prediction), scored.slices)
+        ruled = time.monotonic()
+        stages.labels("study_rule").observe(ruled - registered_at)
         # A redelivered study finds its heatmaps stored: its resources are then rebuilt with
         # them, the same as the first delivery's last write (no new FHIR version, no new file).
         present = await loop.run_in_executor(
-            None, self._present_heatmaps, ready.StudyInstanceUID, selected, prediction
+            None, self._present_heatmaps, ready.StudyInstanceUID, scored, prediction
         )
+        looked = time.monotonic()
+        stages.labels("heatmap_lookup").observe(looked - ruled)
         if present is not None:
             study = dataclasses.replace(study, heatmaps=heatmaps.as_reference(present))
             self.metrics.heatmaps.labels("present").inc()
-        await with_retries(
-            lambda: self.writer.put_all(fhir_resources.all_resources_for(study)),
-            self.retries,
-            "FHIR write",
-        )
+        resources = fhir_resources.all_resources_for(study)
+        built = time.monotonic()
+        stages.labels("fhir_build").observe(built - looked)
+        await with_retries(lambda: self.writer.put_all(resources), self.retries, "FHIR write")
         written = time.monotonic()
-        result = result_event(study, slice_count=len(selected.images))
-        stages = self.metrics.stage_seconds
-        stages.labels("preprocess").observe(prepared - started)
-        stages.labels("predict").observe(predicted - prepared)
-        stages.labels("fhir_write").observe(written - predicted)
-        if self.heatmaps and present is None and selected.slices:
-            await self._add_heatmaps(study, selected, prediction)
+        stages.labels("fhir_write").observe(written - built)
+        result = result_event(study, slice_count=len(scored.images))
+        if self.heatmaps and present is None and scored.slices:
+            await self._add_heatmaps(study, scored, prediction)
             stages.labels("heatmap").observe(time.monotonic() - written)
         self.metrics.studies_scored.labels(result.model_name, str(result.model_version)).inc()
         log.info(

@@ -1,9 +1,12 @@
 """Read a ready study from the file store, choose the MR series and slices to score, and turn
 them into model input with the preprocessing that training uses.
 
-Each instance's header is read once (:func:`inference_worker.header.read_header`); selection
-works on those typed headers, and the chosen series hands one of them on for the result. Pixel
-data is decoded once per instance (a multi-frame instance once for all its frames).
+Each instance's file is parsed once (:func:`read_instances`, the pixel data left in the file)
+into a typed header (:func:`inference_worker.header.read_header`); selection works on those
+headers, and the chosen series hands one of them on for the result. Pixel data is then read and
+decoded once per scored instance (a multi-frame instance once for all its frames), by
+:mod:`inference_worker.pixels`, in this process or a pool of them, without parsing the header
+again.
 
 **Which slices** (:func:`slices_to_score`): the whole volume. By default every image of the
 chosen series is scored, so a finding on two slices of two hundred is looked at. With
@@ -32,7 +35,7 @@ from pydicom.dataset import Dataset
 
 from inference_worker.errors import UnusableStudy
 from inference_worker.header import ORIENTATIONS, InstanceHeader, read_header
-from scanwatch.imaging import preprocess_slice
+from inference_worker.pixels import InstancePixels, decode_and_resize, describe
 from schemas import InstanceRef
 
 __all__ = [
@@ -44,8 +47,11 @@ __all__ = [
     "UnusableStudy",
     "choose_series",
     "path_of",
+    "pixel_work",
     "prepare_series",
+    "read_instances",
     "select_series",
+    "selected",
     "slices_to_score",
 ]
 
@@ -187,14 +193,24 @@ def slices_to_score(frames: list[Frame], max_gap_mm: float | None = None) -> lis
     return [ordered[i] for i in chosen]
 
 
-def choose_series(refs: list[InstanceRef], rules: SelectionRules | None = None) -> ChosenSeries:
+def read_instances(refs: list[InstanceRef]) -> list[tuple[InstanceHeader, Dataset]]:
+    """Each instance's header and its dataset (pixel data left in the file), in ``refs``'
+    order: the study's one read of each file before its pixels are decoded."""
+    return [_read(ref) for ref in refs]
+
+
+def choose_series(
+    refs: list[InstanceRef],
+    rules: SelectionRules | None = None,
+    read: list[tuple[InstanceHeader, Dataset]] | None = None,
+) -> ChosenSeries:
     """Choose the series to score by ``rules`` and, with :func:`slices_to_score`, its slices,
-    from each instance's header (read once; pixel data is left in the file)."""
+    from each instance's header (``read``: :func:`read_instances` of ``refs``, read here when
+    not given; pixel data is left in the file)."""
     rules = rules or SelectionRules()
     by_series: dict[str, list[tuple[InstanceRef, InstanceHeader]]] = defaultdict(list)
     datasets: dict[str, Dataset] = {}
-    for ref in refs:
-        header, ds = _read(ref)
+    for ref, (header, ds) in zip(refs, read_instances(refs) if read is None else read, strict=True):
         if header.Modality == "MR":
             by_series[ref.SeriesInstanceUID].append((ref, header))
             datasets[ref.SOPInstanceUID] = ds
@@ -236,21 +252,39 @@ def choose_series(refs: list[InstanceRef], rules: SelectionRules | None = None) 
     )
 
 
-def prepare_series(chosen: ChosenSeries, image_size: int) -> SelectedSeries:
-    """Decode and preprocess the chosen slices into the model's input."""
-    inputs = np.stack(_load_images(list(chosen.frames), image_size, chosen.datasets))
+def pixel_work(chosen: ChosenSeries) -> list[InstancePixels]:
+    """What the decoders need to make the chosen slices' model input
+    (:func:`inference_worker.pixels.decode_and_resize`), row by row in ``chosen.frames``'
+    order."""
+    return describe(
+        chosen.datasets,
+        {f.ref.SOPInstanceUID: str(path_of(f.ref.storage_uri)) for f in chosen.frames},
+        [(f.ref.SOPInstanceUID, f.index, f.slope, f.intercept) for f in chosen.frames],
+    )
+
+
+def selected(chosen: ChosenSeries, images: npt.NDArray[np.float32]) -> SelectedSeries:
+    """The chosen series with its model input ``images`` (one row per chosen frame)."""
     return SelectedSeries(
         header=chosen.header,
         SeriesInstanceUID=chosen.SeriesInstanceUID,
         number_of_instances=chosen.number_of_instances,
         number_of_series=chosen.number_of_series,
         study_instance_count=chosen.study_instance_count,
-        images=inputs,
+        images=images,
         slices=tuple(
             SourceSlice(f.ref.SOPInstanceUID, path_of(f.ref.storage_uri), f.index)
             for f in chosen.frames
         ),
     )
+
+
+def prepare_series(chosen: ChosenSeries, image_size: int) -> SelectedSeries:
+    """Decode and preprocess the chosen slices into the model's input, in this thread."""
+    decoded = decode_and_resize(pixel_work(chosen), image_size)
+    images = np.empty((len(chosen.frames), image_size, image_size, 3), np.float32)
+    images[list(decoded.rows)] = decoded.images
+    return selected(chosen, images)
 
 
 def select_series(
@@ -260,26 +294,3 @@ def select_series(
 ) -> SelectedSeries:
     """:func:`choose_series` then :func:`prepare_series`: the chosen slices as model input."""
     return prepare_series(choose_series(refs, rules), image_size)
-
-
-def _load_images(
-    frames: list[Frame], image_size: int, datasets: dict[str, Dataset]
-) -> list[npt.NDArray[np.float32]]:
-    """Decode each chosen image once per instance (a multi-frame instance is read once), from
-    the dataset its header was read from (``datasets`` by SOPInstanceUID)."""
-    pixels_by_instance: dict[str, npt.NDArray[np.generic]] = {}
-    images = []
-    for frame in frames:
-        uid = frame.ref.SOPInstanceUID
-        if uid not in pixels_by_instance:
-            try:
-                pixels_by_instance[uid] = datasets[uid].pixel_array
-            except Exception as exc:  # noqa: BLE001 - any decoding failure makes it unusable
-                raise UnusableStudy(f"cannot decode pixels of {uid}: {exc}") from exc
-        pixels = pixels_by_instance[uid]
-        if frame.index is not None:
-            pixels = pixels[frame.index]
-        if pixels.ndim != 2:
-            raise UnusableStudy(f"instance {uid} is not greyscale 2-D: {pixels.shape}")
-        images.append(preprocess_slice(pixels, image_size, frame.slope, frame.intercept))
-    return images

@@ -1,0 +1,298 @@
+"""Decoding and resizing a chosen series' pixels: in this process, or in a pool of processes.
+
+The headers are read once, in the worker's process (:func:`inference_worker.series.choose_series`),
+with the pixel data left in the file. What a decoder needs of each chosen instance is then
+described by :func:`describe`: for native (uncompressed) little-endian greyscale pixel data, the
+element's offset and length in the file, so that a decoder reads those bytes and nothing else
+(no second parse of the header); for anything else (compressed transfer syntaxes, colour), the
+dataset itself, whose deferred pixel data pydicom reads and decodes. Either way the stored
+values are the ones pydicom's ``pixel_array`` gives (bits above BitsStored masked, signed values
+sign-extended), and :func:`scanwatch.imaging.preprocess_slice` makes the model input of each
+image.
+
+:class:`PixelPool` runs that work off the event loop: with ``processes`` 0 or 1 on the loop's
+default thread executor, as before; with more, a study's instances are split across that many
+processes, each reading, decoding and resizing its share. A pool process that dies (killed, out
+of memory, a decoder crash) breaks the pool (``BrokenProcessPool``): the pool is replaced and
+the study tried once more on the new one; a second break on the same study makes the study
+unusable (a file that kills its decoder would otherwise kill every pool it meets).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import time
+from collections.abc import Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.tag import Tag
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from inference_worker.errors import UnusableStudy
+from scanwatch.imaging import preprocess_slice
+
+__all__ = [
+    "Decoded",
+    "InstancePixels",
+    "NativePixels",
+    "PixelPool",
+    "decode_and_resize",
+    "describe",
+]
+
+log = logging.getLogger(__name__)
+
+_PIXEL_DATA = Tag(0x7FE0, 0x0010)
+_NATIVE_SYNTAXES = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+@dataclass(frozen=True)
+class NativePixels:
+    """Where an instance's native pixel data lies in its file, and how its words are laid out."""
+
+    offset: int
+    length: int
+    dtype: str  # numpy dtype of one stored value: "<u2", "<i2", "u1" or "i1"
+    frames: int
+    Rows: int
+    Columns: int
+    BitsStored: int
+
+
+@dataclass(frozen=True)
+class InstancePixels:
+    """One instance's share of a study's decoding: where its pixels are, and which of its
+    images go to which rows of the model input (``images``: (row, frame index, slope,
+    intercept); frame index None for a single-frame instance)."""
+
+    SOPInstanceUID: str
+    path: str
+    native: NativePixels | None
+    #: The header's dataset (pixel data deferred) when ``native`` is None: pydicom decodes it.
+    dataset: Dataset | None = field(compare=False, repr=False)
+    images: tuple[tuple[int, int | None, float, float], ...]
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """Model input rows made by one decoder call, and its time (seconds) per stage."""
+
+    rows: tuple[int, ...]
+    images: npt.NDArray[np.float32]  # (len(rows), size, size, 3)
+    decode_s: float
+    resize_s: float
+
+
+def native_pixels(ds: Dataset) -> NativePixels | None:
+    """The file location of ``ds``'s pixel data if a plain read of it is the whole decoding
+    (native little-endian, one sample of 8 or 16 bits, still in the file); else None."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = getattr(meta, "TransferSyntaxUID", None)
+    if syntax not in _NATIVE_SYNTAXES or not getattr(ds, "filename", None):
+        return None
+    element = ds.get_item(_PIXEL_DATA, keep_deferred=True)
+    # A raw element whose value is None: deferred, still in the file (read with defer_size).
+    if not isinstance(element, RawDataElement) or element.value is not None:
+        return None
+    try:
+        bits = int(ds.BitsAllocated)
+        stored = int(ds.BitsStored)
+        signed = int(ds.PixelRepresentation) == 1
+        samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if (
+        samples != 1
+        or bits not in (8, 16)
+        or not 0 < stored <= bits
+        or element.length
+        in (
+            None,
+            _UNDEFINED_LENGTH,
+        )
+    ):
+        return None
+    if element.length < frames * rows * columns * bits // 8:
+        return None
+    dtype = ("<i2" if signed else "<u2") if bits == 16 else ("i1" if signed else "u1")
+    return NativePixels(element.value_tell, element.length, dtype, frames, rows, columns, stored)
+
+
+def describe(
+    datasets: dict[str, Dataset],
+    paths: dict[str, str],
+    images: Sequence[tuple[str, int | None, float, float]],
+) -> list[InstancePixels]:
+    """What the decoders need, per instance, to make the model input rows ``images``
+    ((SOPInstanceUID, frame index, slope, intercept) per row, in row order) from the
+    ``datasets`` their headers were read from."""
+    rows: dict[str, list[tuple[int, int | None, float, float]]] = {}
+    for row, (uid, index, slope, intercept) in enumerate(images):
+        rows.setdefault(uid, []).append((row, index, slope, intercept))
+    described = []
+    for uid, wanted in rows.items():
+        ds = datasets[uid]
+        native = native_pixels(ds)
+        described.append(
+            InstancePixels(uid, paths[uid], native, None if native else ds, tuple(wanted))
+        )
+    return described
+
+
+def _stored_values(instance: InstancePixels) -> npt.NDArray[np.generic]:
+    """The instance's stored values, as pydicom's ``pixel_array`` gives them."""
+    native = instance.native
+    if native is None:
+        assert instance.dataset is not None
+        return instance.dataset.pixel_array
+    count = native.frames * native.Rows * native.Columns
+    size = count * np.dtype(native.dtype).itemsize
+    with open(instance.path, "rb") as file:
+        file.seek(native.offset)
+        data = file.read(size)
+    if len(data) != size:
+        raise OSError(f"pixel data of {instance.SOPInstanceUID} is truncated")
+    values = np.frombuffer(data, dtype=native.dtype, count=count)
+    bits = values.dtype.itemsize * 8
+    if native.BitsStored < bits:
+        if values.dtype.kind == "u":  # the bits above BitsStored are not the value's
+            values = values & np.array((1 << native.BitsStored) - 1, dtype=values.dtype)
+        else:  # two's complement in BitsStored bits: extend the sign
+            shift = bits - native.BitsStored
+            values = (values << shift) >> shift
+    shape = (native.Rows, native.Columns)
+    return values.reshape((native.frames, *shape) if native.frames > 1 else shape)
+
+
+def decode_and_resize(instances: Sequence[InstancePixels], size: int) -> Decoded:
+    """Decode each instance once and preprocess its images into model input rows.
+
+    Runs in a pool process (or a thread): raises :class:`UnusableStudy` for pixel data that
+    cannot be read or is not greyscale 2-D."""
+    rows: list[int] = []
+    images: list[npt.NDArray[np.float32]] = []
+    decode_s = resize_s = 0.0
+    for instance in instances:
+        started = time.perf_counter()
+        try:
+            pixels = _stored_values(instance)
+        except Exception as exc:  # noqa: BLE001 - any decoding failure makes it unusable
+            raise UnusableStudy(
+                f"cannot decode pixels of {instance.SOPInstanceUID}: {exc}"
+            ) from None
+        decoded = time.perf_counter()
+        decode_s += decoded - started
+        for row, index, slope, intercept in instance.images:
+            image = pixels if index is None else pixels[index]
+            if image.ndim != 2:
+                raise UnusableStudy(
+                    f"instance {instance.SOPInstanceUID} is not greyscale 2-D: {image.shape}"
+                )
+            rows.append(row)
+            images.append(preprocess_slice(image, size, slope, intercept))
+        resize_s += time.perf_counter() - decoded
+    stacked = np.stack(images) if images else np.zeros((0, size, size, 3), np.float32)
+    return Decoded(tuple(rows), stacked, decode_s, resize_s)
+
+
+def _warm_up() -> None:
+    """A pool process's initializer: the imports done before the first study needs them."""
+    import scipy.ndimage  # noqa: F401, PLC0415 - imported ahead, not used here
+
+
+class PixelPool:
+    """Decodes and preprocesses studies off the event loop: in a pool of ``processes``
+    processes, or (0 or 1) on the event loop's default thread executor."""
+
+    def __init__(self, processes: int = 0) -> None:
+        if processes < 0:
+            raise ValueError(f"processes must be >= 0, got {processes}")
+        self.processes = processes
+        self.replaced = 0  # pools replaced after a process died
+        self._executor: ProcessPoolExecutor | None = None
+        self._closed = False
+
+    def _pool(self) -> ProcessPoolExecutor:
+        if self._closed:
+            raise RuntimeError("the pixel pool is closed")
+        if self._executor is None:
+            # forkserver, not fork: the worker holds threads (gRPC, Kafka) a fork would copy
+            # mid-flight; the server process forks fresh decoders cheaply when one is replaced.
+            self._executor = ProcessPoolExecutor(
+                self.processes,
+                mp_context=multiprocessing.get_context("forkserver"),
+                initializer=_warm_up,
+            )
+        return self._executor
+
+    def pids(self) -> list[int]:
+        """The pool processes' ids (empty before the first study or without a pool)."""
+        executor = self._executor
+        processes = getattr(executor, "_processes", None) or {}
+        return [int(pid) for pid in processes]
+
+    async def decode(
+        self, instances: Sequence[InstancePixels], count: int, size: int
+    ) -> tuple[npt.NDArray[np.float32], float, float]:
+        """The ``count`` model input rows the ``instances`` describe, in row order, and the
+        seconds spent decoding and resizing (summed over the processes)."""
+        loop = asyncio.get_running_loop()
+        if self.processes <= 1:
+            parts = [await loop.run_in_executor(None, decode_and_resize, instances, size)]
+        else:
+            parts = await self._in_pool(loop, instances, size)
+        images = np.empty((count, size, size, 3), np.float32)
+        for part in parts:
+            images[list(part.rows)] = part.images
+        return images, sum(p.decode_s for p in parts), sum(p.resize_s for p in parts)
+
+    async def _in_pool(
+        self, loop: asyncio.AbstractEventLoop, instances: Sequence[InstancePixels], size: int
+    ) -> list[Decoded]:
+        shares = min(self.processes, len(instances)) or 1
+        # Every n-th instance to each process: shares of nearly equal size.
+        chunks = [list(instances[i::shares]) for i in range(shares)]
+        for attempt in (1, 2):
+            executor: Executor = self._pool()
+            try:
+                return list(
+                    await asyncio.gather(
+                        *(
+                            loop.run_in_executor(executor, decode_and_resize, chunk, size)
+                            for chunk in chunks
+                        )
+                    )
+                )
+            except BrokenProcessPool:
+                self._replace(executor)
+                if attempt == 2:
+                    raise UnusableStudy(
+                        "a pixel decoder process died twice on this study"
+                    ) from None
+                log.warning("a pixel decoder process died; pool replaced, study tried again")
+        raise AssertionError("unreachable")
+
+    def _replace(self, broken: Executor) -> None:
+        """Drop the broken pool (once, however many studies saw it break)."""
+        if self._executor is broken:
+            self._executor = None
+            self.replaced += 1
+            broken.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        """Stop the pool processes (the worker is stopping); later calls fail."""
+        self._closed = True
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)
