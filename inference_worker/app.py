@@ -188,7 +188,10 @@ def create_app(
     async def release_ready_studies() -> None:
         await flow.release_ready_studies()
 
-    @app.agent(ready_topic, name="score", concurrency=settings.scoring_concurrency)
+    # Each actor holds one ready study; scoring slots go to the oldest (flow.ArrivalGate).
+    in_flight = max(settings.studies_in_flight, settings.scoring_concurrency)
+
+    @app.agent(ready_topic, name="score", concurrency=in_flight)
     async def score(stream: StreamT[Any]) -> None:
         async for event in stream.events():
             await flow.score(event.value, _origin(event))

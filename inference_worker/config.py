@@ -125,7 +125,17 @@ class Settings(MetricsSettings):
         ge=1,
         le=16,
         description="Studies scored at once per worker: while one waits for Predict, the next "
-        "is read and preprocessed, so the model server is not idle between studies.",
+        "is read and preprocessed, so the model server is not idle between studies. A freed "
+        "slot goes to the waiting study that arrived first.",
+    )
+    studies_in_flight: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="Ready studies a worker holds at once (scored or waiting for a slot, "
+        "oldest arrival first); beyond it the worker reads no further ready events, and "
+        "Kafka consumption pauses: back-pressure, not an unbounded queue. At least "
+        "scoring_concurrency.",
     )
     max_message_bytes: int = Field(
         256 * 1024 * 1024, ge=4 * 1024 * 1024, description="gRPC message size limit, both ways."

@@ -19,9 +19,12 @@ the worker crashes, its supervisor restarts it and the uncommitted message is re
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import heapq
+import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -113,6 +116,53 @@ class ReadProgress:
         return end_offset is not None and self.next_offset.get(partition, -1) >= end_offset
 
 
+class ArrivalGate:
+    """At most ``slots`` studies scored at once, the slot that frees going to the study that
+    arrived first among those waiting (not to whichever ready event was read first: a burst
+    on one partition does not overtake an older study on another).
+
+    Waiting costs a ready event held by one of the scoring agent's actors (its
+    ``studies_in_flight``): once every actor holds one, the agent reads no further and Faust
+    stops fetching the ready topic when its buffer is full. Back-pressure, not a queue.
+    """
+
+    def __init__(self, slots: int) -> None:
+        self.free = slots
+        self._waiting: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._order = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def slot(self, arrived_at: float) -> AsyncIterator[None]:
+        """Hold a scoring slot; ``arrived_at``: the study's first instance's arrival."""
+        if self.free and not self._waiting:
+            self.free -= 1
+        else:
+            turn = asyncio.get_running_loop().create_future()
+            heapq.heappush(self._waiting, (arrived_at, next(self._order), turn))
+            try:
+                await turn
+            except asyncio.CancelledError:
+                if turn.done() and not turn.cancelled():
+                    self._release()  # granted as it was cancelled: pass the slot on
+                raise
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        while self._waiting:
+            _, _, turn = heapq.heappop(self._waiting)
+            if not turn.done():
+                turn.set_result(None)
+                return
+        self.free += 1
+
+    @property
+    def waiting(self) -> int:
+        return sum(not turn.done() for _, _, turn in self._waiting)
+
+
 async def no_end_offset(partition: int) -> int | None:
     """No broker to ask (the default of :class:`WorkerFlow`'s ``end_offset``)."""
     return None
@@ -171,6 +221,8 @@ class WorkerFlow:
         # keeps them in the order they were taken from the stream.
         self._study_locks: dict[bytes, asyncio.Lock] = {}
         self._lock_users: dict[bytes, int] = {}
+        self.gate = ArrivalGate(settings.scoring_concurrency)
+        metrics.waiting_for_slot.set_function(lambda: self.gate.waiting)
 
     async def check_model(self) -> None:
         """Refuse to run against a model whose signature breaks the contract: raises
@@ -299,7 +351,7 @@ class WorkerFlow:
         lock = self._study_locks.setdefault(key, asyncio.Lock())
         self._lock_users[key] = self._lock_users.get(key, 0) + 1
         try:
-            async with lock:
+            async with lock, self.gate.slot(ready.first_received_at.timestamp()):
                 await self._score_one(ready, key, origin, value)
         finally:
             self._lock_users[key] -= 1

@@ -48,6 +48,12 @@ class WorkerMetrics:
             ["topic", "error_class"],
             registry=r,
         )
+        self.waiting_for_slot = Gauge(
+            "scanwatch_worker_studies_waiting_for_slot",
+            "Ready studies held by this worker, waiting for a scoring slot (oldest arrival "
+            "first; at most studies_in_flight less scoring_concurrency).",
+            registry=r,
+        )
         self.step_instances_missing = Counter(
             "scanwatch_worker_step_instances_missing_total",
             "Instances a completed procedure step (MPPS) referenced that had not arrived when "

@@ -12,6 +12,7 @@ from inference_worker.assembly import (
     ACQUISITION_NUMBER,
     IMAGES_IN_ACQUISITION,
     StudyState,
+    add_instance,
     mark_announced,
     ready_event,
 )
@@ -22,7 +23,7 @@ from inference_worker.errors import (
     SignatureMismatch,
     UnusableStudy,
 )
-from inference_worker.flow import Origin, ReadProgress, WorkerFlow
+from inference_worker.flow import ArrivalGate, Origin, ReadProgress, WorkerFlow
 from inference_worker.metrics import WorkerMetrics
 from inference_worker.tests.test_worker_assembly import received
 from scanwatch import kafka
@@ -489,3 +490,58 @@ def test_a_sender_trusted_on_its_counts_has_its_study_announced_as_its_last_inst
     [ready] = asyncio.run(run(["MR1"])).ready_events()
     assert len(ready.instances) == 2 and ready.quiet_period_s == 0.0
     assert asyncio.run(run(["CT9"])).ready.sent == []  # others wait for the quiet period
+
+
+def test_a_freed_scoring_slot_goes_to_the_study_that_arrived_first():
+    """Issue 20, point 5: with one slot busy, studies read later but arrived earlier are
+    scored first (a burst read first does not overtake an older study)."""
+
+    async def run() -> list[str]:
+        hold = asyncio.Event()
+        order: list[str] = []
+
+        async def scored(ready: StudyReadyV1) -> InferenceResultV1:
+            order.append(ready.StudyInstanceUID)
+            if len(order) == 1:
+                await hold.wait()
+            return result_for(ready)
+
+        world = World(FakeScorer(scored), scoring_concurrency=1)
+
+        def ready_of(study: str, arrived: float) -> StudyReadyV1:
+            event = received(1, study=study)
+            return ready_event(study, add_instance(None, event, now=arrived), QUIET)
+
+        busy = asyncio.create_task(world.score(ready_of("1.2.100", 50.0)))
+        await until(lambda: order == ["1.2.100"])
+        # Read in this order; arrived in the opposite one.
+        later = [ready_of("1.2.103", 30.0), ready_of("1.2.102", 20.0), ready_of("1.2.101", 10.0)]
+        waiting = [asyncio.create_task(world.score(ready)) for ready in later]
+        await until(lambda: world.flow.gate.waiting == 3)
+        assert world.metric("scanwatch_worker_studies_waiting_for_slot") == 3
+        hold.set()
+        await asyncio.gather(busy, *waiting)
+        assert world.flow.gate.free == 1 and world.flow.gate.waiting == 0
+        return order
+
+    assert asyncio.run(run()) == ["1.2.100", "1.2.101", "1.2.102", "1.2.103"]
+
+
+def test_a_cancelled_wait_for_a_slot_does_not_lose_the_slot():
+    async def run() -> ArrivalGate:
+        gate = ArrivalGate(1)
+        async with gate.slot(1.0):
+            waiter = asyncio.create_task(_enter(gate, 2.0))
+            await until(lambda: gate.waiting == 1)
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+        await _enter(gate, 3.0)  # the slot came back
+        return gate
+
+    assert asyncio.run(run()).free == 1
+
+
+async def _enter(gate: ArrivalGate, arrived_at: float) -> None:
+    async with gate.slot(arrived_at):
+        pass
