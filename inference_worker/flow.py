@@ -222,6 +222,9 @@ class WorkerFlow:
         self._study_locks: dict[bytes, asyncio.Lock] = {}
         self._lock_users: dict[bytes, int] = {}
         self.gate = ArrivalGate(settings.scoring_concurrency)
+        # Ready events taken up by ``score`` (waiting for a slot or being scored), per study:
+        # the timer does not announce these again, however long they wait for a slot.
+        self._held: dict[bytes, int] = {}
         metrics.waiting_for_slot.set_function(lambda: self.gate.waiting)
 
     async def check_model(self) -> None:
@@ -296,7 +299,7 @@ class WorkerFlow:
         caught_up = None if verdict else await self._caught_up(key, state, now, quiet, ends)
         if not is_ready(state, now, quiet, self.settings.max_wait_s, caught_up, trust):
             return
-        if not self.owns(key):
+        if not self.owns(key) or key in self._held:
             return
         count = len(state["instances"])
         announced, at = self.announcing.get(key, (0, now))
@@ -350,10 +353,15 @@ class WorkerFlow:
         key = ready.StudyInstanceUID.encode()
         lock = self._study_locks.setdefault(key, asyncio.Lock())
         self._lock_users[key] = self._lock_users.get(key, 0) + 1
+        self._held[key] = self._held.get(key, 0) + 1
+        self.announcing.pop(key, None)  # seen back: held now, not lost
         try:
             async with lock, self.gate.slot(ready.first_received_at.timestamp()):
                 await self._score_one(ready, key, origin, value)
         finally:
+            self._held[key] -= 1
+            if not self._held[key]:
+                del self._held[key]
             self._lock_users[key] -= 1
             if not self._lock_users[key]:  # nobody else holds or waits for it
                 del self._lock_users[key], self._study_locks[key]
@@ -371,7 +379,6 @@ class WorkerFlow:
             self.studies[key] = mark_announced(state, len(ready.instances))
             waited = now - state["first_received_at"]
             self.metrics.stage_seconds.labels("assembly_wait").observe(waited)
-        self.announcing.pop(key, None)
         try:
             result = await self.scorer.score(ready)
         except UnusableStudy as exc:

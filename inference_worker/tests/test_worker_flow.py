@@ -545,3 +545,34 @@ def test_a_cancelled_wait_for_a_slot_does_not_lose_the_slot():
 async def _enter(gate: ArrivalGate, arrived_at: float) -> None:
     async with gate.slot(arrived_at):
         pass
+
+
+def test_a_study_waiting_for_a_slot_is_not_announced_again():
+    """However long it waits behind others, a ready study held for a slot is not taken for a
+    lost announcement (announced again after park_s) and scored twice."""
+
+    async def run() -> World:
+        hold = asyncio.Event()
+
+        async def scored(ready: StudyReadyV1) -> InferenceResultV1:
+            if ready.StudyInstanceUID == "1.2.100":
+                await hold.wait()
+            return result_for(ready)
+
+        world = World(FakeScorer(scored), scoring_concurrency=1)
+        busy = add_instance(None, received(1, study="1.2.100"), now=world.clock.now)
+        busy_task = asyncio.create_task(world.score(ready_event("1.2.100", busy, QUIET)))
+        await world.receive(1)
+        world.clock.now += QUIET
+        await world.flow.release_ready_studies()
+        [ready] = world.ready_events()
+        waiting = asyncio.create_task(world.score(ready))
+        await until(lambda: world.flow.gate.waiting == 1)
+        world.clock.now += PARK * 2
+        await world.flow.release_ready_studies()
+        assert len(world.ready.sent) == 1
+        hold.set()
+        await asyncio.gather(busy_task, waiting)
+        return world
+
+    assert asyncio.run(run()).scorer.scored == [1, 1]
