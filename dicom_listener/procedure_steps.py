@@ -5,7 +5,8 @@ A modality creates a step (N-CREATE, status IN PROGRESS) when a procedure starts
 (N-SET) as it goes; COMPLETED lists in its Performed Series Sequence every instance the
 procedure produced, DISCONTINUED says it was abandoned. Either is final: the step may no longer
 be updated. Each accepted request is recorded durably before it is answered, in one transaction
-of the listener's outbox: the step's merged attributes (``procedure_steps``) and one
+of the listener's outbox: the step's status, studies and instances (``procedure_steps``: not
+the patient's name or ID the step also carries) and one
 ``dicom.procedure.step.v1`` event per study the step names, keyed like that study's instance
 events. A listener killed between N-CREATE and N-SET has lost nothing: the N-SET finds the
 step it created. The worker uses the events to release a study as soon as the step's instances
@@ -14,6 +15,7 @@ are stored (:mod:`inference_worker.assembly`).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import uuid
@@ -100,6 +102,34 @@ def instances_of(ds: Dataset) -> list[StepInstanceRef]:
     return refs
 
 
+def _kept(ds: Dataset) -> Dataset:
+    """What the listener keeps of a step: its status, its studies and the instances it names,
+    nothing about the patient (an MPPS carries the patient's name, ID and birth date)."""
+    kept = Dataset()
+    kept.PerformedProcedureStepStatus = ds.get("PerformedProcedureStepStatus", "")
+    scheduled = []
+    for uid in studies_of(ds):
+        item = Dataset()
+        item.StudyInstanceUID = uid
+        scheduled.append(item)
+    kept.ScheduledStepAttributesSequence = scheduled
+    series: dict[str, list[str]] = {}
+    for ref in instances_of(ds):
+        series.setdefault(ref.SeriesInstanceUID, []).append(ref.SOPInstanceUID)
+    performed = []
+    for series_uid, sop_uids in series.items():
+        item = Dataset()
+        item.SeriesInstanceUID = series_uid
+        item.ReferencedImageSequence = []
+        for sop_uid in sop_uids:
+            image = Dataset()
+            image.ReferencedSOPInstanceUID = sop_uid
+            item.ReferencedImageSequence.append(image)
+        performed.append(item)
+    kept.PerformedSeriesSequence = performed
+    return kept
+
+
 def _events(uid: str, ds: Dataset, status: str, calling_ae_title: str) -> list[ProcedureStepV1]:
     studies = studies_of(ds)
     instances = instances_of(ds)
@@ -128,7 +158,7 @@ def _create(request: NormalizedRequest, tx: OutboxTransaction) -> tuple[str, str
         raise _Refused(INVALID_ATTRIBUTE_VALUE, "Affected SOP Instance UID is not a UID")
     if tx.procedure_step(uid) is not None:
         raise _Refused(DUPLICATE_SOP_INSTANCE, "this procedure step exists already")
-    _record(tx, ProcedureStep(uid, status, ds.to_json(), request.calling_ae_title), ds)
+    _record(tx, ProcedureStep(uid, status, "", request.calling_ae_title), ds)
     return uid, status
 
 
@@ -142,12 +172,12 @@ def _set(request: NormalizedRequest, tx: OutboxTransaction) -> tuple[str, str]:
     ds = Dataset.from_json(step.dataset)
     ds.update(_decode(request))
     status = _status_of(ds)
-    _record(tx, ProcedureStep(uid, status, ds.to_json(), step.calling_ae_title), ds)
+    _record(tx, ProcedureStep(uid, status, "", step.calling_ae_title), ds)
     return uid, status
 
 
 def _record(tx: OutboxTransaction, step: ProcedureStep, ds: Dataset) -> None:
-    tx.save_procedure_step(step)
+    tx.save_procedure_step(dataclasses.replace(step, dataset=_kept(ds).to_json()))
     for event in _events(step.uid, ds, step.status, step.calling_ae_title):
         tx.emit(event.SCHEMA, event.StudyInstanceUID.encode(), event.to_bytes())
 

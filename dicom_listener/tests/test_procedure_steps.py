@@ -6,9 +6,10 @@ pynetdicom is the only peer here."""
 from __future__ import annotations
 
 import signal
+import sqlite3
 import subprocess
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,12 @@ def test_a_step_created_then_completed_survives_kill_9_between_them(
     ]
     assert events[1].step_studies == [study_uid]
     assert events[1].calling_ae_title == MODALITY
+    # The step kept durably: its status and UIDs, not the patient module the MPPS carried.
+    outbox = tmp_path / "store" / ".scanwatch" / "outbox.sqlite3"
+    with closing(sqlite3.connect(outbox)) as db:
+        [(status, kept)] = db.execute("SELECT status, dataset FROM procedure_steps").fetchall()
+    assert status == "COMPLETED" and all(uid in kept for uid in sop_uids)
+    assert "SW-MPPS" not in kept
 
 
 def test_the_scp_assigns_a_uid_when_the_modality_leaves_it_out(
