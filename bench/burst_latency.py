@@ -45,6 +45,9 @@ class Bench:
         storescu(files, "127.0.0.1", self.config.ports.dicom, called_ae=self.config.ae_title)
         return time.monotonic()
 
+    def send_into(self, sent_at: dict[str, float], name: str, files: list[Path]) -> None:
+        sent_at[name] = self.send(files)
+
     def wait_scored(self, name: str, since: float) -> float:
         url = f"{self.config.fhir_base}/Observation"
         params = {"patient": ids.patient_id(None, name)}
@@ -91,12 +94,11 @@ def main() -> int:
                 for other in others:
                     others[other] = bench.study(other)
                 sent_at: dict[str, float] = {}
-
-                def send(name: str, files: list[Path]) -> None:
-                    sent_at[name] = bench.send(files)
-
                 started = bench.send(lead_files)
-                senders = [threading.Thread(target=send, args=(n, f)) for n, f in others.items()]
+                senders = [
+                    threading.Thread(target=bench.send_into, args=(sent_at, n, f))
+                    for n, f in others.items()
+                ]
                 for thread in senders:
                     thread.start()
                 first.append(bench.wait_scored(lead, started))

@@ -64,13 +64,13 @@ class Result:
     megabytes: float
 
 
-def send(files: list[Path], port: int, associations: int) -> float:
+def send(files: list[Path], port: int, associations: int, called_ae: str = AE) -> float:
     """storescu with ``associations`` parallel processes; seconds until all finished."""
     groups = [files[i::associations] for i in range(associations)]
     started = time.perf_counter()
     procs = [
         subprocess.Popen(
-            ["storescu", "-aec", AE, "127.0.0.1", str(port), *map(str, group)],
+            ["storescu", "-aec", called_ae, "127.0.0.1", str(port), *map(str, group)],
             env=dcmtk_env(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,

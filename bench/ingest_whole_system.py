@@ -1,0 +1,140 @@
+"""Ingest while the whole system runs (issue 20's bar): scanwatch's listener inside the
+development stack (``make run``'s settings: Kafka, the worker assembling and scoring studies as
+they arrive, the model server, the FHIR API), against Orthanc, in the same run.
+
+Each round sends the same corpus (``--studies`` MR studies of ``--slices`` instances, one
+storescu per study, ``--associations`` at a time) to scanwatch's running stack and to a fresh
+Orthanc, the two interleaved so that a noisy neighbour slows both alike; the clock stops when
+storescu has seen every instance answered with success. Reported: the median instances/s of
+each over the rounds, and the ratio. Afterwards the stack must have scored every study (checked,
+not timed).
+
+    .venv/bin/python bench/ingest_whole_system.py [--rounds 3] [--studies 10] [--slices 38]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.ingest_bench import send  # noqa: E402
+from devtools.kafka_local import free_port  # noqa: E402
+from devtools.orthanc import LocalOrthanc  # noqa: E402
+from devtools.stack import Ports, Stack, StackConfig  # noqa: E402
+from devtools.testing import wait_for  # noqa: E402
+from scanwatch import ids  # noqa: E402
+from scanwatch.sample import build_mr_study  # noqa: E402
+
+
+def corpus(folder: Path, round_: int, studies: int, slices: int) -> list[list[Path]]:
+    return [
+        build_mr_study(
+            folder / f"r{round_}s{n}", patient_id=f"SW-ING-{round_}-{n}", n_slices=slices
+        )
+        for n in range(studies)
+    ]
+
+
+def send_studies(studies: list[list[Path]], port: int, associations: int, ae: str) -> float:
+    """Seconds for every study to be acknowledged, ``associations`` storescu at a time."""
+    started = time.perf_counter()
+    for start in range(0, len(studies), associations):
+        batch = [f for study in studies[start : start + associations] for f in study]
+        send(batch, port, min(associations, len(studies) - start), ae)
+    return time.perf_counter() - started
+
+
+def main() -> int:
+    args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    args.add_argument("--rounds", type=int, default=3)
+    args.add_argument("--studies", type=int, default=10)
+    args.add_argument("--slices", type=int, default=38)
+    args.add_argument("--associations", type=int, default=1)
+    opts = args.parse_args()
+    load_before = os.getloadavg()
+    scanwatch_rates: list[float] = []
+    orthanc_rates: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        var = Path(tmp)
+        config = StackConfig(
+            var=var / "stack",
+            ports=Ports(**{name: free_port() for name in Ports.__dataclass_fields__}),
+            models=ROOT / "var" / "models",
+            kafka_libs=ROOT / "var" / "kafka" / "libs",
+        )
+        stack = Stack(config)
+        stack.start()
+        try:
+            warm = corpus(var / "warm", 99, 1, 4)
+            send_studies(warm, config.ports.dicom, 1, config.ae_title)
+            scored: list[str] = []
+            for round_ in range(opts.rounds):
+                studies = corpus(var / "in", round_, opts.studies, opts.slices)
+                count = sum(len(s) for s in studies)
+                seconds = send_studies(
+                    studies, config.ports.dicom, opts.associations, config.ae_title
+                )
+                scanwatch_rates.append(count / seconds)
+                scored += [f"SW-ING-{round_}-{n}" for n in range(opts.studies)]
+                orthanc = LocalOrthanc(
+                    var / f"orthanc{round_}",
+                    http_port=free_port(),
+                    dicom_port=free_port(),
+                    aet="ORTHANC",
+                )
+                orthanc.start()
+                try:
+                    send_studies(warm, orthanc.dicom_port, 1, "ORTHANC")
+                    seconds = send_studies(
+                        studies, orthanc.dicom_port, opts.associations, "ORTHANC"
+                    )
+                    orthanc_rates.append(count / seconds)
+                finally:
+                    orthanc.stop()
+            headers = stack.fhir_headers()
+
+            def unscored() -> list[str]:
+                return [
+                    p
+                    for p in scored
+                    if not httpx.get(
+                        f"{config.fhir_base}/Observation",
+                        params={"patient": ids.patient_id(None, p)},
+                        headers=headers,
+                    )
+                    .json()
+                    .get("total")
+                ]
+
+            wait_for(lambda: not unscored(), 600, "every study scored")
+        finally:
+            stack.stop()
+    report = {
+        "rounds": opts.rounds,
+        "instances_per_round": opts.studies * opts.slices,
+        "associations": opts.associations,
+        "scanwatch_instances_per_s": [round(r, 1) for r in scanwatch_rates],
+        "orthanc_instances_per_s": [round(r, 1) for r in orthanc_rates],
+        "scanwatch_median": round(statistics.median(scanwatch_rates), 1),
+        "orthanc_median": round(statistics.median(orthanc_rates), 1),
+        "ratio": round(statistics.median(scanwatch_rates) / statistics.median(orthanc_rates), 2),
+        "load_before": [round(x, 2) for x in load_before],
+        "load_after": [round(x, 2) for x in os.getloadavg()],
+    }
+    sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
