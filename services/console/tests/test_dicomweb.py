@@ -313,6 +313,9 @@ def test_writes_are_refused(dicomweb: Served, method: str, path: str) -> None:
 
 def test_health_and_metrics(dicomweb: Served) -> None:
     assert httpx.get(f"{dicomweb.url}/healthz").json()["status"] == "ok"
+    # A search by an identifier of its own (the test did rely on the module's earlier tests
+    # for one): counted by route, the identifier in no label.
+    assert dicomweb.client().search_for_studies(search_filters={"PatientID": "SW-DEMO-0001"})
     text = httpx.get(f"{dicomweb.url}/metrics").text
     assert "console_index_instances 10.0" in text
     assert 'route="/dicomweb/studies"' in text and "SW-" not in text
