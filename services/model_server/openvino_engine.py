@@ -12,6 +12,8 @@ How a version is served:
   both (``class_names`` is the model's class list tiled per image). That row is kept and tiled to
   each request's batch size. A model whose string output depends on its input is refused: it
   cannot be served by OpenVINO without changing what clients see.
+* **The converted model owns its weights** (``share_weights=False``): the SavedModel loaded to
+  convert it is dropped once ``load`` returns, and the variables' memory with it.
 * **The converted model is cached** as OpenVINO IR (``.xml`` + ``.bin``, weights kept in FP32) in
   ``<cache_dir>/<key>/``, where the key hashes the SavedModel's files, the signature and
   OpenVINO's version: a restart or a second server reads the IR instead of converting again
@@ -232,7 +234,10 @@ class OpenVINOEngine:
                 tf.TensorSpec(specs[a].shape, specs[a].dtype, name=a) for a in aliases
             ],
         ).get_concrete_function()
-        model = ov.convert_model(pruned)
+        # share_weights=False: by default the converted model points into the TensorFlow
+        # variables' buffers, and ``loaded`` (their owner) is dropped when ``load`` returns; the
+        # compiled model then read freed memory once TensorFlow reused it (wrong heatmaps, NaN).
+        model = ov.convert_model(pruned, share_weights=False)
         # Outputs come in the order of the function's flattened dict (sorted keys); the frontend
         # may suffix their names ("threshold_1"): name each exactly as the signature's alias.
         found = [sorted(o.get_names()) for o in model.outputs]

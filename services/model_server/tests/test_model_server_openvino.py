@@ -211,3 +211,35 @@ def test_openvino_heatmaps_agree_with_tensorflow(
     np.testing.assert_allclose(
         actual[HEATMAPS][clear], expected[HEATMAPS][clear], rtol=0, atol=HEATMAP_ATOL
     )
+
+
+def test_first_conversion_serves_after_tensorflow_frees_its_variables(
+    discriminating_model: Path, mr_slices: np.ndarray, openvino_cache: tuple[Path, Any]
+) -> None:
+    """A version converted now (``openvino_cache``'s, not read from the IR cache) keeps its own
+    copy of the weights.
+
+    ``openvino.convert_model`` shares the TensorFlow variables' buffers by default; the
+    SavedModel that owns them is dropped when ``load`` returns, so the compiled model read freed
+    memory once TensorFlow reused it: heatmaps of 0 where TensorFlow's were 1, even NaN. Here
+    TensorFlow reuses that memory on purpose (tensors of every variable's size, full of NaN)
+    before the request.
+    """
+    import gc
+
+    import tensorflow as tf
+
+    outputs = ["class_names", HEATMAPS, "probabilities"]
+    checkpoint = discriminating_model / "variables" / "variables"
+    shapes = [shape for _name, shape in tf.train.list_variables(str(checkpoint)) if shape]
+    expected = (
+        TensorFlowEngine().load(discriminating_model).run(SALIENCY, {"images": mr_slices}, outputs)
+    )
+    gc.collect()
+    churn = [tf.fill(shape, float("nan")) for _ in range(4) for shape in shapes]
+    actual = openvino_cache[1].run(SALIENCY, {"images": mr_slices}, outputs)
+    del churn
+    np.testing.assert_allclose(
+        actual["probabilities"], expected["probabilities"], rtol=0, atol=PROBABILITY_ATOL
+    )
+    np.testing.assert_allclose(actual[HEATMAPS], expected[HEATMAPS], rtol=0, atol=HEATMAP_ATOL)
