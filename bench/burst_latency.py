@@ -25,10 +25,9 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.e2e_latency import percentile  # noqa: E402
-from devtools.kafka_local import free_port  # noqa: E402
+from devtools.benchmarks import percentile, stack_config  # noqa: E402
 from devtools.peers import storescu  # noqa: E402
-from devtools.stack import Ports, Stack, StackConfig  # noqa: E402
+from devtools.stack import Stack  # noqa: E402
 from scanwatch import ids  # noqa: E402
 from scanwatch.sample import build_mr_study  # noqa: E402
 
@@ -69,12 +68,9 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         var = Path(tmp)
-        config = StackConfig(
-            var=var,
-            ports=Ports(**{name: free_port() for name in Ports.__dataclass_fields__}),
+        config = stack_config(
+            var,
             quiet_period_s=opts.quiet_period,
-            models=ROOT / "var" / "models",
-            kafka_libs=ROOT / "var" / "kafka" / "libs",
         )
         stack = Stack(config)
         stack.start()

@@ -30,19 +30,14 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from devtools.kafka_local import free_port  # noqa: E402
+from devtools.benchmarks import percentile, stack_config  # noqa: E402
 from devtools.peers import storescu  # noqa: E402
-from devtools.stack import Ports, Stack, StackConfig  # noqa: E402
+from devtools.stack import Stack  # noqa: E402
 from scanwatch import ids  # noqa: E402
 from scanwatch.sample import build_mr_study  # noqa: E402
 
 #: The MPPS path's calling AE and its quiet period (longer than any study takes).
 MPPS_SENDER, MPPS_QUIET_S = "MPPSBENCH", 600.0
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
 def send_with_mpps(files: list[Path], port: int, called_ae: str) -> float:
@@ -86,12 +81,9 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         var = Path(tmp)
-        config = StackConfig(
-            var=var,
-            ports=Ports(**{name: free_port() for name in Ports.__dataclass_fields__}),
+        config = stack_config(
+            var,
             quiet_period_s=opts.quiet_period,
-            models=ROOT / "var" / "models",
-            kafka_libs=ROOT / "var" / "kafka" / "libs",
             extra_env={
                 "SCANWATCH_WORKER_QUIET_PERIOD_BY_SOURCE": json.dumps({MPPS_SENDER: MPPS_QUIET_S})
             },

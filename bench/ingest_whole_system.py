@@ -29,9 +29,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.ingest_bench import send  # noqa: E402
+from devtools.benchmarks import stack_config  # noqa: E402
 from devtools.kafka_local import free_port  # noqa: E402
 from devtools.orthanc import LocalOrthanc  # noqa: E402
-from devtools.stack import Ports, Stack, StackConfig  # noqa: E402
+from devtools.stack import Stack  # noqa: E402
 from devtools.testing import wait_for  # noqa: E402
 from scanwatch import ids  # noqa: E402
 from scanwatch.sample import build_mr_study  # noqa: E402
@@ -67,11 +68,8 @@ def main() -> int:
     orthanc_rates: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         var = Path(tmp)
-        config = StackConfig(
-            var=var / "stack",
-            ports=Ports(**{name: free_port() for name in Ports.__dataclass_fields__}),
-            models=ROOT / "var" / "models",
-            kafka_libs=ROOT / "var" / "kafka" / "libs",
+        config = stack_config(
+            var / "stack",
         )
         stack = Stack(config)
         stack.start()

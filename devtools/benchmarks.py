@@ -1,11 +1,15 @@
 """What the benchmarks in ``bench/`` share: their output line, the nearest-rank percentile
-they report, and the commit a result was measured at."""
+they report, the commit a result was measured at, and the development stack they start."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+from devtools.kafka_local import free_port
+from devtools.stack import Ports, StackConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,3 +38,15 @@ def commit() -> str:
         text=True,
     ).stdout.strip()
     return done.stdout.strip() + (" (working tree with uncommitted changes)" if dirty else "")
+
+
+def stack_config(var: Path, **settings: Any) -> StackConfig:
+    """The development stack in ``var`` on free ports, with the checkout's model repository
+    and Kafka jars (what the bootstrap made); ``settings``: other ``StackConfig`` fields."""
+    return StackConfig(
+        var=var,
+        ports=Ports(**{name: free_port() for name in Ports.__dataclass_fields__}),
+        models=ROOT / "var" / "models",
+        kafka_libs=ROOT / "var" / "kafka" / "libs",
+        **settings,
+    )

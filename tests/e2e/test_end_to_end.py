@@ -356,6 +356,24 @@ def test_paused_workers_score_a_study_once_with_every_slice(stack: Stack, tmp_pa
     assert [len(e.instances) for e in ready_events(records)] == [SCORED_SLICES]
 
 
+def assert_scored_once_whole_without_quiet(stack: Stack, patient_id: str, study_uid: str) -> None:
+    """The study's Observation appears within 120 s (its sender's quiet period is 600 s), from
+    one ready event with every slice and a quiet period of 0: released as complete."""
+    wait_for(
+        lambda: observations_of(stack, patient_id).get("total") == 1,
+        timeout=120,
+        what=f"{patient_id}'s Observation, before its sender's quiet period",
+    )
+    records = read_topic(
+        stack.bootstrap_servers,
+        StudyReadyV1.SCHEMA,
+        lambda rs: any(r.key == study_uid.encode() for r in rs),
+        timeout=30,
+    )
+    ready = [StudyReadyV1.from_bytes(r.value) for r in records if r.key == study_uid.encode()]
+    assert [(len(e.instances), e.quiet_period_s) for e in ready] == [(SCORED_SLICES, 0.0)]
+
+
 def test_a_completed_procedure_step_scores_its_study_without_the_quiet_period(
     stack: Stack, tmp_path: Path
 ):
@@ -378,19 +396,7 @@ def test_a_completed_procedure_step_scores_its_study_without_the_quiet_period(
     with mpps_association(port, MPPS_SENDER, stack.config.ae_title) as assoc:
         assert assoc.send_n_set(done, mpps, step_uid)[0].Status == 0
 
-    wait_for(
-        lambda: observations_of(stack, "SW-E2E-MPPS").get("total") == 1,
-        timeout=120,
-        what="the study's Observation, released by its completed procedure step",
-    )
-    records = read_topic(
-        stack.bootstrap_servers,
-        StudyReadyV1.SCHEMA,
-        lambda rs: any(r.key == study_uid.encode() for r in rs),
-        timeout=30,
-    )
-    ready = [StudyReadyV1.from_bytes(r.value) for r in records if r.key == study_uid.encode()]
-    assert [(len(e.instances), e.quiet_period_s) for e in ready] == [(SCORED_SLICES, 0.0)]
+    assert_scored_once_whole_without_quiet(stack, "SW-E2E-MPPS", study_uid)
 
 
 def test_a_sender_trusted_on_its_counts_gets_its_study_scored_without_the_quiet_period(
@@ -407,16 +413,4 @@ def test_a_sender_trusted_on_its_counts_gets_its_study_scored_without_the_quiet_
     study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
     port = stack.config.ports.dicom
     storescu(files, "127.0.0.1", port, called_ae=stack.config.ae_title, calling_ae=COUNTED_SENDER)
-    wait_for(
-        lambda: observations_of(stack, "SW-E2E-COUNT").get("total") == 1,
-        timeout=120,
-        what="the study's Observation, released by its instances' counts",
-    )
-    records = read_topic(
-        stack.bootstrap_servers,
-        StudyReadyV1.SCHEMA,
-        lambda rs: any(r.key == study_uid.encode() for r in rs),
-        timeout=30,
-    )
-    ready = [StudyReadyV1.from_bytes(r.value) for r in records if r.key == study_uid.encode()]
-    assert [(len(e.instances), e.quiet_period_s) for e in ready] == [(SCORED_SLICES, 0.0)]
+    assert_scored_once_whole_without_quiet(stack, "SW-E2E-COUNT", study_uid)
