@@ -25,20 +25,29 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import sys
 import threading
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import openvino as ov
-import tensorflow as tf
-from tensorflow.core.protobuf import meta_graph_pb2
+# No OpenVINO telemetry. With its package importable, ``import openvino`` and every
+# ``convert_model`` send usage events to Google Analytics, each from a forked process (forked
+# beside gRPC's threads) that the interpreter waits for at exit: the server outlived SIGTERM by
+# 6 s with two tiny models, longer with more conversions; and a hospital's model server sends
+# nothing out. Unimportable, OpenVINO uses its own stub (openvino.tools.ovc.telemetry_stub).
+# Before the first ``import openvino``; a package already imported is left alone.
+sys.modules.setdefault("openvino_telemetry", None)  # type: ignore[arg-type]
 
-from scanwatch.durable import publish_dir
-from scanwatch.saved_model import SERVE_TAG, read_signature_defs
-from services.model_server.errors import InvalidArgument
+import numpy as np  # noqa: E402
+import openvino as ov  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from tensorflow.core.protobuf import meta_graph_pb2  # noqa: E402
+
+from scanwatch.durable import publish_dir  # noqa: E402
+from scanwatch.saved_model import SERVE_TAG, read_signature_defs  # noqa: E402
+from services.model_server.errors import InvalidArgument  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ whose predicted class is clear (the map explains that class).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -243,3 +244,36 @@ def test_first_conversion_serves_after_tensorflow_frees_its_variables(
         actual["probabilities"], expected["probabilities"], rtol=0, atol=PROBABILITY_ATOL
     )
     np.testing.assert_allclose(actual[HEATMAPS], expected[HEATMAPS], rtol=0, atol=HEATMAP_ATOL)
+
+
+def test_the_engine_sends_no_telemetry_and_forks_nothing() -> None:
+    """OpenVINO's telemetry is off: importing the engine and converting a model send nothing.
+
+    With ``openvino_telemetry`` importable, ``import openvino`` and each ``convert_model`` sent
+    a Google Analytics event from a forked process, and the interpreter waited for those at
+    exit (the model server outlived SIGTERM). Counted in a fresh interpreter, where the engine
+    is the first to import OpenVINO, as in the model server.
+    """
+    import subprocess
+    import sys
+
+    script = """
+import os, sys
+forks = []
+os.register_at_fork(before=lambda: forks.append(1))
+import tensorflow as tf
+from services.model_server import openvino_engine
+spec = tf.TensorSpec([None, 3], tf.float32, name="x")
+openvino_engine.ov.convert_model(tf.function(lambda x: x * 2.0).get_concrete_function(spec))
+print(len(forks), sys.modules.get("openvino_telemetry") is None)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[3],
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        check=True,
+    )
+    assert result.stdout.split() == ["0", "True"]
