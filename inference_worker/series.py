@@ -2,8 +2,9 @@
 them into model input with the preprocessing that training uses.
 
 Each instance's file is parsed once (:func:`read_instances`, the pixel data left in the file)
-into a typed header (:func:`inference_worker.header.read_header`); selection works on those
-headers, and the chosen series hands one of them on for the result. Pixel data is then read and
+into what selection needs (:func:`inference_worker.header.read_selection_header`); the chosen
+series' middle instance alone is read for the patient and study facts of the result
+(:func:`inference_worker.header.read_header`, from the same dataset). Pixel data is then read and
 decoded once per scored instance (a multi-frame instance once for all its frames), by
 :mod:`inference_worker.pixels`, in this process or a pool of them, without parsing the header
 again.
@@ -34,7 +35,12 @@ import pydicom.errors
 from pydicom.dataset import Dataset
 
 from inference_worker.errors import UnusableStudy
-from inference_worker.header import ORIENTATIONS, InstanceHeader, read_header
+from inference_worker.header import (
+    ORIENTATIONS,
+    InstanceHeader,
+    read_header,
+    read_selection_header,
+)
 from inference_worker.pixels import InstancePixels, decode_and_resize, describe
 from schemas import InstanceRef
 
@@ -148,12 +154,13 @@ _DEFER_BYTES = 4096
 
 
 def _read(ref: InstanceRef) -> tuple[InstanceHeader, Dataset]:
-    """An instance's header, and its dataset with the pixel data still in the file."""
+    """An instance's selection header, and its dataset with the pixel data still in the
+    file."""
     try:
         ds = pydicom.dcmread(path_of(ref.storage_uri), defer_size=_DEFER_BYTES)
     except (OSError, pydicom.errors.InvalidDicomError) as exc:
         raise UnusableStudy(f"cannot read instance {ref.SOPInstanceUID}: {exc}") from exc
-    return read_header(ds), ds
+    return read_selection_header(ds), ds
 
 
 def _frames_of(ref: InstanceRef, header: InstanceHeader) -> list[Frame]:
@@ -194,8 +201,9 @@ def slices_to_score(frames: list[Frame], max_gap_mm: float | None = None) -> lis
 
 
 def read_instances(refs: list[InstanceRef]) -> list[tuple[InstanceHeader, Dataset]]:
-    """Each instance's header and its dataset (pixel data left in the file), in ``refs``'
-    order: the study's one read of each file before its pixels are decoded."""
+    """Each instance's selection header (:func:`~inference_worker.header.read_selection_header`)
+    and its dataset (pixel data left in the file), in ``refs``' order: the study's one parse of
+    each file; the chosen series' full header is read from its dataset."""
     return [_read(ref) for ref in refs]
 
 
@@ -241,8 +249,9 @@ def choose_series(
     series_uid = max(candidates, key=lambda uid: (described(uid), len(frames[uid])))
     members = by_series[series_uid]
     chosen = slices_to_score(frames[series_uid], rules.max_gap_mm)
+    middle = members[len(members) // 2][0].SOPInstanceUID
     return ChosenSeries(
-        header=members[len(members) // 2][1],
+        header=read_header(datasets[middle]),  # the patient and study facts: of one instance
         SeriesInstanceUID=series_uid,
         number_of_instances=len(members),
         number_of_series=len({r.SeriesInstanceUID for r in refs}),

@@ -245,3 +245,19 @@ def test_the_pool_size_is_a_worker_setting(monkeypatch):
         Settings()
     with pytest.raises(ValueError, match="processes must be >= 0"):
         PixelPool(-1)
+
+
+def test_patient_and_study_facts_are_read_of_one_instance_only(study, monkeypatch):
+    """Selection reads every header's geometry; the result's facts come from one instance."""
+    read = []
+
+    def counting(ds):
+        read.append(ds.SOPInstanceUID)
+        return real(ds)
+
+    real = series.read_header
+    monkeypatch.setattr(series, "read_header", counting)
+    refs = refs_for(study)
+    chosen = series.choose_series(refs)
+    assert len(read) == 1 and chosen.header == real(pydicom.dcmread(study[len(study) // 2]))
+    assert chosen.header.PatientID and chosen.header.acquired is not None
