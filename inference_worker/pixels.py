@@ -7,8 +7,8 @@ element's offset and length in the file, so that a decoder reads those bytes and
 (no second parse of the header); for anything else (compressed transfer syntaxes, colour), the
 dataset itself, whose deferred pixel data pydicom reads and decodes. Either way the stored
 values are the ones pydicom's ``pixel_array`` gives (bits above BitsStored masked, signed values
-sign-extended), and :func:`scanwatch.imaging.preprocess_slice` makes the model input of each
-image.
+sign-extended), and :func:`scanwatch.imaging.preprocess_grey` makes the model input of each
+image (one channel; repeated into three once the study's rows are together).
 
 :class:`PixelPool` runs that work off the event loop: with ``processes`` 0 or 1 on the loop's
 default thread executor, as before; with more, a study's instances are split across that many
@@ -37,7 +37,7 @@ from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from inference_worker.errors import UnusableStudy
-from scanwatch.imaging import preprocess_slice
+from scanwatch.imaging import preprocess_grey
 
 __all__ = [
     "Decoded",
@@ -46,6 +46,7 @@ __all__ = [
     "PixelPool",
     "decode_and_resize",
     "describe",
+    "into_rgb",
 ]
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,9 @@ class Decoded:
     """Model input rows made by one decoder call, and its time (seconds) per stage."""
 
     rows: tuple[int, ...]
-    images: npt.NDArray[np.float32]  # (len(rows), size, size, 3)
+    #: (len(rows), size, size): one grey channel, a third of the bytes sent back from a pool
+    #: process; :func:`into_rgb` repeats it into the model's three channels.
+    images: npt.NDArray[np.float32]
     decode_s: float
     resize_s: float
 
@@ -181,7 +184,8 @@ def decode_and_resize(instances: Sequence[InstancePixels], size: int) -> Decoded
     Runs in a pool process (or a thread): raises :class:`UnusableStudy` for pixel data that
     cannot be read or is not greyscale 2-D."""
     rows: list[int] = []
-    images: list[npt.NDArray[np.float32]] = []
+    count = sum(len(instance.images) for instance in instances)
+    images = np.empty((count, size, size), np.float32)
     decode_s = resize_s = 0.0
     for instance in instances:
         started = time.perf_counter()
@@ -199,11 +203,19 @@ def decode_and_resize(instances: Sequence[InstancePixels], size: int) -> Decoded
                 raise UnusableStudy(
                     f"instance {instance.SOPInstanceUID} is not greyscale 2-D: {image.shape}"
                 )
+            images[len(rows)] = preprocess_grey(image, size, slope, intercept)
             rows.append(row)
-            images.append(preprocess_slice(image, size, slope, intercept))
         resize_s += time.perf_counter() - decoded
-    stacked = np.stack(images) if images else np.zeros((0, size, size, 3), np.float32)
-    return Decoded(tuple(rows), stacked, decode_s, resize_s)
+    return Decoded(tuple(rows), images, decode_s, resize_s)
+
+
+def into_rgb(parts: Sequence[Decoded], count: int, size: int) -> npt.NDArray[np.float32]:
+    """The model input ``(count, size, size, 3)``: each part's grey rows at their row numbers,
+    repeated into three channels (as :func:`scanwatch.imaging.preprocess_slice` makes them)."""
+    images = np.empty((count, size, size, 3), np.float32)
+    for part in parts:
+        images[list(part.rows)] = part.images[..., None]
+    return images
 
 
 def _warm_up() -> None:
@@ -252,9 +264,7 @@ class PixelPool:
             parts = [await loop.run_in_executor(None, decode_and_resize, instances, size)]
         else:
             parts = await self._in_pool(loop, instances, size)
-        images = np.empty((count, size, size, 3), np.float32)
-        for part in parts:
-            images[list(part.rows)] = part.images
+        images = into_rgb(parts, count, size)
         return images, sum(p.decode_s for p in parts), sum(p.resize_s for p in parts)
 
     async def _in_pool(

@@ -41,7 +41,7 @@ from inference_worker.header import (
     read_header,
     read_selection_header,
 )
-from inference_worker.pixels import InstancePixels, decode_and_resize, describe
+from inference_worker.pixels import InstancePixels, decode_and_resize, describe, into_rgb
 from schemas import InstanceRef
 
 __all__ = [
@@ -291,9 +291,7 @@ def selected(chosen: ChosenSeries, images: npt.NDArray[np.float32]) -> SelectedS
 def prepare_series(chosen: ChosenSeries, image_size: int) -> SelectedSeries:
     """Decode and preprocess the chosen slices into the model's input, in this thread."""
     decoded = decode_and_resize(pixel_work(chosen), image_size)
-    images = np.empty((len(chosen.frames), image_size, image_size, 3), np.float32)
-    images[list(decoded.rows)] = decoded.images
-    return selected(chosen, images)
+    return selected(chosen, into_rgb([decoded], len(chosen.frames), image_size))
 
 
 def select_series(

@@ -122,9 +122,16 @@ def preprocess_slice(
     Steps: Rescale Slope/Intercept, robust normalisation, square pad + bilinear resize, grey to
     three channels (EfficientNet's stem expects RGB and does its own scaling).
     """
+    return np.repeat(preprocess_grey(stored, size, slope, intercept)[:, :, None], 3, axis=2)
+
+
+def preprocess_grey(
+    stored: np.ndarray, size: int, slope: float = 1.0, intercept: float = 0.0
+) -> np.ndarray:
+    """:func:`preprocess_slice`'s one grey channel, float32 ``(size, size)`` (whoever stacks
+    many slices repeats it into three channels once, in place)."""
     if stored.ndim != 2:
         raise ValueError(f"expected a 2-D slice, got shape {stored.shape}")
     values = to_modality_values(stored, slope, intercept)
     image = normalise_intensity(values, stored_robust_range(stored, slope, intercept))
-    image = square_resize(image, size)
-    return np.repeat(image[:, :, None], 3, axis=2)
+    return square_resize(image, size)

@@ -22,7 +22,13 @@ from devtools.testing import wait_for
 from inference_worker import pixels, series
 from inference_worker.config import Settings
 from inference_worker.metrics import WorkerMetrics
-from inference_worker.pixels import PixelPool, decode_and_resize, describe, native_pixels
+from inference_worker.pixels import (
+    PixelPool,
+    decode_and_resize,
+    describe,
+    into_rgb,
+    native_pixels,
+)
 from inference_worker.scoring import Scorer
 from inference_worker.tests.test_worker_scoring import (
     FakeModel,
@@ -87,7 +93,7 @@ def _decoded(path: Path, size: int = 32) -> tuple[np.ndarray, pixels.InstancePix
     frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     images = [(ds.SOPInstanceUID, None if frames == 1 else i, 1.0, 0.0) for i in range(frames)]
     (work,) = describe({ds.SOPInstanceUID: ds}, {ds.SOPInstanceUID: str(path)}, images)
-    return decode_and_resize([work], size).images, work
+    return into_rgb([decode_and_resize([work], size)], len(images), size), work
 
 
 def _expected(path: Path, size: int = 32) -> np.ndarray:
