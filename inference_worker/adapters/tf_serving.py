@@ -13,7 +13,6 @@ domain's (:mod:`inference_worker.errors`), so that the core never sees a gRPC st
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any, cast
@@ -167,20 +166,16 @@ class ModelClient:
         return size
 
     async def predict(self, images: npt.NDArray[np.float32]) -> Prediction:
-        """Score ``images`` (n, size, size, 3) in batches of ``batch_size``, all sent at once:
-        the server works on one while the next is on the wire (one after the other, each
-        batch waited a round trip and its serialisation; the server may also batch them).
+        """Score ``images`` (n, size, size, 3) in batches of ``batch_size``.
 
         All batches must come from the same model version; if the server switched versions in
         the middle, the whole set is scored again so that one result never mixes versions.
         """
         for _ in range(3):
-            parts = await asyncio.gather(
-                *(
-                    self._predict_batch(images[i : i + self.batch_size])
-                    for i in range(0, len(images), self.batch_size)
-                )
-            )
+            parts = [
+                await self._predict_batch(images[i : i + self.batch_size])
+                for i in range(0, len(images), self.batch_size)
+            ]
             if len({p.model_version for p in parts}) == 1:
                 first = parts[0]
                 return Prediction(
