@@ -26,6 +26,7 @@ from inference_worker.config import Settings
 from inference_worker.errors import SignatureMismatch
 from inference_worker.flow import Origin, StudyScorer, WorkerFlow
 from inference_worker.metrics import WorkerMetrics
+from inference_worker.pixels import PixelPool
 from inference_worker.scoring import Scorer
 from scanwatch import kafka
 from scanwatch.http_access import METRICS_CHALLENGE, metrics_allowed, metrics_closed_warning
@@ -71,6 +72,7 @@ def default_scorer(settings: Settings, metrics: WorkerMetrics) -> Scorer:
         metrics=metrics,
         rules=settings.selection_rules(),
         heatmaps=settings.heatmaps,
+        pixels=PixelPool(settings.decode_processes),
     )
 
 
@@ -114,6 +116,14 @@ def create_app(
     if metrics is None:
         metrics = scorer.metrics if isinstance(scorer, Scorer) else WorkerMetrics()
     scorer = scorer or default_scorer(settings, metrics)
+    if isinstance(scorer, Scorer):
+        pixels = scorer.pixels
+
+        def close_pixel_pool(sender: Any, **kwargs: Any) -> None:
+            """The pool's processes stop with the worker (after its consumer stops)."""
+            pixels.close()
+
+        app.on_before_shutdown.connect(close_pixel_pool)  # type: ignore[arg-type]
 
     def raw_topic(name: str) -> TopicT:
         return app.topic(name, key_serializer="raw", value_serializer="raw")
