@@ -25,6 +25,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -32,6 +34,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from devtools.benchmarks import say  # noqa: E402
 from devtools.kafka_local import free_port  # noqa: E402
 from devtools.testing import wait_for  # noqa: E402
 from inference_worker.adapters.fhir_writer import FhirWriter  # noqa: E402
@@ -44,12 +47,6 @@ from inference_worker.fhir_resources import (  # noqa: E402
 from services.auth.tokens import load_key_set  # noqa: E402
 
 CLIENT, SECRET = "scanwatch-worker", "bench-secret-for-fhir-writes"
-
-
-def out(*parts: object) -> None:
-    """One line to stdout (benchmarks report there; ``print`` is banned by the linter)."""
-    sys.stdout.write(" ".join(str(p) for p in parts) + "\n")
-    sys.stdout.flush()
 
 
 def serve(database: Path, keys: Path, port: int) -> None:
@@ -124,7 +121,7 @@ async def measure(base: str, studies: int) -> None:
             for name, step in steps:
                 await step(scored)
                 if n == 0:
-                    out(f"  {name:26s} {len(counting.methods)} request(s): {counting.methods}")
+                    say(f"  {name:26s} {len(counting.methods)} request(s): {counting.methods}")
                     counting.methods.clear()
             cpu.append(time.process_time() - started_cpu)
             wall.append(time.perf_counter() - started)
@@ -133,7 +130,7 @@ async def measure(base: str, studies: int) -> None:
     for label, values in (("worker CPU", cpu), ("wall", wall)):
         ordered = sorted(values)
         p95 = ordered[max(0, round(0.95 * len(ordered)) - 1)]
-        out(
+        say(
             f"  {label:10s} per study (3 steps): median {statistics.median(values) * 1000:.1f} ms,"
             f" p95 {p95 * 1000:.1f} ms (n={len(values)})"
         )
@@ -148,26 +145,32 @@ def healthy(port: int, api: multiprocessing.process.BaseProcess) -> bool:
         return False
 
 
+@contextmanager
+def fhir_api(folder: Path, timeout: float = 60) -> Iterator[str]:
+    """The FHIR API on SQLite in ``folder``, in a process of its own; its base URL."""
+    keys = folder / "signing-keys.json"
+    load_key_set(keys)  # creates it
+    port = free_port()
+    api = multiprocessing.get_context("spawn").Process(
+        target=serve, args=(folder / "fhir.db", keys, port), daemon=True
+    )
+    api.start()
+    try:
+        wait_for(lambda: healthy(port, api), timeout=timeout, what="the FHIR API")
+        yield f"http://127.0.0.1:{port}/fhir"
+    finally:
+        api.kill()
+        api.join()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--studies", type=int, default=60)
     args = parser.parse_args(argv)
-    out(f"load average before: {os.getloadavg()[0]:.2f}")
-    root = Path(tempfile.mkdtemp(prefix="scanwatch-fhir-writes-"))
-    keys = root / "signing-keys.json"
-    load_key_set(keys)  # creates it
-    port = free_port()
-    api = multiprocessing.get_context("spawn").Process(
-        target=serve, args=(root / "fhir.db", keys, port), daemon=True
-    )
-    api.start()
-    try:
-        wait_for(lambda: healthy(port, api), timeout=60, what="the FHIR API")
-        asyncio.run(measure(f"http://127.0.0.1:{port}/fhir", args.studies))
-    finally:
-        api.kill()
-        api.join()
-    out(f"load average after: {os.getloadavg()[0]:.2f}")
+    say(f"load average before: {os.getloadavg()[0]:.2f}")
+    with fhir_api(Path(tempfile.mkdtemp(prefix="scanwatch-fhir-writes-"))) as base:
+        asyncio.run(measure(base, args.studies))
+    say(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0
 
 

@@ -26,7 +26,6 @@ import asyncio
 import hashlib
 import inspect
 import json
-import multiprocessing
 import os
 import shutil
 import statistics
@@ -42,11 +41,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "bench"))
 
-from fhir_writes import CLIENT, SECRET, healthy, serve  # noqa: E402
+from fhir_writes import CLIENT, SECRET, fhir_api  # noqa: E402
 from study_scoring import DEFAULT_MODEL, model_server  # noqa: E402
 
-from devtools.kafka_local import free_port  # noqa: E402
-from devtools.testing import wait_for  # noqa: E402
+from devtools.benchmarks import percentile, say  # noqa: E402
+from devtools.process_stats import snapshot  # noqa: E402
 from inference_worker import series  # noqa: E402
 from inference_worker.adapters.fhir_writer import FhirWriter  # noqa: E402
 from inference_worker.adapters.tf_serving import ModelClient, TfServingModel  # noqa: E402
@@ -54,15 +53,6 @@ from inference_worker.scoring import Scorer  # noqa: E402
 from scanwatch.model_repository import DEFAULT_MODEL_NAME  # noqa: E402
 from scanwatch.sample import build_mr_study  # noqa: E402
 from schemas import InstanceRef, StudyReadyV1  # noqa: E402
-from services.auth.tokens import load_key_set  # noqa: E402
-
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def out(*parts: object) -> None:
-    """One line to stdout (benchmarks report there; ``print`` is banned by the linter)."""
-    sys.stdout.write(" ".join(str(p) for p in parts) + "\n")
-    sys.stdout.flush()
 
 
 def ready_event(files: list[Path]) -> StudyReadyV1:
@@ -89,19 +79,8 @@ def ready_event(files: list[Path]) -> StudyReadyV1:
 
 def process_cpu(pids: list[int]) -> float:
     """User + system seconds of ``pids`` so far (processes gone count as 0)."""
-    total = 0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return total / _TICK
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, round(q * len(ordered)) - 1)]
+    procs = snapshot()
+    return sum(procs[pid].cpu_s for pid in pids if pid in procs)
 
 
 async def measure(args: argparse.Namespace, target: str, fhir: str, studies: list[Any]) -> dict:
@@ -150,7 +129,7 @@ async def measure(args: argparse.Namespace, target: str, fhir: str, studies: lis
         "pool_processes_measured": len(pids),
         "cpu_ms_less_predict": {
             "median": round(statistics.median(less_predict) * 1000, 1),
-            "p95": round(percentile(less_predict, 0.95) * 1000, 1),
+            "p95": round(percentile(less_predict, 95) * 1000, 1),
             "min": round(min(less_predict) * 1000, 1),
         },
         "predict_cpu_ms_median": round(predict * 1000, 1),
@@ -168,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL)
     args = parser.parse_args(argv)
-    out(f"tree: {ROOT}; load average before: {os.getloadavg()}")
+    say(f"tree: {ROOT}; load average before: {os.getloadavg()}")
     work = Path(tempfile.mkdtemp(prefix="bench-worker-cpu-"))
-    proc, api = None, None
+    proc = None
     try:
         studies = [
             ready_event(
@@ -183,26 +162,16 @@ def main(argv: list[str] | None = None) -> int:
         repository = work / "models"
         shutil.copytree(args.model_dir, repository / DEFAULT_MODEL_NAME / "1")
         proc, target = model_server(repository, args.engine, work / "openvino-cache")
-        keys = work / "signing-keys.json"
-        load_key_set(keys)  # creates it
-        port = free_port()
-        api = multiprocessing.get_context("spawn").Process(
-            target=serve, args=(work / "fhir.db", keys, port), daemon=True
-        )
-        api.start()
-        wait_for(lambda: healthy(port, api), timeout=120, what="the FHIR API")
-        report = asyncio.run(measure(args, target, f"http://127.0.0.1:{port}/fhir", studies))
+        with fhir_api(work, timeout=120) as fhir:
+            report = asyncio.run(measure(args, target, fhir, studies))
         report |= {"slices": args.slices, "engine": args.engine, "batch": args.batch}
-        out(json.dumps(report))
+        say(json.dumps(report))
     finally:
-        if api is not None:
-            api.kill()
-            api.join()
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=30)
         shutil.rmtree(work, ignore_errors=True)
-    out(f"load average after: {os.getloadavg()}")
+    say(f"load average after: {os.getloadavg()}")
     return 0
 
 

@@ -15,7 +15,6 @@ are stored (:mod:`inference_worker.assembly`).
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
 import uuid
@@ -158,7 +157,7 @@ def _create(request: NormalizedRequest, tx: OutboxTransaction) -> tuple[str, str
         raise _Refused(INVALID_ATTRIBUTE_VALUE, "Affected SOP Instance UID is not a UID")
     if tx.procedure_step(uid) is not None:
         raise _Refused(DUPLICATE_SOP_INSTANCE, "this procedure step exists already")
-    _record(tx, ProcedureStep(uid, status, "", request.calling_ae_title), ds)
+    _record(tx, uid, status, request.calling_ae_title, ds)
     return uid, status
 
 
@@ -172,13 +171,16 @@ def _set(request: NormalizedRequest, tx: OutboxTransaction) -> tuple[str, str]:
     ds = Dataset.from_json(step.dataset)
     ds.update(_decode(request))
     status = _status_of(ds)
-    _record(tx, ProcedureStep(uid, status, "", step.calling_ae_title), ds)
+    _record(tx, uid, status, step.calling_ae_title, ds)
     return uid, status
 
 
-def _record(tx: OutboxTransaction, step: ProcedureStep, ds: Dataset) -> None:
-    tx.save_procedure_step(dataclasses.replace(step, dataset=_kept(ds).to_json()))
-    for event in _events(step.uid, ds, step.status, step.calling_ae_title):
+def _record(
+    tx: OutboxTransaction, uid: str, status: str, calling_ae_title: str, ds: Dataset
+) -> None:
+    """The step as kept (:func:`_kept`) and its events, in the caller's transaction."""
+    tx.save_procedure_step(ProcedureStep(uid, status, _kept(ds).to_json(), calling_ae_title))
+    for event in _events(uid, ds, status, calling_ae_title):
         tx.emit(event.SCHEMA, event.StudyInstanceUID.encode(), event.to_bytes())
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -38,7 +39,6 @@ class CommitmentReporter:
         self.peers = peers
         self.metrics = metrics
         self.first_retry_s = first_retry_s
-        self._stopped = threading.Event()
 
     def deliver(self, peer_ae: str, event_type: int, result: Dataset) -> None:
         """Send ``result`` to ``peer_ae`` on a new association, in the background."""
@@ -67,8 +67,8 @@ class CommitmentReporter:
                 self.metrics.commitment_reports.labels("new_association").inc()
                 log.info("storage commitment result delivered", extra={"calling_ae_title": peer_ae})
                 return
-            if attempt < ATTEMPTS and self._stopped.wait(delay):
-                break
+            if attempt < ATTEMPTS:
+                time.sleep(delay)  # a daemon thread: the listener's exit ends it
             delay *= 2
         self.metrics.commitment_reports.labels("undeliverable").inc()
         log.warning("storage commitment result not delivered", extra={"calling_ae_title": peer_ae})
@@ -97,7 +97,3 @@ class CommitmentReporter:
             return False
         finally:
             ae.shutdown()
-
-    def stop(self) -> None:
-        """Stop waiting between tries (at shutdown)."""
-        self._stopped.set()
