@@ -162,6 +162,11 @@ def test_the_pool_makes_the_same_input_and_survives_a_killed_process(study):
         assert len(first) == 2 and os.getpid() not in first
         os.kill(first[0], signal.SIGKILL)
         wait_for(lambda: not _alive(first[0]), 30, "the killed pool process to be gone")
+        # The executor learns of the death on its own thread, a moment after the process is
+        # reaped; a study submitted in between is decoded by the living process and the break
+        # is seen only after it (CI saw that once). Wait for the executor to know, so that
+        # the next study meets the broken pool and replaces it.
+        wait_for(lambda: pool._executor._broken, 30, "the pool to see its process died")
         np.testing.assert_array_equal(asyncio.run(decode()), expected)  # not BrokenProcessPool
         assert pool.replaced == 1
         assert first[0] not in pool.pids()
