@@ -52,7 +52,7 @@ from dicom_listener.dicom.statuses import (
 )
 from dicom_listener.dicom.values import decode_uid
 from dicom_listener.metrics import ListenerMetrics
-from dicom_listener.scan import Truncated, Undecodable, scan_part10
+from scanwatch.dicom_scan import Truncated, Undecodable, scan_part10
 from schemas.events import UID, InstanceReceivedV1
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ _DEFER_BYTES = 4096
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 
 _uid_adapter: TypeAdapter[str] = TypeAdapter(UID)
-#: Transfer syntaxes read with pydicom; the others with the fast scan (:mod:`.scan`).
+#: Transfer syntaxes read with pydicom; the others with the fast scan (:mod:`scanwatch.dicom_scan`).
 _PYDICOM_SYNTAXES = frozenset({ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian})
 #: Kafka header → keyword of the counts an instance's event carries (IS values, when the
 #: instance has them): from them the worker can tell a series complete without waiting

@@ -15,11 +15,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
 
-import numpy as np
-import numpy.typing as npt
 from pydicom.dataset import Dataset
 from pydicom.valuerep import DA, DT, TM
 
@@ -85,7 +84,7 @@ def read_header(ds: Dataset) -> InstanceHeader:
     )
 
 
-def read_selection_header(ds: Dataset) -> InstanceHeader:
+def read_selection_header(ds: Dataset | ScannedAttributes) -> InstanceHeader:
     """What series selection reads of every instance: Modality, SeriesDescription, the frames'
     geometry and the orientation; the other fields are left at their defaults. The patient and
     study facts are read (:func:`read_header`) only of the one instance a result describes:
@@ -99,6 +98,95 @@ def read_selection_header(ds: Dataset) -> InstanceHeader:
     )
 
 
+class NotScanned(ValueError):
+    """A header that :class:`ScannedAttributes` does not read as pydicom would (a multi-frame
+    or enhanced instance, another character set, a value of an unexpected form): the caller
+    reads it with pydicom."""
+
+
+#: What :func:`read_selection_header` reads of a top-level dataset, by keyword: (tag, value
+#: representation as :class:`ScannedAttributes` decodes it).
+_SCANNED = {
+    "SpecificCharacterSet": (0x00080005, "CS"),
+    "Modality": (0x00080060, "CS"),
+    "SeriesDescription": (0x0008103E, "LO"),
+    "SliceThickness": (0x00180050, "DS"),
+    "InstanceNumber": (0x00200013, "IS"),
+    "ImagePositionPatient": (0x00200032, "DS"),
+    "ImageOrientationPatient": (0x00200037, "DS"),
+    "NumberOfFrames": (0x00280008, "IS"),
+    "RescaleIntercept": (0x00281052, "DS"),
+    "RescaleSlope": (0x00281053, "DS"),
+}
+#: Sequences whose presence makes an instance enhanced (its geometry is in functional groups).
+_FUNCTIONAL_GROUPS = frozenset({0x52009229, 0x52009230})
+#: The top-level tags to scan for :class:`ScannedAttributes`: their values, and (for the
+#: functional groups, sequences) their presence.
+SCANNED_TAGS = frozenset(tag for tag, _ in _SCANNED.values())
+PRESENCE_TAGS = _FUNCTIONAL_GROUPS
+#: Specific Character Sets whose text :class:`ScannedAttributes` decodes ("" is the default).
+_ENCODINGS = {"": "ascii", "ISO_IR 6": "ascii", "ISO_IR 100": "latin-1", "ISO_IR 192": "utf-8"}
+
+
+class ScannedAttributes:
+    """The attributes :func:`read_selection_header` reads of a single-frame instance, from the
+    raw values of a header scan (:func:`scanwatch.dicom_scan.scan_file`) instead of a pydicom
+    ``Dataset``, decoded as pydicom decodes them: text with trailing spaces and NULs removed, a
+    DS or IS a number (a list of numbers when multi-valued), an empty value None. Building a
+    ``Dataset`` of every element was most of the worker's CPU per study before Predict.
+
+    Raises :class:`NotScanned` where that reading would not be pydicom's."""
+
+    def __init__(self, values: dict[int, bytes], present: Iterable[int]) -> None:
+        if _FUNCTIONAL_GROUPS.intersection(present):
+            raise NotScanned("an enhanced instance: its geometry is in functional groups")
+        self._values = values
+        charset = self._raw("SpecificCharacterSet")
+        encoding = _ENCODINGS.get((charset or b"").decode("ascii", "replace").strip(" \x00"))
+        if encoding is None:
+            raise NotScanned(f"Specific Character Set {charset!r}")
+        self._encoding = encoding
+        if self.get("NumberOfFrames") not in (None, 1):
+            raise NotScanned("a multi-frame instance")
+
+    def _raw(self, keyword: str) -> bytes | None:
+        return self._values.get(_SCANNED[keyword][0])
+
+    def __contains__(self, keyword: str) -> bool:
+        return keyword in _SCANNED and self._raw(keyword) is not None
+
+    def get(self, keyword: str, default: object = None) -> object:
+        if keyword not in _SCANNED:
+            return default  # never read here (functional groups: refused above)
+        raw = self._raw(keyword)
+        return default if raw is None else self._decoded(keyword, raw)
+
+    def __getattr__(self, keyword: str) -> object:
+        if keyword.startswith("_") or keyword not in self:
+            raise AttributeError(keyword)
+        return self.get(keyword)
+
+    def _decoded(self, keyword: str, raw: bytes) -> object:
+        vr = _SCANNED[keyword][1]
+        try:
+            text = raw.decode(self._encoding if vr == "LO" else "ascii")
+        except UnicodeDecodeError:
+            raise NotScanned(f"{keyword} is not {self._encoding}") from None
+        text = text.rstrip(" \x00")
+        if vr in ("CS", "LO"):
+            if "\\" in text:
+                raise NotScanned(f"{keyword} has several values")
+            return text
+        values = [value.strip(" ") for value in text.split("\\")]
+        if values == [""]:
+            return None
+        try:
+            numbers = [int(v) if vr == "IS" else float(v) for v in values]
+        except ValueError:
+            raise NotScanned(f"{keyword} is not a number: {text!r}") from None
+        return numbers[0] if len(numbers) == 1 else numbers
+
+
 def dicom_timezone(offset: str | None, default: tzinfo = UTC) -> tzinfo:
     """TimezoneOffsetFromUTC (``"+0100"``, ``"-0500"``) as a tzinfo; ``default`` when absent
     or malformed."""
@@ -109,7 +197,7 @@ def dicom_timezone(offset: str | None, default: tzinfo = UTC) -> tzinfo:
     return timezone(sign * timedelta(hours=int(match[2]), minutes=int(match[3])))
 
 
-def frame_geometry(ds: Dataset) -> list[FrameGeometry]:
+def frame_geometry(ds: Dataset | ScannedAttributes) -> list[FrameGeometry]:
     """Every image of an instance with its position along the slice normal and its rescale."""
     count = int(getattr(ds, "NumberOfFrames", 1) or 1)
     enhanced = "PerFrameFunctionalGroupsSequence" in ds or "SharedFunctionalGroupsSequence" in ds
@@ -147,7 +235,7 @@ def frame_geometry(ds: Dataset) -> list[FrameGeometry]:
     return frames
 
 
-def orientation_of(ds: Dataset) -> str:
+def orientation_of(ds: Dataset | ScannedAttributes) -> str:
     """axial, coronal or sagittal from the slice normal's dominant patient axis ("any" if
     the header does not say)."""
     orientation = getattr(ds, "ImageOrientationPatient", None)
@@ -157,7 +245,8 @@ def orientation_of(ds: Dataset) -> str:
     normal = _normal(orientation)
     if normal is None:
         return "any"
-    return _NORMAL_AXIS[int(np.argmax(np.abs(normal)))]
+    magnitudes = [abs(component) for component in normal]
+    return _NORMAL_AXIS[magnitudes.index(max(magnitudes))]
 
 
 def acquisition_datetime(ds: Dataset) -> datetime | None:
@@ -180,7 +269,7 @@ def acquisition_datetime(ds: Dataset) -> datetime | None:
     return None
 
 
-def _text(ds: Dataset, keyword: str) -> str | None:
+def _text(ds: Dataset | ScannedAttributes, keyword: str) -> str | None:
     value = getattr(ds, keyword, None)
     return str(value) if value else None
 
@@ -201,8 +290,10 @@ def _study_start(ds: Dataset) -> datetime | None:
     return None
 
 
-def _group(ds: Dataset, index: int, sequence: str) -> Dataset | None:
+def _group(ds: Dataset | ScannedAttributes, index: int, sequence: str) -> Dataset | None:
     """The functional group item ``sequence`` of frame ``index`` (per-frame, else shared)."""
+    if isinstance(ds, ScannedAttributes):
+        return None  # it has no functional groups (refused otherwise)
     for groups, i in (
         ("PerFrameFunctionalGroupsSequence", index),
         ("SharedFunctionalGroupsSequence", 0),
@@ -214,27 +305,36 @@ def _group(ds: Dataset, index: int, sequence: str) -> Dataset | None:
     return None
 
 
-def _floats(values: object) -> npt.NDArray[np.float64] | None:
+def _floats(values: object) -> list[float] | None:
     try:
-        return np.array([float(v) for v in values], dtype=np.float64)  # type: ignore[attr-defined]
+        return [float(v) for v in values]  # type: ignore[attr-defined]
     except (TypeError, ValueError):
         return None
 
 
-def _normal(orientation: object) -> npt.NDArray[np.float64] | None:
+_Vector = tuple[float, float, float]
+
+
+def _normal(orientation: object) -> _Vector | None:
+    """The slice normal: the cross product of ImageOrientationPatient's row and column
+    directions (plain floats: numpy's cross of two 3-vectors cost more than the rest of an
+    instance's geometry)."""
     values = _floats(orientation)
-    return np.cross(values[:3], values[3:6]) if values is not None and values.size == 6 else None
+    if values is None or len(values) != 6:
+        return None
+    (a1, a2, a3), (b1, b2, b3) = values[:3], values[3:]
+    return a2 * b3 - a3 * b2, a3 * b1 - a1 * b3, a1 * b2 - a2 * b1
 
 
-def _position(normal: npt.NDArray[np.float64] | None, position: object) -> float | None:
+def _position(normal: _Vector | None, position: object) -> float | None:
     """Position along the slice normal (ImagePositionPatient · normal); None if unknown."""
     point = _floats(position)
-    if point is None or normal is None or point.size != 3:
+    if point is None or normal is None or len(point) != 3:
         return None
-    return float(np.dot(normal, point))
+    return normal[0] * point[0] + normal[1] * point[1] + normal[2] * point[2]
 
 
-def _thickness(item: Dataset | None) -> float | None:
+def _thickness(item: Dataset | ScannedAttributes | None) -> float | None:
     """SliceThickness in mm if present, finite and positive."""
     try:
         value = float(getattr(item, "SliceThickness", None) or 0)
@@ -243,7 +343,7 @@ def _thickness(item: Dataset | None) -> float | None:
     return value if math.isfinite(value) and value > 0 else None
 
 
-def _rescale(item: Dataset | None, ds: Dataset) -> tuple[float, float]:
+def _rescale(item: Dataset | None, ds: Dataset | ScannedAttributes) -> tuple[float, float]:
     source = item if item is not None and "RescaleSlope" in item else ds
     slope = float(getattr(source, "RescaleSlope", 1) or 1)
     intercept = float(getattr(source, "RescaleIntercept", 0) or 0)

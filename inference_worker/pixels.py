@@ -44,6 +44,7 @@ __all__ = [
     "InstancePixels",
     "NativePixels",
     "PixelPool",
+    "PixelSource",
     "decode_and_resize",
     "describe",
     "into_rgb",
@@ -107,49 +108,93 @@ def native_pixels(ds: Dataset) -> NativePixels | None:
     if not isinstance(element, RawDataElement) or element.value is not None:
         return None
     try:
-        bits = int(ds.BitsAllocated)
-        stored = int(ds.BitsStored)
-        signed = int(ds.PixelRepresentation) == 1
-        samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
-        rows, columns = int(ds.Rows), int(ds.Columns)
-        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        layout = {keyword: int(getattr(ds, keyword)) for keyword in _REQUIRED_LAYOUT}
+        layout["SamplesPerPixel"] = int(getattr(ds, "SamplesPerPixel", 1) or 1)
+        layout["NumberOfFrames"] = int(getattr(ds, "NumberOfFrames", 1) or 1)
     except (AttributeError, TypeError, ValueError):
         return None
+    return _native(layout, element.value_tell, element.length)
+
+
+#: The Image Pixel attributes (US) a native read needs, by tag (SamplesPerPixel: 1 if absent).
+_REQUIRED_LAYOUT = {
+    "Rows": 0x00280010,
+    "Columns": 0x00280011,
+    "BitsAllocated": 0x00280100,
+    "BitsStored": 0x00280101,
+    "PixelRepresentation": 0x00280103,
+}
+_SAMPLES_PER_PIXEL = 0x00280002
+#: The tags a header scan reads for :func:`native_from_scan`, and the one it only locates.
+LAYOUT_TAGS = frozenset({*_REQUIRED_LAYOUT.values(), _SAMPLES_PER_PIXEL})
+PIXEL_DATA_TAG = 0x7FE00010
+
+
+def native_from_scan(
+    transfer_syntax: str, values: dict[int, bytes], places: dict[int, tuple[int, int]]
+) -> NativePixels | None:
+    """:func:`native_pixels` from a header scan (:func:`scanwatch.dicom_scan.scan_file`) of a
+    single-frame instance: its raw US values and where its pixel data lies."""
+    if transfer_syntax not in _NATIVE_SYNTAXES or PIXEL_DATA_TAG not in places:
+        return None
+    layout = {"NumberOfFrames": 1}
+    for keyword, tag in (*_REQUIRED_LAYOUT.items(), ("SamplesPerPixel", _SAMPLES_PER_PIXEL)):
+        raw = values.get(tag)
+        if raw is None and tag == _SAMPLES_PER_PIXEL:
+            raw = b"\x01\x00"
+        if raw is None or len(raw) != 2:
+            return None
+        layout[keyword] = int.from_bytes(raw, "little") or (1 if tag == _SAMPLES_PER_PIXEL else 0)
+    offset, length = places[PIXEL_DATA_TAG]
+    return _native(layout, offset, length)
+
+
+def _native(layout: dict[str, int], offset: int, length: int | None) -> NativePixels | None:
+    """The native read of pixel data at ``offset`` (``length`` bytes), if ``layout`` is one
+    sample of 8 or 16 bits that those bytes hold whole."""
+    bits, stored = layout["BitsAllocated"], layout["BitsStored"]
+    frames, rows, columns = layout["NumberOfFrames"], layout["Rows"], layout["Columns"]
     if (
-        samples != 1
+        layout["SamplesPerPixel"] != 1
         or bits not in (8, 16)
         or not 0 < stored <= bits
-        or element.length
-        in (
-            None,
-            _UNDEFINED_LENGTH,
-        )
+        or length in (None, _UNDEFINED_LENGTH)
     ):
         return None
-    if element.length < frames * rows * columns * bits // 8:
+    assert length is not None
+    if length < frames * rows * columns * bits // 8:
         return None
+    signed = layout["PixelRepresentation"] == 1
     dtype = ("<i2" if signed else "<u2") if bits == 16 else ("i1" if signed else "u1")
-    return NativePixels(element.value_tell, element.length, dtype, frames, rows, columns, stored)
+    return NativePixels(offset, length, dtype, frames, rows, columns, stored)
+
+
+#: Where an instance's pixels come from: their place in the file (a header scan found it), or
+#: the dataset its header was read from by pydicom (pixel data deferred).
+PixelSource = NativePixels | Dataset
 
 
 def describe(
-    datasets: dict[str, Dataset],
+    sources: dict[str, PixelSource],
     paths: dict[str, str],
     images: Sequence[tuple[str, int | None, float, float]],
 ) -> list[InstancePixels]:
     """What the decoders need, per instance, to make the model input rows ``images``
     ((SOPInstanceUID, frame index, slope, intercept) per row, in row order) from the
-    ``datasets`` their headers were read from."""
+    ``sources`` their headers were read from."""
     rows: dict[str, list[tuple[int, int | None, float, float]]] = {}
     for row, (uid, index, slope, intercept) in enumerate(images):
         rows.setdefault(uid, []).append((row, index, slope, intercept))
     described = []
     for uid, wanted in rows.items():
-        ds = datasets[uid]
-        native = native_pixels(ds)
-        described.append(
-            InstancePixels(uid, paths[uid], native, None if native else ds, tuple(wanted))
-        )
+        source = sources[uid]
+        native: NativePixels | None
+        if isinstance(source, NativePixels):
+            native, ds = source, None
+        else:
+            native = native_pixels(source)
+            ds = None if native else source
+        described.append(InstancePixels(uid, paths[uid], native, ds, tuple(wanted)))
     return described
 
 

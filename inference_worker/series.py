@@ -1,11 +1,12 @@
 """Read a ready study from the file store, choose the MR series and slices to score, and turn
 them into model input with the preprocessing that training uses.
 
-Each instance's file is parsed once (:func:`read_instances`, the pixel data left in the file)
-into what selection needs (:func:`inference_worker.header.read_selection_header`); the chosen
-series' middle instance alone is read for the patient and study facts of the result
-(:func:`inference_worker.header.read_header`, from the same dataset). Pixel data is then read and
-decoded once per scored instance (a multi-frame instance once for all its frames), by
+Each instance's header is read once (:func:`read_instances`, the pixel data left in the file)
+into what selection needs (:func:`inference_worker.header.read_selection_header`): by a header
+scan that builds no ``Dataset`` for the single-frame native instances scanners send, by pydicom
+for the rest. The chosen series' middle instance alone is read for the patient and study facts
+of the result (:func:`inference_worker.header.read_header`; by pydicom). Pixel data is then read
+and decoded once per scored instance (a multi-frame instance once for all its frames), by
 :mod:`inference_worker.pixels`, in this process or a pool of them, without parsing the header
 again.
 
@@ -37,11 +38,24 @@ from pydicom.dataset import Dataset
 from inference_worker.errors import UnusableStudy
 from inference_worker.header import (
     ORIENTATIONS,
+    PRESENCE_TAGS,
+    SCANNED_TAGS,
     InstanceHeader,
+    ScannedAttributes,
     read_header,
     read_selection_header,
 )
-from inference_worker.pixels import InstancePixels, decode_and_resize, describe, into_rgb
+from inference_worker.pixels import (
+    LAYOUT_TAGS,
+    PIXEL_DATA_TAG,
+    InstancePixels,
+    PixelSource,
+    decode_and_resize,
+    describe,
+    into_rgb,
+    native_from_scan,
+)
+from scanwatch.dicom_scan import scan_file
 from schemas import InstanceRef
 
 __all__ = [
@@ -120,8 +134,8 @@ class ChosenSeries:
     number_of_series: int
     study_instance_count: int
     frames: tuple[Frame, ...]  # the slices to score, in order along the normal
-    #: The dataset each header was read from, by SOPInstanceUID (pixel data still in the file).
-    datasets: dict[str, Dataset] = field(default_factory=dict, compare=False, repr=False)
+    #: Where each chosen instance's pixels are, by SOPInstanceUID (see :func:`_read`).
+    sources: dict[str, PixelSource] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -153,14 +167,43 @@ def path_of(storage_uri: str) -> Path:
 _DEFER_BYTES = 4096
 
 
-def _read(ref: InstanceRef) -> tuple[InstanceHeader, Dataset]:
-    """An instance's selection header, and its dataset with the pixel data still in the
-    file."""
+#: What one scan of a file reads: the selection header's attributes and the pixel layout,
+#: and where the pixel data and any functional groups lie.
+_SCAN_VALUES = SCANNED_TAGS | LAYOUT_TAGS
+_SCAN_PLACES = PRESENCE_TAGS | {PIXEL_DATA_TAG}
+
+
+def _read(ref: InstanceRef) -> tuple[InstanceHeader, PixelSource]:
+    """An instance's selection header, and where its pixels are.
+
+    A single-frame native little-endian instance (what MR scanners send) is read by a header
+    scan (:func:`scanwatch.dicom_scan.scan_file`): its selection attributes and the place of its
+    pixel data, with no ``Dataset`` built. Anything else, or anything the scan's reading is not
+    sure of, is parsed by pydicom with the pixel data left in the file."""
+    path = path_of(ref.storage_uri)
     try:
-        ds = pydicom.dcmread(path_of(ref.storage_uri), defer_size=_DEFER_BYTES)
+        scanned = scan_file(path, _SCAN_VALUES, _SCAN_PLACES)
+        header = read_selection_header(ScannedAttributes(scanned.values, scanned.places))
+        native = native_from_scan(scanned.transfer_syntax, scanned.values, scanned.places)
+        if native is not None:
+            return header, native
+    except (OSError, ValueError):  # unreadable, truncated, not scanned: pydicom decides
+        pass
+    try:
+        ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
     except (OSError, pydicom.errors.InvalidDicomError) as exc:
         raise UnusableStudy(f"cannot read instance {ref.SOPInstanceUID}: {exc}") from exc
     return read_selection_header(ds), ds
+
+
+def _full_header(source: PixelSource, path: Path) -> InstanceHeader:
+    """The whole header (patient and study facts too) of the instance a result describes."""
+    if isinstance(source, Dataset):
+        return read_header(source)
+    try:
+        return read_header(pydicom.dcmread(path, stop_before_pixels=True))
+    except (OSError, pydicom.errors.InvalidDicomError) as exc:
+        raise UnusableStudy(f"cannot read instance at {path.name}: {exc}") from exc
 
 
 def _frames_of(ref: InstanceRef, header: InstanceHeader) -> list[Frame]:
@@ -200,28 +243,30 @@ def slices_to_score(frames: list[Frame], max_gap_mm: float | None = None) -> lis
     return [ordered[i] for i in chosen]
 
 
-def read_instances(refs: list[InstanceRef]) -> list[tuple[InstanceHeader, Dataset]]:
+def read_instances(refs: list[InstanceRef]) -> list[tuple[InstanceHeader, PixelSource]]:
     """Each instance's selection header (:func:`~inference_worker.header.read_selection_header`)
-    and its dataset (pixel data left in the file), in ``refs``' order: the study's one parse of
-    each file; the chosen series' full header is read from its dataset."""
+    and where its pixels are (see :func:`_read`), in ``refs``' order: the study's one read of
+    each header."""
     return [_read(ref) for ref in refs]
 
 
 def choose_series(
     refs: list[InstanceRef],
     rules: SelectionRules | None = None,
-    read: list[tuple[InstanceHeader, Dataset]] | None = None,
+    read: list[tuple[InstanceHeader, PixelSource]] | None = None,
 ) -> ChosenSeries:
     """Choose the series to score by ``rules`` and, with :func:`slices_to_score`, its slices,
     from each instance's header (``read``: :func:`read_instances` of ``refs``, read here when
     not given; pixel data is left in the file)."""
     rules = rules or SelectionRules()
     by_series: dict[str, list[tuple[InstanceRef, InstanceHeader]]] = defaultdict(list)
-    datasets: dict[str, Dataset] = {}
-    for ref, (header, ds) in zip(refs, read_instances(refs) if read is None else read, strict=True):
+    sources: dict[str, PixelSource] = {}
+    for ref, (header, source) in zip(
+        refs, read_instances(refs) if read is None else read, strict=True
+    ):
         if header.Modality == "MR":
             by_series[ref.SeriesInstanceUID].append((ref, header))
-            datasets[ref.SOPInstanceUID] = ds
+            sources[ref.SOPInstanceUID] = source
     if not by_series:
         raise UnusableStudy("no MR series in the study")
 
@@ -249,15 +294,16 @@ def choose_series(
     series_uid = max(candidates, key=lambda uid: (described(uid), len(frames[uid])))
     members = by_series[series_uid]
     chosen = slices_to_score(frames[series_uid], rules.max_gap_mm)
-    middle = members[len(members) // 2][0].SOPInstanceUID
+    middle = members[len(members) // 2][0]
     return ChosenSeries(
-        header=read_header(datasets[middle]),  # the patient and study facts: of one instance
+        # The patient and study facts: of one instance.
+        header=_full_header(sources[middle.SOPInstanceUID], path_of(middle.storage_uri)),
         SeriesInstanceUID=series_uid,
         number_of_instances=len(members),
         number_of_series=len({r.SeriesInstanceUID for r in refs}),
         study_instance_count=len(refs),
         frames=tuple(chosen),
-        datasets={f.ref.SOPInstanceUID: datasets[f.ref.SOPInstanceUID] for f in chosen},
+        sources={f.ref.SOPInstanceUID: sources[f.ref.SOPInstanceUID] for f in chosen},
     )
 
 
@@ -266,7 +312,7 @@ def pixel_work(chosen: ChosenSeries) -> list[InstancePixels]:
     (:func:`inference_worker.pixels.decode_and_resize`), row by row in ``chosen.frames``'
     order."""
     return describe(
-        chosen.datasets,
+        chosen.sources,
         {f.ref.SOPInstanceUID: str(path_of(f.ref.storage_uri)) for f in chosen.frames},
         [(f.ref.SOPInstanceUID, f.index, f.slope, f.intercept) for f in chosen.frames],
     )

@@ -18,7 +18,7 @@ for atheris). Input formats: :mod:`dicom_listener.fuzz.seeds`.
 * ``file_meta``: :func:`~dicom_listener.dicom.file_meta.file_meta_bytes` of three values as
   the association decodes them: ``ValueError`` exactly when one is not a UID, else a header
   pydicom reads back to the same values.
-* ``scan``: :func:`~dicom_listener.scan.scan_part10` raises only ``Truncated`` /
+* ``scan``: :func:`~scanwatch.dicom_scan.scan_part10` raises only ``Truncated`` /
   ``Undecodable``; where pydicom reads the whole file (every element within the bytes), the
   scan's values are pydicom's, byte for byte, and it does not call the file truncated.
 * ``store``: the real C-STORE handler with a real file store and outbox: a documented status;
@@ -72,8 +72,8 @@ from dicom_listener.dicom.values import decode_uid
 from dicom_listener.fuzz.seeds import AE_TITLE, associate_rq
 from dicom_listener.handlers import Admission, StoreContext, handle_store
 from dicom_listener.metrics import ListenerMetrics
-from dicom_listener.scan import Truncated, Undecodable, scan_part10
 from dicom_listener.security import AssociationPolicy
+from scanwatch.dicom_scan import Truncated, Undecodable, scan_part10
 from scanwatch.store_layout import is_uid, parse_file_name
 
 #: Every status the C-STORE handler documents (``dicom/statuses.py``).

@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from dicom_listener.scan import Truncated, Undecodable, scan_part10
+from scanwatch.dicom_scan import Truncated, Undecodable, scan_part10
 
 TAGS = {"SOPClassUID": 0x00080016, "SOPInstanceUID": 0x00080018, "Modality": 0x00080060,
         "StudyInstanceUID": 0x0020000D}  # fmt: skip

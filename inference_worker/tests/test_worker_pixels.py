@@ -45,14 +45,20 @@ def study(tmp_path_factory) -> list[Path]:
     return build_mr_study(tmp_path_factory.mktemp("pixels"), n_slices=6)
 
 
-def test_between_ready_and_predict_each_file_is_parsed_once_and_opened_at_most_twice(
+def test_between_ready_and_predict_each_header_is_read_once_and_each_file_opened_twice(
     study, monkeypatch
 ):
-    """The header parse (pixel data deferred), then one read of the pixel data element alone."""
+    """One header scan per file, then one read of the pixel data element alone; pydicom parses
+    only the middle instance's header (the result's patient and study facts), once."""
     paths = {str(p.resolve()) for p in study}
+    scans: Counter[str] = Counter()
     parses: Counter[str] = Counter()
     opens: Counter[str] = Counter()
-    real_dcmread, real_open = pydicom.dcmread, builtins.open
+    real_scan, real_dcmread, real_open = series.scan_file, pydicom.dcmread, builtins.open
+
+    def counting_scan(path, *args, **kwargs):
+        scans[str(Path(path).resolve())] += 1
+        return real_scan(path, *args, **kwargs)
 
     def counting_dcmread(fp, *args, **kwargs):
         parses[str(Path(fp).resolve())] += 1
@@ -67,16 +73,19 @@ def test_between_ready_and_predict_each_file_is_parsed_once_and_opened_at_most_t
 
     class Recording(FakeModel):
         async def predict(self, images):
-            at_predict["parses"], at_predict["opens"] = parses.copy(), opens.copy()
+            at_predict.update(scans=scans.copy(), parses=parses.copy(), opens=opens.copy())
             return await super().predict(images)
 
     ready = ready_for(study)
+    monkeypatch.setattr(series, "scan_file", counting_scan)
     monkeypatch.setattr(series.pydicom, "dcmread", counting_dcmread)
     monkeypatch.setattr(builtins, "open", counting_open)
     asyncio.run(Scorer(Recording(), ListWriter(), retries=0, heatmaps=False).score(ready))
 
-    assert at_predict["parses"] == Counter({p: 1 for p in paths})
-    assert at_predict["opens"] == Counter({p: 2 for p in paths})
+    middle = str(sorted(study)[len(study) // 2].resolve())
+    assert at_predict["scans"] == Counter({p: 1 for p in paths})
+    assert at_predict["parses"] == Counter({middle: 1})
+    assert at_predict["opens"] == Counter({p: 3 if p == middle else 2 for p in paths})
 
 
 def _dataset_like(study: list[Path], tmp_path: Path, **attributes: object) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import mmap
 import struct
+from dataclasses import dataclass
 from pathlib import Path
 
 #: Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
@@ -38,12 +39,21 @@ class Undecodable(ValueError):
 
 
 class _Walker:
-    def __init__(self, buf: _Buffer, explicit: bool, wanted: frozenset[int]) -> None:
+    def __init__(
+        self,
+        buf: _Buffer,
+        explicit: bool,
+        wanted: frozenset[int],
+        placed: frozenset[int] = frozenset(),
+    ) -> None:
         self.buf = buf
         self.size = len(buf)
         self.explicit = explicit
         self.wanted = wanted
+        self.watched = wanted | placed
         self.values: dict[int, bytes] = {}
+        #: (value offset, value length) of each watched top-level element found.
+        self.places: dict[int, tuple[int, int]] = {}
 
     def _header(self, offset: int) -> tuple[int, bytes | None, int, int]:
         """(tag, VR or None, value length, value offset) of the element at ``offset``."""
@@ -74,6 +84,8 @@ class _Walker:
                 if end is not None or depth == 0:
                     raise Undecodable(f"item delimiter at offset {offset}")
                 return value
+            if depth == 0 and tag in self.watched:
+                self.places[tag] = (value, length)
             if length == _UNDEFINED:
                 if vr is not None and vr not in (b"SQ", b"UN", b"OB", b"OW"):
                     raise Undecodable(f"undefined length for VR {vr!r}")
@@ -111,6 +123,11 @@ class _Walker:
 
 def dataset_offset(buf: _Buffer) -> int:
     """Where the dataset starts in a Part 10 file (after the preamble and File Meta)."""
+    return _file_meta(buf)[0]
+
+
+def _file_meta(buf: _Buffer) -> tuple[int, bytes]:
+    """Where the dataset starts in a Part 10 file, and the File Meta's Transfer Syntax UID."""
     if len(buf) < 144 or buf[128:132] != b"DICM" or buf[132:136] != b"\x02\x00\x00\x00":
         raise Undecodable("not a Part 10 file")
     meta_length: int = _U32.unpack_from(buf, 140)[0]  # File Meta Information Group Length
@@ -119,18 +136,23 @@ def dataset_offset(buf: _Buffer) -> int:
     # endian, PS3.10 7.1), which must end exactly there: a wrong one would start the walk
     # inside an element, or past the end, and read values that are not the dataset's.
     offset = 144
+    syntax = b""
     while offset < end:
         if offset + 8 > len(buf) or _TAG.unpack_from(buf, offset)[0] != 0x0002:
             raise Undecodable("File Meta group length does not match its elements")
+        element = _TAG.unpack_from(buf, offset)[1]
         if bytes(buf[offset + 4 : offset + 6]) in _LONG_VRS:
             if offset + 12 > len(buf):
                 raise Undecodable("File Meta ends inside an element")
             offset += 12 + _U32.unpack_from(buf, offset + 8)[0]
         else:
-            offset += 8 + _U16.unpack_from(buf, offset + 6)[0]
+            length = _U16.unpack_from(buf, offset + 6)[0]
+            if element == 0x0010:  # Transfer Syntax UID (UI: a short VR)
+                syntax = bytes(buf[offset + 8 : offset + 8 + length])
+            offset += 8 + length
     if offset != end or (end + 2 <= len(buf) and _U16.unpack_from(buf, end)[0] == 0x0002):
         raise Undecodable("File Meta group length does not match its elements")
-    return end
+    return end, syntax
 
 
 def _walk(buf: _Buffer, explicit_vr: bool, wanted: frozenset[int]) -> dict[int, bytes]:
@@ -154,3 +176,43 @@ def scan_part10(
             raise Undecodable("empty file")
         with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as buf:
             return _walk(buf, explicit_vr, wanted)
+
+
+#: The little-endian transfer syntaxes the scan reads, and whether each has explicit VRs.
+_SCANNED_SYNTAXES = {
+    "1.2.840.10008.1.2": False,  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1": True,  # Explicit VR Little Endian
+}
+
+
+@dataclass(frozen=True)
+class Scanned:
+    """What :func:`scan_file` found in a Part 10 file's top-level dataset."""
+
+    transfer_syntax: str
+    #: The raw values of the wanted elements found with a defined length.
+    values: dict[int, bytes]
+    #: (value offset in the file, value length) of each wanted or placed element found; the
+    #: length is 0xFFFFFFFF for an undefined-length one (a sequence, encapsulated pixel data).
+    places: dict[int, tuple[int, int]]
+
+
+def scan_file(path: Path, wanted: frozenset[int], placed: frozenset[int]) -> Scanned:
+    """The ``wanted`` top-level values of a Part 10 file, and where its ``placed`` elements
+    lie (their values are not read: pixel data), for a file in a native little-endian transfer
+    syntax (the one its File Meta names).
+
+    Raises :class:`Truncated`, or :class:`Undecodable` (also for any other transfer syntax:
+    the caller reads those with pydicom)."""
+    with open(path, "rb", buffering=0) as fp:
+        if fp.seek(0, 2) == 0:
+            raise Undecodable("empty file")
+        with mmap.mmap(fp.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            start, raw_syntax = _file_meta(buf)
+            syntax = raw_syntax.rstrip(b"\x00 ").decode("ascii", "replace")
+            explicit = _SCANNED_SYNTAXES.get(syntax)
+            if explicit is None:
+                raise Undecodable(f"transfer syntax {syntax!r} is not scanned")
+            walker = _Walker(buf, explicit, wanted, placed)
+            walker.dataset(start, 0)
+            return Scanned(syntax, walker.values, walker.places)
