@@ -2,10 +2,15 @@
 and, before the model has answered, the Patient and the ImagingStudy of a study received but not
 yet scored (status ``registered``), so that a patient asking early learns it arrived.
 
-Pure functions, no I/O. Every builder returns a JSON-ready dict that has been validated by the
-``fhir.resources.R4B`` model of its type and is in that model's canonical form, so a resource
-built twice from the same :class:`ScoredStudy` is byte-for-byte the same (the FHIR API then
-stores no new version). Logical ids come from :mod:`scanwatch.ids`, which makes every write an
+Pure functions, no I/O. Every builder returns a JSON-ready dict that is valid for the
+``fhir.resources.R4B`` model of its type and already in that model's canonical form (the form
+the FHIR API stores and returns), so a resource built twice from the same :class:`ScoredStudy`
+is byte-for-byte the same (the FHIR API then stores no new version), and one read back from the
+store compares equal to one built again (:func:`inference_worker.adapters.fhir_writer.
+same_result`). The builders do not run the R4B models themselves: that round trip was a fifth of
+the worker's CPU per study, the FHIR API validates every write, and
+``inference_worker/tests/test_fhir_resources.py`` checks every builder, on many studies, for
+validity and canonical form. Logical ids come from :mod:`scanwatch.ids`, which makes every write an
 idempotent ``PUT``.
 
 The resources carry PHI (patient name, birth date): they go to the FHIR store only, never to
@@ -14,13 +19,10 @@ logs or events.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, tzinfo
 from typing import Any
 from urllib.parse import quote
-
-from fhir.resources.R4B import get_fhir_model_class
 
 from scanwatch import ids
 from scanwatch.fhir_codes import (
@@ -244,7 +246,7 @@ def patient(study: ReceivedStudy) -> dict[str, Any]:
         resource["gender"] = GENDER.get(study.PatientSex.strip().upper(), "unknown")
     if study.PatientBirthDate:
         resource["birthDate"] = study.PatientBirthDate.isoformat()
-    return _validated(resource)
+    return resource
 
 
 def device(study: ScoredStudy) -> dict[str, Any]:
@@ -277,7 +279,7 @@ def device(study: ScoredStudy) -> dict[str, Any]:
             },
         ],
     }
-    return _validated(resource)
+    return resource
 
 
 def imaging_study(study: ReceivedStudy, status: str = IMAGING_STUDY_STATUS) -> dict[str, Any]:
@@ -318,7 +320,7 @@ def imaging_study(study: ReceivedStudy, status: str = IMAGING_STUDY_STATUS) -> d
         resource["started"] = _fhir_datetime(study.started, study.timezone)
     if study.StudyDescription:
         resource["description"] = study.StudyDescription
-    return _validated(resource)
+    return resource
 
 
 def _heatmap_series(heatmaps: HeatmapSeriesRef) -> dict[str, Any]:
@@ -423,7 +425,7 @@ def observation(study: ScoredStudy) -> dict[str, Any]:
     effective = study.acquired or study.started
     if effective is not None:
         resource["effectiveDateTime"] = _fhir_datetime(effective, study.timezone)
-    return _validated(resource)
+    return resource
 
 
 def _evidence_components(evidence: Evidence | None) -> list[dict[str, Any]]:
@@ -487,7 +489,7 @@ def diagnostic_report(study: ScoredStudy) -> dict[str, Any]:
     effective = study.acquired or study.started
     if effective is not None:
         resource["effectiveDateTime"] = _fhir_datetime(effective, study.timezone)
-    return _validated(resource)
+    return resource
 
 
 def provenance(study: ScoredStudy) -> dict[str, Any]:
@@ -495,35 +497,33 @@ def provenance(study: ScoredStudy) -> dict[str, Any]:
     report from the ImagingStudy."""
     key = (study.StudyInstanceUID, study.model_name, study.model_version)
     device_id = ids.device_id(study.model_name, study.model_version)
-    return _validated(
-        {
-            "resourceType": "Provenance",
-            "id": ids.provenance_id(*key),
-            "target": [
-                {"reference": f"Observation/{ids.observation_id(*key)}"},
-                {"reference": f"DiagnosticReport/{ids.diagnostic_report_id(*key)}"},
-            ],
-            "recorded": _fhir_datetime(study.issued, study.timezone),
-            "activity": _concept(DATA_OPERATION_SYSTEM, "CREATE", "create"),
-            "agent": [
-                {
-                    "type": _concept(PARTICIPANT_TYPE_SYSTEM, "assembler", "Assembler"),
-                    "who": {
-                        "reference": f"Device/{device_id}",
-                        "display": f"{study.model_name} v{study.model_version}",
-                    },
-                }
-            ],
-            "entity": [
-                {
-                    "role": "source",
-                    "what": {
-                        "reference": f"ImagingStudy/{ids.imaging_study_id(study.StudyInstanceUID)}"
-                    },
-                }
-            ],
-        }
-    )
+    return {
+        "resourceType": "Provenance",
+        "id": ids.provenance_id(*key),
+        "target": [
+            {"reference": f"Observation/{ids.observation_id(*key)}"},
+            {"reference": f"DiagnosticReport/{ids.diagnostic_report_id(*key)}"},
+        ],
+        "recorded": _fhir_datetime(study.issued, study.timezone),
+        "activity": _concept(DATA_OPERATION_SYSTEM, "CREATE", "create"),
+        "agent": [
+            {
+                "type": _concept(PARTICIPANT_TYPE_SYSTEM, "assembler", "Assembler"),
+                "who": {
+                    "reference": f"Device/{device_id}",
+                    "display": f"{study.model_name} v{study.model_version}",
+                },
+            }
+        ],
+        "entity": [
+            {
+                "role": "source",
+                "what": {
+                    "reference": f"ImagingStudy/{ids.imaging_study_id(study.StudyInstanceUID)}"
+                },
+            }
+        ],
+    }
 
 
 # --- Helpers ---------------------------------------------------------------------------------
@@ -591,14 +591,10 @@ def _accession(accession: str) -> dict[str, Any]:
 
 
 def _fhir_datetime(value: datetime, tz: tzinfo) -> str:
-    """FHIR dateTime/instant: a time needs a zone, so naive DICOM times get ``tz``."""
+    """FHIR dateTime/instant to the millisecond, in the R4B models' canonical form (``Z`` for
+    UTC; six fraction digits when there is a fraction): a time needs a zone, so naive DICOM
+    times get ``tz``."""
     if value.tzinfo is None:
         value = value.replace(tzinfo=tz)
-    return value.isoformat(timespec="milliseconds" if value.microsecond else "seconds")
-
-
-def _validated(resource: dict[str, Any]) -> dict[str, Any]:
-    """Validate with the R4B model and return its canonical JSON form."""
-    model = get_fhir_model_class(resource["resourceType"]).model_validate(resource)
-    canonical: dict[str, Any] = json.loads(model.model_dump_json())
-    return canonical
+    text = value.replace(microsecond=value.microsecond // 1000 * 1000).isoformat()
+    return text.removesuffix("+00:00") + "Z" if text.endswith("+00:00") else text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from datetime import UTC, date, datetime, timedelta, timezone
 
 import pytest
@@ -68,6 +69,60 @@ def test_resources_come_in_dependency_order_and_validate_as_r4b() -> None:
     for resource in resources:
         model = get_fhir_model_class(resource["resourceType"]).model_validate(resource)
         assert model.id == resource["id"]
+
+
+def canonical(resource: dict) -> dict:
+    """``resource`` validated by its R4B model, in that model's JSON form (what the FHIR API
+    stores and gives back)."""
+    model = get_fhir_model_class(resource["resourceType"]).model_validate(resource)
+    return json.loads(model.model_dump_json())
+
+
+_EVIDENCE = fr.Evidence("top_3_mean", "1.2.826.0.1.3680043.8.498.7", 4, 0.93)
+_HEATMAPS = fr.HeatmapSeriesRef(
+    SeriesInstanceUID="1.2.826.0.1.3680043.8.498.9",
+    SOPInstanceUIDs=("1.2.826.0.1.3680043.8.498.9.1", "1.2.826.0.1.3680043.8.498.9.2"),
+    SOPClassUID="1.2.840.10008.5.1.4.1.1.7",
+    SeriesNumber=9001,
+    SeriesDescription="AI heatmap",
+)
+#: Studies that differ in everything a builder formats: times (UTC or not, with a fraction or
+#: none, beyond the millisecond), optional DICOM attributes, evidence and heatmaps.
+STUDIES = {
+    "full": {},
+    "evidence and heatmaps": {"evidence": _EVIDENCE, "heatmaps": _HEATMAPS},
+    "microseconds": {"issued": datetime(2025, 3, 4, 9, 17, 42, 123456, tzinfo=UTC)},
+    "whole seconds": {"issued": datetime(2025, 3, 4, 9, 17, 42, tzinfo=UTC)},
+    "issued in +05:30": {
+        "issued": datetime(
+            2025, 3, 4, 9, 17, 42, 5000, tzinfo=timezone(timedelta(hours=5, minutes=30))
+        )
+    },  # fmt: skip
+    "acquired with a fraction, in UTC": {
+        "acquired": datetime(2025, 3, 4, 10, 15, 0, 500000),
+        "timezone": UTC,
+    },
+    "minimal": {
+        "IssuerOfPatientID": None,
+        "PatientName": None,
+        "PatientSex": None,
+        "PatientBirthDate": None,
+        "AccessionNumber": None,
+        "StudyDescription": None,
+        "started": None,
+        "acquired": None,
+        "series": fr.ScoredSeries(SERIES_UID, "MR", 1, None, None),
+    },
+    "odd name and sex": {"PatientName": "=Yamada^Tarou", "PatientSex": "O"},
+}
+
+
+@pytest.mark.parametrize("changes", STUDIES.values(), ids=STUDIES.keys())
+def test_every_resource_is_valid_r4b_in_its_canonical_form(changes: dict) -> None:
+    """The builders skip the R4B round trip: what they make must already be what it gives."""
+    study = make_study(**changes)
+    for resource in [*fr.registered_resources_for(study), *fr.all_resources_for(study)]:
+        assert resource == canonical(resource), resource["resourceType"]
 
 
 def test_ids_are_deterministic_and_from_scanwatch_ids() -> None:
