@@ -1,15 +1,23 @@
 """Image preprocessing shared by training and the inference worker.
 
 One function turns a stored MR slice into the model's input, so that what the model saw in
-training is exactly what it sees in production. Numpy and scipy only: the worker must not need
-TensorFlow to prepare images.
+training is exactly what it sees in production: :func:`preprocess_grey_stack` for a stack of
+same-shaped slices, :func:`preprocess_grey` and :func:`preprocess_slice` (training) for one, the
+same values to the bit. Numpy only: the worker must not need TensorFlow to prepare images.
+
+The steps are defined by the float64 functions below (:func:`to_modality_values`,
+:func:`normalise_intensity` with :func:`stored_robust_range`, :func:`bilinear_zoom` of the
+zero-padded square); the fused float32 pipeline gives their values to float32 rounding
+(tests/unit/test_imaging.py bounds the difference) at about a third of their CPU.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import numpy as np
+import numpy.typing as npt
 
 #: Percentiles used for robust intensity normalisation (ignore a few hot or dead pixels).
 LOW_PERCENTILE = 0.5
@@ -57,44 +65,27 @@ def stored_robust_range(
     """
     if stored.dtype.kind not in "ui" or stored.dtype.itemsize > 2 or not slope > 0:
         return None
-    flat = stored.ravel()
-    lowest = int(flat.min())
-    # bincount takes non-negative integers: count from the minimum (signed: in int32).
-    shifted = flat.astype(np.int32) - lowest if stored.dtype.kind == "i" else flat - lowest
-    counts = np.bincount(shifted)
-    foreground = np.cumsum(counts[1:])  # the values above the slice minimum
-    n = int(foreground[-1]) if foreground.size else 0
-    if n == 0:
-        return None
-    bounds = []
-    for q in (LOW_PERCENTILE, HIGH_PERCENTILE):
-        # np.percentile's default ("linear"): the order statistics around q/100 * (n - 1).
-        virtual = q / 100 * (n - 1)
-        below = int(np.floor(virtual))
-        ranks = np.searchsorted(foreground, [below, min(below + 1, n - 1)], side="right")
-        # The float32 modality values, interpolated in float64 as np.percentile does.
-        a, b = to_modality_values(ranks + 1 + lowest, slope, intercept).astype(np.float64)
-        gamma = virtual - below
-        bounds.append(b - (b - a) * (1 - gamma) if gamma >= 0.5 else a + (b - a) * gamma)
-    return bounds[0], bounds[1]
+    low, high, found = _histogram_ranges(
+        stored.reshape(1, -1), np.array([slope], np.float64), np.array([intercept], np.float64)
+    )
+    # float64 scalars, as before: normalise_intensity then computes in float64.
+    return (low[0], high[0]) if found[0] else None
 
 
 def square_resize(image: np.ndarray, size: int) -> np.ndarray:
-    """Zero-pad a 2-D image to a centred square, then resize it bilinearly to ``size``²."""
-    rows, cols = image.shape
-    side = max(rows, cols)
-    padded = np.zeros((side, side), dtype=np.float32)
-    top, left = (side - rows) // 2, (side - cols) // 2
-    padded[top : top + rows, left : left + cols] = image
-    if side == size:
-        return padded
-    return bilinear_zoom(padded, size)
+    """Zero-pad a 2-D image to a centred square, then resize it bilinearly to ``size``²
+    (float32): :func:`bilinear_zoom` of the padded square, computed in float32 with the padding
+    folded into the taps (equal to it within float32 rounding)."""
+    if image.ndim != 2:
+        raise ValueError(f"expected a 2-D image, got shape {image.shape}")
+    return _resize(image.astype(np.float32)[None], size)[0]
 
 
 def bilinear_zoom(square: np.ndarray, size: int) -> np.ndarray:
     """``scipy.ndimage.zoom(square, size / side, order=1, mode="nearest", grid_mode=True)``
     (pixel centres aligned; coordinates beyond the edge take the edge pixel; float64
-    arithmetic, float32 out) as two separable gathers, at about half its CPU. The values are
+    arithmetic, float32 out) as two separable gathers: the reference resize, which
+    :func:`square_resize` and :func:`preprocess_grey_stack` give to float32 rounding. The values are
     zoom's to float32's last bit: the float64 sums are added in another order, which rounds a
     rare pixel (about 1 in 50 000) one unit in the last place the other way."""
     side = square.shape[0]
@@ -129,9 +120,194 @@ def preprocess_grey(
     stored: np.ndarray, size: int, slope: float = 1.0, intercept: float = 0.0
 ) -> np.ndarray:
     """:func:`preprocess_slice`'s one grey channel, float32 ``(size, size)`` (whoever stacks
-    many slices repeats it into three channels once, in place)."""
+    many slices repeats it into three channels once, in place): :func:`preprocess_grey_stack`
+    of a stack of one, so a slice comes out the same alone or in a stack, to the bit."""
     if stored.ndim != 2:
         raise ValueError(f"expected a 2-D slice, got shape {stored.shape}")
-    values = to_modality_values(stored, slope, intercept)
-    image = normalise_intensity(values, stored_robust_range(stored, slope, intercept))
-    return square_resize(image, size)
+    return preprocess_grey_stack(stored[None], size, slope, intercept)[0]
+
+
+def preprocess_grey_stack(
+    stored: np.ndarray,
+    size: int,
+    slopes: float | Sequence[float] | np.ndarray = 1.0,
+    intercepts: float | Sequence[float] | np.ndarray = 0.0,
+) -> npt.NDArray[np.float32]:
+    """:func:`preprocess_grey` of each slice of a stack ``(n, rows, columns)`` of same-shaped
+    stored slices: float32 ``(n, size, size)``, in a few numpy calls per few slices.
+
+    ``slopes``, ``intercepts``: Rescale Slope and Intercept, one for all slices or one per
+    slice; each slice keeps its own robust range. The steps of the reference pipeline
+    (:func:`to_modality_values`, :func:`normalise_intensity` with the range of
+    :func:`stored_robust_range`, :func:`square_resize` as :func:`bilinear_zoom` of the
+    zero-padded square, in float64) are fused in float32: the stored values less the value
+    that normalises to 0, clipped in place to the span that normalises to [0, 255]; the
+    bilinear resize with the square's padding folded into its taps (a tap in the padding has
+    weight 0: no padded square); the scale to [0, 255] applied to the resized image. The
+    outputs differ from the reference's by float32 rounding only (a few units in the last place
+    of 255 on MR slices; tests/unit/test_imaging.py bounds it).
+    """
+    if stored.ndim != 3:
+        raise ValueError(f"expected a stack of 2-D slices, got shape {stored.shape}")
+    count, rows, columns = stored.shape
+    slope = np.broadcast_to(np.asarray(slopes, dtype=np.float64), (count,))
+    intercept = np.broadcast_to(np.asarray(intercepts, dtype=np.float64), (count,))
+    images = np.empty((count, size, size), np.float32)
+    if count == 0:
+        return images
+    zero, lowest, highest, scale = _normalisation(stored, slope, intercept)
+    # A few slices at a time, so that each step's arrays stay in the core's cache.
+    step = max(1, _CHUNK_PIXELS // max(rows * columns, size * size, 1))
+    for start in range(0, count, step):
+        part = slice(start, start + step)
+        # Less the value that normalises to 0, clipped to the range that normalises to
+        # [0, 255] (per slice: arrays broadcast along the slices only, numpy's fast loops).
+        values = stored[part].astype(np.float32)
+        values -= zero[part, None, None]
+        np.clip(values, lowest[part, None, None], highest[part, None, None], out=values)
+        np.multiply(_resize(values, size), scale[part, None, None], out=images[part])
+        np.minimum(images[part], np.float32(255.0), out=images[part])
+    return images
+
+
+#: Empty histogram bins below a slice's minimum that cost less than subtracting it.
+_EMPTY_BINS = 4096
+
+#: Stored pixels preprocessed together (about five 233 x 197 MR slices, 1 MB of float32).
+_CHUNK_PIXELS = 1 << 18
+
+
+def _normalisation(
+    stored: np.ndarray, slope: np.ndarray, intercept: np.ndarray
+) -> tuple[np.ndarray, ...]:
+    """Per slice, float32 ``zero``, ``lowest``, ``highest`` and ``scale``:
+    ``clip(stored - zero, lowest, highest) * scale`` is :func:`normalise_intensity`'s value of
+    the modality values (the robust range ``[low, high]`` to [0, 255], clipped). A slice
+    without foreground (constant) gets zeros: its image is all zeros."""
+    low, high, found = _robust_ranges(stored, slope, intercept)
+    high = np.where(high <= low, low + 1.0, high)
+    scale = np.where(found, slope * (255.0 / (high - low)), 0.0)
+    usable = scale != 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        zero = np.where(usable, (low - intercept) / slope, 0.0)
+        span = np.where(usable, 255.0 / scale, 0.0)
+    lowest, highest = np.minimum(span, 0.0), np.maximum(span, 0.0)
+    return tuple(x.astype(np.float32) for x in (zero, lowest, highest, scale))
+
+
+def _robust_ranges(
+    stored: np.ndarray, slope: np.ndarray, intercept: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each slice's robust range of its modality values (float64 ``low``, ``high``) and
+    whether it has one (False: a constant slice, no foreground): :func:`stored_robust_range`
+    where it applies, else :func:`normalise_intensity`'s percentiles of the foreground."""
+    count = stored.shape[0]
+    histogram = stored.dtype.kind in "ui" and stored.dtype.itemsize <= 2
+    if histogram:
+        low, high, found = _histogram_ranges(stored, slope, intercept)
+    else:
+        low, high, found = np.zeros(count), np.zeros(count), np.zeros(count, dtype=bool)
+    for index in range(count):
+        if histogram and slope[index] > 0:
+            continue
+        values = to_modality_values(stored[index], slope[index], intercept[index])
+        foreground = values[values > values.min()]
+        found[index] = foreground.size > 0
+        if found[index]:
+            low[index], high[index] = np.percentile(foreground, [LOW_PERCENTILE, HIGH_PERCENTILE])
+    return low, high, found
+
+
+def _histogram_ranges(
+    stored: np.ndarray, slope: np.ndarray, intercept: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_robust_ranges` of an integer stack of at most 16 bits (meaningful where the
+    slope is positive), from each slice's histogram instead of a sort: the same order
+    statistics, interpolated in float64 as np.percentile does, give np.percentile's range."""
+    count = stored.shape[0]
+    flat = stored.reshape(count, -1)
+    base = 0
+    if stored.dtype.kind == "i":
+        # Signed: flipping the sign bit maps the values onto the unsigned ones, in order.
+        bits = stored.dtype.itemsize * 8
+        unsigned = np.dtype(f"u{stored.dtype.itemsize}")
+        flat = flat.view(unsigned) ^ unsigned.type(1 << (bits - 1))
+        base = 1 << (bits - 1)
+    lowest = flat.min(axis=1)
+    # Each slice's counts of its values from an origin up: 0, or its minimum where counting
+    # from 0 would make a long run of empty bins first.
+    origin = np.where(lowest > _EMPTY_BINS, lowest, 0)
+    rows = [
+        np.bincount(values - first if first else values)
+        for values, first in zip(flat, origin.tolist(), strict=True)
+    ]
+    width = max(len(row) for row in rows)
+    counts = np.zeros((count, width), dtype=np.intp)
+    for index, row in enumerate(rows):
+        counts[index, : len(row)] = row
+    # Cumulative counts over the rows end to end: one searchsorted finds every slice's ranks.
+    total = counts.cumsum(axis=None)
+    starts = np.arange(count) * width
+    before = total[starts + (lowest - origin)]  # the slices before, and this one's minimum
+    foreground = total[starts + width - 1] - before
+    last = np.maximum(foreground, 1) - 1
+    lowest_value = origin.astype(np.int64) - base
+    bounds = []
+    for q in (LOW_PERCENTILE, HIGH_PERCENTILE):
+        # np.percentile's default ("linear"): the order statistics around q/100 * (n - 1).
+        virtual = q / 100 * last
+        below = np.floor(virtual).astype(np.intp)
+        ranks = np.stack([below, np.minimum(below + 1, last)])
+        # The first value above the minimum whose count, with those below it, passes the rank.
+        position = np.searchsorted(total, before + ranks, side="right") - starts
+        # The float32 modality values, interpolated in float64 as np.percentile does.
+        a, b = (
+            ((lowest_value + position).astype(np.float32) * slope.astype(np.float32))
+            + intercept.astype(np.float32)
+        ).astype(np.float64)
+        gamma = virtual - below
+        bounds.append(np.where(gamma >= 0.5, b - (b - a) * (1 - gamma), a + (b - a) * gamma))
+    return bounds[0], bounds[1], foreground > 0
+
+
+def _resize(values: npt.NDArray[np.float32], size: int) -> npt.NDArray[np.float32]:
+    """:func:`square_resize` of each slice of ``values`` ``(n, rows, columns)``: float32
+    ``(n, size, size)``, without the padded square (a tap in the padding has weight 0). Each
+    step runs over whole contiguous arrays (weights broadcast along the slices only): numpy's
+    fast loops, not one short loop per row."""
+    count, rows, columns = values.shape
+    side = max(rows, columns)
+    if not rows == size == side:
+        first, w_first, second, w_second = _padded_taps(rows, side, size)
+        along = values[:, first]
+        along *= w_first[:, None]
+        following = values[:, second]
+        following *= w_second[:, None]
+        along += following
+        values = along
+    if not columns == size == side:
+        first, w_first, second, w_second = _padded_taps(columns, side, size)
+        across = np.take(values, first, axis=2)
+        across *= w_first
+        following = np.take(values, second, axis=2)
+        following *= w_second
+        across += following
+        values = across
+    return values
+
+
+@functools.lru_cache(maxsize=32)
+def _padded_taps(
+    length: int, side: int, size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_bilinear_taps` of the ``side``-long padded axis, mapped onto the ``length``
+    values it pads (centred): per output index, the two input indices and their float32
+    weights; a tap in the padding reads a zero, so it keeps an index in range and weight 0."""
+    rows, weights, following = _bilinear_taps(side, size)
+    pad = (side - length) // 2
+    taps = []
+    for index, weight in ((rows, 1 - weights), (following, weights)):
+        inside = (index >= pad) & (index < pad + length)
+        taps.append(np.clip(index - pad, 0, length - 1))
+        taps.append(np.where(inside, weight, 0.0).astype(np.float32))
+    return taps[0], taps[1], taps[2], taps[3]
