@@ -24,7 +24,7 @@ from services.fhir_api.audit import Audit
 from services.fhir_api.bundles import INCLUDE_TYPES, history, parse_history, searchset
 from services.fhir_api.capability import capability_statement, issuer_root, smart_configuration
 from services.fhir_api.clinical import check_author, check_signed_result, require_if_match
-from services.fhir_api.compartment import check_patient_members, compartment_of
+from services.fhir_api.compartment import Compartment, check_patient_members, compartment_of
 from services.fhir_api.config import Settings
 from services.fhir_api.deps import (
     AuditDep,
@@ -50,9 +50,10 @@ from services.fhir_api.errors import (
 )
 from services.fhir_api.resources import Stored
 from services.fhir_api.search import INCLUDES, REVINCLUDES, parse_search
-from services.fhir_api.store import ResourceStore
+from services.fhir_api.store import ResourceStore, WriteResult
 from services.fhir_api.subscriptions import check_subscription
 from services.fhir_api.transactions import (
+    condition_key,
     practitioner_writes,
     run_transaction,
     single_match,
@@ -189,27 +190,46 @@ async def create(
     base: BaseUrl,
 ) -> Response:
     body = await read_body(request)
-    if condition := request.headers.get("if-none-exist"):
-        # The match is a search: a patient-bound token finds only its own compartment's.
-        reading = compartment_of(grant, resource_type, READ)
-        existing = await run_in_threadpool(single_match, store, resource_type, condition, reading)
-        if existing is not None:
-            return resource_response(existing, request, base, 200)
-    raw = json_object(body)
-    if raw.get("resourceType") != resource_type:
-        raise FhirError(
-            400, f"resourceType {raw.get('resourceType')!r} does not match the URL", INVALID
-        )
-    raw["id"] = str(uuid.uuid4())  # create: the server assigns the id
-    resource = prepare(validated(resource_type, raw), grant)
-    if rule is not None:
-        rule.check_created(resource)
-    extra = practitioner_writes(grant, [resource_type])
-    results = await run_in_threadpool(store_all, store, [(resource, None)], extra)
+    condition = request.headers.get("if-none-exist")
+    existing, results = await run_in_threadpool(
+        _create, store, grant, resource_type, rule, body, condition
+    )
+    if existing is not None:
+        return resource_response(existing, request, base, 200)
     for result in results:
         if result.changed:  # the created resource always is; its Practitioner when created
             subscriptions.resource_written(result.stored)
     return resource_response(results[-1].stored, request, base, 201)
+
+
+def _create(
+    store: ResourceStore,
+    grant: Grant,
+    resource_type: str,
+    rule: Compartment | None,
+    body: bytes,
+    condition: str | None,
+) -> tuple[Stored | None, list[WriteResult]]:
+    """A create: (the one match of ``condition``, If-None-Exist, and nothing written) or (None,
+    what was written). The condition is held from its search to the write."""
+    held = [condition_key(resource_type, condition)] if condition else []
+    with store.conditions_locked(held):
+        if condition:
+            # The match is a search: a patient-bound token finds only its own compartment's.
+            reading = compartment_of(grant, resource_type, READ)
+            if (existing := single_match(store, resource_type, condition, reading)) is not None:
+                return existing, []
+        raw = json_object(body)
+        if raw.get("resourceType") != resource_type:
+            raise FhirError(
+                400, f"resourceType {raw.get('resourceType')!r} does not match the URL", INVALID
+            )
+        raw["id"] = str(uuid.uuid4())  # create: the server assigns the id
+        resource = prepare(validated(resource_type, raw), grant)
+        if rule is not None:
+            rule.check_created(resource)
+        extra = practitioner_writes(grant, [resource_type])
+        return None, store_all(store, [(resource, None)], extra)
 
 
 # --- instance level --------------------------------------------------------------------------

@@ -9,8 +9,10 @@ violation) is retried.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -38,6 +40,10 @@ from services.fhir_api.resources import Stored, instant, without_server_meta
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+#: A conditional write's lock (PostgreSQL): the first key names the kind, the second the
+#: condition (:meth:`ResourceStore.conditions_locked`).
+_CONDITION_LOCK = text("SELECT pg_advisory_lock(1397506627, hashtext(:key))")
+_IN_MEMORY_CONDITIONS = threading.Lock()
 #: Attempts of one write when a concurrent writer wins a race (PostgreSQL).
 WRITE_ATTEMPTS = 3
 #: The columns a read returns: what :class:`Stored` needs, selected without building ORM objects
@@ -129,6 +135,38 @@ class ResourceStore:
         """Raises when the database does not answer."""
         with self.reading() as connection:
             connection.execute(text("SELECT 1")).one()
+
+    @contextmanager
+    def conditions_locked(self, conditions: Iterable[str]) -> Iterator[None]:
+        """Hold the ``conditions`` (``Type?search``, as :func:`~services.fhir_api.transactions.
+        condition_key` writes them) against every other writer conditional on one of them, from
+        the search that finds no match to the write that creates: two clients that create "if
+        none exists" at once would otherwise both find none and both create.
+
+        PostgreSQL: a session-level advisory lock per condition (the two-key form, a key space
+        apart from the per-resource locks of :meth:`_lock`), on a connection held meanwhile,
+        taken in sorted order. SQLite: one exclusive ``flock`` on a file beside the database,
+        which serialises every API process's conditional writes (threads too: each opens the
+        file), or a process-wide lock for an in-memory database."""
+        keys = sorted(set(conditions))
+        if not keys:
+            yield
+        elif self.backend == "postgresql":
+            with self.engine.connect() as connection:
+                connection = connection.execution_options(isolation_level="AUTOCOMMIT")
+                try:
+                    for key in keys:
+                        connection.execute(_CONDITION_LOCK, {"key": key})
+                    yield
+                finally:
+                    connection.execute(text("SELECT pg_advisory_unlock_all()"))
+        elif database := self.engine.url.database:
+            with open(f"{database}.conditions.lock", "a") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+                yield
+        else:
+            with _IN_MEMORY_CONDITIONS:
+                yield
 
     @contextmanager
     def reading(self) -> Iterator[Connection]:

@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlencode
 
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
@@ -139,6 +139,13 @@ def conditional_match(
     where = [*query.where, *([rule.clause()] if rule is not None else [])]
     _total, found = store.search(resource_type, where, query.order_by, 2, 0, 2)
     return found
+
+
+def condition_key(resource_type: str, condition: str) -> str:
+    """One name for a condition however its parameters are ordered: what
+    :meth:`ResourceStore.conditions_locked` holds."""
+    items = sorted(parse_qsl(condition.lstrip("?"), keep_blank_values=True))
+    return f"{resource_type}?{urlencode(items)}"
 
 
 def single_match(
@@ -334,12 +341,17 @@ def _rewrite(
     return rewritten
 
 
+def parse_transaction(raw: dict[str, Any], grant: Grant) -> list[Entry]:
+    """Every entry of a transaction Bundle read and its access checked; nothing looked up."""
+    return [_parse_entry(i, entry, grant) for i, entry in enumerate(_entries(raw))]
+
+
 def plan_transaction(
-    raw: dict[str, Any], grant: Grant, store: ResourceStore, prepare: Prepare
+    entries: list[Entry], grant: Grant, store: ResourceStore, prepare: Prepare
 ) -> list[Entry]:
-    """Every entry of a transaction Bundle resolved and checked, in request order; raises the
-    first refusal (nothing is written). Looks conditions up in ``store`` (runs in a thread)."""
-    entries = [_parse_entry(i, entry, grant) for i, entry in enumerate(_entries(raw))]
+    """Every entry of a transaction Bundle (:func:`parse_transaction`) resolved and checked, in
+    request order; raises the first refusal (nothing is written). Looks conditions up in
+    ``store`` (runs in a thread)."""
     # The spec's order: POST, then PUT (DELETE and GET are not served).
     for entry in sorted(entries, key=lambda e: e.method != "POST"):
         with _naming(entry.where):
@@ -402,14 +414,18 @@ def _response_entry(stored: Stored, status: str) -> dict[str, Any]:
 def _write(
     raw: dict[str, Any], grant: Grant, store: ResourceStore, prepare: Prepare
 ) -> tuple[list[Entry], list[WriteResult], list[WriteResult]]:
-    """Plan, then store: (entries, the Practitioner ensured, each writing entry's result)."""
-    entries = plan_transaction(raw, grant, store, prepare)
-    writing = [e for e in entries if e.existing is None]
-    writes = require_if_match(grant, [(e.checked, e.version) for e in writing])
-    extra = practitioner_writes(grant, [e.resource_type for e in writing])
-    where = {e.key: e.where for e in writing}
-    create_only = frozenset(e.key for e in writing if e.create_only)
-    results = store_all(store, writes, extra, where, create_only) if writes else []
+    """Plan, then store: (entries, the Practitioner ensured, each writing entry's result). The
+    conditions of conditional creates and updates are held from their search to the write."""
+    entries = parse_transaction(raw, grant)
+    conditions = [condition_key(e.resource_type, e.condition) for e in entries if e.condition]
+    with store.conditions_locked(conditions):
+        entries = plan_transaction(entries, grant, store, prepare)
+        writing = [e for e in entries if e.existing is None]
+        writes = require_if_match(grant, [(e.checked, e.version) for e in writing])
+        extra = practitioner_writes(grant, [e.resource_type for e in writing])
+        where = {e.key: e.where for e in writing}
+        create_only = frozenset(e.key for e in writing if e.create_only)
+        results = store_all(store, writes, extra, where, create_only) if writes else []
     return entries, results[: len(extra)], results[len(extra) :]
 
 

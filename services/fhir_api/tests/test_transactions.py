@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -315,3 +317,33 @@ def test_transactions_and_their_answers_validate(client: TestClient, tmp_path: P
     assert kinds == ["transaction", "transaction-response"] * 3
     issues = _validate(exchanged, tmp_path)
     assert {name: _errors(found) for name, found in issues.items()} == {name: [] for name in issues}
+
+
+@pytest.mark.parametrize("how", ["header", "ifNoneExist", "conditional update"])
+def test_concurrent_conditional_creates_make_one_resource(client: TestClient, how: str) -> None:
+    """Eight clients at once create the same patient, each only if none exists: one is created,
+    and every answer names it (the match and the write are one step, per condition)."""
+    value = f"R-{how}"
+    condition = f"identifier={SYSTEM}|{value}"
+    start = threading.Barrier(8)
+
+    def create(_: int) -> httpx.Response:
+        start.wait()
+        if how == "header":
+            headers = {**HEADERS, "If-None-Exist": condition}
+            return client.post("/fhir/Patient", json=patient(value), headers=headers)
+        if how == "ifNoneExist":
+            return send(client, post(patient(value), ifNoneExist=condition))
+        return send(client, put(patient(value), f"Patient?{condition}"))
+
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(create, range(8)))
+    assert all(r.is_success for r in responses), [r.text for r in responses]
+    (created,) = search(client, f"Patient?{condition}")
+    for response in responses:
+        body = response.json()
+        if body["resourceType"] == "Bundle":
+            location = body["entry"][0]["response"]["location"]
+            assert location.startswith(f"Patient/{created['id']}/_history/"), location
+        else:
+            assert body["id"] == created["id"]
