@@ -281,3 +281,30 @@ def test_patient_and_study_facts_are_read_of_one_instance_only(study, monkeypatc
     chosen = series.choose_series(refs)
     assert len(read) == 1 and chosen.header == real(pydicom.dcmread(study[len(study) // 2]))
     assert chosen.header.PatientID and chosen.header.acquired is not None
+
+
+def test_images_of_several_shapes_are_stacked_apart_and_keep_their_rows(
+    study, tmp_path, monkeypatch
+):
+    """Same-shaped images are preprocessed a stack at a time; each row stays where it was."""
+    monkeypatch.setattr(pixels, "STACK_SLICES", 2)  # full stacks and a partial one
+    rng = np.random.default_rng(3)
+    paths = []
+    for n, path in enumerate(study):
+        if n % 2:  # every other instance a smaller, signed image
+            ds = pydicom.dcmread(path)
+            values = rng.integers(-500, 1500, (50, 70), dtype=np.int16)
+            ds.Rows, ds.Columns, ds.PixelRepresentation = 50, 70, 1
+            ds.PixelData = values.tobytes()
+            path = tmp_path / f"small{n}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    sources, files, images, expected = {}, {}, [], []
+    for path in paths:
+        ds = pydicom.dcmread(path, defer_size=series._DEFER_BYTES)
+        sources[ds.SOPInstanceUID], files[ds.SOPInstanceUID] = ds, str(path)
+        images.append((ds.SOPInstanceUID, None, 2.0, -1.0))
+        expected.append(imaging.preprocess_grey(pydicom.dcmread(path).pixel_array, 32, 2.0, -1.0))
+    decoded = decode_and_resize(describe(sources, files, images), 32)
+    assert decoded.rows == tuple(range(len(paths)))
+    np.testing.assert_array_equal(decoded.images, np.stack(expected))
