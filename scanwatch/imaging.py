@@ -78,7 +78,7 @@ def square_resize(image: np.ndarray, size: int) -> np.ndarray:
     folded into the taps (equal to it within float32 rounding)."""
     if image.ndim != 2:
         raise ValueError(f"expected a 2-D image, got shape {image.shape}")
-    return _resize(image.astype(np.float32)[None], size)[0]
+    return np.ascontiguousarray(_resize(image.astype(np.float32), size))
 
 
 def bilinear_zoom(square: np.ndarray, size: int) -> np.ndarray:
@@ -134,7 +134,7 @@ def preprocess_grey_stack(
     intercepts: float | Sequence[float] | np.ndarray = 0.0,
 ) -> npt.NDArray[np.float32]:
     """:func:`preprocess_grey` of each slice of a stack ``(n, rows, columns)`` of same-shaped
-    stored slices: float32 ``(n, size, size)``, in a few numpy calls per few slices.
+    stored slices: float32 ``(n, size, size)``, in a dozen numpy calls a slice.
 
     ``slopes``, ``intercepts``: Rescale Slope and Intercept, one for all slices or one per
     slice; each slice keeps its own robust range. The steps of the reference pipeline
@@ -149,32 +149,24 @@ def preprocess_grey_stack(
     """
     if stored.ndim != 3:
         raise ValueError(f"expected a stack of 2-D slices, got shape {stored.shape}")
-    count, rows, columns = stored.shape
+    count = stored.shape[0]
     slope = np.broadcast_to(np.asarray(slopes, dtype=np.float64), (count,))
     intercept = np.broadcast_to(np.asarray(intercepts, dtype=np.float64), (count,))
     images = np.empty((count, size, size), np.float32)
     if count == 0:
         return images
     zero, lowest, highest, scale = _normalisation(stored, slope, intercept)
-    # A few slices at a time, so that each step's arrays stay in the core's cache.
-    step = max(1, _CHUNK_PIXELS // max(rows * columns, size * size, 1))
-    for start in range(0, count, step):
-        part = slice(start, start + step)
-        # Less the value that normalises to 0, clipped to the range that normalises to
-        # [0, 255] (per slice: arrays broadcast along the slices only, numpy's fast loops).
-        values = stored[part].astype(np.float32)
-        values -= zero[part, None, None]
-        np.clip(values, lowest[part, None, None], highest[part, None, None], out=values)
-        np.multiply(_resize(values, size), scale[part, None, None], out=images[part])
-        np.minimum(images[part], np.float32(255.0), out=images[part])
+    for index in range(count):
+        # Less the value that normalises to 0, clipped to the span that normalises to
+        # [0, 255]; resized; scaled to [0, 255]. One slice at a time: its arrays stay in the
+        # core's cache (measured cheaper than five at a time).
+        values = stored[index].astype(np.float32)
+        values -= zero[index]
+        np.clip(values, lowest[index], highest[index], out=values)
+        np.multiply(_resize(values, size), scale[index], out=images[index])
+    # Two float32 taps can sum a hair above the span: 255.00002 at most.
+    np.minimum(images, np.float32(255.0), out=images)
     return images
-
-
-#: Empty histogram bins below a slice's minimum that cost less than subtracting it.
-_EMPTY_BINS = 4096
-
-#: Stored pixels preprocessed together (about five 233 x 197 MR slices, 1 MB of float32).
-_CHUNK_PIXELS = 1 << 18
 
 
 def _normalisation(
@@ -227,73 +219,128 @@ def _histogram_ranges(
     count = stored.shape[0]
     flat = stored.reshape(count, -1)
     base = 0
+    origin = np.zeros(count, np.int64)
     if stored.dtype.kind == "i":
-        # Signed: flipping the sign bit maps the values onto the unsigned ones, in order.
+        # Signed: flipping the sign bit maps the values onto the unsigned ones, in order;
+        # counted from each slice's minimum (counting from 0 would start with 2**15 empty bins).
         bits = stored.dtype.itemsize * 8
         unsigned = np.dtype(f"u{stored.dtype.itemsize}")
         flat = flat.view(unsigned) ^ unsigned.type(1 << (bits - 1))
         base = 1 << (bits - 1)
-    lowest = flat.min(axis=1)
-    # Each slice's counts of its values from an origin up: 0, or its minimum where counting
-    # from 0 would make a long run of empty bins first.
-    origin = np.where(lowest > _EMPTY_BINS, lowest, 0)
+        origin = flat.min(axis=1).astype(np.int64)
+    # Bin b of a slice's row counts its stored value origin + b - base.
     rows = [
         np.bincount(values - first if first else values)
         for values, first in zip(flat, origin.tolist(), strict=True)
     ]
-    width = max(len(row) for row in rows)
-    counts = np.zeros((count, width), dtype=np.intp)
-    for index, row in enumerate(rows):
-        counts[index, : len(row)] = row
-    # Cumulative counts over the rows end to end: one searchsorted finds every slice's ranks.
-    total = counts.cumsum(axis=None)
-    starts = np.arange(count) * width
-    before = total[starts + (lowest - origin)]  # the slices before, and this one's minimum
-    foreground = total[starts + width - 1] - before
+    # The bin of each slice's minimum: its first bin in use.
+    minimum = np.array([int((row != 0).argmax()) for row in rows])
+    foreground = flat.shape[1] - np.array([row[m] for row, m in zip(rows, minimum, strict=True)])
     last = np.maximum(foreground, 1) - 1
-    lowest_value = origin.astype(np.int64) - base
-    bounds = []
-    for q in (LOW_PERCENTILE, HIGH_PERCENTILE):
-        # np.percentile's default ("linear"): the order statistics around q/100 * (n - 1).
-        virtual = q / 100 * last
-        below = np.floor(virtual).astype(np.intp)
-        ranks = np.stack([below, np.minimum(below + 1, last)])
-        # The first value above the minimum whose count, with those below it, passes the rank.
-        position = np.searchsorted(total, before + ranks, side="right") - starts
-        # The float32 modality values, interpolated in float64 as np.percentile does.
-        a, b = (
-            ((lowest_value + position).astype(np.float32) * slope.astype(np.float32))
-            + intercept.astype(np.float32)
-        ).astype(np.float64)
-        gamma = virtual - below
-        bounds.append(np.where(gamma >= 0.5, b - (b - a) * (1 - gamma), a + (b - a) * gamma))
-    return bounds[0], bounds[1], foreground > 0
+    # np.percentile's default ("linear"): the order statistics around q/100 * (n - 1), n the
+    # foreground's size; two ranks (the one below and the next) for each percentile.
+    virtual = np.array([LOW_PERCENTILE, HIGH_PERCENTILE])[:, None] / 100 * last
+    below = np.floor(virtual).astype(np.intp)
+    ranks = np.stack([below, np.minimum(below + 1, last)], axis=1)  # (percentile, 2, slice)
+    columns = _rank_bins(rows, minimum, ranks, last, foreground > 0)
+    # The float32 modality values, interpolated in float64 as np.percentile does.
+    stored_values = (origin - base + columns).astype(np.float32)
+    a, b = np.moveaxis(
+        (stored_values * slope.astype(np.float32) + intercept.astype(np.float32)).astype(
+            np.float64
+        ),
+        1,
+        0,
+    )
+    gamma = virtual - below
+    low, high = np.where(gamma >= 0.5, b - (b - a) * (1 - gamma), a + (b - a) * gamma)
+    return low, high, foreground > 0
 
 
-def _resize(values: npt.NDArray[np.float32], size: int) -> npt.NDArray[np.float32]:
-    """:func:`square_resize` of each slice of ``values`` ``(n, rows, columns)``: float32
-    ``(n, size, size)``, without the padded square (a tap in the padding has weight 0). Each
-    step runs over whole contiguous arrays (weights broadcast along the slices only): numpy's
-    fast loops, not one short loop per row."""
-    count, rows, columns = values.shape
+def _rank_bins(
+    rows: list[np.ndarray],
+    minimum: np.ndarray,
+    ranks: np.ndarray,
+    last: np.ndarray,
+    found: np.ndarray,
+) -> np.ndarray:
+    """The bins of the foreground values of ``ranks`` (``(2, 2, n)``: the low percentile's
+    two ranks, then the high one's), in each slice's histogram ``rows`` whose bin ``minimum``
+    is the slice's minimum. Only the ends of each histogram are summed (the low ranks are
+    found from the minimum up, the high ones from the top down): a cumulative sum of whole
+    16-bit histograms cost more than the rest of the search; whole ones where the ends fall
+    short."""
+    longest = max(len(row) for row in rows)
+    for window in (min(longest, max(_RANK_WINDOW, longest // 8)), longest):
+        low = np.zeros((len(rows), window), np.intp)
+        high = np.zeros((len(rows), window), np.intp)
+        for index, (row, first) in enumerate(zip(rows, minimum.tolist(), strict=True)):
+            top = len(row) - 1
+            upward = row[first + 1 : first + 1 + window]
+            low[index, : len(upward)] = upward
+            downward = row[top : max(first, top - window) : -1]
+            high[index, : len(downward)] = downward
+        low = low.cumsum(axis=1)
+        high = high.cumsum(axis=1)
+        # The first bin whose count, with those before it, passes the rank: from the
+        # minimum up for the low ranks, from the top down (the same rank counted from the
+        # largest) for the high ones.
+        from_top = last - ranks[1]
+        reached = (low[:, -1] > ranks[0]) & (high[:, -1] > from_top)
+        if window == longest or reached[:, found].all():
+            upward_bins = (low <= ranks[0][..., None]).sum(axis=-1)
+            downward_bins = (high <= from_top[..., None]).sum(axis=-1)
+            lengths = np.array([len(row) for row in rows])
+            return np.stack([minimum + 1 + upward_bins, lengths - 1 - downward_bins])
+    raise AssertionError("unreachable")
+
+
+#: Histogram bins summed at each end in the search for the robust range's ranks (MR slices:
+#: the low ranks lie within a few bins of the minimum, the high ones within ~250 of the top).
+_RANK_WINDOW = 512
+
+
+def _resize(image: npt.NDArray[np.float32], size: int) -> npt.NDArray[np.float32]:
+    """:func:`square_resize` of a float32 ``image`` without building the padded square (a tap
+    in the padding has weight 0). Rows first, then columns, as :func:`bilinear_zoom`; the
+    column taps are gathered from the rows as they lie in memory, so the result may be a
+    transposed view. Every multiply is by a whole plane of weights: numpy's fast loops, not
+    one short loop per row."""
+    rows, columns = image.shape
     side = max(rows, columns)
     if not rows == size == side:
-        first, w_first, second, w_second = _padded_taps(rows, side, size)
-        along = values[:, first]
-        along *= w_first[:, None]
-        following = values[:, second]
-        following *= w_second[:, None]
+        first, second, w_first, w_second = _weight_planes(rows, side, size, columns)
+        along = image[first]
+        along *= w_first
+        following = image[second]
+        following *= w_second
         along += following
-        values = along
+        image = along
     if not columns == size == side:
-        first, w_first, second, w_second = _padded_taps(columns, side, size)
-        across = np.take(values, first, axis=2)
+        first, second, w_first, w_second = _weight_planes(columns, side, size, image.shape[0])
+        # image[:, first] lies column by column: its transpose is contiguous.
+        across = image[:, first].T
         across *= w_first
-        following = np.take(values, second, axis=2)
+        following = image[:, second].T
         following *= w_second
         across += following
-        values = across
-    return values
+        image = across.T
+    return image
+
+
+@functools.lru_cache(maxsize=32)
+def _weight_planes(
+    length: int, side: int, size: int, width: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_padded_taps` along an axis, the weights spread over ``(size, width)`` planes
+    (each output line's weight repeated along the ``width`` values it multiplies)."""
+    first, w_first, second, w_second = _padded_taps(length, side, size)
+    return (
+        first,
+        second,
+        np.repeat(w_first[:, None], width, axis=1),
+        np.repeat(w_second[:, None], width, axis=1),
+    )
 
 
 @functools.lru_cache(maxsize=32)
