@@ -12,11 +12,11 @@ uint16, slope 1, intercept 0), its ``pixel_array`` s preprocessed at each model 
   at git revision ``REV``, loaded from git in this process, so both are measured in the same run
   on the same load.
 
-CPU per study (``time.process_time``, ``--loops`` studies a round): the minimum and median of
-``--rounds`` rounds. Also printed: the largest difference from the float64 reference steps
-(``to_modality_values``, ``normalise_intensity``, ``bilinear_zoom`` of the padded square) and
-whether the stack equals the per-slice images to the bit. The cores are shared: the load
-average is printed before and after.
+CPU per study (``time.process_time``, ``--loops`` studies a round, the variants taking turns):
+the minimum and median of ``--rounds`` rounds. Also printed: the largest difference from the
+float64 reference steps (``to_modality_values``, ``normalise_intensity``, ``bilinear_zoom`` of
+the padded square) and whether the stack equals the per-slice images to the bit. The cores are
+shared: the load average is printed before and after.
 """
 
 from __future__ import annotations
@@ -81,16 +81,22 @@ def each_slice(preprocess: Callable[..., np.ndarray], slices: list[np.ndarray], 
         preprocess(stored, size)
 
 
-def cpu_ms(work: Callable[[], object], rounds: int, loops: int) -> tuple[float, float]:
-    """Minimum and median CPU milliseconds of one call of ``work``."""
-    work()
-    per_round = []
+def cpu_ms(
+    variants: list[tuple[str, Callable[[], object]]], rounds: int, loops: int
+) -> dict[str, list[float]]:
+    """CPU milliseconds of one call of each variant, ``rounds`` rounds of ``loops`` calls,
+    the variants taking turns within each round (so that a change in the machine's load
+    falls on all of them)."""
+    for _, work in variants:
+        work()
+    per_round: dict[str, list[float]] = {name: [] for name, _ in variants}
     for _ in range(rounds):
-        started = time.process_time()
-        for _ in range(loops):
-            work()
-        per_round.append((time.process_time() - started) / loops * 1000)
-    return min(per_round), statistics.median(per_round)
+        for name, work in variants:
+            started = time.process_time()
+            for _ in range(loops):
+                work()
+            per_round[name].append((time.process_time() - started) / loops * 1000)
+    return per_round
 
 
 def main() -> None:
@@ -123,9 +129,11 @@ def main() -> None:
             ("per slice", functools.partial(each_slice, imaging.preprocess_grey, slices, size))
         )
         timings.append(("stack", functools.partial(imaging.preprocess_grey_stack, stack, size)))
-        for name, work in timings:
-            low, median = cpu_ms(work, args.rounds, args.loops)
-            say(f"  {name:>24}: {low:6.2f} ms CPU per study (median {median:.2f})")
+        for name, times in cpu_ms(timings, args.rounds, args.loops).items():
+            say(
+                f"  {name:>24}: {min(times):6.2f} ms CPU per study"
+                f" (median {statistics.median(times):.2f})"
+            )
     say(f"load average after: {os.getloadavg()}")
 
 

@@ -14,6 +14,7 @@ zero-padded square); the fused float32 pipeline gives their values to float32 ro
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -65,11 +66,7 @@ def stored_robust_range(
     """
     if stored.dtype.kind not in "ui" or stored.dtype.itemsize > 2 or not slope > 0:
         return None
-    low, high, found = _histogram_ranges(
-        stored.reshape(1, -1), np.array([slope], np.float64), np.array([intercept], np.float64)
-    )
-    # float64 scalars, as before: normalise_intensity then computes in float64.
-    return (low[0], high[0]) if found[0] else None
+    return _histogram_range(stored, slope, intercept)
 
 
 def square_resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -150,153 +147,140 @@ def preprocess_grey_stack(
     if stored.ndim != 3:
         raise ValueError(f"expected a stack of 2-D slices, got shape {stored.shape}")
     count = stored.shape[0]
-    slope = np.broadcast_to(np.asarray(slopes, dtype=np.float64), (count,))
-    intercept = np.broadcast_to(np.asarray(intercepts, dtype=np.float64), (count,))
+    slope, intercept = (_per_slice(given, count) for given in (slopes, intercepts))
     images = np.empty((count, size, size), np.float32)
     if count == 0:
         return images
-    zero, lowest, highest, scale = _normalisation(stored, slope, intercept)
-    for index in range(count):
+    # Every slice's range first, then every slice's image: interleaved, each evicted the
+    # other's arrays from the cache (0.8 ms more a 38-slice study).
+    normalisations = [
+        _normalisation(stored[index], float(slope[index]), float(intercept[index]))
+        for index in range(count)
+    ]
+    for index, (zero, lowest, highest, scale) in enumerate(normalisations):
         # Less the value that normalises to 0, clipped to the span that normalises to
         # [0, 255]; resized; scaled to [0, 255]. One slice at a time: its arrays stay in the
         # core's cache (measured cheaper than five at a time).
+        if scale == 0:  # no foreground: all zeros
+            images[index] = 0.0
+            continue
         values = stored[index].astype(np.float32)
-        values -= zero[index]
-        np.clip(values, lowest[index], highest[index], out=values)
-        np.multiply(_resize(values, size), scale[index], out=images[index])
+        values -= zero
+        np.clip(values, lowest, highest, out=values)
+        np.multiply(_resize(values, size), scale, out=images[index])
     # Two float32 taps can sum a hair above the span: 255.00002 at most.
     np.minimum(images, np.float32(255.0), out=images)
     return images
 
 
+def _per_slice(given: float | Sequence[float] | np.ndarray, count: int) -> np.ndarray:
+    """One float64 value a slice: ``given`` for each, or each of ``given``."""
+    values = np.asarray(given, dtype=np.float64)
+    if values.ndim == 0:
+        return np.full(count, values)
+    if values.shape != (count,):
+        raise ValueError(f"expected one value or {count}, got shape {values.shape}")
+    return values
+
+
 def _normalisation(
-    stored: np.ndarray, slope: np.ndarray, intercept: np.ndarray
-) -> tuple[np.ndarray, ...]:
-    """Per slice, float32 ``zero``, ``lowest``, ``highest`` and ``scale``:
+    stored: np.ndarray, slope: float, intercept: float
+) -> tuple[np.float32, np.float32, np.float32, np.float32]:
+    """A slice's float32 ``zero``, ``lowest``, ``highest`` and ``scale``:
     ``clip(stored - zero, lowest, highest) * scale`` is :func:`normalise_intensity`'s value of
-    the modality values (the robust range ``[low, high]`` to [0, 255], clipped). A slice
-    without foreground (constant) gets zeros: its image is all zeros."""
-    low, high, found = _robust_ranges(stored, slope, intercept)
-    high = np.where(high <= low, low + 1.0, high)
-    scale = np.where(found, slope * (255.0 / (high - low)), 0.0)
-    usable = scale != 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        zero = np.where(usable, (low - intercept) / slope, 0.0)
-        span = np.where(usable, 255.0 / scale, 0.0)
-    lowest, highest = np.minimum(span, 0.0), np.maximum(span, 0.0)
-    return tuple(x.astype(np.float32) for x in (zero, lowest, highest, scale))
-
-
-def _robust_ranges(
-    stored: np.ndarray, slope: np.ndarray, intercept: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each slice's robust range of its modality values (float64 ``low``, ``high``) and
-    whether it has one (False: a constant slice, no foreground): :func:`stored_robust_range`
-    where it applies, else :func:`normalise_intensity`'s percentiles of the foreground."""
-    count = stored.shape[0]
-    histogram = stored.dtype.kind in "ui" and stored.dtype.itemsize <= 2
-    if histogram:
-        low, high, found = _histogram_ranges(stored, slope, intercept)
+    its modality values (the robust range ``[low, high]`` to [0, 255], clipped). A slice
+    without foreground (constant) gets a scale of 0: its image is all zeros."""
+    robust: tuple[float, float] | None = None
+    if stored.dtype.kind in "ui" and stored.dtype.itemsize <= 2 and slope > 0:
+        robust = _histogram_range(stored, slope, intercept)
     else:
-        low, high, found = np.zeros(count), np.zeros(count), np.zeros(count, dtype=bool)
-    for index in range(count):
-        if histogram and slope[index] > 0:
-            continue
-        values = to_modality_values(stored[index], slope[index], intercept[index])
+        values = to_modality_values(stored, slope, intercept)
         foreground = values[values > values.min()]
-        found[index] = foreground.size > 0
-        if found[index]:
-            low[index], high[index] = np.percentile(foreground, [LOW_PERCENTILE, HIGH_PERCENTILE])
-    return low, high, found
+        if foreground.size:
+            low, high = np.percentile(foreground, [LOW_PERCENTILE, HIGH_PERCENTILE])
+            robust = (float(low), float(high))
+    if robust is None:
+        return np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
+    low, high = float(robust[0]), float(robust[1])
+    if high <= low:
+        high = low + 1.0
+    scale = slope * (255.0 / (high - low))
+    if scale == 0:
+        return np.float32(0.0), np.float32(0.0), np.float32(0.0), np.float32(0.0)
+    span = 255.0 / scale
+    zero = (low - intercept) / slope
+    return (
+        np.float32(zero),
+        np.float32(min(span, 0.0)),
+        np.float32(max(span, 0.0)),
+        np.float32(scale),
+    )
 
 
-def _histogram_ranges(
-    stored: np.ndarray, slope: np.ndarray, intercept: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`_robust_ranges` of an integer stack of at most 16 bits (meaningful where the
-    slope is positive), from each slice's histogram instead of a sort: the same order
-    statistics, interpolated in float64 as np.percentile does, give np.percentile's range."""
-    count = stored.shape[0]
-    flat = stored.reshape(count, -1)
-    base = 0
-    origin = np.zeros(count, np.int64)
+def _histogram_range(
+    stored: np.ndarray, slope: float, intercept: float
+) -> tuple[np.float64, np.float64] | None:
+    """:func:`stored_robust_range` of an integer slice of at most 16 bits, slope positive."""
+    flat = stored.reshape(-1)
+    base = origin = 0
     if stored.dtype.kind == "i":
         # Signed: flipping the sign bit maps the values onto the unsigned ones, in order;
-        # counted from each slice's minimum (counting from 0 would start with 2**15 empty bins).
+        # counted from the minimum (counting from 0 would start with 2**15 empty bins).
         bits = stored.dtype.itemsize * 8
         unsigned = np.dtype(f"u{stored.dtype.itemsize}")
         flat = flat.view(unsigned) ^ unsigned.type(1 << (bits - 1))
-        base = 1 << (bits - 1)
-        origin = flat.min(axis=1).astype(np.int64)
-    # Bin b of a slice's row counts its stored value origin + b - base.
-    rows = [
-        np.bincount(values - first if first else values)
-        for values, first in zip(flat, origin.tolist(), strict=True)
-    ]
-    # The bin of each slice's minimum: its first bin in use.
-    minimum = np.array([int((row != 0).argmax()) for row in rows])
-    foreground = flat.shape[1] - np.array([row[m] for row, m in zip(rows, minimum, strict=True)])
-    last = np.maximum(foreground, 1) - 1
-    # np.percentile's default ("linear"): the order statistics around q/100 * (n - 1), n the
-    # foreground's size; two ranks (the one below and the next) for each percentile.
-    virtual = np.array([LOW_PERCENTILE, HIGH_PERCENTILE])[:, None] / 100 * last
-    below = np.floor(virtual).astype(np.intp)
-    ranks = np.stack([below, np.minimum(below + 1, last)], axis=1)  # (percentile, 2, slice)
-    columns = _rank_bins(rows, minimum, ranks, last, foreground > 0)
-    # The float32 modality values, interpolated in float64 as np.percentile does.
-    stored_values = (origin - base + columns).astype(np.float32)
-    a, b = np.moveaxis(
-        (stored_values * slope.astype(np.float32) + intercept.astype(np.float32)).astype(
-            np.float64
-        ),
-        1,
-        0,
-    )
-    gamma = virtual - below
-    low, high = np.where(gamma >= 0.5, b - (b - a) * (1 - gamma), a + (b - a) * gamma)
-    return low, high, foreground > 0
+        base, origin = 1 << (bits - 1), int(flat.min())
+        if origin:
+            flat = flat - unsigned.type(origin)
+    counts = np.bincount(flat)  # bin b counts the stored value origin + b - base
+    minimum = int((counts != 0).argmax())
+    n = flat.size - int(counts[minimum])  # the foreground: values above the minimum
+    if n == 0:
+        return None
+    bounds = []
+    for q in (LOW_PERCENTILE, HIGH_PERCENTILE):
+        # np.percentile's default ("linear"): the order statistics around q/100 * (n - 1).
+        virtual = q / 100 * (n - 1)
+        below = math.floor(virtual)
+        ranks = [below, min(below + 1, n - 1)]
+        bins = _rank_bins(counts, minimum, n, ranks, from_top=q > 50)
+        # The float32 modality values, interpolated in float64 as np.percentile does.
+        a, b = (
+            np.float64(np.float32(origin - base + bin) * np.float32(slope) + np.float32(intercept))
+            for bin in bins
+        )
+        gamma = virtual - below
+        bounds.append(b - (b - a) * (1 - gamma) if gamma >= 0.5 else a + (b - a) * gamma)
+    return bounds[0], bounds[1]
 
 
 def _rank_bins(
-    rows: list[np.ndarray],
-    minimum: np.ndarray,
-    ranks: np.ndarray,
-    last: np.ndarray,
-    found: np.ndarray,
-) -> np.ndarray:
-    """The bins of the foreground values of ``ranks`` (``(2, 2, n)``: the low percentile's
-    two ranks, then the high one's), in each slice's histogram ``rows`` whose bin ``minimum``
-    is the slice's minimum. Only the ends of each histogram are summed (the low ranks are
-    found from the minimum up, the high ones from the top down): a cumulative sum of whole
-    16-bit histograms cost more than the rest of the search; whole ones where the ends fall
+    counts: np.ndarray, minimum: int, n: int, ranks: list[int], *, from_top: bool
+) -> list[int]:
+    """The histogram bins of the foreground values of ``ranks`` (counted from the smallest):
+    the first bin whose count, with those before it, passes the rank. Searched from the
+    minimum up for low ranks, from the top down for high ones (the same rank counted from the
+    largest), in the few hundred bins at that end first (MR slices: the low ranks lie within a
+    few bins of the minimum, the high ones within ~250 of the top; a cumulative sum of a whole
+    16-bit histogram cost more than the rest of the search), all of them where those fall
     short."""
-    longest = max(len(row) for row in rows)
-    for window in (min(longest, max(_RANK_WINDOW, longest // 8)), longest):
-        low = np.zeros((len(rows), window), np.intp)
-        high = np.zeros((len(rows), window), np.intp)
-        for index, (row, first) in enumerate(zip(rows, minimum.tolist(), strict=True)):
-            top = len(row) - 1
-            upward = row[first + 1 : first + 1 + window]
-            low[index, : len(upward)] = upward
-            downward = row[top : max(first, top - window) : -1]
-            high[index, : len(downward)] = downward
-        low = low.cumsum(axis=1)
-        high = high.cumsum(axis=1)
-        # The first bin whose count, with those before it, passes the rank: from the
-        # minimum up for the low ranks, from the top down (the same rank counted from the
-        # largest) for the high ones.
-        from_top = last - ranks[1]
-        reached = (low[:, -1] > ranks[0]) & (high[:, -1] > from_top)
-        if window == longest or reached[:, found].all():
-            upward_bins = (low <= ranks[0][..., None]).sum(axis=-1)
-            downward_bins = (high <= from_top[..., None]).sum(axis=-1)
-            lengths = np.array([len(row) for row in rows])
-            return np.stack([minimum + 1 + upward_bins, lengths - 1 - downward_bins])
-    raise AssertionError("unreachable")
+    top = len(counts) - 1
+    wanted = [n - 1 - rank for rank in ranks] if from_top else ranks
+    window = max(_RANK_WINDOW, len(counts) // 8)
+    while True:
+        if from_top:
+            part = counts[top : max(minimum, top - window) : -1]
+        else:
+            part = counts[minimum + 1 : minimum + 1 + window]
+        cumulative = np.cumsum(part)
+        if cumulative[-1] > max(wanted):  # always so once the window spans the foreground
+            break
+        window = top - minimum
+    found = np.searchsorted(cumulative, wanted, side="right").tolist()
+    return [top - j if from_top else minimum + 1 + j for j in found]
 
 
-#: Histogram bins summed at each end in the search for the robust range's ranks (MR slices:
-#: the low ranks lie within a few bins of the minimum, the high ones within ~250 of the top).
+#: Histogram bins summed first at each end in the search for the robust range's ranks.
 _RANK_WINDOW = 512
 
 
