@@ -166,7 +166,7 @@ def preprocess_grey_stack(
             continue
         values = stored[index].astype(np.float32)
         values -= zero
-        np.clip(values, lowest, highest, out=values)
+        values.clip(lowest, highest, out=values)
         np.multiply(_resize(values, size), scale, out=images[index])
     # Two float32 taps can sum a hair above the span: 255.00002 at most.
     np.minimum(images, np.float32(255.0), out=images)
