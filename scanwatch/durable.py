@@ -16,6 +16,8 @@ from __future__ import annotations
 import errno
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 #: Prefix of the temporary files :func:`write_bytes_atomic` writes (hidden, and no integer).
@@ -71,21 +73,81 @@ def replace_file(temp: str | os.PathLike[str], path: str | os.PathLike[str]) -> 
     fsync_dir(Path(path).parent)
 
 
-def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` all or nothing, durably (temporary file, fsync, replace, fsync
-    the folder). ``path``'s folder must exist; the temporary file is removed on failure."""
-    path = Path(path)
+def _write_temp(path: Path, data: bytes) -> Path:
+    """``data`` written and fsync'd under a new temporary name beside ``path`` (removed again if
+    that fails); the caller renames it."""
     temp = path.with_name(f"{_TEMP_PREFIX}{uuid.uuid4().hex}-{path.name}")
     try:
         with open(temp, "xb") as file:
             file.write(data)
             file.flush()
             os.fsync(file.fileno())
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    return temp
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` all or nothing, durably (temporary file, fsync, replace, fsync
+    the folder). ``path``'s folder must exist; the temporary file is removed on failure."""
+    path = Path(path)
+    temp = _write_temp(path, data)
+    try:
         os.replace(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+class AtomicFiles:
+    """Files being written into one folder by :func:`atomic_files`."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._pending: list[tuple[Path, Path]] = []  # (temporary, final)
+
+    def write(self, name: str, data: bytes) -> None:
+        """Write file ``name`` of the folder, durably, under a temporary name: it appears under
+        its own name when the batch ends."""
+        path = self.folder / name
+        self._pending.append((_write_temp(path, data), path))
+
+    def _publish(self) -> None:
+        pending, self._pending = self._pending, []
+        for index, (temp, path) in enumerate(pending):
+            try:
+                os.replace(temp, path)
+            except BaseException:
+                self._pending = pending[index:]  # not renamed: removed by _discard
+                raise
+        fsync_dir(self.folder)
+
+    def _discard(self) -> None:
+        for temp, _path in self._pending:
+            temp.unlink(missing_ok=True)
+        self._pending.clear()
+
+
+@contextmanager
+def atomic_files(folder: str | os.PathLike[str]) -> Iterator[AtomicFiles]:
+    """:func:`write_bytes_atomic` for many files of one folder, with one folder fsync for all
+    of them instead of one each.
+
+    Each file is written and fsync'd under a temporary name as it is given
+    (:meth:`AtomicFiles.write`); when the block ends, every one is renamed to its own name and
+    the folder is fsync'd once. A name therefore never shows a file whose data is not on disk:
+    a crash can lose renames that the folder's fsync had not made durable yet (those files are
+    then absent, never half-written), or leave temporary files (hidden names). If the block
+    raises, the temporary files are removed and nothing is renamed.
+    """
+    files = AtomicFiles(Path(folder))
+    try:
+        yield files
+        files._publish()
+    finally:
+        files._discard()
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:

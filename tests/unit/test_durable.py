@@ -166,3 +166,44 @@ def test_rename_durable_fsyncs_one_folder_when_it_is_the_same(
     (tmp_path / "a").mkdir()
     durable.rename_durable(tmp_path / "a", tmp_path / "b")
     assert fsynced == [tmp_path]
+
+
+def test_atomic_files_appear_whole_when_the_block_ends(tmp_path: Path, fsynced: list[Path]) -> None:
+    with durable.atomic_files(tmp_path) as files:
+        files.write("a.dcm", b"first")
+        files.write("b.dcm", b"second")
+        # Written and fsync'd under hidden names; nothing under the final names yet.
+        assert sorted(p.name[:5] for p in tmp_path.iterdir()) == [".tmp-", ".tmp-"]
+        assert len(fsynced) == 2 and tmp_path not in fsynced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.dcm", "b.dcm"]
+    assert (tmp_path / "b.dcm").read_bytes() == b"second"
+    assert fsynced[2:] == [tmp_path]  # then the folder, once for all of them
+
+
+def test_atomic_files_leave_nothing_when_the_block_fails(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="encoding failed"):
+        with durable.atomic_files(tmp_path) as files:
+            files.write("a.dcm", b"first")
+            raise ValueError("encoding failed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_files_keep_what_was_renamed_when_a_rename_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_replace = os.replace
+    renamed: list[str] = []
+
+    def failing_second(source: Path, target: Path) -> None:
+        if renamed:
+            raise OSError(28, "No space left on device")
+        real_replace(source, target)
+        renamed.append(Path(target).name)
+
+    monkeypatch.setattr(durable.os, "replace", failing_second)
+    with pytest.raises(OSError, match="No space"):
+        with durable.atomic_files(tmp_path) as files:
+            files.write("a.dcm", b"first")
+            files.write("b.dcm", b"second")
+    assert [p.name for p in tmp_path.iterdir()] == ["a.dcm"]  # whole; no temporary file left
+    assert (tmp_path / "a.dcm").read_bytes() == b"first"
