@@ -9,19 +9,22 @@ import asyncio
 import hashlib
 import shutil
 from datetime import UTC, datetime
+from io import BytesIO
 from pathlib import Path
 
 import highdicom
 import numpy as np
 import pydicom
 import pytest
+from scipy import ndimage
 
 from inference_worker import heatmaps
 from inference_worker.errors import ModelUnavailable, SaliencyUnavailable
 from inference_worker.metrics import WorkerMetrics
 from inference_worker.ports import Prediction, Saliency
 from inference_worker.scoring import Scorer
-from scanwatch import store_layout
+from inference_worker.series import SourceSlice
+from scanwatch import dicom_scan, store_layout
 from scanwatch.imaging import square_resize
 from scanwatch.sample import build_mr_study
 from schemas import InstanceRef, StudyReadyV1
@@ -268,3 +271,256 @@ def test_a_heatmap_is_mapped_back_onto_the_source_slice() -> None:
     assert back.shape == (60, 40)
     assert back[12:18, 27:33].min() > 0.8
     assert back[40:, :].max() < 0.05 and back[:, :15].max() < 0.05
+
+
+# --- The series is built from one highdicom instance per template group -------------------
+
+CREATED = datetime(2026, 1, 2, 3, 4, 10, 123456, tzinfo=UTC)
+
+
+def highdicom_bytes(
+    path: Path, frame: int | None, heatmap: np.ndarray, series_uid: str, number: int, row
+) -> bytes:
+    """What highdicom builds for one slice (heatmaps.build_instance), as pydicom writes it."""
+    header = pydicom.dcmread(path, stop_before_pixels=True)
+    image = heatmaps.build_instance(
+        header, frame, heatmap, series_uid, number, CLASSES, [float(p) for p in row],
+        "fake-model", 3, CREATED,
+    )  # fmt: skip
+    buffer = BytesIO()
+    image.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def varied_probabilities(n: int) -> np.ndarray:
+    """Per slice, another most probable class (explained class names of odd and even length)
+    and values whose text differs in length."""
+    rng = np.random.default_rng(7)
+    rows = rng.dirichlet(np.ones(len(CLASSES)), n)
+    for i in range(n):
+        rows[i, i % len(CLASSES)] += 2.0
+    return (rows / rows.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def assert_same_instances(root: Path, series: heatmaps.HeatmapSeries, expected: list[bytes]):
+    folder = root / series.StudyInstanceUID / series.SeriesInstanceUID
+    for uid, wanted in zip(series.SOPInstanceUIDs, expected, strict=True):
+        stored = (folder / f"{uid}.dcm").read_bytes()
+        if stored != wanted:  # say which attribute differs before comparing the bytes
+            ours, theirs = pydicom.dcmread(BytesIO(stored)), pydicom.dcmread(BytesIO(wanted))
+            assert ours.file_meta == theirs.file_meta
+            for element in theirs:
+                assert ours.get(element.tag) == element, element.keyword or element.tag
+            assert set(ours.keys()) == set(theirs.keys())
+        assert stored == wanted
+
+
+@pytest.fixture()
+def counted_highdicom(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """SOP Instance UIDs of the instances highdicom builds (its constructor still runs)."""
+    built: list[str] = []
+    real = highdicom.sc.SCImage.from_ref_dataset
+
+    def counting(*args, **kwargs):
+        built.append(kwargs["sop_instance_uid"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(highdicom.sc.SCImage, "from_ref_dataset", counting)
+    return built
+
+
+def test_every_derived_instance_is_what_highdicom_builds(
+    tmp_path: Path, counted_highdicom: list[str]
+) -> None:
+    """One series, one template group: highdicom builds the first instance only, and every
+    other one, derived from it, is byte for byte what highdicom builds for its slice. The
+    slices vary in all that a slice changes: UIDs of odd and even length, instance numbers of
+    one and two digits, frames (a multi-frame source's, 1 to 12), the explained class,
+    probabilities, pixels, and the acquisition time (read, then replaced by the series' time).
+    """
+    paths = build_mr_study(tmp_path / "sent", patient_id="P-TEMPLATE", n_slices=12)
+    for i, path in enumerate(paths):
+        ds = pydicom.dcmread(path)
+        ds.AcquisitionDateTime = f"2025010610{i:02d}15.{i:03d}"
+        ds.AcquisitionTime = f"10{i:02d}15"
+        ds.save_as(path)
+    sources = [
+        SourceSlice(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID), p, None)
+        for p in paths
+    ]
+    # The first source's frames as well (the writer takes a frame index as given).
+    sources += [SourceSlice(sources[0].SOPInstanceUID, paths[0], frame) for frame in range(12)]
+    maps = np.random.default_rng(3).uniform(0, 1.1, (len(sources), SIZE, SIZE)).astype(np.float32)
+    rows = varied_probabilities(len(sources))
+    study = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+
+    series = heatmaps.write_heatmap_series(
+        tmp_path / "store", study, sources, maps, rows, CLASSES, "fake-model", 3, CREATED
+    )
+
+    assert series.written == len(sources) and len(counted_highdicom) == 1
+    uid_lengths = {len(uid) % 2 for uid in series.SOPInstanceUIDs}
+    assert uid_lengths == {0, 1}  # both paddings met
+    expected = [
+        highdicom_bytes(s.path, s.frame, maps[i], series.SeriesInstanceUID, i + 1, rows[i])
+        for i, s in enumerate(sources)
+    ]
+    assert_same_instances(tmp_path / "store", series, expected)
+
+
+def edit(path: Path, **values: object) -> None:
+    ds = pydicom.dcmread(path)
+    for keyword, value in values.items():
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    ds.save_as(path)
+
+
+def test_slices_that_differ_in_what_the_instance_copies_get_their_own_template(
+    tmp_path: Path, counted_highdicom: list[str]
+) -> None:
+    """A slice whose header differs in what the instance copies from it (geometry, orientation,
+    spacing, equipment, character set, an unreadable acquisition time) is built by highdicom
+    for its own group; the instances derived in every group are still highdicom's."""
+    paths = build_mr_study(tmp_path / "sent", patient_id="P-GROUPS", n_slices=12)
+    edit(paths[2], Rows=40, Columns=60, PixelData=bytes(40 * 60 * 2))
+    edit(paths[3], Rows=40, Columns=60, PixelData=bytes(40 * 60 * 2))
+    edit(paths[4], ImageOrientationPatient=[0, 1, 0, 0, 0, -1])  # sagittal
+    edit(paths[5], PixelSpacing=[0.5, 0.5])
+    edit(paths[6], Manufacturer="Other", StationName="MR2")
+    edit(paths[7], AcquisitionDateTime="not a time")
+    edit(paths[8], AcquisitionDateTime=None)
+    edit(paths[9], SpecificCharacterSet="ISO_IR 100", PatientName="Müller^Jürgen")
+    sources = [
+        SourceSlice(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID), p, None)
+        for p in paths
+    ]
+    maps = np.random.default_rng(5).uniform(0, 1, (len(paths), SIZE, SIZE)).astype(np.float32)
+    rows = varied_probabilities(len(paths))
+    study = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+
+    series = heatmaps.write_heatmap_series(
+        tmp_path / "store", study, sources, maps, rows, CLASSES, "fake-model", 3, CREATED
+    )
+
+    # Groups: the 4 unchanged slices (0, 1, 10, 11), the two 40×60 ones, and one per edit.
+    assert len(counted_highdicom) == 1 + 1 + 6
+    expected = [
+        highdicom_bytes(s.path, s.frame, maps[i], series.SeriesInstanceUID, i + 1, rows[i])
+        for i, s in enumerate(sources)
+    ]
+    assert_same_instances(tmp_path / "store", series, expected)
+    stored = pydicom.dcmread(
+        tmp_path / "store" / study / series.SeriesInstanceUID / f"{series.SOPInstanceUIDs[3]}.dcm"
+    )
+    assert (stored.Rows, stored.Columns) == (40, 60)
+
+
+def test_a_source_the_header_scan_cannot_read_is_read_by_pydicom(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, counted_highdicom: list[str]
+) -> None:
+    """Sources in a transfer syntax the scan does not read (compressed, big endian) are read
+    with pydicom: still one template for the series, still highdicom's instances."""
+
+    def not_scanned(*args, **kwargs):
+        raise dicom_scan.Undecodable("transfer syntax not scanned")
+
+    monkeypatch.setattr(heatmaps, "scan_file", not_scanned)
+    paths = build_mr_study(tmp_path / "sent", patient_id="P-PYDICOM", n_slices=4)
+    sources = [
+        SourceSlice(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID), p, None)
+        for p in paths
+    ]
+    maps = np.random.default_rng(9).uniform(0, 1, (4, SIZE, SIZE)).astype(np.float32)
+    rows = varied_probabilities(4)
+    study = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+    series = heatmaps.write_heatmap_series(
+        tmp_path / "store", study, sources, maps, rows, CLASSES, "fake-model", 3, CREATED
+    )
+    assert len(counted_highdicom) == 1
+    expected = [
+        highdicom_bytes(s.path, None, maps[i], series.SeriesInstanceUID, i + 1, rows[i])
+        for i, s in enumerate(sources)
+    ]
+    assert_same_instances(tmp_path / "store", series, expected)
+
+
+def test_instances_lost_in_a_crash_are_written_again_the_same(tmp_path: Path) -> None:
+    """Renames not yet made durable when the worker died: those files are missing, the rest
+    whole. The next delivery writes only the missing ones, byte for byte as before (their
+    template is then built from another slice)."""
+    paths = build_mr_study(tmp_path / "sent", patient_id="P-LOST", n_slices=5)
+    sources = [
+        SourceSlice(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID), p, None)
+        for p in paths
+    ]
+    maps = np.random.default_rng(4).uniform(0, 1, (5, SIZE, SIZE)).astype(np.float32)
+    rows = varied_probabilities(5)
+    study = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+    args = (study, sources, maps, rows, CLASSES, "fake-model", 3, CREATED)
+    series = heatmaps.write_heatmap_series(tmp_path / "store", *args)
+    folder = tmp_path / "store" / study / series.SeriesInstanceUID
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    for uid in (series.SOPInstanceUIDs[0], series.SOPInstanceUIDs[3]):
+        (folder / f"{uid}.dcm").unlink()
+    assert heatmaps.present_series(tmp_path / "store", study, sources, "fake-model", 3) is None
+
+    again = heatmaps.write_heatmap_series(tmp_path / "store", *args)
+
+    assert again.written == 2
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_a_template_that_no_longer_matches_highdicom_writes_nothing(
+    store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The template checks its own slice against highdicom's bytes: were the per-slice
+    encoding to drift (here: text padded wrongly), the series is refused, not written."""
+    root, paths = store
+    monkeypatch.setattr(heatmaps._Template, "_text", lambda self, value: value.encode() + b"\0")
+    sources = [
+        SourceSlice(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID), p, None)
+        for p in paths
+    ]
+    maps = np.zeros((SLICES, SIZE, SIZE), np.float32)
+    study = str(pydicom.dcmread(paths[0], stop_before_pixels=True).StudyInstanceUID)
+    with pytest.raises(RuntimeError, match="differs from what highdicom builds"):
+        heatmaps.write_heatmap_series(
+            root, study, sources, maps, slice_probabilities(SLICES), CLASSES, "m", 1, CREATED
+        )
+    assert heatmap_files(root, study) == []
+    assert not any(p.name.startswith(".tmp-") for p in root.rglob("*"))
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "size"),
+    [
+        (233, 197, 128),  # the sample's slices, upsampled
+        (197, 233, 128),
+        (60, 40, 32),  # ndimage zeroes the last row and column here (rounding past the edge)
+        (31, 31, 32),  # the same, downsampled
+        (64, 64, 128),  # downsampled
+        (40, 60, 32),
+        (1, 1, 32),
+        (2, 3, 32),
+        (32, 20, 32),  # no resize: the padding cropped
+        (500, 3, 128),
+    ],
+)
+def test_the_heatmap_resize_is_ndimages_bilinear_zoom(rows: int, cols: int, size: int) -> None:
+    """The vectorised mapping gives the pixel values of scipy.ndimage.zoom(order=1) then the
+    crop, which the heatmaps were made with before (the float values up to rounding)."""
+    maps = np.random.default_rng(rows * cols).uniform(-0.1, 1.1, (5, size, size)).astype(np.float32)
+    side = max(rows, cols)
+    top, left = (side - rows) // 2, (side - cols) // 2
+    expected = []
+    for heatmap in maps:
+        square = heatmap if side == size else ndimage.zoom(heatmap, side / size, order=1)
+        expected.append(square[top : top + rows, left : left + cols])
+    mapped = heatmaps.to_source_geometry_stack(maps, rows, cols)
+    np.testing.assert_allclose(mapped, np.stack(expected), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(
+        heatmaps.heatmap_pixels(mapped), heatmaps.heatmap_pixels(np.stack(expected))
+    )
