@@ -295,11 +295,17 @@ def decode_and_resize(instances: Sequence[InstancePixels], size: int) -> Decoded
 
 def into_rgb(parts: Sequence[Decoded], count: int, size: int) -> npt.NDArray[np.float32]:
     """The model input ``(count, size, size, 3)``: each part's grey rows at their row numbers,
-    repeated into three channels (as :func:`scanwatch.imaging.preprocess_slice` makes them)."""
-    images = np.empty((count, size, size, 3), np.float32)
-    for part in parts:
-        images[list(part.rows)] = part.images[..., None]
-    return images
+    repeated into three channels (as :func:`scanwatch.imaging.preprocess_slice` makes them).
+
+    A read-only view that repeats one grey array (no copy of three channels): the Predict
+    request's bytes are made from it directly (:func:`scanwatch.tensors.to_tensor_proto`)."""
+    if len(parts) == 1 and parts[0].rows == tuple(range(count)):
+        grey = parts[0].images
+    else:
+        grey = np.empty((count, size, size), np.float32)
+        for part in parts:
+            grey[list(part.rows)] = part.images
+    return np.broadcast_to(grey[..., None], (count, size, size, 3))
 
 
 def _warm_up() -> None:

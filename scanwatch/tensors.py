@@ -32,6 +32,11 @@ def to_tensor_proto(array: np.ndarray, *, as_field: bool = False) -> tensor_pb2.
     """
     array = np.asarray(array)
     field = _FIELDS.get(array.dtype)
+    if not as_field and field is not None and array.dtype != np.bool_ and array.size > 1:
+        # What make_tensor_proto packs for a numeric array of a native type and more than one
+        # value (it puts one value in the typed field), without its checks and copies: the
+        # array's C-order bytes (one copy, also of a strided or broadcast view).
+        return _packed(array)
     if not as_field or field is None:
         return tf.make_tensor_proto(array)
     proto = tensor_pb2.TensorProto(
@@ -42,6 +47,16 @@ def to_tensor_proto(array: np.ndarray, *, as_field: bool = False) -> tensor_pb2.
     )
     getattr(proto, field).extend(array.ravel().tolist())
     return proto
+
+
+def _packed(array: np.ndarray) -> tensor_pb2.TensorProto:
+    return tensor_pb2.TensorProto(
+        dtype=tf.dtypes.as_dtype(array.dtype).as_datatype_enum,
+        tensor_shape=tensor_shape_pb2.TensorShapeProto(
+            dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=n) for n in array.shape]
+        ),
+        tensor_content=array.tobytes(),
+    )
 
 
 def to_ndarray(proto: tensor_pb2.TensorProto) -> np.ndarray:
