@@ -12,8 +12,9 @@ model's work and not gRPC's, which is the same for both signatures):
 
 * **predict**: ``serving_default`` on the study's slices (what scoring costs);
 * **saliency**: the ``saliency`` signature on the same slices (Grad-CAM + probabilities);
-* **dicom**: building and writing the heatmap series (``inference_worker.heatmaps``: highdicom
-  Secondary Capture per slice, durable writes; engine-independent), into a fresh folder.
+* **dicom**: building and writing the heatmap series (``inference_worker.heatmaps``: one
+  Secondary Capture per slice, highdicom's for the first slice and derived from it for the
+  others; durable writes; engine-independent), into a fresh folder.
 
 Each is run ``--rounds`` times after one warm-up; printed: the median wall time and the median
 CPU time of this process (``time.process_time``: every thread's, so a multi-threaded engine's
