@@ -125,30 +125,42 @@ def preprocess_grey(
 
 
 def preprocess_grey_stack(
-    stored: np.ndarray,
+    stored: np.ndarray | Sequence[np.ndarray],
     size: int,
     slopes: float | Sequence[float] | np.ndarray = 1.0,
     intercepts: float | Sequence[float] | np.ndarray = 0.0,
+    *,
+    out: npt.NDArray[np.float32] | None = None,
 ) -> npt.NDArray[np.float32]:
-    """:func:`preprocess_grey` of each slice of a stack ``(n, rows, columns)`` of same-shaped
-    stored slices: float32 ``(n, size, size)``, in a dozen numpy calls a slice.
+    """:func:`preprocess_grey` of each stored slice of ``stored``: float32 ``(n, size, size)``.
 
-    ``slopes``, ``intercepts``: Rescale Slope and Intercept, one for all slices or one per
-    slice; each slice keeps its own robust range. The steps of the reference pipeline
-    (:func:`to_modality_values`, :func:`normalise_intensity` with the range of
-    :func:`stored_robust_range`, :func:`square_resize` as :func:`bilinear_zoom` of the
-    zero-padded square, in float64) are fused in float32: the stored values less the value
-    that normalises to 0, clipped in place to the span that normalises to [0, 255]; the
-    bilinear resize with the square's padding folded into its taps (a tap in the padding has
-    weight 0: no padded square); the scale to [0, 255] applied to the resized image. The
-    outputs differ from the reference's by float32 rounding only (a few units in the last place
-    of 255 on MR slices; tests/unit/test_imaging.py bounds it).
+    ``stored``: a stack ``(n, rows, columns)``, or a sequence of 2-D slices (their shapes and
+    types may differ: nothing is stacked). ``slopes``, ``intercepts``: Rescale Slope and
+    Intercept, one for all slices or one per slice; each slice keeps its own robust range.
+    ``out``: the float32 ``(n, size, size)`` array (or view) to write into, returned.
+
+    The steps of the reference pipeline (:func:`to_modality_values`,
+    :func:`normalise_intensity` with the range of :func:`stored_robust_range`,
+    :func:`square_resize` as :func:`bilinear_zoom` of the zero-padded square, in float64) are
+    fused in float32, a dozen numpy calls a slice: the stored values less the value that
+    normalises to 0, clipped in place to the span that normalises to [0, 255]; the bilinear
+    resize with the square's padding folded into its taps (a tap in the padding has weight 0:
+    no padded square); the scale to [0, 255] applied to the resized image. The outputs differ
+    from the reference's by float32 rounding only (a few units in the last place of 255 on MR
+    slices; tests/unit/test_imaging.py bounds it).
     """
-    if stored.ndim != 3:
+    if isinstance(stored, np.ndarray) and stored.ndim != 3:
         raise ValueError(f"expected a stack of 2-D slices, got shape {stored.shape}")
-    count = stored.shape[0]
+    for image in stored:
+        if image.ndim != 2:
+            raise ValueError(f"expected 2-D slices, got one of shape {image.shape}")
+    count = len(stored)
     slope, intercept = (_per_slice(given, count) for given in (slopes, intercepts))
-    images = np.empty((count, size, size), np.float32)
+    if out is None:
+        out = np.empty((count, size, size), np.float32)
+    elif out.shape != (count, size, size) or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 {(count, size, size)}, got {out.dtype} {out.shape}")
+    images = out
     if count == 0:
         return images
     # Every slice's range first, then every slice's image: interleaved, each evicted the

@@ -269,3 +269,30 @@ def test_the_rank_search_past_the_histogram_s_ends():
         np.testing.assert_allclose(
             images[index], reference_grey(stored, 32, 1.0, 0.0), rtol=0, atol=3 * 255 * EPS32
         )
+
+
+def test_a_sequence_of_slices_into_a_given_array():
+    """Slices of different shapes and types in one call (nothing stacked), written into the
+    rows of a given array: each row is the slice's preprocess_grey, to the bit."""
+    rng = np.random.default_rng(29)
+    slices = [
+        mr_like_slice(rng),
+        mr_like_slice(rng, (197, 233)),
+        random_slice(rng, np.int16, (40, 60)),
+        random_slice(rng, np.uint8, (128, 128)),
+        random_slice(rng, np.float32, (10, 5)),
+    ]
+    slopes, intercepts = [1.0, 2.0, 0.5, 1.0, -1.0], [0.0, -5.0, -1024.0, 0.0, 3.3]
+    images = np.full((7, 128, 128), np.nan, np.float32)
+    returned = imaging.preprocess_grey_stack(slices, 128, slopes, intercepts, out=images[1:6])
+    assert returned.base is images
+    assert np.isnan(images[0]).all() and np.isnan(images[6]).all()
+    for index, stored in enumerate(slices):
+        expected = imaging.preprocess_grey(stored, 128, slopes[index], intercepts[index])
+        np.testing.assert_array_equal(images[1 + index], expected)
+    with pytest.raises(ValueError, match="out must be float32"):
+        imaging.preprocess_grey_stack(slices, 128, out=np.empty((5, 64, 64), np.float32))
+    with pytest.raises(ValueError, match="2-D slices"):
+        imaging.preprocess_grey_stack([slices[0], slices[0][None]], 128)
+    with pytest.raises(ValueError, match="one value or 5"):
+        imaging.preprocess_grey_stack(slices, 128, slopes[:4])
