@@ -18,7 +18,9 @@ the quiet period is counted on the worker's clock from when it read the study's 
 A modality that reports Modality Performed Procedure Steps (``dicom.procedure.step.v1``) says
 when it is done, so its studies do not wait for the quiet period (:func:`step_verdict`): while a
 step is IN PROGRESS the study is held (the quiet timer would otherwise release it between two
-series); once every step is final, a COMPLETED step's study is ready as soon as every instance
+series), however long the exam, until no instance has come for the maximum wait (a modality
+that never ends its step) or the exam's own maximum (``exam_max_wait_s``); once every step is
+final, a COMPLETED step's study is ready as soon as every instance
 it references has arrived, and a DISCONTINUED one at once. A referenced instance that never
 arrives holds the study until the maximum wait, and is then reported (:func:`missing`). Once a
 step's study has been announced, later instances follow the quiet period again.
@@ -38,12 +40,14 @@ from typing import Any, Final, Literal, NotRequired, TypedDict
 
 from schemas import InstanceReceivedV1, InstanceRef, ProcedureStepV1, StudyReadyV1
 
-#: :func:`step_verdict`: ready now, or held until the maximum wait.
-Verdict = Literal["now", "hold"]
+#: :func:`step_verdict`: ready now; held for instances a completed step names, until the
+#: maximum wait; or held while the exam is in progress (see :func:`is_ready`).
+Verdict = Literal["now", "hold", "examining"]
 #: Performed Procedure Step Status values (PS3.3 C.4.14).
 IN_PROGRESS, COMPLETED, DISCONTINUED = "IN PROGRESS", "COMPLETED", "DISCONTINUED"
 NOW: Final[Verdict] = "now"
 HOLD: Final[Verdict] = "hold"
+EXAMINING: Final[Verdict] = "examining"
 
 
 class StepState(TypedDict):
@@ -182,13 +186,14 @@ def completion(state: StudyState, trust_headers: bool = False) -> Verdict | None
 
 def step_verdict(state: StudyState) -> Verdict | None:
     """What the study's procedure steps say: ready :data:`NOW`, :data:`HOLD` (until the maximum
-    wait), or None: no step to go by (none reported, every final one announced already, or a
-    completed step whose instances are not known), so the quiet period decides."""
+    wait), :data:`EXAMINING` (a step in progress), or None: no step to go by (none reported,
+    every final one announced already, or a completed step whose instances are not known), so
+    the quiet period decides."""
     steps = list(state.get("steps", {}).values())
     if not steps or all(step["released"] for step in steps):
         return None
     if any(step["status"] == IN_PROGRESS for step in steps):
-        return HOLD
+        return EXAMINING
     if any(step["status"] == DISCONTINUED for step in steps):
         return NOW
     if any(step["instances"] is None for step in steps):
@@ -219,17 +224,25 @@ def is_ready(
     max_wait_s: float,
     caught_up: bool | None = None,
     trust_headers: bool = False,
+    exam_max_wait_s: float | None = None,
 ) -> bool:
     """True when some instances were never announced and the study is complete
     (:func:`completion`), or quiet, or waited enough.
 
     ``caught_up``: whether every event of the study's partition up to
     :func:`quiet_until` has been read (None: not known; see the module's docstring).
-    ``trust_headers``: whether the study's sender fills its counts correctly."""
+    ``trust_headers``: whether the study's sender fills its counts correctly.
+    ``exam_max_wait_s``: how long a study whose procedure step is still in progress may wait
+    (None: ``max_wait_s``); such a study is also released once no instance has come for
+    ``max_wait_s``."""
     if not is_due(state, now):
         return False
     waiting_since = state.get("pending_since", state["first_received_at"])
     verdict = completion(state, trust_headers)
+    if verdict == EXAMINING:
+        silent = now - state["last_received_at"] >= max_wait_s
+        exam_limit = max_wait_s if exam_max_wait_s is None else exam_max_wait_s
+        return silent or now - waiting_since >= exam_limit
     if verdict is not None:
         return verdict == NOW or now - waiting_since >= max_wait_s
     if caught_up is None or "last_event_at" not in state:

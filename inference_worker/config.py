@@ -64,6 +64,13 @@ class Settings(MetricsSettings):
         description="A study that keeps receiving instances is scored anyway this long after its "
         "first (or last scored) instance.",
     )
+    exam_max_wait_s: float = Field(
+        4 * 3600.0,
+        gt=0,
+        description="A study whose modality reports its procedure step still IN PROGRESS is "
+        "held for it this long at most after its first instance (an exam may take hours), or "
+        "until no instance has come for max_wait_s (a modality that never ends its step).",
+    )
     park_s: float = Field(
         60.0,
         gt=0,

@@ -31,6 +31,7 @@ from typing import Protocol
 from pydantic import ValidationError
 
 from inference_worker.assembly import (
+    EXAMINING,
     HOLD,
     NOW,
     StudyState,
@@ -297,7 +298,15 @@ class WorkerFlow:
         trust = self._trusts_headers(state)
         verdict = completion(state, trust)
         caught_up = None if verdict else await self._caught_up(key, state, now, quiet, ends)
-        if not is_ready(state, now, quiet, self.settings.max_wait_s, caught_up, trust):
+        if not is_ready(
+            state,
+            now,
+            quiet,
+            self.settings.max_wait_s,
+            caught_up,
+            trust,
+            self.settings.exam_max_wait_s,
+        ):
             return
         if not self.owns(key) or key in self._held:
             return
@@ -311,6 +320,9 @@ class WorkerFlow:
         extra = {"StudyInstanceUID": key.decode(), "instances": count}
         if verdict == NOW:
             log.info("study ready: complete by its procedure steps or counts", extra=extra)
+            return
+        if verdict == EXAMINING:
+            log.warning("study ready while its procedure step is still in progress", extra=extra)
             return
         if verdict == HOLD:
             # Held for its procedure steps until the maximum wait: scored with what came.

@@ -231,3 +231,30 @@ def test_counts_missing_on_one_instance_leave_the_quiet_period_to_decide():
 def test_an_enhanced_mr_instance_is_its_whole_series():
     state = add_instance(None, received(1), now=100.0, headers={NUMBER_OF_FRAMES: b"120"})
     assert header_complete(state)
+
+
+def test_an_exam_in_progress_is_held_past_the_maximum_wait_while_instances_keep_coming():
+    """An exam longer than the maximum wait is not scored in the middle: it is held while its
+    step is IN PROGRESS and instances keep arriving, then released by its completion, by
+    silence as long as the maximum wait, or by the exam's own maximum."""
+    exam_max = 10 * MAX_WAIT
+
+    def ready_in_exam(state, now):
+        return is_ready(state, now, QUIET, MAX_WAIT, exam_max_wait_s=exam_max)
+
+    state = add_step(None, step("IN PROGRESS"), now=0.0)
+    for n in range(1, 6):  # an instance every half maximum wait, for 2.5 maximum waits
+        state = add_instance(state, received(n), now=n * MAX_WAIT / 2)
+        assert not ready_in_exam(state, now=n * MAX_WAIT / 2 + MAX_WAIT / 2 - 0.1)
+    last = 5 * MAX_WAIT / 2
+    assert not ready_in_exam(state, now=last + MAX_WAIT - 0.1)
+    assert ready_in_exam(state, now=last + MAX_WAIT)  # silent as long as the maximum wait
+    completed = add_step(state, step("COMPLETED", tuple(range(1, 6))), now=last + 1.0)
+    assert ready_in_exam(completed, now=last + 1.0)
+    # Instances that never stop: released at the exam's maximum after the first.
+    for n in range(6, 21):  # to 10 maximum waits, never silent for one
+        state = add_instance(state, received(n), now=n * MAX_WAIT / 2)
+    first = state["first_received_at"]
+    assert not ready_in_exam(state, now=first + exam_max - 0.1)
+    assert ready_in_exam(state, now=first + exam_max)
+    assert Settings().exam_max_wait_s == 4 * 3600.0
