@@ -255,20 +255,22 @@ def _histogram_range(
         virtual = q / 100 * (n - 1)
         below = math.floor(virtual)
         ranks = [below, min(below + 1, n - 1)]
-        bins = _rank_bins(counts, minimum, n, ranks, from_top=q > 50)
-        # The float32 modality values, interpolated in float64 as np.percentile does.
-        a, b = (
-            np.float64(np.float32(origin - base + bin) * np.float32(slope) + np.float32(intercept))
-            for bin in bins
-        )
+        stored_values = [origin - base + bin for bin in _rank_bins(counts, minimum, n, ranks)]
+        # The float32 modality values (with slope 1 and intercept 0, the stored values
+        # themselves: exact in a float32 up to 2**24), interpolated in float64 as
+        # np.percentile does.
+        if slope == 1.0 and intercept == 0.0:
+            a, b = (float(value) for value in stored_values)
+        else:
+            modality = np.float32(slope) * np.array(stored_values, np.float32)
+            a, b = (modality + np.float32(intercept)).astype(np.float64).tolist()
         gamma = virtual - below
         bounds.append(b - (b - a) * (1 - gamma) if gamma >= 0.5 else a + (b - a) * gamma)
-    return bounds[0], bounds[1]
+    # float64 scalars: normalise_intensity computes in float64 with them.
+    return np.float64(bounds[0]), np.float64(bounds[1])
 
 
-def _rank_bins(
-    counts: np.ndarray, minimum: int, n: int, ranks: list[int], *, from_top: bool
-) -> list[int]:
+def _rank_bins(counts: np.ndarray, minimum: int, n: int, ranks: list[int]) -> list[int]:
     """The histogram bins of the foreground values of ``ranks`` (counted from the smallest):
     the first bin whose count, with those before it, passes the rank. Searched from the
     minimum up for low ranks, from the top down for high ones (the same rank counted from the
@@ -277,6 +279,7 @@ def _rank_bins(
     16-bit histogram cost more than the rest of the search), all of them where those fall
     short."""
     top = len(counts) - 1
+    from_top = ranks[0] > n // 2
     wanted = [n - 1 - rank for rank in ranks] if from_top else ranks
     window = max(_RANK_WINDOW, len(counts) // 8)
     while True:
