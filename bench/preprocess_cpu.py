@@ -14,9 +14,8 @@ uint16, slope 1, intercept 0), its ``pixel_array`` s preprocessed at each model 
 
 CPU per study (``time.process_time``, ``--loops`` studies a round, the variants taking turns):
 the minimum and median of ``--rounds`` rounds. Also printed: the largest difference from the
-float64 reference steps (``to_modality_values``, ``normalise_intensity``, ``bilinear_zoom`` of
-the padded square) and whether the stack equals the per-slice images to the bit. The cores are
-shared: the load average is printed before and after.
+float64 reference steps (``imaging.reference_grey``) and whether the stack equals the per-slice
+images to the bit. The cores are shared: the load average is printed before and after.
 """
 
 from __future__ import annotations
@@ -64,18 +63,6 @@ def module_at(revision: str) -> types.ModuleType:
     return module
 
 
-def reference(stored: np.ndarray, size: int) -> np.ndarray:
-    """The float64 reference steps of one slice (slope 1, intercept 0)."""
-    values = imaging.to_modality_values(stored)
-    image = imaging.normalise_intensity(values, imaging.stored_robust_range(stored))
-    rows, columns = image.shape
-    side = max(rows, columns)
-    padded = np.zeros((side, side), np.float32)
-    top, left = (side - rows) // 2, (side - columns) // 2
-    padded[top : top + rows, left : left + columns] = image
-    return padded if side == size else imaging.bilinear_zoom(padded, size)
-
-
 def each_slice(preprocess: Callable[..., np.ndarray], slices: list[np.ndarray], size: int) -> None:
     for stored in slices:
         preprocess(stored, size)
@@ -114,7 +101,7 @@ def main() -> None:
         slices = list(stack)
         per_slice = np.stack([imaging.preprocess_grey(s, size) for s in slices])
         stacked = imaging.preprocess_grey_stack(stack, size)
-        expected = np.stack([reference(s, size) for s in slices])
+        expected = np.stack([imaging.reference_grey(s, size) for s in slices])
         difference = float(np.abs(per_slice.astype(np.float64) - expected).max())
         ulp = float(np.spacing(np.float32(255)))
         say(

@@ -56,20 +56,6 @@ def test_the_bilinear_zoom_is_scipy_s_value_for_value():
 EPS32 = float(np.finfo(np.float32).eps)
 
 
-def reference_grey(stored: np.ndarray, size: int, slope: float, intercept: float) -> np.ndarray:
-    """The pipeline before it was fused: float32 modality values, the robust range mapped to
-    [0, 255] in float64, a zero-padded square, scipy's bilinear zoom in float64."""
-    values = imaging.to_modality_values(stored, slope, intercept)
-    robust = imaging.stored_robust_range(stored, slope, intercept)
-    image = imaging.normalise_intensity(values, robust)
-    rows, columns = image.shape
-    side = max(rows, columns)
-    padded = np.zeros((side, side), np.float32)
-    top, left = (side - rows) // 2, (side - columns) // 2
-    padded[top : top + rows, left : left + columns] = image
-    return padded if side == size else imaging.bilinear_zoom(padded, size)
-
-
 def rounding_bound(stored: np.ndarray, slope: float, intercept: float) -> float:
     """How far the float32 pipeline may be from the reference: 3 units of float32 rounding of
     the 0-255 scale, or of the modality values where they are large against their robust
@@ -119,7 +105,7 @@ def test_preprocess_grey_is_the_float64_pipeline_to_float32_rounding():
         intercept = float(rng.choice([0.0, -1024.0, 3.3]))
         size = int(rng.choice([7, 32, 64, max(shape), 128, 224]))
         actual = imaging.preprocess_grey(stored, size, slope, intercept)
-        expected = reference_grey(stored, size, slope, intercept)
+        expected = imaging.reference_grey(stored, size, slope, intercept)
         assert actual.shape == (size, size) and actual.dtype == np.float32
         assert 0.0 <= actual.min() and actual.max() <= 255.0
         bound = rounding_bound(stored, slope, intercept)
@@ -133,7 +119,7 @@ def test_mr_slices_tall_and_wide_at_the_model_sizes():
     for size in (128, 224):
         for stored in (mr_like_slice(rng), mr_like_slice(rng).T.copy()):
             actual = imaging.preprocess_grey(stored, size)
-            expected = reference_grey(stored, size, 1.0, 0.0)
+            expected = imaging.reference_grey(stored, size, 1.0, 0.0)
             np.testing.assert_allclose(actual, expected, rtol=0, atol=3 * 255 * EPS32)
             # Not a blank or a shifted image: the head is where the reference has it.
             assert np.count_nonzero(expected > 10) > size * size // 4
@@ -152,7 +138,7 @@ def test_a_slice_already_at_the_model_size():
     wide = mr_like_slice(rng, (40, 64))
     actual = imaging.preprocess_grey(wide, 64)
     np.testing.assert_allclose(
-        actual, reference_grey(wide, 64, 1.0, 0.0), rtol=0, atol=3 * 255 * EPS32
+        actual, imaging.reference_grey(wide, 64, 1.0, 0.0), rtol=0, atol=3 * 255 * EPS32
     )
     assert not actual[:12].any() and not actual[-12:].any()  # the padding rows, 12 each side
     assert actual[12:52].any(axis=1).all()
@@ -165,7 +151,7 @@ def test_rescale_slope_and_intercept_and_signed_values():
     stored = (mr_like_slice(rng).astype(np.int32) - 1500).astype(np.int16)
     assert stored.min() < 0
     actual = imaging.preprocess_grey(stored, 128, 2.5, -1024.0)
-    expected = reference_grey(stored, 128, 2.5, -1024.0)
+    expected = imaging.reference_grey(stored, 128, 2.5, -1024.0)
     np.testing.assert_allclose(actual, expected, rtol=0, atol=rounding_bound(stored, 2.5, -1024.0))
     # A positive affine rescale does not change a robust normalisation.
     plain = imaging.preprocess_grey(stored, 128)
@@ -183,14 +169,14 @@ def test_8_bit_slices():
         stored = rng.integers(info.min, info.max + 1, size=(50, 70), dtype=dtype)
         actual = imaging.preprocess_grey(stored, 32)
         np.testing.assert_allclose(
-            actual, reference_grey(stored, 32, 1.0, 0.0), rtol=0, atol=3 * 255 * EPS32
+            actual, imaging.reference_grey(stored, 32, 1.0, 0.0), rtol=0, atol=3 * 255 * EPS32
         )
 
 
 def test_a_constant_slice_becomes_zeros():
     for stored in (np.full((20, 30), 7, np.uint16), np.full((20, 30), -3.5, np.float32)):
         assert not imaging.preprocess_grey(stored, 16).any()
-        assert not reference_grey(stored, 16, 1.0, 0.0).any()
+        assert not imaging.reference_grey(stored, 16, 1.0, 0.0).any()
 
 
 def test_a_stack_gives_each_slice_what_preprocess_grey_gives():
@@ -267,7 +253,10 @@ def test_the_rank_search_past_the_histogram_s_ends():
     for index, stored in enumerate(stack):
         np.testing.assert_array_equal(images[index], imaging.preprocess_grey(stored, 32))
         np.testing.assert_allclose(
-            images[index], reference_grey(stored, 32, 1.0, 0.0), rtol=0, atol=3 * 255 * EPS32
+            images[index],
+            imaging.reference_grey(stored, 32, 1.0, 0.0),
+            rtol=0,
+            atol=3 * 255 * EPS32,
         )
 
 
