@@ -1,14 +1,15 @@
 """Image preprocessing shared by training and the inference worker.
 
 One function turns a stored MR slice into the model's input, so that what the model saw in
-training is exactly what it sees in production: :func:`preprocess_grey_stack` for a stack of
-same-shaped slices, :func:`preprocess_grey` and :func:`preprocess_slice` (training) for one, the
-same values to the bit. Numpy only: the worker must not need TensorFlow to prepare images.
+training is exactly what it sees in production: :func:`preprocess_grey_stack` for many slices
+(the worker), :func:`preprocess_grey` and :func:`preprocess_slice` (training) for one, the same
+values to the bit. Numpy only: the worker must not need TensorFlow to prepare images.
 
 The steps are defined by the float64 functions below (:func:`to_modality_values`,
 :func:`normalise_intensity` with :func:`stored_robust_range`, :func:`bilinear_zoom` of the
-zero-padded square); the fused float32 pipeline gives their values to float32 rounding
-(tests/unit/test_imaging.py bounds the difference) at about a third of their CPU.
+zero-padded square: :func:`reference_grey`); the fused float32 pipeline gives their values to
+float32 rounding (tests/unit/test_imaging.py bounds the difference) at about a third of their
+CPU (``bench/preprocess_cpu.py``).
 """
 
 from __future__ import annotations
@@ -350,12 +351,10 @@ def _weight_planes(
     """:func:`_padded_taps` along an axis, the weights spread over ``(size, width)`` planes
     (each output line's weight repeated along the ``width`` values it multiplies)."""
     first, w_first, second, w_second = _padded_taps(length, side, size)
-    return (
-        first,
-        second,
-        np.repeat(w_first[:, None], width, axis=1),
-        np.repeat(w_second[:, None], width, axis=1),
-    )
+    planes = np.repeat(w_first[:, None], width, axis=1), np.repeat(w_second[:, None], width, axis=1)
+    for plane in planes:
+        plane.setflags(write=False)  # shared by every call (and thread) that resizes alike
+    return first, second, planes[0], planes[1]
 
 
 @functools.lru_cache(maxsize=32)
