@@ -7,8 +7,8 @@ element's offset and length in the file, so that a decoder reads those bytes and
 (no second parse of the header); for anything else (compressed transfer syntaxes, colour), the
 dataset itself, whose deferred pixel data pydicom reads and decodes. Either way the stored
 values are the ones pydicom's ``pixel_array`` gives (bits above BitsStored masked, signed values
-sign-extended), and :func:`scanwatch.imaging.preprocess_grey` makes the model input of each
-image (one channel; repeated into three once the study's rows are together).
+sign-extended), and :func:`scanwatch.imaging.preprocess_grey_stack` makes the model input of
+the images (one channel; repeated into three, as a view, once the study's rows are together).
 
 :class:`PixelPool` runs that work off the event loop: with ``processes`` 0 or 1 on the loop's
 default thread executor, as before; with more, a study's instances are split across that many
@@ -223,50 +223,46 @@ def _stored_values(instance: InstancePixels) -> npt.NDArray[np.generic]:
     return values.reshape((native.frames, *shape) if native.frames > 1 else shape)
 
 
-#: Images preprocessed together (:func:`scanwatch.imaging.preprocess_grey_stack`): enough for
-#: a stack's few numpy calls to pay, few enough that the decoded slices waiting for it stay
-#: small (32 slices of 512² at 16 bits: 16 MiB).
+#: Decoded images preprocessed together (:func:`scanwatch.imaging.preprocess_grey_stack`), at
+#: most: few enough that the decoded slices waiting stay small (32 of 512² at 16 bits: 16 MiB).
 STACK_SLICES = 32
 
 
-class _Stacks:
-    """Decoded 2-D images waiting to be preprocessed, by shape and type: each full stack is
-    preprocessed at once into its rows of ``images``."""
+class _Pending:
+    """Decoded 2-D images for consecutive rows of ``images``, preprocessed in one call once
+    :data:`STACK_SLICES` are waiting (or at the end)."""
 
     def __init__(self, images: npt.NDArray[np.float32], size: int) -> None:
-        self.images = images
-        self.size = size
-        self.waiting: dict[tuple[tuple[int, ...], str], list[tuple[int, np.ndarray, float, float]]]
-        self.waiting = {}
+        self.images, self.size = images, size
+        self.first = 0  # the row of images the first waiting image goes to
+        self.waiting: list[tuple[np.ndarray, float, float]] = []
 
-    def add(self, position: int, image: np.ndarray, slope: float, intercept: float) -> None:
-        stack = self.waiting.setdefault((image.shape, image.dtype.str), [])
-        stack.append((position, image, slope, intercept))
-        if len(stack) == STACK_SLICES:
-            self._preprocess(self.waiting.pop((image.shape, image.dtype.str)))
+    def add(self, image: np.ndarray, slope: float, intercept: float) -> None:
+        self.waiting.append((image, slope, intercept))
+        if len(self.waiting) == STACK_SLICES:
+            self.flush()
 
     def flush(self) -> None:
-        for stack in self.waiting.values():
-            self._preprocess(stack)
-        self.waiting.clear()
-
-    def _preprocess(self, stack: list[tuple[int, np.ndarray, float, float]]) -> None:
-        positions, images, slopes, intercepts = zip(*stack, strict=True)
-        self.images[list(positions)] = preprocess_grey_stack(
-            np.stack(images), self.size, slopes, intercepts
+        if not self.waiting:
+            return
+        stored, slopes, intercepts = zip(*self.waiting, strict=True)
+        end = self.first + len(stored)
+        preprocess_grey_stack(
+            stored, self.size, slopes, intercepts, out=self.images[self.first : end]
         )
+        self.first, self.waiting = end, []
 
 
 def decode_and_resize(instances: Sequence[InstancePixels], size: int) -> Decoded:
-    """Decode each instance once and preprocess its images into model input rows (same-shaped
-    images a stack at a time).
+    """Decode each instance once and preprocess its images into model input rows (up to
+    :data:`STACK_SLICES` images at a time).
 
     Runs in a pool process (or a thread): raises :class:`UnusableStudy` for pixel data that
     cannot be read or is not greyscale 2-D."""
     rows: list[int] = []
     count = sum(len(instance.images) for instance in instances)
     images = np.empty((count, size, size), np.float32)
-    stacks = _Stacks(images, size)
+    pending = _Pending(images, size)
     decode_s = resize_s = 0.0
     for instance in instances:
         started = time.perf_counter()
@@ -284,11 +280,11 @@ def decode_and_resize(instances: Sequence[InstancePixels], size: int) -> Decoded
                 raise UnusableStudy(
                     f"instance {instance.SOPInstanceUID} is not greyscale 2-D: {image.shape}"
                 )
-            stacks.add(len(rows), image, slope, intercept)
+            pending.add(image, slope, intercept)
             rows.append(row)
         resize_s += time.perf_counter() - decoded
     started = time.perf_counter()
-    stacks.flush()
+    pending.flush()
     resize_s += time.perf_counter() - started
     return Decoded(tuple(rows), images, decode_s, resize_s)
 
@@ -306,11 +302,6 @@ def into_rgb(parts: Sequence[Decoded], count: int, size: int) -> npt.NDArray[np.
         for part in parts:
             grey[list(part.rows)] = part.images
     return np.broadcast_to(grey[..., None], (count, size, size, 3))
-
-
-def _warm_up() -> None:
-    """A pool process's initializer: the imports done before the first study needs them."""
-    import scipy.ndimage  # noqa: F401, PLC0415 - imported ahead, not used here
 
 
 class PixelPool:
@@ -334,7 +325,6 @@ class PixelPool:
             self._executor = ProcessPoolExecutor(
                 self.processes,
                 mp_context=multiprocessing.get_context("forkserver"),
-                initializer=_warm_up,
             )
         return self._executor
 

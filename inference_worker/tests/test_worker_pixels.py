@@ -283,11 +283,11 @@ def test_patient_and_study_facts_are_read_of_one_instance_only(study, monkeypatc
     assert chosen.header.PatientID and chosen.header.acquired is not None
 
 
-def test_images_of_several_shapes_are_stacked_apart_and_keep_their_rows(
+def test_images_of_several_shapes_and_types_are_preprocessed_together_in_their_rows(
     study, tmp_path, monkeypatch
 ):
-    """Same-shaped images are preprocessed a stack at a time; each row stays where it was."""
-    monkeypatch.setattr(pixels, "STACK_SLICES", 2)  # full stacks and a partial one
+    """Images are preprocessed a few at a time, whatever their shapes; each row stays in place."""
+    monkeypatch.setattr(pixels, "STACK_SLICES", 4)  # a full stack and a partial one
     rng = np.random.default_rng(3)
     paths = []
     for n, path in enumerate(study):
