@@ -178,6 +178,11 @@ class LocalKafka:
             "java",
             f"-Xmx{self.heap}",
             "-XX:+UseG1GC",
+            # The client JIT only. With C2 as well, a fresh broker spent 0.6-1.9 ms of CPU per
+            # ingested instance compiling during its first minutes of a development stack (as
+            # much as the listener itself, on the same 2 cores); C1 alone: under 0.1 ms after
+            # the first round, its requests no dearer (bench/README.md, issue 20).
+            "-XX:TieredStopAtLevel=1",
             "-Djava.awt.headless=true",
             f"-Dlog4j.configuration=file:{self.home / 'log4j.properties'}",
             "-cp",

@@ -75,3 +75,13 @@ def test_the_cli_starts_a_cluster_with_nodes_3() -> None:
     args = parser().parse_args(["kafka", "start", "--nodes", "3"])
     assert (args.action, args.nodes, args.port) == ("start", 3, 9092)
     assert parser().parse_args(["kafka", "status"]).nodes == 1  # the development default
+
+
+def test_the_broker_jvm_compiles_with_the_client_jit_only(tmp_path: Path) -> None:
+    """C2 compiling a fresh broker's hot paths cost as much CPU per ingested instance as the
+    listener itself during a development stack's first minutes (issue 20): C1 only."""
+    libs = tmp_path / "libs"
+    libs.mkdir()
+    (libs / "kafka_2.13-3.9.1.jar").touch()
+    argv = LocalKafka(tmp_path, libs)._java("kafka.Kafka", "server.properties")
+    assert "-XX:TieredStopAtLevel=1" in argv[: argv.index("kafka.Kafka")]
