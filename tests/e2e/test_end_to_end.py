@@ -39,7 +39,7 @@ SCORED_SLICES = 20
 #: are worker_web and the one above it, which free_port keeps free too).
 WORKERS = 2
 #: A sender whose studies get a longer quiet period (the paused-worker test).
-PAUSED_SENDER, PAUSED_QUIET_S = "PAUSEDSCU", 10.0
+PAUSED_SENDER, PAUSED_QUIET_S = "PAUSEDSCU", 20.0  # the first half is committed within it
 #: A modality that reports procedure steps: its quiet period is longer than the test waits, so
 #: only the completed step can release its study.
 MPPS_SENDER, MPPS_QUIET_S = "MPPSSCU", 600.0
