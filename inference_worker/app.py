@@ -35,8 +35,6 @@ from schemas.topics import STUDY_PARTITIONS
 
 #: Name of the changelogged table of studies being assembled.
 STUDY_TABLE = "study-assembly"
-#: Seconds the worker's producer waits for more records before sending a request.
-PRODUCER_LINGER_S = 0.005
 
 
 log = logging.getLogger(__name__)
@@ -98,12 +96,6 @@ def create_app(
         topic_partitions=STUDY_PARTITIONS,
         topic_replication_factor=settings.topic_replication_factor,
         producer_acks=-1,
-        # The study table writes a changelog record per instance read: lingering a moment lets
-        # the records of instances read close together share one produce request (fewer
-        # requests for the broker and this process to handle). Nothing waits on them but the
-        # offset commit, which flushes the producer first; ready and result events wait at
-        # most this long more.
-        producer_linger=PRODUCER_LINGER_S,
         consumer_auto_offset_reset="earliest",
         web_host=settings.web_host,
         web_port=settings.web_port,

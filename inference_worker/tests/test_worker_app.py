@@ -7,7 +7,7 @@ import asyncio
 from pathlib import Path
 
 from devtools.kafka_local import free_port
-from inference_worker.app import PRODUCER_LINGER_S, STUDY_TABLE, create_app
+from inference_worker.app import STUDY_TABLE, create_app
 from inference_worker.config import Settings
 from inference_worker.tests.test_worker_assembly import received
 from inference_worker.tests.test_worker_flow import result_for
@@ -64,14 +64,3 @@ def test_agents_assemble_into_the_table_and_score_ready_events(tmp_path: Path):
         assert studies[KEY]["announced"] == 2
 
     asyncio.run(run())
-
-
-def test_the_producer_lingers_so_that_close_records_share_a_request(tmp_path: Path):
-    """The study table writes a changelog record per instance: aiokafka's producer, handed
-    ``linger_ms``, groups the records written within it into one produce request (0 before: a
-    request per record)."""
-    nowhere = f"127.0.0.1:{free_port()}"
-    settings = Settings(store="memory://", data_dir=tmp_path, kafka_bootstrap_servers=nowhere)
-    app = create_app(settings, scorer=FakeScorer())
-    assert app.producer.linger_ms == round(PRODUCER_LINGER_S * 1000) > 0
-    assert app.producer._settings_default()["linger_ms"] == app.producer.linger_ms
