@@ -124,12 +124,15 @@ def test_a_study_from_storescu_to_a_signed_conclusion_in_the_portal(
     # The heatmaps are written after the score (they never delay it): a clinician who opens
     # the study at once reads "no heatmap" and sees it on opening the study again.
     heatmap = page.get_by_role("checkbox", name="Show AI heatmap")
+    # The page says "Slice 0 of 0" until the viewer has read the study, and only then hides the
+    # heatmap controls (in the page from the start) if it found no heatmap series.
+    loaded = page.get_by_role("img", name=re.compile(r"^Slice [1-9]"))
 
     def heatmap_shown() -> bool:
-        if heatmap.count():
+        expect(loaded).to_be_visible()
+        if heatmap.is_visible():
             return True
         page.reload()
-        expect(page.get_by_role("img", name=re.compile(r"^Slice"))).to_be_visible()
         return False
 
     wait_for(heatmap_shown, 120, "the study's heatmap in the viewer")
