@@ -106,6 +106,7 @@ def pipeline_images_per_s(
     var: Path,
     quiet: float,
     engine_name: str,
+    heatmaps: bool = True,
 ) -> float:
     config = StackConfig(
         var=var,
@@ -116,6 +117,7 @@ def pipeline_images_per_s(
         kafka_libs=ROOT / "var" / "kafka" / "libs",
         extra_env={
             "SCANWATCH_WORKER_BATCH_SIZE": str(batch),
+            "SCANWATCH_WORKER_HEATMAPS": "true" if heatmaps else "false",
         },
     )
     stack = Stack(config)
@@ -164,6 +166,12 @@ def main() -> int:
     args.add_argument("--batch", type=int, default=16)
     args.add_argument("--quiet-period", type=float, default=1.0)
     args.add_argument("--engine", choices=["tensorflow", "openvino"], default="tensorflow")
+    args.add_argument(
+        "--no-heatmaps",
+        action="store_true",
+        help="the worker scores without heatmaps (each costs a saliency Predict as dear as the "
+        "Predict itself on the same model server, and a DICOM series)",
+    )
     opts = args.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -178,13 +186,20 @@ def main() -> int:
         cache = ROOT / "var" / "cache" / "openvino"
         bare = bare_images_per_s(studies, opts.batch, opts.slices, opts.engine, cache)
         pipeline = pipeline_images_per_s(
-            studies, opts.batch, opts.slices, tmp_path / "stack", opts.quiet_period, opts.engine
+            studies,
+            opts.batch,
+            opts.slices,
+            tmp_path / "stack",
+            opts.quiet_period,
+            opts.engine,
+            heatmaps=not opts.no_heatmaps,
         )
     report = {
         "studies": opts.studies,
         "images_scored": opts.studies * opts.slices,
         "batch": opts.batch,
         "engine": opts.engine,
+        "heatmaps": not opts.no_heatmaps,
         "bare_images_per_s": round(bare, 2),
         "pipeline_images_per_s": round(pipeline, 2),
         "ratio": round(pipeline / bare, 3),
