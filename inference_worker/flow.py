@@ -310,6 +310,12 @@ class WorkerFlow:
             return
         if not self.owns(key) or key in self._held:
             return
+        if self.studies.get(key) != state:
+            # Read on while the broker was asked for the partition's end (or while another
+            # study was announced in this pass): judged again, as it is now, at the next pass.
+            # Released from the older state, a study whose rest was read meanwhile went out
+            # with its first half only (the paused-worker e2e test caught it: [10, 20]).
+            return
         count = len(state["instances"])
         announced, at = self.announcing.get(key, (0, now))
         if announced >= count and now - at < self.settings.park_s:

@@ -393,6 +393,40 @@ def test_a_lagging_worker_scores_each_study_once_when_its_partition_is_read():
     assert world.scorer.scored == [6]
 
 
+def test_a_study_read_on_while_the_broker_is_asked_is_not_released_from_its_older_state():
+    """The release pass asks the broker for the partition's end; meanwhile the worker reads the
+    rest of the study and reaches that end. The pass must not announce the study as it was
+    when the pass began (its first half), but the whole study, once."""
+    listener_time = 1000.0
+
+    def at(n: int, t: float) -> InstanceReceivedV1:
+        return received(n).model_copy(update={"occurred_at": datetime.fromtimestamp(t, UTC)})
+
+    async def run() -> World:
+        world = World()
+        for n in (1, 2, 3):
+            origin = Origin(InstanceReceivedV1.SCHEMA, PARTITION, n - 1)
+            await world.flow.assemble(at(n, listener_time + 0.1 * n).to_bytes(), origin)
+        world.clock.now += 2 * QUIET  # paused past the quiet period; the rest is on Kafka
+
+        async def end_while_the_rest_is_read(partition: int) -> int | None:
+            for n in (4, 5, 6):  # the agent reads on while the pass awaits the broker
+                origin = Origin(InstanceReceivedV1.SCHEMA, PARTITION, n - 1)
+                await world.flow.assemble(at(n, listener_time + 0.1 * n).to_bytes(), origin)
+            return 6
+
+        world.flow.end_offset = end_while_the_rest_is_read
+        await world.flow.release_ready_studies()
+        world.clock.now += QUIET
+        world.flow.end_offset = world.end_offset
+        world.ends[PARTITION] = 6
+        await world.flow.release_ready_studies()
+        return world
+
+    world = asyncio.run(run())
+    assert [len(r.instances) for r in world.ready_events()] == [6]
+
+
 def test_a_newer_event_read_on_the_partition_is_enough_to_release():
     """Reading an event the listener took after the study's quiet period tells that nothing
     of the study can still be unread before it (the outbox publishes in order)."""
