@@ -102,7 +102,8 @@ class Scorer:
         refs = list(ready.instances)
         read = await loop.run_in_executor(None, read_instances, refs)
         headers_read = time.monotonic()
-        chosen = choose_series(refs, self.rules, read)
+        # Off the loop too: it reads the chosen series' middle file for the patient's facts.
+        chosen = await loop.run_in_executor(None, choose_series, refs, self.rules, read)
         received = received_study(ready, chosen)
         registered = fhir_resources.registered_resources_for(received)
         chose = time.monotonic()
