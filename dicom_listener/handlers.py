@@ -426,7 +426,7 @@ def _store(received: ReceivedInstance, ctx: StoreContext, arrival: Arrival) -> S
         ctx.metrics.new_versions.inc()
     ctx.metrics.received.inc()
     ctx.metrics.received_bytes.inc(staged.size_bytes)
-    log.info(
+    log.debug(
         "instance received",
         extra=uids
         | {

@@ -17,6 +17,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from contextlib import suppress
@@ -236,6 +237,8 @@ class Association:
         self._header = bytearray(6)
         self._pdv = bytearray(6)
         self._chunk = memoryview(bytearray(_CHUNK_BYTES))
+        #: C-STOREs answered on this association: with success, with any other status.
+        self.stored = self.refused = 0
 
     # -- socket -------------------------------------------------------------------------
     def _read_into(self, buffer: bytearray | memoryview) -> None:
@@ -304,11 +307,23 @@ class Association:
         self.calling, self.called = rq.calling_ae_title, rq.called_ae_title
         if not self._admitted(rq):
             return
+        started = time.monotonic()
         try:
             self._accept(rq)
             self._serve_dimse()
         finally:
             self.slots.release()
+            # One line per association (each instance's own line is DEBUG: at scanner rates
+            # it cost 12 % of the listener's CPU); refusals are logged one by one as WARNING.
+            log.info(
+                "association ended",
+                extra={
+                    "calling_ae_title": self.calling,
+                    "stored": self.stored,
+                    "refused": self.refused,
+                    "seconds": round(time.monotonic() - started, 3),
+                },
+            )
 
     def _reject(self, result: int, source: int, diagnostic: int, reason: str) -> bool:
         self.on_reject(reason)
@@ -591,8 +606,10 @@ class Association:
             # locks .incoming against the other associations' creates.
             if status.Status == SUCCESS:
                 incoming.close()
+                self.stored += 1
             else:
                 incoming.discard()
+                self.refused += 1
         # Affected SOP Class and Instance UID are echoed (PS3.7 9.3.1.2) when they are UIDs.
         self._send_command(
             request.context_id,

@@ -3,6 +3,7 @@ outbox): negotiation, association limits, response fragmentation, aborts and bad
 
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 import threading
@@ -182,6 +183,33 @@ def test_a_failure_answer_leaves_no_temporary_file(
     [(received, _)] = recorder.received
     assert not received.path.exists()
     assert not any(server.config.incoming_dir.iterdir())
+
+
+def test_each_association_is_logged_once_with_what_it_stored(
+    server: StorageServer,
+    recorder: Recorder,
+    mr_series: list[Path],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One INFO line per association, with how many instances were stored and refused (each
+    instance's own line is DEBUG)."""
+    caplog.set_level(logging.INFO, logger="dicom_listener")
+    assoc = scu().associate("127.0.0.1", server.port, ae_title=AE_TITLE)
+    try:
+        for path in mr_series[:2]:
+            assert assoc.send_c_store(pydicom.dcmread(path)).Status == SUCCESS
+        recorder.answer = Status(0xA700, "no room")
+        assert assoc.send_c_store(pydicom.dcmread(mr_series[2])).Status == 0xA700
+    finally:
+        assoc.release()
+
+    def ended() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.getMessage() == "association ended"]
+
+    [record] = wait_for(ended, timeout=5, what="the association's log line")
+    assert record.levelno == logging.INFO
+    fields = vars(record)
+    assert (fields["calling_ae_title"], fields["stored"], fields["refused"]) == ("MODALITY", 2, 1)
 
 
 def test_transfer_syntax_not_offered_is_refused_per_context(server: StorageServer) -> None:
