@@ -4,7 +4,8 @@ Only wiring: the flow itself (assembly, announcing, scoring, dead letters, parki
 ordering) is :class:`inference_worker.flow.WorkerFlow`; the agents hand it each event.
 
 Every study-keyed topic has the same partition count, so a study's instance events, its ready
-event and its table entry all live on the same partition number, owned by one worker at a time.
+event and its table keys (a header, an entry per instance and per step: study_store.py) all live
+on the same partition number, owned by one worker at a time.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from inference_worker.adapters.fhir_writer import FhirWriter
 from inference_worker.adapters.tf_serving import ModelClient, TfServingModel
-from inference_worker.assembly import StudyState
 from inference_worker.circuit import CircuitBreaker
 from inference_worker.config import Settings
 from inference_worker.errors import SignatureMismatch
@@ -28,6 +28,7 @@ from inference_worker.flow import Origin, StudyScorer, WorkerFlow
 from inference_worker.metrics import WorkerMetrics
 from inference_worker.pixels import PixelPool
 from inference_worker.scoring import Scorer
+from inference_worker.study_store import StudyStore
 from scanwatch import kafka
 from scanwatch.http_access import METRICS_CHALLENGE, metrics_allowed, metrics_closed_warning
 from schemas import InferenceResultV1, InstanceReceivedV1, ProcedureStepV1, StudyReadyV1, dlq
@@ -132,11 +133,19 @@ def create_app(
     steps_topic = raw_topic(ProcedureStepV1.SCHEMA)
     ready_topic = raw_topic(StudyReadyV1.SCHEMA)
     results_topic = raw_topic(InferenceResultV1.SCHEMA)
-    studies = app.Table(
+    table = app.Table(
         STUDY_TABLE,
         partitions=STUDY_PARTITIONS,
         key_type=bytes,  # raw StudyInstanceUID bytes; Faust derives the changelog codec from it
     )
+    # A study is a header and an entry per instance and step (study_store.py): one whole
+    # value per study sent the study again on every instance (a 1 MB record at ~1 770).
+    studies = StudyStore(cast(MutableMapping[bytes, Any], table))
+
+    @table.on_recover
+    async def reload_studies() -> None:
+        """After a rebalance, the table holds what its changelog restored: read it again."""
+        studies.reload()
 
     def owns(key: bytes) -> bool:
         """Whether this worker actively owns (not as a standby) the partition of ``key``."""
@@ -159,7 +168,7 @@ def create_app(
     flow = WorkerFlow(
         settings,
         scorer,
-        cast(MutableMapping[bytes, StudyState], studies),
+        studies,
         ready_topic,
         results_topic,
         lambda topic: raw_topic(dlq(topic)),

@@ -6,7 +6,9 @@
 
 :class:`WorkerFlow` holds what the Faust agents used to keep in a closure: the study table, the
 topics it sends to, the ready events in flight and the per-study scoring locks. The table is a
-``MutableMapping`` (a Faust table in production, a dict in unit tests), the topics are sinks
+``MutableMapping`` (in production a :class:`~inference_worker.study_store.StudyStore` over a
+Faust table, which keeps each study as a header and an entry per instance; a dict in unit
+tests), the topics are sinks
 (:class:`~inference_worker.ports.Sink`), the clock is injectable; :mod:`inference_worker.app`
 wires it to Faust.
 

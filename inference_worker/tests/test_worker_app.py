@@ -9,6 +9,7 @@ from pathlib import Path
 from devtools.kafka_local import free_port
 from inference_worker.app import STUDY_TABLE, create_app
 from inference_worker.config import Settings
+from inference_worker.study_store import StudyStore
 from inference_worker.tests.test_worker_assembly import received
 from inference_worker.tests.test_worker_flow import result_for
 from schemas import InferenceResultV1, StudyReadyV1
@@ -41,15 +42,20 @@ def test_agents_assemble_into_the_table_and_score_ready_events(tmp_path: Path):
     settings = Settings(store="memory://", data_dir=tmp_path, kafka_bootstrap_servers=nowhere)
     app = create_app(settings, scorer=scorer)
     app.conf.table_standby_replicas = 0
-    studies = app.tables[STUDY_TABLE]
+    table = app.tables[STUDY_TABLE]
+
+    def studies() -> StudyStore:
+        """The table read as a restarted worker would read it (the app's store is its own)."""
+        return StudyStore(table)
 
     async def run() -> None:
         async with app.agents["assemble"].test_context() as assemble:
             for n in (1, 2, 2):  # the redelivered instance changes nothing
                 await assemble.put(received(n, study=STUDY).to_bytes(), key=KEY)
             await assemble.put(b"not an event", key=b"junk")  # dead-lettered, not stored
-        assert set(studies) == {KEY}
-        state = studies[KEY]
+        assert set(studies()) == {KEY}
+        assert len(table) == 3  # the study's header and one entry per instance
+        state = studies()[KEY]
         assert len(state["instances"]) == 2 and state["announced"] == 0
         ready = StudyReadyV1(
             StudyInstanceUID=STUDY,
@@ -61,6 +67,6 @@ def test_agents_assemble_into_the_table_and_score_ready_events(tmp_path: Path):
         async with app.agents["score"].test_context() as score:
             await score.put(ready.to_bytes(), key=KEY)
         assert [len(r.instances) for r in scorer.scored] == [2]
-        assert studies[KEY]["announced"] == 2
+        assert studies()[KEY]["announced"] == 2
 
     asyncio.run(run())
