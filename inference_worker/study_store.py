@@ -193,26 +193,18 @@ class StudyStore(MutableMapping[bytes, StudyState]):
             return  # the state read, handed back unchanged (a redelivered event)
         refs = state["instances"]
         acquisitions = state.get("acquisitions", {})
-        # In the state's order (a set would reorder them: a study restored from the memory
-        # store lists its instances in the order their entries were first written).
         changed = _changed(refs, known.refs) + _changed(acquisitions, known.acquisitions)
-        changed += known.acquisitions.keys() - acquisitions.keys()  # an acquisition dropped
-        for uid in dict.fromkeys(changed):
-            if uid not in refs:
-                continue  # an acquisition is kept with its instance only
-            entry: dict[str, Any] = {"ref": refs[uid]}
-            if uid in acquisitions:
-                entry["acquisition"] = acquisitions[uid]
-            self.table[instance_key(key, uid)] = entry
-            known.refs[uid] = refs[uid]
-            if uid in acquisitions:
-                known.acquisitions[uid] = acquisitions[uid]
-            else:
+        self._write_instances(key, known, refs, acquisitions, changed)
+        # Every key of the state is now known: equal sizes mean nothing else is (the set
+        # differences cost a pass over the study, which a growing study need not pay).
+        if len(known.acquisitions) != len(acquisitions):  # one dropped: its entry without it
+            dropped = known.acquisitions.keys() - acquisitions.keys()
+            self._write_instances(key, known, refs, acquisitions, list(dropped))
+        if len(known.refs) != len(refs):  # none but in a study cut short
+            for uid in known.refs.keys() - refs.keys():
+                del self.table[instance_key(key, uid)]
+                del known.refs[uid]
                 known.acquisitions.pop(uid, None)
-        for uid in known.refs.keys() - refs.keys():  # none but in a study cut short
-            del self.table[instance_key(key, uid)]
-            del known.refs[uid]
-            known.acquisitions.pop(uid, None)
         steps = state.get("steps", {})
         for uid in _changed(steps, known.steps):
             self.table[step_key(key, uid)] = known.steps[uid] = steps[uid]
@@ -224,6 +216,30 @@ class StudyStore(MutableMapping[bytes, StudyState]):
             self.table[key] = header
             known.header = header
         known.state = state
+
+    def _write_instances(
+        self,
+        key: bytes,
+        known: _Study,
+        refs: dict[str, dict[str, Any]],
+        acquisitions: dict[str, list[Any]],
+        uids: list[str],
+    ) -> None:
+        """Write the entries of ``uids`` as the state has them (in its order: a study restored
+        from the memory store lists its instances in the order their entries were first
+        written)."""
+        for uid in dict.fromkeys(uids):
+            if uid not in refs:
+                continue  # an acquisition is kept with its instance only
+            entry: dict[str, Any] = {"ref": refs[uid]}
+            if uid in acquisitions:
+                entry["acquisition"] = acquisitions[uid]
+            self.table[instance_key(key, uid)] = entry
+            known.refs[uid] = refs[uid]
+            if uid in acquisitions:
+                known.acquisitions[uid] = acquisitions[uid]
+            else:
+                known.acquisitions.pop(uid, None)
 
     def __delitem__(self, key: bytes) -> None:
         """Remove the study: its header first (the study is gone at once), then its entries
