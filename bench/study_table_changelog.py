@@ -6,11 +6,12 @@
 Each study's instance events (64-character UIDs, as ``pydicom.uid.generate_uid`` makes them;
 a storage URI under ``/var/lib/scanwatch/store``; the listener's count headers, one
 acquisition, unless ``--no-counts``) are assembled by the worker's own
-:class:`~inference_worker.flow.WorkerFlow`, 10 ms apart, then announced and scored by a fake scorer; every table write is taken as the changelog record
-Faust would send (the raw key, the value in Faust's JSON codec). Printed per layout: records,
-total bytes, bytes per instance, the largest record, the instance whose record first passes
-Kafka's default 1 MB (``message.max.bytes``, ``max.request.size``), and the CPU seconds of the
-assembly. The old layout is measured up to ``--old-up-to`` instances (its cost is quadratic).
+:class:`~inference_worker.flow.WorkerFlow`, 10 ms apart, then announced and scored by a fake
+scorer; every table write is taken as the changelog record Faust would send (the raw key, the
+value in Faust's JSON codec). Printed per layout: records, total bytes, bytes per instance, the
+largest record, the instance whose record first passes Kafka's default 1 MB
+(``message.max.bytes``, ``max.request.size``), and the CPU seconds of the assembly. The old
+layout is measured up to ``--old-up-to`` instances (its cost is quadratic).
 """
 
 from __future__ import annotations
