@@ -70,3 +70,36 @@ def test_agents_assemble_into_the_table_and_score_ready_events(tmp_path: Path):
         assert studies()[KEY]["announced"] == 2
 
     asyncio.run(run())
+
+
+def test_the_study_store_reads_the_table_again_once_a_recovery_restored_it(tmp_path: Path):
+    """A rebalance restores the table from its changelog behind the app's store (here: the
+    memory store written directly, as recovery does): its recovery callback makes the store
+    read the table again, so the flow sees the restored study (announced with 3 instances
+    elsewhere: a ready event with 2 is then superseded), not what it had cached."""
+    scorer = FakeScorer()
+    nowhere = f"127.0.0.1:{free_port()}"
+    settings = Settings(store="memory://", data_dir=tmp_path, kafka_bootstrap_servers=nowhere)
+    app = create_app(settings, scorer=scorer)
+    app.conf.table_standby_replicas = 0
+    table = app.tables[STUDY_TABLE]
+    ready = StudyReadyV1(
+        StudyInstanceUID=STUDY,
+        instances=[received(n, study=STUDY).ref() for n in (1, 2)],
+        first_received_at="2026-01-01T00:00:00Z",
+        last_received_at="2026-01-01T00:00:01Z",
+        quiet_period_s=5,
+    )
+
+    async def run() -> None:
+        async with app.agents["assemble"].test_context() as assemble:
+            for n in (1, 2):
+                await assemble.put(received(n, study=STUDY).to_bytes(), key=KEY)
+        restored = {**table.data[KEY], "announced": 3}  # another worker's later write
+        table.data[KEY] = restored
+        await table.call_recover_callbacks()
+        async with app.agents["score"].test_context() as score:
+            await score.put(ready.to_bytes(), key=KEY)
+
+    asyncio.run(run())
+    assert scorer.scored == []  # superseded: the store read the restored header
