@@ -21,6 +21,7 @@ from inference_worker.assembly import (
 from inference_worker.errors import ModelUnavailable
 from inference_worker.flow import Origin
 from inference_worker.study_store import StudyStore, instance_key, step_key
+from inference_worker.tests import test_worker_flow
 from inference_worker.tests.test_worker_assembly import received
 from inference_worker.tests.test_worker_flow import KEY, QUIET, STUDY, World
 from schemas import InferenceResultV1, InstanceReceivedV1, ProcedureStepV1, StepInstanceRef
@@ -336,3 +337,33 @@ def test_a_removed_study_leaves_no_key_behind():
     store[KEY] = old_format_state()
     del store[KEY]
     assert dict(table) == {} and KEY not in store and list(store) == []
+
+
+def _flow_cases() -> list[Any]:
+    """Every test of test_worker_flow.py, each parametrization of it a case of its own."""
+    cases = []
+    for name, test in sorted(vars(test_worker_flow).items()):
+        if not name.startswith("test_") or not callable(test):
+            continue
+        marks = [m for m in getattr(test, "pytestmark", []) if m.name == "parametrize"]
+        if not marks:
+            cases.append(pytest.param(test, {}, id=name))
+            continue
+        [mark] = marks
+        argname, values = mark.args
+        for n, value in enumerate(values):
+            cases.append(pytest.param(test, {argname: value}, id=f"{name}[{n}]"))
+    return cases
+
+
+@pytest.mark.parametrize(("test", "kwargs"), _flow_cases())
+def test_the_flow_behaves_the_same_over_the_store(test, kwargs, monkeypatch):
+    """The flow's own tests, with the study table in the store's layout instead of a dict."""
+    made = World.__init__
+
+    def over_the_store(self: World, *args: Any, **settings: Any) -> None:
+        made(self, *args, **settings)
+        self.studies = self.flow.studies = StudyStore(Table())  # type: ignore[assignment]
+
+    monkeypatch.setattr(World, "__init__", over_the_store)
+    test(**kwargs)
