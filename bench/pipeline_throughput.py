@@ -78,12 +78,17 @@ def engine_for(name: str, cache: Path):
 
 
 def bare_images_per_s(
-    studies: list[list[InstanceReceivedV1]], batch: int, slices: int, engine_name: str, cache: Path
+    studies: list[list[InstanceReceivedV1]],
+    batch: int,
+    slices: int,
+    engine_name: str,
+    cache: Path,
+    models: Path = MODELS,
 ) -> float:
     import numpy as np
 
-    version = max(int(p.name) for p in (MODELS / DEFAULT_MODEL_NAME).iterdir() if p.name.isdigit())
-    servable = engine_for(engine_name, cache).load(MODELS / DEFAULT_MODEL_NAME / str(version))
+    version = max(int(p.name) for p in (models / DEFAULT_MODEL_NAME).iterdir() if p.name.isdigit())
+    servable = engine_for(engine_name, cache).load(models / DEFAULT_MODEL_NAME / str(version))
     signature = servable.signature_defs["serving_default"]
     size = signature.inputs["images"].tensor_shape.dim[1].size
     images = [select_series([e.ref() for e in events], size).images for events in studies]
@@ -107,13 +112,14 @@ def pipeline_images_per_s(
     quiet: float,
     engine_name: str,
     heatmaps: bool = True,
+    models: Path = MODELS,
 ) -> float:
     config = StackConfig(
         var=var,
         ports=Ports(**{name: free_port() for name in Ports.__dataclass_fields__}),
         quiet_period_s=quiet,
         model_engine=engine_name,
-        models=MODELS,
+        models=models,
         kafka_libs=ROOT / "var" / "kafka" / "libs",
         extra_env={
             "SCANWATCH_WORKER_BATCH_SIZE": str(batch),
@@ -172,6 +178,14 @@ def main() -> int:
         help="the worker scores without heatmaps (each costs a saliency Predict as dear as the "
         "Predict itself on the same model server, and a DICOM series)",
     )
+    args.add_argument(
+        "--models",
+        type=Path,
+        default=MODELS,
+        help="model repository whose default model both sides run (default var/models, the "
+        "shipped model); e.g. one holding EfficientNetB0 at 224² from `python -m "
+        "training.default_model --untrained --image-size 224 --repository DIR`",
+    )
     opts = args.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
@@ -184,7 +198,7 @@ def main() -> int:
             for n in range(opts.studies)
         ]
         cache = ROOT / "var" / "cache" / "openvino"
-        bare = bare_images_per_s(studies, opts.batch, opts.slices, opts.engine, cache)
+        bare = bare_images_per_s(studies, opts.batch, opts.slices, opts.engine, cache, opts.models)
         pipeline = pipeline_images_per_s(
             studies,
             opts.batch,
@@ -193,6 +207,7 @@ def main() -> int:
             opts.quiet_period,
             opts.engine,
             heatmaps=not opts.no_heatmaps,
+            models=opts.models,
         )
     report = {
         "studies": opts.studies,
@@ -200,6 +215,7 @@ def main() -> int:
         "batch": opts.batch,
         "engine": opts.engine,
         "heatmaps": not opts.no_heatmaps,
+        "models": str(opts.models),
         "bare_images_per_s": round(bare, 2),
         "pipeline_images_per_s": round(pipeline, 2),
         "ratio": round(pipeline / bare, 3),
