@@ -104,9 +104,10 @@ def kill_busiest_leader(cluster: LocalKafkaCluster) -> Fault:
 
 @pytest.mark.skipif(
     os.environ.get("SCANWATCH_TEST_LEADER_KILL") != "1",
-    reason="open bug (issue 19): one study of 6 was left not scored within 300 s of the "
-    "leader's kill in 1 of 17 runs (2026-12-05; the 16 others, 8 of them after the no-release-"
-    "under-lag rule, all passed; the cause is not found); run with SCANWATCH_TEST_LEADER_KILL=1",
+    reason="open bug (issue 19): one study of 6 was left scored on part of its instances and "
+    "never again within 300 s of the leader's kill in 2 of 22 runs (2026-12-05; released while "
+    "its last event was still in the listener's outbox, then not announced again after a "
+    "rebalance; the cause of the latter is not found); run with SCANWATCH_TEST_LEADER_KILL=1",
 )
 def test_killing_the_busiest_partitions_leader_loses_and_duplicates_nothing(
     stack: Stack, cluster: LocalKafkaCluster, tmp_path: Path, record_property
