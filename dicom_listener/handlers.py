@@ -426,13 +426,14 @@ def _store(received: ReceivedInstance, ctx: StoreContext, arrival: Arrival) -> S
         ctx.metrics.new_versions.inc()
     ctx.metrics.received.inc()
     ctx.metrics.received_bytes.inc(staged.size_bytes)
-    log.debug(
-        "instance received",
-        extra=uids
-        | {
-            "outcome": outcome,
-            "size_bytes": staged.size_bytes,
-            "calling_ae_title": received.calling_ae_title,
-        },
-    )
+    if log.isEnabledFor(logging.DEBUG):  # the hot path: no record built for a line not kept
+        log.debug(
+            "instance received",
+            extra=uids
+            | {
+                "outcome": outcome,
+                "size_bytes": staged.size_bytes,
+                "calling_ae_title": received.calling_ae_title,
+            },
+        )
     return status(SUCCESS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 from devtools.kafka_local import free_port
 from inference_worker.app import STUDY_TABLE, create_app
@@ -35,14 +36,19 @@ class FakeScorer:
         return result_for(ready)
 
 
-def test_agents_assemble_into_the_table_and_score_ready_events(tmp_path: Path):
+def offline_app(tmp_path: Path) -> tuple[Any, Any, FakeScorer]:
+    """The worker's app with a fake scorer and the memory store, its table and its scorer. No
+    broker listens at its address: the producer of a dead letter or a result reaches none."""
     scorer = FakeScorer()
-    # No broker listens there: the producer of the dead letter and the result cannot reach one.
     nowhere = f"127.0.0.1:{free_port()}"
     settings = Settings(store="memory://", data_dir=tmp_path, kafka_bootstrap_servers=nowhere)
     app = create_app(settings, scorer=scorer)
     app.conf.table_standby_replicas = 0
-    table = app.tables[STUDY_TABLE]
+    return app, app.tables[STUDY_TABLE], scorer
+
+
+def test_agents_assemble_into_the_table_and_score_ready_events(tmp_path: Path):
+    app, table, scorer = offline_app(tmp_path)
 
     def studies() -> StudyStore:
         """The table read as a restarted worker would read it (the app's store is its own)."""
@@ -77,12 +83,7 @@ def test_the_study_store_reads_the_table_again_once_a_recovery_restored_it(tmp_p
     memory store written directly, as recovery does): its recovery callback makes the store
     read the table again, so the flow sees the restored study (announced with 3 instances
     elsewhere: a ready event with 2 is then superseded), not what it had cached."""
-    scorer = FakeScorer()
-    nowhere = f"127.0.0.1:{free_port()}"
-    settings = Settings(store="memory://", data_dir=tmp_path, kafka_bootstrap_servers=nowhere)
-    app = create_app(settings, scorer=scorer)
-    app.conf.table_standby_replicas = 0
-    table = app.tables[STUDY_TABLE]
+    app, table, scorer = offline_app(tmp_path)
     ready = StudyReadyV1(
         StudyInstanceUID=STUDY,
         instances=[received(n, study=STUDY).ref() for n in (1, 2)],

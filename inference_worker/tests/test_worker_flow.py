@@ -147,6 +147,23 @@ class World:
         await self.flow.score(ready.to_bytes(), Origin(StudyReadyV1.SCHEMA, 0, 7, KEY))
 
 
+async def step(world: World, status: str, study: str, numbers: tuple[int, ...]) -> None:
+    """The modality reports procedure step 1.2.3.4 of ``study`` with ``status``, referencing
+    instances ``<study>.1.<n>`` of series ``<study>.1`` (the store's tests share it)."""
+    event = ProcedureStepV1(
+        StudyInstanceUID=study,
+        procedure_step_uid="1.2.3.4",
+        status=status,
+        step_studies=[study],
+        instances=[
+            StepInstanceRef(SeriesInstanceUID=study + ".1", SOPInstanceUID=f"{study}.1.{n}")
+            for n in numbers
+        ],
+        calling_ae_title="MR1",
+    )
+    await world.flow.procedure_step(event.to_bytes(), Origin(ProcedureStepV1.SCHEMA))
+
+
 def test_a_quiet_study_is_announced_once_and_scored():
     async def run() -> World:
         world = World()
@@ -476,26 +493,12 @@ def test_a_completed_procedure_step_releases_its_study_without_the_timer():
     async def run() -> World:
         world = World()
 
-        async def step(status: str, numbers: tuple[int, ...]) -> None:
-            event = ProcedureStepV1(
-                StudyInstanceUID=STUDY,
-                procedure_step_uid="1.2.3.4",
-                status=status,
-                step_studies=[STUDY],
-                instances=[
-                    StepInstanceRef(SeriesInstanceUID=STUDY + ".1", SOPInstanceUID=f"{STUDY}.1.{n}")
-                    for n in numbers
-                ],
-                calling_ae_title="MR1",
-            )
-            await world.flow.procedure_step(event.to_bytes(), Origin(ProcedureStepV1.SCHEMA))
-
-        await step("IN PROGRESS", ())
+        await step(world, "IN PROGRESS", STUDY, ())
         await world.receive(1, 2)
         world.clock.now += QUIET * 10
         await world.flow.release_ready_studies()
         assert world.ready.sent == []  # in progress: held past the quiet period
-        await step("COMPLETED", (1, 2, 3))
+        await step(world, "COMPLETED", STUDY, (1, 2, 3))
         assert world.ready.sent == []  # instance 3 not read yet
         await world.receive(3)
         [ready] = world.ready_events()  # at once

@@ -23,7 +23,7 @@ from inference_worker.flow import Origin
 from inference_worker.study_store import StudyStore, instance_key, step_key
 from inference_worker.tests import test_worker_flow
 from inference_worker.tests.test_worker_assembly import received
-from inference_worker.tests.test_worker_flow import KEY, QUIET, STUDY, World
+from inference_worker.tests.test_worker_flow import KEY, QUIET, STUDY, World, step
 from schemas import InferenceResultV1, InstanceReceivedV1, ProcedureStepV1, StepInstanceRef
 
 
@@ -151,21 +151,6 @@ def test_a_new_store_over_the_restored_table_reads_what_the_flow_wrote():
     assert restored[KEY]["acquisitions"][f"{STUDY}.1.4"] == [f"{STUDY}.1/1", 3000]
     assert restored[KEY]["instances"][f"{STUDY}.1.2"]["sha256"] == "cd" * 32
     assert restored[f"{STUDY}.2".encode()]["parked_until"] > 0
-
-
-async def step(world: World, status: str, study: str, numbers: tuple[int, ...]) -> None:
-    event = ProcedureStepV1(
-        StudyInstanceUID=study,
-        procedure_step_uid="1.2.3.4",
-        status=status,
-        step_studies=[study],
-        instances=[
-            StepInstanceRef(SeriesInstanceUID=study + ".1", SOPInstanceUID=f"{study}.1.{n}")
-            for n in numbers
-        ],
-        calling_ae_title="MR1",
-    )
-    await world.flow.procedure_step(event.to_bytes(), Origin(ProcedureStepV1.SCHEMA))
 
 
 def test_a_change_writes_its_entries_first_and_the_header_last():
