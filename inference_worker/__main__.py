@@ -13,10 +13,12 @@ from collections.abc import Collection
 from typing import Any
 
 import faust
+from confluent_kafka import KafkaException
 from pydantic import ValidationError
 
-from inference_worker.app import create_app
+from inference_worker.app import create_app, table_topics
 from inference_worker.config import Settings
+from scanwatch import kafka
 from scanwatch.logs import configure_logging
 
 SERVICE = "inference-worker"
@@ -79,8 +81,14 @@ def main(argv: list[str] | None = None) -> int:
 def run(settings: Settings) -> int:
     """Run the worker until it stops; this exits the process (Faust's worker does)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    app = create_app(settings)
+    try:
+        kafka.ensure_topics(settings.kafka_bootstrap_servers, table_topics(app))
+    except (KafkaException, kafka.KafkaTopicError) as exc:  # its supervisor starts it again
+        log.error("study table's changelog not ready", extra={"error": str(exc)})
+        return 1
     worker = faust.Worker(
-        create_app(settings),
+        app,
         loglevel=settings.log_level,
         override_logging=False,  # logging is scanwatch's, configured above
         quiet=True,

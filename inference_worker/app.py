@@ -32,13 +32,22 @@ from inference_worker.study_store import StudyStore
 from scanwatch import kafka
 from scanwatch.http_access import METRICS_CHALLENGE, metrics_allowed, metrics_closed_warning
 from schemas import InferenceResultV1, InstanceReceivedV1, ProcedureStepV1, StudyReadyV1, dlq
-from schemas.topics import STUDY_PARTITIONS
+from schemas.topics import STUDY_PARTITIONS, TopicSpec
 
 #: Name of the changelogged table of studies being assembled.
 STUDY_TABLE = "study-assembly"
 
 
 log = logging.getLogger(__name__)
+
+
+def table_topics(app: faust.App) -> list[TopicSpec]:
+    """The study table's changelog, as the worker creates it before Faust starts: compacted,
+    co-partitioned with the study topics, replicated like scanwatch's own topics
+    (:func:`scanwatch.kafka.ensure_topics`). Left to Faust, two workers starting together
+    raced to create it, and one crashed on the half-created topic (PartitionsMismatch)."""
+    changelog = app.tables[STUDY_TABLE].changelog_topic.get_topic_name()
+    return [TopicSpec(changelog, partitions=STUDY_PARTITIONS, compact=True)]
 
 
 def _broker_url(servers: str) -> str:
@@ -146,6 +155,14 @@ def create_app(
     async def reload_studies() -> None:
         """After a rebalance, the table holds what its changelog restored: read it again."""
         studies.reload()
+        if log.isEnabledFor(logging.DEBUG):  # a pass over the whole table: on demand only
+            owned = [(key, state) for key, state in studies.items() if owns(key)]
+            due = [key for key, state in owned if len(state["instances"]) > state["announced"]]
+            log.debug("study table restored", extra={"studies": len(owned), "due": len(due)})
+            for key in due:
+                state = studies[key]
+                extra = {"StudyInstanceUID": key.decode(), "instances": len(state["instances"])}
+                log.debug("due study restored", extra=extra | {"announced": state["announced"]})
 
     def owns(key: bytes) -> bool:
         """Whether this worker actively owns (not as a standby) the partition of ``key``."""

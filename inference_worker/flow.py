@@ -257,6 +257,10 @@ class WorkerFlow:
         state = add_instance(self.studies.get(key), received, self.clock(), headers)
         self.studies[key] = state
         self.progress.read(origin, received.occurred_at.timestamp())
+        if log.isEnabledFor(logging.DEBUG):  # the hot path: built only when asked for
+            where = {"partition": origin.partition, "offset": origin.offset}
+            counts = {"instances": len(state["instances"]), "announced": state["announced"]}
+            log.debug("instance read", extra={"StudyInstanceUID": key.decode(), **where, **counts})
         await self._release_if_step_done(key, state)
 
     async def procedure_step(self, value: bytes | None, origin: Origin) -> None:
@@ -309,8 +313,10 @@ class WorkerFlow:
             trust,
             self.settings.exam_max_wait_s,
         ):
+            self._withheld(key, state, "waiting", verdict=verdict, caught_up=caught_up)
             return
         if not self.owns(key) or key in self._held:
+            self._withheld(key, state, "held" if key in self._held else "not ours")
             return
         if self.studies.get(key) != state:
             # Read on while the broker was asked for the partition's end (or while another
@@ -321,6 +327,7 @@ class WorkerFlow:
         count = len(state["instances"])
         announced, at = self.announcing.get(key, (0, now))
         if announced >= count and now - at < self.settings.park_s:
+            self._withheld(key, state, "announcing", announced_at=at)
             return
         ready = ready_event(key.decode(), state, 0.0 if verdict == NOW else quiet)
         await self.ready_topic.send(key=key, value=ready.to_bytes())
@@ -342,6 +349,15 @@ class WorkerFlow:
             )
             return
         log.info("study ready", extra=extra)
+
+    @staticmethod
+    def _withheld(key: bytes, state: StudyState, reason: str, **detail: object) -> None:
+        """A due study not announced in this pass, and why (DEBUG: a line per study and pass;
+        what an operator asks of a study that waits longer than its quiet period)."""
+        if log.isEnabledFor(logging.DEBUG):
+            counts = {"instances": len(state["instances"]), "announced": state["announced"]}
+            extra = {"StudyInstanceUID": key.decode(), "reason": reason, **counts, **detail}
+            log.debug("study withheld", extra=extra)
 
     async def _caught_up(
         self, key: bytes, state: StudyState, now: float, quiet: float, ends: dict[int, int | None]

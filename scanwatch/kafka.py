@@ -21,14 +21,17 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from schemas.events import Event
-from schemas.topics import DEVELOPMENT, TOPICS, TopicSpec, replication_for
+from schemas.topics import DEVELOPMENT, TOPICS, Replication, TopicSpec, replication_for
 
 if TYPE_CHECKING:
     from confluent_kafka import Consumer, KafkaError, Message, Producer
+    from confluent_kafka.admin import AdminClient
+    from confluent_kafka.cimpl import NewTopic
 
 log = logging.getLogger(__name__)
 
@@ -184,10 +187,10 @@ def ensure_topics(
     the cluster's broker count (production: factor 3, ``min.insync.replicas`` 2; a single
     development broker configured for one copy: 1 and 1); a cluster short of brokers is
     refused with a message."""
-    from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import AdminClient, ConfigResource, ResourceType
     from confluent_kafka.cimpl import NewTopic
 
+    topics = list(topics)
     admin = AdminClient({"bootstrap.servers": bootstrap_servers}, logger=log)
     metadata = admin.list_topics(timeout=timeout_s)
     brokers = len(metadata.brokers)
@@ -210,13 +213,27 @@ def ensure_topics(
             num_partitions=t.partitions,
             replication_factor=replication.factor,
             config={
-                "retention.ms": str(t.retention_ms),
+                **(
+                    {"cleanup.policy": "compact"}
+                    if t.compact
+                    else {"retention.ms": str(t.retention_ms)}
+                ),
                 "min.insync.replicas": str(replication.min_insync),
             },
         )
         for t in topics
         if t.name not in metadata.topics
     ]
+    created = _create(admin, new, replication, timeout_s)
+    _wait_for_leaders(admin, topics, timeout_s)
+    return created
+
+
+def _create(
+    admin: AdminClient, new: list[NewTopic], replication: Replication, timeout_s: float
+) -> list[str]:
+    from confluent_kafka import KafkaError, KafkaException
+
     if not new:
         return []
     created = []
@@ -236,6 +253,32 @@ def ensure_topics(
             if code != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
     return created
+
+
+def _wait_for_leaders(admin: AdminClient, topics: Iterable[TopicSpec], timeout_s: float) -> None:
+    """Return once the metadata lists every partition of ``topics`` with a leader. A topic
+    just created (here or by another process) is listed for a moment with no partitions, and
+    a Faust worker reading that metadata took its table's changelog for one of 0 partitions
+    and crashed (PartitionsMismatch)."""
+    wanted = {t.name: t.partitions for t in topics}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        listed = admin.list_topics(timeout=timeout_s).topics
+        short = {
+            name: partitions
+            for name, partitions in wanted.items()
+            if name not in listed
+            or len(listed[name].partitions) < partitions
+            or any(p.leader < 0 for p in listed[name].partitions.values())
+        }
+        if not short:
+            return
+        if time.monotonic() > deadline:
+            raise KafkaTopicError(
+                f"topics without a leader for every partition after {timeout_s:.0f} s: "
+                + ", ".join(sorted(short))
+            )
+        time.sleep(0.1)
 
 
 def main(argv: list[str] | None = None) -> int:

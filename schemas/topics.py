@@ -56,6 +56,9 @@ class TopicSpec:
     name: str
     partitions: int = STUDY_PARTITIONS
     retention_ms: int = WEEK_MS
+    #: A compacted topic keeps each key's last record for ever (a table's changelog), and
+    #: ``retention_ms`` does not apply.
+    compact: bool = False
 
 
 def dlq(topic: str) -> str:

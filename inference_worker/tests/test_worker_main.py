@@ -81,3 +81,51 @@ def test_help_names_the_options(capsys):
     assert exited.value.code == 0
     out = capsys.readouterr().out
     assert "scanwatch-worker" in out and "--web-port" in out and "SCANWATCH_WORKER_" in out
+
+
+class FakeWorker:
+    """Stands in for ``faust.Worker``: records that it was started."""
+
+    started: list[str] = []
+
+    def __init__(self, app, **kwargs) -> None:
+        self.app = app
+
+    def execute_from_commandline(self) -> None:
+        FakeWorker.started.append(self.app.conf.id)
+
+
+def test_the_study_tables_changelog_is_created_before_faust_starts(monkeypatch, tmp_path: Path):
+    """Left to Faust, two workers starting together raced to create the changelog, and one
+    crashed on the half-created topic (PartitionsMismatch, seen in the broker-leader test)."""
+    order: list[object] = []
+    monkeypatch.setattr(FakeWorker, "started", order)
+    monkeypatch.setattr(cli.faust, "Worker", FakeWorker)
+    monkeypatch.setattr(
+        cli.kafka, "ensure_topics", lambda servers, topics: order.append((servers, list(topics)))
+    )
+    settings = Settings(data_dir=tmp_path / "w", kafka_bootstrap_servers="127.0.0.1:9")
+    assert cli.run(settings) is None  # Faust's worker exits the process itself
+    [(servers, [changelog]), app_id] = order
+    assert servers == "127.0.0.1:9" and app_id == settings.app_id
+    assert changelog.name == f"{settings.app_id}-study-assembly-changelog"
+    assert changelog.compact and changelog.partitions == 4
+
+
+def test_a_changelog_not_ready_is_an_error_and_faust_is_not_started(
+    monkeypatch, tmp_path: Path, caplog
+):
+    started: list[str] = []
+    monkeypatch.setattr(FakeWorker, "started", started)
+    monkeypatch.setattr(cli.faust, "Worker", FakeWorker)
+
+    def refuse(servers, topics):
+        raise cli.kafka.KafkaTopicError("topics need 3 brokers")
+
+    monkeypatch.setattr(cli.kafka, "ensure_topics", refuse)
+    with caplog.at_level(logging.ERROR):
+        assert cli.run(Settings(data_dir=tmp_path / "w")) == 1
+    assert started == []
+    [record] = [r for r in caplog.records if r.name == "inference_worker"]
+    assert "changelog not ready" in record.getMessage()
+    assert record.error == "topics need 3 brokers"

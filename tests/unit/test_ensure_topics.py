@@ -27,12 +27,29 @@ class FakeAdmin:
     brokers: tuple[int, ...] = (1, 2, 3)
     configured = 3
     created: list[Any] = []
+    #: Topic name -> partitions, as the cluster has them.
+    existing: dict[str, int] = {}
+    #: How many more metadata answers list the existing topics with no partitions (a topic
+    #: the controller has just created, its partitions not yet given leaders).
+    leaderless: int = 0
+    listings: int = 0
 
     def __init__(self, config: dict[str, Any], logger: Any = None) -> None:
         pass
 
     def list_topics(self, timeout: float) -> SimpleNamespace:
-        return SimpleNamespace(brokers=dict.fromkeys(self.brokers), topics={})
+        FakeAdmin.listings += 1
+        with_leaders = FakeAdmin.leaderless <= 0
+        FakeAdmin.leaderless -= 1
+        topics = {
+            name: SimpleNamespace(
+                partitions={i: SimpleNamespace(leader=1) for i in range(count)}
+                if with_leaders
+                else {}
+            )
+            for name, count in self.existing.items()
+        }
+        return SimpleNamespace(brokers=dict.fromkeys(self.brokers), topics=topics)
 
     def describe_configs(self, resources: list[Any]) -> dict[Any, Future]:
         future: Future = Future()
@@ -50,6 +67,8 @@ class FakeAdmin:
                 future.set_result(None)
             else:
                 future.set_exception(KafkaException(KafkaError(self.code, "refused")))
+            if self.code in (None, KafkaError.TOPIC_ALREADY_EXISTS):
+                FakeAdmin.existing[topic.topic] = topic.num_partitions
             futures[topic.topic] = future
         return futures
 
@@ -61,6 +80,9 @@ def admin(monkeypatch: pytest.MonkeyPatch) -> type[FakeAdmin]:
     monkeypatch.setattr(FakeAdmin, "brokers", (1, 2, 3))
     monkeypatch.setattr(FakeAdmin, "configured", 3)
     monkeypatch.setattr(FakeAdmin, "created", [])
+    monkeypatch.setattr(FakeAdmin, "existing", {})
+    monkeypatch.setattr(FakeAdmin, "leaderless", 0)
+    monkeypatch.setattr(FakeAdmin, "listings", 0)
     return FakeAdmin
 
 
@@ -98,3 +120,26 @@ def test_a_single_broker_configured_for_one_copy_is_a_development_broker(
     assert kafka.ensure_topics("127.0.0.1:1", [TopicSpec("dev")]) == ["dev"]
     [topic] = admin.created
     assert (topic.replication_factor, topic.config["min.insync.replicas"]) == (1, "1")
+
+
+def test_a_compacted_topic_keeps_keys_not_days(admin: type[FakeAdmin]) -> None:
+    kafka.ensure_topics("127.0.0.1:1", [TopicSpec("table-changelog", compact=True)])
+    [topic] = admin.created
+    assert topic.config["cleanup.policy"] == "compact"
+    assert "retention.ms" not in topic.config
+
+
+def test_a_topic_listed_without_partitions_is_waited_for(admin: type[FakeAdmin]) -> None:
+    """Two workers started together: one created the study table's changelog, the other read
+    metadata listing it with 0 partitions and crashed in Faust (PartitionsMismatch). The
+    creation returns only once every partition has a leader, whoever created the topic."""
+    admin.existing = {"taken": 4}
+    admin.leaderless = 3  # the first answer decides what to create; two more wait
+    assert kafka.ensure_topics("127.0.0.1:1", [TopicSpec("taken", partitions=4)]) == []
+    assert admin.listings == 4
+
+
+def test_a_topic_that_never_gets_leaders_is_a_topic_error(admin: type[FakeAdmin]) -> None:
+    admin.leaderless = 10**6
+    with pytest.raises(kafka.KafkaTopicError, match="without a leader.*: slow"):
+        kafka.ensure_topics("127.0.0.1:1", [TopicSpec("slow")], timeout_s=0.3)
