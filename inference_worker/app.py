@@ -32,7 +32,7 @@ from inference_worker.study_store import StudyStore
 from scanwatch import kafka
 from scanwatch.http_access import METRICS_CHALLENGE, metrics_allowed, metrics_closed_warning
 from schemas import InferenceResultV1, InstanceReceivedV1, ProcedureStepV1, StudyReadyV1, dlq
-from schemas.topics import STUDY_PARTITIONS, TopicSpec
+from schemas.topics import LARGE_RECORD_BYTES, STUDY_PARTITIONS, TopicSpec
 
 #: Name of the changelogged table of studies being assembled.
 STUDY_TABLE = "study-assembly"
@@ -106,6 +106,9 @@ def create_app(
         topic_partitions=STUDY_PARTITIONS,
         topic_replication_factor=settings.topic_replication_factor,
         producer_acks=-1,
+        # A ready event lists its study's instances: a large study's passes Kafka's 1 MB.
+        producer_max_request_size=LARGE_RECORD_BYTES,
+        consumer_max_fetch_size=LARGE_RECORD_BYTES,
         consumer_auto_offset_reset="earliest",
         web_host=settings.web_host,
         web_port=settings.web_port,

@@ -23,7 +23,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from schemas.events import Event
 from schemas.topics import DEVELOPMENT, TOPICS, Replication, TopicSpec, replication_for
@@ -219,14 +219,59 @@ def ensure_topics(
                     else {"retention.ms": str(t.retention_ms)}
                 ),
                 "min.insync.replicas": str(replication.min_insync),
+                **_size_limit(t),
             },
         )
         for t in topics
         if t.name not in metadata.topics
     ]
     created = _create(admin, new, replication, timeout_s)
+    _raise_size_limits(admin, [t for t in topics if t.name in metadata.topics], timeout_s)
     _wait_for_leaders(admin, topics, timeout_s)
     return created
+
+
+def _size_limit(topic: TopicSpec) -> dict[str, str]:
+    return (
+        {}
+        if topic.max_message_bytes is None
+        else {"max.message.bytes": str(topic.max_message_bytes)}
+    )
+
+
+def _raise_size_limits(admin: AdminClient, existing: list[TopicSpec], timeout_s: float) -> None:
+    """Give existing topics the record size limit their spec now has (a deployment created
+    before the limit was raised would otherwise keep Kafka's 1 MB, and refuse a large study's
+    ready event). Only this setting is changed, and only upwards."""
+    from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
+
+    sized = [t for t in existing if t.max_message_bytes is not None]
+    if not sized:
+        return
+    resources = [ConfigResource(ResourceType.TOPIC, t.name) for t in sized]
+    described = admin.describe_configs(resources)
+    raise_to = {}
+    for topic, resource in zip(sized, resources, strict=True):
+        current = int(described[resource].result(timeout=timeout_s)["max.message.bytes"].value)
+        if current < cast(int, topic.max_message_bytes):
+            raise_to[topic.name] = topic.max_message_bytes
+    if not raise_to:
+        return
+    alter = [
+        ConfigResource(
+            ResourceType.TOPIC,
+            name,
+            incremental_configs=[
+                ConfigEntry(
+                    "max.message.bytes", str(size), incremental_operation=AlterConfigOpType.SET
+                )
+            ],
+        )
+        for name, size in raise_to.items()
+    ]
+    for future in admin.incremental_alter_configs(alter).values():
+        future.result(timeout=timeout_s)
+    log.info("record size limit raised", extra={"topics": sorted(raise_to)})
 
 
 def _create(

@@ -16,6 +16,10 @@ from schemas.training_events import (
 #: Partitions per topic. Study-keyed topics share it so that they stay co-partitioned.
 STUDY_PARTITIONS = 4
 WEEK_MS = 7 * 24 * 3600 * 1000
+#: The largest record the ready topic and its dead-letter twin take (``max.message.bytes``):
+#: a ready event lists every instance of its study (~0.5 KB each), and Kafka's default 1 MB
+#: stopped a study of ~1 850 instances from being announced at all. 16 MiB: ~35 000 instances.
+LARGE_RECORD_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,8 @@ class TopicSpec:
     #: A compacted topic keeps each key's last record for ever (a table's changelog), and
     #: ``retention_ms`` does not apply.
     compact: bool = False
+    #: The topic's ``max.message.bytes``; None: the broker's default (1 MB).
+    max_message_bytes: int | None = None
 
 
 def dlq(topic: str) -> str:
@@ -82,14 +88,18 @@ _TRAINING = [
     ModelLifecycleCompletedV1.SCHEMA,
 ]
 
+#: Topics whose records may pass Kafka's default 1 MB (:data:`LARGE_RECORD_BYTES`).
+_LARGE = {StudyReadyV1.SCHEMA}
+
 #: Every topic scanwatch uses: each event topic and its ``.dlq`` twin (longer retention, so that
-#: an operator has time to look at what failed).
+#: an operator has time to look at what failed; a dead letter carries its record).
 TOPICS: tuple[TopicSpec, ...] = tuple(
     spec
     for name, partitions in [(n, STUDY_PARTITIONS) for n in _STUDY_KEYED]
     + [(n, 1) for n in _TRAINING]
+    for largest in [LARGE_RECORD_BYTES if name in _LARGE else None]
     for spec in (
-        TopicSpec(name, partitions=partitions),
-        TopicSpec(dlq(name), partitions=1, retention_ms=4 * WEEK_MS),
+        TopicSpec(name, partitions=partitions, max_message_bytes=largest),
+        TopicSpec(dlq(name), partitions=1, retention_ms=4 * WEEK_MS, max_message_bytes=largest),
     )
 )

@@ -16,7 +16,8 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from scanwatch import kafka
-from schemas.topics import TopicSpec
+from schemas import StudyReadyV1, dlq
+from schemas.topics import LARGE_RECORD_BYTES, TOPICS, TopicSpec
 
 
 class FakeAdmin:
@@ -51,12 +52,33 @@ class FakeAdmin:
         }
         return SimpleNamespace(brokers=dict.fromkeys(self.brokers), topics=topics)
 
+    #: Topic name -> its max.message.bytes (topics not named: Kafka's default).
+    sizes: dict[str, int] = {}
+    altered: list[Any] = []
+
     def describe_configs(self, resources: list[Any]) -> dict[Any, Future]:
-        future: Future = Future()
-        future.set_result(
-            {"default.replication.factor": SimpleNamespace(value=str(self.configured))}
-        )
-        return dict.fromkeys(resources, future)
+        answers = {}
+        for resource in resources:
+            future: Future = Future()
+            future.set_result(
+                {
+                    "default.replication.factor": SimpleNamespace(value=str(self.configured)),
+                    "max.message.bytes": SimpleNamespace(
+                        value=str(self.sizes.get(resource.name, 1048588))
+                    ),
+                }
+            )
+            answers[resource] = future
+        return answers
+
+    def incremental_alter_configs(self, resources: list[Any]) -> dict[Any, Future]:
+        FakeAdmin.altered.extend(resources)
+        futures = {}
+        for resource in resources:
+            future: Future = Future()
+            future.set_result(None)
+            futures[resource] = future
+        return futures
 
     def create_topics(self, new: list[Any], request_timeout: float) -> dict[str, Future]:
         futures: dict[str, Future] = {}
@@ -83,6 +105,8 @@ def admin(monkeypatch: pytest.MonkeyPatch) -> type[FakeAdmin]:
     monkeypatch.setattr(FakeAdmin, "existing", {})
     monkeypatch.setattr(FakeAdmin, "leaderless", 0)
     monkeypatch.setattr(FakeAdmin, "listings", 0)
+    monkeypatch.setattr(FakeAdmin, "sizes", {})
+    monkeypatch.setattr(FakeAdmin, "altered", [])
     return FakeAdmin
 
 
@@ -143,3 +167,25 @@ def test_a_topic_that_never_gets_leaders_is_a_topic_error(admin: type[FakeAdmin]
     admin.leaderless = 10**6
     with pytest.raises(kafka.KafkaTopicError, match="without a leader.*: slow"):
         kafka.ensure_topics("127.0.0.1:1", [TopicSpec("slow")], timeout_s=0.3)
+
+
+def test_the_ready_topic_takes_a_large_studys_event(admin: type[FakeAdmin]) -> None:
+    """A ready event lists every instance of its study: at Kafka's default 1 MB a study of
+    ~1 850 instances could not be announced. New topics get the larger limit; an existing one
+    created with less is raised to it, and one already there is left alone."""
+    ready = {t.name: t for t in TOPICS}[StudyReadyV1.SCHEMA]
+    assert ready.max_message_bytes == LARGE_RECORD_BYTES
+    assert {t.name: t for t in TOPICS}[dlq(StudyReadyV1.SCHEMA)].max_message_bytes
+    kafka.ensure_topics("127.0.0.1:1", [ready, TopicSpec("small")])
+    configs = {topic.topic: topic.config for topic in admin.created}
+    assert configs[ready.name]["max.message.bytes"] == str(LARGE_RECORD_BYTES)
+    assert "max.message.bytes" not in configs["small"]
+
+    admin.created, admin.existing = [], {"old": 4, "done": 4}
+    admin.sizes = {"done": LARGE_RECORD_BYTES}
+    specs = [TopicSpec(name, max_message_bytes=LARGE_RECORD_BYTES) for name in ("old", "done")]
+    assert kafka.ensure_topics("127.0.0.1:1", specs) == []
+    [altered] = admin.altered
+    assert altered.name == "old"
+    [entry] = altered.incremental_configs
+    assert (entry.name, entry.value) == ("max.message.bytes", str(LARGE_RECORD_BYTES))
