@@ -10,13 +10,17 @@ on the same partition number, owned by one worker at a time.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping, MutableMapping
 from typing import Any, cast
 
 import faust
 import mode
+from faust.transport.producer import ProducerBuffer
 from faust.types import TP, EventT, StreamT, TopicT
+from faust.types.tuples import FutureMessage
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from inference_worker.adapters.fhir_writer import FhirWriter
@@ -48,6 +52,44 @@ def table_topics(app: faust.App) -> list[TopicSpec]:
     raced to create it, and one crashed on the half-created topic (PartitionsMismatch)."""
     changelog = app.tables[STUDY_TABLE].changelog_topic.get_topic_name()
     return [TopicSpec(changelog, partitions=STUDY_PARTITIONS, compact=True)]
+
+
+def drain_on_flush(buffer: ProducerBuffer) -> None:
+    """Make ``buffer.flush()`` return only once every message put in Faust's producer buffer
+    has been handed to the Kafka client (whose own flush then waits for its acknowledgement).
+
+    Faust commits a consumed offset after ``producer.flush()``, so that a table write (our
+    study table's changelog) made while handling an event is on Kafka before the event counts
+    as done. But its buffer's flush gives up after 0.1 s without progress and returns with
+    messages still queued: while a changelog partition's leader is down, the offsets of events
+    were committed without their table writes. A worker killed then, or a rebalance whose new
+    owner restored the changelog before those writes arrived, lost the instances from the
+    study for good (the broker-leader test's failure: a study scored on 9 of its 10 instances
+    and never again). Here a flush waits, as long as the buffer's service runs, for the queue
+    to empty and the send in progress to finish.
+    """
+    sending = 0
+    send = buffer._send_pending
+
+    async def counted_send(fut: FutureMessage) -> None:
+        nonlocal sending
+        sending += 1
+        try:
+            await send(fut)
+        finally:
+            sending -= 1
+
+    async def flush() -> None:
+        while buffer.size or sending:
+            if buffer.state != "running":  # stopping: what Faust's own flush raises
+                raise RuntimeError("Cannot flush: Producer not Running")
+            buffer.message_sent.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(buffer.message_sent.wait(), timeout=1.0)
+
+    # Set before the app starts: the buffer's task reads ``_send_pending`` once, at its start.
+    buffer._send_pending = counted_send  # type: ignore[method-assign]
+    buffer.flush = flush  # type: ignore[method-assign]
 
 
 def _broker_url(servers: str) -> str:
@@ -123,6 +165,7 @@ def create_app(
         # the uncommitted message is redelivered), not leave a half-running worker behind.
         agent_supervisor=mode.CrashingSupervisor,
     )
+    drain_on_flush(cast(ProducerBuffer, app.producer.buffer))
     metrics_closed_warning(
         settings.web_host, settings.metrics_secret, "SCANWATCH_WORKER_METRICS_TOKEN"
     )

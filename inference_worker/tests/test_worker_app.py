@@ -7,8 +7,10 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+from faust.transport.producer import ProducerBuffer
+
 from devtools.kafka_local import free_port
-from inference_worker.app import STUDY_TABLE, create_app
+from inference_worker.app import STUDY_TABLE, create_app, drain_on_flush
 from inference_worker.config import Settings
 from inference_worker.study_store import StudyStore
 from inference_worker.tests.test_worker_assembly import received
@@ -104,3 +106,52 @@ def test_the_study_store_reads_the_table_again_once_a_recovery_restored_it(tmp_p
 
     asyncio.run(run())
     assert scorer.scored == []  # superseded: the store read the restored header
+
+
+def test_a_flush_waits_until_the_producer_buffer_is_sent(tmp_path: Path):
+    """Faust commits an event's offset after flushing its producer, so that the table writes
+    made for the event are on Kafka first. Its buffer's own flush gave up after 0.1 s without
+    progress (a changelog partition's leader down) and the offset was committed without them;
+    the app's buffer waits until every queued message is handed on."""
+    app, _, _ = offline_app(tmp_path)
+    release = asyncio.Event()
+
+    async def sends_held(drained: bool) -> tuple[bool, int, list[int]]:
+        """Three messages put while sending is held: whether a flush had returned after
+        0.5 s, how many were still queued then, and what was sent once sending resumed."""
+        buffer = ProducerBuffer()
+        buffer.app = app
+        sent: list[int] = []
+
+        async def send(fut: Any) -> None:
+            await release.wait()
+            sent.append(fut)
+
+        buffer._send_pending = send  # type: ignore[method-assign]
+        if drained:
+            drain_on_flush(buffer)
+        release.clear()
+        await buffer.start()
+        try:
+            for n in range(3):
+                buffer.put(n)  # type: ignore[arg-type]
+            flushing = asyncio.ensure_future(buffer.flush())
+            done, _ = await asyncio.wait({flushing}, timeout=0.5)
+            queued = buffer.size
+            release.set()
+            await asyncio.wait_for(flushing, 10)
+            await asyncio.wait_for(buffer.flush(), 10)
+            return bool(done), queued, sent
+        finally:
+            await buffer.stop()
+
+    async def run() -> None:
+        # Faust's own flush: returned with messages still queued.
+        returned, queued, _ = await sends_held(drained=False)
+        assert returned and queued > 0
+        # The app's: still waiting, and it returns once all three are sent, in order.
+        returned, queued, sent = await sends_held(drained=True)
+        assert not returned and queued > 0
+        assert sent == [0, 1, 2]
+
+    asyncio.run(run())
