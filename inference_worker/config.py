@@ -77,6 +77,14 @@ class Settings(MetricsSettings):
         description="A study whose scoring failed transiently beyond the retries is tried again "
         "after this many seconds (parked, never dropped).",
     )
+    study_retention_s: float = Field(
+        7 * 24 * 3600.0,
+        gt=0,
+        description="A study whose every instance was scored is removed from the worker's table "
+        "once nothing has come for it for this long (the instance topic's own retention, a "
+        "week, by default); an instance that comes later starts the study again. Without it the "
+        "table, held in memory, grew with every study ever received.",
+    )
     check_interval_s: float = Field(
         0.25, gt=0, description="How often studies are checked for the end of their quiet period."
     )

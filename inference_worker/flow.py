@@ -67,6 +67,8 @@ log = logging.getLogger(__name__)
 
 #: ``DeadLetterV1.error_class`` of a message or study that cannot be used.
 UNUSABLE = "unusable"
+#: How often, at most, a partition's studies are looked over for ones past their retention.
+SWEEP_EVERY_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -228,6 +230,7 @@ class WorkerFlow:
         # Ready events taken up by ``score`` (waiting for a slot or being scored), per study:
         # the timer does not announce these again, however long they wait for a slot.
         self._held: dict[bytes, int] = {}
+        self._swept_at: dict[int, float] = {}  # partition -> when its studies were looked over
         metrics.waiting_for_slot.set_function(lambda: self.gate.waiting)
 
     async def check_model(self) -> None:
@@ -257,11 +260,40 @@ class WorkerFlow:
         state = add_instance(self.studies.get(key), received, self.clock(), headers)
         self.studies[key] = state
         self.progress.read(origin, received.occurred_at.timestamp())
+        self._forget_old_studies(origin.partition)
         if log.isEnabledFor(logging.DEBUG):  # the hot path: built only when asked for
             where = {"partition": origin.partition, "offset": origin.offset}
             counts = {"instances": len(state["instances"]), "announced": state["announced"]}
             log.debug("instance read", extra={"StudyInstanceUID": key.decode(), **where, **counts})
         await self._release_if_step_done(key, state)
+
+    def _forget_old_studies(self, partition: int | None) -> None:
+        """Remove the studies of ``partition`` whose every instance was scored and to which
+        nothing has come for ``study_retention_s``: looked over at most every
+        :data:`SWEEP_EVERY_S`, and only from an event of that partition, since Faust writes a
+        removal to the changelog partition of the event being handled, which must be the
+        study's own (the timer has no event)."""
+        now = self.clock()
+        if partition is None or now - self._swept_at.get(partition, -SWEEP_EVERY_S) < SWEEP_EVERY_S:
+            return
+        self._swept_at[partition] = now
+        oldest = now - self.settings.study_retention_s
+        old = [
+            key
+            for key, state in self.studies.items()
+            if state is not None
+            and state["last_received_at"] < oldest
+            and len(state["instances"]) <= state["announced"]  # nothing unscored, not parked
+            and key not in self._held
+            and key not in self.announcing
+            and kafka.partition_for(key, STUDY_PARTITIONS) == partition
+        ]
+        for key in old:
+            del self.studies[key]
+        if old:
+            log.info(
+                "scored studies forgotten", extra={"partition": partition, "studies": len(old)}
+            )
 
     async def procedure_step(self, value: bytes | None, origin: Origin) -> None:
         """Record one ``dicom.procedure.step.v1`` event in its study; a study whose steps say it
@@ -274,6 +306,7 @@ class WorkerFlow:
             return
         key = step.StudyInstanceUID.encode()
         self.studies[key] = state = add_step(self.studies.get(key), step, self.clock())
+        self._forget_old_studies(origin.partition)
         await self._release_if_step_done(key, state)
 
     async def _release_if_step_done(self, key: bytes, state: StudyState) -> None:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import pytest
 
+from inference_worker import flow as flow_module
 from inference_worker.assembly import (
     ACQUISITION_NUMBER,
     IMAGES_IN_ACQUISITION,
@@ -613,3 +615,67 @@ def test_a_study_waiting_for_a_slot_is_not_announced_again():
         return world
 
     assert asyncio.run(run()).scorer.scored == [1, 1]
+
+
+def test_scored_studies_past_their_retention_are_forgotten_from_their_own_partition():
+    """The table is held in memory and grew with every study ever received. A study all of
+    whose instances were scored is removed once nothing came for it for study_retention_s,
+    when an event of its own partition is read (the removal goes to that changelog partition);
+    a study with instances not yet scored, a recent one and one of another partition stay."""
+    every = flow_module.SWEEP_EVERY_S  # a partition's studies are looked over this often
+    retention = 2 * every
+
+    def study_on(partition: int, skip: int = 0) -> str:
+        uids = (f"1.2.826.0.1.3680043.8.498.77.{i}" for i in itertools.count())
+        matching = (
+            u for u in uids if kafka.partition_for(u.encode(), STUDY_PARTITIONS) == partition
+        )
+        return next(itertools.islice(matching, skip, None))
+
+    old, unscored, recent, elsewhere, newcomer = (
+        study_on(0, 0),
+        study_on(0, 1),
+        study_on(0, 2),
+        study_on(1, 0),
+        study_on(0, 3),
+    )
+
+    async def run() -> World:
+        world = World(study_retention_s=retention)
+
+        async def receive(study: str, n: int) -> None:
+            partition = kafka.partition_for(study.encode(), STUDY_PARTITIONS)
+            origin = Origin(InstanceReceivedV1.SCHEMA, partition, n, study.encode())
+            await world.flow.assemble(received(n, study=study).to_bytes(), origin)
+            # The quiet period on the fake clock, not from the events' own (real) times.
+            world.flow.progress.forget({partition})
+
+        async def scored(*studies: str) -> None:
+            world.clock.now += QUIET
+            await world.flow.release_ready_studies()
+            for event in world.ready_events():
+                if event.StudyInstanceUID in studies:
+                    await world.score(event)
+            world.ready.sent.clear()
+
+        for study in (old, elsewhere):
+            await receive(study, 1)
+        await scored(old, elsewhere)
+        await receive(unscored, 1)  # never announced
+        world.clock.now += retention - 10
+        await receive(recent, 1)
+        await scored(recent)
+        world.clock.now += every  # old, unscored and elsewhere: past their retention
+        await receive(newcomer, 1)  # an event of partition 0
+        assert set(world.studies) == {s.encode() for s in (unscored, recent, elsewhere, newcomer)}
+        world.clock.now += every - 1  # recent is old now, but partition 0 was just looked over
+        assert world.clock.now - world.studies[recent.encode()]["last_received_at"] > retention
+        await receive(newcomer, 2)
+        assert recent.encode() in world.studies
+        world.clock.now += every
+        await receive(elsewhere, 2)  # partition 1 looked over: elsewhere has a new instance
+        await receive(newcomer, 3)  # partition 0 again: recent goes
+        return world
+
+    world = asyncio.run(run())
+    assert set(world.studies) == {s.encode() for s in (unscored, elsewhere, newcomer)}
