@@ -61,7 +61,7 @@ from schemas import (
     ProcedureStepV1,
     StudyReadyV1,
 )
-from schemas.topics import STUDY_PARTITIONS
+from schemas.topics import LARGE_RECORD_BYTES, STUDY_PARTITIONS
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +231,9 @@ class WorkerFlow:
         # the timer does not announce these again, however long they wait for a slot.
         self._held: dict[bytes, int] = {}
         self._swept_at: dict[int, float] = {}  # partition -> when its studies were looked over
+        #: The largest ready event the ready topic takes; studies found larger, and their size.
+        self.max_ready_bytes = LARGE_RECORD_BYTES
+        self._too_large: dict[bytes, int] = {}
         metrics.waiting_for_slot.set_function(lambda: self.gate.waiting)
 
     async def check_model(self) -> None:
@@ -362,10 +365,23 @@ class WorkerFlow:
         if announced >= count and now - at < self.settings.park_s:
             self._withheld(key, state, "announcing", announced_at=at)
             return
+        if self._too_large.get(key) == count:
+            return  # found too large, and nothing has come since
         ready = ready_event(key.decode(), state, 0.0 if verdict == NOW else quiet)
-        await self.ready_topic.send(key=key, value=ready.to_bytes())
-        self.announcing[key] = (count, now)
+        value = ready.to_bytes()
         extra = {"StudyInstanceUID": key.decode(), "instances": count}
+        if len(value) > self.max_ready_bytes:
+            # Sent, it would fail in the timer and crash the worker, and again after each
+            # restart, holding up every study of its partitions. Said once per size.
+            self._too_large[key] = count
+            self.metrics.too_large.inc()
+            log.error(
+                "study too large to announce: not scored",
+                extra=extra | {"bytes": len(value), "limit": self.max_ready_bytes},
+            )
+            return
+        await self.ready_topic.send(key=key, value=value)
+        self.announcing[key] = (count, now)
         if verdict == NOW:
             log.info("study ready: complete by its procedure steps or counts", extra=extra)
             return

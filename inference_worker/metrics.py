@@ -60,6 +60,12 @@ class WorkerMetrics:
             "its study was scored at the maximum wait.",
             registry=r,
         )
+        self.too_large = Counter(
+            "scanwatch_worker_studies_too_large_total",
+            "Studies whose ready event would pass the ready topic's record limit "
+            "(schemas.topics.LARGE_RECORD_BYTES, ~35 000 instances): not announced, not scored.",
+            registry=r,
+        )
         self.parked = Counter(
             "scanwatch_worker_studies_parked_total",
             "Studies parked after transient failures outlasted the retries.",

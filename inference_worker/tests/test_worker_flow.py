@@ -679,3 +679,25 @@ def test_scored_studies_past_their_retention_are_forgotten_from_their_own_partit
 
     world = asyncio.run(run())
     assert set(world.studies) == {s.encode() for s in (unscored, elsewhere, newcomer)}
+
+
+def test_a_study_too_large_to_announce_is_reported_once_and_holds_up_no_other():
+    """A ready event past the ready topic's record limit would fail to send in the timer and
+    crash the worker after every restart, holding up every study of its partitions."""
+
+    async def run() -> World:
+        world = World()
+        small = ready_event(STUDY, add_instance(None, received(1), 0.0), QUIET).to_bytes()
+        world.flow.max_ready_bytes = len(small) + 100  # one instance fits, three do not
+        await world.receive(1, 2, 3)
+        other = "1.2.826.0.1.3680043.8.498.99"
+        await world.flow.assemble(received(1, study=other).to_bytes(), Origin("t"))
+        world.clock.now += QUIET
+        for _ in range(3):
+            await world.flow.release_ready_studies()
+        return world
+
+    world = asyncio.run(run())
+    assert [r.StudyInstanceUID for r in world.ready_events()] == ["1.2.826.0.1.3680043.8.498.99"]
+    assert world.metric("scanwatch_worker_studies_too_large_total") == 1  # said once
+    assert world.studies[KEY]["announced"] == 0  # not marked scored: it was not
