@@ -203,12 +203,11 @@ def create_app(
         studies.reload()
         if log.isEnabledFor(logging.DEBUG):  # a pass over the whole table: on demand only
             owned = [(key, state) for key, state in studies.items() if owns(key)]
-            due = [key for key, state in owned if len(state["instances"]) > state["announced"]]
+            due = [(k, state) for k, state in owned if len(state["instances"]) > state["announced"]]
             log.debug("study table restored", extra={"studies": len(owned), "due": len(due)})
-            for key in due:
-                state = studies[key]
-                extra = {"StudyInstanceUID": key.decode(), "instances": len(state["instances"])}
-                log.debug("due study restored", extra=extra | {"announced": state["announced"]})
+            for key, state in due:
+                counts = {"instances": len(state["instances"]), "announced": state["announced"]}
+                log.debug("due study restored", extra={"StudyInstanceUID": key.decode(), **counts})
 
     def owns(key: bytes) -> bool:
         """Whether this worker actively owns (not as a standby) the partition of ``key``."""

@@ -168,6 +168,15 @@ class ArrivalGate:
         return sum(not turn.done() for _, _, turn in self._waiting)
 
 
+def _described(key: bytes, state: StudyState) -> dict[str, object]:
+    """A study's log fields: its UID and how many instances it has and were announced."""
+    return {
+        "StudyInstanceUID": key.decode(),
+        "instances": len(state["instances"]),
+        "announced": state["announced"],
+    }
+
+
 async def no_end_offset(partition: int) -> int | None:
     """No broker to ask (the default of :class:`WorkerFlow`'s ``end_offset``)."""
     return None
@@ -266,8 +275,7 @@ class WorkerFlow:
         self._forget_old_studies(origin.partition)
         if log.isEnabledFor(logging.DEBUG):  # the hot path: built only when asked for
             where = {"partition": origin.partition, "offset": origin.offset}
-            counts = {"instances": len(state["instances"]), "announced": state["announced"]}
-            log.debug("instance read", extra={"StudyInstanceUID": key.decode(), **where, **counts})
+            log.debug("instance read", extra=_described(key, state) | where)
         await self._release_if_step_done(key, state)
 
     def _forget_old_studies(self, partition: int | None) -> None:
@@ -404,9 +412,7 @@ class WorkerFlow:
         """A due study not announced in this pass, and why (DEBUG: a line per study and pass;
         what an operator asks of a study that waits longer than its quiet period)."""
         if log.isEnabledFor(logging.DEBUG):
-            counts = {"instances": len(state["instances"]), "announced": state["announced"]}
-            extra = {"StudyInstanceUID": key.decode(), "reason": reason, **counts, **detail}
-            log.debug("study withheld", extra=extra)
+            log.debug("study withheld", extra=_described(key, state) | {"reason": reason, **detail})
 
     async def _caught_up(
         self, key: bytes, state: StudyState, now: float, quiet: float, ends: dict[int, int | None]

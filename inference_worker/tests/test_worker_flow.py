@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
@@ -701,3 +702,18 @@ def test_a_study_too_large_to_announce_is_reported_once_and_holds_up_no_other():
     assert [r.StudyInstanceUID for r in world.ready_events()] == ["1.2.826.0.1.3680043.8.498.99"]
     assert world.metric("scanwatch_worker_studies_too_large_total") == 1  # said once
     assert world.studies[KEY]["announced"] == 0  # not marked scored: it was not
+
+
+def test_at_debug_each_pass_says_why_a_due_study_waits(caplog):
+    """What an operator asks of a study that waits longer than its quiet period."""
+
+    async def run() -> None:
+        world = World()
+        await world.receive(1)
+        with caplog.at_level(logging.DEBUG, logger="inference_worker.flow"):
+            await world.flow.release_ready_studies()
+
+    asyncio.run(run())
+    [line] = [r for r in caplog.records if r.getMessage() == "study withheld"]
+    assert (line.reason, line.instances, line.announced) == ("waiting", 1, 0)
+    assert line.StudyInstanceUID == STUDY
