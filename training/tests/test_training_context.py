@@ -241,3 +241,14 @@ def sd_rule(context: str):
     from scanwatch.study_score import StudyRule
 
     return StudyRule("max", operating_point="test", context=context)
+
+
+def test_a_none_run_can_train_on_the_neighbours_benchmark_s_slices() -> None:
+    from training.cli import _dataset_spec, _settings, build_parser
+
+    args = build_parser().parse_args(["train", "--dataset", "studies", "--with-neighbours"])
+    assert _dataset_spec(args).train_neighbours is True
+    assert _settings(args).context == NO_CONTEXT
+    args = build_parser().parse_args(["train", "--dataset", "studies", "--context", "neighbours"])
+    assert _dataset_spec(args).train_neighbours is False  # load_dataset adds it for neighbours
+    assert _settings(args).context == NEIGHBOURS
