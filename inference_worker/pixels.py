@@ -47,6 +47,7 @@ __all__ = [
     "PixelSource",
     "decode_and_resize",
     "describe",
+    "into_grey",
     "into_rgb",
 ]
 
@@ -289,18 +290,24 @@ def decode_and_resize(instances: Sequence[InstancePixels], size: int) -> Decoded
     return Decoded(tuple(rows), images, decode_s, resize_s)
 
 
+def into_grey(parts: Sequence[Decoded], count: int, size: int) -> npt.NDArray[np.float32]:
+    """The ``count`` grey rows ``(count, size, size)`` of the decoders' ``parts``, each at its
+    row number (no copy when one part holds them all in order)."""
+    if len(parts) == 1 and parts[0].rows == tuple(range(count)):
+        return parts[0].images
+    grey = np.empty((count, size, size), np.float32)
+    for part in parts:
+        grey[list(part.rows)] = part.images
+    return grey
+
+
 def into_rgb(parts: Sequence[Decoded], count: int, size: int) -> npt.NDArray[np.float32]:
     """The model input ``(count, size, size, 3)``: each part's grey rows at their row numbers,
     repeated into three channels (as :func:`scanwatch.imaging.preprocess_slice` makes them).
 
     A read-only view that repeats one grey array (no copy of three channels): the Predict
     request's bytes are made from it directly (:func:`scanwatch.tensors.to_tensor_proto`)."""
-    if len(parts) == 1 and parts[0].rows == tuple(range(count)):
-        grey = parts[0].images
-    else:
-        grey = np.empty((count, size, size), np.float32)
-        for part in parts:
-            grey[list(part.rows)] = part.images
+    grey = into_grey(parts, count, size)
     return np.broadcast_to(grey[..., None], (count, size, size, 3))
 
 
@@ -339,13 +346,24 @@ class PixelPool:
     ) -> tuple[npt.NDArray[np.float32], float, float]:
         """The ``count`` model input rows the ``instances`` describe, in row order, and the
         seconds spent decoding and resizing (summed over the processes)."""
-        loop = asyncio.get_running_loop()
-        if self.processes <= 1:
-            parts = [await loop.run_in_executor(None, decode_and_resize, instances, size)]
-        else:
-            parts = await self._in_pool(loop, instances, size)
+        parts = await self._parts(instances, size)
         images = into_rgb(parts, count, size)
         return images, sum(p.decode_s for p in parts), sum(p.resize_s for p in parts)
+
+    async def decode_grey(
+        self, instances: Sequence[InstancePixels], count: int, size: int
+    ) -> tuple[npt.NDArray[np.float32], float, float]:
+        """:meth:`decode` with one grey channel ``(count, size, size)``, for inputs whose three
+        channels are not one slice repeated (:func:`scanwatch.imaging.neighbour_channels`)."""
+        parts = await self._parts(instances, size)
+        grey = into_grey(parts, count, size)
+        return grey, sum(p.decode_s for p in parts), sum(p.resize_s for p in parts)
+
+    async def _parts(self, instances: Sequence[InstancePixels], size: int) -> list[Decoded]:
+        loop = asyncio.get_running_loop()
+        if self.processes <= 1:
+            return [await loop.run_in_executor(None, decode_and_resize, instances, size)]
+        return await self._in_pool(loop, instances, size)
 
     async def _in_pool(
         self, loop: asyncio.AbstractEventLoop, instances: Sequence[InstancePixels], size: int

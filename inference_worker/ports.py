@@ -52,6 +52,13 @@ class Model(Protocol):
         """Side of the model's square input images; ``None`` until the signature is checked."""
         ...
 
+    @property
+    def input_context(self) -> str:
+        """How the model's three input channels are built
+        (:data:`scanwatch.imaging.INPUT_CONTEXTS`): its ``study_rule``'s ``context``, as its
+        last answer gave it; ``"none"`` before any answer."""
+        ...
+
     async def check_signature(self) -> int:
         """Check the served signature against the contract; return the image size.
 

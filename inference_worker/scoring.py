@@ -15,8 +15,11 @@ import dataclasses
 import logging
 import time
 
+import numpy as np
+import numpy.typing as npt
+
 from inference_worker import fhir_resources, heatmaps
-from inference_worker.errors import SaliencyUnavailable, SignatureMismatch
+from inference_worker.errors import ModelUnavailable, SaliencyUnavailable, SignatureMismatch
 from inference_worker.metrics import WorkerMetrics
 from inference_worker.pixels import PixelPool
 from inference_worker.ports import Model, Prediction, ResourceWriter
@@ -27,11 +30,14 @@ from inference_worker.series import (
     SelectionRules,
     SourceSlice,
     choose_series,
+    context_plan,
     pixel_work,
     read_instances,
     selected,
+    with_context,
 )
 from scanwatch import ids
+from scanwatch.imaging import NEIGHBOURS, NO_CONTEXT
 from scanwatch.study_score import StudyResult, study_result
 from schemas import InferenceResultV1, StudyReadyV1
 from schemas.model_signature import NORMAL_CLASS
@@ -121,10 +127,11 @@ class Scorer:
                 image_size = await with_retries(
                     self.model.check_signature, self.retries, "GetModelMetadata"
                 )
+            # The inputs the served model was trained with (its study rule's context, as
+            # its last answer gave it; "none" before any answer and for older models).
+            context = getattr(self.model, "input_context", NO_CONTEXT)
             decoding = time.monotonic()
-            images, decode_s, resize_s = await self.pixels.decode(
-                pixel_work(chosen), len(chosen.frames), image_size
-            )
+            images, decode_s, resize_s = await self._inputs(chosen, image_size, context)
             scored = selected(chosen, images)
             prepared = time.monotonic()
             # Summed over the pool's processes (a study split across two counts both).
@@ -135,6 +142,21 @@ class Scorer:
             prediction = await with_retries(
                 lambda: self.model.predict(scored.images), self.retries, "Predict"
             )
+            if prediction.study_rule.context != context:
+                # The answering version wants other inputs (the first study, or a new version
+                # with another context published meanwhile): build them and ask again, once.
+                context = prediction.study_rule.context
+                log.info(
+                    "model's input context differs; study scored again",
+                    extra={"StudyInstanceUID": ready.StudyInstanceUID, "context": context},
+                )
+                images, _, _ = await self._inputs(chosen, image_size, context)
+                scored = selected(chosen, images)
+                prediction = await with_retries(
+                    lambda: self.model.predict(scored.images), self.retries, "Predict"
+                )
+                if prediction.study_rule.context != context:
+                    raise ModelUnavailable("the served model's input context kept changing")
         except BaseException:
             await asyncio.gather(registering, return_exceptions=True)
             raise
@@ -180,6 +202,20 @@ class Scorer:
             },
         )
         return result
+
+    async def _inputs(
+        self, chosen: ChosenSeries, image_size: int, context: str
+    ) -> tuple[npt.NDArray[np.float32], float, float]:
+        """The model input of the chosen slices for a model trained with ``context``, and the
+        seconds spent decoding and resizing. ``none``: the scored slices, each repeated (a view,
+        as ever); ``neighbours``: the scored slices and their neighbours decoded, stacked."""
+        if context != NEIGHBOURS:
+            return await self.pixels.decode(pixel_work(chosen), len(chosen.frames), image_size)
+        plan = context_plan(chosen)
+        grey, decode_s, resize_s = await self.pixels.decode_grey(
+            pixel_work(chosen, plan.frames), len(plan.frames), image_size
+        )
+        return with_context(plan, grey), decode_s, resize_s
 
     @staticmethod
     def _present_heatmaps(

@@ -19,6 +19,12 @@ ImageOrientationPatient) less half of each one's SliceThickness. ``max_gap_mm=0`
 only overlapping slices (spacing below the thickness) and duplicates at one position. A series
 whose positions are not all known (no ImagePositionPatient or ImageOrientationPatient) is
 scored whole whatever ``max_gap_mm`` says: a gap cannot be measured there.
+
+**Which pixels** (:func:`context_plan`): a model trained with ``neighbours`` context (its
+``study_rule`` says so) gets each scored slice with the slice below and the slice above as its
+first and third channels: the series' adjacent images in the same order along the normal, the
+slice itself at either end. With ``max_gap_mm`` those neighbours need not be scored slices, so
+they are decoded too; without context only the scored slices are decoded, as before.
 """
 
 from __future__ import annotations
@@ -52,10 +58,12 @@ from inference_worker.pixels import (
     PixelSource,
     decode_and_resize,
     describe,
+    into_grey,
     into_rgb,
     native_from_scan,
 )
 from scanwatch.dicom_scan import scan_file
+from scanwatch.imaging import NEIGHBOURS, NO_CONTEXT, neighbour_channels
 from schemas import InstanceRef
 
 __all__ = [
@@ -65,7 +73,9 @@ __all__ = [
     "SelectedSeries",
     "SelectionRules",
     "UnusableStudy",
+    "ContextPlan",
     "choose_series",
+    "context_plan",
     "path_of",
     "pixel_work",
     "prepare_series",
@@ -134,8 +144,12 @@ class ChosenSeries:
     number_of_series: int
     study_instance_count: int
     frames: tuple[Frame, ...]  # the slices to score, in order along the normal
-    #: Where each chosen instance's pixels are, by SOPInstanceUID (see :func:`_read`).
+    #: Where each instance's pixels are, by SOPInstanceUID (see :func:`_read`): those of
+    #: every image of the series, so that a scored slice's neighbours can be decoded too.
     sources: dict[str, PixelSource] = field(default_factory=dict, compare=False, repr=False)
+    #: Every image of the series in order along the normal (``frames`` is a subset of it);
+    #: empty: ``frames`` is the whole series.
+    series_frames: tuple[Frame, ...] = field(default=(), compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -293,7 +307,8 @@ def choose_series(
         )
     series_uid = max(candidates, key=lambda uid: (described(uid), len(frames[uid])))
     members = by_series[series_uid]
-    chosen = slices_to_score(frames[series_uid], rules.max_gap_mm)
+    ordered = sorted(frames[series_uid], key=_order)
+    chosen = slices_to_score(ordered, rules.max_gap_mm)
     middle = members[len(members) // 2][0]
     return ChosenSeries(
         # The patient and study facts: of one instance.
@@ -303,19 +318,59 @@ def choose_series(
         number_of_series=len({r.SeriesInstanceUID for r in refs}),
         study_instance_count=len(refs),
         frames=tuple(chosen),
-        sources={f.ref.SOPInstanceUID: sources[f.ref.SOPInstanceUID] for f in chosen},
+        sources={f.ref.SOPInstanceUID: sources[f.ref.SOPInstanceUID] for f in ordered},
+        series_frames=tuple(ordered) if len(chosen) < len(ordered) else (),
     )
 
 
-def pixel_work(chosen: ChosenSeries) -> list[InstancePixels]:
-    """What the decoders need to make the chosen slices' model input
-    (:func:`inference_worker.pixels.decode_and_resize`), row by row in ``chosen.frames``'
-    order."""
+def pixel_work(
+    chosen: ChosenSeries, frames: tuple[Frame, ...] | None = None
+) -> list[InstancePixels]:
+    """What the decoders need to make the model input rows of ``frames`` (default: the chosen
+    slices, ``chosen.frames``) (:func:`inference_worker.pixels.decode_and_resize`), row by row
+    in their order."""
+    frames = chosen.frames if frames is None else frames
     return describe(
         chosen.sources,
-        {f.ref.SOPInstanceUID: str(path_of(f.ref.storage_uri)) for f in chosen.frames},
-        [(f.ref.SOPInstanceUID, f.index, f.slope, f.intercept) for f in chosen.frames],
+        {f.ref.SOPInstanceUID: str(path_of(f.ref.storage_uri)) for f in frames},
+        [(f.ref.SOPInstanceUID, f.index, f.slope, f.intercept) for f in frames],
     )
+
+
+@dataclass(frozen=True)
+class ContextPlan:
+    """Which images to decode for ``neighbours`` inputs, and how to stack them: scored slice
+    ``i`` is ``(decoded[below[i]], decoded[rows[i]], decoded[above[i]])``."""
+
+    frames: tuple[Frame, ...]  # to decode, in order along the normal
+    rows: tuple[int, ...]
+    below: tuple[int, ...]
+    above: tuple[int, ...]
+
+
+def _key(frame: Frame) -> tuple[str, int | None]:
+    return frame.ref.SOPInstanceUID, frame.index
+
+
+def context_plan(chosen: ChosenSeries) -> ContextPlan:
+    """The scored slices and their neighbours in the series (see the module's docstring)."""
+    ordered = chosen.series_frames or chosen.frames
+    at = {_key(f): i for i, f in enumerate(ordered)}
+    last = len(ordered) - 1
+    scored = [at[_key(f)] for f in chosen.frames]
+    wanted = sorted({j for i in scored for j in (max(i - 1, 0), i, min(i + 1, last))})
+    row = {j: k for k, j in enumerate(wanted)}
+    return ContextPlan(
+        frames=tuple(ordered[j] for j in wanted),
+        rows=tuple(row[i] for i in scored),
+        below=tuple(row[max(i - 1, 0)] for i in scored),
+        above=tuple(row[min(i + 1, last)] for i in scored),
+    )
+
+
+def with_context(plan: ContextPlan, grey: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    """The ``neighbours`` model input of the plan's decoded grey images ``grey``."""
+    return neighbour_channels(grey, plan.rows, plan.below, plan.above)
 
 
 def selected(chosen: ChosenSeries, images: npt.NDArray[np.float32]) -> SelectedSeries:
@@ -334,8 +389,16 @@ def selected(chosen: ChosenSeries, images: npt.NDArray[np.float32]) -> SelectedS
     )
 
 
-def prepare_series(chosen: ChosenSeries, image_size: int) -> SelectedSeries:
-    """Decode and preprocess the chosen slices into the model's input, in this thread."""
+def prepare_series(
+    chosen: ChosenSeries, image_size: int, context: str = NO_CONTEXT
+) -> SelectedSeries:
+    """Decode and preprocess the chosen slices into the model's input (for a model trained
+    with ``context``), in this thread."""
+    if context == NEIGHBOURS:
+        plan = context_plan(chosen)
+        decoded = decode_and_resize(pixel_work(chosen, plan.frames), image_size)
+        grey = into_grey([decoded], len(plan.frames), image_size)
+        return selected(chosen, with_context(plan, grey))
     decoded = decode_and_resize(pixel_work(chosen), image_size)
     return selected(chosen, into_rgb([decoded], len(chosen.frames), image_size))
 
@@ -344,6 +407,7 @@ def select_series(
     refs: list[InstanceRef],
     image_size: int,
     rules: SelectionRules | None = None,
+    context: str = NO_CONTEXT,
 ) -> SelectedSeries:
     """:func:`choose_series` then :func:`prepare_series`: the chosen slices as model input."""
-    return prepare_series(choose_series(refs, rules), image_size)
+    return prepare_series(choose_series(refs, rules), image_size, context)

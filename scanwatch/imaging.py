@@ -372,3 +372,45 @@ def _padded_taps(
         taps.append(np.clip(index - pad, 0, length - 1))
         taps.append(np.where(inside, weight, 0.0).astype(np.float32))
     return taps[0], taps[1], taps[2], taps[3]
+
+
+# -- the three channels: one slice repeated, or the slice and its neighbours (2.5D) --------------
+
+#: Each slice's three channels are that slice three times (what every model before issue 18
+#: was trained on, and what a model that says nothing about its context gets).
+NO_CONTEXT = "none"
+#: Channel 0 is the slice below (the previous one in the series' order along the slice
+#: normal), channel 1 the slice, channel 2 the slice above; at either end of the series the
+#: missing neighbour is the slice itself.
+NEIGHBOURS = "neighbours"
+#: The input contexts a model may be trained with (``training --context``, the model's
+#: ``study_rule`` output carries a model's own; see :mod:`scanwatch.study_score`).
+INPUT_CONTEXTS = (NO_CONTEXT, NEIGHBOURS)
+
+
+def adjacent_rows(count: int) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    """The rows below and above each of ``count`` slices in series order, the ends clamped
+    to the slice itself."""
+    rows = np.arange(count, dtype=np.intp)
+    return np.maximum(rows - 1, 0), np.minimum(rows + 1, max(count - 1, 0))
+
+
+def neighbour_channels(
+    grey: npt.NDArray[np.float32],
+    rows: npt.ArrayLike,
+    below: npt.ArrayLike,
+    above: npt.ArrayLike,
+) -> npt.NDArray[np.float32]:
+    """The :data:`NEIGHBOURS` model input ``(len(rows), S, S, 3)``: for each ``i``, channels
+    ``grey[below[i]]``, ``grey[rows[i]]``, ``grey[above[i]]`` of the preprocessed grey slices
+    ``grey`` (``(n, S, S)`` or ``(n, S, S, 1)``). Training and the worker both build their
+    2.5D inputs here."""
+    grey = np.asarray(grey, dtype=np.float32)
+    if grey.ndim == 4 and grey.shape[-1] == 1:
+        grey = grey[..., 0]
+    if grey.ndim != 3:
+        raise ValueError(f"grey slices must be (n, S, S) or (n, S, S, 1), got {grey.shape}")
+    out = np.empty((len(np.atleast_1d(rows)), *grey.shape[1:], 3), np.float32)
+    for channel, index in enumerate((below, rows, above)):
+        out[..., channel] = grey[np.asarray(index, dtype=np.intp)]
+    return out

@@ -20,6 +20,13 @@ The rule, for a study of n slices with class probabilities ``p[i]`` and slice an
 
 With ``mean`` and no calibration this is the mean of the slice probabilities, as before.
 ``strongest`` is the slice with the largest ``a[i]`` (the first on a tie): where the evidence lies.
+
+The rule also says what the model must be sent (``context``, issue 18's 2.5D input): ``none``
+(each slice repeated into the three channels; the field is then left out of the JSON, so a
+model trained without context exports the very rule it did before) or ``neighbours`` (the
+slice below, the slice, the slice above in the series' order:
+:func:`scanwatch.imaging.neighbour_channels`). A worker that reads ``neighbours`` from a
+model's answer builds each scored slice's channels from its neighbours.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+
+from scanwatch.imaging import INPUT_CONTEXTS, NO_CONTEXT
 
 AGGREGATIONS = ("mean", "max", "top_k_mean", "noisy_or")
 #: Keeps logit() finite for scores of exactly 0 or 1.
@@ -70,6 +79,8 @@ class StudyRule:
     calibration: Calibration = field(default_factory=Calibration)
     #: What the threshold was chosen for, in words (shown in reports and the console).
     operating_point: str = ""
+    #: How each slice's three input channels are built (:data:`scanwatch.imaging.INPUT_CONTEXTS`).
+    context: str = NO_CONTEXT
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
@@ -78,6 +89,10 @@ class StudyRule:
             )
         if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
             raise ValueError(f"k must be a positive integer, got {self.k!r}")
+        if self.context not in INPUT_CONTEXTS:
+            raise ValueError(
+                f"context must be one of {', '.join(INPUT_CONTEXTS)}, got {self.context!r}"
+            )
 
     @property
     def name(self) -> str:
@@ -108,7 +123,10 @@ class StudyRule:
         return float(-np.expm1(np.log1p(-np.minimum(a, 1 - _EPSILON)).sum()))
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        fields = asdict(self)
+        if self.context == NO_CONTEXT:  # as exported before the field existed, byte for byte
+            del fields["context"]
+        return json.dumps(fields, sort_keys=True, separators=(",", ":"))
 
     @classmethod
     def from_json(cls, text: str | bytes) -> StudyRule:
@@ -119,7 +137,7 @@ class StudyRule:
             raise ValueError(f"study_rule is not JSON: {exc}") from exc
         if not isinstance(data, dict):
             raise ValueError("study_rule must be a JSON object")
-        unknown = set(data) - {"aggregation", "k", "calibration", "operating_point"}
+        unknown = set(data) - {"aggregation", "k", "calibration", "operating_point", "context"}
         if unknown:
             raise ValueError(f"study_rule has unknown fields: {', '.join(sorted(unknown))}")
         calibration = data.get("calibration") or {}
@@ -131,6 +149,7 @@ class StudyRule:
                 k=data.get("k", 1),
                 calibration=Calibration(**calibration),
                 operating_point=str(data.get("operating_point", "")),
+                context=data.get("context", NO_CONTEXT),
             )
         except TypeError as exc:
             raise ValueError(f"study_rule: {exc}") from exc

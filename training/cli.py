@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from scanwatch.imaging import INPUT_CONTEXTS
 from scanwatch.logs import configure_logging
 from scanwatch.model_repository import DEFAULT_MODEL_NAME
 
@@ -104,6 +105,7 @@ def _settings(args: argparse.Namespace) -> Any:
             "fine_tune_after": getattr(args, "fine_tune_after", None),
             "target_sensitivity": getattr(args, "target_sensitivity", None),
             "target_min_diameter_mm": getattr(args, "min_diameter_mm", None),
+            "context": getattr(args, "context", None),
         }.items()
         if value is not None
     }
@@ -115,13 +117,44 @@ def _dataset_spec(args: argparse.Namespace) -> Any:
     from training.lifecycle import StudiesSpec
 
     if args.dataset == "studies":
-        return StudiesSpec(preset=args.preset, image_size=args.image_size)
+        return StudiesSpec(
+            preset=args.preset,
+            image_size=args.image_size,
+            train_neighbours=bool(getattr(args, "with_neighbours", False)),
+        )
     return DatasetSpec(
         kind=args.dataset,
         path=str(args.path) if args.path else None,
         preset=args.preset,
         image_size=args.image_size,
     )
+
+
+def _context_fits(context: str, dataset: str) -> bool:
+    """Whether ``dataset`` can give ``context``'s inputs (only studies know slice order); says
+    on stderr why not."""
+    from scanwatch.imaging import NO_CONTEXT
+
+    if context == NO_CONTEXT or dataset == "studies":
+        return True
+    sys.stderr.write(
+        f"--context {context} (or SCANWATCH_TRAIN_CONTEXT={context}) needs each slice's "
+        f"neighbours in slice order, which only --dataset studies has; --dataset {dataset} "
+        "does not. Use --context none with it.\n"
+    )
+    return False
+
+
+def _same_context(context: str, version: int, settings: Any) -> bool:
+    """Whether the version's input context (its study rule's) is the one the data was built
+    for; says on stderr what to pass when not."""
+    if context == settings.context:
+        return True
+    sys.stderr.write(
+        f"version {version} was trained with --context {context}, the data was built for "
+        f"--context {settings.context}: pass --dataset studies --context {context}\n"
+    )
+    return False
 
 
 def _console() -> Any:
@@ -135,6 +168,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.lifecycle import load_dataset, run_job
 
     settings = _settings(args)
+    if not _context_fits(settings.context, args.dataset):
+        return 2
     spec = _dataset_spec(args)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     run_dir = Path(args.run_dir or settings.runs_dir / f"{settings.model_name}-{stamp}")
@@ -210,11 +245,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if found is None:
         return 1
     version, location = found
+    if not _context_fits(settings.context, args.dataset):
+        return 2
     out = Path(args.out or settings.runs_dir / f"evaluate-{name}-{version}")
     out.mkdir(parents=True, exist_ok=True)
     data, path = load_dataset(
         _dataset_spec(args), settings, out, args.normal_class, args.labels_csv
     )
+    rule = predict_saved_model_with_rule(location, data.test.images[:1])[1]
+    if not _same_context(rule.context, version, settings):
+        return 2
     probabilities = predict_saved_model(location, data.test.images)
     record_threshold = None
     try:
@@ -225,7 +265,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     report = evaluate_probabilities(probabilities, data.test.labels, data.class_names, threshold)
     bench = study_benchmark_at(path)
     if bench is not None:  # studies: each scored with the version's own rule and threshold
-        rule = predict_saved_model_with_rule(location, bench.test.images[:1])[1]
         report["study"] = evaluate_served_rule(
             lambda images: predict_saved_model(location, images),
             bench,
@@ -284,10 +323,12 @@ def cmd_operating_point(args: argparse.Namespace) -> int:
         sys.stderr.write(f"{path} is not a study benchmark file\n")
         return 2
     rule = predict_saved_model_with_rule(location, bench.test.images[:1])[1]
+    if not _same_context(rule.context, source_version, settings):
+        return 2
     evaluation = evaluate_served_rule(
         lambda images: predict_saved_model(location, images), bench, rule, settings
     )
-    slices = bench.slice_dataset()
+    slices = bench.slice_dataset(rule.context)
     out = Path(args.out or settings.runs_dir / f"operating-point-{name}-from-{source_version}")
     version = registry.reserve(name, run_dir=str(out))
     try:
@@ -423,6 +464,18 @@ def _add_dataset(parser: argparse.ArgumentParser) -> None:
         help="benchmark size (default: default)",
     )
     parser.add_argument("--image-size", type=int, help="input size (benchmark: 128, tiny: 64)")
+    parser.add_argument(
+        "--context",
+        choices=INPUT_CONTEXTS,
+        help="input channels: none (the slice three times, default) or neighbours (the slice "
+        "below, the slice, the slice above; --dataset studies only)",
+    )
+    parser.add_argument(
+        "--with-neighbours",
+        action="store_true",
+        help="studies: render the training slices' neighbours even with --context none (the "
+        "same training slices as a neighbours run, for a like-for-like comparison)",
+    )
     parser.add_argument("--normal-class", help="the label meaning normal (notumor, nv...)")
     parser.add_argument(
         "--labels-csv", type=Path, help="dicom: labels CSV (default <path>/labels.csv)"

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from scanwatch.imaging import INPUT_CONTEXTS, NO_CONTEXT
 from scanwatch.logs import LogLevel
 from scanwatch.model_repository import DEFAULT_MODEL_NAME
 from training.model import IMAGENET, VARIANTS, normalise_variant
@@ -36,6 +37,13 @@ class TrainSettings(BaseSettings):
         description="A SavedModel exported by scanwatch (e.g. training/default_model/saved_model)"
         " whose weights start the run, every layer trainable (warm start); same variant, classes "
         "and head required.",
+    )
+    context: str = Field(
+        NO_CONTEXT,
+        description="The three input channels: 'none' repeats each slice (every model before "
+        "issue 18), 'neighbours' gives the slice below, the slice and the slice above in the "
+        "study's slice order (2.5D; only a dataset that knows slice order: --dataset studies). "
+        "Exported in the model's study_rule output, so the worker builds the same inputs.",
     )
     dense_units: int = Field(256, ge=1, description="Units of the ReLU dense layer of the head.")
     dropout: float = Field(0.3, ge=0, lt=1, description="Dropout before the softmax.")
@@ -156,6 +164,13 @@ class TrainSettings(BaseSettings):
     @classmethod
     def _variant(cls, value: str) -> str:
         return normalise_variant(value)
+
+    @field_validator("context")
+    @classmethod
+    def _context(cls, value: str) -> str:
+        if value not in INPUT_CONTEXTS:
+            raise ValueError(f"context must be one of {', '.join(INPUT_CONTEXTS)}, not {value!r}")
+        return value
 
     @field_validator("weights")
     @classmethod

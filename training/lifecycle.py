@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from scanwatch.imaging import INPUT_CONTEXTS, NEIGHBOURS, NO_CONTEXT
 from scanwatch.model_registry import (
     EVALUATION_DIR,
     STUDY_PROMOTION_METRICS,
@@ -84,6 +85,13 @@ class StudiesSpec:
     preset: str = "default"
     image_size: int | None = None
     kind: str = "studies"
+    #: Render the training slices' neighbours even for a model without context (the same
+    #: training slices as a ``neighbours`` run: a like-for-like comparison of the two).
+    train_neighbours: bool = False
+
+
+class ContextUnavailable(ValueError):
+    """An input context was asked of a dataset that does not know its slices' order."""
 
 
 def load_dataset(
@@ -98,6 +106,11 @@ def load_dataset(
     from training import loaders, study_dataset, synthetic_dataset
 
     size = spec.image_size or DEFAULT_IMAGE_SIZE
+    if settings.context != NO_CONTEXT and not isinstance(spec, StudiesSpec):
+        raise ContextUnavailable(
+            f"context {settings.context!r} needs each slice's neighbours in slice order, which "
+            f"only the studies dataset knows; the {spec.kind} dataset does not"
+        )
     if isinstance(spec, StudiesSpec):
         if spec.preset not in study_dataset.PRESETS:
             raise ValueError(
@@ -107,8 +120,13 @@ def load_dataset(
         studies = study_dataset.PRESETS[spec.preset]
         if spec.image_size is not None:
             studies = replace(studies, image_size=size)
+        if settings.context == NEIGHBOURS or spec.train_neighbours:
+            studies = replace(studies, train_neighbours=True)
         bench = study_dataset.load_or_build(studies, settings.cache_dir, progress)
-        return bench.slice_dataset(), study_dataset.cache_path(studies, settings.cache_dir)
+        return (
+            bench.slice_dataset(settings.context),
+            study_dataset.cache_path(studies, settings.cache_dir),
+        )
     if spec.kind == "benchmark":
         config = synthetic_dataset.PRESETS[spec.preset]
         if spec.image_size is not None:
@@ -233,9 +251,12 @@ def serving_study_baseline(
             return recorded
     if record is not None and record.class_names and list(record.class_names) != list(class_names):
         return (0.0, 0.0)
-    probabilities, rule = predict_saved_model_with_rule(
-        registry.model_dir(name) / str(served[-1]), test.images
-    )
+    from training.study_dataset import study_inputs
+
+    location = registry.model_dir(name) / str(served[-1])
+    # The served version's own input context first (its study rule), then its inputs.
+    rule = predict_saved_model_with_rule(location, test.images[:1])[1]
+    probabilities = predict_saved_model(location, study_inputs(test, rule.context))
     if probabilities.shape[1] != len(class_names):
         return (0.0, 0.0)
     from schemas.model_signature import NORMAL_CLASS
@@ -299,7 +320,13 @@ def promote(
     if not force and study_test is None and record.dataset_path:
         path = Path(record.dataset_path)
         bench = study_benchmark_at(path) if path.is_file() else None
-        data = bench.slice_dataset() if bench is not None else None
+        data = None
+        if bench is not None:  # the slice data the candidate was trained on, in its context
+            contexts = INPUT_CONTEXTS if bench.train.context_only is not None else (NO_CONTEXT,)
+            for context in contexts:
+                data = bench.slice_dataset(context)
+                if data.fingerprint() == record.dataset_fingerprint:
+                    break
         if data is None and path.is_file():
             data = LabelledImages.load(path)
         if data is not None and data.fingerprint() == record.dataset_fingerprint:
@@ -458,7 +485,9 @@ def _study_decisions(
     model: Any, studies: StudyBenchmarkLike, settings: TrainSettings
 ) -> tuple[float, float, StudyRule, dict[str, Any]]:
     """Threshold, temperature, study rule and the study report, chosen on validation studies."""
-    rule, threshold, temperature, study_report = evaluate_study_benchmark(model, studies, settings)
+    rule, threshold, temperature, study_report = evaluate_study_benchmark(
+        model, studies, settings, settings.context
+    )
     logger.info(
         "study rule chosen on validation studies",
         extra={"study_rule": rule.name, "threshold": threshold, "temperature": temperature},

@@ -24,6 +24,14 @@ whole (every slice rendered): the study-level evaluation scores them as the work
 received series. Training studies are rendered in part, because the slice classifier trains
 on slices: every lesion slice and ``normal_slices_per_study`` normal slices of each study.
 
+**Context from neighbouring slices** (issue 18, 2.5D): a model may see each slice with the
+slice below and the slice above as its first and third channels (``context="neighbours"``,
+:func:`study_inputs`). Validation and test studies are whole, so every slice has its
+neighbours; training studies render them too when ``train_neighbours`` is set (they are
+context only, not training slices), and the slice classifier's data is then built from them
+(:meth:`StudyBenchmark.slice_dataset`). Without it the benchmark is the one built before, pixel
+for pixel and in the same cache file.
+
 Everything follows from ``seed``. The lesions are synthetic: see ``training/DATA_CARD.md``.
 """
 
@@ -35,13 +43,19 @@ import logging
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import numpy as np
 from scipy import ndimage
 
 from scanwatch.durable import replace_file
-from scanwatch.imaging import preprocess_slice
+from scanwatch.imaging import (
+    INPUT_CONTEXTS,
+    NEIGHBOURS,
+    NO_CONTEXT,
+    neighbour_channels,
+    preprocess_slice,
+)
 from scanwatch.sample import mni152_volume
 from training.dataset import SPLITS, LabelledImages, Split
 from training.synthetic_dataset import (
@@ -89,6 +103,9 @@ class StudyConfig:
     contrast: tuple[float, float] = (0.12, 0.8)
     span_slices: tuple[int, int] = (2, 5)
     seed: int = 2026
+    #: Render each training slice's neighbours too (as context for ``neighbours`` inputs; they
+    #: are not training slices themselves). Changes the training pixels drawn after them.
+    train_neighbours: bool = False
 
     def __post_init__(self) -> None:
         if min(self.train_studies, self.val_studies, self.test_studies) < 2:
@@ -148,11 +165,22 @@ class StudySet:
     study_index: np.ndarray  # (n,) int64 into ``studies``
     position: np.ndarray  # (n,) int64 slice position within its study
     studies: tuple[StudyInfo, ...]
+    #: (n,) bool: rendered only as a neighbour's context, not a slice of the split's table
+    #: (training studies built with ``train_neighbours``); None: every row is a slice.
+    context_only: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.images)
         if not (len(self.labels) == len(self.study_index) == len(self.position) == n):
             raise ValueError("images, labels, study_index and position differ in length")
+        if self.context_only is not None and len(self.context_only) != n:
+            raise ValueError("context_only differs in length from images")
+
+    def sample_rows(self) -> np.ndarray:
+        """The rows that are slices of the split (every row but context-only ones)."""
+        if self.context_only is None:
+            return np.arange(len(self.images))
+        return np.flatnonzero(~self.context_only)
 
     def slices_of(self, study: int) -> np.ndarray:
         """Row indices of one study's slices, in position order."""
@@ -167,21 +195,29 @@ class StudyBenchmark:
     test: StudySet
     description: dict
 
-    def slice_dataset(self) -> LabelledImages:
+    def slice_dataset(self, context: str = NO_CONTEXT) -> LabelledImages:
         """The slice classifier's data: every rendered training slice; for validation and test,
         every lesion slice and, per study, as many normal slices as a training study has (chosen
         evenly over the study), so that the slice table is not swamped by normal slices. Groups
-        are studies (a study is a subject), so no study straddles two splits."""
+        are studies (a study is a subject), so no study straddles two splits.
+
+        ``context``: the model's input channels (:func:`study_inputs`): ``none`` keeps the grey
+        ``(n, S, S, 1)`` images the input pipeline repeats; ``neighbours`` gives ``(n, S, S, 3)``
+        and needs a benchmark built with ``train_neighbours`` (ValueError otherwise)."""
+        if context == NEIGHBOURS and not self.description["config"].get("train_neighbours"):
+            raise ValueError(
+                "context 'neighbours' needs a study benchmark built with train_neighbours "
+                "(its training slices' neighbours rendered)"
+            )
         per_study = int(self.description["config"]["normal_slices_per_study"])
-        splits = {"train": _as_split(self.train, None)}
+        splits = {"train": _as_split(self.train, self.train.sample_rows(), context)}
         for name in ("val", "test"):
             study_set: StudySet = getattr(self, name)
-            splits[name] = _as_split(study_set, _sampled_rows(study_set, per_study))
-        return LabelledImages(
-            self.class_names,
-            description={**self.description, "slices_from": "studies"},
-            **splits,
-        )
+            splits[name] = _as_split(study_set, _sampled_rows(study_set, per_study), context)
+        description = {**self.description, "slices_from": "studies"}
+        if context != NO_CONTEXT:
+            description["context"] = context
+        return LabelledImages(self.class_names, description=description, **splits)
 
     def save(self, path: Path) -> None:
         """Write to one ``.npz`` (written beside, then renamed: never half a file)."""
@@ -199,6 +235,8 @@ class StudyBenchmark:
                 f"{name}_position": s.position,
                 f"{name}_studies": np.array(json.dumps([asdict(i) for i in s.studies])),
             }
+            if s.context_only is not None:
+                arrays[f"{name}_context_only"] = s.context_only
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         temp = path.with_name(f".{path.name}.tmp.npz")
@@ -219,6 +257,7 @@ class StudyBenchmark:
                         StudyInfo(**(info | {"lesion_slices": tuple(info["lesion_slices"])}))
                         for info in json.loads(str(data[f"{name}_studies"]))
                     ),
+                    data[f"{name}_context_only"] if f"{name}_context_only" in data else None,
                 )
                 for name in SPLITS
             }
@@ -228,7 +267,7 @@ class StudyBenchmark:
 def _sampled_rows(study_set: StudySet, normal_per_study: int) -> np.ndarray:
     rows: list[int] = []
     for study in range(len(study_set.studies)):
-        members = study_set.slices_of(study)
+        members = np.intersect1d(study_set.slices_of(study), study_set.sample_rows())
         lesion = members[study_set.labels[members] != 0]
         normal = members[study_set.labels[members] == 0]
         picks = np.linspace(0, len(normal) - 1, min(normal_per_study, len(normal))).round()
@@ -236,10 +275,54 @@ def _sampled_rows(study_set: StudySet, normal_per_study: int) -> np.ndarray:
     return np.sort(np.asarray(rows, dtype=np.int64))
 
 
-def _as_split(study_set: StudySet, rows: np.ndarray | None) -> Split:
-    rows = np.arange(len(study_set.images)) if rows is None else rows
+def _as_split(study_set: StudySet, rows: np.ndarray, context: str) -> Split:
     groups = np.array([study_set.studies[i].study_id for i in study_set.study_index[rows]])
-    return Split(study_set.images[rows], study_set.labels[rows], groups)
+    return Split(study_inputs(study_set, context, rows), study_set.labels[rows], groups)
+
+
+class SlicesInOrder(Protocol):
+    """What :func:`study_inputs` reads of a split (a :class:`StudySet`, or the evaluation's
+    ``StudySetLike``)."""
+
+    @property
+    def images(self) -> np.ndarray: ...
+    @property
+    def study_index(self) -> np.ndarray: ...
+    @property
+    def position(self) -> np.ndarray: ...
+
+
+def study_inputs(
+    study_set: SlicesInOrder, context: str = NO_CONTEXT, rows: np.ndarray | None = None
+) -> np.ndarray:
+    """The model inputs of ``rows`` (default: every row) of ``study_set`` for a model trained
+    with ``context``.
+
+    ``none``: the grey ``(n, S, S, 1)`` images as they are (the input pipeline repeats them
+    into three channels). ``neighbours``: ``(n, S, S, 3)``, channels the slice at the previous
+    position of the same study, the slice, the slice at the next position
+    (:func:`scanwatch.imaging.neighbour_channels`, as the worker builds them from a series); a
+    neighbour the set does not hold (the study's first or last slice) is the slice itself."""
+    if context not in INPUT_CONTEXTS:
+        raise ValueError(f"context must be one of {', '.join(INPUT_CONTEXTS)}, got {context!r}")
+    rows = np.arange(len(study_set.images)) if rows is None else np.asarray(rows)
+    if context == NO_CONTEXT:
+        return study_set.images[rows]
+    at = {
+        (int(s), int(p)): row
+        for row, (s, p) in enumerate(zip(study_set.study_index, study_set.position, strict=True))
+    }
+    below, above = (
+        np.array(
+            [
+                at.get((int(study_set.study_index[r]), int(study_set.position[r]) + step), r)
+                for r in rows
+            ],
+            dtype=np.intp,
+        )
+        for step in (-1, 1)
+    )
+    return neighbour_channels(study_set.images, rows, below, above)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -389,22 +472,29 @@ def _build_split(
     progress: Callable[[], None],
 ) -> StudySet:
     images, labels, study_index, positions, studies = [], [], [], [], []
+    context_only: list[bool] = []
     n_abnormal = int(round(len(seeds) * abnormal_fraction))
     for number, seed in enumerate(seeds):
         rng = np.random.default_rng(seed)
         lesion = _draw_lesion(rng, config, len(levels)) if number < n_abnormal else None
         span = range(lesion.centre_slice, lesion.centre_slice + lesion.span) if lesion else range(0)
         only = None
+        context: frozenset[int] = frozenset()
         if not whole:  # every lesion slice and a few normal ones
             normal = [p for p in range(len(levels)) if p not in span]
             picked = rng.choice(normal, config.normal_slices_per_study, replace=False)
             only = frozenset(span) | frozenset(int(p) for p in picked)
+            if config.train_neighbours:
+                near = {p + step for p in only for step in (-1, 1)}
+                context = frozenset(p for p in near if 0 <= p < len(levels)) - only
+                only |= context
         rendered = render_study(volume, levels, rng, lesion, only)
         for position, label, stored in rendered:
             images.append(preprocess_slice(stored, config.image_size)[:, :, :1])
             labels.append(label)
             study_index.append(number)
             positions.append(position)
+            context_only.append(position in context)
             progress()
         studies.append(
             StudyInfo(
@@ -421,6 +511,7 @@ def _build_split(
         np.asarray(study_index, dtype=np.int64),
         np.asarray(positions, dtype=np.int64),
         tuple(studies),
+        np.asarray(context_only, dtype=bool) if config.train_neighbours else None,
     )
 
 
@@ -483,15 +574,24 @@ def build_studies(
     description = {
         "source": "mni152-synthetic-studies",
         "generator_version": GENERATOR_VERSION,
-        "config": json.loads(json.dumps(asdict(config))),  # as a cache reads it back
+        "config": json.loads(json.dumps(config_record(config))),  # as a cache reads it back
     }
     return StudyBenchmark(CLASS_NAMES, description=description, **splits)
+
+
+def config_record(config: StudyConfig) -> dict[str, Any]:
+    """``config`` as recorded in a benchmark's description and cache key; ``train_neighbours``
+    only when set, so that a benchmark built before it existed keeps its cache file."""
+    record = asdict(config)
+    if not config.train_neighbours:
+        del record["train_neighbours"]
+    return record
 
 
 def cache_path(config: StudyConfig, cache_dir: Path) -> Path:
     """Where :func:`load_or_build` keeps the benchmark built with ``config`` (named by the
     generator version, the image size and a digest of the whole config)."""
-    digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps(config_record(config), sort_keys=True).encode()).hexdigest()
     name = f"studies-v{GENERATOR_VERSION}-{config.image_size}px-{digest[:16]}.npz"
     return Path(cache_dir) / name
 

@@ -37,6 +37,7 @@ import numpy as np
 import numpy.typing as npt
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from scanwatch.imaging import NO_CONTEXT
 from scanwatch.model_registry import PROMOTION_MIN_SPECIFICITY, STUDY_PROMOTION_METRICS
 from scanwatch.study_score import LEGACY_RULE, StudyRule, study_result
 from schemas.model_signature import NORMAL_CLASS
@@ -396,16 +397,24 @@ def as_predictor(model_or_predict: Any, batch_size: int = 64) -> Predictor:
 
 
 def evaluate_study_benchmark(
-    model_or_predict: Any, benchmark: StudyBenchmarkLike, settings: TargetSettings
+    model_or_predict: Any,
+    benchmark: StudyBenchmarkLike,
+    settings: TargetSettings,
+    context: str = NO_CONTEXT,
 ) -> StudyEvaluation:
     """Choose temperature, aggregation, calibration and threshold on ``benchmark.val``; report
     on ``benchmark.test`` (see the module docstring). ``model_or_predict`` returns the trained
-    classifier's probabilities, *without* temperature (a Keras model or a callable)."""
+    classifier's probabilities, *without* temperature (a Keras model or a callable).
+    ``context``: the input channels the model was trained with
+    (:func:`training.study_dataset.study_inputs`), recorded in the returned rule."""
+    from training.study_dataset import study_inputs
+
     predict = as_predictor(model_or_predict, settings.batch_size)
     normal = list(benchmark.class_names).index(NORMAL_CLASS)
     val, test = benchmark.val, benchmark.test
     target, fallback = _target(settings, val, normal)
-    val_raw, test_raw = predict(val.images), predict(test.images)
+    val_raw = predict(study_inputs(val, context))
+    test_raw = predict(study_inputs(test, context))
 
     temperature = fit_temperature(val_raw, val.labels)
     val_p = apply_temperature(val_raw, temperature)
@@ -421,7 +430,9 @@ def evaluate_study_benchmark(
         score_studies(val_p, val, normal, chosen).raw,
         np.array([s.label != normal for s in val.studies]),
     )
-    rule = replace(chosen, calibration=calibration, operating_point=target.describe())
+    rule = replace(
+        chosen, calibration=calibration, operating_point=target.describe(), context=context
+    )
     val_scores = score_studies(val_p, val, normal, rule)
     threshold = choose_threshold(val_scores, target)
     test_scores = score_studies(test_p, test, normal, rule)
@@ -490,7 +501,7 @@ def evaluate_served_rule(
     threshold: float | None = None,
 ) -> StudyEvaluation:
     """The study report of a published model (``predict``: its served probabilities, temperature
-    included) under its own ``rule``.
+    included) under its own ``rule`` (whose ``context`` says how its inputs are built).
 
     ``threshold`` given: reported at it (``python -m training evaluate``). None: the operating
     point is chosen again on ``benchmark.val`` for the settings' target, aggregation and
@@ -500,7 +511,10 @@ def evaluate_served_rule(
     normal = list(benchmark.class_names).index(NORMAL_CLASS)
     val, test = benchmark.val, benchmark.test
     target, fallback = _target(settings, val, normal)
-    val_p, test_p = predict(val.images), predict(test.images)
+    from training.study_dataset import study_inputs
+
+    val_p = predict(study_inputs(val, rule.context))
+    test_p = predict(study_inputs(test, rule.context))
     rechosen = threshold is None
     if threshold is None:
         rule = replace(rule, operating_point=target.describe())

@@ -326,7 +326,11 @@ def _prepare_run_dir(
         raise RunMismatch(f"{run_dir} was trained on other data ({recorded['fingerprint'][:12]})")
     before = json.loads((run_dir / SETTINGS_FILE).read_text())
     now = _settings_record(settings)
-    changed = sorted(k for k in now if k not in RESUME_MAY_DIFFER and before.get(k) != now[k])
+    # A setting added after the run began was at its default then (e.g. ``context``).
+    defaults = {k: field.default for k, field in TrainSettings.model_fields.items()}
+    changed = sorted(
+        k for k in now if k not in RESUME_MAY_DIFFER and before.get(k, defaults.get(k)) != now[k]
+    )
     if changed:
         raise RunMismatch(f"{run_dir} was made with other settings: {', '.join(changed)}")
     _write_json(run_dir / SETTINGS_FILE, now)

@@ -32,6 +32,7 @@ from inference_worker.circuit import CircuitBreaker
 from inference_worker.errors import ModelUnavailable, SaliencyUnavailable, SignatureMismatch
 from inference_worker.ports import Prediction, Saliency
 from scanwatch import tensors
+from scanwatch.imaging import NO_CONTEXT
 from scanwatch.study_score import LEGACY_RULE, StudyRule
 from schemas import model_signature
 from schemas.model_signature import HEATMAPS, SALIENCY_SIGNATURE_NAME, SIGNATURE_NAME, STUDY_RULE
@@ -83,6 +84,8 @@ class ModelClient:
         ]
         self._channel: grpc.aio.Channel | None = None
         self.image_size: int | None = None
+        #: The input context of the last answer's study rule (``scanwatch.imaging``).
+        self.input_context: str = NO_CONTEXT
         #: Whether the checked model's saliency signature keeps its contract (None: unchecked).
         self.saliency_ok: bool | None = None
 
@@ -178,6 +181,7 @@ class ModelClient:
             ]
             if len({p.model_version for p in parts}) == 1:
                 first = parts[0]
+                self.input_context = first.study_rule.context
                 return Prediction(
                     probabilities=np.concatenate([p.probabilities for p in parts]),
                     class_names=first.class_names,
@@ -285,6 +289,10 @@ class TfServingModel:
     @property
     def image_size(self) -> int | None:
         return self.client.image_size
+
+    @property
+    def input_context(self) -> str:
+        return self.client.input_context
 
     async def check_signature(self) -> int:
         try:

@@ -19,6 +19,7 @@ from devtools.kafka_local import free_port
 from devtools.stack import model_available
 from devtools.testing import wait_for
 from inference_worker.adapters.tf_serving import ModelClient, SignatureMismatch
+from scanwatch.imaging import NEIGHBOURS, NO_CONTEXT
 from scanwatch.study_score import LEGACY_RULE, Calibration, StudyRule
 from schemas.model_signature import STUDY_RULE
 
@@ -27,9 +28,12 @@ pytestmark = pytest.mark.integration
 CLASSES = ("normal", "mass", "bleed", "infarct")
 SIZE = 32
 RULE = StudyRule("top_k_mean", 3, Calibration(1.5, -0.25), "sensitivity >= 0.95 above 4 mm")
+#: A model trained with context from neighbouring slices (issue 18, 2.5D).
+CONTEXT_RULE = StudyRule("max", context=NEIGHBOURS, operating_point="2.5D")
 #: model name → the study_rule row it exports (None: no study_rule output at all)
 MODELS = {
     "with-rule": RULE.to_json(),
+    "with-context": CONTEXT_RULE.to_json(),
     "broken-rule": '{"aggregation": "median"}',
     "without-rule": None,
 }
@@ -47,8 +51,9 @@ def export(repository: Path, name: str, rule: str | None) -> None:
     inputs = keras.Input((SIZE, SIZE, 3), name="images")
     pooled = keras.layers.GlobalAveragePooling2D()(inputs)
     model = keras.Model(inputs, keras.layers.Dense(len(CLASSES), activation="softmax")(pooled))
-    if rule is None or rule == RULE.to_json():
-        study_rule = None if rule is None else RULE
+    known = {r.to_json(): r for r in (RULE, CONTEXT_RULE)}
+    if rule is None or rule in known:
+        study_rule = None if rule is None else known[rule]
         export_saved_model(model, CLASSES, 0.4, repository, name, 1, study_rule=study_rule)
         return
 
@@ -106,8 +111,8 @@ def server(request, repository, tmp_path_factory) -> Iterator[str]:
         proc.wait(timeout=30)
 
 
-def predict(target: str, name: str, n: int = 5):
-    client = ModelClient(target, name, batch_size=2)
+def predict(target: str, name: str, n: int = 5, client: ModelClient | None = None):
+    client = client or ModelClient(target, name, batch_size=2)
 
     async def run():
         try:
@@ -118,6 +123,20 @@ def predict(target: str, name: str, n: int = 5):
             await client.close()
 
     return asyncio.run(run())
+
+
+def test_a_model_s_input_context_reaches_the_worker(server):
+    """The context a model was trained with travels in its study rule: after one answer the
+    client knows which inputs to send (the signature is still (B, H, W, 3) float32)."""
+    client = ModelClient(server, "with-context", batch_size=2)
+    assert client.input_context == NO_CONTEXT  # nothing known before an answer
+    prediction = predict(server, "with-context", client=client)
+    assert prediction.study_rule == CONTEXT_RULE
+    assert client.input_context == NEIGHBOURS
+    assert client.image_size == SIZE
+    plain = ModelClient(server, "with-rule", batch_size=2)
+    predict(server, "with-rule", client=plain)
+    assert plain.input_context == NO_CONTEXT
 
 
 def test_the_model_s_study_rule_reaches_the_prediction(server):
