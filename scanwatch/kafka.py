@@ -226,8 +226,8 @@ def ensure_topics(
         if t.name not in metadata.topics
     ]
     created = _create(admin, new, replication, timeout_s)
-    _raise_size_limits(admin, [t for t in topics if t.name in metadata.topics], timeout_s)
     _wait_for_leaders(admin, topics, timeout_s)
+    _raise_size_limits(admin, [t for t in topics if t.name in metadata.topics], timeout_s)
     return created
 
 
@@ -243,16 +243,30 @@ def _raise_size_limits(admin: AdminClient, existing: list[TopicSpec], timeout_s:
     """Give existing topics the record size limit their spec now has (a deployment created
     before the limit was raised would otherwise keep Kafka's 1 MB, and refuse a large study's
     ready event). Only this setting is changed, and only upwards."""
+    from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
 
     sized = [t for t in existing if t.max_message_bytes is not None]
     if not sized:
         return
     resources = [ConfigResource(ResourceType.TOPIC, t.name) for t in sized]
-    described = admin.describe_configs(resources)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            described = {
+                r: f.result(timeout=timeout_s) for r, f in admin.describe_configs(resources).items()
+            }
+            break
+        except KafkaException as exc:
+            # Asked of a broker that has not learnt of a topic another process just created.
+            if exc.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+                raise
+            if time.monotonic() > deadline:
+                raise KafkaTopicError(f"topics' configuration not found: {exc}") from exc
+            time.sleep(0.1)
     raise_to = {}
     for topic, resource in zip(sized, resources, strict=True):
-        current = int(described[resource].result(timeout=timeout_s)["max.message.bytes"].value)
+        current = int(described[resource]["max.message.bytes"].value)
         if current < cast(int, topic.max_message_bytes):
             raise_to[topic.name] = topic.max_message_bytes
     if not raise_to:

@@ -51,8 +51,14 @@ def test_scanwatch_topics_have_three_replicas_and_need_two_in_sync(
         assert len(partitions) == spec.partitions
         assert {len(p.replicas) for p in partitions.values()} == {PRODUCTION.factor}, spec.name
     resources = [ConfigResource(ResourceType.TOPIC, spec.name) for spec in TOPICS]
-    for resource, future in admin.describe_configs(resources).items():
-        configs = future.result(10)
+
+    def described() -> dict[ConfigResource, dict] | None:
+        try:
+            return {r: f.result(10) for r, f in admin.describe_configs(resources).items()}
+        except KafkaException:  # asked of a broker that has not learnt of every topic yet
+            return None
+
+    for resource, configs in wait_for(described, 60, "every topic's configuration").items():
         assert configs["min.insync.replicas"].value == str(PRODUCTION.min_insync), resource
         assert configs["min.insync.replicas"].source != 5  # DEFAULT_CONFIG: set, not Kafka's 1
 

@@ -56,10 +56,20 @@ class FakeAdmin:
     sizes: dict[str, int] = {}
     altered: list[Any] = []
 
+    #: How many more topic descriptions fail as unknown (asked of a broker that has not learnt
+    #: of a topic just created).
+    unknown: int = 0
+
     def describe_configs(self, resources: list[Any]) -> dict[Any, Future]:
         answers = {}
         for resource in resources:
             future: Future = Future()
+            if resource.restype == confluent_kafka.admin.ResourceType.TOPIC and self.unknown > 0:
+                FakeAdmin.unknown -= 1
+                error = KafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART, "unknown")
+                future.set_exception(KafkaException(error))
+                answers[resource] = future
+                continue
             future.set_result(
                 {
                     "default.replication.factor": SimpleNamespace(value=str(self.configured)),
@@ -107,6 +117,7 @@ def admin(monkeypatch: pytest.MonkeyPatch) -> type[FakeAdmin]:
     monkeypatch.setattr(FakeAdmin, "listings", 0)
     monkeypatch.setattr(FakeAdmin, "sizes", {})
     monkeypatch.setattr(FakeAdmin, "altered", [])
+    monkeypatch.setattr(FakeAdmin, "unknown", 0)
     return FakeAdmin
 
 
@@ -183,6 +194,7 @@ def test_the_ready_topic_takes_a_large_studys_event(admin: type[FakeAdmin]) -> N
 
     admin.created, admin.existing = [], {"old": 4, "done": 4}
     admin.sizes = {"done": LARGE_RECORD_BYTES}
+    admin.unknown = 2  # a broker that has not learnt of them yet: asked again
     specs = [TopicSpec(name, max_message_bytes=LARGE_RECORD_BYTES) for name in ("old", "done")]
     assert kafka.ensure_topics("127.0.0.1:1", specs) == []
     [altered] = admin.altered
