@@ -704,16 +704,27 @@ def test_a_study_too_large_to_announce_is_reported_once_and_holds_up_no_other():
     assert world.studies[KEY]["announced"] == 0  # not marked scored: it was not
 
 
-def test_at_debug_each_pass_says_why_a_due_study_waits(caplog):
-    """What an operator asks of a study that waits longer than its quiet period."""
+def test_at_debug_each_pass_says_why_a_due_study_waits():
+    """What an operator asks of a study that waits longer than its quiet period. (No caplog:
+    the store's tests run every test here without fixtures.)"""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("inference_worker.flow")
+    level = logger.level
 
     async def run() -> None:
         world = World()
         await world.receive(1)
-        with caplog.at_level(logging.DEBUG, logger="inference_worker.flow"):
+        logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+        try:
             await world.flow.release_ready_studies()
+        finally:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
 
     asyncio.run(run())
-    [line] = [r for r in caplog.records if r.getMessage() == "study withheld"]
+    [line] = [r for r in records if r.getMessage() == "study withheld"]
     assert (line.reason, line.instances, line.announced) == ("waiting", 1, 0)
     assert line.StudyInstanceUID == STUDY
