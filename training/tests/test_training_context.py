@@ -4,7 +4,6 @@ slice order is unknown, and the choice exported with the model."""
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,9 +12,9 @@ import pydicom
 import pytest
 
 from inference_worker.series import SelectionRules, select_series
+from inference_worker.tests.test_worker_scoring import refs_for
 from scanwatch.imaging import NEIGHBOURS, NO_CONTEXT, preprocess_slice
 from scanwatch.sample import build_mr_study
-from schemas import InstanceRef
 from schemas.training_events import DatasetSpec
 from training import study_dataset as sd
 from training.cli import main
@@ -114,22 +113,6 @@ def test_a_saved_benchmark_keeps_its_context_rows(bench: sd.StudyBenchmark, tmp_
     )
 
 
-def _refs(files: list[Path]) -> list[InstanceRef]:
-    refs = []
-    for path in files:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        refs.append(
-            InstanceRef(
-                SeriesInstanceUID=ds.SeriesInstanceUID,
-                SOPInstanceUID=ds.SOPInstanceUID,
-                SOPClassUID=ds.SOPClassUID,
-                storage_uri=path.resolve().as_uri(),
-                sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
-            )
-        )
-    return refs
-
-
 def test_training_and_the_worker_build_the_same_inputs_from_the_same_slices(tmp_path) -> None:
     """A stored series, read by the worker (every slice, and every other slice with
     ``max_gap_mm``) and by training's builder (the same stored slices as a study, preprocessed
@@ -150,7 +133,7 @@ def test_training_and_the_worker_build_the_same_inputs_from_the_same_slices(tmp_
         np.arange(len(grey)),
         (sd.StudyInfo("s", 0, 0.0, 0.0, ()),),
     )
-    refs = list(reversed(_refs(files)))  # arrival order is not slice order
+    refs = list(reversed(refs_for(files)))  # arrival order is not slice order
     worker = select_series(refs, size, context=NEIGHBOURS)
     training = sd.study_inputs(study, NEIGHBOURS)
     np.testing.assert_array_equal(worker.images, training)
