@@ -132,7 +132,9 @@ def _origin(event: EventT[Any]) -> Origin:
     message = event.message
     raw = message.headers or ()
     headers = tuple(raw.items() if isinstance(raw, Mapping) else raw)
-    return Origin(message.topic, message.partition, message.offset, message.key, headers)
+    # Faust gives the record's timestamp in seconds; a record without one has a negative one
+    stamp = message.timestamp if message.timestamp and message.timestamp > 0 else None
+    return Origin(message.topic, message.partition, message.offset, message.key, headers, stamp)
 
 
 def create_app(

@@ -6,14 +6,19 @@ no new instance arrived for the quiet period of its source, or the maximum wait 
 instance not yet announced has passed. A parked study (model server unreachable for longer
 than the retries) becomes ready again when its parking time is over.
 
-The quiet period is counted from the listener's event time (``occurred_at``: when it accepted
-the instance), and only once the worker has read every event of the study's partition up to
-that time plus the quiet period (``caught_up``): a worker lagging behind its partition would
-otherwise count the quiet period while the study's last instances still wait unread, release
-the study on part of its slices and score it again later. Where that is not known (nothing read
-from the partition since it was assigned to this worker; a state written before event times were
-kept),
-the quiet period is counted on the worker's clock from when it read the study's last instance.
+The quiet period is counted from the listener's event time (:func:`event_time`): when it put
+the instance's event on Kafka (the record's timestamp), or when it accepted the instance
+(``occurred_at``) if that is later or the record has no timestamp. Publication, not
+acceptance, because a listener whose outbox fell behind (Kafka unreachable for a while)
+publishes long-accepted instances in a burst: counted from acceptance, their quiet period
+would be over on arrival, and a study would be released on the first of them while the rest
+still wait in the outbox. And only once the worker has read every event of the study's
+partition up to that time plus the quiet period (``caught_up``): a worker lagging behind its
+partition would otherwise count the quiet period while the study's last instances still wait
+unread, release the study on part of its slices and score it again later. Where that is not
+known (nothing read from the partition since it was assigned to this worker; a state written
+before event times were kept), the quiet period is counted on the worker's clock from when it
+read the study's last instance.
 
 A modality that reports Modality Performed Procedure Steps (``dicom.procedure.step.v1``) says
 when it is done, so its studies do not wait for the quiet period (:func:`step_verdict`): while a
@@ -70,7 +75,7 @@ class StudyState(TypedDict):
     source: NotRequired[str]  # calling AE title of the first instance
     pending_since: NotRequired[float]  # arrival of the oldest instance not yet announced
     parked_until: NotRequired[float]  # scoring failed transiently: not before this time
-    last_event_at: NotRequired[float]  # the newest instance's occurred_at (listener's clock)
+    last_event_at: NotRequired[float]  # the newest instance's event_time (listener's clock)
     steps: NotRequired[dict[str, StepState]]  # procedure step UID -> what the modality said
     #: SOPInstanceUID -> [its series and acquisition, how many instances that acquisition
     #: has], for the instances whose headers tell it (:func:`header_complete`)
@@ -119,8 +124,10 @@ def add_instance(
     event: InstanceReceivedV1,
     now: float,
     headers: Mapping[str, bytes] | None = None,
+    published_at: float | None = None,
 ) -> StudyState:
-    """Record an instance (``headers``: its event's Kafka headers, with its counts).
+    """Record an instance (``headers``: its event's Kafka headers, with its counts;
+    ``published_at``: its record's timestamp, see :func:`event_time`).
 
     A redelivered or re-sent instance (same SOPInstanceUID, same sha256) changes nothing. A new
     version of an instance (same SOPInstanceUID, other bytes: the listener keeps both) replaces
@@ -139,7 +146,7 @@ def add_instance(
         event.SOPInstanceUID: event.ref().model_dump(mode="json"),
     }
     updated["last_received_at"] = now
-    updated["last_event_at"] = max(state.get("last_event_at", 0.0), event.occurred_at.timestamp())
+    updated["last_event_at"] = max(state.get("last_event_at", 0.0), event_time(event, published_at))
     acquisition = acquisition_of(event, headers or {})
     if acquisition is not None:
         updated["acquisitions"] = {
@@ -151,6 +158,13 @@ def add_instance(
     if previous is not None:
         updated["announced"] = 0  # same count, other content: announce the study again
     return updated
+
+
+def event_time(event: InstanceReceivedV1, published_at: float | None) -> float:
+    """When the listener accepted the instance or, if later, put its event on Kafka (the
+    record's timestamp, None where it has none): the time its quiet period counts from."""
+    accepted = event.occurred_at.timestamp()
+    return accepted if published_at is None else max(accepted, published_at)
 
 
 def _new_state(now: float, source: str) -> StudyState:

@@ -40,6 +40,7 @@ from inference_worker.assembly import (
     add_instance,
     add_step,
     completion,
+    event_time,
     is_due,
     is_ready,
     mark_announced,
@@ -80,6 +81,7 @@ class Origin:
     offset: int | None = None
     key: bytes | None = None
     headers: tuple[tuple[str, bytes], ...] = ()
+    timestamp: float | None = None  # the record's, in seconds (None: it has none)
 
 
 class ReadProgress:
@@ -108,9 +110,10 @@ class ReadProgress:
             self.newest_event_at.pop(partition, None)
 
     def read_past(self, partition: int, until: float) -> bool | None:
-        """Whether an event the listener accepted on ``partition`` at ``until`` or later has
-        been read, which tells that every one it accepted before has (its outbox publishes in
-        the order it accepted). None: nothing read there since the partition was assigned."""
+        """Whether an event with an event time (:func:`~inference_worker.assembly.event_time`)
+        of ``until`` or later has been read on ``partition``, which tells that every one the
+        listener published before has (a partition keeps the order of publication). None:
+        nothing read there since the partition was assigned."""
         if partition not in self.next_offset:
             return None
         return self.newest_event_at.get(partition, float("-inf")) >= until
@@ -269,9 +272,11 @@ class WorkerFlow:
             return
         key = received.StudyInstanceUID.encode()
         headers = dict(origin.headers)
-        state = add_instance(self.studies.get(key), received, self.clock(), headers)
+        state = add_instance(
+            self.studies.get(key), received, self.clock(), headers, origin.timestamp
+        )
         self.studies[key] = state
-        self.progress.read(origin, received.occurred_at.timestamp())
+        self.progress.read(origin, event_time(received, origin.timestamp))
         self._forget_old_studies(origin.partition)
         if log.isEnabledFor(logging.DEBUG):  # the hot path: built only when asked for
             where = {"partition": origin.partition, "offset": origin.offset}

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from faust.transport.producer import ProducerBuffer
+from faust.types.tuples import Message
 
 from devtools.kafka_local import free_port
-from inference_worker.app import STUDY_TABLE, create_app, drain_on_flush
+from inference_worker.app import STUDY_TABLE, _origin, create_app, drain_on_flush
 from inference_worker.config import Settings
 from inference_worker.study_store import StudyStore
 from inference_worker.tests.test_worker_assembly import received
@@ -155,3 +156,20 @@ def test_a_flush_waits_until_the_producer_buffer_is_sent(tmp_path: Path):
         assert sent == [0, 1, 2]
 
     asyncio.run(run())
+
+
+def test_a_records_timestamp_reaches_the_flow_in_seconds():
+    """The quiet period counts from the record's timestamp (the listener's publication,
+    ``assembly.event_time``): Faust's message gives it in seconds; a record without one
+    (aiokafka: None, or -1 ms) gives None, and acceptance time counts."""
+
+    def origin(timestamp: float | None) -> Any:
+        message = Message("t", 3, 42, timestamp, 0, [("h", b"v")], b"k", b"{}", None)  # type: ignore[arg-type]
+        return _origin(type("Event", (), {"message": message})())
+
+    stamped = origin(1_796_523_420.25)
+    assert (stamped.partition, stamped.offset, stamped.key) == (3, 42, b"k")
+    assert stamped.headers == (("h", b"v"),)
+    assert stamped.timestamp == 1_796_523_420.25
+    assert origin(None).timestamp is None
+    assert origin(-0.001).timestamp is None

@@ -146,6 +146,22 @@ def test_the_quiet_period_counts_from_the_listeners_event_time_once_caught_up():
     assert is_ready(state, at + 60.0 + QUIET, QUIET, MAX_WAIT, caught_up=None)
 
 
+def test_an_instance_published_late_counts_its_quiet_period_from_its_publication():
+    """A listener whose outbox fell behind publishes an instance accepted long ago: counted
+    from acceptance its quiet period would be over on arrival, and the study released while
+    its next instances still wait in the outbox. Its record's timestamp is the later time."""
+    event = received(1)
+    accepted = event.occurred_at.timestamp()
+    published = accepted + 40.0  # Kafka was unreachable for 40 s
+    state = add_instance(None, event, now=published + 0.01, published_at=published)
+    assert state["last_event_at"] == published
+    assert not is_ready(state, published + QUIET - 0.1, QUIET, MAX_WAIT, caught_up=True)
+    assert is_ready(state, published + QUIET, QUIET, MAX_WAIT, caught_up=True)
+    # A record stamped before the instance was accepted (another clock): acceptance counts.
+    early = add_instance(None, event, now=accepted, published_at=accepted - 3.0)
+    assert early["last_event_at"] == accepted
+
+
 def step(status: str, numbers: tuple[int, ...] = (), studies: tuple[str, ...] = (STUDY,)):
     """A procedure step (MPPS) event of ``STUDY`` naming instances ``numbers``."""
     return ProcedureStepV1(

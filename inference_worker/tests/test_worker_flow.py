@@ -447,6 +447,38 @@ def test_a_study_read_on_while_the_broker_is_asked_is_not_released_from_its_olde
     assert [len(r.instances) for r in world.ready_events()] == [6]
 
 
+def test_a_listener_whose_outbox_fell_behind_has_its_study_scored_once():
+    """Kafka was unreachable from the listener for 40 s while it accepted a study of 6. When
+    Kafka is back its outbox publishes them; the worker has read the first 3 and is at the
+    partition's end when the release pass runs. Counted from acceptance the study's quiet
+    period is long over: the old rule announced those 3. Counted from publication it is not."""
+    accepted = 1000.0
+
+    async def publish(world: World, numbers: tuple[int, ...], published: float) -> None:
+        for n in numbers:
+            event = received(n).model_copy(
+                update={"occurred_at": datetime.fromtimestamp(accepted + 0.1 * n, UTC)}
+            )
+            origin = Origin(InstanceReceivedV1.SCHEMA, PARTITION, n - 1, timestamp=published)
+            await world.flow.assemble(event.to_bytes(), origin)
+        world.ends[PARTITION] = numbers[-1]
+
+    async def run() -> World:
+        world = World()
+        world.clock.now = accepted + 40.0
+        await publish(world, (1, 2, 3), accepted + 40.0)
+        await world.flow.release_ready_studies()
+        assert world.ready_events() == []
+        world.clock.now += 0.5
+        await publish(world, (4, 5, 6), world.clock.now)
+        world.clock.now += QUIET
+        await world.flow.release_ready_studies()
+        return world
+
+    world = asyncio.run(run())
+    assert [len(r.instances) for r in world.ready_events()] == [6]
+
+
 def test_a_newer_event_read_on_the_partition_is_enough_to_release():
     """Reading an event the listener took after the study's quiet period tells that nothing
     of the study can still be unread before it (the outbox publishes in order)."""
