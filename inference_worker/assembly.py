@@ -226,9 +226,14 @@ def missing(state: StudyState) -> int:
     return len(referenced - state["instances"].keys())
 
 
+def has_unannounced(state: StudyState) -> bool:
+    """Some instances were never announced (a parked study's count as not announced)."""
+    return len(state["instances"]) > state["announced"]
+
+
 def is_due(state: StudyState, now: float) -> bool:
     """Some instances were never announced, and the study is not parked."""
-    return len(state["instances"]) > state["announced"] and now >= state.get("parked_until", 0.0)
+    return has_unannounced(state) and now >= state.get("parked_until", 0.0)
 
 
 def is_ready(

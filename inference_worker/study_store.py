@@ -28,7 +28,9 @@ partition and are restored, and dropped on a rebalance, together.
 The store remembers what the table holds for each study it has read or written (so a read is
 one dictionary lookup, and a write compares against it). That index is built by one pass over
 the table's keys when first needed; :meth:`StudyStore.reload` forgets it, which the app does
-once a rebalance's recovery has restored the table from its changelog.
+once a rebalance's recovery has restored the table from its changelog. It also keeps the set
+of studies with instances never announced (:meth:`StudyStore.pending`), so that the worker's
+timer, four times a second, looks at those and not at every study of the retention period.
 
 A header written before this layout (the whole state under the study's key, ``instances``
 included) is read as it is, with any entries over it, and rewritten in this layout the next
@@ -42,7 +44,7 @@ import operator
 from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any, cast
 
-from inference_worker.assembly import StepState, StudyState
+from inference_worker.assembly import StepState, StudyState, has_unannounced
 
 #: Marks a derived key (a study's instance or step entry): no UID holds a NUL.
 SEPARATOR = b"\x00"
@@ -101,11 +103,20 @@ class StudyStore(MutableMapping[bytes, StudyState]):
     def __init__(self, table: MutableMapping[bytes, Any]) -> None:
         self.table = table
         self._studies: dict[bytes, _Study] | None = None
+        self._pending: set[bytes] | None = None  # None: not known since the last reload
 
     def reload(self) -> None:
         """Forget what was read: the table changed behind this store (restored from its
         changelog after a rebalance). The next access indexes it again."""
         self._studies = None
+        self._pending = None
+
+    def pending(self) -> list[bytes]:
+        """The studies with instances never announced (parked ones included): after a reload
+        found by reading every study, then kept up to date by this store's writes."""
+        if self._pending is None:
+            self._pending = {key for key, state in self.items() if has_unannounced(state)}
+        return list(self._pending)
 
     # -- reading -------------------------------------------------------------------------------
     def _index(self) -> dict[bytes, _Study]:
@@ -216,6 +227,11 @@ class StudyStore(MutableMapping[bytes, StudyState]):
             self.table[key] = header
             known.header = header
         known.state = state
+        if self._pending is not None:
+            if has_unannounced(state):
+                self._pending.add(key)
+            else:
+                self._pending.discard(key)
 
     def _write_instances(
         self,
@@ -253,3 +269,5 @@ class StudyStore(MutableMapping[bytes, StudyState]):
         for uid in sorted(known.steps):
             del self.table[step_key(key, uid)]
         del self._index()[key]
+        if self._pending is not None:
+            self._pending.discard(key)

@@ -17,6 +17,7 @@ from inference_worker.assembly import (
     add_instance,
     add_step,
     mark_announced,
+    park,
 )
 from inference_worker.errors import ModelUnavailable
 from inference_worker.flow import Origin
@@ -314,6 +315,43 @@ def test_the_table_is_scanned_once_after_a_reload_not_per_lookup():
     assert table.scans == 1
     store.reload()  # the app's recovery callback
     assert len(store) == 5 and table.scans == 2
+
+
+def test_the_timer_looks_only_at_studies_with_instances_to_announce():
+    """A week of scored studies stays in the table (the retention period); the timer's pass,
+    four times a second, must not read them all. The store keeps the pending set through its
+    writes, a park and a removal, and finds it again from the table after a reload."""
+    world, table = store_world()
+    store = world.flow.studies
+    scored = [f"{STUDY}.{n}".encode() for n in range(50)]
+    for key in scored:
+        store[key] = mark_announced(add_instance(None, received(1, study=key.decode()), 1.0), 1)
+    waiting = (STUDY + ".77").encode()
+    store[waiting] = add_instance(None, received(1, study=waiting.decode()), 1.0)
+    assert store.pending() == [waiting]
+
+    looked_at: list[bytes] = []
+    known = store._known
+
+    def spy(key: bytes) -> Any:
+        looked_at.append(key)
+        return known(key)
+
+    store._known = spy  # type: ignore[method-assign]
+    asyncio.run(world.flow.release_ready_studies())
+    assert set(looked_at) == {waiting}
+
+    store._known = known  # type: ignore[method-assign]
+    store[scored[0]] = park(store[scored[0]], until=2.0)  # a transient failure: due again
+    assert sorted(store.pending()) == sorted([waiting, scored[0]])
+    store[waiting] = mark_announced(store[waiting], 1)
+    del store[scored[0]]
+    assert store.pending() == []
+    store[scored[1]] = add_instance(store[scored[1]], received(2, study=scored[1].decode()), 3.0)
+    restarted = StudyStore(table.restored())  # another worker's store over the changelog
+    assert restarted.pending() == [scored[1]]
+    store.reload()
+    assert store.pending() == [scored[1]]
 
 
 def test_a_removed_study_leaves_no_key_behind():
