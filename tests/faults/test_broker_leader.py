@@ -95,8 +95,9 @@ def kill_busiest_leader(cluster: LocalKafkaCluster) -> Fault:
             120,
             "another node leading the partition",
         )
-        cluster.start(leader)
-        cluster.wait_in_sync([t.name for t in TOPICS])
+        # generous: a JVM restarting on a loaded machine (load 15) took over 120 s to rejoin
+        cluster.start(leader, timeout=300)
+        cluster.wait_in_sync([t.name for t in TOPICS], timeout=300)
         run.end()
 
     return Fault("broker-leader", "the busiest partition's leader killed (-9)", inject, at=0.4)
