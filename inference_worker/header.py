@@ -317,13 +317,17 @@ _Vector = tuple[float, float, float]
 
 def _normal(orientation: object) -> _Vector | None:
     """The slice normal: the cross product of ImageOrientationPatient's row and column
-    directions (plain floats: numpy's cross of two 3-vectors cost more than the rest of an
-    instance's geometry)."""
+    directions, turned to point along its dominant patient axis (LPS: left, posterior, head),
+    so that a series is ordered the same way whichever way its rows and columns run, as
+    training orders its slices (plain floats: numpy's cross of two 3-vectors cost more than
+    the rest of an instance's geometry)."""
     values = _floats(orientation)
     if values is None or len(values) != 6:
         return None
     (a1, a2, a3), (b1, b2, b3) = values[:3], values[3:]
-    return a2 * b3 - a3 * b2, a3 * b1 - a1 * b3, a1 * b2 - a2 * b1
+    normal = a2 * b3 - a3 * b2, a3 * b1 - a1 * b3, a1 * b2 - a2 * b1
+    dominant = max(normal, key=abs)
+    return normal if dominant >= 0 else (-normal[0], -normal[1], -normal[2])
 
 
 def _position(normal: _Vector | None, position: object) -> float | None:

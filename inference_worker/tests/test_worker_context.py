@@ -14,7 +14,13 @@ import pytest
 from inference_worker.errors import ModelUnavailable
 from inference_worker.ports import Prediction
 from inference_worker.scoring import Scorer
-from inference_worker.series import SelectionRules, choose_series, context_plan, select_series
+from inference_worker.series import (
+    SelectionRules,
+    choose_series,
+    context_plan,
+    path_of,
+    select_series,
+)
 from inference_worker.tests.test_worker_scoring import CLASSES, ListWriter, refs_for
 from scanwatch.imaging import NEIGHBOURS, NO_CONTEXT
 from scanwatch.sample import build_mr_study
@@ -139,3 +145,21 @@ def test_the_plan_of_a_whole_series_is_every_slice_once(study):
     assert plan.frames == chosen.frames
     assert plan.rows == tuple(range(10))
     assert plan.below == (0, *range(9)) and plan.above == (*range(1, 10), 9)
+
+
+def test_a_series_whose_rows_and_columns_run_the_other_way_is_ordered_foot_to_head(tmp_path):
+    """Training gives a slice the one below it (towards the feet) as its first channel. A
+    scanner whose ImageOrientationPatient's column direction is flipped has a slice normal
+    pointing to the feet: ordered along that normal, "below" became "above" for every slice
+    and the model was sent its channels swapped."""
+    files = build_mr_study(tmp_path, patient_id="P-FLIP", n_slices=6)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.ImageOrientationPatient = ["1", "0", "0", "0", "-1", "0"]  # normal (0, 0, -1)
+        ds.save_as(path)
+    plan = context_plan(choose_series(refs_for(files)))
+    heights = [
+        float(pydicom.dcmread(path_of(f.ref.storage_uri)).ImagePositionPatient[2])
+        for f in plan.frames
+    ]
+    assert heights == sorted(heights) and len(set(heights)) == 6
