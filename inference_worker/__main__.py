@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from collections.abc import Collection
 from typing import Any
 
@@ -22,6 +23,10 @@ from scanwatch import kafka
 from scanwatch.logs import configure_logging
 
 SERVICE = "inference-worker"
+#: How long a starting worker retries making its changelog ready (a broker restarting, or slow
+#: to answer on a loaded machine: its 30 s admin timeout was once missed at load 25, and the
+#: worker's exit then failed a whole development stack's start), and how often.
+CHANGELOG_WAIT_S, CHANGELOG_RETRY_S = 300.0, 2.0
 ENV_PREFIX = "SCANWATCH_WORKER_"
 log = logging.getLogger("inference_worker")
 
@@ -82,11 +87,17 @@ def run(settings: Settings) -> int:
     """Run the worker until it stops; this exits the process (Faust's worker does)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     app = create_app(settings)
-    try:
-        kafka.ensure_topics(settings.kafka_bootstrap_servers, table_topics(app))
-    except (KafkaException, kafka.KafkaTopicError) as exc:  # its supervisor starts it again
-        log.error("study table's changelog not ready", extra={"error": str(exc)})
-        return 1
+    deadline = time.monotonic() + CHANGELOG_WAIT_S
+    while True:
+        try:
+            kafka.ensure_topics(settings.kafka_bootstrap_servers, table_topics(app))
+            break
+        except (KafkaException, kafka.KafkaTopicError) as exc:
+            if time.monotonic() >= deadline:  # its supervisor starts it again
+                log.error("study table's changelog not ready", extra={"error": str(exc)})
+                return 1
+            log.warning("study table's changelog not ready yet", extra={"error": str(exc)})
+            time.sleep(CHANGELOG_RETRY_S)
     worker = faust.Worker(
         app,
         loglevel=settings.log_level,

@@ -101,7 +101,8 @@ def worker(kafka: LocalKafka, tmp_path: Path) -> Iterator[tuple[str, Path]]:
             except httpx.HTTPError:
                 return False
 
-        wait_for(healthy, timeout=120, what="the worker's /healthz")
+        # generous: the worker imports TensorFlow (through the TF Serving protos), 90 s at load 12
+        wait_for(healthy, timeout=300, what="the worker's /healthz")
         yield app_id, log
     finally:
         process.terminate()

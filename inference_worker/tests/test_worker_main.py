@@ -112,12 +112,36 @@ def test_the_study_tables_changelog_is_created_before_faust_starts(monkeypatch, 
     assert changelog.compact and changelog.partitions == 4
 
 
+def test_a_changelog_not_ready_yet_is_retried_before_faust_starts(
+    monkeypatch, tmp_path: Path, caplog
+):
+    """A broker slow to answer (a loaded machine) or restarting: the worker waits for it
+    instead of exiting, which failed a development stack's start."""
+    started: list[str] = []
+    monkeypatch.setattr(FakeWorker, "started", started)
+    monkeypatch.setattr(cli.faust, "Worker", FakeWorker)
+    monkeypatch.setattr(cli.time, "sleep", lambda s: None)
+    failures = [cli.KafkaException("timed out"), cli.KafkaException("timed out")]
+
+    def slow(servers, topics):
+        if failures:
+            raise failures.pop()
+
+    monkeypatch.setattr(cli.kafka, "ensure_topics", slow)
+    with caplog.at_level(logging.WARNING):
+        cli.run(Settings(data_dir=tmp_path / "w"))
+    assert started and failures == []
+    retried = [r for r in caplog.records if r.name == "inference_worker"]
+    assert [r.levelname for r in retried] == ["WARNING", "WARNING"]
+
+
 def test_a_changelog_not_ready_is_an_error_and_faust_is_not_started(
     monkeypatch, tmp_path: Path, caplog
 ):
     started: list[str] = []
     monkeypatch.setattr(FakeWorker, "started", started)
     monkeypatch.setattr(cli.faust, "Worker", FakeWorker)
+    monkeypatch.setattr(cli, "CHANGELOG_WAIT_S", 0.0)  # given up at once
 
     def refuse(servers, topics):
         raise cli.kafka.KafkaTopicError("topics need 3 brokers")
