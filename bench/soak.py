@@ -661,6 +661,7 @@ def count(load: Load, tail: Tail) -> Counts:
 def report(
     args: argparse.Namespace,
     started: str,
+    revision: str,
     load_before: str,
     samples: list[Sample],
     verdicts: list[Verdict],
@@ -683,7 +684,7 @@ def report(
         (".venv/bin/python bench/soak.py " + shlex.join(sys.argv[1:])).strip(),
         "```",
         "",
-        f"{started}, commit {commit()}; machine: {os.cpu_count()} CPUs, "
+        f"{started}, commit {revision}; machine: {os.cpu_count()} CPUs, "
         f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB, "
         f"load average {load_before} at the start and "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end (a machine shared with "
@@ -873,6 +874,8 @@ def main() -> int:
     # SIGTERM (a timeout) unwinds like Ctrl-C: the stack and PostgreSQL are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    # Before anything is written: the CSV, written before the report, would mark it dirty.
+    revision = commit()
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     from training.default_model import ensure_default_model
 
@@ -977,7 +980,7 @@ def main() -> int:
     judge_from_s = load_s - args.judge_minutes * 60
     verdicts = judge(samples, warmup_s, judge_from_s)
     text, ok = report(
-        args, started, load_before, samples, verdicts, counts, tally, restarts, load_s
+        args, started, revision, load_before, samples, verdicts, counts, tally, restarts, load_s
     )
     md.write_text(text)
     plot(png, samples, warmup_s, judge_from_s)
