@@ -1,7 +1,7 @@
 """The soak (issue 19, point 3): the whole stack under a steady, hospital-like load for
-``--minutes``, every service's resident memory, open file descriptors and threads sampled
-throughout, with the listener's outbox depth and the pipeline's consumer lag. The bar: no
-growth beyond the first five minutes' range.
+``--minutes``, every service's memory (PSS, and RSS), open file descriptors and threads
+sampled throughout, the broker JVM's heap after GC, the listener's outbox depth and the
+pipeline's consumer lag. The bar: no growth beyond the first five minutes' range.
 
 Starts the whole development stack as ``scanwatch run`` does (Kafka, the model server, the
 FHIR API on a real PostgreSQL, the inference workers, the listener, the Rasa server and its
@@ -21,7 +21,8 @@ action server, the portal, the console, the training worker), seeds a few patien
   seconds (no browser: its work is on the patient's device, not on the server).
 
 Every ``--interval`` seconds: per service (the process, its process group and descendants),
-RSS, open fds, threads, processes and CPU time; the listener's outbox depth (its
+PSS and RSS, open fds, threads, processes and CPU time; the broker JVM's heap after its
+latest collection and its committed heap (its GC log); the listener's outbox depth (its
 ``scanwatch_listener_outbox_depth`` gauge); each consumer group's lag; each request kind's
 p95 over the interval. After ``--minutes`` the load stops and the pipeline drains (bounded),
 every study is counted, and ``bench/soak.md`` (the table and the verdict), ``bench/soak.png``
@@ -35,7 +36,10 @@ The rule (also written into the report): for each service and metric, the first
 median of the last ``--judge-minutes`` is at most that max plus a tolerance (memory: 2 % of the
 max or 4 MiB, whichever is larger; fds and threads: 2; processes, outbox depth, lag: 0). The
 median, not the max, so that one burst (a study arriving, a collection) does not fail it and
-a level that crept up does. Exits non-zero when the bar or the counts fail.
+a level that crept up does. Memory is judged as PSS, which counts a page that a service's
+processes share once (summed RSS counts PostgreSQL's shared buffers once per backend); the
+broker as its heap after GC (its RSS grows as the JVM first touches the heap it committed).
+RSS is shown, not judged. Exits non-zero when the bar or the counts fail.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ import itertools
 import os
 import random
 import shlex
+import shutil
 import signal
 import statistics
 import sys
@@ -83,15 +88,38 @@ MIB = 2**20
 OUTBOX_METRIC = "scanwatch_listener_outbox_depth"
 #: Per metric: (relative, absolute) tolerance above the warm-up window's max.
 TOLERANCE = {
+    "pss_mib": (0.02, 4.0),
     "rss_mib": (0.02, 4.0),
+    "heap_after_gc_mib": (0.02, 4.0),
     "fds": (0.0, 2.0),
     "threads": (0.0, 2.0),
     "processes": (0.0, 0.0),
     "outbox_depth": (0.0, 0.0),
     "consumer_lag": (0.0, 0.0),
 }
-JUDGED = ("rss_mib", "fds", "threads", "processes")
+JUDGED = ("pss_mib", "rss_mib", "heap_after_gc_mib", "fds", "threads", "processes")
 PIPELINE = "pipeline"
+#: Why a metric is shown but not judged: a short tag for the table and the reason.
+SHARED_PAGES = (
+    "shared pages",
+    "RSS counts a page that a service's processes share once per process (PostgreSQL's "
+    "shared buffers once per backend that touched them); PSS is judged",
+)
+JVM_HEAP = (
+    "JVM heap",
+    "the JVM's resident memory grows as its heap fills up to the committed size before "
+    "collections reuse it; the heap after GC is judged",
+)
+#: The metrics shown but not judged, by (service, metric); service "*": every service.
+NOT_JUDGED = {
+    ("*", "rss_mib"): SHARED_PAGES,
+    ("kafka", "rss_mib"): JVM_HEAP,
+    ("kafka", "pss_mib"): JVM_HEAP,
+}
+#: The broker's service name, and its JVM's heap metrics (from its GC log).
+KAFKA = "kafka"
+HEAP_AFTER_GC = "heap_after_gc_mib"
+HEAP_COMMITTED = "heap_committed_mib"
 
 
 # --- counting --------------------------------------------------------------------------------
@@ -339,6 +367,32 @@ class Sample:
     value: float
 
 
+def broker_heap(gc_log: Path, t: float) -> list[Sample]:
+    """The broker JVM's heap as its GC log last stated it: used after the latest collection
+    pause (what the collector could not free: the measure of a leak, where the RSS of a JVM
+    mostly shows its heap being committed) and committed, with the pauses so far. None before
+    the first pause, or with a broker that is not this stack's."""
+    try:
+        pauses = process_stats.gc_pauses(gc_log.read_text(errors="replace"))
+    except OSError:
+        return []
+    if not pauses:
+        return []
+    last = pauses[-1]
+    return [
+        Sample(t, KAFKA, HEAP_AFTER_GC, last.after_bytes / MIB),
+        Sample(t, KAFKA, HEAP_COMMITTED, last.committed_bytes / MIB),
+        Sample(t, KAFKA, "gc_pauses", len(pauses)),
+        Sample(t, KAFKA, "gc_full_pauses", sum(p.kind.startswith("Pause Full") for p in pauses)),
+        Sample(
+            t,
+            KAFKA,
+            "gc_mixed_pauses",
+            sum(p.kind.startswith("Pause Young (Mixed)") for p in pauses),
+        ),
+    ]
+
+
 def sample(
     stack: Stack, postgres: LocalPostgres | None, tally: Tally, t0: float, since: float
 ) -> list[Sample]:
@@ -351,12 +405,14 @@ def sample(
         if used is None:
             continue
         rows += [
+            Sample(t, name, "pss_mib", used.pss_bytes / MIB),
             Sample(t, name, "rss_mib", used.rss_bytes / MIB),
             Sample(t, name, "fds", used.fds),
             Sample(t, name, "threads", used.threads),
             Sample(t, name, "processes", used.processes),
             Sample(t, name, "cpu_s", used.cpu_s),
         ]
+    rows += broker_heap(stack.kafka.gc_log, t)
     if (depth := listener_metric(stack, OUTBOX_METRIC)) is not None:
         rows.append(Sample(t, PIPELINE, "outbox_depth", depth))
     if (per_group := lags(stack)) is not None:
@@ -379,10 +435,21 @@ class Verdict:
     after_max: float | None
     judged: float | None  # median of the judge window
     limit: float | None
-    passed: bool | None  # None: not enough samples
+    passed: bool | None  # None: not enough samples, or not judged
+    #: Why the metric is shown but does not count for the bar (None: it counts).
+    not_judged: tuple[str, str] | None = None  # (tag, reason)
+
+
+def not_judged(service: str, metric: str) -> tuple[str, str] | None:
+    """Why ``service``'s ``metric`` is shown but not judged (:data:`NOT_JUDGED`: a tag and
+    the reason), or None."""
+    return NOT_JUDGED.get((service, metric)) or NOT_JUDGED.get(("*", metric))
 
 
 def judge(samples: list[Sample], warmup_s: float, judge_from_s: float) -> list[Verdict]:
+    """Every judged (and shown) metric of every service: the warm-up window's range, the
+    judge window's median and the limit; a metric :func:`not_judged` names has ``passed``
+    None and its reason, whatever its values."""
     series: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
     for s in samples:
         if s.metric in JUDGED or s.service == PIPELINE:
@@ -392,8 +459,9 @@ def judge(samples: list[Sample], warmup_s: float, judge_from_s: float) -> list[V
         first = [v for t, v in points if t < warmup_s]
         after = [v for t, v in points if t >= warmup_s]
         last = [v for t, v in points if t >= judge_from_s]
+        reason = not_judged(service, metric)
         if not first or not last:
-            verdicts.append(Verdict(service, metric, None, None, None, None, None))
+            verdicts.append(Verdict(service, metric, None, None, None, None, None, reason))
             continue
         relative, absolute = TOLERANCE[metric]
         limit = max(first) + max(relative * max(first), absolute)
@@ -406,10 +474,17 @@ def judge(samples: list[Sample], warmup_s: float, judge_from_s: float) -> list[V
                 max(after) if after else None,
                 judged,
                 limit,
-                judged <= limit,
+                None if reason else judged <= limit,
+                reason,
             )
         )
     return verdicts
+
+
+def bar_passed(verdicts: list[Verdict]) -> bool:
+    """The bar: every judged metric passed (one without samples fails it: not measured is not
+    shown to be flat)."""
+    return all(v.passed for v in verdicts if v.not_judged is None)
 
 
 def cpu_share(samples: list[Sample], warmup_s: float) -> dict[str, float]:
@@ -426,6 +501,35 @@ def cpu_share(samples: list[Sample], warmup_s: float) -> dict[str, float]:
 
 
 # --- the report ------------------------------------------------------------------------------
+
+
+def broker_gc_summary(samples: list[Sample], warmup_s: float) -> str:
+    """One sentence on the broker's collections: pauses, full and mixed ones, the committed
+    heap and the heap after GC at the end of the warm-up and at the end."""
+    last: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for s in samples:
+        if s.service == KAFKA and s.metric in (
+            HEAP_AFTER_GC,
+            HEAP_COMMITTED,
+            "gc_pauses",
+            "gc_full_pauses",
+            "gc_mixed_pauses",
+        ):
+            last[s.metric].append((s.t_s, s.value))
+    if not last[HEAP_AFTER_GC]:
+        return "No collection pause was logged: the broker's heap after GC has no samples."
+
+    def at_warmup(metric: str) -> float:
+        points = last[metric]
+        return next((v for t, v in reversed(points) if t < warmup_s), points[0][1])
+
+    return (
+        f"Its collections since it started: {last['gc_pauses'][-1][1]:.0f} pauses "
+        f"({last['gc_mixed_pauses'][-1][1]:.0f} mixed, {last['gc_full_pauses'][-1][1]:.0f} "
+        f"full); heap committed {fmt(at_warmup(HEAP_COMMITTED))} MiB at the end of the warm-up "
+        f"and {fmt(last[HEAP_COMMITTED][-1][1])} MiB at the end; heap after GC "
+        f"{fmt(at_warmup(HEAP_AFTER_GC))} and {fmt(last[HEAP_AFTER_GC][-1][1])} MiB."
+    )
 
 
 def fmt(value: float | None) -> str:
@@ -452,14 +556,26 @@ def plot(path: Path, samples: list[Sample], warmup_s: float, judge_from_s: float
     import matplotlib.pyplot as plt
 
     panels = [
-        ("rss_mib", "resident memory: change from the warm-up median (MiB)", True, False),
-        ("fds", "open file descriptors: change from the warm-up median", True, False),
-        ("threads", "threads: change from the warm-up median", True, False),
-        ("outbox_depth", "listener outbox depth (events)", False, False),
-        ("consumer_lag", "consumer lag (records): total and per group", False, False),
-        ("p95_ms", "p95 per sampling interval, ms (study: a whole study by storescu)", False, True),
+        (("pss_mib",), "PSS (judged): change from the warm-up median (MiB)", True, False),
+        (("rss_mib",), "RSS (not judged): change from the warm-up median (MiB)", True, False),
+        (
+            (HEAP_AFTER_GC, HEAP_COMMITTED),
+            "broker JVM heap (MiB): after the latest GC (judged), committed",
+            False,
+            False,
+        ),
+        (("fds",), "open file descriptors: change from the warm-up median", True, False),
+        (("threads",), "threads: change from the warm-up median", True, False),
+        (("outbox_depth",), "listener outbox depth (events)", False, False),
+        (("consumer_lag",), "consumer lag (records): total and per group", False, False),
+        (
+            ("p95_ms",),
+            "p95 per sampling interval, ms (study: a whole study by storescu)",
+            False,
+            True,
+        ),
     ]
-    names = sorted({s.service for s in samples if s.metric in ("rss_mib", "p95_ms")})
+    names = sorted({s.service for s in samples if s.metric in ("pss_mib", "p95_ms")})
     names += sorted({s.service for s in samples if s.service.startswith("lag:")})
     colours = plt.get_cmap("tab10").colors
     styles = {
@@ -467,12 +583,15 @@ def plot(path: Path, samples: list[Sample], warmup_s: float, judge_from_s: float
         for i, name in enumerate(names)
     }
     styles[PIPELINE] = {"color": "black", "linewidth": 2.2}
-    fig, axes = plt.subplots(3, 2, figsize=(16, 14), sharex=True)
-    for ax, (metric, title, relative, log) in zip(axes.flat, panels, strict=True):
+    styles[f"{KAFKA} {HEAP_AFTER_GC}"] = styles.get(KAFKA, {}) | {"linewidth": 2.0}
+    styles[f"{KAFKA} {HEAP_COMMITTED}"] = styles.get(KAFKA, {}) | {"linestyle": ":"}
+    fig, axes = plt.subplots(4, 2, figsize=(16, 18), sharex=True)
+    for ax, (metrics, title, relative, log) in zip(axes.flat, panels, strict=True):
         lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
         for s in samples:
-            if s.metric == metric:
-                lines[s.service].append((s.t_s, s.value))
+            if s.metric in metrics:
+                name = s.service if len(metrics) == 1 else f"{s.service} {s.metric}"
+                lines[name].append((s.t_s, s.value))
         for name, points in sorted(lines.items()):
             base = 0.0
             if relative:
@@ -486,6 +605,8 @@ def plot(path: Path, samples: list[Sample], warmup_s: float, judge_from_s: float
         ax.set_title(title, fontsize=11)
         if log and lines:
             ax.set_yscale("log")
+        if HEAP_AFTER_GC in metrics and lines:
+            ax.set_ylim(bottom=0)  # the heap's level against its size, not its wobble
         ax.grid(True, alpha=0.3)
         if not relative and lines:
             ax.legend(fontsize=8, loc="upper left")
@@ -540,6 +661,7 @@ def count(load: Load, tail: Tail) -> Counts:
 def report(
     args: argparse.Namespace,
     started: str,
+    revision: str,
     load_before: str,
     samples: list[Sample],
     verdicts: list[Verdict],
@@ -551,7 +673,8 @@ def report(
     warmup_s, judge_from_s = args.warmup_minutes * 60, load_s - args.judge_minutes * 60
     full = args.minutes >= 30
     cpu = cpu_share(samples, warmup_s)
-    bar = all(v.passed for v in verdicts)
+    bar = bar_passed(verdicts)
+    judged = [v for v in verdicts if v.not_judged is None]
     errors = sum(tally.errors.values()) + counts.dead_letters + len(counts.not_scored)
     errors += counts.instances_expected - counts.instances_acked + sum(restarts.values())
     lines = [
@@ -561,7 +684,7 @@ def report(
         (".venv/bin/python bench/soak.py " + shlex.join(sys.argv[1:])).strip(),
         "```",
         "",
-        f"{started}, commit {commit()}; machine: {os.cpu_count()} CPUs, "
+        f"{started}, commit {revision}; machine: {os.cpu_count()} CPUs, "
         f"{os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GiB, "
         f"load average {load_before} at the start and "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end (a machine shared with "
@@ -583,14 +706,29 @@ def report(
         f"Rule: per service and metric, the samples of the first {args.warmup_minutes:g} "
         "minutes of load give the range [min, max]; the metric **passes** when the median of "
         f"the last {args.judge_minutes:g} minutes (from minute {judge_from_s / 60:.1f}) is at "
-        "most that max plus a tolerance: RSS 2 % of the max or 4 MiB, whichever is larger; "
+        "most that max plus a tolerance: memory 2 % of the max or 4 MiB, whichever is larger; "
         "fds and threads 2; processes, outbox depth and consumer lag 0. The median rather "
         "than the max, so that one burst does not fail a metric and a level that crept up "
-        "does. RSS is summed over the service's processes (its process group and "
-        "descendants; pages that forked workers share count once per process). "
+        "does. "
         f"**{'PASS' if bar else 'FAIL'}**"
-        + ("" if bar else f": {sum(not v.passed for v in verdicts)} of {len(verdicts)} metrics")
-        + ".",
+        + ("" if bar else f": {sum(not v.passed for v in judged)} of {len(judged)} metrics")
+        + f" ({len(judged)} judged, {len(verdicts) - len(judged)} shown but not judged).",
+        "",
+        "Memory is judged as **PSS** (`pss_mib`: proportional set size, the `Pss:` line of "
+        "`/proc/<pid>/smaps_rollup`, summed over the service's processes: its process group "
+        "and descendants). RSS summed over processes counts a page several of them map once "
+        "per process: PostgreSQL's shared buffers are mapped by every backend, and each "
+        "backend's RSS grows as it touches more of them, so the sum grows with no memory "
+        "allocated at all (the last 30-minute run failed PostgreSQL's RSS that way). PSS "
+        "charges a shared page 1/n to each of its n sharers, so the sum counts it once. RSS "
+        "stays in the table (not judged) and in the CSV.",
+        "",
+        "The broker is judged on its JVM's **heap after GC** (`heap_after_gc_mib`: the heap "
+        "used after the latest collection pause, from the broker's `-Xlog:gc` log, "
+        "`devtools/kafka_local.py`), not its RSS: a JVM's resident memory grows as the heap "
+        "it has committed is first touched, until collections start reusing it (the last "
+        "run failed the broker's RSS that way); what stays after a collection is what the "
+        "broker still holds. " + broker_gc_summary(samples, warmup_s),
         "",
         "| service | metric | first minutes [min, max] | max after | last minutes median "
         "| limit | verdict |",
@@ -598,11 +736,21 @@ def report(
     ]
     for v in verdicts:
         first = "—" if v.first is None else f"[{fmt(v.first[0])}, {fmt(v.first[1])}]"
-        verdict = "no samples" if v.passed is None else "PASS" if v.passed else "**FAIL**"
+        verdict = (
+            f"not judged ({v.not_judged[0]})"
+            if v.not_judged
+            else "no samples"
+            if v.passed is None
+            else "PASS"
+            if v.passed
+            else "**FAIL**"
+        )
         lines.append(
             f"| {v.service} | {v.metric} | {first} | {fmt(v.after_max)} | {fmt(v.judged)} "
             f"| {fmt(v.limit)} | {verdict} |"
         )
+    reasons_shown = sorted({v.not_judged for v in verdicts if v.not_judged})
+    lines += ["", *(f"Not judged ({tag}): {reason}." for tag, reason in reasons_shown)]
     lines += [
         "",
         "CPU after the warm-up, in cores (2 on this machine): "
@@ -715,12 +863,19 @@ def main() -> int:
         "on a loaded machine: over 600 s at load average 9)",
     )
     parser.add_argument("--out", type=Path, default=OUT, help="writes <out>.md, .png, .csv")
+    parser.add_argument(
+        "--keep-logs",
+        type=Path,
+        help="copy the services' logs here at the end (they live in a temporary folder)",
+    )
     args = parser.parse_args()
     if args.warmup_minutes + args.judge_minutes > args.minutes:
         parser.error("--warmup-minutes + --judge-minutes must fit in --minutes")
     # SIGTERM (a timeout) unwinds like Ctrl-C: the stack and PostgreSQL are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    # Before anything is written: the CSV, written before the report, would mark it dirty.
+    revision = commit()
     load_before = " ".join(f"{x:.2f}" for x in os.getloadavg())
     from training.default_model import ensure_default_model
 
@@ -811,20 +966,23 @@ def main() -> int:
                 raise
             finally:
                 stack.stop()
+                if args.keep_logs is not None:  # the temporary folder goes with them
+                    shutil.copytree(stack.logs, args.keep_logs, dirs_exist_ok=True)
+                    say(f"the services' logs: {args.keep_logs}")
         finally:
             if postgres is not None:
                 postgres.stop()
 
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    md, png, table = (args.out.with_suffix(s) for s in (".md", ".png", ".csv"))
+    write_csv(table, samples)  # first: an hour's samples are kept whatever fails after
     warmup_s = args.warmup_minutes * 60
     judge_from_s = load_s - args.judge_minutes * 60
     verdicts = judge(samples, warmup_s, judge_from_s)
     text, ok = report(
-        args, started, load_before, samples, verdicts, counts, tally, restarts, load_s
+        args, started, revision, load_before, samples, verdicts, counts, tally, restarts, load_s
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    md, png, table = (args.out.with_suffix(s) for s in (".md", ".png", ".csv"))
     md.write_text(text)
-    write_csv(table, samples)
     plot(png, samples, warmup_s, judge_from_s)
     say(text)
     say(f"written: {md}, {png}, {table}")

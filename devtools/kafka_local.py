@@ -170,7 +170,14 @@ class LocalKafka:
     def log_file(self) -> Path:
         return self.home / "server.log"
 
-    def _java(self, main_class: str, *args: str) -> list[str]:
+    @property
+    def gc_log(self) -> Path:
+        """The broker JVM's GC log (``-Xlog:gc``: a line per collection pause, the heap before
+        and after it), which :func:`devtools.process_stats.gc_pauses` reads: the heap after a
+        collection tells a leak from a heap that fills up to its committed size."""
+        return self.home / "gc.log"
+
+    def _java(self, main_class: str, *args: str, jvm: Sequence[str] = ()) -> list[str]:
         if not any(self.libs.glob("kafka_2.13-*.jar")):
             raise KafkaError(f"no Kafka jars in {self.libs}; run scripts/bootstrap.sh")
         return [
@@ -184,12 +191,19 @@ class LocalKafka:
             # the first round, its requests no dearer (bench/README.md, issue 20).
             "-XX:TieredStopAtLevel=1",
             "-Djava.awt.headless=true",
+            *jvm,
             f"-Dlog4j.configuration=file:{self.home / 'log4j.properties'}",
             "-cp",
             f"{self.libs}/*",
             main_class,
             *args,
         ]
+
+    def broker_command(self, props: Path) -> list[str]:
+        """The broker's command line, its GC log on (:attr:`gc_log`; a line per collection,
+        under a kilobyte a minute here, two files of 10 MB kept at most)."""
+        gc_log = f"-Xlog:gc:file={self.gc_log}:uptime:filecount=2,filesize=10m"
+        return self._java("kafka.Kafka", str(props), jvm=[gc_log])
 
     def _write_config(self) -> Path:
         self.home.mkdir(parents=True, exist_ok=True)
@@ -273,7 +287,7 @@ class LocalKafka:
                     raise KafkaError(f"formatting KRaft storage failed: {formatted.stderr[-2000:]}")
             with open(self.home / "stdout.log", "ab") as out:
                 proc = subprocess.Popen(
-                    self._java("kafka.Kafka", str(props)),
+                    self.broker_command(props),
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,  # not killed with the terminal's process group

@@ -372,11 +372,15 @@ async def refreshed_tokens(
     if not client.needs_refresh(session.expires_at):
         return None
     if not session.refresh_token:
+        log.warning("session ended: its access token is due and it has no refresh token")
         sessions.end(session)
         raise NeedSignIn(expired=True)
     try:
         tokens = await refresh(session.refresh_token)
-    except (SessionExpired, SignInError):
+    except (SessionExpired, SignInError) as exc:
+        # Said once, with the authorization server's reason (an OAuth error code and its
+        # description, never a token): a session ended early is otherwise untraceable.
+        log.warning("session ended: its tokens could not be refreshed", extra={"reason": str(exc)})
         sessions.end(session)
         raise NeedSignIn(expired=True) from None
     session.access_token = tokens.access_token

@@ -238,6 +238,7 @@ async def care(request: Request, app: PortalDep, me: SignedInDep) -> Response:
 def _token_rejected(app: Portal, session: Session) -> Response:
     """The FHIR API refused a token the portal thought valid (revoked, keys rotated away):
     the session ends."""
+    log.warning("session ended: the FHIR API refused its access token")
     app.end_session(session)
     return RedirectResponse("/signin?reason=expired", status_code=303)
 

@@ -5,6 +5,7 @@ them through its pages."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 
 import pytest
@@ -165,6 +166,33 @@ def test_tokens_are_renewed_only_when_due_and_a_refusal_ends_the_session() -> No
         renew()
     assert ended.value.expired and spent == ["r1", "refused"]
     assert session.access_token is None and store.get(session.id) == (None, True)
+
+
+def test_a_session_ended_by_a_refused_refresh_says_why_in_the_log() -> None:
+    clock = Clock()
+    store: SessionStore[WebSession] = SessionStore(WebSession, 600, 3600, clock)
+    settings = ClientSettings("app", "secret", "http://app/callback", "openid", "http://c", "a")
+    client = WebClient(settings, clock=clock)
+    session = store.new()
+    session.access_token, session.refresh_token, session.expires_at = "a1", "secret-r1", 10.0
+
+    async def refuse(token: str) -> Issued:
+        raise SessionExpired("invalid_grant: the refresh token is not current")
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("services.auth.web_client")
+    logger.addHandler(handler)  # not caplog: the root logger's set-up varies between runs
+    try:
+        with pytest.raises(NeedSignIn):
+            asyncio.run(refreshed_tokens(client, store, session, refuse))
+    finally:
+        logger.removeHandler(handler)
+    [record] = [r for r in records if r.levelno == logging.WARNING]
+    assert record.getMessage() == "session ended: its tokens could not be refreshed"
+    assert record.__dict__["reason"] == "invalid_grant: the refresh token is not current"
+    assert "secret-r1" not in repr(record.__dict__)  # never the token
 
 
 def test_error_pages_redirect_a_page_load_answer_a_script_and_draw_the_apps_page() -> None:

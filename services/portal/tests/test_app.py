@@ -5,6 +5,7 @@ session expiry and sign-out."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from devtools import chatbot_records
 from services.auth.scopes import parse_scopes
+from services.auth.tokens import TokenService, load_key_set
 from services.auth.web_security import CONTENT_SECURITY_POLICY
 from services.portal.app import create_app
 from services.portal.fhir import PatientFhir
@@ -275,6 +277,26 @@ def test_a_refused_refresh_ends_the_session_with_a_message(
     answer = client.get("/")
     assert answer.status_code == 303 and answer.headers["location"] == "/signin?reason=expired"
     assert "Your session has ended" in client.get("/signin?reason=expired").text
+
+
+def test_a_token_the_fhir_api_refuses_ends_the_session_and_the_log_says_so(
+    client: TestClient, hospital: FakeHospital, tmp_path: Path
+) -> None:
+    sign_in(client, hospital)
+    hospital.tokens = TokenService(load_key_set(tmp_path / "other-keys.json"))  # keys rotated
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("services.portal.routes")
+    logger.addHandler(handler)  # not caplog: the root logger's set-up varies between runs
+    try:
+        answer = client.get("/")
+    finally:
+        logger.removeHandler(handler)
+    assert answer.status_code == 303 and answer.headers["location"] == "/signin?reason=expired"
+    assert [r.getMessage() for r in records if r.levelno == logging.WARNING] == [
+        "session ended: the FHIR API refused its access token"
+    ]
 
 
 def test_an_idle_session_ends_with_a_message(
