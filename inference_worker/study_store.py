@@ -103,7 +103,10 @@ class StudyStore(MutableMapping[bytes, StudyState]):
     def __init__(self, table: MutableMapping[bytes, Any]) -> None:
         self.table = table
         self._studies: dict[bytes, _Study] | None = None
-        self._pending: set[bytes] | None = None  # None: not known since the last reload
+        #: Insertion-ordered (a dict, not a set), so that a pass announces studies in the order
+        #: they came, as it did when it went over the whole table. None: not known since the
+        #: last reload.
+        self._pending: dict[bytes, None] | None = None
 
     def reload(self) -> None:
         """Forget what was read: the table changed behind this store (restored from its
@@ -115,7 +118,7 @@ class StudyStore(MutableMapping[bytes, StudyState]):
         """The studies with instances never announced (parked ones included): after a reload
         found by reading every study, then kept up to date by this store's writes."""
         if self._pending is None:
-            self._pending = {key for key, state in self.items() if has_unannounced(state)}
+            self._pending = {key: None for key, state in self.items() if has_unannounced(state)}
         return list(self._pending)
 
     # -- reading -------------------------------------------------------------------------------
@@ -229,9 +232,9 @@ class StudyStore(MutableMapping[bytes, StudyState]):
         known.state = state
         if self._pending is not None:
             if has_unannounced(state):
-                self._pending.add(key)
+                self._pending.setdefault(key)
             else:
-                self._pending.discard(key)
+                self._pending.pop(key, None)
 
     def _write_instances(
         self,
@@ -270,4 +273,4 @@ class StudyStore(MutableMapping[bytes, StudyState]):
             del self.table[step_key(key, uid)]
         del self._index()[key]
         if self._pending is not None:
-            self._pending.discard(key)
+            self._pending.pop(key, None)
