@@ -66,7 +66,9 @@ def machine() -> str:
     return f"{os.cpu_count()} CPUs, load average {load}"
 
 
-def report(args: argparse.Namespace, rows: list[Row], started: str, load_before: str) -> str:
+def report(
+    args: argparse.Namespace, rows: list[Row], started: str, revision: str, load_before: str
+) -> str:
     command = ".venv/bin/python bench/faults.py " + shlex.join(sys.argv[1:])
     full = args.studies >= 40 and args.instances >= 38
     problems = [f"- `{r.fault}`: " + "; ".join(r.problems) for r in rows if r.problems]
@@ -80,8 +82,8 @@ def report(args: argparse.Namespace, rows: list[Row], started: str, load_before:
             command.strip(),
             "```",
             "",
-            f"{started}, commit {commit()}; machine: {load_before} at the start, "
-            f"{machine()} at the end (a machine shared with other engineers' test runs).",
+            f"{started}, commit {revision}; machine: {load_before} at the start, "
+            f"{machine()} at the end.",
             f"Each row: {args.studies} studies of {args.instances} instances sent with storescu, "
             "one association per study, each study its own patient"
             + ("" if full else " (**smaller than the full run of 40 × 38**)")
@@ -148,6 +150,8 @@ def main() -> int:
     )
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     load_before = machine()
+    # Before the first row is written: the report, rewritten after each row, would mark it dirty.
+    revision = commit()
     from training.default_model import ensure_default_model
 
     rows: list[Row] = []
@@ -200,7 +204,9 @@ def main() -> int:
                             f"problems={row.problems} ({time.monotonic() - t0:.0f} s)",
                             flush=True,
                         )
-                        args.out.write_text(report(args, rows, started, load_before) + "\n")
+                        args.out.write_text(
+                            report(args, rows, started, revision, load_before) + "\n"
+                        )
                 finally:
                     stack.stop()
         finally:
