@@ -1,12 +1,14 @@
 """The soak (issue 19, point 3): the whole stack under a steady, hospital-like load for
 ``--minutes``, every service's memory (PSS, and RSS), open file descriptors and threads
-sampled throughout, the broker JVM's heap after GC, the listener's outbox depth and the
-pipeline's consumer lag. The bar: no growth beyond the first five minutes' range.
+sampled throughout, the broker JVM's heap after a full collection, the listener's outbox depth
+and the pipeline's consumer lag. The bar: no growth beyond the first five minutes' range.
 
 Starts the whole development stack as ``scanwatch run`` does (Kafka, the model server, the
 FHIR API on a real PostgreSQL, the inference workers, the listener, the Rasa server and its
 action server, the portal, the console, the training worker), seeds a few patients' records
-(``devtools.chatbot_records``) and activates their portal accounts, then, at once:
+(``devtools.chatbot_records``) and activates their portal accounts, opens every connection the
+FHIR API's pools keep (a burst of concurrent searches: a pool that filled up later would look
+like growth, bounded as it is), then, at once:
 
 - **studies**: one study of ``--instances`` MR slices every ``--study-every-s`` seconds, sent
   with dcmtk ``storescu`` by ``devtools.faults.Sender`` (one association per study, each study
@@ -22,7 +24,8 @@ action server, the portal, the console, the training worker), seeds a few patien
 
 Every ``--interval`` seconds: per service (the process, its process group and descendants),
 PSS and RSS, open fds, threads, processes and CPU time; the broker JVM's heap after its
-latest collection and its committed heap (its GC log); the listener's outbox depth (its
+latest collection, after its latest full collection (forced every ``--full-gc-every-s`` with
+the JDK's ``jcmd``) and its committed heap (its GC log); the listener's outbox depth (its
 ``scanwatch_listener_outbox_depth`` gauge); each consumer group's lag; each request kind's
 p95 over the interval. After ``--minutes`` the load stops and the pipeline drains (bounded),
 every study is counted, and ``bench/soak.md`` (the table and the verdict), ``bench/soak.png``
@@ -38,8 +41,12 @@ max or 4 MiB, whichever is larger; fds and threads: 2; processes, outbox depth, 
 median, not the max, so that one burst (a study arriving, a collection) does not fail it and
 a level that crept up does. Memory is judged as PSS, which counts a page that a service's
 processes share once (summed RSS counts PostgreSQL's shared buffers once per backend); the
-broker as its heap after GC (its RSS grows as the JVM first touches the heap it committed).
-RSS is shown, not judged. Exits non-zero when the bar or the counts fail.
+broker as its heap after a full collection (its RSS grows as the JVM first touches the heap it
+committed, and its heap after a young collection as garbage collects in old regions until a
+marking cycle). RSS is shown, not judged. The worker keeps a scored study for
+``--study-retention-s`` (a week in production): within a soak that long, its table would grow
+by design, study by study, and hide a leak; shortened, the table is at its steady size within
+the warm-up. Exits non-zero when the bar or the counts fail.
 """
 
 from __future__ import annotations
@@ -47,12 +54,14 @@ from __future__ import annotations
 import argparse
 import csv
 import itertools
+import math
 import os
 import random
 import shlex
 import shutil
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -91,13 +100,22 @@ TOLERANCE = {
     "pss_mib": (0.02, 4.0),
     "rss_mib": (0.02, 4.0),
     "heap_after_gc_mib": (0.02, 4.0),
+    "heap_after_full_gc_mib": (0.02, 4.0),
     "fds": (0.0, 2.0),
     "threads": (0.0, 2.0),
     "processes": (0.0, 0.0),
     "outbox_depth": (0.0, 0.0),
     "consumer_lag": (0.0, 0.0),
 }
-JUDGED = ("pss_mib", "rss_mib", "heap_after_gc_mib", "fds", "threads", "processes")
+JUDGED = (
+    "pss_mib",
+    "rss_mib",
+    "heap_after_gc_mib",
+    "heap_after_full_gc_mib",
+    "fds",
+    "threads",
+    "processes",
+)
 PIPELINE = "pipeline"
 #: Why a metric is shown but not judged: a short tag for the table and the reason.
 SHARED_PAGES = (
@@ -108,17 +126,25 @@ SHARED_PAGES = (
 JVM_HEAP = (
     "JVM heap",
     "the JVM's resident memory grows as its heap fills up to the committed size before "
-    "collections reuse it; the heap after GC is judged",
+    "collections reuse it; the heap after a full collection is judged",
+)
+YOUNG_GC = (
+    "young collections",
+    "G1's young collections leave the garbage of old regions in place until a marking cycle "
+    "starts at 45 % of the heap, so the heap after them creeps up with nothing leaked (the "
+    "45-minute soak of 2026-12-06: 176 → 233 MiB); the heap after a full collection is judged",
 )
 #: The metrics shown but not judged, by (service, metric); service "*": every service.
 NOT_JUDGED = {
     ("*", "rss_mib"): SHARED_PAGES,
     ("kafka", "rss_mib"): JVM_HEAP,
     ("kafka", "pss_mib"): JVM_HEAP,
+    ("kafka", "heap_after_gc_mib"): YOUNG_GC,
 }
 #: The broker's service name, and its JVM's heap metrics (from its GC log).
 KAFKA = "kafka"
 HEAP_AFTER_GC = "heap_after_gc_mib"
+HEAP_AFTER_FULL_GC = "heap_after_full_gc_mib"
 HEAP_COMMITTED = "heap_committed_mib"
 
 
@@ -228,6 +254,37 @@ class Load:
         except httpx.HTTPError as exc:
             error = repr(exc)
         self.tally.record("fhir", started, error)
+
+    def fill_pools(self, clients: int, searches: int) -> None:
+        """``clients`` EHR clients at once, ``searches`` searches each: every FHIR API process
+        then has more requests in flight than its pool keeps connections, and the pool keeps
+        all it may (``scanwatch.database.PG_POOL_SIZE``). Before the load starts: a pool that
+        reached a new high only when requests happened to coincide an hour in would show as
+        PostgreSQL growing a backend, bounded as the pools are."""
+        day = (datetime.now(UTC) - timedelta(days=1)).date().isoformat()
+        params = {"code": f"{CODE_SYSTEM}|{ANOMALY_SCORE_CODE}", "date": f"ge{day}"}
+        headers = self.stack.fhir_headers()
+        go = threading.Barrier(clients)
+
+        def client() -> None:
+            with httpx.Client(
+                base_url=self.stack.config.fhir_base, headers=headers, timeout=60
+            ) as http:
+                go.wait()
+                for _ in range(searches):
+                    started = time.monotonic()
+                    try:
+                        answer = http.get("/Observation", params=params)
+                        error = None if answer.status_code == 200 else f"HTTP {answer.status_code}"
+                    except httpx.HTTPError as exc:
+                        error = repr(exc)
+                    self.tally.record("pool-fill", started, error)
+
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
 
     def chat(self, n: int, client: httpx.Client, patient: str) -> None:
         started = time.monotonic()
@@ -369,9 +426,10 @@ class Sample:
 
 def broker_heap(gc_log: Path, t: float) -> list[Sample]:
     """The broker JVM's heap as its GC log last stated it: used after the latest collection
-    pause (what the collector could not free: the measure of a leak, where the RSS of a JVM
-    mostly shows its heap being committed) and committed, with the pauses so far. None before
-    the first pause, or with a broker that is not this stack's."""
+    pause and after the latest full one (what the collector could not free however hard it
+    tried: the measure of a leak, where the RSS of a JVM mostly shows its heap being committed)
+    and committed, with the pauses so far. None before the first pause, or with a broker that
+    is not this stack's."""
     try:
         pauses = process_stats.gc_pauses(gc_log.read_text(errors="replace"))
     except OSError:
@@ -379,11 +437,13 @@ def broker_heap(gc_log: Path, t: float) -> list[Sample]:
     if not pauses:
         return []
     last = pauses[-1]
+    full = [p for p in pauses if p.kind.startswith("Pause Full")]
     return [
+        *([Sample(t, KAFKA, HEAP_AFTER_FULL_GC, full[-1].after_bytes / MIB)] if full else []),
         Sample(t, KAFKA, HEAP_AFTER_GC, last.after_bytes / MIB),
         Sample(t, KAFKA, HEAP_COMMITTED, last.committed_bytes / MIB),
         Sample(t, KAFKA, "gc_pauses", len(pauses)),
-        Sample(t, KAFKA, "gc_full_pauses", sum(p.kind.startswith("Pause Full") for p in pauses)),
+        Sample(t, KAFKA, "gc_full_pauses", len(full)),
         Sample(
             t,
             KAFKA,
@@ -391,6 +451,28 @@ def broker_heap(gc_log: Path, t: float) -> list[Sample]:
             sum(p.kind.startswith("Pause Young (Mixed)") for p in pauses),
         ),
     ]
+
+
+def collect_broker_heap(pid: int | None) -> str | None:
+    """Have the broker's JVM collect its whole heap now (``jcmd <pid> GC.run``: a
+    ``System.gc()``, a full pause in G1), so that the next sample's heap after a full
+    collection is what the broker still holds. The reason it could not, or None."""
+    if pid is None:
+        return "the broker is not running"
+    try:
+        done = subprocess.run(
+            ["jcmd", str(pid), "GC.run"], capture_output=True, text=True, timeout=60
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return repr(exc)
+    return None if done.returncode == 0 else (done.stdout + done.stderr).strip()[:200]
+
+
+def postgres_backends(postgres: LocalPostgres | None) -> int | None:
+    """PostgreSQL's processes (the postmaster, its helpers, a backend per connection)."""
+    root = postmaster_pid(postgres)
+    used = process_stats.usage(process_stats.snapshot(), root) if root else None
+    return None if used is None else used.processes
 
 
 def sample(
@@ -505,19 +587,21 @@ def cpu_share(samples: list[Sample], warmup_s: float) -> dict[str, float]:
 
 def broker_gc_summary(samples: list[Sample], warmup_s: float) -> str:
     """One sentence on the broker's collections: pauses, full and mixed ones, the committed
-    heap and the heap after GC at the end of the warm-up and at the end."""
+    heap and the heap after the latest and the latest full collection at the end of the
+    warm-up and at the end."""
     last: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for s in samples:
         if s.service == KAFKA and s.metric in (
             HEAP_AFTER_GC,
+            HEAP_AFTER_FULL_GC,
             HEAP_COMMITTED,
             "gc_pauses",
             "gc_full_pauses",
             "gc_mixed_pauses",
         ):
             last[s.metric].append((s.t_s, s.value))
-    if not last[HEAP_AFTER_GC]:
-        return "No collection pause was logged: the broker's heap after GC has no samples."
+    if not last[HEAP_AFTER_GC] or not last[HEAP_AFTER_FULL_GC]:
+        return "No (full) collection pause was logged: the broker's heap has no samples."
 
     def at_warmup(metric: str) -> float:
         points = last[metric]
@@ -527,8 +611,10 @@ def broker_gc_summary(samples: list[Sample], warmup_s: float) -> str:
         f"Its collections since it started: {last['gc_pauses'][-1][1]:.0f} pauses "
         f"({last['gc_mixed_pauses'][-1][1]:.0f} mixed, {last['gc_full_pauses'][-1][1]:.0f} "
         f"full); heap committed {fmt(at_warmup(HEAP_COMMITTED))} MiB at the end of the warm-up "
-        f"and {fmt(last[HEAP_COMMITTED][-1][1])} MiB at the end; heap after GC "
-        f"{fmt(at_warmup(HEAP_AFTER_GC))} and {fmt(last[HEAP_AFTER_GC][-1][1])} MiB."
+        f"and {fmt(last[HEAP_COMMITTED][-1][1])} MiB at the end; heap after a full collection "
+        f"{fmt(at_warmup(HEAP_AFTER_FULL_GC))} and {fmt(last[HEAP_AFTER_FULL_GC][-1][1])} MiB, "
+        f"after the latest collection {fmt(at_warmup(HEAP_AFTER_GC))} and "
+        f"{fmt(last[HEAP_AFTER_GC][-1][1])} MiB."
     )
 
 
@@ -559,8 +645,9 @@ def plot(path: Path, samples: list[Sample], warmup_s: float, judge_from_s: float
         (("pss_mib",), "PSS (judged): change from the warm-up median (MiB)", True, False),
         (("rss_mib",), "RSS (not judged): change from the warm-up median (MiB)", True, False),
         (
-            (HEAP_AFTER_GC, HEAP_COMMITTED),
-            "broker JVM heap (MiB): after the latest GC (judged), committed",
+            (HEAP_AFTER_FULL_GC, HEAP_AFTER_GC, HEAP_COMMITTED),
+            "broker JVM heap (MiB): after the latest full GC (judged), after the latest GC, "
+            "committed",
             False,
             False,
         ),
@@ -583,7 +670,8 @@ def plot(path: Path, samples: list[Sample], warmup_s: float, judge_from_s: float
         for i, name in enumerate(names)
     }
     styles[PIPELINE] = {"color": "black", "linewidth": 2.2}
-    styles[f"{KAFKA} {HEAP_AFTER_GC}"] = styles.get(KAFKA, {}) | {"linewidth": 2.0}
+    styles[f"{KAFKA} {HEAP_AFTER_FULL_GC}"] = styles.get(KAFKA, {}) | {"linewidth": 2.4}
+    styles[f"{KAFKA} {HEAP_AFTER_GC}"] = styles.get(KAFKA, {}) | {"linestyle": "--"}
     styles[f"{KAFKA} {HEAP_COMMITTED}"] = styles.get(KAFKA, {}) | {"linestyle": ":"}
     fig, axes = plt.subplots(4, 2, figsize=(16, 18), sharex=True)
     for ax, (metrics, title, relative, log) in zip(axes.flat, panels, strict=True):
@@ -605,7 +693,7 @@ def plot(path: Path, samples: list[Sample], warmup_s: float, judge_from_s: float
         ax.set_title(title, fontsize=11)
         if log and lines:
             ax.set_yscale("log")
-        if HEAP_AFTER_GC in metrics and lines:
+        if HEAP_AFTER_FULL_GC in metrics and lines:
             ax.set_ylim(bottom=0)  # the heap's level against its size, not its wobble
         ax.grid(True, alpha=0.3)
         if not relative and lines:
@@ -669,6 +757,7 @@ def report(
     tally: Tally,
     restarts: dict[str, int],
     load_s: float,
+    pool_fill: tuple[int | None, int | None] | None,
 ) -> tuple[str, bool]:
     warmup_s, judge_from_s = args.warmup_minutes * 60, load_s - args.judge_minutes * 60
     full = args.minutes >= 30
@@ -698,8 +787,20 @@ def report(
         f"{args.chat_patients} patients each asking the chatbot every {args.chat_every_s:g} s; "
         f"{args.portal_patients} patients each opening a portal page every "
         f"{args.portal_every_s:g} s. {args.workers} inference worker(s), quiet period "
-        f"{args.quiet_period:g} s, the FHIR API on {args.database}. Sampled every "
-        f"{args.interval:g} s.",
+        f"{args.quiet_period:g} s, scored studies kept {args.study_retention_s:g} s (a week in "
+        "production: shortened so that the worker's table, which holds every study it keeps, is "
+        "at its steady size within the warm-up and any growth left is a leak), the FHIR API on "
+        f"{args.database}. Sampled every {args.interval:g} s."
+        + (
+            ""
+            if pool_fill is None
+            else f" Before the load, {args.pool_fill_clients} EHR clients searched at once "
+            "(10 searches each) so that the FHIR API's connection pools opened what they keep: "
+            f"PostgreSQL's processes {pool_fill[0]} before the burst, {pool_fill[1]} after (a "
+            "pool reaching a new high later, when requests happened to coincide, showed as "
+            "PostgreSQL growing a backend in the run of 2026-12-06 03:12, bounded as the pools "
+            "are)."
+        ),
         "",
         "## The bar: no growth beyond the first minutes' range",
         "",
@@ -723,12 +824,15 @@ def report(
         "charges a shared page 1/n to each of its n sharers, so the sum counts it once. RSS "
         "stays in the table (not judged) and in the CSV.",
         "",
-        "The broker is judged on its JVM's **heap after GC** (`heap_after_gc_mib`: the heap "
-        "used after the latest collection pause, from the broker's `-Xlog:gc` log, "
-        "`devtools/kafka_local.py`), not its RSS: a JVM's resident memory grows as the heap "
-        "it has committed is first touched, until collections start reusing it (the last "
-        "run failed the broker's RSS that way); what stays after a collection is what the "
-        "broker still holds. " + broker_gc_summary(samples, warmup_s),
+        "The broker is judged on its JVM's **heap after a full collection** "
+        "(`heap_after_full_gc_mib`: the soak has the JVM collect its whole heap every "
+        f"{args.full_gc_every_s:g} s with `jcmd <pid> GC.run`, and reads the heap used after "
+        "that pause from the broker's `-Xlog:gc` log, `devtools/kafka_local.py`): what stays "
+        "is what the broker still holds. Not its RSS: a JVM's resident memory grows as the "
+        "heap it has committed is first touched, until collections start reusing it. Not its "
+        "heap after the latest (young) collection either: that creeps up with old garbage "
+        "until a marking cycle (the run of 2026-12-06 03:12 failed it that way). "
+        + broker_gc_summary(samples, warmup_s),
         "",
         "| service | metric | first minutes [min, max] | max after | last minutes median "
         "| limit | verdict |",
@@ -856,6 +960,26 @@ def main() -> int:
     parser.add_argument("--database", choices=("postgresql", "sqlite"), default="postgresql")
     parser.add_argument("--drain-timeout", type=float, default=180.0)
     parser.add_argument(
+        "--full-gc-every-s",
+        type=float,
+        default=60.0,
+        help="how often the broker's JVM is made to collect its whole heap (jcmd GC.run)",
+    )
+    parser.add_argument(
+        "--study-retention-s",
+        type=float,
+        default=120.0,
+        help="the worker keeps a scored study this long (production: a week; shortened so "
+        "that its table is at its steady size within the warm-up)",
+    )
+    parser.add_argument(
+        "--pool-fill-clients",
+        type=int,
+        default=48,
+        help="concurrent EHR clients of the burst that opens the FHIR API's pools before the "
+        "load (0: none)",
+    )
+    parser.add_argument(
         "--start-timeout",
         type=float,
         default=1200.0,
@@ -871,6 +995,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.warmup_minutes + args.judge_minutes > args.minutes:
         parser.error("--warmup-minutes + --judge-minutes must fit in --minutes")
+    if shutil.which("jcmd") is None:
+        parser.error("jcmd (the JDK's, e.g. openjdk-17-jdk-headless) forces the broker's full GC")
     # SIGTERM (a timeout) unwinds like Ctrl-C: the stack and PostgreSQL are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -901,6 +1027,7 @@ def main() -> int:
                 chatbot=True,
                 chat_models=CHAT_MODELS,
                 fhir_database_url=postgres.database_url() if postgres else None,
+                extra_env={"SCANWATCH_WORKER_STUDY_RETENTION_S": str(args.study_retention_s)},
             )
             stack = Stack(config)
             try:
@@ -911,6 +1038,12 @@ def main() -> int:
                 chat_patients, portal_users = seed_patients(stack, args)
                 tail = Tail(stack.bootstrap_servers, set())
                 load = Load(stack, work, args, tally, tail)
+                pool_fill = None
+                if args.pool_fill_clients:
+                    before = postgres_backends(postgres)
+                    load.fill_pools(args.pool_fill_clients, searches=10)
+                    pool_fill = (before, postgres_backends(postgres))
+                    say(f"PostgreSQL processes before and after the pools' burst: {pool_fill}")
                 try:
                     threads = load.threads(chat_patients, portal_users)
                     t0 = time.monotonic()
@@ -918,8 +1051,13 @@ def main() -> int:
                         thread.start()
                     end = t0 + args.minutes * 60
                     last = t0
+                    collected = -math.inf
                     while True:
                         now = time.monotonic()
+                        if now - collected >= args.full_gc_every_s:
+                            collected = now
+                            if (why := collect_broker_heap(stack.kafka.pid())) is not None:
+                                say(f"the broker's full collection was refused: {why}")
                         rows = sample(stack, postgres, tally, t0, last)
                         samples += rows
                         last = now
@@ -980,7 +1118,17 @@ def main() -> int:
     judge_from_s = load_s - args.judge_minutes * 60
     verdicts = judge(samples, warmup_s, judge_from_s)
     text, ok = report(
-        args, started, revision, load_before, samples, verdicts, counts, tally, restarts, load_s
+        args,
+        started,
+        revision,
+        load_before,
+        samples,
+        verdicts,
+        counts,
+        tally,
+        restarts,
+        load_s,
+        pool_fill,
     )
     md.write_text(text)
     plot(png, samples, warmup_s, judge_from_s)

@@ -68,7 +68,8 @@ log = logging.getLogger(__name__)
 
 #: ``DeadLetterV1.error_class`` of a message or study that cannot be used.
 UNUSABLE = "unusable"
-#: How often, at most, a partition's studies are looked over for ones past their retention.
+#: How often, at most, a partition's studies are looked over for ones past their retention (or
+#: every half retention, where that is shorter: see ``WorkerFlow.sweep_every_s``).
 SWEEP_EVERY_S = 3600.0
 
 
@@ -243,6 +244,9 @@ class WorkerFlow:
         # the timer does not announce these again, however long they wait for a slot.
         self._held: dict[bytes, int] = {}
         self._swept_at: dict[int, float] = {}  # partition -> when its studies were looked over
+        # A study lingers at most this long past its retention: an hour of a week by default,
+        # a minute of two where the retention is that short (the soak's steady table).
+        self.sweep_every_s = min(SWEEP_EVERY_S, settings.study_retention_s / 2)
         #: The largest ready event the ready topic takes; studies found larger, and their size.
         self.max_ready_bytes = LARGE_RECORD_BYTES
         self._too_large: dict[bytes, int] = {}
@@ -286,11 +290,12 @@ class WorkerFlow:
     def _forget_old_studies(self, partition: int | None) -> None:
         """Remove the studies of ``partition`` whose every instance was scored and to which
         nothing has come for ``study_retention_s``: looked over at most every
-        :data:`SWEEP_EVERY_S`, and only from an event of that partition, since Faust writes a
+        :attr:`sweep_every_s`, and only from an event of that partition, since Faust writes a
         removal to the changelog partition of the event being handled, which must be the
         study's own (the timer has no event)."""
         now = self.clock()
-        if partition is None or now - self._swept_at.get(partition, -SWEEP_EVERY_S) < SWEEP_EVERY_S:
+        every = self.sweep_every_s
+        if partition is None or now - self._swept_at.get(partition, -every) < every:
             return
         self._swept_at[partition] = now
         oldest = now - self.settings.study_retention_s

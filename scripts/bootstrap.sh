@@ -21,14 +21,16 @@ log() { printf '[bootstrap] %s\n' "$*" >&2; }
 # from source on Python 3.11 against them (DESIGN §4).
 # chromium: the browser the portal's tests drive with Playwright (a browser download by the test
 # tool fails here; DESIGN §4).
-APT_PACKAGES=(dcmtk orthanc openssl postgresql openjdk-17-jre-headless maven npm
+# openjdk-17-jdk-headless: Kafka's JVM, and jcmd, with which the soak and its test force the
+# broker's full collections.
+APT_PACKAGES=(dcmtk orthanc openssl postgresql openjdk-17-jdk-headless maven npm
   libfreetype-dev libpng-dev libqhull-dev pkg-config chromium)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
 done
-# A JDK from elsewhere (the machine's own) is as good as Debian's JRE.
-if command -v java >/dev/null; then missing=("${missing[@]/openjdk-17-jre-headless}"); fi
+# A JDK from elsewhere (the machine's own) is as good as Debian's.
+if command -v jcmd >/dev/null; then missing=("${missing[@]/openjdk-17-jdk-headless}"); fi
 if command -v mvn >/dev/null; then missing=("${missing[@]/maven}"); fi
 if command -v npm >/dev/null; then missing=("${missing[@]/npm}"); fi
 read -r -a missing <<<"${missing[*]:-}"

@@ -650,13 +650,16 @@ def test_a_study_waiting_for_a_slot_is_not_announced_again():
     assert asyncio.run(run()).scorer.scored == [1, 1]
 
 
-def test_scored_studies_past_their_retention_are_forgotten_from_their_own_partition():
+@pytest.mark.parametrize("retention", [2 * flow_module.SWEEP_EVERY_S, 120.0])
+def test_scored_studies_past_their_retention_are_forgotten_from_their_own_partition(
+    retention: float,
+):
     """The table is held in memory and grew with every study ever received. A study all of
     whose instances were scored is removed once nothing came for it for study_retention_s,
     when an event of its own partition is read (the removal goes to that changelog partition);
-    a study with instances not yet scored, a recent one and one of another partition stay."""
-    every = flow_module.SWEEP_EVERY_S  # a partition's studies are looked over this often
-    retention = 2 * every
+    a study with instances not yet scored, a recent one and one of another partition stay.
+    A partition is looked over hourly, or every half retention where that is shorter."""
+    every = retention / 2  # a partition's studies are looked over this often
 
     def study_on(partition: int, skip: int = 0) -> str:
         uids = (f"1.2.826.0.1.3680043.8.498.77.{i}" for i in itertools.count())
@@ -675,6 +678,7 @@ def test_scored_studies_past_their_retention_are_forgotten_from_their_own_partit
 
     async def run() -> World:
         world = World(study_retention_s=retention)
+        assert world.flow.sweep_every_s == every
 
         async def receive(study: str, n: int) -> None:
             partition = kafka.partition_for(study.encode(), STUDY_PARTITIONS)

@@ -1,5 +1,6 @@
 """The soak's measures and judge (``bench/soak.py``, ``devtools/process_stats.py``): memory as
-PSS, the broker judged on its JVM's heap after GC, RSS shown but not judged."""
+PSS, the broker judged on its JVM's heap after a full collection (forced with jcmd), RSS
+shown but not judged."""
 
 from __future__ import annotations
 
@@ -121,12 +122,36 @@ def test_the_broker_heap_sample_is_the_latest_pause(soak: ModuleType, tmp_path: 
     log.write_text(GC_LOG)
     found = {s.metric: s.value for s in soak.broker_heap(log, 7.0)}
     assert found == {
+        "heap_after_full_gc_mib": 0.5,
         "heap_after_gc_mib": 0.5,
         "heap_committed_mib": 1024,
         "gc_pauses": 6,
         "gc_full_pauses": 1,
         "gc_mixed_pauses": 1,
     }
+    log.write_text(
+        GC_LOG + "[120.1s] GC(5) Pause Young (Normal) (G1 Evacuation Pause) 80M->9M(1G) 3ms\n"
+    )
+    found = {s.metric: s.value for s in soak.broker_heap(log, 8.0)}
+    assert (found["heap_after_full_gc_mib"], found["heap_after_gc_mib"]) == (0.5, 9)
+    log.write_text(GC_LOG.split("[99.0s]")[0])  # no full collection yet: no such sample
+    assert "heap_after_full_gc_mib" not in {s.metric for s in soak.broker_heap(log, 9.0)}
+
+
+@pytest.mark.integration
+def test_a_forced_collection_is_read_back_as_the_brokers_heap_after_a_full_gc(
+    soak: ModuleType, kafka: LocalKafka
+) -> None:
+    def full_pauses() -> float:
+        found = {s.metric: s.value for s in soak.broker_heap(kafka.gc_log, 0.0)}
+        return found.get("gc_full_pauses", 0.0)
+
+    before = full_pauses()
+    assert soak.collect_broker_heap(kafka.pid()) is None
+    found = {s.metric: s.value for s in soak.broker_heap(kafka.gc_log, 0.0)}
+    assert found["gc_full_pauses"] == before + 1
+    assert 0 < found["heap_after_full_gc_mib"] < found["heap_committed_mib"]
+    assert soak.collect_broker_heap(None) == "the broker is not running"
 
 
 # --- the judge --------------------------------------------------------------------------------
@@ -166,26 +191,29 @@ def test_pss_growth_fails_the_bar(soak: ModuleType) -> None:
     assert not soak.bar_passed(list(found.values()))
 
 
-def test_the_broker_is_judged_on_its_heap_after_gc_not_its_memory(soak: ModuleType) -> None:
+def test_the_broker_is_judged_on_its_heap_after_a_full_gc_not_its_memory(
+    soak: ModuleType,
+) -> None:
     samples = series(soak, "kafka", "rss_mib", GROWING) + series(soak, "kafka", "pss_mib", GROWING)
-    samples += series(soak, "kafka", "heap_after_gc_mib", FLAT)
+    samples += series(soak, "kafka", "heap_after_gc_mib", GROWING)  # old garbage, not a leak
+    samples += series(soak, "kafka", "heap_after_full_gc_mib", FLAT)
     found = verdicts_by_key(soak, samples)
-    for metric in ("rss_mib", "pss_mib"):
+    for metric in ("rss_mib", "pss_mib", "heap_after_gc_mib"):
         assert found[("kafka", metric)].passed is None
-        assert "heap after GC is judged" in found[("kafka", metric)].not_judged[1]
-    assert found[("kafka", "heap_after_gc_mib")].passed is True
+        assert "heap after a full collection is judged" in found[("kafka", metric)].not_judged[1]
+    assert found[("kafka", "heap_after_full_gc_mib")].passed is True
     assert soak.bar_passed(list(found.values()))
 
 
-def test_a_growing_heap_after_gc_fails_the_broker(soak: ModuleType) -> None:
-    samples = series(soak, "kafka", "heap_after_gc_mib", GROWING)
+def test_a_growing_heap_after_a_full_gc_fails_the_broker(soak: ModuleType) -> None:
+    samples = series(soak, "kafka", "heap_after_full_gc_mib", GROWING)
     found = verdicts_by_key(soak, samples)
-    assert found[("kafka", "heap_after_gc_mib")].passed is False
+    assert found[("kafka", "heap_after_full_gc_mib")].passed is False
     assert not soak.bar_passed(list(found.values()))
 
 
 def test_a_judged_metric_without_samples_fails_the_bar(soak: ModuleType) -> None:
-    samples = series(soak, "kafka", "heap_after_gc_mib", [100.0])  # only in the warm-up
+    samples = series(soak, "kafka", "heap_after_full_gc_mib", [100.0])  # only in the warm-up
     found = verdicts_by_key(soak, samples)
-    assert found[("kafka", "heap_after_gc_mib")].passed is None
+    assert found[("kafka", "heap_after_full_gc_mib")].passed is None
     assert not soak.bar_passed(list(found.values()))
