@@ -17,7 +17,11 @@ like growth, bounded as it is), then, at once:
   Observations, DiagnosticReports and ImagingStudies of a recently sent study's patient, and
   the anomaly-score Observations of the last day;
 - **chat**: ``--chat-patients`` patients each sending a result question every
-  ``--chat-every-s`` seconds through the chatbot's authenticated channel (their own tokens);
+  ``--chat-every-s`` seconds through the chatbot's authenticated channel (their own tokens), in
+  visits of ``--chat-visit-questions`` questions, each visit a new conversation session (as a
+  patient back after the session expired: ``/session_start``). One endless session would grow
+  the conversation that every action call carries, message after message, and with it the
+  action server's memory: a patient who never stops typing, not a hospital's load;
 - **portal**: ``--portal-patients`` patients, signed in over HTTP as a browser would, each
   opening the results page (or the care page, every third view) every ``--portal-every-s``
   seconds (no browser: its work is on the patient's device, not on the server).
@@ -287,13 +291,16 @@ class Load:
             thread.join()
 
     def chat(self, n: int, client: httpx.Client, patient: str) -> None:
+        visit = self.args.chat_visit_questions + 1  # the questions, then a new session
+        new_visit = n % visit == visit - 1
+        text = "/session_start" if new_visit else RESULT_QUESTIONS[n % len(RESULT_QUESTIONS)]
         started = time.monotonic()
         try:
-            answer = ask(client, self.stack, patient, RESULT_QUESTIONS[n % len(RESULT_QUESTIONS)])
+            answer = ask(client, self.stack, patient, text)
             error = None
             if answer.status_code != 200:
                 error = f"HTTP {answer.status_code}"
-            elif "scan" not in answer.text:
+            elif not new_visit and "scan" not in answer.text:
                 error = "a reply without the result"
         except httpx.HTTPError as exc:
             error = repr(exc)
@@ -784,7 +791,8 @@ def report(
         + f": one study of {args.instances} MR instances every {args.study_every_s:g} s "
         f"({3600 / args.study_every_s:.0f} studies an hour, each its own patient, storescu); "
         f"{args.fhir_per_s:g} FHIR searches a second by an EHR client; "
-        f"{args.chat_patients} patients each asking the chatbot every {args.chat_every_s:g} s; "
+        f"{args.chat_patients} patients each asking the chatbot every {args.chat_every_s:g} s, "
+        f"in visits of {args.chat_visit_questions} questions (each visit a new session); "
         f"{args.portal_patients} patients each opening a portal page every "
         f"{args.portal_every_s:g} s. {args.workers} inference worker(s), quiet period "
         f"{args.quiet_period:g} s, scored studies kept {args.study_retention_s:g} s (a week in "
@@ -953,6 +961,12 @@ def main() -> int:
     parser.add_argument("--fhir-per-s", type=float, default=2.0)
     parser.add_argument("--chat-patients", type=int, default=3)
     parser.add_argument("--chat-every-s", type=float, default=20.0)
+    parser.add_argument(
+        "--chat-visit-questions",
+        type=int,
+        default=6,
+        help="questions a patient asks in one conversation session before the next begins",
+    )
     parser.add_argument("--portal-patients", type=int, default=4)
     parser.add_argument("--portal-every-s", type=float, default=15.0)
     parser.add_argument("--workers", type=int, default=1, help="inference worker processes")

@@ -10,7 +10,9 @@ development, PostgreSQL in production), with two changes for PHI.
   that a message does not read and replay its whole conversation from the database: Rasa's
   ``retrieve`` was a fifth of its time per message. A cached tracker is used only while the
   database holds exactly the events it was saved with (one ``COUNT`` per message), so another
-  Rasa replica's writes, or a purge, make it read from the database again. Saving a cached
+  Rasa replica's writes, or a purge, make it read from the database again. A tracker in which a
+  new session started is not kept: read again, it holds that session only, as Rasa's own
+  ``retrieve`` gives it (and as much is sent to the action server with each action). Saving a cached
   tracker appends the events after those it was cached with, without counting the stored ones
   again: the lock store (``connectors/lock_store.py``) lets one message per conversation through
   at a time, in every process.
@@ -45,7 +47,7 @@ from typing import Any
 import sqlalchemy as sa
 from rasa.core.tracker_store import SQLTrackerStore
 from rasa.shared.core.constants import SESSION_START_METADATA_SLOT
-from rasa.shared.core.events import Event, SlotSet, UserUttered
+from rasa.shared.core.events import Event, SessionStarted, SlotSet, UserUttered
 from rasa.shared.core.trackers import DialogueStateTracker
 
 log = logging.getLogger(__name__)
@@ -218,7 +220,8 @@ class PatientTrackerStore(SQLTrackerStore):
         self._remember(tracker, rows)
 
     def _remember(self, tracker: DialogueStateTracker, rows: int | None = None) -> None:
-        if len(tracker.events) > MAX_CACHED_EVENTS:
+        sessions = sum(isinstance(e, SessionStarted) for e in tracker.events)
+        if len(tracker.events) > MAX_CACHED_EVENTS or sessions > 1:
             with self._cache_lock:
                 self._cache.pop(tracker.sender_id, None)
             return

@@ -20,7 +20,7 @@ import sqlalchemy as sa
 from connectors.patient import PatientInput, RateLimiter, check_patient_grant
 from connectors.tracker_store import PatientTrackerStore, parse_retention_days
 from rasa.shared.core.domain import Domain
-from rasa.shared.core.events import ActionExecuted, SlotSet, UserUttered
+from rasa.shared.core.events import ActionExecuted, SessionStarted, SlotSet, UserUttered
 from rasa.shared.core.trackers import DialogueStateTracker
 
 from scanwatch.ids import chat_sender_id
@@ -226,6 +226,31 @@ def test_saving_a_cached_conversation_appends_its_new_events_without_counting(
     assert asyncio.run(store.retrieve("patient-abc")) is tracker  # the cache agrees with the rows
     # One SQLite connection, kept open (configured once), served every query above.
     assert len(connections) <= 1
+
+
+def test_a_conversation_that_began_a_new_session_is_read_again_with_that_session_only(
+    tmp_path: Path,
+) -> None:
+    """A patient back after the session expired: the cached tracker, grown in place, would
+    hold every earlier session and send them all to the action server with each action."""
+    store = PatientTrackerStore(
+        domain=Domain.empty(), host=f"sqlite:///{tmp_path / 'conversations.db'}", retention_days=30
+    )
+
+    def session(text: str) -> list:
+        return [ActionExecuted("action_session_start"), SessionStarted(), UserUttered(text)]
+
+    tracker = DialogueStateTracker.from_events("patient-abc", session("first visit"))
+    asyncio.run(store.save(tracker))
+    assert asyncio.run(store.retrieve("patient-abc")) is tracker  # one session: kept
+    for event in session("second visit"):
+        tracker.update(event)
+    asyncio.run(store.save(tracker))
+    again = asyncio.run(store.retrieve("patient-abc"))
+    assert again is not tracker
+    assert [e.text for e in again.events if isinstance(e, UserUttered)] == ["second visit"]
+    asyncio.run(store.save(again))
+    assert asyncio.run(store.retrieve("patient-abc")) is again  # one session again: kept
 
 
 def test_action_responses_are_still_validated() -> None:
