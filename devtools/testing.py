@@ -1,8 +1,10 @@
 """Waiting on conditions, for tests and benchmarks: poll with a deadline, never a bare sleep;
-and an ASGI app served in a thread until its server has started (:func:`served`)."""
+an ASGI app served in a thread until its server has started (:func:`served`); and the records
+one logger wrote (:func:`logged`)."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -49,3 +51,19 @@ def served(app: Any, port: int, timeout: float = 30.0) -> Iterator[int]:
     finally:
         server.should_exit = True
         thread.join(timeout=timeout)
+
+
+@contextmanager
+def logged(name: str) -> Iterator[list[logging.LogRecord]]:
+    """The records the logger ``name`` (and its children) handles while the ``with`` lasts,
+    whatever level it passes. A handler on that logger, not caplog: the root logger's set-up
+    varies between test runs (a service's own logging set-up may replace its handlers)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)

@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
 from fastapi.testclient import TestClient
 
+from devtools.testing import logged
 from services.auth.web_client import (
     AuthServerUnavailable,
     CallbackRefused,
@@ -134,12 +135,16 @@ def test_a_code_the_app_does_not_accept_is_a_failed_sign_in_with_its_reason() ->
     assert not session.signed_in
 
 
-def test_tokens_are_renewed_only_when_due_and_a_refusal_ends_the_session() -> None:
+def refreshing() -> tuple[Clock, SessionStore[WebSession], WebClient, WebSession]:
+    """A signed-in web session and its client, on a clock the test moves."""
     clock = Clock()
     store: SessionStore[WebSession] = SessionStore(WebSession, 600, 3600, clock)
     settings = ClientSettings("app", "secret", "http://app/callback", "openid", "http://c", "a")
-    client = WebClient(settings, clock=clock)
-    session = store.new()
+    return clock, store, WebClient(settings, clock=clock), store.new()
+
+
+def test_tokens_are_renewed_only_when_due_and_a_refusal_ends_the_session() -> None:
+    clock, store, client, session = refreshing()
     session.access_token, session.refresh_token, session.expires_at = "a1", "r1", 1300.0
     spent: list[str] = []
 
@@ -169,26 +174,14 @@ def test_tokens_are_renewed_only_when_due_and_a_refusal_ends_the_session() -> No
 
 
 def test_a_session_ended_by_a_refused_refresh_says_why_in_the_log() -> None:
-    clock = Clock()
-    store: SessionStore[WebSession] = SessionStore(WebSession, 600, 3600, clock)
-    settings = ClientSettings("app", "secret", "http://app/callback", "openid", "http://c", "a")
-    client = WebClient(settings, clock=clock)
-    session = store.new()
+    clock, store, client, session = refreshing()
     session.access_token, session.refresh_token, session.expires_at = "a1", "secret-r1", 10.0
 
     async def refuse(token: str) -> Issued:
         raise SessionExpired("invalid_grant: the refresh token is not current")
 
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("services.auth.web_client")
-    logger.addHandler(handler)  # not caplog: the root logger's set-up varies between runs
-    try:
-        with pytest.raises(NeedSignIn):
-            asyncio.run(refreshed_tokens(client, store, session, refuse))
-    finally:
-        logger.removeHandler(handler)
+    with logged("services.auth.web_client") as records, pytest.raises(NeedSignIn):
+        asyncio.run(refreshed_tokens(client, store, session, refuse))
     [record] = [r for r in records if r.levelno == logging.WARNING]
     assert record.getMessage() == "session ended: its tokens could not be refreshed"
     assert record.__dict__["reason"] == "invalid_grant: the refresh token is not current"

@@ -14,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from devtools import chatbot_records
+from devtools.testing import logged
 from services.auth.scopes import parse_scopes
 from services.auth.tokens import TokenService, load_key_set
 from services.auth.web_security import CONTENT_SECURITY_POLICY
@@ -284,15 +285,8 @@ def test_a_token_the_fhir_api_refuses_ends_the_session_and_the_log_says_so(
 ) -> None:
     sign_in(client, hospital)
     hospital.tokens = TokenService(load_key_set(tmp_path / "other-keys.json"))  # keys rotated
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("services.portal.routes")
-    logger.addHandler(handler)  # not caplog: the root logger's set-up varies between runs
-    try:
+    with logged("services.portal.routes") as records:
         answer = client.get("/")
-    finally:
-        logger.removeHandler(handler)
     assert answer.status_code == 303 and answer.headers["location"] == "/signin?reason=expired"
     assert [r.getMessage() for r in records if r.levelno == logging.WARNING] == [
         "session ended: the FHIR API refused its access token"
