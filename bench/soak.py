@@ -6,9 +6,11 @@ and the pipeline's consumer lag. The bar: no growth beyond the first five minute
 Starts the whole development stack as ``scanwatch run`` does (Kafka, the model server, the
 FHIR API on a real PostgreSQL, the inference workers, the listener, the Rasa server and its
 action server, the portal, the console, the training worker), seeds a few patients' records
-(``devtools.chatbot_records``) and activates their portal accounts, opens every connection the
-FHIR API's pools keep (a burst of concurrent searches: a pool that filled up later would look
-like growth, bounded as it is), then, at once:
+(``devtools.chatbot_records``) and activates their portal accounts, then warms up what fills
+to a high-water mark once and stays there, which would otherwise look like growth whenever it
+happened to be reached: every connection the FHIR API's pools keep (a burst of concurrent
+searches) and the worker's scoring at its concurrency (``--warm-studies`` studies sent at
+once, ready together). Then, at once:
 
 - **studies**: one study of ``--instances`` MR slices every ``--study-every-s`` seconds, sent
   with dcmtk ``storescu`` by ``devtools.faults.Sender`` (one association per study, each study
@@ -89,6 +91,7 @@ from devtools.kafka_local import free_port  # noqa: E402
 from devtools.patients import RESULT_QUESTIONS, activate, ask, portal_session  # noqa: E402
 from devtools.postgres_local import LocalPostgres  # noqa: E402
 from devtools.stack import Ports, Stack, StackConfig, StackError  # noqa: E402
+from devtools.testing import wait_for  # noqa: E402
 from scanwatch import ids  # noqa: E402
 from scanwatch.fhir_codes import ANOMALY_SCORE_CODE, CODE_SYSTEM  # noqa: E402
 from services.console.pipeline import consumer_lag  # noqa: E402
@@ -285,6 +288,19 @@ class Load:
                     self.tally.record("pool-fill", started, error)
 
         threads = [threading.Thread(target=client) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def send_at_once(self, count: int) -> None:
+        """``count`` studies sent together (one association each), so that they are ready,
+        and scored, at the same time: the worker's memory reaches its high-water mark, bounded
+        by its scoring concurrency, before the load instead of the first time two studies
+        happen to coincide (the soak of 2026-12-06 06:05: +25 MiB at minute 7, flat after)."""
+        threads = [
+            threading.Thread(target=self.send_study, args=(100_000 + n,)) for n in range(count)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -808,7 +824,10 @@ def report(
             "pool reaching a new high later, when requests happened to coincide, showed as "
             "PostgreSQL growing a backend in the run of 2026-12-06 03:12, bounded as the pools "
             "are)."
-        ),
+        )
+        + f" And {args.warm_studies} studies were sent at once and scored before the load "
+        "(the worker scores two at a time: its memory's high-water mark, reached at minute 7 "
+        "in the run of 2026-12-06 06:05 and flat after).",
         "",
         "## The bar: no growth beyond the first minutes' range",
         "",
@@ -987,6 +1006,12 @@ def main() -> int:
         "that its table is at its steady size within the warm-up)",
     )
     parser.add_argument(
+        "--warm-studies",
+        type=int,
+        default=3,
+        help="studies sent at once before the load (the worker scores 2 at a time by default)",
+    )
+    parser.add_argument(
         "--pool-fill-clients",
         type=int,
         default=48,
@@ -1058,6 +1083,12 @@ def main() -> int:
                     load.fill_pools(args.pool_fill_clients, searches=10)
                     pool_fill = (before, postgres_backends(postgres))
                     say(f"PostgreSQL processes before and after the pools' burst: {pool_fill}")
+                load.send_at_once(args.warm_studies)
+                wait_for(
+                    lambda: not count(load, tail).not_scored,
+                    args.drain_timeout,
+                    "the warm-up studies scored",
+                )
                 try:
                     threads = load.threads(chat_patients, portal_users)
                     t0 = time.monotonic()

@@ -59,8 +59,12 @@ def logged(name: str) -> Iterator[list[logging.LogRecord]]:
     whatever level it passes. A handler on that logger, not caplog: the root logger's set-up
     varies between test runs (a service's own logging set-up may replace its handlers)."""
     records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    handler = Collect()
     logger = logging.getLogger(name)
     logger.addHandler(handler)
     try:

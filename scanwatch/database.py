@@ -39,8 +39,13 @@ def make_engine(database_url: str, ping_idle_s: float = PG_PING_IDLE_S, **kwargs
         connect_args = {"options": "-c plan_cache_mode=force_custom_plan"}
         # Connections beyond pool_size are closed when returned; a worker serving more
         # concurrent requests than that opened (and PostgreSQL forked) a connection per
-        # request (bench/fhir.md). Ten stay open per process.
-        kwargs = {"pool_size": PG_POOL_SIZE, "max_overflow": PG_POOL_SIZE} | kwargs
+        # request (bench/fhir.md). Ten stay open per process. The most recently returned is
+        # used next (LIFO): the few a steady load needs stay warm (their backends' caches and
+        # prepared statements) and the rest idle, where a queue would rotate every request
+        # through all ten, each backend growing towards every query's caches (the soak saw
+        # PostgreSQL's memory creep for half an hour that way).
+        pool = {"pool_size": PG_POOL_SIZE, "max_overflow": PG_POOL_SIZE, "pool_use_lifo": True}
+        kwargs = pool | kwargs
         engine = create_engine(database_url, connect_args=connect_args, **kwargs)
         _ping_when_idle(engine, ping_idle_s)
         return engine

@@ -72,3 +72,19 @@ def test_busy_connections_are_not_pinged_and_idle_ones_survive_a_restart(
     finally:
         busy.dispose()
         idle.dispose()
+
+
+def test_the_connection_returned_last_serves_the_next_request(cluster: LocalPostgres) -> None:
+    """LIFO: under a steady load the few connections it needs stay warm and the rest idle,
+    instead of every request rotating through the whole pool (each backend then grows towards
+    every query's caches)."""
+    engine = make_engine(cluster.database_url(), pool_size=3)
+    try:
+        held = [engine.connect() for _ in range(3)]
+        pids = [c.execute(text("SELECT pg_backend_pid()")).scalar_one() for c in held]
+        for connection in held:  # returned in the order they were taken
+            connection.close()
+        assert backend_pid(engine) == pids[-1]
+        assert backend_pid(engine) == pids[-1]  # and again: the others stay idle
+    finally:
+        engine.dispose()
