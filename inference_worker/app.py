@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Collection, Mapping, MutableMapping
 from typing import Any, cast
 
 import faust
@@ -90,6 +90,38 @@ def drain_on_flush(buffer: ProducerBuffer) -> None:
     # Set before the app starts: the buffer's task reads ``_send_pending`` once, at its start.
     buffer._send_pending = counted_send  # type: ignore[method-assign]
     buffer.flush = flush  # type: ignore[method-assign]
+
+
+def rewind_uncommitted(consumer: Any, topics: Collection[str]) -> None:
+    """Make Faust's "seek to committed offsets" start a partition that has no committed offset
+    of ``topics`` (the agents' streams: the changelog's position is recovery's) from its
+    beginning, as ``auto_offset_reset="earliest"`` says, instead of leaving it where the
+    fetcher happened to be.
+
+    After a rebalance, Faust restores the tables and then seeks every stream partition to its
+    committed offset, which also undoes whatever was fetched meanwhile: records fetched for a
+    partition that recovery paused before they were handed on are dropped, the fetch position
+    already past them. A partition with no committed offset is not sought at all (aiokafka
+    seeks only to an offset above 0), so those records were never read. That lost instances
+    in the broker-leader test: worker 2 joined while the first studies streamed in, the killed
+    leader was the group coordinator, so worker 1 never committed the partition it handed
+    over, and worker 2 read it from offset 10, past three instances of a study whose other
+    seven worker 1 had assembled (the study was scored on those seven, and never again).
+    """
+    seek_to_committed = consumer.seek_to_committed
+
+    async def seek_committed_or_beginning() -> Mapping[TP, int]:
+        committed: Mapping[TP, int] = await seek_to_committed()
+        fresh = [tp for tp, offset in committed.items() if not offset and tp.topic in topics]
+        if fresh:
+            log.info(
+                "uncommitted partitions read from their beginning",
+                extra={"partitions": [f"{tp.topic}-{tp.partition}" for tp in fresh]},
+            )
+            await consumer._thread.seek_to_beginning(*fresh)
+        return committed
+
+    consumer.seek_to_committed = seek_committed_or_beginning
 
 
 def _broker_url(servers: str) -> str:
@@ -189,6 +221,9 @@ def create_app(
     instances_topic = raw_topic(InstanceReceivedV1.SCHEMA)
     steps_topic = raw_topic(ProcedureStepV1.SCHEMA)
     ready_topic = raw_topic(StudyReadyV1.SCHEMA)
+    rewind_uncommitted(
+        app.consumer, {t.get_topic_name() for t in (instances_topic, steps_topic, ready_topic)}
+    )
     results_topic = raw_topic(InferenceResultV1.SCHEMA)
     table = app.Table(
         STUDY_TABLE,

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from faust.transport.producer import ProducerBuffer
+from faust.types import TP
 from faust.types.tuples import Message
 
 from devtools.kafka_local import free_port
@@ -16,7 +17,7 @@ from inference_worker.config import Settings
 from inference_worker.study_store import StudyStore
 from inference_worker.tests.test_worker_assembly import received
 from inference_worker.tests.test_worker_flow import result_for
-from schemas import InferenceResultV1, StudyReadyV1
+from schemas import InferenceResultV1, InstanceReceivedV1, StudyReadyV1
 
 STUDY = "1.2.826.0.1.3680043.8.498.8"
 KEY = STUDY.encode()
@@ -173,3 +174,31 @@ def test_a_records_timestamp_reaches_the_flow_in_seconds():
     assert stamped.timestamp == 1_796_523_420.25
     assert origin(None).timestamp is None
     assert origin(-0.001).timestamp is None
+
+
+def test_a_partition_never_committed_is_read_again_from_its_beginning(tmp_path: Path):
+    """After a rebalance, Faust seeks each stream partition to its committed offset, which
+    also undoes what was fetched but dropped meanwhile; a partition with none stayed where the
+    fetcher was, past records never handed on (three instances lost in the broker-leader
+    test). Such a partition now starts from its beginning; a committed one and the changelog
+    (whose position recovery keeps) are left to Faust."""
+    app, table, _ = offline_app(tmp_path)
+    instances = InstanceReceivedV1.SCHEMA
+    changelog = table.changelog_topic.get_topic_name()
+    committed = {TP(instances, 0): None, TP(instances, 1): 0, TP(instances, 2): 5}
+    committed[TP(changelog, 0)] = None
+
+    class Thread:
+        started_over: list[TP] = []
+
+        async def seek_to_committed(self) -> dict[TP, int | None]:
+            return committed
+
+        async def seek_to_beginning(self, *partitions: TP) -> None:
+            self.started_over += partitions
+
+    thread = Thread()
+    app.consumer._thread = thread
+    asyncio.run(app.consumer.perform_seek())
+    assert thread.started_over == [TP(instances, 0), TP(instances, 1)]
+    assert app.consumer._read_offset[TP(instances, 2)] == 5  # Faust's own seek, unchanged
