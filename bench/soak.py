@@ -511,6 +511,7 @@ def sample(
             continue
         rows += [
             Sample(t, name, "pss_mib", used.pss_bytes / MIB),
+            Sample(t, name, "pss_shmem_mib", used.pss_shmem_bytes / MIB),  # in the CSV
             Sample(t, name, "rss_mib", used.rss_bytes / MIB),
             Sample(t, name, "fds", used.fds),
             Sample(t, name, "threads", used.threads),

@@ -49,6 +49,9 @@ class Usage:
     processes: int
     rss_bytes: int
     pss_bytes: int
+    #: Of which shared memory (``Pss_Shmem``): PostgreSQL's buffer cache, bounded by its
+    #: shared_buffers, filling as the data it caches grows.
+    pss_shmem_bytes: int
     fds: int
     threads: int
     cpu_s: float
@@ -98,13 +101,13 @@ def open_fds(pid: int) -> int:
         return 0
 
 
-def pss_bytes(pid: int) -> int:
-    """Proportional set size of ``pid`` (``Pss:`` of ``/proc/<pid>/smaps_rollup``, kB); 0 when
-    it has gone or cannot be read."""
+def pss_bytes(pid: int, field: str = "Pss") -> int:
+    """Proportional set size of ``pid`` (the ``Pss:`` line of ``/proc/<pid>/smaps_rollup``,
+    or another of its lines, such as ``Pss_Shmem``); 0 when it has gone or cannot be read."""
     try:
         with open(PROC / str(pid) / "smaps_rollup") as fp:
             for line in fp:
-                if line.startswith("Pss:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
@@ -124,6 +127,7 @@ def usage(procs: dict[int, Proc], root: int | None) -> Usage | None:
         processes=len(members),
         rss_bytes=sum(procs[m].rss_bytes for m in members),
         pss_bytes=sum(pss_bytes(m) for m in members),
+        pss_shmem_bytes=sum(pss_bytes(m, "Pss_Shmem") for m in members),
         fds=sum(open_fds(m) for m in members),
         threads=sum(procs[m].threads for m in members),
         cpu_s=sum(procs[m].cpu_s for m in members),

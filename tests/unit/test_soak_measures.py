@@ -59,6 +59,9 @@ def test_pss_counts_a_page_two_processes_share_once_where_rss_counts_it_twice() 
         # Both map the 64 MiB: RSS sums them twice, PSS once (half to each).
         assert rss - pss > 0.8 * size
         assert 0 < process_stats.pss_bytes(child) < procs[child].rss_bytes
+        # A shared anonymous mapping is shared memory: the split the soak keeps for PostgreSQL.
+        shmem = sum(process_stats.pss_bytes(p, "Pss_Shmem") for p in pair)
+        assert 0.9 * size < shmem <= pss
     finally:
         os.write(done_w, b"x")
         os.waitpid(child, 0)
@@ -69,6 +72,7 @@ def test_a_family_usage_sums_pss_and_a_gone_process_has_none() -> None:
     used = process_stats.usage(process_stats.snapshot(), os.getpid())
     assert used is not None
     assert 0 < used.pss_bytes <= used.rss_bytes
+    assert 0 <= used.pss_shmem_bytes <= used.pss_bytes
     assert process_stats.pss_bytes(2**22 + 7) == 0  # above pid_max's default: never a process
 
 
