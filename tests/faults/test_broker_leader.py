@@ -110,7 +110,8 @@ def kill_busiest_leader(cluster: LocalKafkaCluster) -> Fault:
     "created before Faust starts; a producer flush that waits before offsets are committed), "
     "and in 1 of 8 on 2026-12-06 (a worker joining as the killed leader, also the group "
     "coordinator, fell: the partition it took over had no committed offset and was read past "
-    "three instances; fixed by app.rewind_uncommitted); run with SCANWATCH_TEST_LEADER_KILL=1",
+    "three instances; fixed by app.rewind_uncommitted; 12 of 12 since); run with "
+    "SCANWATCH_TEST_LEADER_KILL=1",
 )
 def test_killing_the_busiest_partitions_leader_loses_and_duplicates_nothing(
     stack: Stack, cluster: LocalKafkaCluster, tmp_path: Path, record_property
