@@ -101,17 +101,26 @@ def open_fds(pid: int) -> int:
         return 0
 
 
-def pss_bytes(pid: int, field: str = "Pss") -> int:
-    """Proportional set size of ``pid`` (the ``Pss:`` line of ``/proc/<pid>/smaps_rollup``,
-    or another of its lines, such as ``Pss_Shmem``); 0 when it has gone or cannot be read."""
+def pss_fields(pid: int) -> dict[str, int]:
+    """The proportional set sizes of ``pid`` in bytes, by line of ``/proc/<pid>/smaps_rollup``
+    (``Pss``, ``Pss_Anon``, ``Pss_Shmem``...), in one read; empty when it has gone or cannot be
+    read."""
+    found: dict[str, int] = {}
     try:
         with open(PROC / str(pid) / "smaps_rollup") as fp:
             for line in fp:
-                if line.startswith(f"{field}:"):
-                    return int(line.split()[1]) * 1024
+                if line.startswith("Pss"):
+                    name, value = line.split()[:2]
+                    found[name.rstrip(":")] = int(value) * 1024
     except (OSError, ValueError, IndexError):
-        pass
-    return 0
+        return {}
+    return found
+
+
+def pss_bytes(pid: int, field: str = "Pss") -> int:
+    """One line of :func:`pss_fields` (``Pss``: the whole proportional set size); 0 when the
+    process has gone or cannot be read."""
+    return pss_fields(pid).get(field, 0)
 
 
 def usage(procs: dict[int, Proc], root: int | None) -> Usage | None:
@@ -123,11 +132,12 @@ def usage(procs: dict[int, Proc], root: int | None) -> Usage | None:
     members = family(procs, root)
     if not members:
         return None
+    pss = [pss_fields(m) for m in members]
     return Usage(
         processes=len(members),
         rss_bytes=sum(procs[m].rss_bytes for m in members),
-        pss_bytes=sum(pss_bytes(m) for m in members),
-        pss_shmem_bytes=sum(pss_bytes(m, "Pss_Shmem") for m in members),
+        pss_bytes=sum(p.get("Pss", 0) for p in pss),
+        pss_shmem_bytes=sum(p.get("Pss_Shmem", 0) for p in pss),
         fds=sum(open_fds(m) for m in members),
         threads=sum(procs[m].threads for m in members),
         cpu_s=sum(procs[m].cpu_s for m in members),
