@@ -13,7 +13,6 @@ The counting is the fault suite's (``devtools.faults``); the cluster is
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,16 +102,6 @@ def kill_busiest_leader(cluster: LocalKafkaCluster) -> Fault:
     return Fault("broker-leader", "the busiest partition's leader killed (-9)", inject, at=0.4)
 
 
-@pytest.mark.skipif(
-    os.environ.get("SCANWATCH_TEST_LEADER_KILL") != "1",
-    reason="opt-in until more runs confirm the fixes (issue 19): one study of 6 was left scored "
-    "on part of its instances in 2 of 22 runs before 2026-12-05's fixes (the worker's changelog "
-    "created before Faust starts; a producer flush that waits before offsets are committed), "
-    "and in 1 of 8 on 2026-12-06 (a worker joining as the killed leader, also the group "
-    "coordinator, fell: the partition it took over had no committed offset and was read past "
-    "three instances; fixed by app.rewind_uncommitted; 12 of 12 since); run with "
-    "SCANWATCH_TEST_LEADER_KILL=1",
-)
 def test_killing_the_busiest_partitions_leader_loses_and_duplicates_nothing(
     stack: Stack, cluster: LocalKafkaCluster, tmp_path: Path, record_property
 ) -> None:
