@@ -197,8 +197,8 @@ class StudyBenchmark:
 
     def slice_dataset(self, context: str = NO_CONTEXT) -> LabelledImages:
         """The slice classifier's data: every rendered training slice; for validation and test,
-        every lesion slice and, per study, as many normal slices as a training study has (chosen
-        evenly over the study), so that the slice table is not swamped by normal slices. Groups
+        every lesion slice and, per study, as many normal slices as a training study has
+        (:func:`slice_table_rows`), so that the slice table is not swamped by normal slices. Groups
         are studies (a study is a subject), so no study straddles two splits.
 
         ``context``: the model's input channels (:func:`study_inputs`): ``none`` keeps the grey
@@ -213,7 +213,7 @@ class StudyBenchmark:
         splits = {"train": _as_split(self.train, self.train.sample_rows(), context)}
         for name in ("val", "test"):
             study_set: StudySet = getattr(self, name)
-            splits[name] = _as_split(study_set, _sampled_rows(study_set, per_study), context)
+            splits[name] = _as_split(study_set, slice_table_rows(study_set, per_study), context)
         description = {**self.description, "slices_from": "studies"}
         if context != NO_CONTEXT:
             description["context"] = context
@@ -264,14 +264,19 @@ class StudyBenchmark:
         return cls(tuple(meta["class_names"]), description=meta["description"], **sets)
 
 
-def _sampled_rows(study_set: StudySet, normal_per_study: int) -> np.ndarray:
+def slice_table_rows(study_set: StudySet, normal_per_study: int) -> np.ndarray:
+    """The rows of a whole-study split in its slice table: every lesion slice and, per study,
+    ``normal_per_study`` normal slices, each the middle one of an equal share of the study's
+    normal slices (not its first and last: the ends of a study, above and below the brain, are
+    the easiest slices to call normal, and would be two of every three)."""
     rows: list[int] = []
     for study in range(len(study_set.studies)):
         members = np.intersect1d(study_set.slices_of(study), study_set.sample_rows())
         lesion = members[study_set.labels[members] != 0]
         normal = members[study_set.labels[members] == 0]
-        picks = np.linspace(0, len(normal) - 1, min(normal_per_study, len(normal))).round()
-        rows += lesion.tolist() + normal[picks.astype(int)].tolist()
+        count = min(normal_per_study, len(normal))
+        picks = ((np.arange(count) + 0.5) * len(normal) / count).astype(int)
+        rows += lesion.tolist() + normal[picks].tolist()
     return np.sort(np.asarray(rows, dtype=np.int64))
 
 
@@ -360,11 +365,12 @@ def _draw_lesion(rng: np.random.Generator, config: StudyConfig, n_slices: int) -
     )
 
 
-def _cross_section(lesion: Lesion, offset: int) -> float:
-    """The lesion's radius factor on the ``offset``-th slice of its span (largest mid-span)."""
-    if lesion.span == 1:
+def cross_section(span: int, offset: int) -> float:
+    """A lesion's radius factor on the ``offset``-th of the ``span`` slices it spans (largest
+    mid-span): its diameter on that slice is the lesion's diameter times this."""
+    if span == 1:
         return 1.0
-    t = (2 * offset - (lesion.span - 1)) / lesion.span  # in (-1, 1)
+    t = (2 * offset - (span - 1)) / span  # in (-1, 1)
     return float(0.55 + 0.45 * np.sqrt(max(0.0, 1 - t * t)))
 
 
@@ -455,7 +461,7 @@ def render_study(
                     lesion.kind,
                     lesion.diameter_mm >= WEDGE_FROM_MM,
                 )
-            factor = _cross_section(lesion, position - lesion.centre_slice)
+            factor = cross_section(lesion.span, position - lesion.centre_slice)
             image = _plant(image, lesion, factor, centre, rng)
         out.append((position, label if lesioned else 0, finish_slice(image, rng, subject)))
     return out

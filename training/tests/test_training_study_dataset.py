@@ -113,3 +113,18 @@ def test_a_small_faint_lesion_changes_its_slice_by_its_contrast(contrast: float)
 def test_bad_configs_are_refused(change: dict, words: str) -> None:
     with pytest.raises(ValueError, match=words):
         sd.StudyConfig(**change)
+
+
+def test_the_slice_table_takes_a_studys_normal_slices_from_its_middle_shares() -> None:
+    # one study of 10 slices, a lesion on positions 4 and 5: 8 normal slices, 3 of them taken
+    labels = np.array([0, 0, 0, 0, 1, 1, 0, 0, 0, 0])
+    study_set = sd.StudySet(
+        images=np.zeros((10, 4, 4, 1), dtype=np.float32),
+        labels=labels,
+        study_index=np.zeros(10, dtype=np.int64),
+        position=np.arange(10),
+        studies=(sd.StudyInfo("s", 1, 10.0, -0.3, (4, 5)),),
+    )
+    rows = sd.slice_table_rows(study_set, 3).tolist()
+    # normal positions 0 1 2 3 6 7 8 9: the middle of each third is 1, 6 and 8 (not 0 and 9)
+    assert rows == [1, 4, 5, 6, 8]
