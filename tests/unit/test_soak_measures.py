@@ -175,17 +175,42 @@ def verdicts_by_key(soak: ModuleType, samples: list) -> dict:
     return {(v.service, v.metric): v for v in found}
 
 
-def test_postgresql_rss_growth_is_shown_not_judged_and_its_flat_pss_passes(
+def test_postgresql_rss_and_shared_buffers_growth_is_shown_and_its_flat_private_pss_passes(
     soak: ModuleType,
 ) -> None:
     samples = series(soak, "postgresql", "rss_mib", GROWING)
-    samples += series(soak, "postgresql", "pss_mib", FLAT)
+    samples += series(soak, "postgresql", "pss_mib", GROWING)  # its buffer cache filling
+    samples += series(soak, "postgresql", "pss_private_mib", FLAT)
     found = verdicts_by_key(soak, samples)
     rss, pss = found[("postgresql", "rss_mib")], found[("postgresql", "pss_mib")]
+    private = found[("postgresql", "pss_private_mib")]
     assert rss.passed is None and "PSS is judged" in rss.not_judged[1]
     assert rss.judged > rss.limit  # it did grow: shown as it was
-    assert pss.passed is True and pss.not_judged is None
+    assert pss.passed is None and "shared_buffers" in pss.not_judged[1]
+    assert pss.judged > pss.limit
+    assert private.passed is True and private.not_judged is None
     assert soak.bar_passed(list(found.values()))
+
+
+def test_postgresql_private_memory_growth_fails_the_bar(soak: ModuleType) -> None:
+    samples = series(soak, "postgresql", "pss_mib", FLAT)
+    samples += series(soak, "postgresql", "pss_private_mib", GROWING)
+    found = verdicts_by_key(soak, samples)
+    assert found[("postgresql", "pss_private_mib")].passed is False
+    assert not soak.bar_passed(list(found.values()))
+
+
+def test_the_pss_panel_draws_postgresqls_private_pss_in_place_of_its_whole_pss(
+    soak: ModuleType,
+) -> None:
+    drawn = {
+        (service, metric): soak.plotted_as(soak.Sample(0.0, service, metric, 1.0))
+        for service in ("postgresql", "fhir-api")
+        for metric in ("pss_mib", "pss_private_mib")
+    }
+    assert drawn[("postgresql", "pss_private_mib")] == "pss_mib"
+    assert drawn[("postgresql", "pss_mib")] is None
+    assert drawn[("fhir-api", "pss_mib")] == "pss_mib"
 
 
 def test_pss_growth_fails_the_bar(soak: ModuleType) -> None:
