@@ -21,6 +21,7 @@ _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b
                        b"UR", b"UT", b"UV"})  # fmt: skip
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_DELIMITERS = frozenset((_ITEM, _ITEM_END, _SEQUENCE_END))
 _TAG = struct.Struct("<HH")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<L")
@@ -61,7 +62,9 @@ class _Walker:
             raise Truncated(offset)
         group, element = _TAG.unpack_from(self.buf, offset)
         tag = (group << 16) | element
-        if group == 0xFFFE or not self.explicit:
+        # Only the item and delimitation tags go without a VR; any other tag of group FFFE
+        # (none is defined) is an element with a VR, as pydicom reads it.
+        if tag in _DELIMITERS or not self.explicit:
             return tag, None, _U32.unpack_from(self.buf, offset + 4)[0], offset + 8
         vr = bytes(self.buf[offset + 4 : offset + 6])
         if vr in _LONG_VRS:

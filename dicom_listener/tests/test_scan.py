@@ -110,3 +110,23 @@ def test_not_a_part10_file_is_undecodable(tmp_path: Path) -> None:
     path.write_bytes(b"hello" * 100)
     with pytest.raises(Undecodable):
         scan(path, True, frozenset())
+
+
+def test_a_group_fffe_tag_that_is_no_delimiter_is_read_with_its_vr_as_pydicom_does(
+    tmp_path: Path,
+) -> None:
+    """The fuzzer's finding of 2026-12-06 (first seen in CI at stop 27, unreproduced until
+    then): a (FFFE,4954) element with the VR "CM" in an explicit VR file. The scan read every
+    FFFE tag as an item (a 4-byte length, no VR), ran past the end and called a file truncated
+    that pydicom reads whole. Only the item and delimitation tags go without a VR."""
+    data = bytearray((TEST_FILES / "MR_small.dcm").read_bytes())
+    ds = pydicom.dcmread(TEST_FILES / "MR_small.dcm")
+    assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    at = data.index(b"\x08\x00\x18\x00UI")  # the SOP Instance UID's header
+    data[at:at] = b"\xfe\xff\x54\x49CM\x00\x00"  # (FFFE,4954), VR CM, length 0
+    path = tmp_path / "fffe.dcm"
+    path.write_bytes(bytes(data))
+    values = scan(path, True, frozenset(TAGS.values()))
+    oracle = pydicom.dcmread(path)
+    assert values[TAGS["SOPInstanceUID"]].rstrip(b"\0").decode() == oracle.SOPInstanceUID
+    assert values[TAGS["StudyInstanceUID"]].rstrip(b"\0").decode() == oracle.StudyInstanceUID
