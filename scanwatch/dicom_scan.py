@@ -160,8 +160,19 @@ def _file_meta(buf: _Buffer) -> tuple[int, bytes]:
 
 def _walk(buf: _Buffer, explicit_vr: bool, wanted: frozenset[int]) -> dict[int, bytes]:
     walker = _Walker(buf, explicit_vr, wanted)
-    walker.dataset(dataset_offset(buf), 0)
+    start = dataset_offset(buf)
+    if not explicit_vr and _looks_explicit(buf, start):
+        # Explicit VR sent as implicit (some senders do): pydicom reads it so, with a warning.
+        raise Undecodable("explicit VR where implicit VR was negotiated")
+    walker.dataset(start, 0)
     return walker.values
+
+
+def _looks_explicit(buf: _Buffer, offset: int) -> bool:
+    """pydicom's test of a dataset's encoding: the first element's bytes 4–5 are two capital
+    letters, a VR (as an implicit VR length, they would be at least 16 705 bytes)."""
+    vr = bytes(buf[offset + 4 : offset + 6])
+    return len(vr) == 2 and 65 <= vr[0] <= 90 and 65 <= vr[1] <= 90
 
 
 def scan_part10(

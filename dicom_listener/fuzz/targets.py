@@ -299,10 +299,12 @@ def _pydicom_values(data: bytes, explicit: bool) -> dict[int, bytes] | None:
     """The raw top-level values pydicom reads for :data:`SCANNED_TAGS`, when pydicom reads the
     whole file as this transfer syntax with every element inside the bytes; else None."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
             ds = pydicom.dcmread(io.BytesIO(data))
             syntax = ds.file_meta.TransferSyntaxUID
+            if any("VR for reading" in str(w.message) for w in warned):
+                return None  # pydicom read another encoding than the scan was asked to
             if not syntax.is_little_endian or syntax.is_deflated:
                 return None
             if syntax.is_implicit_VR == explicit:

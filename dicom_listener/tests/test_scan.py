@@ -130,3 +130,17 @@ def test_a_group_fffe_tag_that_is_no_delimiter_is_read_with_its_vr_as_pydicom_do
     oracle = pydicom.dcmread(path)
     assert values[TAGS["SOPInstanceUID"]].rstrip(b"\0").decode() == oracle.SOPInstanceUID
     assert values[TAGS["StudyInstanceUID"]].rstrip(b"\0").decode() == oracle.StudyInstanceUID
+
+
+def test_explicit_vr_sent_as_implicit_is_left_to_pydicom(tmp_path: Path) -> None:
+    """Some senders encode explicit VR under an implicit VR transfer syntax. pydicom notices (the
+    first element's VR bytes are two capital letters) and reads it explicitly; the scan read
+    the VR and length as a 4-byte length and called it truncated, and the listener refused an
+    instance pydicom reads. Now it is undecodable for the scan: the listener asks pydicom."""
+    path = tmp_path / "explicit.dcm"
+    path.write_bytes((TEST_FILES / "MR_small.dcm").read_bytes())  # explicit VR little endian
+    with pytest.raises(Undecodable, match="explicit VR"):
+        scan(path, False, frozenset(TAGS.values()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert pydicom.dcmread(path).SOPInstanceUID  # what the listener falls back to
