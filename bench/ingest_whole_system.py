@@ -6,8 +6,10 @@ Each round sends the same corpus (``--studies`` MR studies of ``--slices`` insta
 storescu per study, ``--associations`` at a time) to scanwatch's running stack and to a fresh
 Orthanc, the two interleaved so that a noisy neighbour slows both alike; the clock stops when
 storescu has seen every instance answered with success. Reported: the median instances/s of
-each over the rounds, and the ratio. Afterwards the stack must have scored every study (checked,
-not timed).
+each over the rounds, and the ratio; per round, the listener's mean time to make an instance
+durable (``scanwatch_listener_store_seconds``: write, fsync, rename, outbox commit) and the
+rest of each instance's share of the round. Afterwards the stack must have scored every study
+(checked, not timed).
 
     .venv/bin/python bench/ingest_whole_system.py [--rounds 3] [--studies 10] [--slices 38]
 """
@@ -30,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.ingest_bench import send  # noqa: E402
 from devtools.benchmarks import stack_config  # noqa: E402
+from devtools.faults import listener_metric  # noqa: E402
 from devtools.kafka_local import free_port  # noqa: E402
 from devtools.orthanc import LocalOrthanc  # noqa: E402
 from devtools.stack import Stack  # noqa: E402
@@ -56,6 +59,15 @@ def send_studies(studies: list[list[Path]], port: int, associations: int, ae: st
     return time.perf_counter() - started
 
 
+def store_time(stack: Stack) -> tuple[float, float]:
+    """The listener's ``scanwatch_listener_store_seconds`` so far: (sum, count)."""
+    total = listener_metric(stack, "scanwatch_listener_store_seconds_sum")
+    count = listener_metric(stack, "scanwatch_listener_store_seconds_count")
+    if total is None or count is None:
+        raise RuntimeError("the listener's /metrics has no scanwatch_listener_store_seconds")
+    return total, count
+
+
 def main() -> int:
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args.add_argument("--rounds", type=int, default=3)
@@ -65,6 +77,7 @@ def main() -> int:
     opts = args.parse_args()
     load_before = os.getloadavg()
     scanwatch_rates: list[float] = []
+    store_ms: list[float] = []  # the listener's durable write, per instance
     orthanc_rates: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         var = Path(tmp)
@@ -80,10 +93,13 @@ def main() -> int:
             for round_ in range(opts.rounds):
                 studies = corpus(var / "in", round_, opts.studies, opts.slices)
                 count = sum(len(s) for s in studies)
+                before = store_time(stack)
                 seconds = send_studies(
                     studies, config.ports.dicom, opts.associations, config.ae_title
                 )
                 scanwatch_rates.append(count / seconds)
+                after = store_time(stack)
+                store_ms.append(1000 * (after[0] - before[0]) / max(after[1] - before[1], 1))
                 scored += [f"SW-ING-{round_}-{n}" for n in range(opts.studies)]
                 orthanc = LocalOrthanc(
                     var / f"orthanc{round_}",
@@ -127,6 +143,11 @@ def main() -> int:
         "scanwatch_median": round(statistics.median(scanwatch_rates), 1),
         "orthanc_median": round(statistics.median(orthanc_rates), 1),
         "ratio": round(statistics.median(scanwatch_rates) / statistics.median(orthanc_rates), 2),
+        "scanwatch_store_ms_per_instance": [round(m, 2) for m in store_ms],
+        "scanwatch_other_ms_per_instance": [
+            round(opts.associations * 1000 / rate - m, 2)
+            for rate, m in zip(scanwatch_rates, store_ms, strict=True)
+        ],
         "load_before": [round(x, 2) for x in load_before],
         "load_after": [round(x, 2) for x in os.getloadavg()],
     }
