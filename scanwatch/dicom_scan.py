@@ -92,6 +92,8 @@ class _Walker:
             if length == _UNDEFINED:
                 if vr is not None and vr not in (b"SQ", b"UN", b"OB", b"OW"):
                     raise Undecodable(f"undefined length for VR {vr!r}")
+                if depth == 0 and tag in self.wanted:  # a UID or a code string: never so
+                    raise Undecodable(f"undefined length for wanted tag {tag:08X}")
                 offset = self._sequence(value, depth + 1)
                 continue
             offset = value + length

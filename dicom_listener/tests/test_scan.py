@@ -144,3 +144,21 @@ def test_explicit_vr_sent_as_implicit_is_left_to_pydicom(tmp_path: Path) -> None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert pydicom.dcmread(path).SOPInstanceUID  # what the listener falls back to
+
+
+def test_a_wanted_tag_of_undefined_length_is_left_to_pydicom(tmp_path: Path) -> None:
+    """The third finding of 2026-12-06: a SOP Instance UID encoded as OB of undefined length
+    (items and a sequence delimiter). The scan walked past it and reported no value, so the
+    listener would have called the UID missing; pydicom reads the items as its value. A UID
+    is never of undefined length: the scan leaves such a file to pydicom, which the listener
+    then refuses for an invalid UID."""
+    data = bytearray((TEST_FILES / "MR_small.dcm").read_bytes())
+    at = data.index(b"\x08\x00\x18\x00UI")  # the SOP Instance UID's header
+    length = int.from_bytes(data[at + 6 : at + 8], "little")
+    items = b"\xfe\xff\x00\xe0\x00\x00\x00\x00" + b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+    data[at : at + 8 + length] = b"\x08\x00\x18\x00OB\x00\x00\xff\xff\xff\xff" + items
+    path = tmp_path / "ob-uid.dcm"
+    path.write_bytes(bytes(data))
+    with pytest.raises(Undecodable, match="00080018"):
+        scan(path, True, frozenset(TAGS.values()))
+    assert scan(path, True, frozenset()) == {}  # not wanted: walked over, as before
