@@ -25,6 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 from scanwatch.logs import configure_logging  # noqa: E402
+from scanwatch.study_score import StudyRule  # noqa: E402
 from schemas.model_signature import NORMAL_CLASS  # noqa: E402
 from training.config import TrainSettings  # noqa: E402
 from training.study_dataset import (  # noqa: E402
@@ -33,7 +34,7 @@ from training.study_dataset import (  # noqa: E402
     load_or_build,
     study_inputs,
 )
-from training.study_evaluation import as_predictor, auroc  # noqa: E402
+from training.study_evaluation import as_predictor, auroc, score_studies  # noqa: E402
 
 #: Bins of a lesion slice's own diameter (mm) and of the lesion's absolute contrast.
 DIAMETER_BINS = (0.0, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 20.0, 1000.0)
@@ -109,13 +110,8 @@ def main() -> None:
         contrast.append(abs(info.contrast))
     diameter_a, contrast_a = np.array(diameter), np.array(contrast)
     scores = anomaly[rows]
-    # the study-level ceiling: each lesion study's best slice against the normal studies' best
-    best = {}
-    for row in range(len(anomaly)):
-        index = int(test.study_index[row])
-        best[index] = max(best.get(index, 0.0), float(anomaly[row]))
-    normal_best = np.array([v for i, v in best.items() if studies[i].label == 0])
-    lesion_best = np.array([v for i, v in best.items() if studies[i].label != 0])
+    # the study-level ceiling: each study's strongest slice (the max rule, as the worker scores)
+    strongest = score_studies(p, test, class_names.index(NORMAL_CLASS), StudyRule("max"))
     normal_rows = np.flatnonzero(~lesion_study)
     by_position = [
         {
@@ -136,10 +132,7 @@ def main() -> None:
             np.concatenate([scores, normal_scores]),
             np.concatenate([np.ones(len(scores)), np.zeros(len(normal_scores))]),
         ),
-        "study_max_rule_auroc": auroc(
-            np.concatenate([lesion_best, normal_best]),
-            np.concatenate([np.ones(len(lesion_best)), np.zeros(len(normal_best))]),
-        ),
+        "study_max_rule_auroc": auroc(strongest.raw, strongest.abnormal),
         "normal_studies_by_position": by_position,
         "by_slice_diameter_mm": _table(diameter_a, scores, DIAMETER_BINS, cuts),
         "by_contrast": _table(contrast_a, scores, CONTRAST_BINS, cuts),

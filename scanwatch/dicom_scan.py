@@ -71,7 +71,7 @@ class _Walker:
             if offset + 12 > self.size:
                 raise Truncated(offset)
             return tag, vr, _U32.unpack_from(self.buf, offset + 8)[0], offset + 12
-        if not (65 <= vr[0] <= 90 and 65 <= vr[1] <= 90):
+        if not _vr_shaped(vr):
             raise Undecodable(f"no VR at offset {offset}")
         return tag, vr, _U16.unpack_from(self.buf, offset + 6)[0], offset + 8
 
@@ -171,9 +171,13 @@ def _walk(buf: _Buffer, explicit_vr: bool, wanted: frozenset[int]) -> dict[int, 
 
 
 def _looks_explicit(buf: _Buffer, offset: int) -> bool:
-    """pydicom's test of a dataset's encoding: the first element's bytes 4–5 are two capital
-    letters, a VR (as an implicit VR length, they would be at least 16 705 bytes)."""
-    vr = bytes(buf[offset + 4 : offset + 6])
+    """pydicom's test of a dataset's encoding: the first element's bytes 4–5 are shaped like a
+    VR (as an implicit VR length, they would be at least 16 705 bytes)."""
+    return _vr_shaped(bytes(buf[offset + 4 : offset + 6]))
+
+
+def _vr_shaped(vr: bytes) -> bool:
+    """Two capital letters, as every VR is."""
     return len(vr) == 2 and 65 <= vr[0] <= 90 and 65 <= vr[1] <= 90
 
 
