@@ -30,7 +30,7 @@ from schemas.model_signature import NORMAL_CLASS  # noqa: E402
 from training.config import TrainSettings  # noqa: E402
 from training.study_dataset import (  # noqa: E402
     StudyConfig,
-    cross_section,
+    lesion_width_mm,
     load_or_build,
     study_inputs,
 )
@@ -102,13 +102,8 @@ def main() -> None:
         "study_spec_0.90_max_rule": float(np.quantile(normal_scores, 0.90 ** (1 / slices))),
     }
     rows = np.flatnonzero(test.labels != 0)
-    diameter, contrast = [], []
-    for row in rows:
-        info = studies[test.study_index[row]]
-        offset = int(test.position[row]) - info.lesion_slices[0]
-        diameter.append(info.diameter_mm * cross_section(len(info.lesion_slices), offset))
-        contrast.append(abs(info.contrast))
-    diameter_a, contrast_a = np.array(diameter), np.array(contrast)
+    diameter_a = lesion_width_mm(test, rows)
+    contrast_a = np.array([abs(studies[test.study_index[row]].contrast) for row in rows])
     scores = anomaly[rows]
     # the study-level ceiling: each study's strongest slice (the max rule, as the worker scores)
     strongest = score_studies(p, test, class_names.index(NORMAL_CLASS), StudyRule("max"))

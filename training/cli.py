@@ -112,6 +112,17 @@ def _settings(args: argparse.Namespace) -> Any:
     return TrainSettings(**overrides)
 
 
+def _millimetres(text: str) -> float:
+    """An argparse type: a width in mm, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of millimetres: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more millimetres, not {text}")
+    return value
+
+
 def _dataset_spec(args: argparse.Namespace) -> Any:
     from schemas.training_events import DatasetSpec
     from training.lifecycle import StudiesSpec
@@ -121,7 +132,14 @@ def _dataset_spec(args: argparse.Namespace) -> Any:
             preset=args.preset,
             image_size=args.image_size,
             train_neighbours=bool(getattr(args, "with_neighbours", False)),
+            min_lesion_mm=getattr(args, "min_lesion_mm", None) or 0.0,
         )
+    if getattr(args, "min_lesion_mm", None):
+        sys.stderr.write(
+            f"--min-lesion-mm needs --dataset studies (only it knows each slice's lesion "
+            f"width), not --dataset {args.dataset}\n"
+        )
+        raise SystemExit(2)
     return DatasetSpec(
         kind=args.dataset,
         path=str(args.path) if args.path else None,
@@ -475,6 +493,12 @@ def _add_dataset(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="studies: render the training slices' neighbours even with --context none (the "
         "same training slices as a neighbours run, for a like-for-like comparison)",
+    )
+    parser.add_argument(
+        "--min-lesion-mm",
+        type=_millimetres,
+        help="studies: leave out of training the lesion slices where the lesion is narrower "
+        "than this on the slice (mm); validation and test keep every slice",
     )
     parser.add_argument("--normal-class", help="the label meaning normal (notumor, nv...)")
     parser.add_argument(

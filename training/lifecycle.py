@@ -20,6 +20,7 @@ same rules:
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -32,6 +33,7 @@ from scanwatch.imaging import INPUT_CONTEXTS, NEIGHBOURS, NO_CONTEXT
 from scanwatch.model_registry import (
     EVALUATION_DIR,
     STUDY_PROMOTION_METRICS,
+    ModelVersion,
     PromotionRefused,
     Registry,
     study_metrics,
@@ -51,7 +53,7 @@ from training.study_evaluation import (
     flat_study_metrics,
     promotion_metrics,
 )
-from training.train import Progress, train
+from training.train import DATASET_FILE, Progress, train
 
 if TYPE_CHECKING:
     from training.study_dataset import StudyBenchmark
@@ -88,6 +90,9 @@ class StudiesSpec:
     #: Render the training slices' neighbours even for a model without context (the same
     #: training slices as a ``neighbours`` run: a like-for-like comparison of the two).
     train_neighbours: bool = False
+    #: Leave out of training the lesion slices where the lesion is narrower than this (mm;
+    #: 0: none). Validation and test keep every slice.
+    min_lesion_mm: float = 0.0
 
 
 class ContextUnavailable(ValueError):
@@ -124,7 +129,7 @@ def load_dataset(
             studies = replace(studies, train_neighbours=True)
         bench = study_dataset.load_or_build(studies, settings.cache_dir, progress)
         return (
-            bench.slice_dataset(settings.context),
+            bench.slice_dataset(settings.context, spec.min_lesion_mm),
             study_dataset.cache_path(studies, settings.cache_dir),
         )
     if spec.kind == "benchmark":
@@ -323,8 +328,9 @@ def promote(
         data = None
         if bench is not None:  # the slice data the candidate was trained on, in its context
             contexts = INPUT_CONTEXTS if bench.train.context_only is not None else (NO_CONTEXT,)
+            min_lesion_mm = _trained_min_lesion_mm(record)
             for context in contexts:
-                data = bench.slice_dataset(context)
+                data = bench.slice_dataset(context, min_lesion_mm)
                 if data.fingerprint() == record.dataset_fingerprint:
                     break
         if data is None and path.is_file():
@@ -349,6 +355,15 @@ def promote(
         extra={"model_name": name, "model_version": version, "previous_version": previous},
     )
     return previous
+
+
+def _trained_min_lesion_mm(record: ModelVersion) -> float:
+    """The lesion-width filter of the version's training slices, as its run recorded it."""
+    path = Path(record.run_dir) / DATASET_FILE if record.run_dir else None
+    if path is None or not path.is_file():
+        return 0.0
+    description = json.loads(path.read_text()).get("description", {})
+    return float(description.get("train_min_lesion_mm", 0.0))
 
 
 def rollback(

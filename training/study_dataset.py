@@ -195,8 +195,12 @@ class StudyBenchmark:
     test: StudySet
     description: dict
 
-    def slice_dataset(self, context: str = NO_CONTEXT) -> LabelledImages:
-        """The slice classifier's data: every rendered training slice; for validation and test,
+    def slice_dataset(
+        self, context: str = NO_CONTEXT, min_lesion_mm: float = 0.0
+    ) -> LabelledImages:
+        """The slice classifier's data: every rendered training slice (but, with
+        ``min_lesion_mm``, no lesion slice where the lesion is narrower than that: its label
+        says "abnormal" of pixels the model cannot tell from normal ones); for validation and test,
         every lesion slice and, per study, as many normal slices as a training study has
         (:func:`slice_table_rows`), so that the slice table is not swamped by normal slices. Groups
         are studies (a study is a subject), so no study straddles two splits.
@@ -210,13 +214,18 @@ class StudyBenchmark:
                 "(its training slices' neighbours rendered)"
             )
         per_study = int(self.description["config"]["normal_slices_per_study"])
-        splits = {"train": _as_split(self.train, self.train.sample_rows(), context)}
+        train_rows = self.train.sample_rows()
+        if min_lesion_mm > 0:
+            train_rows = train_rows[lesion_width_mm(self.train, train_rows) >= min_lesion_mm]
+        splits = {"train": _as_split(self.train, train_rows, context)}
         for name in ("val", "test"):
             study_set: StudySet = getattr(self, name)
             splits[name] = _as_split(study_set, slice_table_rows(study_set, per_study), context)
         description = {**self.description, "slices_from": "studies"}
         if context != NO_CONTEXT:
             description["context"] = context
+        if min_lesion_mm > 0:
+            description["train_min_lesion_mm"] = min_lesion_mm
         return LabelledImages(self.class_names, description=description, **splits)
 
     def save(self, path: Path) -> None:
@@ -278,6 +287,19 @@ def slice_table_rows(study_set: StudySet, normal_per_study: int) -> np.ndarray:
         picks = ((np.arange(count) + 0.5) * len(normal) / count).astype(int)
         rows += lesion.tolist() + normal[picks].tolist()
     return np.sort(np.asarray(rows, dtype=np.int64))
+
+
+def lesion_width_mm(study_set: StudySet, rows: np.ndarray) -> np.ndarray:
+    """The lesion's diameter on each of ``rows`` (mm; ``inf`` on a normal slice, which no width
+    filter drops)."""
+    width = np.full(len(rows), np.inf)
+    for i, row in enumerate(rows):
+        if study_set.labels[row] == 0:
+            continue
+        info = study_set.studies[study_set.study_index[row]]
+        offset = int(study_set.position[row]) - info.lesion_slices[0]
+        width[i] = info.diameter_mm * cross_section(len(info.lesion_slices), offset)
+    return width
 
 
 def _as_split(study_set: StudySet, rows: np.ndarray, context: str) -> Split:

@@ -235,3 +235,17 @@ def test_a_none_run_can_train_on_the_neighbours_benchmark_s_slices() -> None:
     args = build_parser().parse_args(["train", "--dataset", "studies", "--context", "neighbours"])
     assert _dataset_spec(args).train_neighbours is False  # load_dataset adds it for neighbours
     assert _settings(args).context == NEIGHBOURS
+
+
+def test_a_lesion_width_filter_is_refused_where_widths_are_unknown_or_negative(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["train", "--dataset", "benchmark", "--preset", "tiny", "--runs-dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--min-lesion-mm", "6"])
+    assert exited.value.code == 2
+    assert "--min-lesion-mm needs --dataset studies" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(SystemExit):
+        main(["train", "--dataset", "studies", "--min-lesion-mm", "-1"])
+    assert "must be 0 or more millimetres, not -1" in capsys.readouterr().err

@@ -128,3 +128,28 @@ def test_the_slice_table_takes_a_studys_normal_slices_from_its_middle_shares() -
     rows = sd.slice_table_rows(study_set, 3).tolist()
     # normal positions 0 1 2 3 6 7 8 9: the middle of each third is 1, 6 and 8 (not 0 and 9)
     assert rows == [1, 4, 5, 6, 8]
+
+
+def test_a_width_filter_drops_only_training_lesion_slices_narrower_than_it(
+    bench: sd.StudyBenchmark,
+) -> None:
+    train = bench.train
+    rows = train.sample_rows()
+    widths = sd.lesion_width_mm(train, rows)
+    lesion = train.labels[rows] != 0
+    assert np.isinf(widths[~lesion]).all()
+    # Each lesion is widest mid-span and at least 0.55 of its diameter on its end slices.
+    for row, width in zip(rows[lesion], widths[lesion], strict=True):
+        diameter = train.studies[train.study_index[row]].diameter_mm
+        assert 0.55 * diameter - 1e-9 <= width <= diameter + 1e-9
+    cut = float(np.median(widths[lesion]))
+    full, filtered = bench.slice_dataset(), bench.slice_dataset(min_lesion_mm=cut)
+    kept = int((widths[lesion] >= cut).sum())
+    assert 0 < kept < lesion.sum()
+    assert (filtered.train.labels != 0).sum() == kept
+    assert (filtered.train.labels == 0).sum() == (full.train.labels == 0).sum()
+    for name in ("val", "test"):  # the evaluation keeps every slice
+        assert np.array_equal(getattr(filtered, name).labels, getattr(full, name).labels)
+    assert filtered.description["train_min_lesion_mm"] == cut
+    assert "train_min_lesion_mm" not in full.description
+    assert filtered.fingerprint() != full.fingerprint()

@@ -53,6 +53,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 "1",
                 "--batch-size",
                 "16",
+                # Trained without the lesion slices narrower than 5 mm: promotion below has to
+                # rebuild the same training data to find the study test split.
+                "--min-lesion-mm",
+                "5",
                 "--repository",
                 str(root / "models"),
                 "--run-dir",
@@ -77,6 +81,8 @@ def test_the_chosen_rule_is_exported_recorded_and_reported(trained: Path) -> Non
         study["test"]["promotion"][STUDY_SENSITIVITY_AT_SPECIFICITY]
     )
     assert STUDY_AUROC in record.metrics
+    recorded = json.loads((trained / "run" / "dataset.json").read_text())
+    assert recorded["description"]["train_min_lesion_mm"] == 5
 
     folder = registry.model_dir(NAME) / "1"
     inputs, outputs = read_signature(folder)
@@ -100,7 +106,7 @@ def test_cli_promotion_compares_on_the_study_test_split(
     registry = Registry(trained / "models")
     served = registry.get(NAME, 1)
     size = read_signature(registry.model_dir(NAME) / "1")[0]["images"].shape[1]
-    version = registry.reserve(NAME)
+    version = registry.reserve(NAME, run_dir=served.run_dir)  # trained on the same data
     inputs = keras.Input((size, size, 3), name="images")
     pooled = keras.layers.GlobalAveragePooling2D()(inputs)
     model = keras.Model(inputs, keras.layers.Dense(4, activation="softmax")(pooled))

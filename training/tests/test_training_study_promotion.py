@@ -3,6 +3,7 @@ re-evaluation with its own study rule (the study mean for a model that ships non
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,3 +183,49 @@ def test_the_served_version_is_scored_with_its_own_study_rule(tmp_path: Path) ->
     weak = register(registry, study_metrics(*mean_metrics, macro_f1=1.0))
     with pytest.raises(PromotionRefused):
         promote(registry, NAME, weak, events, study_test=studies)
+
+
+def test_promotion_rebuilds_a_candidates_width_filtered_training_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A candidate trained with --min-lesion-mm is compared on its study test split: promotion
+    finds that split by rebuilding the training data with the filter its run recorded."""
+    from training import lifecycle
+    from training import study_dataset as sd
+
+    bench = sd.build_studies(sd.TINY)
+    path = tmp_path / "studies.npz"
+    bench.save(path)
+    trained_on = bench.slice_dataset(min_lesion_mm=5.0)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "dataset.json").write_text(
+        json.dumps({"description": trained_on.description}), encoding="utf-8"
+    )
+    registry = Registry(tmp_path / "models")
+    events = MemoryEvents()
+    promote(registry, NAME, register(registry, study_metrics(0.5, 0.7, 0.9)), events)
+    version = registry.reserve(NAME, run_dir=str(run_dir))
+    export_saved_model(
+        evidence_model(), CLASSES, 0.5, registry.repository / ".staging", NAME, version=version
+    )
+    registry.record_candidate(
+        NAME,
+        version,
+        dataset_fingerprint=trained_on.fingerprint(),
+        metrics=study_metrics(0.6, 0.8, 0.9),
+        class_names=list(CLASSES),
+        threshold=0.5,
+        dataset_path=str(path),
+    )
+    scored_on: list[object] = []
+
+    def baseline(registry, name, class_names, study_test, fingerprint):  # type: ignore[no-untyped-def]
+        scored_on.append(study_test)
+        return (0.5, 0.7)
+
+    monkeypatch.setattr(lifecycle, "serving_study_baseline", baseline)
+    promote(registry, NAME, version, events)
+    [split] = scored_on
+    assert np.array_equal(split.images, bench.test.images)
+    assert registry.get(NAME, version).status == SERVING
