@@ -8,7 +8,9 @@ Orthanc, the two interleaved so that a noisy neighbour slows both alike; the clo
 storescu has seen every instance answered with success. Reported: the median instances/s of
 each over the rounds, and the ratio; per round, the listener's mean time to make an instance
 durable (``scanwatch_listener_store_seconds``: write, fsync, rename, outbox commit) and the
-rest of each instance's share of the round. Afterwards the stack must have scored every study
+rest of each instance's share of the round; per round and receiver, the share of the send
+window in which some task on the machine waited for a CPU or for I/O (Linux PSI "some"), and
+the listener process's CPU per instance. Afterwards the stack must have scored every study
 (checked, not timed).
 
     .venv/bin/python bench/ingest_whole_system.py [--rounds 3] [--studies 10] [--slices 38]
@@ -68,6 +70,46 @@ def store_time(stack: Stack) -> tuple[float, float]:
     return total, count
 
 
+def pressure_ms(resource: str) -> float:
+    """The machine's "some" stall time for ``resource`` (cpu, io) so far, from Linux PSI (ms):
+    time in which at least one runnable task waited for a CPU, or for I/O."""
+    line = Path(f"/proc/pressure/{resource}").read_text().splitlines()[0]
+    return int(line.rsplit("total=", 1)[1]) / 1000
+
+
+def cpu_ms(pid: int) -> float:
+    """CPU time of process ``pid`` so far (every thread, ended ones included; ms)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+class Window:
+    """What one receiver's send window cost: stall shares of the machine and, for scanwatch,
+    the listener process's CPU per instance."""
+
+    def __init__(self, pid: int | None = None) -> None:
+        self.pid = pid
+        self.start = (time.monotonic(), pressure_ms("cpu"), pressure_ms("io"))
+        self.cpu = cpu_ms(pid) if pid else 0.0
+
+    def close(self, instances: int) -> dict[str, float]:
+        wall, cpu_stall, io_stall = (
+            after - before
+            for after, before in zip(
+                (time.monotonic(), pressure_ms("cpu"), pressure_ms("io")), self.start, strict=True
+            )
+        )
+        out = {
+            "cpu_some": round(cpu_stall / 1000 / wall, 2),
+            "io_some": round(io_stall / 1000 / wall, 2),
+        }
+        if self.pid:
+            out["listener_cpu_ms_per_instance"] = round(
+                (cpu_ms(self.pid) - self.cpu) / instances, 2
+            )
+        return out
+
+
 def main() -> int:
     args = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     args.add_argument("--rounds", type=int, default=3)
@@ -79,6 +121,7 @@ def main() -> int:
     scanwatch_rates: list[float] = []
     store_ms: list[float] = []  # the listener's durable write, per instance
     orthanc_rates: list[float] = []
+    windows: list[dict[str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         var = Path(tmp)
         config = stack_config(
@@ -94,10 +137,12 @@ def main() -> int:
                 studies = corpus(var / "in", round_, opts.studies, opts.slices)
                 count = sum(len(s) for s in studies)
                 before = store_time(stack)
+                window = Window(stack.service("dicom-listener").process.pid)
                 seconds = send_studies(
                     studies, config.ports.dicom, opts.associations, config.ae_title
                 )
                 scanwatch_rates.append(count / seconds)
+                windows.append({"scanwatch": window.close(count)})
                 after = store_time(stack)
                 store_ms.append(1000 * (after[0] - before[0]) / max(after[1] - before[1], 1))
                 scored += [f"SW-ING-{round_}-{n}" for n in range(opts.studies)]
@@ -110,10 +155,12 @@ def main() -> int:
                 orthanc.start()
                 try:
                     send_studies(warm, orthanc.dicom_port, 1, "ORTHANC")
+                    window = Window()
                     seconds = send_studies(
                         studies, orthanc.dicom_port, opts.associations, "ORTHANC"
                     )
                     orthanc_rates.append(count / seconds)
+                    windows[-1]["orthanc"] = window.close(count)
                 finally:
                     orthanc.stop()
             headers = stack.fhir_headers()
@@ -148,6 +195,7 @@ def main() -> int:
             round(opts.associations * 1000 / rate - m, 2)
             for rate, m in zip(scanwatch_rates, store_ms, strict=True)
         ],
+        "stalls_per_round": windows,
         "load_before": [round(x, 2) for x in load_before],
         "load_after": [round(x, 2) for x in os.getloadavg()],
     }

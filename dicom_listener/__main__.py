@@ -71,8 +71,10 @@ def run_publisher(settings: Settings, stop: threading.Event, parent: int) -> int
                 os.close(lock_fd)
                 return 0
     metrics = ListenerMetrics()
+    outbox = Outbox(settings.resolved_outbox_path)
+    outbox.open()  # a crash's lost renames are redone before their events go out
     relay = OutboxRelay(
-        Outbox(settings.resolved_outbox_path),
+        outbox,
         KafkaSink(settings.kafka_bootstrap_servers, settings.kafka_timeout_s),
         metrics,
         batch_size=settings.publish_batch_size,

@@ -17,7 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_listener.adapters.commitment import CommitmentReporter
 from dicom_listener.adapters.filestore import FileStore, Quarantine
-from dicom_listener.adapters.outbox import Outbox
+from dicom_listener.adapters.outbox import Outbox, PlacementSettler
 from dicom_listener.adapters.publisher import EventSink, FlushSignal, KafkaSink, OutboxRelay
 from dicom_listener.config import Settings
 from dicom_listener.dicom.association import ServerConfig
@@ -84,6 +84,8 @@ class ListenerApp:
         self.primary = primary
         #: False when the relay runs in a publisher process of its own (see __main__).
         self.run_relay = primary and run_relay
+        #: Fsyncs the folders of placed files in batches (the primary's, for every process).
+        self.settler = PlacementSettler(context.outbox)
         self.health = HealthCheck(settings.storage_dir, context.admission, context.outbox, relay)
         #: Association ends, from the processes that do not run the relay to the one that does.
         self.flush_signal = FlushSignal(settings.resolved_outbox_path)
@@ -130,6 +132,7 @@ class ListenerApp:
             swept = self.store.sweep_temporaries()
             if swept:
                 log.info("removed unacknowledged temporary files", extra={"count": swept})
+            self.settler.start()
         if self.run_relay:
             self.relay.start()
             if s.workers > 1:
@@ -142,6 +145,7 @@ class ListenerApp:
         config = ServerConfig(
             contexts=presentation_contexts(s),
             incoming_dir=self.store.incoming,
+            open_incoming=self.store.open_incoming,
             max_pdu_size=s.max_pdu_size,
             max_associations=s.max_associations,
             network_timeout_s=s.network_timeout_s,
@@ -200,6 +204,7 @@ class ListenerApp:
             self._http.stop()
             self._http = None
         self.flush_signal.close()
+        self.settler.stop()
         if self.run_relay:
             self.relay.stop()
         else:

@@ -389,7 +389,10 @@ def _store(received: ReceivedInstance, ctx: StoreContext, arrival: Arrival) -> S
         # A file renamed into place whose event is not committed was never acknowledged:
         # remove it so that nothing is half-stored (the sender retries).
         tx.on_rollback(lambda: committed.path.unlink(missing_ok=True))
-        tx.fsync_folder_before_commit(staged.folder)
+        if staged.name_durable:  # recorded instead: its folder is fsync'd later, in a batch
+            tx.place_later(staged.tmp, committed.path)
+        else:
+            tx.fsync_folder_before_commit(staged.folder)
         value, headers = first_version, list(ident.counts)
         if known is not None:
             value = event.model_copy(update={"storage_uri": committed.uri}).to_bytes()

@@ -10,11 +10,19 @@ The network side streams each dataset, hashing it, to a temporary file in ``<roo
 the bytes are new: :meth:`FileStore.adopt` fsyncs the file and creates the instance's folder;
 :meth:`FileStore.commit` renames the file to its final name and fsyncs the folder. After
 ``commit`` returns the file survives a power cut, and a reader never sees a partial file.
+
+The temporary files come from :meth:`FileStore.open_incoming`: empty files made
+:data:`READY_BATCH` at a time in ``<root>/.incoming/ready``, their names made durable by one
+fsync of that folder. The bytes of such a file are durable under a durable name once
+``adopt`` fsyncs them, so its caller may leave out ``commit``'s folder fsync, provided it records
+the rename where a restart finds it (the outbox's ``placements``), and have the folder fsync'd
+later, for many files at once.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -29,6 +37,8 @@ from scanwatch.store_layout import check_uid, instance_file_name
 
 #: Bytes copied per read when streaming an instance to disk.
 CHUNK_BYTES = 1024 * 1024
+#: Empty incoming files made at a time, with one fsync of their folder.
+READY_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,8 @@ class StagedInstance:
     sop_uid: str
     sha256: str
     size_bytes: int
+    #: ``tmp``'s name is durable (a file of :meth:`FileStore.open_incoming`).
+    name_durable: bool = False
 
 
 @dataclass(frozen=True)
@@ -54,6 +66,10 @@ class StoredInstance:
 
 class InstanceStore(Protocol):
     """Where the listener puts received instances (a folder here; an object store later)."""
+
+    def open_incoming(self) -> tuple[Path, int]:
+        """A new file for a dataset being received, and a descriptor open for writing."""
+        ...
 
     def adopt(
         self,
@@ -110,6 +126,27 @@ class FileStore:
         #: Where the network side streams datasets before they are identified and adopted
         #: (same filesystem, so adopting is a rename).
         self.incoming = self.root / ".incoming"
+        #: Empty files whose names are durable, for :meth:`open_incoming`.
+        self.ready = self.incoming / "ready"
+        self._ready: list[Path] = []
+        self._ready_lock = threading.Lock()
+
+    def open_incoming(self) -> tuple[Path, int]:
+        """A file for a dataset about to be received, and a descriptor open for writing: one
+        of the empty files whose names were made durable ahead of time. Raises ``OSError``."""
+        with self._ready_lock:
+            if not self._ready:
+                self._make_ready()
+            path = self._ready.pop()
+        return path, os.open(path, os.O_WRONLY)
+
+    def _make_ready(self) -> None:
+        self._ensure_dir(self.ready)
+        batch = [self.ready / f"{uuid.uuid4().hex}.tmp" for _ in range(READY_BATCH)]
+        for path in batch:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        fsync_dir(self.ready)
+        self._ready.extend(batch)
 
     def folder_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         """The folder of an instance; raises ``ValueError`` on a malformed UID."""
@@ -155,7 +192,8 @@ class FileStore:
             finally:
                 os.close(fd)
         self._ensure_dir(folder)
-        return StagedInstance(Path(path), folder, sop_uid, sha256, size)
+        path = Path(path)
+        return StagedInstance(path, folder, sop_uid, sha256, size, path.parent == self.ready)
 
     @staticmethod
     def _final_path(staged: StagedInstance, version: int) -> Path:
@@ -188,17 +226,18 @@ class FileStore:
         staged.tmp.unlink(missing_ok=True)
 
     def sweep_temporaries(self) -> int:
-        """Remove temporary files a killed process left behind; return how many.
+        """Remove temporary files a killed process left behind; return how many held bytes.
 
-        Only safe at start-up, before associations are served: a temporary file belongs to a
-        C-STORE that was never answered with success, so its sender will send it again.
+        Only safe at start-up, before associations are served, and after the outbox finished
+        its placements (:meth:`Outbox.open`): a temporary file then belongs to a C-STORE that
+        was never answered with success, so its sender will send it again.
         """
         if not self.root.is_dir():
             return 0
         count = 0
-        for tmp in self.incoming.glob("*.tmp"):
+        for tmp in (*self.incoming.glob("*.tmp"), *self.ready.glob("*.tmp")):
+            count += tmp.stat().st_size > 0  # a ready file never written is not worth a word
             tmp.unlink(missing_ok=True)
-            count += 1
         return count
 
 

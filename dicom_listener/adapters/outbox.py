@@ -5,6 +5,12 @@ The C-STORE handler records an instance and its event in one transaction
 whether or not Kafka is up. The publisher (:mod:`dicom_listener.adapters.publisher`) reads the
 events in sequence order, sends them, and deletes them once Kafka acknowledged them.
 
+``placements`` lists files renamed into the store whose new name may not be durable yet: a file
+received under a name already durable (:meth:`FileStore.open_incoming`) is renamed into place
+in the transaction without an fsync of its folder, which would be the C-STORE's third flush.
+:class:`PlacementSettler` fsyncs those folders in batches, off the C-STORE path, and forgets
+the rows; after a crash, :meth:`Outbox.open` renames any file whose new name was lost again.
+
 ``instances`` remembers the SHA-256 and version of every SOPInstanceUID stored, which is how a
 duplicate send (same bytes: no second event) is told from a new version (other bytes).
 Several listener processes may share one database: SQLite serialises the writers.
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import queue
 import sqlite3
@@ -21,12 +28,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from scanwatch.durable import fsync_dir
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 #: Most C-STOREs committed together in one group commit.
@@ -34,6 +43,9 @@ GROUP_COMMIT_MAX = 64
 #: Longest a group commit waits for announced C-STOREs (:meth:`Outbox.announce`) to join it.
 #: About the time to fsync a typical instance: waiting saves the next batch's two fsyncs.
 GROUP_COMMIT_WAIT_S = 0.002
+
+#: How often :class:`PlacementSettler` makes the names of placed files durable.
+SETTLE_INTERVAL_S = 0.25
 
 #: How long a writer waits for another process's transaction before failing.
 BUSY_TIMEOUT_MS = 30_000
@@ -53,6 +65,11 @@ CREATE TABLE IF NOT EXISTS procedure_steps (
     calling_ae_title TEXT NOT NULL,
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS placements (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    staged TEXT NOT NULL,
+    final TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS outbox (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -110,6 +127,13 @@ class OutboxTransaction:
 
     def fsync_folder_before_commit(self, folder: Path) -> None:
         self.folders.add(folder)
+
+    def place_later(self, staged: Path, final: Path) -> None:
+        """Record that the file named ``staged`` (a durable name) was renamed to ``final``,
+        whose folder is not fsync'd yet: the rename is redone after a crash that lost it."""
+        self._conn.execute(
+            "INSERT INTO placements (staged, final) VALUES (?, ?)", (str(staged), str(final))
+        )
 
     def on_rollback(self, callback: Callable[[], None]) -> None:
         self.undo.append(callback)
@@ -247,8 +271,42 @@ class Outbox:
         return conn
 
     def open(self) -> None:
-        """Create the database if needed (fails early on an unusable path)."""
+        """Create the database if needed (fails early on an unusable path), and finish the
+        placements a crash may have left (their renames redone, their folders fsync'd)."""
         self._connect()
+        self.settle_placements(recover=True)
+
+    def settle_placements(self, recover: bool = False) -> int:
+        """Make the names of placed files durable: fsync each folder a file was renamed into,
+        then forget those rows; return how many. ``recover`` (at start-up): first rename again
+        each file whose new name a crash lost (its durable old name is still there)."""
+        conn = self._connect()
+        with self._write_lock() if recover else nullcontext():
+            rows = conn.execute("SELECT id, staged, final FROM placements ORDER BY id").fetchall()
+            if not rows:
+                return 0
+            folders: set[Path] = set()
+            for _id, staged, final in rows:
+                path = Path(final)
+                if recover and not path.exists():
+                    try:
+                        os.replace(staged, path)
+                    except FileNotFoundError:
+                        log.error("placed file missing under both names", extra={"id": _id})
+                        continue
+                    log.warning("placement redone after a crash", extra={"id": _id})
+                folders.add(path.parent)
+            for folder in folders:
+                with suppress(FileNotFoundError):  # its study was removed meanwhile
+                    fsync_dir(folder)
+            # Without an fsync: a delete lost in a power cut only settles those rows again.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            try:
+                with nullcontext() if recover else self._write_lock():
+                    conn.execute("DELETE FROM placements WHERE id <= ?", (rows[-1][0],))
+            finally:
+                conn.execute("PRAGMA synchronous=FULL")
+        return len(rows)
 
     def on_commit(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` after each committed :meth:`transaction` (wakes the publisher)."""
@@ -453,3 +511,36 @@ class Outbox:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+class PlacementSettler:
+    """A thread that settles the outbox's placements (:meth:`Outbox.settle_placements`) every
+    ``interval_s``, so that one folder fsync serves every file placed in it meanwhile."""
+
+    def __init__(self, outbox: Outbox, interval_s: float = SETTLE_INTERVAL_S) -> None:
+        self.outbox = outbox
+        self.interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="placement-settler", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._settle()
+        self._settle()
+        self.outbox.release_connection()
+
+    def _settle(self) -> None:
+        try:
+            self.outbox.settle_placements()
+        except (OSError, sqlite3.Error) as exc:  # tried again next time; nothing is lost
+            log.warning("placements not settled: %r", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None

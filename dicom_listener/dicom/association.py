@@ -133,6 +133,9 @@ class ServerConfig:
     #: Abstract syntax → transfer syntaxes accepted for it (Verification included).
     contexts: dict[str, frozenset[str]]
     incoming_dir: Path
+    #: Opens the file a dataset is received into (path, descriptor open for writing); unset:
+    #: a new file in ``incoming_dir``.
+    open_incoming: Callable[[], tuple[Path, int]] | None = None
     max_pdu_size: int = 262_144
     max_associations: int = 32
     network_timeout_s: float = 60.0
@@ -153,15 +156,18 @@ class _Incoming:
     dropped, and the C-STORE is answered with a failure status.
     """
 
-    def __init__(self, folder: Path, header: bytes) -> None:
-        self.path = folder / f"{uuid.uuid4().hex}.tmp"
+    def __init__(self, config: ServerConfig, header: bytes) -> None:
+        self.path = config.incoming_dir / f"{uuid.uuid4().hex}.tmp"
         self.digest = hashlib.sha256()
         self.size = 0
         self.error: OSError | None = None
         self.data: bytearray | None = bytearray()
         self.fd = -1
         try:
-            self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            if config.open_incoming is not None:
+                self.path, self.fd = config.open_incoming()
+            else:
+                self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as exc:
             self.error = exc
         self.write(header)
@@ -501,7 +507,7 @@ class Association:
         header = file_meta_bytes(
             sop_class, _uid_or(command, AFFECTED_SOP_INSTANCE, "0"), transfer_syntax
         )
-        return _Request(context_id, command, _Incoming(self.config.incoming_dir, header))
+        return _Request(context_id, command, _Incoming(self.config, header))
 
     def _on_normalized(self, request: _Request) -> None:
         """Hand an N-CREATE or N-SET to its handler and answer with its status (PS3.7 10.1)."""

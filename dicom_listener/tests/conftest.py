@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from io import BytesIO
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from scanwatch.sample import build_mr_study
@@ -33,3 +35,25 @@ def mr_series(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
 def dataset_bytes() -> Callable[[bytes], bytes]:
     """The dataset part of a Part 10 file's bytes (what travels in a C-STORE)."""
     return lambda data: split_part10(data)[1]
+
+
+@pytest.fixture
+def encode(dataset_bytes: Callable[[bytes], bytes]) -> Callable[[pydicom.Dataset], bytes]:
+    """A dataset as it travels in a C-STORE: explicit VR little endian, no file meta."""
+
+    def _encode(ds: pydicom.Dataset) -> bytes:
+        out = BytesIO()
+        ds.save_as(out, enforce_file_format=True, implicit_vr=False, little_endian=True)
+        return dataset_bytes(out.getvalue())
+
+    return _encode
+
+
+@pytest.fixture
+def instance(mr_series: list[Path]) -> pydicom.Dataset:
+    return pydicom.dcmread(mr_series[0])
+
+
+@pytest.fixture
+def wire(mr_series: list[Path], dataset_bytes: Callable[[bytes], bytes]) -> bytes:
+    return dataset_bytes(mr_series[0].read_bytes())

@@ -8,7 +8,6 @@ import hashlib
 import itertools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -97,28 +96,6 @@ def store_event(
         calling_ae_title=CALLING_AE,
         called_ae_title=CALLED_AE,
     )
-
-
-@pytest.fixture
-def encode(dataset_bytes: Callable[[bytes], bytes]) -> Callable[[pydicom.Dataset], bytes]:
-    """A dataset as it travels in a C-STORE: explicit VR little endian, no file meta."""
-
-    def _encode(ds: pydicom.Dataset) -> bytes:
-        out = BytesIO()
-        ds.save_as(out, enforce_file_format=True, implicit_vr=False, little_endian=True)
-        return dataset_bytes(out.getvalue())
-
-    return _encode
-
-
-@pytest.fixture
-def instance(mr_series: list[Path]) -> pydicom.Dataset:
-    return pydicom.dcmread(mr_series[0])
-
-
-@pytest.fixture
-def wire(mr_series: list[Path], dataset_bytes: Callable[[bytes], bytes]) -> bytes:
-    return dataset_bytes(mr_series[0].read_bytes())
 
 
 def context(
