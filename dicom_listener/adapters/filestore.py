@@ -21,6 +21,7 @@ later, for many files at once.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import uuid
@@ -34,6 +35,8 @@ from urllib.request import url2pathname
 
 from scanwatch.durable import fsync_dir
 from scanwatch.store_layout import check_uid, instance_file_name
+
+log = logging.getLogger(__name__)
 
 #: Bytes copied per read when streaming an instance to disk.
 CHUNK_BYTES = 1024 * 1024
@@ -130,23 +133,40 @@ class FileStore:
         self.ready = self.incoming / "ready"
         self._ready: list[Path] = []
         self._ready_lock = threading.Lock()
+        self._refilling = False
 
     def open_incoming(self) -> tuple[Path, int]:
         """A file for a dataset about to be received, and a descriptor open for writing: one
-        of the empty files whose names were made durable ahead of time. Raises ``OSError``."""
+        of the empty files whose names were made durable ahead of time. Raises ``OSError``.
+
+        The next batch is made on a thread of its own when half of this one is used: creating
+        a file waits for the filesystem's journal, which the C-STORE need not do."""
         with self._ready_lock:
             if not self._ready:
-                self._make_ready()
+                self._ready.extend(self._make_ready())
             path = self._ready.pop()
+            if len(self._ready) < READY_BATCH // 2 and not self._refilling:
+                self._refilling = True
+                threading.Thread(target=self._refill, name="incoming-files", daemon=True).start()
         return path, os.open(path, os.O_WRONLY)
 
-    def _make_ready(self) -> None:
+    def _refill(self) -> None:
+        batch: list[Path] = []
+        try:
+            batch = self._make_ready()
+        except OSError as exc:  # the C-STORE that finds none left makes its own (or fails)
+            log.warning("incoming files not made ready: %r", exc)
+        with self._ready_lock:
+            self._ready.extend(batch)
+            self._refilling = False
+
+    def _make_ready(self) -> list[Path]:
         self._ensure_dir(self.ready)
         batch = [self.ready / f"{uuid.uuid4().hex}.tmp" for _ in range(READY_BATCH)]
         for path in batch:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         fsync_dir(self.ready)
-        self._ready.extend(batch)
+        return batch
 
     def folder_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         """The folder of an instance; raises ``ValueError`` on a malformed UID."""

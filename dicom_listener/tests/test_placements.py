@@ -68,15 +68,19 @@ def test_incoming_files_are_made_ready_a_batch_at_a_time_with_one_folder_fsync(
     tmp_path: Path, folder_fsyncs: list[Path]
 ) -> None:
     store = FileStore(tmp_path / "store")
-    opened = [store.open_incoming() for _ in range(READY_BATCH + 1)]
+    opened = [store.open_incoming()]  # none ready: this C-STORE makes the first batch
+    assert folder_fsyncs.count(store.ready) == 1
+    assert len(list(store.ready.iterdir())) == READY_BATCH
+    # Half of it used: the next batch is made beside the C-STOREs, with one fsync.
+    opened += [store.open_incoming() for _ in range(READY_BATCH // 2)]
+    assert wait_for(lambda: len(list(store.ready.iterdir())) == 2 * READY_BATCH, timeout=10)
+    assert wait_for(lambda: folder_fsyncs.count(store.ready) == 2, timeout=10)
+    opened += [store.open_incoming() for _ in range(READY_BATCH // 2)]
     for _path, fd in opened:
         os.close(fd)
     paths = [path for path, _fd in opened]
     assert len(set(paths)) == len(paths)
     assert all(p.parent == store.ready and p.is_file() and p.stat().st_size == 0 for p in paths)
-    # Two batches: each one fsync of the ready folder (plus, once, the folders made for it).
-    assert folder_fsyncs.count(store.ready) == 2
-    assert len(list(store.ready.iterdir())) == 2 * READY_BATCH
 
 
 def test_a_file_received_under_a_durable_name_is_placed_without_a_folder_fsync(
