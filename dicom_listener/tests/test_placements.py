@@ -22,7 +22,7 @@ from dicom_listener.adapters import outbox as outbox_module
 from dicom_listener.adapters.filestore import READY_BATCH, FileStore
 from dicom_listener.adapters.outbox import Outbox, PlacementSettler
 from dicom_listener.dicom.statuses import SUCCESS
-from dicom_listener.handlers import handle_store
+from dicom_listener.handlers import StoreContext, handle_store
 from dicom_listener.tests.test_listener_handlers import context, store_event
 
 
@@ -44,6 +44,12 @@ def folder_fsyncs(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Path]]:
 def placements(outbox_path: Path) -> list[tuple[str, str]]:
     with sqlite3.connect(outbox_path) as conn:
         return conn.execute("SELECT staged, final FROM placements ORDER BY id").fetchall()
+
+
+def file_store_context(tmp_path: Path) -> tuple[StoreContext, FileStore]:
+    ctx = context(tmp_path)
+    assert isinstance(ctx.store, FileStore)
+    return ctx, ctx.store
 
 
 def received_ready(store: FileStore, wire: bytes, sop: str, tmp_path: Path):  # type: ignore[no-untyped-def]
@@ -90,9 +96,7 @@ def test_a_file_received_under_a_durable_name_is_placed_without_a_folder_fsync(
     encode: Callable[[pydicom.Dataset], bytes],
     folder_fsyncs: list[Path],
 ) -> None:
-    ctx = context(tmp_path)
-    store = ctx.store
-    assert isinstance(store, FileStore)
+    ctx, store = file_store_context(tmp_path)
     received = received_ready(store, wire, instance.SOPInstanceUID, tmp_path)
     assert handle_store(received, ctx).Status == SUCCESS
     series = store.folder_for(instance.StudyInstanceUID, instance.SeriesInstanceUID, "1.2")
@@ -133,9 +137,7 @@ def test_a_file_received_under_a_new_name_still_has_its_folder_fsynced_before_th
 def test_a_rename_lost_in_a_crash_is_redone_when_the_outbox_opens(
     tmp_path: Path, instance: pydicom.Dataset, wire: bytes
 ) -> None:
-    ctx = context(tmp_path)
-    store = ctx.store
-    assert isinstance(store, FileStore)
+    ctx, store = file_store_context(tmp_path)
     received = received_ready(store, wire, instance.SOPInstanceUID, tmp_path)
     assert handle_store(received, ctx).Status == SUCCESS
     [(staged, final)] = placements(tmp_path / "outbox.sqlite3")
@@ -160,9 +162,7 @@ def test_a_crash_before_the_rename_leaves_nothing_to_redo(
     tmp_path: Path, instance: pydicom.Dataset, wire: bytes
 ) -> None:
     """Not recorded means not answered: the sweep removes the file and the sender retries."""
-    ctx = context(tmp_path)
-    store = ctx.store
-    assert isinstance(store, FileStore)
+    ctx, store = file_store_context(tmp_path)
     received_ready(store, wire, instance.SOPInstanceUID, tmp_path)  # received, never handled
     ctx.outbox.open()
     assert placements(tmp_path / "outbox.sqlite3") == []
@@ -177,9 +177,7 @@ def test_the_settler_settles_placements_in_the_background(
     wire: bytes,
     encode: Callable[[pydicom.Dataset], bytes],
 ) -> None:
-    ctx = context(tmp_path)
-    store = ctx.store
-    assert isinstance(store, FileStore)
+    ctx, store = file_store_context(tmp_path)
     settler = PlacementSettler(ctx.outbox, interval_s=0.01)
     settler.start()
     try:
