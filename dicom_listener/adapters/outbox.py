@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -273,40 +273,53 @@ class Outbox:
     def open(self) -> None:
         """Create the database if needed (fails early on an unusable path), and finish the
         placements a crash may have left (their renames redone, their folders fsync'd)."""
-        self._connect()
-        self.settle_placements(recover=True)
-
-    def settle_placements(self, recover: bool = False) -> int:
-        """Make the names of placed files durable: fsync each folder a file was renamed into,
-        then forget those rows; return how many. ``recover`` (at start-up): first rename again
-        each file whose new name a crash lost (its durable old name is still there)."""
         conn = self._connect()
-        with self._write_lock() if recover else nullcontext():
-            rows = conn.execute("SELECT id, staged, final FROM placements ORDER BY id").fetchall()
-            if not rows:
-                return 0
-            folders: set[Path] = set()
-            for _id, staged, final in rows:
-                path = Path(final)
-                if recover and not path.exists():
+        with self._write_lock():  # one process redoes them; the others find them done
+            for _id, staged, final in self._placements(conn):
+                if not Path(final).exists():
                     try:
-                        os.replace(staged, path)
+                        os.replace(staged, final)
                     except FileNotFoundError:
                         log.error("placed file missing under both names", extra={"id": _id})
                         continue
                     log.warning("placement redone after a crash", extra={"id": _id})
-                folders.add(path.parent)
-            for folder in folders:
-                with suppress(FileNotFoundError):  # its study was removed meanwhile
-                    fsync_dir(folder)
-            # Without an fsync: a delete lost in a power cut only settles those rows again.
-            conn.execute("PRAGMA synchronous=NORMAL")
-            try:
-                with nullcontext() if recover else self._write_lock():
-                    conn.execute("DELETE FROM placements WHERE id <= ?", (rows[-1][0],))
-            finally:
-                conn.execute("PRAGMA synchronous=FULL")
+        self.settle_placements()
+
+    @staticmethod
+    def _placements(conn: sqlite3.Connection) -> list[tuple[int, str, str]]:
+        return conn.execute("SELECT id, staged, final FROM placements ORDER BY id").fetchall()
+
+    def settle_placements(self) -> int:
+        """Make the names of placed files durable: fsync each folder a file was renamed into,
+        then forget those rows; return how many."""
+        conn = self._connect()
+        rows = self._placements(conn)
+        if not rows:
+            return 0
+        for folder in {Path(final).parent for _id, _staged, final in rows}:
+            with suppress(FileNotFoundError):  # its study was removed meanwhile
+                fsync_dir(folder)
+        # A delete lost in a power cut only settles those rows again.
+        self._write_without_fsync(conn, "DELETE FROM placements WHERE id <= ?", [(rows[-1][0],)])
         return len(rows)
+
+    def _write_without_fsync(
+        self, conn: sqlite3.Connection, sql: str, params: list[tuple[Any, ...]]
+    ) -> None:
+        """One write transaction whose commit does not wait for an fsync (for writes a power
+        cut may undo harmlessly), under a short lock so that C-STORE commits barely wait."""
+        conn.execute("PRAGMA synchronous=NORMAL")
+        try:
+            with self._write_lock():
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    conn.executemany(sql, params)
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+        finally:
+            conn.execute("PRAGMA synchronous=FULL")
 
     def on_commit(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` after each committed :meth:`transaction` (wakes the publisher)."""
@@ -476,19 +489,10 @@ class Outbox:
         """Forget events Kafka acknowledged."""
         if not seqs:
             return
-        conn = self._connect()
-        # Without an fsync: a delete lost in a power cut only sends its event again (delivery
-        # is at least once), and a short lock keeps the C-STORE commits from waiting on it.
-        conn.execute("PRAGMA synchronous=NORMAL")
-        with self._write_lock():
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                conn.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs])
-            except BaseException:
-                conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
-        conn.execute("PRAGMA synchronous=FULL")
+        # A delete lost in a power cut only sends its event again (delivery is at least once).
+        self._write_without_fsync(
+            self._connect(), "DELETE FROM outbox WHERE seq = ?", [(s,) for s in seqs]
+        )
 
     def depth(self) -> int:
         """Number of undelivered events (an upper bound, read from the rowid index in
@@ -524,10 +528,17 @@ class PlacementSettler:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="placement-settler", daemon=True)
+        """Start the thread; return once it holds its outbox connection (opened once, kept)."""
+        connected = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(connected,), name="placement-settler", daemon=True
+        )
         self._thread.start()
+        connected.wait()
 
-    def _run(self) -> None:
+    def _run(self, connected: threading.Event) -> None:
+        self._settle()
+        connected.set()
         while not self._stop.wait(self.interval_s):
             self._settle()
         self._settle()
