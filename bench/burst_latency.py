@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from devtools.benchmarks import percentile, stack_config  # noqa: E402
 from devtools.peers import storescu  # noqa: E402
-from devtools.stack import Stack  # noqa: E402
+from devtools.stack import Stack, StackConfig  # noqa: E402
 from scanwatch import ids  # noqa: E402
 from scanwatch.sample import build_mr_study  # noqa: E402
 
@@ -67,14 +67,17 @@ def main() -> int:
     args.add_argument("--rounds", type=int, default=3)
     args.add_argument("--slices", type=int, default=38)
     args.add_argument("--quiet-period", type=float, default=1.0)
+    args.add_argument(
+        "--scoring-nice",
+        type=int,
+        default=StackConfig.scoring_nice,
+        help="niceness of the scoring services (default: make run's)",
+    )
     opts = args.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         var = Path(tmp)
-        config = stack_config(
-            var,
-            quiet_period_s=opts.quiet_period,
-        )
+        config = stack_config(var, quiet_period_s=opts.quiet_period, scoring_nice=opts.scoring_nice)
         stack = Stack(config)
         stack.start()
         bench = Bench(stack, var, opts.slices)
@@ -119,6 +122,7 @@ def main() -> int:
         "rounds": opts.rounds,
         "slices_per_study": opts.slices,
         "quiet_period_s": opts.quiet_period,
+        "scoring_nice": opts.scoring_nice,
         "alone_s_median": round(statistics.median(alone), 3),
         "first_before_burst_s_median": round(statistics.median(first), 3),
         "first_before_burst_s_max": round(max(first), 3),

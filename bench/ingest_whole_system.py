@@ -37,7 +37,7 @@ from devtools.benchmarks import stack_config  # noqa: E402
 from devtools.faults import listener_metric  # noqa: E402
 from devtools.kafka_local import free_port  # noqa: E402
 from devtools.orthanc import LocalOrthanc  # noqa: E402
-from devtools.stack import Stack  # noqa: E402
+from devtools.stack import Stack, StackConfig  # noqa: E402
 from devtools.testing import wait_for  # noqa: E402
 from scanwatch import ids  # noqa: E402
 from scanwatch.sample import build_mr_study  # noqa: E402
@@ -116,6 +116,12 @@ def main() -> int:
     args.add_argument("--studies", type=int, default=10)
     args.add_argument("--slices", type=int, default=38)
     args.add_argument("--associations", type=int, default=1)
+    args.add_argument(
+        "--scoring-nice",
+        type=int,
+        default=StackConfig.scoring_nice,
+        help="niceness of the scoring services (default: make run's)",
+    )
     opts = args.parse_args()
     load_before = os.getloadavg()
     scanwatch_rates: list[float] = []
@@ -124,9 +130,7 @@ def main() -> int:
     windows: list[dict[str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         var = Path(tmp)
-        config = stack_config(
-            var / "stack",
-        )
+        config = stack_config(var / "stack", scoring_nice=opts.scoring_nice)
         stack = Stack(config)
         stack.start()
         try:
@@ -185,6 +189,7 @@ def main() -> int:
         "rounds": opts.rounds,
         "instances_per_round": opts.studies * opts.slices,
         "associations": opts.associations,
+        "scoring_nice": opts.scoring_nice,
         "scanwatch_instances_per_s": [round(r, 1) for r in scanwatch_rates],
         "orthanc_instances_per_s": [round(r, 1) for r in orthanc_rates],
         "scanwatch_median": round(statistics.median(scanwatch_rates), 1),

@@ -55,3 +55,38 @@ def test_stop_and_kill_take_the_services_children_with_them(tmp_path: Path) -> N
 
     stack.stop()
     wait_for(lambda: not alive(stopped), timeout=30, what="the stopped service's child gone")
+
+
+def niceness(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+def test_the_scoring_services_yield_the_cores_to_the_listener_and_the_fhir_api(
+    tmp_path: Path,
+) -> None:
+    stack = Stack(StackConfig(var=tmp_path, chatbot=True, scoring_nice=10))
+    nice = {s.name: s.nice for s in stack.services}
+    scoring = {"model-server", "inference-worker", "training-worker"}
+    assert {name: n for name, n in nice.items() if n} == dict.fromkeys(scoring, 10)
+    assert {"dicom-listener", "fhir-api", "chat", "portal"} <= set(nice)
+
+    stack = Stack(StackConfig(var=tmp_path, only=()))
+    stack.logs.mkdir(parents=True, exist_ok=True)
+    pid_file = tmp_path / "niced.pid"
+    service = Service(
+        name="niced",
+        argv=[sys.executable, "-c", PARENT, str(pid_file)],
+        env=dict(os.environ),
+        healthy=lambda: True,
+        nice=7,
+    )
+    stack.services.append(service)
+    stack._spawn(service)
+    child = int(wait_for(lambda: pid_file.is_file() and pid_file.read_text(), timeout=30))
+    assert service.process is not None
+    # The service itself, not a nice wrapper, holds the pid the stack signals; its children
+    # inherit the niceness.
+    assert Path(f"/proc/{service.process.pid}/exe").resolve() == Path(sys.executable).resolve()
+    assert niceness(service.process.pid) == niceness(child) == niceness(os.getpid()) + 7
+    stack.stop()
+    wait_for(lambda: not alive(child), timeout=30, what="the niced service's child gone")
