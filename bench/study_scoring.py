@@ -2,7 +2,7 @@
 study: report it").
 
     .venv/bin/python bench/study_scoring.py [--slices 160] [--rounds 3] [--engine tensorflow]
-        [--model-dir training/default_model/saved_model] [--batch 16]
+        [--model-dir training/default_model/saved_model | --image-size N] [--batch 16]
 
 One synthetic axial MR series of ``--slices`` slices (the bundled MNI152 sample,
 ``scanwatch.sample.build_mr_study``, at half its slice spacing: each sample slice is written a
@@ -121,6 +121,16 @@ def stored_study(folder: Path, slices: int) -> list[InstanceRef]:
     return refs
 
 
+def publish_resized(repository: Path, size: int) -> None:
+    """The shipped model's weights built for ``size``² inputs, published as version 1."""
+    from training.default_model import SHIPPED, SHIPPED_REPORT, load_shipped_classifier
+    from training.export import export_saved_model
+
+    report = json.loads((SHIPPED / SHIPPED_REPORT).read_text())
+    model = load_shipped_classifier(image_size=size)
+    export_saved_model(model, report["class_names"], 0.5, repository, DEFAULT_MODEL_NAME, 1)
+
+
 def model_server(repository: Path, engine: str, cache: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {
@@ -152,6 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--engine", choices=["tensorflow", "openvino"], default="tensorflow")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        help="serve the shipped model's weights at this input size instead of --model-dir "
+        "(issue 18 point 7: what a larger input costs; its scores mean nothing)",
+    )
     args = parser.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="bench-study-"))
@@ -160,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         out("load average before:", os.getloadavg())
         refs = stored_study(work, args.slices)
         repository = work / "models"
-        shutil.copytree(args.model_dir, repository / DEFAULT_MODEL_NAME / "1")
+        if args.image_size:
+            publish_resized(repository, args.image_size)
+        else:
+            shutil.copytree(args.model_dir, repository / DEFAULT_MODEL_NAME / "1")
         proc, target = model_server(repository, args.engine, work / "openvino-cache")
         loop = asyncio.new_event_loop()
         client = ModelClient(target, DEFAULT_MODEL_NAME, batch_size=args.batch)
@@ -232,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         score_path = ("select_series", "predict", "study rule", "fhir build")
         out(
             f"\nstudy: {len(selected.images)} of {args.slices} slices scored at {size}², "
-            f"model {args.model_dir.name} on {args.engine}, batch {args.batch}, "
+            f"model {'the shipped weights resized' if args.image_size else args.model_dir.name} "
+            f"on {args.engine}, batch {args.batch}, "
             f"median of {args.rounds} rounds"
         )
         out(f"{'stage':<28}{'wall ms':>10}{'CPU ms':>10}")

@@ -87,18 +87,22 @@ def publish_shipped(repository: Path, name: str, source: Path = SHIPPED) -> Path
     return target
 
 
-def load_shipped_classifier(source: Path = SHIPPED) -> Any:
+def load_shipped_classifier(source: Path = SHIPPED, image_size: int | None = None) -> Any:
     """The shipped model as a Keras classifier: :func:`training.model.build_classifier`'s
     architecture with the weights read from the shipped SavedModel's variables (every one of
     them is consumed, or this raises). How the shipped model is re-exported with new serving
-    signatures without retraining it."""
+    signatures without retraining it.
+
+    ``image_size``: build it for this input size instead of the shipped one (EfficientNet's
+    weights do not depend on it): what a model of that size costs to serve
+    (``bench/study_scoring.py --image-size``); its scores were not trained at that size."""
     import tensorflow as tf
 
     from training.model import build_classifier
 
     report = json.loads((source / SHIPPED_REPORT).read_text())
     inputs, _ = read_signature(source / SHIPPED_MODEL)
-    size = int(inputs[model_signature.INPUT.name].shape[1])
+    size = image_size or int(inputs[model_signature.INPUT.name].shape[1])
     model = build_classifier(report["class_names"], image_size=size, variant=VARIANT, seed=SEED)
     # The SavedModel's root is export.ServingModule, whose child ``model`` is the classifier.
     status = tf.train.Checkpoint(model=model).read(

@@ -24,6 +24,7 @@ from training.default_model import (
     SHIPPED,
     SHIPPED_MODEL,
     SHIPPED_REPORT,
+    load_shipped_classifier,
     main,
     reexport_probe,
     reexport_shipped,
@@ -144,3 +145,17 @@ def test_a_reexport_keeps_the_scores_and_replaces_the_model_in_place(tmp_path: P
         source / SHIPPED_MODEL, model_signature.SALIENCY_SIGNATURE_NAME
     )
     assert model_signature.check_saliency(inputs, outputs) == []
+
+
+def test_the_shipped_weights_load_into_a_larger_input() -> None:
+    """Issue 18 point 7's cost side: the shipped weights in a 160² graph, every variable
+    consumed, the same architecture, scoring 160² images."""
+    shipped = load_shipped_classifier()
+    larger = load_shipped_classifier(image_size=160)
+    assert shipped.input_shape[1:3] == (128, 128)
+    assert larger.input_shape[1:3] == (160, 160)
+    for a, b in zip(shipped.weights, larger.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    scores = larger.predict(reexport_probe(160), verbose=0)
+    assert scores.shape == (8, len(CLASS_NAMES))
+    np.testing.assert_allclose(scores.sum(axis=1), 1.0, atol=1e-5)
