@@ -61,7 +61,7 @@ def niceness(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
 
 
-def test_the_scoring_services_yield_the_cores_to_the_listener_and_the_fhir_api(
+def test_the_scoring_services_can_run_below_the_listener_and_the_fhir_apis_priority(
     tmp_path: Path,
 ) -> None:
     stack = Stack(StackConfig(var=tmp_path, chatbot=True, scoring_nice=10))
@@ -87,6 +87,6 @@ def test_the_scoring_services_yield_the_cores_to_the_listener_and_the_fhir_api(
     # The service itself, not a nice wrapper, holds the pid the stack signals; its children
     # inherit the niceness.
     assert Path(f"/proc/{service.process.pid}/exe").resolve() == Path(sys.executable).resolve()
-    assert niceness(service.process.pid) == niceness(child) == niceness(os.getpid()) + 7
+    assert niceness(service.process.pid) == niceness(child) == min(niceness(os.getpid()) + 7, 19)
     stack.stop()
     wait_for(lambda: not alive(child), timeout=30, what="the niced service's child gone")
