@@ -34,6 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 from scanwatch.imaging import preprocess_grey  # noqa: E402
 from scanwatch.sample import mni152_volume  # noqa: E402
+
+# The benchmark's own renderer, step by step (its private parts: this bench takes it apart to
+# render one slice twice with the same noise).
 from training.study_dataset import (  # noqa: E402
     DEFAULT,
     TISSUE_LEVEL,
