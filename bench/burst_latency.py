@@ -25,9 +25,9 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from devtools.benchmarks import percentile, stack_config  # noqa: E402
+from devtools.benchmarks import add_scoring_nice, percentile, stack_config  # noqa: E402
 from devtools.peers import storescu  # noqa: E402
-from devtools.stack import Stack, StackConfig  # noqa: E402
+from devtools.stack import Stack  # noqa: E402
 from scanwatch import ids  # noqa: E402
 from scanwatch.sample import build_mr_study  # noqa: E402
 
@@ -67,12 +67,7 @@ def main() -> int:
     args.add_argument("--rounds", type=int, default=3)
     args.add_argument("--slices", type=int, default=38)
     args.add_argument("--quiet-period", type=float, default=1.0)
-    args.add_argument(
-        "--scoring-nice",
-        type=int,
-        default=StackConfig.scoring_nice,
-        help="niceness of the scoring services (default: make run's)",
-    )
+    add_scoring_nice(args)
     opts = args.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -33,11 +33,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.ingest_bench import send  # noqa: E402
-from devtools.benchmarks import stack_config  # noqa: E402
+from devtools.benchmarks import add_scoring_nice, stack_config  # noqa: E402
 from devtools.faults import listener_metric  # noqa: E402
 from devtools.kafka_local import free_port  # noqa: E402
 from devtools.orthanc import LocalOrthanc  # noqa: E402
-from devtools.stack import Stack, StackConfig  # noqa: E402
+from devtools.stack import Stack  # noqa: E402
 from devtools.testing import wait_for  # noqa: E402
 from scanwatch import ids  # noqa: E402
 from scanwatch.sample import build_mr_study  # noqa: E402
@@ -116,12 +116,7 @@ def main() -> int:
     args.add_argument("--studies", type=int, default=10)
     args.add_argument("--slices", type=int, default=38)
     args.add_argument("--associations", type=int, default=1)
-    args.add_argument(
-        "--scoring-nice",
-        type=int,
-        default=StackConfig.scoring_nice,
-        help="niceness of the scoring services (default: make run's)",
-    )
+    add_scoring_nice(args)
     opts = args.parse_args()
     load_before = os.getloadavg()
     scanwatch_rates: list[float] = []

@@ -66,22 +66,23 @@ def one_lesion(volume: np.ndarray, levels: list[int], seed: int, sizes: list[int
         lesion.diameter_mm >= WEDGE_FROM_MM,
     )
     planted = _plant(image, lesion, 1.0, centre, rng)
-    quiet = {**subject, "noise": 0.0}
     state = rng.bit_generator.state
-    finished = {}
-    for name, picture, who in (("with", planted, subject), ("without", image, subject)):
-        rng.bit_generator.state = copy.deepcopy(state)  # the same bias field and noise
-        finished[name] = finish_slice(picture, rng, who)
-    rng.bit_generator.state = copy.deepcopy(state)
-    clean = finish_slice(image, rng, quiet)
+
+    def finished(picture: np.ndarray, noise: float) -> np.ndarray:
+        """``picture`` finished from the same generator state: the same bias field and noise."""
+        rng.bit_generator.state = copy.deepcopy(state)
+        return finish_slice(picture, rng, {**subject, "noise": noise})
+
+    with_lesion = finished(planted, subject["noise"])
+    without = finished(image, subject["noise"])
+    clean = finished(image, 0.0)
     out = {"diameter_mm": lesion.diameter_mm, "contrast": abs(lesion.contrast)}
     for size in sizes:
-        lesioned = preprocess_grey(finished["with"], size)
-        normal = preprocess_grey(finished["without"], size)
-        noise = normal - preprocess_grey(clean, size)
+        normal = preprocess_grey(without, size)
+        quiet = preprocess_grey(clean, size)
         # The noise in the brain: where the noise-free input is above a sixth of its range.
-        sigma = float(np.std(noise[preprocess_grey(clean, size) > 255 / 6]))
-        signal = lesioned - normal
+        sigma = float(np.std((normal - quiet)[quiet > 255 / 6]))
+        signal = preprocess_grey(with_lesion, size) - normal
         out[f"peak_{size}"] = float(np.abs(signal).max() / sigma)
         out[f"pixels_{size}"] = int(np.count_nonzero(np.abs(signal) > 3 * sigma))
     return out

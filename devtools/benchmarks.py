@@ -1,8 +1,10 @@
 """What the benchmarks in ``bench/`` share: their output line, the nearest-rank percentile
-they report, the commit a result was measured at, and the development stack they start."""
+they report, the commit a result was measured at, and the development stack they start (and
+its scoring services' niceness, an option of the benches that start it)."""
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -49,4 +51,14 @@ def stack_config(var: Path, **settings: Any) -> StackConfig:
         models=ROOT / "var" / "models",
         kafka_libs=ROOT / "var" / "kafka" / "libs",
         **settings,
+    )
+
+
+def add_scoring_nice(parser: argparse.ArgumentParser) -> None:
+    """``--scoring-nice N``: the stack's ``StackConfig.scoring_nice`` for a bench's run."""
+    parser.add_argument(
+        "--scoring-nice",
+        type=int,
+        default=StackConfig.scoring_nice,
+        help="niceness of the scoring services (default: make run's)",
     )

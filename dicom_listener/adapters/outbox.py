@@ -537,8 +537,10 @@ class PlacementSettler:
         connected.wait()
 
     def _run(self, connected: threading.Event) -> None:
-        self._settle()
-        connected.set()
+        try:
+            self._settle()
+        finally:
+            connected.set()  # start() never waits on a thread that died
         while not self._stop.wait(self.interval_s):
             self._settle()
         self._settle()
