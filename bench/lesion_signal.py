@@ -16,6 +16,14 @@ Per lesion (its largest cross-section, the middle of its span), per size:
 Printed: the medians by lesion diameter, and the share of lesions whose peak reaches 5.
 The lesions are drawn as the benchmark draws them (`training.study_dataset`: 4-40 mm,
 log-uniform; 12-80 % contrast, log-uniform; the four kinds), on the benchmark's own slices.
+
+``--training-augmentation SIZE`` also passes each lesion's three inputs at SIZE (with the
+lesion, without it, noise-free) through training's resampling augmentation as one
+three-channel image, so that all three get the same rotation, shift and zoom: the stream's
+(`training.input_pipeline`, every training image) and, before it, a balancing copy's (most
+lesion-class images). Printed per diameter: the lesion's peak and the noise's standard
+deviation after augmentation, each as a share of the unaugmented one, and the peak over the
+augmented noise.
 """
 
 from __future__ import annotations
@@ -78,14 +86,41 @@ def one_lesion(volume: np.ndarray, levels: list[int], seed: int, sizes: list[int
     clean = finished(image, 0.0)
     out = {"diameter_mm": lesion.diameter_mm, "contrast": abs(lesion.contrast)}
     for size in sizes:
-        normal = preprocess_grey(without, size)
-        quiet = preprocess_grey(clean, size)
-        # The noise in the brain: where the noise-free input is above a sixth of its range.
-        sigma = float(np.std((normal - quiet)[quiet > 255 / 6]))
-        signal = preprocess_grey(with_lesion, size) - normal
-        out[f"peak_{size}"] = float(np.abs(signal).max() / sigma)
+        inputs = np.stack([preprocess_grey(p, size) for p in (with_lesion, without, clean)], -1)
+        peak, sigma = peak_and_noise(inputs)
+        out[f"peak_{size}"] = peak / sigma
+        signal = inputs[..., 0] - inputs[..., 1]
         out[f"pixels_{size}"] = int(np.count_nonzero(np.abs(signal) > 3 * sigma))
+        out[f"inputs_{size}"] = inputs
     return out
+
+
+def peak_and_noise(inputs: np.ndarray) -> tuple[float, float]:
+    """``(H, W, 3)`` inputs with the lesion, without it and noise-free → the lesion's largest
+    |signal| and the noise's standard deviation in the brain (where the noise-free input is
+    above a sixth of its range)."""
+    lesion, normal, quiet = (inputs[..., i] for i in range(3))
+    sigma = float(np.std((normal - quiet)[quiet > 255 / 6]))
+    return float(np.abs(lesion - normal).max()), sigma
+
+
+def augmentation_loss(rows: list[dict], size: int, seed: int) -> None:
+    """Adds to each row its peak and noise after training's resampling augmentation, as shares
+    of the unaugmented ones (see the module docstring)."""
+    from training.input_pipeline import _geometric_augmenter, augment_image
+
+    batch = np.stack([r[f"inputs_{size}"] for r in rows]).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    copies = np.stack([augment_image(image, rng) for image in batch])
+    augmenter = _geometric_augmenter(seed)
+    for name, images in (("stream", batch), ("copy", copies)):
+        augmented = np.asarray(augmenter(images, training=True))
+        for row, before, after in zip(rows, batch, augmented, strict=True):
+            peak, sigma = peak_and_noise(before)
+            new_peak, new_sigma = peak_and_noise(after)
+            row[f"{name}_peak_share"] = new_peak / peak
+            row[f"{name}_noise_share"] = new_sigma / sigma
+            row[f"{name}_peak"] = new_peak / new_sigma
 
 
 def main() -> int:
@@ -93,11 +128,18 @@ def main() -> int:
     parser.add_argument("--lesions", type=int, default=400)
     parser.add_argument("--sizes", type=int, nargs="+", default=[128, 224])
     parser.add_argument("--seed", type=int, default=2026)
+    parser.add_argument("--training-augmentation", type=int, metavar="SIZE")
     parser.add_argument("--out", type=Path, help="every lesion's figures as JSON")
     args = parser.parse_args()
     volume, _ = mni152_volume()
     levels = study_levels(volume, DEFAULT.slices_per_study)
-    rows = [one_lesion(volume, levels, args.seed + i, args.sizes) for i in range(args.lesions)]
+    sizes = sorted(set(args.sizes) | {args.training_augmentation} - {None})
+    rows = [one_lesion(volume, levels, args.seed + i, sizes) for i in range(args.lesions)]
+    if args.training_augmentation:
+        augmentation_loss(rows, args.training_augmentation, args.seed)
+    for row in rows:
+        for size in sizes:
+            del row[f"inputs_{size}"]
     if args.out:
         args.out.write_text(json.dumps(rows))
     head = ["diameter", "lesions"]
@@ -116,8 +158,30 @@ def main() -> int:
                 f"{statistics.median(r[f'pixels_{size}'] for r in group):g}",
             ]
         lines.append("| " + " | ".join(cells) + " |")
+    if args.training_augmentation:
+        lines += ["", augmentation_table(rows, args.training_augmentation)]
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
+
+
+def augmentation_table(rows: list[dict], size: int) -> str:
+    head = ["diameter", f"peak {size}²"]
+    for name in ("stream", "copy"):
+        head += [f"{name}: peak kept", f"{name}: noise kept", f"{name}: peak"]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    for low, high in zip(BINS, BINS[1:], strict=False):
+        group = [r for r in rows if low <= r["diameter_mm"] < high]
+        if not group:
+            continue
+        cells = [
+            f"{low:g}–{high:g} mm",
+            f"{statistics.median(r[f'peak_{size}'] for r in group):.1f}",
+        ]
+        for name in ("stream", "copy"):
+            for key, form in (("peak_share", ".2f"), ("noise_share", ".2f"), ("peak", ".1f")):
+                cells.append(format(statistics.median(r[f"{name}_{key}"] for r in group), form))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,10 @@ class TrainSettings(BaseSettings):
     )
     random_flip: bool = Field(True, description="Random left-right flips while training.")
     augment: bool = Field(
-        True, description="Random small rotations, shifts and zooms while training."
+        True,
+        description="Random small rotations, shifts and zooms while training, and in the "
+        "balancing copies; off, no training image is resampled (copies are flipped and scaled "
+        "in intensity only).",
     )
     seed: int = Field(0, description="Seeds weights, shuffling, augmentation and splits.")
     threshold: float = Field(

@@ -3,6 +3,10 @@
 Balancing happens once, in memory, before training: each minority class is topped up to the
 size of the largest with augmented copies of its own images (flip, small rotation and shift,
 intensity scaling), so the network sees every class equally often without exact duplicates.
+Rotation and shift resample the image, which smooths it: a lesion 2–3 pixels wide loses part of
+its peak and the noise part of its grain, so training images stop looking like the ones the
+model scores. Without ``geometric`` augmentation the copies are only flipped and scaled in
+intensity, and no training image is resampled.
 The training stream is then ``from_tensor_slices → cache → shuffle → batch → map → prefetch``,
 built so that the accelerator (here: the CPU cores running the model) never waits for data.
 """
@@ -24,25 +28,32 @@ INTENSITY_RANGE = (0.9, 1.1)
 PIXEL_MAX = 255.0
 
 
-def augment_image(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A plausible variant of one model-input image ``(H, W, C)`` in [0, 255]."""
+def augment_image(
+    image: np.ndarray, rng: np.random.Generator, geometric: bool = True
+) -> np.ndarray:
+    """A plausible variant of one model-input image ``(H, W, C)`` in [0, 255]: flipped or not,
+    scaled in intensity and, when ``geometric``, slightly rotated and shifted (resampled)."""
     out = image[:, ::-1] if rng.random() < 0.5 else image
-    out = ndimage.rotate(
-        out,
-        rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG),
-        axes=(0, 1),
-        reshape=False,
-        order=1,
-        mode="constant",
-    )
-    shift = rng.uniform(-MAX_SHIFT_SHARE, MAX_SHIFT_SHARE, 2) * image.shape[0]
-    out = ndimage.shift(out, (*shift, 0), order=1, mode="constant")
+    if geometric:
+        out = ndimage.rotate(
+            out,
+            rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG),
+            axes=(0, 1),
+            reshape=False,
+            order=1,
+            mode="constant",
+        )
+        shift = rng.uniform(-MAX_SHIFT_SHARE, MAX_SHIFT_SHARE, 2) * image.shape[0]
+        out = ndimage.shift(out, (*shift, 0), order=1, mode="constant")
     out = out * rng.uniform(*INTENSITY_RANGE)
     return np.clip(out, 0, PIXEL_MAX).astype(np.float32)
 
 
-def balance_with_augmentation(split: Split, n_classes: int, seed: int) -> tuple[Split, list[int]]:
-    """Top up every class to the largest class's count with augmented copies.
+def balance_with_augmentation(
+    split: Split, n_classes: int, seed: int, geometric: bool = True
+) -> tuple[Split, list[int]]:
+    """Top up every class to the largest class's count with augmented copies
+    (:func:`augment_image`; ``geometric=False``: flipped and intensity-scaled only).
 
     Returns the balanced split and the number of copies added per class. Copies keep the group
     of the image they came from.
@@ -56,7 +67,7 @@ def balance_with_augmentation(split: Split, n_classes: int, seed: int) -> tuple[
         if count == 0 or count == target:
             continue
         sources = rng.choice(np.flatnonzero(split.labels == label), target - count, replace=True)
-        images.append(np.stack([augment_image(split.images[i], rng) for i in sources]))
+        images.append(np.stack([augment_image(split.images[i], rng, geometric) for i in sources]))
         labels.append(np.full(len(sources), label, dtype=split.labels.dtype))
         groups.append(split.groups[sources])
         added[label] = len(sources)

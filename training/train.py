@@ -367,7 +367,7 @@ def train(
         for layer in batch_norm_layers(model):
             layer.momentum = SCRATCH_BN_MOMENTUM
     train_split, added = (
-        balance_with_augmentation(data.train, n_classes, settings.seed)
+        balance_with_augmentation(data.train, n_classes, settings.seed, settings.augment)
         if settings.balance
         else (data.train, [0] * n_classes)
     )

@@ -29,6 +29,20 @@ def test_minority_classes_topped_up_with_augmented_copies() -> None:
     assert set(balanced.groups[len(split) :]) <= set(split.groups[split.labels > 0])
 
 
+def test_copies_without_geometric_augmentation_are_not_resampled() -> None:
+    split = unbalanced()
+    split = Split(split.images * 0.8, split.labels, split.groups)  # no pixel clips at x1.1
+    balanced, added = balance_with_augmentation(split, 3, seed=1, geometric=False)
+    assert added == [0, 6, 9]
+    copies = zip(balanced.images[len(split) :], balanced.labels[len(split) :], strict=True)
+    for copy, label in copies:
+        # Each copy is one of its class's images, maybe mirrored, times one intensity factor:
+        # every pixel keeps its value relative to its neighbours (no interpolation smoothed it).
+        views = [v for o in split.images[split.labels == label] for v in (o, o[:, ::-1])]
+        assert any(np.allclose(copy, v * (copy.sum() / v.sum()), rtol=1e-4) for v in views)
+        assert not any(np.array_equal(copy, v) for v in views)
+
+
 def test_balanced_data_is_left_alone() -> None:
     split = unbalanced()
     even = Split(split.images[[0, 10, 14]], split.labels[[0, 10, 14]], split.groups[[0, 10, 14]])
