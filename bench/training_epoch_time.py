@@ -79,7 +79,12 @@ def main() -> None:
 
     bare_model, pipe_model = model(), model()
     stream = training_stream(
-        data.train, classes, args.batch_size, 0, settings.random_flip, settings.augment
+        data.train,
+        classes,
+        args.batch_size,
+        0,
+        settings.random_flip,
+        settings.augments(data.description),
     )
     run_dir = Path(tempfile.mkdtemp(prefix="epoch-bench-"))
     state = train_module.RunState(learning_rate=settings.learning_rate)

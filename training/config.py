@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -88,11 +90,14 @@ class TrainSettings(BaseSettings):
         True, description="Oversample minority classes with augmented copies to the largest."
     )
     random_flip: bool = Field(True, description="Random left-right flips while training.")
-    augment: bool = Field(
-        True,
+    augment: bool | None = Field(
+        None,
         description="Random small rotations, shifts and zooms while training, and in the "
         "balancing copies; off, no training image is resampled (copies are flipped and scaled "
-        "in intensity only).",
+        "in intensity only). Unset: on, but off for slices of whole synthetic studies "
+        "(--dataset studies), whose generator already varies each subject's pose before the "
+        "noise is added; resampled, their training images lose half their noise grain "
+        "(bench/training.md, 'Resampling augmentation').",
     )
     seed: int = Field(0, description="Seeds weights, shuffling, augmentation and splits.")
     threshold: float = Field(
@@ -141,6 +146,13 @@ class TrainSettings(BaseSettings):
         description="Kafka for model.published.v1 and training job events; unset: no events.",
     )
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
+
+    def augments(self, data_description: Mapping[str, Any]) -> bool:
+        """Whether training resamples its images (``augment``, or its default for the data
+        a ``LabelledImages.description`` describes)."""
+        if self.augment is not None:
+            return self.augment
+        return data_description.get("slices_from") != "studies"
 
     @property
     def fine_tune_start(self) -> int:

@@ -366,15 +366,19 @@ def train(
     elif settings.weights is None:
         for layer in batch_norm_layers(model):
             layer.momentum = SCRATCH_BN_MOMENTUM
+    resample = settings.augments(data.description)
     train_split, added = (
-        balance_with_augmentation(data.train, n_classes, settings.seed, settings.augment)
+        balance_with_augmentation(data.train, n_classes, settings.seed, resample)
         if settings.balance
         else (data.train, [0] * n_classes)
     )
     if any(added):
         logger.info(
             "classes balanced with augmented images",
-            extra={"added": dict(zip(data.class_names, added, strict=True))},
+            extra={
+                "added": dict(zip(data.class_names, added, strict=True)),
+                "resampled": resample,
+            },
         )
     stream = training_stream(
         train_split,
@@ -382,7 +386,7 @@ def train(
         settings.batch_size,
         settings.seed + state.epoch,
         settings.random_flip,
-        settings.augment,
+        resample,
     )
     steps = int(np.ceil(len(train_split) / settings.batch_size))
     callback = _EpochEnd(data, settings, state, run_dir, progress)

@@ -160,3 +160,40 @@ def test_a_run_resumes_where_it_stopped(tmp_path: Path, data: LabelledImages) ->
         train(other, fast_settings(tmp_path, epochs=2), run_dir)
     with pytest.raises(RunMismatch, match="learning_rate"):
         train(data, fast_settings(tmp_path, epochs=2, learning_rate=0.01), run_dir)
+
+
+@pytest.mark.parametrize(
+    ("augment", "slices_from", "resampled"),
+    [
+        (None, None, True),  # the slice benchmark, folders, DICOM: augmented by default
+        (None, "studies", False),  # whole synthetic studies: their pose already varies
+        (True, "studies", True),  # an operator's explicit choice wins
+        (False, None, False),
+    ],
+)
+def test_which_runs_resample_their_training_images(
+    tmp_path: Path,
+    data: LabelledImages,
+    monkeypatch: pytest.MonkeyPatch,
+    augment: bool | None,
+    slices_from: str | None,
+    resampled: bool,
+) -> None:
+    seen: dict[str, bool] = {}
+    real_balance, real_stream = train_module.balance_with_augmentation, train_module.training_stream
+
+    def balance(split, n_classes, seed, geometric):  # type: ignore[no-untyped-def]
+        seen["copies"] = geometric
+        return real_balance(split, n_classes, seed, geometric)
+
+    def stream(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen["stream"] = args[5]
+        return real_stream(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "balance_with_augmentation", balance)
+    monkeypatch.setattr(train_module, "training_stream", stream)
+    description = {**data.description, **({"slices_from": slices_from} if slices_from else {})}
+    described = replace(data, description=description)
+    settings = fast_settings(tmp_path, epochs=1, fine_tune_after=None, augment=augment)
+    train(described, settings, tmp_path / "run")
+    assert seen == {"copies": resampled, "stream": resampled}
