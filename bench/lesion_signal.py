@@ -33,6 +33,7 @@ import copy
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -142,45 +143,50 @@ def main() -> int:
             del row[f"inputs_{size}"]
     if args.out:
         args.out.write_text(json.dumps(rows))
-    head = ["diameter", "lesions"]
+    head = ["lesions"]
     for size in args.sizes:
         head += [f"peak {size}²", f"peak ≥ 5 at {size}²", f"pixels {size}²"]
-    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
-    for low, high in zip(BINS, BINS[1:], strict=False):
-        group = [r for r in rows if low <= r["diameter_mm"] < high]
-        if not group:
-            continue
-        cells = [f"{low:g}–{high:g} mm", str(len(group))]
+
+    def cells(group: list[dict]) -> list[str]:
+        out = [str(len(group))]
         for size in args.sizes:
-            cells += [
+            out += [
                 f"{statistics.median(r[f'peak_{size}'] for r in group):.1f}",
                 f"{sum(r[f'peak_{size}'] >= 5 for r in group) / len(group):.2f}",
                 f"{statistics.median(r[f'pixels_{size}'] for r in group):g}",
             ]
-        lines.append("| " + " | ".join(cells) + " |")
+        return out
+
+    tables = [by_diameter(rows, head, cells)]
     if args.training_augmentation:
-        lines += ["", augmentation_table(rows, args.training_augmentation)]
-    sys.stdout.write("\n".join(lines) + "\n")
+        tables.append(augmentation_table(rows, args.training_augmentation))
+    sys.stdout.write("\n\n".join(tables) + "\n")
     return 0
 
 
 def augmentation_table(rows: list[dict], size: int) -> str:
-    head = ["diameter", f"peak {size}²"]
+    head = [f"peak {size}²"]
     for name in ("stream", "copy"):
         head += [f"{name}: peak kept", f"{name}: noise kept", f"{name}: peak"]
+
+    def cells(group: list[dict]) -> list[str]:
+        out = [f"{statistics.median(r[f'peak_{size}'] for r in group):.1f}"]
+        for name in ("stream", "copy"):
+            for key, form in (("peak_share", ".2f"), ("noise_share", ".2f"), ("peak", ".1f")):
+                out.append(format(statistics.median(r[f"{name}_{key}"] for r in group), form))
+        return out
+
+    return by_diameter(rows, head, cells)
+
+
+def by_diameter(rows: list[dict], head: list[str], cells: Callable[[list[dict]], list[str]]) -> str:
+    """A Markdown table with a row per diameter bin: the bin, then ``cells`` of its lesions."""
+    head = ["diameter", *head]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     for low, high in zip(BINS, BINS[1:], strict=False):
         group = [r for r in rows if low <= r["diameter_mm"] < high]
-        if not group:
-            continue
-        cells = [
-            f"{low:g}–{high:g} mm",
-            f"{statistics.median(r[f'peak_{size}'] for r in group):.1f}",
-        ]
-        for name in ("stream", "copy"):
-            for key, form in (("peak_share", ".2f"), ("noise_share", ".2f"), ("peak", ".1f")):
-                cells.append(format(statistics.median(r[f"{name}_{key}"] for r in group), form))
-        lines.append("| " + " | ".join(cells) + " |")
+        if group:
+            lines.append("| " + " | ".join([f"{low:g}–{high:g} mm", *cells(group)]) + " |")
     return "\n".join(lines)
 
 
