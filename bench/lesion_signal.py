@@ -114,10 +114,10 @@ def augmentation_loss(rows: list[dict], size: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     copies = np.stack([augment_image(image, rng) for image in batch])
     augmenter = _geometric_augmenter(seed)
+    unaugmented = [peak_and_noise(image) for image in batch]
     for name, images in (("stream", batch), ("copy", copies)):
         augmented = np.asarray(augmenter(images, training=True))
-        for row, before, after in zip(rows, batch, augmented, strict=True):
-            peak, sigma = peak_and_noise(before)
+        for row, (peak, sigma), after in zip(rows, unaugmented, augmented, strict=True):
             new_peak, new_sigma = peak_and_noise(after)
             row[f"{name}_peak_share"] = new_peak / peak
             row[f"{name}_noise_share"] = new_sigma / sigma

@@ -84,7 +84,7 @@ def main() -> None:
         args.batch_size,
         0,
         settings.random_flip,
-        settings.augments(data.description),
+        settings.augments(data.from_studies),
     )
     run_dir = Path(tempfile.mkdtemp(prefix="epoch-bench-"))
     state = train_module.RunState(learning_rate=settings.learning_rate)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -147,12 +145,10 @@ class TrainSettings(BaseSettings):
     )
     log_level: LogLevel = Field("INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL.")
 
-    def augments(self, data_description: Mapping[str, Any]) -> bool:
-        """Whether training resamples its images (``augment``, or its default for the data
-        a ``LabelledImages.description`` describes)."""
-        if self.augment is not None:
-            return self.augment
-        return data_description.get("slices_from") != "studies"
+    def augments(self, from_studies: bool) -> bool:
+        """Whether training resamples its images: ``augment``, or its default for data whose
+        slices are (``LabelledImages.from_studies``) or are not from whole studies."""
+        return self.augment if self.augment is not None else not from_studies
 
     @property
     def fine_tune_start(self) -> int:

@@ -20,6 +20,8 @@ import numpy as np
 from scanwatch.durable import replace_file
 
 SPLITS = ("train", "val", "test")
+#: ``description["slices_from"]`` of slices taken from whole studies (``training.study_dataset``).
+FROM_STUDIES = "studies"
 #: Default share of groups in validation and test (the rest trains).
 VAL_FRACTION = 0.15
 TEST_FRACTION = 0.15
@@ -68,6 +70,11 @@ class LabelledImages:
                 other = seen.setdefault(str(group), name)
                 if other != name:
                     raise ValueError(f"group {group!r} is in both {other} and {name} (leakage)")
+
+    @property
+    def from_studies(self) -> bool:
+        """Whether the slices were taken from whole (synthetic) studies."""
+        return self.description.get("slices_from") == FROM_STUDIES
 
     @property
     def image_size(self) -> int:

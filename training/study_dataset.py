@@ -57,7 +57,7 @@ from scanwatch.imaging import (
     preprocess_slice,
 )
 from scanwatch.sample import mni152_volume
-from training.dataset import SPLITS, LabelledImages, Split
+from training.dataset import FROM_STUDIES, SPLITS, LabelledImages, Split
 from training.synthetic_dataset import (
     CLASS_NAMES,
     TISSUE_LEVEL,
@@ -221,7 +221,7 @@ class StudyBenchmark:
         for name in ("val", "test"):
             study_set: StudySet = getattr(self, name)
             splits[name] = _as_split(study_set, slice_table_rows(study_set, per_study), context)
-        description = {**self.description, "slices_from": "studies"}
+        description = {**self.description, "slices_from": FROM_STUDIES}
         if context != NO_CONTEXT:
             description["context"] = context
         if min_lesion_mm > 0:

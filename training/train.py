@@ -366,7 +366,7 @@ def train(
     elif settings.weights is None:
         for layer in batch_norm_layers(model):
             layer.momentum = SCRATCH_BN_MOMENTUM
-    resample = settings.augments(data.description)
+    resample = settings.augments(data.from_studies)
     train_split, added = (
         balance_with_augmentation(data.train, n_classes, settings.seed, resample)
         if settings.balance
