@@ -77,6 +77,7 @@ def run_publisher(settings: Settings, stop: threading.Event, parent: int) -> int
         outbox,
         KafkaSink(settings.kafka_bootstrap_servers, settings.kafka_timeout_s),
         metrics,
+        listener_id=settings.resolved_listener_id,
         batch_size=settings.publish_batch_size,
         retry_max_s=settings.publish_retry_max_s,
         idle_poll_s=settings.publish_poll_s,
@@ -101,7 +102,13 @@ def run_publisher(settings: Settings, stop: threading.Event, parent: int) -> int
                 extra={"port": settings.publisher_metrics_port},
             )
     relay.start()
-    log.info("publisher running", extra={"outbox": str(settings.resolved_outbox_path)})
+    log.info(
+        "publisher running",
+        extra={
+            "outbox": str(settings.resolved_outbox_path),
+            "listener_id": settings.resolved_listener_id,
+        },
+    )
     while not stop.wait(SUPERVISE_INTERVAL_S) and not _orphaned(parent):
         pass
     # A final drain, bounded: whatever is left stays in the outbox for the next publisher,

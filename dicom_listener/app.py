@@ -184,6 +184,7 @@ class ListenerApp:
                 "tls": ssl_context is not None,
                 "storage_dir": str(s.storage_dir),
                 "outbox": str(s.resolved_outbox_path),
+                "listener_id": s.resolved_listener_id,
                 "allowed_calling_aes": s.allowed_calling_aes or "any",
                 "metrics_port": s.metrics_port or None,
                 "primary": self.primary,
@@ -237,6 +238,7 @@ def create_app(
         outbox,
         sink or KafkaSink(settings.kafka_bootstrap_servers, settings.kafka_timeout_s),
         metrics,
+        listener_id=settings.resolved_listener_id,
         batch_size=settings.publish_batch_size,
         retry_max_s=settings.publish_retry_max_s,
         # Other processes' commits do not wake this relay: poll for them.

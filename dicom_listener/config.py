@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import os
+import socket
 from pathlib import Path
 from typing import Annotated
 
@@ -15,6 +18,8 @@ from scanwatch.network import require_off_loopback
 from scanwatch.service_settings import MetricsSettings
 
 MiB = 1024 * 1024
+#: Longest listener id (``ListenerWatermarkV1.listener_id``).
+LISTENER_ID_MAX = 128
 
 
 def _split(value: object) -> object:
@@ -68,6 +73,15 @@ class Settings(MetricsSettings):
         default=None,
         description="SQLite (WAL) file of the durable event outbox and the instance index "
         "(default: <storage_dir>/.scanwatch/outbox.sqlite3). Keep it on the store's disk.",
+    )
+    listener_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=LISTENER_ID_MAX,
+        description="Names this listener in its publication watermarks "
+        "(dicom.listener.watermark.v1), which the worker waits on per listener; it must stay the "
+        "same across restarts of one listener and differ between listeners (default: "
+        "'<host name>:<first 12 hex digits of the SHA-256 of the outbox's resolved path>').",
     )
     quarantine_dir: Path | None = Field(
         default=None,
@@ -298,6 +312,16 @@ class Settings(MetricsSettings):
     @property
     def resolved_outbox_path(self) -> Path:
         return self.outbox_path or self.storage_dir / ".scanwatch" / "outbox.sqlite3"
+
+    @property
+    def resolved_listener_id(self) -> str:
+        """``listener_id``, or one derived from this host and the outbox: the same outbox on
+        the same host gives the same id after a restart."""
+        if self.listener_id is not None:
+            return self.listener_id
+        digest = hashlib.sha256(os.fsencode(self.resolved_outbox_path.resolve())).hexdigest()
+        suffix = f":{digest[:12]}"
+        return socket.gethostname()[: LISTENER_ID_MAX - len(suffix)] + suffix
 
     @property
     def resolved_quarantine_dir(self) -> Path:

@@ -102,7 +102,13 @@ class ListenerMetrics:
         )
         self.publish_failures = Counter(
             "scanwatch_listener_publish_failures",
-            "Batches Kafka did not acknowledge (retried).",
+            "Batches of events, or watermark rounds, Kafka did not acknowledge (retried).",
+            registry=r,
+        )
+        self.watermarks_published = Counter(
+            "scanwatch_listener_watermarks_published",
+            "Publication watermark rounds (one record per partition of "
+            "dicom.listener.watermark.v1) acknowledged by Kafka.",
             registry=r,
         )
         self.outbox_depth = Gauge(

@@ -35,7 +35,14 @@ from inference_worker.scoring import Scorer
 from inference_worker.study_store import StudyStore
 from scanwatch import kafka
 from scanwatch.http_access import METRICS_CHALLENGE, metrics_allowed, metrics_closed_warning
-from schemas import InferenceResultV1, InstanceReceivedV1, ProcedureStepV1, StudyReadyV1, dlq
+from schemas import (
+    InferenceResultV1,
+    InstanceReceivedV1,
+    ListenerWatermarkV1,
+    ProcedureStepV1,
+    StudyReadyV1,
+    dlq,
+)
 from schemas.topics import LARGE_RECORD_BYTES, STUDY_PARTITIONS, TopicSpec
 
 #: Name of the changelogged table of studies being assembled.
@@ -220,6 +227,7 @@ def create_app(
 
     instances_topic = raw_topic(InstanceReceivedV1.SCHEMA)
     steps_topic = raw_topic(ProcedureStepV1.SCHEMA)
+    watermarks_topic = raw_topic(ListenerWatermarkV1.SCHEMA)
     ready_topic = raw_topic(StudyReadyV1.SCHEMA)
     rewind_uncommitted(
         app.consumer, {t.get_topic_name() for t in (instances_topic, steps_topic, ready_topic)}
@@ -277,9 +285,12 @@ def create_app(
     )
 
     def forget(sender: Any, *partitions: Any, signal: Any, **kwargs: Any) -> None:
-        """On a rebalance: how far an instance partition was read here no longer counts."""
+        """On a rebalance: how far an instance partition was read here, and the listeners'
+        watermarks read for it, no longer count."""
         topic = instances_topic.get_topic_name()
-        flow.progress.forget({tp.partition for tp in partitions[0] if tp.topic == topic})
+        moved = {tp.partition for tp in partitions[0] if tp.topic == topic}
+        flow.progress.forget(moved)
+        flow.watermarks.forget(moved)
 
     # mode types a receiver as a generic callable no plain function matches under mypy.
     app.on_partitions_revoked.connect(forget)  # type: ignore[arg-type]
@@ -301,6 +312,11 @@ def create_app(
     async def procedure_steps(stream: StreamT[Any]) -> None:
         async for event in stream.events():
             await flow.procedure_step(event.value, _origin(event))
+
+    @app.agent(watermarks_topic, name="listener-watermarks")
+    async def listener_watermarks(stream: StreamT[Any]) -> None:
+        async for event in stream.events():
+            await flow.watermark(event.value, _origin(event))
 
     @app.timer(interval=settings.check_interval_s)
     async def release_ready_studies() -> None:

@@ -244,6 +244,7 @@ def is_ready(
     caught_up: bool | None = None,
     trust_headers: bool = False,
     exam_max_wait_s: float | None = None,
+    listener_behind: bool = False,
 ) -> bool:
     """True when some instances were never announced and the study is complete
     (:func:`completion`), or quiet, or waited enough.
@@ -253,7 +254,9 @@ def is_ready(
     ``trust_headers``: whether the study's sender fills its counts correctly.
     ``exam_max_wait_s``: how long a study whose procedure step is still in progress may wait
     (None: ``max_wait_s``); such a study is also released once no instance has come for
-    ``max_wait_s``."""
+    ``max_wait_s``.
+    ``listener_behind``: a listener may still hold an instance accepted before the quiet period
+    ended (:mod:`inference_worker.watermarks`): held until the maximum wait."""
     if not is_due(state, now):
         return False
     waiting_since = state.get("pending_since", state["first_received_at"])
@@ -264,6 +267,8 @@ def is_ready(
         return silent or now - waiting_since >= exam_limit
     if verdict is not None:
         return verdict == NOW or now - waiting_since >= max_wait_s
+    if listener_behind:
+        return now - waiting_since >= max_wait_s
     if caught_up is None or "last_event_at" not in state:
         quiet_since = state["last_received_at"]
     elif not caught_up:

@@ -64,6 +64,13 @@ class Settings(MetricsSettings):
         description="A study that keeps receiving instances is scored anyway this long after its "
         "first (or last scored) instance.",
     )
+    listener_stale_after_s: float = Field(
+        30.0,
+        gt=0,
+        description="A listener whose watermark has not moved while this many seconds of other "
+        "events or watermarks were read on a partition is taken as gone, and no longer holds "
+        "that partition's studies (longer than a Kafka leader election).",
+    )
     exam_max_wait_s: float = Field(
         4 * 3600.0,
         gt=0,

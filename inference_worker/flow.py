@@ -1,7 +1,8 @@
 """The worker's flow (DESIGN §2), free of Faust::
 
     instance event --assemble--> study table <--procedure step-- MPPS event
-        timer: quiet period over, or a step's instances all in --> ready event
+        timer: quiet period over (and past the listeners' watermarks),
+               or a step's instances all in --> ready event
         --score--> FHIR + result event
 
 :class:`WorkerFlow` holds what the Faust agents used to keep in a closure: the study table, the
@@ -28,7 +29,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 from pydantic import ValidationError
 
@@ -54,17 +55,22 @@ from inference_worker.errors import SignatureMismatch, UnusableStudy
 from inference_worker.metrics import WorkerMetrics
 from inference_worker.ports import Model, Sink
 from inference_worker.retry import is_transient
+from inference_worker.watermarks import ListenerWatermarks
 from scanwatch import kafka
 from schemas import (
     DeadLetterV1,
+    Event,
     InferenceResultV1,
     InstanceReceivedV1,
+    ListenerWatermarkV1,
     ProcedureStepV1,
     StudyReadyV1,
 )
 from schemas.topics import LARGE_RECORD_BYTES, STUDY_PARTITIONS
 
 log = logging.getLogger(__name__)
+
+AnyEvent = TypeVar("AnyEvent", bound=Event)
 
 #: ``DeadLetterV1.error_class`` of a message or study that cannot be used.
 UNUSABLE = "unusable"
@@ -226,6 +232,7 @@ class WorkerFlow:
         self.clock = clock
         self.end_offset = end_offset
         self.progress = ReadProgress()
+        self.watermarks = ListenerWatermarks(settings.listener_stale_after_s)
         # Ready events sent but not yet seen back by ``score`` (which records them in the
         # table): stops the timer from announcing the same study twice meanwhile. Lost on
         # restart, which only means a study may be announced again — scoring is idempotent.
@@ -264,14 +271,21 @@ class WorkerFlow:
         except Exception as exc:  # noqa: BLE001 - not reachable yet: checked again when scoring
             log.warning("model server not checked at start", extra={"error": str(exc)})
 
+    async def _parsed(
+        self, event_type: type[AnyEvent], value: bytes | None, origin: Origin
+    ) -> AnyEvent | None:
+        """``value`` as an ``event_type``; None once it went to the dead-letter topic."""
+        try:
+            return event_type.from_bytes(value or b"")
+        except ValidationError as exc:
+            reason = f"invalid {event_type.SCHEMA}: {exc}"
+            await self.dead_letter(origin, value, reason, UNUSABLE)
+            return None
+
     async def assemble(self, value: bytes | None, origin: Origin) -> None:
         """Record one ``dicom.instance.received.v1`` event in its study."""
-        try:
-            received = InstanceReceivedV1.from_bytes(value or b"")
-        except ValidationError as exc:
-            await self.dead_letter(
-                origin, value, f"invalid {InstanceReceivedV1.SCHEMA}: {exc}", UNUSABLE
-            )
+        received = await self._parsed(InstanceReceivedV1, value, origin)
+        if received is None:
             self.progress.read(origin, None)
             return
         key = received.StudyInstanceUID.encode()
@@ -319,16 +333,20 @@ class WorkerFlow:
     async def procedure_step(self, value: bytes | None, origin: Origin) -> None:
         """Record one ``dicom.procedure.step.v1`` event in its study; a study whose steps say it
         is complete is announced at once."""
-        try:
-            step = ProcedureStepV1.from_bytes(value or b"")
-        except ValidationError as exc:
-            reason = f"invalid {ProcedureStepV1.SCHEMA}: {exc}"
-            await self.dead_letter(origin, value, reason, UNUSABLE)
+        step = await self._parsed(ProcedureStepV1, value, origin)
+        if step is None:
             return
         key = step.StudyInstanceUID.encode()
         self.studies[key] = state = add_step(self.studies.get(key), step, self.clock())
         self._forget_old_studies(origin.partition)
         await self._release_if_step_done(key, state)
+
+    async def watermark(self, value: bytes | None, origin: Origin) -> None:
+        """Record one ``dicom.listener.watermark.v1`` record, read on the partition it speaks
+        for (:mod:`inference_worker.watermarks`)."""
+        event = await self._parsed(ListenerWatermarkV1, value, origin)
+        if event is not None and origin.partition is not None:
+            self.watermarks.record(origin.partition, event)
 
     async def _release_if_step_done(self, key: bytes, state: StudyState) -> None:
         """Announce the study now, not at the next timer pass, when its steps say so: the
@@ -361,7 +379,17 @@ class WorkerFlow:
         quiet = self.settings.quiet_period_for(state.get("source"))
         trust = self._trusts_headers(state)
         verdict = completion(state, trust)
-        caught_up = None if verdict else await self._caught_up(key, state, now, quiet, ends)
+        until = None if verdict else quiet_until(state, quiet)
+        partition = kafka.partition_for(key, STUDY_PARTITIONS)
+        behind = False
+        if until is not None:  # and past the listeners' watermarks (None: one is behind)
+            until = self.watermarks.read_until(partition, until, self.progress.read_past)
+            behind = until is None
+        caught_up = (
+            None
+            if until is None
+            else await self._caught_up(key, state, now, quiet, partition, until, ends)
+        )
         if not is_ready(
             state,
             now,
@@ -370,8 +398,11 @@ class WorkerFlow:
             caught_up,
             trust,
             self.settings.exam_max_wait_s,
+            listener_behind=behind,
         ):
-            self._withheld(key, state, "waiting", verdict=verdict, caught_up=caught_up)
+            self._withheld(
+                key, state, "waiting", verdict=verdict, caught_up=caught_up, listener_behind=behind
+            )
             return
         if not self.owns(key) or key in self._held:
             self._withheld(key, state, "held" if key in self._held else "not ours")
@@ -429,15 +460,19 @@ class WorkerFlow:
             log.debug("study withheld", extra=_described(key, state) | {"reason": reason, **detail})
 
     async def _caught_up(
-        self, key: bytes, state: StudyState, now: float, quiet: float, ends: dict[int, int | None]
+        self,
+        key: bytes,
+        state: StudyState,
+        now: float,
+        quiet: float,
+        partition: int,
+        until: float,
+        ends: dict[int, int | None],
     ) -> bool | None:
-        """Whether the study's partition has been read up to its last event plus ``quiet``:
-        an event from after that read, or the partition's end, asked of the broker now (the
-        end the consumer last fetched may be older than a pause of this worker)."""
-        until = quiet_until(state, quiet)
-        if until is None:
-            return None
-        partition = kafka.partition_for(key, STUDY_PARTITIONS)
+        """Whether the study's ``partition`` has been read up to ``until`` (its last event plus
+        ``quiet``, and past the listeners' last watermarks): an event from after that read, or
+        the partition's end, asked of the broker now (the end the consumer last fetched may be
+        older than a pause of this worker)."""
         past = self.progress.read_past(partition, until)
         if past is not False:
             return past
@@ -450,10 +485,8 @@ class WorkerFlow:
 
     async def score(self, value: bytes | None, origin: Origin) -> None:
         """Score one ``dicom.study.ready.v1`` event, after any earlier one of its study."""
-        try:
-            ready = StudyReadyV1.from_bytes(value or b"")
-        except ValidationError as exc:
-            await self.dead_letter(origin, value, f"invalid {StudyReadyV1.SCHEMA}: {exc}", UNUSABLE)
+        ready = await self._parsed(StudyReadyV1, value, origin)
+        if ready is None:
             return
         key = ready.StudyInstanceUID.encode()
         lock = self._study_locks.setdefault(key, asyncio.Lock())

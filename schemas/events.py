@@ -127,6 +127,30 @@ class ProcedureStepV1(Event):
     calling_ae_title: AETitle = Field(description="The modality's AE title.")
 
 
+class ListenerWatermarkV1(Event):
+    """A listener's publication watermark for one partition of the study-keyed topics.
+
+    Every event the listener committed to its outbox before ``published_through`` has been
+    published to Kafka and acknowledged, before this record was sent (``occurred_at``). The
+    listener sends one record to each partition of this topic, co-partitioned with the
+    study-keyed topics, about every half second while it can reach Kafka. A consumer that has read
+    its study's partition past ``occurred_at`` has therefore read every event this listener
+    accepted before ``published_through``; an event accepted but still waiting in the outbox
+    (Kafka's leader for it moving, the broker restarting) holds ``published_through`` back.
+    ``closing``: the listener is stopping with nothing left to publish; it sends no more.
+    """
+
+    SCHEMA: ClassVar[str] = "dicom.listener.watermark.v1"
+
+    listener_id: str = Field(
+        min_length=1,
+        max_length=128,
+        description="Stable per outbox: the same listener after a restart has the same id.",
+    )
+    published_through: AwareDatetime
+    closing: bool = False
+
+
 class StudyReadyV1(Event):
     """No instance of the study arrived for the quiet period: it is ready to be scored.
 
@@ -195,4 +219,5 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     StudyReadyV1,
     InferenceResultV1,
     DeadLetterV1,
+    ListenerWatermarkV1,
 )

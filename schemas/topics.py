@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from schemas.events import InferenceResultV1, InstanceReceivedV1, ProcedureStepV1, StudyReadyV1
+from schemas.events import (
+    InferenceResultV1,
+    InstanceReceivedV1,
+    ListenerWatermarkV1,
+    ProcedureStepV1,
+    StudyReadyV1,
+)
 from schemas.training_events import (
     ModelLifecycleCompletedV1,
     ModelLifecycleRequestedV1,
@@ -77,6 +83,7 @@ _STUDY_KEYED = [
     ProcedureStepV1.SCHEMA,
     StudyReadyV1.SCHEMA,
     InferenceResultV1.SCHEMA,
+    ListenerWatermarkV1.SCHEMA,  # not keyed: one record per partition, by number
 ]
 # Training traffic is small; one partition keeps a job's status events and the publications in
 # order for every consumer.
@@ -88,6 +95,8 @@ _TRAINING = [
     ModelLifecycleCompletedV1.SCHEMA,
 ]
 
+#: Watermarks matter for seconds: an hour lets a worker that restarts read the latest ones.
+_RETENTION = {ListenerWatermarkV1.SCHEMA: 3600 * 1000}
 #: Topics whose records may pass Kafka's default 1 MB (:data:`LARGE_RECORD_BYTES`).
 _LARGE = {StudyReadyV1.SCHEMA}
 
@@ -99,7 +108,12 @@ TOPICS: tuple[TopicSpec, ...] = tuple(
     + [(n, 1) for n in _TRAINING]
     for largest in [LARGE_RECORD_BYTES if name in _LARGE else None]
     for spec in (
-        TopicSpec(name, partitions=partitions, max_message_bytes=largest),
+        TopicSpec(
+            name,
+            partitions=partitions,
+            retention_ms=_RETENTION.get(name, WEEK_MS),
+            max_message_bytes=largest,
+        ),
         TopicSpec(dlq(name), partitions=1, retention_ms=4 * WEEK_MS, max_message_bytes=largest),
     )
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,8 +19,10 @@ from dicom_listener.app import ListenerApp, create_app
 from dicom_listener.config import Settings
 from dicom_listener.handlers import HEADER_INSTANCE_VERSION
 from dicom_listener.tests.helpers import TcpGate, received_events, sop_uid, wait_for
+from scanwatch import kafka as kafka_client
 from scanwatch.sample import build_mr_study
-from schemas.events import InstanceReceivedV1
+from schemas.events import InstanceReceivedV1, ListenerWatermarkV1
+from schemas.topics import STUDY_PARTITIONS
 
 pytestmark = pytest.mark.integration
 
@@ -164,6 +167,50 @@ def test_resent_study_gives_no_second_event_and_a_changed_instance_a_flagged_one
     assert version2.SOPInstanceUID == sop_uid(files[0])
     assert headers[HEADER_INSTANCE_VERSION] == b"2"
     assert version2.storage_uri.endswith(".v2.dcm")
+
+
+def test_watermarks_on_every_partition_follow_an_acknowledged_instance(
+    listener: ListenerApp, kafka: LocalKafka, tmp_path: Path
+) -> None:
+    """After a C-STORE, each partition of dicom.listener.watermark.v1 gets a watermark of this
+    listener that covers the instance's event (committed before its C-STORE was answered) and
+    was sent after Kafka acknowledged that event (its record's timestamp)."""
+    files, study_uid, _ = new_study(tmp_path, n_slices=1)
+    storescu(files, "127.0.0.1", listener.port, called_ae=AE_TITLE)
+    answered = time.time()
+    listener_id = listener.settings.resolved_listener_id
+    assert partition_count(kafka.bootstrap_servers, ListenerWatermarkV1.SCHEMA) == STUDY_PARTITIONS
+
+    consumer = kafka_client.new_consumer(
+        kafka.bootstrap_servers,
+        f"read-{uuid.uuid4().hex}",
+        [InstanceReceivedV1.SCHEMA, ListenerWatermarkV1.SCHEMA],
+    )
+    event_timestamps: list[float] = []
+    covering: dict[int, tuple[bytes | None, ListenerWatermarkV1]] = {}
+
+    def read_both() -> bool:
+        message = consumer.poll(0.2)
+        if message is not None and message.error() is None:
+            value = message.value() or b""
+            if message.topic() == InstanceReceivedV1.SCHEMA:
+                if InstanceReceivedV1.from_bytes(value).StudyInstanceUID == study_uid:
+                    event_timestamps.append(message.timestamp()[1] / 1000)
+            else:
+                mark = ListenerWatermarkV1.from_bytes(value)
+                covers = mark.published_through.timestamp() >= answered
+                if mark.listener_id == listener_id and covers:
+                    covering.setdefault(message.partition() or 0, (message.key(), mark))
+        return bool(event_timestamps) and len(covering) == STUDY_PARTITIONS
+
+    try:
+        wait_for(read_both, 30, "the event and a covering watermark on every partition", 0)
+    finally:
+        consumer.close()
+    assert sorted(covering) == list(range(STUDY_PARTITIONS))
+    for key, mark in covering.values():
+        assert key == listener_id.encode() and not mark.closing
+        assert mark.occurred_at.timestamp() >= max(event_timestamps)
 
 
 def test_folder_is_scanned_recursively(listener: ListenerApp, tmp_path: Path) -> None:

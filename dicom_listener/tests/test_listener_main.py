@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -49,6 +50,24 @@ def test_invalid_settings_are_refused_with_a_clear_message(
 ) -> None:
     with pytest.raises(ValidationError, match=message):
         Settings(**{field: value})  # type: ignore[arg-type]
+
+
+def test_listener_id_is_stable_per_outbox_and_host(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The worker waits on each listener's watermark by this id: a restart must keep it, and
+    two listeners (two outboxes) on one host must not share it."""
+    monkeypatch.chdir(tmp_path)
+    first = Settings(storage_dir=Path("store")).resolved_listener_id
+    assert first == Settings(storage_dir=tmp_path / "store").resolved_listener_id
+    assert first.startswith(f"{socket.gethostname()[:100]}:") and len(first) <= 128
+    assert first != Settings(storage_dir=tmp_path / "other").resolved_listener_id
+    monkeypatch.setattr(socket, "gethostname", lambda: "h" * 300)
+    assert len(Settings(storage_dir=Path("store")).resolved_listener_id) == 128
+    monkeypatch.setenv("SCANWATCH_LISTENER_LISTENER_ID", "mr-gateway-1")
+    assert Settings().resolved_listener_id == "mr-gateway-1"
+    with pytest.raises(ValidationError, match="at most 128 characters"):
+        Settings(listener_id="x" * 129)
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "::"])
