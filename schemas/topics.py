@@ -97,6 +97,9 @@ _TRAINING = [
 
 #: Watermarks matter for seconds: an hour lets a worker that restarts read the latest ones.
 _RETENTION = {ListenerWatermarkV1.SCHEMA: 3600 * 1000}
+#: Topics of periodic records (a listener's watermark, twice a second): a consumer is always
+#: some of them behind, which is no backlog. Consumer-lag reports leave them out.
+HEARTBEAT_TOPICS = frozenset({ListenerWatermarkV1.SCHEMA})
 #: Topics whose records may pass Kafka's default 1 MB (:data:`LARGE_RECORD_BYTES`).
 _LARGE = {StudyReadyV1.SCHEMA}
 

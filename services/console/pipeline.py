@@ -23,7 +23,7 @@ from typing import Any
 
 from scanwatch import kafka
 from schemas.events import DeadLetterV1
-from schemas.topics import TOPICS, dlq
+from schemas.topics import HEARTBEAT_TOPICS, TOPICS, dlq
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,8 @@ class Lag:
 
 
 def consumer_lag(bootstrap_servers: str, timeout: float = 10.0) -> list[Lag]:
-    """Lag per (consumer group, topic) for every pipeline group that has committed offsets."""
+    """Lag per (consumer group, topic) for every pipeline group that has committed offsets,
+    heartbeat topics left out (:data:`schemas.topics.HEARTBEAT_TOPICS`)."""
     from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
     from confluent_kafka.admin import AdminClient, OffsetSpec
 
@@ -95,7 +96,8 @@ def consumer_lag(bootstrap_servers: str, timeout: float = 10.0) -> list[Lag]:
     for group in groups:  # the API takes one group per request
         future = admin.list_consumer_group_offsets([ConsumerGroupTopicPartitions(group)])[group]
         for tp in future.result(timeout).topic_partitions or []:
-            committed[(group, tp.topic, tp.partition)] = max(tp.offset, 0)
+            if tp.topic not in HEARTBEAT_TOPICS:
+                committed[(group, tp.topic, tp.partition)] = max(tp.offset, 0)
     if not committed:
         return []
     partitions = {(topic, partition) for _, topic, partition in committed}
