@@ -380,16 +380,14 @@ class WorkerFlow:
         trust = self._trusts_headers(state)
         verdict = completion(state, trust)
         until = None if verdict else quiet_until(state, quiet)
-        partition = kafka.partition_for(key, STUDY_PARTITIONS)
         behind = False
+        caught_up = None
         if until is not None:  # and past the listeners' watermarks (None: one is behind)
+            partition = kafka.partition_for(key, STUDY_PARTITIONS)
             until = self.watermarks.read_until(partition, until, self.progress.read_past)
             behind = until is None
-        caught_up = (
-            None
-            if until is None
-            else await self._caught_up(key, state, now, quiet, partition, until, ends)
-        )
+            if until is not None:
+                caught_up = await self._caught_up(key, state, now, quiet, partition, until, ends)
         if not is_ready(
             state,
             now,
