@@ -11,6 +11,9 @@ specificity of 0.90 (0.90 ** (1 / S) per slice, if normal slices were independen
 slices, 0.9956). A lesion whose slices do not pass the second is one no study rule can flag at
 specificity 0.90: what the classifier itself must learn, not what aggregation can recover.
 The run's ``settings.json`` and ``dataset.json`` give the model and the benchmark (its cache).
+``validation_selection`` is the one figure from the *validation* studies: what a run on studies
+ranks its epochs by (:func:`training.study_evaluation.epoch_selection`), so that an epoch can
+be chosen from this output without looking at the test split.
 """
 
 from __future__ import annotations
@@ -34,7 +37,12 @@ from training.study_dataset import (  # noqa: E402
     load_or_build,
     study_inputs,
 )
-from training.study_evaluation import as_predictor, auroc, score_studies  # noqa: E402
+from training.study_evaluation import (  # noqa: E402
+    as_predictor,
+    auroc,
+    epoch_selection,
+    score_studies,
+)
 
 #: Bins of a lesion slice's own diameter (mm) and of the lesion's absolute contrast.
 DIAMETER_BINS = (0.0, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 20.0, 1000.0)
@@ -128,6 +136,8 @@ def main() -> None:
             np.concatenate([np.ones(len(scores)), np.zeros(len(normal_scores))]),
         ),
         "study_max_rule_auroc": auroc(strongest.raw, strongest.abnormal),
+        # What a run on studies now chooses its kept epoch by (validation, not test).
+        "validation_selection": epoch_selection(bench, TrainSettings(), context)(model),
         "normal_studies_by_position": by_position,
         "by_slice_diameter_mm": _table(diameter_a, scores, DIAMETER_BINS, cuts),
         "by_contrast": _table(contrast_a, scores, CONTRAST_BINS, cuts),

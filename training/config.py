@@ -81,8 +81,9 @@ class TrainSettings(BaseSettings):
     early_stopping_patience: int = Field(
         15,
         ge=1,
-        description="Epochs without a better validation macro-F1 before training stops (the "
-        "validation loss of a base trained from scratch swings too much to stop on).",
+        description="Epochs without a better validation macro-F1 (on whole studies: better "
+        "validation study figures) before training stops (the validation loss of a base "
+        "trained from scratch swings too much to stop on).",
     )
     balance: bool = Field(
         True, description="Oversample minority classes with augmented copies to the largest."

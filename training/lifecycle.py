@@ -5,7 +5,9 @@ same rules:
 
 1. a version number is reserved in the registry before anything is written (two jobs never
    write the same version);
-2. the model is trained in its run folder (resumable), evaluated on the held-out test split
+2. the model is trained in its run folder (resumable; on a study benchmark it keeps the epoch
+   its validation studies rank best, :func:`training.study_evaluation.epoch_selection`),
+   evaluated on the held-out test split
    (report: JSON, Markdown, PNG plots), exported with the contract signature into the staging
    area, and registered as a candidate with its dataset fingerprint and metrics;
 3. it is promoted (moved into the served folder) only if it is at least as good as the served
@@ -49,6 +51,7 @@ from training.input_pipeline import inference_stream
 from training.study_evaluation import (
     StudyBenchmarkLike,
     StudySetLike,
+    epoch_selection,
     evaluate_study_benchmark,
     flat_study_metrics,
     promotion_metrics,
@@ -409,7 +412,11 @@ def run_job(
     if studies is None:
         studies = study_benchmark_at(Path(dataset_path))
     try:
-        result = train(data, settings, run_dir, progress)
+        # On whole studies the run keeps the epoch its validation studies rank best.
+        select = (
+            epoch_selection(studies, settings, settings.context) if studies is not None else None
+        )
+        result = train(data, settings, run_dir, progress, select)
         probabilities = predict_keras(result.model, data.test.images, settings.batch_size)
         threshold, temperature, rule, study_report = settings.threshold, 1.0, None, None
         if studies is not None:

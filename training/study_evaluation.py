@@ -493,6 +493,43 @@ def _aggregation_table(
     ]
 
 
+#: The validation metrics :func:`epoch_selection` ranks epochs by, in order of precedence.
+SELECTION_METRICS = ("val_study_sensitivity_at_specificity", "val_study_auroc")
+
+
+def epoch_selection(
+    benchmark: StudyBenchmarkLike, settings: TargetSettings, context: str = NO_CONTEXT
+) -> Callable[[Any], dict[str, float]]:
+    """How a run on ``benchmark``'s slices chooses the epoch whose weights it keeps: by the
+    validation *studies*, not the validation slices' macro-F1, so that the weights kept are
+    the ones the study decision (and the registry's promotion) is made with.
+
+    The returned function scores a Keras model: :data:`SELECTION_METRICS` of the rule
+    :data:`SELECTION_CRITERION` would choose among :data:`CANDIDATE_RULES` (the probabilities
+    before temperature scaling, which is fitted once, after training; -1 where undefined)."""
+    from training.study_dataset import study_inputs
+
+    val = benchmark.val
+    normal = list(benchmark.class_names).index(NORMAL_CLASS)
+    images = study_inputs(val, context)
+
+    def score(model: Any) -> dict[str, float]:
+        p = as_predictor(model, settings.batch_size)(images)
+        min_spec = settings.aggregation_min_specificity
+        rows = [
+            rule_row(rule, score_studies(p, val, normal, rule), min_spec, "val")
+            for rule in CANDIDATE_RULES
+        ]
+        best = rows[choose_rule(rows)]
+        values = (best["val_sensitivity_at_specificity"], best["val_auroc"])
+        return {
+            name: -1.0 if value is None else float(value)
+            for name, value in zip(SELECTION_METRICS, values, strict=True)
+        }
+
+    return score
+
+
 def evaluate_served_rule(
     predict: Predictor,
     benchmark: StudyBenchmarkLike,

@@ -17,8 +17,11 @@ scratch has no fine-tune phase unless ``fine_tune_after`` asks for one.
 
 Throughout: categorical cross-entropy, Adam; the learning rate drops by ``plateau_factor`` after
 ``plateau_patience`` epochs without validation-loss improvement (ReduceLROnPlateau's rule); the
-weights with the best validation macro-F1 are kept, and training stops after
-``early_stopping_patience`` epochs without a better one.
+weights of the best epoch are kept, and training stops after ``early_stopping_patience`` epochs
+without a better one. The best epoch is the one with the best validation macro-F1, or, when
+:func:`train` is given a ``select`` function (a run on whole studies:
+:func:`training.study_evaluation.epoch_selection`), the best of what that returns, compared in
+order (ties: the lower validation loss). A run keeps the measure it began with.
 
 A run folder holds ``settings.json``, ``dataset.json``, ``state.json`` (epoch, phase, learning
 rate, plateau and stopping counters, history), ``last.weights.h5`` and ``best.weights.h5``,
@@ -30,8 +33,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -74,6 +79,12 @@ SCRATCH_BN_MOMENTUM = 0.9
 RECALIBRATION_BATCHES = 50
 #: Smallest relative improvement of the validation loss that counts.
 MIN_DELTA = 1e-4
+#: How a run chooses the epoch whose weights it keeps (``RunState.selected_by``).
+BY_MACRO_F1, BY_SELECT = "validation macro-F1", "validation studies"
+
+#: Scores a model after an epoch: named validation metrics, compared in their order (larger is
+#: better), recorded in the epoch's history.
+Select = Callable[[keras.Model], dict[str, float]]
 
 
 class RunMismatch(ValueError):
@@ -111,6 +122,10 @@ class RunState:
     stop_wait: int = 0
     best_macro_f1: float = -1.0
     best_epoch: int = -1
+    #: Runs from before this field chose by macro-F1, so that is the default when resumed.
+    selected_by: str = BY_MACRO_F1
+    #: The best epoch's ``select`` metrics, in order (runs selected by macro-F1: empty).
+    best_selection: list[float] = field(default_factory=list)
     finished: bool = False
     stopped_early: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -228,10 +243,11 @@ class _EpochEnd(keras.callbacks.Callback):
         state: RunState,
         run_dir: Path,
         progress: Progress,
+        select: Select | None = None,
     ) -> None:
         super().__init__()
         self.data, self.settings, self.state, self.run_dir = data, settings, state, run_dir
-        self.progress = progress
+        self.progress, self.select = progress, select
         self.val_stream = inference_stream(data.val.images, settings.batch_size)
         self.epoch_seconds: list[float] = []
         self._started = 0.0
@@ -251,6 +267,8 @@ class _EpochEnd(keras.callbacks.Callback):
             **validation_metrics(probabilities, self.data.val.labels, len(self.data.class_names)),
             "learning_rate": state.learning_rate,
         }
+        selection = self.select(self.model) if self.select is not None else {}
+        metrics.update(selection)
         improved = metrics["val_loss"] < state.best_val_loss * (1 - MIN_DELTA)
         if improved:
             state.best_val_loss = metrics["val_loss"]
@@ -269,10 +287,17 @@ class _EpochEnd(keras.callbacks.Callback):
                 )
                 state.learning_rate = new_rate
             state.plateau_wait = 0
-        better = (metrics["val_macro_f1"], -metrics["val_loss"]) > (
-            state.best_macro_f1,
-            -self._best_loss_at_best(),
-        )
+        if self.select is None:
+            better = (metrics["val_macro_f1"], -metrics["val_loss"]) > (
+                state.best_macro_f1,
+                -self._best_loss_at_best(),
+            )
+        else:
+            key = list(selection.values())
+            best = state.best_selection or [-math.inf] * len(key)
+            better = (key, -metrics["val_loss"]) > (best, -self._best_loss_at_best())
+            if better:
+                state.best_selection = key
         if better:
             state.best_macro_f1 = metrics["val_macro_f1"]
             state.best_epoch = epoch + 1
@@ -342,14 +367,29 @@ def train(
     settings: TrainSettings,
     run_dir: Path,
     progress: Progress | None = None,
+    select: Select | None = None,
 ) -> TrainResult:
-    """Train (or continue training) in ``run_dir``; return the model with its best weights."""
+    """Train (or continue training) in ``run_dir``; return the model with its best weights.
+
+    ``select``: how the best epoch is chosen instead of by validation macro-F1 (module
+    docstring). A resumed run keeps the measure it began with."""
     progress = progress or NoProgress()
     run_dir = Path(run_dir)
     fingerprint = data.fingerprint()
     state = _prepare_run_dir(run_dir, settings, data, fingerprint)
     resumed = state is not None
-    state = state or RunState(learning_rate=settings.learning_rate)
+    wanted = BY_MACRO_F1 if select is None else BY_SELECT
+    state = state or RunState(learning_rate=settings.learning_rate, selected_by=wanted)
+    if state.selected_by != wanted:
+        if state.selected_by == BY_SELECT:
+            raise RunMismatch(
+                f"{run_dir} chooses its best epoch by its {BY_SELECT}; resume it with them"
+            )
+        logger.warning(
+            "run keeps choosing its best epoch as it began",
+            extra={"run_dir": str(run_dir), "selected_by": state.selected_by},
+        )
+        select = None
     n_classes = len(data.class_names)
 
     model = build_classifier(
@@ -389,7 +429,7 @@ def train(
         resample,
     )
     steps = int(np.ceil(len(train_split) / settings.batch_size))
-    callback = _EpochEnd(data, settings, state, run_dir, progress)
+    callback = _EpochEnd(data, settings, state, run_dir, progress, select)
 
     if resumed:
         if state.finished:

@@ -12,6 +12,7 @@ import pytest
 from scanwatch.study_score import StudyRule, study_result
 from training.study_evaluation import (
     CANDIDATE_RULES,
+    SELECTION_METRICS,
     STUDY_BINS_PNG,
     STUDY_FROC_PNG,
     STUDY_RELIABILITY_PNG,
@@ -20,11 +21,13 @@ from training.study_evaluation import (
     StudyScores,
     choose_rule,
     choose_threshold,
+    epoch_selection,
     evaluate_study_benchmark,
     flagged,
     flat_study_metrics,
     froc,
     promotion_metrics,
+    rule_row,
     score_studies,
     sensitivity_at_specificity,
     sensitivity_by_bin,
@@ -362,3 +365,34 @@ def test_validation_studies_of_one_kind_are_refused(benchmark: Benchmark) -> Non
     broken = Benchmark(CLASSES, val, lesions_only, benchmark.test, {})
     with pytest.raises(ValueError, match="both normal and lesion studies"):
         evaluate_study_benchmark(overconfident_predict, broken, Settings())
+
+
+def test_epochs_are_ranked_by_the_validation_studies_under_the_rule_that_would_be_chosen(
+    benchmark: Benchmark,
+) -> None:
+    select = epoch_selection(benchmark, Settings())
+    # The fake model's evidence as it is, and with the lesion slices' evidence removed.
+    seeing = select(overconfident_predict)
+
+    def blind(images: np.ndarray) -> np.ndarray:
+        return overconfident_predict(np.full_like(images, -3.0))
+
+    assert list(seeing) == list(SELECTION_METRICS)
+    rows = [
+        rule_row(
+            r,
+            score_studies(overconfident_predict(benchmark.val.images), benchmark.val, 0, r),
+            0.9,
+            "val",
+        )
+        for r in CANDIDATE_RULES
+    ]
+    best = rows[choose_rule(rows)]
+    assert best["rule"] != "mean"  # a focal rule, not the one a fixed choice would take
+    assert seeing == {
+        "val_study_sensitivity_at_specificity": best["val_sensitivity_at_specificity"],
+        "val_study_auroc": best["val_auroc"],
+    }
+    assert seeing["val_study_auroc"] > 0.9
+    assert select(blind)["val_study_auroc"] == pytest.approx(0.5)
+    assert list(select(blind).values()) < list(seeing.values())

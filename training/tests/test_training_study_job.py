@@ -29,6 +29,7 @@ from schemas import model_signature
 from training.cli import main
 from training.export import export_saved_model
 from training.study_evaluation import STUDY_BINS_PNG, STUDY_FROC_PNG, STUDY_RELIABILITY_PNG
+from training.train import BY_SELECT, STATE_FILE
 
 pytestmark = pytest.mark.integration
 
@@ -83,6 +84,10 @@ def test_the_chosen_rule_is_exported_recorded_and_reported(trained: Path) -> Non
     assert STUDY_AUROC in record.metrics
     recorded = json.loads((trained / "run" / "dataset.json").read_text())
     assert recorded["description"]["train_min_lesion_mm"] == 5
+    # The epoch kept is the one the validation studies ranked best, each epoch's figures kept.
+    state = json.loads((trained / "run" / STATE_FILE).read_text())
+    assert state["selected_by"] == BY_SELECT and len(state["best_selection"]) == 2
+    assert all(-1 <= h["val_study_auroc"] <= 1 for h in state["history"])
 
     folder = registry.model_dir(NAME) / "1"
     inputs, outputs = read_signature(folder)

@@ -135,6 +135,72 @@ def test_plateau_lowers_the_rate_and_patience_stops(
     assert json.loads((tmp_path / STATE_FILE).read_text())["epoch"] == 8
 
 
+def test_a_select_function_chooses_the_kept_epoch_instead_of_macro_f1(
+    tmp_path: Path, data: LabelledImages, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = fast_settings(tmp_path, early_stopping_patience=3, plateau_patience=10)
+    state = RunState(learning_rate=1e-3, selected_by=train_module.BY_SELECT)
+    model = build_classifier(data.class_names, image_size=32, dense_units=8)
+    train_module.compile_for(model, 1e-3)
+    # Macro-F1 is best at epoch 1; the validation studies rank epoch 3 best, and epoch 2 ties
+    # with it on sensitivity but not on AUROC.
+    f1s = [0.9, 0.5, 0.4, 0.4, 0.4, 0.4]
+    monkeypatch.setattr(train_module, "validation_metrics", ScriptedValidation([1.0] * 6, f1s))
+    studies = iter([(0.2, 0.6), (0.5, 0.7), (0.5, 0.8), (0.5, 0.8), (0.4, 0.9), (0.1, 0.5)])
+
+    def select(scored: keras.Model) -> dict[str, float]:
+        assert scored is model
+        sensitivity, area = next(studies)
+        return {"val_study_sensitivity_at_specificity": sensitivity, "val_study_auroc": area}
+
+    callback = train_module._EpochEnd(
+        data, settings, state, tmp_path, train_module.NoProgress(), select
+    )
+    callback.set_model(model)
+    for epoch in range(6):
+        callback.on_epoch_begin(epoch)
+        callback.on_epoch_end(epoch, {"loss": 1.0, "accuracy": 0.5})
+        if epoch == 2:
+            kept = [w.copy() for w in model.get_weights()]
+        else:  # later epochs' weights differ from the kept ones
+            model.set_weights([w + 1.0 for w in model.get_weights()])
+        if model.stop_training:
+            break
+    # Epoch 4 equals epoch 3 (not better), epoch 5 is worse on sensitivity: three epochs
+    # without a better one stop the run after epoch 6.
+    assert state.best_epoch == 3 and state.best_selection == [0.5, 0.8]
+    assert state.stopped_early and state.epoch == 6
+    assert [h["val_study_auroc"] for h in state.history] == [0.6, 0.7, 0.8, 0.8, 0.9, 0.5]
+    best = build_classifier(data.class_names, image_size=32, dense_units=8)
+    best.load_weights(tmp_path / BEST_WEIGHTS)
+    for saved, expected in zip(best.get_weights(), kept, strict=True):
+        np.testing.assert_array_equal(saved, expected)
+
+
+def test_a_run_keeps_the_measure_it_began_with(tmp_path: Path, data: LabelledImages) -> None:
+    settings = fast_settings(tmp_path, epochs=1)
+
+    def refuse(model: keras.Model) -> dict[str, float]:
+        raise AssertionError("a run that began by macro-F1 does not switch measures")
+
+    def folder(name: str, selected_by: str) -> Path:
+        run_dir = tmp_path / name
+        train_module._prepare_run_dir(run_dir, settings, data, data.fingerprint())
+        RunState(learning_rate=1e-3, finished=True, selected_by=selected_by).save(run_dir)
+        return run_dir
+
+    by_studies = folder("studies", train_module.BY_SELECT)
+    with pytest.raises(RunMismatch, match="validation studies"):
+        train(data, settings, by_studies)
+    # A run from before the field (no "selected_by") chose by macro-F1, and keeps doing so.
+    old = folder("old", train_module.BY_MACRO_F1)
+    recorded = json.loads((old / STATE_FILE).read_text())
+    del recorded["selected_by"], recorded["best_selection"]
+    (old / STATE_FILE).write_text(json.dumps(recorded))
+    assert RunState.load(old).selected_by == train_module.BY_MACRO_F1
+    assert train(data, settings, old, select=refuse).state.finished
+
+
 def test_a_run_resumes_where_it_stopped(tmp_path: Path, data: LabelledImages) -> None:
     run_dir = tmp_path / "run"
     first = train(data, fast_settings(tmp_path, epochs=1), run_dir)
