@@ -83,6 +83,11 @@ class BarProgress:
             f"{phase} loss {metrics['loss']:.3f} val_loss {metrics['val_loss']:.3f} "
             f"val_macro_f1 {metrics['val_macro_f1']:.3f} lr {metrics['learning_rate']:.2g}"
         )
+        if "val_lesion_slice_auroc" in metrics:  # a run on whole studies is selected by it
+            info += (
+                f" val_lesion_slice_auroc {metrics['val_lesion_slice_auroc']:.3f}"
+                f" val_study_auroc {metrics['val_study_auroc']:.3f}"
+            )
         self.bars.update(self.epoch_task, completed=epoch, info=info)
         self.bars.reset(self.step_task, total=self.steps)
 

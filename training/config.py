@@ -81,8 +81,8 @@ class TrainSettings(BaseSettings):
     early_stopping_patience: int = Field(
         15,
         ge=1,
-        description="Epochs without a better validation macro-F1 (on whole studies: better "
-        "validation study figures) before training stops (the validation loss of a base "
+        description="Epochs without a better validation macro-F1 (on whole studies: a better "
+        "validation lesion-slice AUROC) before training stops (the validation loss of a base "
         "trained from scratch swings too much to stop on).",
     )
     balance: bool = Field(

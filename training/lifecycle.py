@@ -6,7 +6,8 @@ same rules:
 1. a version number is reserved in the registry before anything is written (two jobs never
    write the same version);
 2. the model is trained in its run folder (resumable; on a study benchmark it keeps the epoch
-   its validation studies rank best, :func:`training.study_evaluation.epoch_selection`),
+   that tells the validation studies' lesion slices from their normal studies best,
+   :func:`training.study_evaluation.epoch_selection`),
    evaluated on the held-out test split
    (report: JSON, Markdown, PNG plots), exported with the contract signature into the staging
    area, and registered as a candidate with its dataset fingerprint and metrics;
@@ -412,7 +413,8 @@ def run_job(
     if studies is None:
         studies = study_benchmark_at(Path(dataset_path))
     try:
-        # On whole studies the run keeps the epoch its validation studies rank best.
+        # On whole studies the run keeps the epoch that tells lesion slices from normal studies
+        # best on validation (not the best lesion-class macro-F1).
         select = (
             epoch_selection(studies, settings, settings.context) if studies is not None else None
         )

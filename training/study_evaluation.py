@@ -493,35 +493,53 @@ def _aggregation_table(
     ]
 
 
-#: The validation metrics :func:`epoch_selection` ranks epochs by, in order of precedence.
-SELECTION_METRICS = ("val_study_sensitivity_at_specificity", "val_study_auroc")
+#: What :func:`epoch_selection` measures on the validation studies. The first ranks the epochs;
+#: the others are recorded beside it.
+SELECTION_METRICS = (
+    "val_lesion_slice_auroc",
+    "val_study_sensitivity_at_specificity",
+    "val_study_auroc",
+)
 
 
 def epoch_selection(
     benchmark: StudyBenchmarkLike, settings: TargetSettings, context: str = NO_CONTEXT
 ) -> Callable[[Any], dict[str, float]]:
-    """How a run on ``benchmark``'s slices chooses the epoch whose weights it keeps: by the
-    validation *studies*, not the validation slices' macro-F1, so that the weights kept are
-    the ones the study decision (and the registry's promotion) is made with.
+    """How a run on ``benchmark``'s slices chooses the epoch whose weights it keeps: by how well
+    its anomaly score (1 - p(normal)) tells the validation studies' lesion slices from every
+    slice of their normal studies (AUROC), not by the validation slices' macro-F1, which ranks
+    the lesion classes a study model confuses with one another.
 
-    The returned function scores a Keras model: :data:`SELECTION_METRICS` of the rule
-    :data:`SELECTION_CRITERION` would choose among :data:`CANDIDATE_RULES` (the probabilities
-    before temperature scaling, which is fitted once, after training; -1 where undefined)."""
+    That slice AUROC is what every study rule builds on, measured on thousands of slices. The
+    study figures themselves (:data:`SELECTION_CRITERION`'s sensitivity and AUROC of the rule it
+    would choose) are recorded but do not rank: on 160 validation studies their noise is larger
+    than the differences between epochs (``bench/training.md``, "Which epoch to keep").
+
+    The returned function scores a Keras model (or a predict callable) and returns
+    :data:`SELECTION_METRICS`, before temperature scaling (fitted once, after training); -1
+    where a figure is undefined."""
     from training.study_dataset import study_inputs
 
     val = benchmark.val
     normal = list(benchmark.class_names).index(NORMAL_CLASS)
     images = study_inputs(val, context)
+    lesion = val.labels != normal
+    of_normal_study = np.array([val.studies[i].label == normal for i in val.study_index])
 
     def score(model: Any) -> dict[str, float]:
         p = as_predictor(model, settings.batch_size)(images)
+        anomaly = 1.0 - p[:, normal]
+        slices = auroc(
+            np.concatenate([anomaly[lesion], anomaly[of_normal_study]]),
+            np.concatenate([np.ones(lesion.sum()), np.zeros(of_normal_study.sum())]),
+        )
         min_spec = settings.aggregation_min_specificity
         rows = [
             rule_row(rule, score_studies(p, val, normal, rule), min_spec, "val")
             for rule in CANDIDATE_RULES
         ]
         best = rows[choose_rule(rows)]
-        values = (best["val_sensitivity_at_specificity"], best["val_auroc"])
+        values = (slices, best["val_sensitivity_at_specificity"], best["val_auroc"])
         return {
             name: -1.0 if value is None else float(value)
             for name, value in zip(SELECTION_METRICS, values, strict=True)

@@ -20,8 +20,8 @@ Throughout: categorical cross-entropy, Adam; the learning rate drops by ``platea
 weights of the best epoch are kept, and training stops after ``early_stopping_patience`` epochs
 without a better one. The best epoch is the one with the best validation macro-F1, or, when
 :func:`train` is given a ``select`` function (a run on whole studies:
-:func:`training.study_evaluation.epoch_selection`), the best of what that returns, compared in
-order (ties: the lower validation loss). A run keeps the measure it began with.
+:func:`training.study_evaluation.epoch_selection`), the largest first figure it returns (ties:
+the lower validation loss). A run keeps the measure it began with.
 
 A run folder holds ``settings.json``, ``dataset.json``, ``state.json`` (epoch, phase, learning
 rate, plateau and stopping counters, history), ``last.weights.h5`` and ``best.weights.h5``,
@@ -82,8 +82,8 @@ MIN_DELTA = 1e-4
 #: How a run chooses the epoch whose weights it keeps (``RunState.selected_by``).
 BY_MACRO_F1, BY_SELECT = "validation macro-F1", "validation studies"
 
-#: Scores a model after an epoch: named validation metrics, compared in their order (larger is
-#: better), recorded in the epoch's history.
+#: Scores a model after an epoch: named validation figures, all recorded in the epoch's history;
+#: the first ranks the epochs (larger is better).
 Select = Callable[[keras.Model], dict[str, float]]
 
 
@@ -124,8 +124,8 @@ class RunState:
     best_epoch: int = -1
     #: Runs from before this field chose by macro-F1, so that is the default when resumed.
     selected_by: str = BY_MACRO_F1
-    #: The best epoch's ``select`` metrics, in order (runs selected by macro-F1: empty).
-    best_selection: list[float] = field(default_factory=list)
+    #: The best epoch's first ``select`` figure (runs selected by macro-F1: None).
+    best_selection: float | None = None
     finished: bool = False
     stopped_early: bool = False
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -293,11 +293,11 @@ class _EpochEnd(keras.callbacks.Callback):
                 -self._best_loss_at_best(),
             )
         else:
-            key = list(selection.values())
-            best = state.best_selection or [-math.inf] * len(key)
-            better = (key, -metrics["val_loss"]) > (best, -self._best_loss_at_best())
+            ranked = next(iter(selection.values()))
+            best = -math.inf if state.best_selection is None else state.best_selection
+            better = (ranked, -metrics["val_loss"]) > (best, -self._best_loss_at_best())
             if better:
-                state.best_selection = key
+                state.best_selection = ranked
         if better:
             state.best_macro_f1 = metrics["val_macro_f1"]
             state.best_epoch = epoch + 1

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from scanwatch.study_score import StudyRule, study_result
 from training.study_evaluation import (
@@ -367,32 +368,33 @@ def test_validation_studies_of_one_kind_are_refused(benchmark: Benchmark) -> Non
         evaluate_study_benchmark(overconfident_predict, broken, Settings())
 
 
-def test_epochs_are_ranked_by_the_validation_studies_under_the_rule_that_would_be_chosen(
+def test_epochs_are_ranked_by_the_validation_lesion_slices_and_the_study_figures_recorded(
     benchmark: Benchmark,
 ) -> None:
     select = epoch_selection(benchmark, Settings())
-    # The fake model's evidence as it is, and with the lesion slices' evidence removed.
+    val = benchmark.val
     seeing = select(overconfident_predict)
+    assert list(seeing) == list(SELECTION_METRICS)
 
-    def blind(images: np.ndarray) -> np.ndarray:
+    # First: lesion slices against every slice of the normal studies (not the normal slices
+    # of lesion studies), on the anomaly score.
+    anomaly = overconfident_predict(val.images)[:, 1]
+    normal_study = np.array([val.studies[i].label == 0 for i in val.study_index])
+    lesion = val.labels == 1
+    scores = np.concatenate([anomaly[lesion], anomaly[normal_study]])
+    truth = np.concatenate([np.ones(lesion.sum()), np.zeros(normal_study.sum())])
+    assert seeing["val_lesion_slice_auroc"] == pytest.approx(roc_auc_score(truth, scores))
+    assert seeing["val_lesion_slice_auroc"] > 0.9
+    # Then the study figures of the rule the evaluation would choose (a focal one here).
+    p = overconfident_predict(val.images)
+    rows = [rule_row(r, score_studies(p, val, 0, r), 0.9, "val") for r in CANDIDATE_RULES]
+    best = rows[choose_rule(rows)]
+    assert best["rule"] != "mean"
+    assert seeing["val_study_sensitivity_at_specificity"] == best["val_sensitivity_at_specificity"]
+    assert seeing["val_study_auroc"] == best["val_auroc"]
+
+    def blind(images: np.ndarray) -> np.ndarray:  # the lesion slices' evidence removed
         return overconfident_predict(np.full_like(images, -3.0))
 
-    assert list(seeing) == list(SELECTION_METRICS)
-    rows = [
-        rule_row(
-            r,
-            score_studies(overconfident_predict(benchmark.val.images), benchmark.val, 0, r),
-            0.9,
-            "val",
-        )
-        for r in CANDIDATE_RULES
-    ]
-    best = rows[choose_rule(rows)]
-    assert best["rule"] != "mean"  # a focal rule, not the one a fixed choice would take
-    assert seeing == {
-        "val_study_sensitivity_at_specificity": best["val_sensitivity_at_specificity"],
-        "val_study_auroc": best["val_auroc"],
-    }
-    assert seeing["val_study_auroc"] > 0.9
+    assert select(blind)["val_lesion_slice_auroc"] == pytest.approx(0.5)
     assert select(blind)["val_study_auroc"] == pytest.approx(0.5)
-    assert list(select(blind).values()) < list(seeing.values())

@@ -142,16 +142,16 @@ def test_a_select_function_chooses_the_kept_epoch_instead_of_macro_f1(
     state = RunState(learning_rate=1e-3, selected_by=train_module.BY_SELECT)
     model = build_classifier(data.class_names, image_size=32, dense_units=8)
     train_module.compile_for(model, 1e-3)
-    # Macro-F1 is best at epoch 1; the validation studies rank epoch 3 best, and epoch 2 ties
-    # with it on sensitivity but not on AUROC.
+    # Macro-F1 is best at epoch 1; the first selection figure at epoch 3. Epoch 2's second
+    # figure is the largest of all: recorded, it does not rank.
     f1s = [0.9, 0.5, 0.4, 0.4, 0.4, 0.4]
     monkeypatch.setattr(train_module, "validation_metrics", ScriptedValidation([1.0] * 6, f1s))
-    studies = iter([(0.2, 0.6), (0.5, 0.7), (0.5, 0.8), (0.5, 0.8), (0.4, 0.9), (0.1, 0.5)])
+    figures = iter([(0.6, 0.2), (0.7, 0.9), (0.8, 0.1), (0.8, 0.1), (0.75, 0.5), (0.5, 0.5)])
 
     def select(scored: keras.Model) -> dict[str, float]:
         assert scored is model
-        sensitivity, area = next(studies)
-        return {"val_study_sensitivity_at_specificity": sensitivity, "val_study_auroc": area}
+        first, second = next(figures)
+        return {"val_lesion_slice_auroc": first, "val_study_auroc": second}
 
     callback = train_module._EpochEnd(
         data, settings, state, tmp_path, train_module.NoProgress(), select
@@ -162,15 +162,15 @@ def test_a_select_function_chooses_the_kept_epoch_instead_of_macro_f1(
         callback.on_epoch_end(epoch, {"loss": 1.0, "accuracy": 0.5})
         if epoch == 2:
             kept = [w.copy() for w in model.get_weights()]
-        else:  # later epochs' weights differ from the kept ones
+        else:  # other epochs' weights differ from the kept ones
             model.set_weights([w + 1.0 for w in model.get_weights()])
         if model.stop_training:
             break
-    # Epoch 4 equals epoch 3 (not better), epoch 5 is worse on sensitivity: three epochs
-    # without a better one stop the run after epoch 6.
-    assert state.best_epoch == 3 and state.best_selection == [0.5, 0.8]
+    # Epoch 4 equals epoch 3 (not better), 5 and 6 are worse: three epochs without a better
+    # one stop the run after epoch 6.
+    assert state.best_epoch == 3 and state.best_selection == 0.8
     assert state.stopped_early and state.epoch == 6
-    assert [h["val_study_auroc"] for h in state.history] == [0.6, 0.7, 0.8, 0.8, 0.9, 0.5]
+    assert [h["val_study_auroc"] for h in state.history] == [0.2, 0.9, 0.1, 0.1, 0.5, 0.5]
     best = build_classifier(data.class_names, image_size=32, dense_units=8)
     best.load_weights(tmp_path / BEST_WEIGHTS)
     for saved, expected in zip(best.get_weights(), kept, strict=True):
