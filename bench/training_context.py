@@ -26,7 +26,7 @@ from scanwatch.imaging import INPUT_CONTEXTS  # noqa: E402
 from scanwatch.logs import configure_logging  # noqa: E402
 from training.config import TrainSettings  # noqa: E402
 from training.study_dataset import StudyConfig, load_or_build  # noqa: E402
-from training.study_evaluation import evaluate_study_benchmark  # noqa: E402
+from training.study_evaluation import epoch_selection, evaluate_study_benchmark  # noqa: E402
 from training.train import train  # noqa: E402
 
 
@@ -59,7 +59,10 @@ def main() -> None:
         settings = TrainSettings(epochs=args.epochs, seed=args.seed, context=context)
         data = bench.slice_dataset(context)
         started = time.perf_counter()
-        result = train(data, settings, args.out / context)
+        # the epoch kept as `python -m training train` keeps it on studies
+        result = train(
+            data, settings, args.out / context, select=epoch_selection(bench, settings, context)
+        )
         trained = time.perf_counter() - started
         evaluation = evaluate_study_benchmark(result.model, bench, settings, context)
         test = evaluation.report["test"]
@@ -72,6 +75,7 @@ def main() -> None:
             "train_s": round(trained),
             "best_epoch": result.state.best_epoch,
             "val_macro_f1": round(result.state.best_macro_f1, 4),
+            "val_lesion_slice_auroc": result.state.best_selection,
             "rule": evaluation.rule.name,
             # study AUROC and sensitivity at specificity >= 0.90 (ROC points, no threshold)
             "test_promotion": test["promotion"],
