@@ -11,9 +11,9 @@ specificity of 0.90 (0.90 ** (1 / S) per slice, if normal slices were independen
 slices, 0.9956). A lesion whose slices do not pass the second is one no study rule can flag at
 specificity 0.90: what the classifier itself must learn, not what aggregation can recover.
 The run's ``settings.json`` and ``dataset.json`` give the model and the benchmark (its cache).
-``validation_selection`` is the one figure from the *validation* studies: what a run on studies
-ranks its epochs by (:func:`training.study_evaluation.epoch_selection`), so that an epoch can
-be chosen from this output without looking at the test split.
+``validation_selection`` holds the only figures from the *validation* studies: those a run on
+studies ranks and records its epochs by (:func:`training.study_evaluation.epoch_selection`), so
+that an epoch can be chosen from this output without looking at the test split.
 """
 
 from __future__ import annotations

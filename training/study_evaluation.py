@@ -485,11 +485,18 @@ def _aggregation_table(
     normal: int,
     min_spec: float,
 ) -> list[dict[str, Any]]:
-    val, test = benchmark.val, benchmark.test
+    val_rows = _rule_rows(val_p, benchmark.val, normal, min_spec, "val")
+    test_rows = _rule_rows(test_p, benchmark.test, normal, min_spec, "test")
+    return [v | t for v, t in zip(val_rows, test_rows, strict=True)]
+
+
+def _rule_rows(
+    p: np.ndarray, split: StudySetLike, normal: int, min_spec: float, name: str
+) -> list[dict[str, Any]]:
+    """:func:`rule_row` of every candidate rule on ``split``, in :data:`CANDIDATE_RULES`' order."""
     return [
-        rule_row(candidate, score_studies(val_p, val, normal, candidate), min_spec, "val")
-        | rule_row(candidate, score_studies(test_p, test, normal, candidate), min_spec, "test")
-        for candidate in CANDIDATE_RULES
+        rule_row(rule, score_studies(p, split, normal, rule), min_spec, name)
+        for rule in CANDIDATE_RULES
     ]
 
 
@@ -533,11 +540,7 @@ def epoch_selection(
             np.concatenate([anomaly[lesion], anomaly[of_normal_study]]),
             np.concatenate([np.ones(lesion.sum()), np.zeros(of_normal_study.sum())]),
         )
-        min_spec = settings.aggregation_min_specificity
-        rows = [
-            rule_row(rule, score_studies(p, val, normal, rule), min_spec, "val")
-            for rule in CANDIDATE_RULES
-        ]
+        rows = _rule_rows(p, val, normal, settings.aggregation_min_specificity, "val")
         best = rows[choose_rule(rows)]
         values = (slices, best["val_sensitivity_at_specificity"], best["val_auroc"])
         return {
