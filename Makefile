@@ -14,11 +14,19 @@ setup:
 run: setup
 	.venv/bin/scanwatch run
 
+# What a machine built once and any clone may reuse (scripts/bootstrap.sh uses the same folder).
+CACHE ?= $(or $(SCANWATCH_CACHE),$(if $(XDG_CACHE_HOME),$(XDG_CACHE_HOME)/scanwatch),$(HOME)/.cache/scanwatch)
+
+# pytest-xdist workers: half the suite's time is spent waiting on brokers, databases and
+# servers, so two processes on two cores finish far sooner than one. A test file runs whole on
+# one worker (its module fixtures start once). TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+
 # Both environments: scanwatch's tests (.venv), then the chatbot's (.venv-rasa, from chatbot/:
 # its actions, channel and tracker store; the trained model judged by rasa test nlu and the
 # end-to-end test stories).
 test: setup
-	.venv/bin/python -m pytest
+	.venv/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 	$(CHATBOT_PYTEST)
 
 # Unit tests only: no broker, database, DICOM peer, model server or stack (marker `unit`,
@@ -31,7 +39,7 @@ test-fast: setup
 lint: setup
 	.venv/bin/python -m ruff check .
 	.venv/bin/python -m ruff format --check .
-	.venv/bin/python -m mypy $(PACKAGES)
+	MYPY_CACHE_DIR=$(CACHE)/mypy .venv/bin/python -m mypy $(PACKAGES)
 	.venv/bin/lint-imports
 
 schemas: setup

@@ -7,6 +7,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 VAR=${SCANWATCH_VAR:-$ROOT/var}
+# What this machine built once and any clone may reuse, like pip's and npm's caches: the chatbot's
+# trained models, by the hash of their inputs.
+CACHE=${SCANWATCH_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/scanwatch}
 mkdir -p "$VAR"
 
 log() { printf '[bootstrap] %s\n' "$*" >&2; }
@@ -104,16 +107,20 @@ TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python -m training.default_model --repository "
 
 # --- The chatbot: Rasa's own environment and its trained model ------------------------------
 # Rasa 3.6.21 pins numpy/TensorFlow versions the rest of scanwatch has left behind, so it lives in
-# .venv-rasa. pip, not uv: Rasa declares Python < 3.11 and only pip can be told to ignore that.
+# .venv-rasa. Rasa declares Python < 3.11; installed from the lock with --no-deps, uv does not
+# hold that against it (pip needed --ignore-requires-python, and took minutes where uv's cache
+# takes seconds). MPLSETUPCFG: matplotlib 3.5 has no cp311 wheel and builds on Debian's FreeType.
 rasa_lock_hash=$(cat chatbot/requirements.lock | sha256sum | cut -d' ' -f1)
 if [ "$(cat .venv-rasa/.scanwatch-lock 2>/dev/null)" != "$rasa_lock_hash" ]; then
   log "installing the chatbot's environment (.venv-rasa) from chatbot/requirements.lock"
-  [ -x .venv-rasa/bin/python ] || "$PYTHON" -m venv .venv-rasa
-  MPLSETUPCFG=$ROOT/chatbot/mpl-setup.cfg .venv-rasa/bin/python -m pip install --quiet \
-    --disable-pip-version-check --no-deps --ignore-requires-python -r chatbot/requirements.lock
+  [ -x .venv-rasa/bin/python ] || "${UV[@]}" venv --quiet --python "$PYTHON" .venv-rasa
+  MPLSETUPCFG=$ROOT/chatbot/mpl-setup.cfg "${UV[@]}" pip install --quiet \
+    --python .venv-rasa/bin/python --no-deps -r chatbot/requirements.lock
   echo "$rasa_lock_hash" > .venv-rasa/.scanwatch-lock
 fi
-# Trains only when config.yml, domain.yml or data/ changed (the model is named by their hash).
-RASA_TELEMETRY_ENABLED=false .venv-rasa/bin/python chatbot/train.py --out "$VAR/chatbot/models"
+# Trains only when config.yml, domain.yml, data/ or the lock changed (the model is named by their
+# hash); a model of the same inputs trained earlier on this machine is copied from the cache.
+RASA_TELEMETRY_ENABLED=false .venv-rasa/bin/python chatbot/train.py --out "$VAR/chatbot/models" \
+  --cache "$CACHE/chatbot-models"
 
 log "ready"
