@@ -44,9 +44,21 @@ def signing_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+#: The order test files start in, heaviest first (a file goes by its heaviest test): with the
+#: suite spread over workers (``make test``: pytest-xdist, a file per worker), minutes-long stack
+#: files left to the end keep one worker busy while the other has nothing left to take.
+_WEIGHT = ("faults", "e2e", "integration", "unit")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test not marked ``integration`` or ``e2e`` is a ``unit`` test: in-process, with
-    fakes, fast (``make test-fast`` runs only these)."""
+    fakes, fast (``make test-fast`` runs only these). Files are then ordered by
+    :data:`_WEIGHT`, each kept whole and in its own order."""
     for item in items:
         if not any(item.get_closest_marker(m) for m in ("integration", "e2e")):
             item.add_marker(pytest.mark.unit)
+    heaviest: dict[Path, int] = {}
+    for item in items:
+        weight = next(i for i, m in enumerate(_WEIGHT) if item.get_closest_marker(m))
+        heaviest[item.path] = min(weight, heaviest.get(item.path, weight))
+    items.sort(key=lambda item: heaviest[item.path])  # stable: files stay whole and in order
