@@ -99,24 +99,43 @@ def _bindable(port: int) -> bool:
     return True
 
 
+def _share(low: int, high: int) -> tuple[int, int]:
+    """This process's slice of ``[low, high)``: all of it, or under pytest-xdist the worker's
+    own part (``gw1`` of 2 draws from the upper half), which its servers inherit.
+
+    Two workers drawing from one range could both find a port free and both hand it out
+    before either server binds it; one server then exits with "address already in use"
+    (it happened: a fault suite's FHIR API on worker 1).
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    try:
+        index, count = int(worker.removeprefix("gw")), int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    except (KeyError, ValueError):
+        return low, high
+    if not 0 <= index < count:
+        return low, high
+    width = (high - low) // count
+    return low + index * width, low + (index + 1) * width
+
+
 def free_port() -> int:
     """A TCP port on loopback that nothing listens on right now, and the port above it too
     (a broker's controller, a second worker's web port).
 
     Drawn below the kernel's ephemeral range, so that no outgoing connection can take it
     between now and the server's bind (with ``bind(0)`` one did: a worker's web port was
-    taken by a client socket and the worker exited), and never the same pair twice in one
-    process.
+    taken by a client socket and the worker exited), from this process's share of that
+    range (:func:`_share`), and never the same pair twice in one process.
     """
-    high = _ephemeral_low() - 2
-    low = min(20000, high // 2)
+    ephemeral = _ephemeral_low()
+    low, high = _share(min(20000, ephemeral // 2), ephemeral)
     for _ in range(1000):
-        port = random.randrange(low, high)
+        port = random.randrange(low, high - 1)  # the pair stays inside the share
         if {port, port + 1} & _handed_out or not (_bindable(port) and _bindable(port + 1)):
             continue
         _handed_out.update((port, port + 1))
         return port
-    raise KafkaError(f"no free pair of loopback ports in {low}-{high + 1}")
+    raise KafkaError(f"no free pair of loopback ports in {low}-{high - 1}")
 
 
 class LocalKafka:

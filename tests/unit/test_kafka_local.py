@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from devtools.cli import parser
-from devtools.kafka_local import LocalKafka, LocalKafkaCluster, new_cluster_id
+from devtools.kafka_local import (
+    LocalKafka,
+    LocalKafkaCluster,
+    _ephemeral_low,
+    _share,
+    free_port,
+    new_cluster_id,
+)
 from schemas.topics import DEVELOPMENT, PRODUCTION, replication_for
 
 
@@ -85,3 +92,24 @@ def test_the_broker_jvm_compiles_with_the_client_jit_only(tmp_path: Path) -> Non
     (libs / "kafka_2.13-3.9.1.jar").touch()
     argv = LocalKafka(tmp_path, libs)._java("kafka.Kafka", "server.properties")
     assert "-XX:TieredStopAtLevel=1" in argv[: argv.index("kafka.Kafka")]
+
+
+def test_each_xdist_worker_draws_ports_from_its_own_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")
+    drawn = {}
+    for worker in ("gw0", "gw1"):
+        monkeypatch.setenv("PYTEST_XDIST_WORKER", worker)
+        drawn[worker] = [free_port() for _ in range(20)]
+    ephemeral = _ephemeral_low()
+    middle = min(20000, ephemeral // 2) + (ephemeral - min(20000, ephemeral // 2)) // 2
+    assert all(port + 1 < middle for port in drawn["gw0"])
+    assert all(middle <= port and port + 1 < ephemeral for port in drawn["gw1"])
+
+
+def test_outside_xdist_ports_come_from_the_whole_range(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+    monkeypatch.delenv("PYTEST_XDIST_WORKER_COUNT", raising=False)
+    assert _share(20000, 32768) == (20000, 32768)
+    monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw3")
+    monkeypatch.setenv("PYTEST_XDIST_WORKER_COUNT", "2")  # not a worker of this count
+    assert _share(20000, 32768) == (20000, 32768)
