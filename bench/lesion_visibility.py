@@ -32,6 +32,7 @@ from scanwatch.study_score import StudyRule  # noqa: E402
 from schemas.model_signature import NORMAL_CLASS  # noqa: E402
 from training.config import TrainSettings  # noqa: E402
 from training.study_dataset import (  # noqa: E402
+    StudyBenchmark,
     StudyConfig,
     lesion_width_mm,
     load_or_build,
@@ -47,6 +48,18 @@ from training.study_evaluation import (  # noqa: E402
 #: Bins of a lesion slice's own diameter (mm) and of the lesion's absolute contrast.
 DIAMETER_BINS = (0.0, 3.0, 4.0, 5.0, 6.0, 8.0, 12.0, 20.0, 1000.0)
 CONTRAST_BINS = (0.0, 0.15, 0.2, 0.3, 0.5, 10.0)
+
+
+def run_benchmark(run_dir: Path) -> tuple[StudyConfig, StudyBenchmark]:
+    """The study benchmark a training run was trained on (from its ``dataset.json``; the cache)."""
+    description = json.loads((run_dir / "dataset.json").read_text())["description"]
+    config = StudyConfig(
+        **{
+            key: tuple(value) if isinstance(value, list) else value
+            for key, value in description["config"].items()
+        }
+    )
+    return config, load_or_build(config, TrainSettings().cache_dir)
 
 
 def _model(run_dir: Path, class_names: list[str], image_size: int):  # noqa: ANN202 - keras
@@ -81,22 +94,27 @@ def _table(
     return rows
 
 
-def main() -> None:
+def run_arguments() -> argparse.Namespace:
+    """``RUN_DIR [--out FILE.json]``, the arguments of the benches that read a training run."""
     parser = argparse.ArgumentParser()
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     configure_logging("training", "WARNING")
-    description = json.loads((args.run_dir / "dataset.json").read_text())["description"]
-    config = StudyConfig(
-        **{
-            key: tuple(value) if isinstance(value, list) else value
-            for key, value in description["config"].items()
-        }
-    )
-    bench = load_or_build(config, TrainSettings().cache_dir)
+    return args
+
+
+def load_run(run_dir: Path):  # noqa: ANN201 - keras
+    """A training run's benchmark config and data, its best weights' model and input context."""
+    config, bench = run_benchmark(run_dir)
+    model, context = _model(run_dir, list(bench.class_names), config.image_size)
+    return config, bench, model, context
+
+
+def main() -> None:
+    args = run_arguments()
+    config, bench, model, context = load_run(args.run_dir)
     class_names = list(bench.class_names)
-    model, context = _model(args.run_dir, class_names, config.image_size)
     test = bench.test
     p = as_predictor(model)(study_inputs(test, context))
     anomaly = 1.0 - p[:, class_names.index(NORMAL_CLASS)]
