@@ -14,6 +14,10 @@ The rule, for a study of n slices with class probabilities ``p[i]`` and slice an
 2. **calibration** of the raw score: ``sigmoid(slope * logit(raw) + intercept)`` (Platt scaling
    on the logit, fitted on validation studies; slope 1, intercept 0 leaves it unchanged). This
    calibrated score is the study's anomaly score, compared with the model's ``threshold``.
+   ``logit(raw)`` is computed from the aggregation itself (:meth:`StudyRule.aggregate_logit`):
+   noisy-OR's raw score rounds to 1 once a study's slices add up enough evidence (24 slices of
+   0.5 pass ``1 - 1e-7``; 160 slices of 0.2 reach a float's 1.0), and read from the rounded
+   score those studies would tie.
 3. **class probabilities**: ``normal`` gets ``1 - score``; the abnormal classes share ``score``
    in proportion to their mean probability over the *evidence slices* (the k slices with the
    largest ``a[i]``; one for ``max`` and ``noisy_or``, all for ``mean``).
@@ -65,9 +69,18 @@ class Calibration:
 
     def apply(self, raw: npt.ArrayLike) -> npt.NDArray[np.float64]:
         """Calibrated scores of raw study scores (any shape)."""
-        clipped = np.clip(np.asarray(raw, dtype=np.float64), _EPSILON, 1 - _EPSILON)
-        logit = np.log(clipped) - np.log1p(-clipped)
-        return 1.0 / (1.0 + np.exp(-(self.slope * logit + self.intercept)))
+        return self.apply_logit(logit(raw))
+
+    def apply_logit(self, raw_logit: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """Calibrated scores of raw study scores given on the logit scale (any shape)."""
+        z = self.slope * np.asarray(raw_logit, dtype=np.float64) + self.intercept
+        return np.asarray(1.0 / (1.0 + np.exp(-z)), dtype=np.float64)
+
+
+def logit(scores: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """``log(s / (1 - s))`` of scores clipped to ``[1e-7, 1 - 1e-7]`` (finite at 0 and 1)."""
+    clipped = np.clip(np.asarray(scores, dtype=np.float64), _EPSILON, 1 - _EPSILON)
+    return np.asarray(np.log(clipped) - np.log1p(-clipped), dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -119,8 +132,21 @@ class StudyRule:
         if self.aggregation == "top_k_mean":
             k = min(self.k, a.size)
             return float(np.partition(a, a.size - k)[a.size - k :].mean())
-        # noisy_or: log-space, so hundreds of slices do not underflow
-        return float(-np.expm1(np.log1p(-np.minimum(a, 1 - _EPSILON)).sum()))
+        return float(-np.expm1(-_noisy_or_evidence(a)))
+
+    def aggregate_logit(self, anomaly: npt.ArrayLike) -> float:
+        """``logit`` of the raw study score, what calibration reads. Noisy-OR's comes from its
+        evidence ``s`` (``raw = 1 - exp(-s)``, so ``logit(raw) = log(exp(s) - 1)``), which keeps
+        growing where ``raw`` has rounded to 1; the others' is :func:`logit` of ``raw``."""
+        if self.aggregation != "noisy_or":
+            return float(logit(self.aggregate(anomaly)))
+        a = np.clip(np.asarray(anomaly, dtype=np.float64).ravel(), 0.0, 1.0)
+        if a.size == 0:
+            raise ValueError("a study needs at least one slice")
+        s = _noisy_or_evidence(a)
+        floor = float(logit(0.0))
+        # log(e^s - 1) = s + log(1 - e^-s): no overflow for large s
+        return floor if s <= 0 else max(floor, s + math.log(-math.expm1(-s)))
 
     def to_json(self) -> str:
         fields = asdict(self)
@@ -155,6 +181,12 @@ class StudyRule:
             raise ValueError(f"study_rule: {exc}") from exc
 
 
+def _noisy_or_evidence(anomaly: npt.NDArray[np.float64]) -> float:
+    """``-sum(log(1 - a[i]))``, each slice capped below 1: noisy-OR's ``raw = 1 - exp(-s)``,
+    in log space so that hundreds of slices neither underflow nor lose their order."""
+    return float(-np.log1p(-np.minimum(anomaly, 1 - _EPSILON)).sum())
+
+
 #: What a model without a ``study_rule`` output means: the study mean, uncalibrated.
 LEGACY_RULE = StudyRule()
 
@@ -166,6 +198,7 @@ class StudyResult:
     probabilities: npt.NDArray[np.float64]  # (classes,), sums to 1
     anomaly_score: float  # calibrated; 1 - probabilities[normal]
     raw_score: float  # before calibration
+    raw_logit: float  # logit(raw_score), from the aggregation: what calibration reads
     strongest: int  # index of the slice with the largest anomaly score
     slice_anomaly: npt.NDArray[np.float64]  # (n,)
 
@@ -182,7 +215,8 @@ def study_result(
     p = p / np.maximum(p.sum(axis=1, keepdims=True), _EPSILON)
     anomaly = 1.0 - p[:, normal_index]
     raw = rule.aggregate(anomaly)
-    score = float(rule.calibration.apply(raw))
+    raw_logit = rule.aggregate_logit(anomaly)
+    score = float(rule.calibration.apply_logit(raw_logit))
     # Stable order: the strongest first, ties in slice order.
     order = np.argsort(-anomaly, kind="stable")
     evidence = p[order[: rule.evidence_count(len(p))]].mean(axis=0)
@@ -194,6 +228,7 @@ def study_result(
         probabilities=study,
         anomaly_score=score,
         raw_score=raw,
+        raw_logit=raw_logit,
         strongest=int(order[0]),
         slice_anomaly=anomaly,
     )

@@ -30,7 +30,6 @@ ECE_BINS = 15
 PROBABILITY_FLOOR = float(np.finfo(np.float32).tiny)
 #: The fitted temperature stays in this range (outside it the validation set is degenerate).
 TEMPERATURE_RANGE = (0.05, 20.0)
-_LOGIT_CLIP = 1e-7
 
 
 def apply_temperature(probabilities: npt.ArrayLike, temperature: float) -> npt.NDArray[np.float64]:
@@ -70,19 +69,16 @@ def fit_temperature(probabilities: npt.ArrayLike, labels: npt.ArrayLike) -> floa
     return float(np.exp(result.x))
 
 
-def _logit(scores: npt.ArrayLike) -> npt.NDArray[np.float64]:
-    s = np.clip(np.asarray(scores, dtype=np.float64), _LOGIT_CLIP, 1 - _LOGIT_CLIP)
-    return np.asarray(np.log(s) - np.log1p(-s), dtype=np.float64)
-
-
-def fit_platt(raw_scores: npt.ArrayLike, outcomes: npt.ArrayLike) -> Calibration:
-    """Platt scaling ``sigmoid(a · logit(raw) + b)`` fitted by maximum likelihood.
+def fit_platt(raw_logits: npt.ArrayLike, outcomes: npt.ArrayLike) -> Calibration:
+    """Platt scaling ``sigmoid(a · logit(raw) + b)`` fitted by maximum likelihood, given the raw
+    study scores on the logit scale (:meth:`scanwatch.study_score.StudyRule.aggregate_logit`,
+    which keeps apart the noisy-OR scores that round to 1).
 
     Targets are Platt's smoothed ones, ``(N₊ + 1) / (N₊ + 2)`` and ``1 / (N₋ + 2)``, so the fit is
     finite on separable data. With one class only, or a fit that would reverse the order
     (slope ≤ 0), the identity is returned: a calibration must never reorder studies.
     """
-    x = _logit(raw_scores)
+    x = np.asarray(raw_logits, dtype=np.float64)
     y = np.asarray(outcomes, dtype=bool)
     if x.shape != y.shape or x.ndim != 1:
         raise ValueError(f"need one outcome per score, got {x.shape} and {y.shape}")

@@ -139,6 +139,7 @@ class StudyScores:
     """Every study of a split scored under one rule (arrays indexed by study)."""
 
     raw: npt.NDArray[np.float64]  # aggregated, before calibration
+    logit: npt.NDArray[np.float64]  # logit(raw) from the aggregation: ranks what raw rounds to 1
     score: npt.NDArray[np.float64]  # calibrated: compared with the threshold
     strongest: npt.NDArray[np.int64]  # position of the strongest slice
     abnormal: npt.NDArray[np.bool_]  # the study has a lesion
@@ -165,17 +166,19 @@ def score_studies(
     p = np.asarray(probabilities, dtype=np.float64)
     if len(p) != len(split.labels):
         raise ValueError(f"{len(p)} predictions for {len(split.labels)} slices")
-    raw, score, strongest, hit = [], [], [], []
+    raw, logit, score, strongest, hit = [], [], [], [], []
     for index, rows in enumerate(study_members(split)):
         result = study_result(p[rows], normal_index, rule)
         position = int(split.position[rows[result.strongest]])
         raw.append(result.raw_score)
+        logit.append(result.raw_logit)
         score.append(result.anomaly_score)
         strongest.append(position)
         hit.append(position in split.studies[index].lesion_slices)
     studies = split.studies
     return StudyScores(
         raw=np.array(raw),
+        logit=np.array(logit),
         score=np.array(score),
         strongest=np.array(strongest, dtype=np.int64),
         abnormal=np.array([s.label != normal_index for s in studies], dtype=bool),
@@ -341,9 +344,9 @@ def rule_row(
 ) -> dict[str, Any]:
     return {
         "rule": rule.name,
-        f"{split}_auroc": auroc(scores.raw, scores.abnormal),
+        f"{split}_auroc": auroc(scores.logit, scores.abnormal),
         f"{split}_sensitivity_at_specificity": sensitivity_at_specificity(
-            scores.raw, scores.abnormal, min_specificity
+            scores.logit, scores.abnormal, min_specificity
         ),
     }
 
@@ -427,7 +430,7 @@ def evaluate_study_benchmark(
         row["chosen"] = row["rule"] == chosen.name
 
     calibration = fit_platt(
-        score_studies(val_p, val, normal, chosen).raw,
+        score_studies(val_p, val, normal, chosen).logit,
         np.array([s.label != normal for s in val.studies]),
     )
     rule = replace(

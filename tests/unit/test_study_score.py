@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scanwatch.study_score import LEGACY_RULE, Calibration, StudyRule, study_result
+from scanwatch.study_score import LEGACY_RULE, Calibration, StudyRule, logit, study_result
 
 NORMAL = 0
 
@@ -41,6 +41,25 @@ def test_noisy_or_is_the_chance_that_some_slice_is_abnormal() -> None:
     many = slices(*([0.02] * 500))  # log space: no underflow over hundreds of slices
     expected = 1 - 0.98**500
     assert study_result(many, NORMAL, StudyRule("noisy_or")).raw_score == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("count", "weaker", "stronger"),
+    [(24, 0.6, 0.7), (160, 0.3, 0.35)],  # past 1 - 1e-7; past float64's 1.0
+)
+def test_noisy_or_keeps_the_order_of_studies_whose_raw_score_rounds_to_1(
+    count: int, weaker: float, stronger: float
+) -> None:
+    rule = StudyRule("noisy_or", calibration=Calibration(slope=0.2, intercept=-3.0))
+    low, high = (study_result(slices(*[a] * count), NORMAL, rule) for a in (weaker, stronger))
+    assert low.raw_score > 1 - 1e-7 and high.raw_score > 1 - 1e-7
+    # logit(1 - (1 - a)^n) = log(e^s - 1), s = -n log(1 - a): ≈ s once e^-s is negligible
+    assert low.raw_logit == pytest.approx(-count * np.log1p(-weaker))
+    assert low.anomaly_score < high.anomaly_score < 1.0
+    # where raw has not rounded, the same logit as read from raw
+    moderate = study_result(slices(0.3, 0.2, 0.1), NORMAL, rule)
+    assert moderate.raw_logit == pytest.approx(logit(moderate.raw_score))
+    assert study_result(slices(0.0, 0.0), NORMAL, rule).raw_logit == pytest.approx(logit(0.0))
 
 
 def test_top_k_larger_than_the_study_takes_every_slice() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from scanwatch.study_score import Calibration
+from scanwatch.study_score import Calibration, logit
 from training.calibration import (
     apply_temperature,
     fit_platt,
@@ -70,19 +70,20 @@ def test_ece_by_hand() -> None:
 
 def test_platt_recovers_slope_and_intercept() -> None:
     rng = np.random.default_rng(2)
-    logit = rng.normal(0, 2, 8000)
-    raw = 1 / (1 + np.exp(-logit))
-    truth = 1 / (1 + np.exp(-(2.0 * logit - 1.0)))
+    z = rng.normal(0, 2, 8000)
+    raw = 1 / (1 + np.exp(-z))
+    truth = 1 / (1 + np.exp(-(2.0 * z - 1.0)))
     outcome = rng.random(8000) < truth
-    fitted = fit_platt(raw, outcome)
+    fitted = fit_platt(z, outcome)
     assert fitted.slope == pytest.approx(2.0, rel=0.1)
     assert fitted.intercept == pytest.approx(-1.0, abs=0.15)
     assert reliability(fitted.apply(raw), outcome).ece < reliability(raw, outcome).ece
 
 
 def test_platt_is_finite_on_separable_data_and_identity_with_one_class() -> None:
-    fitted = fit_platt([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1])
+    scores = logit([0.1, 0.2, 0.8, 0.9])
+    fitted = fit_platt(scores, [0, 0, 1, 1])
     assert 0 < fitted.slope < 100 and np.isfinite(fitted.intercept)
-    assert fit_platt([0.3, 0.6], [1, 1]) == Calibration()
+    assert fit_platt(logit([0.3, 0.6]), [1, 1]) == Calibration()
     # Scores that point the wrong way would need a negative slope: refused (never reorder).
-    assert fit_platt([0.1, 0.2, 0.8, 0.9] * 5, [1, 1, 0, 0] * 5) == Calibration()
+    assert fit_platt(np.tile(scores, 5), [1, 1, 0, 0] * 5) == Calibration()

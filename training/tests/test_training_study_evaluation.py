@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from scanwatch.study_score import StudyRule, study_result
+from scanwatch.study_score import StudyRule, logit, study_result
 from training.study_evaluation import (
     CANDIDATE_RULES,
     SELECTION_METRICS,
@@ -140,6 +140,7 @@ def scores(
     n = len(score)
     return StudyScores(
         raw=np.array(score),
+        logit=logit(score),
         score=np.array(score),
         strongest=np.zeros(n, dtype=np.int64),
         abnormal=np.array(abnormal),
