@@ -101,7 +101,7 @@ def _bindable(port: int) -> bool:
 
 def _share(low: int, high: int) -> tuple[int, int]:
     """This process's slice of ``[low, high)``: all of it, or under pytest-xdist the worker's
-    own part (``gw1`` of 2 draws from the upper half), which its servers inherit.
+    own part (``gw1`` of 2 draws from the upper half).
 
     Two workers drawing from one range could both find a port free and both hand it out
     before either server binds it; one server then exits with "address already in use"

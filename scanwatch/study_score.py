@@ -122,9 +122,7 @@ class StudyRule:
 
     def aggregate(self, anomaly: npt.ArrayLike) -> float:
         """The raw (uncalibrated) study score of slice anomaly scores."""
-        a = np.clip(np.asarray(anomaly, dtype=np.float64).ravel(), 0.0, 1.0)
-        if a.size == 0:
-            raise ValueError("a study needs at least one slice")
+        a = _slice_scores(anomaly)
         if self.aggregation == "mean":
             return float(a.mean())
         if self.aggregation == "max":
@@ -140,10 +138,7 @@ class StudyRule:
         growing where ``raw`` has rounded to 1; the others' is :func:`logit` of ``raw``."""
         if self.aggregation != "noisy_or":
             return float(logit(self.aggregate(anomaly)))
-        a = np.clip(np.asarray(anomaly, dtype=np.float64).ravel(), 0.0, 1.0)
-        if a.size == 0:
-            raise ValueError("a study needs at least one slice")
-        s = _noisy_or_evidence(a)
+        s = _noisy_or_evidence(_slice_scores(anomaly))
         floor = float(logit(0.0))
         # log(e^s - 1) = s + log(1 - e^-s): no overflow for large s
         return floor if s <= 0 else max(floor, s + math.log(-math.expm1(-s)))
@@ -179,6 +174,14 @@ class StudyRule:
             )
         except TypeError as exc:
             raise ValueError(f"study_rule: {exc}") from exc
+
+
+def _slice_scores(anomaly: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """A study's slice anomaly scores as a flat array in [0, 1]; at least one is required."""
+    a = np.clip(np.asarray(anomaly, dtype=np.float64).ravel(), 0.0, 1.0)
+    if a.size == 0:
+        raise ValueError("a study needs at least one slice")
+    return a
 
 
 def _noisy_or_evidence(anomaly: npt.NDArray[np.float64]) -> float:
