@@ -152,6 +152,8 @@ class Sender:
     refused: Counter[str] = field(default_factory=Counter)
     last_ack: float = 0.0
     unacknowledged: int = 0  # instances given up on after retry_for_s
+    #: Called before each association (a fault's row holds the sender there until it fires).
+    before_association: Callable[[], None] | None = None
     _stop: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -163,6 +165,8 @@ class Sender:
         done = self.acked.setdefault(study.study_uid, set())
         deadline = time.monotonic() + self.retry_for_s
         while pending:
+            if self.before_association is not None:
+                self.before_association()
             self.associations += 1
             try:
                 result = storescu(pending, self.host, self.port, called_ae=self.called_ae)
@@ -408,7 +412,8 @@ class BrokerNetwork:
 
 @dataclass
 class FaultRun:
-    """What a fault acts on, and when it started and ended (monotonic seconds)."""
+    """What a fault acts on, and when it started and ended (monotonic seconds). ``in_effect``
+    is set once it has begun."""
 
     stack: Stack
     sender: Sender
@@ -418,9 +423,11 @@ class FaultRun:
     started: float | None = None
     ended: float | None = None
     detail: str = ""
+    in_effect: threading.Event = field(default_factory=threading.Event)
 
     def begin(self) -> None:
         self.started = time.monotonic()
+        self.in_effect.set()
 
     def end(self) -> None:
         self.ended = time.monotonic()
@@ -526,9 +533,9 @@ def fill_store(run: FaultRun) -> None:
     sender has been refused, keep it full a while, then free the space."""
     store = run.stack.config.var / "store"
     filler = store / ".fault-filler"
-    run.begin()
     try:
         fill(filler, keep=2**20)
+        run.begin()  # the fault is a full disk: it begins once the disk is full
         wait_for(lambda: sum(run.sender.refused.values()), 120, "a refused C-STORE", 0.1)
         threading.Event().wait(min(run.hold_s, 10.0))
         run.detail = f"free while full: {shutil.disk_usage(store).free} bytes"
@@ -591,6 +598,7 @@ FAULTS: dict[str, Fault] = {
             fill_store,
             # Half a study in: fired at 30 %, the CI row's last 19 small instances were all
             # stored before the filler had filled the disk, and nothing was left to refuse.
+            # (The sender now waits for the full disk before its next association, too.)
             at=0.0,
         ),
         Fault(
@@ -725,7 +733,17 @@ def run_row(
             fault.inject(run)
         except BaseException as exc:  # noqa: BLE001 - reported in the row
             failure.append(exc)
+        finally:
+            run.in_effect.set()  # a fault that failed holds no sender
 
+    def hold_for_the_fault() -> None:
+        """Past the fault's moment, no new association until the fault has begun: on two
+        loaded cores the sender otherwise finished the row before a disk could be filled
+        (every instance stored, nothing refused)."""
+        if not run.in_effect.is_set() and (listener_received(stack) or 0) >= fire_at:
+            run.in_effect.wait(settle_timeout_s)
+
+    sender.before_association = hold_for_the_fault
     injector = threading.Thread(target=inject, name=f"fault-{fault.name}", daemon=True)
     try:
         injector.start()
