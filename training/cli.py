@@ -128,6 +128,17 @@ def _millimetres(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    """An argparse type: a whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
 def _dataset_spec(args: argparse.Namespace) -> Any:
     from schemas.training_events import DatasetSpec
     from training.lifecycle import StudiesSpec
@@ -138,13 +149,18 @@ def _dataset_spec(args: argparse.Namespace) -> Any:
             image_size=args.image_size,
             train_neighbours=bool(getattr(args, "with_neighbours", False)),
             min_lesion_mm=getattr(args, "min_lesion_mm", None) or 0.0,
+            extra_train_studies=getattr(args, "extra_train_studies", None) or 0,
         )
-    if getattr(args, "min_lesion_mm", None):
-        sys.stderr.write(
-            f"--min-lesion-mm needs --dataset studies (only it knows each slice's lesion "
-            f"width), not --dataset {args.dataset}\n"
-        )
-        raise SystemExit(2)
+    for flag, why in (
+        ("min_lesion_mm", "only it knows each slice's lesion width"),
+        ("extra_train_studies", "only it renders studies"),
+    ):
+        if getattr(args, flag, None):
+            sys.stderr.write(
+                f"--{flag.replace('_', '-')} needs --dataset studies ({why}), "
+                f"not --dataset {args.dataset}\n"
+            )
+            raise SystemExit(2)
     return DatasetSpec(
         kind=args.dataset,
         path=str(args.path) if args.path else None,
@@ -504,6 +520,12 @@ def _add_dataset(parser: argparse.ArgumentParser) -> None:
         type=_millimetres,
         help="studies: leave out of training the lesion slices where the lesion is narrower "
         "than this on the slice (mm); validation and test keep every slice",
+    )
+    parser.add_argument(
+        "--extra-train-studies",
+        type=_count,
+        help="studies: render this many more training studies (validation and test stay the "
+        "same studies)",
     )
     parser.add_argument("--normal-class", help="the label meaning normal (notumor, nv...)")
     parser.add_argument(

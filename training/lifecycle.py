@@ -97,6 +97,9 @@ class StudiesSpec:
     #: Leave out of training the lesion slices where the lesion is narrower than this (mm;
     #: 0: none). Validation and test keep every slice.
     min_lesion_mm: float = 0.0
+    #: More training studies beside the preset's (``StudyConfig.extra_train_studies``): the
+    #: same validation and test studies, more data to learn from.
+    extra_train_studies: int = 0
 
 
 class ContextUnavailable(ValueError):
@@ -131,6 +134,8 @@ def load_dataset(
             studies = replace(studies, image_size=size)
         if settings.context == NEIGHBOURS or spec.train_neighbours:
             studies = replace(studies, train_neighbours=True)
+        if spec.extra_train_studies:
+            studies = replace(studies, extra_train_studies=spec.extra_train_studies)
         bench = study_dataset.load_or_build(studies, settings.cache_dir, progress)
         return (
             bench.slice_dataset(settings.context, spec.min_lesion_mm),

@@ -106,6 +106,10 @@ class StudyConfig:
     #: Render each training slice's neighbours too (as context for ``neighbours`` inputs; they
     #: are not training slices themselves). Changes the training pixels drawn after them.
     train_neighbours: bool = False
+    #: More training studies, drawn from seeds spawned after every split's: validation and test
+    #: stay the same studies as with none (``train_studies`` would move them). The training
+    #: split has ``train_studies + extra_train_studies`` studies.
+    extra_train_studies: int = 0
 
     def __post_init__(self) -> None:
         if min(self.train_studies, self.val_studies, self.test_studies) < 2:
@@ -126,6 +130,8 @@ class StudyConfig:
             raise ValueError(f"span_slices must be within 1..{self.slices_per_study // 2}")
         if self.normal_slices_per_study < 1:
             raise ValueError("normal_slices_per_study must be >= 1")
+        if self.extra_train_studies < 0:
+            raise ValueError(f"extra_train_studies must be >= 0, got {self.extra_train_studies}")
 
 
 #: The standard study benchmark (about 7 000 training slices, 3 840 / 5 760 slices in 160 / 240
@@ -551,7 +557,9 @@ def build_studies(
     levels = study_levels(volume, config.slices_per_study)
     root = np.random.SeedSequence(config.seed)
     seeds = root.spawn(config.train_studies + config.val_studies + config.test_studies)
-    expected_train = config.train_studies * (
+    n_train, n_val = config.train_studies, config.val_studies
+    train_seeds = seeds[:n_train] + root.spawn(config.extra_train_studies)
+    expected_train = len(train_seeds) * (
         config.normal_slices_per_study
         + config.train_abnormal_fraction * sum(config.span_slices) / 2
     )
@@ -566,13 +574,12 @@ def build_studies(
         if progress is not None:
             progress(min(done, total), total)
 
-    n_train, n_val = config.train_studies, config.val_studies
     splits = {
         "train": _build_split(
             volume,
             levels,
             config,
-            seeds[:n_train],
+            train_seeds,
             "train",
             config.train_abnormal_fraction,
             False,
@@ -609,10 +616,12 @@ def build_studies(
 
 def config_record(config: StudyConfig) -> dict[str, Any]:
     """``config`` as recorded in a benchmark's description and cache key; ``train_neighbours``
-    only when set, so that a benchmark built before it existed keeps its cache file."""
+    and ``extra_train_studies`` only when set, so that a benchmark built before they existed
+    keeps its cache file."""
     record = asdict(config)
-    if not config.train_neighbours:
-        del record["train_neighbours"]
+    for name in ("train_neighbours", "extra_train_studies"):
+        if not getattr(config, name):
+            del record[name]
     return record
 
 

@@ -237,7 +237,7 @@ def test_a_none_run_can_train_on_the_neighbours_benchmark_s_slices() -> None:
     assert _settings(args).context == NEIGHBOURS
 
 
-def test_a_lesion_width_filter_is_refused_where_widths_are_unknown_or_negative(
+def test_study_only_options_are_refused_elsewhere_and_negative_values_everywhere(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     argv = ["train", "--dataset", "benchmark", "--preset", "tiny", "--runs-dir", str(tmp_path)]
@@ -249,3 +249,15 @@ def test_a_lesion_width_filter_is_refused_where_widths_are_unknown_or_negative(
     with pytest.raises(SystemExit):
         main(["train", "--dataset", "studies", "--min-lesion-mm", "-1"])
     assert "must be 0 or more millimetres, not -1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--extra-train-studies", "100"])
+    assert exited.value.code == 2
+    assert "--extra-train-studies needs --dataset studies" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--dataset", "studies", "--extra-train-studies", "-3"])
+    assert "must be 0 or more, not -3" in capsys.readouterr().err
+    from training.cli import _dataset_spec, build_parser
+
+    argv = ["train", "--dataset", "studies", "--extra-train-studies", "7"]
+    args = build_parser().parse_args(argv)
+    assert _dataset_spec(args).extra_train_studies == 7

@@ -3,6 +3,7 @@ from wide ranges (training/study_dataset.py)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,28 @@ def test_training_studies_give_every_lesion_slice_and_a_few_normal_ones(
         normal = int((train.labels[rows] == 0).sum())
         assert normal == sd.TINY.normal_slices_per_study
         assert (train.labels[rows] != 0).sum() == len(info.lesion_slices)
+
+
+def test_extra_training_studies_add_to_training_and_keep_validation_and_test(
+    bench: sd.StudyBenchmark, tmp_path: Path
+) -> None:
+    config = replace(sd.TINY, extra_train_studies=5)
+    more = sd.build_studies(config)
+    assert len(more.train.studies) == sd.TINY.train_studies + 5
+    for name in ("val", "test"):
+        ours, theirs = getattr(bench, name), getattr(more, name)
+        assert np.array_equal(ours.images, theirs.images), name
+        assert ours.studies == theirs.studies, name
+    # The added studies are new ones, not copies of the first.
+    added = more.train.images[more.train.study_index >= sd.TINY.train_studies]
+    firsts = more.train.images[more.train.study_index < sd.TINY.train_studies]
+    assert not any(np.array_equal(a, f) for a in added for f in firsts)
+    assert more.description["config"]["extra_train_studies"] == 5
+    assert sd.cache_path(config, tmp_path) != sd.cache_path(sd.TINY, tmp_path)
+    # None asked: the key stays the one benchmarks built before the option had.
+    assert "extra_train_studies" not in sd.config_record(replace(config, extra_train_studies=0))
+    with pytest.raises(ValueError, match="extra_train_studies must be >= 0"):
+        replace(sd.TINY, extra_train_studies=-1)
 
 
 def test_the_slice_dataset_keeps_studies_apart(bench: sd.StudyBenchmark) -> None:
