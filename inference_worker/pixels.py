@@ -311,6 +311,10 @@ def into_rgb(parts: Sequence[Decoded], count: int, size: int) -> npt.NDArray[np.
     return np.broadcast_to(grey[..., None], (count, size, size, 3))
 
 
+#: How long :meth:`PixelPool.close` waits for its processes before it kills them.
+CLOSE_TIMEOUT_S = 10.0
+
+
 class PixelPool:
     """Decodes and preprocesses studies off the event loop: in a pool of ``processes``
     processes, or (0 or 1) on the event loop's default thread executor."""
@@ -398,9 +402,27 @@ class PixelPool:
             self.replaced += 1
             broken.shutdown(wait=False, cancel_futures=True)
 
-    def close(self) -> None:
-        """Stop the pool processes (the worker is stopping); later calls fail."""
+    def close(self, timeout_s: float | None = None) -> None:
+        """Stop the pool processes (the worker is stopping); later calls fail.
+
+        A pool whose process has just died, before its executor noticed, never stops on its
+        own in Python 3.11 (the survivors wait on a queue lock the dead one held; compare
+        cpython gh-132969): its processes get ``timeout_s`` (default :data:`CLOSE_TIMEOUT_S`)
+        to stop, then are killed."""
+        timeout_s = CLOSE_TIMEOUT_S if timeout_s is None else timeout_s
         self._closed = True
         executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)
+        if executor is None:
+            return
+        # Both are dropped by shutdown(); the manager thread joins the processes.
+        processes = list((getattr(executor, "_processes", None) or {}).values())
+        manager = getattr(executor, "_executor_manager_thread", None)
+        executor.shutdown(wait=False, cancel_futures=True)
+        if manager is None:
+            return
+        manager.join(timeout_s)
+        if manager.is_alive():
+            log.warning("pixel decoders did not stop; killed", extra={"processes": len(processes)})
+            for process in processes:
+                process.kill()  # a no-op for one already reaped
+            manager.join(timeout_s)
