@@ -402,14 +402,13 @@ class PixelPool:
             self.replaced += 1
             broken.shutdown(wait=False, cancel_futures=True)
 
-    def close(self, timeout_s: float | None = None) -> None:
+    def close(self) -> None:
         """Stop the pool processes (the worker is stopping); later calls fail.
 
         A pool whose process has just died, before its executor noticed, never stops on its
         own in Python 3.11 (the survivors wait on a queue lock the dead one held; compare
-        cpython gh-132969): its processes get ``timeout_s`` (default :data:`CLOSE_TIMEOUT_S`)
-        to stop, then are killed."""
-        timeout_s = CLOSE_TIMEOUT_S if timeout_s is None else timeout_s
+        cpython gh-132969): its processes get :data:`CLOSE_TIMEOUT_S` to stop, then are
+        killed."""
         self._closed = True
         executor, self._executor = self._executor, None
         if executor is None:
@@ -420,9 +419,9 @@ class PixelPool:
         executor.shutdown(wait=False, cancel_futures=True)
         if manager is None:
             return
-        manager.join(timeout_s)
+        manager.join(CLOSE_TIMEOUT_S)
         if manager.is_alive():
             log.warning("pixel decoders did not stop; killed", extra={"processes": len(processes)})
             for process in processes:
                 process.kill()  # a no-op for one already reaped
-            manager.join(timeout_s)
+            manager.join(CLOSE_TIMEOUT_S)
