@@ -112,6 +112,10 @@ _MAX_NEGOTIATION_PDU = 1 << 20
 _MAX_COMMAND = 1 << 16
 #: Bytes read from the socket per call while a dataset streams to disk.
 _CHUNK_BYTES = 1 << 18
+#: The acceptor's ARTIM timer after an A-ASSOCIATE-RJ (PS3.8 9.2, state Sta13): how long it
+#: waits for the requestor to close the connection before closing it itself (the network
+#: timeout, when shorter, bounds it too).
+_ARTIM_S = 5.0
 #: Largest N-CREATE / N-SET dataset accepted (kept in memory): an MPPS naming thousands of
 #: images is a few hundred KiB.
 _MAX_NORMALIZED_DATASET = 1 << 23
@@ -344,7 +348,17 @@ class Association:
             },
         )
         self.sock.sendall(encode_associate_rj(result, source, diagnostic))
+        self._await_peer_close()
         return False
+
+    def _await_peer_close(self) -> None:
+        """Sta13: the requestor closes the connection once it has read the A-ASSOCIATE-RJ.
+        Closing at once instead can reach it first, and a peer (pynetdicom) then reports an
+        abort, not the rejection; so wait for its close, bounded by the ARTIM timer."""
+        self.sock.settimeout(min(_ARTIM_S, self.config.network_timeout_s))
+        with suppress(OSError):  # a timeout, or a reset: either way the wait is over
+            while self.sock.recv_into(self._chunk):
+                pass
 
     def _admitted(self, rq: AssociateRequest) -> bool:
         """Reject with the reason and return False, or take an association slot."""

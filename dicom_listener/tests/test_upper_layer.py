@@ -244,12 +244,28 @@ def test_wrong_called_ae_is_rejected(server: StorageServer) -> None:
     assert assoc.is_rejected
 
 
-def _associate_raw(port: int) -> socket.socket:
-    """A raw socket with an association for MR Image Storage (context 1) established."""
+def test_a_rejected_requestor_that_never_closes_is_closed_after_artim(
+    tmp_path: Path, recorder: Recorder
+) -> None:
+    """After an A-ASSOCIATE-RJ the listener waits for the requestor to close (Sta13), so the
+    RJ reaches it before any close; one that never closes is dropped (the ARTIM bound)."""
+    with serve(tmp_path, recorder, network_timeout_s=0.3) as server:
+        sock = _request_raw(server.port, called="SOMEONE")
+        sock.settimeout(10)
+        kind, length = struct.unpack(">BxL", sock.recv(6, socket.MSG_WAITALL))
+        assert (kind, length) == (0x03, 4), "A-ASSOCIATE-RJ"
+        # rejected permanent, by the service user, called AE title not recognised
+        assert sock.recv(4, socket.MSG_WAITALL) == b"\x00\x01\x01\x07"
+        assert sock.recv(16) == b"", "the listener closes the connection"
+        sock.close()
+
+
+def _request_raw(port: int, called: str = AE_TITLE) -> socket.socket:
+    """A raw socket that has sent an A-ASSOCIATE-RQ for MR Image Storage (context 1)."""
     primitive = A_ASSOCIATE()
     primitive.application_context_name = "1.2.840.10008.3.1.1.1"
     primitive.calling_ae_title = "RAW"
-    primitive.called_ae_title = AE_TITLE
+    primitive.called_ae_title = called
     cx = build_context(MRImageStorage, [ExplicitVRLittleEndian])
     cx.context_id = 1
     primitive.presentation_context_definition_list = [cx]
@@ -258,6 +274,12 @@ def _associate_raw(port: int) -> socket.socket:
     rq.from_primitive(primitive)
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
     sock.sendall(rq.encode())
+    return sock
+
+
+def _associate_raw(port: int) -> socket.socket:
+    """A raw socket with an association for MR Image Storage (context 1) established."""
+    sock = _request_raw(port)
     kind, length = struct.unpack(">BxL", sock.recv(6, socket.MSG_WAITALL))
     sock.recv(length, socket.MSG_WAITALL)
     assert kind == 0x02
