@@ -74,7 +74,7 @@ def one_lesion(volume: np.ndarray, levels: list[int], seed: int, sizes: list[int
         lesion.kind,
         lesion.diameter_mm >= WEDGE_FROM_MM,
     )
-    planted = _plant(image, lesion, 1.0, centre, rng)
+    planted, _mask = _plant(image, lesion, 1.0, centre, rng)
     state = rng.bit_generator.state
 
     def finished(picture: np.ndarray, noise: float) -> np.ndarray:

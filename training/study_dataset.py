@@ -55,6 +55,7 @@ from scanwatch.imaging import (
     NO_CONTEXT,
     neighbour_channels,
     preprocess_slice,
+    square_resize,
 )
 from scanwatch.sample import mni152_volume
 from training.dataset import FROM_STUDIES, SPLITS, LabelledImages, Split
@@ -66,6 +67,7 @@ from training.synthetic_dataset import (
     _subject,
     _warp,
     axial_levels,
+    dicom_orientation,
     finish_slice,
     push_outwards,
     wedge_mask,
@@ -110,6 +112,9 @@ class StudyConfig:
     #: stay the same studies as with none (``train_studies`` would move them). The training
     #: split has ``train_studies + extra_train_studies`` studies.
     extra_train_studies: int = 0
+    #: Keep each slice's lesion mask (:attr:`StudySet.masks`) for training with location
+    #: supervision. The pixels are the same with or without.
+    lesion_masks: bool = False
 
     def __post_init__(self) -> None:
         if min(self.train_studies, self.val_studies, self.test_studies) < 2:
@@ -174,13 +179,18 @@ class StudySet:
     #: (n,) bool: rendered only as a neighbour's context, not a slice of the split's table
     #: (training studies built with ``train_neighbours``); None: every row is a slice.
     context_only: np.ndarray | None = None
+    #: (n, S, S) uint8: the share of each input pixel the lesion covers, 0–255 (0 on a normal
+    #: slice), on the input's grid (benchmarks built with ``lesion_masks``); else None.
+    masks: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.images)
         if not (len(self.labels) == len(self.study_index) == len(self.position) == n):
             raise ValueError("images, labels, study_index and position differ in length")
-        if self.context_only is not None and len(self.context_only) != n:
-            raise ValueError("context_only differs in length from images")
+        for name in ("context_only", "masks"):
+            extra = getattr(self, name)
+            if extra is not None and len(extra) != n:
+                raise ValueError(f"{name} differs in length from images")
 
     def sample_rows(self) -> np.ndarray:
         """The rows that are slices of the split (every row but context-only ones)."""
@@ -250,8 +260,9 @@ class StudyBenchmark:
                 f"{name}_position": s.position,
                 f"{name}_studies": np.array(json.dumps([asdict(i) for i in s.studies])),
             }
-            if s.context_only is not None:
-                arrays[f"{name}_context_only"] = s.context_only
+            for extra in ("context_only", "masks"):
+                if getattr(s, extra) is not None:
+                    arrays[f"{name}_{extra}"] = getattr(s, extra)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         temp = path.with_name(f".{path.name}.tmp.npz")
@@ -273,6 +284,7 @@ class StudyBenchmark:
                         for info in json.loads(str(data[f"{name}_studies"]))
                     ),
                     data[f"{name}_context_only"] if f"{name}_context_only" in data else None,
+                    data[f"{name}_masks"] if f"{name}_masks" in data else None,
                 )
                 for name in SPLITS
             }
@@ -420,8 +432,9 @@ def _plant(
     factor: float,
     centre: np.ndarray,
     rng: np.random.Generator,
-) -> np.ndarray:
-    """``image`` (template scale) with one cross-section of ``lesion`` planted at ``centre``."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` (template scale) with one cross-section of ``lesion`` planted at ``centre``,
+    and the lesion's mask (the share of each pixel it replaced, 0–1)."""
     radius = lesion.diameter_mm / 2 * factor
     tissue = image > TISSUE_LEVEL
     # The tissue around the lesion, smoothed over its size: the contrast's reference.
@@ -446,7 +459,7 @@ def _plant(
         rim = np.clip(mask - ndimage.binary_erosion(mask > 0.5, iterations=2), 0, 1)
         rim = ndimage.gaussian_filter(rim.astype(np.float64), 0.8)
         out = out + rim * local * abs(lesion.contrast) * rng.uniform(0.6, 1.0)
-    return out
+    return out, mask
 
 
 # ---------------------------------------------------------------------------------------------
@@ -464,9 +477,10 @@ def render_study(
     rng: np.random.Generator,
     lesion: Lesion | None,
     only: frozenset[int] | None = None,
-) -> list[tuple[int, int, np.ndarray]]:
-    """``(position, label, stored slice)`` of the study's slices (those at the positions in
-    ``only``, when given), in position order."""
+) -> list[tuple[int, int, np.ndarray, np.ndarray | None]]:
+    """``(position, label, stored slice, lesion mask)`` of the study's slices (those at the
+    positions in ``only``, when given), in position order. The mask (float, 0–1) has the
+    stored slice's orientation and shape; None where no lesion was planted."""
     subject = _subject(rng)
     jitter = subject["level_jitter"]
     span = range(lesion.centre_slice, lesion.centre_slice + lesion.span) if lesion else range(0)
@@ -477,6 +491,7 @@ def render_study(
         if only is not None and position not in only:
             continue
         lesioned = position in span
+        mask = None
         k = int(np.clip(level + jitter, 0, volume.shape[2] - 1))
         image = _warp(volume[:, :, k], rng, subject)
         if lesion is not None and lesioned:
@@ -490,8 +505,10 @@ def render_study(
                     lesion.diameter_mm >= WEDGE_FROM_MM,
                 )
             factor = cross_section(lesion.span, position - lesion.centre_slice)
-            image = _plant(image, lesion, factor, centre, rng)
-        out.append((position, label if lesioned else 0, finish_slice(image, rng, subject)))
+            image, planted = _plant(image, lesion, factor, centre, rng)
+            mask = dicom_orientation(planted)
+        stored = finish_slice(image, rng, subject)
+        out.append((position, label if lesioned else 0, stored, mask))
     return out
 
 
@@ -506,6 +523,7 @@ def _build_split(
     progress: Callable[[], None],
 ) -> StudySet:
     images, labels, study_index, positions, studies = [], [], [], [], []
+    masks: list[np.ndarray] = []
     context_only: list[bool] = []
     n_abnormal = int(round(len(seeds) * abnormal_fraction))
     for number, seed in enumerate(seeds):
@@ -523,8 +541,10 @@ def _build_split(
                 context = frozenset(p for p in near if 0 <= p < len(levels)) - only
                 only |= context
         rendered = render_study(volume, levels, rng, lesion, only)
-        for position, label, stored in rendered:
+        for position, label, stored, mask in rendered:
             images.append(preprocess_slice(stored, config.image_size)[:, :, :1])
+            if config.lesion_masks:
+                masks.append(mask_input(mask, stored.shape, config.image_size))
             labels.append(label)
             study_index.append(number)
             positions.append(position)
@@ -546,7 +566,17 @@ def _build_split(
         np.asarray(positions, dtype=np.int64),
         tuple(studies),
         np.asarray(context_only, dtype=bool) if config.train_neighbours else None,
+        np.stack(masks) if config.lesion_masks else None,
     )
+
+
+def mask_input(mask: np.ndarray | None, shape: tuple[int, ...], size: int) -> np.ndarray:
+    """A stored slice's lesion mask (None: no lesion) on the model input's grid, as the slice's
+    pixels are resized (:func:`~scanwatch.imaging.square_resize`): uint8, 0–255."""
+    if mask is None:
+        return np.zeros((size, size), np.uint8)
+    resized = square_resize(np.asarray(mask, np.float32), size)
+    return np.clip(np.rint(resized * 255), 0, 255).astype(np.uint8)
 
 
 def build_studies(
@@ -615,11 +645,11 @@ def build_studies(
 
 
 def config_record(config: StudyConfig) -> dict[str, Any]:
-    """``config`` as recorded in a benchmark's description and cache key; ``train_neighbours``
-    and ``extra_train_studies`` only when set, so that a benchmark built before they existed
-    keeps its cache file."""
+    """``config`` as recorded in a benchmark's description and cache key; ``train_neighbours``,
+    ``extra_train_studies`` and ``lesion_masks`` only when set, so that a benchmark built
+    before they existed keeps its cache file."""
     record = asdict(config)
-    for name in ("train_neighbours", "extra_train_studies"):
+    for name in ("train_neighbours", "extra_train_studies", "lesion_masks"):
         if not getattr(config, name):
             del record[name]
     return record

@@ -284,9 +284,14 @@ def finish_slice(image: np.ndarray, rng: np.random.Generator, subject: dict) -> 
     sigma = subject["noise"]
     noisy = np.hypot(image + rng.normal(0, sigma, image.shape), rng.normal(0, sigma, image.shape))
     stored = np.clip(np.rint(noisy / 2.0 * MAX_STORED_VALUE), 0, MAX_STORED_VALUE)
-    # RAS voxel [i, j] → DICOM rows (anterior→posterior) and columns (right→left), as
-    # scanwatch.sample writes the sample study, so training sees what the worker reads.
-    return np.ascontiguousarray(stored[::-1, ::-1].T.astype(np.uint16))
+    return dicom_orientation(stored.astype(np.uint16))
+
+
+def dicom_orientation(image: np.ndarray) -> np.ndarray:
+    """A template-space slice, RAS voxel [i, j], in DICOM rows (anterior→posterior) and columns
+    (right→left), as scanwatch.sample writes the sample study, so that training sees what the
+    worker reads."""
+    return np.ascontiguousarray(image[::-1, ::-1].T)
 
 
 def axial_levels(

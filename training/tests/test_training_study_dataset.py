@@ -113,7 +113,7 @@ def test_a_small_faint_lesion_changes_its_slice_by_its_contrast(contrast: float)
     lesion = sd.Lesion(kind, 6.0, contrast, centre_slice=10, span=3, aspect=1.0, irregularity=0.05)
     rng = np.random.default_rng(3)
     centre = sd._lesion_centre(rng, image > sd.TISSUE_LEVEL, 3.0, kind, large=False)
-    planted = sd._plant(image, lesion, 1.0, centre, rng)
+    planted, _mask = sd._plant(image, lesion, 1.0, centre, rng)
     relative = planted / np.maximum(image, 1e-6) - 1
     changed = np.abs(planted - image) > 0.02
     assert 5 <= changed.sum() <= 80  # about pi * 3**2 pixels, not the whole slice
@@ -176,3 +176,43 @@ def test_a_width_filter_drops_only_training_lesion_slices_narrower_than_it(
     assert filtered.description["train_min_lesion_mm"] == cut
     assert "train_min_lesion_mm" not in full.description
     assert filtered.fingerprint() != full.fingerprint()
+
+
+def test_lesion_masks_keep_the_pixels_and_cover_the_lesion_slices_only(
+    bench: sd.StudyBenchmark, tmp_path: Path
+) -> None:
+    masked = sd.build_studies(replace(sd.TINY, lesion_masks=True))
+    assert bench.train.masks is None
+    for name in ("train", "val", "test"):
+        plain, split = getattr(bench, name), getattr(masked, name)
+        assert np.array_equal(split.images, plain.images)  # the same pixels
+        assert split.masks is not None and split.masks.dtype == np.uint8
+        assert split.masks.shape == split.images.shape[:3]
+        lesion = split.labels != 0
+        assert not split.masks[~lesion].any()
+        assert split.masks[lesion].max(axis=(1, 2)).all()  # partial cover on a small one
+    assert sd.cache_path(replace(sd.TINY, lesion_masks=True), tmp_path) != sd.cache_path(
+        sd.TINY, tmp_path
+    )
+    masked.save(tmp_path / "masked.npz")
+    loaded = sd.StudyBenchmark.load(tmp_path / "masked.npz")
+    assert np.array_equal(loaded.val.masks, masked.val.masks)
+
+
+def test_a_lesion_mask_lies_where_the_lesion_changed_the_model_input() -> None:
+    """The mask goes through the slice's own orientation and resize: on the input's grid its
+    peak is where planting the lesion changed the input most."""
+    volume, _ = sd.mni152_volume()
+    image = volume[:, :, sd.study_levels(volume, 24)[12]].astype(np.float64)
+    lesion = sd.Lesion("bleed", 12.0, 0.5, centre_slice=10, span=3, aspect=1.0, irregularity=0.05)
+    rng = np.random.default_rng(5)
+    centre = sd._lesion_centre(rng, image > sd.TISSUE_LEVEL, 6.0, "bleed", large=False)
+    planted, mask = sd._plant(image, lesion, 1.0, centre, rng)
+    size = 128
+    change = sd.square_resize(sd.dicom_orientation(planted - image).astype(np.float32), size)
+    on_grid = sd.mask_input(sd.dicom_orientation(mask), mask.shape[::-1], size)
+    assert on_grid.shape == (size, size) and 15 <= (on_grid >= 128).sum() <= 60
+    peak = np.unravel_index(np.argmax(change), change.shape)
+    assert on_grid[peak] >= 128
+    assert np.corrcoef(change.ravel(), on_grid.ravel())[0, 1] > 0.8
+    assert not sd.mask_input(None, (200, 200), size).any()
