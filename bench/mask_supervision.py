@@ -4,9 +4,9 @@ Every run so far learned from one label a slice ("mass", "normal", ...); on the 
 the lesion slices under 12 mm stayed close to chance (`bench/training.md`). Here the same
 network, from the same start and on the same slices, also learns each slice's lesion mask
 (`training.study_dataset`, ``lesion_masks``) through a small head on a stride-16 feature map of
-its base: dense supervision, as detection and segmentation models are trained. The served
-model would not change shape; the head is a training aid (and its map a second score, read
-here too).
+its base (`training.model.with_mask_head`, the trainer's ``--mask-weight``): dense
+supervision, as detection and segmentation models are trained. The served model does not
+change shape; the head is a training aid (and its map a second score, read here too).
 
     nice -n 5 .venv/bin/python bench/mask_supervision.py --mask-weight 1 --out FILE.json
     nice -n 5 .venv/bin/python bench/mask_supervision.py --mask-weight 0 --out FILE.json
@@ -43,7 +43,15 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from training.export import load_exported_weights  # noqa: E402
-from training.model import BASE_LAYER, OUTPUT_LAYER, build_classifier  # noqa: E402
+from training.input_pipeline import cell_targets  # noqa: E402
+from training.model import (  # noqa: E402
+    BASE_LAYER,
+    MASK_OUTPUT,
+    MASK_STRIDE,
+    OUTPUT_LAYER,
+    build_classifier,
+    with_mask_head,
+)
 from training.study_dataset import (  # noqa: E402
     PRESETS,
     StudySet,
@@ -51,47 +59,21 @@ from training.study_dataset import (  # noqa: E402
     load_or_build,
 )
 from training.study_evaluation import auroc, sensitivity_at_specificity  # noqa: E402
+from training.train import mask_loss  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-#: The base's stride-16 feature map at 128² (8×8, 112 channels) that the mask head reads.
-MASK_LAYER = "block5c_add"
-STRIDE = 16
 DIAMETER_BINS = ((0, 5), (5, 8), (8, 12), (12, 20), (20, 1e9))
 
 
 def build(init_from: Path, image_size: int, classes: int) -> keras.Model:
-    """The shipped classifier with a mask head: outputs ``probabilities`` and ``where``."""
+    """The shipped classifier, BatchNorm frozen, inside its mask-head training model
+    (``training.model.with_mask_head``: outputs ``probabilities`` and ``lesion_map``)."""
     classifier = build_classifier([f"c{i}" for i in range(classes)], image_size)
     load_exported_weights(classifier, init_from)
-    base = classifier.get_layer(BASE_LAYER)
-    for layer in base.layers:
+    for layer in classifier.get_layer(BASE_LAYER).layers:
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.trainable = False
-    inner = keras.Model(base.inputs, [base.get_layer(MASK_LAYER).output, base.output])
-    images = keras.Input((image_size, image_size, 3), name="images")
-    feature_map, pooled = inner(images)
-    hidden = classifier.get_layer("head_dense")(pooled)
-    hidden = classifier.get_layer("head_dropout")(hidden)
-    probabilities = classifier.get_layer(OUTPUT_LAYER)(hidden)
-    where = keras.layers.Conv2D(64, 3, padding="same", activation="relu", name="where_conv")(
-        feature_map
-    )
-    where = keras.layers.Conv2D(1, 1, activation="sigmoid", name="where")(where)
-    return keras.Model(images, {"probabilities": probabilities, "where": where})
-
-
-def weighted_bce(target: tf.Tensor, predicted: tf.Tensor) -> tf.Tensor:
-    """Binary cross-entropy per cell, a lesion cell weighing 20× (a few cells in 64 are)."""
-    predicted = tf.clip_by_value(predicted, 1e-6, 1 - 1e-6)
-    loss = -(target * tf.math.log(predicted) + (1 - target) * tf.math.log(1 - predicted))
-    return tf.reduce_mean(loss * (1 + 20 * target), axis=(1, 2, 3))
-
-
-def cell_targets(masks: np.ndarray) -> np.ndarray:
-    """Each ``STRIDE``² cell's largest lesion cover (0–1): ``(n, S/16, S/16, 1)`` float32."""
-    n, size, _ = masks.shape
-    cells = masks.reshape(n, size // STRIDE, STRIDE, size // STRIDE, STRIDE).max(axis=(2, 4))
-    return (cells.astype(np.float32) / 255.0)[..., None]
+    return with_mask_head(classifier)
 
 
 def stream(split: StudySet, classes: int, batch: int, seed: int) -> tf.data.Dataset:
@@ -100,7 +82,7 @@ def stream(split: StudySet, classes: int, batch: int, seed: int) -> tf.data.Data
     weights = (len(split.labels) / (classes * np.maximum(counts, 1)))[split.labels]
     assert split.masks is not None
     data = tf.data.Dataset.from_tensor_slices(
-        (split.images, labels, cell_targets(split.masks), weights.astype(np.float32))
+        (split.images, labels, cell_targets(split.masks, MASK_STRIDE), weights.astype(np.float32))
     )
 
     def flip(image: tf.Tensor, label: tf.Tensor, cells: tf.Tensor, weight: tf.Tensor) -> Any:
@@ -110,11 +92,8 @@ def stream(split: StudySet, classes: int, batch: int, seed: int) -> tf.data.Data
         rgb = tf.repeat(image, 3, axis=-1)
         return (
             rgb,
-            {"probabilities": label, "where": cells},
-            {
-                "probabilities": weight,
-                "where": tf.ones(()),
-            },
+            {OUTPUT_LAYER: label, MASK_OUTPUT: cells},
+            {OUTPUT_LAYER: weight, MASK_OUTPUT: tf.ones(())},
         )
 
     return (
@@ -131,8 +110,8 @@ def scores(model: keras.Model, split: StudySet) -> tuple[np.ndarray, np.ndarray]
     for start in range(0, len(split.images), 128):
         rgb = np.repeat(split.images[start : start + 128], 3, axis=-1)
         out = model(rgb, training=False)
-        anomaly.append(1.0 - out["probabilities"].numpy()[:, 0])
-        where.append(out["where"].numpy().max(axis=(1, 2, 3)))
+        anomaly.append(1.0 - out[OUTPUT_LAYER].numpy()[:, 0])
+        where.append(out[MASK_OUTPUT].numpy().max(axis=(1, 2, 3)))
     return np.concatenate(anomaly), np.concatenate(where)
 
 
@@ -175,8 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     model = build(args.init_from, bench.train.images.shape[1], classes)
     model.compile(
         optimizer=keras.optimizers.Adam(args.learning_rate),
-        loss={"probabilities": "categorical_crossentropy", "where": weighted_bce},
-        loss_weights={"probabilities": 1.0, "where": args.mask_weight},
+        loss={OUTPUT_LAYER: "categorical_crossentropy", MASK_OUTPUT: mask_loss},
+        loss_weights={OUTPUT_LAYER: 1.0, MASK_OUTPUT: args.mask_weight},
     )
     train = stream(bench.train, classes, 32, seed=0)
     record: dict[str, Any] = {"arguments": {k: str(v) for k, v in vars(args).items()}}

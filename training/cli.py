@@ -111,6 +111,7 @@ def _settings(args: argparse.Namespace) -> Any:
             "target_sensitivity": getattr(args, "target_sensitivity", None),
             "target_min_diameter_mm": getattr(args, "min_diameter_mm", None),
             "context": getattr(args, "context", None),
+            "mask_weight": getattr(args, "mask_weight", None),
         }.items()
         if value is not None
     }
@@ -125,6 +126,17 @@ def _millimetres(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of millimetres: {text!r}") from None
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more millimetres, not {text}")
+    return value
+
+
+def _weight(text: str) -> float:
+    """An argparse type: a loss weight, 0 or more."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
     return value
 
 
@@ -154,6 +166,7 @@ def _dataset_spec(args: argparse.Namespace) -> Any:
     for flag, why in (
         ("min_lesion_mm", "only it knows each slice's lesion width"),
         ("extra_train_studies", "only it renders studies"),
+        ("mask_weight", "only it knows where each lesion is"),
     ):
         if getattr(args, flag, None):
             sys.stderr.write(
@@ -526,6 +539,12 @@ def _add_dataset(parser: argparse.ArgumentParser) -> None:
         type=_count,
         help="studies: render this many more training studies (validation and test stay the "
         "same studies)",
+    )
+    parser.add_argument(
+        "--mask-weight",
+        type=_weight,
+        help="studies: also train a mask head on where each lesion is, its loss weighted so "
+        "beside the classifier's (0: none, the default; the exported model is the classifier)",
     )
     parser.add_argument("--normal-class", help="the label meaning normal (notumor, nv...)")
     parser.add_argument(

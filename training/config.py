@@ -98,6 +98,14 @@ class TrainSettings(BaseSettings):
         "noise is added; resampled, their training images lose half their noise grain "
         "(bench/training.md, 'Resampling augmentation').",
     )
+    mask_weight: float = Field(
+        0.0,
+        ge=0,
+        description="Weight of a mask head's loss beside the classifier's: the network also "
+        "learns where each lesion is (slices of whole synthetic studies only, which know; "
+        "bench/training.md, 'Location supervision'). 0: no mask head. The exported model is "
+        "the classifier either way.",
+    )
     seed: int = Field(0, description="Seeds weights, shuffling, augmentation and splits.")
     threshold: float = Field(
         0.5,

@@ -34,12 +34,19 @@ class Split:
     images: np.ndarray
     labels: np.ndarray
     groups: np.ndarray
+    #: ``(N, H, W)`` uint8: where each image's lesion is (0–255, all 0 on a normal image), for
+    #: training with a mask head (slices of studies built with ``lesion_masks``); else None.
+    masks: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim != 4 or self.images.shape[-1] not in (1, 3):
             raise ValueError(f"images must be (N, H, W, 1|3), got {self.images.shape}")
         if not (len(self.images) == len(self.labels) == len(self.groups)):
             raise ValueError("images, labels and groups differ in length")
+        if self.masks is not None and self.masks.shape != self.images.shape[:3]:
+            raise ValueError(
+                f"masks must be {self.images.shape[:3]} (one per image), got {self.masks.shape}"
+            )
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -85,7 +92,10 @@ class LabelledImages:
         digest = hashlib.sha256(json.dumps(list(self.class_names)).encode())
         for name in SPLITS:
             split = getattr(self, name)
-            for array in (split.images, split.labels, split.groups.astype(str)):
+            arrays = [split.images, split.labels, split.groups.astype(str)]
+            if split.masks is not None:  # a set without masks keeps its fingerprint
+                arrays.append(split.masks)
+            for array in arrays:
                 digest.update(np.ascontiguousarray(array).tobytes())
                 digest.update(str(array.shape).encode())
         return digest.hexdigest()
@@ -120,6 +130,8 @@ class LabelledImages:
             arrays[f"{name}_images"] = split.images
             arrays[f"{name}_labels"] = split.labels
             arrays[f"{name}_groups"] = split.groups.astype(str)
+            if split.masks is not None:
+                arrays[f"{name}_masks"] = split.masks
         temp = path.with_name(f".{path.name}.tmp.npz")
         # Cast: savez's stub types **kwds like its own keyword options; these are all arrays.
         np.savez(temp, **cast(dict[str, Any], arrays))
@@ -129,7 +141,12 @@ class LabelledImages:
     def load(cls, path: Path) -> LabelledImages:
         with np.load(Path(path), allow_pickle=False) as data:
             splits = {
-                name: Split(data[f"{name}_images"], data[f"{name}_labels"], data[f"{name}_groups"])
+                name: Split(
+                    data[f"{name}_images"],
+                    data[f"{name}_labels"],
+                    data[f"{name}_groups"],
+                    data[f"{name}_masks"] if f"{name}_masks" in data else None,
+                )
                 for name in SPLITS
             }
             return cls(

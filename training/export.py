@@ -24,7 +24,7 @@ from scanwatch.saved_model import read_signature
 from scanwatch.study_score import StudyRule
 from schemas import model_signature
 from training.calibration import PROBABILITY_FLOOR
-from training.model import BASE_LAYER, OUTPUT_LAYER
+from training.model import BASE_LAYER, HEAD_DENSE, OUTPUT_LAYER
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,6 @@ def _without_optimizer(model: keras.Model) -> keras.Model:
     return copy
 
 
-#: The head's ReLU dense layer, as :func:`training.model.build_classifier` names it.
-HEAD_DENSE_LAYER = "head_dense"
 #: The last activation of Keras' EfficientNet base: the feature maps Grad-CAM weighs.
 LAST_CONV_LAYER = "top_activation"
 #: Keeps an all-zero Grad-CAM map at zero when it is divided by its maximum.
@@ -109,7 +107,7 @@ class ServingModule(tf.Module):
             base = self.model.get_layer(BASE_LAYER)
             # The same layers and weights as ``model``, stopped at the last feature maps.
             self.features = keras.Model(base.inputs, base.get_layer(LAST_CONV_LAYER).output)
-            self.hidden = self.model.get_layer(HEAD_DENSE_LAYER)
+            self.hidden = self.model.get_layer(HEAD_DENSE)
             self.scores = self.model.get_layer(OUTPUT_LAYER)
             self.saliency = tf.function(self._saliency, input_signature=input_signature)
 
@@ -207,7 +205,7 @@ def has_saliency_head(model: keras.Model) -> bool:
     forward-only Grad-CAM of :class:`ServingModule` is written for (every model the training
     pipeline builds; hand-made test models may not)."""
     names = {layer.name for layer in model.layers}
-    if not {BASE_LAYER, HEAD_DENSE_LAYER, OUTPUT_LAYER} <= names:
+    if not {BASE_LAYER, HEAD_DENSE, OUTPUT_LAYER} <= names:
         return False
     base = model.get_layer(BASE_LAYER)
     return isinstance(base, keras.Model) and any(

@@ -106,6 +106,10 @@ class ContextUnavailable(ValueError):
     """An input context was asked of a dataset that does not know its slices' order."""
 
 
+class MasksUnavailable(ValueError):
+    """A mask head was asked of a dataset that does not know where its lesions are."""
+
+
 def load_dataset(
     spec: DatasetSpec | StudiesSpec,
     settings: TrainSettings,
@@ -123,6 +127,11 @@ def load_dataset(
             f"context {settings.context!r} needs each slice's neighbours in slice order, which "
             f"only the studies dataset knows; the {spec.kind} dataset does not"
         )
+    if settings.mask_weight and not isinstance(spec, StudiesSpec):
+        raise MasksUnavailable(
+            f"a mask head learns where each lesion is, which only the studies dataset knows; "
+            f"the {spec.kind} dataset does not"
+        )
     if isinstance(spec, StudiesSpec):
         if spec.preset not in study_dataset.PRESETS:
             raise ValueError(
@@ -136,6 +145,8 @@ def load_dataset(
             studies = replace(studies, train_neighbours=True)
         if spec.extra_train_studies:
             studies = replace(studies, extra_train_studies=spec.extra_train_studies)
+        if settings.mask_weight:
+            studies = replace(studies, lesion_masks=True)
         bench = study_dataset.load_or_build(studies, settings.cache_dir, progress)
         return (
             bench.slice_dataset(settings.context, spec.min_lesion_mm),

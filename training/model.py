@@ -29,6 +29,11 @@ IMAGENET = "imagenet"
 BASE_LAYER = "efficientnet"
 INPUT_NAME = "images"
 OUTPUT_LAYER = "probabilities"
+HEAD_DENSE, HEAD_DROPOUT = "head_dense", "head_dropout"
+#: The mask head's output (training only: the served model is the classifier without it).
+MASK_OUTPUT = "lesion_map"
+#: The mask head reads the base's last stride-16 block (``block5*``): one cell per 16² pixels.
+MASK_STRIDE = 16
 
 
 def normalise_variant(variant: str) -> str:
@@ -101,7 +106,34 @@ def build_classifier(
         ) from error
     inputs = keras.Input(shape=shape, dtype="float32", name=INPUT_NAME)
     features = base(inputs)
-    hidden = keras.layers.Dense(dense_units, activation="relu", name="head_dense")(features)
-    hidden = keras.layers.Dropout(dropout, seed=seed, name="head_dropout")(hidden)
+    hidden = keras.layers.Dense(dense_units, activation="relu", name=HEAD_DENSE)(features)
+    hidden = keras.layers.Dropout(dropout, seed=seed, name=HEAD_DROPOUT)(hidden)
     outputs = keras.layers.Dense(len(class_names), activation="softmax", name=OUTPUT_LAYER)(hidden)
     return keras.Model(inputs, outputs, name=f"scanwatch_efficientnet{key.lower()}")
+
+
+def with_mask_head(classifier: keras.Model) -> keras.Model:
+    """A training model around ``classifier`` (:func:`build_classifier`'s; its layers shared,
+    not copied) that also outputs :data:`MASK_OUTPUT`: per :data:`MASK_STRIDE`² cell, the
+    probability that a lesion covers it, from a small head on the base's last stride-16 block.
+
+    Learning where the lesion is, not only that there is one, is the dense supervision that
+    detection and segmentation models train with; the classifier is what is exported and
+    served, unchanged in shape.
+    """
+    base = classifier.get_layer(BASE_LAYER)
+    size = int(classifier.input_shape[1])
+    if size % MASK_STRIDE:
+        raise ValueError(f"a mask head needs an image size divisible by {MASK_STRIDE}, not {size}")
+    block5 = [layer for layer in base.layers if layer.name.startswith("block5")][-1]
+    inner = keras.Model(base.inputs, [block5.output, base.output], name=f"{BASE_LAYER}_maps")
+    images = keras.Input(shape=classifier.input_shape[1:], dtype="float32", name=INPUT_NAME)
+    feature_map, pooled = inner(images)
+    hidden = pooled
+    for name in (HEAD_DENSE, HEAD_DROPOUT, OUTPUT_LAYER):
+        hidden = classifier.get_layer(name)(hidden)
+    cells = keras.layers.Conv2D(64, 3, padding="same", activation="relu", name="lesion_map_conv")(
+        feature_map
+    )
+    cells = keras.layers.Conv2D(1, 1, activation="sigmoid", name=MASK_OUTPUT)(cells)
+    return keras.Model(images, {OUTPUT_LAYER: hidden, MASK_OUTPUT: cells}, name=classifier.name)

@@ -322,7 +322,8 @@ def lesion_width_mm(study_set: StudySet, rows: np.ndarray) -> np.ndarray:
 
 def _as_split(study_set: StudySet, rows: np.ndarray, context: str) -> Split:
     groups = np.array([study_set.studies[i].study_id for i in study_set.study_index[rows]])
-    return Split(study_inputs(study_set, context, rows), study_set.labels[rows], groups)
+    masks = None if study_set.masks is None else study_set.masks[rows]
+    return Split(study_inputs(study_set, context, rows), study_set.labels[rows], groups, masks)
 
 
 class SlicesInOrder(Protocol):

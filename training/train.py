@@ -23,6 +23,11 @@ without a better one. The best epoch is the one with the best validation macro-F
 :func:`training.study_evaluation.epoch_selection`), the largest first figure it returns (ties:
 the lower validation loss). A run keeps the measure it began with.
 
+With ``mask_weight`` (slices with lesion masks), the classifier trains inside
+:func:`training.model.with_mask_head`: the loss adds ``mask_weight`` × the mask head's (a
+weighted binary cross-entropy per cell); validation, the best epoch and the returned model are
+the classifier's alone.
+
 A run folder holds ``settings.json``, ``dataset.json``, ``state.json`` (epoch, phase, learning
 rate, plateau and stopping counters, history), ``last.weights.h5`` and ``best.weights.h5``,
 written after every epoch. Calling :func:`train` again on an unfinished run folder continues
@@ -50,7 +55,14 @@ from training.config import TrainSettings
 from training.dataset import LabelledImages
 from training.export import load_exported_weights
 from training.input_pipeline import balance_with_augmentation, inference_stream, training_stream
-from training.model import BASE_LAYER, build_classifier
+from training.model import (
+    BASE_LAYER,
+    MASK_OUTPUT,
+    MASK_STRIDE,
+    OUTPUT_LAYER,
+    build_classifier,
+    with_mask_head,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -207,11 +219,36 @@ def set_phase(model: keras.Model, phase: str, settings: TrainSettings) -> None:
         layer.trainable = index >= first_trainable and not is_bn
 
 
-def compile_for(model: keras.Model, learning_rate: float) -> None:
+#: How much more a lesion cell weighs than a clear one in the mask head's loss (a lesion
+#: covers a few cells of the 64 at 128², none on most slices).
+LESION_CELL_WEIGHT = 20.0
+
+
+def mask_loss(target: Any, predicted: Any) -> Any:
+    """Binary cross-entropy of the mask head per cell, a cell weighing 1 + 20 × its lesion
+    cover, averaged over a slice's cells."""
+    import tensorflow as tf
+
+    predicted = tf.clip_by_value(predicted, 1e-6, 1 - 1e-6)
+    loss = -(target * tf.math.log(predicted) + (1 - target) * tf.math.log(1 - predicted))
+    return tf.reduce_mean(loss * (1 + LESION_CELL_WEIGHT * target), axis=(1, 2, 3))
+
+
+def compile_for(model: keras.Model, learning_rate: float, mask_weight: float = 0.0) -> None:
+    """Adam and categorical cross-entropy; with ``mask_weight``, a model of
+    :func:`training.model.with_mask_head` also learns its mask, weighted so."""
+    if not mask_weight:
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate),
+            loss="categorical_crossentropy",
+            metrics=["accuracy"],
+        )
+        return
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate),
-        loss="categorical_crossentropy",
-        metrics=["accuracy"],
+        loss={OUTPUT_LAYER: "categorical_crossentropy", MASK_OUTPUT: mask_loss},
+        loss_weights={OUTPUT_LAYER: 1.0, MASK_OUTPUT: mask_weight},
+        metrics={OUTPUT_LAYER: ["accuracy"]},
     )
 
 
@@ -243,11 +280,15 @@ class _EpochEnd(keras.callbacks.Callback):
         state: RunState,
         run_dir: Path,
         progress: Progress,
+        classifier: keras.Model,
         select: Select | None = None,
     ) -> None:
         super().__init__()
         self.data, self.settings, self.state, self.run_dir = data, settings, state, run_dir
         self.progress, self.select = progress, select
+        #: What is validated and kept as the best: the model being fit, or the classifier
+        #: inside it (a mask head's training model).
+        self.classifier = classifier
         self.val_stream = inference_stream(data.val.images, settings.batch_size)
         self.epoch_seconds: list[float] = []
         self._started = 0.0
@@ -260,14 +301,18 @@ class _EpochEnd(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         state, settings = self.state, self.settings
-        probabilities = self.model.predict(self.val_stream, verbose=0)
+        logs = logs or {}
+        probabilities = self.classifier.predict(self.val_stream, verbose=0)
+        accuracy = logs.get("accuracy", logs.get(f"{OUTPUT_LAYER}_accuracy", float("nan")))
         metrics = {
-            "loss": float((logs or {}).get("loss", float("nan"))),
-            "accuracy": float((logs or {}).get("accuracy", float("nan"))),
+            "loss": float(logs.get("loss", float("nan"))),
+            "accuracy": float(accuracy),
             **validation_metrics(probabilities, self.data.val.labels, len(self.data.class_names)),
             "learning_rate": state.learning_rate,
         }
-        selection = self.select(self.model) if self.select is not None else {}
+        if f"{MASK_OUTPUT}_loss" in logs:
+            metrics["mask_loss"] = float(logs[f"{MASK_OUTPUT}_loss"])
+        selection = self.select(self.classifier) if self.select is not None else {}
         metrics.update(selection)
         improved = metrics["val_loss"] < state.best_val_loss * (1 - MIN_DELTA)
         if improved:
@@ -302,7 +347,7 @@ class _EpochEnd(keras.callbacks.Callback):
             state.best_macro_f1 = metrics["val_macro_f1"]
             state.best_epoch = epoch + 1
             state.stop_wait = 0
-            _save_weights(self.model, self.run_dir / BEST_WEIGHTS)
+            _save_weights(self.classifier, self.run_dir / BEST_WEIGHTS)
         else:
             state.stop_wait += 1
         _save_weights(self.model, self.run_dir / LAST_WEIGHTS)
@@ -392,7 +437,7 @@ def train(
         select = None
     n_classes = len(data.class_names)
 
-    model = build_classifier(
+    classifier = build_classifier(
         data.class_names,
         image_size=data.image_size,
         variant=settings.variant,
@@ -402,10 +447,14 @@ def train(
         seed=settings.seed,
     )
     if settings.init_from is not None:
-        load_exported_weights(model, settings.init_from)
+        load_exported_weights(classifier, settings.init_from)
     elif settings.weights is None:
-        for layer in batch_norm_layers(model):
+        for layer in batch_norm_layers(classifier):
             layer.momentum = SCRATCH_BN_MOMENTUM
+    if settings.mask_weight and data.train.masks is None:
+        raise ValueError("mask_weight needs training slices with lesion masks (--dataset studies)")
+    # The model being fit: the classifier, or a training model around it with a mask head.
+    model = with_mask_head(classifier) if settings.mask_weight else classifier
     resample = settings.augments(data.from_studies)
     train_split, added = (
         balance_with_augmentation(data.train, n_classes, settings.seed, resample)
@@ -427,9 +476,10 @@ def train(
         settings.seed + state.epoch,
         settings.random_flip,
         resample,
+        MASK_STRIDE if settings.mask_weight else 0,
     )
     steps = int(np.ceil(len(train_split) / settings.batch_size))
-    callback = _EpochEnd(data, settings, state, run_dir, progress, select)
+    callback = _EpochEnd(data, settings, state, run_dir, progress, classifier, select)
 
     if resumed:
         if state.finished:
@@ -450,9 +500,9 @@ def train(
             _load_weights(model, run_dir / LAST_WEIGHTS)
         if entering and phase == FINE_TUNE and first > 0 and settings.weights is None:
             # BatchNorm is about to be frozen: give it statistics of the current weights.
-            recalibrate_batch_norm(model, stream, RECALIBRATION_BATCHES)
+            recalibrate_batch_norm(classifier, stream, RECALIBRATION_BATCHES)
             _save_weights(model, run_dir / LAST_WEIGHTS)
-        set_phase(model, phase, settings)
+        set_phase(classifier, phase, settings)
         if entering:
             state.phase = phase
             if phase == FINE_TUNE and first > 0:
@@ -467,7 +517,7 @@ def train(
                 "phase starts",
                 extra={"phase": phase, "epoch": state.epoch, "learning_rate": state.learning_rate},
             )
-        compile_for(model, state.learning_rate)
+        compile_for(model, state.learning_rate, settings.mask_weight)
         model.fit(
             stream,
             epochs=last,
@@ -480,5 +530,5 @@ def train(
         state.finished = True
         state.save(run_dir)
     if (run_dir / BEST_WEIGHTS).is_file():
-        _load_weights(model, run_dir / BEST_WEIGHTS)
-    return TrainResult(model, state, run_dir, fingerprint, added, callback.epoch_seconds)
+        _load_weights(classifier, run_dir / BEST_WEIGHTS)
+    return TrainResult(classifier, state, run_dir, fingerprint, added, callback.epoch_seconds)

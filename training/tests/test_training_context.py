@@ -256,6 +256,14 @@ def test_study_only_options_are_refused_elsewhere_and_negative_values_everywhere
     with pytest.raises(SystemExit):
         main(["train", "--dataset", "studies", "--extra-train-studies", "-3"])
     assert "must be 0 or more, not -3" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--mask-weight", "1"])
+    assert exited.value.code == 2
+    assert "--mask-weight needs --dataset studies" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--dataset", "studies", "--mask-weight", "-0.5"])
+    assert "must be 0 or more, not -0.5" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
     from training.cli import _dataset_spec, build_parser
 
     argv = ["train", "--dataset", "studies", "--extra-train-studies", "7"]

@@ -6,7 +6,16 @@ import keras
 import numpy as np
 import pytest
 
-from training.model import BASE_LAYER, INPUT_NAME, OUTPUT_LAYER, build_classifier, normalise_variant
+from training.model import (
+    BASE_LAYER,
+    INPUT_NAME,
+    MASK_OUTPUT,
+    MASK_STRIDE,
+    OUTPUT_LAYER,
+    build_classifier,
+    normalise_variant,
+    with_mask_head,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -80,3 +89,18 @@ def test_bad_arguments_are_refused(arguments: dict, words: str) -> None:
     arguments = {"class_names": CLASSES, "image_size": 32, **arguments}
     with pytest.raises((ValueError, TypeError), match=words):
         build_classifier(**arguments)
+
+
+def test_a_mask_head_shares_the_classifier_and_maps_16_pixel_cells(model: keras.Model) -> None:
+    training = with_mask_head(model)
+    images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
+    out = training(images, training=False)
+    assert set(out) == {OUTPUT_LAYER, MASK_OUTPUT}
+    assert out[MASK_OUTPUT].shape == (2, 32 // MASK_STRIDE, 32 // MASK_STRIDE, 1)
+    assert 0 <= float(np.min(out[MASK_OUTPUT])) and float(np.max(out[MASK_OUTPUT])) <= 1
+    # The same layers, not copies: the classifier's own output, and what training changes in
+    # the training model changes in the classifier.
+    np.testing.assert_allclose(out[OUTPUT_LAYER], model(images, training=False), rtol=1e-5)
+    assert training.get_layer("head_dense") is model.get_layer("head_dense")
+    with pytest.raises(ValueError, match="divisible by 16"):
+        with_mask_head(build_classifier(CLASSES, image_size=40, dense_units=4))

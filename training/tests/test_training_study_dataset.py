@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from training import study_dataset as sd
+from training.dataset import LabelledImages, Split
 
 
 @pytest.fixture(scope="module")
@@ -216,3 +217,23 @@ def test_a_lesion_mask_lies_where_the_lesion_changed_the_model_input() -> None:
     assert on_grid[peak] >= 128
     assert np.corrcoef(change.ravel(), on_grid.ravel())[0, 1] > 0.8
     assert not sd.mask_input(None, (200, 200), size).any()
+
+
+def test_slices_of_a_masked_benchmark_carry_their_masks(
+    bench: sd.StudyBenchmark, tmp_path: Path
+) -> None:
+    plain = bench.slice_dataset()
+    slices = sd.build_studies(replace(sd.TINY, lesion_masks=True)).slice_dataset()
+    assert plain.train.masks is None
+    for name in ("train", "val", "test"):
+        split = getattr(slices, name)
+        assert split.masks is not None and len(split.masks) == len(split.labels)
+        assert (split.masks.any(axis=(1, 2)) == (split.labels != 0)).all()
+    assert slices.fingerprint() != plain.fingerprint()
+    slices.save(tmp_path / "slices.npz")
+    loaded = LabelledImages.load(tmp_path / "slices.npz")
+    assert loaded.fingerprint() == slices.fingerprint()
+    assert np.array_equal(loaded.train.masks, slices.train.masks)
+    train = slices.train
+    with pytest.raises(ValueError, match="one per image"):
+        Split(train.images, train.labels, train.groups, train.masks[:, :-1])

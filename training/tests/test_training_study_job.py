@@ -200,3 +200,40 @@ def test_evaluate_and_operating_point_without_retraining(
 
     assert main(["operating-point", *repository]) == 2
     assert "needs studies" in capsys.readouterr().err
+
+
+def test_a_mask_head_trains_beside_the_classifier_and_is_not_exported(tmp_path: Path) -> None:
+    """``--mask-weight``: the run learns each slice's lesion mask too (its loss in every epoch's
+    history), and what is exported is the classifier, its signature the contract's."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("SCANWATCH_TRAIN_CACHE_DIR", str(tmp_path / "cache"))
+    mp.delenv("SCANWATCH_TRAIN_KAFKA_BOOTSTRAP_SERVERS", raising=False)
+    try:
+        argv = ["train", "--dataset", "studies", "--preset", "tiny", "--epochs", "2"]
+        code = main(
+            [
+                *argv,
+                "--batch-size",
+                "16",
+                "--mask-weight",
+                "2",
+                "--repository",
+                str(tmp_path / "models"),
+                "--run-dir",
+                str(tmp_path / "run"),
+            ]
+        )
+    finally:
+        mp.undo()
+    assert code == 0
+    settings = json.loads((tmp_path / "run" / "settings.json").read_text())
+    assert settings["mask_weight"] == 2
+    recorded = json.loads((tmp_path / "run" / "dataset.json").read_text())
+    assert recorded["description"]["config"]["lesion_masks"] is True
+    history = json.loads((tmp_path / "run" / STATE_FILE).read_text())["history"]
+    assert len(history) == 2
+    assert all(h["mask_loss"] > 0 and 0 <= h["accuracy"] <= 1 for h in history)
+    folder = Registry(tmp_path / "models").model_dir(NAME) / "1"
+    inputs, outputs = read_signature(folder)
+    assert model_signature.check_serving(inputs, outputs) == []
+    assert "lesion_map" not in outputs

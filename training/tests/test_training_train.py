@@ -116,7 +116,9 @@ def test_plateau_lowers_the_rate_and_patience_stops(
     losses = [1.0, 0.9] + [0.95] * 7
     f1s = [0.5, 0.5, 0.5, 0.6] + [0.6] * 5
     monkeypatch.setattr(train_module, "validation_metrics", ScriptedValidation(losses, f1s))
-    callback = train_module._EpochEnd(data, settings, state, tmp_path, train_module.NoProgress())
+    callback = train_module._EpochEnd(
+        data, settings, state, tmp_path, train_module.NoProgress(), model
+    )
     callback.set_model(model)
     rates = []
     for epoch in range(9):
@@ -154,7 +156,7 @@ def test_a_select_function_chooses_the_kept_epoch_instead_of_macro_f1(
         return {"val_lesion_slice_auroc": first, "val_study_auroc": second}
 
     callback = train_module._EpochEnd(
-        data, settings, state, tmp_path, train_module.NoProgress(), select
+        data, settings, state, tmp_path, train_module.NoProgress(), model, select
     )
     callback.set_model(model)
     for epoch in range(6):
