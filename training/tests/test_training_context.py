@@ -19,7 +19,7 @@ from schemas.training_events import DatasetSpec
 from training import study_dataset as sd
 from training.cli import main
 from training.config import TrainSettings
-from training.lifecycle import ContextUnavailable, load_dataset
+from training.lifecycle import ContextUnavailable, MasksUnavailable, load_dataset
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +189,14 @@ def test_a_job_over_kafka_cannot_ask_neighbours_of_a_slice_dataset(tmp_path: Pat
     settings = TrainSettings(context=NEIGHBOURS, cache_dir=tmp_path)
     with pytest.raises(ContextUnavailable, match="'neighbours'.*benchmark dataset"):
         load_dataset(DatasetSpec(kind="benchmark", preset="tiny"), settings, tmp_path)
+
+
+def test_a_job_over_kafka_cannot_ask_a_mask_head_of_a_slice_dataset(tmp_path: Path) -> None:
+    settings = TrainSettings(mask_weight=1.0, cache_dir=tmp_path)
+    with pytest.raises(MasksUnavailable, match="only the studies dataset.*benchmark dataset"):
+        load_dataset(DatasetSpec(kind="benchmark", preset="tiny"), settings, tmp_path)
+    with pytest.raises(ValueError, match="mask_weight"):
+        TrainSettings(mask_weight=-1)
 
 
 @pytest.mark.integration
