@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -118,26 +119,21 @@ def _settings(args: argparse.Namespace) -> Any:
     return TrainSettings(**overrides)
 
 
-def _millimetres(text: str) -> float:
-    """An argparse type: a width in mm, 0 or more."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of millimetres: {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more millimetres, not {text}")
-    return value
+def _non_negative(unit: str = "") -> Callable[[str], float]:
+    """An argparse type: a number, 0 or more (of ``unit``, named in its messages)."""
+    of = f" of {unit}" if unit else ""
+    more = f"0 or more {unit}" if unit else "0 or more"
 
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number{of}: {text!r}") from None
+        if not value >= 0:
+            raise argparse.ArgumentTypeError(f"must be {more}, not {text}")
+        return value
 
-def _weight(text: str) -> float:
-    """An argparse type: a loss weight, 0 or more."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
-    return value
+    return parse
 
 
 def _count(text: str) -> int:
@@ -530,7 +526,7 @@ def _add_dataset(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--min-lesion-mm",
-        type=_millimetres,
+        type=_non_negative("millimetres"),
         help="studies: leave out of training the lesion slices where the lesion is narrower "
         "than this on the slice (mm); validation and test keep every slice",
     )
@@ -542,7 +538,7 @@ def _add_dataset(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--mask-weight",
-        type=_weight,
+        type=_non_negative(),
         help="studies: also train a mask head on where each lesion is, its loss weighted so "
         "beside the classifier's (0: none, the default; the exported model is the classifier)",
     )
