@@ -219,4 +219,9 @@ class TrainSettings(BaseSettings):
     def _phases(self) -> TrainSettings:
         if self.min_learning_rate > self.learning_rate:
             raise ValueError("min_learning_rate must not exceed learning_rate")
+        if self.mask_weight and self.augment:
+            raise ValueError(
+                "mask_weight needs augment off (unset or false): a lesion mask is flipped with "
+                "its image but not rotated, shifted or zoomed"
+            )
         return self

@@ -197,6 +197,9 @@ def test_a_job_over_kafka_cannot_ask_a_mask_head_of_a_slice_dataset(tmp_path: Pa
         load_dataset(DatasetSpec(kind="benchmark", preset="tiny"), settings, tmp_path)
     with pytest.raises(ValueError, match="mask_weight"):
         TrainSettings(mask_weight=-1)
+    with pytest.raises(ValueError, match="mask_weight needs augment off"):
+        TrainSettings(mask_weight=1.0, augment=True)
+    assert TrainSettings(mask_weight=1.0, augment=False).mask_weight == 1.0
 
 
 @pytest.mark.integration
