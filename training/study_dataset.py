@@ -545,7 +545,7 @@ def _build_split(
         for position, label, stored, mask in rendered:
             images.append(preprocess_slice(stored, config.image_size)[:, :, :1])
             if config.lesion_masks:
-                masks.append(mask_input(mask, stored.shape, config.image_size))
+                masks.append(mask_input(mask, config.image_size))
             labels.append(label)
             study_index.append(number)
             positions.append(position)
@@ -571,7 +571,7 @@ def _build_split(
     )
 
 
-def mask_input(mask: np.ndarray | None, shape: tuple[int, ...], size: int) -> np.ndarray:
+def mask_input(mask: np.ndarray | None, size: int) -> np.ndarray:
     """A stored slice's lesion mask (None: no lesion) on the model input's grid, as the slice's
     pixels are resized (:func:`~scanwatch.imaging.square_resize`): uint8, 0–255."""
     if mask is None:

@@ -211,12 +211,12 @@ def test_a_lesion_mask_lies_where_the_lesion_changed_the_model_input() -> None:
     planted, mask = sd._plant(image, lesion, 1.0, centre, rng)
     size = 128
     change = sd.square_resize(sd.dicom_orientation(planted - image).astype(np.float32), size)
-    on_grid = sd.mask_input(sd.dicom_orientation(mask), mask.shape[::-1], size)
+    on_grid = sd.mask_input(sd.dicom_orientation(mask), size)
     assert on_grid.shape == (size, size) and 15 <= (on_grid >= 128).sum() <= 60
     peak = np.unravel_index(np.argmax(change), change.shape)
     assert on_grid[peak] >= 128
     assert np.corrcoef(change.ravel(), on_grid.ravel())[0, 1] > 0.8
-    assert not sd.mask_input(None, (200, 200), size).any()
+    assert not sd.mask_input(None, size).any()
 
 
 def test_slices_of_a_masked_benchmark_carry_their_masks(
