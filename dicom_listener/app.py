@@ -24,7 +24,7 @@ from dicom_listener.dicom.association import ServerConfig
 from dicom_listener.dicom.contract import NormalizedRequest, NormalizedResponse
 from dicom_listener.dicom.server import StorageServer
 from dicom_listener.dicom.uids import VERIFICATION
-from dicom_listener.handlers import Admission, StoreContext, handle_store
+from dicom_listener.handlers import Admission, StoreContext, handle_store, record_unrecorded
 from dicom_listener.health import HealthCheck, http_app
 from dicom_listener.metrics import ListenerMetrics
 from dicom_listener.procedure_steps import MPPS_SOP_CLASS, handle_procedure_step
@@ -129,6 +129,7 @@ class ListenerApp:
         s = self.settings
         self.context.outbox.open()
         if self.primary:
+            record_unrecorded(self.store, self.context)
             swept = self.store.sweep_temporaries()
             if swept:
                 log.info("removed unacknowledged temporary files", extra={"count": swept})

@@ -2,10 +2,11 @@
 
 The network side (:mod:`dicom_listener.dicom`) streams each dataset exactly as received
 to a temporary Part 10 file. The handler admits the request (free disk, outbox room), reads
-the identifying UIDs, fsyncs the file, moves it into the store, and records the instance and its
-``dicom.instance.received.v1`` event in the durable outbox in one transaction; only then does
-it answer success (PS3.4 Annex B). Kafka is reached by the outbox relay, not here, so a broker
-outage never fails a C-STORE. Any failure becomes a failure status with an Error Comment; no
+the identifying UIDs, seals and fsyncs the file, places it in the store, and records the instance
+and its ``dicom.instance.received.v1`` event in the durable outbox in one transaction; only then
+does it answer success (PS3.4 Annex B). :func:`record_unrecorded` records, at start-up, sealed
+files whose transaction a power cut took. Kafka is reached by the outbox relay, not here, so a
+broker outage never fails a C-STORE. Any failure becomes a failure status with an Error Comment; no
 exception escapes to the association.
 
 Duplicates: the same SOPInstanceUID with the same bytes is answered success and produces no
@@ -30,8 +31,10 @@ from pydicom.dataset import Dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian
 
 from dicom_listener.adapters.filestore import (
+    FileStore,
     InstanceStore,
     Quarantine,
+    Seal,
     StagedInstance,
     read_chunks,
 )
@@ -369,6 +372,7 @@ def _store(received: ReceivedInstance, ctx: StoreContext, arrival: Arrival) -> S
             received.sha256,
             received.size_bytes,
             fd=received.fd,
+            seal=Seal(received.sha256, received.calling_ae_title, received.called_ae_title),
         )
         # Built before the group commit, which runs one request at a time: only a new version
         # (another storage_uri) changes it there.
@@ -383,6 +387,7 @@ def _store(received: ReceivedInstance, ctx: StoreContext, arrival: Arrival) -> S
         """Inside the (group) transaction: duplicate, new version or new instance."""
         known = tx.known(ident.SOPInstanceUID)
         if known is not None and known.sha256 == staged.sha256:
+            tx.rebuildable()  # nothing recorded
             return "duplicate"
         version = known.version + 1 if known else 1
         committed = ctx.store.commit(staged, version, fsync_folder=False)
@@ -393,6 +398,8 @@ def _store(received: ReceivedInstance, ctx: StoreContext, arrival: Arrival) -> S
             tx.place_later(staged.tmp, committed.path)
         else:
             tx.fsync_folder_before_commit(staged.folder)
+        if staged.sealed:  # a power cut that takes this commit leaves the file to rebuild it
+            tx.rebuildable()
         value, headers = first_version, list(ident.counts)
         if known is not None:
             value = event.model_copy(update={"storage_uri": committed.uri}).to_bytes()
@@ -440,3 +447,53 @@ def _store(received: ReceivedInstance, ctx: StoreContext, arrival: Arrival) -> S
             },
         )
     return status(SUCCESS)
+
+
+def record_unrecorded(store: FileStore, ctx: StoreContext) -> int:
+    """Record the sealed files a power cut left without their outbox transaction
+    (:meth:`FileStore.unrecorded`); return how many were recorded (or found duplicates).
+
+    At start-up, before associations are served and before the sweep. Admission is not asked:
+    these instances were accepted already. Each goes through the C-STORE path under a second
+    name, so that its own name keeps the bytes until the new record is flushed. One that cannot
+    be recorded now (the outbox or the disk failing) is moved to the quarantine folder, never
+    swept, and logged."""
+    recorded: list[Path] = []
+    for path, seal in store.unrecorded():
+        second = store.second_name(path)
+        try:
+            meta = pydicom.filereader.read_file_meta_info(second)
+            received = ReceivedInstance(
+                path=second,
+                sha256=seal.sha256,
+                size_bytes=second.stat().st_size,
+                sop_class_uid=_uid_text(meta.get("MediaStorageSOPClassUID")),
+                transfer_syntax=_uid_text(meta.get("TransferSyntaxUID")),
+                affected_sop_instance_uid=_uid_text(meta.get("MediaStorageSOPInstanceUID")),
+                calling_ae_title=seal.calling_ae_title,
+                called_ae_title=seal.called_ae_title,
+            )
+            arrival = ctx.outbox.announce()
+            try:
+                answer = _store(received, ctx, arrival)
+            finally:
+                arrival.withdraw()
+        except Exception as exc:  # noqa: BLE001 - kept, and said, below
+            answer = status(OUT_OF_RESOURCES_STORAGE, repr(exc))
+        if answer.Status == SUCCESS:
+            recorded.append(path)
+            continue
+        second.unlink(missing_ok=True)
+        with open(path, "rb") as fp:
+            kept = ctx.quarantine.keep("unrecorded", read_chunks(fp))
+        path.unlink()
+        log.error(
+            "accepted instance not recorded at start-up; kept for an operator",
+            extra={"quarantined_as": kept.name, "status": f"0x{answer.Status:04X}"},
+        )
+    if recorded:
+        ctx.outbox.settle_placements()  # the new records flushed, their links durable
+        for path in recorded:
+            path.unlink()
+        log.warning("instances recorded again after a lost commit", extra={"count": len(recorded)})
+    return len(recorded)

@@ -15,17 +15,29 @@ The temporary files come from :meth:`FileStore.open_incoming`: empty files made
 :data:`READY_BATCH` at a time in ``<root>/.incoming/ready``, their names made durable by one
 fsync of that folder. The bytes of such a file are durable under a durable name once
 ``adopt`` fsyncs them, so its caller may leave out ``commit``'s folder fsync, provided it records
-the rename where a restart finds it (the outbox's ``placements``), and have the folder fsync'd
+the placement where a restart finds it (the outbox's ``placements``), and have the folder fsync'd
 later, for many files at once.
+
+Such a file is also **sealed** before its fsync: an extended attribute (:data:`SEAL_XATTR`)
+holds its SHA-256 and the association's AE titles, made durable by the same fsync. A sealed file
+can be recorded again on its own: if a power cut takes the outbox transaction that recorded it,
+the next start finds it under its durable name, checks its bytes against the seal and records
+it again (:meth:`FileStore.unrecorded`). So the outbox's commit need not be flushed before the
+C-STORE is answered: one flush per instance, the file's. Its placement is then a hard link, and
+the durable name stays until the link and the transaction are durable
+(:meth:`~dicom_listener.adapters.outbox.Outbox.settle_placements`). A filesystem without user
+extended attributes gets unsealed files and flushed commits.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import logging
 import os
 import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,6 +54,36 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 1024 * 1024
 #: Empty incoming files made at a time, with one fsync of their folder.
 READY_BATCH = 32
+#: The extended attribute that seals a received file (a short name: with its value it fits
+#: inside an ext4 inode, so writing it costs no block of its own).
+SEAL_XATTR = "user.sw.seal"
+_AE_BYTES = 16
+
+
+@dataclass(frozen=True)
+class Seal:
+    """What a restart needs to record a received file again: its SHA-256 (which also proves
+    that the bytes are whole) and the AE titles of the association that sent it."""
+
+    sha256: str
+    calling_ae_title: str
+    called_ae_title: str
+
+    def encode(self) -> bytes:
+        aes = (self.calling_ae_title, self.called_ae_title)
+        return bytes.fromhex(self.sha256) + b"".join(
+            ae.encode("ascii", "replace")[:_AE_BYTES].ljust(_AE_BYTES) for ae in aes
+        )
+
+    @classmethod
+    def decode(cls, value: bytes) -> Seal | None:
+        """The seal ``value`` encodes, or None when it is not one."""
+        if len(value) != 32 + 2 * _AE_BYTES:
+            return None
+        calling, called = value[32 : 32 + _AE_BYTES], value[32 + _AE_BYTES :]
+        return cls(
+            value[:32].hex(), calling.decode("ascii").strip(), called.decode("ascii").strip()
+        )
 
 
 @dataclass(frozen=True)
@@ -55,6 +97,8 @@ class StagedInstance:
     size_bytes: int
     #: ``tmp``'s name is durable (a file of :meth:`FileStore.open_incoming`).
     name_durable: bool = False
+    #: ``tmp`` carries a durable :class:`Seal`: a restart records it again if its commit is lost.
+    sealed: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,9 +127,11 @@ class InstanceStore(Protocol):
         sha256: str,
         size: int,
         fd: int = -1,
+        seal: Seal | None = None,
     ) -> StagedInstance:
-        """Stage a file already written on the store's filesystem: fsync it (through ``fd``
-        when it is open; no copy) and create its folder."""
+        """Stage a file already written on the store's filesystem: seal it (when ``seal`` is
+        given and the store can), fsync it (through ``fd`` when it is open; no copy) and create
+        its folder."""
         ...
 
     def uri_for(self, staged: StagedInstance, version: int) -> str:
@@ -113,6 +159,35 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
     while view:
         written = os.write(fd, view)
         view = view[written:]
+
+
+def _seal(fd: int, seal: Seal) -> bool:
+    """Write ``seal`` on the open file; False where the filesystem has no user xattrs."""
+    try:
+        os.setxattr(fd, SEAL_XATTR, seal.encode())
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTSUP, errno.EPERM):
+            raise
+        return False
+    return True
+
+
+def _link_over(source: Path, target: Path) -> None:
+    """Hard-link ``source`` as ``target``, replacing a file there (one that no index row names:
+    left by a C-STORE never answered, or by a power cut that took its commit)."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        target.unlink()
+        os.link(source, target)
+
+
+def _sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fp:
+        for chunk in read_chunks(fp):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_chunks(fp: BinaryIO, size: int = CHUNK_BYTES) -> Iterable[bytes]:
@@ -201,19 +276,22 @@ class FileStore:
         sha256: str,
         size: int,
         fd: int = -1,
+        seal: Seal | None = None,
     ) -> StagedInstance:
         folder = self.folder_for(study_uid, series_uid, sop_uid)
-        if fd >= 0:
-            os.fsync(fd)
-        else:
+        path = Path(path)
+        name_durable = path.parent == self.ready
+        own = fd < 0
+        if own:
             fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
+        try:
+            sealed = name_durable and seal is not None and _seal(fd, seal)
+            os.fsync(fd)
+        finally:
+            if own:
                 os.close(fd)
         self._ensure_dir(folder)
-        path = Path(path)
-        return StagedInstance(path, folder, sop_uid, sha256, size, path.parent == self.ready)
+        return StagedInstance(path, folder, sop_uid, sha256, size, name_durable, sealed)
 
     @staticmethod
     def _final_path(staged: StagedInstance, version: int) -> Path:
@@ -230,9 +308,14 @@ class FileStore:
     def commit(
         self, staged: StagedInstance, version: int, fsync_folder: bool = True
     ) -> StoredInstance:
+        """A file with a durable name is linked into place and keeps that name until its caller
+        made the link durable (the outbox's placements); any other file is renamed."""
         final = self._final_path(staged, version)
         try:
-            os.replace(staged.tmp, final)
+            if staged.name_durable:
+                _link_over(staged.tmp, final)
+            else:
+                os.replace(staged.tmp, final)
         except BaseException:
             staged.tmp.unlink(missing_ok=True)
             raise
@@ -244,6 +327,28 @@ class FileStore:
 
     def discard(self, staged: StagedInstance) -> None:
         staged.tmp.unlink(missing_ok=True)
+
+    def unrecorded(self) -> Iterator[tuple[Path, Seal]]:
+        """Files under their durable incoming names whose seal matches their bytes.
+
+        At start-up, once the outbox finished its placements, such a file was accepted and its
+        outbox transaction is gone (a power cut took the unflushed commit), or its C-STORE failed
+        or was cut off after the seal: recording it is right in every case (a duplicate is known
+        by its SHA-256). A file whose bytes differ from its seal was never answered; the sweep
+        removes it."""
+        for path in sorted(self.ready.glob("*.tmp")) if self.ready.is_dir() else []:
+            try:
+                seal = Seal.decode(os.getxattr(path, SEAL_XATTR))
+            except OSError:  # not sealed (never accepted), or no xattrs here
+                continue
+            if seal is not None and _sha256_of(path) == seal.sha256:
+                yield path, seal
+
+    def second_name(self, path: Path) -> Path:
+        """Another incoming name for the file ``path`` (a hard link, not made durable)."""
+        second = self.ready / f"{uuid.uuid4().hex}.tmp"
+        os.link(path, second)
+        return second
 
     def sweep_temporaries(self) -> int:
         """Remove temporary files a killed process left behind; return how many held bytes.

@@ -1,15 +1,22 @@
-"""The durable outbox and instance index, in one SQLite database (WAL, ``synchronous=FULL``).
+"""The durable outbox and instance index, in one SQLite database (WAL, ``synchronous=NORMAL``
+and explicit flushes).
 
 The C-STORE handler records an instance and its event in one transaction
-(:meth:`Outbox.record`): when that commit returns, both are on disk, so success can be answered
-whether or not Kafka is up. The publisher (:mod:`dicom_listener.adapters.publisher`) reads the
+(:meth:`Outbox.submit`): when that commit returns, both are durable, so success can be answered
+whether or not Kafka is up. Durable means one of two things. A commit is flushed (its WAL
+fsync'd, :meth:`Outbox.sync`) before it returns, unless every C-STORE in it received a *sealed*
+file (:mod:`dicom_listener.adapters.filestore`): a power cut that takes such a commit leaves the
+file, which the next start records again. Events are flushed before the publisher sends them,
+and placements before their files lose their durable names, so nothing that left this database
+is ever undone. The publisher (:mod:`dicom_listener.adapters.publisher`) reads the
 events in sequence order, sends them, and deletes them once Kafka acknowledged them.
 
-``placements`` lists files renamed into the store whose new name may not be durable yet: a file
-received under a name already durable (:meth:`FileStore.open_incoming`) is renamed into place
-in the transaction without an fsync of its folder, which would be the C-STORE's third flush.
-:class:`PlacementSettler` fsyncs those folders in batches, off the C-STORE path, and forgets
-the rows; after a crash, :meth:`Outbox.open` renames any file whose new name was lost again.
+``placements`` lists files linked into the store whose new name may not be durable yet: a file
+received under a name already durable (:meth:`FileStore.open_incoming`) is linked into place in
+the transaction without an fsync of its folder, which would be a second flush per C-STORE.
+:class:`PlacementSettler` flushes the WAL, fsyncs those folders in batches, off the C-STORE
+path, removes the durable incoming names and forgets the rows; after a crash,
+:meth:`Outbox.open` links any file whose new name was lost again.
 
 ``instances`` remembers the SHA-256 and version of every SOPInstanceUID stored, which is how a
 duplicate send (same bytes: no second event) is told from a new version (other bytes).
@@ -124,13 +131,23 @@ class OutboxTransaction:
         self._conn = conn
         self.folders: set[Path] = set()
         self.undo: list[Callable[[], None]] = []
+        #: The commit must be flushed before it returns: a request in it did not call
+        #: :meth:`rebuildable`.
+        self.flush = False
+        self._rebuildable = False
+
+    def rebuildable(self) -> None:
+        """Say that what this request recorded can be rebuilt after a power cut (from a sealed
+        file), so that its commit need not be flushed before it returns. Without this call a
+        request's commit is flushed."""
+        self._rebuildable = True
 
     def fsync_folder_before_commit(self, folder: Path) -> None:
         self.folders.add(folder)
 
     def place_later(self, staged: Path, final: Path) -> None:
-        """Record that the file named ``staged`` (a durable name) was renamed to ``final``,
-        whose folder is not fsync'd yet: the rename is redone after a crash that lost it."""
+        """Record that the file named ``staged`` (a durable name) was linked as ``final``,
+        whose folder is not fsync'd yet: the link is redone after a crash that lost it."""
         self._conn.execute(
             "INSERT INTO placements (staged, final) VALUES (?, ?)", (str(staged), str(final))
         )
@@ -263,8 +280,9 @@ class Outbox:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
-            # FULL: every commit fsyncs the WAL, so a committed event survives a power cut.
-            conn.execute("PRAGMA synchronous=FULL")
+            # NORMAL: a commit does not fsync the WAL; those that must survive a power cut are
+            # flushed by :meth:`sync` (the module's docstring says which).
+            conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
             conn.executescript(_SCHEMA)
             self._local.conn = conn
@@ -278,7 +296,7 @@ class Outbox:
             for _id, staged, final in self._placements(conn):
                 if not Path(final).exists():
                     try:
-                        os.replace(staged, final)
+                        os.link(staged, final)
                     except FileNotFoundError:
                         log.error("placed file missing under both names", extra={"id": _id})
                         continue
@@ -289,16 +307,31 @@ class Outbox:
     def _placements(conn: sqlite3.Connection) -> list[tuple[int, str, str]]:
         return conn.execute("SELECT id, staged, final FROM placements ORDER BY id").fetchall()
 
+    def sync(self) -> None:
+        """Flush every commit made so far, by any connection or process (fsync the WAL)."""
+        try:
+            fd = os.open(f"{self.path}-wal", os.O_RDONLY)
+        except FileNotFoundError:  # checkpointed and removed: the checkpoint flushed it
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
     def settle_placements(self) -> int:
-        """Make the names of placed files durable: fsync each folder a file was renamed into,
-        then forget those rows; return how many."""
+        """Make placed files durable under their new names alone: flush the commits that
+        recorded them, fsync each folder a file was linked into, remove the durable incoming
+        names, then forget those rows; return how many."""
         conn = self._connect()
         rows = self._placements(conn)
         if not rows:
             return 0
+        self.sync()
         for folder in {Path(final).parent for _id, _staged, final in rows}:
             with suppress(FileNotFoundError):  # its study was removed meanwhile
                 fsync_dir(folder)
+        for _id, staged, _final in rows:
+            Path(staged).unlink(missing_ok=True)
         # A delete lost in a power cut only settles those rows again.
         self._write_without_fsync(conn, "DELETE FROM placements WHERE id <= ?", [(rows[-1][0],)])
         return len(rows)
@@ -306,20 +339,16 @@ class Outbox:
     def _write_without_fsync(
         self, conn: sqlite3.Connection, sql: str, params: list[tuple[Any, ...]]
     ) -> None:
-        """One write transaction whose commit does not wait for an fsync (for writes a power
-        cut may undo harmlessly), under a short lock so that C-STORE commits barely wait."""
-        conn.execute("PRAGMA synchronous=NORMAL")
-        try:
-            with self._write_lock():
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    conn.executemany(sql, params)
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                conn.execute("COMMIT")
-        finally:
-            conn.execute("PRAGMA synchronous=FULL")
+        """One write transaction, not flushed (for writes a power cut may undo harmlessly),
+        under a short lock so that C-STORE commits barely wait."""
+        with self._write_lock():
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(sql, params)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def on_commit(self, listener: Callable[[], None]) -> None:
         """Call ``listener`` after each committed :meth:`transaction` (wakes the publisher)."""
@@ -327,7 +356,7 @@ class Outbox:
 
     @contextmanager
     def transaction(self) -> Iterator[OutboxTransaction]:
-        """An immediate (write-locked) transaction, committed durably on normal exit."""
+        """An immediate (write-locked) transaction, committed and flushed on normal exit."""
         conn = self._connect()
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -336,6 +365,7 @@ class Outbox:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+        self.sync()
         for listener in self._listeners:
             listener()
 
@@ -363,8 +393,9 @@ class Outbox:
 
     def submit(self, work: Callable[[OutboxTransaction], T], arrival: Arrival | None = None) -> T:
         """Run ``work`` in a (group) write transaction; return its result once committed
-        durably. Raises what ``work`` raised (its savepoint is rolled back) or the commit's
-        error. ``arrival``: this request's announcement, if it made one.
+        durably (flushed, unless every request was :meth:`OutboxTransaction.rebuildable`).
+        Raises what ``work`` raised (its savepoint is rolled back) or the commit's error.
+        ``arrival``: this request's announcement, if it made one.
 
         Group commit without a thread hand-off: the caller that gets the leader lock waits
         briefly for announced requests, then commits every request waiting at that moment
@@ -428,8 +459,10 @@ class Outbox:
             for request in batch:
                 conn.execute("SAVEPOINT cstore")
                 undo_mark = len(tx.undo)
+                tx._rebuildable = False
                 try:
                     result = request.work(tx)
+                    tx.flush |= not tx._rebuildable
                 except Exception as exc:  # noqa: BLE001 - handed to that request's caller
                     conn.execute("ROLLBACK TO cstore")
                     for callback in tx.undo[undo_mark:]:
@@ -445,10 +478,12 @@ class Outbox:
             conn.execute("ROLLBACK")
             raise
         conn.execute("COMMIT")
+        if tx.flush:
+            self.sync()
 
     def stored(self, sop_uids: list[str]) -> dict[str, str]:
         """SOPInstanceUID → storage URI of those of ``sop_uids`` whose instance and event were
-        committed (the latest version)."""
+        committed (the latest version); those commits are flushed before this returns."""
         found: dict[str, str] = {}
         conn = self._connect()
         for start in range(0, len(sop_uids), 500):  # SQLite's bound-parameter limit
@@ -460,6 +495,8 @@ class Outbox:
                 chunk,
             )
             found.update(rows.fetchall())
+        if found:
+            self.sync()
         return found
 
     def pending(self, limit: int) -> list[OutboxEvent]:

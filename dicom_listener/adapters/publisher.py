@@ -276,6 +276,9 @@ class OutboxRelay:
         before = self.clock()
         events = self.outbox.pending(self.batch_size)
         if events:
+            # A C-STORE's commit may not be flushed yet (its file is sealed instead): flushed
+            # here, so that no event Kafka has seen can be undone by a power cut.
+            self.outbox.sync()
             started = time.perf_counter()
             try:
                 acked = self.sink.send_batch(events)

@@ -58,7 +58,9 @@ CALLED_AE = "SCANWATCH"
 class BrokenStore(FileStore):
     """A store whose disk is full."""
 
-    def adopt(self, path, study_uid, series_uid, sop_uid, sha256, size, fd=-1) -> StagedInstance:  # type: ignore[no-untyped-def]
+    def adopt(
+        self, path, study_uid, series_uid, sop_uid, sha256, size, fd=-1, seal=None
+    ) -> StagedInstance:  # type: ignore[no-untyped-def]
         raise OSError(28, "No space left on device")
 
 

@@ -26,6 +26,7 @@ from pydicom.uid import generate_uid
 
 from devtools.kafka_local import LocalKafka
 from devtools.peers import echoscu, storescu
+from devtools.testing import wait_for
 from dicom_listener.app import ListenerApp
 from dicom_listener.dicom.dimse import encode_command
 from dicom_listener.dicom.pdu import A_ABORT, A_ASSOCIATE_AC, A_ASSOCIATE_RJ, P_DATA_TF
@@ -385,9 +386,14 @@ def test_only_the_well_formed_instances_were_stored_and_announced(
     }
     assert {(p.parts[0], p.stem) for p in stored} == {(st, sop) for sop, st in run.good.items()}
     assert all(p.suffix == ".dcm" and len(p.parts) == 3 for p in stored)
-    # Only the empty files made ready for later C-STOREs are left of what was received.
-    left = [p for p in (root / ".incoming").rglob("*") if p.is_file()]
-    assert all(p.parent == run.app.store.ready and p.stat().st_size == 0 for p in left)
+
+    # Only the empty files made ready for later C-STOREs are left of what was received, once
+    # the settler removed the incoming names of the placed files (every 250 ms).
+    def only_ready_files_left() -> bool:
+        left = [p for p in (root / ".incoming").rglob("*") if p.is_file()]
+        return all(p.parent == run.app.store.ready and p.stat().st_size == 0 for p in left)
+
+    assert wait_for(only_ready_files_left, timeout=10)
     assert {p.name for p in run.base.iterdir()} == {"store"}
     assert not ESCAPED.exists()
     events = received_events(

@@ -328,3 +328,34 @@ def test_flush_signal_reaches_the_process_that_serves_it(tmp_path: Path) -> None
         for signal in (sender, served, other):
             signal.close()
     sender.send()  # closed or not, sending never raises
+
+
+def test_events_are_flushed_before_kafka_sees_them(tmp_path: Path) -> None:
+    """A sealed C-STORE's commit is not flushed when it is answered (``test_placements``); the
+    relay flushes the outbox before it sends, so no event Kafka has can be undone by a power
+    cut. Storage Commitment's lookup flushes what it reports too."""
+    order: list[str] = []
+
+    class FlushOrder(Outbox):
+        def sync(self) -> None:
+            order.append("flush")
+            super().sync()
+
+    class SendOrder(RecordingSink):
+        def send_batch(self, events: list[OutboxEvent]) -> int:
+            order.append("send")
+            return super().send_batch(events)
+
+    outbox = FlushOrder(tmp_path / "outbox.sqlite3")
+    outbox.submit(lambda tx: _record(tx, "1.2.2"))
+    assert order == ["flush"]  # a commit is flushed unless its request says otherwise
+    del order[:]
+    outbox.submit(lambda tx: (tx.rebuildable(), _record(tx, "1.2.3")))
+    assert order == []
+    relay = _relay(outbox, SendOrder())
+    assert relay.drain_once() == 2
+    assert order == ["flush", "send"]
+    assert relay.drain_once() == 0 and order == ["flush", "send"]  # nothing to send: no flush
+    outbox.submit(lambda tx: _record(tx, "1.2.4"))
+    assert outbox.stored(["1.2.4"]) == {"1.2.4": "file:///x"}
+    assert order[-1] == "flush"
