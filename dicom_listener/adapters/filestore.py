@@ -81,9 +81,8 @@ class Seal:
         if len(value) != 32 + 2 * _AE_BYTES:
             return None
         calling, called = value[32 : 32 + _AE_BYTES], value[32 + _AE_BYTES :]
-        return cls(
-            value[:32].hex(), calling.decode("ascii").strip(), called.decode("ascii").strip()
-        )
+        calling_ae, called_ae = (ae.decode("ascii", "replace").strip() for ae in (calling, called))
+        return cls(value[:32].hex(), calling_ae, called_ae)
 
 
 @dataclass(frozen=True)
