@@ -113,6 +113,7 @@ def _settings(args: argparse.Namespace) -> Any:
             "target_min_diameter_mm": getattr(args, "min_diameter_mm", None),
             "context": getattr(args, "context", None),
             "mask_weight": getattr(args, "mask_weight", None),
+            "mask_stride": getattr(args, "mask_stride", None),
         }.items()
         if value is not None
     }
@@ -541,6 +542,13 @@ def _add_dataset(parser: argparse.ArgumentParser) -> None:
         type=_non_negative(),
         help="studies: also train a mask head on where each lesion is, its loss weighted so "
         "beside the classifier's (0: none, the default; the exported model is the classifier)",
+    )
+    parser.add_argument(
+        "--mask-stride",
+        type=int,
+        choices=(8, 16),
+        help="with --mask-weight: the mask head's cell in pixels (default 16; 8: finer, from an "
+        "earlier block)",
     )
     parser.add_argument("--normal-class", help="the label meaning normal (notumor, nv...)")
     parser.add_argument(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -105,6 +106,12 @@ class TrainSettings(BaseSettings):
         "learns where each lesion is (slices of whole synthetic studies only, which know; "
         "bench/training.md, 'Location supervision'). 0: no mask head. The exported model is "
         "the classifier either way.",
+    )
+    mask_stride: Literal[8, 16] = Field(
+        16,
+        description="With mask_weight: the mask head's cell, in input pixels. 16 reads the "
+        "base's last stride-16 block; 8 an earlier block (block3), finer, whose gradients reach "
+        "the layers that see a lesion a few pixels wide.",
     )
     seed: int = Field(0, description="Seeds weights, shuffling, augmentation and splits.")
     threshold: float = Field(

@@ -32,7 +32,10 @@ OUTPUT_LAYER = "probabilities"
 HEAD_DENSE, HEAD_DROPOUT = "head_dense", "head_dropout"
 #: The mask head's output (training only: the served model is the classifier without it).
 MASK_OUTPUT = "lesion_map"
-#: The mask head reads the base's last stride-16 block (``block5*``): one cell per 16² pixels.
+#: The base's block a mask head reads, by the head's stride: one cell per stride² pixels, from
+#: the last layer of that block (block3 ends at stride 8, block5 at stride 16).
+MASK_BLOCKS = {8: "block3", 16: "block5"}
+#: The default stride of a mask head.
 MASK_STRIDE = 16
 
 
@@ -112,21 +115,25 @@ def build_classifier(
     return keras.Model(inputs, outputs, name=f"scanwatch_efficientnet{key.lower()}")
 
 
-def with_mask_head(classifier: keras.Model) -> keras.Model:
+def with_mask_head(classifier: keras.Model, stride: int = MASK_STRIDE) -> keras.Model:
     """A training model around ``classifier`` (:func:`build_classifier`'s; its layers shared,
-    not copied) that also outputs :data:`MASK_OUTPUT`: per :data:`MASK_STRIDE`² cell, the
-    probability that a lesion covers it, from a small head on the base's last stride-16 block.
+    not copied) that also outputs :data:`MASK_OUTPUT`: per ``stride``² cell, the probability
+    that a lesion covers it, from a small head on the base's last block of that stride
+    (:data:`MASK_BLOCKS`: 8 reads an earlier, finer block, so its gradients reach the layers
+    that see a few-pixel lesion).
 
     Learning where the lesion is, not only that there is one, is the dense supervision that
     detection and segmentation models train with; the classifier is what is exported and
     served, unchanged in shape.
     """
+    if stride not in MASK_BLOCKS:
+        raise ValueError(f"a mask head's stride is one of {sorted(MASK_BLOCKS)}, not {stride}")
     base = classifier.get_layer(BASE_LAYER)
     size = int(classifier.input_shape[1])
-    if size % MASK_STRIDE:
-        raise ValueError(f"a mask head needs an image size divisible by {MASK_STRIDE}, not {size}")
-    block5 = [layer for layer in base.layers if layer.name.startswith("block5")][-1]
-    inner = keras.Model(base.inputs, [block5.output, base.output], name=f"{BASE_LAYER}_maps")
+    if size % stride:
+        raise ValueError(f"a mask head needs an image size divisible by {stride}, not {size}")
+    block = [layer for layer in base.layers if layer.name.startswith(MASK_BLOCKS[stride])][-1]
+    inner = keras.Model(base.inputs, [block.output, base.output], name=f"{BASE_LAYER}_maps")
     images = keras.Input(shape=classifier.input_shape[1:], dtype="float32", name=INPUT_NAME)
     feature_map, pooled = inner(images)
     hidden = pooled

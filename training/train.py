@@ -58,7 +58,6 @@ from training.input_pipeline import balance_with_augmentation, inference_stream,
 from training.model import (
     BASE_LAYER,
     MASK_OUTPUT,
-    MASK_STRIDE,
     OUTPUT_LAYER,
     build_classifier,
     with_mask_head,
@@ -454,7 +453,7 @@ def train(
     if settings.mask_weight and data.train.masks is None:
         raise ValueError("mask_weight needs training slices with lesion masks (--dataset studies)")
     # The model being fit: the classifier, or a training model around it with a mask head.
-    model = with_mask_head(classifier) if settings.mask_weight else classifier
+    model = with_mask_head(classifier, settings.mask_stride) if settings.mask_weight else classifier
     resample = settings.augments(data.from_studies)
     train_split, added = (
         balance_with_augmentation(data.train, n_classes, settings.seed, resample)
@@ -476,7 +475,7 @@ def train(
         settings.seed + state.epoch,
         settings.random_flip,
         resample,
-        MASK_STRIDE if settings.mask_weight else 0,
+        settings.mask_stride if settings.mask_weight else 0,
     )
     steps = int(np.ceil(len(train_split) / settings.batch_size))
     callback = _EpochEnd(data, settings, state, run_dir, progress, classifier, select)

@@ -200,6 +200,9 @@ def test_a_job_over_kafka_cannot_ask_a_mask_head_of_a_slice_dataset(tmp_path: Pa
     with pytest.raises(ValueError, match="mask_weight needs augment off"):
         TrainSettings(mask_weight=1.0, augment=True)
     assert TrainSettings(mask_weight=1.0, augment=False).mask_weight == 1.0
+    assert TrainSettings(mask_weight=1.0, mask_stride=8).mask_stride == 8
+    with pytest.raises(ValueError, match="mask_stride"):
+        TrainSettings(mask_weight=1.0, mask_stride=4)
 
 
 @pytest.mark.integration

@@ -91,16 +91,21 @@ def test_bad_arguments_are_refused(arguments: dict, words: str) -> None:
         build_classifier(**arguments)
 
 
-def test_a_mask_head_shares_the_classifier_and_maps_16_pixel_cells(model: keras.Model) -> None:
-    training = with_mask_head(model)
+@pytest.mark.parametrize("stride", [MASK_STRIDE, 8])
+def test_a_mask_head_shares_the_classifier_and_maps_cells_of_its_stride(
+    model: keras.Model, stride: int
+) -> None:
+    training = with_mask_head(model, stride)
     images = np.random.default_rng(0).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32)
     out = training(images, training=False)
     assert set(out) == {OUTPUT_LAYER, MASK_OUTPUT}
-    assert out[MASK_OUTPUT].shape == (2, 32 // MASK_STRIDE, 32 // MASK_STRIDE, 1)
+    assert out[MASK_OUTPUT].shape == (2, 32 // stride, 32 // stride, 1)
     assert 0 <= float(np.min(out[MASK_OUTPUT])) and float(np.max(out[MASK_OUTPUT])) <= 1
     # The same layers, not copies: the classifier's own output, and what training changes in
     # the training model changes in the classifier.
     np.testing.assert_allclose(out[OUTPUT_LAYER], model(images, training=False), rtol=1e-5)
     assert training.get_layer("head_dense") is model.get_layer("head_dense")
-    with pytest.raises(ValueError, match="divisible by 16"):
-        with_mask_head(build_classifier(CLASSES, image_size=40, dense_units=4))
+    with pytest.raises(ValueError, match=f"divisible by {stride}"):
+        with_mask_head(build_classifier(CLASSES, image_size=36, dense_units=4), stride)
+    with pytest.raises(ValueError, match="stride is one of"):
+        with_mask_head(model, 4)

@@ -217,6 +217,8 @@ def test_a_mask_head_trains_beside_the_classifier_and_is_not_exported(tmp_path: 
                 "16",
                 "--mask-weight",
                 "2",
+                "--mask-stride",
+                "8",
                 "--repository",
                 str(tmp_path / "models"),
                 "--run-dir",
@@ -227,7 +229,7 @@ def test_a_mask_head_trains_beside_the_classifier_and_is_not_exported(tmp_path: 
         mp.undo()
     assert code == 0
     settings = json.loads((tmp_path / "run" / "settings.json").read_text())
-    assert settings["mask_weight"] == 2
+    assert settings["mask_weight"] == 2 and settings["mask_stride"] == 8
     recorded = json.loads((tmp_path / "run" / "dataset.json").read_text())
     assert recorded["description"]["config"]["lesion_masks"] is True
     history = json.loads((tmp_path / "run" / STATE_FILE).read_text())["history"]
