@@ -181,14 +181,6 @@ def _link_over(source: Path, target: Path) -> None:
         os.link(source, target)
 
 
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fp:
-        for chunk in read_chunks(fp):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_chunks(fp: BinaryIO, size: int = CHUNK_BYTES) -> Iterable[bytes]:
     """The rest of ``fp`` in chunks of at most ``size`` bytes."""
     while chunk := fp.read(size):
@@ -340,7 +332,11 @@ class FileStore:
                 seal = Seal.decode(os.getxattr(path, SEAL_XATTR))
             except OSError:  # not sealed (never accepted), or no xattrs here
                 continue
-            if seal is not None and _sha256_of(path) == seal.sha256:
+            if seal is None:
+                continue
+            with open(path, "rb") as fp:
+                whole = hashlib.file_digest(fp, "sha256").hexdigest() == seal.sha256
+            if whole:
                 yield path, seal
 
     def second_name(self, path: Path) -> Path:
