@@ -284,17 +284,19 @@ def create_app(
         end_offset=end_offset,
     )
 
-    def forget(sender: Any, *partitions: Any, signal: Any, **kwargs: Any) -> None:
-        """On a rebalance: how far an instance partition was read here, and the listeners'
-        watermarks read for it, no longer count."""
+    def instance_partitions(tps: Any) -> set[int]:
         topic = instances_topic.get_topic_name()
-        moved = {tp.partition for tp in partitions[0] if tp.topic == topic}
-        flow.progress.forget(moved)
-        flow.watermarks.forget(moved)
+        return {tp.partition for tp in tps if tp.topic == topic}
+
+    def revoked(sender: Any, *partitions: Any, signal: Any, **kwargs: Any) -> None:
+        flow.partitions_revoked(instance_partitions(partitions[0]))
+
+    def assigned(sender: Any, *partitions: Any, signal: Any, **kwargs: Any) -> None:
+        flow.partitions_assigned(instance_partitions(partitions[0]))
 
     # mode types a receiver as a generic callable no plain function matches under mypy.
-    app.on_partitions_revoked.connect(forget)  # type: ignore[arg-type]
-    app.on_partitions_assigned.connect(forget)  # type: ignore[arg-type]
+    app.on_partitions_revoked.connect(revoked)  # type: ignore[arg-type]
+    app.on_partitions_assigned.connect(assigned)  # type: ignore[arg-type]
 
     @app.task
     async def check_model_on_start() -> None:

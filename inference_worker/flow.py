@@ -259,6 +259,18 @@ class WorkerFlow:
         self._too_large: dict[bytes, int] = {}
         metrics.waiting_for_slot.set_function(lambda: self.gate.waiting)
 
+    def partitions_revoked(self, partitions: set[int]) -> None:
+        """Instance-topic partitions taken from this worker in a rebalance: how far they were
+        read here, and their listeners' watermarks, no longer count."""
+        self.progress.forget(partitions)
+        self.watermarks.forget(partitions)
+
+    def partitions_assigned(self, partitions: set[int]) -> None:
+        """Instance-topic partitions given to this worker in a rebalance (those it kept
+        included): read afresh, their studies wait for a listener's watermark there."""
+        self.progress.forget(partitions)
+        self.watermarks.assigned(partitions, self.clock())
+
     async def check_model(self) -> None:
         """Refuse to run against a model whose signature breaks the contract: raises
         :class:`SignatureMismatch`. A model server not reachable yet is only logged (it is
@@ -384,7 +396,7 @@ class WorkerFlow:
         caught_up = None
         if until is not None:  # and past the listeners' watermarks (None: one is behind)
             partition = kafka.partition_for(key, STUDY_PARTITIONS)
-            until = self.watermarks.read_until(partition, until, self.progress.read_past)
+            until = self.watermarks.read_until(partition, until, self.progress.read_past, now)
             behind = until is None
             if until is not None:
                 caught_up = await self._caught_up(key, state, now, quiet, partition, until, ends)
