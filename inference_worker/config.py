@@ -167,9 +167,10 @@ class Settings(MetricsSettings):
     )
     heatmaps: bool = Field(
         True,
-        description="Compute a Grad-CAM heatmap series for every scored study (the model's "
-        "saliency signature, a second pass over the scored slices: bench/heatmap.py) and store "
-        "it beside the study; false scores without them.",
+        description="Store a Grad-CAM heatmap series for every scored study beside it: the "
+        "heatmaps the model's Predict returned with the score, or, from a model without them, "
+        "its saliency signature's (a second pass over the scored slices: bench/heatmap.py); "
+        "false scores without them.",
     )
     fhir_base_url: str = Field(
         "http://127.0.0.1:8080/fhir", description="Base URL of the FHIR API the results go to."

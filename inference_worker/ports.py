@@ -31,6 +31,9 @@ class Prediction:
     #: How the slice outputs become the study result: the model's ``study_rule`` output, or
     #: :data:`~scanwatch.study_score.LEGACY_RULE` (the study mean) for a model without one.
     study_rule: StudyRule = LEGACY_RULE
+    #: (n, size, size) Grad-CAM in [0, 1], when the model's ``serving_default`` returns its
+    #: heatmaps with the score (one pass); None otherwise (the saliency signature is asked).
+    heatmaps: npt.NDArray[np.float32] | None = None
 
 
 @dataclass(frozen=True)

@@ -234,7 +234,8 @@ class Scorer:
     async def _add_heatmaps(
         self, study: fhir_resources.ScoredStudy, selected: SelectedSeries, prediction: Prediction
     ) -> None:
-        """Compute, store and reference the study's heatmaps, after its score is written.
+        """Store and reference the study's heatmaps, after its score is written: those its
+        Predict returned, or else the saliency signature's (a second pass of the model).
 
         Never fails the study: the score is in FHIR already, and a heatmap is evidence beside
         it. A failure is logged and counted (``scanwatch_worker_heatmaps_total{outcome=
@@ -242,18 +243,21 @@ class Scorer:
         study (a redelivery, late instances, a re-drive) tries again.
         """
         try:
-            saliency = await with_retries(
-                lambda: self.model.explain(selected.images, prediction.model_version),
-                self.heatmap_retries,
-                "Predict saliency",
-            )
+            maps = prediction.heatmaps
+            if maps is None:
+                saliency = await with_retries(
+                    lambda: self.model.explain(selected.images, prediction.model_version),
+                    self.heatmap_retries,
+                    "Predict saliency",
+                )
+                maps = saliency.heatmaps
             stored = await asyncio.get_running_loop().run_in_executor(
                 None,
                 heatmaps.write_heatmap_series,
                 heatmaps.store_root_of(selected.slices[0].path),
                 study.StudyInstanceUID,
                 selected.slices,
-                saliency.heatmaps,
+                maps,
                 prediction.probabilities,
                 prediction.class_names,
                 prediction.model_name,

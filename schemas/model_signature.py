@@ -12,7 +12,9 @@ A second signature, :data:`SALIENCY_SIGNATURE_NAME`, returns the same probabilit
 names together with a Grad-CAM heatmap per image (:data:`SALIENCY_OUTPUTS`): the evidence the
 console overlays on each slice. It is a standard SavedModel signature, so TensorFlow Serving
 serves it unchanged (``ModelSpec.signature_name = "saliency"``), and a plain forward graph (no
-gradient ops), so OpenVINO converts it too.
+gradient ops), so OpenVINO converts it too. A model may also return the same heatmaps from
+``serving_default`` (the optional :data:`HEATMAPS_OUTPUT`): one pass over the images then gives
+the score and its evidence, where the saliency signature runs the network a second time.
 """
 
 from __future__ import annotations
@@ -51,10 +53,14 @@ OUTPUTS = (
 #: study mean with no calibration (what scanwatch did before study-level rules existed).
 #: With it, ``threshold`` is the operating point on the calibrated study score.
 STUDY_RULE = TensorSpec("study_rule", "string", (-1,))
-#: ``serving_default`` outputs a model may add to :data:`OUTPUTS` (checked when present).
-OPTIONAL_OUTPUTS = (STUDY_RULE,)
-#: Output alias of the heatmaps in the saliency signature.
+#: Output alias of the heatmaps in the saliency signature (and, optionally, ``serving_default``).
 HEATMAPS = "heatmaps"
+#: The saliency signature's heatmaps (below), returned by ``serving_default`` beside the
+#: probabilities they explain. Optional: a client that does not want them names the other
+#: outputs in ``PredictRequest.output_filter``.
+HEATMAPS_OUTPUT = TensorSpec(HEATMAPS, "float32", (-1, -1, -1))
+#: ``serving_default`` outputs a model may add to :data:`OUTPUTS` (checked when present).
+OPTIONAL_OUTPUTS = (STUDY_RULE, HEATMAPS_OUTPUT)
 #: The saliency signature takes the same :data:`INPUT` and returns, per image:
 #:
 #: * ``probabilities`` and ``class_names``: as :data:`OUTPUTS` (the same numbers as
@@ -67,7 +73,7 @@ HEATMAPS = "heatmaps"
 SALIENCY_OUTPUTS = (
     TensorSpec("probabilities", "float32", (-1, -1)),
     TensorSpec("class_names", "string", (-1, -1)),
-    TensorSpec(HEATMAPS, "float32", (-1, -1, -1)),
+    HEATMAPS_OUTPUT,
 )
 
 

@@ -62,7 +62,9 @@ class ServingModule(tf.Module):
     optional ``study_rule`` output of ``serving_default``, the same JSON row for every image.
 
     ``serve`` is ``serving_default``; ``saliency`` is the Grad-CAM signature of
-    :data:`schemas.model_signature.SALIENCY_OUTPUTS`. Grad-CAM is written with forward ops only
+    :data:`schemas.model_signature.SALIENCY_OUTPUTS`. A model with that structure returns the
+    same heatmaps from ``serving_default`` too (its optional ``heatmaps`` output), computed in
+    the pass that scores the images. Grad-CAM is written with forward ops only
     (no ``tf.GradientTape``, so OpenVINO converts it): the head after the last convolutional
     block is GlobalAveragePooling → Dense(ReLU) → (Dropout, identity when serving) → Dense, so
     the gradient of class c's pre-softmax score z_c with respect to the pooled features is
@@ -101,7 +103,6 @@ class ServingModule(tf.Module):
         input_signature = [
             tf.TensorSpec((None, *image_shape), tf.float32, name=model_signature.INPUT.name)
         ]
-        self.serve = tf.function(self._serve, input_signature=input_signature)
         self.saliency: tf.types.experimental.PolymorphicFunction | None = None
         if has_saliency_head(self.model):
             base = self.model.get_layer(BASE_LAYER)
@@ -110,6 +111,7 @@ class ServingModule(tf.Module):
             self.hidden = self.model.get_layer(HEAD_DENSE)
             self.scores = self.model.get_layer(OUTPUT_LAYER)
             self.saliency = tf.function(self._saliency, input_signature=input_signature)
+        self.serve = tf.function(self._serve, input_signature=input_signature)
 
     def _tiled_class_names(self, batch: tf.Tensor) -> tf.Tensor:
         # Tiled per image so every output has the batch dimension first (server-side batching).
@@ -118,7 +120,10 @@ class ServingModule(tf.Module):
         )
 
     def _serve(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
-        if self._logit_layer is not None:
+        heatmaps = None
+        if self.saliency is not None:  # the score and its evidence from one pass
+            probabilities, heatmaps = self._explained(images)
+        elif self._logit_layer is not None:
             hidden = tf.cast(self._before_logits(images, training=False), tf.float32)
             kernel, bias = (
                 tf.cast(v, tf.float32) for v in (self._logit_layer.kernel, self._logit_layer.bias)
@@ -135,11 +140,23 @@ class ServingModule(tf.Module):
             "class_names": self._tiled_class_names(batch),
             "threshold": tf.fill([batch], self.threshold),
         }
+        if heatmaps is not None:
+            outputs[model_signature.HEATMAPS] = heatmaps
         if self.study_rule is not None:
             outputs[model_signature.STUDY_RULE.name] = tf.fill([batch], self.study_rule)
         return outputs
 
     def _saliency(self, images: tf.Tensor) -> dict[str, tf.Tensor]:
+        probabilities, heatmaps = self._explained(images)
+        return {
+            "probabilities": probabilities,
+            "class_names": self._tiled_class_names(tf.shape(images)[0]),
+            model_signature.HEATMAPS: heatmaps,
+        }
+
+    def _explained(self, images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """The probabilities of ``images`` and the Grad-CAM heatmap of each one's most probable
+        class, from one pass through the network."""
         maps = tf.cast(self.features(images, training=False), tf.float32)  # N×H×W×K
         pooled = tf.reduce_mean(maps, axis=[1, 2])  # the base's GlobalAveragePooling
         w1, b1 = (tf.cast(v, tf.float32) for v in (self.hidden.kernel, self.hidden.bias))
@@ -159,11 +176,7 @@ class ServingModule(tf.Module):
         cam = tf.image.resize(cam[..., tf.newaxis], side, method="bilinear")[..., 0]
         peak = tf.reduce_max(cam, axis=[1, 2], keepdims=True)
         heatmaps = cam / tf.maximum(peak, _HEATMAP_EPSILON)
-        return {
-            "probabilities": probabilities,
-            "class_names": self._tiled_class_names(tf.shape(images)[0]),
-            model_signature.HEATMAPS: tf.ensure_shape(heatmaps, (None, *side)),
-        }
+        return probabilities, tf.ensure_shape(heatmaps, (None, *side))
 
     def signatures(self) -> dict[str, tf.types.experimental.ConcreteFunction]:
         """The signatures by name, for ``tf.saved_model.save``."""

@@ -182,6 +182,7 @@ class ModelClient:
             if len({p.model_version for p in parts}) == 1:
                 first = parts[0]
                 self.input_context = first.study_rule.context
+                maps = [p.heatmaps for p in parts if p.heatmaps is not None]
                 return Prediction(
                     probabilities=np.concatenate([p.probabilities for p in parts]),
                     class_names=first.class_names,
@@ -189,6 +190,7 @@ class ModelClient:
                     model_name=first.model_name,
                     model_version=first.model_version,
                     study_rule=first.study_rule,
+                    heatmaps=np.concatenate(maps) if len(maps) == len(parts) else None,
                 )
             log.info("model version changed during a study; scoring it again")
         raise grpc.aio.AioRpcError(
@@ -199,6 +201,9 @@ class ModelClient:
         )
 
     async def _predict_batch(self, batch: npt.NDArray[np.float32]) -> Prediction:
+        # Every output, heatmaps included where the model returns them: an output_filter
+        # written from the signature checked at start would leave out the study_rule of a
+        # version published later with one.
         request = predict_pb2.PredictRequest(model_spec=self._spec())
         request.inputs[model_signature.INPUT.name].CopyFrom(
             tensors.to_tensor_proto(np.asarray(batch, dtype=np.float32))
@@ -209,6 +214,9 @@ class ModelClient:
         class_names = tensors.to_ndarray(response.outputs["class_names"])
         threshold = tensors.to_ndarray(response.outputs["threshold"])
         model_version = int(response.model_spec.version.value)
+        heatmaps = None
+        if HEATMAPS in response.outputs:
+            heatmaps = np.asarray(tensors.to_ndarray(response.outputs[HEATMAPS]), np.float32)
         return Prediction(
             probabilities=np.array(probabilities, dtype=np.float32),
             class_names=[c.decode() if isinstance(c, bytes) else str(c) for c in class_names[0]],
@@ -216,6 +224,7 @@ class ModelClient:
             model_name=response.model_spec.name or self.model_name,
             model_version=model_version,
             study_rule=self._study_rule(response, model_version),
+            heatmaps=heatmaps,
         )
 
     def _study_rule(self, response: predict_pb2.PredictResponse, version: int) -> StudyRule:

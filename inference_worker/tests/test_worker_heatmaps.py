@@ -80,31 +80,41 @@ def slice_probabilities(n: int) -> np.ndarray:
     return rows / rows.sum(axis=1, keepdims=True)
 
 
+def hot_spots(n: int) -> np.ndarray:
+    """A hot spot in each image's top-left quarter, of a different strength per slice."""
+    maps = np.zeros((n, SIZE, SIZE), np.float32)
+    for i in range(n):
+        maps[i, 4:12, 4:12] = 1.0 - 0.1 * i
+    return maps
+
+
 class ExplainingModel:
-    """Scores and explains; ``explain_error`` makes the saliency call fail."""
+    """Scores and explains; ``explain_error`` makes the saliency call fail; ``one_pass``: its
+    Predict returns the heatmaps with the score (``serving_default``'s optional output)."""
 
     image_size = SIZE
 
-    def __init__(self, explain_error: Exception | None = None) -> None:
+    def __init__(self, explain_error: Exception | None = None, one_pass: bool = False) -> None:
         self.explain_error = explain_error
+        self.one_pass = one_pass
         self.explained = 0
 
     async def check_signature(self) -> int:
         return SIZE
 
     async def predict(self, images: np.ndarray) -> Prediction:
-        return Prediction(slice_probabilities(len(images)), CLASSES, 0.5, "fake-model", 3)
+        maps = hot_spots(len(images)) if self.one_pass else None
+        probabilities = slice_probabilities(len(images))
+        return Prediction(probabilities, CLASSES, 0.5, "fake-model", 3, heatmaps=maps)
 
     async def explain(self, images: np.ndarray, model_version: int) -> Saliency:
         assert model_version == 3  # the version that scored them
         self.explained += 1
         if self.explain_error is not None:
             raise self.explain_error
-        # A hot spot in each image's top-left quarter, of a different strength per slice.
-        maps = np.zeros((len(images), SIZE, SIZE), np.float32)
-        for i in range(len(images)):
-            maps[i, 4:12, 4:12] = 1.0 - 0.1 * i
-        return Saliency(maps, slice_probabilities(len(images)), CLASSES, "fake-model", 3)
+        return Saliency(
+            hot_spots(len(images)), slice_probabilities(len(images)), CLASSES, "fake-model", 3
+        )
 
 
 class ListWriter:
@@ -144,11 +154,16 @@ def outcome(metrics: WorkerMetrics, name: str) -> float:
     )
 
 
-def test_every_scored_slice_gets_a_stored_heatmap_referenced_from_fhir(store) -> None:
+@pytest.mark.parametrize("one_pass", [False, True], ids=["saliency Predict", "one pass"])
+def test_every_scored_slice_gets_a_stored_heatmap_referenced_from_fhir(store, one_pass) -> None:
+    """The same series whether the heatmaps came from the saliency signature or with the
+    score; in the second case the model is not asked again."""
     root, paths = store
     ready = ready_for(paths)
-    writer, metrics = score(ExplainingModel(), ready)
+    model = ExplainingModel(one_pass=one_pass)
+    writer, metrics = score(model, ready)
 
+    assert model.explained == (0 if one_pass else 1)
     files = heatmap_files(root, ready.StudyInstanceUID)
     assert len(files) == SLICES and outcome(metrics, "written") == 1
     series_uid = heatmaps.heatmap_series_uid(ready.StudyInstanceUID, "fake-model", 3)

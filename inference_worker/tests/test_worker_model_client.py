@@ -98,6 +98,10 @@ def test_explain_returns_heatmaps_from_the_version_that_scored(server):
     np.testing.assert_allclose(saliency.probabilities, prediction.probabilities, atol=1e-6)
     assert saliency.class_names == list(CLASSES)
     assert (saliency.model_name, saliency.model_version) == (MODEL, 1)
+    # The model returns the same heatmaps with its score (in two batches of 8 and 2, joined):
+    # one pass, and the worker need not ask the saliency signature.
+    assert prediction.heatmaps is not None
+    np.testing.assert_allclose(prediction.heatmaps, saliency.heatmaps, atol=1e-6)
 
 
 def test_unknown_label_is_an_error_that_does_not_open_the_circuit(server):

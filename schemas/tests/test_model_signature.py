@@ -97,3 +97,14 @@ def test_an_unknown_extra_output_is_still_refused() -> None:
     inputs, outputs = serving()
     outputs["surprise"] = TensorSpec("surprise", "float32", (-1,))
     assert any("output names" in p for p in model_signature.check_serving(inputs, outputs))
+
+
+def test_serving_default_may_return_the_heatmaps_it_scores_with() -> None:
+    """One Predict for the score and its evidence: ``heatmaps`` is an optional output of
+    ``serving_default``, held to the saliency signature's shape rule."""
+    inputs, outputs = serving()
+    outputs["heatmaps"] = TensorSpec("heatmaps", "float32", (-1, 128, 128))
+    assert model_signature.check_serving(inputs, outputs) == []
+    outputs["heatmaps"] = TensorSpec("heatmaps", "float32", (-1, 64, 64))
+    problems = model_signature.check_serving(inputs, outputs)
+    assert any("not the input's size" in p for p in problems), problems

@@ -107,7 +107,8 @@ def test_the_repository_ships_a_trained_default_model() -> None:
     per_class = [report["per_class"][c]["f1-score"] for c in CLASS_NAMES]
     assert report["macro_f1"] == pytest.approx(sum(per_class) / len(per_class))
     inputs, outputs = read_signature(SHIPPED / SHIPPED_MODEL)
-    assert model_signature.check(inputs, outputs) == []
+    assert model_signature.check_serving(inputs, outputs) == []
+    assert model_signature.HEATMAPS in outputs  # scored and explained in one pass
 
 
 def test_the_shipped_model_has_the_saliency_signature_and_its_scores_did_not_change() -> None:

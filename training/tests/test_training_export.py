@@ -57,7 +57,8 @@ def test_first_export_is_version_1_in_tf_serving_layout(exported: Path) -> None:
 
 def test_exported_signature_passes_the_contract_check(exported: Path) -> None:
     inputs, outputs = read_signature(exported)
-    assert model_signature.check(inputs, outputs) == []
+    assert model_signature.check_serving(inputs, outputs) == []
+    assert outputs[model_signature.HEATMAPS].shape == (-1, SIZE, SIZE)  # the optional output
     assert inputs["images"] == model_signature.TensorSpec("images", "float32", (-1, SIZE, SIZE, 3))
     assert outputs["probabilities"].shape == (-1, len(CLASSES))
     assert outputs["class_names"] == model_signature.TensorSpec(
@@ -116,7 +117,8 @@ def reference_grad_cam(classifier: keras.Model, images: np.ndarray) -> np.ndarra
 def test_the_heatmaps_are_grad_cam_of_the_predicted_class(
     exported: Path, classifier: keras.Model
 ) -> None:
-    """The forward-only graph equals autodiff Grad-CAM; probabilities equal serving_default."""
+    """The forward-only graph equals autodiff Grad-CAM; probabilities equal serving_default,
+    whose own heatmaps (the score and its evidence in one pass) are the saliency signature's."""
     images = np.random.default_rng(3).uniform(0, 255, (4, SIZE, SIZE, 3)).astype(np.float32)
     loaded = tf.saved_model.load(str(exported))
     saliency = loaded.signatures[SALIENCY](images=tf.constant(images))
@@ -129,6 +131,7 @@ def test_the_heatmaps_are_grad_cam_of_the_predicted_class(
     np.testing.assert_allclose(
         saliency["probabilities"].numpy(), served["probabilities"].numpy(), atol=1e-6
     )
+    np.testing.assert_allclose(served[model_signature.HEATMAPS].numpy(), heatmaps, atol=1e-6)
     assert saliency["class_names"].numpy().tolist() == [[c.encode() for c in CLASSES]] * 4
 
 
@@ -137,6 +140,8 @@ def test_a_model_without_the_classifier_head_gets_no_saliency_signature(tmp_path
     exported = export_saved_model(small_model(), CLASSES, 0.5, tmp_path, NAME)
     assert set(read_signature_defs(exported)) >= {model_signature.SIGNATURE_NAME}
     assert model_signature.SALIENCY_SIGNATURE_NAME not in read_signature_defs(exported)
+    _, outputs = read_signature(exported)
+    assert model_signature.HEATMAPS not in outputs
 
 
 def test_a_trained_model_is_exported_without_its_optimizer(tmp_path: Path) -> None:

@@ -139,7 +139,8 @@ def test_predict_returns_the_models_outputs(client: Client, published_model: Pat
     # TF Serving's default encoding of outputs: typed value fields, not tensor_content.
     assert len(response.outputs["probabilities"].float_val) == 4 * len(CLASS_NAMES)
     outputs = {name: tensors.to_ndarray(proto) for name, proto in response.outputs.items()}
-    assert set(outputs) == {"probabilities", "class_names", "threshold"}
+    assert set(outputs) == {"probabilities", "class_names", "threshold", "heatmaps"}
+    assert outputs["heatmaps"].shape == (4, IMAGE_SIZE, IMAGE_SIZE)  # the score's evidence
     probabilities = outputs["probabilities"]
     assert probabilities.shape == (4, len(CLASS_NAMES))
     assert np.all(probabilities >= 0)
@@ -178,7 +179,7 @@ def test_metadata_signature_matches_the_contract(client: Client) -> None:
     signature = signature_map.signature_def[model_signature.SIGNATURE_NAME]
     assert signature.method_name == "tensorflow/serving/predict"
     inputs, outputs = signature_specs(signature)
-    assert model_signature.check(inputs, outputs) == []
+    assert model_signature.check_serving(inputs, outputs) == []
     assert inputs["images"].shape == (-1, IMAGE_SIZE, IMAGE_SIZE, 3)
     assert outputs["probabilities"].shape == (-1, len(CLASS_NAMES))
 

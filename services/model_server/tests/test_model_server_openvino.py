@@ -189,15 +189,20 @@ def test_grpc_server_on_openvino_answers_like_tensorflow(
     _assert_agree(answers["tensorflow"], answers["openvino"])
 
 
+@pytest.mark.parametrize("signature", [SALIENCY, SIGNATURE_NAME])
 def test_openvino_heatmaps_agree_with_tensorflow(
-    discriminating_model: Path, mr_slices: np.ndarray, openvino_cache: tuple[Path, Any]
+    discriminating_model: Path,
+    mr_slices: np.ndarray,
+    openvino_cache: tuple[Path, Any],
+    signature: str,
 ) -> None:
-    """The saliency signature is a plain forward graph: OpenVINO converts and runs it."""
+    """Grad-CAM is a plain forward graph: OpenVINO converts and runs it, in the saliency
+    signature and beside the score in serving_default alike."""
     outputs = ["class_names", HEATMAPS, "probabilities"]
     expected = (
-        TensorFlowEngine().load(discriminating_model).run(SALIENCY, {"images": mr_slices}, outputs)
+        TensorFlowEngine().load(discriminating_model).run(signature, {"images": mr_slices}, outputs)
     )
-    actual = openvino_cache[1].run(SALIENCY, {"images": mr_slices}, outputs)
+    actual = openvino_cache[1].run(signature, {"images": mr_slices}, outputs)
     assert actual[HEATMAPS].shape == (N_SLICES, IMAGE_SIZE, IMAGE_SIZE)
     assert actual["class_names"].tolist() == expected["class_names"].tolist()
     np.testing.assert_allclose(
