@@ -83,14 +83,42 @@ def cpu_ms(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
 
 
+def group_cpu_ms(groups: dict[str, int]) -> dict[str, float]:
+    """CPU time so far of every live process in each named process group (ms): a stack
+    service and the children it started (the listener's publisher)."""
+    totals = dict.fromkeys(groups, 0.0)
+    names = {pgid: name for name, pgid in groups.items()}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        name = names.get(int(fields[2]))  # pgrp
+        if name is not None:
+            totals[name] += (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+    return totals
+
+
+def stack_groups(stack: Stack) -> dict[str, int]:
+    """The stack's services (each its own process group) and the Kafka broker."""
+    groups = {s.name: s.process.pid for s in stack.services if s.process is not None}
+    broker = stack.kafka.pid()
+    if broker is not None:
+        groups["kafka"] = os.getpgid(broker)
+    return groups
+
+
 class Window:
     """What one receiver's send window cost: stall shares of the machine and, for scanwatch,
-    the listener process's CPU per instance."""
+    the listener process's CPU per instance; per stack process, its CPU per instance received
+    in the window (in Orthanc's window too: the stack scoring what scanwatch took before)."""
 
-    def __init__(self, pid: int | None = None) -> None:
+    def __init__(self, pid: int | None = None, groups: dict[str, int] | None = None) -> None:
         self.pid = pid
+        self.groups = groups or {}
         self.start = (time.monotonic(), pressure_ms("cpu"), pressure_ms("io"))
         self.cpu = cpu_ms(pid) if pid else 0.0
+        self.group_cpu = group_cpu_ms(self.groups)
 
     def close(self, instances: int) -> dict[str, float]:
         wall, cpu_stall, io_stall = (
@@ -107,6 +135,8 @@ class Window:
             out["listener_cpu_ms_per_instance"] = round(
                 (cpu_ms(self.pid) - self.cpu) / instances, 2
             )
+        for name, ms in group_cpu_ms(self.groups).items():
+            out[f"{name}_cpu_ms_per_instance"] = round((ms - self.group_cpu[name]) / instances, 2)
         return out
 
 
@@ -136,7 +166,8 @@ def main() -> int:
                 studies = corpus(var / "in", round_, opts.studies, opts.slices)
                 count = sum(len(s) for s in studies)
                 before = store_time(stack)
-                window = Window(stack.service("dicom-listener").process.pid)
+                groups = stack_groups(stack)
+                window = Window(stack.service("dicom-listener").process.pid, groups)
                 seconds = send_studies(
                     studies, config.ports.dicom, opts.associations, config.ae_title
                 )
@@ -154,7 +185,8 @@ def main() -> int:
                 orthanc.start()
                 try:
                     send_studies(warm, orthanc.dicom_port, 1, "ORTHANC")
-                    window = Window()
+                    pid = orthanc._proc.pid if orthanc._proc is not None else None
+                    window = Window(groups=groups | ({"orthanc": pid} if pid else {}))
                     seconds = send_studies(
                         studies, orthanc.dicom_port, opts.associations, "ORTHANC"
                     )
