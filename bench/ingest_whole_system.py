@@ -185,7 +185,7 @@ def main() -> int:
                 orthanc.start()
                 try:
                     send_studies(warm, orthanc.dicom_port, 1, "ORTHANC")
-                    pid = orthanc._proc.pid if orthanc._proc is not None else None
+                    pid = orthanc.pid
                     window = Window(groups=groups | ({"orthanc": pid} if pid else {}))
                     seconds = send_studies(
                         studies, orthanc.dicom_port, opts.associations, "ORTHANC"

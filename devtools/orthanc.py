@@ -54,6 +54,11 @@ class LocalOrthanc:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    @property
+    def pid(self) -> int | None:
+        """The running Orthanc's process id (its own process group); None when stopped."""
+        return self._proc.pid if self._proc is not None else None
+
     def config(self) -> dict[str, Any]:
         return {
             "Name": "scanwatch-test-orthanc",

@@ -16,7 +16,7 @@ from tensorflow.core.protobuf import meta_graph_pb2
 from schemas.model_signature import TensorSpec
 
 #: ``TensorProto`` value fields by NumPy dtype, as ``Tensor::AsProtoField`` fills them.
-_FIELDS = {
+_FIELDS: dict[np.dtype, str] = {
     np.dtype(np.float32): "float_val",
     np.dtype(np.float64): "double_val",
     np.dtype(np.int32): "int_val",
@@ -26,12 +26,12 @@ _FIELDS = {
 #: The fixed-width value fields' numbers in ``tensor.proto``: packed, such a field's payload on
 #: the wire is the values' little-endian bytes.
 _FIXED_WIDTH_FIELDS = {np.dtype(np.float32): 5, np.dtype(np.float64): 6}
-#: Value fields read straight into an array (the dtype enum's field and NumPy type).
-_DECODED_FIELDS = {
-    tf.float32.as_datatype_enum: ("float_val", np.float32),
-    tf.float64.as_datatype_enum: ("double_val", np.float64),
-    tf.int32.as_datatype_enum: ("int_val", np.int32),
-    tf.int64.as_datatype_enum: ("int64_val", np.int64),
+#: Value fields read straight into an array (the dtype enum's field and NumPy type): the
+#: numeric ones of :data:`_FIELDS`.
+_DECODED_FIELDS: dict[int, tuple[str, np.dtype]] = {
+    tf.as_dtype(dtype).as_datatype_enum: (field, dtype)
+    for dtype, field in _FIELDS.items()
+    if dtype != np.bool_
 }
 
 
