@@ -88,9 +88,9 @@ async def assemble(world: World, n: int, study: str = STUDY, sha: str = "ab") ->
 
 def test_a_3000_instance_study_costs_its_changelog_a_few_hundred_bytes_an_instance():
     """The whole state written on every instance summed to ~n²/2 instance records, and one
-    record passed 1 MB at ~1 770 instances: here every instance costs its entry and the
-    header, whatever the study's size (measured with these 28-character study UIDs: 378 bytes
-    an entry, 171-203 a header, 568 an instance in all at 3 000 as at 1)."""
+    record passed 1 MB at ~1 770 instances: here every instance costs its entry, whatever the
+    study's size, and the header is written with the first instance and when announced
+    (measured with these 28-character study UIDs: 429 bytes an entry, 171-203 a header)."""
     world, table = store_world()
 
     async def run() -> None:
@@ -105,8 +105,9 @@ def test_a_3000_instance_study_costs_its_changelog_a_few_hundred_bytes_an_instan
     asyncio.run(run())
     sizes = table.sizes()
     assert max(sizes) < 512  # not 1.7 MB at the end (Kafka's default limit: 1 MB)
-    assert len(sizes) == 2 * 3000 + 1  # each instance's entry and header; then announced
-    assert sum(sizes) / 3000 < 1024  # linear: a constant per instance, not ~n/2 instances
+    # The first instance's entry and header, each later one's entry, then the header announced.
+    assert [key == KEY for key, _ in table.records] == [False, True] + [False] * 2999 + [True]
+    assert sum(sizes) / 3000 < 512  # linear: a constant per instance, not ~n/2 instances
     assert sum(sizes[:2]) > 500  # the first instance's entry and header (the bound is not slack)
     assert world.studies[KEY]["announced"] == 3000
 
@@ -167,23 +168,25 @@ def test_a_change_writes_its_entries_first_and_the_header_last():
     assert [key for key, _ in table.records] == [
         instance_key(KEY, f"{STUDY}.1.1"),
         KEY,
-        instance_key(KEY, f"{STUDY}.1.2"),
-        KEY,
-        step_key(KEY, "1.2.3.4"),
-        # the step changes no scalar: no header
+        instance_key(KEY, f"{STUDY}.1.2"),  # its times in its entry: no header
+        step_key(KEY, "1.2.3.4"),  # the step changes no scalar: no header
     ]
 
 
-def test_a_worker_killed_between_an_entry_and_its_header_loses_no_instance():
+def test_a_worker_killed_anywhere_in_the_changelog_loses_no_instance_nor_its_time():
     """Every prefix of the changelog (a crash keeps a prefix of what was sent) reads back as a
-    study holding every instance whose entry is in it."""
+    study holding every instance whose entry is in it, and with the newest times of those: an
+    entry carries them, since the header is not written again for each instance."""
     world, table = store_world()
+    states: list[tuple[int, StudyState]] = []  # after each instance: records sent, the state
 
     async def run() -> None:
         for n in (1, 2, 3):
             await assemble(world, n)
+            states.append((len(table.records), world.studies[KEY]))
 
     asyncio.run(run())
+    assert [length for length, _ in states] == [2, 3, 4]  # entry and header, then entries
     for length in range(1, len(table.records) + 1):
         prefix = table.records[:length]
         store = StudyStore(table.restored(length))
@@ -193,24 +196,26 @@ def test_a_worker_killed_between_an_entry_and_its_header_loses_no_instance():
             continue
         state = store[KEY]
         assert {instance_key(KEY, uid) for uid in state["instances"]} == entries
-    # The last case by hand: instance 3's entry written, the header not yet rewritten.
-    store = StudyStore(table.restored(len(table.records) - 1))
-    state = store[KEY]
-    assert f"{STUDY}.1.3" in state["instances"]
-    assert state["acquisitions"][f"{STUDY}.1.3"] == [f"{STUDY}.1/1", 3000]
-    assert state["last_received_at"] < world.studies[KEY]["last_received_at"]  # the older header
+    for length, state in states:  # the study as the flow had it, times included
+        assert StudyStore(table.restored(length))[KEY] == state
+    restored = StudyStore(table.restored())[KEY]
+    assert restored["last_received_at"] > table[KEY]["last_received_at"]  # instance 1's header
+    assert restored["last_event_at"] == world.studies[KEY]["last_event_at"]
+    assert restored["acquisitions"][f"{STUDY}.1.3"] == [f"{STUDY}.1/1", 3000]
 
 
-def test_the_redelivered_instance_after_the_crash_leaves_the_study_due():
-    """Killed after instance 2's entry, before its header: the instance event is redelivered
-    (its offset was not committed), changes nothing, and the study is still announced with
-    both instances."""
+def test_the_redelivered_instances_after_the_crash_leave_the_study_due():
+    """Killed after the first instance's entry, before the header that makes the study: the
+    instance events are redelivered (their offsets were not committed), the study adopts the
+    entry, and it is announced with both instances."""
     world, table = store_world()
     asyncio.run(assemble(world, 1))
     asyncio.run(assemble(world, 2))
-    world.studies = world.flow.studies = StudyStore(table.restored(len(table.records) - 1))
+    world.studies = world.flow.studies = StudyStore(table.restored(1))
+    assert KEY not in world.studies
 
     async def run() -> None:
+        await assemble(world, 1)
         await assemble(world, 2)
         world.clock.now += QUIET
         await world.flow.release_ready_studies()
@@ -268,7 +273,7 @@ def test_a_study_in_the_old_format_is_read_as_before_and_rewritten_when_it_chang
     expected = add_instance(old, third, world.clock.now, dict(COUNTS))
     assert store[KEY] == expected
     header = table[KEY]
-    assert "instances" not in header and "steps" not in header and header["layout"] == 2
+    assert "instances" not in header and "steps" not in header and header["layout"] == 3
     assert set(table) == {
         KEY,
         step_key(KEY, "1.2.3.4"),
