@@ -9,7 +9,12 @@ In one run on one machine:
     size and writes FHIR. Timed from the end of the quiet period to the last Observation
     queryable.
 
-Bar: (b) ≥ 0.9 × (a).
+(a) is measured before and again after (b), and (b) is set against their mean: the bare
+figure of this machine wandered by a third within an hour (bench/README.md, the pipeline bar
+"at its edge"), and against one bare figure taken before the pipeline's, the ratio spanned
+0.40-0.58 in an evening. ``bare_drift`` (after ÷ before) says how far it moved during the run.
+
+Bar: (b) ≥ 0.5 × (a) (issue 20; it was 0.9 ×).
 
     .venv/bin/python bench/pipeline_throughput.py --studies 12 --slices 38
 """
@@ -23,6 +28,7 @@ import os
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -132,8 +138,12 @@ def pipeline_images_per_s(
         producer = kafka.new_producer(stack.kafka.bootstrap_servers, "bench", timeout_s=30)
         for events in studies:
             for event in events:
+                # Accepted now, as a listener stamps it. The events were made before the bare
+                # run: with that older time a worker before 51cda6b found their quiet period
+                # over as they arrived and scored for a second or two before the clock started.
+                accepted = event.model_copy(update={"occurred_at": datetime.now(UTC)})
                 producer.produce(
-                    event.SCHEMA, key=event.StudyInstanceUID.encode(), value=event.to_bytes()
+                    event.SCHEMA, key=event.StudyInstanceUID.encode(), value=accepted.to_bytes()
                 )
                 producer.poll(0)
         if producer.flush(60):
@@ -206,7 +216,9 @@ def main() -> int:
             for n in range(opts.studies)
         ]
         cache = ROOT / "var" / "cache" / "openvino"
-        bare = bare_images_per_s(studies, opts.batch, opts.slices, opts.engine, cache, opts.models)
+        bare_before = bare_images_per_s(
+            studies, opts.batch, opts.slices, opts.engine, cache, opts.models
+        )
         pipeline = pipeline_images_per_s(
             studies,
             opts.batch,
@@ -217,6 +229,10 @@ def main() -> int:
             heatmaps=not opts.no_heatmaps,
             models=opts.models,
         )
+        bare_after = bare_images_per_s(
+            studies, opts.batch, opts.slices, opts.engine, cache, opts.models
+        )
+    bare = (bare_before + bare_after) / 2
     report = {
         "studies": opts.studies,
         "images_scored": opts.studies * opts.slices,
@@ -225,6 +241,8 @@ def main() -> int:
         "heatmaps": not opts.no_heatmaps,
         "models": str(opts.models),
         "bare_images_per_s": round(bare, 2),
+        "bare_before_after": [round(bare_before, 2), round(bare_after, 2)],
+        "bare_drift": round(bare_after / bare_before, 3),
         "pipeline_images_per_s": round(pipeline, 2),
         "ratio": round(pipeline / bare, 3),
     }
