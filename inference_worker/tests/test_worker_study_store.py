@@ -395,3 +395,22 @@ def test_the_flow_behaves_the_same_over_the_store(test, kwargs, monkeypatch):
 
     monkeypatch.setattr(World, "__init__", over_the_store)
     test(**kwargs)
+
+
+def test_an_instance_removed_leaves_the_newest_times_in_the_header():
+    """The newest times ride in the newest instance's entry: removing that entry (a study cut
+    short) rewrites the header with them, so a restored study keeps them."""
+    table = Table()
+    store = StudyStore(table)
+    state = None
+    for n in (1, 2, 3):
+        state = add_instance(state, received(n), 10.0 + n)
+        store[KEY] = state
+    assert state is not None
+    cut = StudyState(**state)
+    cut["instances"] = {
+        uid: ref for uid, ref in state["instances"].items() if uid != f"{STUDY}.1.3"
+    }
+    store[KEY] = cut
+    assert table[KEY]["last_received_at"] == 13.0
+    assert StudyStore(table.restored())[KEY] == cut
