@@ -40,6 +40,7 @@ from ingest_whole_system import group_cpu_ms, stack_groups  # noqa: E402
 from devtools.benchmarks import commit, say, stack_config  # noqa: E402
 from devtools.stack import Stack  # noqa: E402
 from inference_worker.app import STUDY_TABLE  # noqa: E402
+from inference_worker.assembly import ACQUISITION_NUMBER, IMAGES_IN_ACQUISITION  # noqa: E402
 from inference_worker.config import Settings  # noqa: E402
 from scanwatch import kafka  # noqa: E402
 from schemas import InstanceReceivedV1  # noqa: E402
@@ -71,10 +72,7 @@ def events(round_: int, studies: int, slices: int) -> list[tuple[InstanceReceive
                 sha256=hashlib.sha256(uid.encode()).hexdigest(),
                 size_bytes=140_000,
             )
-            headers = [
-                ("scanwatch-images-in-acquisition", str(slices).encode()),
-                ("scanwatch-acquisition-number", b"1"),
-            ]
+            headers = [(IMAGES_IN_ACQUISITION, str(slices).encode()), (ACQUISITION_NUMBER, b"1")]
             out.append((event, headers))
     return out
 
@@ -137,7 +135,7 @@ def main() -> int:
             rounds: list[dict[str, float]] = []
             for round_ in range(opts.rounds):
                 batch = events(round_, opts.studies, opts.slices)
-                written = records(watcher, changelog) if round_ else 0
+                written = records(watcher, changelog)  # the worker creates it before starting
                 start, cpu = time.monotonic(), group_cpu_ms(groups)
                 for event, headers in batch:
                     producer.produce(
@@ -160,10 +158,7 @@ def main() -> int:
                     for name in groups
                 }
                 row["wall_s"] = wall
-                if round_:
-                    row["changelog_per_instance"] = (records(watcher, changelog) - written) / len(
-                        batch
-                    )
+                row["changelog_per_instance"] = (records(watcher, changelog) - written) / len(batch)
                 rounds.append(row)
                 say(f"round {round_ + 1}: {json.dumps({k: round(v, 3) for k, v in row.items()})}")
             watcher.close()
